@@ -1,0 +1,145 @@
+//! Accounts and sessions: register, log in, log out, and look users up.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::dto::{Credentials, ErrorBody, Session, User};
+use super::error::{ApiError, ApiResult};
+use super::extract::{Authed, ClientIp, JsonBody, Params, PathIds};
+use super::{AppState, no_content, validate};
+use crate::auth::{hash_password, new_token, token_hash, verify_password};
+use crate::clock::now_ms;
+use crate::ratelimit::retry_after_secs;
+
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register, find_user))
+        .routes(routes!(me))
+        .routes(routes!(get_user))
+        .routes(routes!(login))
+        .routes(routes!(logout))
+}
+
+/// Creates an account and logs it in.
+#[utoipa::path(post, path = "/v1/users", tag = "accounts", request_body = Credentials,
+    responses((status = 201, body = Session), (status = 400, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn register(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    JsonBody(body): JsonBody<Credentials>,
+) -> ApiResult<(StatusCode, Json<Session>)> {
+    validate::username(&body.username)?;
+    validate::password(&body.password)?;
+    state.signups_by_ip.take(&ip, Instant::now()).map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
+    let cost = state.config.hash_cost;
+    let password = body.password;
+    let hash = tokio::task::spawn_blocking(move || hash_password(&password, cost))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "hash password task failed");
+            ApiError::internal()
+        })?
+        .map_err(|e| {
+            tracing::error!(error = %e, "hash password");
+            ApiError::internal()
+        })?;
+    let user = state.store.create_user(&body.username, &hash).await?;
+    let token = start_session(&state, user.id).await?;
+    Ok((StatusCode::CREATED, Json(Session { user: (&user).into(), token })))
+}
+
+/// Logs in. An unknown name and a wrong password get the same answer; failures are
+/// throttled per username and per client address.
+#[utoipa::path(post, path = "/v1/sessions", tag = "accounts", request_body = Credentials,
+    responses((status = 200, body = Session), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn login(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    JsonBody(body): JsonBody<Credentials>,
+) -> ApiResult<Json<Session>> {
+    if body.username.len() > 32 || body.password.len() > 4096 {
+        return Err(ApiError::invalid_credentials());
+    }
+    let name = body.username.to_ascii_lowercase();
+    let now = Instant::now();
+    for check in [state.login_failures_by_user.check(&name, now), state.login_failures_by_ip.check(&ip, now)] {
+        check.map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
+    }
+    let found = state.store.credentials(&name).await?;
+    let password = body.password;
+    let dummy = state.dummy_hash.clone();
+    // An unknown name is checked against a dummy hash, so both failures take as long.
+    let verified = tokio::task::spawn_blocking(move || match found {
+        Some((user, hash)) => verify_password(&password, &hash).then_some(user),
+        None => {
+            verify_password(&password, &dummy);
+            None
+        }
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "verify password task failed");
+        ApiError::internal()
+    })?;
+    let Some(user) = verified else {
+        let now = Instant::now();
+        let _ = state.login_failures_by_user.take(&name, now);
+        let _ = state.login_failures_by_ip.take(&ip, now);
+        return Err(ApiError::invalid_credentials());
+    };
+    let token = start_session(&state, user.id).await?;
+    Ok(Json(Session { user: (&user).into(), token }))
+}
+
+async fn start_session(state: &AppState, user_id: i64) -> ApiResult<String> {
+    let token = new_token();
+    let expires_at = now_ms() + state.config.token_ttl.as_millis() as i64;
+    state.store.create_session(user_id, token_hash(&token), expires_at).await?;
+    Ok(token)
+}
+
+/// Logs out: the token stops working at once.
+#[utoipa::path(delete, path = "/v1/sessions/current", tag = "accounts", security(("bearer" = [])),
+    responses((status = 204), (status = 401, body = ErrorBody)))]
+async fn logout(State(state): State<AppState>, auth: Authed) -> ApiResult<StatusCode> {
+    state.store.delete_session(auth.token).await?;
+    Ok(no_content())
+}
+
+/// The caller's own account.
+#[utoipa::path(get, path = "/v1/users/me", tag = "accounts", security(("bearer" = [])),
+    responses((status = 200, body = User), (status = 401, body = ErrorBody)))]
+async fn me(auth: Authed) -> Json<User> {
+    Json((&auth.user).into())
+}
+
+/// A user by id.
+#[utoipa::path(get, path = "/v1/users/{id}", tag = "accounts", security(("bearer" = [])),
+    params(("id" = String, Path, description = "User id")),
+    responses((status = 200, body = User), (status = 404, body = ErrorBody)))]
+async fn get_user(State(state): State<AppState>, _auth: Authed, path: PathIds<1>) -> ApiResult<Json<User>> {
+    let PathIds([id]) = path;
+    let user = state.store.user(id).await?.ok_or_else(ApiError::not_found)?;
+    Ok(Json((&user).into()))
+}
+
+/// A user by exact, case-insensitive username.
+#[utoipa::path(get, path = "/v1/users", tag = "accounts", security(("bearer" = [])),
+    params(("username" = String, Query, description = "Exact username, any letter case")),
+    responses((status = 200, body = User), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn find_user(State(state): State<AppState>, _auth: Authed, params: Params) -> ApiResult<Json<User>> {
+    let name = params
+        .str("username")
+        .ok_or_else(|| ApiError::invalid_field("username", "the username query parameter is required"))?;
+    if validate::username(name).is_err() {
+        return Err(ApiError::not_found());
+    }
+    let user = state.store.user_by_username(name).await?.ok_or_else(ApiError::not_found)?;
+    Ok(Json((&user).into()))
+}

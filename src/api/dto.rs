@@ -1,0 +1,263 @@
+//! The wire shapes of API v1. Ids travel as decimal strings, times as RFC 3339 UTC.
+//! Request types reject unknown fields, so a typo is an error rather than a silent no-op.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::clock::rfc3339;
+use crate::model;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct User {
+    /// Snowflake id as a decimal string.
+    pub id: String,
+    pub username: String,
+    pub created_at: String,
+}
+
+impl From<&model::User> for User {
+    fn from(u: &model::User) -> Self {
+        Self { id: u.id.to_string(), username: u.username.clone(), created_at: rfc3339(u.created_at) }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Session {
+    pub user: User,
+    /// Opaque bearer token for `Authorization: Bearer <token>`.
+    pub token: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// 3–32 characters of `a-z 0-9 _ . -`, compared case-insensitively.
+    pub username: String,
+    /// 8–1024 characters.
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Channel {
+    pub id: String,
+    /// `group`, `broadcast` or `dm`.
+    pub kind: &'static str,
+    /// `null` for DMs.
+    pub name: Option<String>,
+    pub owner_id: String,
+    pub last_seq: i64,
+    pub created_at: String,
+    /// In the caller's channel list: `owner`, `admin` or `member`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_seq: Option<i64>,
+    /// Messages above `read_seq` that are neither the caller's own nor deleted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unread: Option<i64>,
+}
+
+impl From<&model::Channel> for Channel {
+    fn from(c: &model::Channel) -> Self {
+        Self {
+            id: c.id.to_string(),
+            kind: c.kind.as_str(),
+            name: c.name.clone(),
+            owner_id: c.owner_id.to_string(),
+            last_seq: c.last_seq,
+            created_at: rfc3339(c.created_at),
+            role: None,
+            read_seq: None,
+            unread: None,
+        }
+    }
+}
+
+impl From<&model::ChannelView> for Channel {
+    fn from(v: &model::ChannelView) -> Self {
+        Self {
+            role: Some(v.role.as_str()),
+            read_seq: Some(v.read_seq),
+            unread: Some(v.unread),
+            ..Self::from(&v.channel)
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChannelList {
+    pub channels: Vec<Channel>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateChannel {
+    /// 1–100 characters.
+    pub name: String,
+    /// `group` or `broadcast` (DMs are opened with `POST /v1/dms`).
+    pub kind: String,
+    /// User ids added as plain members; the caller becomes the owner.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateChannel {
+    /// 1–100 characters.
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenDm {
+    pub user_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Member {
+    pub user: User,
+    pub role: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemberList {
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutMember {
+    /// `member` or `admin`; an existing member keeps their role when omitted.
+    pub role: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MarkRead {
+    pub seq: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Message {
+    pub id: String,
+    pub channel_id: String,
+    /// The seq of the message's `message.created` event.
+    pub seq: i64,
+    pub author_id: String,
+    /// Empty once deleted.
+    pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<String>,
+    pub deleted: bool,
+}
+
+impl From<&model::Message> for Message {
+    fn from(m: &model::Message) -> Self {
+        Self {
+            id: m.id.to_string(),
+            channel_id: m.channel_id.to_string(),
+            seq: m.seq,
+            author_id: m.author_id.to_string(),
+            text: m.text.clone(),
+            client_id: m.client_id.clone(),
+            created_at: rfc3339(m.created_at),
+            edited_at: m.edited_at.map(rfc3339),
+            deleted: m.deleted,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessage {
+    /// 1–4000 characters, not only whitespace.
+    pub text: String,
+    /// 1–64 characters; a retry with the same value returns the original message.
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditMessage {
+    pub text: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessagePage {
+    pub messages: Vec<Message>,
+    pub has_more: bool,
+}
+
+/// One event of a channel's log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Event {
+    /// `message.created`, `message.edited`, `message.deleted`, `member.added`,
+    /// `member.updated`, `member.removed` or `channel.updated`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub channel_id: String,
+    pub seq: i64,
+    pub at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<Message>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The member's role, in `member.added` and `member.updated`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// The new name, in `channel.updated`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl From<&model::Event> for Event {
+    fn from(e: &model::Event) -> Self {
+        use model::EventBody as B;
+        let mut out = Self {
+            kind: e.body.kind(),
+            channel_id: e.channel_id.to_string(),
+            seq: e.seq,
+            at: rfc3339(e.at),
+            message: None,
+            user_id: None,
+            role: None,
+            name: None,
+        };
+        match &e.body {
+            B::MessageCreated(m) | B::MessageEdited(m) | B::MessageDeleted(m) => out.message = Some(m.into()),
+            B::MemberAdded { user_id, role } | B::MemberUpdated { user_id, role } => {
+                out.user_id = Some(user_id.to_string());
+                out.role = Some(role.as_str());
+            }
+            B::MemberRemoved { user_id } => out.user_id = Some(user_id.to_string()),
+            B::ChannelUpdated { name } => out.name = name.clone(),
+        }
+        out
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventPage {
+    pub events: Vec<Event>,
+    pub has_more: bool,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable snake_case code, e.g. `invalid_field` or `rate_limited`.
+    pub code: String,
+    /// Text a person can act on.
+    pub message: String,
+    /// The offending request field, when there is one.
+    pub field: Option<String>,
+}

@@ -1,0 +1,142 @@
+//! The API's one error type and its JSON body:
+//! `{"error": {"code", "message", "field"?}}` with an HTTP status. Internal failures are
+//! logged here, where they are handled, and never described in the body.
+
+use std::borrow::Cow;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: Cow<'static, str>,
+    pub field: Option<String>,
+    /// Seconds, for `Retry-After`.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self { status, code, message: message.into(), field: None, retry_after: None }
+    }
+
+    pub fn invalid_json(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_json", message)
+    }
+
+    pub fn invalid_field(field: impl Into<String>, message: impl Into<Cow<'static, str>>) -> Self {
+        Self { field: Some(field.into()), ..Self::new(StatusCode::BAD_REQUEST, "invalid_field", message) }
+    }
+
+    pub fn text_empty() -> Self {
+        Self { field: Some("text".into()), ..Self::new(StatusCode::BAD_REQUEST, "text_empty", "text must not be empty or only whitespace") }
+    }
+
+    pub fn text_too_long(max: usize) -> Self {
+        Self {
+            field: Some("text".into()),
+            ..Self::new(StatusCode::BAD_REQUEST, "text_too_long", format!("text must be at most {max} characters"))
+        }
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer <token>` header is required")
+    }
+
+    pub fn invalid_credentials() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "unknown username or wrong password")
+    }
+
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such resource")
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this resource does not support that method")
+    }
+
+    pub fn username_taken() -> Self {
+        Self { field: Some("username".into()), ..Self::new(StatusCode::CONFLICT, "username_taken", "that username is taken") }
+    }
+
+    pub fn payload_too_large(max: usize) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request bodies are limited to {max} bytes"))
+    }
+
+    pub fn rate_limited(retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many requests; retry in {retry_after} s"))
+        }
+    }
+
+    pub fn overloaded() -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the server is busy; retry shortly")
+        }
+    }
+
+    pub fn unavailable() -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the server is shutting down; retry shortly")
+        }
+    }
+
+    pub fn internal() -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred; it has been logged")
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => Self::not_found(),
+            StoreError::Forbidden(why) => Self::forbidden(why),
+            StoreError::UsernameTaken => Self::username_taken(),
+            StoreError::Invalid { field, message } => Self::invalid_field(field, message),
+            StoreError::Overloaded => Self::overloaded(),
+            StoreError::Unavailable => Self::unavailable(),
+            e @ StoreError::Internal { .. } => {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store call failed");
+                Self::internal()
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body { error: Detail { code: self.code, message: &self.message, field: self.field.as_deref() } };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,197 @@
+//! Request extractors that answer in the API's error format: a size-limited JSON body,
+//! the bearer-token user, the client address, numeric path ids and query parameters.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Query, RawPathParams, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::auth::token_hash;
+use crate::clock::now_ms;
+use crate::model::User;
+use crate::store::TokenHash;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A JSON request body of at most [`MAX_BODY_BYTES`]. Malformed JSON is `invalid_json`; a
+/// well-formed body of the wrong shape is `invalid_field` naming the field.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| ApiError::payload_too_large(MAX_BODY_BYTES))?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses a JSON document into `T`, with the API's error codes. An empty body reads as
+/// `null`, so `Option<T>` bodies may be left out.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"null" } else { bytes };
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() || inner.is_io() {
+            return ApiError::invalid_json(format!("the body is not valid JSON: {inner}"));
+        }
+        let message = inner.to_string();
+        let field = if path == "." { backticked(&message).unwrap_or_default() } else { path };
+        ApiError::invalid_field(field, message)
+    })
+}
+
+/// The first `name` in a serde message like "missing field `name`".
+fn backticked(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_owned())
+}
+
+/// The user behind the request's bearer token, and that token's hash.
+pub struct Authed {
+    pub user: User,
+    pub token: TokenHash,
+}
+
+impl FromRequestParts<AppState> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .ok_or_else(ApiError::unauthorized)?;
+        let token = token_hash(token);
+        let user = state.store.session_user(token, now_ms()).await?.ok_or_else(ApiError::unauthorized)?;
+        Ok(Self { user, token })
+    }
+}
+
+/// The peer address of the connection (unspecified when the server runs without one).
+pub struct ClientIp(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        Ok(Self(ip))
+    }
+}
+
+/// The numeric ids of the path, in order. An id that is not a decimal number names
+/// nothing, so it is `not_found`.
+pub struct PathIds<const N: usize>(pub [i64; N]);
+
+impl<const N: usize, S: Send + Sync> FromRequestParts<S> for PathIds<N> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let params = RawPathParams::from_request_parts(parts, state).await.map_err(|_| ApiError::not_found())?;
+        let mut ids = [0i64; N];
+        let mut n = 0;
+        for (_, value) in &params {
+            if n == N {
+                return Err(ApiError::not_found());
+            }
+            ids[n] = parse_id(value).ok_or_else(ApiError::not_found)?;
+            n += 1;
+        }
+        if n != N {
+            return Err(ApiError::not_found());
+        }
+        Ok(Self(ids))
+    }
+}
+
+/// A positive decimal id.
+pub fn parse_id(s: &str) -> Option<i64> {
+    s.parse::<i64>().ok().filter(|&id| id > 0)
+}
+
+/// The query string's parameters, parsed one by one with field-naming errors.
+pub struct Params(HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(map) = Query::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::invalid_field("query", e.body_text()))?;
+        Ok(Self(map))
+    }
+}
+
+impl Params {
+    pub fn str(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    /// An integer parameter within `min..=max`, if present.
+    pub fn int(&self, name: &'static str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
+        let Some(raw) = self.0.get(name) else { return Ok(None) };
+        match raw.parse::<i64>() {
+            Ok(v) if (min..=max).contains(&v) => Ok(Some(v)),
+            _ => Err(ApiError::invalid_field(name, format!("{name} must be an integer from {min} to {max}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[allow(dead_code)]
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        text: String,
+        n: Option<u8>,
+    }
+
+    fn code(r: Result<Body, ApiError>) -> (&'static str, Option<String>) {
+        let e = r.unwrap_err();
+        (e.code, e.field)
+    }
+
+    #[test]
+    fn classifies_json_errors() {
+        assert_eq!(code(parse_json(b"{\"text\":")).0, "invalid_json");
+        assert_eq!(code(parse_json(b"not json")).0, "invalid_json");
+        assert_eq!(code(parse_json(b"{}")), ("invalid_field", Some("text".into())));
+        assert_eq!(code(parse_json(b"{\"text\":5}")), ("invalid_field", Some("text".into())));
+        assert_eq!(code(parse_json(b"{\"text\":\"a\",\"n\":300}")), ("invalid_field", Some("n".into())));
+        assert_eq!(code(parse_json(b"{\"text\":\"a\",\"x\":1}")).0, "invalid_field");
+        assert!(parse_json::<Body>(b"{\"text\":\"a\"}").is_ok());
+    }
+
+    #[test]
+    fn ids_are_positive_decimals() {
+        assert_eq!(parse_id("42"), Some(42));
+        assert_eq!(parse_id("-1"), None);
+        assert_eq!(parse_id("0"), None);
+        assert_eq!(parse_id("99999999999999999999"), None);
+        assert_eq!(parse_id("4x"), None);
+    }
+}

@@ -1,0 +1,28 @@
+//! Health endpoints for load balancers and orchestrators.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use super::error::ApiError;
+
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz))
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = String)))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The server accepts traffic: 503 while draining.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = String), (status = 503, body = super::dto::ErrorBody)))]
+async fn readyz(State(state): State<AppState>) -> Result<(StatusCode, &'static str), ApiError> {
+    if state.ready.load(Ordering::SeqCst) { Ok((StatusCode::OK, "ready")) } else { Err(ApiError::unavailable()) }
+}

@@ -1,0 +1,122 @@
+//! Messages and the channel event log.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::dto::{EditMessage, ErrorBody, Event, EventPage, Message, MessagePage, SendMessage};
+use super::error::{ApiError, ApiResult};
+use super::extract::{Authed, JsonBody, Params, PathIds};
+use super::{AppState, no_content, validate};
+use crate::model::HistoryQuery;
+use crate::ratelimit::retry_after_secs;
+
+pub(super) const DEFAULT_PAGE: i64 = 50;
+pub(super) const MAX_PAGE: i64 = 200;
+
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(send_message, list_messages))
+        .routes(routes!(edit_message, delete_message))
+        .routes(routes!(list_events))
+}
+
+/// Sends a message. Answered only after it is durably committed. A retry with the same
+/// `client_id` answers 200 with the original message and creates nothing.
+#[utoipa::path(post, path = "/v1/channels/{id}/messages", tag = "messages", security(("bearer" = [])), request_body = SendMessage,
+    params(("id" = String, Path, description = "Channel id")),
+    responses((status = 201, body = Message), (status = 200, body = Message, description = "An earlier message with this client_id"),
+              (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn send_message(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<1>,
+    JsonBody(body): JsonBody<SendMessage>,
+) -> ApiResult<(StatusCode, Json<Message>)> {
+    let PathIds([id]) = path;
+    validate::text(&body.text)?;
+    if let Some(cid) = &body.client_id {
+        validate::client_id(cid)?;
+    }
+    state.sends.take(&auth.user.id, Instant::now()).map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
+    let posted = state.store.post_message(auth.user.id, id, &body.text, body.client_id.as_deref()).await?;
+    let status = if posted.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json((&posted.message).into())))
+}
+
+/// A page of history, ascending by seq. With no cursor: the newest `limit`; with
+/// `before_seq`: the newest below it; with `after_seq`: the oldest above it.
+#[utoipa::path(get, path = "/v1/channels/{id}/messages", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Channel id"),
+           ("before_seq" = Option<i64>, Query, description = "Only messages with a smaller seq"),
+           ("after_seq" = Option<i64>, Query, description = "Only messages with a larger seq"),
+           ("limit" = Option<i64>, Query, description = "1–200, default 50")),
+    responses((status = 200, body = MessagePage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn list_messages(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<1>,
+    params: Params,
+) -> ApiResult<Json<MessagePage>> {
+    let PathIds([id]) = path;
+    let query = HistoryQuery {
+        before_seq: params.int("before_seq", 0, i64::MAX)?,
+        after_seq: params.int("after_seq", 0, i64::MAX)?,
+        limit: params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32,
+    };
+    state.store.channel(id, auth.user.id).await?.ok_or_else(ApiError::not_found)?;
+    let page = state.store.messages(id, query).await?;
+    Ok(Json(MessagePage { messages: page.items.iter().map(Message::from).collect(), has_more: page.has_more }))
+}
+
+/// Edits a message (author only); appends `message.edited`.
+#[utoipa::path(patch, path = "/v1/channels/{id}/messages/{message_id}", tag = "messages", security(("bearer" = [])), request_body = EditMessage,
+    params(("id" = String, Path, description = "Channel id"), ("message_id" = String, Path, description = "Message id")),
+    responses((status = 200, body = Message), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn edit_message(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<2>,
+    JsonBody(body): JsonBody<EditMessage>,
+) -> ApiResult<Json<Message>> {
+    let PathIds([id, message_id]) = path;
+    validate::text(&body.text)?;
+    let message = state.store.edit_message(auth.user.id, id, message_id, &body.text).await?;
+    Ok(Json((&message).into()))
+}
+
+/// Deletes a message (author, owner or admin): it stays as a tombstone with its id and
+/// seq, its text is removed everywhere, and `message.deleted` is appended.
+#[utoipa::path(delete, path = "/v1/channels/{id}/messages/{message_id}", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Channel id"), ("message_id" = String, Path, description = "Message id")),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn delete_message(State(state): State<AppState>, auth: Authed, path: PathIds<2>) -> ApiResult<StatusCode> {
+    let PathIds([id, message_id]) = path;
+    state.store.delete_message(auth.user.id, id, message_id).await?;
+    Ok(no_content())
+}
+
+/// The channel's event log after `after_seq`, ascending and gap-free.
+#[utoipa::path(get, path = "/v1/channels/{id}/events", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Channel id"),
+           ("after_seq" = Option<i64>, Query, description = "Only events with a larger seq (default 0)"),
+           ("limit" = Option<i64>, Query, description = "1–200, default 50")),
+    responses((status = 200, body = EventPage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn list_events(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<1>,
+    params: Params,
+) -> ApiResult<Json<EventPage>> {
+    let PathIds([id]) = path;
+    let after = params.int("after_seq", 0, i64::MAX)?.unwrap_or(0);
+    let limit = params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32;
+    state.store.channel(id, auth.user.id).await?.ok_or_else(ApiError::not_found)?;
+    let page = state.store.events(id, after, limit).await?;
+    Ok(Json(EventPage { events: page.items.iter().map(Event::from).collect(), has_more: page.has_more }))
+}

@@ -1,0 +1,168 @@
+//! Domain types shared by the store and the API. They carry no serde derives: the wire
+//! shapes live in `api::dto`, so an internal field can never leak into the API by accident.
+
+/// A registered account. Times are Unix milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: i64,
+    pub username: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChannelKind {
+    /// Members post.
+    Group,
+    /// Only the owner and admins post; members read.
+    Broadcast,
+    /// Exactly two members, no name, one per pair.
+    Dm,
+}
+
+impl ChannelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Group => "group",
+            Self::Broadcast => "broadcast",
+            Self::Dm => "dm",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "group" => Some(Self::Group),
+            "broadcast" => Some(Self::Broadcast),
+            "dm" => Some(Self::Dm),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Member => "member",
+            Self::Admin => "admin",
+            Self::Owner => "owner",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "member" => Some(Self::Member),
+            "admin" => Some(Self::Admin),
+            "owner" => Some(Self::Owner),
+            _ => None,
+        }
+    }
+
+    /// Owners and admins manage members and post in broadcast channels.
+    pub fn is_manager(self) -> bool {
+        self >= Self::Admin
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel {
+    pub id: i64,
+    pub kind: ChannelKind,
+    /// `None` for DMs.
+    pub name: Option<String>,
+    pub owner_id: i64,
+    /// The seq of the channel's newest event (0 before the first).
+    pub last_seq: i64,
+    pub created_at: i64,
+}
+
+/// A channel as one member sees it in their channel list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelView {
+    pub channel: Channel,
+    pub role: Role,
+    pub read_seq: i64,
+    /// Messages above `read_seq` that are neither the member's own nor deleted.
+    pub unread: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub user: User,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: i64,
+    pub channel_id: i64,
+    /// The seq of this message's `message.created` event.
+    pub seq: i64,
+    pub author_id: i64,
+    /// Emptied when the message is deleted.
+    pub text: String,
+    pub client_id: Option<String>,
+    pub created_at: i64,
+    pub edited_at: Option<i64>,
+    pub deleted: bool,
+}
+
+/// What one event of a channel's log records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventBody {
+    MessageCreated(Message),
+    MessageEdited(Message),
+    MessageDeleted(Message),
+    MemberAdded { user_id: i64, role: Role },
+    /// A member's role changed.
+    MemberUpdated { user_id: i64, role: Role },
+    MemberRemoved { user_id: i64 },
+    ChannelUpdated { name: Option<String> },
+}
+
+impl EventBody {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::MessageCreated(_) => "message.created",
+            Self::MessageEdited(_) => "message.edited",
+            Self::MessageDeleted(_) => "message.deleted",
+            Self::MemberAdded { .. } => "member.added",
+            Self::MemberUpdated { .. } => "member.updated",
+            Self::MemberRemoved { .. } => "member.removed",
+            Self::ChannelUpdated { .. } => "channel.updated",
+        }
+    }
+}
+
+/// One durable change in a channel, numbered by the channel's gap-free `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub channel_id: i64,
+    pub seq: i64,
+    pub at: i64,
+    pub body: EventBody,
+}
+
+/// A page of a channel's messages or events, ascending by seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// More items exist beyond this page in the direction being paged.
+    pub has_more: bool,
+}
+
+/// Which window of a channel's history to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Only messages with a seq below this.
+    pub before_seq: Option<i64>,
+    /// Only messages with a seq above this. When set (and paging forward), the page holds
+    /// the oldest matching messages; otherwise the newest.
+    pub after_seq: Option<i64>,
+    pub limit: u32,
+}

@@ -1,0 +1,151 @@
+//! Durable state behind two narrow traits: [`Accounts`] (users and sessions) and
+//! [`Channels`] (channels, members, and each channel's event log with its projections).
+//!
+//! Only this module and its backends touch SQL. Write methods check authorization inside
+//! the same transaction that applies the change, so a check can never race its write.
+//! [`conformance`] is one test suite that every backend must pass.
+
+pub mod conformance;
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::model::{
+    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User,
+};
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Why a store call failed. Everything but [`StoreError::Internal`] is the caller's to act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The thing does not exist, or the caller may not see it (non-members see no channel).
+    #[error("not found")]
+    NotFound,
+    /// The caller sees the thing but may not do this to it.
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    #[error("username taken")]
+    UsernameTaken,
+    /// A value that passed the API's shape checks but not the store's (e.g. an unknown user
+    /// id in a member list).
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// The write queue is full; retry later. Nothing was written.
+    #[error("write queue is full")]
+    Overloaded,
+    /// The store is shutting down or its writer stopped. Nothing was written.
+    #[error("store is unavailable")]
+    Unavailable,
+    /// An unexpected storage failure. Nothing of the failed call was committed.
+    #[error("{context}")]
+    Internal {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StoreError {
+    pub fn internal(
+        context: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Internal {
+            context,
+            source: source.into(),
+        }
+    }
+}
+
+/// Token hashes are SHA-256 digests of the opaque bearer token.
+pub type TokenHash = [u8; 32];
+
+/// A message send's outcome: `created` is false when the `client_id` matched an earlier
+/// message, which is returned unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Posted {
+    pub message: Message,
+    pub created: bool,
+}
+
+/// Users and their sessions.
+#[async_trait]
+pub trait Accounts: Send + Sync {
+    /// Fails with [`StoreError::UsernameTaken`] if the name is taken in any letter case.
+    async fn create_user(&self, username: &str, password_hash: &str) -> Result<User>;
+    async fn user(&self, id: i64) -> Result<Option<User>>;
+    /// Case-insensitive exact match.
+    async fn user_by_username(&self, username: &str) -> Result<Option<User>>;
+    /// The user and their stored password hash, for login.
+    async fn credentials(&self, username: &str) -> Result<Option<(User, String)>>;
+    async fn create_session(&self, user_id: i64, token: TokenHash, expires_at: i64) -> Result<()>;
+    /// The user of an unexpired session.
+    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<User>>;
+    /// Idempotent: deleting a missing session succeeds.
+    async fn delete_session(&self, token: TokenHash) -> Result<()>;
+}
+
+/// Channels, their members and their event logs. Every change appends one event per
+/// affected fact with the channel's next seq, in the transaction that makes the change.
+#[async_trait]
+pub trait Channels: Send + Sync {
+    /// Creates a group or broadcast channel owned by `owner`, with `members` (unknown ids
+    /// are [`StoreError::Invalid`]) as plain members.
+    async fn create_channel(
+        &self,
+        owner: i64,
+        kind: ChannelKind,
+        name: &str,
+        members: &[i64],
+    ) -> Result<Channel>;
+    /// The DM channel of the pair, created if missing; `true` when it was created.
+    async fn open_dm(&self, user: i64, peer: i64) -> Result<(Channel, bool)>;
+    /// Owner/admin only; not for DMs.
+    async fn rename_channel(&self, actor: i64, channel_id: i64, name: &str) -> Result<Channel>;
+    /// The channel and the caller's role, or `None` if the caller is not a member.
+    async fn channel(&self, channel_id: i64, user_id: i64) -> Result<Option<(Channel, Role)>>;
+    /// All channels of `user_id` with role, read marker and unread count.
+    async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>>;
+
+    async fn members(&self, channel_id: i64) -> Result<Vec<Member>>;
+    /// Adds `user_id` (with `role`, default member) or changes its role. Owner/admin only.
+    async fn put_member(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        user_id: i64,
+        role: Option<Role>,
+    ) -> Result<()>;
+    /// A member leaves (actor == user) or is removed by an owner/admin.
+    async fn remove_member(&self, actor: i64, channel_id: i64, user_id: i64) -> Result<()>;
+    /// Moves the read marker forward to `seq` (clamped to the channel's last seq); never back.
+    async fn mark_read(&self, user_id: i64, channel_id: i64, seq: i64) -> Result<()>;
+
+    async fn post_message(
+        &self,
+        author: i64,
+        channel_id: i64,
+        text: &str,
+        client_id: Option<&str>,
+    ) -> Result<Posted>;
+    /// Author only.
+    async fn edit_message(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        text: &str,
+    ) -> Result<Message>;
+    /// Author, owner or admin; deleting a deleted message changes nothing.
+    async fn delete_message(&self, actor: i64, channel_id: i64, message_id: i64) -> Result<()>;
+    async fn messages(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>>;
+    async fn events(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>>;
+}
+
+/// Both halves of a store, as one object the server holds.
+pub trait Store: Accounts + Channels {}
+impl<T: Accounts + Channels> Store for T {}

@@ -1,0 +1,239 @@
+//! The embedded backend: one SQLite file in WAL mode with `synchronous=FULL`. Writes go
+//! through the group-commit [`writer`]; reads through a pool of read-only connections.
+
+mod read;
+mod schema;
+mod write;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags};
+
+use self::read::ReadPool;
+use self::write::{Done, Op};
+use self::writer::Writer;
+use super::{Accounts, Channels, Posted, Result, StoreError, TokenHash};
+use crate::model::{Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User};
+
+/// How to open a [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The database file; created with its directory if missing.
+    pub path: PathBuf,
+    /// Snowflake node id (0–1023).
+    pub node_id: u16,
+    /// Writes that may wait for the writer before new ones are refused as overloaded.
+    pub write_queue: usize,
+    /// Read-only connections in the pool.
+    pub read_connections: usize,
+}
+
+impl SqliteOptions {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            node_id: 0,
+            write_queue: 16_384,
+            read_connections: 4,
+        }
+    }
+}
+
+pub struct SqliteStore {
+    writer: Writer,
+    reads: Arc<ReadPool>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database and starts the writer.
+    pub fn open(opts: &SqliteOptions) -> anyhow::Result<Self> {
+        if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", dir.display()))?;
+        }
+        let mut conn = Connection::open(&opts.path)
+            .map_err(|e| anyhow::anyhow!("open database {}: {e}", opts.path.display()))?;
+        schema::configure(&conn)?;
+        schema::migrate(&mut conn)?;
+        let reads = (0..opts.read_connections.max(1))
+            .map(|_| open_reader(&opts.path))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (writer, handle) = Writer::start(conn, opts.node_id, opts.write_queue);
+        Ok(Self {
+            writer,
+            reads: ReadPool::new(reads),
+            writer_thread: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Ops queued for the writer.
+    pub fn write_queue_depth(&self) -> usize {
+        self.writer.queue_depth()
+    }
+
+    /// Waits for the writer thread to commit everything queued and stop. Call after every
+    /// other holder of the store is gone; returns at once if the writer is still shared.
+    pub fn close(self) {
+        let handle = self.writer_thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(self.writer);
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    async fn write(&self, op: Op) -> Result<Done> {
+        self.writer.submit(op).await
+    }
+}
+
+fn open_reader(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    schema::configure(&conn)?;
+    Ok(conn)
+}
+
+fn unexpected(done: Done) -> StoreError {
+    let what = match done {
+        Done::User(_) => "user",
+        Done::Channel(_) => "channel",
+        Done::Dm(..) => "dm",
+        Done::Posted(_) => "posted",
+        Done::Message(_) => "message",
+        Done::Unit => "unit",
+    };
+    StoreError::internal("match writer answer", format!("unexpected answer {what}"))
+}
+
+fn unit(done: Done) -> Result<()> {
+    match done {
+        Done::Unit => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[async_trait]
+impl Accounts for SqliteStore {
+    async fn create_user(&self, username: &str, password_hash: &str) -> Result<User> {
+        let op = Op::CreateUser { username: username.to_owned(), password_hash: password_hash.to_owned() };
+        match self.write(op).await? {
+            Done::User(u) => Ok(u),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn user(&self, id: i64) -> Result<Option<User>> {
+        self.reads.run(move |c| read::user(c, id)).await
+    }
+
+    async fn user_by_username(&self, username: &str) -> Result<Option<User>> {
+        let name = username.to_owned();
+        self.reads.run(move |c| read::user_by_username(c, &name)).await
+    }
+
+    async fn credentials(&self, username: &str) -> Result<Option<(User, String)>> {
+        let name = username.to_owned();
+        self.reads.run(move |c| read::credentials(c, &name)).await
+    }
+
+    async fn create_session(&self, user_id: i64, token: TokenHash, expires_at: i64) -> Result<()> {
+        unit(self.write(Op::CreateSession { user_id, token, expires_at }).await?)
+    }
+
+    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<User>> {
+        self.reads.run(move |c| read::session_user(c, &token, now)).await
+    }
+
+    async fn delete_session(&self, token: TokenHash) -> Result<()> {
+        unit(self.write(Op::DeleteSession { token }).await?)
+    }
+}
+
+#[async_trait]
+impl Channels for SqliteStore {
+    async fn create_channel(&self, owner: i64, kind: ChannelKind, name: &str, members: &[i64]) -> Result<Channel> {
+        let op = Op::CreateChannel { owner, kind, name: name.to_owned(), members: members.to_vec() };
+        match self.write(op).await? {
+            Done::Channel(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn open_dm(&self, user: i64, peer: i64) -> Result<(Channel, bool)> {
+        match self.write(Op::OpenDm { user, peer }).await? {
+            Done::Dm(c, created) => Ok((c, created)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn rename_channel(&self, actor: i64, channel_id: i64, name: &str) -> Result<Channel> {
+        match self.write(Op::RenameChannel { actor, channel_id, name: name.to_owned() }).await? {
+            Done::Channel(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn channel(&self, channel_id: i64, user_id: i64) -> Result<Option<(Channel, Role)>> {
+        self.reads.run(move |c| read::member_channel(c, channel_id, user_id)).await
+    }
+
+    async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>> {
+        self.reads.run(move |c| read::channels(c, user_id)).await
+    }
+
+    async fn members(&self, channel_id: i64) -> Result<Vec<Member>> {
+        self.reads.run(move |c| read::members(c, channel_id)).await
+    }
+
+    async fn put_member(&self, actor: i64, channel_id: i64, user_id: i64, role: Option<Role>) -> Result<()> {
+        unit(self.write(Op::PutMember { actor, channel_id, user_id, role }).await?)
+    }
+
+    async fn remove_member(&self, actor: i64, channel_id: i64, user_id: i64) -> Result<()> {
+        unit(self.write(Op::RemoveMember { actor, channel_id, user_id }).await?)
+    }
+
+    async fn mark_read(&self, user_id: i64, channel_id: i64, seq: i64) -> Result<()> {
+        unit(self.write(Op::MarkRead { user_id, channel_id, seq }).await?)
+    }
+
+    async fn post_message(&self, author: i64, channel_id: i64, text: &str, client_id: Option<&str>) -> Result<Posted> {
+        let op = Op::PostMessage {
+            author,
+            channel_id,
+            text: text.to_owned(),
+            client_id: client_id.map(str::to_owned),
+        };
+        match self.write(op).await? {
+            Done::Posted(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn edit_message(&self, actor: i64, channel_id: i64, message_id: i64, text: &str) -> Result<Message> {
+        let op = Op::EditMessage { actor, channel_id, message_id, text: text.to_owned() };
+        match self.write(op).await? {
+            Done::Message(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete_message(&self, actor: i64, channel_id: i64, message_id: i64) -> Result<()> {
+        unit(self.write(Op::DeleteMessage { actor, channel_id, message_id }).await?)
+    }
+
+    async fn messages(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>> {
+        self.reads.run(move |c| read::messages(c, channel_id, query)).await
+    }
+
+    async fn events(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>> {
+        self.reads.run(move |c| read::events(c, channel_id, after_seq, limit)).await
+    }
+}

@@ -1,0 +1,268 @@
+//! Read queries and row mapping, plus the pool of read-only connections that serves them
+//! off the async runtime (WAL lets them run beside the writer).
+
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use tokio::sync::Semaphore;
+
+use crate::model::{
+    Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page,
+    Role, User,
+};
+use crate::store::{Result, StoreError};
+
+/// A small pool of read connections; each call runs on the blocking thread pool.
+pub(super) struct ReadPool {
+    conns: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+impl ReadPool {
+    pub fn new(conns: Vec<Connection>) -> Arc<Self> {
+        let permits = Semaphore::new(conns.len());
+        Arc::new(Self {
+            conns: Mutex::new(conns),
+            permits,
+        })
+    }
+
+    /// Runs `f` on a pooled connection without blocking the async runtime.
+    pub async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable)?;
+        let pool = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let conn = pool
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .expect("a permit guarantees a connection");
+            let result = f(&conn);
+            pool.conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::internal("run read query", e))?
+        .map_err(|e| StoreError::internal("read store", e))
+    }
+}
+
+fn corrupt(what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnType(0, format!("{what} {value:?}"), rusqlite::types::Type::Text)
+}
+
+pub(super) fn parse_kind(s: &str) -> rusqlite::Result<ChannelKind> {
+    ChannelKind::parse(s).ok_or_else(|| corrupt("channel kind", s))
+}
+
+pub(super) fn parse_role(s: &str) -> rusqlite::Result<Role> {
+    Role::parse(s).ok_or_else(|| corrupt("role", s))
+}
+
+pub(super) const USER_COLUMNS: &str = "id, username, created_at";
+
+pub(super) fn user_row(r: &Row) -> rusqlite::Result<User> {
+    Ok(User {
+        id: r.get(0)?,
+        username: r.get(1)?,
+        created_at: r.get(2)?,
+    })
+}
+
+pub(super) const CHANNEL_COLUMNS: &str = "c.id, c.kind, c.name, c.owner_id, c.last_seq, c.created_at";
+
+fn channel_row(r: &Row) -> rusqlite::Result<Channel> {
+    Ok(Channel {
+        id: r.get(0)?,
+        kind: parse_kind(&r.get::<_, String>(1)?)?,
+        name: r.get(2)?,
+        owner_id: r.get(3)?,
+        last_seq: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+pub(super) const MESSAGE_COLUMNS: &str =
+    "id, channel_id, seq, author_id, text, client_id, created_at, edited_at, deleted";
+
+pub(super) fn message_row(r: &Row) -> rusqlite::Result<Message> {
+    Ok(Message {
+        id: r.get(0)?,
+        channel_id: r.get(1)?,
+        seq: r.get(2)?,
+        author_id: r.get(3)?,
+        text: r.get(4)?,
+        client_id: r.get(5)?,
+        created_at: r.get(6)?,
+        edited_at: r.get(7)?,
+        deleted: r.get(8)?,
+    })
+}
+
+pub(super) fn user(conn: &Connection, id: i64) -> rusqlite::Result<Option<User>> {
+    conn.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))?
+        .query_row([id], user_row)
+        .optional()
+}
+
+pub(super) fn user_by_username(conn: &Connection, username: &str) -> rusqlite::Result<Option<User>> {
+    conn.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE username_key = ?1"))?
+        .query_row([username.to_ascii_lowercase()], user_row)
+        .optional()
+}
+
+pub(super) fn credentials(conn: &Connection, username: &str) -> rusqlite::Result<Option<(User, String)>> {
+    conn.prepare_cached(&format!(
+        "SELECT {USER_COLUMNS}, password_hash FROM users WHERE username_key = ?1"
+    ))?
+    .query_row([username.to_ascii_lowercase()], |r| Ok((user_row(r)?, r.get(3)?)))
+    .optional()
+}
+
+pub(super) fn session_user(conn: &Connection, token: &[u8], now: i64) -> rusqlite::Result<Option<User>> {
+    conn.prepare_cached(
+        "SELECT u.id, u.username, u.created_at FROM sessions s JOIN users u ON u.id = s.user_id
+         WHERE s.token_hash = ?1 AND s.expires_at > ?2",
+    )?
+    .query_row(params![token, now], user_row)
+    .optional()
+}
+
+pub(super) fn channel(conn: &Connection, id: i64) -> rusqlite::Result<Option<Channel>> {
+    conn.prepare_cached(&format!("SELECT {CHANNEL_COLUMNS} FROM channels c WHERE c.id = ?1"))?
+        .query_row([id], channel_row)
+        .optional()
+}
+
+pub(super) fn member_channel(conn: &Connection, channel_id: i64, user_id: i64) -> rusqlite::Result<Option<(Channel, Role)>> {
+    conn.prepare_cached(&format!(
+        "SELECT {CHANNEL_COLUMNS}, m.role FROM members m JOIN channels c ON c.id = m.channel_id
+         WHERE m.channel_id = ?1 AND m.user_id = ?2"
+    ))?
+    .query_row([channel_id, user_id], |r| {
+        Ok((channel_row(r)?, parse_role(&r.get::<_, String>(6)?)?))
+    })
+    .optional()
+}
+
+pub(super) fn channels(conn: &Connection, user_id: i64) -> rusqlite::Result<Vec<ChannelView>> {
+    conn.prepare_cached(&format!(
+        "SELECT {CHANNEL_COLUMNS}, m.role, m.read_seq, c.live_messages - m.live_read - m.own_unread
+         FROM members m JOIN channels c ON c.id = m.channel_id
+         WHERE m.user_id = ?1 ORDER BY c.id"
+    ))?
+    .query_map([user_id], |r| {
+        Ok(ChannelView {
+            channel: channel_row(r)?,
+            role: parse_role(&r.get::<_, String>(6)?)?,
+            read_seq: r.get(7)?,
+            unread: r.get(8)?,
+        })
+    })?
+    .collect()
+}
+
+pub(super) fn members(conn: &Connection, channel_id: i64) -> rusqlite::Result<Vec<Member>> {
+    conn.prepare_cached(
+        "SELECT u.id, u.username, u.created_at, m.role FROM members m JOIN users u ON u.id = m.user_id
+         WHERE m.channel_id = ?1 ORDER BY u.id",
+    )?
+    .query_map([channel_id], |r| {
+        Ok(Member {
+            user: user_row(r)?,
+            role: parse_role(&r.get::<_, String>(3)?)?,
+        })
+    })?
+    .collect()
+}
+
+pub(super) fn messages(conn: &Connection, channel_id: i64, q: HistoryQuery) -> rusqlite::Result<Page<Message>> {
+    let before = q.before_seq.unwrap_or(i64::MAX);
+    let fetch = i64::from(q.limit) + 1;
+    let mut items: Vec<Message> = match q.after_seq {
+        Some(after) => conn
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages
+                 WHERE channel_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq ASC LIMIT ?4"
+            ))?
+            .query_map([channel_id, after, before, fetch], message_row)?
+            .collect::<rusqlite::Result<_>>()?,
+        None => conn
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages
+                 WHERE channel_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+            ))?
+            .query_map([channel_id, before, fetch], message_row)?
+            .collect::<rusqlite::Result<_>>()?,
+    };
+    let has_more = items.len() as i64 == fetch;
+    items.truncate(q.limit as usize);
+    if q.after_seq.is_none() {
+        items.reverse();
+    }
+    Ok(Page { items, has_more })
+}
+
+pub(super) fn events(conn: &Connection, channel_id: i64, after_seq: i64, limit: u32) -> rusqlite::Result<Page<Event>> {
+    let fetch = i64::from(limit) + 1;
+    let mut stmt = conn.prepare_cached(
+        "SELECT e.seq, e.kind, e.at, e.user_id, e.body,
+                m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq
+         FROM events e LEFT JOIN messages m ON m.id = e.message_id
+         WHERE e.channel_id = ?1 AND e.seq > ?2 ORDER BY e.seq ASC LIMIT ?3",
+    )?;
+    let mut items = stmt
+        .query_map([channel_id, after_seq, fetch], |r| event_row(channel_id, r))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let has_more = items.len() as i64 == fetch;
+    items.truncate(limit as usize);
+    Ok(Page { items, has_more })
+}
+
+/// Rebuilds an event from its log row. A message event carries the message as of that
+/// event; once the message is deleted, every one of its events shows it deleted, text
+/// redacted.
+fn event_row(channel_id: i64, r: &Row) -> rusqlite::Result<Event> {
+    let seq: i64 = r.get(0)?;
+    let kind: String = r.get(1)?;
+    let at: i64 = r.get(2)?;
+    let body: Option<String> = r.get(4)?;
+    let message = |edited_at: Option<i64>| -> rusqlite::Result<Message> {
+        let deleted: bool = r.get(10)?;
+        Ok(Message {
+            id: r.get(5)?,
+            channel_id,
+            seq: r.get(11)?,
+            author_id: r.get(6)?,
+            text: if deleted { String::new() } else { body.clone().unwrap_or_default() },
+            client_id: r.get(7)?,
+            created_at: r.get(8)?,
+            edited_at,
+            deleted,
+        })
+    };
+    let role = || parse_role(body.as_deref().unwrap_or_default());
+    let body = match kind.as_str() {
+        "message.created" => EventBody::MessageCreated(message(None)?),
+        "message.edited" => EventBody::MessageEdited(message(Some(at))?),
+        "message.deleted" => EventBody::MessageDeleted(message(r.get(9)?)?),
+        "member.added" => EventBody::MemberAdded { user_id: r.get(3)?, role: role()? },
+        "member.updated" => EventBody::MemberUpdated { user_id: r.get(3)?, role: role()? },
+        "member.removed" => EventBody::MemberRemoved { user_id: r.get(3)? },
+        "channel.updated" => EventBody::ChannelUpdated { name: body.clone() },
+        other => return Err(corrupt("event kind", other)),
+    };
+    Ok(Event { channel_id, seq, at, body })
+}

@@ -1,0 +1,131 @@
+//! The SQLite schema as numbered migrations, applied at open in one transaction each and
+//! recorded in `PRAGMA user_version`.
+
+use rusqlite::Connection;
+
+/// Migration `i` moves the schema from version `i` to `i + 1`. Never edit a shipped one:
+/// append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: accounts, channels, members, the event log and its message projection.
+    r#"
+    CREATE TABLE users (
+        id            INTEGER PRIMARY KEY,
+        username      TEXT NOT NULL,
+        username_key  TEXT NOT NULL UNIQUE,   -- lower-cased, for case-insensitive lookup
+        password_hash TEXT NOT NULL,
+        created_at    INTEGER NOT NULL
+    );
+    CREATE TABLE sessions (
+        token_hash BLOB PRIMARY KEY,          -- SHA-256 of the bearer token
+        user_id    INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_user ON sessions(user_id);
+    CREATE TABLE channels (
+        id            INTEGER PRIMARY KEY,
+        kind          TEXT NOT NULL,
+        name          TEXT,
+        owner_id      INTEGER NOT NULL,
+        last_seq      INTEGER NOT NULL DEFAULT 0,
+        live_messages INTEGER NOT NULL DEFAULT 0, -- messages not deleted
+        dm_key        TEXT UNIQUE,                -- "low:high" user ids, DMs only
+        created_at    INTEGER NOT NULL
+    );
+    CREATE TABLE members (
+        channel_id INTEGER NOT NULL,
+        user_id    INTEGER NOT NULL,
+        role       TEXT NOT NULL,
+        read_seq   INTEGER NOT NULL,
+        live_read  INTEGER NOT NULL,  -- live messages with seq <= read_seq
+        own_unread INTEGER NOT NULL,  -- own live messages with seq > read_seq
+        PRIMARY KEY (channel_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_user ON members(user_id, channel_id);
+    CREATE TABLE messages (
+        id         INTEGER PRIMARY KEY,
+        channel_id INTEGER NOT NULL,
+        seq        INTEGER NOT NULL,
+        author_id  INTEGER NOT NULL,
+        text       TEXT NOT NULL,
+        client_id  TEXT,
+        created_at INTEGER NOT NULL,
+        edited_at  INTEGER,
+        deleted    INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX messages_seq ON messages(channel_id, seq);
+    CREATE UNIQUE INDEX messages_client ON messages(channel_id, author_id, client_id)
+        WHERE client_id IS NOT NULL;
+    CREATE TABLE events (
+        channel_id INTEGER NOT NULL,
+        seq        INTEGER NOT NULL,
+        kind       TEXT NOT NULL,
+        at         INTEGER NOT NULL,
+        message_id INTEGER,          -- message events
+        user_id    INTEGER,          -- member events
+        body       TEXT,             -- message text snapshot, member role, or channel name
+        PRIMARY KEY (channel_id, seq)
+    ) WITHOUT ROWID;
+    "#,
+];
+
+/// The schema version this build writes.
+pub const VERSION: usize = MIGRATIONS.len();
+
+/// Sets the connection pragmas every connection needs.
+pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    Ok(())
+}
+
+/// Switches the database to WAL and applies any missing migrations. Refuses a database
+/// written by a newer build.
+pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    anyhow::ensure!(
+        mode.eq_ignore_ascii_case("wal"),
+        "could not switch the database to WAL mode (got {mode})"
+    );
+    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    anyhow::ensure!(
+        current <= VERSION,
+        "the database has schema version {current}, newer than this build's {VERSION}; \
+         run a newer natter"
+    );
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied schema migration");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrating_twice_is_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        migrate(&mut conn).unwrap();
+        migrate(&mut conn).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, VERSION);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        let err = migrate(&mut conn).unwrap_err().to_string();
+        assert!(err.contains("newer than this build"), "{err}");
+    }
+}

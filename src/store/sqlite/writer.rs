@@ -1,0 +1,142 @@
+//! The single writer: one thread owns the write connection, takes every queued write,
+//! applies them all in one transaction (group commit, `synchronous=FULL`), and only then
+//! answers each caller. The queue is bounded; a full queue is refused, never grown.
+//!
+//! Failure handling: an op that fails a check writes nothing and answers its own error
+//! without touching the batch. An unexpected SQLite error rolls the whole batch back and
+//! replays its ops one transaction each, so one bad op cannot fail its neighbours. A failed
+//! commit answers every op of the batch with an error: nothing unacknowledged is claimed
+//! and nothing acknowledged is lost.
+
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::write::{self, Done, Op};
+use crate::id::Snowflake;
+use crate::store::{Result, StoreError};
+
+/// Most ops one transaction takes; bounds the time a caller waits behind a batch.
+const MAX_BATCH: usize = 4096;
+
+/// Why a batch transaction was not committed.
+#[derive(Debug, thiserror::Error)]
+enum BatchFailed {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// A bug guard: an op reported a refusal after it had written.
+    #[error("an op was refused after it wrote: {0}")]
+    RefusedAfterWrite(StoreError),
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Done>>,
+}
+
+/// The async side of the writer: submits ops and awaits their commit.
+#[derive(Clone)]
+pub(super) struct Writer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Starts the writer thread over `conn`. The thread ends when every [`Writer`] clone is
+    /// dropped and the queue has drained.
+    pub fn start(conn: Connection, node_id: u16, capacity: usize) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let handle = std::thread::Builder::new()
+            .name("natter-writer".into())
+            .spawn(move || run(conn, Snowflake::new(node_id), rx))
+            .expect("spawn the writer thread");
+        (Self { tx }, handle)
+    }
+
+    /// Queues `op` and waits until it is committed (or refused).
+    pub async fn submit(&self, op: Op) -> Result<Done> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.try_send(Job { op, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => StoreError::Unavailable,
+        })?;
+        answer.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    /// Ops waiting for the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+fn run(mut conn: Connection, mut ids: Snowflake, mut rx: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut conn, &mut ids, &mut batch);
+    }
+    tracing::debug!("writer stopped: queue closed and drained");
+}
+
+fn commit_batch(conn: &mut Connection, ids: &mut Snowflake, batch: &mut Vec<Job>) {
+    match apply_all(conn, ids, batch) {
+        Ok(results) => {
+            for (job, result) in batch.drain(..).zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) if batch.len() > 1 => {
+            tracing::warn!(error = %e, ops = batch.len(), "commit batch failed; replaying its ops one by one");
+            for job in batch.drain(..) {
+                let mut single = vec![job];
+                let result = match apply_all(conn, ids, &single) {
+                    Ok(mut results) => results.remove(0),
+                    Err(e) => {
+                        tracing::error!(error = %e, "commit write failed");
+                        Err(StoreError::internal("commit write", e))
+                    }
+                };
+                let job = single.pop().expect("one job");
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "commit write failed");
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(StoreError::internal("commit write", e.to_string())));
+            }
+        }
+    }
+}
+
+/// Applies every op in one transaction. `Err` means nothing was committed; `Ok` holds each
+/// op's own answer (an op whose checks failed wrote nothing).
+fn apply_all(
+    conn: &mut Connection,
+    ids: &mut Snowflake,
+    batch: &[Job],
+) -> Result<Vec<Result<Done>>, BatchFailed> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let changes_before = tx.total_changes();
+        match write::apply(&tx, ids, &job.op) {
+            Ok(done) => results.push(Ok(done)),
+            // A refusal must come before any write; if one did not, the batch is unsafe to
+            // commit, so it is rolled back and replayed op by op.
+            Err(write::Failure::Refused(e)) if tx.total_changes() == changes_before => {
+                results.push(Err(e))
+            }
+            Err(write::Failure::Refused(e)) => return Err(BatchFailed::RefusedAfterWrite(e)),
+            Err(write::Failure::Sqlite(e)) => return Err(e.into()),
+        }
+    }
+    tx.commit()?;
+    Ok(results)
+}
