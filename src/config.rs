@@ -45,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long, env = "NATTER_TOKEN_TTL_HOURS", default_value_t = 720)]
     pub token_ttl_hours: u64,
     /// Tests only: cheap Argon2 parameters. Never use this for real accounts.
-    #[arg(long, env = "NATTER_INSECURE_FAST_PASSWORD_HASH", hide = true)]
+    #[arg(long, env = "NATTER_INSECURE_FAST_PASSWORD_HASH", hide = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_fast_password_hash: bool,
 }
 

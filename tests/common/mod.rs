@@ -1,0 +1,199 @@
+//! Test harness: real servers on `127.0.0.1:0` over a temporary data directory, and a small
+//! HTTP client speaking API v1.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use natter::Config;
+use natter::auth::HashCost;
+use natter::ratelimit::Rate;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The config tests start from: cheap password hashes, generous send limits.
+pub fn test_config(dir: &std::path::Path) -> Config {
+    let mut config = Config::with_data_dir(dir);
+    config.hash_cost = HashCost::insecure_fast();
+    config.limits.send = Rate { per_second: 100_000.0, burst: 100_000.0 };
+    config
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(natter::serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Self { addr, dir, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.base())
+    }
+
+    /// Shuts down gracefully and waits for the writer to drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+        }
+    }
+}
+
+/// A logged-in (or anonymous) API client.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    pub base: String,
+    pub token: Option<String>,
+    pub user_id: String,
+}
+
+/// An answer: status, body (`Null` when empty) and the `Retry-After` header.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Value,
+    pub retry_after: Option<String>,
+}
+
+impl Answer {
+    /// The error code of an error answer.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+impl Client {
+    pub fn new(base: &str) -> Self {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Self { http, base: base.to_owned(), token: None, user_id: String::new() }
+    }
+
+    pub async fn raw(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> reqwest::Result<Answer> {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let res = req.send().await?;
+        let status = res.status();
+        let retry_after = res.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+        let bytes = res.bytes().await?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Ok(Answer { status, body, retry_after })
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        self.raw(method, path, body.map(|b| serde_json::to_vec(&b).unwrap())).await.unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Answer {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// Registers `name` (password `password-<name>`) and returns the logged-in client.
+    pub async fn register(&self, name: &str) -> Client {
+        let a = self.post("/v1/users", json!({"username": name, "password": format!("password-{name}")})).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{a:?}");
+        let mut c = self.clone();
+        c.token = Some(a.body["token"].as_str().unwrap().to_owned());
+        c.user_id = a.body["user"]["id"].as_str().unwrap().to_owned();
+        c
+    }
+
+    /// Creates a channel of `kind` with `members`; returns its id.
+    pub async fn create_channel(&self, name: &str, kind: &str, members: &[&Client]) -> String {
+        let ids: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
+        let a = self.post("/v1/channels", json!({"name": name, "kind": kind, "members": ids})).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{a:?}");
+        a.body["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn send(&self, channel: &str, text: &str, client_id: Option<&str>) -> Answer {
+        let mut body = json!({"text": text});
+        if let Some(c) = client_id {
+            body["client_id"] = json!(c);
+        }
+        self.post(&format!("/v1/channels/{channel}/messages"), body).await
+    }
+
+    /// Every message of the channel, paging forward from the start.
+    pub async fn all_messages(&self, channel: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let a = self.get(&format!("/v1/channels/{channel}/messages?after_seq={after}&limit=200")).await;
+            assert_eq!(a.status, StatusCode::OK, "{a:?}");
+            let page = a.body["messages"].as_array().unwrap().clone();
+            if let Some(last) = page.last() {
+                after = last["seq"].as_i64().unwrap();
+            }
+            out.extend(page);
+            if !a.body["has_more"].as_bool().unwrap() {
+                return out;
+            }
+        }
+    }
+
+    /// Every event of the channel, paging forward from the start.
+    pub async fn all_events(&self, channel: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let a = self.get(&format!("/v1/channels/{channel}/events?after_seq={after}&limit=200")).await;
+            assert_eq!(a.status, StatusCode::OK, "{a:?}");
+            let page = a.body["events"].as_array().unwrap().clone();
+            if let Some(last) = page.last() {
+                after = last["seq"].as_i64().unwrap();
+            }
+            out.extend(page);
+            if !a.body["has_more"].as_bool().unwrap() {
+                return out;
+            }
+        }
+    }
+}
+
+/// Asserts that the events' seqs are exactly 1..=n and returns n.
+pub fn assert_gap_free(events: &[Value]) -> i64 {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["seq"].as_i64().unwrap(), i as i64 + 1, "gap or reorder at {i}: {e}");
+    }
+    events.len() as i64
+}
