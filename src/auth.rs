@@ -17,18 +17,25 @@ pub struct HashCost {
 
 impl Default for HashCost {
     fn default() -> Self {
-        Self { memory_kib: 19 * 1024, iterations: 2 }
+        Self {
+            memory_kib: 19 * 1024,
+            iterations: 2,
+        }
     }
 }
 
 impl HashCost {
     /// Cheap parameters for test suites; never for real accounts.
     pub fn insecure_fast() -> Self {
-        Self { memory_kib: 64, iterations: 1 }
+        Self {
+            memory_kib: 64,
+            iterations: 1,
+        }
     }
 
     fn argon2(self) -> Argon2<'static> {
-        let params = Params::new(self.memory_kib, self.iterations, 1, None).expect("valid argon2 params");
+        let params =
+            Params::new(self.memory_kib, self.iterations, 1, None).expect("valid argon2 params");
         Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
     }
 }
@@ -50,7 +57,9 @@ pub fn hash_password(password: &str, cost: HashCost) -> Result<String, HashError
 
 /// Whether `password` matches the stored PHC hash (whatever cost it was made with).
 pub fn verify_password(password: &str, phc: &str) -> bool {
-    Argon2::default().verify_password(password.as_bytes(), phc).is_ok()
+    Argon2::default()
+        .verify_password(password.as_bytes(), phc)
+        .is_ok()
 }
 
 /// A new bearer token: 32 random bytes as 64 hex characters.

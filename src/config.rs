@@ -82,14 +82,20 @@ fn positive(option: &'static str, v: f64) -> Result<f64, ConfigError> {
     if v.is_finite() && v > 0.0 {
         Ok(v)
     } else {
-        Err(ConfigError { option, message: format!("must be a positive number, got {v}") })
+        Err(ConfigError {
+            option,
+            message: format!("must be a positive number, got {v}"),
+        })
     }
 }
 
 impl Config {
     pub fn from_args(a: &ServeArgs) -> Result<Self, ConfigError> {
         if a.node_id > crate::id::MAX_NODE_ID {
-            return Err(ConfigError { option: "--node-id", message: format!("must be 0–1023, got {}", a.node_id) });
+            return Err(ConfigError {
+                option: "--node-id",
+                message: format!("must be 0–1023, got {}", a.node_id),
+            });
         }
         if a.write_queue == 0 || a.read_connections == 0 {
             return Err(ConfigError {
@@ -98,7 +104,10 @@ impl Config {
             });
         }
         if a.token_ttl_hours == 0 {
-            return Err(ConfigError { option: "--token-ttl-hours", message: "must be at least 1".into() });
+            return Err(ConfigError {
+                option: "--token-ttl-hours",
+                message: "must be at least 1".into(),
+            });
         }
         Ok(Self {
             listen: a.listen,
@@ -119,10 +128,17 @@ impl Config {
                     per_second: 1.0 / 6.0,
                     burst: positive("--login-failures-per-ip", a.login_failures_per_ip)?,
                 },
-                signups_per_ip: Rate { per_second: 1.0, burst: positive("--signups-per-ip", a.signups_per_ip)? },
+                signups_per_ip: Rate {
+                    per_second: 1.0,
+                    burst: positive("--signups-per-ip", a.signups_per_ip)?,
+                },
             },
             token_ttl: Duration::from_secs(a.token_ttl_hours * 3600),
-            hash_cost: if a.insecure_fast_password_hash { HashCost::insecure_fast() } else { HashCost::default() },
+            hash_cost: if a.insecure_fast_password_hash {
+                HashCost::insecure_fast()
+            } else {
+                HashCost::default()
+            },
         })
     }
 

@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use natter::config::{Config, ServeArgs};
 
 #[derive(Parser)]
-#[command(name = "natter", version, about = "A self-hostable real-time messaging backend")]
+#[command(
+    name = "natter",
+    version,
+    about = "A self-hostable real-time messaging backend"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,7 +33,9 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Serve(args) => {
             let config = Config::from_args(&args)?;

@@ -118,11 +118,21 @@ pub enum EventBody {
     MessageCreated(Message),
     MessageEdited(Message),
     MessageDeleted(Message),
-    MemberAdded { user_id: i64, role: Role },
+    MemberAdded {
+        user_id: i64,
+        role: Role,
+    },
     /// A member's role changed.
-    MemberUpdated { user_id: i64, role: Role },
-    MemberRemoved { user_id: i64 },
-    ChannelUpdated { name: Option<String> },
+    MemberUpdated {
+        user_id: i64,
+        role: Role,
+    },
+    MemberRemoved {
+        user_id: i64,
+    },
+    ChannelUpdated {
+        name: Option<String>,
+    },
 }
 
 impl EventBody {

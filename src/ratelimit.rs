@@ -28,7 +28,11 @@ pub struct RateLimiter<K> {
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
     pub fn new(rate: Rate) -> Self {
-        Self { rate, buckets: Mutex::new(HashMap::new()), max_keys: 100_000 }
+        Self {
+            rate,
+            buckets: Mutex::new(HashMap::new()),
+            max_keys: 100_000,
+        }
     }
 
     /// Takes one token for `key`, or says how long until one is available.
@@ -47,7 +51,10 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         if buckets.len() >= self.max_keys && !buckets.contains_key(key) {
             buckets.retain(|_, b| refill(*b, now, per_second, burst) < burst);
         }
-        let bucket = buckets.entry(key.clone()).or_insert(Bucket { tokens: burst, at: now });
+        let bucket = buckets.entry(key.clone()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
         let tokens = refill(*bucket, now, per_second, burst);
         *bucket = Bucket { tokens, at: now };
         if tokens >= 1.0 {
@@ -79,7 +86,10 @@ mod tests {
 
     #[test]
     fn allows_the_burst_then_refills_at_the_rate() {
-        let limiter = RateLimiter::new(Rate { per_second: 2.0, burst: 3.0 });
+        let limiter = RateLimiter::new(Rate {
+            per_second: 2.0,
+            burst: 3.0,
+        });
         let t0 = Instant::now();
         for _ in 0..3 {
             limiter.take(&"k", t0).unwrap();
@@ -92,7 +102,10 @@ mod tests {
 
     #[test]
     fn check_does_not_consume() {
-        let limiter = RateLimiter::new(Rate { per_second: 1.0, burst: 1.0 });
+        let limiter = RateLimiter::new(Rate {
+            per_second: 1.0,
+            burst: 1.0,
+        });
         let t0 = Instant::now();
         limiter.check(&1, t0).unwrap();
         limiter.check(&1, t0).unwrap();

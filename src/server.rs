@@ -24,18 +24,23 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "natter listening");
     let drain_state = state.clone();
-    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            drain_state.set_ready(false);
-            tracing::info!("shutting down: finishing in-flight requests");
-        })
-        .await?;
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        drain_state.set_ready(false);
+        tracing::info!("shutting down: finishing in-flight requests");
+    })
+    .await?;
     // Every handler is done; the app state (and its store handle) is dropped with the
     // router, so ours is the last one and closing waits for the writer to drain.
     match Arc::try_unwrap(store) {
         Ok(store) => store.close(),
-        Err(_) => tracing::warn!("store still shared at shutdown; the writer drains when it is dropped"),
+        Err(_) => {
+            tracing::warn!("store still shared at shutdown; the writer drains when it is dropped")
+        }
     }
     tracing::info!("natter stopped");
     Ok(())

@@ -13,27 +13,59 @@ async fn register_login_logout_and_revoked_token() {
     let alice = anon.register("Alice").await;
 
     let me = alice.get("/v1/users/me").await;
-    assert_eq!((me.status, me.body["username"].as_str()), (StatusCode::OK, Some("Alice")));
+    assert_eq!(
+        (me.status, me.body["username"].as_str()),
+        (StatusCode::OK, Some("Alice"))
+    );
     assert!(me.body["created_at"].as_str().unwrap().ends_with('Z'));
 
-    let dup = anon.post("/v1/users", json!({"username": "alice", "password": "password-x"})).await;
-    assert_eq!((dup.status, dup.code()), (StatusCode::CONFLICT, "username_taken"));
+    let dup = anon
+        .post(
+            "/v1/users",
+            json!({"username": "alice", "password": "password-x"}),
+        )
+        .await;
+    assert_eq!(
+        (dup.status, dup.code()),
+        (StatusCode::CONFLICT, "username_taken")
+    );
 
-    let login = anon.post("/v1/sessions", json!({"username": "ALICE", "password": "password-Alice"})).await;
+    let login = anon
+        .post(
+            "/v1/sessions",
+            json!({"username": "ALICE", "password": "password-Alice"}),
+        )
+        .await;
     assert_eq!(login.status, StatusCode::OK, "{login:?}");
-    assert_eq!(login.body["user"]["id"].as_str(), Some(alice.user_id.as_str()));
+    assert_eq!(
+        login.body["user"]["id"].as_str(),
+        Some(alice.user_id.as_str())
+    );
     let second_token = login.body["token"].as_str().unwrap().to_owned();
     assert_ne!(Some(second_token.clone()), alice.token);
 
     for (name, password) in [("alice", "wrong-password"), ("nobody", "password-Alice")] {
-        let bad = anon.post("/v1/sessions", json!({"username": name, "password": password})).await;
-        assert_eq!((bad.status, bad.code()), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
+        let bad = anon
+            .post(
+                "/v1/sessions",
+                json!({"username": name, "password": password}),
+            )
+            .await;
+        assert_eq!(
+            (bad.status, bad.code()),
+            (StatusCode::UNAUTHORIZED, "invalid_credentials")
+        );
     }
 
-    let out = alice.call(Method::DELETE, "/v1/sessions/current", None).await;
+    let out = alice
+        .call(Method::DELETE, "/v1/sessions/current", None)
+        .await;
     assert_eq!(out.status, StatusCode::NO_CONTENT);
     let revoked = alice.get("/v1/users/me").await;
-    assert_eq!((revoked.status, revoked.code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!(
+        (revoked.status, revoked.code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
     // The other session is untouched.
     let mut other = alice.clone();
     other.token = Some(second_token);
@@ -54,11 +86,17 @@ async fn user_lookup_by_id_and_name() {
     assert_eq!(by_id.body["username"], "lookup.B");
     let by_name = a.get("/v1/users?username=LOOKUP.b").await;
     assert_eq!(by_name.body["id"].as_str(), Some(b.user_id.as_str()));
-    assert_eq!(a.get("/v1/users?username=ghost").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        a.get("/v1/users?username=ghost").await.status,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(a.get("/v1/users/123").await.code(), "not_found");
     assert_eq!(a.get("/v1/users/not-a-number").await.code(), "not_found");
     let missing = a.get("/v1/users").await;
-    assert_eq!((missing.code(), missing.body["error"]["field"].as_str()), ("invalid_field", Some("username")));
+    assert_eq!(
+        (missing.code(), missing.body["error"]["field"].as_str()),
+        ("invalid_field", Some("username"))
+    );
 }
 
 #[tokio::test]
@@ -66,47 +104,113 @@ async fn input_rules_give_clear_errors() {
     let server = TestServer::start().await;
     let anon = server.client();
     for (body, field) in [
-        (json!({"username": "ab", "password": "password1"}), "username"),
-        (json!({"username": "bad name", "password": "password1"}), "username"),
-        (json!({"username": "okname", "password": "short"}), "password"),
-        (json!({"username": "okname", "password": "x".repeat(1025)}), "password"),
+        (
+            json!({"username": "ab", "password": "password1"}),
+            "username",
+        ),
+        (
+            json!({"username": "bad name", "password": "password1"}),
+            "username",
+        ),
+        (
+            json!({"username": "okname", "password": "short"}),
+            "password",
+        ),
+        (
+            json!({"username": "okname", "password": "x".repeat(1025)}),
+            "password",
+        ),
         (json!({"username": "okname"}), "password"),
         (json!({"username": 7, "password": "password1"}), "username"),
     ] {
         let a = anon.post("/v1/users", body.clone()).await;
-        assert_eq!((a.status, a.code()), (StatusCode::BAD_REQUEST, "invalid_field"), "{body}");
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::BAD_REQUEST, "invalid_field"),
+            "{body}"
+        );
         assert_eq!(a.body["error"]["field"].as_str(), Some(field), "{body}");
     }
-    let broken = anon.raw(Method::POST, "/v1/users", Some(b"{\"username\":".to_vec())).await.unwrap();
-    assert_eq!((broken.status, broken.code()), (StatusCode::BAD_REQUEST, "invalid_json"));
+    let broken = anon
+        .raw(Method::POST, "/v1/users", Some(b"{\"username\":".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (broken.status, broken.code()),
+        (StatusCode::BAD_REQUEST, "invalid_json")
+    );
 
     let user = anon.register("limits").await;
     let ch = user.create_channel("limits", "group", &[]).await;
     let empty = user.send(&ch, " \n ", None).await;
-    assert_eq!((empty.status, empty.code()), (StatusCode::BAD_REQUEST, "text_empty"));
+    assert_eq!(
+        (empty.status, empty.code()),
+        (StatusCode::BAD_REQUEST, "text_empty")
+    );
     let long = user.send(&ch, &"x".repeat(4001), None).await;
-    assert_eq!((long.status, long.code()), (StatusCode::BAD_REQUEST, "text_too_long"));
-    assert_eq!(user.send(&ch, &"é".repeat(4000), None).await.status, StatusCode::CREATED);
+    assert_eq!(
+        (long.status, long.code()),
+        (StatusCode::BAD_REQUEST, "text_too_long")
+    );
+    assert_eq!(
+        user.send(&ch, &"é".repeat(4000), None).await.status,
+        StatusCode::CREATED
+    );
     let cid = user.send(&ch, "hi", Some(&"c".repeat(65))).await;
-    assert_eq!((cid.code(), cid.body["error"]["field"].as_str()), ("invalid_field", Some("client_id")));
+    assert_eq!(
+        (cid.code(), cid.body["error"]["field"].as_str()),
+        ("invalid_field", Some("client_id"))
+    );
     let huge = user
-        .raw(Method::POST, &format!("/v1/channels/{ch}/messages"), Some(vec![b' '; 70 * 1024]))
+        .raw(
+            Method::POST,
+            &format!("/v1/channels/{ch}/messages"),
+            Some(vec![b' '; 70 * 1024]),
+        )
         .await
         .unwrap();
-    assert_eq!((huge.status, huge.code()), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
-    let limit = user.get(&format!("/v1/channels/{ch}/messages?limit=0")).await;
-    assert_eq!((limit.code(), limit.body["error"]["field"].as_str()), ("invalid_field", Some("limit")));
-    let limit = user.get(&format!("/v1/channels/{ch}/messages?limit=201")).await;
+    assert_eq!(
+        (huge.status, huge.code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+    let limit = user
+        .get(&format!("/v1/channels/{ch}/messages?limit=0"))
+        .await;
+    assert_eq!(
+        (limit.code(), limit.body["error"]["field"].as_str()),
+        ("invalid_field", Some("limit"))
+    );
+    let limit = user
+        .get(&format!("/v1/channels/{ch}/messages?limit=201"))
+        .await;
     assert_eq!(limit.code(), "invalid_field");
-    let kind = user.post("/v1/channels", json!({"name": "x", "kind": "dm"})).await;
+    let kind = user
+        .post("/v1/channels", json!({"name": "x", "kind": "dm"}))
+        .await;
     assert_eq!(kind.body["error"]["field"].as_str(), Some("kind"));
-    let unknown_member = user.post("/v1/channels", json!({"name": "x", "kind": "group", "members": ["12345"]})).await;
-    assert_eq!(unknown_member.body["error"]["field"].as_str(), Some("members"));
-    let typo = user.post(&format!("/v1/channels/{ch}/messages"), json!({"text": "x", "clientId": "a"})).await;
+    let unknown_member = user
+        .post(
+            "/v1/channels",
+            json!({"name": "x", "kind": "group", "members": ["12345"]}),
+        )
+        .await;
+    assert_eq!(
+        unknown_member.body["error"]["field"].as_str(),
+        Some("members")
+    );
+    let typo = user
+        .post(
+            &format!("/v1/channels/{ch}/messages"),
+            json!({"text": "x", "clientId": "a"}),
+        )
+        .await;
     assert_eq!(typo.code(), "invalid_field");
 
     let nowhere = user.get("/v1/no/such/route").await;
-    assert_eq!((nowhere.status, nowhere.code()), (StatusCode::NOT_FOUND, "not_found"));
+    assert_eq!(
+        (nowhere.status, nowhere.code()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
     let wrong_method = user.call(Method::PUT, "/v1/users/me", None).await;
     assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(wrong_method.code(), "method_not_allowed");
@@ -124,7 +228,14 @@ async fn group_channel_messages_edit_delete_and_idempotency() {
     let sent = member.send(&ch, "hello <b>world</b>", Some("c-1")).await;
     assert_eq!(sent.status, StatusCode::CREATED, "{sent:?}");
     let m = &sent.body;
-    assert_eq!((m["text"].as_str(), m["client_id"].as_str(), m["deleted"].as_bool()), (Some("hello <b>world</b>"), Some("c-1"), Some(false)));
+    assert_eq!(
+        (
+            m["text"].as_str(),
+            m["client_id"].as_str(),
+            m["deleted"].as_bool()
+        ),
+        (Some("hello <b>world</b>"), Some("c-1"), Some(false))
+    );
     assert_eq!(m["author_id"].as_str(), Some(member.user_id.as_str()));
     assert_eq!(m["seq"], 3, "after two member.added events");
 
@@ -135,33 +246,83 @@ async fn group_channel_messages_edit_delete_and_idempotency() {
 
     let id = m["id"].as_str().unwrap();
     let path = format!("/v1/channels/{ch}/messages/{id}");
-    let not_author = owner.call(Method::PATCH, &path, Some(json!({"text": "hijack"}))).await;
-    assert_eq!((not_author.status, not_author.code()), (StatusCode::FORBIDDEN, "forbidden"));
-    let edited = member.call(Method::PATCH, &path, Some(json!({"text": "edited"}))).await;
-    assert_eq!((edited.status, edited.body["text"].as_str()), (StatusCode::OK, Some("edited")));
+    let not_author = owner
+        .call(Method::PATCH, &path, Some(json!({"text": "hijack"})))
+        .await;
+    assert_eq!(
+        (not_author.status, not_author.code()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    let edited = member
+        .call(Method::PATCH, &path, Some(json!({"text": "edited"})))
+        .await;
+    assert_eq!(
+        (edited.status, edited.body["text"].as_str()),
+        (StatusCode::OK, Some("edited"))
+    );
     assert!(edited.body["edited_at"].is_string());
 
-    assert_eq!(outsider.call(Method::DELETE, &path, None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        outsider.call(Method::DELETE, &path, None).await.status,
+        StatusCode::NOT_FOUND
+    );
     let other = owner.send(&ch, "owner's", None).await;
-    let other_path = format!("/v1/channels/{ch}/messages/{}", other.body["id"].as_str().unwrap());
-    assert_eq!(member.call(Method::DELETE, &other_path, None).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(owner.call(Method::DELETE, &path, None).await.status, StatusCode::NO_CONTENT, "owner deletes any");
+    let other_path = format!(
+        "/v1/channels/{ch}/messages/{}",
+        other.body["id"].as_str().unwrap()
+    );
+    assert_eq!(
+        member.call(Method::DELETE, &other_path, None).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        owner.call(Method::DELETE, &path, None).await.status,
+        StatusCode::NO_CONTENT,
+        "owner deletes any"
+    );
 
     let history = member.all_messages(&ch).await;
     assert_eq!(history.len(), 2);
-    assert_eq!((history[0]["deleted"].as_bool(), history[0]["text"].as_str()), (Some(true), Some("")));
-    assert_eq!(history[0]["id"].as_str(), Some(id), "the tombstone keeps its id");
+    assert_eq!(
+        (history[0]["deleted"].as_bool(), history[0]["text"].as_str()),
+        (Some(true), Some(""))
+    );
+    assert_eq!(
+        history[0]["id"].as_str(),
+        Some(id),
+        "the tombstone keeps its id"
+    );
     assert_eq!(history[0]["seq"], 3, "and its seq");
 
     let events = member.all_events(&ch).await;
     assert_eq!(assert_gap_free(&events), 6);
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["member.added", "member.added", "message.created", "message.edited", "message.created", "message.deleted"]);
-    assert!(events.iter().all(|e| e["channel_id"].as_str() == Some(ch.as_str()) && e["at"].is_string()));
-    assert!(!serde_json::to_string(&events).unwrap().contains("hello"), "deleted text is redacted from the log");
+    assert_eq!(
+        kinds,
+        [
+            "member.added",
+            "member.added",
+            "message.created",
+            "message.edited",
+            "message.created",
+            "message.deleted"
+        ]
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["channel_id"].as_str() == Some(ch.as_str()) && e["at"].is_string())
+    );
+    assert!(
+        !serde_json::to_string(&events).unwrap().contains("hello"),
+        "deleted text is redacted from the log"
+    );
 
     let got = member.get(&format!("/v1/channels/{ch}")).await;
-    assert_eq!((got.body["kind"].as_str(), got.body["last_seq"].as_i64()), (Some("group"), Some(6)));
+    assert_eq!(
+        (got.body["kind"].as_str(), got.body["last_seq"].as_i64()),
+        (Some("group"), Some(6))
+    );
 }
 
 #[tokio::test]
@@ -179,15 +340,46 @@ async fn non_members_see_nothing() {
         stranger.get(&format!("/v1/channels/{ch}/events")).await,
         stranger.get(&format!("/v1/channels/{ch}/members")).await,
         stranger.send(&ch, "let me in", None).await,
-        stranger.call(Method::PUT, &format!("/v1/channels/{ch}/read"), Some(json!({"seq": 1}))).await,
-        stranger.call(Method::PUT, &format!("/v1/channels/{ch}/members/{}", stranger.user_id), None).await,
-        stranger.call(Method::PATCH, &format!("/v1/channels/{ch}/messages/{mid}"), Some(json!({"text": "x"}))).await,
-        stranger.call(Method::DELETE, &format!("/v1/channels/{ch}/messages/{mid}"), None).await,
+        stranger
+            .call(
+                Method::PUT,
+                &format!("/v1/channels/{ch}/read"),
+                Some(json!({"seq": 1})),
+            )
+            .await,
+        stranger
+            .call(
+                Method::PUT,
+                &format!("/v1/channels/{ch}/members/{}", stranger.user_id),
+                None,
+            )
+            .await,
+        stranger
+            .call(
+                Method::PATCH,
+                &format!("/v1/channels/{ch}/messages/{mid}"),
+                Some(json!({"text": "x"})),
+            )
+            .await,
+        stranger
+            .call(
+                Method::DELETE,
+                &format!("/v1/channels/{ch}/messages/{mid}"),
+                None,
+            )
+            .await,
         stranger.get("/v1/channels/999999/messages").await,
     ] {
-        assert_eq!((a.status, a.code()), (StatusCode::NOT_FOUND, "not_found"), "{a:?}");
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::NOT_FOUND, "not_found"),
+            "{a:?}"
+        );
     }
-    assert_eq!(stranger.get("/v1/channels").await.body["channels"], json!([]));
+    assert_eq!(
+        stranger.get("/v1/channels").await.body["channels"],
+        json!([])
+    );
 }
 
 #[tokio::test]
@@ -196,15 +388,30 @@ async fn broadcast_channels_let_only_owner_and_admins_post() {
     let anon = server.client();
     let owner = anon.register("caster").await;
     let reader = anon.register("listener").await;
-    let ch = owner.create_channel("announcements", "broadcast", &[&reader]).await;
+    let ch = owner
+        .create_channel("announcements", "broadcast", &[&reader])
+        .await;
     let denied = reader.send(&ch, "me too", None).await;
-    assert_eq!((denied.status, denied.code()), (StatusCode::FORBIDDEN, "forbidden"));
-    assert_eq!(owner.send(&ch, "news", None).await.status, StatusCode::CREATED);
+    assert_eq!(
+        (denied.status, denied.code()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    assert_eq!(
+        owner.send(&ch, "news", None).await.status,
+        StatusCode::CREATED
+    );
     let promote = owner
-        .call(Method::PUT, &format!("/v1/channels/{ch}/members/{}", reader.user_id), Some(json!({"role": "admin"})))
+        .call(
+            Method::PUT,
+            &format!("/v1/channels/{ch}/members/{}", reader.user_id),
+            Some(json!({"role": "admin"})),
+        )
         .await;
     assert_eq!(promote.status, StatusCode::NO_CONTENT);
-    assert_eq!(reader.send(&ch, "now I can", None).await.status, StatusCode::CREATED);
+    assert_eq!(
+        reader.send(&ch, "now I can", None).await.status,
+        StatusCode::CREATED
+    );
     assert_eq!(reader.all_messages(&ch).await.len(), 2);
 }
 
@@ -220,46 +427,146 @@ async fn members_are_added_promoted_and_removed() {
     let member_path = |u: &Client| format!("/v1/channels/{ch}/members/{}", u.user_id);
 
     let by_member = a.call(Method::PUT, &member_path(&b), None).await;
-    assert_eq!((by_member.status, by_member.code()), (StatusCode::FORBIDDEN, "forbidden"));
-    assert_eq!(owner.call(Method::PUT, &member_path(&a), Some(json!({"role": "admin"}))).await.status, StatusCode::NO_CONTENT);
-    assert_eq!(a.call(Method::PUT, &member_path(&b), None).await.status, StatusCode::NO_CONTENT, "admins add members");
-    assert_eq!(owner.call(Method::PUT, &member_path(&c), Some(json!({"role": "member"}))).await.status, StatusCode::NO_CONTENT);
-    let bad_role = owner.call(Method::PUT, &member_path(&c), Some(json!({"role": "owner"}))).await;
+    assert_eq!(
+        (by_member.status, by_member.code()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    assert_eq!(
+        owner
+            .call(
+                Method::PUT,
+                &member_path(&a),
+                Some(json!({"role": "admin"}))
+            )
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        a.call(Method::PUT, &member_path(&b), None).await.status,
+        StatusCode::NO_CONTENT,
+        "admins add members"
+    );
+    assert_eq!(
+        owner
+            .call(
+                Method::PUT,
+                &member_path(&c),
+                Some(json!({"role": "member"}))
+            )
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    let bad_role = owner
+        .call(
+            Method::PUT,
+            &member_path(&c),
+            Some(json!({"role": "owner"})),
+        )
+        .await;
     assert_eq!(bad_role.body["error"]["field"].as_str(), Some("role"));
-    assert_eq!(owner.call(Method::PUT, &format!("/v1/channels/{ch}/members/424242"), None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        owner
+            .call(
+                Method::PUT,
+                &format!("/v1/channels/{ch}/members/424242"),
+                None
+            )
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
 
     let members = b.get(&format!("/v1/channels/{ch}/members")).await;
     let roles: Vec<(String, String)> = members.body["members"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["user"]["username"].as_str().unwrap().to_owned(), m["role"].as_str().unwrap().to_owned()))
+        .map(|m| {
+            (
+                m["user"]["username"].as_str().unwrap().to_owned(),
+                m["role"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
-    let mut expected = vec![("boss", "owner"), ("alpha", "admin"), ("bravo", "member"), ("charlie", "member")];
+    let mut expected = vec![
+        ("boss", "owner"),
+        ("alpha", "admin"),
+        ("bravo", "member"),
+        ("charlie", "member"),
+    ];
     expected.sort();
     let mut roles_sorted = roles.clone();
     roles_sorted.sort();
-    assert_eq!(roles_sorted, expected.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>());
+    assert_eq!(
+        roles_sorted,
+        expected
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    );
 
     let listed = b.get("/v1/channels").await;
     let mine = &listed.body["channels"][0];
-    assert_eq!((mine["id"].as_str(), mine["role"].as_str()), (Some(ch.as_str()), Some("member")));
+    assert_eq!(
+        (mine["id"].as_str(), mine["role"].as_str()),
+        (Some(ch.as_str()), Some("member"))
+    );
 
-    assert_eq!(b.call(Method::DELETE, &member_path(&c), None).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(a.call(Method::DELETE, &member_path(&c), None).await.status, StatusCode::NO_CONTENT, "admin removes");
-    assert_eq!(b.call(Method::DELETE, &member_path(&b), None).await.status, StatusCode::NO_CONTENT, "member leaves");
-    assert_eq!(b.get(&format!("/v1/channels/{ch}")).await.status, StatusCode::NOT_FOUND);
-    assert_eq!(c.send(&ch, "still here?", None).await.status, StatusCode::NOT_FOUND);
-    assert_eq!(owner.call(Method::DELETE, &member_path(&owner), None).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        b.call(Method::DELETE, &member_path(&c), None).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        a.call(Method::DELETE, &member_path(&c), None).await.status,
+        StatusCode::NO_CONTENT,
+        "admin removes"
+    );
+    assert_eq!(
+        b.call(Method::DELETE, &member_path(&b), None).await.status,
+        StatusCode::NO_CONTENT,
+        "member leaves"
+    );
+    assert_eq!(
+        b.get(&format!("/v1/channels/{ch}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        c.send(&ch, "still here?", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        owner
+            .call(Method::DELETE, &member_path(&owner), None)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
 
-    let renamed = a.call(Method::PATCH, &format!("/v1/channels/{ch}"), Some(json!({"name": "renamed"}))).await;
+    let renamed = a
+        .call(
+            Method::PATCH,
+            &format!("/v1/channels/{ch}"),
+            Some(json!({"name": "renamed"})),
+        )
+        .await;
     assert_eq!(renamed.body["name"].as_str(), Some("renamed"));
     let events = owner.all_events(&ch).await;
     assert_gap_free(&events);
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        ["member.added", "member.added", "member.updated", "member.added", "member.added", "member.removed", "member.removed", "channel.updated"]
+        [
+            "member.added",
+            "member.added",
+            "member.updated",
+            "member.added",
+            "member.added",
+            "member.removed",
+            "member.removed",
+            "channel.updated"
+        ]
     );
     assert_eq!(events[2]["role"].as_str(), Some("admin"));
     assert_eq!(events[5]["user_id"].as_str(), Some(c.user_id.as_str()));
@@ -273,16 +580,39 @@ async fn dms_are_one_per_pair() {
     let b = anon.register("dm_two").await;
     let first = a.post("/v1/dms", json!({"user_id": b.user_id})).await;
     assert_eq!(first.status, StatusCode::CREATED);
-    assert_eq!((first.body["kind"].as_str(), &first.body["name"]), (Some("dm"), &json!(null)));
+    assert_eq!(
+        (first.body["kind"].as_str(), &first.body["name"]),
+        (Some("dm"), &json!(null))
+    );
     let again = b.post("/v1/dms", json!({"user_id": a.user_id})).await;
-    assert_eq!((again.status, &again.body["id"]), (StatusCode::OK, &first.body["id"]));
+    assert_eq!(
+        (again.status, &again.body["id"]),
+        (StatusCode::OK, &first.body["id"])
+    );
     let ch = first.body["id"].as_str().unwrap();
     assert_eq!(b.send(ch, "hi a", None).await.status, StatusCode::CREATED);
     assert_eq!(a.all_messages(ch).await[0]["text"], "hi a");
     let third = anon.register("dm_three").await;
-    assert_eq!(a.call(Method::PUT, &format!("/v1/channels/{ch}/members/{}", third.user_id), None).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(a.post("/v1/dms", json!({"user_id": a.user_id})).await.code(), "invalid_field");
-    assert_eq!(a.post("/v1/dms", json!({"user_id": "777"})).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        a.call(
+            Method::PUT,
+            &format!("/v1/channels/{ch}/members/{}", third.user_id),
+            None
+        )
+        .await
+        .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        a.post("/v1/dms", json!({"user_id": a.user_id}))
+            .await
+            .code(),
+        "invalid_field"
+    );
+    assert_eq!(
+        a.post("/v1/dms", json!({"user_id": "777"})).await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -296,13 +626,26 @@ async fn read_markers_and_unread_counts() {
         let ch = ch.clone();
         async move {
             let l = c.get("/v1/channels").await;
-            let v = l.body["channels"].as_array().unwrap().iter().find(|x| x["id"].as_str() == Some(&ch)).unwrap().clone();
-            (v["read_seq"].as_i64().unwrap(), v["unread"].as_i64().unwrap())
+            let v = l.body["channels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["id"].as_str() == Some(&ch))
+                .unwrap()
+                .clone();
+            (
+                v["read_seq"].as_i64().unwrap(),
+                v["unread"].as_i64().unwrap(),
+            )
         }
     };
     let mut seqs = Vec::new();
     for i in 0..4 {
-        seqs.push(a.send(&ch, &format!("m{i}"), None).await.body["seq"].as_i64().unwrap());
+        seqs.push(
+            a.send(&ch, &format!("m{i}"), None).await.body["seq"]
+                .as_i64()
+                .unwrap(),
+        );
     }
     b.send(&ch, "mine", None).await;
     assert_eq!(unread(b.clone()).await.1, 4, "own messages never count");
@@ -312,12 +655,31 @@ async fn read_markers_and_unread_counts() {
     assert_eq!(mark(seqs[1]).await.status, StatusCode::NO_CONTENT);
     assert_eq!(unread(b.clone()).await, (seqs[1], 2));
     mark(seqs[0]).await;
-    assert_eq!(unread(b.clone()).await, (seqs[1], 2), "the marker never moves back");
-    let del = a.call(Method::DELETE, &format!("/v1/channels/{ch}/messages/{}", a.all_messages(&ch).await[3]["id"].as_str().unwrap()), None).await;
+    assert_eq!(
+        unread(b.clone()).await,
+        (seqs[1], 2),
+        "the marker never moves back"
+    );
+    let del = a
+        .call(
+            Method::DELETE,
+            &format!(
+                "/v1/channels/{ch}/messages/{}",
+                a.all_messages(&ch).await[3]["id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
     assert_eq!(del.status, StatusCode::NO_CONTENT);
-    assert_eq!(unread(b.clone()).await.1, 1, "deleted messages are not unread");
+    assert_eq!(
+        unread(b.clone()).await.1,
+        1,
+        "deleted messages are not unread"
+    );
     mark(1_000_000).await;
-    let last = b.get(&format!("/v1/channels/{ch}")).await.body["last_seq"].as_i64().unwrap();
+    let last = b.get(&format!("/v1/channels/{ch}")).await.body["last_seq"]
+        .as_i64()
+        .unwrap();
     assert_eq!(unread(b.clone()).await, (last, 0));
     assert_eq!(mark(-1).await.code(), "invalid_field");
 }
@@ -330,29 +692,55 @@ async fn events_endpoint_is_gap_free_across_pages() {
     for i in 0..30 {
         a.send(&ch, &format!("{i}"), None).await;
     }
-    let page = a.get(&format!("/v1/channels/{ch}/events?after_seq=10&limit=7")).await;
-    let seqs: Vec<i64> = page.body["events"].as_array().unwrap().iter().map(|e| e["seq"].as_i64().unwrap()).collect();
-    assert_eq!((seqs, page.body["has_more"].as_bool()), ((11..=17).collect(), Some(true)));
+    let page = a
+        .get(&format!("/v1/channels/{ch}/events?after_seq=10&limit=7"))
+        .await;
+    let seqs: Vec<i64> = page.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        (seqs, page.body["has_more"].as_bool()),
+        ((11..=17).collect(), Some(true))
+    );
     let events = a.all_events(&ch).await;
     assert_eq!(assert_gap_free(&events), 31);
     assert_eq!(events[30]["message"]["text"], "29");
     let default_page = a.get(&format!("/v1/channels/{ch}/events")).await;
-    assert_eq!(default_page.body["events"].as_array().unwrap().len(), 31.min(50));
+    assert_eq!(
+        default_page.body["events"].as_array().unwrap().len(),
+        31.min(50)
+    );
 }
 
 #[tokio::test]
 async fn send_rate_limit_answers_429_with_retry_after() {
-    let server = TestServer::start_with(|c| c.limits.send = natter::ratelimit::Rate { per_second: 0.5, burst: 3.0 }).await;
+    let server = TestServer::start_with(|c| {
+        c.limits.send = natter::ratelimit::Rate {
+            per_second: 0.5,
+            burst: 3.0,
+        }
+    })
+    .await;
     let a = server.client().register("chatty").await;
     let ch = a.create_channel("spam", "group", &[]).await;
     for _ in 0..3 {
         assert_eq!(a.send(&ch, "x", None).await.status, StatusCode::CREATED);
     }
     let limited = a.send(&ch, "x", None).await;
-    assert_eq!((limited.status, limited.code()), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"));
+    assert_eq!(
+        (limited.status, limited.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+    );
     let secs: u64 = limited.retry_after.expect("Retry-After").parse().unwrap();
     assert!((1..=2).contains(&secs), "{secs}");
-    assert_eq!(a.all_messages(&ch).await.len(), 3, "the refused send wrote nothing");
+    assert_eq!(
+        a.all_messages(&ch).await.len(),
+        3,
+        "the refused send wrote nothing"
+    );
 }
 
 #[tokio::test]
@@ -365,17 +753,43 @@ async fn failed_logins_are_throttled_per_username_and_per_ip() {
     let anon = server.client();
     anon.register("victim").await;
     for _ in 0..3 {
-        let a = anon.post("/v1/sessions", json!({"username": "victim", "password": "guess-guess"})).await;
+        let a = anon
+            .post(
+                "/v1/sessions",
+                json!({"username": "victim", "password": "guess-guess"}),
+            )
+            .await;
         assert_eq!(a.code(), "invalid_credentials");
     }
-    let limited = anon.post("/v1/sessions", json!({"username": "VICTIM", "password": "password-victim"})).await;
-    assert_eq!((limited.status, limited.code()), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"));
+    let limited = anon
+        .post(
+            "/v1/sessions",
+            json!({"username": "VICTIM", "password": "password-victim"}),
+        )
+        .await;
+    assert_eq!(
+        (limited.status, limited.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+    );
     assert!(limited.retry_after.is_some());
     // Two more failures on other names exhaust this address's budget.
     for name in ["ghost1", "ghost2"] {
-        assert_eq!(anon.post("/v1/sessions", json!({"username": name, "password": "password"})).await.code(), "invalid_credentials");
+        assert_eq!(
+            anon.post(
+                "/v1/sessions",
+                json!({"username": name, "password": "password"})
+            )
+            .await
+            .code(),
+            "invalid_credentials"
+        );
     }
-    let by_ip = anon.post("/v1/sessions", json!({"username": "ghost3", "password": "password"})).await;
+    let by_ip = anon
+        .post(
+            "/v1/sessions",
+            json!({"username": "ghost3", "password": "password"}),
+        )
+        .await;
     assert_eq!(by_ip.code(), "rate_limited");
 }
 
@@ -391,7 +805,10 @@ async fn a_full_write_queue_answers_503_overloaded() {
         .map(|i| {
             let a = a.clone();
             let ch = ch.clone();
-            tokio::spawn(async move { a.send(&ch, &format!("m{i}"), Some(&format!("flood-{i}"))).await })
+            tokio::spawn(async move {
+                a.send(&ch, &format!("m{i}"), Some(&format!("flood-{i}")))
+                    .await
+            })
         })
         .collect();
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -403,14 +820,22 @@ async fn a_full_write_queue_answers_503_overloaded() {
         match a.status {
             StatusCode::CREATED => created.push(a.body["client_id"].as_str().unwrap().to_owned()),
             StatusCode::SERVICE_UNAVAILABLE => {
-                assert_eq!((a.code(), a.retry_after.as_deref()), ("overloaded", Some("1")));
+                assert_eq!(
+                    (a.code(), a.retry_after.as_deref()),
+                    ("overloaded", Some("1"))
+                );
                 overloaded += 1;
             }
             other => panic!("unexpected {other}: {a:?}"),
         }
     }
     assert!(overloaded >= 1, "some sends were refused");
-    let mut stored: Vec<String> = a.all_messages(&ch).await.iter().map(|m| m["client_id"].as_str().unwrap().to_owned()).collect();
+    let mut stored: Vec<String> = a
+        .all_messages(&ch)
+        .await
+        .iter()
+        .map(|m| m["client_id"].as_str().unwrap().to_owned())
+        .collect();
     stored.sort();
     created.sort();
     assert_eq!(stored, created, "exactly the acknowledged sends are stored");
@@ -421,12 +846,22 @@ async fn health_and_openapi() {
     let server = TestServer::start().await;
     let c = server.client();
     let health = c.get("/healthz").await;
-    assert_eq!((health.status, health.body.as_str()), (StatusCode::OK, Some("ok")));
+    assert_eq!(
+        (health.status, health.body.as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
     assert_eq!(c.get("/readyz").await.status, StatusCode::OK);
     let spec = c.get("/v1/openapi.json").await;
     assert_eq!(spec.body["openapi"], "3.1.0");
     let paths = spec.body["paths"].as_object().unwrap();
-    for p in ["/v1/users", "/v1/sessions", "/v1/channels/{id}/messages", "/v1/channels/{id}/events", "/v1/dms", "/readyz"] {
+    for p in [
+        "/v1/users",
+        "/v1/sessions",
+        "/v1/channels/{id}/messages",
+        "/v1/channels/{id}/events",
+        "/v1/dms",
+        "/readyz",
+    ] {
         assert!(paths.contains_key(p), "{p} missing from the spec");
     }
     assert!(spec.body["paths"]["/v1/channels/{id}/messages"]["post"].is_object());

@@ -36,7 +36,10 @@ async fn register(
 ) -> ApiResult<(StatusCode, Json<Session>)> {
     validate::username(&body.username)?;
     validate::password(&body.password)?;
-    state.signups_by_ip.take(&ip, Instant::now()).map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
+    state
+        .signups_by_ip
+        .take(&ip, Instant::now())
+        .map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
     let cost = state.config.hash_cost;
     let password = body.password;
     let hash = tokio::task::spawn_blocking(move || hash_password(&password, cost))
@@ -51,7 +54,13 @@ async fn register(
         })?;
     let user = state.store.create_user(&body.username, &hash).await?;
     let token = start_session(&state, user.id).await?;
-    Ok((StatusCode::CREATED, Json(Session { user: (&user).into(), token })))
+    Ok((
+        StatusCode::CREATED,
+        Json(Session {
+            user: (&user).into(),
+            token,
+        }),
+    ))
 }
 
 /// Logs in. An unknown name and a wrong password get the same answer; failures are
@@ -68,7 +77,10 @@ async fn login(
     }
     let name = body.username.to_ascii_lowercase();
     let now = Instant::now();
-    for check in [state.login_failures_by_user.check(&name, now), state.login_failures_by_ip.check(&ip, now)] {
+    for check in [
+        state.login_failures_by_user.check(&name, now),
+        state.login_failures_by_ip.check(&ip, now),
+    ] {
         check.map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
     }
     let found = state.store.credentials(&name).await?;
@@ -94,13 +106,19 @@ async fn login(
         return Err(ApiError::invalid_credentials());
     };
     let token = start_session(&state, user.id).await?;
-    Ok(Json(Session { user: (&user).into(), token }))
+    Ok(Json(Session {
+        user: (&user).into(),
+        token,
+    }))
 }
 
 async fn start_session(state: &AppState, user_id: i64) -> ApiResult<String> {
     let token = new_token();
     let expires_at = now_ms() + state.config.token_ttl.as_millis() as i64;
-    state.store.create_session(user_id, token_hash(&token), expires_at).await?;
+    state
+        .store
+        .create_session(user_id, token_hash(&token), expires_at)
+        .await?;
     Ok(token)
 }
 
@@ -123,9 +141,17 @@ async fn me(auth: Authed) -> Json<User> {
 #[utoipa::path(get, path = "/v1/users/{id}", tag = "accounts", security(("bearer" = [])),
     params(("id" = String, Path, description = "User id")),
     responses((status = 200, body = User), (status = 404, body = ErrorBody)))]
-async fn get_user(State(state): State<AppState>, _auth: Authed, path: PathIds<1>) -> ApiResult<Json<User>> {
+async fn get_user(
+    State(state): State<AppState>,
+    _auth: Authed,
+    path: PathIds<1>,
+) -> ApiResult<Json<User>> {
     let PathIds([id]) = path;
-    let user = state.store.user(id).await?.ok_or_else(ApiError::not_found)?;
+    let user = state
+        .store
+        .user(id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     Ok(Json((&user).into()))
 }
 
@@ -133,13 +159,21 @@ async fn get_user(State(state): State<AppState>, _auth: Authed, path: PathIds<1>
 #[utoipa::path(get, path = "/v1/users", tag = "accounts", security(("bearer" = [])),
     params(("username" = String, Query, description = "Exact username, any letter case")),
     responses((status = 200, body = User), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn find_user(State(state): State<AppState>, _auth: Authed, params: Params) -> ApiResult<Json<User>> {
-    let name = params
-        .str("username")
-        .ok_or_else(|| ApiError::invalid_field("username", "the username query parameter is required"))?;
+async fn find_user(
+    State(state): State<AppState>,
+    _auth: Authed,
+    params: Params,
+) -> ApiResult<Json<User>> {
+    let name = params.str("username").ok_or_else(|| {
+        ApiError::invalid_field("username", "the username query parameter is required")
+    })?;
     if validate::username(name).is_err() {
         return Err(ApiError::not_found());
     }
-    let user = state.store.user_by_username(name).await?.ok_or_else(ApiError::not_found)?;
+    let user = state
+        .store
+        .user_by_username(name)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     Ok(Json((&user).into()))
 }

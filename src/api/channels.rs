@@ -6,7 +6,10 @@ use axum::http::StatusCode;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::dto::{Channel, ChannelList, CreateChannel, ErrorBody, MarkRead, Member, MemberList, OpenDm, PutMember, UpdateChannel, User};
+use super::dto::{
+    Channel, ChannelList, CreateChannel, ErrorBody, MarkRead, Member, MemberList, OpenDm,
+    PutMember, UpdateChannel, User,
+};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Authed, JsonBody, PathIds, parse_id};
 use super::{AppState, no_content, validate};
@@ -33,26 +36,46 @@ async fn create_channel(
     validate::channel_name(&body.name)?;
     let kind = match ChannelKind::parse(&body.kind) {
         Some(k @ (ChannelKind::Group | ChannelKind::Broadcast)) => k,
-        _ => return Err(ApiError::invalid_field("kind", "kind must be \"group\" or \"broadcast\" (open DMs with POST /v1/dms)")),
+        _ => {
+            return Err(ApiError::invalid_field(
+                "kind",
+                "kind must be \"group\" or \"broadcast\" (open DMs with POST /v1/dms)",
+            ));
+        }
     };
     if body.members.len() > validate::MAX_INITIAL_MEMBERS {
-        return Err(ApiError::invalid_field("members", "at most 1000 initial members"));
+        return Err(ApiError::invalid_field(
+            "members",
+            "at most 1000 initial members",
+        ));
     }
     let members = body
         .members
         .iter()
-        .map(|m| parse_id(m).ok_or_else(|| ApiError::invalid_field("members", format!("{m:?} is not a user id"))))
+        .map(|m| {
+            parse_id(m).ok_or_else(|| {
+                ApiError::invalid_field("members", format!("{m:?} is not a user id"))
+            })
+        })
         .collect::<ApiResult<Vec<_>>>()?;
-    let channel = state.store.create_channel(auth.user.id, kind, &body.name, &members).await?;
+    let channel = state
+        .store
+        .create_channel(auth.user.id, kind, &body.name, &members)
+        .await?;
     Ok((StatusCode::CREATED, Json((&channel).into())))
 }
 
 /// The caller's channels, with role, read marker and unread count.
 #[utoipa::path(get, path = "/v1/channels", tag = "channels", security(("bearer" = [])),
     responses((status = 200, body = ChannelList), (status = 401, body = ErrorBody)))]
-async fn list_channels(State(state): State<AppState>, auth: Authed) -> ApiResult<Json<ChannelList>> {
+async fn list_channels(
+    State(state): State<AppState>,
+    auth: Authed,
+) -> ApiResult<Json<ChannelList>> {
     let views = state.store.channels(auth.user.id).await?;
-    Ok(Json(ChannelList { channels: views.iter().map(Channel::from).collect() }))
+    Ok(Json(ChannelList {
+        channels: views.iter().map(Channel::from).collect(),
+    }))
 }
 
 /// Opens the DM with another user: 201 when created, 200 when it already existed.
@@ -63,9 +86,14 @@ async fn open_dm(
     auth: Authed,
     JsonBody(body): JsonBody<OpenDm>,
 ) -> ApiResult<(StatusCode, Json<Channel>)> {
-    let peer = parse_id(&body.user_id).ok_or_else(|| ApiError::invalid_field("user_id", "user_id must be a user id"))?;
+    let peer = parse_id(&body.user_id)
+        .ok_or_else(|| ApiError::invalid_field("user_id", "user_id must be a user id"))?;
     let (channel, created) = state.store.open_dm(auth.user.id, peer).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json((&channel).into())))
 }
 
@@ -73,9 +101,17 @@ async fn open_dm(
 #[utoipa::path(get, path = "/v1/channels/{id}", tag = "channels", security(("bearer" = [])),
     params(("id" = String, Path, description = "Channel id")),
     responses((status = 200, body = Channel), (status = 404, body = ErrorBody)))]
-async fn get_channel(State(state): State<AppState>, auth: Authed, path: PathIds<1>) -> ApiResult<Json<Channel>> {
+async fn get_channel(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<1>,
+) -> ApiResult<Json<Channel>> {
     let PathIds([id]) = path;
-    let (channel, _) = state.store.channel(id, auth.user.id).await?.ok_or_else(ApiError::not_found)?;
+    let (channel, _) = state
+        .store
+        .channel(id, auth.user.id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     Ok(Json((&channel).into()))
 }
 
@@ -91,7 +127,10 @@ async fn update_channel(
 ) -> ApiResult<Json<Channel>> {
     let PathIds([id]) = path;
     validate::channel_name(&body.name)?;
-    let channel = state.store.rename_channel(auth.user.id, id, &body.name).await?;
+    let channel = state
+        .store
+        .rename_channel(auth.user.id, id, &body.name)
+        .await?;
     Ok(Json((&channel).into()))
 }
 
@@ -99,11 +138,25 @@ async fn update_channel(
 #[utoipa::path(get, path = "/v1/channels/{id}/members", tag = "channels", security(("bearer" = [])),
     params(("id" = String, Path, description = "Channel id")),
     responses((status = 200, body = MemberList), (status = 404, body = ErrorBody)))]
-async fn list_members(State(state): State<AppState>, auth: Authed, path: PathIds<1>) -> ApiResult<Json<MemberList>> {
+async fn list_members(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<1>,
+) -> ApiResult<Json<MemberList>> {
     let PathIds([id]) = path;
-    state.store.channel(id, auth.user.id).await?.ok_or_else(ApiError::not_found)?;
+    state
+        .store
+        .channel(id, auth.user.id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     let members = state.store.members(id).await?;
-    let members = members.iter().map(|m| Member { user: User::from(&m.user), role: m.role.as_str() }).collect();
+    let members = members
+        .iter()
+        .map(|m| Member {
+            user: User::from(&m.user),
+            role: m.role.as_str(),
+        })
+        .collect();
     Ok(Json(MemberList { members }))
 }
 
@@ -123,9 +176,17 @@ async fn put_member(
         None => None,
         Some("member") => Some(Role::Member),
         Some("admin") => Some(Role::Admin),
-        Some(_) => return Err(ApiError::invalid_field("role", "role must be \"member\" or \"admin\"")),
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "role",
+                "role must be \"member\" or \"admin\"",
+            ));
+        }
     };
-    state.store.put_member(auth.user.id, id, user_id, role).await?;
+    state
+        .store
+        .put_member(auth.user.id, id, user_id, role)
+        .await?;
     Ok(no_content())
 }
 
@@ -133,7 +194,11 @@ async fn put_member(
 #[utoipa::path(delete, path = "/v1/channels/{id}/members/{user_id}", tag = "channels", security(("bearer" = [])),
     params(("id" = String, Path, description = "Channel id"), ("user_id" = String, Path, description = "User id")),
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn remove_member(State(state): State<AppState>, auth: Authed, path: PathIds<2>) -> ApiResult<StatusCode> {
+async fn remove_member(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<2>,
+) -> ApiResult<StatusCode> {
     let PathIds([id, user_id]) = path;
     state.store.remove_member(auth.user.id, id, user_id).await?;
     Ok(no_content())

@@ -17,7 +17,11 @@ pub struct User {
 
 impl From<&model::User> for User {
     fn from(u: &model::User) -> Self {
-        Self { id: u.id.to_string(), username: u.username.clone(), created_at: rfc3339(u.created_at) }
+        Self {
+            id: u.id.to_string(),
+            username: u.username.clone(),
+            created_at: rfc3339(u.created_at),
+        }
     }
 }
 
@@ -228,7 +232,9 @@ impl From<&model::Event> for Event {
             name: None,
         };
         match &e.body {
-            B::MessageCreated(m) | B::MessageEdited(m) | B::MessageDeleted(m) => out.message = Some(m.into()),
+            B::MessageCreated(m) | B::MessageEdited(m) | B::MessageDeleted(m) => {
+                out.message = Some(m.into())
+            }
             B::MemberAdded { user_id, role } | B::MemberUpdated { user_id, role } => {
                 out.user_id = Some(user_id.to_string());
                 out.role = Some(role.as_str());

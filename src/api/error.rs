@@ -22,7 +22,13 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { status, code, message: message.into(), field: None, retry_after: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+            retry_after: None,
+        }
     }
 
     pub fn invalid_json(message: impl Into<Cow<'static, str>>) -> Self {
@@ -30,26 +36,48 @@ impl ApiError {
     }
 
     pub fn invalid_field(field: impl Into<String>, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { field: Some(field.into()), ..Self::new(StatusCode::BAD_REQUEST, "invalid_field", message) }
+        Self {
+            field: Some(field.into()),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_field", message)
+        }
     }
 
     pub fn text_empty() -> Self {
-        Self { field: Some("text".into()), ..Self::new(StatusCode::BAD_REQUEST, "text_empty", "text must not be empty or only whitespace") }
+        Self {
+            field: Some("text".into()),
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "text_empty",
+                "text must not be empty or only whitespace",
+            )
+        }
     }
 
     pub fn text_too_long(max: usize) -> Self {
         Self {
             field: Some("text".into()),
-            ..Self::new(StatusCode::BAD_REQUEST, "text_too_long", format!("text must be at most {max} characters"))
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "text_too_long",
+                format!("text must be at most {max} characters"),
+            )
         }
     }
 
     pub fn unauthorized() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer <token>` header is required")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer <token>` header is required",
+        )
     }
 
     pub fn invalid_credentials() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "unknown username or wrong password")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "unknown username or wrong password",
+        )
     }
 
     pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
@@ -61,40 +89,71 @@ impl ApiError {
     }
 
     pub fn method_not_allowed() -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this resource does not support that method")
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this resource does not support that method",
+        )
     }
 
     pub fn username_taken() -> Self {
-        Self { field: Some("username".into()), ..Self::new(StatusCode::CONFLICT, "username_taken", "that username is taken") }
+        Self {
+            field: Some("username".into()),
+            ..Self::new(
+                StatusCode::CONFLICT,
+                "username_taken",
+                "that username is taken",
+            )
+        }
     }
 
     pub fn payload_too_large(max: usize) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request bodies are limited to {max} bytes"))
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request bodies are limited to {max} bytes"),
+        )
     }
 
     pub fn rate_limited(retry_after: u64) -> Self {
         Self {
             retry_after: Some(retry_after),
-            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many requests; retry in {retry_after} s"))
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many requests; retry in {retry_after} s"),
+            )
         }
     }
 
     pub fn overloaded() -> Self {
         Self {
             retry_after: Some(1),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the server is busy; retry shortly")
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the server is busy; retry shortly",
+            )
         }
     }
 
     pub fn unavailable() -> Self {
         Self {
             retry_after: Some(1),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the server is shutting down; retry shortly")
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the server is shutting down; retry shortly",
+            )
         }
     }
 
     pub fn internal() -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred; it has been logged")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "an internal error occurred; it has been logged",
+        )
     }
 }
 
@@ -130,10 +189,18 @@ struct Detail<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body { error: Detail { code: self.code, message: &self.message, field: self.field.as_deref() } };
+        let body = Body {
+            error: Detail {
+                code: self.code,
+                message: &self.message,
+                field: self.field.as_deref(),
+            },
+        };
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -37,7 +37,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 /// Parses a JSON document into `T`, with the API's error codes. An empty body reads as
 /// `null`, so `Option<T>` bodies may be left out.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"null" } else { bytes };
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"null"
+    } else {
+        bytes
+    };
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -46,7 +50,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             return ApiError::invalid_json(format!("the body is not valid JSON: {inner}"));
         }
         let message = inner.to_string();
-        let field = if path == "." { backticked(&message).unwrap_or_default() } else { path };
+        let field = if path == "." {
+            backticked(&message).unwrap_or_default()
+        } else {
+            path
+        };
         ApiError::invalid_field(field, message)
     })
 }
@@ -72,12 +80,19 @@ impl FromRequestParts<AppState> for Authed {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|t| !t.is_empty() && t.len() <= 256)
             .ok_or_else(ApiError::unauthorized)?;
         let token = token_hash(token);
-        let user = state.store.session_user(token, now_ms()).await?.ok_or_else(ApiError::unauthorized)?;
+        let user = state
+            .store
+            .session_user(token, now_ms())
+            .await?
+            .ok_or_else(ApiError::unauthorized)?;
         Ok(Self { user, token })
     }
 }
@@ -106,7 +121,9 @@ impl<const N: usize, S: Send + Sync> FromRequestParts<S> for PathIds<N> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let params = RawPathParams::from_request_parts(parts, state).await.map_err(|_| ApiError::not_found())?;
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::not_found())?;
         let mut ids = [0i64; N];
         let mut n = 0;
         for (_, value) in &params {
@@ -149,10 +166,15 @@ impl Params {
 
     /// An integer parameter within `min..=max`, if present.
     pub fn int(&self, name: &'static str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
-        let Some(raw) = self.0.get(name) else { return Ok(None) };
+        let Some(raw) = self.0.get(name) else {
+            return Ok(None);
+        };
         match raw.parse::<i64>() {
             Ok(v) if (min..=max).contains(&v) => Ok(Some(v)),
-            _ => Err(ApiError::invalid_field(name, format!("{name} must be an integer from {min} to {max}"))),
+            _ => Err(ApiError::invalid_field(
+                name,
+                format!("{name} must be an integer from {min} to {max}"),
+            )),
         }
     }
 }
@@ -179,10 +201,22 @@ mod tests {
     fn classifies_json_errors() {
         assert_eq!(code(parse_json(b"{\"text\":")).0, "invalid_json");
         assert_eq!(code(parse_json(b"not json")).0, "invalid_json");
-        assert_eq!(code(parse_json(b"{}")), ("invalid_field", Some("text".into())));
-        assert_eq!(code(parse_json(b"{\"text\":5}")), ("invalid_field", Some("text".into())));
-        assert_eq!(code(parse_json(b"{\"text\":\"a\",\"n\":300}")), ("invalid_field", Some("n".into())));
-        assert_eq!(code(parse_json(b"{\"text\":\"a\",\"x\":1}")).0, "invalid_field");
+        assert_eq!(
+            code(parse_json(b"{}")),
+            ("invalid_field", Some("text".into()))
+        );
+        assert_eq!(
+            code(parse_json(b"{\"text\":5}")),
+            ("invalid_field", Some("text".into()))
+        );
+        assert_eq!(
+            code(parse_json(b"{\"text\":\"a\",\"n\":300}")),
+            ("invalid_field", Some("n".into()))
+        );
+        assert_eq!(
+            code(parse_json(b"{\"text\":\"a\",\"x\":1}")).0,
+            "invalid_field"
+        );
         assert!(parse_json::<Body>(b"{\"text\":\"a\"}").is_ok());
     }
 

@@ -11,7 +11,9 @@ use super::AppState;
 use super::error::ApiError;
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz))
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
 }
 
 /// The process is up.
@@ -24,5 +26,9 @@ async fn healthz() -> &'static str {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = String), (status = 503, body = super::dto::ErrorBody)))]
 async fn readyz(State(state): State<AppState>) -> Result<(StatusCode, &'static str), ApiError> {
-    if state.ready.load(Ordering::SeqCst) { Ok((StatusCode::OK, "ready")) } else { Err(ApiError::unavailable()) }
+    if state.ready.load(Ordering::SeqCst) {
+        Ok((StatusCode::OK, "ready"))
+    } else {
+        Err(ApiError::unavailable())
+    }
 }

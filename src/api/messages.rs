@@ -43,9 +43,19 @@ async fn send_message(
     if let Some(cid) = &body.client_id {
         validate::client_id(cid)?;
     }
-    state.sends.take(&auth.user.id, Instant::now()).map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
-    let posted = state.store.post_message(auth.user.id, id, &body.text, body.client_id.as_deref()).await?;
-    let status = if posted.created { StatusCode::CREATED } else { StatusCode::OK };
+    state
+        .sends
+        .take(&auth.user.id, Instant::now())
+        .map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
+    let posted = state
+        .store
+        .post_message(auth.user.id, id, &body.text, body.client_id.as_deref())
+        .await?;
+    let status = if posted.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json((&posted.message).into())))
 }
 
@@ -69,9 +79,16 @@ async fn list_messages(
         after_seq: params.int("after_seq", 0, i64::MAX)?,
         limit: params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32,
     };
-    state.store.channel(id, auth.user.id).await?.ok_or_else(ApiError::not_found)?;
+    state
+        .store
+        .channel(id, auth.user.id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     let page = state.store.messages(id, query).await?;
-    Ok(Json(MessagePage { messages: page.items.iter().map(Message::from).collect(), has_more: page.has_more }))
+    Ok(Json(MessagePage {
+        messages: page.items.iter().map(Message::from).collect(),
+        has_more: page.has_more,
+    }))
 }
 
 /// Edits a message (author only); appends `message.edited`.
@@ -86,7 +103,10 @@ async fn edit_message(
 ) -> ApiResult<Json<Message>> {
     let PathIds([id, message_id]) = path;
     validate::text(&body.text)?;
-    let message = state.store.edit_message(auth.user.id, id, message_id, &body.text).await?;
+    let message = state
+        .store
+        .edit_message(auth.user.id, id, message_id, &body.text)
+        .await?;
     Ok(Json((&message).into()))
 }
 
@@ -95,9 +115,16 @@ async fn edit_message(
 #[utoipa::path(delete, path = "/v1/channels/{id}/messages/{message_id}", tag = "messages", security(("bearer" = [])),
     params(("id" = String, Path, description = "Channel id"), ("message_id" = String, Path, description = "Message id")),
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn delete_message(State(state): State<AppState>, auth: Authed, path: PathIds<2>) -> ApiResult<StatusCode> {
+async fn delete_message(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<2>,
+) -> ApiResult<StatusCode> {
     let PathIds([id, message_id]) = path;
-    state.store.delete_message(auth.user.id, id, message_id).await?;
+    state
+        .store
+        .delete_message(auth.user.id, id, message_id)
+        .await?;
     Ok(no_content())
 }
 
@@ -116,7 +143,14 @@ async fn list_events(
     let PathIds([id]) = path;
     let after = params.int("after_seq", 0, i64::MAX)?.unwrap_or(0);
     let limit = params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32;
-    state.store.channel(id, auth.user.id).await?.ok_or_else(ApiError::not_found)?;
+    state
+        .store
+        .channel(id, auth.user.id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     let page = state.store.events(id, after, limit).await?;
-    Ok(Json(EventPage { events: page.items.iter().map(Event::from).collect(), has_more: page.has_more }))
+    Ok(Json(EventPage {
+        events: page.items.iter().map(Event::from).collect(),
+        has_more: page.has_more,
+    }))
 }

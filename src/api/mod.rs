@@ -121,10 +121,12 @@ pub fn app(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| -> Response {
-            tracing::error!("request handler panicked");
-            ApiError::internal().into_response()
-        }))
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| -> Response {
+                tracing::error!("request handler panicked");
+                ApiError::internal().into_response()
+            },
+        ))
         .with_state(state)
 }
 

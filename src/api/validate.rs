@@ -9,7 +9,9 @@ pub const MAX_INITIAL_MEMBERS: usize = 1000;
 
 /// 3–32 characters of `a-z 0-9 _ . -` (letters in either case; names compare without case).
 pub fn username(name: &str) -> Result<(), ApiError> {
-    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if !(3..=32).contains(&name.len()) || !ok_chars {
         return Err(ApiError::invalid_field(
             "username",
@@ -23,7 +25,10 @@ pub fn username(name: &str) -> Result<(), ApiError> {
 pub fn password(password: &str) -> Result<(), ApiError> {
     let n = password.chars().count();
     if !(8..=1024).contains(&n) {
-        return Err(ApiError::invalid_field("password", "password must be 8–1024 characters"));
+        return Err(ApiError::invalid_field(
+            "password",
+            "password must be 8–1024 characters",
+        ));
     }
     Ok(())
 }
@@ -43,7 +48,10 @@ pub fn text(text: &str) -> Result<(), ApiError> {
 pub fn client_id(id: &str) -> Result<(), ApiError> {
     let n = id.chars().count();
     if !(1..=MAX_CLIENT_ID_CHARS).contains(&n) {
-        return Err(ApiError::invalid_field("client_id", "client_id must be 1–64 characters"));
+        return Err(ApiError::invalid_field(
+            "client_id",
+            "client_id must be 1–64 characters",
+        ));
     }
     Ok(())
 }
@@ -52,7 +60,10 @@ pub fn client_id(id: &str) -> Result<(), ApiError> {
 pub fn channel_name(name: &str) -> Result<(), ApiError> {
     let n = name.chars().count();
     if name.trim().is_empty() || n > MAX_CHANNEL_NAME_CHARS {
-        return Err(ApiError::invalid_field("name", "name must be 1–100 characters, not only whitespace"));
+        return Err(ApiError::invalid_field(
+            "name",
+            "name must be 1–100 characters, not only whitespace",
+        ));
     }
     Ok(())
 }
@@ -66,7 +77,14 @@ mod tests {
         for ok in ["abc", "Alice_1", "a.b-c", &"x".repeat(32)] {
             assert!(username(ok).is_ok(), "{ok}");
         }
-        for bad in ["ab", "with space", "émile", "semi;colon", &"x".repeat(33), ""] {
+        for bad in [
+            "ab",
+            "with space",
+            "émile",
+            "semi;colon",
+            &"x".repeat(33),
+            "",
+        ] {
             assert!(username(bad).is_err(), "{bad}");
         }
     }

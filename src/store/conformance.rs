@@ -37,15 +37,25 @@ pub async fn run(name: &str, store: &dyn Store) {
 }
 
 async fn user(store: &dyn Store, name: &str) -> i64 {
-    store.create_user(name, "hash").await.expect("create user").id
+    store
+        .create_user(name, "hash")
+        .await
+        .expect("create user")
+        .id
 }
 
 async fn users(store: &dyn Store) {
     let alice = store.create_user("Alice", "h1").await.unwrap();
     assert_eq!(alice.username, "Alice");
-    assert!(matches!(store.create_user("aLICE", "h2").await, Err(StoreError::UsernameTaken)));
+    assert!(matches!(
+        store.create_user("aLICE", "h2").await,
+        Err(StoreError::UsernameTaken)
+    ));
     assert_eq!(store.user(alice.id).await.unwrap(), Some(alice.clone()));
-    assert_eq!(store.user_by_username("ALICE").await.unwrap(), Some(alice.clone()));
+    assert_eq!(
+        store.user_by_username("ALICE").await.unwrap(),
+        Some(alice.clone())
+    );
     assert_eq!(store.user_by_username("bob").await.unwrap(), None);
     let (u, hash) = store.credentials("alice").await.unwrap().unwrap();
     assert_eq!((u.id, hash.as_str()), (alice.id, "h1"));
@@ -59,7 +69,10 @@ async fn sessions(store: &dyn Store) {
     let expired = [2u8; 32];
     store.create_session(id, live, 2_000).await.unwrap();
     store.create_session(id, expired, 1_000).await.unwrap();
-    assert_eq!(store.session_user(live, 1_500).await.unwrap().map(|u| u.id), Some(id));
+    assert_eq!(
+        store.session_user(live, 1_500).await.unwrap().map(|u| u.id),
+        Some(id)
+    );
     assert_eq!(store.session_user(expired, 1_500).await.unwrap(), None);
     assert_eq!(store.session_user([3u8; 32], 0).await.unwrap(), None);
     store.delete_session(live).await.unwrap();
@@ -70,11 +83,17 @@ async fn sessions(store: &dyn Store) {
 async fn channel_log_is_gap_free(store: &dyn Store) {
     let a = user(store, "ann").await;
     let b = user(store, "ben").await;
-    let ch = store.create_channel(a, ChannelKind::Group, "general", &[b, b, a]).await.unwrap();
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "general", &[b, b, a])
+        .await
+        .unwrap();
     assert_eq!(ch.last_seq, 2, "owner and one member added");
     for i in 0..5 {
         let who = if i % 2 == 0 { a } else { b };
-        let p = store.post_message(who, ch.id, &format!("m{i}"), None).await.unwrap();
+        let p = store
+            .post_message(who, ch.id, &format!("m{i}"), None)
+            .await
+            .unwrap();
         assert!(p.created);
         assert_eq!(p.message.seq, 3 + i);
     }
@@ -82,7 +101,9 @@ async fn channel_log_is_gap_free(store: &dyn Store) {
     let seqs: Vec<i64> = page.items.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
     assert!(!page.has_more);
-    assert!(matches!(page.items[0].body, EventBody::MemberAdded { user_id, role: Role::Owner } if user_id == a));
+    assert!(
+        matches!(page.items[0].body, EventBody::MemberAdded { user_id, role: Role::Owner } if user_id == a)
+    );
     assert!(matches!(&page.items[6].body, EventBody::MessageCreated(m) if m.text == "m4"));
     let page = store.events(ch.id, 5, 1).await.unwrap();
     assert_eq!((page.items[0].seq, page.has_more), (6, true));
@@ -93,15 +114,37 @@ async fn channel_log_is_gap_free(store: &dyn Store) {
 async fn client_id_is_idempotent(store: &dyn Store) {
     let a = user(store, "cid").await;
     let b = user(store, "cid2").await;
-    let ch = store.create_channel(a, ChannelKind::Group, "g", &[b]).await.unwrap();
-    let first = store.post_message(a, ch.id, "hello", Some("k1")).await.unwrap();
-    let again = store.post_message(a, ch.id, "different", Some("k1")).await.unwrap();
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "g", &[b])
+        .await
+        .unwrap();
+    let first = store
+        .post_message(a, ch.id, "hello", Some("k1"))
+        .await
+        .unwrap();
+    let again = store
+        .post_message(a, ch.id, "different", Some("k1"))
+        .await
+        .unwrap();
     assert!(first.created && !again.created);
     assert_eq!(again.message, first.message);
     // Another author may use the same client_id.
-    let other = store.post_message(b, ch.id, "hi", Some("k1")).await.unwrap();
+    let other = store
+        .post_message(b, ch.id, "hi", Some("k1"))
+        .await
+        .unwrap();
     assert!(other.created);
-    let page = store.messages(ch.id, HistoryQuery { before_seq: None, after_seq: None, limit: 50 }).await.unwrap();
+    let page = store
+        .messages(
+            ch.id,
+            HistoryQuery {
+                before_seq: None,
+                after_seq: None,
+                limit: 50,
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(page.items.len(), 2);
 }
 
@@ -109,12 +152,30 @@ async fn broadcast_permissions(store: &dyn Store) {
     let owner = user(store, "boss").await;
     let reader = user(store, "reader").await;
     let outsider = user(store, "outsider").await;
-    let ch = store.create_channel(owner, ChannelKind::Broadcast, "news", &[reader]).await.unwrap();
-    assert!(matches!(store.post_message(reader, ch.id, "x", None).await, Err(StoreError::Forbidden(_))));
-    assert!(matches!(store.post_message(outsider, ch.id, "x", None).await, Err(StoreError::NotFound)));
-    store.post_message(owner, ch.id, "news", None).await.unwrap();
-    store.put_member(owner, ch.id, reader, Some(Role::Admin)).await.unwrap();
-    store.post_message(reader, ch.id, "from admin", None).await.unwrap();
+    let ch = store
+        .create_channel(owner, ChannelKind::Broadcast, "news", &[reader])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.post_message(reader, ch.id, "x", None).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    assert!(matches!(
+        store.post_message(outsider, ch.id, "x", None).await,
+        Err(StoreError::NotFound)
+    ));
+    store
+        .post_message(owner, ch.id, "news", None)
+        .await
+        .unwrap();
+    store
+        .put_member(owner, ch.id, reader, Some(Role::Admin))
+        .await
+        .unwrap();
+    store
+        .post_message(reader, ch.id, "from admin", None)
+        .await
+        .unwrap();
     assert!(store.channel(ch.id, outsider).await.unwrap().is_none());
 }
 
@@ -122,25 +183,72 @@ async fn member_management(store: &dyn Store) {
     let owner = user(store, "own").await;
     let m1 = user(store, "mem1").await;
     let m2 = user(store, "mem2").await;
-    let ch = store.create_channel(owner, ChannelKind::Group, "team", &[]).await.unwrap();
-    assert!(matches!(store.put_member(m1, ch.id, m2, None).await, Err(StoreError::NotFound)));
+    let ch = store
+        .create_channel(owner, ChannelKind::Group, "team", &[])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.put_member(m1, ch.id, m2, None).await,
+        Err(StoreError::NotFound)
+    ));
     store.put_member(owner, ch.id, m1, None).await.unwrap();
-    assert!(matches!(store.put_member(m1, ch.id, m2, None).await, Err(StoreError::Forbidden(_))));
-    store.put_member(owner, ch.id, m1, Some(Role::Admin)).await.unwrap();
+    assert!(matches!(
+        store.put_member(m1, ch.id, m2, None).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    store
+        .put_member(owner, ch.id, m1, Some(Role::Admin))
+        .await
+        .unwrap();
     store.put_member(m1, ch.id, m2, None).await.unwrap();
-    assert!(matches!(store.put_member(owner, ch.id, 424242, None).await, Err(StoreError::NotFound)));
-    assert!(matches!(store.put_member(m1, ch.id, owner, Some(Role::Member)).await, Err(StoreError::Forbidden(_))));
-    let roles: Vec<(i64, Role)> = store.members(ch.id).await.unwrap().into_iter().map(|m| (m.user.id, m.role)).collect();
-    assert_eq!(roles, vec![(owner, Role::Owner), (m1, Role::Admin), (m2, Role::Member)]);
-    assert!(matches!(store.remove_member(m2, ch.id, m1).await, Err(StoreError::Forbidden(_))));
-    assert!(matches!(store.remove_member(owner, ch.id, owner).await, Err(StoreError::Forbidden(_))));
+    assert!(matches!(
+        store.put_member(owner, ch.id, 424242, None).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.put_member(m1, ch.id, owner, Some(Role::Member)).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    let roles: Vec<(i64, Role)> = store
+        .members(ch.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.user.id, m.role))
+        .collect();
+    assert_eq!(
+        roles,
+        vec![(owner, Role::Owner), (m1, Role::Admin), (m2, Role::Member)]
+    );
+    assert!(matches!(
+        store.remove_member(m2, ch.id, m1).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    assert!(matches!(
+        store.remove_member(owner, ch.id, owner).await,
+        Err(StoreError::Forbidden(_))
+    ));
     store.remove_member(m1, ch.id, m2).await.unwrap();
     store.remove_member(m1, ch.id, m1).await.unwrap();
     assert!(store.channel(ch.id, m1).await.unwrap().is_none());
-    let kinds: Vec<&str> = store.events(ch.id, 0, 200).await.unwrap().items.iter().map(|e| e.body.kind()).collect();
+    let kinds: Vec<&str> = store
+        .events(ch.id, 0, 200)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|e| e.body.kind())
+        .collect();
     assert_eq!(
         kinds,
-        ["member.added", "member.added", "member.updated", "member.added", "member.removed", "member.removed"]
+        [
+            "member.added",
+            "member.added",
+            "member.updated",
+            "member.added",
+            "member.removed",
+            "member.removed"
+        ]
     );
     let renamed = store.rename_channel(owner, ch.id, "renamed").await.unwrap();
     assert_eq!(renamed.name.as_deref(), Some("renamed"));
@@ -150,48 +258,131 @@ async fn member_management(store: &dyn Store) {
 async fn unread_counts(store: &dyn Store) {
     let a = user(store, "ua").await;
     let b = user(store, "ub").await;
-    let ch = store.create_channel(a, ChannelKind::Group, "u", &[b]).await.unwrap();
-    let unread = |views: Vec<crate::model::ChannelView>| views.iter().find(|v| v.channel.id == ch.id).map(|v| (v.read_seq, v.unread)).unwrap();
-    let m1 = store.post_message(a, ch.id, "1", None).await.unwrap().message;
-    let m2 = store.post_message(a, ch.id, "2", None).await.unwrap().message;
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "u", &[b])
+        .await
+        .unwrap();
+    let unread = |views: Vec<crate::model::ChannelView>| {
+        views
+            .iter()
+            .find(|v| v.channel.id == ch.id)
+            .map(|v| (v.read_seq, v.unread))
+            .unwrap()
+    };
+    let m1 = store
+        .post_message(a, ch.id, "1", None)
+        .await
+        .unwrap()
+        .message;
+    let m2 = store
+        .post_message(a, ch.id, "2", None)
+        .await
+        .unwrap()
+        .message;
     store.post_message(b, ch.id, "own", None).await.unwrap();
-    let m4 = store.post_message(a, ch.id, "4", None).await.unwrap().message;
-    assert_eq!(unread(store.channels(b).await.unwrap()), (2, 3), "three of a's messages");
-    assert_eq!(unread(store.channels(a).await.unwrap()).1, 1, "b's one message");
+    let m4 = store
+        .post_message(a, ch.id, "4", None)
+        .await
+        .unwrap()
+        .message;
+    assert_eq!(
+        unread(store.channels(b).await.unwrap()),
+        (2, 3),
+        "three of a's messages"
+    );
+    assert_eq!(
+        unread(store.channels(a).await.unwrap()).1,
+        1,
+        "b's one message"
+    );
     store.mark_read(b, ch.id, m1.seq).await.unwrap();
     assert_eq!(unread(store.channels(b).await.unwrap()), (m1.seq, 2));
     store.mark_read(b, ch.id, 1).await.unwrap();
-    assert_eq!(unread(store.channels(b).await.unwrap()), (m1.seq, 2), "never backwards");
+    assert_eq!(
+        unread(store.channels(b).await.unwrap()),
+        (m1.seq, 2),
+        "never backwards"
+    );
     store.delete_message(a, ch.id, m2.id).await.unwrap();
-    assert_eq!(unread(store.channels(b).await.unwrap()).1, 1, "deleted messages are not unread");
+    assert_eq!(
+        unread(store.channels(b).await.unwrap()).1,
+        1,
+        "deleted messages are not unread"
+    );
     store.delete_message(a, ch.id, m1.id).await.unwrap();
-    assert_eq!(unread(store.channels(b).await.unwrap()).1, 1, "a deleted read message changes nothing");
+    assert_eq!(
+        unread(store.channels(b).await.unwrap()).1,
+        1,
+        "a deleted read message changes nothing"
+    );
     store.mark_read(b, ch.id, i64::MAX).await.unwrap();
     let last = store.channel(ch.id, b).await.unwrap().unwrap().0.last_seq;
     assert_eq!(last, m4.seq + 2, "two deletions appended two events");
-    assert_eq!(unread(store.channels(b).await.unwrap()), (last, 0), "clamped to last seq");
-    assert!(matches!(store.mark_read(424242, ch.id, 1).await, Err(StoreError::NotFound)));
+    assert_eq!(
+        unread(store.channels(b).await.unwrap()),
+        (last, 0),
+        "clamped to last seq"
+    );
+    assert!(matches!(
+        store.mark_read(424242, ch.id, 1).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 async fn history_pages(store: &dyn Store) {
     let a = user(store, "hist").await;
-    let ch = store.create_channel(a, ChannelKind::Group, "h", &[]).await.unwrap();
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "h", &[])
+        .await
+        .unwrap();
     let mut seqs = Vec::new();
     for i in 0..7 {
-        seqs.push(store.post_message(a, ch.id, &format!("{i}"), None).await.unwrap().message.seq);
+        seqs.push(
+            store
+                .post_message(a, ch.id, &format!("{i}"), None)
+                .await
+                .unwrap()
+                .message
+                .seq,
+        );
     }
-    let q = |before_seq, after_seq, limit| HistoryQuery { before_seq, after_seq, limit };
+    let q = |before_seq, after_seq, limit| HistoryQuery {
+        before_seq,
+        after_seq,
+        limit,
+    };
     let newest = store.messages(ch.id, q(None, None, 3)).await.unwrap();
-    assert_eq!(newest.items.iter().map(|m| m.seq).collect::<Vec<_>>(), seqs[4..]);
+    assert_eq!(
+        newest.items.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        seqs[4..]
+    );
     assert!(newest.has_more);
-    let older = store.messages(ch.id, q(Some(seqs[4]), None, 10)).await.unwrap();
-    assert_eq!(older.items.iter().map(|m| m.seq).collect::<Vec<_>>(), seqs[..4]);
+    let older = store
+        .messages(ch.id, q(Some(seqs[4]), None, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        older.items.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        seqs[..4]
+    );
     assert!(!older.has_more);
-    let forward = store.messages(ch.id, q(None, Some(seqs[1]), 2)).await.unwrap();
-    assert_eq!(forward.items.iter().map(|m| m.seq).collect::<Vec<_>>(), seqs[2..4]);
+    let forward = store
+        .messages(ch.id, q(None, Some(seqs[1]), 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        forward.items.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        seqs[2..4]
+    );
     assert!(forward.has_more);
-    let window = store.messages(ch.id, q(Some(seqs[5]), Some(seqs[1]), 10)).await.unwrap();
-    assert_eq!(window.items.iter().map(|m| m.seq).collect::<Vec<_>>(), seqs[2..5]);
+    let window = store
+        .messages(ch.id, q(Some(seqs[5]), Some(seqs[1]), 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        window.items.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        seqs[2..5]
+    );
     assert!(!window.has_more);
 }
 
@@ -204,36 +395,85 @@ async fn dm_is_one_per_pair(store: &dyn Store) {
     let (again, created) = store.open_dm(b, a).await.unwrap();
     assert!(!created);
     assert_eq!(again.id, first.id);
-    assert!(matches!(store.open_dm(a, a).await, Err(StoreError::Invalid { .. })));
-    assert!(matches!(store.open_dm(a, 424242).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        store.open_dm(a, a).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    assert!(matches!(
+        store.open_dm(a, 424242).await,
+        Err(StoreError::NotFound)
+    ));
     let c = user(store, "dmc").await;
-    assert!(matches!(store.put_member(a, first.id, c, None).await, Err(StoreError::Forbidden(_))));
+    assert!(matches!(
+        store.put_member(a, first.id, c, None).await,
+        Err(StoreError::Forbidden(_))
+    ));
     store.post_message(b, first.id, "hi", None).await.unwrap();
 }
 
 async fn delete_redacts(store: &dyn Store) {
     let a = user(store, "del").await;
     let b = user(store, "del2").await;
-    let ch = store.create_channel(a, ChannelKind::Group, "d", &[b]).await.unwrap();
-    let m = store.post_message(b, ch.id, "secret", None).await.unwrap().message;
-    let edited = store.edit_message(b, ch.id, m.id, "secret v2").await.unwrap();
-    assert_eq!((edited.text.as_str(), edited.edited_at.is_some()), ("secret v2", true));
-    assert!(matches!(store.edit_message(a, ch.id, m.id, "x").await, Err(StoreError::Forbidden(_))));
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "d", &[b])
+        .await
+        .unwrap();
+    let m = store
+        .post_message(b, ch.id, "secret", None)
+        .await
+        .unwrap()
+        .message;
+    let edited = store
+        .edit_message(b, ch.id, m.id, "secret v2")
+        .await
+        .unwrap();
+    assert_eq!(
+        (edited.text.as_str(), edited.edited_at.is_some()),
+        ("secret v2", true)
+    );
+    assert!(matches!(
+        store.edit_message(a, ch.id, m.id, "x").await,
+        Err(StoreError::Forbidden(_))
+    ));
     store.delete_message(a, ch.id, m.id).await.unwrap(); // owner may delete
     store.delete_message(b, ch.id, m.id).await.unwrap(); // again: no-op
-    assert!(matches!(store.edit_message(b, ch.id, m.id, "x").await, Err(StoreError::NotFound)));
-    let page = store.messages(ch.id, HistoryQuery { before_seq: None, after_seq: None, limit: 10 }).await.unwrap();
-    assert_eq!((page.items[0].deleted, page.items[0].text.as_str()), (true, ""));
+    assert!(matches!(
+        store.edit_message(b, ch.id, m.id, "x").await,
+        Err(StoreError::NotFound)
+    ));
+    let page = store
+        .messages(
+            ch.id,
+            HistoryQuery {
+                before_seq: None,
+                after_seq: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (page.items[0].deleted, page.items[0].text.as_str()),
+        (true, "")
+    );
     let events = store.events(ch.id, 0, 200).await.unwrap().items;
     let kinds: Vec<&str> = events.iter().map(|e| e.body.kind()).collect();
-    assert_eq!(&kinds[2..], ["message.created", "message.edited", "message.deleted"]);
+    assert_eq!(
+        &kinds[2..],
+        ["message.created", "message.edited", "message.deleted"]
+    );
     for e in &events[2..] {
         match &e.body {
-            EventBody::MessageCreated(m) | EventBody::MessageEdited(m) | EventBody::MessageDeleted(m) => {
+            EventBody::MessageCreated(m)
+            | EventBody::MessageEdited(m)
+            | EventBody::MessageDeleted(m) => {
                 assert!(m.deleted && m.text.is_empty(), "redacted in {e:?}")
             }
             _ => unreachable!(),
         }
     }
-    assert!(matches!(store.delete_message(a, ch.id, 1).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        store.delete_message(a, ch.id, 1).await,
+        Err(StoreError::NotFound)
+    ));
 }

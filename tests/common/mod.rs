@@ -2,6 +2,8 @@
 //! HTTP client speaking API v1.
 #![allow(dead_code)]
 
+pub mod child;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -24,7 +26,10 @@ pub struct TestServer {
 pub fn test_config(dir: &std::path::Path) -> Config {
     let mut config = Config::with_data_dir(dir);
     config.hash_cost = HashCost::insecure_fast();
-    config.limits.send = Rate { per_second: 100_000.0, burst: 100_000.0 };
+    config.limits.send = Rate {
+        per_second: 100_000.0,
+        burst: 100_000.0,
+    };
     config
 }
 
@@ -43,7 +48,12 @@ impl TestServer {
         let task = tokio::spawn(natter::serve(listener, config, async move {
             let _ = stopped.await;
         }));
-        Self { addr, dir, stop: Some(stop), task: Some(task) }
+        Self {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub fn base(&self) -> String {
@@ -60,7 +70,11 @@ impl TestServer {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
         }
     }
 }
@@ -91,11 +105,32 @@ impl Answer {
 
 impl Client {
     pub fn new(base: &str) -> Self {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        Self { http, base: base.to_owned(), token: None, user_id: String::new() }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        Self {
+            http,
+            base: base.to_owned(),
+            token: None,
+            user_id: String::new(),
+        }
     }
 
-    pub async fn raw(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> reqwest::Result<Answer> {
+    /// The same identity against another server address.
+    pub fn with_base(&self, base: &str) -> Client {
+        Client {
+            base: base.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> reqwest::Result<Answer> {
         let mut req = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -105,18 +140,28 @@ impl Client {
         }
         let res = req.send().await?;
         let status = res.status();
-        let retry_after = res.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+        let retry_after = res
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
         let bytes = res.bytes().await?;
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
-        Ok(Answer { status, body, retry_after })
+        Ok(Answer {
+            status,
+            body,
+            retry_after,
+        })
     }
 
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
-        self.raw(method, path, body.map(|b| serde_json::to_vec(&b).unwrap())).await.unwrap()
+        self.raw(method, path, body.map(|b| serde_json::to_vec(&b).unwrap()))
+            .await
+            .unwrap()
     }
 
     pub async fn get(&self, path: &str) -> Answer {
@@ -129,7 +174,12 @@ impl Client {
 
     /// Registers `name` (password `password-<name>`) and returns the logged-in client.
     pub async fn register(&self, name: &str) -> Client {
-        let a = self.post("/v1/users", json!({"username": name, "password": format!("password-{name}")})).await;
+        let a = self
+            .post(
+                "/v1/users",
+                json!({"username": name, "password": format!("password-{name}")}),
+            )
+            .await;
         assert_eq!(a.status, StatusCode::CREATED, "{a:?}");
         let mut c = self.clone();
         c.token = Some(a.body["token"].as_str().unwrap().to_owned());
@@ -140,7 +190,12 @@ impl Client {
     /// Creates a channel of `kind` with `members`; returns its id.
     pub async fn create_channel(&self, name: &str, kind: &str, members: &[&Client]) -> String {
         let ids: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
-        let a = self.post("/v1/channels", json!({"name": name, "kind": kind, "members": ids})).await;
+        let a = self
+            .post(
+                "/v1/channels",
+                json!({"name": name, "kind": kind, "members": ids}),
+            )
+            .await;
         assert_eq!(a.status, StatusCode::CREATED, "{a:?}");
         a.body["id"].as_str().unwrap().to_owned()
     }
@@ -150,7 +205,8 @@ impl Client {
         if let Some(c) = client_id {
             body["client_id"] = json!(c);
         }
-        self.post(&format!("/v1/channels/{channel}/messages"), body).await
+        self.post(&format!("/v1/channels/{channel}/messages"), body)
+            .await
     }
 
     /// Every message of the channel, paging forward from the start.
@@ -158,7 +214,11 @@ impl Client {
         let mut out = Vec::new();
         let mut after = 0;
         loop {
-            let a = self.get(&format!("/v1/channels/{channel}/messages?after_seq={after}&limit=200")).await;
+            let a = self
+                .get(&format!(
+                    "/v1/channels/{channel}/messages?after_seq={after}&limit=200"
+                ))
+                .await;
             assert_eq!(a.status, StatusCode::OK, "{a:?}");
             let page = a.body["messages"].as_array().unwrap().clone();
             if let Some(last) = page.last() {
@@ -176,7 +236,11 @@ impl Client {
         let mut out = Vec::new();
         let mut after = 0;
         loop {
-            let a = self.get(&format!("/v1/channels/{channel}/events?after_seq={after}&limit=200")).await;
+            let a = self
+                .get(&format!(
+                    "/v1/channels/{channel}/events?after_seq={after}&limit=200"
+                ))
+                .await;
             assert_eq!(a.status, StatusCode::OK, "{a:?}");
             let page = a.body["events"].as_array().unwrap().clone();
             if let Some(last) = page.last() {
@@ -193,7 +257,11 @@ impl Client {
 /// Asserts that the events' seqs are exactly 1..=n and returns n.
 pub fn assert_gap_free(events: &[Value]) -> i64 {
     for (i, e) in events.iter().enumerate() {
-        assert_eq!(e["seq"].as_i64().unwrap(), i as i64 + 1, "gap or reorder at {i}: {e}");
+        assert_eq!(
+            e["seq"].as_i64().unwrap(),
+            i as i64 + 1,
+            "gap or reorder at {i}: {e}"
+        );
     }
     events.len() as i64
 }

@@ -17,7 +17,9 @@ use self::read::ReadPool;
 use self::write::{Done, Op};
 use self::writer::Writer;
 use super::{Accounts, Channels, Posted, Result, StoreError, TokenHash};
-use crate::model::{Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User};
+use crate::model::{
+    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User,
+};
 
 /// How to open a [`SqliteStore`].
 #[derive(Debug, Clone)]
@@ -79,7 +81,11 @@ impl SqliteStore {
     /// Waits for the writer thread to commit everything queued and stop. Call after every
     /// other holder of the store is gone; returns at once if the writer is still shared.
     pub fn close(self) {
-        let handle = self.writer_thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         drop(self.writer);
         if let Some(h) = handle {
             let _ = h.join();
@@ -122,7 +128,10 @@ fn unit(done: Done) -> Result<()> {
 #[async_trait]
 impl Accounts for SqliteStore {
     async fn create_user(&self, username: &str, password_hash: &str) -> Result<User> {
-        let op = Op::CreateUser { username: username.to_owned(), password_hash: password_hash.to_owned() };
+        let op = Op::CreateUser {
+            username: username.to_owned(),
+            password_hash: password_hash.to_owned(),
+        };
         match self.write(op).await? {
             Done::User(u) => Ok(u),
             other => Err(unexpected(other)),
@@ -135,7 +144,9 @@ impl Accounts for SqliteStore {
 
     async fn user_by_username(&self, username: &str) -> Result<Option<User>> {
         let name = username.to_owned();
-        self.reads.run(move |c| read::user_by_username(c, &name)).await
+        self.reads
+            .run(move |c| read::user_by_username(c, &name))
+            .await
     }
 
     async fn credentials(&self, username: &str) -> Result<Option<(User, String)>> {
@@ -144,11 +155,20 @@ impl Accounts for SqliteStore {
     }
 
     async fn create_session(&self, user_id: i64, token: TokenHash, expires_at: i64) -> Result<()> {
-        unit(self.write(Op::CreateSession { user_id, token, expires_at }).await?)
+        unit(
+            self.write(Op::CreateSession {
+                user_id,
+                token,
+                expires_at,
+            })
+            .await?,
+        )
     }
 
     async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<User>> {
-        self.reads.run(move |c| read::session_user(c, &token, now)).await
+        self.reads
+            .run(move |c| read::session_user(c, &token, now))
+            .await
     }
 
     async fn delete_session(&self, token: TokenHash) -> Result<()> {
@@ -158,8 +178,19 @@ impl Accounts for SqliteStore {
 
 #[async_trait]
 impl Channels for SqliteStore {
-    async fn create_channel(&self, owner: i64, kind: ChannelKind, name: &str, members: &[i64]) -> Result<Channel> {
-        let op = Op::CreateChannel { owner, kind, name: name.to_owned(), members: members.to_vec() };
+    async fn create_channel(
+        &self,
+        owner: i64,
+        kind: ChannelKind,
+        name: &str,
+        members: &[i64],
+    ) -> Result<Channel> {
+        let op = Op::CreateChannel {
+            owner,
+            kind,
+            name: name.to_owned(),
+            members: members.to_vec(),
+        };
         match self.write(op).await? {
             Done::Channel(c) => Ok(c),
             other => Err(unexpected(other)),
@@ -174,14 +205,23 @@ impl Channels for SqliteStore {
     }
 
     async fn rename_channel(&self, actor: i64, channel_id: i64, name: &str) -> Result<Channel> {
-        match self.write(Op::RenameChannel { actor, channel_id, name: name.to_owned() }).await? {
+        match self
+            .write(Op::RenameChannel {
+                actor,
+                channel_id,
+                name: name.to_owned(),
+            })
+            .await?
+        {
             Done::Channel(c) => Ok(c),
             other => Err(unexpected(other)),
         }
     }
 
     async fn channel(&self, channel_id: i64, user_id: i64) -> Result<Option<(Channel, Role)>> {
-        self.reads.run(move |c| read::member_channel(c, channel_id, user_id)).await
+        self.reads
+            .run(move |c| read::member_channel(c, channel_id, user_id))
+            .await
     }
 
     async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>> {
@@ -192,19 +232,53 @@ impl Channels for SqliteStore {
         self.reads.run(move |c| read::members(c, channel_id)).await
     }
 
-    async fn put_member(&self, actor: i64, channel_id: i64, user_id: i64, role: Option<Role>) -> Result<()> {
-        unit(self.write(Op::PutMember { actor, channel_id, user_id, role }).await?)
+    async fn put_member(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        user_id: i64,
+        role: Option<Role>,
+    ) -> Result<()> {
+        unit(
+            self.write(Op::PutMember {
+                actor,
+                channel_id,
+                user_id,
+                role,
+            })
+            .await?,
+        )
     }
 
     async fn remove_member(&self, actor: i64, channel_id: i64, user_id: i64) -> Result<()> {
-        unit(self.write(Op::RemoveMember { actor, channel_id, user_id }).await?)
+        unit(
+            self.write(Op::RemoveMember {
+                actor,
+                channel_id,
+                user_id,
+            })
+            .await?,
+        )
     }
 
     async fn mark_read(&self, user_id: i64, channel_id: i64, seq: i64) -> Result<()> {
-        unit(self.write(Op::MarkRead { user_id, channel_id, seq }).await?)
+        unit(
+            self.write(Op::MarkRead {
+                user_id,
+                channel_id,
+                seq,
+            })
+            .await?,
+        )
     }
 
-    async fn post_message(&self, author: i64, channel_id: i64, text: &str, client_id: Option<&str>) -> Result<Posted> {
+    async fn post_message(
+        &self,
+        author: i64,
+        channel_id: i64,
+        text: &str,
+        client_id: Option<&str>,
+    ) -> Result<Posted> {
         let op = Op::PostMessage {
             author,
             channel_id,
@@ -217,8 +291,19 @@ impl Channels for SqliteStore {
         }
     }
 
-    async fn edit_message(&self, actor: i64, channel_id: i64, message_id: i64, text: &str) -> Result<Message> {
-        let op = Op::EditMessage { actor, channel_id, message_id, text: text.to_owned() };
+    async fn edit_message(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        text: &str,
+    ) -> Result<Message> {
+        let op = Op::EditMessage {
+            actor,
+            channel_id,
+            message_id,
+            text: text.to_owned(),
+        };
         match self.write(op).await? {
             Done::Message(m) => Ok(m),
             other => Err(unexpected(other)),
@@ -226,14 +311,25 @@ impl Channels for SqliteStore {
     }
 
     async fn delete_message(&self, actor: i64, channel_id: i64, message_id: i64) -> Result<()> {
-        unit(self.write(Op::DeleteMessage { actor, channel_id, message_id }).await?)
+        unit(
+            self.write(Op::DeleteMessage {
+                actor,
+                channel_id,
+                message_id,
+            })
+            .await?,
+        )
     }
 
     async fn messages(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>> {
-        self.reads.run(move |c| read::messages(c, channel_id, query)).await
+        self.reads
+            .run(move |c| read::messages(c, channel_id, query))
+            .await
     }
 
     async fn events(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>> {
-        self.reads.run(move |c| read::events(c, channel_id, after_seq, limit)).await
+        self.reads
+            .run(move |c| read::events(c, channel_id, after_seq, limit))
+            .await
     }
 }

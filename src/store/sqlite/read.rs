@@ -7,8 +7,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::Semaphore;
 
 use crate::model::{
-    Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page,
-    Role, User,
+    Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page, Role,
+    User,
 };
 use crate::store::{Result, StoreError};
 
@@ -81,7 +81,8 @@ pub(super) fn user_row(r: &Row) -> rusqlite::Result<User> {
     })
 }
 
-pub(super) const CHANNEL_COLUMNS: &str = "c.id, c.kind, c.name, c.owner_id, c.last_seq, c.created_at";
+pub(super) const CHANNEL_COLUMNS: &str =
+    "c.id, c.kind, c.name, c.owner_id, c.last_seq, c.created_at";
 
 fn channel_row(r: &Row) -> rusqlite::Result<Channel> {
     Ok(Channel {
@@ -117,21 +118,35 @@ pub(super) fn user(conn: &Connection, id: i64) -> rusqlite::Result<Option<User>>
         .optional()
 }
 
-pub(super) fn user_by_username(conn: &Connection, username: &str) -> rusqlite::Result<Option<User>> {
-    conn.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE username_key = ?1"))?
-        .query_row([username.to_ascii_lowercase()], user_row)
-        .optional()
-}
-
-pub(super) fn credentials(conn: &Connection, username: &str) -> rusqlite::Result<Option<(User, String)>> {
+pub(super) fn user_by_username(
+    conn: &Connection,
+    username: &str,
+) -> rusqlite::Result<Option<User>> {
     conn.prepare_cached(&format!(
-        "SELECT {USER_COLUMNS}, password_hash FROM users WHERE username_key = ?1"
+        "SELECT {USER_COLUMNS} FROM users WHERE username_key = ?1"
     ))?
-    .query_row([username.to_ascii_lowercase()], |r| Ok((user_row(r)?, r.get(3)?)))
+    .query_row([username.to_ascii_lowercase()], user_row)
     .optional()
 }
 
-pub(super) fn session_user(conn: &Connection, token: &[u8], now: i64) -> rusqlite::Result<Option<User>> {
+pub(super) fn credentials(
+    conn: &Connection,
+    username: &str,
+) -> rusqlite::Result<Option<(User, String)>> {
+    conn.prepare_cached(&format!(
+        "SELECT {USER_COLUMNS}, password_hash FROM users WHERE username_key = ?1"
+    ))?
+    .query_row([username.to_ascii_lowercase()], |r| {
+        Ok((user_row(r)?, r.get(3)?))
+    })
+    .optional()
+}
+
+pub(super) fn session_user(
+    conn: &Connection,
+    token: &[u8],
+    now: i64,
+) -> rusqlite::Result<Option<User>> {
     conn.prepare_cached(
         "SELECT u.id, u.username, u.created_at FROM sessions s JOIN users u ON u.id = s.user_id
          WHERE s.token_hash = ?1 AND s.expires_at > ?2",
@@ -141,12 +156,18 @@ pub(super) fn session_user(conn: &Connection, token: &[u8], now: i64) -> rusqlit
 }
 
 pub(super) fn channel(conn: &Connection, id: i64) -> rusqlite::Result<Option<Channel>> {
-    conn.prepare_cached(&format!("SELECT {CHANNEL_COLUMNS} FROM channels c WHERE c.id = ?1"))?
-        .query_row([id], channel_row)
-        .optional()
+    conn.prepare_cached(&format!(
+        "SELECT {CHANNEL_COLUMNS} FROM channels c WHERE c.id = ?1"
+    ))?
+    .query_row([id], channel_row)
+    .optional()
 }
 
-pub(super) fn member_channel(conn: &Connection, channel_id: i64, user_id: i64) -> rusqlite::Result<Option<(Channel, Role)>> {
+pub(super) fn member_channel(
+    conn: &Connection,
+    channel_id: i64,
+    user_id: i64,
+) -> rusqlite::Result<Option<(Channel, Role)>> {
     conn.prepare_cached(&format!(
         "SELECT {CHANNEL_COLUMNS}, m.role FROM members m JOIN channels c ON c.id = m.channel_id
          WHERE m.channel_id = ?1 AND m.user_id = ?2"
@@ -188,7 +209,11 @@ pub(super) fn members(conn: &Connection, channel_id: i64) -> rusqlite::Result<Ve
     .collect()
 }
 
-pub(super) fn messages(conn: &Connection, channel_id: i64, q: HistoryQuery) -> rusqlite::Result<Page<Message>> {
+pub(super) fn messages(
+    conn: &Connection,
+    channel_id: i64,
+    q: HistoryQuery,
+) -> rusqlite::Result<Page<Message>> {
     let before = q.before_seq.unwrap_or(i64::MAX);
     let fetch = i64::from(q.limit) + 1;
     let mut items: Vec<Message> = match q.after_seq {
@@ -215,7 +240,12 @@ pub(super) fn messages(conn: &Connection, channel_id: i64, q: HistoryQuery) -> r
     Ok(Page { items, has_more })
 }
 
-pub(super) fn events(conn: &Connection, channel_id: i64, after_seq: i64, limit: u32) -> rusqlite::Result<Page<Event>> {
+pub(super) fn events(
+    conn: &Connection,
+    channel_id: i64,
+    after_seq: i64,
+    limit: u32,
+) -> rusqlite::Result<Page<Event>> {
     let fetch = i64::from(limit) + 1;
     let mut stmt = conn.prepare_cached(
         "SELECT e.seq, e.kind, e.at, e.user_id, e.body,
@@ -246,7 +276,11 @@ fn event_row(channel_id: i64, r: &Row) -> rusqlite::Result<Event> {
             channel_id,
             seq: r.get(11)?,
             author_id: r.get(6)?,
-            text: if deleted { String::new() } else { body.clone().unwrap_or_default() },
+            text: if deleted {
+                String::new()
+            } else {
+                body.clone().unwrap_or_default()
+            },
             client_id: r.get(7)?,
             created_at: r.get(8)?,
             edited_at,
@@ -258,11 +292,22 @@ fn event_row(channel_id: i64, r: &Row) -> rusqlite::Result<Event> {
         "message.created" => EventBody::MessageCreated(message(None)?),
         "message.edited" => EventBody::MessageEdited(message(Some(at))?),
         "message.deleted" => EventBody::MessageDeleted(message(r.get(9)?)?),
-        "member.added" => EventBody::MemberAdded { user_id: r.get(3)?, role: role()? },
-        "member.updated" => EventBody::MemberUpdated { user_id: r.get(3)?, role: role()? },
+        "member.added" => EventBody::MemberAdded {
+            user_id: r.get(3)?,
+            role: role()?,
+        },
+        "member.updated" => EventBody::MemberUpdated {
+            user_id: r.get(3)?,
+            role: role()?,
+        },
         "member.removed" => EventBody::MemberRemoved { user_id: r.get(3)? },
         "channel.updated" => EventBody::ChannelUpdated { name: body.clone() },
         other => return Err(corrupt("event kind", other)),
     };
-    Ok(Event { channel_id, seq, at, body })
+    Ok(Event {
+        channel_id,
+        seq,
+        at,
+        body,
+    })
 }

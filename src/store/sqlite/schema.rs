@@ -88,7 +88,8 @@ pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         mode.eq_ignore_ascii_case("wal"),
         "could not switch the database to WAL mode (got {mode})"
     );
-    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    let current: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     anyhow::ensure!(
         current <= VERSION,
         "the database has schema version {current}, newer than this build's {VERSION}; \

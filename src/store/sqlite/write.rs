@@ -10,18 +10,66 @@ use crate::model::{Channel, ChannelKind, Message, Role, User};
 use crate::store::{Posted, StoreError, TokenHash};
 
 pub(super) enum Op {
-    CreateUser { username: String, password_hash: String },
-    CreateSession { user_id: i64, token: TokenHash, expires_at: i64 },
-    DeleteSession { token: TokenHash },
-    CreateChannel { owner: i64, kind: ChannelKind, name: String, members: Vec<i64> },
-    OpenDm { user: i64, peer: i64 },
-    RenameChannel { actor: i64, channel_id: i64, name: String },
-    PutMember { actor: i64, channel_id: i64, user_id: i64, role: Option<Role> },
-    RemoveMember { actor: i64, channel_id: i64, user_id: i64 },
-    MarkRead { user_id: i64, channel_id: i64, seq: i64 },
-    PostMessage { author: i64, channel_id: i64, text: String, client_id: Option<String> },
-    EditMessage { actor: i64, channel_id: i64, message_id: i64, text: String },
-    DeleteMessage { actor: i64, channel_id: i64, message_id: i64 },
+    CreateUser {
+        username: String,
+        password_hash: String,
+    },
+    CreateSession {
+        user_id: i64,
+        token: TokenHash,
+        expires_at: i64,
+    },
+    DeleteSession {
+        token: TokenHash,
+    },
+    CreateChannel {
+        owner: i64,
+        kind: ChannelKind,
+        name: String,
+        members: Vec<i64>,
+    },
+    OpenDm {
+        user: i64,
+        peer: i64,
+    },
+    RenameChannel {
+        actor: i64,
+        channel_id: i64,
+        name: String,
+    },
+    PutMember {
+        actor: i64,
+        channel_id: i64,
+        user_id: i64,
+        role: Option<Role>,
+    },
+    RemoveMember {
+        actor: i64,
+        channel_id: i64,
+        user_id: i64,
+    },
+    MarkRead {
+        user_id: i64,
+        channel_id: i64,
+        seq: i64,
+    },
+    PostMessage {
+        author: i64,
+        channel_id: i64,
+        text: String,
+        client_id: Option<String>,
+    },
+    EditMessage {
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        text: String,
+    },
+    DeleteMessage {
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+    },
 }
 
 pub(super) enum Done {
@@ -57,10 +105,15 @@ type Applied = Result<Done, Failure>;
 pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, op: &Op) -> Applied {
     let now = now_ms();
     match op {
-        Op::CreateUser { username, password_hash } => {
-            create_user(tx, ids.next_id(now), now, username, password_hash)
-        }
-        Op::CreateSession { user_id, token, expires_at } => {
+        Op::CreateUser {
+            username,
+            password_hash,
+        } => create_user(tx, ids.next_id(now), now, username, password_hash),
+        Op::CreateSession {
+            user_id,
+            token,
+            expires_at,
+        } => {
             tx.prepare_cached(
                 "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
             )?
@@ -72,29 +125,59 @@ pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, op: &Op) -> Applied {
                 .execute([&token[..]])?;
             Ok(Done::Unit)
         }
-        Op::CreateChannel { owner, kind, name, members } => {
-            create_channel(tx, ids, now, *owner, *kind, name, members)
-        }
+        Op::CreateChannel {
+            owner,
+            kind,
+            name,
+            members,
+        } => create_channel(tx, ids, now, *owner, *kind, name, members),
         Op::OpenDm { user, peer } => open_dm(tx, ids, now, *user, *peer),
-        Op::RenameChannel { actor, channel_id, name } => {
-            rename_channel(tx, now, *actor, *channel_id, name)
-        }
-        Op::PutMember { actor, channel_id, user_id, role } => {
-            put_member(tx, now, *actor, *channel_id, *user_id, *role)
-        }
-        Op::RemoveMember { actor, channel_id, user_id } => {
-            remove_member(tx, now, *actor, *channel_id, *user_id)
-        }
-        Op::MarkRead { user_id, channel_id, seq } => mark_read(tx, *user_id, *channel_id, *seq),
-        Op::PostMessage { author, channel_id, text, client_id } => {
-            post_message(tx, ids, now, *author, *channel_id, text, client_id.as_deref())
-        }
-        Op::EditMessage { actor, channel_id, message_id, text } => {
-            edit_message(tx, now, *actor, *channel_id, *message_id, text)
-        }
-        Op::DeleteMessage { actor, channel_id, message_id } => {
-            delete_message(tx, now, *actor, *channel_id, *message_id)
-        }
+        Op::RenameChannel {
+            actor,
+            channel_id,
+            name,
+        } => rename_channel(tx, now, *actor, *channel_id, name),
+        Op::PutMember {
+            actor,
+            channel_id,
+            user_id,
+            role,
+        } => put_member(tx, now, *actor, *channel_id, *user_id, *role),
+        Op::RemoveMember {
+            actor,
+            channel_id,
+            user_id,
+        } => remove_member(tx, now, *actor, *channel_id, *user_id),
+        Op::MarkRead {
+            user_id,
+            channel_id,
+            seq,
+        } => mark_read(tx, *user_id, *channel_id, *seq),
+        Op::PostMessage {
+            author,
+            channel_id,
+            text,
+            client_id,
+        } => post_message(
+            tx,
+            ids,
+            now,
+            *author,
+            *channel_id,
+            text,
+            client_id.as_deref(),
+        ),
+        Op::EditMessage {
+            actor,
+            channel_id,
+            message_id,
+            text,
+        } => edit_message(tx, now, *actor, *channel_id, *message_id, text),
+        Op::DeleteMessage {
+            actor,
+            channel_id,
+            message_id,
+        } => delete_message(tx, now, *actor, *channel_id, *message_id),
     }
 }
 
@@ -110,7 +193,11 @@ fn create_user(tx: &Transaction, id: i64, now: i64, username: &str, hash: &str) 
         "INSERT INTO users (id, username, username_key, password_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![id, username, key, hash, now])?;
-    Ok(Done::User(User { id, username: username.to_owned(), created_at: now }))
+    Ok(Done::User(User {
+        id,
+        username: username.to_owned(),
+        created_at: now,
+    }))
 }
 
 /// Appends an event with the channel's next seq and returns that seq.
@@ -124,7 +211,9 @@ fn append_event(
     body: Option<&str>,
 ) -> rusqlite::Result<i64> {
     let seq: i64 = tx
-        .prepare_cached("UPDATE channels SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq")?
+        .prepare_cached(
+            "UPDATE channels SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
+        )?
         .query_row([channel_id], |r| r.get(0))?;
     tx.prepare_cached(
         "INSERT INTO events (channel_id, seq, kind, at, message_id, user_id, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -135,8 +224,22 @@ fn append_event(
 
 /// Adds a member with a `member.added` event. Their read marker starts at that event, so
 /// earlier history does not count as unread.
-fn add_member(tx: &Transaction, channel_id: i64, user_id: i64, role: Role, at: i64) -> rusqlite::Result<()> {
-    let seq = append_event(tx, channel_id, "member.added", at, None, Some(user_id), Some(role.as_str()))?;
+fn add_member(
+    tx: &Transaction,
+    channel_id: i64,
+    user_id: i64,
+    role: Role,
+    at: i64,
+) -> rusqlite::Result<()> {
+    let seq = append_event(
+        tx,
+        channel_id,
+        "member.added",
+        at,
+        None,
+        Some(user_id),
+        Some(role.as_str()),
+    )?;
     tx.prepare_cached(
         "INSERT INTO members (channel_id, user_id, role, read_seq, live_read, own_unread)
          SELECT ?1, ?2, ?3, ?4, live_messages, 0 FROM channels WHERE id = ?1",
@@ -146,17 +249,24 @@ fn add_member(tx: &Transaction, channel_id: i64, user_id: i64, role: Role, at: i
 }
 
 fn user_exists(tx: &Transaction, user_id: i64) -> rusqlite::Result<bool> {
-    tx.prepare_cached("SELECT 1 FROM users WHERE id = ?1")?.exists([user_id])
+    tx.prepare_cached("SELECT 1 FROM users WHERE id = ?1")?
+        .exists([user_id])
 }
 
 /// The channel's kind and the user's role in it; `NotFound` for non-members.
-fn membership(tx: &Transaction, channel_id: i64, user_id: i64) -> Result<(ChannelKind, Role), Failure> {
+fn membership(
+    tx: &Transaction,
+    channel_id: i64,
+    user_id: i64,
+) -> Result<(ChannelKind, Role), Failure> {
     let row = tx
         .prepare_cached(
             "SELECT c.kind, m.role FROM members m JOIN channels c ON c.id = m.channel_id
              WHERE m.channel_id = ?1 AND m.user_id = ?2",
         )?
-        .query_row([channel_id, user_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .query_row([channel_id, user_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
         .optional()?;
     let (kind, role) = row.ok_or(StoreError::NotFound)?;
     Ok((read::parse_kind(&kind)?, read::parse_role(&role)?))
@@ -185,7 +295,11 @@ fn create_channel(
     others.dedup();
     for &m in &others {
         if !user_exists(tx, m)? {
-            return Err(StoreError::Invalid { field: "members", message: format!("no user has id {m}") }.into());
+            return Err(StoreError::Invalid {
+                field: "members",
+                message: format!("no user has id {m}"),
+            }
+            .into());
         }
     }
     let id = ids.next_id(now);
@@ -197,12 +311,18 @@ fn create_channel(
     for m in others {
         add_member(tx, id, m, Role::Member, now)?;
     }
-    Ok(Done::Channel(read::channel(tx, id)?.ok_or(StoreError::NotFound)?))
+    Ok(Done::Channel(
+        read::channel(tx, id)?.ok_or(StoreError::NotFound)?,
+    ))
 }
 
 fn open_dm(tx: &Transaction, ids: &mut Snowflake, now: i64, user: i64, peer: i64) -> Applied {
     if user == peer {
-        return Err(StoreError::Invalid { field: "user_id", message: "a DM needs another user".into() }.into());
+        return Err(StoreError::Invalid {
+            field: "user_id",
+            message: "a DM needs another user".into(),
+        }
+        .into());
     }
     let key = format!("{}:{}", user.min(peer), user.max(peer));
     let existing: Option<i64> = tx
@@ -210,7 +330,10 @@ fn open_dm(tx: &Transaction, ids: &mut Snowflake, now: i64, user: i64, peer: i64
         .query_row([&key], |r| r.get(0))
         .optional()?;
     if let Some(id) = existing {
-        return Ok(Done::Dm(read::channel(tx, id)?.ok_or(StoreError::NotFound)?, false));
+        return Ok(Done::Dm(
+            read::channel(tx, id)?.ok_or(StoreError::NotFound)?,
+            false,
+        ));
     }
     if !user_exists(tx, peer)? {
         return Err(StoreError::NotFound.into());
@@ -222,7 +345,10 @@ fn open_dm(tx: &Transaction, ids: &mut Snowflake, now: i64, user: i64, peer: i64
     .execute(params![id, user, key, now])?;
     add_member(tx, id, user, Role::Member, now)?;
     add_member(tx, id, peer, Role::Member, now)?;
-    Ok(Done::Dm(read::channel(tx, id)?.ok_or(StoreError::NotFound)?, true))
+    Ok(Done::Dm(
+        read::channel(tx, id)?.ok_or(StoreError::NotFound)?,
+        true,
+    ))
 }
 
 fn rename_channel(tx: &Transaction, now: i64, actor: i64, channel_id: i64, name: &str) -> Applied {
@@ -231,12 +357,24 @@ fn rename_channel(tx: &Transaction, now: i64, actor: i64, channel_id: i64, name:
         return Err(StoreError::Forbidden("a DM has no name").into());
     }
     if !role.is_manager() {
-        return Err(StoreError::Forbidden("only the owner or an admin may rename the channel").into());
+        return Err(
+            StoreError::Forbidden("only the owner or an admin may rename the channel").into(),
+        );
     }
     tx.prepare_cached("UPDATE channels SET name = ?2 WHERE id = ?1")?
         .execute(params![channel_id, name])?;
-    append_event(tx, channel_id, "channel.updated", now, None, None, Some(name))?;
-    Ok(Done::Channel(read::channel(tx, channel_id)?.ok_or(StoreError::NotFound)?))
+    append_event(
+        tx,
+        channel_id,
+        "channel.updated",
+        now,
+        None,
+        None,
+        Some(name),
+    )?;
+    Ok(Done::Channel(
+        read::channel(tx, channel_id)?.ok_or(StoreError::NotFound)?,
+    ))
 }
 
 fn put_member(
@@ -268,11 +406,23 @@ fn put_member(
             let wanted = role.unwrap_or(current);
             if wanted != current {
                 if current == Role::Admin && actor_role != Role::Owner {
-                    return Err(StoreError::Forbidden("only the owner may change an admin's role").into());
+                    return Err(
+                        StoreError::Forbidden("only the owner may change an admin's role").into(),
+                    );
                 }
-                tx.prepare_cached("UPDATE members SET role = ?3 WHERE channel_id = ?1 AND user_id = ?2")?
-                    .execute(params![channel_id, user_id, wanted.as_str()])?;
-                append_event(tx, channel_id, "member.updated", now, None, Some(user_id), Some(wanted.as_str()))?;
+                tx.prepare_cached(
+                    "UPDATE members SET role = ?3 WHERE channel_id = ?1 AND user_id = ?2",
+                )?
+                .execute(params![channel_id, user_id, wanted.as_str()])?;
+                append_event(
+                    tx,
+                    channel_id,
+                    "member.updated",
+                    now,
+                    None,
+                    Some(user_id),
+                    Some(wanted.as_str()),
+                )?;
             }
         }
     }
@@ -299,7 +449,15 @@ fn remove_member(tx: &Transaction, now: i64, actor: i64, channel_id: i64, user_i
     }
     tx.prepare_cached("DELETE FROM members WHERE channel_id = ?1 AND user_id = ?2")?
         .execute([channel_id, user_id])?;
-    append_event(tx, channel_id, "member.removed", now, None, Some(user_id), None)?;
+    append_event(
+        tx,
+        channel_id,
+        "member.removed",
+        now,
+        None,
+        Some(user_id),
+        None,
+    )?;
     Ok(Done::Unit)
 }
 
@@ -321,7 +479,9 @@ fn mark_read(tx: &Transaction, user_id: i64, channel_id: i64, seq: i64) -> Appli
             "SELECT count(*), coalesce(sum(author_id = ?4), 0) FROM messages
              WHERE channel_id = ?1 AND seq > ?2 AND seq <= ?3 AND deleted = 0",
         )?
-        .query_row([channel_id, from, to, user_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        .query_row([channel_id, from, to, user_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     tx.prepare_cached(
         "UPDATE members SET read_seq = ?3, live_read = live_read + ?4, own_unread = own_unread - ?5
          WHERE channel_id = ?1 AND user_id = ?2",
@@ -349,22 +509,38 @@ fn post_message(
             .query_row(params![channel_id, author, cid], read::message_row)
             .optional()?;
         if let Some(message) = original {
-            return Ok(Done::Posted(Posted { message, created: false }));
+            return Ok(Done::Posted(Posted {
+                message,
+                created: false,
+            }));
         }
     }
     if kind == ChannelKind::Broadcast && !role.is_manager() {
-        return Err(StoreError::Forbidden("only the owner or an admin may post in a broadcast channel").into());
+        return Err(StoreError::Forbidden(
+            "only the owner or an admin may post in a broadcast channel",
+        )
+        .into());
     }
     let id = ids.next_id(now);
-    let seq = append_event(tx, channel_id, "message.created", now, Some(id), None, Some(text))?;
+    let seq = append_event(
+        tx,
+        channel_id,
+        "message.created",
+        now,
+        Some(id),
+        None,
+        Some(text),
+    )?;
     tx.prepare_cached(
         "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![id, channel_id, seq, author, text, client_id, now])?;
     tx.prepare_cached("UPDATE channels SET live_messages = live_messages + 1 WHERE id = ?1")?
         .execute([channel_id])?;
-    tx.prepare_cached("UPDATE members SET own_unread = own_unread + 1 WHERE channel_id = ?1 AND user_id = ?2")?
-        .execute([channel_id, author])?;
+    tx.prepare_cached(
+        "UPDATE members SET own_unread = own_unread + 1 WHERE channel_id = ?1 AND user_id = ?2",
+    )?
+    .execute([channel_id, author])?;
     let message = Message {
         id,
         channel_id,
@@ -376,7 +552,10 @@ fn post_message(
         edited_at: None,
         deleted: false,
     };
-    Ok(Done::Posted(Posted { message, created: true }))
+    Ok(Done::Posted(Posted {
+        message,
+        created: true,
+    }))
 }
 
 fn live_message(tx: &Transaction, channel_id: i64, message_id: i64) -> Result<Message, Failure> {
@@ -390,7 +569,14 @@ fn live_message(tx: &Transaction, channel_id: i64, message_id: i64) -> Result<Me
     Ok(message.ok_or(StoreError::NotFound)?)
 }
 
-fn edit_message(tx: &Transaction, now: i64, actor: i64, channel_id: i64, message_id: i64, text: &str) -> Applied {
+fn edit_message(
+    tx: &Transaction,
+    now: i64,
+    actor: i64,
+    channel_id: i64,
+    message_id: i64,
+    text: &str,
+) -> Applied {
     membership(tx, channel_id, actor)?;
     let mut message = live_message(tx, channel_id, message_id)?;
     if message.deleted {
@@ -401,18 +587,35 @@ fn edit_message(tx: &Transaction, now: i64, actor: i64, channel_id: i64, message
     }
     tx.prepare_cached("UPDATE messages SET text = ?2, edited_at = ?3 WHERE id = ?1")?
         .execute(params![message_id, text, now])?;
-    append_event(tx, channel_id, "message.edited", now, Some(message_id), None, Some(text))?;
+    append_event(
+        tx,
+        channel_id,
+        "message.edited",
+        now,
+        Some(message_id),
+        None,
+        Some(text),
+    )?;
     message.text = text.to_owned();
     message.edited_at = Some(now);
     Ok(Done::Message(message))
 }
 
 /// Tombstones the message and redacts its text from every event of the log.
-fn delete_message(tx: &Transaction, now: i64, actor: i64, channel_id: i64, message_id: i64) -> Applied {
+fn delete_message(
+    tx: &Transaction,
+    now: i64,
+    actor: i64,
+    channel_id: i64,
+    message_id: i64,
+) -> Applied {
     let (_, role) = membership(tx, channel_id, actor)?;
     let message = live_message(tx, channel_id, message_id)?;
     if message.author_id != actor && !role.is_manager() {
-        return Err(StoreError::Forbidden("only the author, the owner or an admin may delete a message").into());
+        return Err(StoreError::Forbidden(
+            "only the author, the owner or an admin may delete a message",
+        )
+        .into());
     }
     if message.deleted {
         return Ok(Done::Unit);
@@ -421,13 +624,23 @@ fn delete_message(tx: &Transaction, now: i64, actor: i64, channel_id: i64, messa
         .execute([message_id])?;
     tx.prepare_cached("UPDATE events SET body = '' WHERE channel_id = ?1 AND message_id = ?2")?
         .execute([channel_id, message_id])?;
-    append_event(tx, channel_id, "message.deleted", now, Some(message_id), None, None)?;
+    append_event(
+        tx,
+        channel_id,
+        "message.deleted",
+        now,
+        Some(message_id),
+        None,
+        None,
+    )?;
     // Unread projection: one live message fewer in the channel, fewer read by those past
     // it, and one own message fewer for an author who had not read past it.
     tx.prepare_cached("UPDATE channels SET live_messages = live_messages - 1 WHERE id = ?1")?
         .execute([channel_id])?;
-    tx.prepare_cached("UPDATE members SET live_read = live_read - 1 WHERE channel_id = ?1 AND read_seq >= ?2")?
-        .execute([channel_id, message.seq])?;
+    tx.prepare_cached(
+        "UPDATE members SET live_read = live_read - 1 WHERE channel_id = ?1 AND read_seq >= ?2",
+    )?
+    .execute([channel_id, message.seq])?;
     tx.prepare_cached(
         "UPDATE members SET own_unread = own_unread - 1 WHERE channel_id = ?1 AND user_id = ?2 AND read_seq < ?3",
     )?

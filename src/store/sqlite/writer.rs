@@ -109,7 +109,9 @@ fn commit_batch(conn: &mut Connection, ids: &mut Snowflake, batch: &mut Vec<Job>
         Err(e) => {
             tracing::error!(error = %e, "commit write failed");
             for job in batch.drain(..) {
-                let _ = job.reply.send(Err(StoreError::internal("commit write", e.to_string())));
+                let _ = job
+                    .reply
+                    .send(Err(StoreError::internal("commit write", e.to_string())));
             }
         }
     }

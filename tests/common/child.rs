@@ -1,0 +1,65 @@
+//! A `natter serve` child process on `127.0.0.1:0`, for tests that kill or signal it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `natter serve` on `data_dir` and waits until it listens.
+    pub async fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_natter"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("NATTER_INSECURE_FAST_PASSWORD_HASH", "1")
+            .env("NATTER_SEND_RATE", "1000000")
+            .env("NATTER_SEND_BURST", "1000000")
+            .env("NATTER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn natter serve");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(rest) = line
+                    .split("addr=")
+                    .nth(1)
+                    .filter(|_| line.contains("natter listening"))
+                {
+                    return rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap()
+                        .parse::<SocketAddr>()
+                        .unwrap();
+                }
+            }
+            panic!("natter serve exited before listening");
+        })
+        .await
+        .expect("natter serve listens within 30 s");
+        // Keep draining its log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, addr }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
