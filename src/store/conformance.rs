@@ -17,6 +17,7 @@ pub const CHECKS: &[&str] = &[
     "history_pages",
     "dm_is_one_per_pair",
     "delete_redacts",
+    "edits_keep_each_version_in_the_log",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -32,6 +33,7 @@ pub async fn run(name: &str, store: &dyn Store) {
         "history_pages" => history_pages(store).await,
         "dm_is_one_per_pair" => dm_is_one_per_pair(store).await,
         "delete_redacts" => delete_redacts(store).await,
+        "edits_keep_each_version_in_the_log" => edits_keep_each_version_in_the_log(store).await,
         other => panic!("no conformance check {other}"),
     }
 }
@@ -476,4 +478,30 @@ async fn delete_redacts(store: &dyn Store) {
         store.delete_message(a, ch.id, 1).await,
         Err(StoreError::NotFound)
     ));
+}
+
+async fn edits_keep_each_version_in_the_log(store: &dyn Store) {
+    let a = user(store, "editor").await;
+    let ch = store.create_channel(a, ChannelKind::Group, "e", &[]).await.unwrap();
+    let m = store.post_message(a, ch.id, "v1", None).await.unwrap().message;
+    store.post_message(a, ch.id, "other", None).await.unwrap();
+    store.edit_message(a, ch.id, m.id, "v2").await.unwrap();
+    store.edit_message(a, ch.id, m.id, "v3").await.unwrap();
+    let texts: Vec<(String, Option<i64>)> = store
+        .events(ch.id, 0, 200)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::MessageCreated(x) | EventBody::MessageEdited(x) if x.id == m.id => {
+                Some((x.text.clone(), x.edited_at))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(texts.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(), ["v1", "v2", "v3"]);
+    assert!(texts[0].1.is_none() && texts[1].1.is_some());
+    let latest = store.messages(ch.id, HistoryQuery { before_seq: None, after_seq: None, limit: 10 }).await.unwrap();
+    assert_eq!(latest.items[0].text, "v3");
 }

@@ -1,6 +1,8 @@
 //! The embedded backend: one SQLite file in WAL mode with `synchronous=FULL`. Writes go
 //! through the group-commit [`writer`]; reads through a pool of read-only connections.
 
+mod checkpoint;
+mod hot;
 mod read;
 mod schema;
 mod write;
@@ -13,6 +15,7 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 
+use self::checkpoint::Checkpointer;
 use self::read::ReadPool;
 use self::write::{Done, Op};
 use self::writer::Writer;
@@ -49,7 +52,12 @@ pub struct SqliteStore {
     writer: Writer,
     reads: Arc<ReadPool>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
+    checkpointer: Mutex<Option<Checkpointer>>,
 }
+
+/// Page cache of the writer's connection and of each reader's.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+const READER_CACHE_KIB: i64 = 16 * 1024;
 
 impl SqliteStore {
     /// Opens (creating and migrating if needed) the database and starts the writer.
@@ -60,8 +68,11 @@ impl SqliteStore {
         }
         let mut conn = Connection::open(&opts.path)
             .map_err(|e| anyhow::anyhow!("open database {}: {e}", opts.path.display()))?;
-        schema::configure(&conn)?;
+        schema::configure(&conn, WRITER_CACHE_KIB)?;
         schema::migrate(&mut conn)?;
+        // Checkpoints run on their own thread, never inside the writer's commits.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = Checkpointer::start(&opts.path)?;
         let reads = (0..opts.read_connections.max(1))
             .map(|_| open_reader(&opts.path))
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -70,6 +81,7 @@ impl SqliteStore {
             writer,
             reads: ReadPool::new(reads),
             writer_thread: Mutex::new(Some(handle)),
+            checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
 
@@ -90,6 +102,9 @@ impl SqliteStore {
         if let Some(h) = handle {
             let _ = h.join();
         }
+        if let Some(c) = self.checkpointer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            c.stop();
+        }
     }
 
     async fn write(&self, op: Op) -> Result<Done> {
@@ -102,7 +117,7 @@ fn open_reader(path: &Path) -> anyhow::Result<Connection> {
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    schema::configure(&conn)?;
+    schema::configure(&conn, READER_CACHE_KIB)?;
     Ok(conn)
 }
 

@@ -249,7 +249,7 @@ pub(super) fn events(
     let fetch = i64::from(limit) + 1;
     let mut stmt = conn.prepare_cached(
         "SELECT e.seq, e.kind, e.at, e.user_id, e.body,
-                m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq
+                m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq, m.text
          FROM events e LEFT JOIN messages m ON m.id = e.message_id
          WHERE e.channel_id = ?1 AND e.seq > ?2 ORDER BY e.seq ASC LIMIT ?3",
     )?;
@@ -262,8 +262,9 @@ pub(super) fn events(
 }
 
 /// Rebuilds an event from its log row. A message event carries the message as of that
-/// event; once the message is deleted, every one of its events shows it deleted, text
-/// redacted.
+/// event: its own text snapshot, or (body NULL) the message row's text when it is the
+/// latest version. Once the message is deleted, every one of its events shows it
+/// deleted, text redacted.
 fn event_row(channel_id: i64, r: &Row) -> rusqlite::Result<Event> {
     let seq: i64 = r.get(0)?;
     let kind: String = r.get(1)?;
@@ -276,10 +277,10 @@ fn event_row(channel_id: i64, r: &Row) -> rusqlite::Result<Event> {
             channel_id,
             seq: r.get(11)?,
             author_id: r.get(6)?,
-            text: if deleted {
-                String::new()
-            } else {
-                body.clone().unwrap_or_default()
+            text: match (&body, deleted) {
+                (_, true) => String::new(),
+                (Some(snapshot), false) => snapshot.clone(),
+                (None, false) => r.get(12)?,
             },
             client_id: r.get(7)?,
             created_at: r.get(8)?,

@@ -72,9 +72,10 @@ const MIGRATIONS: &[&str] = &[
 /// The schema version this build writes.
 pub const VERSION: usize = MIGRATIONS.len();
 
-/// Sets the connection pragmas every connection needs.
-pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
+/// Sets the connection pragmas every connection needs, with a page cache of `cache_kib`.
+pub fn configure(conn: &Connection, cache_kib: i64) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "cache_size", -cache_kib)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     Ok(())

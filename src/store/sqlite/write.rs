@@ -3,6 +3,7 @@
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
+use super::hot::{self, Hot};
 use super::read;
 use crate::clock::now_ms;
 use crate::id::Snowflake;
@@ -72,6 +73,32 @@ pub(super) enum Op {
     },
 }
 
+/// How an op relates to the writer's [`Hot`] channel state.
+pub(super) enum HotUse {
+    /// Message posts keep the hot state themselves.
+    Owns,
+    /// Touches no channel or member row.
+    None,
+    /// Reads or writes channel/member rows: pending state is flushed first, and the
+    /// channel (if any) is forgotten afterwards.
+    FlushAndForget(Option<i64>),
+}
+
+impl Op {
+    pub(super) fn hot_use(&self) -> HotUse {
+        match self {
+            Op::PostMessage { .. } => HotUse::Owns,
+            Op::CreateUser { .. } | Op::CreateSession { .. } | Op::DeleteSession { .. } => HotUse::None,
+            Op::CreateChannel { .. } | Op::OpenDm { .. } | Op::MarkRead { .. } => HotUse::FlushAndForget(None),
+            Op::RenameChannel { channel_id, .. }
+            | Op::PutMember { channel_id, .. }
+            | Op::RemoveMember { channel_id, .. }
+            | Op::EditMessage { channel_id, .. }
+            | Op::DeleteMessage { channel_id, .. } => HotUse::FlushAndForget(Some(*channel_id)),
+        }
+    }
+}
+
 pub(super) enum Done {
     User(User),
     Channel(Channel),
@@ -100,9 +127,9 @@ impl From<StoreError> for Failure {
     }
 }
 
-type Applied = Result<Done, Failure>;
+pub(super) type Applied = Result<Done, Failure>;
 
-pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, op: &Op) -> Applied {
+pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, hot: &mut Hot, op: &Op) -> Applied {
     let now = now_ms();
     match op {
         Op::CreateUser {
@@ -158,9 +185,7 @@ pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, op: &Op) -> Applied {
             channel_id,
             text,
             client_id,
-        } => post_message(
-            tx,
-            ids,
+        } => hot::post_message(tx, hot, ids,
             now,
             *author,
             *channel_id,
@@ -254,22 +279,24 @@ fn user_exists(tx: &Transaction, user_id: i64) -> rusqlite::Result<bool> {
 }
 
 /// The channel's kind and the user's role in it; `NotFound` for non-members.
-fn membership(
+fn membership(tx: &Transaction, channel_id: i64, user_id: i64) -> Result<(ChannelKind, Role), Failure> {
+    Ok(membership_row(tx, channel_id, user_id)?.ok_or(StoreError::NotFound)?)
+}
+
+/// The channel's kind and the user's role in it; `None` for non-members.
+pub(super) fn membership_row(
     tx: &Transaction,
     channel_id: i64,
     user_id: i64,
-) -> Result<(ChannelKind, Role), Failure> {
+) -> rusqlite::Result<Option<(ChannelKind, Role)>> {
     let row = tx
         .prepare_cached(
             "SELECT c.kind, m.role FROM members m JOIN channels c ON c.id = m.channel_id
              WHERE m.channel_id = ?1 AND m.user_id = ?2",
         )?
-        .query_row([channel_id, user_id], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })
+        .query_row([channel_id, user_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
         .optional()?;
-    let (kind, role) = row.ok_or(StoreError::NotFound)?;
-    Ok((read::parse_kind(&kind)?, read::parse_role(&role)?))
+    row.map(|(kind, role)| Ok((read::parse_kind(&kind)?, read::parse_role(&role)?))).transpose()
 }
 
 fn role_of(tx: &Transaction, channel_id: i64, user_id: i64) -> rusqlite::Result<Option<Role>> {
@@ -490,74 +517,6 @@ fn mark_read(tx: &Transaction, user_id: i64, channel_id: i64, seq: i64) -> Appli
     Ok(Done::Unit)
 }
 
-fn post_message(
-    tx: &Transaction,
-    ids: &mut Snowflake,
-    now: i64,
-    author: i64,
-    channel_id: i64,
-    text: &str,
-    client_id: Option<&str>,
-) -> Applied {
-    let (kind, role) = membership(tx, channel_id, author)?;
-    if let Some(cid) = client_id {
-        let original = tx
-            .prepare_cached(&format!(
-                "SELECT {} FROM messages WHERE channel_id = ?1 AND author_id = ?2 AND client_id = ?3",
-                read::MESSAGE_COLUMNS
-            ))?
-            .query_row(params![channel_id, author, cid], read::message_row)
-            .optional()?;
-        if let Some(message) = original {
-            return Ok(Done::Posted(Posted {
-                message,
-                created: false,
-            }));
-        }
-    }
-    if kind == ChannelKind::Broadcast && !role.is_manager() {
-        return Err(StoreError::Forbidden(
-            "only the owner or an admin may post in a broadcast channel",
-        )
-        .into());
-    }
-    let id = ids.next_id(now);
-    let seq = append_event(
-        tx,
-        channel_id,
-        "message.created",
-        now,
-        Some(id),
-        None,
-        Some(text),
-    )?;
-    tx.prepare_cached(
-        "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![id, channel_id, seq, author, text, client_id, now])?;
-    tx.prepare_cached("UPDATE channels SET live_messages = live_messages + 1 WHERE id = ?1")?
-        .execute([channel_id])?;
-    tx.prepare_cached(
-        "UPDATE members SET own_unread = own_unread + 1 WHERE channel_id = ?1 AND user_id = ?2",
-    )?
-    .execute([channel_id, author])?;
-    let message = Message {
-        id,
-        channel_id,
-        seq,
-        author_id: author,
-        text: text.to_owned(),
-        client_id: client_id.map(str::to_owned),
-        created_at: now,
-        edited_at: None,
-        deleted: false,
-    };
-    Ok(Done::Posted(Posted {
-        message,
-        created: true,
-    }))
-}
-
 fn live_message(tx: &Transaction, channel_id: i64, message_id: i64) -> Result<Message, Failure> {
     let message = tx
         .prepare_cached(&format!(
@@ -585,17 +544,15 @@ fn edit_message(
     if message.author_id != actor {
         return Err(StoreError::Forbidden("only the author may edit a message").into());
     }
+    // The event that showed the latest text (body NULL) keeps the old text as its own;
+    // the new event shows the message row's text from now on.
+    tx.prepare_cached(
+        "UPDATE events SET body = ?3 WHERE channel_id = ?1 AND message_id = ?2 AND body IS NULL",
+    )?
+    .execute(params![channel_id, message_id, message.text])?;
     tx.prepare_cached("UPDATE messages SET text = ?2, edited_at = ?3 WHERE id = ?1")?
         .execute(params![message_id, text, now])?;
-    append_event(
-        tx,
-        channel_id,
-        "message.edited",
-        now,
-        Some(message_id),
-        None,
-        Some(text),
-    )?;
+    append_event(tx, channel_id, "message.edited", now, Some(message_id), None, None)?;
     message.text = text.to_owned();
     message.edited_at = Some(now);
     Ok(Done::Message(message))

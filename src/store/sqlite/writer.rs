@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::write::{self, Done, Op};
+use super::hot::Hot;
+use super::write::{self, Done, HotUse, Op};
 use crate::id::Snowflake;
 use crate::store::{Result, StoreError};
 
@@ -69,7 +70,15 @@ impl Writer {
     }
 }
 
-fn run(mut conn: Connection, mut ids: Snowflake, mut rx: mpsc::Receiver<Job>) {
+/// What the writer thread owns besides its queue.
+struct State {
+    conn: Connection,
+    ids: Snowflake,
+    hot: Hot,
+}
+
+fn run(conn: Connection, ids: Snowflake, mut rx: mpsc::Receiver<Job>) {
+    let mut state = State { conn, ids, hot: Hot::default() };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -79,13 +88,13 @@ fn run(mut conn: Connection, mut ids: Snowflake, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, &mut ids, &mut batch);
+        commit_batch(&mut state, &mut batch);
     }
     tracing::debug!("writer stopped: queue closed and drained");
 }
 
-fn commit_batch(conn: &mut Connection, ids: &mut Snowflake, batch: &mut Vec<Job>) {
-    match apply_all(conn, ids, batch) {
+fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
+    match apply_all(state, batch) {
         Ok(results) => {
             for (job, result) in batch.drain(..).zip(results) {
                 let _ = job.reply.send(result);
@@ -95,7 +104,7 @@ fn commit_batch(conn: &mut Connection, ids: &mut Snowflake, batch: &mut Vec<Job>
             tracing::warn!(error = %e, ops = batch.len(), "commit batch failed; replaying its ops one by one");
             for job in batch.drain(..) {
                 let mut single = vec![job];
-                let result = match apply_all(conn, ids, &single) {
+                let result = match apply_all(state, &single) {
                     Ok(mut results) => results.remove(0),
                     Err(e) => {
                         tracing::error!(error = %e, "commit write failed");
@@ -119,16 +128,30 @@ fn commit_batch(conn: &mut Connection, ids: &mut Snowflake, batch: &mut Vec<Job>
 
 /// Applies every op in one transaction. `Err` means nothing was committed; `Ok` holds each
 /// op's own answer (an op whose checks failed wrote nothing).
-fn apply_all(
-    conn: &mut Connection,
-    ids: &mut Snowflake,
-    batch: &[Job],
-) -> Result<Vec<Result<Done>>, BatchFailed> {
+fn apply_all(state: &mut State, batch: &[Job]) -> Result<Vec<Result<Done>>, BatchFailed> {
+    let result = try_apply_all(state, batch);
+    if result.is_err() {
+        // Rolled back: the hot state may hold changes that never reached the disk.
+        state.hot.clear();
+    }
+    result
+}
+
+fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Vec<Result<Done>>, BatchFailed> {
+    let State { conn, ids, hot } = state;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
+        let hot_use = job.op.hot_use();
+        if let HotUse::FlushAndForget(_) = hot_use {
+            hot.flush(&tx)?;
+        }
         let changes_before = tx.total_changes();
-        match write::apply(&tx, ids, &job.op) {
+        let applied = write::apply(&tx, ids, hot, &job.op);
+        if let HotUse::FlushAndForget(Some(channel_id)) = hot_use {
+            hot.forget(channel_id);
+        }
+        match applied {
             Ok(done) => results.push(Ok(done)),
             // A refusal must come before any write; if one did not, the batch is unsafe to
             // commit, so it is rolled back and replayed op by op.
@@ -139,6 +162,8 @@ fn apply_all(
             Err(write::Failure::Sqlite(e)) => return Err(e.into()),
         }
     }
+    hot.flush(&tx)?;
     tx.commit()?;
+    hot.trim();
     Ok(results)
 }

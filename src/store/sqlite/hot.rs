@@ -1,0 +1,157 @@
+//! The writer's in-memory state of hot channels: each channel's kind, last seq and live
+//! message count, its members' roles, and per-batch unread deltas. It lets a message post
+//! run two inserts and (with a `client_id`) one index probe, instead of seven statements;
+//! the channel and member rows are written once per batch, in [`Hot::flush`], before the
+//! commit.
+//!
+//! Invariant: only the writer thread writes channels and members, so this state stays
+//! true as long as (a) every op other than a post flushes first and forgets the channel it
+//! touched afterwards, and (b) a rolled-back batch clears it all. The writer does both.
+
+use std::collections::HashMap;
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use super::read;
+use super::write::{Applied, Done, membership_row};
+use crate::id::Snowflake;
+use crate::model::{ChannelKind, Message, Role};
+use crate::store::{Posted, StoreError};
+
+/// Channels kept between batches before the state is dropped and reloaded on demand.
+const MAX_CHANNELS: usize = 50_000;
+
+struct HotChannel {
+    kind: ChannelKind,
+    last_seq: i64,
+    live_messages: i64,
+    /// `last_seq`/`live_messages` differ from the row.
+    dirty: bool,
+    /// Members seen posting; non-members are not cached.
+    roles: HashMap<i64, Role>,
+    /// Own messages posted this batch, per author, not yet added to `members.own_unread`.
+    own_unread: HashMap<i64, i64>,
+}
+
+#[derive(Default)]
+pub(super) struct Hot {
+    channels: HashMap<i64, HotChannel>,
+}
+
+impl Hot {
+    /// The channel's state, loaded from its row on first use; `None` if it does not exist.
+    fn channel(&mut self, tx: &Transaction, id: i64) -> rusqlite::Result<Option<&mut HotChannel>> {
+        if !self.channels.contains_key(&id) {
+            let row = tx
+                .prepare_cached("SELECT kind, last_seq, live_messages FROM channels WHERE id = ?1")?
+                .query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            let Some((kind, last_seq, live_messages)) = row else { return Ok(None) };
+            let kind = read::parse_kind(&kind)?;
+            self.channels.insert(
+                id,
+                HotChannel { kind, last_seq, live_messages, dirty: false, roles: HashMap::new(), own_unread: HashMap::new() },
+            );
+        }
+        Ok(self.channels.get_mut(&id))
+    }
+
+    /// Writes every pending change to the channel and member rows.
+    pub fn flush(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
+        for (id, ch) in &mut self.channels {
+            if ch.dirty {
+                tx.prepare_cached("UPDATE channels SET last_seq = ?2, live_messages = ?3 WHERE id = ?1")?
+                    .execute([*id, ch.last_seq, ch.live_messages])?;
+                ch.dirty = false;
+            }
+            for (user, delta) in ch.own_unread.drain() {
+                tx.prepare_cached(
+                    "UPDATE members SET own_unread = own_unread + ?3 WHERE channel_id = ?1 AND user_id = ?2",
+                )?
+                .execute([*id, user, delta])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a (flushed) channel's state after another op changed its rows.
+    pub fn forget(&mut self, channel_id: i64) {
+        self.channels.remove(&channel_id);
+    }
+
+    /// Drops everything: after a rollback, or when too many channels are held.
+    pub fn clear(&mut self) {
+        self.channels.clear();
+    }
+
+    /// Bounds memory between batches; call after a commit.
+    pub fn trim(&mut self) {
+        if self.channels.len() > MAX_CHANNELS {
+            self.clear();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn post_message(
+    tx: &Transaction,
+    hot: &mut Hot,
+    ids: &mut Snowflake,
+    now: i64,
+    author: i64,
+    channel_id: i64,
+    text: &str,
+    client_id: Option<&str>,
+) -> Applied {
+    let ch = hot.channel(tx, channel_id)?.ok_or(StoreError::NotFound)?;
+    let role = match ch.roles.get(&author) {
+        Some(role) => *role,
+        None => {
+            let (_, role) = membership_row(tx, channel_id, author)?.ok_or(StoreError::NotFound)?;
+            ch.roles.insert(author, role);
+            role
+        }
+    };
+    if let Some(cid) = client_id {
+        let original = tx
+            .prepare_cached(&format!(
+                "SELECT {} FROM messages WHERE channel_id = ?1 AND author_id = ?2 AND client_id = ?3",
+                read::MESSAGE_COLUMNS
+            ))?
+            .query_row(params![channel_id, author, cid], read::message_row)
+            .optional()?;
+        if let Some(message) = original {
+            return Ok(Done::Posted(Posted { message, created: false }));
+        }
+    }
+    if ch.kind == ChannelKind::Broadcast && !role.is_manager() {
+        return Err(StoreError::Forbidden("only the owner or an admin may post in a broadcast channel").into());
+    }
+    let id = ids.next_id(now);
+    let seq = ch.last_seq + 1;
+    // The event's text is the message row's while this is the latest version (body NULL).
+    tx.prepare_cached(
+        "INSERT INTO events (channel_id, seq, kind, at, message_id) VALUES (?1, ?2, 'message.created', ?3, ?4)",
+    )?
+    .execute([channel_id, seq, now, id])?;
+    tx.prepare_cached(
+        "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![id, channel_id, seq, author, text, client_id, now])?;
+    ch.last_seq = seq;
+    ch.live_messages += 1;
+    ch.dirty = true;
+    *ch.own_unread.entry(author).or_default() += 1;
+    let message = Message {
+        id,
+        channel_id,
+        seq,
+        author_id: author,
+        text: text.to_owned(),
+        client_id: client_id.map(str::to_owned),
+        created_at: now,
+        edited_at: None,
+        deleted: false,
+    };
+    Ok(Done::Posted(Posted { message, created: true }))
+}
