@@ -76,8 +76,14 @@ impl Scratch {
         let (path, remove) = match given {
             Some(p) => (p, false),
             None => {
-                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
-                (std::env::temp_dir().join(format!("natter-bench-{}-{nanos}", std::process::id())), true)
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_nanos();
+                (
+                    std::env::temp_dir()
+                        .join(format!("natter-bench-{}-{nanos}", std::process::id())),
+                    true,
+                )
             }
         };
         std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
@@ -96,8 +102,14 @@ impl Drop for Scratch {
 fn bench_config(dir: &std::path::Path) -> Config {
     let mut config = Config::with_data_dir(dir);
     config.hash_cost = crate::auth::HashCost::insecure_fast();
-    config.limits.send = Rate { per_second: 1e9, burst: 1e9 };
-    config.limits.signups_per_ip = Rate { per_second: 1e9, burst: 1e9 };
+    config.limits.send = Rate {
+        per_second: 1e9,
+        burst: 1e9,
+    };
+    config.limits.signups_per_ip = Rate {
+        per_second: 1e9,
+        burst: 1e9,
+    };
     config.write_queue = 1 << 20;
     config
 }
@@ -175,7 +187,13 @@ where
             })
         })
         .collect();
-    let mut report = Report { name, sent: 0, errors: 0, elapsed: Duration::ZERO, latency_us: histogram() };
+    let mut report = Report {
+        name,
+        sent: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency_us: histogram(),
+    };
     for worker in workers {
         let (hist, ok, errors) = worker.await.expect("bench worker");
         let _ = report.latency_us.add(&hist);
@@ -190,10 +208,18 @@ async fn bench_store(w: WriteArgs) -> anyhow::Result<()> {
     let scratch = Scratch::new(w.data_dir.clone())?;
     let config = bench_config(&scratch.path);
     let store: Arc<dyn Store> = Arc::new(open_store(&config)?);
-    let author = store.create_user(&format!("bench{}", std::process::id()), "-").await?.id;
+    let author = store
+        .create_user(&format!("bench{}", std::process::id()), "-")
+        .await?
+        .id;
     let mut channels = Vec::new();
     for i in 0..w.channels.max(1) {
-        channels.push(store.create_channel(author, ChannelKind::Group, &format!("bench{i}"), &[]).await?.id);
+        channels.push(
+            store
+                .create_channel(author, ChannelKind::Group, &format!("bench{i}"), &[])
+                .await?
+                .id,
+        );
     }
     let text: Arc<str> = "x".repeat(w.text_bytes.max(1)).into();
     let channels = Arc::new(channels);
@@ -203,7 +229,10 @@ async fn bench_store(w: WriteArgs) -> anyhow::Result<()> {
         let text = text.clone();
         async move {
             let ch = channels[n % channels.len()];
-            store.post_message(author, ch, &text, Some(&n.to_string())).await.is_ok()
+            store
+                .post_message(author, ch, &text, Some(&n.to_string()))
+                .await
+                .is_ok()
         }
     })
     .await;
@@ -220,14 +249,24 @@ async fn bench_http(h: HttpArgs) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(crate::serve(listener, bench_config(&scratch.path), async move {
-                let _ = stopped.await;
-            }));
+            let task = tokio::spawn(crate::serve(
+                listener,
+                bench_config(&scratch.path),
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
             (format!("http://{addr}"), Some((stop, task)))
         }
     };
-    let http = reqwest::Client::builder().pool_max_idle_per_host(w.concurrency).build()?;
-    let name = format!("bench{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(w.concurrency)
+        .build()?;
+    let name = format!(
+        "bench{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    );
     let signup = http
         .post(format!("{base}/v1/users"))
         .json(&json!({"username": &name[..name.len().min(32)], "password": "bench-password"}))
@@ -235,9 +274,16 @@ async fn bench_http(h: HttpArgs) -> anyhow::Result<()> {
         .await
         .context("register the bench user")?;
     if !signup.status().is_success() {
-        bail!("register the bench user: {} {}", signup.status(), signup.text().await.unwrap_or_default());
+        bail!(
+            "register the bench user: {} {}",
+            signup.status(),
+            signup.text().await.unwrap_or_default()
+        );
     }
-    let token = signup.json::<serde_json::Value>().await?["token"].as_str().unwrap_or_default().to_owned();
+    let token = signup.json::<serde_json::Value>().await?["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let mut urls = Vec::new();
     for i in 0..w.channels.max(1) {
         let res = http
@@ -247,7 +293,10 @@ async fn bench_http(h: HttpArgs) -> anyhow::Result<()> {
             .send()
             .await?
             .error_for_status()?;
-        let id = res.json::<serde_json::Value>().await?["id"].as_str().unwrap_or_default().to_owned();
+        let id = res.json::<serde_json::Value>().await?["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         urls.push(format!("{base}/v1/channels/{id}/messages"));
     }
     let text: Arc<str> = "x".repeat(w.text_bytes.max(1)).into();

@@ -490,7 +490,7 @@ async fn members_are_added_promoted_and_removed() {
             )
         })
         .collect();
-    let mut expected = vec![
+    let mut expected = [
         ("boss", "owner"),
         ("alpha", "admin"),
         ("bravo", "member"),
@@ -709,10 +709,7 @@ async fn events_endpoint_is_gap_free_across_pages() {
     assert_eq!(assert_gap_free(&events), 31);
     assert_eq!(events[30]["message"]["text"], "29");
     let default_page = a.get(&format!("/v1/channels/{ch}/events")).await;
-    assert_eq!(
-        default_page.body["events"].as_array().unwrap().len(),
-        31.min(50)
-    );
+    assert_eq!(default_page.body["events"].as_array().unwrap().len(), 31);
 }
 
 #[tokio::test]

@@ -482,8 +482,15 @@ async fn delete_redacts(store: &dyn Store) {
 
 async fn edits_keep_each_version_in_the_log(store: &dyn Store) {
     let a = user(store, "editor").await;
-    let ch = store.create_channel(a, ChannelKind::Group, "e", &[]).await.unwrap();
-    let m = store.post_message(a, ch.id, "v1", None).await.unwrap().message;
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "e", &[])
+        .await
+        .unwrap();
+    let m = store
+        .post_message(a, ch.id, "v1", None)
+        .await
+        .unwrap()
+        .message;
     store.post_message(a, ch.id, "other", None).await.unwrap();
     store.edit_message(a, ch.id, m.id, "v2").await.unwrap();
     store.edit_message(a, ch.id, m.id, "v3").await.unwrap();
@@ -500,8 +507,21 @@ async fn edits_keep_each_version_in_the_log(store: &dyn Store) {
             _ => None,
         })
         .collect();
-    assert_eq!(texts.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(), ["v1", "v2", "v3"]);
+    assert_eq!(
+        texts.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(),
+        ["v1", "v2", "v3"]
+    );
     assert!(texts[0].1.is_none() && texts[1].1.is_some());
-    let latest = store.messages(ch.id, HistoryQuery { before_seq: None, after_seq: None, limit: 10 }).await.unwrap();
+    let latest = store
+        .messages(
+            ch.id,
+            HistoryQuery {
+                before_seq: None,
+                after_seq: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(latest.items[0].text, "v3");
 }

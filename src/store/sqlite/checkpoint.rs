@@ -22,11 +22,8 @@ impl Checkpointer {
         super::schema::configure(&conn, 2 * 1024)?;
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new().name("natter-checkpoint".into()).spawn(move || {
-            loop {
-                match stopped.recv_timeout(INTERVAL) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-                }
+            // Wakes every INTERVAL until told to stop (or the store is dropped).
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(INTERVAL) {
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::warn!(error = %e, "checkpoint WAL; will retry");
                 }

@@ -41,27 +41,39 @@ pub(super) struct Hot {
 impl Hot {
     /// The channel's state, loaded from its row on first use; `None` if it does not exist.
     fn channel(&mut self, tx: &Transaction, id: i64) -> rusqlite::Result<Option<&mut HotChannel>> {
-        if !self.channels.contains_key(&id) {
-            let row = tx
-                .prepare_cached("SELECT kind, last_seq, live_messages FROM channels WHERE id = ?1")?
-                .query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))
-                .optional()?;
-            let Some((kind, last_seq, live_messages)) = row else { return Ok(None) };
-            let kind = read::parse_kind(&kind)?;
-            self.channels.insert(
-                id,
-                HotChannel { kind, last_seq, live_messages, dirty: false, roles: HashMap::new(), own_unread: HashMap::new() },
-            );
+        use std::collections::hash_map::Entry;
+        match self.channels.entry(id) {
+            Entry::Occupied(e) => Ok(Some(e.into_mut())),
+            Entry::Vacant(slot) => {
+                let row = tx
+                    .prepare_cached(
+                        "SELECT kind, last_seq, live_messages FROM channels WHERE id = ?1",
+                    )?
+                    .query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?;
+                let Some((kind, last_seq, live_messages)) = row else {
+                    return Ok(None);
+                };
+                Ok(Some(slot.insert(HotChannel {
+                    kind: read::parse_kind(&kind)?,
+                    last_seq,
+                    live_messages,
+                    dirty: false,
+                    roles: HashMap::new(),
+                    own_unread: HashMap::new(),
+                })))
+            }
         }
-        Ok(self.channels.get_mut(&id))
     }
 
     /// Writes every pending change to the channel and member rows.
     pub fn flush(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
         for (id, ch) in &mut self.channels {
             if ch.dirty {
-                tx.prepare_cached("UPDATE channels SET last_seq = ?2, live_messages = ?3 WHERE id = ?1")?
-                    .execute([*id, ch.last_seq, ch.live_messages])?;
+                tx.prepare_cached(
+                    "UPDATE channels SET last_seq = ?2, live_messages = ?3 WHERE id = ?1",
+                )?
+                .execute([*id, ch.last_seq, ch.live_messages])?;
                 ch.dirty = false;
             }
             for (user, delta) in ch.own_unread.drain() {
@@ -121,11 +133,17 @@ pub(super) fn post_message(
             .query_row(params![channel_id, author, cid], read::message_row)
             .optional()?;
         if let Some(message) = original {
-            return Ok(Done::Posted(Posted { message, created: false }));
+            return Ok(Done::Posted(Posted {
+                message,
+                created: false,
+            }));
         }
     }
     if ch.kind == ChannelKind::Broadcast && !role.is_manager() {
-        return Err(StoreError::Forbidden("only the owner or an admin may post in a broadcast channel").into());
+        return Err(StoreError::Forbidden(
+            "only the owner or an admin may post in a broadcast channel",
+        )
+        .into());
     }
     let id = ids.next_id(now);
     let seq = ch.last_seq + 1;
@@ -153,5 +171,8 @@ pub(super) fn post_message(
         edited_at: None,
         deleted: false,
     };
-    Ok(Done::Posted(Posted { message, created: true }))
+    Ok(Done::Posted(Posted {
+        message,
+        created: true,
+    }))
 }

@@ -102,7 +102,12 @@ impl SqliteStore {
         if let Some(h) = handle {
             let _ = h.join();
         }
-        if let Some(c) = self.checkpointer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(c) = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             c.stop();
         }
     }

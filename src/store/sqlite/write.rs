@@ -88,8 +88,12 @@ impl Op {
     pub(super) fn hot_use(&self) -> HotUse {
         match self {
             Op::PostMessage { .. } => HotUse::Owns,
-            Op::CreateUser { .. } | Op::CreateSession { .. } | Op::DeleteSession { .. } => HotUse::None,
-            Op::CreateChannel { .. } | Op::OpenDm { .. } | Op::MarkRead { .. } => HotUse::FlushAndForget(None),
+            Op::CreateUser { .. } | Op::CreateSession { .. } | Op::DeleteSession { .. } => {
+                HotUse::None
+            }
+            Op::CreateChannel { .. } | Op::OpenDm { .. } | Op::MarkRead { .. } => {
+                HotUse::FlushAndForget(None)
+            }
             Op::RenameChannel { channel_id, .. }
             | Op::PutMember { channel_id, .. }
             | Op::RemoveMember { channel_id, .. }
@@ -185,7 +189,10 @@ pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, hot: &mut Hot, op: &O
             channel_id,
             text,
             client_id,
-        } => hot::post_message(tx, hot, ids,
+        } => hot::post_message(
+            tx,
+            hot,
+            ids,
             now,
             *author,
             *channel_id,
@@ -279,7 +286,11 @@ fn user_exists(tx: &Transaction, user_id: i64) -> rusqlite::Result<bool> {
 }
 
 /// The channel's kind and the user's role in it; `NotFound` for non-members.
-fn membership(tx: &Transaction, channel_id: i64, user_id: i64) -> Result<(ChannelKind, Role), Failure> {
+fn membership(
+    tx: &Transaction,
+    channel_id: i64,
+    user_id: i64,
+) -> Result<(ChannelKind, Role), Failure> {
     Ok(membership_row(tx, channel_id, user_id)?.ok_or(StoreError::NotFound)?)
 }
 
@@ -294,9 +305,12 @@ pub(super) fn membership_row(
             "SELECT c.kind, m.role FROM members m JOIN channels c ON c.id = m.channel_id
              WHERE m.channel_id = ?1 AND m.user_id = ?2",
         )?
-        .query_row([channel_id, user_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .query_row([channel_id, user_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
         .optional()?;
-    row.map(|(kind, role)| Ok((read::parse_kind(&kind)?, read::parse_role(&role)?))).transpose()
+    row.map(|(kind, role)| Ok((read::parse_kind(&kind)?, read::parse_role(&role)?)))
+        .transpose()
 }
 
 fn role_of(tx: &Transaction, channel_id: i64, user_id: i64) -> rusqlite::Result<Option<Role>> {
@@ -552,7 +566,15 @@ fn edit_message(
     .execute(params![channel_id, message_id, message.text])?;
     tx.prepare_cached("UPDATE messages SET text = ?2, edited_at = ?3 WHERE id = ?1")?
         .execute(params![message_id, text, now])?;
-    append_event(tx, channel_id, "message.edited", now, Some(message_id), None, None)?;
+    append_event(
+        tx,
+        channel_id,
+        "message.edited",
+        now,
+        Some(message_id),
+        None,
+        None,
+    )?;
     message.text = text.to_owned();
     message.edited_at = Some(now);
     Ok(Done::Message(message))

@@ -78,7 +78,11 @@ struct State {
 }
 
 fn run(conn: Connection, ids: Snowflake, mut rx: mpsc::Receiver<Job>) {
-    let mut state = State { conn, ids, hot: Hot::default() };
+    let mut state = State {
+        conn,
+        ids,
+        hot: Hot::default(),
+    };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
