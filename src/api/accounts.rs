@@ -126,7 +126,11 @@ async fn start_session(state: &AppState, user_id: i64) -> ApiResult<String> {
 #[utoipa::path(delete, path = "/v1/sessions/current", tag = "accounts", security(("bearer" = [])),
     responses((status = 204), (status = 401, body = ErrorBody)))]
 async fn logout(State(state): State<AppState>, auth: Authed) -> ApiResult<StatusCode> {
+    // Revoked here before and after the store delete: no request sees the token valid
+    // once this answers, and none can re-cache it in between.
+    state.sessions.revoke(&auth.token);
     state.store.delete_session(auth.token).await?;
+    state.sessions.revoke(&auth.token);
     Ok(no_content())
 }
 

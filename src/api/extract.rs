@@ -88,11 +88,19 @@ impl FromRequestParts<AppState> for Authed {
             .filter(|t| !t.is_empty() && t.len() <= 256)
             .ok_or_else(ApiError::unauthorized)?;
         let token = token_hash(token);
-        let user = state
+        let now = now_ms();
+        if let Some(user) = state.sessions.get(&token, now) {
+            return Ok(Self { user, token });
+        }
+        let generation = state.sessions.generation();
+        let (user, expires_at) = state
             .store
-            .session_user(token, now_ms())
+            .session_user(token, now)
             .await?
             .ok_or_else(ApiError::unauthorized)?;
+        state
+            .sessions
+            .insert(generation, token, user.clone(), expires_at);
         Ok(Self { user, token })
     }
 }

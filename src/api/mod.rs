@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 mod health;
 mod messages;
+pub mod sessions;
 pub mod validate;
 
 use std::net::IpAddr;
@@ -36,6 +37,7 @@ pub struct Inner {
     pub store: Arc<dyn Store>,
     pub config: Config,
     pub ready: AtomicBool,
+    pub sessions: sessions::SessionCache,
     /// Verified against when a login names no account, so that failure costs the same time.
     dummy_hash: String,
     sends: RateLimiter<i64>,
@@ -57,6 +59,7 @@ impl AppState {
         Self(Arc::new(Inner {
             store,
             ready: AtomicBool::new(true),
+            sessions: sessions::SessionCache::default(),
             dummy_hash: crate::auth::hash_password("natter dummy password", config.hash_cost)
                 .expect("hash a password at start-up"),
             sends: RateLimiter::new(limits.send),

@@ -72,8 +72,12 @@ async fn sessions(store: &dyn Store) {
     store.create_session(id, live, 2_000).await.unwrap();
     store.create_session(id, expired, 1_000).await.unwrap();
     assert_eq!(
-        store.session_user(live, 1_500).await.unwrap().map(|u| u.id),
-        Some(id)
+        store
+            .session_user(live, 1_500)
+            .await
+            .unwrap()
+            .map(|(u, exp)| (u.id, exp)),
+        Some((id, 2_000))
     );
     assert_eq!(store.session_user(expired, 1_500).await.unwrap(), None);
     assert_eq!(store.session_user([3u8; 32], 0).await.unwrap(), None);

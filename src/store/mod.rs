@@ -83,8 +83,8 @@ pub trait Accounts: Send + Sync {
     /// The user and their stored password hash, for login.
     async fn credentials(&self, username: &str) -> Result<Option<(User, String)>>;
     async fn create_session(&self, user_id: i64, token: TokenHash, expires_at: i64) -> Result<()>;
-    /// The user of an unexpired session.
-    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<User>>;
+    /// The user of an unexpired session, and when the session expires.
+    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<(User, i64)>>;
     /// Idempotent: deleting a missing session succeeds.
     async fn delete_session(&self, token: TokenHash) -> Result<()>;
 }

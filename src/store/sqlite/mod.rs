@@ -185,7 +185,7 @@ impl Accounts for SqliteStore {
         )
     }
 
-    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<User>> {
+    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<(User, i64)>> {
         self.reads
             .run(move |c| read::session_user(c, &token, now))
             .await

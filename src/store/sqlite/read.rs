@@ -146,12 +146,12 @@ pub(super) fn session_user(
     conn: &Connection,
     token: &[u8],
     now: i64,
-) -> rusqlite::Result<Option<User>> {
+) -> rusqlite::Result<Option<(User, i64)>> {
     conn.prepare_cached(
-        "SELECT u.id, u.username, u.created_at FROM sessions s JOIN users u ON u.id = s.user_id
+        "SELECT u.id, u.username, u.created_at, s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id
          WHERE s.token_hash = ?1 AND s.expires_at > ?2",
     )?
-    .query_row(params![token, now], user_row)
+    .query_row(params![token, now], |r| Ok((user_row(r)?, r.get(3)?)))
     .optional()
 }
 
