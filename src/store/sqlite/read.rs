@@ -98,6 +98,12 @@ fn channel_row(r: &Row) -> rusqlite::Result<Channel> {
 pub(super) const MESSAGE_COLUMNS: &str =
     "id, channel_id, seq, author_id, text, client_id, created_at, edited_at, deleted";
 
+/// [`MESSAGE_COLUMNS`] of `messages m`, for queries that find messages through the log:
+/// history is read along `events (channel_id, seq)`, so messages need no index by channel
+/// (one B-tree fewer to update per message on the write path).
+const LOG_MESSAGE_COLUMNS: &str =
+    "m.id, m.channel_id, m.seq, m.author_id, m.text, m.client_id, m.created_at, m.edited_at, m.deleted";
+
 pub(super) fn message_row(r: &Row) -> rusqlite::Result<Message> {
     Ok(Message {
         id: r.get(0)?,
@@ -219,15 +225,17 @@ pub(super) fn messages(
     let mut items: Vec<Message> = match q.after_seq {
         Some(after) => conn
             .prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages
-                 WHERE channel_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq ASC LIMIT ?4"
+                "SELECT {LOG_MESSAGE_COLUMNS} FROM events e CROSS JOIN messages m ON m.id = e.message_id
+                 WHERE e.channel_id = ?1 AND e.kind = 'message.created' AND e.seq > ?2 AND e.seq < ?3
+                 ORDER BY e.seq ASC LIMIT ?4"
             ))?
             .query_map([channel_id, after, before, fetch], message_row)?
             .collect::<rusqlite::Result<_>>()?,
         None => conn
             .prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages
-                 WHERE channel_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+                "SELECT {LOG_MESSAGE_COLUMNS} FROM events e CROSS JOIN messages m ON m.id = e.message_id
+                 WHERE e.channel_id = ?1 AND e.kind = 'message.created' AND e.seq < ?2
+                 ORDER BY e.seq DESC LIMIT ?3"
             ))?
             .query_map([channel_id, before, fetch], message_row)?
             .collect::<rusqlite::Result<_>>()?,

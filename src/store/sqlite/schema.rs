@@ -53,7 +53,6 @@ const MIGRATIONS: &[&str] = &[
         edited_at  INTEGER,
         deleted    INTEGER NOT NULL DEFAULT 0
     );
-    CREATE UNIQUE INDEX messages_seq ON messages(channel_id, seq);
     CREATE UNIQUE INDEX messages_client ON messages(channel_id, author_id, client_id)
         WHERE client_id IS NOT NULL;
     CREATE TABLE events (

@@ -517,8 +517,10 @@ fn mark_read(tx: &Transaction, user_id: i64, channel_id: i64, seq: i64) -> Appli
     }
     let (live, own): (i64, i64) = tx
         .prepare_cached(
-            "SELECT count(*), coalesce(sum(author_id = ?4), 0) FROM messages
-             WHERE channel_id = ?1 AND seq > ?2 AND seq <= ?3 AND deleted = 0",
+            "SELECT count(*), coalesce(sum(m.author_id = ?4), 0)
+             FROM events e CROSS JOIN messages m ON m.id = e.message_id
+             WHERE e.channel_id = ?1 AND e.kind = 'message.created' AND e.seq > ?2 AND e.seq <= ?3
+               AND m.deleted = 0",
         )?
         .query_row([channel_id, from, to, user_id], |r| {
             Ok((r.get(0)?, r.get(1)?))
