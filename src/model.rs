@@ -176,3 +176,14 @@ pub struct HistoryQuery {
     pub after_seq: Option<i64>,
     pub limit: u32,
 }
+
+impl HistoryQuery {
+    /// The newest `limit` messages.
+    pub fn newest(limit: u32) -> Self {
+        Self {
+            before_seq: None,
+            after_seq: None,
+            limit,
+        }
+    }
+}

@@ -141,14 +141,7 @@ async fn client_id_is_idempotent(store: &dyn Store) {
         .unwrap();
     assert!(other.created);
     let page = store
-        .messages(
-            ch.id,
-            HistoryQuery {
-                before_seq: None,
-                after_seq: None,
-                limit: 50,
-            },
-        )
+        .messages(ch.id, HistoryQuery::newest(50))
         .await
         .unwrap();
     assert_eq!(page.items.len(), 2);
@@ -448,14 +441,7 @@ async fn delete_redacts(store: &dyn Store) {
         Err(StoreError::NotFound)
     ));
     let page = store
-        .messages(
-            ch.id,
-            HistoryQuery {
-                before_seq: None,
-                after_seq: None,
-                limit: 10,
-            },
-        )
+        .messages(ch.id, HistoryQuery::newest(10))
         .await
         .unwrap();
     assert_eq!(
@@ -517,14 +503,7 @@ async fn edits_keep_each_version_in_the_log(store: &dyn Store) {
     );
     assert!(texts[0].1.is_none() && texts[1].1.is_some());
     let latest = store
-        .messages(
-            ch.id,
-            HistoryQuery {
-                before_seq: None,
-                after_seq: None,
-                limit: 10,
-            },
-        )
+        .messages(ch.id, HistoryQuery::newest(10))
         .await
         .unwrap();
     assert_eq!(latest.items[0].text, "v3");

@@ -211,38 +211,26 @@ impl Client {
 
     /// Every message of the channel, paging forward from the start.
     pub async fn all_messages(&self, channel: &str) -> Vec<Value> {
-        let mut out = Vec::new();
-        let mut after = 0;
-        loop {
-            let a = self
-                .get(&format!(
-                    "/v1/channels/{channel}/messages?after_seq={after}&limit=200"
-                ))
-                .await;
-            assert_eq!(a.status, StatusCode::OK, "{a:?}");
-            let page = a.body["messages"].as_array().unwrap().clone();
-            if let Some(last) = page.last() {
-                after = last["seq"].as_i64().unwrap();
-            }
-            out.extend(page);
-            if !a.body["has_more"].as_bool().unwrap() {
-                return out;
-            }
-        }
+        self.page_all(&format!("/v1/channels/{channel}/messages"), "messages")
+            .await
     }
 
     /// Every event of the channel, paging forward from the start.
     pub async fn all_events(&self, channel: &str) -> Vec<Value> {
+        self.page_all(&format!("/v1/channels/{channel}/events"), "events")
+            .await
+    }
+
+    /// Pages `path` forward with `after_seq` until `has_more` is false.
+    async fn page_all(&self, path: &str, key: &str) -> Vec<Value> {
         let mut out = Vec::new();
         let mut after = 0;
         loop {
             let a = self
-                .get(&format!(
-                    "/v1/channels/{channel}/events?after_seq={after}&limit=200"
-                ))
+                .get(&format!("{path}?after_seq={after}&limit=200"))
                 .await;
             assert_eq!(a.status, StatusCode::OK, "{a:?}");
-            let page = a.body["events"].as_array().unwrap().clone();
+            let page = a.body[key].as_array().unwrap().clone();
             if let Some(last) = page.last() {
                 after = last["seq"].as_i64().unwrap();
             }

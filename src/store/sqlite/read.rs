@@ -101,8 +101,7 @@ pub(super) const MESSAGE_COLUMNS: &str =
 /// [`MESSAGE_COLUMNS`] of `messages m`, for queries that find messages through the log:
 /// history is read along `events (channel_id, seq)`, so messages need no index by channel
 /// (one B-tree fewer to update per message on the write path).
-const LOG_MESSAGE_COLUMNS: &str =
-    "m.id, m.channel_id, m.seq, m.author_id, m.text, m.client_id, m.created_at, m.edited_at, m.deleted";
+const LOG_MESSAGE_COLUMNS: &str = "m.id, m.channel_id, m.seq, m.author_id, m.text, m.client_id, m.created_at, m.edited_at, m.deleted";
 
 pub(super) fn message_row(r: &Row) -> rusqlite::Result<Message> {
     Ok(Message {
