@@ -18,8 +18,10 @@ use crate::id::Snowflake;
 use crate::model::{ChannelKind, Message, Role};
 use crate::store::{Posted, StoreError};
 
-/// Channels kept between batches before the state is dropped and reloaded on demand.
+/// Channels, and member roles over all of them, kept between batches before the state is
+/// dropped and reloaded on demand: bounds the writer's memory.
 const MAX_CHANNELS: usize = 50_000;
+const MAX_ROLES: usize = 1_000_000;
 
 struct HotChannel {
     kind: ChannelKind,
@@ -36,6 +38,8 @@ struct HotChannel {
 #[derive(Default)]
 pub(super) struct Hot {
     channels: HashMap<i64, HotChannel>,
+    /// Role entries over all channels.
+    roles: usize,
 }
 
 impl Hot {
@@ -66,6 +70,27 @@ impl Hot {
         }
     }
 
+    /// The user's role in an existing channel, or `None` for a non-member (or no channel).
+    fn role(
+        &mut self,
+        tx: &Transaction,
+        channel_id: i64,
+        user_id: i64,
+    ) -> rusqlite::Result<Option<Role>> {
+        let Some(ch) = self.channel(tx, channel_id)? else {
+            return Ok(None);
+        };
+        if let Some(role) = ch.roles.get(&user_id) {
+            return Ok(Some(*role));
+        }
+        let Some((_, role)) = membership_row(tx, channel_id, user_id)? else {
+            return Ok(None);
+        };
+        ch.roles.insert(user_id, role);
+        self.roles += 1;
+        Ok(Some(role))
+    }
+
     /// Writes every pending change to the channel and member rows.
     pub fn flush(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
         for (id, ch) in &mut self.channels {
@@ -88,17 +113,20 @@ impl Hot {
 
     /// Drops a (flushed) channel's state after another op changed its rows.
     pub fn forget(&mut self, channel_id: i64) {
-        self.channels.remove(&channel_id);
+        if let Some(ch) = self.channels.remove(&channel_id) {
+            self.roles -= ch.roles.len();
+        }
     }
 
     /// Drops everything: after a rollback, or when too many channels are held.
     pub fn clear(&mut self) {
         self.channels.clear();
+        self.roles = 0;
     }
 
     /// Bounds memory between batches; call after a commit.
     pub fn trim(&mut self) {
-        if self.channels.len() > MAX_CHANNELS {
+        if self.channels.len() > MAX_CHANNELS || self.roles > MAX_ROLES {
             self.clear();
         }
     }
@@ -115,15 +143,10 @@ pub(super) fn post_message(
     text: &str,
     client_id: Option<&str>,
 ) -> Applied {
+    let role = hot
+        .role(tx, channel_id, author)?
+        .ok_or(StoreError::NotFound)?;
     let ch = hot.channel(tx, channel_id)?.ok_or(StoreError::NotFound)?;
-    let role = match ch.roles.get(&author) {
-        Some(role) => *role,
-        None => {
-            let (_, role) = membership_row(tx, channel_id, author)?.ok_or(StoreError::NotFound)?;
-            ch.roles.insert(author, role);
-            role
-        }
-    };
     if let Some(cid) = client_id {
         let original = tx
             .prepare_cached(&format!(

@@ -65,6 +65,9 @@ const MIGRATIONS: &[&str] = &[
         body       TEXT,             -- message text snapshot, member role, or channel name
         PRIMARY KEY (channel_id, seq)
     ) WITHOUT ROWID;
+    -- A message's events, for edits and redaction. Message ids grow with time, so this
+    -- index only ever appends.
+    CREATE INDEX events_message ON events(message_id) WHERE message_id IS NOT NULL;
     "#,
 ];
 
