@@ -4,11 +4,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
 use crate::api::{AppState, app};
+use crate::clock::now_ms;
 use crate::config::Config;
+use crate::store::Accounts;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 
 /// Opens the store under `config.data_dir`, serves the API on `listener` until `shutdown`
@@ -22,9 +25,10 @@ pub async fn serve(
     let store = Arc::new(open_store(&config)?);
     let state = AppState::new(store.clone(), config);
     let addr = listener.local_addr()?;
+    let purge = tokio::spawn(purge_expired_sessions(store.clone()));
     tracing::info!(%addr, "natter listening");
     let drain_state = state.clone();
-    axum::serve(
+    let served = axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
@@ -33,17 +37,33 @@ pub async fn serve(
         drain_state.set_ready(false);
         tracing::info!("shutting down: finishing in-flight requests");
     })
-    .await?;
+    .await;
+    purge.abort();
+    let _ = purge.await;
     // Every handler is done; the app state (and its store handle) is dropped with the
     // router, so ours is the last one and closing waits for the writer to drain.
     match Arc::try_unwrap(store) {
-        Ok(store) => store.close(),
+        Ok(store) => tokio::task::spawn_blocking(move || store.close()).await?,
         Err(_) => {
             tracing::warn!("store still shared at shutdown; the writer drains when it is dropped")
         }
     }
+    served?;
     tracing::info!("natter stopped");
     Ok(())
+}
+
+/// Deletes expired sessions at start and then hourly, so the table does not grow forever.
+async fn purge_expired_sessions(store: Arc<SqliteStore>) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        match store.purge_sessions(now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "purged expired sessions"),
+            Err(e) => tracing::warn!(error = %e, "purge expired sessions; will retry in an hour"),
+        }
+    }
 }
 
 /// Opens the embedded store the config names.

@@ -81,6 +81,19 @@ async fn sessions(store: &dyn Store) {
     );
     assert_eq!(store.session_user(expired, 1_500).await.unwrap(), None);
     assert_eq!(store.session_user([3u8; 32], 0).await.unwrap(), None);
+    assert_eq!(
+        store.purge_sessions(1_500).await.unwrap(),
+        1,
+        "only the expired one"
+    );
+    assert_eq!(
+        store
+            .session_user(live, 1_500)
+            .await
+            .unwrap()
+            .map(|(u, _)| u.id),
+        Some(id)
+    );
     store.delete_session(live).await.unwrap();
     store.delete_session(live).await.unwrap();
     assert_eq!(store.session_user(live, 1_500).await.unwrap(), None);

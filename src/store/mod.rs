@@ -87,6 +87,8 @@ pub trait Accounts: Send + Sync {
     async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<(User, i64)>>;
     /// Idempotent: deleting a missing session succeeds.
     async fn delete_session(&self, token: TokenHash) -> Result<()>;
+    /// Deletes sessions that expired at or before `now`; returns how many.
+    async fn purge_sessions(&self, now: i64) -> Result<u64>;
 }
 
 /// Channels, their members and their event logs. Every change appends one event per

@@ -133,6 +133,7 @@ fn unexpected(done: Done) -> StoreError {
         Done::Dm(..) => "dm",
         Done::Posted(_) => "posted",
         Done::Message(_) => "message",
+        Done::Count(_) => "count",
         Done::Unit => "unit",
     };
     StoreError::internal("match writer answer", format!("unexpected answer {what}"))
@@ -189,6 +190,13 @@ impl Accounts for SqliteStore {
         self.reads
             .run(move |c| read::session_user(c, &token, now))
             .await
+    }
+
+    async fn purge_sessions(&self, now: i64) -> Result<u64> {
+        match self.write(Op::PurgeSessions { now }).await? {
+            Done::Count(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn delete_session(&self, token: TokenHash) -> Result<()> {

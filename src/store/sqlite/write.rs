@@ -23,6 +23,9 @@ pub(super) enum Op {
     DeleteSession {
         token: TokenHash,
     },
+    PurgeSessions {
+        now: i64,
+    },
     CreateChannel {
         owner: i64,
         kind: ChannelKind,
@@ -88,9 +91,10 @@ impl Op {
     pub(super) fn hot_use(&self) -> HotUse {
         match self {
             Op::PostMessage { .. } => HotUse::Owns,
-            Op::CreateUser { .. } | Op::CreateSession { .. } | Op::DeleteSession { .. } => {
-                HotUse::None
-            }
+            Op::CreateUser { .. }
+            | Op::CreateSession { .. }
+            | Op::DeleteSession { .. }
+            | Op::PurgeSessions { .. } => HotUse::None,
             Op::CreateChannel { .. } | Op::OpenDm { .. } | Op::MarkRead { .. } => {
                 HotUse::FlushAndForget(None)
             }
@@ -109,6 +113,7 @@ pub(super) enum Done {
     Dm(Channel, bool),
     Posted(Posted),
     Message(Message),
+    Count(u64),
     Unit,
 }
 
@@ -155,6 +160,12 @@ pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, hot: &mut Hot, op: &O
             tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
                 .execute([&token[..]])?;
             Ok(Done::Unit)
+        }
+        Op::PurgeSessions { now } => {
+            let n = tx
+                .prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
+                .execute([now])?;
+            Ok(Done::Count(n as u64))
         }
         Op::CreateChannel {
             owner,
