@@ -22,6 +22,11 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    if config.hash_cost == crate::auth::HashCost::insecure_fast() {
+        tracing::warn!(
+            "password hashing uses insecure test parameters; never run real accounts like this"
+        );
+    }
     let store = Arc::new(open_store(&config)?);
     let state = AppState::new(store.clone(), config);
     let addr = listener.local_addr()?;
