@@ -51,7 +51,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         }
         let message = inner.to_string();
         let field = if path == "." {
-            backticked(&message).unwrap_or_default()
+            // A missing or unknown field names itself; a body of the wrong type is "body".
+            backticked(&message).unwrap_or_else(|| "body".to_owned())
         } else {
             path
         };
@@ -226,6 +227,14 @@ mod tests {
             "invalid_field"
         );
         assert!(parse_json::<Body>(b"{\"text\":\"a\"}").is_ok());
+        assert_eq!(
+            code(parse_json(b"5")),
+            ("invalid_field", Some("body".into()))
+        );
+        assert_eq!(
+            code(parse_json(b"")),
+            ("invalid_field", Some("body".into()))
+        );
     }
 
     #[test]
