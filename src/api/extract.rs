@@ -52,7 +52,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let message = inner.to_string();
         let field = if path == "." {
             // A missing or unknown field names itself; a body of the wrong type is "body".
-            backticked(&message).unwrap_or_else(|| "body".to_owned())
+            Some(&message)
+                .filter(|m| m.starts_with("missing field") || m.starts_with("unknown field"))
+                .and_then(|m| backticked(m))
+                .unwrap_or_else(|| "body".to_owned())
         } else {
             path
         };
