@@ -1,0 +1,265 @@
+//! Channel ops: create, DM, rename, members and roles, read markers.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use super::{Applied, Done, append_event, membership, role_of, user_exists};
+use crate::id::Snowflake;
+use crate::model::{ChannelKind, Role};
+use crate::store::StoreError;
+use crate::store::sqlite::read;
+
+/// Adds a member with a `member.added` event. Their read marker starts at that event, so
+/// earlier history does not count as unread.
+fn add_member(
+    tx: &Transaction,
+    channel_id: i64,
+    user_id: i64,
+    role: Role,
+    at: i64,
+) -> rusqlite::Result<()> {
+    let seq = append_event(
+        tx,
+        channel_id,
+        "member.added",
+        at,
+        None,
+        Some(user_id),
+        Some(role.as_str()),
+    )?;
+    tx.prepare_cached(
+        "INSERT INTO members (channel_id, user_id, role, read_seq, live_read, own_unread)
+         SELECT ?1, ?2, ?3, ?4, live_messages, 0 FROM channels WHERE id = ?1",
+    )?
+    .execute(params![channel_id, user_id, role.as_str(), seq])?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn create_channel(
+    tx: &Transaction,
+    ids: &mut Snowflake,
+    now: i64,
+    owner: i64,
+    kind: ChannelKind,
+    name: &str,
+    members: &[i64],
+) -> Applied {
+    let mut others: Vec<i64> = members.iter().copied().filter(|&m| m != owner).collect();
+    others.sort_unstable();
+    others.dedup();
+    for &m in &others {
+        if !user_exists(tx, m)? {
+            return Err(StoreError::Invalid {
+                field: "members",
+                message: format!("no user has id {m}"),
+            }
+            .into());
+        }
+    }
+    let id = ids.next_id(now);
+    tx.prepare_cached(
+        "INSERT INTO channels (id, kind, name, owner_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![id, kind.as_str(), name, owner, now])?;
+    add_member(tx, id, owner, Role::Owner, now)?;
+    for m in others {
+        add_member(tx, id, m, Role::Member, now)?;
+    }
+    Ok(Done::Channel(
+        read::channel(tx, id)?.ok_or(StoreError::NotFound)?,
+    ))
+}
+
+pub(super) fn open_dm(
+    tx: &Transaction,
+    ids: &mut Snowflake,
+    now: i64,
+    user: i64,
+    peer: i64,
+) -> Applied {
+    if user == peer {
+        return Err(StoreError::Invalid {
+            field: "user_id",
+            message: "a DM needs another user".into(),
+        }
+        .into());
+    }
+    let key = format!("{}:{}", user.min(peer), user.max(peer));
+    let existing: Option<i64> = tx
+        .prepare_cached("SELECT id FROM channels WHERE dm_key = ?1")?
+        .query_row([&key], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = existing {
+        return Ok(Done::Dm(
+            read::channel(tx, id)?.ok_or(StoreError::NotFound)?,
+            false,
+        ));
+    }
+    if !user_exists(tx, peer)? {
+        return Err(StoreError::NotFound.into());
+    }
+    let id = ids.next_id(now);
+    tx.prepare_cached(
+        "INSERT INTO channels (id, kind, name, owner_id, dm_key, created_at) VALUES (?1, 'dm', NULL, ?2, ?3, ?4)",
+    )?
+    .execute(params![id, user, key, now])?;
+    add_member(tx, id, user, Role::Member, now)?;
+    add_member(tx, id, peer, Role::Member, now)?;
+    Ok(Done::Dm(
+        read::channel(tx, id)?.ok_or(StoreError::NotFound)?,
+        true,
+    ))
+}
+
+pub(super) fn rename_channel(
+    tx: &Transaction,
+    now: i64,
+    actor: i64,
+    channel_id: i64,
+    name: &str,
+) -> Applied {
+    let (kind, role) = membership(tx, channel_id, actor)?;
+    if kind == ChannelKind::Dm {
+        return Err(StoreError::Forbidden("a DM has no name").into());
+    }
+    if !role.is_manager() {
+        return Err(
+            StoreError::Forbidden("only the owner or an admin may rename the channel").into(),
+        );
+    }
+    tx.prepare_cached("UPDATE channels SET name = ?2 WHERE id = ?1")?
+        .execute(params![channel_id, name])?;
+    append_event(
+        tx,
+        channel_id,
+        "channel.updated",
+        now,
+        None,
+        None,
+        Some(name),
+    )?;
+    Ok(Done::Channel(
+        read::channel(tx, channel_id)?.ok_or(StoreError::NotFound)?,
+    ))
+}
+
+pub(super) fn put_member(
+    tx: &Transaction,
+    now: i64,
+    actor: i64,
+    channel_id: i64,
+    user_id: i64,
+    role: Option<Role>,
+) -> Applied {
+    let (kind, actor_role) = membership(tx, channel_id, actor)?;
+    if kind == ChannelKind::Dm {
+        return Err(StoreError::Forbidden("a DM has exactly two members").into());
+    }
+    if !actor_role.is_manager() {
+        return Err(StoreError::Forbidden("only the owner or an admin may manage members").into());
+    }
+    if !user_exists(tx, user_id)? {
+        return Err(StoreError::NotFound.into());
+    }
+    match role_of(tx, channel_id, user_id)? {
+        None => add_member(tx, channel_id, user_id, role.unwrap_or(Role::Member), now)?,
+        Some(Role::Owner) => {
+            if role.is_some_and(|r| r != Role::Owner) {
+                return Err(StoreError::Forbidden("the owner's role cannot be changed").into());
+            }
+        }
+        Some(current) => {
+            let wanted = role.unwrap_or(current);
+            if wanted != current {
+                if current == Role::Admin && actor_role != Role::Owner {
+                    return Err(
+                        StoreError::Forbidden("only the owner may change an admin's role").into(),
+                    );
+                }
+                tx.prepare_cached(
+                    "UPDATE members SET role = ?3 WHERE channel_id = ?1 AND user_id = ?2",
+                )?
+                .execute(params![channel_id, user_id, wanted.as_str()])?;
+                append_event(
+                    tx,
+                    channel_id,
+                    "member.updated",
+                    now,
+                    None,
+                    Some(user_id),
+                    Some(wanted.as_str()),
+                )?;
+            }
+        }
+    }
+    Ok(Done::Unit)
+}
+
+pub(super) fn remove_member(
+    tx: &Transaction,
+    now: i64,
+    actor: i64,
+    channel_id: i64,
+    user_id: i64,
+) -> Applied {
+    let (kind, actor_role) = membership(tx, channel_id, actor)?;
+    let target = role_of(tx, channel_id, user_id)?.ok_or(StoreError::NotFound)?;
+    if kind == ChannelKind::Dm {
+        return Err(StoreError::Forbidden("a DM has exactly two members").into());
+    }
+    if target == Role::Owner {
+        return Err(StoreError::Forbidden("the owner cannot leave or be removed").into());
+    }
+    if actor != user_id {
+        let allowed = match target {
+            Role::Member => actor_role.is_manager(),
+            _ => actor_role == Role::Owner,
+        };
+        if !allowed {
+            return Err(StoreError::Forbidden("you may not remove this member").into());
+        }
+    }
+    tx.prepare_cached("DELETE FROM members WHERE channel_id = ?1 AND user_id = ?2")?
+        .execute([channel_id, user_id])?;
+    append_event(
+        tx,
+        channel_id,
+        "member.removed",
+        now,
+        None,
+        Some(user_id),
+        None,
+    )?;
+    Ok(Done::Unit)
+}
+
+pub(super) fn mark_read(tx: &Transaction, user_id: i64, channel_id: i64, seq: i64) -> Applied {
+    let row: Option<(i64, i64)> = tx
+        .prepare_cached(
+            "SELECT m.read_seq, c.last_seq FROM members m JOIN channels c ON c.id = m.channel_id
+             WHERE m.channel_id = ?1 AND m.user_id = ?2",
+        )?
+        .query_row([channel_id, user_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (from, last) = row.ok_or(StoreError::NotFound)?;
+    let to = seq.min(last);
+    if to <= from {
+        return Ok(Done::Unit);
+    }
+    let (live, own): (i64, i64) = tx
+        .prepare_cached(
+            "SELECT count(*), coalesce(sum(m.author_id = ?4), 0)
+             FROM events e CROSS JOIN messages m ON m.id = e.message_id
+             WHERE e.channel_id = ?1 AND e.kind = 'message.created' AND e.seq > ?2 AND e.seq <= ?3
+               AND m.deleted = 0",
+        )?
+        .query_row([channel_id, from, to, user_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    tx.prepare_cached(
+        "UPDATE members SET read_seq = ?3, live_read = live_read + ?4, own_unread = own_unread - ?5
+         WHERE channel_id = ?1 AND user_id = ?2",
+    )?
+    .execute([channel_id, user_id, to, live, own])?;
+    Ok(Done::Unit)
+}

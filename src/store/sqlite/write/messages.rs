@@ -1,0 +1,109 @@
+//! Message ops other than the post (which is the writer's hot path, in `hot.rs`): edit
+//! and delete.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use super::{Applied, Done, Failure, append_event, membership};
+use crate::model::Message;
+use crate::store::StoreError;
+use crate::store::sqlite::read;
+
+pub(super) fn live_message(
+    tx: &Transaction,
+    channel_id: i64,
+    message_id: i64,
+) -> Result<Message, Failure> {
+    let message = tx
+        .prepare_cached(&format!(
+            "SELECT {} FROM messages WHERE id = ?1 AND channel_id = ?2",
+            read::MESSAGE_COLUMNS
+        ))?
+        .query_row([message_id, channel_id], read::message_row)
+        .optional()?;
+    Ok(message.ok_or(StoreError::NotFound)?)
+}
+
+pub(super) fn edit_message(
+    tx: &Transaction,
+    now: i64,
+    actor: i64,
+    channel_id: i64,
+    message_id: i64,
+    text: &str,
+) -> Applied {
+    membership(tx, channel_id, actor)?;
+    let mut message = live_message(tx, channel_id, message_id)?;
+    if message.deleted {
+        return Err(StoreError::NotFound.into());
+    }
+    if message.author_id != actor {
+        return Err(StoreError::Forbidden("only the author may edit a message").into());
+    }
+    // The event that showed the latest text (body NULL) keeps the old text as its own;
+    // the new event shows the message row's text from now on.
+    tx.prepare_cached(
+        "UPDATE events SET body = ?3 WHERE channel_id = ?1 AND message_id = ?2 AND body IS NULL",
+    )?
+    .execute(params![channel_id, message_id, message.text])?;
+    tx.prepare_cached("UPDATE messages SET text = ?2, edited_at = ?3 WHERE id = ?1")?
+        .execute(params![message_id, text, now])?;
+    append_event(
+        tx,
+        channel_id,
+        "message.edited",
+        now,
+        Some(message_id),
+        None,
+        None,
+    )?;
+    message.text = text.to_owned();
+    message.edited_at = Some(now);
+    Ok(Done::Message(message))
+}
+
+/// Tombstones the message and redacts its text from every event of the log.
+pub(super) fn delete_message(
+    tx: &Transaction,
+    now: i64,
+    actor: i64,
+    channel_id: i64,
+    message_id: i64,
+) -> Applied {
+    let (_, role) = membership(tx, channel_id, actor)?;
+    let message = live_message(tx, channel_id, message_id)?;
+    if message.author_id != actor && !role.is_manager() {
+        return Err(StoreError::Forbidden(
+            "only the author, the owner or an admin may delete a message",
+        )
+        .into());
+    }
+    if message.deleted {
+        return Ok(Done::Unit);
+    }
+    tx.prepare_cached("UPDATE messages SET text = '', deleted = 1 WHERE id = ?1")?
+        .execute([message_id])?;
+    tx.prepare_cached("UPDATE events SET body = '' WHERE channel_id = ?1 AND message_id = ?2")?
+        .execute([channel_id, message_id])?;
+    append_event(
+        tx,
+        channel_id,
+        "message.deleted",
+        now,
+        Some(message_id),
+        None,
+        None,
+    )?;
+    // Unread projection: one live message fewer in the channel, fewer read by those past
+    // it, and one own message fewer for an author who had not read past it.
+    tx.prepare_cached("UPDATE channels SET live_messages = live_messages - 1 WHERE id = ?1")?
+        .execute([channel_id])?;
+    tx.prepare_cached(
+        "UPDATE members SET live_read = live_read - 1 WHERE channel_id = ?1 AND read_seq >= ?2",
+    )?
+    .execute([channel_id, message.seq])?;
+    tx.prepare_cached(
+        "UPDATE members SET own_unread = own_unread - 1 WHERE channel_id = ?1 AND user_id = ?2 AND read_seq < ?3",
+    )?
+    .execute([channel_id, message.author_id, message.seq])?;
+    Ok(Done::Unit)
+}

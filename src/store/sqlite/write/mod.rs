@@ -1,0 +1,316 @@
+//! The write ops the writer thread applies inside its batch transaction. Each op runs all
+//! of its checks before its first write, so a refused op leaves the batch untouched.
+//! This module holds the op set, the dispatcher, accounts and the helpers the op modules
+//! share; `channels` and `messages` hold the channel and message ops.
+
+mod channels;
+mod messages;
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use self::channels::{
+    create_channel, mark_read, open_dm, put_member, remove_member, rename_channel,
+};
+use self::messages::{delete_message, edit_message};
+use super::hot::{self, Hot};
+use super::read;
+use crate::clock::now_ms;
+use crate::id::Snowflake;
+use crate::model::{Channel, ChannelKind, Message, Role, User};
+use crate::store::{Posted, StoreError, TokenHash};
+
+pub(super) enum Op {
+    CreateUser {
+        username: String,
+        password_hash: String,
+    },
+    CreateSession {
+        user_id: i64,
+        token: TokenHash,
+        expires_at: i64,
+    },
+    DeleteSession {
+        token: TokenHash,
+    },
+    PurgeSessions {
+        now: i64,
+    },
+    CreateChannel {
+        owner: i64,
+        kind: ChannelKind,
+        name: String,
+        members: Vec<i64>,
+    },
+    OpenDm {
+        user: i64,
+        peer: i64,
+    },
+    RenameChannel {
+        actor: i64,
+        channel_id: i64,
+        name: String,
+    },
+    PutMember {
+        actor: i64,
+        channel_id: i64,
+        user_id: i64,
+        role: Option<Role>,
+    },
+    RemoveMember {
+        actor: i64,
+        channel_id: i64,
+        user_id: i64,
+    },
+    MarkRead {
+        user_id: i64,
+        channel_id: i64,
+        seq: i64,
+    },
+    PostMessage {
+        author: i64,
+        channel_id: i64,
+        text: String,
+        client_id: Option<String>,
+    },
+    EditMessage {
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        text: String,
+    },
+    DeleteMessage {
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+    },
+}
+
+/// How an op relates to the writer's [`Hot`] channel state.
+pub(super) enum HotUse {
+    /// Message posts keep the hot state themselves.
+    Owns,
+    /// Touches no channel or member row.
+    None,
+    /// Reads or writes channel/member rows: pending state is flushed first, and the
+    /// channel (if any) is forgotten afterwards.
+    FlushAndForget(Option<i64>),
+}
+
+impl Op {
+    pub(super) fn hot_use(&self) -> HotUse {
+        match self {
+            Op::PostMessage { .. } => HotUse::Owns,
+            Op::CreateUser { .. }
+            | Op::CreateSession { .. }
+            | Op::DeleteSession { .. }
+            | Op::PurgeSessions { .. } => HotUse::None,
+            Op::CreateChannel { .. } | Op::OpenDm { .. } | Op::MarkRead { .. } => {
+                HotUse::FlushAndForget(None)
+            }
+            Op::RenameChannel { channel_id, .. }
+            | Op::PutMember { channel_id, .. }
+            | Op::RemoveMember { channel_id, .. }
+            | Op::EditMessage { channel_id, .. }
+            | Op::DeleteMessage { channel_id, .. } => HotUse::FlushAndForget(Some(*channel_id)),
+        }
+    }
+}
+
+pub(super) enum Done {
+    User(User),
+    Channel(Channel),
+    Dm(Channel, bool),
+    Posted(Posted),
+    Message(Message),
+    Count(u64),
+    Unit,
+}
+
+pub(super) enum Failure {
+    /// A check failed before anything was written.
+    Refused(StoreError),
+    /// SQLite failed; the batch must not be committed as it is.
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for Failure {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sqlite(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Self::Refused(e)
+    }
+}
+
+pub(super) type Applied = Result<Done, Failure>;
+
+pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, hot: &mut Hot, op: &Op) -> Applied {
+    let now = now_ms();
+    match op {
+        Op::CreateUser {
+            username,
+            password_hash,
+        } => create_user(tx, ids.next_id(now), now, username, password_hash),
+        Op::CreateSession {
+            user_id,
+            token,
+            expires_at,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![&token[..], user_id, now, expires_at])?;
+            Ok(Done::Unit)
+        }
+        Op::DeleteSession { token } => {
+            tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
+                .execute([&token[..]])?;
+            Ok(Done::Unit)
+        }
+        Op::PurgeSessions { now } => {
+            let n = tx
+                .prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
+                .execute([now])?;
+            Ok(Done::Count(n as u64))
+        }
+        Op::CreateChannel {
+            owner,
+            kind,
+            name,
+            members,
+        } => create_channel(tx, ids, now, *owner, *kind, name, members),
+        Op::OpenDm { user, peer } => open_dm(tx, ids, now, *user, *peer),
+        Op::RenameChannel {
+            actor,
+            channel_id,
+            name,
+        } => rename_channel(tx, now, *actor, *channel_id, name),
+        Op::PutMember {
+            actor,
+            channel_id,
+            user_id,
+            role,
+        } => put_member(tx, now, *actor, *channel_id, *user_id, *role),
+        Op::RemoveMember {
+            actor,
+            channel_id,
+            user_id,
+        } => remove_member(tx, now, *actor, *channel_id, *user_id),
+        Op::MarkRead {
+            user_id,
+            channel_id,
+            seq,
+        } => mark_read(tx, *user_id, *channel_id, *seq),
+        Op::PostMessage {
+            author,
+            channel_id,
+            text,
+            client_id,
+        } => hot::post_message(
+            tx,
+            hot,
+            ids,
+            now,
+            *author,
+            *channel_id,
+            text,
+            client_id.as_deref(),
+        ),
+        Op::EditMessage {
+            actor,
+            channel_id,
+            message_id,
+            text,
+        } => edit_message(tx, now, *actor, *channel_id, *message_id, text),
+        Op::DeleteMessage {
+            actor,
+            channel_id,
+            message_id,
+        } => delete_message(tx, now, *actor, *channel_id, *message_id),
+    }
+}
+
+fn create_user(tx: &Transaction, id: i64, now: i64, username: &str, hash: &str) -> Applied {
+    let key = username.to_ascii_lowercase();
+    let taken = tx
+        .prepare_cached("SELECT 1 FROM users WHERE username_key = ?1")?
+        .exists([&key])?;
+    if taken {
+        return Err(StoreError::UsernameTaken.into());
+    }
+    tx.prepare_cached(
+        "INSERT INTO users (id, username, username_key, password_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![id, username, key, hash, now])?;
+    Ok(Done::User(User {
+        id,
+        username: username.to_owned(),
+        created_at: now,
+    }))
+}
+
+/// Appends an event with the channel's next seq and returns that seq.
+fn append_event(
+    tx: &Transaction,
+    channel_id: i64,
+    kind: &str,
+    at: i64,
+    message_id: Option<i64>,
+    user_id: Option<i64>,
+    body: Option<&str>,
+) -> rusqlite::Result<i64> {
+    let seq: i64 = tx
+        .prepare_cached(
+            "UPDATE channels SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
+        )?
+        .query_row([channel_id], |r| r.get(0))?;
+    tx.prepare_cached(
+        "INSERT INTO events (channel_id, seq, kind, at, message_id, user_id, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![channel_id, seq, kind, at, message_id, user_id, body])?;
+    Ok(seq)
+}
+
+fn user_exists(tx: &Transaction, user_id: i64) -> rusqlite::Result<bool> {
+    tx.prepare_cached("SELECT 1 FROM users WHERE id = ?1")?
+        .exists([user_id])
+}
+
+/// The channel's kind and the user's role in it; `NotFound` for non-members.
+fn membership(
+    tx: &Transaction,
+    channel_id: i64,
+    user_id: i64,
+) -> Result<(ChannelKind, Role), Failure> {
+    Ok(membership_row(tx, channel_id, user_id)?.ok_or(StoreError::NotFound)?)
+}
+
+/// The channel's kind and the user's role in it; `None` for non-members.
+pub(super) fn membership_row(
+    tx: &Transaction,
+    channel_id: i64,
+    user_id: i64,
+) -> rusqlite::Result<Option<(ChannelKind, Role)>> {
+    let row = tx
+        .prepare_cached(
+            "SELECT c.kind, m.role FROM members m JOIN channels c ON c.id = m.channel_id
+             WHERE m.channel_id = ?1 AND m.user_id = ?2",
+        )?
+        .query_row([channel_id, user_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .optional()?;
+    row.map(|(kind, role)| Ok((read::parse_kind(&kind)?, read::parse_role(&role)?)))
+        .transpose()
+}
+
+fn role_of(tx: &Transaction, channel_id: i64, user_id: i64) -> rusqlite::Result<Option<Role>> {
+    let role: Option<String> = tx
+        .prepare_cached("SELECT role FROM members WHERE channel_id = ?1 AND user_id = ?2")?
+        .query_row([channel_id, user_id], |r| r.get(0))
+        .optional()?;
+    role.map(|r| read::parse_role(&r)).transpose()
+}
