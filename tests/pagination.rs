@@ -7,65 +7,55 @@ use common::{Client, TestServer};
 use proptest::prelude::*;
 use reqwest::Method;
 
+/// One page of history: its seqs (checked ascending and within `limit`) and `has_more`.
+async fn page(c: &Client, ch: &str, limit: usize, cursor: &str) -> (Vec<i64>, bool) {
+    let a = c
+        .get(&format!("/v1/channels/{ch}/messages?limit={limit}{cursor}"))
+        .await;
+    let seqs: Vec<i64> = a.body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.len() <= limit);
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "each page ascends: {seqs:?}"
+    );
+    (seqs, a.body["has_more"].as_bool().unwrap())
+}
+
 async fn page_backward(c: &Client, ch: &str, limit: usize, max_pages: usize) -> Vec<i64> {
     let mut pages: Vec<Vec<i64>> = Vec::new();
-    let mut before: Option<i64> = None;
+    let mut cursor = String::new();
     loop {
-        let cursor = before
-            .map(|b| format!("&before_seq={b}"))
-            .unwrap_or_default();
-        let a = c
-            .get(&format!("/v1/channels/{ch}/messages?limit={limit}{cursor}"))
-            .await;
-        let seqs: Vec<i64> = a.body["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["seq"].as_i64().unwrap())
-            .collect();
-        assert!(seqs.len() <= limit);
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "each page ascends: {seqs:?}"
-        );
-        let has_more = a.body["has_more"].as_bool().unwrap();
-        before = seqs.first().copied();
+        let (seqs, has_more) = page(c, ch, limit, &cursor).await;
+        if let Some(first) = seqs.first() {
+            cursor = format!("&before_seq={first}");
+        }
         pages.push(seqs);
         if !has_more {
-            break;
+            return pages.into_iter().rev().flatten().collect();
         }
         assert!(pages.len() <= max_pages, "paging does not end");
     }
-    pages.into_iter().rev().flatten().collect()
 }
 
 async fn page_forward(c: &Client, ch: &str, limit: usize, max_pages: usize) -> Vec<i64> {
     let mut all = Vec::new();
-    let mut pages = 0;
-    let mut after = 0;
-    loop {
-        let a = c
-            .get(&format!(
-                "/v1/channels/{ch}/messages?limit={limit}&after_seq={after}"
-            ))
-            .await;
-        let seqs: Vec<i64> = a.body["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["seq"].as_i64().unwrap())
-            .collect();
-        assert!(seqs.len() <= limit);
-        if let Some(&last) = seqs.last() {
-            after = last;
+    let mut cursor = "&after_seq=0".to_owned();
+    for _ in 0..=max_pages {
+        let (seqs, has_more) = page(c, ch, limit, &cursor).await;
+        if let Some(last) = seqs.last() {
+            cursor = format!("&after_seq={last}");
         }
         all.extend(seqs);
-        if !a.body["has_more"].as_bool().unwrap() {
+        if !has_more {
             return all;
         }
-        pages += 1;
-        assert!(pages <= max_pages, "paging does not end");
     }
+    panic!("paging does not end");
 }
 
 #[test]
