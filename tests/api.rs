@@ -808,7 +808,7 @@ async fn a_full_write_queue_answers_503_overloaded() {
             })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     db.execute_batch("COMMIT").unwrap();
     let mut created = Vec::new();
     let mut overloaded = 0;

@@ -26,7 +26,7 @@ fn kill_delay(round: usize) -> Duration {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos() as u64;
-    Duration::from_millis(100 + (nanos / 1000 + round as u64 * 137) % 600)
+    Duration::from_millis(200 + (nanos / 1000 + round as u64 * 137) % 600)
 }
 
 fn rebase(clients: &[Client], base: &str) -> Vec<Client> {
