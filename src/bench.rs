@@ -99,6 +99,15 @@ impl Drop for Scratch {
     }
 }
 
+/// A username no earlier run has taken (runs may share a `--data-dir` or a `--url`).
+fn bench_username() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("bench-{nanos:x}")
+}
+
 fn bench_config(dir: &std::path::Path) -> Config {
     let mut config = Config::with_data_dir(dir);
     config.hash_cost = crate::auth::HashCost::insecure_fast();
@@ -208,10 +217,7 @@ async fn bench_store(w: WriteArgs) -> anyhow::Result<()> {
     let scratch = Scratch::new(w.data_dir.clone())?;
     let config = bench_config(&scratch.path);
     let store: Arc<dyn Store> = Arc::new(open_store(&config)?);
-    let author = store
-        .create_user(&format!("bench{}", std::process::id()), "-")
-        .await?
-        .id;
+    let author = store.create_user(&bench_username(), "-", None).await?.id;
     let mut channels = Vec::new();
     for i in 0..w.channels.max(1) {
         channels.push(
@@ -262,14 +268,9 @@ async fn bench_http(h: HttpArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(w.concurrency)
         .build()?;
-    let name = format!(
-        "bench{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos()
-    );
     let signup = http
         .post(format!("{base}/v1/users"))
-        .json(&json!({"username": &name[..name.len().min(32)], "password": "bench-password"}))
+        .json(&json!({"username": bench_username(), "password": "bench-password"}))
         .send()
         .await
         .context("register the bench user")?;

@@ -50,6 +50,11 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= self.max_keys && !buckets.contains_key(key) {
             buckets.retain(|_, b| refill(*b, now, per_second, burst) < burst);
+            if buckets.len() >= self.max_keys {
+                // Every key is being limited: start over rather than scan the map on each
+                // new key (a flood of addresses would make every request O(max_keys)).
+                buckets.clear();
+            }
         }
         let bucket = buckets.entry(key.clone()).or_insert(Bucket {
             tokens: burst,

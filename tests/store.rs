@@ -62,7 +62,7 @@ mod unread_projection {
                 let store = SqliteStore::open(&SqliteOptions::new(dir.path().join("natter.db"))).unwrap();
                 let mut users = Vec::new();
                 for name in ["own", "two", "three"] {
-                    users.push(store.create_user(name, "h").await.unwrap().id);
+                    users.push(store.create_user(name, "h", None).await.unwrap().id);
                 }
                 let ch = store.create_channel(users[0], ChannelKind::Group, "u", &users[1..]).await.unwrap().id;
                 let mut sent = Vec::new();

@@ -15,6 +15,7 @@ use super::{AppState, no_content, validate};
 use crate::auth::{hash_password, new_token, token_hash, verify_password};
 use crate::clock::now_ms;
 use crate::ratelimit::retry_after_secs;
+use crate::store::NewSession;
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -52,8 +53,11 @@ async fn register(
             tracing::error!(error = %e, "hash password");
             ApiError::internal()
         })?;
-    let user = state.store.create_user(&body.username, &hash).await?;
-    let token = start_session(&state, user.id).await?;
+    let (token, session) = new_session(&state);
+    let user = state
+        .store
+        .create_user(&body.username, &hash, Some(session))
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(Session {
@@ -105,21 +109,26 @@ async fn login(
         let _ = state.login_failures_by_ip.take(&ip, now);
         return Err(ApiError::invalid_credentials());
     };
-    let token = start_session(&state, user.id).await?;
+    let (token, session) = new_session(&state);
+    state
+        .store
+        .create_session(user.id, session.token, session.expires_at)
+        .await?;
     Ok(Json(Session {
         user: (&user).into(),
         token,
     }))
 }
 
-async fn start_session(state: &AppState, user_id: i64) -> ApiResult<String> {
+/// A fresh bearer token and the session row that stores its digest.
+fn new_session(state: &AppState) -> (String, NewSession) {
     let token = new_token();
     let expires_at = now_ms() + state.config.token_ttl.as_millis() as i64;
-    state
-        .store
-        .create_session(user_id, token_hash(&token), expires_at)
-        .await?;
-    Ok(token)
+    let session = NewSession {
+        token: token_hash(&token),
+        expires_at,
+    };
+    (token, session)
 }
 
 /// Logs out: the token stops working at once.

@@ -50,16 +50,21 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             return ApiError::invalid_json(format!("the body is not valid JSON: {inner}"));
         }
         let message = inner.to_string();
-        let field = if path == "." {
-            // A missing or unknown field names itself; a body of the wrong type is "body".
-            Some(&message)
-                .filter(|m| m.starts_with("missing field") || m.starts_with("unknown field"))
-                .and_then(|m| backticked(m))
-                .unwrap_or_else(|| "body".to_owned())
-        } else {
-            path
-        };
-        ApiError::invalid_field(field, message)
+        if path != "." {
+            return ApiError::invalid_field(path, message);
+        }
+        // A missing or unknown field names itself. A body of the wrong type is "body", told
+        // in our words: serde's would name an internal Rust type.
+        match Some(&message)
+            .filter(|m| m.starts_with("missing field") || m.starts_with("unknown field"))
+            .and_then(|m| backticked(m))
+        {
+            Some(field) => ApiError::invalid_field(field, message),
+            None => ApiError::invalid_field(
+                "body",
+                "the body must be a JSON object with the documented fields",
+            ),
+        }
     })
 }
 

@@ -40,17 +40,17 @@ pub async fn run(name: &str, store: &dyn Store) {
 
 async fn user(store: &dyn Store, name: &str) -> i64 {
     store
-        .create_user(name, "hash")
+        .create_user(name, "hash", None)
         .await
         .expect("create user")
         .id
 }
 
 async fn users(store: &dyn Store) {
-    let alice = store.create_user("Alice", "h1").await.unwrap();
+    let alice = store.create_user("Alice", "h1", None).await.unwrap();
     assert_eq!(alice.username, "Alice");
     assert!(matches!(
-        store.create_user("aLICE", "h2").await,
+        store.create_user("aLICE", "h2", None).await,
         Err(StoreError::UsernameTaken)
     ));
     assert_eq!(store.user(alice.id).await.unwrap(), Some(alice.clone()));
@@ -61,7 +61,30 @@ async fn users(store: &dyn Store) {
     assert_eq!(store.user_by_username("bob").await.unwrap(), None);
     let (u, hash) = store.credentials("alice").await.unwrap().unwrap();
     assert_eq!((u.id, hash.as_str()), (alice.id, "h1"));
-    let bob = store.create_user("bob", "h").await.unwrap();
+    let bob = store.create_user("bob", "h", None).await.unwrap();
+    // An account's first session commits with it; a refused account creates no session.
+    let first = crate::store::NewSession {
+        token: [9; 32],
+        expires_at: i64::MAX,
+    };
+    let carol = store.create_user("carol", "h", Some(first)).await.unwrap();
+    assert_eq!(
+        store
+            .session_user([9; 32], 0)
+            .await
+            .unwrap()
+            .map(|(u, _)| u.id),
+        Some(carol.id)
+    );
+    let second = crate::store::NewSession {
+        token: [8; 32],
+        expires_at: i64::MAX,
+    };
+    assert!(matches!(
+        store.create_user("CAROL", "h", Some(second)).await,
+        Err(StoreError::UsernameTaken)
+    ));
+    assert_eq!(store.session_user([8; 32], 0).await.unwrap(), None);
     assert!(bob.id > alice.id, "snowflake ids grow");
 }
 

@@ -64,6 +64,13 @@ impl StoreError {
 /// Token hashes are SHA-256 digests of the opaque bearer token.
 pub type TokenHash = [u8; 32];
 
+/// A session to create: the digest of its bearer token and when it expires (Unix ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewSession {
+    pub token: TokenHash,
+    pub expires_at: i64,
+}
+
 /// A message send's outcome: `created` is false when the `client_id` matched an earlier
 /// message, which is returned unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +83,13 @@ pub struct Posted {
 #[async_trait]
 pub trait Accounts: Send + Sync {
     /// Fails with [`StoreError::UsernameTaken`] if the name is taken in any letter case.
-    async fn create_user(&self, username: &str, password_hash: &str) -> Result<User>;
+    /// With `session`, the account's first session commits with it, atomically.
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        session: Option<NewSession>,
+    ) -> Result<User>;
     async fn user(&self, id: i64) -> Result<Option<User>>;
     /// Case-insensitive exact match.
     async fn user_by_username(&self, username: &str) -> Result<Option<User>>;

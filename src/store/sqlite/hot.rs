@@ -149,10 +149,7 @@ pub(super) fn post_message(
     let ch = hot.channel(tx, channel_id)?.ok_or(StoreError::NotFound)?;
     if let Some(cid) = client_id {
         let original = tx
-            .prepare_cached(&format!(
-                "SELECT {} FROM messages WHERE channel_id = ?1 AND author_id = ?2 AND client_id = ?3",
-                read::MESSAGE_COLUMNS
-            ))?
+            .prepare_cached(read::MESSAGE_BY_CLIENT_ID)?
             .query_row(params![channel_id, author, cid], read::message_row)
             .optional()?;
         if let Some(message) = original {

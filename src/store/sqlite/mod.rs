@@ -19,7 +19,7 @@ use self::checkpoint::Checkpointer;
 use self::read::ReadPool;
 use self::write::{Done, Op};
 use self::writer::Writer;
-use super::{Accounts, Channels, Posted, Result, StoreError, TokenHash};
+use super::{Accounts, Channels, NewSession, Posted, Result, StoreError, TokenHash};
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User,
 };
@@ -85,11 +85,6 @@ impl SqliteStore {
         })
     }
 
-    /// Ops queued for the writer.
-    pub fn write_queue_depth(&self) -> usize {
-        self.writer.queue_depth()
-    }
-
     /// Waits for the writer thread to commit everything queued and stop. Call after every
     /// other holder of the store is gone; returns at once if the writer is still shared.
     pub fn close(self) {
@@ -148,10 +143,16 @@ fn unit(done: Done) -> Result<()> {
 
 #[async_trait]
 impl Accounts for SqliteStore {
-    async fn create_user(&self, username: &str, password_hash: &str) -> Result<User> {
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        session: Option<NewSession>,
+    ) -> Result<User> {
         let op = Op::CreateUser {
             username: username.to_owned(),
             password_hash: password_hash.to_owned(),
+            session,
         };
         match self.write(op).await? {
             Done::User(u) => Ok(u),

@@ -95,13 +95,41 @@ fn channel_row(r: &Row) -> rusqlite::Result<Channel> {
     })
 }
 
-pub(super) const MESSAGE_COLUMNS: &str =
-    "id, channel_id, seq, author_id, text, client_id, created_at, edited_at, deleted";
+/// The columns [`message_row`] reads, of `messages m`. A macro so that queries are built
+/// with `concat!` at compile time: the send path never formats SQL.
+macro_rules! message_select {
+    () => {
+        "SELECT m.id, m.channel_id, m.seq, m.author_id, m.text, m.client_id, m.created_at, \
+         m.edited_at, m.deleted "
+    };
+}
 
-/// [`MESSAGE_COLUMNS`] of `messages m`, for queries that find messages through the log:
-/// history is read along `events (channel_id, seq)`, so messages need no index by channel
-/// (one B-tree fewer to update per message on the write path).
-const LOG_MESSAGE_COLUMNS: &str = "m.id, m.channel_id, m.seq, m.author_id, m.text, m.client_id, m.created_at, m.edited_at, m.deleted";
+/// An earlier message of an author with this `client_id` (the idempotency probe).
+pub(super) const MESSAGE_BY_CLIENT_ID: &str = concat!(
+    message_select!(),
+    "FROM messages m WHERE m.channel_id = ?1 AND m.author_id = ?2 AND m.client_id = ?3"
+);
+
+/// A message by id within its channel.
+pub(super) const MESSAGE_BY_ID: &str = concat!(
+    message_select!(),
+    "FROM messages m WHERE m.id = ?1 AND m.channel_id = ?2"
+);
+
+// History is read along the log, `events (channel_id, seq)`, so messages need no index by
+// channel (one B-tree fewer to update per message on the write path).
+const HISTORY_AFTER: &str = concat!(
+    message_select!(),
+    "FROM events e CROSS JOIN messages m ON m.id = e.message_id
+     WHERE e.channel_id = ?1 AND e.kind = 'message.created' AND e.seq > ?2 AND e.seq < ?3
+     ORDER BY e.seq ASC LIMIT ?4"
+);
+const HISTORY_BEFORE: &str = concat!(
+    message_select!(),
+    "FROM events e CROSS JOIN messages m ON m.id = e.message_id
+     WHERE e.channel_id = ?1 AND e.kind = 'message.created' AND e.seq < ?2
+     ORDER BY e.seq DESC LIMIT ?3"
+);
 
 pub(super) fn message_row(r: &Row) -> rusqlite::Result<Message> {
     Ok(Message {
@@ -223,19 +251,11 @@ pub(super) fn messages(
     let fetch = i64::from(q.limit) + 1;
     let mut items: Vec<Message> = match q.after_seq {
         Some(after) => conn
-            .prepare_cached(&format!(
-                "SELECT {LOG_MESSAGE_COLUMNS} FROM events e CROSS JOIN messages m ON m.id = e.message_id
-                 WHERE e.channel_id = ?1 AND e.kind = 'message.created' AND e.seq > ?2 AND e.seq < ?3
-                 ORDER BY e.seq ASC LIMIT ?4"
-            ))?
+            .prepare_cached(HISTORY_AFTER)?
             .query_map([channel_id, after, before, fetch], message_row)?
             .collect::<rusqlite::Result<_>>()?,
         None => conn
-            .prepare_cached(&format!(
-                "SELECT {LOG_MESSAGE_COLUMNS} FROM events e CROSS JOIN messages m ON m.id = e.message_id
-                 WHERE e.channel_id = ?1 AND e.kind = 'message.created' AND e.seq < ?2
-                 ORDER BY e.seq DESC LIMIT ?3"
-            ))?
+            .prepare_cached(HISTORY_BEFORE)?
             .query_map([channel_id, before, fetch], message_row)?
             .collect::<rusqlite::Result<_>>()?,
     };

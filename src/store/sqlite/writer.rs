@@ -63,11 +63,6 @@ impl Writer {
         })?;
         answer.await.map_err(|_| StoreError::Unavailable)?
     }
-
-    /// Ops waiting for the writer.
-    pub fn queue_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
-    }
 }
 
 /// What the writer thread owns besides its queue.

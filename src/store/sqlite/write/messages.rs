@@ -14,10 +14,7 @@ pub(super) fn live_message(
     message_id: i64,
 ) -> Result<Message, Failure> {
     let message = tx
-        .prepare_cached(&format!(
-            "SELECT {} FROM messages WHERE id = ?1 AND channel_id = ?2",
-            read::MESSAGE_COLUMNS
-        ))?
+        .prepare_cached(read::MESSAGE_BY_ID)?
         .query_row([message_id, channel_id], read::message_row)
         .optional()?;
     Ok(message.ok_or(StoreError::NotFound)?)

@@ -17,12 +17,13 @@ use super::read;
 use crate::clock::now_ms;
 use crate::id::Snowflake;
 use crate::model::{Channel, ChannelKind, Message, Role, User};
-use crate::store::{Posted, StoreError, TokenHash};
+use crate::store::{NewSession, Posted, StoreError, TokenHash};
 
 pub(super) enum Op {
     CreateUser {
         username: String,
         password_hash: String,
+        session: Option<NewSession>,
     },
     CreateSession {
         user_id: i64,
@@ -153,16 +154,14 @@ pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, hot: &mut Hot, op: &O
         Op::CreateUser {
             username,
             password_hash,
-        } => create_user(tx, ids.next_id(now), now, username, password_hash),
+            session,
+        } => create_user(tx, ids.next_id(now), now, username, password_hash, *session),
         Op::CreateSession {
             user_id,
             token,
             expires_at,
         } => {
-            tx.prepare_cached(
-                "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![&token[..], user_id, now, expires_at])?;
+            insert_session(tx, *user_id, *token, *expires_at, now)?;
             Ok(Done::Unit)
         }
         Op::DeleteSession { token } => {
@@ -233,7 +232,16 @@ pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, hot: &mut Hot, op: &O
     }
 }
 
-fn create_user(tx: &Transaction, id: i64, now: i64, username: &str, hash: &str) -> Applied {
+/// Creates the account and, when given, its first session, in one transaction: a
+/// registration never leaves an account whose creator got an error.
+fn create_user(
+    tx: &Transaction,
+    id: i64,
+    now: i64,
+    username: &str,
+    hash: &str,
+    session: Option<NewSession>,
+) -> Applied {
     let key = username.to_ascii_lowercase();
     let taken = tx
         .prepare_cached("SELECT 1 FROM users WHERE username_key = ?1")?
@@ -245,11 +253,28 @@ fn create_user(tx: &Transaction, id: i64, now: i64, username: &str, hash: &str) 
         "INSERT INTO users (id, username, username_key, password_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![id, username, key, hash, now])?;
+    if let Some(s) = session {
+        insert_session(tx, id, s.token, s.expires_at, now)?;
+    }
     Ok(Done::User(User {
         id,
         username: username.to_owned(),
         created_at: now,
     }))
+}
+
+fn insert_session(
+    tx: &Transaction,
+    user_id: i64,
+    token: TokenHash,
+    expires_at: i64,
+    now: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![&token[..], user_id, now, expires_at])?;
+    Ok(())
 }
 
 /// Appends an event with the channel's next seq and returns that seq.
