@@ -9,7 +9,7 @@ pub mod error;
 pub mod extract;
 mod health;
 mod messages;
-pub mod sessions;
+mod sessions;
 pub mod validate;
 
 use std::net::IpAddr;
@@ -34,10 +34,10 @@ use crate::store::Store;
 pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
-    pub store: Arc<dyn Store>,
-    pub config: Config,
-    pub ready: AtomicBool,
-    pub sessions: sessions::SessionCache,
+    store: Arc<dyn Store>,
+    config: Config,
+    ready: AtomicBool,
+    sessions: sessions::SessionCache,
     /// Verified against when a login names no account, so that failure costs the same time.
     dummy_hash: String,
     sends: RateLimiter<i64>,
