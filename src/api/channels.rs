@@ -144,12 +144,7 @@ async fn list_members(
     path: PathIds<1>,
 ) -> ApiResult<Json<MemberList>> {
     let PathIds([id]) = path;
-    state
-        .store
-        .channel(id, auth.user.id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    let members = state.store.members(id).await?;
+    let members = state.store.members(auth.user.id, id).await?;
     let members = members
         .iter()
         .map(|m| Member {

@@ -79,12 +79,7 @@ async fn list_messages(
         after_seq: params.int("after_seq", 0, i64::MAX)?,
         limit: params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32,
     };
-    state
-        .store
-        .channel(id, auth.user.id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    let page = state.store.messages(id, query).await?;
+    let page = state.store.messages(auth.user.id, id, query).await?;
     Ok(Json(MessagePage {
         messages: page.items.iter().map(Message::from).collect(),
         has_more: page.has_more,
@@ -143,12 +138,7 @@ async fn list_events(
     let PathIds([id]) = path;
     let after = params.int("after_seq", 0, i64::MAX)?.unwrap_or(0);
     let limit = params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32;
-    state
-        .store
-        .channel(id, auth.user.id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    let page = state.store.events(id, after, limit).await?;
+    let page = state.store.events(auth.user.id, id, after, limit).await?;
     Ok(Json(EventPage {
         events: page.items.iter().map(Event::from).collect(),
         has_more: page.has_more,

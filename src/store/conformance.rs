@@ -139,7 +139,7 @@ async fn channel_log_is_gap_free(store: &dyn Store) {
         assert!(p.created);
         assert_eq!(p.message.seq, 3 + i);
     }
-    let page = store.events(ch.id, 0, 200).await.unwrap();
+    let page = store.events(a, ch.id, 0, 200).await.unwrap();
     let seqs: Vec<i64> = page.items.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
     assert!(!page.has_more);
@@ -147,7 +147,7 @@ async fn channel_log_is_gap_free(store: &dyn Store) {
         matches!(page.items[0].body, EventBody::MemberAdded { user_id, role: Role::Owner } if user_id == a)
     );
     assert!(matches!(&page.items[6].body, EventBody::MessageCreated(m) if m.text == "m4"));
-    let page = store.events(ch.id, 5, 1).await.unwrap();
+    let page = store.events(a, ch.id, 5, 1).await.unwrap();
     assert_eq!((page.items[0].seq, page.has_more), (6, true));
     let (seen, role) = store.channel(ch.id, b).await.unwrap().unwrap();
     assert_eq!((seen.last_seq, role), (7, Role::Member));
@@ -177,7 +177,7 @@ async fn client_id_is_idempotent(store: &dyn Store) {
         .unwrap();
     assert!(other.created);
     let page = store
-        .messages(ch.id, HistoryQuery::newest(50))
+        .messages(a, ch.id, HistoryQuery::newest(50))
         .await
         .unwrap();
     assert_eq!(page.items.len(), 2);
@@ -212,6 +212,29 @@ async fn broadcast_permissions(store: &dyn Store) {
         .await
         .unwrap();
     assert!(store.channel(ch.id, outsider).await.unwrap().is_none());
+    assert!(matches!(
+        store
+            .messages(outsider, ch.id, HistoryQuery::newest(10))
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.events(outsider, ch.id, 0, 10).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.members(outsider, ch.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        store
+            .events(reader, ch.id, 0, 10)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        5
+    );
 }
 
 async fn member_management(store: &dyn Store) {
@@ -245,7 +268,7 @@ async fn member_management(store: &dyn Store) {
         Err(StoreError::Forbidden(_))
     ));
     let roles: Vec<(i64, Role)> = store
-        .members(ch.id)
+        .members(owner, ch.id)
         .await
         .unwrap()
         .into_iter()
@@ -267,7 +290,7 @@ async fn member_management(store: &dyn Store) {
     store.remove_member(m1, ch.id, m1).await.unwrap();
     assert!(store.channel(ch.id, m1).await.unwrap().is_none());
     let kinds: Vec<&str> = store
-        .events(ch.id, 0, 200)
+        .events(owner, ch.id, 0, 200)
         .await
         .unwrap()
         .items
@@ -386,14 +409,14 @@ async fn history_pages(store: &dyn Store) {
         after_seq,
         limit,
     };
-    let newest = store.messages(ch.id, q(None, None, 3)).await.unwrap();
+    let newest = store.messages(a, ch.id, q(None, None, 3)).await.unwrap();
     assert_eq!(
         newest.items.iter().map(|m| m.seq).collect::<Vec<_>>(),
         seqs[4..]
     );
     assert!(newest.has_more);
     let older = store
-        .messages(ch.id, q(Some(seqs[4]), None, 10))
+        .messages(a, ch.id, q(Some(seqs[4]), None, 10))
         .await
         .unwrap();
     assert_eq!(
@@ -402,7 +425,7 @@ async fn history_pages(store: &dyn Store) {
     );
     assert!(!older.has_more);
     let forward = store
-        .messages(ch.id, q(None, Some(seqs[1]), 2))
+        .messages(a, ch.id, q(None, Some(seqs[1]), 2))
         .await
         .unwrap();
     assert_eq!(
@@ -411,7 +434,7 @@ async fn history_pages(store: &dyn Store) {
     );
     assert!(forward.has_more);
     let window = store
-        .messages(ch.id, q(Some(seqs[5]), Some(seqs[1]), 10))
+        .messages(a, ch.id, q(Some(seqs[5]), Some(seqs[1]), 10))
         .await
         .unwrap();
     assert_eq!(
@@ -477,14 +500,14 @@ async fn delete_redacts(store: &dyn Store) {
         Err(StoreError::NotFound)
     ));
     let page = store
-        .messages(ch.id, HistoryQuery::newest(10))
+        .messages(a, ch.id, HistoryQuery::newest(10))
         .await
         .unwrap();
     assert_eq!(
         (page.items[0].deleted, page.items[0].text.as_str()),
         (true, "")
     );
-    let events = store.events(ch.id, 0, 200).await.unwrap().items;
+    let events = store.events(a, ch.id, 0, 200).await.unwrap().items;
     let kinds: Vec<&str> = events.iter().map(|e| e.body.kind()).collect();
     assert_eq!(
         &kinds[2..],
@@ -521,7 +544,7 @@ async fn edits_keep_each_version_in_the_log(store: &dyn Store) {
     store.edit_message(a, ch.id, m.id, "v2").await.unwrap();
     store.edit_message(a, ch.id, m.id, "v3").await.unwrap();
     let texts: Vec<(String, Option<i64>)> = store
-        .events(ch.id, 0, 200)
+        .events(a, ch.id, 0, 200)
         .await
         .unwrap()
         .items
@@ -539,7 +562,7 @@ async fn edits_keep_each_version_in_the_log(store: &dyn Store) {
     );
     assert!(texts[0].1.is_none() && texts[1].1.is_some());
     let latest = store
-        .messages(ch.id, HistoryQuery::newest(10))
+        .messages(a, ch.id, HistoryQuery::newest(10))
         .await
         .unwrap();
     assert_eq!(latest.items[0].text, "v3");

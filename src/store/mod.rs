@@ -2,7 +2,9 @@
 //! [`Channels`] (channels, members, and each channel's event log with its projections).
 //!
 //! Only this module and its backends touch SQL. Write methods check authorization inside
-//! the same transaction that applies the change, so a check can never race its write.
+//! the same transaction that applies the change, so a check can never race its write;
+//! reads of a channel's members, history and log take the reader and check membership in
+//! the same trip to the store.
 //! [`conformance`] is one test suite that every backend must pass.
 
 pub mod conformance;
@@ -126,7 +128,8 @@ pub trait Channels: Send + Sync {
     /// All channels of `user_id` with role, read marker and unread count.
     async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>>;
 
-    async fn members(&self, channel_id: i64) -> Result<Vec<Member>>;
+    /// The members of a channel `user_id` belongs to; `NotFound` for non-members.
+    async fn members(&self, user_id: i64, channel_id: i64) -> Result<Vec<Member>>;
     /// Adds `user_id` (with `role`, default member) or changes its role. Owner/admin only.
     async fn put_member(
         &self,
@@ -157,8 +160,21 @@ pub trait Channels: Send + Sync {
     ) -> Result<Message>;
     /// Author, owner or admin; deleting a deleted message changes nothing.
     async fn delete_message(&self, actor: i64, channel_id: i64, message_id: i64) -> Result<()>;
-    async fn messages(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>>;
-    async fn events(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>>;
+    /// A page of history of a channel `user_id` belongs to; `NotFound` for non-members.
+    async fn messages(
+        &self,
+        user_id: i64,
+        channel_id: i64,
+        query: HistoryQuery,
+    ) -> Result<Page<Message>>;
+    /// A page of the log of a channel `user_id` belongs to; `NotFound` for non-members.
+    async fn events(
+        &self,
+        user_id: i64,
+        channel_id: i64,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Page<Event>>;
 }
 
 /// Both halves of a store, as one object the server holds.

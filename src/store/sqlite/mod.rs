@@ -107,6 +107,24 @@ impl SqliteStore {
         }
     }
 
+    /// Runs `f` if `user_id` is a member of the channel, else `NotFound`: the check and the
+    /// read take one trip to the read pool.
+    async fn member_read<T, F>(&self, user_id: i64, channel_id: i64, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.reads
+            .run(move |c| {
+                if read::member_channel(c, channel_id, user_id)?.is_none() {
+                    return Ok(None);
+                }
+                f(c).map(Some)
+            })
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
     async fn write(&self, op: Op) -> Result<Done> {
         self.writer.submit(op).await
     }
@@ -257,8 +275,9 @@ impl Channels for SqliteStore {
         self.reads.run(move |c| read::channels(c, user_id)).await
     }
 
-    async fn members(&self, channel_id: i64) -> Result<Vec<Member>> {
-        self.reads.run(move |c| read::members(c, channel_id)).await
+    async fn members(&self, user_id: i64, channel_id: i64) -> Result<Vec<Member>> {
+        self.member_read(user_id, channel_id, move |c| read::members(c, channel_id))
+            .await
     }
 
     async fn put_member(
@@ -350,15 +369,28 @@ impl Channels for SqliteStore {
         )
     }
 
-    async fn messages(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>> {
-        self.reads
-            .run(move |c| read::messages(c, channel_id, query))
-            .await
+    async fn messages(
+        &self,
+        user_id: i64,
+        channel_id: i64,
+        query: HistoryQuery,
+    ) -> Result<Page<Message>> {
+        self.member_read(user_id, channel_id, move |c| {
+            read::messages(c, channel_id, query)
+        })
+        .await
     }
 
-    async fn events(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>> {
-        self.reads
-            .run(move |c| read::events(c, channel_id, after_seq, limit))
-            .await
+    async fn events(
+        &self,
+        user_id: i64,
+        channel_id: i64,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Page<Event>> {
+        self.member_read(user_id, channel_id, move |c| {
+            read::events(c, channel_id, after_seq, limit)
+        })
+        .await
     }
 }
