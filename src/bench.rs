@@ -216,7 +216,7 @@ where
 async fn bench_store(w: WriteArgs) -> anyhow::Result<()> {
     let scratch = Scratch::new(w.data_dir.clone())?;
     let config = bench_config(&scratch.path);
-    let store: Arc<dyn Store> = Arc::new(open_store(&config)?);
+    let store: Arc<dyn Store> = Arc::new(open_store(&config, None)?);
     let author = store.create_user(&bench_username(), "-", None).await?.id;
     let mut channels = Vec::new();
     for i in 0..w.channels.max(1) {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::auth::HashCost;
+use crate::gateway::GatewayConfig;
 use crate::ratelimit::Rate;
 
 /// The flags of `natter serve`; each also reads the environment variable it names.
@@ -44,6 +45,15 @@ pub struct ServeArgs {
     /// How long a login token lasts, in hours.
     #[arg(long, env = "NATTER_TOKEN_TTL_HOURS", default_value_t = 720)]
     pub token_ttl_hours: u64,
+    /// Bytes one WebSocket connection may have queued before it is closed as a slow consumer (4008).
+    #[arg(long, env = "NATTER_WS_QUEUE_BYTES", default_value_t = 1 << 20)]
+    pub ws_queue_bytes: usize,
+    /// Seconds between server pings on a WebSocket; one silent for three times this is dropped.
+    #[arg(long, env = "NATTER_WS_PING_SECS", default_value_t = 10)]
+    pub ws_ping_secs: u64,
+    /// Memory of the hot-channel event cache, in MiB.
+    #[arg(long, env = "NATTER_CACHE_MIB", default_value_t = 64)]
+    pub cache_mib: usize,
     /// Tests only: cheap Argon2 parameters. Never use this for real accounts.
     #[arg(long, env = "NATTER_INSECURE_FAST_PASSWORD_HASH", hide = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_fast_password_hash: bool,
@@ -60,6 +70,7 @@ pub struct Config {
     pub limits: Limits,
     pub token_ttl: Duration,
     pub hash_cost: HashCost,
+    pub gateway: GatewayConfig,
 }
 
 /// Rate limits at the edge.
@@ -103,6 +114,13 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
+        if a.ws_queue_bytes < 64 * 1024 || a.ws_ping_secs == 0 {
+            return Err(ConfigError {
+                option: "--ws-queue-bytes/--ws-ping-secs",
+                message: "the queue must hold at least 64 KiB (one frame) and pings need at least 1 s"
+                    .into(),
+            });
+        }
         if a.token_ttl_hours == 0 {
             return Err(ConfigError {
                 option: "--token-ttl-hours",
@@ -138,6 +156,13 @@ impl Config {
                 HashCost::insecure_fast()
             } else {
                 HashCost::default()
+            },
+            gateway: GatewayConfig {
+                queue_bytes: a.ws_queue_bytes,
+                ping_interval: Duration::from_secs(a.ws_ping_secs),
+                idle_timeout: Duration::from_secs(a.ws_ping_secs * 3),
+                cache_bytes: a.cache_mib << 20,
+                ..GatewayConfig::default()
             },
         })
     }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod gateway;
 pub mod id;
 pub mod model;
 pub mod ratelimit;

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -11,7 +12,13 @@ use tokio::net::TcpListener;
 use crate::api::{AppState, app};
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::store::Accounts;
+use crate::gateway::Gateway;
+use crate::gateway::bus::{Bus, LocalBus};
+use crate::gateway::cache::{EventCache, EventReader};
+use crate::gateway::hub::Hub;
+use crate::gateway::protocol::close;
+use crate::gateway::stats::Stats;
+use crate::store::{Accounts, OnCommit};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 
 /// Opens the store under `config.data_dir`, serves the API on `listener` until `shutdown`
@@ -27,8 +34,19 @@ pub async fn serve(
             "password hashing uses insecure test parameters; never run real accounts like this"
         );
     }
-    let store = Arc::new(open_store(&config)?);
-    let state = AppState::new(store.clone(), config);
+    let stats = Arc::new(Stats::default());
+    let hub = Arc::new(Hub::new(Arc::clone(&stats)));
+    let cache = Arc::new(EventCache::new(config.gateway.cache_bytes));
+    let (bus, fanout) = LocalBus::start(Arc::clone(&hub), cache.clone());
+    let bus: Arc<dyn Bus> = Arc::new(bus);
+    let publish = Arc::clone(&bus);
+    let store = Arc::new(open_store(&config, Some(Arc::new(move |events| publish.publish(events))))?);
+    let gateway = Gateway {
+        hub: Arc::clone(&hub),
+        bus,
+        reader: Arc::new(EventReader::new(cache, store.clone(), stats)),
+    };
+    let state = AppState::new(store.clone(), config, gateway);
     let addr = listener.local_addr()?;
     let purge = tokio::spawn(purge_expired_sessions(store.clone()));
     tracing::info!(%addr, "natter listening");
@@ -41,8 +59,18 @@ pub async fn serve(
         shutdown.await;
         drain_state.set_ready(false);
         tracing::info!("shutting down: finishing in-flight requests");
+        drain_state
+            .gateway()
+            .hub
+            .close_all(close::RESTARTING, "server restarting: reconnect and resume");
     })
     .await;
+    // Upgraded WebSockets outlive the HTTP server: give them a bounded time to write
+    // their answers and the 1012 close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while hub.stats().connections.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     purge.abort();
     let _ = purge.await;
     // Every handler is done; the app state (and its store handle) is dropped with the
@@ -52,6 +80,11 @@ pub async fn serve(
         Err(_) => {
             tracing::warn!("store still shared at shutdown; the writer drains when it is dropped")
         }
+    }
+    // The writer is gone, so is the last publisher: the fan-out thread ends.
+    let joined = tokio::task::spawn_blocking(move || fanout.join());
+    if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {
+        tracing::warn!("fan-out thread still running at shutdown");
     }
     served?;
     tracing::info!("natter stopped");
@@ -72,8 +105,9 @@ async fn purge_expired_sessions(store: Arc<SqliteStore>) {
 }
 
 /// Opens the embedded store the config names.
-pub fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+pub fn open_store(config: &Config, on_commit: Option<OnCommit>) -> anyhow::Result<SqliteStore> {
     SqliteStore::open(&SqliteOptions {
+        on_commit,
         path: config.db_path(),
         node_id: config.node_id,
         write_queue: config.write_queue,

@@ -140,6 +140,7 @@ async fn logout(State(state): State<AppState>, auth: Authed) -> ApiResult<Status
     state.sessions.revoke(&auth.token);
     state.store.delete_session(auth.token).await?;
     state.sessions.revoke(&auth.token);
+    state.gateway.hub.revoke(&auth.token);
     Ok(no_content())
 }
 

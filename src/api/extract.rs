@@ -93,25 +93,31 @@ impl FromRequestParts<AppState> for Authed {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
-            .map(str::trim)
-            .filter(|t| !t.is_empty() && t.len() <= 256)
             .ok_or_else(ApiError::unauthorized)?;
-        let token = token_hash(token);
-        let now = now_ms();
-        if let Some(user) = state.sessions.get(&token, now) {
-            return Ok(Self { user, token });
-        }
-        let generation = state.sessions.generation();
-        let (user, expires_at) = state
-            .store
-            .session_user(token, now)
-            .await?
-            .ok_or_else(ApiError::unauthorized)?;
-        state
-            .sessions
-            .insert(generation, token, user.clone(), expires_at);
-        Ok(Self { user, token })
+        authenticate(state, token).await
     }
+}
+
+/// The user of a bearer token, from the session cache or the store.
+pub async fn authenticate(state: &AppState, token: &str) -> Result<Authed, ApiError> {
+    let token = Some(token.trim())
+        .filter(|t| !t.is_empty() && t.len() <= 256)
+        .ok_or_else(ApiError::unauthorized)?;
+    let token = token_hash(token);
+    let now = now_ms();
+    if let Some(user) = state.sessions.get(&token, now) {
+        return Ok(Authed { user, token });
+    }
+    let generation = state.sessions.generation();
+    let (user, expires_at) = state
+        .store
+        .session_user(token, now)
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
+    state
+        .sessions
+        .insert(generation, token, user.clone(), expires_at);
+    Ok(Authed { user, token })
 }
 
 /// The peer address of the connection (unspecified when the server runs without one).

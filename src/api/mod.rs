@@ -11,6 +11,7 @@ mod health;
 mod messages;
 mod sessions;
 pub mod validate;
+pub mod ws;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 use self::error::ApiError;
 use crate::config::Config;
+use crate::gateway::Gateway;
 use crate::ratelimit::RateLimiter;
 use crate::store::Store;
 
@@ -36,6 +38,7 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     store: Arc<dyn Store>,
     config: Config,
+    gateway: Gateway,
     ready: AtomicBool,
     sessions: sessions::SessionCache,
     /// Verified against when a login names no account, so that failure costs the same time.
@@ -54,10 +57,11 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: Config, gateway: Gateway) -> Self {
         let limits = config.limits;
         Self(Arc::new(Inner {
             store,
+            gateway,
             ready: AtomicBool::new(true),
             sessions: sessions::SessionCache::default(),
             dummy_hash: crate::auth::hash_password("natter dummy password", config.hash_cost)
@@ -73,6 +77,10 @@ impl AppState {
     /// Marks the server as draining: `/readyz` answers 503 from now on.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
     }
 }
 
@@ -122,6 +130,8 @@ pub fn app(state: AppState) -> Router {
                 async move { axum::Json(spec.as_ref().clone()) }
             }),
         )
+        .route("/v1/ws", axum::routing::get(ws::upgrade))
+        .route("/metrics", axum::routing::get(metrics))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(CatchPanicLayer::custom(
@@ -131,6 +141,17 @@ pub fn app(state: AppState) -> Router {
             },
         ))
         .with_state(state)
+}
+
+/// Prometheus text format of the server's counters.
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    let mut body = String::new();
+    state.gateway.hub.stats().render(&mut body);
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
 }
 
 /// A 204 answer.

@@ -63,6 +63,11 @@ impl StoreError {
     }
 }
 
+/// Called by a backend's writer with the events of each committed transaction, in commit
+/// order, before any of that transaction's writers is answered. It must not block for long:
+/// the writer waits for it.
+pub type OnCommit = std::sync::Arc<dyn Fn(Vec<Event>) + Send + Sync>;
+
 /// Token hashes are SHA-256 digests of the opaque bearer token.
 pub type TokenHash = [u8; 32];
 
@@ -175,6 +180,9 @@ pub trait Channels: Send + Sync {
         after_seq: i64,
         limit: u32,
     ) -> Result<Page<Event>>;
+    /// A page of a channel's log with no membership check: for the gateway, which tracks
+    /// its connections' memberships from the log itself.
+    async fn log(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>>;
 }
 
 /// Both halves of a store, as one object the server holds.

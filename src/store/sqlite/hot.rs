@@ -15,7 +15,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use super::read;
 use super::write::{Applied, Done, membership_row};
 use crate::id::Snowflake;
-use crate::model::{ChannelKind, Message, Role};
+use crate::model::{ChannelKind, Event, EventBody, Message, Role};
 use crate::store::{Posted, StoreError};
 
 /// Channels, and member roles over all of them, kept between batches before the state is
@@ -135,6 +135,7 @@ impl Hot {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn post_message(
     tx: &Transaction,
+    journal: &mut Vec<Event>,
     hot: &mut Hot,
     ids: &mut Snowflake,
     now: i64,
@@ -191,6 +192,12 @@ pub(super) fn post_message(
         edited_at: None,
         deleted: false,
     };
+    journal.push(Event {
+        channel_id,
+        seq,
+        at: now,
+        body: EventBody::MessageCreated(message.clone()),
+    });
     Ok(Done::Posted(Posted {
         message,
         created: true,

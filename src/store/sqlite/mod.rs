@@ -25,7 +25,7 @@ use crate::model::{
 };
 
 /// How to open a [`SqliteStore`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SqliteOptions {
     /// The database file; created with its directory if missing.
     pub path: PathBuf,
@@ -35,6 +35,8 @@ pub struct SqliteOptions {
     pub write_queue: usize,
     /// Read-only connections in the pool.
     pub read_connections: usize,
+    /// Receives every committed event, in commit order (the real-time fan-out).
+    pub on_commit: Option<super::OnCommit>,
 }
 
 impl SqliteOptions {
@@ -44,6 +46,7 @@ impl SqliteOptions {
             node_id: 0,
             write_queue: 16_384,
             read_connections: 4,
+            on_commit: None,
         }
     }
 }
@@ -76,7 +79,7 @@ impl SqliteStore {
         let reads = (0..opts.read_connections.max(1))
             .map(|_| open_reader(&opts.path))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let (writer, handle) = Writer::start(conn, opts.node_id, opts.write_queue);
+        let (writer, handle) = Writer::start(conn, opts.node_id, opts.write_queue, opts.on_commit.clone());
         Ok(Self {
             writer,
             reads: ReadPool::new(reads),
@@ -392,5 +395,11 @@ impl Channels for SqliteStore {
             read::events(c, channel_id, after_seq, limit)
         })
         .await
+    }
+
+    async fn log(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>> {
+        self.reads
+            .run(move |c| read::events(c, channel_id, after_seq, limit))
+            .await
     }
 }

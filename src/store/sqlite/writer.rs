@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::hot::Hot;
 use super::write::{self, Done, HotUse, Op};
 use crate::id::Snowflake;
-use crate::store::{Result, StoreError};
+use crate::model::Event;
+use crate::store::{OnCommit, Result, StoreError};
 
 /// Most ops one transaction takes; bounds the time a caller waits behind a batch.
 const MAX_BATCH: usize = 4096;
@@ -45,11 +46,16 @@ pub(super) struct Writer {
 impl Writer {
     /// Starts the writer thread over `conn`. The thread ends when every [`Writer`] clone is
     /// dropped and the queue has drained.
-    pub fn start(conn: Connection, node_id: u16, capacity: usize) -> (Self, JoinHandle<()>) {
+    pub fn start(
+        conn: Connection,
+        node_id: u16,
+        capacity: usize,
+        on_commit: Option<OnCommit>,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let handle = std::thread::Builder::new()
             .name("natter-writer".into())
-            .spawn(move || run(conn, Snowflake::new(node_id), rx))
+            .spawn(move || run(conn, Snowflake::new(node_id), on_commit, rx))
             .expect("spawn the writer thread");
         (Self { tx }, handle)
     }
@@ -70,13 +76,27 @@ struct State {
     conn: Connection,
     ids: Snowflake,
     hot: Hot,
+    on_commit: Option<OnCommit>,
 }
 
-fn run(conn: Connection, ids: Snowflake, mut rx: mpsc::Receiver<Job>) {
+impl State {
+    /// Hands a committed batch's events on, before any of its writers is answered: a
+    /// client that got an ack can rely on every reader of the events having them.
+    fn committed(&self, events: Vec<Event>) {
+        if let Some(f) = &self.on_commit
+            && !events.is_empty()
+        {
+            f(events);
+        }
+    }
+}
+
+fn run(conn: Connection, ids: Snowflake, on_commit: Option<OnCommit>, mut rx: mpsc::Receiver<Job>) {
     let mut state = State {
         conn,
         ids,
         hot: Hot::default(),
+        on_commit,
     };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
@@ -94,7 +114,8 @@ fn run(conn: Connection, ids: Snowflake, mut rx: mpsc::Receiver<Job>) {
 
 fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
     match apply_all(state, batch) {
-        Ok(results) => {
+        Ok((results, events)) => {
+            state.committed(events);
             for (job, result) in batch.drain(..).zip(results) {
                 let _ = job.reply.send(result);
             }
@@ -104,7 +125,10 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
             for job in batch.drain(..) {
                 let mut single = vec![job];
                 let result = match apply_all(state, &single) {
-                    Ok(mut results) => results.remove(0),
+                    Ok((mut results, events)) => {
+                        state.committed(events);
+                        results.remove(0)
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "commit write failed");
                         Err(StoreError::internal("commit write", e))
@@ -125,9 +149,12 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
     }
 }
 
+/// Each op's own answer, and the events the batch committed, in order.
+type Committed = (Vec<Result<Done>>, Vec<Event>);
+
 /// Applies every op in one transaction. `Err` means nothing was committed; `Ok` holds each
-/// op's own answer (an op whose checks failed wrote nothing).
-fn apply_all(state: &mut State, batch: &[Job]) -> Result<Vec<Result<Done>>, BatchFailed> {
+/// op's own answer (an op whose checks failed wrote nothing) and the committed events.
+fn apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFailed> {
     let result = try_apply_all(state, batch);
     if result.is_err() {
         // Rolled back: the hot state may hold changes that never reached the disk.
@@ -136,8 +163,9 @@ fn apply_all(state: &mut State, batch: &[Job]) -> Result<Vec<Result<Done>>, Batc
     result
 }
 
-fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Vec<Result<Done>>, BatchFailed> {
-    let State { conn, ids, hot } = state;
+fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFailed> {
+    let State { conn, ids, hot, .. } = state;
+    let mut journal = Vec::new();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
@@ -146,7 +174,8 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Vec<Result<Done>>, 
             hot.flush(&tx)?;
         }
         let changes_before = tx.total_changes();
-        let applied = write::apply(&tx, ids, hot, &job.op);
+        let journal_before = journal.len();
+        let applied = write::apply(&tx, ids, hot, &job.op, &mut journal);
         if let HotUse::FlushAndForget(Some(channel_id)) = hot_use {
             hot.forget(channel_id);
         }
@@ -154,7 +183,9 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Vec<Result<Done>>, 
             Ok(done) => results.push(Ok(done)),
             // A refusal must come before any write; if one did not, the batch is unsafe to
             // commit, so it is rolled back and replayed op by op.
-            Err(write::Failure::Refused(e)) if tx.total_changes() == changes_before => {
+            Err(write::Failure::Refused(e))
+                if tx.total_changes() == changes_before && journal.len() == journal_before =>
+            {
                 results.push(Err(e))
             }
             Err(write::Failure::Refused(e)) => return Err(BatchFailed::RefusedAfterWrite(e)),
@@ -164,5 +195,5 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Vec<Result<Done>>, 
     hot.flush(&tx)?;
     tx.commit()?;
     hot.trim();
-    Ok(results)
+    Ok((results, journal))
 }

@@ -4,7 +4,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Applied, Done, append_event, membership, role_of, user_exists};
 use crate::id::Snowflake;
-use crate::model::{ChannelKind, Role};
+use crate::model::{ChannelKind, Event, EventBody, Role};
 use crate::store::StoreError;
 use crate::store::sqlite::read;
 
@@ -12,6 +12,7 @@ use crate::store::sqlite::read;
 /// earlier history does not count as unread.
 fn add_member(
     tx: &Transaction,
+    j: &mut Vec<Event>,
     channel_id: i64,
     user_id: i64,
     role: Role,
@@ -19,8 +20,9 @@ fn add_member(
 ) -> rusqlite::Result<()> {
     let seq = append_event(
         tx,
+        j,
+        EventBody::MemberAdded { user_id, role },
         channel_id,
-        "member.added",
         at,
         None,
         Some(user_id),
@@ -37,6 +39,7 @@ fn add_member(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn create_channel(
     tx: &Transaction,
+    j: &mut Vec<Event>,
     ids: &mut Snowflake,
     now: i64,
     owner: i64,
@@ -61,9 +64,9 @@ pub(super) fn create_channel(
         "INSERT INTO channels (id, kind, name, owner_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![id, kind.as_str(), name, owner, now])?;
-    add_member(tx, id, owner, Role::Owner, now)?;
+    add_member(tx, j, id, owner, Role::Owner, now)?;
     for m in others {
-        add_member(tx, id, m, Role::Member, now)?;
+        add_member(tx, j, id, m, Role::Member, now)?;
     }
     Ok(Done::Channel(
         read::channel(tx, id)?.ok_or(StoreError::NotFound)?,
@@ -72,6 +75,7 @@ pub(super) fn create_channel(
 
 pub(super) fn open_dm(
     tx: &Transaction,
+    j: &mut Vec<Event>,
     ids: &mut Snowflake,
     now: i64,
     user: i64,
@@ -103,8 +107,8 @@ pub(super) fn open_dm(
         "INSERT INTO channels (id, kind, name, owner_id, dm_key, created_at) VALUES (?1, 'dm', NULL, ?2, ?3, ?4)",
     )?
     .execute(params![id, user, key, now])?;
-    add_member(tx, id, user, Role::Member, now)?;
-    add_member(tx, id, peer, Role::Member, now)?;
+    add_member(tx, j, id, user, Role::Member, now)?;
+    add_member(tx, j, id, peer, Role::Member, now)?;
     Ok(Done::Dm(
         read::channel(tx, id)?.ok_or(StoreError::NotFound)?,
         true,
@@ -113,6 +117,7 @@ pub(super) fn open_dm(
 
 pub(super) fn rename_channel(
     tx: &Transaction,
+    j: &mut Vec<Event>,
     now: i64,
     actor: i64,
     channel_id: i64,
@@ -131,8 +136,11 @@ pub(super) fn rename_channel(
         .execute(params![channel_id, name])?;
     append_event(
         tx,
+        j,
+        EventBody::ChannelUpdated {
+            name: Some(name.to_owned()),
+        },
         channel_id,
-        "channel.updated",
         now,
         None,
         None,
@@ -145,6 +153,7 @@ pub(super) fn rename_channel(
 
 pub(super) fn put_member(
     tx: &Transaction,
+    j: &mut Vec<Event>,
     now: i64,
     actor: i64,
     channel_id: i64,
@@ -162,7 +171,7 @@ pub(super) fn put_member(
         return Err(StoreError::NotFound.into());
     }
     match role_of(tx, channel_id, user_id)? {
-        None => add_member(tx, channel_id, user_id, role.unwrap_or(Role::Member), now)?,
+        None => add_member(tx, j, channel_id, user_id, role.unwrap_or(Role::Member), now)?,
         Some(Role::Owner) => {
             if role.is_some_and(|r| r != Role::Owner) {
                 return Err(StoreError::Forbidden("the owner's role cannot be changed").into());
@@ -182,8 +191,12 @@ pub(super) fn put_member(
                 .execute(params![channel_id, user_id, wanted.as_str()])?;
                 append_event(
                     tx,
+                    j,
+                    EventBody::MemberUpdated {
+                        user_id,
+                        role: wanted,
+                    },
                     channel_id,
-                    "member.updated",
                     now,
                     None,
                     Some(user_id),
@@ -197,6 +210,7 @@ pub(super) fn put_member(
 
 pub(super) fn remove_member(
     tx: &Transaction,
+    j: &mut Vec<Event>,
     now: i64,
     actor: i64,
     channel_id: i64,
@@ -223,8 +237,9 @@ pub(super) fn remove_member(
         .execute([channel_id, user_id])?;
     append_event(
         tx,
+        j,
+        EventBody::MemberRemoved { user_id },
         channel_id,
-        "member.removed",
         now,
         None,
         Some(user_id),

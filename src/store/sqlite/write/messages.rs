@@ -4,7 +4,7 @@
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Applied, Done, Failure, append_event, membership};
-use crate::model::Message;
+use crate::model::{Event, EventBody, Message};
 use crate::store::StoreError;
 use crate::store::sqlite::read;
 
@@ -22,6 +22,7 @@ pub(super) fn live_message(
 
 pub(super) fn edit_message(
     tx: &Transaction,
+    j: &mut Vec<Event>,
     now: i64,
     actor: i64,
     channel_id: i64,
@@ -44,23 +45,25 @@ pub(super) fn edit_message(
     .execute(params![channel_id, message_id, message.text])?;
     tx.prepare_cached("UPDATE messages SET text = ?2, edited_at = ?3 WHERE id = ?1")?
         .execute(params![message_id, text, now])?;
+    message.text = text.to_owned();
+    message.edited_at = Some(now);
     append_event(
         tx,
+        j,
+        EventBody::MessageEdited(message.clone()),
         channel_id,
-        "message.edited",
         now,
         Some(message_id),
         None,
         None,
     )?;
-    message.text = text.to_owned();
-    message.edited_at = Some(now);
     Ok(Done::Message(message))
 }
 
 /// Tombstones the message and redacts its text from every event of the log.
 pub(super) fn delete_message(
     tx: &Transaction,
+    j: &mut Vec<Event>,
     now: i64,
     actor: i64,
     channel_id: i64,
@@ -81,10 +84,16 @@ pub(super) fn delete_message(
         .execute([message_id])?;
     tx.prepare_cached("UPDATE events SET body = '' WHERE channel_id = ?1 AND message_id = ?2")?
         .execute([channel_id, message_id])?;
+    let redacted = Message {
+        text: String::new(),
+        deleted: true,
+        ..message.clone()
+    };
     append_event(
         tx,
+        j,
+        EventBody::MessageDeleted(redacted),
         channel_id,
-        "message.deleted",
         now,
         Some(message_id),
         None,

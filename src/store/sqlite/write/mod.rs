@@ -16,7 +16,7 @@ use super::hot::{self, Hot};
 use super::read;
 use crate::clock::now_ms;
 use crate::id::Snowflake;
-use crate::model::{Channel, ChannelKind, Message, Role, User};
+use crate::model::{Channel, ChannelKind, Event, EventBody, Message, Role, User};
 use crate::store::{NewSession, Posted, StoreError, TokenHash};
 
 pub(super) enum Op {
@@ -148,8 +148,16 @@ impl From<StoreError> for Failure {
 
 pub(super) type Applied = Result<Done, Failure>;
 
-pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, hot: &mut Hot, op: &Op) -> Applied {
+/// Applies `op`, appending to `journal` every event it wrote (and none if it was refused).
+pub(super) fn apply(
+    tx: &Transaction,
+    ids: &mut Snowflake,
+    hot: &mut Hot,
+    op: &Op,
+    journal: &mut Vec<Event>,
+) -> Applied {
     let now = now_ms();
+    let j = journal;
     match op {
         Op::CreateUser {
             username,
@@ -180,24 +188,24 @@ pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, hot: &mut Hot, op: &O
             kind,
             name,
             members,
-        } => create_channel(tx, ids, now, *owner, *kind, name, members),
-        Op::OpenDm { user, peer } => open_dm(tx, ids, now, *user, *peer),
+        } => create_channel(tx, j, ids, now, *owner, *kind, name, members),
+        Op::OpenDm { user, peer } => open_dm(tx, j, ids, now, *user, *peer),
         Op::RenameChannel {
             actor,
             channel_id,
             name,
-        } => rename_channel(tx, now, *actor, *channel_id, name),
+        } => rename_channel(tx, j, now, *actor, *channel_id, name),
         Op::PutMember {
             actor,
             channel_id,
             user_id,
             role,
-        } => put_member(tx, now, *actor, *channel_id, *user_id, *role),
+        } => put_member(tx, j, now, *actor, *channel_id, *user_id, *role),
         Op::RemoveMember {
             actor,
             channel_id,
             user_id,
-        } => remove_member(tx, now, *actor, *channel_id, *user_id),
+        } => remove_member(tx, j, now, *actor, *channel_id, *user_id),
         Op::MarkRead {
             user_id,
             channel_id,
@@ -210,6 +218,7 @@ pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, hot: &mut Hot, op: &O
             client_id,
         } => hot::post_message(
             tx,
+            j,
             hot,
             ids,
             now,
@@ -223,12 +232,12 @@ pub(super) fn apply(tx: &Transaction, ids: &mut Snowflake, hot: &mut Hot, op: &O
             channel_id,
             message_id,
             text,
-        } => edit_message(tx, now, *actor, *channel_id, *message_id, text),
+        } => edit_message(tx, j, now, *actor, *channel_id, *message_id, text),
         Op::DeleteMessage {
             actor,
             channel_id,
             message_id,
-        } => delete_message(tx, now, *actor, *channel_id, *message_id),
+        } => delete_message(tx, j, now, *actor, *channel_id, *message_id),
     }
 }
 
@@ -277,11 +286,14 @@ fn insert_session(
     Ok(())
 }
 
-/// Appends an event with the channel's next seq and returns that seq.
+/// Appends an event with the channel's next seq, records it in the journal, and returns
+/// its seq. `record` builds the event's body once the row is written.
+#[allow(clippy::too_many_arguments)]
 fn append_event(
     tx: &Transaction,
+    journal: &mut Vec<Event>,
+    record: EventBody,
     channel_id: i64,
-    kind: &str,
     at: i64,
     message_id: Option<i64>,
     user_id: Option<i64>,
@@ -295,7 +307,13 @@ fn append_event(
     tx.prepare_cached(
         "INSERT INTO events (channel_id, seq, kind, at, message_id, user_id, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
-    .execute(params![channel_id, seq, kind, at, message_id, user_id, body])?;
+    .execute(params![channel_id, seq, record.kind(), at, message_id, user_id, body])?;
+    journal.push(Event {
+        channel_id,
+        seq,
+        at,
+        body: record,
+    });
     Ok(seq)
 }
 

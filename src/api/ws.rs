@@ -1,0 +1,540 @@
+//! `GET /v1/ws`: the real-time session. The session logic is written over any
+//! `Stream + Sink` of WebSocket messages, so tests can drive it without a socket.
+//!
+//! Exactly once, in order: the connection keeps, per channel, the seq it has delivered.
+//! An event at or below it is a duplicate and is dropped; one past a gap is preceded by the
+//! missing events, read from the hot-channel cache or the store. The connection goes
+//! online (and follows its channels) *before* it reads its channel list, so every event
+//! committed after that read reaches it live; the replay of resumed channels and the live
+//! stream meet without a gap or a duplicate however the two race.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::{Semaphore, mpsc};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::authenticate;
+use super::validate;
+use crate::gateway::hub::ConnId;
+use crate::gateway::outbox::{Delivery, Item, Outbox};
+use crate::gateway::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
+use crate::model::User;
+use crate::ratelimit::retry_after_secs;
+use crate::store::StoreError;
+
+/// Events read per trip when replaying or filling a gap.
+const FILL_PAGE: u32 = 256;
+/// Least time between two typing signals of one connection in one channel.
+const TYPING_EVERY: Duration = Duration::from_millis(1500);
+
+pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    let max = state.config.gateway.max_frame_bytes;
+    // tungstenite refuses frames far past the limit; frames just past it get a readable
+    // error from the session.
+    ws.max_message_size(max * 2)
+        .max_frame_size(max * 2)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket: WebSocket| run(socket, state))
+}
+
+/// A frame from the client, as the session sees it.
+enum Incoming {
+    Text(Utf8Bytes),
+    /// Not a text frame, or one too large.
+    Bad(String),
+    /// Ping, pong: proof of life only.
+    Alive,
+    Gone,
+}
+
+async fn next_frame<S, E>(socket: &mut S, max: usize) -> Incoming
+where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+{
+    match socket.next().await {
+        Some(Ok(Message::Text(t))) if t.len() > max => {
+            Incoming::Bad(format!("a frame may be at most {max} bytes"))
+        }
+        Some(Ok(Message::Text(t))) => Incoming::Text(t),
+        Some(Ok(Message::Binary(_))) => Incoming::Bad("frames must be text (JSON)".into()),
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Incoming::Alive,
+        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Incoming::Gone,
+    }
+}
+
+async fn close_with<S>(socket: &mut S, code: u16, reason: &str)
+where
+    S: Sink<Message> + Unpin,
+{
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), socket.send(Message::Close(Some(frame))))
+        .await;
+}
+
+async fn refuse<S>(socket: &mut S, code: u16, error: &ApiError)
+where
+    S: Sink<Message> + Unpin,
+{
+    let _ = socket
+        .send(Message::Text(protocol::error(None, error).into()))
+        .await;
+    close_with(socket, code, &error.message).await;
+}
+
+fn malformed(message: impl Into<String>) -> ApiError {
+    ApiError::invalid_json(message.into())
+}
+
+/// Runs one connection from its first frame to its close.
+pub async fn run<S, E>(mut socket: S, state: AppState)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+{
+    let cfg = state.config.gateway;
+    let hello = tokio::time::timeout(cfg.hello_timeout, async {
+        loop {
+            match next_frame(&mut socket, cfg.max_frame_bytes).await {
+                Incoming::Alive => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    let (token, resume) = match hello {
+        Err(_) => {
+            let secs = cfg.hello_timeout.as_secs_f64();
+            return close_with(&mut socket, close::NO_HELLO, &format!("no hello within {secs} s")).await;
+        }
+        Ok(Incoming::Gone | Incoming::Alive) => return,
+        Ok(Incoming::Bad(reason)) => return refuse(&mut socket, close::MALFORMED, &malformed(reason)).await,
+        Ok(Incoming::Text(text)) => match protocol::parse(&text) {
+            Ok(ClientOp::Hello { token, resume }) => (token, resume),
+            Ok(_) => {
+                let e = malformed("the first frame must be a hello");
+                return refuse(&mut socket, close::MALFORMED, &e).await;
+            }
+            Err(Malformed(reason)) => {
+                return refuse(&mut socket, close::MALFORMED, &malformed(reason)).await;
+            }
+        },
+    };
+    let mut resume_at = HashMap::with_capacity(resume.len());
+    for (id, seq) in resume {
+        match protocol::parse_id("resume", &id) {
+            Ok(id) => resume_at.insert(id, seq.max(0)),
+            Err(e) => return refuse(&mut socket, close::MALFORMED, &e).await,
+        };
+    }
+    let authed = match authenticate(&state, &token).await {
+        Ok(a) => a,
+        Err(e) if e.code == "unauthorized" => {
+            return refuse(&mut socket, close::BAD_TOKEN, &e).await;
+        }
+        Err(e) => return refuse(&mut socket, close::RESTARTING, &e).await,
+    };
+    let outbox = Arc::new(Outbox::new(cfg.queue_bytes, Arc::clone(state.gateway.hub.stats())));
+    let conn = state
+        .gateway
+        .hub
+        .register(authed.user.id, authed.token, Arc::clone(&outbox));
+    let mut session = Session {
+        state: state.clone(),
+        user: authed.user,
+        conn,
+        outbox,
+        positions: HashMap::new(),
+        typing: HashMap::new(),
+    };
+    let result = session.serve(&mut socket, resume_at).await;
+    state.gateway.hub.unregister(conn);
+    if let Err(End::Close(code, reason)) = result {
+        close_with(&mut socket, code, &reason).await;
+    }
+}
+
+/// Why a session ends.
+enum End {
+    /// Close with this code and reason.
+    Close(u16, String),
+    /// The peer is gone or the socket failed: nothing to say.
+    Gone,
+}
+
+impl End {
+    fn store(e: StoreError) -> Self {
+        tracing::warn!(error = %e, "read for a WebSocket session; closing it so the client resumes");
+        End::Close(close::RESTARTING, "the server could not read; reconnect and resume".into())
+    }
+}
+
+struct Session {
+    state: AppState,
+    user: User,
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    /// Channel → the seq delivered last: the connection's channels and its place in each.
+    positions: HashMap<i64, i64>,
+    typing: HashMap<i64, Instant>,
+}
+
+/// The answer to one send or read op, with its in-flight permit.
+type Reply = (Utf8Bytes, tokio::sync::OwnedSemaphorePermit);
+
+impl Session {
+    async fn serve<S, E>(&mut self, socket: &mut S, resume: HashMap<i64, i64>) -> Result<(), End>
+    where
+        S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+    {
+        let cfg = self.state.config.gateway;
+        let hub = Arc::clone(&self.state.gateway.hub);
+        // Follow the channels first, then read where each one stands: an event committed
+        // after that read is dispatched to us live.
+        let first = self.state.store.channels(self.user.id).await.map_err(End::store)?;
+        for v in &first {
+            hub.subscribe(self.conn, v.channel.id);
+        }
+        let now = self.state.store.channels(self.user.id).await.map_err(End::store)?;
+        let current: HashSet<i64> = now.iter().map(|v| v.channel.id).collect();
+        for v in &first {
+            if !current.contains(&v.channel.id) {
+                hub.unsubscribe(self.conn, v.channel.id);
+            }
+        }
+        let mut listed = Vec::with_capacity(now.len());
+        for v in &now {
+            hub.subscribe(self.conn, v.channel.id);
+            let last = v.channel.last_seq;
+            let at = resume.get(&v.channel.id).map_or(last, |&s| s.min(last));
+            self.positions.insert(v.channel.id, at);
+            listed.push(ChannelPosition {
+                id: v.channel.id.to_string(),
+                last_seq: last,
+            });
+        }
+        feed(socket, protocol::ready(&self.user, &listed).into()).await?;
+        for &id in resume.keys().filter(|id| !current.contains(id)) {
+            feed(socket, protocol::left(id).into()).await?;
+        }
+        flush(socket, cfg.idle_timeout).await?;
+        for (&id, _) in resume.iter().filter(|(id, _)| current.contains(id)) {
+            self.fill(socket, id, None).await?;
+        }
+
+        let sends = Arc::new(Semaphore::new(cfg.max_in_flight));
+        let (reply_tx, mut replies) = mpsc::unbounded_channel::<Reply>();
+        let mut ticker = tokio::time::interval(cfg.ping_interval);
+        ticker.reset();
+        let mut last_seen = Instant::now();
+        let mut items = Vec::new();
+        loop {
+            tokio::select! {
+                incoming = next_frame(socket, cfg.max_frame_bytes) => {
+                    last_seen = Instant::now();
+                    match incoming {
+                        Incoming::Text(text) => self.on_op(&text, &sends, &reply_tx).await?,
+                        Incoming::Bad(reason) => return Err(self.malformed(socket, reason).await),
+                        Incoming::Alive => {}
+                        Incoming::Gone => return Err(End::Gone),
+                    }
+                }
+                Some((frame, _permit)) = replies.recv() => {
+                    feed(socket, frame).await?;
+                    while let Ok((frame, _permit)) = replies.try_recv() {
+                        feed(socket, frame).await?;
+                    }
+                    flush(socket, cfg.idle_timeout).await?;
+                }
+                () = self.outbox.take(&mut items) => {
+                    for item in items.drain(..) {
+                        match item {
+                            Item::Event(d) => self.deliver(socket, d).await?,
+                            Item::Frame(f) => feed(socket, f).await?,
+                            Item::Close(code, reason) => {
+                                flush(socket, cfg.idle_timeout).await?;
+                                if code == close::RESTARTING {
+                                    finish_sends(socket, &sends, &mut replies, cfg.max_in_flight).await;
+                                }
+                                return Err(End::Close(code, reason.into()));
+                            }
+                        }
+                    }
+                    flush(socket, cfg.idle_timeout).await?;
+                }
+                _ = ticker.tick() => {
+                    if last_seen.elapsed() > cfg.idle_timeout {
+                        return Err(End::Close(close::GOING_AWAY, "no answer to pings".into()));
+                    }
+                    socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Gone)?;
+                }
+            }
+        }
+    }
+
+    async fn malformed<S>(&self, socket: &mut S, reason: String) -> End
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let _ = feed(socket, protocol::error(None, &malformed(reason.clone())).into()).await;
+        End::Close(close::MALFORMED, reason)
+    }
+
+    /// Handles one client op. Sends and reads run as their own tasks and answer through
+    /// `replies`; at most `max_in_flight` of them wait for commit at once.
+    async fn on_op(
+        &mut self,
+        text: &str,
+        sends: &Arc<Semaphore>,
+        replies: &mpsc::UnboundedSender<Reply>,
+    ) -> Result<(), End> {
+        let op = match protocol::parse(text) {
+            Ok(op) => op,
+            Err(Malformed(reason)) => {
+                let frame = protocol::error(None, &malformed(reason.clone()));
+                self.outbox.push(Item::Frame(frame.into()));
+                self.outbox.close(close::MALFORMED, "malformed frame");
+                return Ok(());
+            }
+        };
+        match op {
+            ClientOp::Ping => {
+                self.outbox.push(Item::Frame(protocol::PONG.into()));
+            }
+            ClientOp::Hello { .. } => {
+                let frame = protocol::error(None, &malformed("hello was already sent"));
+                self.outbox.push(Item::Frame(frame.into()));
+                self.outbox.close(close::MALFORMED, "a second hello");
+            }
+            ClientOp::Typing { channel_id } => {
+                let Ok(id) = protocol::parse_id("channel_id", &channel_id) else {
+                    return Ok(());
+                };
+                let now = Instant::now();
+                let recent = self.typing.get(&id).is_some_and(|t| now - *t < TYPING_EVERY);
+                if self.positions.contains_key(&id) && !recent {
+                    self.typing.insert(id, now);
+                    self.state.gateway.bus.typing(id, self.user.id);
+                }
+            }
+            ClientOp::Send {
+                channel_id,
+                text,
+                client_id,
+            } => {
+                let permit = Arc::clone(sends).acquire_owned().await.map_err(|_| End::Gone)?;
+                let checked = protocol::parse_id("channel_id", &channel_id)
+                    .and_then(|id| validate::text(&text).map(|()| id))
+                    .and_then(|id| validate::client_id(&client_id).map(|()| id))
+                    .and_then(|id| {
+                        self.state
+                            .sends
+                            .take(&self.user.id, std::time::Instant::now())
+                            .map(|()| id)
+                            .map_err(|w| ApiError::rate_limited(retry_after_secs(w)))
+                    });
+                let id = match checked {
+                    Ok(id) => id,
+                    Err(e) => {
+                        let _ = replies.send((protocol::error(Some(&client_id), &e).into(), permit));
+                        return Ok(());
+                    }
+                };
+                let store = Arc::clone(&self.state.store);
+                let (replies, author) = (replies.clone(), self.user.id);
+                tokio::spawn(async move {
+                    let frame = match store.post_message(author, id, &text, Some(&client_id)).await {
+                        Ok(posted) => protocol::ack(&client_id, &posted.message),
+                        Err(e) => protocol::error(Some(&client_id), &ApiError::from(e)),
+                    };
+                    let _ = replies.send((frame.into(), permit));
+                });
+            }
+            ClientOp::Read { channel_id, seq } => {
+                let permit = Arc::clone(sends).acquire_owned().await.map_err(|_| End::Gone)?;
+                let id = match protocol::parse_id("channel_id", &channel_id) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        let _ = replies.send((protocol::error(None, &e).into(), permit));
+                        return Ok(());
+                    }
+                };
+                let store = Arc::clone(&self.state.store);
+                let (replies, user) = (replies.clone(), self.user.id);
+                tokio::spawn(async move {
+                    if let Err(e) = store.mark_read(user, id, seq).await {
+                        let frame = protocol::error(None, &ApiError::from(e));
+                        let _ = replies.send((frame.into(), permit));
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers a dispatched event exactly once and in order (see the module docs).
+    async fn deliver<S>(&mut self, socket: &mut S, d: Arc<Delivery>) -> Result<(), End>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let me = self.user.id;
+        let Some(&at) = self.positions.get(&d.channel_id) else {
+            if d.membership == Some((me, true)) {
+                self.join(socket, d.channel_id).await?;
+            }
+            return Ok(());
+        };
+        if d.seq <= at {
+            return Ok(());
+        }
+        if d.seq > at + 1 && !self.fill(socket, d.channel_id, Some(d.seq - 1)).await? {
+            return Ok(());
+        }
+        self.send_event(socket, &d).await
+    }
+
+    /// Writes one event in its place and moves the position; a removal of this user is
+    /// followed by `channel.left` and ends the channel's stream.
+    async fn send_event<S>(&mut self, socket: &mut S, d: &Delivery) -> Result<(), End>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        feed(socket, d.frame.clone()).await?;
+        self.state
+            .gateway
+            .hub
+            .stats()
+            .events_delivered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.positions.insert(d.channel_id, d.seq);
+        if d.membership == Some((self.user.id, false)) {
+            self.leave(socket, d.channel_id).await?;
+        }
+        Ok(())
+    }
+
+    async fn leave<S>(&mut self, socket: &mut S, channel_id: i64) -> Result<(), End>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        self.positions.remove(&channel_id);
+        self.state.gateway.hub.unsubscribe(self.conn, channel_id);
+        feed(socket, protocol::left(channel_id).into()).await
+    }
+
+    /// This user was added to a channel: the hub follows it for us already; announce it
+    /// with the channel as it stands, and deliver what comes after.
+    async fn join<S>(&mut self, socket: &mut S, channel_id: i64) -> Result<(), End>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        match self.state.store.channel(channel_id, self.user.id).await.map_err(End::store)? {
+            Some((channel, _)) => {
+                self.state.gateway.hub.subscribe(self.conn, channel_id);
+                self.positions.insert(channel_id, channel.last_seq);
+                feed(socket, protocol::joined(&channel).into()).await
+            }
+            // Removed again before we looked: its member.removed follows and is dropped.
+            None => {
+                self.state.gateway.hub.unsubscribe(self.conn, channel_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends the channel's events after our position, up to `until` (or all there are).
+    /// False if the channel's stream ended on the way (this user was removed).
+    async fn fill<S>(&mut self, socket: &mut S, channel_id: i64, until: Option<i64>) -> Result<bool, End>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let idle = self.state.config.gateway.idle_timeout;
+        loop {
+            let Some(&at) = self.positions.get(&channel_id) else {
+                return Ok(false);
+            };
+            if until.is_some_and(|u| at >= u) {
+                return Ok(true);
+            }
+            let limit = until.map_or(FILL_PAGE, |u| (u - at).clamp(1, i64::from(FILL_PAGE)) as u32);
+            let reader = Arc::clone(&self.state.gateway.reader);
+            let (page, more) = reader.read(channel_id, at, limit).await.map_err(End::store)?;
+            let mut progressed = false;
+            for d in page {
+                if d.seq != self.positions.get(&channel_id).copied().unwrap_or(i64::MAX) + 1 {
+                    continue;
+                }
+                progressed = true;
+                self.send_event(socket, &d).await?;
+                if !self.positions.contains_key(&channel_id) {
+                    flush(socket, idle).await?;
+                    return Ok(false);
+                }
+            }
+            flush(socket, idle).await?;
+            if !progressed || !more {
+                let at = self.positions.get(&channel_id).copied();
+                return match (until, at) {
+                    (None, _) => Ok(true),
+                    (Some(u), Some(at)) if at >= u => Ok(true),
+                    // Committed events the log cannot give: never skip them silently.
+                    _ => Err(End::Close(
+                        close::RESTARTING,
+                        "the channel log is not readable; reconnect and resume".into(),
+                    )),
+                };
+            }
+        }
+    }
+}
+
+/// Waits (bounded) for the sends already taken to commit, and writes their answers, so a
+/// restarting server answers every op it accepted.
+async fn finish_sends<S>(
+    socket: &mut S,
+    sends: &Arc<Semaphore>,
+    replies: &mut mpsc::UnboundedReceiver<Reply>,
+    max_in_flight: usize,
+) where
+    S: Sink<Message> + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while sends.available_permits() < max_in_flight {
+        match tokio::time::timeout_at(deadline, replies.recv()).await {
+            Ok(Some((frame, permit))) => {
+                drop(permit);
+                if socket.feed(Message::Text(frame)).await.is_err() {
+                    return;
+                }
+            }
+            _ => break,
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), socket.flush()).await;
+}
+
+async fn feed<S>(socket: &mut S, frame: Utf8Bytes) -> Result<(), End>
+where
+    S: Sink<Message> + Unpin,
+{
+    socket.feed(Message::Text(frame)).await.map_err(|_| End::Gone)
+}
+
+/// Writes what was fed; a peer that takes longer than `limit` to accept it is dropped.
+async fn flush<S>(socket: &mut S, limit: Duration) -> Result<(), End>
+where
+    S: Sink<Message> + Unpin,
+{
+    match tokio::time::timeout(limit, socket.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(End::Gone),
+    }
+}

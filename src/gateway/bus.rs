@@ -1,0 +1,90 @@
+//! The bus carries committed events (and ephemeral typing signals) from the writer to the
+//! hubs that deliver them. [`LocalBus`] is the in-process one: a fan-out thread takes each
+//! committed batch in commit order, encodes every event once, adds it to the hot-channel
+//! cache and dispatches it. A clustered bus (NATS) implements the same trait later.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+
+use super::cache::EventCache;
+use super::hub::Hub;
+use super::outbox::Delivery;
+use crate::model::Event;
+
+pub trait Bus: Send + Sync {
+    /// Committed events, called in commit order. May wait when fan-out is behind: that is
+    /// the writer's backpressure.
+    fn publish(&self, events: Vec<Event>);
+    /// An ephemeral signal; dropped rather than queued when fan-out is behind.
+    fn typing(&self, channel_id: i64, user_id: i64);
+}
+
+/// Batches the fan-out thread may have queued before `publish` waits.
+const QUEUED_BATCHES: usize = 1024;
+
+enum Fanout {
+    Events(Vec<Event>),
+    Typing { channel_id: i64, user_id: i64 },
+}
+
+pub struct LocalBus {
+    tx: SyncSender<Fanout>,
+}
+
+impl LocalBus {
+    /// Starts the fan-out thread; it stops when the bus is dropped.
+    pub fn start(hub: Arc<Hub>, cache: Arc<EventCache>) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = sync_channel(QUEUED_BATCHES);
+        let handle = std::thread::Builder::new()
+            .name("natter-fanout".into())
+            .spawn(move || fan_out(&hub, &cache, rx))
+            .expect("spawn the fan-out thread");
+        (Self { tx }, handle)
+    }
+}
+
+impl Bus for LocalBus {
+    fn publish(&self, events: Vec<Event>) {
+        // Fails only when the fan-out thread is gone, i.e. the server is stopping.
+        let _ = self.tx.send(Fanout::Events(events));
+    }
+
+    fn typing(&self, channel_id: i64, user_id: i64) {
+        match self.tx.try_send(Fanout::Typing {
+            channel_id,
+            user_id,
+        }) {
+            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+fn fan_out(hub: &Hub, cache: &EventCache, rx: Receiver<Fanout>) {
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        // Take whatever else is queued, so a busy writer's batches are dispatched together.
+        for msg in std::iter::once(first).chain(rx.try_iter().take(QUEUED_BATCHES)) {
+            match msg {
+                Fanout::Events(events) => batch.extend(events.into_iter().map(Delivery::new)),
+                Fanout::Typing {
+                    channel_id,
+                    user_id,
+                } => {
+                    flush(hub, cache, &mut batch);
+                    hub.typing(channel_id, user_id);
+                }
+            }
+        }
+        flush(hub, cache, &mut batch);
+    }
+}
+
+fn flush(hub: &Hub, cache: &EventCache, batch: &mut Vec<Arc<Delivery>>) {
+    if batch.is_empty() {
+        return;
+    }
+    cache.append(batch);
+    hub.dispatch(batch);
+    batch.clear();
+}

@@ -1,0 +1,208 @@
+//! The local fan-out point: which connections are online, for which user and token, and
+//! which channels each one follows. [`Hub::dispatch`] pushes each committed event, encoded
+//! once, into the outbox of every connection following its channel, in commit order.
+//!
+//! Membership events move subscriptions in the same pass that delivers them: a
+//! `member.added` subscribes the user's connections before the channel's next event is
+//! dispatched, and a `member.removed` is the last event of that channel they are given.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use super::outbox::{Delivery, Item, Outbox};
+use super::protocol;
+use super::stats::Stats;
+use crate::store::TokenHash;
+
+pub type ConnId = u64;
+
+struct Conn {
+    user_id: i64,
+    token: TokenHash,
+    outbox: Arc<Outbox>,
+    channels: Vec<i64>,
+}
+
+#[derive(Default)]
+struct Subs {
+    conns: HashMap<ConnId, Conn>,
+    by_user: HashMap<i64, Vec<ConnId>>,
+    by_channel: HashMap<i64, Vec<ConnId>>,
+}
+
+impl Subs {
+    fn subscribe(&mut self, id: ConnId, channel_id: i64) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.channels.contains(&channel_id) {
+            return;
+        }
+        conn.channels.push(channel_id);
+        self.by_channel.entry(channel_id).or_default().push(id);
+    }
+
+    fn unsubscribe(&mut self, id: ConnId, channel_id: i64) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        conn.channels.retain(|&c| c != channel_id);
+        if let Some(list) = self.by_channel.get_mut(&channel_id) {
+            list.retain(|&c| c != id);
+            if list.is_empty() {
+                self.by_channel.remove(&channel_id);
+            }
+        }
+    }
+
+    fn user_conns(&self, user_id: i64) -> Vec<ConnId> {
+        self.by_user.get(&user_id).cloned().unwrap_or_default()
+    }
+}
+
+pub struct Hub {
+    subs: RwLock<Subs>,
+    next_id: AtomicU64,
+    stats: Arc<Stats>,
+}
+
+impl Hub {
+    pub fn new(stats: Arc<Stats>) -> Self {
+        Self {
+            subs: RwLock::default(),
+            next_id: AtomicU64::new(1),
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Subs> {
+        self.subs.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Subs> {
+        self.subs.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts a connection online. From now on it is told about its user's membership
+    /// changes; it follows no channel until [`Hub::subscribe`].
+    pub fn register(&self, user_id: i64, token: TokenHash, outbox: Arc<Outbox>) -> ConnId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut subs = self.write();
+        subs.conns.insert(
+            id,
+            Conn {
+                user_id,
+                token,
+                outbox,
+                channels: Vec::new(),
+            },
+        );
+        subs.by_user.entry(user_id).or_default().push(id);
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        id
+    }
+
+    pub fn unregister(&self, id: ConnId) {
+        let mut subs = self.write();
+        let Some(conn) = subs.conns.get(&id) else {
+            return;
+        };
+        let (user_id, channels) = (conn.user_id, conn.channels.clone());
+        for c in channels {
+            subs.unsubscribe(id, c);
+        }
+        subs.conns.remove(&id);
+        if let Some(list) = subs.by_user.get_mut(&user_id) {
+            list.retain(|&c| c != id);
+            if list.is_empty() {
+                subs.by_user.remove(&user_id);
+            }
+        }
+        self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn subscribe(&self, id: ConnId, channel_id: i64) {
+        self.write().subscribe(id, channel_id);
+    }
+
+    pub fn unsubscribe(&self, id: ConnId, channel_id: i64) {
+        self.write().unsubscribe(id, channel_id);
+    }
+
+    /// Delivers committed events, in order. Called by one thread at a time (the bus).
+    pub fn dispatch(&self, deliveries: &[Arc<Delivery>]) {
+        if deliveries.iter().any(|d| d.membership.is_some()) {
+            let mut subs = self.write();
+            for d in deliveries {
+                deliver(&subs, d);
+                if let Some((user_id, added)) = d.membership {
+                    for id in subs.user_conns(user_id) {
+                        if added {
+                            subs.subscribe(id, d.channel_id);
+                        } else {
+                            subs.unsubscribe(id, d.channel_id);
+                        }
+                    }
+                }
+            }
+        } else {
+            let subs = self.read();
+            for d in deliveries {
+                deliver(&subs, d);
+            }
+        }
+    }
+
+    /// Shows `user_id` typing to the channel's other online members.
+    pub fn typing(&self, channel_id: i64, user_id: i64) {
+        let subs = self.read();
+        let Some(list) = subs.by_channel.get(&channel_id) else {
+            return;
+        };
+        let frame: axum::extract::ws::Utf8Bytes = protocol::typing(channel_id, user_id).into();
+        for conn in list.iter().filter_map(|id| subs.conns.get(id)) {
+            if conn.user_id != user_id {
+                conn.outbox.push(Item::Frame(frame.clone()));
+            }
+        }
+    }
+
+    /// Closes every connection of a revoked session with 4001.
+    pub fn revoke(&self, token: &TokenHash) {
+        for conn in self.read().conns.values().filter(|c| &c.token == token) {
+            conn.outbox
+                .close(protocol::close::BAD_TOKEN, "the session was revoked");
+        }
+    }
+
+    /// Closes every connection (e.g. 1012 when the server stops).
+    pub fn close_all(&self, code: u16, reason: &'static str) {
+        for conn in self.read().conns.values() {
+            conn.outbox.close(code, reason);
+        }
+    }
+}
+
+/// Pushes `d` to the channel's followers, and to the connections of the user whose
+/// membership it changes when they do not follow the channel yet.
+fn deliver(subs: &Subs, d: &Arc<Delivery>) {
+    let followers = subs.by_channel.get(&d.channel_id);
+    for id in followers.into_iter().flatten() {
+        if let Some(conn) = subs.conns.get(id) {
+            conn.outbox.push(Item::Event(Arc::clone(d)));
+        }
+    }
+    if let Some((user_id, _)) = d.membership {
+        for id in subs.by_user.get(&user_id).into_iter().flatten() {
+            let following = followers.is_some_and(|f| f.contains(id));
+            if let (false, Some(conn)) = (following, subs.conns.get(id)) {
+                conn.outbox.push(Item::Event(Arc::clone(d)));
+            }
+        }
+    }
+}

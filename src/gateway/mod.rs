@@ -1,0 +1,59 @@
+//! The real-time gateway's moving parts, below the `/v1/ws` handler (`api::ws`): the wire
+//! [`protocol`], each connection's bounded [`outbox`], the [`hub`] that fans committed
+//! events out to online connections, the [`bus`] that carries events from the writer to the
+//! hub, the hot-channel [`cache`], and the [`stats`] counters.
+
+pub mod bus;
+pub mod cache;
+pub mod hub;
+pub mod outbox;
+pub mod protocol;
+pub mod stats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use self::bus::Bus;
+use self::cache::EventReader;
+use self::hub::Hub;
+
+/// Limits and timers of WebSocket connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Without a hello within this, the server closes with 4003.
+    pub hello_timeout: Duration,
+    /// The server pings an idle connection this often.
+    pub ping_interval: Duration,
+    /// A connection silent this long (no frame, no pong) is dropped.
+    pub idle_timeout: Duration,
+    /// Bytes one connection may have queued before it is closed as a slow consumer (4008).
+    pub queue_bytes: usize,
+    /// Largest frame a client may send.
+    pub max_frame_bytes: usize,
+    /// Sends one connection may have waiting for commit; more wait before being read.
+    pub max_in_flight: usize,
+    /// Memory of the hot-channel cache.
+    pub cache_bytes: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            queue_bytes: 1 << 20,
+            max_frame_bytes: 64 * 1024,
+            max_in_flight: 256,
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What the `/v1/ws` handler shares.
+#[derive(Clone)]
+pub struct Gateway {
+    pub hub: Arc<Hub>,
+    pub bus: Arc<dyn Bus>,
+    pub reader: Arc<EventReader>,
+}

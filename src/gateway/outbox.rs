@@ -1,0 +1,199 @@
+//! Each connection's bounded outbound queue. Fan-out pushes into it without waiting; the
+//! connection's task drains everything queued at once and writes it as one flush. A queue
+//! that would pass its byte bound is emptied and marked slow: the connection closes with
+//! 4008 and its memory is freed at once, so one slow socket never stalls anyone else.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::Notify;
+
+use super::stats::Stats;
+use crate::model::{Event, EventBody};
+
+/// An event as fan-out hands it to every recipient: encoded once, shared by all.
+#[derive(Debug)]
+pub struct Delivery {
+    pub channel_id: i64,
+    pub seq: i64,
+    /// For `member.added`/`member.removed`: whose membership changed, and whether added.
+    pub membership: Option<(i64, bool)>,
+    pub frame: Utf8Bytes,
+    pub event: Event,
+}
+
+impl Delivery {
+    pub fn new(event: Event) -> Arc<Self> {
+        let membership = match &event.body {
+            EventBody::MemberAdded { user_id, .. } => Some((*user_id, true)),
+            EventBody::MemberRemoved { user_id } => Some((*user_id, false)),
+            _ => None,
+        };
+        Arc::new(Self {
+            channel_id: event.channel_id,
+            seq: event.seq,
+            membership,
+            frame: super::protocol::event(&event).into(),
+            event,
+        })
+    }
+}
+
+/// One thing for a connection to write.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// An event of a channel: the connection delivers it only in seq order, once.
+    Event(Arc<Delivery>),
+    /// A frame for this connection alone (ack, error, pong, typing).
+    Frame(Utf8Bytes),
+    /// Close the connection with this code and reason, after what is queued before it.
+    Close(u16, &'static str),
+}
+
+impl Item {
+    fn bytes(&self) -> usize {
+        match self {
+            Item::Event(d) => d.frame.len(),
+            Item::Frame(f) => f.len(),
+            Item::Close(..) => 0,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Item>,
+    bytes: usize,
+    /// Set once the queue overflowed or was told to close; nothing more is queued.
+    closed: bool,
+}
+
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    notify: Notify,
+    limit: usize,
+    stats: Arc<Stats>,
+}
+
+impl Outbox {
+    pub fn new(limit: usize, stats: Arc<Stats>) -> Self {
+        Self {
+            queue: Mutex::default(),
+            notify: Notify::new(),
+            limit,
+            stats,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `item`; false if the connection is closing. A push that would pass the byte
+    /// bound drops everything queued and closes the connection as a slow consumer.
+    pub fn push(&self, item: Item) -> bool {
+        let size = item.bytes();
+        let mut q = self.lock();
+        if q.closed {
+            return false;
+        }
+        if q.bytes + size > self.limit {
+            self.stats.buffered_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+            q.items.clear();
+            q.bytes = 0;
+            q.items.push_back(Item::Close(
+                super::protocol::close::SLOW_CONSUMER,
+                "slow consumer: reconnect and resume",
+            ));
+            q.closed = true;
+            self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            drop(q);
+            self.notify.notify_one();
+            return false;
+        }
+        let was_empty = q.items.is_empty();
+        if let Item::Close(..) = item {
+            q.closed = true;
+        }
+        q.items.push_back(item);
+        q.bytes += size;
+        let queued = q.bytes;
+        drop(q);
+        self.stats.buffered_bytes.fetch_add(size, Ordering::Relaxed);
+        self.stats.outbox_peak_bytes.fetch_max(queued, Ordering::Relaxed);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// Closes the connection after what is queued: `code` unless it is already closing.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        self.push(Item::Close(code, reason));
+    }
+
+    /// Moves everything queued into `out`, waiting until there is something.
+    pub async fn take(&self, out: &mut Vec<Item>) {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut q = self.lock();
+                if !q.items.is_empty() {
+                    self.stats.buffered_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+                    q.bytes = 0;
+                    out.extend(q.items.drain(..));
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let q = self.lock();
+        self.stats.buffered_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Item {
+        Item::Frame("x".repeat(n).into())
+    }
+
+    #[tokio::test]
+    async fn a_push_past_the_bound_empties_the_queue_and_closes_it() {
+        let stats = Arc::new(Stats::default());
+        let outbox = Outbox::new(100, Arc::clone(&stats));
+        assert!(outbox.push(frame(60)));
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 60);
+        assert!(!outbox.push(frame(60)));
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.slow_consumers.load(Ordering::Relaxed), 1);
+        assert!(!outbox.push(frame(1)), "a slow queue takes nothing more");
+        let mut out = Vec::new();
+        outbox.take(&mut out).await;
+        assert!(matches!(out.as_slice(), [Item::Close(4008, _)]));
+        assert!(stats.outbox_peak_bytes.load(Ordering::Relaxed) <= 100);
+    }
+
+    #[tokio::test]
+    async fn take_returns_everything_queued_in_order() {
+        let stats = Arc::new(Stats::default());
+        let outbox = Outbox::new(1000, Arc::clone(&stats));
+        for n in 1..=3 {
+            outbox.push(frame(n));
+        }
+        let mut out = Vec::new();
+        outbox.take(&mut out).await;
+        let sizes: Vec<usize> = out.iter().map(Item::bytes).collect();
+        assert_eq!(sizes, [1, 2, 3]);
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
+    }
+}

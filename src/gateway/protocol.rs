@@ -1,0 +1,263 @@
+//! The `/v1/ws` wire protocol as plain types: [`ClientOp`] with a pure [`parse`], and the
+//! server's frames with pure encoders. No I/O here.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::dto;
+use crate::api::error::ApiError;
+use crate::model;
+
+/// One frame from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientOp {
+    Hello {
+        token: String,
+        /// Channel id (decimal string) → the last seq the client holds.
+        #[serde(default)]
+        resume: HashMap<String, i64>,
+    },
+    Send {
+        channel_id: String,
+        text: String,
+        client_id: String,
+    },
+    Read {
+        channel_id: String,
+        seq: i64,
+    },
+    Typing {
+        channel_id: String,
+    },
+    Ping,
+}
+
+/// Why a frame is not a valid op: the `error` frame's message before close 4002.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed(pub String);
+
+/// Parses one text frame.
+pub fn parse(frame: &str) -> Result<ClientOp, Malformed> {
+    serde_json::from_str(frame).map_err(|e| Malformed(describe(&e)))
+}
+
+/// A message a person can act on, without serde's internal type names.
+fn describe(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            format!("a frame must be one JSON object (line {} column {})", e.line(), e.column())
+        }
+        Category::Data => {
+            let text = e.to_string();
+            // serde's data errors name the field or variant at fault; keep that part.
+            let detail = text.split(" at line ").next().unwrap_or(&text);
+            format!("not a valid op: {detail}")
+        }
+    }
+}
+
+/// Parses a decimal channel id from a frame.
+pub fn parse_id(field: &'static str, value: &str) -> Result<i64, ApiError> {
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::invalid_field(field, "must be a decimal id"))
+}
+
+#[derive(Serialize)]
+struct Ready<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    user: dto::User,
+    channels: &'a [ChannelPosition],
+}
+
+/// A channel the client is in and its newest seq, as `ready` lists them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelPosition {
+    pub id: String,
+    pub last_seq: i64,
+}
+
+#[derive(Serialize)]
+struct Ack<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    client_id: &'a str,
+    message: dto::Message,
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a str>,
+    error: dto::ErrorDetail,
+}
+
+#[derive(Serialize)]
+struct Typing {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel_id: String,
+    user_id: String,
+}
+
+#[derive(Serialize)]
+struct Joined {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel: dto::Channel,
+}
+
+#[derive(Serialize)]
+struct Left {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel_id: String,
+}
+
+fn encode(value: &impl Serialize) -> String {
+    serde_json::to_string(value).expect("frames serialize to JSON")
+}
+
+pub fn ready(user: &model::User, channels: &[ChannelPosition]) -> String {
+    encode(&Ready {
+        kind: "ready",
+        user: user.into(),
+        channels,
+    })
+}
+
+pub fn event(event: &model::Event) -> String {
+    encode(&dto::Event::from(event))
+}
+
+pub fn ack(client_id: &str, message: &model::Message) -> String {
+    encode(&Ack {
+        kind: "ack",
+        client_id,
+        message: message.into(),
+    })
+}
+
+pub fn error(client_id: Option<&str>, e: &ApiError) -> String {
+    encode(&ErrorFrame {
+        kind: "error",
+        client_id,
+        error: dto::ErrorDetail {
+            code: e.code.to_owned(),
+            message: e.message.to_string(),
+            field: e.field.clone(),
+        },
+    })
+}
+
+pub fn typing(channel_id: i64, user_id: i64) -> String {
+    encode(&Typing {
+        kind: "typing",
+        channel_id: channel_id.to_string(),
+        user_id: user_id.to_string(),
+    })
+}
+
+pub fn joined(channel: &model::Channel) -> String {
+    encode(&Joined {
+        kind: "channel.joined",
+        channel: channel.into(),
+    })
+}
+
+pub fn left(channel_id: i64) -> String {
+    encode(&Left {
+        kind: "channel.left",
+        channel_id: channel_id.to_string(),
+    })
+}
+
+pub const PONG: &str = r#"{"type":"pong"}"#;
+
+/// Close codes of the protocol.
+pub mod close {
+    pub const BAD_TOKEN: u16 = 4001;
+    pub const MALFORMED: u16 = 4002;
+    pub const NO_HELLO: u16 = 4003;
+    pub const SLOW_CONSUMER: u16 = 4008;
+    pub const RESTARTING: u16 = 1012;
+    /// The peer stopped answering heartbeats.
+    pub const GOING_AWAY: u16 = 1001;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_op() {
+        assert_eq!(
+            parse(r#"{"op":"hello","token":"t","resume":{"12":3}}"#),
+            Ok(ClientOp::Hello {
+                token: "t".into(),
+                resume: HashMap::from([("12".into(), 3)])
+            })
+        );
+        assert_eq!(
+            parse(r#"{"op":"hello","token":"t"}"#),
+            Ok(ClientOp::Hello {
+                token: "t".into(),
+                resume: HashMap::new()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"op":"send","channel_id":"1","text":"hi","client_id":"c"}"#),
+            Ok(ClientOp::Send {
+                channel_id: "1".into(),
+                text: "hi".into(),
+                client_id: "c".into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"op":"read","channel_id":"1","seq":4}"#),
+            Ok(ClientOp::Read {
+                channel_id: "1".into(),
+                seq: 4
+            })
+        );
+        assert_eq!(
+            parse(r#"{"op":"typing","channel_id":"1"}"#),
+            Ok(ClientOp::Typing {
+                channel_id: "1".into()
+            })
+        );
+        assert_eq!(parse(r#"{"op":"ping"}"#), Ok(ClientOp::Ping));
+    }
+
+    #[test]
+    fn refuses_malformed_frames_with_a_readable_reason() {
+        for bad in [
+            "",
+            "not json",
+            "[]",
+            r#"{"op":"nope"}"#,
+            r#"{"op":"send","channel_id":"1"}"#,
+            r#"{"op":"ping","extra":1}"#,
+            r#"{"op":"read","channel_id":"1","seq":"x"}"#,
+        ] {
+            let Malformed(reason) = parse(bad).expect_err(bad);
+            assert!(!reason.contains("natter::"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn ids_must_be_positive_decimals() {
+        assert_eq!(parse_id("channel_id", "42").ok(), Some(42));
+        for bad in ["", "-1", "0", "x", "1.5", "99999999999999999999"] {
+            assert!(parse_id("channel_id", bad).is_err(), "{bad}");
+        }
+    }
+}
