@@ -117,8 +117,9 @@ impl Config {
         if a.ws_queue_bytes < 64 * 1024 || a.ws_ping_secs == 0 {
             return Err(ConfigError {
                 option: "--ws-queue-bytes/--ws-ping-secs",
-                message: "the queue must hold at least 64 KiB (one frame) and pings need at least 1 s"
-                    .into(),
+                message:
+                    "the queue must hold at least 64 KiB (one frame) and pings need at least 1 s"
+                        .into(),
             });
         }
         if a.token_ttl_hours == 0 {

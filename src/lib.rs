@@ -7,6 +7,8 @@
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod gateway;

@@ -21,6 +21,10 @@ enum Command {
     Serve(ServeArgs),
     /// Measure throughput and latency.
     Bench(natter::bench::BenchArgs),
+    /// Send one message to a channel (over the WebSocket).
+    Send(natter::cli::SendArgs),
+    /// Print a channel's events as they arrive.
+    Tail(natter::cli::TailArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +51,8 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Bench(args) => runtime.block_on(natter::bench::run(args)),
+        Command::Send(args) => runtime.block_on(natter::cli::send(args)),
+        Command::Tail(args) => runtime.block_on(natter::cli::tail(args)),
     }
 }
 

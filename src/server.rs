@@ -18,8 +18,8 @@ use crate::gateway::cache::{EventCache, EventReader};
 use crate::gateway::hub::Hub;
 use crate::gateway::protocol::close;
 use crate::gateway::stats::Stats;
-use crate::store::{Accounts, OnCommit};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::{Accounts, OnCommit};
 
 /// Opens the store under `config.data_dir`, serves the API on `listener` until `shutdown`
 /// resolves, then stops taking requests, lets in-flight ones finish, and waits until the
@@ -40,7 +40,10 @@ pub async fn serve(
     let (bus, fanout) = LocalBus::start(Arc::clone(&hub), cache.clone());
     let bus: Arc<dyn Bus> = Arc::new(bus);
     let publish = Arc::clone(&bus);
-    let store = Arc::new(open_store(&config, Some(Arc::new(move |events| publish.publish(events))))?);
+    let store = Arc::new(open_store(
+        &config,
+        Some(Arc::new(move |events| publish.publish(events))),
+    )?);
     let gateway = Gateway {
         hub: Arc::clone(&hub),
         bus,
@@ -68,7 +71,9 @@ pub async fn serve(
     // Upgraded WebSockets outlive the HTTP server: give them a bounded time to write
     // their answers and the 1012 close.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while hub.stats().connections.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+    while hub.stats().connections.load(Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     purge.abort();
@@ -83,7 +88,10 @@ pub async fn serve(
     }
     // The writer is gone, so is the last publisher: the fan-out thread ends.
     let joined = tokio::task::spawn_blocking(move || fanout.join());
-    if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), joined)
+        .await
+        .is_err()
+    {
         tracing::warn!("fan-out thread still running at shutdown");
     }
     served?;

@@ -148,7 +148,10 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
     let mut body = String::new();
     state.gateway.hub.stats().render(&mut body);
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         body,
     )
         .into_response()

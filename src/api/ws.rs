@@ -77,8 +77,11 @@ where
         code,
         reason: reason.into(),
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), socket.send(Message::Close(Some(frame))))
-        .await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        socket.send(Message::Close(Some(frame))),
+    )
+    .await;
 }
 
 async fn refuse<S>(socket: &mut S, code: u16, error: &ApiError)
@@ -113,10 +116,17 @@ where
     let (token, resume) = match hello {
         Err(_) => {
             let secs = cfg.hello_timeout.as_secs_f64();
-            return close_with(&mut socket, close::NO_HELLO, &format!("no hello within {secs} s")).await;
+            return close_with(
+                &mut socket,
+                close::NO_HELLO,
+                &format!("no hello within {secs} s"),
+            )
+            .await;
         }
         Ok(Incoming::Gone | Incoming::Alive) => return,
-        Ok(Incoming::Bad(reason)) => return refuse(&mut socket, close::MALFORMED, &malformed(reason)).await,
+        Ok(Incoming::Bad(reason)) => {
+            return refuse(&mut socket, close::MALFORMED, &malformed(reason)).await;
+        }
         Ok(Incoming::Text(text)) => match protocol::parse(&text) {
             Ok(ClientOp::Hello { token, resume }) => (token, resume),
             Ok(_) => {
@@ -142,7 +152,10 @@ where
         }
         Err(e) => return refuse(&mut socket, close::RESTARTING, &e).await,
     };
-    let outbox = Arc::new(Outbox::new(cfg.queue_bytes, Arc::clone(state.gateway.hub.stats())));
+    let outbox = Arc::new(Outbox::new(
+        cfg.queue_bytes,
+        Arc::clone(state.gateway.hub.stats()),
+    ));
     let conn = state
         .gateway
         .hub
@@ -173,7 +186,10 @@ enum End {
 impl End {
     fn store(e: StoreError) -> Self {
         tracing::warn!(error = %e, "read for a WebSocket session; closing it so the client resumes");
-        End::Close(close::RESTARTING, "the server could not read; reconnect and resume".into())
+        End::Close(
+            close::RESTARTING,
+            "the server could not read; reconnect and resume".into(),
+        )
     }
 }
 
@@ -199,11 +215,21 @@ impl Session {
         let hub = Arc::clone(&self.state.gateway.hub);
         // Follow the channels first, then read where each one stands: an event committed
         // after that read is dispatched to us live.
-        let first = self.state.store.channels(self.user.id).await.map_err(End::store)?;
+        let first = self
+            .state
+            .store
+            .channels(self.user.id)
+            .await
+            .map_err(End::store)?;
         for v in &first {
             hub.subscribe(self.conn, v.channel.id);
         }
-        let now = self.state.store.channels(self.user.id).await.map_err(End::store)?;
+        let now = self
+            .state
+            .store
+            .channels(self.user.id)
+            .await
+            .map_err(End::store)?;
         let current: HashSet<i64> = now.iter().map(|v| v.channel.id).collect();
         for v in &first {
             if !current.contains(&v.channel.id) {
@@ -284,7 +310,11 @@ impl Session {
     where
         S: Sink<Message> + Unpin,
     {
-        let _ = feed(socket, protocol::error(None, &malformed(reason.clone())).into()).await;
+        let _ = feed(
+            socket,
+            protocol::error(None, &malformed(reason.clone())).into(),
+        )
+        .await;
         End::Close(close::MALFORMED, reason)
     }
 
@@ -306,7 +336,7 @@ impl Session {
             }
         };
         match op {
-            ClientOp::Ping => {
+            ClientOp::Ping {} => {
                 self.outbox.push(Item::Frame(protocol::PONG.into()));
             }
             ClientOp::Hello { .. } => {
@@ -319,7 +349,10 @@ impl Session {
                     return Ok(());
                 };
                 let now = Instant::now();
-                let recent = self.typing.get(&id).is_some_and(|t| now - *t < TYPING_EVERY);
+                let recent = self
+                    .typing
+                    .get(&id)
+                    .is_some_and(|t| now - *t < TYPING_EVERY);
                 if self.positions.contains_key(&id) && !recent {
                     self.typing.insert(id, now);
                     self.state.gateway.bus.typing(id, self.user.id);
@@ -330,7 +363,10 @@ impl Session {
                 text,
                 client_id,
             } => {
-                let permit = Arc::clone(sends).acquire_owned().await.map_err(|_| End::Gone)?;
+                let permit = Arc::clone(sends)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| End::Gone)?;
                 let checked = protocol::parse_id("channel_id", &channel_id)
                     .and_then(|id| validate::text(&text).map(|()| id))
                     .and_then(|id| validate::client_id(&client_id).map(|()| id))
@@ -344,14 +380,18 @@ impl Session {
                 let id = match checked {
                     Ok(id) => id,
                     Err(e) => {
-                        let _ = replies.send((protocol::error(Some(&client_id), &e).into(), permit));
+                        let _ =
+                            replies.send((protocol::error(Some(&client_id), &e).into(), permit));
                         return Ok(());
                     }
                 };
                 let store = Arc::clone(&self.state.store);
                 let (replies, author) = (replies.clone(), self.user.id);
                 tokio::spawn(async move {
-                    let frame = match store.post_message(author, id, &text, Some(&client_id)).await {
+                    let frame = match store
+                        .post_message(author, id, &text, Some(&client_id))
+                        .await
+                    {
                         Ok(posted) => protocol::ack(&client_id, &posted.message),
                         Err(e) => protocol::error(Some(&client_id), &ApiError::from(e)),
                     };
@@ -359,7 +399,10 @@ impl Session {
                 });
             }
             ClientOp::Read { channel_id, seq } => {
-                let permit = Arc::clone(sends).acquire_owned().await.map_err(|_| End::Gone)?;
+                let permit = Arc::clone(sends)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| End::Gone)?;
                 let id = match protocol::parse_id("channel_id", &channel_id) {
                     Ok(id) => id,
                     Err(e) => {
@@ -436,7 +479,13 @@ impl Session {
     where
         S: Sink<Message> + Unpin,
     {
-        match self.state.store.channel(channel_id, self.user.id).await.map_err(End::store)? {
+        match self
+            .state
+            .store
+            .channel(channel_id, self.user.id)
+            .await
+            .map_err(End::store)?
+        {
             Some((channel, _)) => {
                 self.state.gateway.hub.subscribe(self.conn, channel_id);
                 self.positions.insert(channel_id, channel.last_seq);
@@ -452,7 +501,12 @@ impl Session {
 
     /// Sends the channel's events after our position, up to `until` (or all there are).
     /// False if the channel's stream ended on the way (this user was removed).
-    async fn fill<S>(&mut self, socket: &mut S, channel_id: i64, until: Option<i64>) -> Result<bool, End>
+    async fn fill<S>(
+        &mut self,
+        socket: &mut S,
+        channel_id: i64,
+        until: Option<i64>,
+    ) -> Result<bool, End>
     where
         S: Sink<Message> + Unpin,
     {
@@ -464,9 +518,14 @@ impl Session {
             if until.is_some_and(|u| at >= u) {
                 return Ok(true);
             }
-            let limit = until.map_or(FILL_PAGE, |u| (u - at).clamp(1, i64::from(FILL_PAGE)) as u32);
+            let limit = until.map_or(FILL_PAGE, |u| {
+                (u - at).clamp(1, i64::from(FILL_PAGE)) as u32
+            });
             let reader = Arc::clone(&self.state.gateway.reader);
-            let (page, more) = reader.read(channel_id, at, limit).await.map_err(End::store)?;
+            let (page, more) = reader
+                .read(channel_id, at, limit)
+                .await
+                .map_err(End::store)?;
             let mut progressed = false;
             for d in page {
                 if d.seq != self.positions.get(&channel_id).copied().unwrap_or(i64::MAX) + 1 {
@@ -525,7 +584,10 @@ async fn feed<S>(socket: &mut S, frame: Utf8Bytes) -> Result<(), End>
 where
     S: Sink<Message> + Unpin,
 {
-    socket.feed(Message::Text(frame)).await.map_err(|_| End::Gone)
+    socket
+        .feed(Message::Text(frame))
+        .await
+        .map_err(|_| End::Gone)
 }
 
 /// Writes what was fed; a peer that takes longer than `limit` to accept it is dropped.

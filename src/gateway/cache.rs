@@ -49,9 +49,9 @@ impl Log {
 
 fn cost(d: &Delivery) -> usize {
     let text = match &d.event.body {
-        EventBody::MessageCreated(m) | EventBody::MessageEdited(m) | EventBody::MessageDeleted(m) => {
-            m.text.len()
-        }
+        EventBody::MessageCreated(m)
+        | EventBody::MessageEdited(m)
+        | EventBody::MessageDeleted(m) => m.text.len(),
         _ => 0,
     };
     d.frame.len() + text + EVENT_OVERHEAD
@@ -125,7 +125,12 @@ impl EventCache {
 
     /// Events of `channel_id` after `after_seq`, at most `limit`, and whether more are
     /// cached; `None` when the cache does not hold the event right after `after_seq`.
-    pub fn read(&self, channel_id: i64, after_seq: i64, limit: usize) -> Option<(Vec<Arc<Delivery>>, bool)> {
+    pub fn read(
+        &self,
+        channel_id: i64,
+        after_seq: i64,
+        limit: usize,
+    ) -> Option<(Vec<Arc<Delivery>>, bool)> {
         let mut inner = self.lock();
         inner.clock += 1;
         let now = inner.clock;
@@ -246,7 +251,10 @@ impl EventReader {
                 Ok(Ok(page)) => Ok((page.0.clone(), page.1)),
                 Ok(Err(e)) => Err(StoreError::internal("read a channel log", e)),
                 // The leading read was cancelled: read alone.
-                Err(_) => self.read_store(channel_id, after_seq, limit).await.map(|p| (p.0.clone(), p.1)),
+                Err(_) => self
+                    .read_store(channel_id, after_seq, limit)
+                    .await
+                    .map(|p| (p.0.clone(), p.1)),
             };
         }
         // This read leads; the guard hands its result (or, if it is cancelled, nothing) to
@@ -355,7 +363,11 @@ mod tests {
     fn stays_within_its_byte_budget() {
         let cache = EventCache::new(20_000);
         for channel in 1..=50 {
-            cache.append(&(1..=20).map(|s| member_added(channel, s)).collect::<Vec<_>>());
+            cache.append(
+                &(1..=20)
+                    .map(|s| member_added(channel, s))
+                    .collect::<Vec<_>>(),
+            );
             assert!(cache.bytes() <= 20_000, "{}", cache.bytes());
         }
         assert!(cache.read(50, 0, 5).is_some(), "the newest channel stays");

@@ -100,7 +100,9 @@ impl Outbox {
             return false;
         }
         if q.bytes + size > self.limit {
-            self.stats.buffered_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+            self.stats
+                .buffered_bytes
+                .fetch_sub(q.bytes, Ordering::Relaxed);
             q.items.clear();
             q.bytes = 0;
             q.items.push_back(Item::Close(
@@ -122,7 +124,9 @@ impl Outbox {
         let queued = q.bytes;
         drop(q);
         self.stats.buffered_bytes.fetch_add(size, Ordering::Relaxed);
-        self.stats.outbox_peak_bytes.fetch_max(queued, Ordering::Relaxed);
+        self.stats
+            .outbox_peak_bytes
+            .fetch_max(queued, Ordering::Relaxed);
         if was_empty {
             self.notify.notify_one();
         }
@@ -141,7 +145,9 @@ impl Outbox {
             {
                 let mut q = self.lock();
                 if !q.items.is_empty() {
-                    self.stats.buffered_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+                    self.stats
+                        .buffered_bytes
+                        .fetch_sub(q.bytes, Ordering::Relaxed);
                     q.bytes = 0;
                     out.extend(q.items.drain(..));
                     return;
@@ -155,7 +161,9 @@ impl Outbox {
 impl Drop for Outbox {
     fn drop(&mut self) {
         let q = self.lock();
-        self.stats.buffered_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+        self.stats
+            .buffered_bytes
+            .fetch_sub(q.bytes, Ordering::Relaxed);
     }
 }
 

@@ -31,7 +31,7 @@ pub enum ClientOp {
     Typing {
         channel_id: String,
     },
-    Ping,
+    Ping {},
 }
 
 /// Why a frame is not a valid op: the `error` frame's message before close 4002.
@@ -48,7 +48,11 @@ fn describe(e: &serde_json::Error) -> String {
     use serde_json::error::Category;
     match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => {
-            format!("a frame must be one JSON object (line {} column {})", e.line(), e.column())
+            format!(
+                "a frame must be one JSON object (line {} column {})",
+                e.line(),
+                e.column()
+            )
         }
         Category::Data => {
             let text = e.to_string();
@@ -234,7 +238,7 @@ mod tests {
                 channel_id: "1".into()
             })
         );
-        assert_eq!(parse(r#"{"op":"ping"}"#), Ok(ClientOp::Ping));
+        assert_eq!(parse(r#"{"op":"ping"}"#), Ok(ClientOp::Ping {}));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -79,7 +79,8 @@ impl SqliteStore {
         let reads = (0..opts.read_connections.max(1))
             .map(|_| open_reader(&opts.path))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let (writer, handle) = Writer::start(conn, opts.node_id, opts.write_queue, opts.on_commit.clone());
+        let (writer, handle) =
+            Writer::start(conn, opts.node_id, opts.write_queue, opts.on_commit.clone());
         Ok(Self {
             writer,
             reads: ReadPool::new(reads),

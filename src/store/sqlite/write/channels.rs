@@ -171,7 +171,14 @@ pub(super) fn put_member(
         return Err(StoreError::NotFound.into());
     }
     match role_of(tx, channel_id, user_id)? {
-        None => add_member(tx, j, channel_id, user_id, role.unwrap_or(Role::Member), now)?,
+        None => add_member(
+            tx,
+            j,
+            channel_id,
+            user_id,
+            role.unwrap_or(Role::Member),
+            now,
+        )?,
         Some(Role::Owner) => {
             if role.is_some_and(|r| r != Role::Owner) {
                 return Err(StoreError::Forbidden("the owner's role cannot be changed").into());

@@ -1,0 +1,494 @@
+//! The real-time gateway end to end: real WebSocket clients against a server on
+//! `127.0.0.1:0`.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::TestServer;
+use common::ws::*;
+use natter::client::{Frame, Incoming};
+use serde_json::json;
+
+fn created(frames: &[Frame], channel: i64) -> Vec<String> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Event(e) if e.channel_id == channel && e.kind == "message.created" => {
+                Some(e.message.as_ref().unwrap().text.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_member_receives_each_message_in_seq_order_and_acks_follow_commit() {
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let b = server.client().register("bob").await;
+    let c = server.client().register("carol").await;
+    let ch = a.create_channel("room", "group", &[&b, &c]).await;
+    let chan = id(&ch);
+    let mut rts = vec![connect(&a).await, connect(&b).await, connect(&c).await];
+    let start = a.all_events(&ch).await.len() as i64;
+    let mut earlier: Vec<Frame> = Vec::new();
+    for i in 0..40 {
+        let cid = format!("ws-{i}");
+        rts[0].send(chan, &format!("ws {i}"), &cid).await.unwrap();
+        if i % 10 == 0 {
+            // Pipelined sends; every tenth waits for its ack and reads it back at once.
+            let frames = until(
+                &mut rts[0],
+                |f| matches!(f, Frame::Ack { client_id, .. } if *client_id == cid),
+            )
+            .await;
+            let Some(Frame::Ack { message, .. }) = frames.last() else {
+                unreachable!()
+            };
+            let history = a.all_messages(&ch).await;
+            assert!(
+                history.iter().any(|m| m["id"] == message.id.to_string()),
+                "acked message {} is stored",
+                message.id
+            );
+            earlier.extend(frames);
+        }
+        assert_eq!(b.send(&ch, &format!("rest {i}"), None).await.status, 201);
+    }
+    let last = start + 80;
+    for (n, rt) in rts.iter_mut().enumerate() {
+        let mut frames = if n == 0 {
+            std::mem::take(&mut earlier)
+        } else {
+            Vec::new()
+        };
+        if seqs(&frames, chan).last() != Some(&last) {
+            frames.extend(
+                until(
+                    rt,
+                    |f| matches!(f, Frame::Event(e) if e.channel_id == chan && e.seq == last),
+                )
+                .await,
+            );
+        }
+        assert_eq!(seqs(&frames, chan), (start + 1..=last).collect::<Vec<_>>());
+        let texts = created(&frames, chan);
+        assert_eq!(texts.len(), 80);
+        let ws: Vec<&String> = texts.iter().filter(|t| t.starts_with("ws ")).collect();
+        assert_eq!(
+            ws,
+            (0..40)
+                .map(|i| format!("ws {i}"))
+                .collect::<Vec<_>>()
+                .iter()
+                .collect::<Vec<_>>()
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_ws_resend_with_the_same_client_id_creates_nothing_new() {
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let ch = a.create_channel("room", "group", &[]).await;
+    let mut rt = connect(&a).await;
+    let mut acked = Vec::new();
+    for _ in 0..3 {
+        rt.send(id(&ch), "once", "same-id").await.unwrap();
+        let frames = until(&mut rt, |f| matches!(f, Frame::Ack { .. })).await;
+        if let Some(Frame::Ack { message, .. }) = frames.last() {
+            acked.push(message.id);
+        }
+    }
+    assert_eq!(acked.len(), 3);
+    assert!(acked.iter().all(|m| *m == acked[0]), "{acked:?}");
+    // The REST call with the same client_id answers the same original.
+    let rest = a.send(&ch, "once", Some("same-id")).await;
+    assert_eq!(rest.status, 200);
+    assert_eq!(rest.body["id"], acked[0].to_string());
+    assert_eq!(a.all_messages(&ch).await.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_member_added_mid_stream_gets_joined_then_live_events_and_a_removed_one_stops() {
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let b = server.client().register("bob").await;
+    let ch = a.create_channel("room", "group", &[]).await;
+    let sentinel = a.create_channel("sentinel", "group", &[&b]).await;
+    let (chan, sent) = (id(&ch), id(&sentinel));
+    let mut rb = connect(&b).await;
+    a.send(&ch, "before bob", None).await;
+
+    a.call(
+        reqwest::Method::PUT,
+        &format!("/v1/channels/{ch}/members/{}", b.user_id),
+        Some(json!({})),
+    )
+    .await;
+    let frames = until(&mut rb, |f| matches!(f, Frame::Joined { .. })).await;
+    let Some(Frame::Joined {
+        channel_id,
+        last_seq,
+    }) = frames.last().cloned()
+    else {
+        unreachable!()
+    };
+    assert_eq!(channel_id, chan);
+    for i in 0..5 {
+        a.send(&ch, &format!("live {i}"), None).await;
+    }
+    let frames = until(
+        &mut rb,
+        |f| matches!(f, Frame::Event(e) if e.channel_id == chan && e.seq == last_seq + 5),
+    )
+    .await;
+    assert_eq!(
+        seqs(&frames, chan),
+        (last_seq + 1..=last_seq + 5).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        created(&frames, chan),
+        (0..5).map(|i| format!("live {i}")).collect::<Vec<_>>()
+    );
+
+    a.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/channels/{ch}/members/{}", b.user_id),
+        None,
+    )
+    .await;
+    let frames = until(&mut rb, |f| matches!(f, Frame::Left { .. })).await;
+    assert!(
+        matches!(frames.iter().rev().nth(1), Some(Frame::Event(e)) if e.kind == "member.removed")
+    );
+    for i in 0..5 {
+        a.send(&ch, &format!("after {i}"), None).await;
+    }
+    // Dispatch follows commit order: once the later sentinel message arrives, anything of
+    // the old channel would have arrived before it.
+    a.send(&sentinel, "sentinel", None).await;
+    let frames = until(
+        &mut rb,
+        |f| matches!(f, Frame::Event(e) if e.channel_id == sent && e.kind == "message.created"),
+    )
+    .await;
+    assert!(
+        seqs(&frames, chan).is_empty(),
+        "a removed member got {frames:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_non_member_send_gets_an_error_frame_and_the_connection_stays_open() {
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let b = server.client().register("bob").await;
+    let ch = a.create_channel("private", "group", &[]).await;
+    let mut rb = connect(&b).await;
+    rb.send(id(&ch), "let me in", "x1").await.unwrap();
+    let frames = until(&mut rb, |f| matches!(f, Frame::Error { .. })).await;
+    assert!(
+        matches!(frames.last(), Some(Frame::Error { client_id: Some(c), code, .. }) if c == "x1" && code == "not_found")
+    );
+    rb.send_raw(r#"{"op":"ping"}"#).await.unwrap();
+    until(&mut rb, |f| matches!(f, Frame::Pong)).await;
+    // Invalid input gets the REST API's codes.
+    rb.send(id(&ch), "   ", "x2").await.unwrap();
+    let frames = until(&mut rb, |f| matches!(f, Frame::Error { .. })).await;
+    assert!(matches!(frames.last(), Some(Frame::Error { code, .. }) if code == "text_empty"));
+    assert_eq!(a.all_messages(&ch).await.len(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_send_over_the_rate_limit_gets_an_error_frame_and_the_connection_stays_open() {
+    let server = TestServer::start_with(|c| {
+        c.limits.send = natter::ratelimit::Rate {
+            per_second: 0.01,
+            burst: 2.0,
+        };
+    })
+    .await;
+    let a = server.client().register("alice").await;
+    let ch = a.create_channel("room", "group", &[]).await;
+    let mut rt = connect(&a).await;
+    for i in 0..3 {
+        rt.send(id(&ch), "hi", &format!("r{i}")).await.unwrap();
+    }
+    let mut answers = HashMap::new();
+    while answers.len() < 3 {
+        match next(&mut rt).await {
+            Incoming::Frame(Frame::Ack { client_id, .. }) => {
+                answers.insert(client_id, "ack".to_owned())
+            }
+            Incoming::Frame(Frame::Error {
+                client_id: Some(c),
+                code,
+                ..
+            }) => answers.insert(c, code),
+            _ => None,
+        };
+    }
+    assert_eq!(answers["r2"], "rate_limited", "{answers:?}");
+    rt.send_raw(r#"{"op":"ping"}"#).await.unwrap();
+    until(&mut rt, |f| matches!(f, Frame::Pong)).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn typing_reaches_the_other_members_only() {
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let b = server.client().register("bob").await;
+    let ch = a.create_channel("room", "group", &[&b]).await;
+    let (mut ra, mut rb) = (connect(&a).await, connect(&b).await);
+    ra.send_raw(&json!({"op": "typing", "channel_id": ch}).to_string())
+        .await
+        .unwrap();
+    let frames = until(&mut rb, |f| matches!(f, Frame::Typing { .. })).await;
+    assert!(
+        matches!(frames.last(), Some(Frame::Typing { channel_id, user_id }) if *channel_id == id(&ch) && *user_id == id(&a.user_id))
+    );
+    // Alice gets no echo: her next frame is the pong.
+    ra.send_raw(r#"{"op":"ping"}"#).await.unwrap();
+    let frames = until(&mut ra, |f| matches!(f, Frame::Pong)).await;
+    assert!(
+        !frames.iter().any(|f| matches!(f, Frame::Typing { .. })),
+        "{frames:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn protocol_violations_close_with_their_codes() {
+    let server =
+        TestServer::start_with(|c| c.gateway.hello_timeout = Duration::from_millis(300)).await;
+    let a = server.client().register("alice").await;
+
+    // No hello in time: 4003.
+    let mut ws = raw(server.addr).await;
+    assert_eq!(read_to_close(&mut ws).await.1, Some(4003));
+
+    // A malformed first frame: an error frame, then 4002.
+    let mut ws = raw(server.addr).await;
+    send_text(&mut ws, "{not json").await;
+    let (texts, code) = read_to_close(&mut ws).await;
+    assert_eq!(code, Some(4002));
+    assert!(texts[0].contains(r#""type":"error""#), "{texts:?}");
+
+    // A malformed frame after a good hello: an error frame, then 4002.
+    let mut ws = raw(server.addr).await;
+    send_text(
+        &mut ws,
+        &json!({"op": "hello", "token": a.token}).to_string(),
+    )
+    .await;
+    send_text(&mut ws, r#"{"op":"send","channel_id":"1"}"#).await;
+    let (texts, code) = read_to_close(&mut ws).await;
+    assert_eq!(code, Some(4002));
+    assert!(
+        texts[0].contains(r#""type":"ready""#) && texts.last().unwrap().contains("invalid_json"),
+        "{texts:?}"
+    );
+
+    // A frame over the size limit: 4002 too.
+    let mut ws = raw(server.addr).await;
+    send_text(
+        &mut ws,
+        &json!({"op": "hello", "token": a.token}).to_string(),
+    )
+    .await;
+    send_text(&mut ws, &"x".repeat(70_000)).await;
+    assert_eq!(read_to_close(&mut ws).await.1, Some(4002));
+
+    // A bad token: 4001.
+    let mut ws = raw(server.addr).await;
+    send_text(&mut ws, r#"{"op":"hello","token":"nope"}"#).await;
+    assert_eq!(read_to_close(&mut ws).await.1, Some(4001));
+
+    // A token revoked while connected: 4001 at once; and it cannot connect again.
+    let mut ws = raw(server.addr).await;
+    send_text(
+        &mut ws,
+        &json!({"op": "hello", "token": a.token}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        a.call(reqwest::Method::DELETE, "/v1/sessions/current", None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(read_to_close(&mut ws).await.1, Some(4001));
+    let mut ws = raw(server.addr).await;
+    send_text(
+        &mut ws,
+        &json!({"op": "hello", "token": a.token}).to_string(),
+    )
+    .await;
+    assert_eq!(read_to_close(&mut ws).await.1, Some(4001));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_cut_with_4008_while_the_others_keep_receiving() {
+    const QUEUE: usize = 64 * 1024;
+    const MESSAGES: usize = 4000;
+    let server = TestServer::start_with(|c| c.gateway.queue_bytes = QUEUE).await;
+    let a = server.client().register("alice").await;
+    let b = server.client().register("bob").await;
+    let s = server.client().register("slow").await;
+    let ch = a.create_channel("firehose", "group", &[&b, &s]).await;
+    let chan = id(&ch);
+    let mut fast = connect(&b).await;
+    // The slow client never reads: its socket fills, then its queue.
+    let mut slow = connect(&s).await.take_socket().unwrap();
+    let mut sender = connect(&a).await;
+    let text = "y".repeat(3900);
+    let reader = tokio::spawn(async move {
+        let frames = until(&mut fast, |f| matches!(f, Frame::Event(e) if e.kind == "message.created" && e.message.as_ref().unwrap().text.ends_with(&format!("#{}", MESSAGES - 1)))).await;
+        (created(&frames, chan).len(), seqs(&frames, chan))
+    });
+    let mut acked = 0;
+    for i in 0..MESSAGES {
+        sender
+            .send(chan, &format!("{text}#{i}"), &format!("m{i}"))
+            .await
+            .unwrap();
+        // Keep at most a few hundred in flight; collect acks as they come.
+        while i + 1 - acked > 200 || (i + 1 == MESSAGES && acked < MESSAGES) {
+            if let Incoming::Frame(Frame::Ack { .. }) = next(&mut sender).await {
+                acked += 1;
+            }
+        }
+    }
+    let (count, got) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(count, MESSAGES, "the fast member got every message");
+    assert!(
+        got.windows(2).all(|w| w[1] == w[0] + 1),
+        "in seq order, no gap"
+    );
+    let (_, code) = read_to_close(&mut slow).await;
+    assert_eq!(code, Some(4008));
+    assert!(metric(&a, "natter_ws_slow_consumers_total").await >= 1.0);
+    let peak = metric(&a, "natter_ws_outbox_peak_bytes").await;
+    assert!(
+        peak > 0.0 && peak <= QUEUE as f64,
+        "one connection's queue peaked at {peak} bytes, bound {QUEUE}"
+    );
+    server.stop().await;
+}
+
+/// Drops and resumes a receiver at the points `plan` names while messages keep coming;
+/// every event must arrive once, in order.
+async fn resume_case(server: &TestServer, case: usize, plan: &[usize], total: usize) {
+    let a = server.client().register(&format!("sender{case}")).await;
+    let b = server.client().register(&format!("reader{case}")).await;
+    let ch = a.create_channel("room", "group", &[&b]).await;
+    let chan = id(&ch);
+    let mut rb = connect(&b).await;
+    let start = *rb.positions().get(&chan).unwrap();
+    let sender = {
+        let a = a.clone();
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            for i in 0..total {
+                assert_eq!(a.send(&ch, &format!("m{i}"), None).await.status, 201);
+                if i % 7 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        })
+    };
+    let last = start + total as i64;
+    let mut got = Vec::new();
+    let mut drops = plan.iter().copied().peekable();
+    let mut frames_read = 0;
+    while got.last().copied() != Some(last) {
+        if drops.peek() == Some(&frames_read) {
+            drops.next();
+            rb.drop_connection();
+        }
+        if let Incoming::Frame(Frame::Event(e)) = next(&mut rb).await
+            && e.channel_id == chan
+        {
+            got.push(e.seq);
+        }
+        frames_read += 1;
+    }
+    sender.await.unwrap();
+    assert_eq!(
+        got,
+        (start + 1..=last).collect::<Vec<_>>(),
+        "case {case} with drops at {plan:?}"
+    );
+}
+
+#[test]
+fn random_disconnects_resume_with_no_loss_no_duplicate_in_order() {
+    use proptest::prelude::*;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt.block_on(TestServer::start());
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 12,
+        ..ProptestConfig::default()
+    });
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    let strategy = (
+        proptest::collection::btree_set(0usize..150, 0..6),
+        20usize..150,
+    );
+    runner
+        .run(&strategy, |(drops, total)| {
+            let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let plan: Vec<usize> = drops.into_iter().collect();
+            rt.block_on(resume_case(&server, n, &plan, total));
+            Ok(())
+        })
+        .unwrap();
+    rt.block_on(server.stop());
+}
+
+#[tokio::test]
+async fn resuming_from_an_old_position_replays_everything_after_it_and_leaves_channels_no_longer_joined()
+ {
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let b = server.client().register("bob").await;
+    let ch = a.create_channel("room", "group", &[&b]).await;
+    let gone = a.create_channel("gone", "group", &[&b]).await;
+    for i in 0..30 {
+        a.send(&ch, &format!("old {i}"), None).await;
+    }
+    a.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/channels/{gone}/members/{}", b.user_id),
+        None,
+    )
+    .await;
+    let mut rb = connect_resuming(&b, HashMap::from([(id(&ch), 3), (id(&gone), 1)])).await;
+    let last = a.all_events(&ch).await.len() as i64;
+    let frames = until(&mut rb, |f| matches!(f, Frame::Event(e) if e.seq == last)).await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, Frame::Left { channel_id } if *channel_id == id(&gone)))
+    );
+    assert_eq!(seqs(&frames, id(&ch)), (4..=last).collect::<Vec<_>>());
+    let ids: HashSet<i64> = seqs(&frames, id(&ch)).into_iter().collect();
+    assert_eq!(ids.len() as i64, last - 3);
+    server.stop().await;
+}
