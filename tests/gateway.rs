@@ -31,7 +31,7 @@ async fn every_member_receives_each_message_in_seq_order_and_acks_follow_commit(
     let c = server.client().register("carol").await;
     let ch = a.create_channel("room", "group", &[&b, &c]).await;
     let chan = id(&ch);
-    let mut rts = vec![connect(&a).await, connect(&b).await, connect(&c).await];
+    let mut rts = [connect(&a).await, connect(&b).await, connect(&c).await];
     let start = a.all_events(&ch).await.len() as i64;
     let mut earlier: Vec<Frame> = Vec::new();
     for i in 0..40 {
@@ -49,7 +49,10 @@ async fn every_member_receives_each_message_in_seq_order_and_acks_follow_commit(
             };
             let history = a.all_messages(&ch).await;
             assert!(
-                history.iter().any(|m| m["id"] == message.id.to_string()),
+                history
+                    .iter()
+                    .any(|m| m["id"].as_str().and_then(|s| s.parse::<i64>().ok())
+                        == Some(message.id)),
                 "acked message {} is stored",
                 message.id
             );
@@ -490,5 +493,47 @@ async fn resuming_from_an_old_position_replays_everything_after_it_and_leaves_ch
     assert_eq!(seqs(&frames, id(&ch)), (4..=last).collect::<Vec<_>>());
     let ids: HashSet<i64> = seqs(&frames, id(&ch)).into_iter().collect();
     assert_eq!(ids.len() as i64, last - 3);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_stops_answering_pings_is_dropped() {
+    let server = TestServer::start_with(|c| {
+        c.gateway.ping_interval = Duration::from_millis(100);
+        c.gateway.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let a = server.client().register("alice").await;
+    let mut live = connect(&a).await;
+    let mut dead = raw(server.addr).await;
+    send_text(
+        &mut dead,
+        &json!({"op": "hello", "token": a.token}).to_string(),
+    )
+    .await;
+    assert_eq!(metric(&a, "natter_ws_connections").await, 2.0);
+    // `dead` is never read again, so it never answers a ping; `live` answers them (the
+    // client library does, while it reads).
+    let reader = tokio::spawn(async move {
+        loop {
+            if let Ok(Incoming::Dropped { .. }) | Err(_) = live.next().await {
+                return false;
+            }
+        }
+    });
+    let mut connections = 2.0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        connections = metric(&a, "natter_ws_connections").await;
+        if connections == 1.0 {
+            break;
+        }
+    }
+    assert_eq!(
+        connections, 1.0,
+        "the silent connection was dropped, the live one kept"
+    );
+    assert!(!reader.is_finished(), "the live connection is still open");
+    drop(dead);
     server.stop().await;
 }

@@ -198,13 +198,15 @@ fn evict(inner: &mut Inner, target: usize) {
 }
 
 type Shared = Result<Arc<(Vec<Arc<Delivery>>, bool)>, String>;
+/// (channel, after seq, limit): what makes two reads identical.
+type ReadKey = (i64, i64, u32);
 
 /// Reads channel logs for the gateway: cache first, then the store, with identical
 /// concurrent store reads coalesced. The caller has checked membership.
 pub struct EventReader {
     cache: Arc<EventCache>,
     store: Arc<dyn Store>,
-    in_flight: Mutex<HashMap<(i64, i64, u32), Vec<oneshot::Sender<Shared>>>>,
+    in_flight: Mutex<HashMap<ReadKey, Vec<oneshot::Sender<Shared>>>>,
     stats: Arc<Stats>,
 }
 
@@ -287,7 +289,7 @@ impl EventReader {
 
 struct Lead<'a> {
     reader: &'a EventReader,
-    key: (i64, i64, u32),
+    key: ReadKey,
     result: Option<Shared>,
 }
 

@@ -16,8 +16,13 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `natter serve` on `data_dir` and waits until it listens.
     pub async fn start(data_dir: &Path) -> Self {
+        Self::start_at(data_dir, "127.0.0.1:0").await
+    }
+
+    /// Starts `natter serve` on `data_dir` listening on `listen`.
+    pub async fn start_at(data_dir: &Path, listen: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_natter"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .env("NATTER_INSECURE_FAST_PASSWORD_HASH", "1")
             .env("NATTER_SEND_RATE", "1000000")
@@ -56,6 +61,22 @@ impl ServerProcess {
 
     pub fn base(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn terminate(mut self) {
+        let pid = self.child.id().expect("a running child").to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("natter exits within 30 s of SIGTERM")
+            .unwrap();
+        assert!(exit.success(), "natter exited with {exit}");
     }
 
     /// SIGKILL: no chance to flush or clean up.
