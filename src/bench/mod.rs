@@ -1,6 +1,9 @@
 //! `natter bench`: write-path measurements. `store` drives the storage engine directly
 //! (group commit, no HTTP); `http` drives the HTTP API with concurrent clients, against a
-//! server it spawns in-process or one given by `--url`.
+//! server it spawns in-process or one given by `--url`; `fanout` measures real-time
+//! delivery over WebSockets ([`fanout`]).
+
+mod fanout;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +31,8 @@ pub enum Scenario {
     Store(WriteArgs),
     /// Durable sends through `POST /v1/channels/{id}/messages`.
     Http(HttpArgs),
+    /// One channel, many online members: deliveries per second and send→deliver latency.
+    Fanout(fanout::FanoutArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -62,6 +67,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.scenario {
         Scenario::Store(w) => bench_store(w).await,
         Scenario::Http(h) => bench_http(h).await,
+        Scenario::Fanout(f) => fanout::run(f).await,
     }
 }
 
