@@ -525,17 +525,18 @@ impl Session {
                 (u - at).clamp(1, i64::from(FILL_PAGE)) as u32
             });
             let reader = Arc::clone(&self.state.gateway.reader);
-            let (page, more) = reader
+            let page = reader
                 .read(channel_id, at, limit)
                 .await
                 .map_err(End::store)?;
+            let (page, more) = (&page.0, page.1);
             let mut progressed = false;
             for d in page {
                 if d.seq != self.positions.get(&channel_id).copied().unwrap_or(i64::MAX) + 1 {
                     continue;
                 }
                 progressed = true;
-                self.send_event(socket, &d).await?;
+                self.send_event(socket, d).await?;
                 if !self.positions.contains_key(&channel_id) {
                     flush(socket, idle).await?;
                     return Ok(false);

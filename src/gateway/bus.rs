@@ -62,29 +62,38 @@ impl Bus for LocalBus {
 
 fn fan_out(hub: &Hub, cache: &EventCache, rx: Receiver<Fanout>) {
     let mut batch = Vec::new();
+    let mut batches = 0;
     while let Ok(first) = rx.recv() {
         // Take whatever else is queued, so a busy writer's batches are dispatched together.
         for msg in std::iter::once(first).chain(rx.try_iter().take(QUEUED_BATCHES)) {
             match msg {
-                Fanout::Events(events) => batch.extend(events.into_iter().map(Delivery::new)),
+                Fanout::Events(events) => {
+                    batch.extend(events.into_iter().map(Delivery::new));
+                    batches += 1;
+                }
                 Fanout::Typing {
                     channel_id,
                     user_id,
                 } => {
-                    flush(hub, cache, &mut batch);
+                    flush(hub, cache, &mut batch, &mut batches);
                     hub.typing(channel_id, user_id);
                 }
             }
         }
-        flush(hub, cache, &mut batch);
+        flush(hub, cache, &mut batch, &mut batches);
     }
 }
 
-fn flush(hub: &Hub, cache: &EventCache, batch: &mut Vec<Arc<Delivery>>) {
-    if batch.is_empty() {
-        return;
+/// Caches, then dispatches: a connection that sees an event can read everything before
+/// it from the cache.
+fn flush(hub: &Hub, cache: &EventCache, batch: &mut Vec<Arc<Delivery>>, batches: &mut u64) {
+    if !batch.is_empty() {
+        cache.append(batch);
     }
-    cache.append(batch);
+    if *batches > 0 {
+        cache.mark_applied(*batches);
+        *batches = 0;
+    }
     hub.dispatch(batch);
     batch.clear();
 }

@@ -5,20 +5,18 @@
 //! connection has been sent. A deleted message is redacted in the cached events too, as it
 //! is in the store's log.
 //!
-//! [`EventReader`] reads a channel's log from the cache or, on a miss, from the store, and
-//! concurrent identical store reads of one channel coalesce into one (as Discord's data
-//! services do).
+//! Each cached run also keeps the current state of the messages created in it (edits and
+//! deletes applied), so the newest pages of a hot channel's history are answered from
+//! memory too. `reader::EventReader` decides between the cache and the store.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 
 use super::outbox::Delivery;
-use super::stats::Stats;
-use crate::model::{Event, EventBody, Message};
-use crate::store::{Store, StoreError};
+use crate::model::{Event, EventBody, HistoryQuery, Message, Page};
 
 /// Most events kept per channel, however much room is left.
 const MAX_EVENTS_PER_CHANNEL: usize = 4096;
@@ -29,22 +27,72 @@ struct Log {
     /// Seq of `events[0]`.
     first_seq: i64,
     events: VecDeque<Arc<Delivery>>,
+    /// The messages created in this run, by seq, as they stand now.
+    messages: BTreeMap<i64, Message>,
+    /// Message id → its seq in `messages`.
+    by_id: HashMap<i64, i64>,
     bytes: usize,
     used: u64,
 }
 
 impl Log {
+    fn new(first_seq: i64, used: u64) -> Self {
+        Self {
+            first_seq,
+            events: VecDeque::new(),
+            messages: BTreeMap::new(),
+            by_id: HashMap::new(),
+            bytes: 0,
+            used,
+        }
+    }
+
     fn last_seq(&self) -> i64 {
         self.first_seq + self.events.len() as i64 - 1
     }
 
+    /// Drops the oldest event (and the message it created); returns the bytes freed.
     fn pop_front(&mut self) -> usize {
         let d = self.events.pop_front().expect("a non-empty log");
         self.first_seq += 1;
-        let size = cost(&d);
+        let mut size = cost(&d);
+        if let EventBody::MessageCreated(m) = &d.event.body
+            && let Some(gone) = self.messages.remove(&m.seq)
+        {
+            self.by_id.remove(&gone.id);
+            size += message_cost(&gone);
+        }
         self.bytes -= size;
         size
     }
+
+    /// Applies a message event to the message states; returns (bytes freed, bytes added).
+    fn project(&mut self, body: &EventBody) -> (usize, usize) {
+        match body {
+            EventBody::MessageCreated(m) => {
+                self.by_id.insert(m.id, m.seq);
+                let size = message_cost(m);
+                self.messages.insert(m.seq, m.clone());
+                (0, size)
+            }
+            EventBody::MessageEdited(m) | EventBody::MessageDeleted(m) => {
+                let Some(current) = self.by_id.get(&m.id).and_then(|s| self.messages.get_mut(s))
+                else {
+                    return (0, 0);
+                };
+                let before = message_cost(current);
+                current.text.clone_from(&m.text);
+                current.edited_at = m.edited_at;
+                current.deleted = m.deleted;
+                (before, message_cost(current))
+            }
+            _ => (0, 0),
+        }
+    }
+}
+
+fn message_cost(m: &Message) -> usize {
+    m.text.len() + m.client_id.as_ref().map_or(0, String::len) + EVENT_OVERHEAD
 }
 
 fn cost(d: &Delivery) -> usize {
@@ -67,6 +115,12 @@ struct Inner {
 pub struct EventCache {
     inner: Mutex<Inner>,
     budget: usize,
+    /// Committed batches handed to the bus, and those added here: a reader that waits
+    /// until `applied` reaches the `published` it saw reads every write acknowledged before
+    /// it started (read-your-writes), though fan-out runs behind the writer.
+    published: AtomicU64,
+    applied: AtomicU64,
+    caught_up: Notify,
 }
 
 impl EventCache {
@@ -74,7 +128,37 @@ impl EventCache {
         Self {
             inner: Mutex::default(),
             budget: budget_bytes,
+            published: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            caught_up: Notify::new(),
         }
+    }
+
+    /// The writer calls this for each committed batch before it answers the batch's
+    /// writers and before it hands the batch to the bus.
+    pub fn mark_published(&self) {
+        self.published.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The bus calls this after appending `batches` published batches.
+    pub fn mark_applied(&self, batches: u64) {
+        self.applied.fetch_add(batches, Ordering::SeqCst);
+        self.caught_up.notify_waiters();
+    }
+
+    /// Waits (at most `limit`) until every batch published before this call is cached.
+    pub async fn catch_up(&self, limit: std::time::Duration) -> bool {
+        let target = self.published.load(Ordering::SeqCst);
+        let wait = async {
+            loop {
+                let notified = self.caught_up.notified();
+                if self.applied.load(Ordering::SeqCst) >= target {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -89,20 +173,20 @@ impl EventCache {
         let mut added = 0usize;
         let mut freed = 0usize;
         for d in deliveries {
-            let log = inner.logs.entry(d.channel_id).or_insert_with(|| Log {
-                first_seq: d.seq,
-                events: VecDeque::new(),
-                bytes: 0,
-                used: now,
-            });
+            let log = inner
+                .logs
+                .entry(d.channel_id)
+                .or_insert_with(|| Log::new(d.seq, now));
             if log.events.is_empty() || d.seq != log.last_seq() + 1 {
                 // A channel's first cached event, or (never expected) a break in the run:
                 // start the run over rather than keep a gap.
                 freed += log.bytes;
-                log.events.clear();
-                log.bytes = 0;
-                log.first_seq = d.seq;
+                *log = Log::new(d.seq, now);
             }
+            let (out, into) = log.project(&d.event.body);
+            log.bytes = log.bytes + into - out;
+            freed += out;
+            added += into;
             if let EventBody::MessageDeleted(m) = &d.event.body {
                 let (before, after) = redact(log, m);
                 freed += before;
@@ -148,6 +232,52 @@ impl EventCache {
         Some((page, end < log.events.len()))
     }
 
+    /// A page of history answered from the cached message states, or `None` when the
+    /// cached run does not hold the whole page (the store must answer). Same order and
+    /// `has_more` rules as the store's.
+    pub fn history(&self, channel_id: i64, q: HistoryQuery) -> Option<Page<Message>> {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        let log = inner.logs.get_mut(&channel_id)?;
+        if log.events.is_empty() {
+            return None;
+        }
+        log.used = now;
+        let before = q.before_seq.unwrap_or(i64::MAX);
+        let fetch = q.limit as usize + 1;
+        let mut items: Vec<Message> = match q.after_seq {
+            Some(after) if after + 1 < log.first_seq => return None,
+            Some(after) if after.saturating_add(1) >= before => Vec::new(),
+            Some(after) => log
+                .messages
+                .range(after + 1..before)
+                .take(fetch)
+                .map(|(_, m)| m.clone())
+                .collect(),
+            None => {
+                let newest: Vec<Message> = log
+                    .messages
+                    .range(..before)
+                    .rev()
+                    .take(fetch)
+                    .map(|(_, m)| m.clone())
+                    .collect();
+                // Fewer than asked: older messages may sit before the cached run.
+                if newest.len() < fetch && log.first_seq > 1 {
+                    return None;
+                }
+                newest
+            }
+        };
+        let has_more = items.len() == fetch;
+        items.truncate(q.limit as usize);
+        if q.after_seq.is_none() {
+            items.reverse();
+        }
+        Some(Page { items, has_more })
+    }
+
     /// Bytes held now.
     pub fn bytes(&self) -> usize {
         self.lock().bytes
@@ -160,8 +290,12 @@ fn redact(log: &mut Log, deleted: &Message) -> (usize, usize) {
     let (mut removed, mut added) = (0, 0);
     for slot in log.events.iter_mut() {
         let redacted = match &slot.event.body {
+            // As the store shows them: a creation never carries an edit time.
             EventBody::MessageCreated(m) if m.id == deleted.id && !m.deleted => {
-                EventBody::MessageCreated(deleted.clone())
+                EventBody::MessageCreated(Message {
+                    edited_at: None,
+                    ..deleted.clone()
+                })
             }
             EventBody::MessageEdited(m) if m.id == deleted.id && !m.deleted => {
                 EventBody::MessageEdited(Message {
@@ -193,119 +327,6 @@ fn evict(inner: &mut Inner, target: usize) {
         }
         if let Some(log) = inner.logs.remove(&id) {
             inner.bytes -= log.bytes;
-        }
-    }
-}
-
-type Shared = Result<Arc<(Vec<Arc<Delivery>>, bool)>, String>;
-/// (channel, after seq, limit): what makes two reads identical.
-type ReadKey = (i64, i64, u32);
-
-/// Reads channel logs for the gateway: cache first, then the store, with identical
-/// concurrent store reads coalesced. The caller has checked membership.
-pub struct EventReader {
-    cache: Arc<EventCache>,
-    store: Arc<dyn Store>,
-    in_flight: Mutex<HashMap<ReadKey, Vec<oneshot::Sender<Shared>>>>,
-    stats: Arc<Stats>,
-}
-
-impl EventReader {
-    pub fn new(cache: Arc<EventCache>, store: Arc<dyn Store>, stats: Arc<Stats>) -> Self {
-        Self {
-            cache,
-            store,
-            in_flight: Mutex::default(),
-            stats,
-        }
-    }
-
-    /// Up to `limit` events of the channel after `after_seq`, and whether more exist.
-    pub async fn read(
-        &self,
-        channel_id: i64,
-        after_seq: i64,
-        limit: u32,
-    ) -> Result<(Vec<Arc<Delivery>>, bool), StoreError> {
-        if let Some(hit) = self.cache.read(channel_id, after_seq, limit as usize) {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(hit);
-        }
-        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-        let key = (channel_id, after_seq, limit);
-        let waiter = {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            match in_flight.get_mut(&key) {
-                Some(waiters) => {
-                    let (tx, rx) = oneshot::channel();
-                    waiters.push(tx);
-                    Some(rx)
-                }
-                None => {
-                    in_flight.insert(key, Vec::new());
-                    None
-                }
-            }
-        };
-        if let Some(rx) = waiter {
-            self.stats.coalesced_reads.fetch_add(1, Ordering::Relaxed);
-            return match rx.await {
-                Ok(Ok(page)) => Ok((page.0.clone(), page.1)),
-                Ok(Err(e)) => Err(StoreError::internal("read a channel log", e)),
-                // The leading read was cancelled: read alone.
-                Err(_) => self
-                    .read_store(channel_id, after_seq, limit)
-                    .await
-                    .map(|p| (p.0.clone(), p.1)),
-            };
-        }
-        // This read leads; the guard hands its result (or, if it is cancelled, nothing) to
-        // every waiter that joined meanwhile.
-        let mut lead = Lead {
-            reader: self,
-            key,
-            result: None,
-        };
-        let result = self.read_store(channel_id, after_seq, limit).await;
-        lead.result = Some(match &result {
-            Ok(page) => Ok(Arc::clone(page)),
-            Err(e) => Err(e.to_string()),
-        });
-        drop(lead);
-        result.map(|p| (p.0.clone(), p.1))
-    }
-
-    async fn read_store(
-        &self,
-        channel_id: i64,
-        after_seq: i64,
-        limit: u32,
-    ) -> Result<Arc<(Vec<Arc<Delivery>>, bool)>, StoreError> {
-        let page = self.store.log(channel_id, after_seq, limit).await?;
-        let events = page.items.into_iter().map(Delivery::new).collect();
-        Ok(Arc::new((events, page.has_more)))
-    }
-}
-
-struct Lead<'a> {
-    reader: &'a EventReader,
-    key: ReadKey,
-    result: Option<Shared>,
-}
-
-impl Drop for Lead<'_> {
-    fn drop(&mut self) {
-        let waiters = self
-            .reader
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key)
-            .unwrap_or_default();
-        if let Some(result) = &self.result {
-            for w in waiters {
-                let _ = w.send(result.clone());
-            }
         }
     }
 }

@@ -1,21 +1,23 @@
 //! The real-time gateway's moving parts, below the `/v1/ws` handler (`api::ws`): the wire
 //! [`protocol`], each connection's bounded [`outbox`], the [`hub`] that fans committed
 //! events out to online connections, the [`bus`] that carries events from the writer to the
-//! hub, the hot-channel [`cache`], and the [`stats`] counters.
+//! hub, the hot-channel [`cache`] and the [`reader`] in front of it, and the [`stats`]
+//! counters.
 
 pub mod bus;
 pub mod cache;
 pub mod hub;
 pub mod outbox;
 pub mod protocol;
+pub mod reader;
 pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use self::bus::Bus;
-use self::cache::EventReader;
 use self::hub::Hub;
+use self::reader::EventReader;
 
 /// Limits and timers of WebSocket connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

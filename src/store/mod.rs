@@ -183,6 +183,8 @@ pub trait Channels: Send + Sync {
     /// A page of a channel's log with no membership check: for the gateway, which tracks
     /// its connections' memberships from the log itself.
     async fn log(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>>;
+    /// A page of a channel's history with no membership check, for the same reason.
+    async fn history(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>>;
 }
 
 /// Both halves of a store, as one object the server holds.

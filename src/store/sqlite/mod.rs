@@ -403,4 +403,10 @@ impl Channels for SqliteStore {
             .run(move |c| read::events(c, channel_id, after_seq, limit))
             .await
     }
+
+    async fn history(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>> {
+        self.reads
+            .run(move |c| read::messages(c, channel_id, query))
+            .await
+    }
 }

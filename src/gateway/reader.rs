@@ -1,0 +1,245 @@
+//! How the gateway and the history endpoints read a channel's log and messages: from the
+//! hot-channel cache when it holds the answer, else from the store, with concurrent
+//! identical store reads coalesced into one (as Discord's data services do). Callers have
+//! checked membership.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::cache::EventCache;
+use super::outbox::Delivery;
+use super::stats::Stats;
+use crate::model::{HistoryQuery, Message, Page};
+use crate::store::{Store, StoreError};
+
+/// How long a history read waits for fan-out to catch up with acknowledged writes before
+/// it goes to the store instead.
+const CATCH_UP: Duration = Duration::from_millis(50);
+
+type LogPage = Arc<(Vec<Arc<Delivery>>, bool)>;
+/// (channel, after seq, limit).
+type LogKey = (i64, i64, u32);
+/// (channel, before seq, after seq, limit).
+type HistoryKey = (i64, Option<i64>, Option<i64>, u32);
+
+pub struct EventReader {
+    cache: Arc<EventCache>,
+    store: Arc<dyn Store>,
+    logs: Coalescer<LogKey, LogPage>,
+    histories: Coalescer<HistoryKey, Arc<Page<Message>>>,
+    stats: Arc<Stats>,
+}
+
+impl EventReader {
+    pub fn new(cache: Arc<EventCache>, store: Arc<dyn Store>, stats: Arc<Stats>) -> Self {
+        Self {
+            cache,
+            store,
+            logs: Coalescer::default(),
+            histories: Coalescer::default(),
+            stats,
+        }
+    }
+
+    fn hit(&self) {
+        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn miss(&self) {
+        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Up to `limit` events of the channel after `after_seq`, and whether more exist.
+    /// For the gateway, which is driven by dispatched events and so never ahead of the
+    /// cache; `read_committed` is for readers that must see every acknowledged write.
+    pub async fn read(
+        &self,
+        channel_id: i64,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<LogPage, StoreError> {
+        if let Some(hit) = self.cache.read(channel_id, after_seq, limit as usize) {
+            self.hit();
+            return Ok(Arc::new(hit));
+        }
+        self.miss();
+        let store = Arc::clone(&self.store);
+        self.logs
+            .run((channel_id, after_seq, limit), &self.stats, async move {
+                let page = store.log(channel_id, after_seq, limit).await?;
+                Ok(Arc::new((
+                    page.items.into_iter().map(Delivery::new).collect(),
+                    page.has_more,
+                )))
+            })
+            .await
+    }
+
+    /// Like [`EventReader::read`], after every write acknowledged before the call is cached.
+    pub async fn read_committed(
+        &self,
+        channel_id: i64,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<LogPage, StoreError> {
+        if !self.cache.catch_up(CATCH_UP).await {
+            self.miss();
+            let page = self.store.log(channel_id, after_seq, limit).await?;
+            return Ok(Arc::new((
+                page.items.into_iter().map(Delivery::new).collect(),
+                page.has_more,
+            )));
+        }
+        self.read(channel_id, after_seq, limit).await
+    }
+
+    /// A page of history, seeing every write acknowledged before the call.
+    pub async fn history(
+        &self,
+        channel_id: i64,
+        q: HistoryQuery,
+    ) -> Result<Arc<Page<Message>>, StoreError> {
+        if self.cache.catch_up(CATCH_UP).await
+            && let Some(page) = self.cache.history(channel_id, q)
+        {
+            self.hit();
+            return Ok(Arc::new(page));
+        }
+        self.miss();
+        let store = Arc::clone(&self.store);
+        self.histories
+            .run(
+                (channel_id, q.before_seq, q.after_seq, q.limit),
+                &self.stats,
+                async move { Ok(Arc::new(store.history(channel_id, q).await?)) },
+            )
+            .await
+    }
+}
+
+type Shared<V> = Result<V, String>;
+
+/// Runs one read per key at a time; callers that ask for a key already being read wait
+/// for that read's answer instead of reading again.
+struct Coalescer<K, V> {
+    in_flight: Mutex<HashMap<K, Vec<oneshot::Sender<Shared<V>>>>>,
+}
+
+impl<K, V> Default for Coalescer<K, V> {
+    fn default() -> Self {
+        Self {
+            in_flight: Mutex::default(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Copy, V: Clone> Coalescer<K, V> {
+    async fn run(
+        &self,
+        key: K,
+        stats: &Stats,
+        read: impl Future<Output = Result<V, StoreError>>,
+    ) -> Result<V, StoreError> {
+        let waiter = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            match in_flight.get_mut(&key) {
+                Some(waiters) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    in_flight.insert(key, Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(rx) = waiter {
+            stats.coalesced_reads.fetch_add(1, Ordering::Relaxed);
+            return match rx.await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(StoreError::internal("coalesced read", e)),
+                // The leading read was cancelled: read alone.
+                Err(_) => read.await,
+            };
+        }
+        // This read leads; the guard hands its answer (or, if it is cancelled, nothing) to
+        // every caller that joined meanwhile.
+        let mut lead = Lead {
+            coalescer: self,
+            key,
+            result: None,
+        };
+        let result = read.await;
+        lead.result = Some(match &result {
+            Ok(v) => Ok(v.clone()),
+            Err(e) => Err(e.to_string()),
+        });
+        drop(lead);
+        result
+    }
+}
+
+struct Lead<'a, K: Eq + Hash, V: Clone> {
+    coalescer: &'a Coalescer<K, V>,
+    key: K,
+    result: Option<Shared<V>>,
+}
+
+impl<K: Eq + Hash, V: Clone> Drop for Lead<'_, K, V> {
+    fn drop(&mut self) {
+        let waiters = self
+            .coalescer
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key)
+            .unwrap_or_default();
+        if let Some(result) = self.result.take() {
+            for w in waiters {
+                let _ = w.send(result.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn identical_concurrent_reads_share_one() {
+        let coalescer: Coalescer<u32, u64> = Coalescer::default();
+        let stats = Stats::default();
+        let reads = std::sync::atomic::AtomicU64::new(0);
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let one = |_: usize| {
+            let mut gate = gate.clone();
+            let reads = &reads;
+            coalescer.run(7, &stats, async move {
+                reads.fetch_add(1, Ordering::SeqCst);
+                let _ = gate.wait_for(|open| *open).await;
+                Ok(42)
+            })
+        };
+        let all = futures_util::future::join_all((0..5).map(one));
+        let opener = async {
+            tokio::task::yield_now().await;
+            let _ = release.send(true);
+        };
+        let (answers, ()) = tokio::join!(all, opener);
+        assert!(answers.iter().all(|a| matches!(a, Ok(42))));
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            1,
+            "one store read for five callers"
+        );
+        assert_eq!(stats.coalesced_reads.load(Ordering::Relaxed), 4);
+    }
+}
