@@ -427,7 +427,7 @@ impl Realtime {
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(16 * 1024);
         let (mut ws, _) =
-            tokio_tungstenite::connect_async_with_config(self.url.as_str(), Some(config), false)
+            tokio_tungstenite::connect_async_with_config(self.url.as_str(), Some(config), true)
                 .await?;
         let resume: HashMap<String, i64> = self
             .positions

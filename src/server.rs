@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::api::{AppState, app};
@@ -55,6 +56,14 @@ pub async fn serve(
     let purge = tokio::spawn(purge_expired_sessions(store.clone()));
     tracing::info!(%addr, "natter listening");
     let drain_state = state.clone();
+    // No Nagle: a small frame (an ack, a typing signal) written while an earlier one is
+    // unacknowledged would otherwise wait for the peer's delayed ACK, ~40 ms. Frames are
+    // already written in batches, one flush per batch.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<SocketAddr>(),

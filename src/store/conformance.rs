@@ -18,6 +18,7 @@ pub const CHECKS: &[&str] = &[
     "dm_is_one_per_pair",
     "delete_redacts",
     "edits_keep_each_version_in_the_log",
+    "unchecked_reads_match_member_reads",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -34,6 +35,7 @@ pub async fn run(name: &str, store: &dyn Store) {
         "dm_is_one_per_pair" => dm_is_one_per_pair(store).await,
         "delete_redacts" => delete_redacts(store).await,
         "edits_keep_each_version_in_the_log" => edits_keep_each_version_in_the_log(store).await,
+        "unchecked_reads_match_member_reads" => unchecked_reads_match_member_reads(store).await,
         other => panic!("no conformance check {other}"),
     }
 }
@@ -566,4 +568,41 @@ async fn edits_keep_each_version_in_the_log(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(latest.items[0].text, "v3");
+}
+
+/// `log` and `history` (for the gateway, which checks membership itself) answer what a
+/// member's reads answer, and a channel nobody can see has an empty log.
+async fn unchecked_reads_match_member_reads(store: &dyn Store) {
+    let a = user(store, "unchecked").await;
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "u", &[])
+        .await
+        .unwrap();
+    for i in 0..5 {
+        store
+            .post_message(a, ch.id, &format!("{i}"), None)
+            .await
+            .unwrap();
+    }
+    for after in [0, 2, 6] {
+        assert_eq!(
+            store.log(ch.id, after, 3).await.unwrap(),
+            store.events(a, ch.id, after, 3).await.unwrap()
+        );
+    }
+    for q in [
+        HistoryQuery::newest(2),
+        HistoryQuery {
+            before_seq: Some(4),
+            after_seq: Some(1),
+            limit: 10,
+        },
+    ] {
+        assert_eq!(
+            store.history(ch.id, q).await.unwrap(),
+            store.messages(a, ch.id, q).await.unwrap()
+        );
+    }
+    let none = store.log(ch.id + 1, 0, 10).await.unwrap();
+    assert!(none.items.is_empty() && !none.has_more);
 }
