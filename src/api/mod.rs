@@ -111,6 +111,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(channels::routes())
         .merge(messages::routes())
         .merge(health::routes())
+        .routes(utoipa_axum::routes!(ws::upgrade))
 }
 
 /// The OpenAPI 3.1 document of API v1.
@@ -130,7 +131,6 @@ pub fn app(state: AppState) -> Router {
                 async move { axum::Json(spec.as_ref().clone()) }
             }),
         )
-        .route("/v1/ws", axum::routing::get(ws::upgrade))
         .route("/metrics", axum::routing::get(metrics))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })

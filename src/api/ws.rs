@@ -29,21 +29,31 @@ use crate::model::User;
 use crate::ratelimit::retry_after_secs;
 use crate::store::StoreError;
 
+/// Bytes of written frames gathered before they go to the socket.
+const WRITE_BUFFER: usize = 64 * 1024;
 /// Events read per trip when replaying or filling a gap.
 const FILL_PAGE: u32 = 256;
 /// Least time between two typing signals of one connection in one channel.
 const TYPING_EVERY: Duration = Duration::from_millis(1500);
 
+/// The real-time gateway. The first frame must be `{"op": "hello", "token", "resume"?}`;
+/// see the API notes (docs/api.md) for the frames and close codes.
+#[utoipa::path(get, path = "/v1/ws", tag = "real time",
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+              (status = 400, description = "Not a WebSocket upgrade request")))]
 pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
     let max = state.config.gateway.max_frame_bytes;
     // tungstenite refuses frames far past the limit; frames just past it get a readable
     // error from the session.
     // A small read buffer: tungstenite zeroes its spare capacity on every read attempt,
-    // and a 128 KiB default made that a tenth of the fan-out profile.
+    // and a 128 KiB default made that a tenth of the fan-out profile. Written frames
+    // gather in a 64 KiB buffer, so one flush of a drained queue is one write, not one per
+    // frame; a socket that stops taking writes stops the session at twice that.
     ws.max_message_size(max * 2)
         .max_frame_size(max * 2)
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(2 * WRITE_BUFFER + max)
         .on_upgrade(move |socket: WebSocket| run(socket, state))
 }
 
@@ -163,6 +173,8 @@ where
         .gateway
         .hub
         .register(authed.user.id, authed.token, Arc::clone(&outbox));
+    // Goes offline however the session ends, a panic included.
+    let _online = Online(Arc::clone(&state.gateway.hub), conn);
     let mut session = Session {
         state: state.clone(),
         user: authed.user,
@@ -172,9 +184,16 @@ where
         typing: HashMap::new(),
     };
     let result = session.serve(&mut socket, resume_at).await;
-    state.gateway.hub.unregister(conn);
     if let Err(End::Close(code, reason)) = result {
         close_with(&mut socket, code, &reason).await;
+    }
+}
+
+struct Online(Arc<crate::gateway::hub::Hub>, ConnId);
+
+impl Drop for Online {
+    fn drop(&mut self) {
+        self.0.unregister(self.1);
     }
 }
 
