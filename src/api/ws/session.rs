@@ -1,27 +1,18 @@
-//! `GET /v1/ws`: the real-time session. The session logic is written over any
-//! `Stream + Sink` of WebSocket messages, so tests can drive it without a socket.
-//!
-//! Exactly once, in order: the connection keeps, per channel, the seq it has delivered.
-//! An event at or below it is a duplicate and is dropped; one past a gap is preceded by the
-//! missing events, read from the hot-channel cache or the store. The connection goes
-//! online (and follows its channels) *before* it reads its channel list, so every event
-//! committed after that read reaches it live; the replay of resumed channels and the live
-//! stream meet without a gap or a duplicate however the two race.
+//! One WebSocket session after its hello: going online, `ready`, the replay of resumed
+//! channels, then the loop that reads ops, writes queued frames and pings.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use axum::extract::ws::{Message, Utf8Bytes};
+use futures_util::{Sink, SinkExt, Stream};
 use tokio::sync::{Semaphore, mpsc};
 
-use super::AppState;
-use super::error::ApiError;
-use super::extract::authenticate;
-use super::validate;
+use super::{Incoming, malformed, next_frame};
+use crate::api::AppState;
+use crate::api::error::ApiError;
+use crate::api::validate;
 use crate::gateway::hub::ConnId;
 use crate::gateway::outbox::{Delivery, Item, Outbox};
 use crate::gateway::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
@@ -29,176 +20,13 @@ use crate::model::User;
 use crate::ratelimit::retry_after_secs;
 use crate::store::StoreError;
 
-/// Bytes of written frames gathered before they go to the socket.
-const WRITE_BUFFER: usize = 64 * 1024;
 /// Events read per trip when replaying or filling a gap.
 const FILL_PAGE: u32 = 256;
 /// Least time between two typing signals of one connection in one channel.
 const TYPING_EVERY: Duration = Duration::from_millis(1500);
 
-/// The real-time gateway. The first frame must be `{"op": "hello", "token", "resume"?}`;
-/// see the API notes (docs/api.md) for the frames and close codes.
-#[utoipa::path(get, path = "/v1/ws", tag = "real time",
-    responses((status = 101, description = "Switching to the WebSocket protocol"),
-              (status = 400, description = "Not a WebSocket upgrade request")))]
-pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    let max = state.config.gateway.max_frame_bytes;
-    // tungstenite refuses frames far past the limit; frames just past it get a readable
-    // error from the session.
-    // A small read buffer: tungstenite zeroes its spare capacity on every read attempt,
-    // and a 128 KiB default made that a tenth of the fan-out profile. Written frames
-    // gather in a 64 KiB buffer, so one flush of a drained queue is one write, not one per
-    // frame; a socket that stops taking writes stops the session at twice that.
-    ws.max_message_size(max * 2)
-        .max_frame_size(max * 2)
-        .read_buffer_size(4096)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(2 * WRITE_BUFFER + max)
-        .on_upgrade(move |socket: WebSocket| run(socket, state))
-}
-
-/// A frame from the client, as the session sees it.
-enum Incoming {
-    Text(Utf8Bytes),
-    /// Not a text frame, or one too large.
-    Bad(String),
-    /// Ping, pong: proof of life only.
-    Alive,
-    Gone,
-}
-
-async fn next_frame<S, E>(socket: &mut S, max: usize) -> Incoming
-where
-    S: Stream<Item = Result<Message, E>> + Unpin,
-{
-    match socket.next().await {
-        Some(Ok(Message::Text(t))) if t.len() > max => {
-            Incoming::Bad(format!("a frame may be at most {max} bytes"))
-        }
-        Some(Ok(Message::Text(t))) => Incoming::Text(t),
-        Some(Ok(Message::Binary(_))) => Incoming::Bad("frames must be text (JSON)".into()),
-        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Incoming::Alive,
-        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Incoming::Gone,
-    }
-}
-
-async fn close_with<S>(socket: &mut S, code: u16, reason: &str)
-where
-    S: Sink<Message> + Unpin,
-{
-    let frame = CloseFrame {
-        code,
-        reason: reason.into(),
-    };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(2),
-        socket.send(Message::Close(Some(frame))),
-    )
-    .await;
-}
-
-async fn refuse<S>(socket: &mut S, code: u16, error: &ApiError)
-where
-    S: Sink<Message> + Unpin,
-{
-    let _ = socket
-        .send(Message::Text(protocol::error(None, error).into()))
-        .await;
-    close_with(socket, code, &error.message).await;
-}
-
-fn malformed(message: impl Into<String>) -> ApiError {
-    ApiError::invalid_json(message.into())
-}
-
-/// Runs one connection from its first frame to its close.
-pub async fn run<S, E>(mut socket: S, state: AppState)
-where
-    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
-{
-    let cfg = state.config.gateway;
-    let hello = tokio::time::timeout(cfg.hello_timeout, async {
-        loop {
-            match next_frame(&mut socket, cfg.max_frame_bytes).await {
-                Incoming::Alive => continue,
-                other => return other,
-            }
-        }
-    })
-    .await;
-    let (token, resume) = match hello {
-        Err(_) => {
-            let secs = cfg.hello_timeout.as_secs_f64();
-            return close_with(
-                &mut socket,
-                close::NO_HELLO,
-                &format!("no hello within {secs} s"),
-            )
-            .await;
-        }
-        Ok(Incoming::Gone | Incoming::Alive) => return,
-        Ok(Incoming::Bad(reason)) => {
-            return refuse(&mut socket, close::MALFORMED, &malformed(reason)).await;
-        }
-        Ok(Incoming::Text(text)) => match protocol::parse(&text) {
-            Ok(ClientOp::Hello { token, resume }) => (token, resume),
-            Ok(_) => {
-                let e = malformed("the first frame must be a hello");
-                return refuse(&mut socket, close::MALFORMED, &e).await;
-            }
-            Err(Malformed(reason)) => {
-                return refuse(&mut socket, close::MALFORMED, &malformed(reason)).await;
-            }
-        },
-    };
-    let mut resume_at = HashMap::with_capacity(resume.len());
-    for (id, seq) in resume {
-        match protocol::parse_id("resume", &id) {
-            Ok(id) => resume_at.insert(id, seq.max(0)),
-            Err(e) => return refuse(&mut socket, close::MALFORMED, &e).await,
-        };
-    }
-    let authed = match authenticate(&state, &token).await {
-        Ok(a) => a,
-        Err(e) if e.code == "unauthorized" => {
-            return refuse(&mut socket, close::BAD_TOKEN, &e).await;
-        }
-        Err(e) => return refuse(&mut socket, close::RESTARTING, &e).await,
-    };
-    let outbox = Arc::new(Outbox::new(
-        cfg.queue_bytes,
-        Arc::clone(state.gateway.hub.stats()),
-    ));
-    let conn = state
-        .gateway
-        .hub
-        .register(authed.user.id, authed.token, Arc::clone(&outbox));
-    // Goes offline however the session ends, a panic included.
-    let _online = Online(Arc::clone(&state.gateway.hub), conn);
-    let mut session = Session {
-        state: state.clone(),
-        user: authed.user,
-        conn,
-        outbox,
-        positions: HashMap::new(),
-        typing: HashMap::new(),
-    };
-    let result = session.serve(&mut socket, resume_at).await;
-    if let Err(End::Close(code, reason)) = result {
-        close_with(&mut socket, code, &reason).await;
-    }
-}
-
-struct Online(Arc<crate::gateway::hub::Hub>, ConnId);
-
-impl Drop for Online {
-    fn drop(&mut self) {
-        self.0.unregister(self.1);
-    }
-}
-
 /// Why a session ends.
-enum End {
+pub(super) enum End {
     /// Close with this code and reason.
     Close(u16, String),
     /// The peer is gone or the socket failed: nothing to say.
@@ -215,7 +43,7 @@ impl End {
     }
 }
 
-struct Session {
+pub(super) struct Session {
     state: AppState,
     user: User,
     conn: ConnId,
@@ -229,7 +57,22 @@ struct Session {
 type Reply = (Utf8Bytes, tokio::sync::OwnedSemaphorePermit);
 
 impl Session {
-    async fn serve<S, E>(&mut self, socket: &mut S, resume: HashMap<i64, i64>) -> Result<(), End>
+    pub(super) fn new(state: AppState, user: User, conn: ConnId, outbox: Arc<Outbox>) -> Self {
+        Self {
+            state,
+            user,
+            conn,
+            outbox,
+            positions: HashMap::new(),
+            typing: HashMap::new(),
+        }
+    }
+
+    pub(super) async fn serve<S, E>(
+        &mut self,
+        socket: &mut S,
+        resume: HashMap<i64, i64>,
+    ) -> Result<(), End>
     where
         S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
     {

@@ -1,0 +1,185 @@
+//! `GET /v1/ws`: the real-time session. The session logic is written over any
+//! `Stream + Sink` of WebSocket messages, so tests can drive it without a socket.
+//!
+//! Exactly once, in order: the connection keeps, per channel, the seq it has delivered.
+//! An event at or below it is a duplicate and is dropped; one past a gap is preceded by the
+//! missing events, read from the hot-channel cache or the store. The connection goes
+//! online (and follows its channels) *before* it reads its channel list, so every event
+//! committed after that read reaches it live; the replay of resumed channels and the live
+//! stream meet without a gap or a duplicate however the two race.
+
+mod session;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+
+use self::session::{End, Session};
+use super::AppState;
+use super::error::ApiError;
+use super::extract::authenticate;
+use crate::gateway::hub::{ConnId, Hub};
+use crate::gateway::outbox::Outbox;
+use crate::gateway::protocol::{self, ClientOp, Malformed, close};
+
+/// Bytes of written frames gathered before they go to the socket.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// The real-time gateway. The first frame must be `{"op": "hello", "token", "resume"?}`;
+/// see the API notes (docs/api.md) for the frames and close codes.
+#[utoipa::path(get, path = "/v1/ws", tag = "real time",
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+              (status = 400, description = "Not a WebSocket upgrade request")))]
+pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    let max = state.config.gateway.max_frame_bytes;
+    // tungstenite refuses frames far past the limit; frames just past it get a readable
+    // error from the session.
+    // A small read buffer: tungstenite zeroes its spare capacity on every read attempt,
+    // and a 128 KiB default made that a tenth of the fan-out profile. Written frames
+    // gather in a 64 KiB buffer, so one flush of a drained queue is one write, not one per
+    // frame; a socket that stops taking writes stops the session at twice that.
+    ws.max_message_size(max * 2)
+        .max_frame_size(max * 2)
+        .read_buffer_size(4096)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(2 * WRITE_BUFFER + max)
+        .on_upgrade(move |socket: WebSocket| run(socket, state))
+}
+
+/// A frame from the client, as the session sees it.
+pub(super) enum Incoming {
+    Text(Utf8Bytes),
+    /// Not a text frame, or one too large.
+    Bad(String),
+    /// Ping, pong: proof of life only.
+    Alive,
+    Gone,
+}
+
+pub(super) async fn next_frame<S, E>(socket: &mut S, max: usize) -> Incoming
+where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+{
+    match socket.next().await {
+        Some(Ok(Message::Text(t))) if t.len() > max => {
+            Incoming::Bad(format!("a frame may be at most {max} bytes"))
+        }
+        Some(Ok(Message::Text(t))) => Incoming::Text(t),
+        Some(Ok(Message::Binary(_))) => Incoming::Bad("frames must be text (JSON)".into()),
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Incoming::Alive,
+        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Incoming::Gone,
+    }
+}
+
+async fn close_with<S>(socket: &mut S, code: u16, reason: &str)
+where
+    S: Sink<Message> + Unpin,
+{
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        socket.send(Message::Close(Some(frame))),
+    )
+    .await;
+}
+
+async fn refuse<S>(socket: &mut S, code: u16, error: &ApiError)
+where
+    S: Sink<Message> + Unpin,
+{
+    let _ = socket
+        .send(Message::Text(protocol::error(None, error).into()))
+        .await;
+    close_with(socket, code, &error.message).await;
+}
+
+pub(super) fn malformed(message: impl Into<String>) -> ApiError {
+    ApiError::invalid_json(message.into())
+}
+
+/// Runs one connection from its first frame to its close.
+pub async fn run<S, E>(mut socket: S, state: AppState)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+{
+    let cfg = state.config.gateway;
+    let hello = tokio::time::timeout(cfg.hello_timeout, async {
+        loop {
+            match next_frame(&mut socket, cfg.max_frame_bytes).await {
+                Incoming::Alive => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    let (token, resume) = match hello {
+        Err(_) => {
+            let secs = cfg.hello_timeout.as_secs_f64();
+            return close_with(
+                &mut socket,
+                close::NO_HELLO,
+                &format!("no hello within {secs} s"),
+            )
+            .await;
+        }
+        Ok(Incoming::Gone | Incoming::Alive) => return,
+        Ok(Incoming::Bad(reason)) => {
+            return refuse(&mut socket, close::MALFORMED, &malformed(reason)).await;
+        }
+        Ok(Incoming::Text(text)) => match protocol::parse(&text) {
+            Ok(ClientOp::Hello { token, resume }) => (token, resume),
+            Ok(_) => {
+                let e = malformed("the first frame must be a hello");
+                return refuse(&mut socket, close::MALFORMED, &e).await;
+            }
+            Err(Malformed(reason)) => {
+                return refuse(&mut socket, close::MALFORMED, &malformed(reason)).await;
+            }
+        },
+    };
+    let mut resume_at = HashMap::with_capacity(resume.len());
+    for (id, seq) in resume {
+        match protocol::parse_id("resume", &id) {
+            Ok(id) => resume_at.insert(id, seq.max(0)),
+            Err(e) => return refuse(&mut socket, close::MALFORMED, &e).await,
+        };
+    }
+    let authed = match authenticate(&state, &token).await {
+        Ok(a) => a,
+        Err(e) if e.code == "unauthorized" => {
+            return refuse(&mut socket, close::BAD_TOKEN, &e).await;
+        }
+        Err(e) => return refuse(&mut socket, close::RESTARTING, &e).await,
+    };
+    let outbox = Arc::new(Outbox::new(
+        cfg.queue_bytes,
+        Arc::clone(state.gateway.hub.stats()),
+    ));
+    let conn = state
+        .gateway
+        .hub
+        .register(authed.user.id, authed.token, Arc::clone(&outbox));
+    // Goes offline however the session ends, a panic included.
+    let _online = Online(Arc::clone(&state.gateway.hub), conn);
+    let mut session = Session::new(state.clone(), authed.user, conn, outbox);
+    let result = session.serve(&mut socket, resume_at).await;
+    if let Err(End::Close(code, reason)) = result {
+        close_with(&mut socket, code, &reason).await;
+    }
+}
+
+struct Online(Arc<Hub>, ConnId);
+
+impl Drop for Online {
+    fn drop(&mut self) {
+        self.0.unregister(self.1);
+    }
+}

@@ -1,0 +1,278 @@
+//! The server's frames as the client sees them, and their parser.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{ClientError, Result};
+
+/// A message as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Msg {
+    #[serde(deserialize_with = "de_id")]
+    pub id: i64,
+    #[serde(deserialize_with = "de_id")]
+    pub channel_id: i64,
+    pub seq: i64,
+    #[serde(deserialize_with = "de_id")]
+    pub author_id: i64,
+    pub text: String,
+    pub client_id: Option<String>,
+    pub deleted: bool,
+}
+
+impl Msg {
+    pub(super) fn from_value(v: &Value) -> Result<Self> {
+        Msg::deserialize(v).map_err(|e| ClientError::Protocol(format!("message: {e}")))
+    }
+}
+
+fn de_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+/// One event of a channel's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: String,
+    pub channel_id: i64,
+    pub seq: i64,
+    pub message: Option<Msg>,
+    pub user_id: Option<i64>,
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Ready {
+        user_id: i64,
+        /// (channel id, last seq).
+        channels: Vec<(i64, i64)>,
+    },
+    Event(Event),
+    Ack {
+        client_id: String,
+        message: Msg,
+    },
+    Error {
+        client_id: Option<String>,
+        code: String,
+        message: String,
+    },
+    Typing {
+        channel_id: i64,
+        user_id: i64,
+    },
+    Joined {
+        channel_id: i64,
+        last_seq: i64,
+    },
+    Left {
+        channel_id: i64,
+    },
+    Pong,
+}
+
+/// Every field any server frame has; the frame's `type` says which are set. Parsing into
+/// this (not a `Value` tree) keeps a receiving client cheap.
+#[derive(Deserialize)]
+struct RawFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    channel_id: Option<String>,
+    seq: Option<i64>,
+    message: Option<Msg>,
+    user_id: Option<String>,
+    client_id: Option<String>,
+    user: Option<RawId>,
+    channels: Option<Vec<RawPosition>>,
+    channel: Option<RawPosition>,
+    error: Option<RawError>,
+}
+
+#[derive(Deserialize)]
+struct RawId {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct RawPosition {
+    id: String,
+    last_seq: i64,
+}
+
+#[derive(Deserialize)]
+struct RawError {
+    code: String,
+    message: String,
+}
+
+fn parse_id(field: &str, v: Option<&str>) -> Result<i64> {
+    v.and_then(|s| s.parse().ok())
+        .ok_or_else(|| ClientError::Protocol(format!("expected a decimal id in `{field}`")))
+}
+
+/// Parses a server frame.
+pub fn parse_frame(text: &str) -> Result<Frame> {
+    let f: RawFrame =
+        serde_json::from_str(text).map_err(|e| ClientError::Protocol(format!("{e}: {text}")))?;
+    let channel_id = || parse_id("channel_id", f.channel_id.as_deref());
+    Ok(match f.kind.as_str() {
+        "ready" => Frame::Ready {
+            user_id: parse_id("user.id", f.user.as_ref().map(|u| u.id.as_str()))?,
+            channels: f
+                .channels
+                .iter()
+                .flatten()
+                .map(|c| Ok((parse_id("channels.id", Some(&c.id))?, c.last_seq)))
+                .collect::<Result<_>>()?,
+        },
+        "ack" => Frame::Ack {
+            client_id: f.client_id.unwrap_or_default(),
+            message: f
+                .message
+                .ok_or_else(|| ClientError::Protocol("an ack without its message".into()))?,
+        },
+        "error" => {
+            let e = f.error.unwrap_or(RawError {
+                code: String::new(),
+                message: String::new(),
+            });
+            Frame::Error {
+                client_id: f.client_id,
+                code: e.code,
+                message: e.message,
+            }
+        }
+        "typing" => Frame::Typing {
+            channel_id: channel_id()?,
+            user_id: parse_id("user_id", f.user_id.as_deref())?,
+        },
+        "channel.joined" => {
+            let c = f.channel.ok_or_else(|| {
+                ClientError::Protocol("channel.joined without its channel".into())
+            })?;
+            Frame::Joined {
+                channel_id: parse_id("channel.id", Some(&c.id))?,
+                last_seq: c.last_seq,
+            }
+        }
+        "channel.left" => Frame::Left {
+            channel_id: channel_id()?,
+        },
+        "pong" => Frame::Pong,
+        k if k.starts_with("message.") || k.starts_with("member.") || k.starts_with("channel.") => {
+            Frame::Event(Event {
+                channel_id: channel_id()?,
+                seq: f.seq.unwrap_or(0),
+                user_id: f.user_id.as_deref().and_then(|s| s.parse().ok()),
+                message: f.message,
+                kind: f.kind,
+            })
+        }
+        _ => return Err(ClientError::Protocol(format!("unknown frame: {text}"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::protocol;
+    use crate::model;
+
+    fn message() -> model::Message {
+        model::Message {
+            id: 9,
+            channel_id: 5,
+            seq: 3,
+            author_id: 2,
+            text: "hi".into(),
+            client_id: Some("c".into()),
+            created_at: 0,
+            edited_at: None,
+            deleted: false,
+        }
+    }
+
+    /// The client reads what the server's encoders write.
+    #[test]
+    fn parses_every_frame_the_server_encodes() {
+        let user = model::User {
+            id: 2,
+            username: "u".into(),
+            created_at: 0,
+        };
+        let ready = protocol::ready(
+            &user,
+            &[protocol::ChannelPosition {
+                id: "5".into(),
+                last_seq: 3,
+            }],
+        );
+        assert_eq!(
+            parse_frame(&ready).unwrap(),
+            Frame::Ready {
+                user_id: 2,
+                channels: vec![(5, 3)]
+            }
+        );
+        let msg = Msg {
+            id: 9,
+            channel_id: 5,
+            seq: 3,
+            author_id: 2,
+            text: "hi".into(),
+            client_id: Some("c".into()),
+            deleted: false,
+        };
+        assert_eq!(
+            parse_frame(&protocol::ack("c", &message())).unwrap(),
+            Frame::Ack {
+                client_id: "c".into(),
+                message: msg.clone()
+            }
+        );
+        let event = model::Event {
+            channel_id: 5,
+            seq: 3,
+            at: 0,
+            body: model::EventBody::MessageCreated(message()),
+        };
+        assert_eq!(
+            parse_frame(&protocol::event(&event)).unwrap(),
+            Frame::Event(Event {
+                kind: "message.created".into(),
+                channel_id: 5,
+                seq: 3,
+                message: Some(msg),
+                user_id: None
+            })
+        );
+        let removed = model::Event {
+            channel_id: 5,
+            seq: 4,
+            at: 0,
+            body: model::EventBody::MemberRemoved { user_id: 2 },
+        };
+        assert!(matches!(parse_frame(&protocol::event(&removed)).unwrap(),
+            Frame::Event(Event { kind, user_id: Some(2), seq: 4, .. }) if kind == "member.removed"));
+        assert_eq!(
+            parse_frame(&protocol::typing(5, 2)).unwrap(),
+            Frame::Typing {
+                channel_id: 5,
+                user_id: 2
+            }
+        );
+        assert_eq!(
+            parse_frame(&protocol::left(5)).unwrap(),
+            Frame::Left { channel_id: 5 }
+        );
+        assert_eq!(parse_frame(protocol::PONG).unwrap(), Frame::Pong);
+        let err = crate::api::error::ApiError::invalid_json("bad");
+        assert!(
+            matches!(parse_frame(&protocol::error(Some("c"), &err)).unwrap(),
+            Frame::Error { client_id: Some(c), code, .. } if c == "c" && code == "invalid_json")
+        );
+        assert!(parse_frame(r#"{"type":"nope"}"#).is_err());
+    }
+}

@@ -1,0 +1,251 @@
+//! `/v1/ws` with automatic reconnect-and-resume.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::{Api, ClientError, Frame, Result, parse_frame};
+
+/// What [`Realtime::next`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Frame(Frame),
+    /// The connection ended (close code, if any); the next call reconnects and resumes.
+    Dropped {
+        code: Option<u16>,
+    },
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A pending send, kept until acknowledged and sent again after a reconnect.
+#[derive(Debug, Clone)]
+struct PendingSend {
+    channel_id: i64,
+    text: String,
+}
+
+/// A `/v1/ws` connection that reconnects and resumes by itself.
+pub struct Realtime {
+    url: String,
+    token: String,
+    ws: Option<Ws>,
+    positions: HashMap<i64, i64>,
+    pending: BTreeMap<String, PendingSend>,
+    /// Give up after this many failed reconnect attempts in a row.
+    pub max_attempts: u32,
+}
+
+impl Realtime {
+    /// Connects, says hello (resuming from `resume`) and waits for `ready`, which it returns.
+    pub async fn connect(api: &Api, resume: HashMap<i64, i64>) -> Result<(Self, Frame)> {
+        let token = api
+            .token()
+            .ok_or_else(|| ClientError::Protocol("log in before connecting".into()))?;
+        let mut rt = Self {
+            url: api.ws_url(),
+            token: token.to_owned(),
+            ws: None,
+            positions: resume,
+            pending: BTreeMap::new(),
+            max_attempts: 60,
+        };
+        let ready = rt.open().await?;
+        Ok((rt, ready))
+    }
+
+    /// The last seq seen per channel: where a reconnect resumes.
+    pub fn positions(&self) -> &HashMap<i64, i64> {
+        &self.positions
+    }
+
+    /// Sends not yet acknowledged.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    async fn open(&mut self) -> Result<Frame> {
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(16 * 1024);
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_with_config(self.url.as_str(), Some(config), true)
+                .await?;
+        let resume: HashMap<String, i64> = self
+            .positions
+            .iter()
+            .map(|(c, s)| (c.to_string(), *s))
+            .collect();
+        let hello = json!({"op": "hello", "token": self.token, "resume": resume});
+        ws.send(WsMessage::text(hello.to_string())).await?;
+        let ready = loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Text(t))) => match parse_frame(&t)? {
+                    ready @ Frame::Ready { .. } => break ready,
+                    Frame::Error { code, message, .. } => {
+                        return Err(ClientError::Closed {
+                            code: 0,
+                            reason: format!("{code}: {message}"),
+                        });
+                    }
+                    other => return Err(ClientError::Protocol(format!("before ready: {other:?}"))),
+                },
+                Some(Ok(WsMessage::Close(frame))) => {
+                    let (code, reason) = close_parts(frame);
+                    return Err(ClientError::Closed { code, reason });
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(ClientError::Closed {
+                        code: 1006,
+                        reason: "closed before ready".into(),
+                    });
+                }
+            }
+        };
+        if let Frame::Ready { channels, .. } = &ready {
+            for &(c, last) in channels {
+                self.positions.entry(c).or_insert(last);
+            }
+        }
+        for (client_id, p) in &self.pending {
+            let op = json!({"op": "send", "channel_id": p.channel_id.to_string(), "text": p.text, "client_id": client_id});
+            ws.send(WsMessage::text(op.to_string())).await?;
+        }
+        self.ws = Some(ws);
+        Ok(ready)
+    }
+
+    /// Sends a message; its `ack` (or `error`) arrives through [`Realtime::next`]. Kept and
+    /// sent again after a reconnect until answered.
+    pub async fn send(&mut self, channel_id: i64, text: &str, client_id: &str) -> Result<()> {
+        self.pending.insert(
+            client_id.to_owned(),
+            PendingSend {
+                channel_id,
+                text: text.to_owned(),
+            },
+        );
+        let op = json!({"op": "send", "channel_id": channel_id.to_string(), "text": text, "client_id": client_id});
+        self.send_raw(&op.to_string()).await
+    }
+
+    /// Sends any text frame as it is (e.g. `read`, `typing`, `ping`, or a malformed one).
+    /// If the connection is down, the frame is dropped; pending sends are kept.
+    pub async fn send_raw(&mut self, frame: &str) -> Result<()> {
+        if let Some(ws) = &mut self.ws
+            && ws.send(WsMessage::text(frame.to_owned())).await.is_err()
+        {
+            self.ws = None;
+        }
+        Ok(())
+    }
+
+    /// The next thing from the server. After a [`Incoming::Dropped`], the next call
+    /// reconnects (with backoff) and resumes; it reports the new `ready` as a frame.
+    /// Closes that a reconnect cannot fix (4001, 4002, 4003) are errors.
+    pub async fn next(&mut self) -> Result<Incoming> {
+        let Some(ws) = &mut self.ws else {
+            return self.reconnect().await.map(Incoming::Frame);
+        };
+        loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Text(t))) => {
+                    let frame = parse_frame(&t)?;
+                    self.track(&frame);
+                    return Ok(Incoming::Frame(frame));
+                }
+                Some(Ok(WsMessage::Close(frame))) => {
+                    let (code, reason) = close_parts(frame);
+                    self.ws = None;
+                    if matches!(code, 4001..=4003) {
+                        return Err(ClientError::Closed { code, reason });
+                    }
+                    return Ok(Incoming::Dropped { code: Some(code) });
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => {
+                    self.ws = None;
+                    return Ok(Incoming::Dropped { code: None });
+                }
+            }
+        }
+    }
+
+    fn track(&mut self, frame: &Frame) {
+        match frame {
+            Frame::Event(e) => {
+                let at = self.positions.entry(e.channel_id).or_insert(0);
+                *at = (*at).max(e.seq);
+            }
+            Frame::Joined {
+                channel_id,
+                last_seq,
+            } => {
+                self.positions.insert(*channel_id, *last_seq);
+            }
+            Frame::Left { channel_id } => {
+                self.positions.remove(channel_id);
+            }
+            Frame::Ack { client_id, .. } => {
+                self.pending.remove(client_id);
+            }
+            Frame::Error {
+                client_id: Some(c),
+                code,
+                ..
+            } if code != "overloaded" && code != "rate_limited" => {
+                self.pending.remove(c);
+            }
+            _ => {}
+        }
+    }
+
+    async fn reconnect(&mut self) -> Result<Frame> {
+        let mut wait = Duration::from_millis(50);
+        for _ in 0..self.max_attempts {
+            match self.open().await {
+                Ok(ready) => return Ok(ready),
+                Err(
+                    e @ ClientError::Closed {
+                        code: 4001..=4003, ..
+                    },
+                ) => return Err(e),
+                Err(_) => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        Err(ClientError::GaveUp(self.max_attempts))
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        if let Some(ws) = &mut self.ws {
+            let _ = ws.close(None).await;
+        }
+    }
+
+    /// Drops the socket without a close frame, as a lost network would.
+    pub fn drop_connection(&mut self) {
+        self.ws = None;
+    }
+
+    /// Stops reading (for slow-consumer tests): the socket stays open, unread.
+    pub fn take_socket(&mut self) -> Option<Ws> {
+        self.ws.take()
+    }
+}
+
+fn close_parts(frame: Option<CloseFrame>) -> (u16, String) {
+    frame.map_or((1005, String::new()), |f| {
+        (f.code.into(), f.reason.to_string())
+    })
+}
