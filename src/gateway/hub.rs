@@ -206,3 +206,104 @@ fn deliver(subs: &Subs, d: &Arc<Delivery>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Event, EventBody, Role};
+
+    fn event(channel_id: i64, seq: i64, body: EventBody) -> Arc<Delivery> {
+        Delivery::new(Event {
+            channel_id,
+            seq,
+            at: 0,
+            body,
+        })
+    }
+
+    async fn seqs(outbox: &Outbox) -> Vec<i64> {
+        let mut items = Vec::new();
+        let taken = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            outbox.take(&mut items),
+        )
+        .await;
+        if taken.is_err() {
+            return Vec::new();
+        }
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Event(d) => Some(d.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn membership_events_move_subscriptions_in_dispatch_order() {
+        let stats = Arc::new(Stats::default());
+        let hub = Hub::new(Arc::clone(&stats));
+        let outbox = Arc::new(Outbox::new(1 << 20, Arc::clone(&stats)));
+        let conn = hub.register(7, [0; 32], Arc::clone(&outbox));
+        let message = |seq| {
+            event(
+                1,
+                seq,
+                EventBody::ChannelUpdated {
+                    name: Some(format!("n{seq}")),
+                },
+            )
+        };
+        // Not following channel 1: nothing of it arrives...
+        hub.dispatch(&[message(1)]);
+        assert_eq!(seqs(&outbox).await, Vec::<i64>::new());
+        // ...until this user is added: the addition and everything after it arrive.
+        let added = event(
+            1,
+            2,
+            EventBody::MemberAdded {
+                user_id: 7,
+                role: Role::Member,
+            },
+        );
+        hub.dispatch(&[added, message(3)]);
+        assert_eq!(seqs(&outbox).await, [2, 3]);
+        // The removal is the last event of the channel the user gets.
+        let removed = event(1, 4, EventBody::MemberRemoved { user_id: 7 });
+        hub.dispatch(&[removed, message(5)]);
+        assert_eq!(seqs(&outbox).await, [4]);
+        // Someone else's membership changes reach only followers.
+        hub.subscribe(conn, 1);
+        hub.dispatch(&[event(
+            1,
+            6,
+            EventBody::MemberAdded {
+                user_id: 8,
+                role: Role::Member,
+            },
+        )]);
+        assert_eq!(seqs(&outbox).await, [6]);
+        hub.unregister(conn);
+        hub.dispatch(&[message(7)]);
+        assert_eq!(seqs(&outbox).await, Vec::<i64>::new());
+        assert_eq!(stats.connections.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn revoking_a_token_closes_only_its_connections() {
+        let stats = Arc::new(Stats::default());
+        let hub = Hub::new(Arc::clone(&stats));
+        let (a, b) = (
+            Arc::new(Outbox::new(1 << 20, Arc::clone(&stats))),
+            Arc::new(Outbox::new(1 << 20, Arc::clone(&stats))),
+        );
+        hub.register(7, [1; 32], Arc::clone(&a));
+        hub.register(7, [2; 32], Arc::clone(&b));
+        hub.revoke(&[1; 32]);
+        let mut items = Vec::new();
+        a.take(&mut items).await;
+        assert!(matches!(items.as_slice(), [Item::Close(4001, _)]));
+        assert!(b.push(Item::Frame("still open".into())));
+    }
+}

@@ -165,7 +165,9 @@ impl Session {
                     if last_seen.elapsed() > cfg.idle_timeout {
                         return Err(End::Close(close::GOING_AWAY, "no answer to pings".into()));
                     }
-                    socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Gone)?;
+                    // Bounded like every write: a peer that takes nothing is dropped.
+                    socket.feed(Message::Ping(Default::default())).await.map_err(|_| End::Gone)?;
+                    flush(socket, cfg.idle_timeout).await?;
                 }
             }
         }
