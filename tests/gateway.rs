@@ -537,3 +537,31 @@ async fn a_connection_that_stops_answering_pings_is_dropped() {
     drop(dead);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_connections_pipelined_sends_commit_in_the_order_sent() {
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let ch = a.create_channel("room", "group", &[]).await;
+    let mut rt = connect(&a).await;
+    const N: usize = 400;
+    for i in 0..N {
+        rt.send(id(&ch), &format!("m{i}"), &format!("o{i}"))
+            .await
+            .unwrap();
+    }
+    let mut acks = 0;
+    while acks < N {
+        if let Incoming::Frame(Frame::Ack { .. }) = next(&mut rt).await {
+            acks += 1;
+        }
+    }
+    let texts: Vec<String> = a
+        .all_messages(&ch)
+        .await
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, (0..N).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    server.stop().await;
+}

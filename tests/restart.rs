@@ -7,7 +7,7 @@ mod common;
 use common::child::ServerProcess;
 use common::ws::*;
 use natter::client::{Frame, Incoming, Realtime};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// What one connection has seen.
 #[derive(Default)]
@@ -119,11 +119,13 @@ async fn clients_resume_across_a_sigterm_restart_with_nothing_lost_or_doubled() 
 
     let messages = a.all_messages(&ch).await;
     assert_eq!(messages.len(), 150, "each send stored once");
-    let cids: HashSet<&str> = messages
+    // In the order they were sent, across the restart and the resends.
+    let cids: Vec<&str> = messages
         .iter()
         .map(|m| m["client_id"].as_str().unwrap())
         .collect();
-    assert_eq!(cids.len(), 150);
+    let sent: Vec<String> = (0..150).map(|i| format!("c{i}")).collect();
+    assert_eq!(cids, sent.iter().map(String::as_str).collect::<Vec<_>>());
     for (cid, id) in &acks {
         assert!(
             messages.iter().any(|m| m["client_id"] == cid.as_str()

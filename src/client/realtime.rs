@@ -27,8 +27,16 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// A pending send, kept until acknowledged and sent again after a reconnect.
 #[derive(Debug, Clone)]
 struct PendingSend {
+    client_id: String,
     channel_id: i64,
     text: String,
+}
+
+impl PendingSend {
+    fn op(&self) -> String {
+        json!({"op": "send", "channel_id": self.channel_id.to_string(), "text": self.text, "client_id": self.client_id})
+            .to_string()
+    }
 }
 
 /// A `/v1/ws` connection that reconnects and resumes by itself.
@@ -37,7 +45,11 @@ pub struct Realtime {
     token: String,
     ws: Option<Ws>,
     positions: HashMap<i64, i64>,
-    pending: BTreeMap<String, PendingSend>,
+    /// Unanswered sends in the order they were made (resent in that order), and where each
+    /// `client_id` sits in it.
+    pending: BTreeMap<u64, PendingSend>,
+    pending_at: HashMap<String, u64>,
+    next_send: u64,
     /// Give up after this many failed reconnect attempts in a row.
     pub max_attempts: u32,
 }
@@ -54,6 +66,8 @@ impl Realtime {
             ws: None,
             positions: resume,
             pending: BTreeMap::new(),
+            pending_at: HashMap::new(),
+            next_send: 0,
             max_attempts: 60,
         };
         let ready = rt.open().await?;
@@ -114,9 +128,8 @@ impl Realtime {
                 self.positions.entry(c).or_insert(last);
             }
         }
-        for (client_id, p) in &self.pending {
-            let op = json!({"op": "send", "channel_id": p.channel_id.to_string(), "text": p.text, "client_id": client_id});
-            ws.send(WsMessage::text(op.to_string())).await?;
+        for p in self.pending.values() {
+            ws.send(WsMessage::text(p.op())).await?;
         }
         self.ws = Some(ws);
         Ok(ready)
@@ -125,15 +138,17 @@ impl Realtime {
     /// Sends a message; its `ack` (or `error`) arrives through [`Realtime::next`]. Kept and
     /// sent again after a reconnect until answered.
     pub async fn send(&mut self, channel_id: i64, text: &str, client_id: &str) -> Result<()> {
-        self.pending.insert(
-            client_id.to_owned(),
-            PendingSend {
-                channel_id,
-                text: text.to_owned(),
-            },
-        );
-        let op = json!({"op": "send", "channel_id": channel_id.to_string(), "text": text, "client_id": client_id});
-        self.send_raw(&op.to_string()).await
+        let p = PendingSend {
+            client_id: client_id.to_owned(),
+            channel_id,
+            text: text.to_owned(),
+        };
+        let op = p.op();
+        self.forget(client_id);
+        self.next_send += 1;
+        self.pending_at.insert(client_id.to_owned(), self.next_send);
+        self.pending.insert(self.next_send, p);
+        self.send_raw(&op).await
     }
 
     /// Sends any text frame as it is (e.g. `read`, `typing`, `ping`, or a malformed one).
@@ -194,16 +209,22 @@ impl Realtime {
                 self.positions.remove(channel_id);
             }
             Frame::Ack { client_id, .. } => {
-                self.pending.remove(client_id);
+                self.forget(client_id);
             }
             Frame::Error {
                 client_id: Some(c),
                 code,
                 ..
             } if code != "overloaded" && code != "rate_limited" => {
-                self.pending.remove(c);
+                self.forget(c);
             }
             _ => {}
+        }
+    }
+
+    fn forget(&mut self, client_id: &str) {
+        if let Some(at) = self.pending_at.remove(client_id) {
+            self.pending.remove(&at);
         }
     }
 

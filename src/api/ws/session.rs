@@ -2,7 +2,9 @@
 //! channels, then the loop that reads ops, writes queued frames and pings.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -53,8 +55,8 @@ pub(super) struct Session {
     typing: HashMap<i64, Instant>,
 }
 
-/// The answer to one send or read op, with its in-flight permit.
-type Reply = (Utf8Bytes, tokio::sync::OwnedSemaphorePermit);
+/// The answer to one send or read op.
+type Reply = Utf8Bytes;
 
 impl Session {
     pub(super) fn new(state: AppState, user: User, conn: ConnId, outbox: Arc<Outbox>) -> Self {
@@ -138,9 +140,9 @@ impl Session {
                         Incoming::Gone => return Err(End::Gone),
                     }
                 }
-                Some((frame, _permit)) = replies.recv() => {
+                Some(frame) = replies.recv() => {
                     feed(socket, frame).await?;
-                    while let Ok((frame, _permit)) = replies.try_recv() {
+                    while let Ok(frame) = replies.try_recv() {
                         feed(socket, frame).await?;
                     }
                     flush(socket, cfg.idle_timeout).await?;
@@ -230,10 +232,6 @@ impl Session {
                 text,
                 client_id,
             } => {
-                let permit = Arc::clone(sends)
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| End::Gone)?;
                 let checked = protocol::parse_id("channel_id", &channel_id)
                     .and_then(|id| validate::text(&text).map(|()| id))
                     .and_then(|id| validate::client_id(&client_id).map(|()| id))
@@ -247,14 +245,20 @@ impl Session {
                 let id = match checked {
                     Ok(id) => id,
                     Err(e) => {
-                        let _ =
-                            replies.send((protocol::error(Some(&client_id), &e).into(), permit));
+                        let _ = replies.send(protocol::error(Some(&client_id), &e).into());
                         return Ok(());
                     }
                 };
+                // The permit bounds the sends waiting for commit; it is released once the
+                // store has answered and the reply is queued, so waiting for one never
+                // waits on this loop.
+                let permit = Arc::clone(sends)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| End::Gone)?;
                 let store = Arc::clone(&self.state.store);
                 let (replies, author) = (replies.clone(), self.user.id);
-                tokio::spawn(async move {
+                let mut post = Box::pin(async move {
                     let frame = match store
                         .post_message(author, id, &text, Some(&client_id))
                         .await
@@ -262,28 +266,38 @@ impl Session {
                         Ok(posted) => protocol::ack(&client_id, &posted.message),
                         Err(e) => protocol::error(Some(&client_id), &ApiError::from(e)),
                     };
-                    let _ = replies.send((frame.into(), permit));
+                    // Reply first: a returned permit means a queued answer.
+                    let _ = replies.send(frame.into());
+                    drop(permit);
                 });
+                // One poll here, in frame order, puts the send in the writer's FIFO queue
+                // (the store queues a write on its first poll): a connection's messages
+                // commit in the order it sent them, though their commits are awaited
+                // concurrently.
+                let first = std::future::poll_fn(|cx| Poll::Ready(post.as_mut().poll(cx))).await;
+                if first.is_pending() {
+                    tokio::spawn(post);
+                }
             }
             ClientOp::Read { channel_id, seq } => {
+                let id = match protocol::parse_id("channel_id", &channel_id) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        let _ = replies.send(protocol::error(None, &e).into());
+                        return Ok(());
+                    }
+                };
                 let permit = Arc::clone(sends)
                     .acquire_owned()
                     .await
                     .map_err(|_| End::Gone)?;
-                let id = match protocol::parse_id("channel_id", &channel_id) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        let _ = replies.send((protocol::error(None, &e).into(), permit));
-                        return Ok(());
-                    }
-                };
                 let store = Arc::clone(&self.state.store);
                 let (replies, user) = (replies.clone(), self.user.id);
                 tokio::spawn(async move {
                     if let Err(e) = store.mark_read(user, id, seq).await {
-                        let frame = protocol::error(None, &ApiError::from(e));
-                        let _ = replies.send((frame.into(), permit));
+                        let _ = replies.send(protocol::error(None, &ApiError::from(e)).into());
                     }
+                    drop(permit);
                 });
             }
         }
@@ -433,16 +447,12 @@ async fn finish_sends<S>(
 ) where
     S: Sink<Message> + Unpin,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while sends.available_permits() < max_in_flight {
-        match tokio::time::timeout_at(deadline, replies.recv()).await {
-            Ok(Some((frame, permit))) => {
-                drop(permit);
-                if socket.feed(Message::Text(frame)).await.is_err() {
-                    return;
-                }
-            }
-            _ => break,
+    // Every permit back means every store call answered and its reply queued.
+    let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(Duration::from_secs(5), sends.acquire_many(all)).await;
+    while let Ok(frame) = replies.try_recv() {
+        if socket.feed(Message::Text(frame)).await.is_err() {
+            return;
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), socket.flush()).await;
