@@ -565,3 +565,82 @@ async fn a_connections_pipelined_sends_commit_in_the_order_sent() {
     assert_eq!(texts, (0..N).map(|i| format!("m{i}")).collect::<Vec<_>>());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn random_frames_never_break_the_server() {
+    use proptest::strategy::{Strategy, ValueTree};
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let ch = a.create_channel("room", "group", &[]).await;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let pieces = proptest::sample::select(vec![
+        "{",
+        "}",
+        "\"op\"",
+        ":",
+        ",",
+        "\"send\"",
+        "\"read\"",
+        "\"typing\"",
+        "\"ping\"",
+        "\"hello\"",
+        "\"channel_id\"",
+        "\"text\"",
+        "\"client_id\"",
+        "\"seq\"",
+        "\"x\"",
+        "1",
+        "-1",
+        "null",
+        "[]",
+        "\"\\u0000\"",
+        "9999999999999999999",
+        "\"💬\"",
+    ]);
+    let frames = proptest::collection::vec(proptest::collection::vec(pieces, 0..12), 60);
+    let frames = frames.new_tree(&mut runner).unwrap().current();
+    let mut closes = Vec::new();
+    for parts in frames {
+        let mut ws = raw(server.addr).await;
+        send_text(
+            &mut ws,
+            &json!({"op": "hello", "token": a.token}).to_string(),
+        )
+        .await;
+        send_text(&mut ws, &parts.concat()).await;
+        // A frame that happens to be valid gets its answer; ping to have something to wait for.
+        send_text(&mut ws, r#"{"op":"ping"}"#).await;
+        let mut texts = Vec::new();
+        let code = loop {
+            match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws))
+                .await
+                .unwrap()
+            {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                    let pong = t.contains(r#""type":"pong""#);
+                    texts.push(t.to_string());
+                    if pong {
+                        break None;
+                    }
+                }
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => {
+                    break f.map(|f| u16::from(f.code));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break Some(0),
+            }
+        };
+        assert!(
+            matches!(code, None | Some(4002)),
+            "{parts:?}: {code:?} {texts:?}"
+        );
+        closes.push(code);
+    }
+    assert!(closes.contains(&Some(4002)), "some frames were malformed");
+    // Still serving, and the channel's log is still gap-free.
+    let mut rt = connect(&a).await;
+    rt.send(id(&ch), "still here", "after-fuzz").await.unwrap();
+    until(&mut rt, |f| matches!(f, Frame::Ack { .. })).await;
+    common::assert_gap_free(&a.all_events(&ch).await);
+    server.stop().await;
+}
