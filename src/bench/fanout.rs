@@ -77,9 +77,14 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     }
     let ids: Vec<i64> = apis.iter().map(|(_, id)| *id).collect();
     let sender_api = apis[0].0.clone();
+    // A channel takes at most 1000 initial members; the rest are added one by one.
+    let (initial, later) = ids[1..].split_at(ids.len().saturating_sub(1).min(999));
     let channel = sender_api
-        .create_channel("fanout", "group", &ids[1..])
+        .create_channel("fanout", "group", initial)
         .await?;
+    for &user in later {
+        sender_api.add_member(channel, user).await?;
+    }
 
     eprintln!("connecting {members} WebSockets…");
     let start = Instant::now();
