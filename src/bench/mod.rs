@@ -3,7 +3,9 @@
 //! server it spawns in-process or one given by `--url`; `fanout` measures real-time
 //! delivery over WebSockets ([`fanout`]).
 
-mod fanout;
+pub mod check;
+pub mod fanout;
+pub mod report;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,0 +1,46 @@
+//! Smoke runs of `natter bench` scenarios at small scale: their correctness checks hold
+//! and their JSON and HTML reports are produced and parse. Speed is never asserted.
+
+use natter::bench::fanout::{FanoutArgs, Rate, measure};
+
+fn args(rate: Rate) -> FanoutArgs {
+    FanoutArgs {
+        channels: 2,
+        members: 3,
+        senders: 2,
+        messages: 40,
+        rate,
+        duration: None,
+        window: 8,
+        text_bytes: 64,
+        url: None,
+        json: false,
+        report: None,
+    }
+}
+
+#[tokio::test]
+async fn fanout_delivers_every_message_once_in_order_and_reports_it() {
+    for rate in [Rate::Max, Rate::Fixed(400.0)] {
+        let report = measure(&args(rate)).await.unwrap();
+        assert!(report.passed, "{}", report.to_text());
+        assert_eq!(report.checks.total(), 0);
+        let figure = |name: &str| {
+            report
+                .figures
+                .iter()
+                .find(|f| f.name == name)
+                .unwrap()
+                .value
+        };
+        assert_eq!(figure("messages acked"), 40.0);
+        // 20 messages per channel, 3 receivers each, 2 channels.
+        assert_eq!(figure("deliveries"), 120.0);
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(json["scenario"], "fanout");
+        assert_eq!(json["latencies"][1]["count"], 120);
+        let html = report.to_html();
+        assert!(html.starts_with("<!doctype html>") && html.matches("<svg").count() >= 4);
+        assert!(!html.contains("<script") && !html.contains("src="));
+    }
+}
