@@ -44,3 +44,30 @@ async fn fanout_delivers_every_message_once_in_order_and_reports_it() {
         assert!(!html.contains("<script") && !html.contains("src="));
     }
 }
+
+#[tokio::test]
+async fn history_readers_see_every_message_once_and_report_it() {
+    use natter::bench::history::{HistoryArgs, measure};
+    let report = measure(&HistoryArgs {
+        messages: 120,
+        readers: 3,
+        page: 7,
+        duration: 0.3,
+        url: None,
+        json: false,
+        report: None,
+    })
+    .await
+    .unwrap();
+    assert!(report.passed, "{}", report.to_text());
+    let passes = report
+        .figures
+        .iter()
+        .find(|f| f.name == "full passes")
+        .unwrap()
+        .value;
+    assert!(passes >= 3.0, "each reader finished at least one pass");
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["scenario"], "history");
+    assert!(report.to_html().contains("<svg"));
+}

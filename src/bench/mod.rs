@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod fanout;
+pub mod history;
 pub mod report;
 
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ pub enum Scenario {
     Http(HttpArgs),
     /// One channel, many online members: deliveries per second and send→deliver latency.
     Fanout(fanout::FanoutArgs),
+    /// Readers paging through a channel's history: pages/s and page latency.
+    History(history::HistoryArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -70,6 +73,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Store(w) => bench_store(w).await,
         Scenario::Http(h) => bench_http(h).await,
         Scenario::Fanout(f) => fanout::run(f).await,
+        Scenario::History(h) => history::run(h).await,
     }
 }
 
