@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::check::{Checker, Violations};
 use super::report::{Latency, Report, Series};
-use super::{Scratch, bench_config, bench_username, histogram};
+use super::{Target, bench_username, emit, histogram};
 use crate::client::{Api, Frame, Incoming, Realtime};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -85,18 +85,7 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let report = measure(&args).await?;
-    print!("{}", report.to_text());
-    if args.json {
-        println!("{}", report.to_json());
-    }
-    if let Some(path) = &args.report {
-        std::fs::write(path, report.to_html())
-            .with_context(|| format!("write {}", path.display()))?;
-    }
-    if !report.passed {
-        bail!("the fan-out run failed its checks");
-    }
-    Ok(())
+    emit(&report, args.json, args.report.as_deref())
 }
 
 /// What one receiver saw.
@@ -129,23 +118,8 @@ fn count_in(buckets: &mut Vec<u64>, i: usize) {
 
 /// Runs the scenario and returns its report.
 pub async fn measure(args: &FanoutArgs) -> anyhow::Result<Report> {
-    let scratch = Scratch::new(None)?;
-    let (base, _server) = match &args.url {
-        Some(url) => (url.trim_end_matches('/').to_owned(), None),
-        None => {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(crate::serve(
-                listener,
-                bench_config(&scratch.path),
-                async move {
-                    let _ = stopped.await;
-                },
-            ));
-            (format!("http://{addr}"), Some((stop, task)))
-        }
-    };
+    let target = Target::start(args.url.as_deref(), None).await?;
+    let base = target.base.clone();
     let channels = args.channels.max(1);
     let members = args.members.max(1);
     let senders = args.senders.max(1);
@@ -311,6 +285,7 @@ pub async fn measure(args: &FanoutArgs) -> anyhow::Result<Report> {
     });
     report.passed = report.checks.total() == 0
         && acked as usize + report.errors.values().sum::<u64>() as usize == messages;
+    target.stop().await?;
     Ok(report)
 }
 

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use hdrhistogram::Histogram;
 
 use super::check::Violations;
 use super::report::{Latency, Report, Series};
-use super::{Scratch, bench_config, bench_username, histogram};
+use super::{Target, bench_username, emit, histogram};
 use crate::client::Api;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -39,18 +39,7 @@ pub struct HistoryArgs {
 
 pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
     let report = measure(&args).await?;
-    print!("{}", report.to_text());
-    if args.json {
-        println!("{}", report.to_json());
-    }
-    if let Some(path) = &args.report {
-        std::fs::write(path, report.to_html())
-            .with_context(|| format!("write {}", path.display()))?;
-    }
-    if !report.passed {
-        bail!("the history run failed its checks");
-    }
-    Ok(())
+    emit(&report, args.json, args.report.as_deref())
 }
 
 struct Read {
@@ -63,23 +52,8 @@ struct Read {
 }
 
 pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
-    let scratch = Scratch::new(None)?;
-    let (base, _server) = match &args.url {
-        Some(url) => (url.trim_end_matches('/').to_owned(), None),
-        None => {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(crate::serve(
-                listener,
-                bench_config(&scratch.path),
-                async move {
-                    let _ = stopped.await;
-                },
-            ));
-            (format!("http://{addr}"), Some((stop, task)))
-        }
-    };
+    let target = Target::start(args.url.as_deref(), None).await?;
+    let base = target.base.clone();
     let page = args.page.clamp(1, 200);
     let mut owner = Api::new(&base);
     owner.register(&bench_username(), "bench-password").await?;
@@ -169,6 +143,7 @@ pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
             .collect(),
     });
     report.passed = report.checks.total() == 0 && report.errors.is_empty();
+    target.stop().await?;
     Ok(report)
 }
 

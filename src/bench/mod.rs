@@ -111,6 +111,74 @@ impl Drop for Scratch {
     }
 }
 
+/// The server a run measures: one given by `--url`, or one started in this process on a
+/// temporary directory, stopped (and its directory removed) by [`Target::stop`].
+pub(crate) struct Target {
+    pub base: String,
+    server: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
+    _scratch: Scratch,
+}
+
+impl Target {
+    pub async fn start(url: Option<&str>, data_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        let scratch = Scratch::new(data_dir)?;
+        if let Some(url) = url {
+            return Ok(Self {
+                base: url.trim_end_matches('/').to_owned(),
+                server: None,
+                _scratch: scratch,
+            });
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(crate::serve(
+            listener,
+            bench_config(&scratch.path),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Self {
+            base: format!("http://{addr}"),
+            server: Some((stop, task)),
+            _scratch: scratch,
+        })
+    }
+
+    /// Stops a server this run started and waits until it has shut down.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some((stop, task)) = self.server.take() {
+            let _ = stop.send(());
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+/// Prints a report (and its JSON), writes its HTML page, and fails if its checks did.
+pub(crate) fn emit(
+    report: &report::Report,
+    json: bool,
+    html: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    print!("{}", report.to_text());
+    if json {
+        println!("{}", report.to_json());
+    }
+    if let Some(path) = html {
+        std::fs::write(path, report.to_html())
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    if !report.passed {
+        bail!("the {} run failed its checks", report.scenario);
+    }
+    Ok(())
+}
+
 /// A username no earlier run has taken (runs may share a `--data-dir` or a `--url`).
 fn bench_username() -> String {
     let nanos = std::time::SystemTime::now()
@@ -260,23 +328,8 @@ async fn bench_store(w: WriteArgs) -> anyhow::Result<()> {
 
 async fn bench_http(h: HttpArgs) -> anyhow::Result<()> {
     let w = h.write.clone();
-    let scratch = Scratch::new(w.data_dir.clone())?;
-    let (base, _server) = match h.url {
-        Some(url) => (url.trim_end_matches('/').to_owned(), None),
-        None => {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(crate::serve(
-                listener,
-                bench_config(&scratch.path),
-                async move {
-                    let _ = stopped.await;
-                },
-            ));
-            (format!("http://{addr}"), Some((stop, task)))
-        }
-    };
+    let target = Target::start(h.url.as_deref(), w.data_dir.clone()).await?;
+    let base = target.base.clone();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(w.concurrency)
         .build()?;
@@ -331,5 +384,5 @@ async fn bench_http(h: HttpArgs) -> anyhow::Result<()> {
     })
     .await;
     report.print(&w);
-    Ok(())
+    target.stop().await
 }
