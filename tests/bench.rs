@@ -71,3 +71,37 @@ async fn history_readers_see_every_message_once_and_report_it() {
     assert_eq!(json["scenario"], "history");
     assert!(report.to_html().contains("<svg"));
 }
+
+#[tokio::test]
+async fn connections_open_idle_sockets_from_several_sources_and_report_memory() {
+    use natter::bench::connections::{ConnectionsArgs, measure};
+    let report = measure(&ConnectionsArgs {
+        connections: 30,
+        concurrency: 8,
+        per_source: 10,
+        hold: 0.0,
+        url: None,
+        server_pid: None,
+        server_bin: Some(env!("CARGO_BIN_EXE_natter").into()),
+        json: false,
+        report: None,
+    })
+    .await
+    .unwrap();
+    assert!(report.passed, "{}", report.to_text());
+    let figure = |name: &str| {
+        report
+            .figures
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.value)
+    };
+    assert_eq!(figure("opened"), Some(30.0));
+    assert!(
+        figure("server memory per connection").is_some(),
+        "read from the child's /proc"
+    );
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["scenario"], "connections");
+    assert!(report.to_html().contains("<svg"));
+}

@@ -4,6 +4,7 @@
 //! delivery over WebSockets ([`fanout`]).
 
 pub mod check;
+pub mod connections;
 pub mod fanout;
 pub mod history;
 pub mod report;
@@ -38,6 +39,8 @@ pub enum Scenario {
     Fanout(fanout::FanoutArgs),
     /// Readers paging through a channel's history: pages/s and page latency.
     History(history::HistoryArgs),
+    /// Many idle WebSockets: connect rate and server memory per connection.
+    Connections(connections::ConnectionsArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -74,11 +77,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Http(h) => bench_http(h).await,
         Scenario::Fanout(f) => fanout::run(f).await,
         Scenario::History(h) => history::run(h).await,
+        Scenario::Connections(c) => connections::run(c).await,
     }
 }
 
 /// A data directory that is removed on drop unless the user named it.
-struct Scratch {
+pub(crate) struct Scratch {
     path: PathBuf,
     remove: bool,
 }
