@@ -122,6 +122,21 @@ async fn purge_expired_sessions(store: Arc<SqliteStore>) {
     }
 }
 
+/// The address in the line [`serve`] logs once it listens (`natter listening addr=…`):
+/// how a parent process that started `natter serve --listen 127.0.0.1:0` learns its port.
+pub fn listening_addr(log_line: &str) -> Option<SocketAddr> {
+    if !log_line.contains("natter listening") {
+        return None;
+    }
+    log_line
+        .split("addr=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Opens the embedded store the config names.
 pub fn open_store(config: &Config, on_commit: Option<OnCommit>) -> anyhow::Result<SqliteStore> {
     SqliteStore::open(&SqliteOptions {

@@ -1,6 +1,7 @@
 //! Smoke runs of `natter bench` scenarios at small scale: their correctness checks hold
 //! and their JSON and HTML reports are produced and parse. Speed is never asserted.
 
+use natter::bench::RunArgs;
 use natter::bench::fanout::{FanoutArgs, Rate, measure};
 
 fn args(rate: Rate) -> FanoutArgs {
@@ -13,9 +14,7 @@ fn args(rate: Rate) -> FanoutArgs {
         duration: None,
         window: 8,
         text_bytes: 64,
-        url: None,
-        json: false,
-        report: None,
+        run: RunArgs::default(),
     }
 }
 
@@ -53,9 +52,7 @@ async fn history_readers_see_every_message_once_and_report_it() {
         readers: 3,
         page: 7,
         duration: 0.3,
-        url: None,
-        json: false,
-        report: None,
+        run: RunArgs::default(),
     })
     .await
     .unwrap();
@@ -80,11 +77,9 @@ async fn connections_open_idle_sockets_from_several_sources_and_report_memory() 
         concurrency: 8,
         per_source: 10,
         hold: 0.0,
-        url: None,
         server_pid: None,
         server_bin: Some(env!("CARGO_BIN_EXE_natter").into()),
-        json: false,
-        report: None,
+        run: RunArgs::default(),
     })
     .await
     .unwrap();

@@ -538,7 +538,8 @@ async fn a_connection_that_stops_answering_pings_is_dropped() {
     server.stop().await;
 }
 
-#[tokio::test]
+// A multi-threaded runtime: spawned tasks may run out of order there, as in `natter serve`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connections_pipelined_sends_commit_in_the_order_sent() {
     let server = TestServer::start().await;
     let a = server.client().register("alice").await;

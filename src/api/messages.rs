@@ -42,14 +42,7 @@ async fn send_message(
     JsonBody(body): JsonBody<SendMessage>,
 ) -> ApiResult<(StatusCode, Json<Message>)> {
     let PathIds([id]) = path;
-    validate::text(&body.text)?;
-    if let Some(cid) = &body.client_id {
-        validate::client_id(cid)?;
-    }
-    state
-        .sends
-        .take(&auth.user.id, Instant::now())
-        .map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
+    admit_send(&state, auth.user.id, &body.text, body.client_id.as_deref())?;
     let posted = state
         .store
         .post_message(auth.user.id, id, &body.text, body.client_id.as_deref())
@@ -60,6 +53,24 @@ async fn send_message(
         StatusCode::OK
     };
     Ok((status, Json((&posted.message).into())))
+}
+
+/// The checks every send passes before it is queued, over REST and the WebSocket alike:
+/// the text and `client_id` rules, then the sender's rate limit.
+pub(super) fn admit_send(
+    state: &AppState,
+    user_id: i64,
+    text: &str,
+    client_id: Option<&str>,
+) -> ApiResult<()> {
+    validate::text(text)?;
+    if let Some(cid) = client_id {
+        validate::client_id(cid)?;
+    }
+    state
+        .sends
+        .take(&user_id, Instant::now())
+        .map_err(|w| ApiError::rate_limited(retry_after_secs(w)))
 }
 
 /// A page of history, ascending by seq. With no cursor: the newest `limit`; with

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::report::{Latency, Report};
-use super::{bench_username, emit, histogram};
+use super::{RunArgs, bench_username, emit, histogram};
 use crate::client::Api;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -35,24 +35,19 @@ pub struct ConnectionsArgs {
     /// after three ping intervals, 30 s by default).
     #[arg(long, default_value_t = 3.0)]
     pub hold: f64,
-    /// A running server to measure; without it one is started as a child process.
-    #[arg(long)]
-    pub url: Option<String>,
     /// With --url: the server's process id, to read its memory from /proc.
     #[arg(long)]
     pub server_pid: Option<u32>,
     /// The `natter` binary to start as the server (default: this one).
     #[arg(long, hide = true)]
     pub server_bin: Option<PathBuf>,
-    #[arg(long)]
-    pub json: bool,
-    #[arg(long)]
-    pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 pub async fn run(args: ConnectionsArgs) -> anyhow::Result<()> {
     let report = measure(&args).await?;
-    emit(&report, args.json, args.report.as_deref())
+    emit(&report, &args.run)
 }
 
 /// Resident memory of a process, in bytes.
@@ -124,13 +119,8 @@ async fn spawn_server(bin: Option<&std::path::Path>) -> anyhow::Result<Child> {
     let mut lines = BufReader::new(child.stderr.take().context("the child's stderr")?).lines();
     let addr = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await? {
-            if line.contains("natter listening")
-                && let Some(addr) = line
-                    .split("addr=")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-            {
-                return Ok::<_, anyhow::Error>(addr.parse::<SocketAddr>()?);
+            if let Some(addr) = crate::server::listening_addr(&line) {
+                return Ok::<_, anyhow::Error>(addr);
             }
         }
         anyhow::bail!("natter serve exited before listening")
@@ -173,8 +163,16 @@ async fn open(server: SocketAddr, source: IpAddr, token: &str) -> anyhow::Result
 }
 
 pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
+    let per_source = args.per_source.max(1);
+    let sources = args.connections.div_ceil(per_source);
+    if sources > 253 {
+        anyhow::bail!(
+            "{} connections at {per_source} per source address need {sources} addresses; 127.0.0.2–127.0.0.254 has 253",
+            args.connections
+        );
+    }
     raise_open_files(args.connections as u64 + 1024);
-    let (base, pid, child) = match &args.url {
+    let (base, pid, child) = match &args.run.url {
         Some(url) => (url.trim_end_matches('/').to_owned(), args.server_pid, None),
         None => {
             let child = spawn_server(args.server_bin.as_deref()).await?;
@@ -195,11 +193,10 @@ pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
     let mut latency = histogram();
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut open_sockets = Vec::with_capacity(args.connections);
-    let per_source = args.per_source.max(1);
     let indices: Vec<usize> = (0..args.connections).collect();
     for chunk in indices.chunks(args.concurrency.max(1)) {
         let attempts = chunk.iter().map(|&i| {
-            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / per_source) as u8));
+            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / per_source) as u8)); // ≤ 254: checked above
             let token = token.as_str();
             async move {
                 let t = Instant::now();
@@ -228,7 +225,10 @@ pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
     report.param("per source address", per_source);
     report.param(
         "server",
-        args.url.clone().unwrap_or_else(|| "child process".into()),
+        args.run
+            .url
+            .clone()
+            .unwrap_or_else(|| "child process".into()),
     );
     report.figure("opened", opened as f64, "");
     report.figure(

@@ -6,7 +6,6 @@
 //! missing, duplicate or reordered event fails the run.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -15,7 +14,7 @@ use tokio::sync::watch;
 
 use super::check::{Checker, Violations};
 use super::report::{Latency, Report, Series};
-use super::{Target, bench_username, emit, histogram};
+use super::{RunArgs, Target, bench_username, emit, histogram};
 use crate::client::{Api, Frame, Incoming, Realtime};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -44,16 +43,8 @@ pub struct FanoutArgs {
     /// Bytes of text per message (at least the timestamp's).
     #[arg(long, default_value_t = 64)]
     pub text_bytes: usize,
-    /// A running server to measure (its send and sign-up limits must allow the run);
-    /// without it one is started in this process on a temporary directory.
-    #[arg(long)]
-    pub url: Option<String>,
-    /// Print the report as JSON too.
-    #[arg(long)]
-    pub json: bool,
-    /// Write the report as a self-contained HTML page.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// A send rate: a number of messages per second, or as fast as acknowledged.
@@ -85,7 +76,7 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let report = measure(&args).await?;
-    emit(&report, args.json, args.report.as_deref())
+    emit(&report, &args.run)
 }
 
 /// What one receiver saw.
@@ -118,7 +109,7 @@ fn count_in(buckets: &mut Vec<u64>, i: usize) {
 
 /// Runs the scenario and returns its report.
 pub async fn measure(args: &FanoutArgs) -> anyhow::Result<Report> {
-    let target = Target::start(args.url.as_deref(), None).await?;
+    let target = Target::start(args.run.url.as_deref(), None).await?;
     let base = target.base.clone();
     let channels = args.channels.max(1);
     let members = args.members.max(1);
@@ -241,7 +232,8 @@ pub async fn measure(args: &FanoutArgs) -> anyhow::Result<Report> {
         ("text bytes", args.text_bytes.to_string()),
         (
             "server",
-            args.url
+            args.run
+                .url
                 .clone()
                 .unwrap_or_else(|| "spawned in process".into()),
         ),

@@ -3,7 +3,6 @@
 //! once, none missing, pages in order. Measures pages/s and page latency.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -11,7 +10,7 @@ use hdrhistogram::Histogram;
 
 use super::check::Violations;
 use super::report::{Latency, Report, Series};
-use super::{Target, bench_username, emit, histogram};
+use super::{RunArgs, Target, bench_username, emit, histogram};
 use crate::client::Api;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -28,18 +27,13 @@ pub struct HistoryArgs {
     /// How long the readers read, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
-    /// A running server to measure; without it one is started in this process.
-    #[arg(long)]
-    pub url: Option<String>,
-    #[arg(long)]
-    pub json: bool,
-    #[arg(long)]
-    pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
     let report = measure(&args).await?;
-    emit(&report, args.json, args.report.as_deref())
+    emit(&report, &args.run)
 }
 
 struct Read {
@@ -52,7 +46,7 @@ struct Read {
 }
 
 pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
-    let target = Target::start(args.url.as_deref(), None).await?;
+    let target = Target::start(args.run.url.as_deref(), None).await?;
     let base = target.base.clone();
     let page = args.page.clamp(1, 200);
     let mut owner = Api::new(&base);
@@ -118,7 +112,8 @@ pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
     report.param("seqs", format!("{}..={last_seq}", first_seq.unwrap_or(0)));
     report.param(
         "server",
-        args.url
+        args.run
+            .url
             .clone()
             .unwrap_or_else(|| "spawned in process".into()),
     );

@@ -163,17 +163,28 @@ impl Target {
     }
 }
 
+/// What every scenario takes: the server to measure and where its report goes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RunArgs {
+    /// A running server to measure (its sign-up and send limits must allow the run);
+    /// without it the run starts one of its own on a temporary directory.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Print the report as JSON too.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the report as a self-contained HTML page.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
 /// Prints a report (and its JSON), writes its HTML page, and fails if its checks did.
-pub(crate) fn emit(
-    report: &report::Report,
-    json: bool,
-    html: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
+pub(crate) fn emit(report: &report::Report, run: &RunArgs) -> anyhow::Result<()> {
     print!("{}", report.to_text());
-    if json {
+    if run.json {
         println!("{}", report.to_json());
     }
-    if let Some(path) = html {
+    if let Some(path) = &run.report {
         std::fs::write(path, report.to_html())
             .with_context(|| format!("write {}", path.display()))?;
     }

@@ -46,8 +46,14 @@ impl LocalBus {
 
 impl Bus for LocalBus {
     fn publish(&self, events: Vec<Event>) {
-        // Fails only when the fan-out thread is gone, i.e. the server is stopping.
-        let _ = self.tx.send(Fanout::Events(events));
+        // The writer holds this sender, so the thread can only be gone if it panicked. The
+        // events are committed; clients find them by resuming, and history reads fall back
+        // to the store, but nothing is delivered live any more.
+        if self.tx.send(Fanout::Events(events)).is_err() {
+            tracing::error!(
+                "fan-out thread is gone; committed events are no longer delivered live"
+            );
+        }
     }
 
     fn typing(&self, channel_id: i64, user_id: i64) {

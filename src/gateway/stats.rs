@@ -26,60 +26,63 @@ impl Stats {
     /// Prometheus text exposition of these counters.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
-        let mut line = |name: &str, kind: &str, help: &str, value: u64| {
+        let gauge = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
+        let count = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let metrics = [
+            (
+                "natter_ws_connections",
+                "gauge",
+                "Open WebSocket connections.",
+                gauge(&self.connections),
+            ),
+            (
+                "natter_ws_buffered_bytes",
+                "gauge",
+                "Bytes queued for WebSocket clients.",
+                gauge(&self.buffered_bytes),
+            ),
+            (
+                "natter_ws_outbox_peak_bytes",
+                "gauge",
+                "The most bytes one connection's queue has held.",
+                gauge(&self.outbox_peak_bytes),
+            ),
+            (
+                "natter_ws_slow_consumers_total",
+                "counter",
+                "Connections closed as slow consumers (4008).",
+                count(&self.slow_consumers),
+            ),
+            (
+                "natter_events_delivered_total",
+                "counter",
+                "Event frames written to WebSocket clients.",
+                count(&self.events_delivered),
+            ),
+            (
+                "natter_event_cache_hits_total",
+                "counter",
+                "Event reads served from the hot-channel cache.",
+                count(&self.cache_hits),
+            ),
+            (
+                "natter_event_cache_misses_total",
+                "counter",
+                "Event reads that went to the store.",
+                count(&self.cache_misses),
+            ),
+            (
+                "natter_event_reads_coalesced_total",
+                "counter",
+                "Store reads saved by joining an identical read in flight.",
+                count(&self.coalesced_reads),
+            ),
+        ];
+        for (name, kind, help, value) in metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
-        };
-        let get = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
-        line(
-            "natter_ws_connections",
-            "gauge",
-            "Open WebSocket connections.",
-            get(&self.connections),
-        );
-        line(
-            "natter_ws_buffered_bytes",
-            "gauge",
-            "Bytes queued for WebSocket clients.",
-            get(&self.buffered_bytes),
-        );
-        line(
-            "natter_ws_outbox_peak_bytes",
-            "gauge",
-            "The most bytes one connection's queue has held.",
-            get(&self.outbox_peak_bytes),
-        );
-        line(
-            "natter_ws_slow_consumers_total",
-            "counter",
-            "Connections closed as slow consumers (4008).",
-            self.slow_consumers.load(Ordering::Relaxed),
-        );
-        line(
-            "natter_events_delivered_total",
-            "counter",
-            "Event frames written to WebSocket clients.",
-            self.events_delivered.load(Ordering::Relaxed),
-        );
-        line(
-            "natter_event_cache_hits_total",
-            "counter",
-            "Event reads served from the hot-channel cache.",
-            self.cache_hits.load(Ordering::Relaxed),
-        );
-        line(
-            "natter_event_cache_misses_total",
-            "counter",
-            "Event reads that went to the store.",
-            self.cache_misses.load(Ordering::Relaxed),
-        );
-        line(
-            "natter_event_reads_coalesced_total",
-            "counter",
-            "Store reads saved by joining an identical read in flight.",
-            self.coalesced_reads.load(Ordering::Relaxed),
-        );
+        }
     }
 }

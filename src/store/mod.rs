@@ -3,8 +3,8 @@
 //!
 //! Only this module and its backends touch SQL. Write methods check authorization inside
 //! the same transaction that applies the change, so a check can never race its write;
-//! reads of a channel's members, history and log take the reader and check membership in
-//! the same trip to the store.
+//! a read of a channel's members checks membership in the same trip to the store, while
+//! history and log reads leave that check to their callers (see [`Channels::log`]).
 //! [`conformance`] is one test suite that every backend must pass.
 
 pub mod conformance;
@@ -148,6 +148,9 @@ pub trait Channels: Send + Sync {
     /// Moves the read marker forward to `seq` (clamped to the channel's last seq); never back.
     async fn mark_read(&self, user_id: i64, channel_id: i64, seq: i64) -> Result<()>;
 
+    /// The write is queued on the returned future's first poll: posts whose futures are
+    /// first polled in some order commit in that order (the gateway relies on this to
+    /// commit one connection's sends in the order sent).
     async fn post_message(
         &self,
         author: i64,
@@ -165,25 +168,11 @@ pub trait Channels: Send + Sync {
     ) -> Result<Message>;
     /// Author, owner or admin; deleting a deleted message changes nothing.
     async fn delete_message(&self, actor: i64, channel_id: i64, message_id: i64) -> Result<()>;
-    /// A page of history of a channel `user_id` belongs to; `NotFound` for non-members.
-    async fn messages(
-        &self,
-        user_id: i64,
-        channel_id: i64,
-        query: HistoryQuery,
-    ) -> Result<Page<Message>>;
-    /// A page of the log of a channel `user_id` belongs to; `NotFound` for non-members.
-    async fn events(
-        &self,
-        user_id: i64,
-        channel_id: i64,
-        after_seq: i64,
-        limit: u32,
-    ) -> Result<Page<Event>>;
-    /// A page of a channel's log with no membership check: for the gateway, which tracks
-    /// its connections' memberships from the log itself.
+    /// A page of a channel's log. No membership check: callers check first (the API with
+    /// [`Channels::channel`], the gateway from its connections' channel sets), so that
+    /// identical reads of different members can share one store read.
     async fn log(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>>;
-    /// A page of a channel's history with no membership check, for the same reason.
+    /// A page of a channel's history; no membership check, as for [`Channels::log`].
     async fn history(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>>;
 }
 

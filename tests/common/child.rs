@@ -37,17 +37,8 @@ impl ServerProcess {
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let addr = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(rest) = line
-                    .split("addr=")
-                    .nth(1)
-                    .filter(|_| line.contains("natter listening"))
-                {
-                    return rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap()
-                        .parse::<SocketAddr>()
-                        .unwrap();
+                if let Some(addr) = natter::server::listening_addr(&line) {
+                    return addr;
                 }
             }
             panic!("natter serve exited before listening");

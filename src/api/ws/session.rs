@@ -9,17 +9,16 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{Incoming, malformed, next_frame};
 use crate::api::AppState;
 use crate::api::error::ApiError;
-use crate::api::validate;
+use crate::api::messages::admit_send;
 use crate::gateway::hub::ConnId;
 use crate::gateway::outbox::{Delivery, Item, Outbox};
 use crate::gateway::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
 use crate::model::User;
-use crate::ratelimit::retry_after_secs;
 use crate::store::StoreError;
 
 /// Events read per trip when replaying or filling a gap.
@@ -53,6 +52,8 @@ pub(super) struct Session {
     /// Channel → the seq delivered last: the connection's channels and its place in each.
     positions: HashMap<i64, i64>,
     typing: HashMap<i64, Instant>,
+    /// Events written since the shared counter was last told.
+    delivered: u64,
 }
 
 /// The answer to one send or read op.
@@ -67,6 +68,7 @@ impl Session {
             outbox,
             positions: HashMap::new(),
             typing: HashMap::new(),
+            delivered: 0,
         }
     }
 
@@ -122,6 +124,7 @@ impl Session {
         for (&id, _) in resume.iter().filter(|(id, _)| current.contains(id)) {
             self.fill(socket, id, None).await?;
         }
+        self.count_delivered();
 
         let sends = Arc::new(Semaphore::new(cfg.max_in_flight));
         let (reply_tx, mut replies) = mpsc::unbounded_channel::<Reply>();
@@ -162,6 +165,7 @@ impl Session {
                         }
                     }
                     flush(socket, cfg.idle_timeout).await?;
+                    self.count_delivered();
                 }
                 _ = ticker.tick() => {
                     if last_seen.elapsed() > cfg.idle_timeout {
@@ -172,6 +176,20 @@ impl Session {
                     flush(socket, cfg.idle_timeout).await?;
                 }
             }
+        }
+    }
+
+    /// Adds the events written since the last call to the shared counter: one atomic add
+    /// per drained queue, not one per event.
+    fn count_delivered(&mut self) {
+        let n = std::mem::take(&mut self.delivered);
+        if n > 0 {
+            self.state
+                .gateway
+                .hub
+                .stats()
+                .events_delivered
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -232,16 +250,9 @@ impl Session {
                 text,
                 client_id,
             } => {
-                let checked = protocol::parse_id("channel_id", &channel_id)
-                    .and_then(|id| validate::text(&text).map(|()| id))
-                    .and_then(|id| validate::client_id(&client_id).map(|()| id))
-                    .and_then(|id| {
-                        self.state
-                            .sends
-                            .take(&self.user.id, std::time::Instant::now())
-                            .map(|()| id)
-                            .map_err(|w| ApiError::rate_limited(retry_after_secs(w)))
-                    });
+                let checked = protocol::parse_id("channel_id", &channel_id).and_then(|id| {
+                    admit_send(&self.state, self.user.id, &text, Some(&client_id)).map(|()| id)
+                });
                 let id = match checked {
                     Ok(id) => id,
                     Err(e) => {
@@ -249,13 +260,7 @@ impl Session {
                         return Ok(());
                     }
                 };
-                // The permit bounds the sends waiting for commit; it is released once the
-                // store has answered and the reply is queued, so waiting for one never
-                // waits on this loop.
-                let permit = Arc::clone(sends)
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| End::Gone)?;
+                let permit = in_flight(sends).await?;
                 let store = Arc::clone(&self.state.store);
                 let (replies, author) = (replies.clone(), self.user.id);
                 let mut post = Box::pin(async move {
@@ -287,10 +292,7 @@ impl Session {
                         return Ok(());
                     }
                 };
-                let permit = Arc::clone(sends)
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| End::Gone)?;
+                let permit = in_flight(sends).await?;
                 let store = Arc::clone(&self.state.store);
                 let (replies, user) = (replies.clone(), self.user.id);
                 tokio::spawn(async move {
@@ -332,12 +334,7 @@ impl Session {
         S: Sink<Message> + Unpin,
     {
         feed(socket, d.frame.clone()).await?;
-        self.state
-            .gateway
-            .hub
-            .stats()
-            .events_delivered
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.delivered += 1;
         self.positions.insert(d.channel_id, d.seq);
         if d.membership == Some((self.user.id, false)) {
             self.leave(socket, d.channel_id).await?;
@@ -435,6 +432,16 @@ impl Session {
             }
         }
     }
+}
+
+/// A place among the store calls this connection has waiting (sends and reads). It is
+/// released once the store has answered and the reply is queued, so waiting for one never
+/// waits on the session loop.
+async fn in_flight(sends: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, End> {
+    Arc::clone(sends)
+        .acquire_owned()
+        .await
+        .map_err(|_| End::Gone)
 }
 
 /// Waits (bounded) for the sends already taken to commit, and writes their answers, so a

@@ -373,31 +373,6 @@ impl Channels for SqliteStore {
         )
     }
 
-    async fn messages(
-        &self,
-        user_id: i64,
-        channel_id: i64,
-        query: HistoryQuery,
-    ) -> Result<Page<Message>> {
-        self.member_read(user_id, channel_id, move |c| {
-            read::messages(c, channel_id, query)
-        })
-        .await
-    }
-
-    async fn events(
-        &self,
-        user_id: i64,
-        channel_id: i64,
-        after_seq: i64,
-        limit: u32,
-    ) -> Result<Page<Event>> {
-        self.member_read(user_id, channel_id, move |c| {
-            read::events(c, channel_id, after_seq, limit)
-        })
-        .await
-    }
-
     async fn log(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>> {
         self.reads
             .run(move |c| read::events(c, channel_id, after_seq, limit))
