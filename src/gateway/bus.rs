@@ -30,22 +30,26 @@ enum Fanout {
 
 pub struct LocalBus {
     tx: SyncSender<Fanout>,
+    cache: Arc<EventCache>,
 }
 
 impl LocalBus {
     /// Starts the fan-out thread; it stops when the bus is dropped.
     pub fn start(hub: Arc<Hub>, cache: Arc<EventCache>) -> (Self, JoinHandle<()>) {
         let (tx, rx) = sync_channel(QUEUED_BATCHES);
+        let fanout_cache = Arc::clone(&cache);
         let handle = std::thread::Builder::new()
             .name("natter-fanout".into())
-            .spawn(move || fan_out(&hub, &cache, rx))
+            .spawn(move || fan_out(&hub, &fanout_cache, rx))
             .expect("spawn the fan-out thread");
-        (Self { tx }, handle)
+        (Self { tx, cache }, handle)
     }
 }
 
 impl Bus for LocalBus {
     fn publish(&self, events: Vec<Event>) {
+        // Counted before the writer answers anyone: a cache read waits for this batch.
+        self.cache.mark_published();
         // The writer holds this sender, so the thread can only be gone if it panicked. The
         // events are committed; clients find them by resuming, and history reads fall back
         // to the store, but nothing is delivered live any more.
@@ -102,4 +106,40 @@ fn flush(hub: &Hub, cache: &EventCache, batch: &mut Vec<Arc<Delivery>>, batches:
     }
     hub.dispatch(batch);
     batch.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::gateway::stats::Stats;
+    use crate::model::{EventBody, Role};
+
+    fn event(channel_id: i64, seq: i64) -> Event {
+        Event {
+            channel_id,
+            seq,
+            at: 0,
+            body: EventBody::MemberAdded {
+                user_id: 1,
+                role: Role::Member,
+            },
+        }
+    }
+
+    /// Regression: the writer once published without counting the batch, so reads that
+    /// waited for the cache to catch up did not wait, and could miss acknowledged writes.
+    #[tokio::test]
+    async fn a_caught_up_cache_holds_every_published_event() {
+        let hub = Arc::new(Hub::new(Arc::new(Stats::default())));
+        let cache = Arc::new(EventCache::new(1 << 30));
+        let (bus, _fanout) = LocalBus::start(hub, Arc::clone(&cache));
+        // A big batch keeps the fan-out thread busy while the next one waits in its queue.
+        bus.publish((1..=50_000).map(|seq| event(1, seq)).collect());
+        bus.publish(vec![event(2, 1)]);
+        assert!(cache.catch_up(Duration::from_secs(30)).await);
+        let (page, _) = cache.read(2, 0, 10).expect("channel 2 is cached");
+        assert_eq!(page.len(), 1);
+    }
 }

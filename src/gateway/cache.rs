@@ -134,8 +134,8 @@ impl EventCache {
         }
     }
 
-    /// The writer calls this for each committed batch before it answers the batch's
-    /// writers and before it hands the batch to the bus.
+    /// The bus calls this for each committed batch as the writer hands it over, before the
+    /// writer answers the batch's writers.
     pub fn mark_published(&self) {
         self.published.fetch_add(1, Ordering::SeqCst);
     }
@@ -151,7 +151,11 @@ impl EventCache {
         let target = self.published.load(Ordering::SeqCst);
         let wait = async {
             loop {
+                // Registered before the check, so a `mark_applied` between the check and
+                // the wait still wakes it.
                 let notified = self.caught_up.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
                 if self.applied.load(Ordering::SeqCst) >= target {
                     return;
                 }
