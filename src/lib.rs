@@ -14,6 +14,7 @@ pub mod config;
 pub mod gateway;
 pub mod id;
 pub mod model;
+pub mod process;
 pub mod ratelimit;
 pub mod server;
 pub mod store;

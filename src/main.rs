@@ -43,6 +43,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = Config::from_args(&args)?;
+            match natter::process::raise_open_files(1 << 20) {
+                Some(limit) => tracing::info!(limit, "open-files limit"),
+                None => tracing::warn!("cannot read the open-files limit"),
+            }
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await

@@ -1,47 +1,160 @@
-//! Smoke runs of `natter bench` scenarios at small scale: their correctness checks hold
-//! and their JSON and HTML reports are produced and parse. Speed is never asserted.
+//! Smoke runs of every `natter bench` scenario at small scale, each against a spawned
+//! `natter serve` child: their correctness checks hold and their JSON and HTML reports
+//! are produced and parse. Speed is never asserted.
 
 use natter::bench::RunArgs;
-use natter::bench::fanout::{FanoutArgs, Rate, measure};
+use natter::bench::fanout::{FanoutArgs, Rate, Shape, measure};
+use natter::bench::report::Report;
 
-fn args(rate: Rate) -> FanoutArgs {
+fn run_args() -> RunArgs {
+    RunArgs {
+        spawn: true,
+        server_bin: Some(env!("CARGO_BIN_EXE_natter").into()),
+        quiet: true,
+        ..RunArgs::default()
+    }
+}
+
+fn figure(report: &Report, name: &str) -> Option<f64> {
+    report
+        .figures
+        .iter()
+        .find(|f| f.name == name)
+        .map(|f| f.value)
+}
+
+/// The JSON parses and names the scenario; the page is whole, has its charts and
+/// fetches nothing.
+fn check_outputs(report: &Report, scenario: &str, charts: usize) -> serde_json::Value {
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["scenario"], scenario);
+    assert_eq!(json["passed"], true);
+    let html = report.to_html();
+    assert!(html.starts_with("<!doctype html>") && html.trim_end().ends_with("</html>"));
+    assert!(
+        html.matches("<svg").count() >= charts,
+        "{scenario}: fewer than {charts} charts"
+    );
+    assert_eq!(html.matches("<svg").count(), html.matches("</svg>").count());
+    assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
+    json
+}
+
+fn fanout_args(rate: Rate) -> FanoutArgs {
     FanoutArgs {
-        channels: 2,
-        members: 3,
-        senders: 2,
+        shape: Shape {
+            channels: 2,
+            members: 3,
+            senders: 2,
+            text_bytes: 64,
+        },
         messages: 40,
         rate,
         duration: None,
         window: 8,
-        text_bytes: 64,
-        run: RunArgs::default(),
+        run: run_args(),
     }
 }
 
 #[tokio::test]
 async fn fanout_delivers_every_message_once_in_order_and_reports_it() {
     for rate in [Rate::Max, Rate::Fixed(400.0)] {
-        let report = measure(&args(rate)).await.unwrap();
+        let report = measure(&fanout_args(rate)).await.unwrap();
         assert!(report.passed, "{}", report.to_text());
         assert_eq!(report.checks.total(), 0);
-        let figure = |name: &str| {
-            report
-                .figures
-                .iter()
-                .find(|f| f.name == name)
-                .unwrap()
-                .value
-        };
-        assert_eq!(figure("messages acked"), 40.0);
+        assert_eq!(figure(&report, "messages acked"), Some(40.0));
         // 20 messages per channel, 3 receivers each, 2 channels.
-        assert_eq!(figure("deliveries"), 120.0);
-        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
-        assert_eq!(json["scenario"], "fanout");
+        assert_eq!(figure(&report, "deliveries"), Some(120.0));
+        assert!(
+            figure(&report, "server CPU per million deliveries").is_some(),
+            "read from the spawned server's /metrics"
+        );
+        let json = check_outputs(&report, "fanout", 4);
         assert_eq!(json["latencies"][1]["count"], 120);
-        let html = report.to_html();
-        assert!(html.starts_with("<!doctype html>") && html.matches("<svg").count() >= 4);
-        assert!(!html.contains("<script") && !html.contains("src="));
     }
+}
+
+#[tokio::test]
+async fn capacity_steps_up_until_a_bound_and_reports_the_headroom() {
+    use natter::bench::capacity::{CapacityArgs, measure};
+    let args = CapacityArgs {
+        channels: 2,
+        members: 2,
+        senders: 2,
+        text_bytes: 64,
+        start_rate: 40.0,
+        growth: 2.0,
+        step_secs: 0.5,
+        max_steps: 2,
+        refine: 1,
+        max_p99_ms: 60_000.0,
+        max_error_ratio: 0.01,
+        run: run_args(),
+    };
+    // Bounds no step can break: every step sustains; the last rate is the answer.
+    let report = measure(&args).await.unwrap();
+    assert!(report.passed, "{}", report.to_text());
+    assert_eq!(report.tables[0].rows.len(), 2, "{}", report.to_text());
+    assert_eq!(figure(&report, "highest sustainable rate"), Some(80.0));
+    let peak = figure(&report, "peak to plan for (1.5x headroom)").unwrap();
+    assert!((peak - 80.0 / 1.5).abs() < 1e-9);
+    let json = check_outputs(&report, "capacity", 4);
+    assert_eq!(json["tables"][0]["rows"][1][0], "80");
+
+    // A bound every step breaks: none sustains, and the run halves the rate looking for
+    // one, within its step budget; the stream is still checked and whole.
+    let strict = CapacityArgs {
+        max_p99_ms: 0.0,
+        ..args
+    };
+    let report = measure(&strict).await.unwrap();
+    assert!(report.passed, "{}", report.to_text());
+    assert_eq!(figure(&report, "highest sustainable rate"), Some(0.0));
+    assert_eq!(figure(&report, "lowest failing rate"), Some(20.0));
+    let rates: Vec<&str> = report.tables[0]
+        .rows
+        .iter()
+        .map(|r| r[0].as_str())
+        .collect();
+    assert_eq!(rates, ["40", "20"], "{}", report.to_text());
+}
+
+#[tokio::test]
+async fn spike_reports_each_part_of_the_run_and_the_recovery() {
+    use natter::bench::spike::{SpikeArgs, measure};
+    let report = measure(&SpikeArgs {
+        channels: 2,
+        members: 2,
+        senders: 2,
+        text_bytes: 64,
+        rate: 40.0,
+        burst: 5.0,
+        before: 1.0,
+        burst_secs: 1.0,
+        after: 2.0,
+        run: run_args(),
+    })
+    .await
+    .unwrap();
+    assert!(report.passed, "{}", report.to_text());
+    // 40 + 200 + 80 messages, each to 2 receivers per channel.
+    assert_eq!(figure(&report, "messages acked"), Some(320.0));
+    assert_eq!(figure(&report, "deliveries"), Some(640.0));
+    let parts: Vec<&str> = report.tables[0]
+        .rows
+        .iter()
+        .map(|r| r[0].as_str())
+        .collect();
+    assert!(parts.contains(&"burst"), "{}", report.to_text());
+    assert!(
+        report
+            .figures
+            .iter()
+            .any(|f| f.name.starts_with("recovery after the burst")),
+        "{}",
+        report.to_text()
+    );
+    check_outputs(&report, "spike", 6);
 }
 
 #[tokio::test]
@@ -52,21 +165,16 @@ async fn history_readers_see_every_message_once_and_report_it() {
         readers: 3,
         page: 7,
         duration: 0.3,
-        run: RunArgs::default(),
+        run: run_args(),
     })
     .await
     .unwrap();
     assert!(report.passed, "{}", report.to_text());
-    let passes = report
-        .figures
-        .iter()
-        .find(|f| f.name == "full passes")
-        .unwrap()
-        .value;
-    assert!(passes >= 3.0, "each reader finished at least one pass");
-    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
-    assert_eq!(json["scenario"], "history");
-    assert!(report.to_html().contains("<svg"));
+    assert!(
+        figure(&report, "full passes").unwrap() >= 3.0,
+        "each reader finished at least one pass"
+    );
+    check_outputs(&report, "history", 1);
 }
 
 #[tokio::test]
@@ -77,26 +185,15 @@ async fn connections_open_idle_sockets_from_several_sources_and_report_memory() 
         concurrency: 8,
         per_source: 10,
         hold: 0.0,
-        server_pid: None,
-        server_bin: Some(env!("CARGO_BIN_EXE_natter").into()),
-        run: RunArgs::default(),
+        run: run_args(),
     })
     .await
     .unwrap();
     assert!(report.passed, "{}", report.to_text());
-    let figure = |name: &str| {
-        report
-            .figures
-            .iter()
-            .find(|f| f.name == name)
-            .map(|f| f.value)
-    };
-    assert_eq!(figure("opened"), Some(30.0));
+    assert_eq!(figure(&report, "opened"), Some(30.0));
     assert!(
-        figure("server memory per connection").is_some(),
+        figure(&report, "server memory per connection").is_some(),
         "read from the child's /proc"
     );
-    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
-    assert_eq!(json["scenario"], "connections");
-    assert!(report.to_html().contains("<svg"));
+    check_outputs(&report, "connections", 1);
 }

@@ -147,6 +147,7 @@ pub fn app(state: AppState) -> Router {
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
     let mut body = String::new();
     state.gateway.hub.stats().render(&mut body);
+    crate::process::render(&mut body);
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -2,22 +2,19 @@
 //! spread over source addresses 127.0.0.2, 127.0.0.3, … so one address's ~28k ephemeral
 //! ports do not cap the count. Reports the connect rate, failures by cause, and the
 //! server's memory per connection, read from `/proc` of a server this run starts as a
-//! child process (or of `--server-pid`).
+//! child process (or from the `/metrics` of a `--url` server).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::report::{Latency, Report};
-use super::{RunArgs, bench_username, emit, histogram};
+use super::{RunArgs, Target, bench_username, emit, histogram};
 use crate::client::Api;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -35,12 +32,6 @@ pub struct ConnectionsArgs {
     /// after three ping intervals, 30 s by default).
     #[arg(long, default_value_t = 3.0)]
     pub hold: f64,
-    /// With --url: the server's process id, to read its memory from /proc.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
-    /// The `natter` binary to start as the server (default: this one).
-    #[arg(long, hide = true)]
-    pub server_bin: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -48,91 +39,6 @@ pub struct ConnectionsArgs {
 pub async fn run(args: ConnectionsArgs) -> anyhow::Result<()> {
     let report = measure(&args).await?;
     emit(&report, &args.run)
-}
-
-/// Resident memory of a process, in bytes.
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
-}
-
-/// Raises this process's open-files limit to its hard limit; says so when it cannot.
-pub(crate) fn raise_open_files(wanted: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-    if !ok {
-        eprintln!("cannot read the open-files limit; connections may fail with EMFILE");
-        return;
-    }
-    if lim.rlim_cur >= wanted {
-        return;
-    }
-    let raised = libc::rlimit {
-        rlim_cur: lim.rlim_max.min(wanted.max(lim.rlim_cur)),
-        rlim_max: lim.rlim_max,
-    };
-    // SAFETY: as above.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 || raised.rlim_cur < wanted {
-        eprintln!(
-            "the open-files limit is {} (hard {}), below the {wanted} this run needs: raise it (ulimit -n) or expect EMFILE failures",
-            raised.rlim_cur, lim.rlim_max
-        );
-    }
-}
-
-/// A `natter serve` child process on a temporary directory.
-struct Child {
-    child: tokio::process::Child,
-    base: String,
-    _dir: super::Scratch,
-}
-
-async fn spawn_server(bin: Option<&std::path::Path>) -> anyhow::Result<Child> {
-    let dir = super::Scratch::new(None)?;
-    let exe = match bin {
-        Some(b) => b.to_owned(),
-        None => std::env::current_exe().context("find the natter binary")?,
-    };
-    let mut child = tokio::process::Command::new(exe)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir.path)
-        .env("NATTER_INSECURE_FAST_PASSWORD_HASH", "1")
-        .env("NATTER_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start natter serve")?;
-    let mut lines = BufReader::new(child.stderr.take().context("the child's stderr")?).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(addr) = crate::server::listening_addr(&line) {
-                return Ok::<_, anyhow::Error>(addr);
-            }
-        }
-        anyhow::bail!("natter serve exited before listening")
-    })
-    .await
-    .context("natter serve did not listen within 30 s")??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Child {
-        child,
-        base: format!("http://{addr}"),
-        _dir: dir,
-    })
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -171,13 +77,19 @@ pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
             args.connections
         );
     }
-    raise_open_files(args.connections as u64 + 1024);
-    let (base, pid, child) = match &args.run.url {
-        Some(url) => (url.trim_end_matches('/').to_owned(), args.server_pid, None),
-        None => {
-            let child = spawn_server(args.server_bin.as_deref()).await?;
-            (child.base.clone(), child.child.id(), Some(child))
-        }
+    let wanted = args.connections as u64 + 1024;
+    match crate::process::raise_open_files(wanted) {
+        Some(limit) if limit >= wanted => {}
+        limit => eprintln!(
+            "the open-files limit is {limit:?}, below the {wanted} this run needs (the hard limit caps it; raise it with ulimit -Hn as root): expect EMFILE failures"
+        ),
+    }
+    let target = Target::start(&args.run, None).await?;
+    let base = target.base.clone();
+    // A child's memory straight from /proc; a --url server's from its /metrics.
+    let rss = async || match target.pid() {
+        Some(pid) => crate::process::rss_bytes(Some(pid)),
+        None => target.sample().await.rss_bytes.map(|b| b as u64),
     };
     let server: SocketAddr = base
         .trim_start_matches("http://")
@@ -186,7 +98,7 @@ pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
     let mut api = Api::new(&base);
     api.register(&bench_username(), "bench-password").await?;
     let token = api.token().unwrap_or_default().to_owned();
-    let before = pid.and_then(rss_bytes);
+    let before = rss().await;
 
     eprintln!("opening {} idle WebSockets…", args.connections);
     let start = Instant::now();
@@ -215,7 +127,7 @@ pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
     }
     let connect_time = start.elapsed();
     tokio::time::sleep(Duration::from_secs_f64(args.hold.max(0.0))).await;
-    let after = pid.and_then(rss_bytes);
+    let after = rss().await;
     let opened = open_sockets.len();
     drop(open_sockets);
 
@@ -223,13 +135,7 @@ pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
     report.param("connections", args.connections);
     report.param("concurrency", args.concurrency);
     report.param("per source address", per_source);
-    report.param(
-        "server",
-        args.run
-            .url
-            .clone()
-            .unwrap_or_else(|| "child process".into()),
-    );
+    report.param("server", args.run.server());
     report.figure("opened", opened as f64, "");
     report.figure(
         "connects/s",
@@ -250,8 +156,6 @@ pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
         .push(Latency::from_micros("connect + hello + ready", &latency));
     report.errors = failures;
     report.passed = report.errors.is_empty();
-    if let Some(mut c) = child {
-        let _ = c.child.kill().await;
-    }
+    target.stop().await?;
     Ok(report)
 }

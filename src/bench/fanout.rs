@@ -4,30 +4,31 @@
 //! hide its delay) or as fast as the server acknowledges (`--rate max`, a window of sends
 //! in flight per sender). Every receiving connection runs the delivery [`Checker`]; any
 //! missing, duplicate or reordered event fails the run.
+//!
+//! The machinery is a [`Rig`]: users, channels and connections set up once, then driven
+//! through one or more [`Rig::phase`]s (the `capacity` and `spike` scenarios are phases
+//! of the same rig), with the receivers and their checkers running across all of them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use hdrhistogram::Histogram;
-use tokio::sync::watch;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::{mpsc, watch};
 
 use super::check::{Checker, Violations};
 use super::report::{Latency, Report, Series};
-use super::{RunArgs, Target, bench_username, emit, histogram};
+use super::timeline::Timeline;
+use super::{RunArgs, Sample, Target, bench_username, emit, histogram};
 use crate::client::{Api, Frame, Incoming, Realtime};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FanoutArgs {
-    /// Channels.
-    #[arg(long, default_value_t = 1)]
-    pub channels: usize,
-    /// Receiving members online per channel, each on its own WebSocket.
-    #[arg(long, default_value_t = 1000)]
-    pub members: usize,
-    /// Sending members, spread over the channels (sender i sends to channel i mod C).
-    #[arg(long, default_value_t = 1)]
-    pub senders: usize,
+    #[command(flatten)]
+    pub shape: Shape,
     /// Messages to send in total.
     #[arg(long, default_value_t = 2000)]
     pub messages: usize,
@@ -40,11 +41,25 @@ pub struct FanoutArgs {
     /// With `--rate max`: sends in flight per sender.
     #[arg(long, default_value_t = 64)]
     pub window: usize,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Who takes part: channels, their online members, the senders, the message size.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Shape {
+    /// Channels.
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
+    /// Receiving members online per channel, each on its own WebSocket.
+    #[arg(long, default_value_t = 1000)]
+    pub members: usize,
+    /// Sending members, spread over the channels (sender i sends to channel i mod C).
+    #[arg(long, default_value_t = 1)]
+    pub senders: usize,
     /// Bytes of text per message (at least the timestamp's).
     #[arg(long, default_value_t = 64)]
     pub text_bytes: usize,
-    #[command(flatten)]
-    pub run: RunArgs,
 }
 
 /// A send rate: a number of messages per second, or as fast as acknowledged.
@@ -73,27 +88,569 @@ impl std::str::FromStr for Rate {
 const BUCKET: Duration = Duration::from_millis(100);
 /// How long receivers may take, after the last ack, to see the last event.
 const SETTLE: Duration = Duration::from_secs(30);
+/// How often a phase samples the server's CPU and queues.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let report = measure(&args).await?;
     emit(&report, &args.run)
 }
 
-/// What one receiver saw.
-struct Received {
-    deliveries: u64,
-    latency_us: Histogram<u64>,
-    per_bucket: Vec<u64>,
-    last_at: Instant,
-    violations: Violations,
+/// Runs the scenario and returns its report.
+pub async fn measure(args: &FanoutArgs) -> anyhow::Result<Report> {
+    let mut rig = Rig::start(&args.shape, &args.run).await?;
+    let pace = match (args.rate, args.duration) {
+        (Rate::Max, _) => Pace::Max {
+            count: args.messages.max(1),
+            window: args.window.max(1),
+        },
+        (Rate::Fixed(r), Some(d)) => Pace::Schedule(vec![(r, Duration::from_secs_f64(d))]),
+        (Rate::Fixed(r), None) => Pace::Schedule(vec![(
+            r,
+            Duration::from_secs_f64(args.messages.max(1) as f64 / r),
+        )]),
+    };
+    let phase = rig.phase(pace, "sending").await?;
+    let end = rig.finish().await?;
+
+    let mut report = Report::new("fanout");
+    args.shape.describe(&mut report);
+    report.param("rate", format!("{:?}", args.rate));
+    report.param("server", args.run.server());
+    phase.describe(&mut report);
+    end.describe(&mut report);
+    report.passed = report.checks.total() == 0 && phase.answered() == phase.planned;
+    Ok(report)
 }
 
-/// What one sender saw.
-struct Sent {
-    acked: u64,
-    errors: HashMap<String, u64>,
+impl Shape {
+    pub(crate) fn describe(&self, report: &mut Report) {
+        report.param("channels", self.channels);
+        report.param("members per channel", self.members);
+        report.param("senders", self.senders);
+        report.param("text bytes", self.text_bytes);
+    }
+}
+
+/// How a phase sends.
+#[derive(Debug, Clone)]
+pub(crate) enum Pace {
+    /// `count` messages in total, each sender keeping `window` in flight.
+    Max { count: usize, window: usize },
+    /// Open loop: segments of (total msgs/s, how long), one after the other.
+    Schedule(Vec<(f64, Duration)>),
+}
+
+impl Pace {
+    /// Offsets from the phase's start at which one of `senders` sends (sender `s`
+    /// takes every `senders`-th message of the total schedule, so the total rate holds
+    /// whatever the count).
+    fn times(&self, sender: usize, senders: usize) -> Vec<Duration> {
+        let Pace::Schedule(segments) = self else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let (mut at, mut n) = (Duration::ZERO, 0usize);
+        for &(rate, len) in segments {
+            let count = (rate * len.as_secs_f64()).round() as usize;
+            for i in 0..count {
+                if n % senders == sender {
+                    out.push(at + Duration::from_secs_f64(i as f64 / rate));
+                }
+                n += 1;
+            }
+            at += len;
+        }
+        out
+    }
+
+    fn planned(&self) -> usize {
+        match self {
+            Pace::Max { count, .. } => *count,
+            Pace::Schedule(segments) => segments
+                .iter()
+                .map(|&(rate, len)| (rate * len.as_secs_f64()).round() as usize)
+                .sum(),
+        }
+    }
+}
+
+/// What the controller tells the receivers.
+#[derive(Debug, Clone)]
+enum Control {
+    Running,
+    /// Phase `phase` is over once every channel has reached these seqs.
+    PhaseEnd {
+        phase: u32,
+        expected: Arc<HashMap<i64, i64>>,
+    },
+    /// Close and report.
+    Finish,
+}
+
+/// One receiver's share of a phase.
+struct Share {
+    deliveries: u64,
     latency_us: Histogram<u64>,
+    last_at: Option<Instant>,
+    caught_up: bool,
+    /// Drops of the connection by close code (the client library resumes).
+    drops: BTreeMap<String, u64>,
+}
+
+impl Share {
+    fn new() -> Self {
+        Self {
+            deliveries: 0,
+            latency_us: receiver_histogram(),
+            last_at: None,
+            caught_up: true,
+            drops: BTreeMap::new(),
+        }
+    }
+}
+
+/// What one receiver saw over the whole run.
+struct Seen {
+    violations: Violations,
     per_bucket: Vec<u64>,
+    by_second: Timeline,
+}
+
+/// Two significant digits: a thousand receivers at 3 digits would cost ~128 MiB.
+fn receiver_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds")
+}
+
+/// Users, channels and open connections, driven through phases.
+pub(crate) struct Rig {
+    pub target: Target,
+    owner: Api,
+    channel_ids: Vec<i64>,
+    senders: Vec<Option<Realtime>>,
+    control: watch::Sender<Control>,
+    shares: mpsc::UnboundedReceiver<Share>,
+    receivers: Vec<tokio::task::JoinHandle<anyhow::Result<Seen>>>,
+    start: Instant,
+    phases: u32,
+    pad: String,
+    quiet: bool,
+    // Accumulated over phases, for the final report.
+    acks_per_bucket: Vec<u64>,
+    ack_by_second: Timeline,
+    samples: Vec<(f64, Sample)>,
+}
+
+/// What one phase measured.
+pub(crate) struct PhaseResult {
+    pub planned: usize,
+    pub acked: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub ack_latency: Histogram<u64>,
+    pub deliveries: u64,
+    pub deliver_latency: Histogram<u64>,
+    /// From the phase's start to its last ack.
+    pub send_time: Duration,
+    /// From the phase's start to its last delivery.
+    pub deliver_time: Duration,
+    /// Server CPU seconds over the phase (from its `/metrics`).
+    pub server_cpu: Option<f64>,
+    /// Receivers that did not see the phase's last events within the settle time.
+    pub lagging: usize,
+    pub drops: BTreeMap<String, u64>,
+    /// The phase's start, in seconds since the rig's.
+    pub started_at: f64,
+}
+
+impl PhaseResult {
+    pub fn answered(&self) -> usize {
+        self.acked as usize + self.errors.values().sum::<u64>() as usize
+    }
+
+    pub fn acked_rate(&self) -> f64 {
+        self.acked as f64 / self.send_time.as_secs_f64().max(1e-6)
+    }
+
+    pub fn delivery_rate(&self) -> f64 {
+        self.deliveries as f64 / self.deliver_time.as_secs_f64().max(1e-6)
+    }
+
+    pub fn error_ratio(&self) -> f64 {
+        self.errors.values().sum::<u64>() as f64 / self.planned.max(1) as f64
+    }
+
+    fn p99_ms(h: &Histogram<u64>) -> f64 {
+        h.value_at_quantile(0.99) as f64 / 1000.0
+    }
+
+    pub fn ack_p99_ms(&self) -> f64 {
+        Self::p99_ms(&self.ack_latency)
+    }
+
+    pub fn deliver_p99_ms(&self) -> f64 {
+        Self::p99_ms(&self.deliver_latency)
+    }
+
+    /// Adds this phase's figures, latencies and errors to a report.
+    pub fn describe(&self, report: &mut Report) {
+        report.figure("messages acked", self.acked as f64, "");
+        report.figure("acked msgs/s", self.acked_rate(), "1/s");
+        report.figure("deliveries", self.deliveries as f64, "");
+        report.figure("deliveries/s", self.delivery_rate(), "1/s");
+        if let Some(cpu) = self.server_cpu {
+            report.figure("server CPU", cpu, "s");
+            if self.deliveries > 0 {
+                report.figure(
+                    "server CPU per million deliveries",
+                    cpu * 1e6 / self.deliveries as f64,
+                    "s",
+                );
+            }
+        }
+        if self.lagging > 0 {
+            report.figure("receivers that never caught up", self.lagging as f64, "");
+        }
+        report
+            .latencies
+            .push(Latency::from_micros("ack", &self.ack_latency));
+        report
+            .latencies
+            .push(Latency::from_micros("send→deliver", &self.deliver_latency));
+        for (code, n) in &self.errors {
+            *report.errors.entry(code.clone()).or_default() += n;
+        }
+        for (code, n) in &self.drops {
+            *report
+                .errors
+                .entry(format!("receiver dropped ({code})"))
+                .or_default() += n;
+        }
+    }
+}
+
+/// The whole run's series and checks, once the rig has finished.
+pub(crate) struct End {
+    pub checks: Violations,
+    pub deliveries_per_bucket: Vec<u64>,
+    pub acks_per_bucket: Vec<u64>,
+    pub deliver_by_second: Timeline,
+    pub ack_by_second: Timeline,
+    pub samples: Vec<(f64, Sample)>,
+}
+
+impl End {
+    /// Adds the checks and the over-time series to a report.
+    pub fn describe(&self, report: &mut Report) {
+        report.checks.merge(&self.checks);
+        let per_second = |b: &[u64]| -> Vec<(f64, f64)> {
+            b.iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    (
+                        i as f64 * BUCKET.as_secs_f64(),
+                        *n as f64 / BUCKET.as_secs_f64(),
+                    )
+                })
+                .collect()
+        };
+        let mut push = |name: &str, unit: &str, points: Vec<(f64, f64)>| {
+            report.series.push(Series {
+                name: name.into(),
+                unit: unit.into(),
+                points,
+            });
+        };
+        push("deliveries", "1/s", per_second(&self.deliveries_per_bucket));
+        push("acks", "1/s", per_second(&self.acks_per_bucket));
+        push(
+            "send→deliver p99 by send second",
+            "ms",
+            self.deliver_by_second.quantile_ms(0.99),
+        );
+        push(
+            "ack p99 by send second",
+            "ms",
+            self.ack_by_second.quantile_ms(0.99),
+        );
+        let cpu: Vec<(f64, f64)> = self
+            .samples
+            .windows(2)
+            .filter_map(|w| {
+                let (t0, a) = w[0];
+                let (t1, b) = w[1];
+                Some((t1, (b.cpu_seconds? - a.cpu_seconds?) / (t1 - t0).max(1e-6)))
+            })
+            .collect();
+        if !cpu.is_empty() {
+            push("server CPU (cores)", "cores", cpu);
+        }
+        let queued: Vec<(f64, f64)> = self
+            .samples
+            .iter()
+            .filter_map(|(t, s)| Some((*t, s.buffered_bytes? / 1024.0)))
+            .collect();
+        if !queued.is_empty() {
+            push("server WebSocket queues", "KiB", queued);
+        }
+    }
+}
+
+impl Rig {
+    /// Registers the users, creates the channels and connects everyone.
+    pub async fn start(shape: &Shape, run: &RunArgs) -> anyhow::Result<Self> {
+        let target = Target::start(run, None).await?;
+        let base = target.base.clone();
+        let channels = shape.channels.max(1);
+        let members = shape.members.max(1);
+        let senders = shape.senders.max(1);
+
+        let receivers = register(&base, channels * members, "r", run.quiet).await?;
+        let sending = register(&base, senders, "s", run.quiet).await?;
+        let owner = sending[0].0.clone();
+        let mut channel_ids = Vec::with_capacity(channels);
+        for c in 0..channels {
+            let mut ids: Vec<i64> = receivers[c * members..(c + 1) * members]
+                .iter()
+                .map(|r| r.1)
+                .collect();
+            ids.extend(
+                sending
+                    .iter()
+                    .enumerate()
+                    .filter(|(s, _)| s % channels == c)
+                    .map(|(_, s)| s.1),
+            );
+            ids.retain(|&id| id != sending[0].1);
+            // A channel takes at most 1000 initial members; the rest are added one by one.
+            let (initial, later) = ids.split_at(ids.len().min(999));
+            let channel = owner
+                .create_channel(&format!("fanout{c}"), "group", initial)
+                .await?;
+            for &user in later {
+                owner.add_member(channel, user).await?;
+            }
+            channel_ids.push(channel);
+        }
+
+        let bar = progress(
+            run.quiet,
+            (receivers.len() + senders) as u64,
+            "connecting WebSockets",
+        );
+        let start = Instant::now();
+        let (control, control_rx) = watch::channel(Control::Running);
+        let (share_tx, shares) = mpsc::unbounded_channel();
+        let mut receiving = Vec::with_capacity(receivers.len());
+        for (n, (api, _)) in receivers.iter().enumerate() {
+            let (rt, ready) = Realtime::connect(api, HashMap::new())
+                .await
+                .with_context(|| format!("connect receiver {n}"))?;
+            let mut checker = Checker::new(format!("receiver {n}"));
+            if let Frame::Ready { channels, .. } = &ready {
+                for &(c, last) in channels {
+                    checker.start(c, last);
+                }
+            }
+            receiving.push(tokio::spawn(receive(
+                rt,
+                checker,
+                start,
+                control_rx.clone(),
+                share_tx.clone(),
+            )));
+            bar.inc(1);
+        }
+        let mut sender_sockets = Vec::with_capacity(senders);
+        for (s, (api, _)) in sending.iter().enumerate() {
+            let (rt, _) = Realtime::connect(api, HashMap::new())
+                .await
+                .with_context(|| format!("connect sender {s}"))?;
+            sender_sockets.push(Some(rt));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok(Self {
+            target,
+            owner,
+            channel_ids,
+            senders: sender_sockets,
+            control,
+            shares,
+            receivers: receiving,
+            start,
+            phases: 0,
+            pad: "x".repeat(shape.text_bytes.saturating_sub(24)),
+            quiet: run.quiet,
+            acks_per_bucket: Vec::new(),
+            ack_by_second: Timeline::default(),
+            samples: Vec::new(),
+        })
+    }
+
+    /// Seconds since the rig started.
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// Sends as `pace` says, waits for every answer and for every receiver to see the
+    /// phase's last events, and reports what it measured.
+    pub async fn phase(&mut self, pace: Pace, label: &str) -> anyhow::Result<PhaseResult> {
+        let phase = self.phases;
+        self.phases += 1;
+        let planned = pace.planned();
+        let senders = self.senders.len();
+        let answered = Arc::new(AtomicU64::new(0));
+        let bar = progress(self.quiet, planned as u64, label);
+        let before = self.target.sample().await;
+        self.samples.push((self.now(), before));
+        // Phases start on a whole second of the rig's clock, so the per-second latency
+        // timelines split exactly where a phase (or a spike's part) begins.
+        let started_at = self.now().floor() + 1.0;
+        let phase_start = self.start + Duration::from_secs_f64(started_at);
+        tokio::time::sleep_until(phase_start.into()).await;
+        let mut tasks = Vec::with_capacity(senders);
+        for s in 0..senders {
+            let rt = self.senders[s].take().context("a sender lost its socket")?;
+            let plan = SendPlan {
+                client_prefix: format!("p{phase}s{s}-"),
+                channel: self.channel_ids[s % self.channel_ids.len()],
+                times: pace.times(s, senders),
+                count: match &pace {
+                    Pace::Max { count, .. } => count / senders + usize::from(s < count % senders),
+                    Pace::Schedule(_) => 0,
+                },
+                window: match &pace {
+                    Pace::Max { window, .. } => *window,
+                    Pace::Schedule(_) => usize::MAX,
+                },
+                pad: self.pad.clone(),
+                answered: answered.clone(),
+            };
+            tasks.push(tokio::spawn(send(rt, plan, self.start, phase_start)));
+        }
+        let all_sent = futures_util::future::join_all(tasks);
+        tokio::pin!(all_sent);
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        let results = loop {
+            tokio::select! {
+                results = &mut all_sent => break results,
+                _ = tick.tick() => {
+                    bar.set_position(answered.load(Ordering::Relaxed));
+                    let sample = self.target.sample().await;
+                    self.samples.push((self.now(), sample));
+                }
+            }
+        };
+        bar.finish_and_clear();
+        let mut result = PhaseResult {
+            planned,
+            acked: 0,
+            errors: BTreeMap::new(),
+            ack_latency: histogram(),
+            deliveries: 0,
+            deliver_latency: histogram(),
+            send_time: Duration::ZERO,
+            deliver_time: Duration::ZERO,
+            server_cpu: None,
+            lagging: 0,
+            drops: BTreeMap::new(),
+            started_at,
+        };
+        for (s, r) in results.into_iter().enumerate() {
+            let (rt, sent) = r.context("a sender task")??;
+            self.senders[s] = Some(rt);
+            result.acked += sent.acked;
+            result.ack_latency.add(&sent.latency_us)?;
+            for (code, n) in sent.errors {
+                *result.errors.entry(code).or_default() += n;
+            }
+            merge(&mut self.acks_per_bucket, &sent.per_bucket);
+            self.ack_by_second.add(&sent.by_second);
+            if let Some(last) = sent.last_at {
+                result.send_time = result.send_time.max(last.duration_since(phase_start));
+            }
+        }
+
+        let mut expected = HashMap::new();
+        for &c in &self.channel_ids {
+            let v = self
+                .owner
+                .call(reqwest::Method::GET, &format!("/v1/channels/{c}"), None)
+                .await?;
+            expected.insert(c, v["last_seq"].as_i64().unwrap_or(0));
+        }
+        let _ = self.control.send(Control::PhaseEnd {
+            phase,
+            expected: Arc::new(expected),
+        });
+        let waiting = progress(
+            self.quiet,
+            self.receivers.len() as u64,
+            "waiting for deliveries",
+        );
+        for _ in 0..self.receivers.len() {
+            let share = tokio::time::timeout(SETTLE + Duration::from_secs(10), self.shares.recv())
+                .await
+                .context("receivers did not report within the settle time")?
+                .context("a receiver ended early")?;
+            result.deliveries += share.deliveries;
+            result.deliver_latency.add(&share.latency_us)?;
+            if let Some(last) = share.last_at {
+                result.deliver_time = result.deliver_time.max(last.duration_since(phase_start));
+            }
+            result.lagging += usize::from(!share.caught_up);
+            for (code, n) in share.drops {
+                *result.drops.entry(code).or_default() += n;
+            }
+            waiting.inc(1);
+        }
+        waiting.finish_and_clear();
+        let after = self.target.sample().await;
+        self.samples.push((self.now(), after));
+        result.server_cpu = match (before.cpu_seconds, after.cpu_seconds) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        Ok(result)
+    }
+
+    /// Closes every connection, collects the checks and series, and stops the server.
+    pub async fn finish(mut self) -> anyhow::Result<End> {
+        let _ = self.control.send(Control::Finish);
+        let mut end = End {
+            checks: Violations::default(),
+            deliveries_per_bucket: Vec::new(),
+            acks_per_bucket: std::mem::take(&mut self.acks_per_bucket),
+            deliver_by_second: Timeline::default(),
+            ack_by_second: std::mem::take(&mut self.ack_by_second),
+            samples: std::mem::take(&mut self.samples),
+        };
+        for r in self.receivers.drain(..) {
+            let seen = r.await??;
+            end.checks.merge(&seen.violations);
+            merge(&mut end.deliveries_per_bucket, &seen.per_bucket);
+            end.deliver_by_second.add(&seen.by_second);
+        }
+        for rt in self.senders.drain(..).flatten() {
+            rt.close().await;
+        }
+        self.target.stop().await?;
+        Ok(end)
+    }
+}
+
+/// A progress bar on stderr: drawn only on a terminal, never with `--quiet`.
+pub(crate) fn progress(quiet: bool, len: u64, label: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{msg:<24} [{elapsed_precise}] {wide_bar} {pos}/{len}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(label.to_owned());
+    bar
 }
 
 fn bucket_of(start: Instant, at: Instant) -> usize {
@@ -107,180 +664,6 @@ fn count_in(buckets: &mut Vec<u64>, i: usize) {
     buckets[i] += 1;
 }
 
-/// Runs the scenario and returns its report.
-pub async fn measure(args: &FanoutArgs) -> anyhow::Result<Report> {
-    let target = Target::start(args.run.url.as_deref(), None).await?;
-    let base = target.base.clone();
-    let channels = args.channels.max(1);
-    let members = args.members.max(1);
-    let senders = args.senders.max(1);
-    let messages = match (args.rate, args.duration) {
-        (Rate::Fixed(r), Some(d)) => (r * d).round().max(1.0) as usize,
-        _ => args.messages.max(1),
-    };
-
-    let receivers = register(&base, channels * members, "r").await?;
-    let sending = register(&base, senders, "s").await?;
-    let owner = &sending[0].0;
-    let mut channel_ids = Vec::with_capacity(channels);
-    for c in 0..channels {
-        let mut ids: Vec<i64> = receivers[c * members..(c + 1) * members]
-            .iter()
-            .map(|r| r.1)
-            .collect();
-        ids.extend(
-            sending
-                .iter()
-                .enumerate()
-                .filter(|(s, _)| s % channels == c)
-                .map(|(_, s)| s.1),
-        );
-        ids.retain(|&id| id != sending[0].1);
-        // A channel takes at most 1000 initial members; the rest are added one by one.
-        let (initial, later) = ids.split_at(ids.len().min(999));
-        let channel = owner
-            .create_channel(&format!("fanout{c}"), "group", initial)
-            .await?;
-        for &user in later {
-            owner.add_member(channel, user).await?;
-        }
-        channel_ids.push(channel);
-    }
-
-    eprintln!("connecting {} WebSockets…", receivers.len() + senders);
-    let start = Instant::now();
-    let (expect_tx, expect_rx) = watch::channel::<Option<HashMap<i64, i64>>>(None);
-    let mut receiving = Vec::with_capacity(receivers.len());
-    for (n, (api, _)) in receivers.iter().enumerate() {
-        let (rt, ready) = Realtime::connect(api, HashMap::new())
-            .await
-            .with_context(|| format!("connect receiver {n}"))?;
-        let mut checker = Checker::new(format!("receiver {n}"));
-        if let Frame::Ready { channels, .. } = &ready {
-            for &(c, last) in channels {
-                checker.start(c, last);
-            }
-        }
-        receiving.push(tokio::spawn(receive(rt, checker, start, expect_rx.clone())));
-    }
-    let per_sender = |s: usize| messages / senders + usize::from(s < messages % senders);
-    let mut sending_tasks = Vec::with_capacity(senders);
-    for (s, (api, _)) in sending.iter().enumerate() {
-        let (rt, _) = Realtime::connect(api, HashMap::new())
-            .await
-            .with_context(|| format!("connect sender {s}"))?;
-        let plan = SendPlan {
-            sender: s,
-            channel: channel_ids[s % channels],
-            count: per_sender(s),
-            rate: match args.rate {
-                Rate::Fixed(r) => Rate::Fixed(r / senders as f64),
-                Rate::Max => Rate::Max,
-            },
-            window: args.window.max(1),
-            pad: "x".repeat(args.text_bytes.saturating_sub(24)),
-        };
-        sending_tasks.push(tokio::spawn(send(rt, plan, start)));
-    }
-
-    eprintln!("sending {messages} messages…");
-    let send_start = Instant::now();
-    let mut report = Report::new("fanout");
-    let mut ack_latency = histogram();
-    let mut acks_series = Vec::new();
-    let mut acked = 0;
-    for t in sending_tasks {
-        let sent = t.await??;
-        acked += sent.acked;
-        ack_latency.add(&sent.latency_us)?;
-        for (code, n) in sent.errors {
-            *report.errors.entry(code).or_default() += n;
-        }
-        merge(&mut acks_series, &sent.per_bucket);
-    }
-    let sent_in = send_start.elapsed();
-    let mut expected = HashMap::new();
-    for &c in &channel_ids {
-        let v = owner
-            .call(reqwest::Method::GET, &format!("/v1/channels/{c}"), None)
-            .await?;
-        expected.insert(c, v["last_seq"].as_i64().unwrap_or(0));
-    }
-    let _ = expect_tx.send(Some(expected));
-
-    let mut deliver_latency = histogram();
-    let mut deliveries_series = Vec::new();
-    let (mut deliveries, mut last) = (0u64, send_start);
-    for r in receiving {
-        let r = r.await??;
-        deliveries += r.deliveries;
-        deliver_latency.add(&r.latency_us)?;
-        merge(&mut deliveries_series, &r.per_bucket);
-        report.checks.merge(&r.violations);
-        last = last.max(r.last_at);
-    }
-    let deliver_in = last
-        .duration_since(send_start)
-        .max(Duration::from_micros(1));
-
-    for (k, v) in [
-        ("channels", channels.to_string()),
-        ("members per channel", members.to_string()),
-        ("senders", senders.to_string()),
-        ("messages", messages.to_string()),
-        ("rate", format!("{:?}", args.rate)),
-        ("text bytes", args.text_bytes.to_string()),
-        (
-            "server",
-            args.run
-                .url
-                .clone()
-                .unwrap_or_else(|| "spawned in process".into()),
-        ),
-    ] {
-        report.param(k, v);
-    }
-    report.figure("messages acked", acked as f64, "");
-    report.figure("acked msgs/s", acked as f64 / sent_in.as_secs_f64(), "1/s");
-    report.figure("deliveries", deliveries as f64, "");
-    report.figure(
-        "deliveries/s",
-        deliveries as f64 / deliver_in.as_secs_f64(),
-        "1/s",
-    );
-    report
-        .latencies
-        .push(Latency::from_micros("ack", &ack_latency));
-    report
-        .latencies
-        .push(Latency::from_micros("send→deliver", &deliver_latency));
-    let per_second = |b: &[u64]| -> Vec<(f64, f64)> {
-        b.iter()
-            .enumerate()
-            .map(|(i, n)| {
-                (
-                    i as f64 * BUCKET.as_secs_f64(),
-                    *n as f64 / BUCKET.as_secs_f64(),
-                )
-            })
-            .collect()
-    };
-    report.series.push(Series {
-        name: "deliveries".into(),
-        unit: "1/s".into(),
-        points: per_second(&deliveries_series),
-    });
-    report.series.push(Series {
-        name: "acks".into(),
-        unit: "1/s".into(),
-        points: per_second(&acks_series),
-    });
-    report.passed = report.checks.total() == 0
-        && acked as usize + report.errors.values().sum::<u64>() as usize == messages;
-    target.stop().await?;
-    Ok(report)
-}
-
 fn merge(into: &mut Vec<u64>, from: &[u64]) {
     if into.len() < from.len() {
         into.resize(from.len(), 0);
@@ -291,8 +674,13 @@ fn merge(into: &mut Vec<u64>, from: &[u64]) {
 }
 
 /// Registers `n` users (32 at a time) on one shared HTTP client.
-async fn register(base: &str, n: usize, role: &str) -> anyhow::Result<Vec<(Api, i64)>> {
-    eprintln!("registering {n} users…");
+async fn register(
+    base: &str,
+    n: usize,
+    role: &str,
+    quiet: bool,
+) -> anyhow::Result<Vec<(Api, i64)>> {
+    let bar = progress(quiet, n as u64, "registering users");
     let prefix = format!("{}-{role}", bench_username());
     let api = Api::new(base);
     let mut out = Vec::with_capacity(n);
@@ -306,42 +694,72 @@ async fn register(base: &str, n: usize, role: &str) -> anyhow::Result<Vec<(Api, 
         });
         for r in futures_util::future::join_all(signups).await {
             out.push(r.context("register a bench user")?);
+            bar.inc(1);
         }
     }
+    bar.finish_and_clear();
     Ok(out)
 }
 
 struct SendPlan {
-    sender: usize,
+    client_prefix: String,
     channel: i64,
+    /// Open loop: when to send each message, from the phase's start.
+    times: Vec<Duration>,
+    /// Closed loop: how many to send, `window` in flight.
     count: usize,
-    rate: Rate,
     window: usize,
     pad: String,
+    answered: Arc<AtomicU64>,
 }
 
-/// Sends `plan.count` messages: on a schedule (open loop) or with a window in flight.
-async fn send(mut rt: Realtime, plan: SendPlan, start: Instant) -> anyhow::Result<Sent> {
+/// What one sender saw in a phase.
+struct Sent {
+    acked: u64,
+    errors: HashMap<String, u64>,
+    latency_us: Histogram<u64>,
+    per_bucket: Vec<u64>,
+    by_second: Timeline,
+    last_at: Option<Instant>,
+}
+
+/// Sends one phase's messages: on a schedule (open loop) or with a window in flight.
+/// Returns the socket for the next phase.
+async fn send(
+    mut rt: Realtime,
+    plan: SendPlan,
+    start: Instant,
+    phase_start: Instant,
+) -> anyhow::Result<(Realtime, Sent)> {
     let mut sent = Sent {
         acked: 0,
         errors: HashMap::new(),
         latency_us: histogram(),
         per_bucket: Vec::new(),
+        by_second: Timeline::default(),
+        last_at: None,
+    };
+    let open_loop = !plan.times.is_empty();
+    let total = if open_loop {
+        plan.times.len()
+    } else {
+        plan.count
     };
     let mut due: HashMap<String, Instant> = HashMap::new();
-    let t0 = Instant::now();
     let mut next = 0usize;
     let answered = |s: &Sent| s.acked as usize + s.errors.values().sum::<u64>() as usize;
-    while answered(&sent) < plan.count {
-        let scheduled = match plan.rate {
-            Rate::Fixed(r) => t0 + Duration::from_secs_f64(next as f64 / r),
-            Rate::Max => Instant::now(),
+    while answered(&sent) < total {
+        let scheduled = if open_loop {
+            plan.times
+                .get(next)
+                .map_or(phase_start, |&t| phase_start + t)
+        } else {
+            Instant::now()
         };
-        let may_send =
-            next < plan.count && (plan.rate != Rate::Max || next - answered(&sent) < plan.window);
+        let may_send = next < total && (open_loop || next - answered(&sent) < plan.window);
         tokio::select! {
             () = tokio::time::sleep_until(scheduled.into()), if may_send => {
-                let client_id = format!("s{}-{next}", plan.sender);
+                let client_id = format!("{}{next}", plan.client_prefix);
                 // The text carries the scheduled time, from which receivers measure.
                 let text = format!("t{} {}", scheduled.duration_since(start).as_micros(), plan.pad);
                 rt.send(plan.channel, &text, &client_id).await?;
@@ -354,14 +772,20 @@ async fn send(mut rt: Realtime, plan: SendPlan, start: Instant) -> anyhow::Resul
                     Incoming::Frame(Frame::Ack { client_id, .. }) => {
                         if let Some(at) = due.remove(&client_id) {
                             sent.acked += 1;
-                            let _ = sent.latency_us.record((now - at).as_micros().max(1) as u64);
+                            let us = (now - at).as_micros().max(1) as u64;
+                            let _ = sent.latency_us.record(us);
+                            sent.by_second.record(at.duration_since(start).as_secs() as usize, us);
                             count_in(&mut sent.per_bucket, bucket_of(start, now));
+                            sent.last_at = Some(now);
+                            plan.answered.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Incoming::Frame(Frame::Error { client_id: Some(c), code, .. })
                         if due.remove(&c).is_some() =>
                     {
                         *sent.errors.entry(code).or_default() += 1;
+                        sent.last_at = Some(now);
+                        plan.answered.fetch_add(1, Ordering::Relaxed);
                     }
                     // The client library reconnects, resumes and resends what is unanswered.
                     _ => {}
@@ -369,65 +793,89 @@ async fn send(mut rt: Realtime, plan: SendPlan, start: Instant) -> anyhow::Resul
             }
         }
     }
-    rt.close().await;
-    Ok(sent)
+    Ok((rt, sent))
 }
 
-/// Reads one member's stream through the checker until it has seen every channel's last
-/// seq (once the senders are done and the expectation is known).
+/// Reads one member's stream through the checker for the whole run, handing the
+/// controller its share of each phase once it has seen that phase's last events.
 async fn receive(
     mut rt: Realtime,
     mut checker: Checker,
     start: Instant,
-    mut expect: watch::Receiver<Option<HashMap<i64, i64>>>,
-) -> anyhow::Result<Received> {
-    let mut r = Received {
-        deliveries: 0,
-        latency_us: histogram(),
-        per_bucket: Vec::new(),
-        last_at: Instant::now(),
-        violations: Violations::default(),
-    };
+    mut control: watch::Receiver<Control>,
+    shares: mpsc::UnboundedSender<Share>,
+) -> anyhow::Result<Seen> {
+    let mut share = Share::new();
+    let mut per_bucket = Vec::new();
+    let mut by_second = Timeline::default();
+    let mut phase = 0u32;
+    let mut last_expected: Arc<HashMap<i64, i64>> = Arc::default();
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        if let Some(expected) = expect.borrow().as_ref()
-            && expected
-                .iter()
-                .all(|(c, last)| checker.position(*c).is_none_or(|p| p >= *last))
-        {
-            break;
+        let now_control = control.borrow().clone();
+        match now_control {
+            Control::Finish => break,
+            Control::PhaseEnd {
+                phase: p,
+                ref expected,
+            } if p == phase => {
+                last_expected = expected.clone();
+                let reached = expected
+                    .iter()
+                    .all(|(c, last)| checker.position(*c).is_none_or(|p| p >= *last));
+                let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                if reached || timed_out {
+                    share.caught_up = reached;
+                    let done = std::mem::replace(&mut share, Share::new());
+                    if shares.send(done).is_err() {
+                        break;
+                    }
+                    phase += 1;
+                    deadline = None;
+                    continue;
+                }
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
+            }
+            _ => {}
         }
         let until =
             deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            changed = expect.changed() => {
-                if changed.is_ok() {
-                    deadline = Some(tokio::time::Instant::now() + SETTLE);
+            changed = control.changed() => {
+                if changed.is_err() {
+                    break;
                 }
             }
-            () = tokio::time::sleep_until(until) => break,
+            () = tokio::time::sleep_until(until) => {}
             incoming = rt.next() => match incoming? {
                 Incoming::Frame(Frame::Event(e)) => {
                     checker.observe(e.channel_id, e.seq);
                     if let Some(m) = e.message.filter(|_| e.kind == "message.created") {
                         let now = Instant::now();
-                        r.deliveries += 1;
-                        r.last_at = now;
-                        count_in(&mut r.per_bucket, bucket_of(start, now));
+                        share.deliveries += 1;
+                        share.last_at = Some(now);
+                        count_in(&mut per_bucket, bucket_of(start, now));
                         let sent = m.text.split(' ').next().and_then(|t| t.strip_prefix('t')).and_then(|t| t.parse::<u64>().ok());
                         if let Some(sent) = sent {
                             let at = now.duration_since(start).as_micros() as u64;
-                            let _ = r.latency_us.record(at.saturating_sub(sent).max(1));
+                            let us = at.saturating_sub(sent).max(1);
+                            let _ = share.latency_us.record(us);
+                            by_second.record((sent / 1_000_000) as usize, us);
                         }
                     }
                 }
-                Incoming::Dropped { code } => bail!("a receiver was dropped ({code:?})"),
+                Incoming::Dropped { code } => {
+                    let code = code.map_or_else(|| "no close frame".to_owned(), |c| c.to_string());
+                    *share.drops.entry(code).or_default() += 1;
+                }
                 _ => {}
             },
         }
     }
-    let expected = expect.borrow().clone().unwrap_or_default();
     rt.close().await;
-    r.violations = checker.finish(&expected);
-    Ok(r)
+    Ok(Seen {
+        violations: checker.finish(&last_expected),
+        per_bucket,
+        by_second,
+    })
 }

@@ -46,7 +46,7 @@ struct Read {
 }
 
 pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
-    let target = Target::start(args.run.url.as_deref(), None).await?;
+    let target = Target::start(&args.run, None).await?;
     let base = target.base.clone();
     let page = args.page.clamp(1, 200);
     let mut owner = Api::new(&base);
@@ -110,13 +110,7 @@ pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
     report.param("page", page);
     report.param("duration s", args.duration);
     report.param("seqs", format!("{}..={last_seq}", first_seq.unwrap_or(0)));
-    report.param(
-        "server",
-        args.run
-            .url
-            .clone()
-            .unwrap_or_else(|| "spawned in process".into()),
-    );
+    report.param("server", args.run.server());
     report.figure("pages read", pages as f64, "");
     report.figure("pages/s", pages as f64 / elapsed, "1/s");
     report.figure(

@@ -3,15 +3,21 @@
 //! server it spawns in-process or one given by `--url`; `fanout` measures real-time
 //! delivery over WebSockets ([`fanout`]).
 
+pub mod capacity;
 pub mod check;
 pub mod connections;
 pub mod fanout;
 pub mod history;
 pub mod report;
+pub mod spike;
+pub mod timeline;
 
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
@@ -41,6 +47,11 @@ pub enum Scenario {
     History(history::HistoryArgs),
     /// Many idle WebSockets: connect rate and server memory per connection.
     Connections(connections::ConnectionsArgs),
+    /// Steps the offered rate up until latency or errors cross a bound: the highest
+    /// sustainable rate, and the peak to plan for with 1.5x headroom.
+    Capacity(capacity::CapacityArgs),
+    /// A steady rate with a sudden burst: errors, latency and queues, and recovery time.
+    Spike(spike::SpikeArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -66,9 +77,8 @@ pub struct WriteArgs {
 pub struct HttpArgs {
     #[command(flatten)]
     pub write: WriteArgs,
-    /// A running server to measure; without it one is started in this process.
-    #[arg(long)]
-    pub url: Option<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -78,6 +88,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Fanout(f) => fanout::run(f).await,
         Scenario::History(h) => history::run(h).await,
         Scenario::Connections(c) => connections::run(c).await,
+        Scenario::Capacity(c) => capacity::run(c).await,
+        Scenario::Spike(s) => spike::run(s).await,
     }
 }
 
@@ -115,49 +127,116 @@ impl Drop for Scratch {
     }
 }
 
-/// The server a run measures: one given by `--url`, or one started in this process on a
-/// temporary directory, stopped (and its directory removed) by [`Target::stop`].
+/// The server a run measures: one given by `--url`, or (`--spawn`, the default) a
+/// `natter serve` child process on a temporary directory, with limits that let the run
+/// through, stopped with SIGTERM by [`Target::stop`]. A child is its own process, so its
+/// CPU time and memory are the server's alone.
 pub(crate) struct Target {
     pub base: String,
-    server: Option<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
-    )>,
-    _scratch: Scratch,
+    child: Option<tokio::process::Child>,
+    http: reqwest::Client,
+    _scratch: Option<Scratch>,
+}
+
+/// The server's own readings at one moment (from its `/metrics`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Sample {
+    pub cpu_seconds: Option<f64>,
+    pub rss_bytes: Option<f64>,
+    pub buffered_bytes: Option<f64>,
 }
 
 impl Target {
-    pub async fn start(url: Option<&str>, data_dir: Option<PathBuf>) -> anyhow::Result<Self> {
-        let scratch = Scratch::new(data_dir)?;
-        if let Some(url) = url {
+    pub async fn start(run: &RunArgs, data_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        let http = reqwest::Client::new();
+        if let Some(url) = &run.url {
             return Ok(Self {
                 base: url.trim_end_matches('/').to_owned(),
-                server: None,
-                _scratch: scratch,
+                child: None,
+                http,
+                _scratch: None,
             });
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(crate::serve(
-            listener,
-            bench_config(&scratch.path),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let scratch = Scratch::new(data_dir)?;
+        let exe = match &run.server_bin {
+            Some(b) => b.clone(),
+            None => std::env::current_exe().context("find the natter binary")?,
+        };
+        let mut child = tokio::process::Command::new(exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&scratch.path)
+            .envs([
+                ("NATTER_INSECURE_FAST_PASSWORD_HASH", "1"),
+                ("NATTER_SEND_RATE", "1000000000"),
+                ("NATTER_SEND_BURST", "1000000000"),
+                ("NATTER_SIGNUPS_PER_IP", "1000000000"),
+                ("NATTER_WRITE_QUEUE", "262144"),
+                ("NATTER_LOG", "info"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start natter serve")?;
+        let mut lines = BufReader::new(child.stderr.take().context("the child's stderr")?).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(addr) = crate::server::listening_addr(&line) {
+                    return Ok::<_, anyhow::Error>(addr);
+                }
+            }
+            bail!("natter serve exited before listening")
+        })
+        .await
+        .context("natter serve did not listen within 30 s")??;
+        // Keep reading its log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self {
             base: format!("http://{addr}"),
-            server: Some((stop, task)),
-            _scratch: scratch,
+            child: Some(child),
+            http,
+            _scratch: Some(scratch),
         })
     }
 
-    /// Stops a server this run started and waits until it has shut down.
+    /// The child server's process id (none for `--url`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// The server's CPU time, memory and queued WebSocket bytes, from its `/metrics`.
+    pub async fn sample(&self) -> Sample {
+        let text = match self.http.get(format!("{}/metrics", self.base)).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        Sample {
+            cpu_seconds: value("natter_process_cpu_seconds_total"),
+            rss_bytes: value("natter_process_resident_memory_bytes"),
+            buffered_bytes: value("natter_ws_buffered_bytes"),
+        }
+    }
+
+    /// Stops a child server with SIGTERM and checks that it drained and exited cleanly.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some((stop, task)) = self.server.take() {
-            let _ = stop.send(());
-            task.await??;
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if let Some(pid) = child.id() {
+            // SAFETY: kill only sends a signal to our own child process.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+            .await
+            .context("the server did not exit within 60 s of SIGTERM")??;
+        if !status.success() {
+            bail!("the server exited with {status}");
         }
         Ok(())
     }
@@ -166,16 +245,35 @@ impl Target {
 /// What every scenario takes: the server to measure and where its report goes.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunArgs {
-    /// A running server to measure (its sign-up and send limits must allow the run);
-    /// without it the run starts one of its own on a temporary directory.
-    #[arg(long)]
+    /// A running server to measure (its sign-up and send limits must allow the run).
+    #[arg(long, conflicts_with = "spawn")]
     pub url: Option<String>,
+    /// Start `natter serve` as a child process on a temporary directory for the run, and
+    /// stop it at the end (the default without --url).
+    #[arg(long)]
+    pub spawn: bool,
+    /// The `natter` binary --spawn starts (default: this one).
+    #[arg(long, hide = true)]
+    pub server_bin: Option<PathBuf>,
     /// Print the report as JSON too.
     #[arg(long)]
     pub json: bool,
     /// Write the report as a self-contained HTML page.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl RunArgs {
+    /// How the report names the server.
+    pub fn server(&self) -> String {
+        match &self.url {
+            Some(url) => url.clone(),
+            None => "spawned child process".into(),
+        }
+    }
 }
 
 /// Prints a report (and its JSON), writes its HTML page, and fails if its checks did.
@@ -343,7 +441,7 @@ async fn bench_store(w: WriteArgs) -> anyhow::Result<()> {
 
 async fn bench_http(h: HttpArgs) -> anyhow::Result<()> {
     let w = h.write.clone();
-    let target = Target::start(h.url.as_deref(), w.data_dir.clone()).await?;
+    let target = Target::start(&h.run, w.data_dir.clone()).await?;
     let base = target.base.clone();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(w.concurrency)

@@ -19,6 +19,8 @@ pub struct Report {
     pub figures: Vec<Figure>,
     pub latencies: Vec<Latency>,
     pub series: Vec<Series>,
+    /// Step-by-step results (e.g. `capacity`'s steps).
+    pub tables: Vec<Table>,
     /// Failed operations by error code.
     pub errors: BTreeMap<String, u64>,
     pub checks: Violations,
@@ -69,6 +71,14 @@ impl Latency {
     }
 }
 
+/// Rows of cells under named columns.
+#[derive(Debug, Clone, Serialize)]
+pub struct Table {
+    pub title: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
 /// A value over time: (seconds since start, value).
 #[derive(Debug, Clone, Serialize)]
 pub struct Series {
@@ -85,6 +95,7 @@ impl Report {
             figures: Vec::new(),
             latencies: Vec::new(),
             series: Vec::new(),
+            tables: Vec::new(),
             errors: BTreeMap::new(),
             checks: Violations::default(),
             passed: true,
@@ -131,6 +142,28 @@ impl Report {
                     "  {:<28} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
                     l.name, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
                 );
+            }
+        }
+        for t in &self.tables {
+            let _ = writeln!(out, "  {}", t.title);
+            let widths: Vec<usize> = (0..t.columns.len())
+                .map(|i| {
+                    t.rows
+                        .iter()
+                        .filter_map(|r| r.get(i))
+                        .chain(std::iter::once(&t.columns[i]))
+                        .map(|c| c.chars().count())
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            for row in std::iter::once(&t.columns).chain(&t.rows) {
+                let cells: Vec<String> = row
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:>w$}"))
+                    .collect();
+                let _ = writeln!(out, "    {}", cells.join("  "));
             }
         }
         for (code, n) in &self.errors {
@@ -204,6 +237,21 @@ impl Report {
                 let _ = write!(h, "<h3>{} histogram</h3>", esc(&l.name));
                 h.push_str(&histogram_svg(&l.buckets));
             }
+        }
+        for t in &self.tables {
+            let _ = write!(h, "<h2>{}</h2><table><tr>", esc(&t.title));
+            for c in &t.columns {
+                let _ = write!(h, "<th>{}</th>", esc(c));
+            }
+            h.push_str("</tr>");
+            for row in &t.rows {
+                h.push_str("<tr>");
+                for c in row {
+                    let _ = write!(h, "<td>{}</td>", esc(c));
+                }
+                h.push_str("</tr>");
+            }
+            h.push_str("</table>");
         }
         for s in &self.series {
             let _ = write!(h, "<h2>{} over time ({})</h2>", esc(&s.name), esc(&s.unit));
@@ -316,11 +364,17 @@ mod tests {
             points: vec![(0.0, 0.0), (1.0, 10.0), (2.0, 5.0)],
         });
         r.errors.insert("overloaded".into(), 2);
+        r.tables.push(Table {
+            title: "steps".into(),
+            columns: vec!["rate".into(), "p99 <ms>".into()],
+            rows: vec![vec!["1000".into(), "2.5".into()]],
+        });
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(json["latencies"][0]["count"], 5);
         let html = r.to_html();
         assert!(html.contains("<svg") && html.contains("fanout &lt;test&gt;"));
         assert!(!html.contains("src=") && !html.contains("<script") && !html.contains("href="));
-        assert!(r.to_text().contains("deliveries/s"));
+        assert!(html.contains("<th>p99 &lt;ms&gt;</th>"));
+        assert!(r.to_text().contains("deliveries/s") && r.to_text().contains("1000"));
     }
 }

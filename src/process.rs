@@ -1,0 +1,125 @@
+//! Readings of a process from Linux's `/proc`: CPU time, resident memory, open files.
+//! `/metrics` exports this process's; `natter bench` reads a server child's by pid.
+//! Each is `None` where `/proc` is missing or unreadable (not Linux, or a gone process).
+
+/// User plus system CPU time, in seconds.
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let stat = std::fs::read_to_string(path(pid, "stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces):
+    // state is field 3, utime field 14, stime field 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+}
+
+/// Resident set size, in bytes.
+pub fn rss_bytes(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(path(pid, "status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Open file descriptors.
+pub fn open_fds(pid: Option<u32>) -> Option<u64> {
+    Some(std::fs::read_dir(path(pid, "fd")).ok()?.count() as u64)
+}
+
+/// Raises this process's open-files limit toward `wanted`, as far as the hard limit
+/// allows, and returns the limit now in force (`None` if it cannot be read). A server
+/// needs one descriptor per connection, and the usual default soft limit is 1024.
+pub fn raise_open_files(wanted: u64) -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur >= wanted {
+        return Some(lim.rlim_cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: lim.rlim_max.min(wanted),
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Some(lim.rlim_cur);
+    }
+    Some(raised.rlim_cur)
+}
+
+fn path(pid: Option<u32>, file: &str) -> String {
+    match pid {
+        Some(pid) => format!("/proc/{pid}/{file}"),
+        None => format!("/proc/self/{file}"),
+    }
+}
+
+/// Prometheus text exposition of this process's readings.
+pub fn render(out: &mut String) {
+    use std::fmt::Write;
+    let readings = [
+        (
+            "natter_process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time of the server process, in seconds.",
+            cpu_seconds(None),
+        ),
+        (
+            "natter_process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the server process.",
+            rss_bytes(None).map(|b| b as f64),
+        ),
+        (
+            "natter_process_open_fds",
+            "gauge",
+            "Open file descriptors of the server process.",
+            open_fds(None).map(|n| n as f64),
+        ),
+    ];
+    for (name, kind, help, value) in readings {
+        if let Some(value) = value {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        // Burn a little CPU so the reading is past zero ticks.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(30) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        assert!(cpu_seconds(None).unwrap() > 0.0);
+        assert!(rss_bytes(None).unwrap() > 1024 * 1024);
+        let own = open_fds(Some(std::process::id())).unwrap();
+        assert!(own >= 3, "stdin, stdout, stderr");
+        let mut text = String::new();
+        render(&mut text);
+        assert!(text.contains("natter_process_resident_memory_bytes "));
+    }
+}
