@@ -197,3 +197,46 @@ async fn connections_open_idle_sockets_from_several_sources_and_report_memory() 
     );
     check_outputs(&report, "connections", 1);
 }
+
+#[tokio::test]
+async fn store_and_http_acknowledge_every_send_and_report_it() {
+    use natter::bench::{HttpArgs, WriteArgs, measure_http, measure_store};
+    let args = HttpArgs {
+        write: WriteArgs {
+            messages: 300,
+            concurrency: 16,
+            channels: 3,
+            text_bytes: 20,
+            data_dir: None,
+        },
+        run: run_args(),
+    };
+    let store = measure_store(&HttpArgs {
+        run: RunArgs {
+            spawn: false,
+            ..run_args()
+        },
+        ..args.clone()
+    })
+    .await
+    .unwrap();
+    let http = measure_http(&args).await.unwrap();
+    for (report, scenario) in [(&store, "store"), (&http, "http")] {
+        assert!(report.passed, "{}", report.to_text());
+        assert_eq!(figure(report, "messages acked"), Some(300.0));
+        let json = check_outputs(report, scenario, 1);
+        assert_eq!(json["latencies"][0]["count"], 300);
+    }
+    let refused = measure_store(&HttpArgs {
+        run: RunArgs {
+            url: Some("http://127.0.0.1:9".into()),
+            ..RunArgs::default()
+        },
+        ..args
+    })
+    .await;
+    assert!(
+        refused.is_err(),
+        "store runs in process; a --url is refused"
+    );
+}

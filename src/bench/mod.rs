@@ -1,7 +1,14 @@
-//! `natter bench`: write-path measurements. `store` drives the storage engine directly
-//! (group commit, no HTTP); `http` drives the HTTP API with concurrent clients, against a
-//! server it spawns in-process or one given by `--url`; `fanout` measures real-time
-//! delivery over WebSockets ([`fanout`]).
+//! `natter bench`: the load generator. Every scenario but `store` measures a server given
+//! by `--url`, or one it starts as a child process (`--spawn`, the default; see
+//! [`Target`]), and ends with a [`report::Report`]: a table, `--json`, and a
+//! self-contained `--report FILE.html`.
+//!
+//! - `store`: the storage engine alone, in this process (group commit, no HTTP).
+//! - `http`: durable sends through the HTTP API from concurrent clients.
+//! - [`fanout`]: real-time delivery over WebSockets, every stream checked ([`check`]).
+//! - [`capacity`] and [`spike`]: phases of the fan-out rig at stepped or bursting rates.
+//! - [`history`]: readers paging through a channel's history.
+//! - [`connections`]: many idle WebSockets, and the server's memory per connection.
 
 pub mod capacity;
 pub mod check;
@@ -37,8 +44,9 @@ pub struct BenchArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Scenario {
-    /// Durable sends straight into the store: the group-commit writer's throughput.
-    Store(WriteArgs),
+    /// Durable sends straight into the store: the group-commit writer's throughput
+    /// (in this process; --url does not apply).
+    Store(HttpArgs),
     /// Durable sends through `POST /v1/channels/{id}/messages`.
     Http(HttpArgs),
     /// One channel, many online members: deliveries per second and send→deliver latency.
@@ -83,8 +91,8 @@ pub struct HttpArgs {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.scenario {
-        Scenario::Store(w) => bench_store(w).await,
-        Scenario::Http(h) => bench_http(h).await,
+        Scenario::Store(a) => emit(&measure_store(&a).await?, &a.run),
+        Scenario::Http(h) => emit(&measure_http(&h).await?, &h.run),
         Scenario::Fanout(f) => fanout::run(f).await,
         Scenario::History(h) => history::run(h).await,
         Scenario::Connections(c) => connections::run(c).await,
@@ -316,58 +324,26 @@ fn bench_config(dir: &std::path::Path) -> Config {
     config
 }
 
-/// What one run measured.
-struct Report {
-    name: &'static str,
-    sent: usize,
-    errors: usize,
-    elapsed: Duration,
-    latency_us: Histogram<u64>,
-}
-
-impl Report {
-    fn print(&self, w: &WriteArgs) {
-        let rate = self.sent as f64 / self.elapsed.as_secs_f64();
-        let q = |p: f64| self.latency_us.value_at_quantile(p) as f64 / 1000.0;
-        println!(
-            "{}: {} durable messages in {:.2} s = {:.0} msgs/s ({} errors); concurrency {}, {} channels, {} B text",
-            self.name,
-            self.sent,
-            self.elapsed.as_secs_f64(),
-            rate,
-            self.errors,
-            w.concurrency,
-            w.channels,
-            w.text_bytes
-        );
-        println!(
-            "  ack latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-            q(0.5),
-            q(0.9),
-            q(0.99),
-            q(0.999),
-            self.latency_us.max() as f64 / 1000.0
-        );
-    }
-}
-
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-/// Runs `concurrency` workers that together call `send` `messages` times.
-async fn drive<F, Fut>(name: &'static str, w: &WriteArgs, send: F) -> Report
+/// Runs `concurrency` workers that together call `send` `messages` times, and reports
+/// the acknowledged rate and ack latency.
+async fn drive<F, Fut>(name: &str, w: &WriteArgs, quiet: bool, send: F) -> report::Report
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
     let send = Arc::new(send);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let bar = fanout::progress(quiet, w.messages as u64, "sending");
     let start = Instant::now();
     let workers: Vec<_> = (0..w.concurrency.max(1))
         .map(|_| {
             let send = send.clone();
             let next = next.clone();
+            let bar = bar.clone();
             let total = w.messages;
             tokio::spawn(async move {
                 let mut hist = histogram();
@@ -378,7 +354,9 @@ where
                         break;
                     }
                     let t = Instant::now();
-                    if send(n).await {
+                    let ok_now = send(n).await;
+                    bar.inc(1);
+                    if ok_now {
                         ok += 1;
                         let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
                     } else {
@@ -389,24 +367,43 @@ where
             })
         })
         .collect();
-    let mut report = Report {
-        name,
-        sent: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency_us: histogram(),
-    };
+    let mut latency = histogram();
+    let (mut sent, mut errors) = (0u64, 0u64);
     for worker in workers {
-        let (hist, ok, errors) = worker.await.expect("bench worker");
-        let _ = report.latency_us.add(&hist);
-        report.sent += ok;
-        report.errors += errors;
+        let (hist, ok, failed) = worker.await.expect("bench worker");
+        let _ = latency.add(&hist);
+        sent += ok;
+        errors += failed;
     }
-    report.elapsed = start.elapsed();
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    let mut report = report::Report::new(name);
+    report.param("messages", w.messages);
+    report.param("concurrency", w.concurrency);
+    report.param("channels", w.channels);
+    report.param("text bytes", w.text_bytes);
+    report.figure("messages acked", sent as f64, "");
+    report.figure("elapsed", elapsed.as_secs_f64(), "s");
+    report.figure("acked msgs/s", sent as f64 / elapsed.as_secs_f64(), "1/s");
+    report
+        .latencies
+        .push(report::Latency::from_micros("ack", &latency));
+    if errors > 0 {
+        report.errors.insert("failed sends".into(), errors);
+    }
+    // Every send here is within the limits the run set up; any failure is a finding.
+    report.passed = errors == 0;
     report
 }
 
-async fn bench_store(w: WriteArgs) -> anyhow::Result<()> {
+/// `natter bench store`: sends straight into the embedded store, in this process.
+pub async fn measure_store(args: &HttpArgs) -> anyhow::Result<report::Report> {
+    if args.run.url.is_some() {
+        bail!(
+            "`bench store` measures the embedded store in this process; --url does not apply (use `bench http` or `bench fanout`)"
+        );
+    }
+    let w = args.write.clone();
     let scratch = Scratch::new(w.data_dir.clone())?;
     let config = bench_config(&scratch.path);
     let store: Arc<dyn Store> = Arc::new(open_store(&config, None)?);
@@ -422,7 +419,7 @@ async fn bench_store(w: WriteArgs) -> anyhow::Result<()> {
     }
     let text: Arc<str> = "x".repeat(w.text_bytes.max(1)).into();
     let channels = Arc::new(channels);
-    let report = drive("store", &w, move |n| {
+    let report = drive("store", &w, args.run.quiet, move |n| {
         let store = store.clone();
         let channels = channels.clone();
         let text = text.clone();
@@ -435,11 +432,11 @@ async fn bench_store(w: WriteArgs) -> anyhow::Result<()> {
         }
     })
     .await;
-    report.print(&w);
-    Ok(())
+    Ok(report)
 }
 
-async fn bench_http(h: HttpArgs) -> anyhow::Result<()> {
+/// `natter bench http`: durable sends through the HTTP API, from concurrent clients.
+pub async fn measure_http(h: &HttpArgs) -> anyhow::Result<report::Report> {
     let w = h.write.clone();
     let target = Target::start(&h.run, w.data_dir.clone()).await?;
     let base = target.base.clone();
@@ -480,7 +477,7 @@ async fn bench_http(h: HttpArgs) -> anyhow::Result<()> {
     }
     let text: Arc<str> = "x".repeat(w.text_bytes.max(1)).into();
     let urls = Arc::new(urls);
-    let report = drive("http", &w, move |n| {
+    let mut report = drive("http", &w, h.run.quiet, move |n| {
         let http = http.clone();
         let urls = urls.clone();
         let text = text.clone();
@@ -496,6 +493,7 @@ async fn bench_http(h: HttpArgs) -> anyhow::Result<()> {
         }
     })
     .await;
-    report.print(&w);
-    target.stop().await
+    report.param("server", h.run.server());
+    target.stop().await?;
+    Ok(report)
 }
