@@ -100,7 +100,11 @@ pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
     let token = api.token().unwrap_or_default().to_owned();
     let before = rss().await;
 
-    eprintln!("opening {} idle WebSockets…", args.connections);
+    let bar = super::fanout::progress(
+        args.run.quiet,
+        args.connections as u64,
+        "opening idle WebSockets",
+    );
     let start = Instant::now();
     let mut latency = histogram();
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
@@ -116,6 +120,7 @@ pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
             }
         });
         for (result, took) in futures_util::future::join_all(attempts).await {
+            bar.inc(1);
             match result {
                 Ok(ws) => {
                     let _ = latency.record(took.as_micros().max(1) as u64);
@@ -126,6 +131,7 @@ pub async fn measure(args: &ConnectionsArgs) -> anyhow::Result<Report> {
         }
     }
     let connect_time = start.elapsed();
+    bar.finish_and_clear();
     tokio::time::sleep(Duration::from_secs_f64(args.hold.max(0.0))).await;
     let after = rss().await;
     let opened = open_sockets.len();

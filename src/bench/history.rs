@@ -52,7 +52,7 @@ pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
     let mut owner = Api::new(&base);
     owner.register(&bench_username(), "bench-password").await?;
     let channel = owner.create_channel("history", "group", &[]).await?;
-    eprintln!("writing {} messages…", args.messages);
+    let bar = super::fanout::progress(args.run.quiet, args.messages as u64, "writing messages");
     let mut first_seq = None;
     for chunk in (0..args.messages).collect::<Vec<_>>().chunks(64) {
         let sends = chunk.iter().map(|i| {
@@ -69,8 +69,10 @@ pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
         {
             let m = m.with_context(|| format!("write message {i}"))?;
             first_seq.get_or_insert(m.seq);
+            bar.inc(1);
         }
     }
+    bar.finish_and_clear();
     let v = owner
         .call(
             reqwest::Method::GET,
@@ -80,7 +82,9 @@ pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
         .await?;
     let last_seq = v["last_seq"].as_i64().unwrap_or(0);
 
-    eprintln!("{} readers paging for {} s…", args.readers, args.duration);
+    if !args.run.quiet {
+        eprintln!("{} readers paging for {} s…", args.readers, args.duration);
+    }
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(args.duration.max(0.1));
     let readers = (0..args.readers.max(1))
