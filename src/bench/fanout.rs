@@ -589,10 +589,7 @@ impl Rig {
             "waiting for deliveries",
         );
         for _ in 0..self.receivers.len() {
-            let share = tokio::time::timeout(SETTLE + Duration::from_secs(10), self.shares.recv())
-                .await
-                .context("receivers did not report within the settle time")?
-                .context("a receiver ended early")?;
+            let share = self.next_share().await?;
             result.deliveries += share.deliveries;
             result.deliver_latency.add(&share.latency_us)?;
             if let Some(last) = share.last_at {
@@ -612,6 +609,29 @@ impl Rig {
             _ => None,
         };
         Ok(result)
+    }
+
+    /// The next receiver's share of the phase. A receiver that failed (its connection
+    /// could not be resumed) fails the phase with its own error.
+    async fn next_share(&mut self) -> anyhow::Result<Share> {
+        let deadline = tokio::time::Instant::now() + SETTLE + Duration::from_secs(10);
+        loop {
+            let wait = tokio::time::timeout(Duration::from_secs(1), self.shares.recv()).await;
+            if let Ok(share) = wait {
+                return share.context("every receiver ended");
+            }
+            if let Some(i) = self.receivers.iter().position(|h| h.is_finished()) {
+                let failed = self.receivers.swap_remove(i).await;
+                return Err(match failed {
+                    Ok(Err(e)) => e.context("a receiver failed"),
+                    Ok(Ok(_)) => anyhow::anyhow!("a receiver ended before the phase did"),
+                    Err(e) => anyhow::Error::new(e).context("a receiver task panicked"),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("receivers did not report within the settle time");
+            }
+        }
     }
 
     /// Closes every connection, collects the checks and series, and stops the server.
