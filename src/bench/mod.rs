@@ -49,7 +49,8 @@ pub enum Scenario {
     Store(HttpArgs),
     /// Durable sends through `POST /v1/channels/{id}/messages`.
     Http(HttpArgs),
-    /// One channel, many online members: deliveries per second and send→deliver latency.
+    /// Channels of online members and senders over WebSockets: acked msgs/s, deliveries/s,
+    /// ack and send→deliver latency; every received stream is checked.
     Fanout(fanout::FanoutArgs),
     /// Readers paging through a channel's history: pages/s and page latency.
     History(history::HistoryArgs),
