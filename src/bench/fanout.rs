@@ -363,12 +363,12 @@ impl End {
         push("deliveries", "1/s", per_second(&self.deliveries_per_bucket));
         push("acks", "1/s", per_second(&self.acks_per_bucket));
         push(
-            "send→deliver p99 by send second",
+            "send→deliver p99 (per second of send time)",
             "ms",
             self.deliver_by_second.quantile_ms(0.99),
         );
         push(
-            "ack p99 by send second",
+            "ack p99 (per second of send time)",
             "ms",
             self.ack_by_second.quantile_ms(0.99),
         );
@@ -382,7 +382,7 @@ impl End {
             })
             .collect();
         if !cpu.is_empty() {
-            push("server CPU (cores)", "cores", cpu);
+            push("server CPU", "cores", cpu);
         }
         let queued: Vec<(f64, f64)> = self
             .samples
