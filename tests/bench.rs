@@ -3,7 +3,7 @@
 //! are produced and parse. Speed is never asserted.
 
 use natter::bench::RunArgs;
-use natter::bench::fanout::{FanoutArgs, Rate, Shape, measure};
+use natter::bench::fanout::{FanoutArgs, Rate, ShapeArgs, measure};
 use natter::bench::report::Report;
 
 fn run_args() -> RunArgs {
@@ -42,11 +42,11 @@ fn check_outputs(report: &Report, scenario: &str, charts: usize) -> serde_json::
 
 fn fanout_args(rate: Rate) -> FanoutArgs {
     FanoutArgs {
-        shape: Shape {
-            channels: 2,
-            members: 3,
-            senders: 2,
-            text_bytes: 64,
+        shape: ShapeArgs {
+            channels: Some(2),
+            members: Some(3),
+            senders: Some(2),
+            text_bytes: None,
         },
         messages: 40,
         rate,
@@ -78,10 +78,12 @@ async fn fanout_delivers_every_message_once_in_order_and_reports_it() {
 async fn capacity_steps_up_until_a_bound_and_reports_the_headroom() {
     use natter::bench::capacity::{CapacityArgs, measure};
     let args = CapacityArgs {
-        channels: 2,
-        members: 2,
-        senders: 2,
-        text_bytes: 64,
+        shape: ShapeArgs {
+            channels: Some(2),
+            members: Some(2),
+            senders: Some(2),
+            text_bytes: None,
+        },
         start_rate: 40.0,
         growth: 2.0,
         step_secs: 0.5,
@@ -123,10 +125,12 @@ async fn capacity_steps_up_until_a_bound_and_reports_the_headroom() {
 async fn spike_reports_each_part_of_the_run_and_the_recovery() {
     use natter::bench::spike::{SpikeArgs, measure};
     let report = measure(&SpikeArgs {
-        channels: 2,
-        members: 2,
-        senders: 2,
-        text_bytes: 64,
+        shape: ShapeArgs {
+            channels: Some(2),
+            members: Some(2),
+            senders: Some(2),
+            text_bytes: None,
+        },
         rate: 40.0,
         burst: 5.0,
         before: 1.0,

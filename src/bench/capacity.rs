@@ -7,23 +7,13 @@
 use std::time::Duration;
 
 use super::RunArgs;
-use super::fanout::{Pace, PhaseResult, Rig, Shape};
+use super::fanout::{Pace, PhaseResult, Rig, Shape, ShapeArgs};
 use super::report::{Report, Table};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CapacityArgs {
-    /// Channels.
-    #[arg(long, default_value_t = 100)]
-    pub channels: usize,
-    /// Receiving members online per channel.
-    #[arg(long, default_value_t = 1)]
-    pub members: usize,
-    /// Sending members, spread over the channels.
-    #[arg(long, default_value_t = 10)]
-    pub senders: usize,
-    /// Bytes of text per message.
-    #[arg(long, default_value_t = 64)]
-    pub text_bytes: usize,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
     /// The first step's rate, in messages/s.
     #[arg(long, default_value_t = 1000.0)]
     pub start_rate: f64,
@@ -77,12 +67,7 @@ fn verdict(args: &CapacityArgs, r: &PhaseResult) -> Option<String> {
 }
 
 pub async fn measure(args: &CapacityArgs) -> anyhow::Result<Report> {
-    let shape = Shape {
-        channels: args.channels,
-        members: args.members,
-        senders: args.senders,
-        text_bytes: args.text_bytes,
-    };
+    let shape = args.shape.or(Shape::CAPACITY);
     let step = Duration::from_secs_f64(args.step_secs.max(0.1));
     let growth = args.growth.max(1.01);
     let mut rig = Rig::start(&shape, &args.run).await?;
@@ -159,7 +144,7 @@ pub async fn measure(args: &CapacityArgs) -> anyhow::Result<Report> {
     report.figure("highest sustainable rate", sustainable, "msgs/s");
     report.figure(
         "deliveries/s at that rate",
-        sustainable * args.members.max(1) as f64,
+        sustainable * shape.members as f64,
         "1/s",
     );
     report.figure(

@@ -28,7 +28,7 @@ use crate::client::{Api, Frame, Incoming, Realtime};
 #[derive(Debug, Clone, clap::Args)]
 pub struct FanoutArgs {
     #[command(flatten)]
-    pub shape: Shape,
+    pub shape: ShapeArgs,
     /// Messages to send in total.
     #[arg(long, default_value_t = 2000)]
     pub messages: usize,
@@ -45,21 +45,60 @@ pub struct FanoutArgs {
     pub run: RunArgs,
 }
 
-/// Who takes part: channels, their online members, the senders, the message size.
-#[derive(Debug, Clone, clap::Args)]
+/// Who takes part: channels, their online members, the senders, the message size. A flag
+/// not given takes the scenario's default ([`Shape`]s named `FANOUT`, `CAPACITY`, …).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ShapeArgs {
+    /// Channels [fanout: 1, capacity: 100, spike: 10].
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Receiving members online per channel, each on its own WebSocket [fanout: 1000,
+    /// capacity: 1, spike: 10].
+    #[arg(long)]
+    pub members: Option<usize>,
+    /// Sending members, spread over the channels (sender i sends to channel i mod C)
+    /// [fanout: 1, capacity: 10, spike: 10].
+    #[arg(long)]
+    pub senders: Option<usize>,
+    /// Bytes of text per message, at least the timestamp's [64].
+    #[arg(long)]
+    pub text_bytes: Option<usize>,
+}
+
+/// A resolved [`ShapeArgs`].
+#[derive(Debug, Clone, Copy)]
 pub struct Shape {
-    /// Channels.
-    #[arg(long, default_value_t = 1)]
     pub channels: usize,
-    /// Receiving members online per channel, each on its own WebSocket.
-    #[arg(long, default_value_t = 1000)]
     pub members: usize,
-    /// Sending members, spread over the channels (sender i sends to channel i mod C).
-    #[arg(long, default_value_t = 1)]
     pub senders: usize,
-    /// Bytes of text per message (at least the timestamp's).
-    #[arg(long, default_value_t = 64)]
     pub text_bytes: usize,
+}
+
+impl Shape {
+    pub const FANOUT: Shape = Shape::new(1, 1000, 1);
+    pub const CAPACITY: Shape = Shape::new(100, 1, 10);
+    pub const SPIKE: Shape = Shape::new(10, 10, 10);
+
+    const fn new(channels: usize, members: usize, senders: usize) -> Self {
+        Self {
+            channels,
+            members,
+            senders,
+            text_bytes: 64,
+        }
+    }
+}
+
+impl ShapeArgs {
+    /// The flags given, the scenario's defaults for the rest; each count at least 1.
+    pub fn or(&self, defaults: Shape) -> Shape {
+        Shape {
+            channels: self.channels.unwrap_or(defaults.channels).max(1),
+            members: self.members.unwrap_or(defaults.members).max(1),
+            senders: self.senders.unwrap_or(defaults.senders).max(1),
+            text_bytes: self.text_bytes.unwrap_or(defaults.text_bytes),
+        }
+    }
 }
 
 /// A send rate: a number of messages per second, or as fast as acknowledged.
@@ -88,6 +127,9 @@ impl std::str::FromStr for Rate {
 const BUCKET: Duration = Duration::from_millis(100);
 /// How long receivers may take, after the last ack, to see the last event.
 const SETTLE: Duration = Duration::from_secs(30);
+/// The most messages one phase sends (the open-loop schedule is planned up front, 16
+/// bytes a message).
+const MAX_PHASE_MESSAGES: usize = 50_000_000;
 /// How often a phase samples the server's CPU and queues.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
@@ -98,7 +140,8 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
 
 /// Runs the scenario and returns its report.
 pub async fn measure(args: &FanoutArgs) -> anyhow::Result<Report> {
-    let mut rig = Rig::start(&args.shape, &args.run).await?;
+    let shape = args.shape.or(Shape::FANOUT);
+    let mut rig = Rig::start(&shape, &args.run).await?;
     let pace = match (args.rate, args.duration) {
         (Rate::Max, _) => Pace::Max {
             count: args.messages.max(1),
@@ -114,7 +157,7 @@ pub async fn measure(args: &FanoutArgs) -> anyhow::Result<Report> {
     let end = rig.finish().await?;
 
     let mut report = Report::new("fanout");
-    args.shape.describe(&mut report);
+    shape.describe(&mut report);
     report.param("rate", format!("{:?}", args.rate));
     report.param("server", args.run.server());
     phase.describe(&mut report);
@@ -400,9 +443,12 @@ impl Rig {
     pub async fn start(shape: &Shape, run: &RunArgs) -> anyhow::Result<Self> {
         let target = Target::start(run, None).await?;
         let base = target.base.clone();
-        let channels = shape.channels.max(1);
-        let members = shape.members.max(1);
-        let senders = shape.senders.max(1);
+        let Shape {
+            channels,
+            members,
+            senders,
+            ..
+        } = *shape;
 
         let receivers = register(&base, channels * members, "r", run.quiet).await?;
         let sending = register(&base, senders, "s", run.quiet).await?;
@@ -498,6 +544,11 @@ impl Rig {
         let phase = self.phases;
         self.phases += 1;
         let planned = pace.planned();
+        if planned > MAX_PHASE_MESSAGES {
+            anyhow::bail!(
+                "a phase of {planned} messages is past the bench's limit of {MAX_PHASE_MESSAGES}: lower the rate, the duration or --messages"
+            );
+        }
         let senders = self.senders.len();
         let answered = Arc::new(AtomicU64::new(0));
         let bar = progress(self.quiet, planned as u64, label);
@@ -907,4 +958,63 @@ async fn receive(
         per_bucket,
         by_second,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedule_splits_over_senders_at_the_total_rate() {
+        // 100/s for 1 s, then 1000/s for 0.5 s: 600 messages.
+        let pace = Pace::Schedule(vec![
+            (100.0, Duration::from_secs(1)),
+            (1000.0, Duration::from_millis(500)),
+        ]);
+        assert_eq!(pace.planned(), 600);
+        let shares: Vec<Vec<Duration>> = (0..3).map(|s| pace.times(s, 3)).collect();
+        assert_eq!(shares.iter().map(Vec::len).sum::<usize>(), 600);
+        let mut all: Vec<Duration> = shares.concat();
+        all.sort();
+        assert_eq!(all[0], Duration::ZERO);
+        assert_eq!(
+            all[99],
+            Duration::from_millis(990),
+            "the first segment's last"
+        );
+        assert_eq!(
+            all[100],
+            Duration::from_secs(1),
+            "the second starts on time"
+        );
+        assert!(all[599] < Duration::from_millis(1500));
+        for share in &shares {
+            assert!(
+                share.windows(2).all(|w| w[0] < w[1]),
+                "each sender in order"
+            );
+        }
+        assert!(
+            Pace::Max {
+                count: 7,
+                window: 2
+            }
+            .times(0, 1)
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn unset_shape_flags_take_the_scenario_defaults() {
+        let given = ShapeArgs {
+            members: Some(0),
+            senders: Some(4),
+            ..ShapeArgs::default()
+        };
+        let s = given.or(Shape::CAPACITY);
+        assert_eq!(
+            (s.channels, s.members, s.senders, s.text_bytes),
+            (100, 1, 4, 64)
+        );
+    }
 }

@@ -6,24 +6,14 @@
 use std::time::Duration;
 
 use super::RunArgs;
-use super::fanout::{Pace, Rig, Shape};
+use super::fanout::{Pace, Rig, Shape, ShapeArgs};
 use super::report::{Report, Table};
 use super::timeline::Timeline;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SpikeArgs {
-    /// Channels.
-    #[arg(long, default_value_t = 10)]
-    pub channels: usize,
-    /// Receiving members online per channel.
-    #[arg(long, default_value_t = 10)]
-    pub members: usize,
-    /// Sending members, spread over the channels.
-    #[arg(long, default_value_t = 10)]
-    pub senders: usize,
-    /// Bytes of text per message.
-    #[arg(long, default_value_t = 64)]
-    pub text_bytes: usize,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
     /// The steady rate, in messages/s.
     #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
@@ -87,12 +77,7 @@ fn recovery(timeline: &Timeline, burst_end: f64, end: f64, bound_ms: f64) -> Opt
 }
 
 pub async fn measure(args: &SpikeArgs) -> anyhow::Result<Report> {
-    let shape = Shape {
-        channels: args.channels,
-        members: args.members,
-        senders: args.senders,
-        text_bytes: args.text_bytes,
-    };
+    let shape = args.shape.or(Shape::SPIKE);
     let rate = args.rate.max(1.0);
     let secs = |s: f64| Duration::from_secs_f64(s.max(0.1));
     let mut rig = Rig::start(&shape, &args.run).await?;
