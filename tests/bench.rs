@@ -72,6 +72,16 @@ async fn fanout_delivers_every_message_once_in_order_and_reports_it() {
         let json = check_outputs(&report, "fanout", 4);
         assert_eq!(json["latencies"][1]["count"], 120);
     }
+    // A schedule that rounds to no message is refused, not reported as a clean run.
+    let empty = FanoutArgs {
+        duration: Some(0.001),
+        ..fanout_args(Rate::Fixed(100.0))
+    };
+    let refused = measure(&empty).await.unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("nothing to send"),
+        "{refused:#}"
+    );
 }
 
 #[tokio::test]

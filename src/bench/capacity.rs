@@ -4,8 +4,6 @@
 //! the highest sustainable rate and the peak it can carry with 1.5x headroom (seed 004:
 //! build for 1.5 times the peak).
 
-use std::time::Duration;
-
 use super::RunArgs;
 use super::fanout::{Pace, PhaseResult, Rig, Shape, ShapeArgs};
 use super::report::{Report, Table};
@@ -68,7 +66,7 @@ fn verdict(args: &CapacityArgs, r: &PhaseResult) -> Option<String> {
 
 pub async fn measure(args: &CapacityArgs) -> anyhow::Result<Report> {
     let shape = args.shape.or(Shape::CAPACITY);
-    let step = Duration::from_secs_f64(args.step_secs.max(0.1));
+    let step = args.step_secs.max(0.1);
     let growth = args.growth.max(1.01);
     let mut rig = Rig::start(&shape, &args.run).await?;
     let mut table = Table {
@@ -101,7 +99,7 @@ pub async fn measure(args: &CapacityArgs) -> anyhow::Result<Report> {
         steps += 1;
         let label = format!("step {steps}: {rate:.0} msgs/s");
         let r = rig
-            .phase(Pace::Schedule(vec![(rate, step)]), &label)
+            .phase(Pace::Schedule(vec![Pace::lasting(rate, step)]), &label)
             .await?;
         let why = verdict(args, &r);
         table.rows.push(vec![
@@ -136,7 +134,7 @@ pub async fn measure(args: &CapacityArgs) -> anyhow::Result<Report> {
     shape.describe(&mut report);
     report.param("start rate", args.start_rate);
     report.param("growth", growth);
-    report.param("step s", step.as_secs_f64());
+    report.param("step s", step);
     report.param("bound: p99 ms", args.max_p99_ms);
     report.param("bound: error ratio", args.max_error_ratio);
     report.param("server", args.run.server());

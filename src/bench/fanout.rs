@@ -147,11 +147,8 @@ pub async fn measure(args: &FanoutArgs) -> anyhow::Result<Report> {
             count: args.messages.max(1),
             window: args.window.max(1),
         },
-        (Rate::Fixed(r), Some(d)) => Pace::Schedule(vec![(r, Duration::from_secs_f64(d))]),
-        (Rate::Fixed(r), None) => Pace::Schedule(vec![(
-            r,
-            Duration::from_secs_f64(args.messages.max(1) as f64 / r),
-        )]),
+        (Rate::Fixed(r), Some(d)) => Pace::Schedule(vec![Pace::lasting(r, d)]),
+        (Rate::Fixed(r), None) => Pace::Schedule(vec![(r, args.messages.max(1))]),
     };
     let phase = rig.phase(pace, "sending").await?;
     let end = rig.finish().await?;
@@ -180,11 +177,16 @@ impl Shape {
 pub(crate) enum Pace {
     /// `count` messages in total, each sender keeping `window` in flight.
     Max { count: usize, window: usize },
-    /// Open loop: segments of (total msgs/s, how long), one after the other.
-    Schedule(Vec<(f64, Duration)>),
+    /// Open loop: segments of (total msgs/s, messages), one after the other.
+    Schedule(Vec<(f64, usize)>),
 }
 
 impl Pace {
+    /// A segment at `rate` msgs/s lasting `secs` seconds.
+    pub fn lasting(rate: f64, secs: f64) -> (f64, usize) {
+        (rate, (rate * secs).round() as usize)
+    }
+
     /// Offsets from the phase's start at which one of `senders` sends (sender `s`
     /// takes every `senders`-th message of the total schedule, so the total rate holds
     /// whatever the count).
@@ -194,15 +196,14 @@ impl Pace {
         };
         let mut out = Vec::new();
         let (mut at, mut n) = (Duration::ZERO, 0usize);
-        for &(rate, len) in segments {
-            let count = (rate * len.as_secs_f64()).round() as usize;
+        for &(rate, count) in segments {
             for i in 0..count {
                 if n % senders == sender {
                     out.push(at + Duration::from_secs_f64(i as f64 / rate));
                 }
                 n += 1;
             }
-            at += len;
+            at += Duration::from_secs_f64(count as f64 / rate);
         }
         out
     }
@@ -210,10 +211,7 @@ impl Pace {
     fn planned(&self) -> usize {
         match self {
             Pace::Max { count, .. } => *count,
-            Pace::Schedule(segments) => segments
-                .iter()
-                .map(|&(rate, len)| (rate * len.as_secs_f64()).round() as usize)
-                .sum(),
+            Pace::Schedule(segments) => segments.iter().map(|&(_, count)| count).sum(),
         }
     }
 }
@@ -544,6 +542,9 @@ impl Rig {
         let phase = self.phases;
         self.phases += 1;
         let planned = pace.planned();
+        if planned == 0 {
+            anyhow::bail!("nothing to send: the rate times the duration is under one message");
+        }
         if planned > MAX_PHASE_MESSAGES {
             anyhow::bail!(
                 "a phase of {planned} messages is past the bench's limit of {MAX_PHASE_MESSAGES}: lower the rate, the duration or --messages"
@@ -967,10 +968,7 @@ mod tests {
     #[test]
     fn a_schedule_splits_over_senders_at_the_total_rate() {
         // 100/s for 1 s, then 1000/s for 0.5 s: 600 messages.
-        let pace = Pace::Schedule(vec![
-            (100.0, Duration::from_secs(1)),
-            (1000.0, Duration::from_millis(500)),
-        ]);
+        let pace = Pace::Schedule(vec![Pace::lasting(100.0, 1.0), Pace::lasting(1000.0, 0.5)]);
         assert_eq!(pace.planned(), 600);
         let shares: Vec<Vec<Duration>> = (0..3).map(|s| pace.times(s, 3)).collect();
         assert_eq!(shares.iter().map(Vec::len).sum::<usize>(), 600);

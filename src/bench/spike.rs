@@ -3,8 +3,6 @@
 //! send time before, during and after the burst, the errors the burst caused, how far the
 //! server's WebSocket queues grew, and how long after the burst latency came back.
 
-use std::time::Duration;
-
 use super::RunArgs;
 use super::fanout::{Pace, Rig, Shape, ShapeArgs};
 use super::report::{Report, Table};
@@ -79,20 +77,20 @@ fn recovery(timeline: &Timeline, burst_end: f64, end: f64, bound_ms: f64) -> Opt
 pub async fn measure(args: &SpikeArgs) -> anyhow::Result<Report> {
     let shape = args.shape.or(Shape::SPIKE);
     let rate = args.rate.max(1.0);
-    let secs = |s: f64| Duration::from_secs_f64(s.max(0.1));
+    let secs = |s: f64| s.max(0.1);
     let mut rig = Rig::start(&shape, &args.run).await?;
     let pace = Pace::Schedule(vec![
-        (rate, secs(args.before)),
-        (rate * args.burst.max(1.0), secs(args.burst_secs)),
-        (rate, secs(args.after)),
+        Pace::lasting(rate, secs(args.before)),
+        Pace::lasting(rate * args.burst.max(1.0), secs(args.burst_secs)),
+        Pace::lasting(rate, secs(args.after)),
     ]);
     let r = rig.phase(pace, "steady, burst, steady").await?;
     let end = rig.finish().await?;
 
     let start = r.started_at;
-    let burst_at = start + secs(args.before).as_secs_f64();
-    let burst_end = burst_at + secs(args.burst_secs).as_secs_f64();
-    let stop = burst_end + secs(args.after).as_secs_f64();
+    let burst_at = start + secs(args.before);
+    let burst_end = burst_at + secs(args.burst_secs);
+    let stop = burst_end + secs(args.after);
 
     let mut report = Report::new("spike");
     shape.describe(&mut report);
