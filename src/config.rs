@@ -1,20 +1,44 @@
-//! Server configuration: one definition, read from flags and `NATTER_*` environment
-//! variables by clap, then validated into a [`Config`].
+//! Server configuration: one definition ([`ServeArgs`]) read from three places, the
+//! TOML file named by `--config` lowest, then `NATTER_*` environment variables, then flags,
+//! and validated into a [`Config`].
+//!
+//! clap reads flags and the environment and says where each value came from; a value it
+//! took from its default is replaced by the file's, if the file has one. The file's keys
+//! are the flags' names (`write-queue = 100`); an unknown key or a value of the wrong type
+//! is refused at start, naming the file and the key.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, FromArgMatches};
+use serde::{Deserialize, Serialize};
 
 use crate::auth::HashCost;
 use crate::gateway::GatewayConfig;
 use crate::ratelimit::Rate;
 
-/// The flags of `natter serve`; each also reads the environment variable it names.
-#[derive(Debug, Clone, clap::Args)]
+/// The options of `natter serve` (and `natter config`). Each is a flag, the environment
+/// variable it names, and the key of the same name in the `--config` file.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServeArgs {
+    /// A TOML file of options (keys as the flags are named: `write-queue = 100`); flags
+    /// and environment variables override it.
+    #[arg(long, env = "NATTER_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
     /// Address the HTTP/WebSocket server listens on.
     #[arg(long, env = "NATTER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Serve `/metrics` on this address instead of on the main one (keep it off the
+    /// public network).
+    #[arg(long, env = "NATTER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory holding the SQLite database (`natter.db`); created if missing.
     #[arg(long, env = "NATTER_DATA_DIR", default_value = "natter-data")]
     pub data_dir: PathBuf,
@@ -54,15 +78,102 @@ pub struct ServeArgs {
     /// Memory of the hot-channel event cache, in MiB.
     #[arg(long, env = "NATTER_CACHE_MIB", default_value_t = 64)]
     pub cache_mib: usize,
+    /// On SIGTERM/SIGINT, seconds to keep serving with `/readyz` answering 503 before
+    /// refusing new connections, so a load balancer can stop sending here first.
+    #[arg(long, env = "NATTER_DRAIN_DELAY_SECS", default_value_t = 0)]
+    pub drain_delay_secs: u64,
+    /// Once draining, seconds in-flight requests and WebSocket answers get before the
+    /// server stops waiting for them (queued writes still commit).
+    #[arg(long, env = "NATTER_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
+    pub drain_timeout_secs: u64,
+    /// Log filter: a level (`info`) or per-module directives (`info,natter::access=debug`).
+    #[arg(long, env = "NATTER_LOG", default_value = "info")]
+    pub log: String,
+    /// Log line format.
+    #[arg(long, env = "NATTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Feature flags as `NAME=on|off`, comma-separated or repeated (known: typing,
+    /// read-coalescing; both on unless turned off).
+    #[arg(
+        long = "feature",
+        env = "NATTER_FEATURES",
+        value_name = "NAME=on|off",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub features: Vec<String>,
     /// Tests only: cheap Argon2 parameters. Never use this for real accounts.
     #[arg(long, env = "NATTER_INSECURE_FAST_PASSWORD_HASH", hide = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_fast_password_hash: bool,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// One readable line per event (colour on a terminal).
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl ServeArgs {
+    /// The options as clap parsed them from `matches` (flags and environment), with every
+    /// value clap took from its default replaced by the `--config` file's, if it has one.
+    pub fn resolve(matches: &ArgMatches) -> anyhow::Result<Self> {
+        let args = Self::from_arg_matches(matches)?;
+        let Some(path) = args.config.clone() else {
+            return Ok(args);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("read config file {}", path.display()))?;
+        let file: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        let serde_json::Value::Object(mut merged) = serde_json::to_value(&args)? else {
+            unreachable!("options serialize as a map")
+        };
+        for (key, value) in file {
+            if !merged.contains_key(&key) {
+                let known: Vec<&str> = merged.keys().map(String::as_str).collect();
+                bail!(
+                    "config file {}: unknown key `{key}` (known keys: {})",
+                    path.display(),
+                    known.join(", ")
+                );
+            }
+            let id = key.replace('-', "_");
+            match matches.value_source(&id) {
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable) => {}
+                _ => {
+                    merged.insert(key, serde_json::to_value(value)?);
+                }
+            }
+        }
+        let mut resolved: Self =
+            serde_path_to_error::deserialize(serde_json::Value::Object(merged)).map_err(|e| {
+                anyhow::anyhow!(
+                    "config file {}: bad value for `{}`: {}",
+                    path.display(),
+                    e.path(),
+                    e.inner()
+                )
+            })?;
+        resolved.config = Some(path);
+        Ok(resolved)
+    }
+
+    /// The effective options as a TOML file (what `natter config` prints); it can be
+    /// given back as `--config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("options serialize as TOML")
+    }
 }
 
 /// Validated server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub node_id: u16,
     pub write_queue: usize,
@@ -71,6 +182,17 @@ pub struct Config {
     pub token_ttl: Duration,
     pub hash_cost: HashCost,
     pub gateway: GatewayConfig,
+    pub drain: Drain,
+    pub features: Arc<Features>,
+}
+
+/// How the server stops on a signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// Serving on with `/readyz` at 503 before new connections are refused.
+    pub delay: Duration,
+    /// The most time in-flight requests and WebSocket closes get.
+    pub timeout: Duration,
 }
 
 /// Rate limits at the edge.
@@ -80,6 +202,83 @@ pub struct Limits {
     pub login_failures_per_user: Rate,
     pub login_failures_per_ip: Rate,
     pub signups_per_ip: Rate,
+}
+
+/// A code path that can be shipped dark and turned on per deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    /// Typing indicators: `typing` ops reach the channel's other members.
+    Typing,
+    /// Identical store reads in flight are shared (one query answers all of them).
+    ReadCoalescing,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 2] = [Feature::Typing, Feature::ReadCoalescing];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Typing => "typing",
+            Self::ReadCoalescing => "read-coalescing",
+        }
+    }
+}
+
+/// The feature flags in force, read on every use, so they can be flipped while running.
+#[derive(Debug)]
+pub struct Features {
+    on: [AtomicBool; Feature::ALL.len()],
+}
+
+impl Default for Features {
+    /// Every feature on.
+    fn default() -> Self {
+        Self {
+            on: Feature::ALL.map(|_| AtomicBool::new(true)),
+        }
+    }
+}
+
+impl Features {
+    /// Parses `NAME=on|off` toggles over the defaults.
+    pub fn parse(toggles: &[String]) -> Result<Self, ConfigError> {
+        let features = Self::default();
+        for toggle in toggles.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+            let bad = |message: String| ConfigError {
+                option: "--feature",
+                message,
+            };
+            let (name, value) = toggle
+                .split_once('=')
+                .ok_or_else(|| bad(format!("`{toggle}` is not NAME=on|off")))?;
+            let feature = Feature::ALL
+                .into_iter()
+                .find(|f| f.name() == name.trim())
+                .ok_or_else(|| {
+                    let known: Vec<_> = Feature::ALL.iter().map(|f| f.name()).collect();
+                    bad(format!(
+                        "unknown feature `{}` (known: {})",
+                        name.trim(),
+                        known.join(", ")
+                    ))
+                })?;
+            let on = match value.trim() {
+                "on" | "true" => true,
+                "off" | "false" => false,
+                other => return Err(bad(format!("`{other}` is not on or off"))),
+            };
+            features.set(feature, on);
+        }
+        Ok(features)
+    }
+
+    pub fn enabled(&self, feature: Feature) -> bool {
+        self.on[feature as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, feature: Feature, on: bool) {
+        self.on[feature as usize].store(on, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +299,17 @@ fn positive(option: &'static str, v: f64) -> Result<f64, ConfigError> {
     }
 }
 
+fn at_least(option: &'static str, v: u64, min: u64) -> Result<u64, ConfigError> {
+    if v >= min {
+        Ok(v)
+    } else {
+        Err(ConfigError {
+            option,
+            message: format!("must be at least {min}, got {v}"),
+        })
+    }
+}
+
 impl Config {
     pub fn from_args(a: &ServeArgs) -> Result<Self, ConfigError> {
         if a.node_id > crate::id::MAX_NODE_ID {
@@ -108,28 +318,27 @@ impl Config {
                 message: format!("must be 0–1023, got {}", a.node_id),
             });
         }
-        if a.write_queue == 0 || a.read_connections == 0 {
+        at_least("--write-queue", a.write_queue as u64, 1)?;
+        at_least("--read-connections", a.read_connections as u64, 1)?;
+        at_least("--ws-queue-bytes", a.ws_queue_bytes as u64, 64 * 1024)?;
+        at_least("--ws-ping-secs", a.ws_ping_secs, 1)?;
+        at_least("--token-ttl-hours", a.token_ttl_hours, 1)?;
+        at_least("--drain-timeout-secs", a.drain_timeout_secs, 1)?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&a.log) {
             return Err(ConfigError {
-                option: "--write-queue/--read-connections",
-                message: "must be at least 1".into(),
+                option: "--log",
+                message: format!("`{}`: {e}", a.log),
             });
         }
-        if a.ws_queue_bytes < 64 * 1024 || a.ws_ping_secs == 0 {
+        if a.metrics_listen == Some(a.listen) && a.listen.port() != 0 {
             return Err(ConfigError {
-                option: "--ws-queue-bytes/--ws-ping-secs",
-                message:
-                    "the queue must hold at least 64 KiB (one frame) and pings need at least 1 s"
-                        .into(),
-            });
-        }
-        if a.token_ttl_hours == 0 {
-            return Err(ConfigError {
-                option: "--token-ttl-hours",
-                message: "must be at least 1".into(),
+                option: "--metrics-listen",
+                message: "must differ from --listen".into(),
             });
         }
         Ok(Self {
             listen: a.listen,
+            metrics_listen: a.metrics_listen,
             data_dir: a.data_dir.clone(),
             node_id: a.node_id,
             write_queue: a.write_queue,
@@ -165,6 +374,11 @@ impl Config {
                 cache_bytes: a.cache_mib << 20,
                 ..GatewayConfig::default()
             },
+            drain: Drain {
+                delay: Duration::from_secs(a.drain_delay_secs),
+                timeout: Duration::from_secs(a.drain_timeout_secs),
+            },
+            features: Arc::new(Features::parse(&a.features)?),
         })
     }
 
@@ -184,6 +398,34 @@ impl Config {
 
     /// The database file inside the data directory.
     pub fn db_path(&self) -> PathBuf {
-        self.data_dir.join("natter.db")
+        db_path(&self.data_dir)
+    }
+}
+
+/// The database file of a data directory.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("natter.db")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_toggles_parse_and_refuse_unknown_names() {
+        let f = Features::parse(&["typing=off".into(), " read-coalescing = on ".into()]).unwrap();
+        assert!(!f.enabled(Feature::Typing));
+        assert!(f.enabled(Feature::ReadCoalescing));
+        assert!(Features::default().enabled(Feature::Typing));
+        for bad in ["typo=on", "typing", "typing=maybe"] {
+            let e = Features::parse(&[bad.into()]).unwrap_err();
+            assert_eq!(e.option, "--feature", "{bad}");
+        }
+        assert!(
+            Features::parse(&["typo=on".into()])
+                .unwrap_err()
+                .message
+                .contains("known: typing, read-coalescing")
+        );
     }
 }

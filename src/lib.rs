@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod gateway;
 pub mod id;
+pub mod metrics;
 pub mod model;
 pub mod process;
 pub mod ratelimit;

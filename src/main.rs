@@ -1,8 +1,11 @@
 //! The `natter` binary: a thin command-line shell over the library.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use natter::config::{Config, ServeArgs};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use natter::config::{Config, Feature, Features, LogFormat, ServeArgs};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +22,11 @@ struct Cli {
 enum Command {
     /// Run the server on the embedded SQLite store.
     Serve(ServeArgs),
+    /// Print the effective configuration of `natter serve` (file < environment < flags)
+    /// as TOML, after checking it as `serve` would.
+    Config(ServeArgs),
+    /// Copy a consistent snapshot of a running (or stopped) server's database.
+    Backup(BackupArgs),
     /// Measure throughput and latency.
     Bench(natter::bench::BenchArgs),
     /// Send one message to a channel (over the WebSocket).
@@ -27,60 +35,190 @@ enum Command {
     Tail(natter::cli::TailArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NATTER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// The server's data directory.
+    #[arg(long, env = "NATTER_DATA_DIR", default_value = "natter-data")]
+    data_dir: PathBuf,
+    /// A new directory to write the backup into (as `PATH/natter.db`, so
+    /// `natter serve --data-dir PATH` serves it); it must not hold a database already.
+    path: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of causes on one line: a refused option or a failed start reads as
+            // a message, not a backtrace.
+            eprintln!("natter: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    let sub = |name: &str| {
+        matches
+            .subcommand_matches(name)
+            .expect("clap matched this subcommand")
+            .clone()
+    };
     match cli.command {
-        Command::Serve(args) => {
+        Command::Serve(_) => {
+            let matches = sub("serve");
+            let args = ServeArgs::resolve(&matches)?;
             let config = Config::from_args(&args)?;
+            let _log = init_logging(&args.log, args.log_format);
             match natter::process::raise_open_files(1 << 20) {
                 Some(limit) => tracing::info!(limit, "open-files limit"),
                 None => tracing::warn!("cannot read the open-files limit"),
             }
-            runtime.block_on(async {
+            runtime()?.block_on(async {
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
                     .with_context(|| format!("listen on {}", config.listen))?;
+                tokio::spawn(reload_on_hangup(matches, Arc::clone(&config.features)));
                 natter::serve(listener, config, shutdown_signal()).await
             })
         }
-        Command::Bench(args) => runtime.block_on(natter::bench::run(args)),
-        Command::Send(args) => runtime.block_on(natter::cli::send(args)),
-        Command::Tail(args) => runtime.block_on(natter::cli::tail(args)),
+        Command::Config(_) => {
+            let args = ServeArgs::resolve(&sub("config"))?;
+            Config::from_args(&args)?;
+            print!("{}", args.to_toml());
+            Ok(())
+        }
+        Command::Backup(args) => {
+            let _log = init_logging("info", LogFormat::Human);
+            std::fs::create_dir_all(&args.path)
+                .with_context(|| format!("create {}", args.path.display()))?;
+            let report = natter::store::sqlite::backup::backup(
+                &natter::config::db_path(&args.data_dir),
+                &natter::config::db_path(&args.path),
+            )?;
+            println!(
+                "backed up {} bytes ({} channels, {} events) to {} in {:.2} s; integrity check ok",
+                report.bytes,
+                report.channels,
+                report.events,
+                report.path.display(),
+                report.took.as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let _log = init_logging_from_env();
+            runtime()?.block_on(natter::bench::run(args))
+        }
+        Command::Send(args) => {
+            let _log = init_logging_from_env();
+            runtime()?.block_on(natter::cli::send(args))
+        }
+        Command::Tail(args) => {
+            let _log = init_logging_from_env();
+            runtime()?.block_on(natter::cli::tail(args))
+        }
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Logs to stderr through a writer thread, so a slow terminal or pipe never stalls a
+/// request; the guard flushes what is queued when dropped.
+fn init_logging(filter: &str, format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Human => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+    guard
+}
+
+/// The client commands' logging: human lines, filtered by `NATTER_LOG`.
+fn init_logging_from_env() -> tracing_appender::non_blocking::WorkerGuard {
+    let filter = std::env::var("NATTER_LOG").unwrap_or_else(|_| "info".into());
+    init_logging(&filter, LogFormat::Human)
+}
+
+/// Resolves on the first SIGINT or SIGTERM. A second one ends the process at once: the
+/// store is a WAL-mode SQLite database, so a transaction cut off mid-commit is rolled
+/// back on the next start, and nothing it held had been acknowledged.
 async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT; stop the server with SIGKILL");
+        return std::future::pending().await;
     };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
+    let first = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = first, "draining; a second signal stops at once");
+    tokio::spawn(async move {
+        let code = tokio::select! {
+            _ = term.recv() => 128 + libc::SIGTERM,
+            _ = int.recv() => 128 + libc::SIGINT,
+        };
+        // Straight to stderr: the log writer thread may not get to run again.
+        eprintln!("natter: second signal; exiting now without draining");
+        std::process::exit(code);
+    });
+}
+
+/// On SIGHUP, reads the configuration again and applies its feature flags; other changed
+/// options are reported and need a restart.
+async fn reload_on_hangup(matches: clap::ArgMatches, features: Arc<Features>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; feature flags change only on restart");
+        return;
+    };
+    let started = ServeArgs::resolve(&matches).ok();
+    while hangup.recv().await.is_some() {
+        let reloaded =
+            ServeArgs::resolve(&matches).and_then(|a| Ok((Features::parse(&a.features)?, a)));
+        let (fresh, args) = match reloaded {
+            Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
+                tracing::error!(error = %e, "SIGHUP: configuration refused; nothing changed");
+                continue;
+            }
+        };
+        for feature in Feature::ALL {
+            let on = fresh.enabled(feature);
+            if features.enabled(feature) != on {
+                features.set(feature, on);
+                tracing::info!(feature = feature.name(), on, "SIGHUP: feature flag changed");
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+        if let Some(started) = &started {
+            let mut without_features = args.clone();
+            without_features.features.clone_from(&started.features);
+            if without_features.to_toml() != started.to_toml() {
+                tracing::warn!(
+                    "SIGHUP: options other than feature flags changed; they apply on restart"
+                );
+            }
+        }
     }
 }

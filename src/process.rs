@@ -90,6 +90,12 @@ pub fn render(out: &mut String) {
             "Open file descriptors of the server process.",
             open_fds(None).map(|n| n as f64),
         ),
+        (
+            "natter_process_max_fds",
+            "gauge",
+            "The server process's open-files limit.",
+            max_fds().map(|n| n as f64),
+        ),
     ];
     for (name, kind, help, value) in readings {
         if let Some(value) = value {
@@ -99,6 +105,66 @@ pub fn render(out: &mut String) {
             );
         }
     }
+}
+
+/// This process's soft open-files limit.
+pub fn max_fds() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (rc == 0).then_some(limit.rlim_cur)
+}
+
+/// Bytes free to unprivileged users, and in all, on the file system holding `dir`.
+pub fn disk_space(dir: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is all zeroes valid; the call writes into it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: path is a NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    (rc == 0).then(|| {
+        let unit = st.f_frsize as u64;
+        (st.f_bavail as u64 * unit, st.f_blocks as u64 * unit)
+    })
+}
+
+/// Disk readings of the data directory: free and total bytes of its file system, and the
+/// database's own size (with its write-ahead log).
+pub fn render_disk(out: &mut String, data_dir: &std::path::Path) {
+    use crate::metrics::render_one;
+    if let Some((free, total)) = disk_space(data_dir) {
+        render_one(
+            out,
+            "natter_data_dir_free_bytes",
+            "gauge",
+            "Bytes free on the file system holding the data directory.",
+            free,
+        );
+        render_one(
+            out,
+            "natter_data_dir_size_bytes",
+            "gauge",
+            "Size of the file system holding the data directory.",
+            total,
+        );
+    }
+    let db = crate::config::db_path(data_dir);
+    let size = |suffix: &str| {
+        let mut p = db.clone().into_os_string();
+        p.push(suffix);
+        std::fs::metadata(p).map_or(0, |m| m.len())
+    };
+    render_one(
+        out,
+        "natter_db_bytes",
+        "gauge",
+        "Size of the database file plus its write-ahead log.",
+        size("") + size("-wal"),
+    );
 }
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
 //! Running the server: [`serve`] takes a bound listener, the config and a shutdown signal
 //! from its caller (the binary, or a test on `127.0.0.1:0`).
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
@@ -20,12 +21,15 @@ use crate::gateway::hub::Hub;
 use crate::gateway::protocol::close;
 use crate::gateway::reader::EventReader;
 use crate::gateway::stats::Stats;
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::sqlite::{SqliteOptions, SqliteStore, WriteStats};
 use crate::store::{Accounts, OnCommit};
 
-/// Opens the store under `config.data_dir`, serves the API on `listener` until `shutdown`
-/// resolves, then stops taking requests, lets in-flight ones finish, and waits until the
-/// writer has committed everything queued.
+/// Opens the store under `config.data_dir` and serves the API on `listener` (and `/metrics`
+/// on `config.metrics_listen`, if set) until `shutdown` resolves. Then it drains:
+/// `/readyz` answers 503 at once; after `config.drain.delay` new connections are refused
+/// and WebSocket clients are closed with 1012; in-flight requests get up to
+/// `config.drain.timeout` to be answered; and the writer commits everything queued before
+/// this returns. A write that was not answered by then was not acknowledged.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -37,6 +41,7 @@ pub async fn serve(
         );
     }
     let stats = Arc::new(Stats::default());
+    let writes = Arc::new(WriteStats::default());
     let hub = Arc::new(Hub::new(Arc::clone(&stats)));
     let cache = Arc::new(EventCache::new(config.gateway.cache_bytes));
     let (bus, fanout) = LocalBus::start(Arc::clone(&hub), cache.clone());
@@ -45,17 +50,39 @@ pub async fn serve(
     let store = Arc::new(open_store(
         &config,
         Some(Arc::new(move |events| publish.publish(events))),
+        Arc::clone(&writes),
     )?);
     let gateway = Gateway {
         hub: Arc::clone(&hub),
         bus,
-        reader: Arc::new(EventReader::new(cache, store.clone(), stats)),
+        reader: Arc::new(EventReader::new(
+            cache,
+            store.clone(),
+            stats,
+            Arc::clone(&config.features),
+        )),
     };
-    let state = AppState::new(store.clone(), config, gateway);
+    let drain = config.drain;
+    let metrics_listen = config.metrics_listen;
+    let state = AppState::new(store.clone(), config, gateway, writes);
     let addr = listener.local_addr()?;
     let purge = tokio::spawn(purge_expired_sessions(store.clone()));
+    let metrics = match metrics_listen {
+        Some(at) => {
+            let listener = TcpListener::bind(at)
+                .await
+                .with_context(|| format!("listen for /metrics on {at}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+            let app = crate::api::metrics_app(state.clone());
+            Some(tokio::spawn(
+                async move { axum::serve(listener, app).await },
+            ))
+        }
+        None => None,
+    };
     tracing::info!(%addr, "natter listening");
     let drain_state = state.clone();
+    let (begun_tx, begun_rx) = tokio::sync::oneshot::channel::<()>();
     // No Nagle: a small frame (an ack, a typing signal) written while an earlier one is
     // unacknowledged would otherwise wait for the peer's delayed ACK, ~40 ms. Frames are
     // already written in batches, one flush per batch.
@@ -71,16 +98,32 @@ pub async fn serve(
     .with_graceful_shutdown(async move {
         shutdown.await;
         drain_state.set_ready(false);
-        tracing::info!("shutting down: finishing in-flight requests");
+        tracing::info!(delay = ?drain.delay, "draining: /readyz answers 503");
+        tokio::time::sleep(drain.delay).await;
+        tracing::info!("draining: refusing new connections, finishing in-flight requests");
         drain_state
             .gateway()
             .hub
             .close_all(close::RESTARTING, "server restarting: reconnect and resume");
-    })
-    .await;
+        let _ = begun_tx.send(());
+    });
+    // In-flight requests get `drain.timeout` from the moment the listener closes.
+    let served = {
+        let mut served = std::pin::pin!(served.into_future());
+        tokio::select! {
+            r = &mut served => r,
+            Ok(()) = begun_rx => match tokio::time::timeout(drain.timeout, &mut served).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(timeout = ?drain.timeout, "draining: requests still in flight; not waiting longer");
+                    Ok(())
+                }
+            },
+        }
+    };
     // Upgraded WebSockets outlive the HTTP server: give them a bounded time to write
     // their answers and the 1012 close.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + drain.timeout;
     while hub.stats().connections.load(Ordering::Relaxed) > 0
         && tokio::time::Instant::now() < deadline
     {
@@ -88,6 +131,10 @@ pub async fn serve(
     }
     purge.abort();
     let _ = purge.await;
+    if let Some(metrics) = metrics {
+        metrics.abort();
+        let _ = metrics.await;
+    }
     // Every handler is done; the app state (and its store handle) is dropped with the
     // router, so ours is the last one and closing waits for the writer to drain.
     match Arc::try_unwrap(store) {
@@ -122,25 +169,32 @@ async fn purge_expired_sessions(store: Arc<SqliteStore>) {
     }
 }
 
-/// The address in the line [`serve`] logs once it listens (`natter listening addr=…`):
+/// The address in the line [`serve`] logs once it listens (`natter listening addr=…`, or
+/// its JSON form):
 /// how a parent process that started `natter serve --listen 127.0.0.1:0` learns its port.
 pub fn listening_addr(log_line: &str) -> Option<SocketAddr> {
     if !log_line.contains("natter listening") {
         return None;
     }
-    log_line
-        .split("addr=")
-        .nth(1)?
-        .split_whitespace()
+    // Human lines say `addr=…`; JSON lines `"addr":"…"`.
+    let (_, rest) = log_line
+        .split_once("addr=")
+        .or_else(|| log_line.split_once("\"addr\":\""))?;
+    rest.split(|c: char| c.is_whitespace() || c == '"')
         .next()?
         .parse()
         .ok()
 }
 
 /// Opens the embedded store the config names.
-pub fn open_store(config: &Config, on_commit: Option<OnCommit>) -> anyhow::Result<SqliteStore> {
+pub fn open_store(
+    config: &Config,
+    on_commit: Option<OnCommit>,
+    stats: Arc<WriteStats>,
+) -> anyhow::Result<SqliteStore> {
     SqliteStore::open(&SqliteOptions {
         on_commit,
+        stats,
         path: config.db_path(),
         node_id: config.node_id,
         write_queue: config.write_queue,

@@ -14,7 +14,7 @@ use super::extract::{Authed, ClientIp, JsonBody, Params, PathIds};
 use super::{AppState, no_content, validate};
 use crate::auth::{hash_password, new_token, token_hash, verify_password};
 use crate::clock::now_ms;
-use crate::ratelimit::retry_after_secs;
+use crate::metrics::Limit;
 use crate::store::NewSession;
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
@@ -40,7 +40,7 @@ async fn register(
     state
         .signups_by_ip
         .take(&ip, Instant::now())
-        .map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
+        .map_err(|w| state.rate_limited(Limit::Signup, w))?;
     let cost = state.config.hash_cost;
     let password = body.password;
     let hash = tokio::task::spawn_blocking(move || hash_password(&password, cost))
@@ -85,7 +85,7 @@ async fn login(
         state.login_failures_by_user.check(&name, now),
         state.login_failures_by_ip.check(&ip, now),
     ] {
-        check.map_err(|w| ApiError::rate_limited(retry_after_secs(w)))?;
+        check.map_err(|w| state.rate_limited(Limit::Login, w))?;
     }
     let found = state.store.credentials(&name).await?;
     let password = body.password;

@@ -15,8 +15,8 @@ use super::dto::{EditMessage, ErrorBody, EventPage, Message, MessagePage, SendMe
 use super::error::{ApiError, ApiResult};
 use super::extract::{Authed, JsonBody, Params, PathIds};
 use super::{AppState, no_content, validate};
+use crate::metrics::Limit;
 use crate::model::HistoryQuery;
-use crate::ratelimit::retry_after_secs;
 
 pub(super) const DEFAULT_PAGE: i64 = 50;
 pub(super) const MAX_PAGE: i64 = 200;
@@ -70,7 +70,7 @@ pub(super) fn admit_send(
     state
         .sends
         .take(&user_id, Instant::now())
-        .map_err(|w| ApiError::rate_limited(retry_after_secs(w)))
+        .map_err(|w| state.rate_limited(Limit::Send, w))
 }
 
 /// A page of history, ascending by seq. With no cursor: the newest `limit`; with

@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 mod health;
 mod messages;
+mod observe;
 mod sessions;
 pub mod validate;
 pub mod ws;
@@ -26,10 +27,12 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 
 use self::error::ApiError;
-use crate::config::Config;
+use crate::config::{Config, Feature};
 use crate::gateway::Gateway;
+use crate::metrics::{EdgeStats, HttpMetrics, Limit};
 use crate::ratelimit::RateLimiter;
 use crate::store::Store;
+use crate::store::sqlite::WriteStats;
 
 /// Everything a request handler needs, shared by all of them.
 #[derive(Clone)]
@@ -47,6 +50,9 @@ pub struct Inner {
     login_failures_by_user: RateLimiter<String>,
     login_failures_by_ip: RateLimiter<IpAddr>,
     signups_by_ip: RateLimiter<IpAddr>,
+    http: HttpMetrics,
+    edge: EdgeStats,
+    writes: Arc<WriteStats>,
 }
 
 impl std::ops::Deref for AppState {
@@ -57,7 +63,12 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn Store>, config: Config, gateway: Gateway) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: Config,
+        gateway: Gateway,
+        writes: Arc<WriteStats>,
+    ) -> Self {
         let limits = config.limits;
         Self(Arc::new(Inner {
             store,
@@ -70,6 +81,9 @@ impl AppState {
             login_failures_by_user: RateLimiter::new(limits.login_failures_per_user),
             login_failures_by_ip: RateLimiter::new(limits.login_failures_per_ip),
             signups_by_ip: RateLimiter::new(limits.signups_per_ip),
+            http: HttpMetrics::default(),
+            edge: EdgeStats::default(),
+            writes,
             config,
         }))
     }
@@ -81,6 +95,58 @@ impl AppState {
 
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
+    }
+
+    /// The answer to a request a rate limit refused, counted for `/metrics`.
+    fn rate_limited(&self, limit: Limit, wait: std::time::Duration) -> ApiError {
+        self.edge.rate_limited(limit);
+        ApiError::rate_limited(crate::ratelimit::retry_after_secs(wait))
+    }
+
+    /// Prometheus text format of every counter of this server.
+    pub fn render_metrics(&self) -> String {
+        use crate::metrics::{render_header, render_one, render_value};
+        let mut out = String::with_capacity(16 * 1024);
+        render_header(
+            &mut out,
+            "natter_build_info",
+            "gauge",
+            "Always 1; the version is a label.",
+        );
+        render_value(
+            &mut out,
+            "natter_build_info",
+            &format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
+            1,
+        );
+        render_one(
+            &mut out,
+            "natter_ready",
+            "gauge",
+            "1 while the server takes traffic; 0 once it drains.",
+            u8::from(self.ready.load(Ordering::SeqCst)),
+        );
+        render_header(
+            &mut out,
+            "natter_feature_enabled",
+            "gauge",
+            "Feature flags in force (1 on, 0 off).",
+        );
+        for feature in Feature::ALL {
+            render_value(
+                &mut out,
+                "natter_feature_enabled",
+                &format!("feature=\"{}\"", feature.name()),
+                u8::from(self.config.features.enabled(feature)),
+            );
+        }
+        self.http.render(&mut out);
+        self.edge.render(&mut out);
+        self.writes.render(&mut out);
+        self.gateway.hub.stats().render(&mut out);
+        crate::process::render(&mut out);
+        crate::process::render_disk(&mut out, &self.config.data_dir);
+        out
     }
 }
 
@@ -123,6 +189,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn app(state: AppState) -> Router {
     let (router, spec) = routes().split_for_parts();
     let spec = Arc::new(spec);
+    // With `--metrics-listen`, `/metrics` is served on that address only.
+    let router = if state.config.metrics_listen.is_none() {
+        router.route("/metrics", axum::routing::get(metrics))
+    } else {
+        router
+    };
     router
         .route(
             "/v1/openapi.json",
@@ -131,7 +203,6 @@ pub fn app(state: AppState) -> Router {
                 async move { axum::Json(spec.as_ref().clone()) }
             }),
         )
-        .route("/metrics", axum::routing::get(metrics))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(CatchPanicLayer::custom(
@@ -140,14 +211,24 @@ pub fn app(state: AppState) -> Router {
                 ApiError::internal().into_response()
             },
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for `--metrics-listen`.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .fallback(|| async { ApiError::not_found() })
         .with_state(state)
 }
 
 /// Prometheus text format of the server's counters.
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
-    let mut body = String::new();
-    state.gateway.hub.stats().render(&mut body);
-    crate::process::render(&mut body);
+    let body = state.render_metrics();
     (
         [(
             axum::http::header::CONTENT_TYPE,

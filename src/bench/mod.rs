@@ -407,7 +407,7 @@ pub async fn measure_store(args: &HttpArgs) -> anyhow::Result<report::Report> {
     let w = args.write.clone();
     let scratch = Scratch::new(w.data_dir.clone())?;
     let config = bench_config(&scratch.path);
-    let store: Arc<dyn Store> = Arc::new(open_store(&config, None)?);
+    let store: Arc<dyn Store> = Arc::new(open_store(&config, None, Arc::default())?);
     let author = store.create_user(&bench_username(), "-", None).await?.id;
     let mut channels = Vec::new();
     for i in 0..w.channels.max(1) {

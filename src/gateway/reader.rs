@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use super::cache::EventCache;
 use super::outbox::Delivery;
 use super::stats::Stats;
+use crate::config::{Feature, Features};
 use crate::model::{HistoryQuery, Message, Page};
 use crate::store::{Store, StoreError};
 
@@ -34,17 +35,31 @@ pub struct EventReader {
     logs: Coalescer<LogKey, LogPage>,
     histories: Coalescer<HistoryKey, Arc<Page<Message>>>,
     stats: Arc<Stats>,
+    features: Arc<Features>,
 }
 
 impl EventReader {
-    pub fn new(cache: Arc<EventCache>, store: Arc<dyn Store>, stats: Arc<Stats>) -> Self {
+    pub fn new(
+        cache: Arc<EventCache>,
+        store: Arc<dyn Store>,
+        stats: Arc<Stats>,
+        features: Arc<Features>,
+    ) -> Self {
         Self {
             cache,
             store,
             logs: Coalescer::default(),
             histories: Coalescer::default(),
             stats,
+            features,
         }
+    }
+
+    /// The stats, if identical reads may be shared now (the `read-coalescing` flag).
+    fn sharing(&self) -> Option<&Stats> {
+        self.features
+            .enabled(Feature::ReadCoalescing)
+            .then_some(&*self.stats)
     }
 
     fn hit(&self) {
@@ -71,7 +86,7 @@ impl EventReader {
         self.miss();
         let store = Arc::clone(&self.store);
         self.logs
-            .run((channel_id, after_seq, limit), &self.stats, async move {
+            .run((channel_id, after_seq, limit), self.sharing(), async move {
                 let page = store.log(channel_id, after_seq, limit).await?;
                 Ok(Arc::new((
                     page.items.into_iter().map(Delivery::new).collect(),
@@ -116,7 +131,7 @@ impl EventReader {
         self.histories
             .run(
                 (channel_id, q.before_seq, q.after_seq, q.limit),
-                &self.stats,
+                self.sharing(),
                 async move { Ok(Arc::new(store.history(channel_id, q).await?)) },
             )
             .await
@@ -143,9 +158,12 @@ impl<K: Eq + Hash + Copy, V: Clone> Coalescer<K, V> {
     async fn run(
         &self,
         key: K,
-        stats: &Stats,
+        sharing: Option<&Stats>,
         read: impl Future<Output = Result<V, StoreError>>,
     ) -> Result<V, StoreError> {
+        let Some(stats) = sharing else {
+            return read.await;
+        };
         let waiter = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             match in_flight.get_mut(&key) {
@@ -222,7 +240,7 @@ mod tests {
         let one = |_: usize| {
             let mut gate = gate.clone();
             let reads = &reads;
-            coalescer.run(7, &stats, async move {
+            coalescer.run(7, Some(&stats), async move {
                 reads.fetch_add(1, Ordering::SeqCst);
                 let _ = gate.wait_for(|open| *open).await;
                 Ok(42)

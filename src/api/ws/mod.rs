@@ -18,6 +18,7 @@ use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tracing::Instrument;
 
 use self::session::{End, Session};
 use super::AppState;
@@ -50,7 +51,10 @@ pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Res
         .read_buffer_size(1024)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(2 * WRITE_BUFFER + max)
-        .on_upgrade(move |socket: WebSocket| run(socket, state))
+        // The session logs under the upgrade request's span (its request id).
+        .on_upgrade(move |socket: WebSocket| {
+            run(socket, state).instrument(tracing::Span::current())
+        })
 }
 
 /// A frame from the client, as the session sees it.

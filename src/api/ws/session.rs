@@ -15,6 +15,7 @@ use super::{Incoming, malformed, next_frame};
 use crate::api::AppState;
 use crate::api::error::ApiError;
 use crate::api::messages::admit_send;
+use crate::config::Feature;
 use crate::gateway::hub::ConnId;
 use crate::gateway::outbox::{Delivery, Item, Outbox};
 use crate::gateway::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
@@ -240,7 +241,9 @@ impl Session {
                     .typing
                     .get(&id)
                     .is_some_and(|t| now - *t < TYPING_EVERY);
-                if self.positions.contains_key(&id) && !recent {
+                // With the `typing` flag off, typing signals are taken and dropped.
+                let on = self.state.config.features.enabled(Feature::Typing);
+                if on && self.positions.contains_key(&id) && !recent {
                     self.typing.insert(id, now);
                     self.state.gateway.bus.typing(id, self.user.id);
                 }

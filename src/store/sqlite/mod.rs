@@ -1,6 +1,7 @@
 //! The embedded backend: one SQLite file in WAL mode with `synchronous=FULL`. Writes go
 //! through the group-commit [`writer`]; reads through a pool of read-only connections.
 
+pub mod backup;
 mod checkpoint;
 mod hot;
 mod read;
@@ -18,6 +19,7 @@ use rusqlite::{Connection, OpenFlags};
 use self::checkpoint::Checkpointer;
 use self::read::ReadPool;
 use self::write::{Done, Op};
+pub use self::writer::WriteStats;
 use self::writer::Writer;
 use super::{Accounts, Channels, NewSession, Posted, Result, StoreError, TokenHash};
 use crate::model::{
@@ -37,6 +39,8 @@ pub struct SqliteOptions {
     pub read_connections: usize,
     /// Receives every committed event, in commit order (the real-time fan-out).
     pub on_commit: Option<super::OnCommit>,
+    /// The writer's counters (shared with `/metrics`).
+    pub stats: Arc<WriteStats>,
 }
 
 impl SqliteOptions {
@@ -47,6 +51,7 @@ impl SqliteOptions {
             write_queue: 16_384,
             read_connections: 4,
             on_commit: None,
+            stats: Arc::default(),
         }
     }
 }
@@ -79,8 +84,13 @@ impl SqliteStore {
         let reads = (0..opts.read_connections.max(1))
             .map(|_| open_reader(&opts.path))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let (writer, handle) =
-            Writer::start(conn, opts.node_id, opts.write_queue, opts.on_commit.clone());
+        let (writer, handle) = Writer::start(
+            conn,
+            opts.node_id,
+            opts.write_queue,
+            opts.on_commit.clone(),
+            Arc::clone(&opts.stats),
+        );
         Ok(Self {
             writer,
             reads: ReadPool::new(reads),

@@ -8,7 +8,10 @@
 //! commit answers every op of the batch with an error: nothing unacknowledged is claimed
 //! and nothing acknowledged is lost.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
@@ -16,7 +19,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::hot::Hot;
 use super::write::{self, Done, HotUse, Op};
 use crate::id::Snowflake;
-use crate::model::Event;
+use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_one};
+use crate::model::{Event, EventBody};
 use crate::store::{OnCommit, Result, StoreError};
 
 /// Most ops one transaction takes; bounds the time a caller waits behind a batch.
@@ -37,10 +41,115 @@ struct Job {
     reply: oneshot::Sender<Result<Done>>,
 }
 
+/// The writer's counters, for `/metrics`.
+#[derive(Debug)]
+pub struct WriteStats {
+    /// Writes queued and not yet taken by the writer.
+    queued: AtomicI64,
+    /// The queue's bound, set when the writer starts.
+    capacity: AtomicI64,
+    /// Writes refused because the queue was full (503 `overloaded`).
+    overloaded: AtomicU64,
+    /// Ops per commit.
+    batch_ops: Histogram,
+    /// Time from `BEGIN` to `COMMIT` returning, per commit.
+    commit_seconds: Histogram,
+    /// Transactions that could not commit (their writers got an error).
+    failed_commits: AtomicU64,
+    /// New messages committed (an idempotent resend is not new).
+    messages_accepted: AtomicU64,
+    /// Events committed to channel logs.
+    events_committed: AtomicU64,
+}
+
+impl Default for WriteStats {
+    fn default() -> Self {
+        Self {
+            queued: AtomicI64::new(0),
+            capacity: AtomicI64::new(0),
+            overloaded: AtomicU64::new(0),
+            batch_ops: Histogram::new(BATCH_BUCKETS),
+            commit_seconds: Histogram::new(LATENCY_BUCKETS),
+            failed_commits: AtomicU64::new(0),
+            messages_accepted: AtomicU64::new(0),
+            events_committed: AtomicU64::new(0),
+        }
+    }
+}
+
+impl WriteStats {
+    /// Writes waiting for the writer right now.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let count = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        render_one(
+            out,
+            "natter_write_queue_depth",
+            "gauge",
+            "Writes queued for the group-commit writer.",
+            self.queued(),
+        );
+        render_one(
+            out,
+            "natter_write_queue_capacity",
+            "gauge",
+            "Writes the queue holds before new ones are refused as overloaded.",
+            self.capacity.load(Ordering::Relaxed),
+        );
+        render_one(
+            out,
+            "natter_write_overloaded_total",
+            "counter",
+            "Writes refused because the write queue was full (503 overloaded).",
+            count(&self.overloaded),
+        );
+        render_header(
+            out,
+            "natter_commit_batch_ops",
+            "histogram",
+            "Writes committed together in one transaction (group commit).",
+        );
+        self.batch_ops.render(out, "natter_commit_batch_ops", "");
+        render_header(
+            out,
+            "natter_commit_duration_seconds",
+            "histogram",
+            "Time to apply and commit one group-commit transaction.",
+        );
+        self.commit_seconds
+            .render(out, "natter_commit_duration_seconds", "");
+        render_one(
+            out,
+            "natter_commit_failures_total",
+            "counter",
+            "Transactions that failed to commit; their writers were answered with an error.",
+            count(&self.failed_commits),
+        );
+        render_one(
+            out,
+            "natter_messages_accepted_total",
+            "counter",
+            "New messages committed (idempotent resends excluded).",
+            count(&self.messages_accepted),
+        );
+        render_one(
+            out,
+            "natter_events_committed_total",
+            "counter",
+            "Events committed to channel logs.",
+            count(&self.events_committed),
+        );
+    }
+}
+
 /// The async side of the writer: submits ops and awaits their commit.
 #[derive(Clone)]
 pub(super) struct Writer {
     tx: mpsc::Sender<Job>,
+    stats: Arc<WriteStats>,
 }
 
 impl Writer {
@@ -51,22 +160,41 @@ impl Writer {
         node_id: u16,
         capacity: usize,
         on_commit: Option<OnCommit>,
+        stats: Arc<WriteStats>,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
+        stats
+            .capacity
+            .store(capacity.max(1) as i64, Ordering::Relaxed);
+        let state = State {
+            conn,
+            ids: Snowflake::new(node_id),
+            hot: Hot::default(),
+            on_commit,
+            stats: Arc::clone(&stats),
+        };
         let handle = std::thread::Builder::new()
             .name("natter-writer".into())
-            .spawn(move || run(conn, Snowflake::new(node_id), on_commit, rx))
+            .spawn(move || run(state, rx))
             .expect("spawn the writer thread");
-        (Self { tx }, handle)
+        (Self { tx, stats }, handle)
     }
 
     /// Queues `op` and waits until it is committed (or refused).
     pub async fn submit(&self, op: Op) -> Result<Done> {
         let (reply, answer) = oneshot::channel();
-        self.tx.try_send(Job { op, reply }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => StoreError::Unavailable,
-        })?;
+        // Counted before the send, so the writer never takes a job it was not counted for.
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.tx.try_send(Job { op, reply }) {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                    StoreError::Overloaded
+                }
+                mpsc::error::TrySendError::Closed(_) => StoreError::Unavailable,
+            });
+        }
         answer.await.map_err(|_| StoreError::Unavailable)?
     }
 }
@@ -77,12 +205,23 @@ struct State {
     ids: Snowflake,
     hot: Hot,
     on_commit: Option<OnCommit>,
+    stats: Arc<WriteStats>,
 }
 
 impl State {
     /// Hands a committed batch's events on, before any of its writers is answered: a
     /// client that got an ack can rely on every reader of the events having them.
     fn committed(&self, events: Vec<Event>) {
+        let messages = events
+            .iter()
+            .filter(|e| matches!(e.body, EventBody::MessageCreated(_)))
+            .count();
+        self.stats
+            .messages_accepted
+            .fetch_add(messages as u64, Ordering::Relaxed);
+        self.stats
+            .events_committed
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
         if let Some(f) = &self.on_commit
             && !events.is_empty()
         {
@@ -91,13 +230,7 @@ impl State {
     }
 }
 
-fn run(conn: Connection, ids: Snowflake, on_commit: Option<OnCommit>, mut rx: mpsc::Receiver<Job>) {
-    let mut state = State {
-        conn,
-        ids,
-        hot: Hot::default(),
-        on_commit,
-    };
+fn run(mut state: State, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -107,6 +240,10 @@ fn run(conn: Connection, ids: Snowflake, on_commit: Option<OnCommit>, mut rx: mp
                 Err(_) => break,
             }
         }
+        state
+            .stats
+            .queued
+            .fetch_sub(batch.len() as i64, Ordering::Relaxed);
         commit_batch(&mut state, &mut batch);
     }
     tracing::debug!("writer stopped: queue closed and drained");
@@ -155,10 +292,18 @@ type Committed = (Vec<Result<Done>>, Vec<Event>);
 /// Applies every op in one transaction. `Err` means nothing was committed; `Ok` holds each
 /// op's own answer (an op whose checks failed wrote nothing) and the committed events.
 fn apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFailed> {
+    let started = Instant::now();
     let result = try_apply_all(state, batch);
     if result.is_err() {
         // Rolled back: the hot state may hold changes that never reached the disk.
         state.hot.clear();
+        state.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+    } else {
+        state
+            .stats
+            .commit_seconds
+            .observe_duration(started.elapsed());
+        state.stats.batch_ops.observe(batch.len() as f64);
     }
     result
 }

@@ -1,0 +1,105 @@
+//! Online backup: a consistent snapshot of a live database, by SQLite's backup API.
+//!
+//! The copy runs in one step, so it reads one snapshot under one read transaction: in WAL
+//! mode the server's writer goes on committing meanwhile, and none of those commits is
+//! half in the copy. The copy goes to a temporary file, is checked with
+//! `PRAGMA integrity_check`, synced, and only then renamed into place; a failed backup
+//! leaves no `natter.db` behind that could be mistaken for a good one.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rusqlite::backup::{Backup, StepResult};
+use rusqlite::{Connection, OpenFlags};
+
+/// What a backup copied.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    /// The new database file.
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub channels: i64,
+    pub events: i64,
+    pub took: Duration,
+}
+
+/// How long a busy or locked source is retried before the backup gives up.
+const BUSY_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Copies the database at `source` into `dest` (a file that must not exist yet).
+pub fn backup(source: &Path, dest: &Path) -> anyhow::Result<BackupReport> {
+    let started = Instant::now();
+    if !source.is_file() {
+        bail!("no database at {}", source.display());
+    }
+    if dest.exists() {
+        bail!(
+            "{} already exists; a backup never overwrites",
+            dest.display()
+        );
+    }
+    let src = Connection::open_with_flags(
+        source,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("open {}", source.display()))?;
+    src.busy_timeout(Duration::from_secs(5))?;
+    let partial = dest.with_extension("db.partial");
+    let _ = std::fs::remove_file(&partial);
+    let (channels, events) = match copy_and_check(&src, &partial) {
+        Ok(counts) => counts,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::File::open(&partial)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("sync {}", partial.display()))?;
+    std::fs::rename(&partial, dest).with_context(|| format!("rename to {}", dest.display()))?;
+    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("sync directory {}", dir.display()))?;
+    }
+    Ok(BackupReport {
+        path: dest.to_owned(),
+        bytes: std::fs::metadata(dest)?.len(),
+        channels,
+        events,
+        took: started.elapsed(),
+    })
+}
+
+/// Copies `src` into a new file at `path` and checks the copy; returns its channel and
+/// event counts.
+fn copy_and_check(src: &Connection, path: &Path) -> anyhow::Result<(i64, i64)> {
+    let mut dst = Connection::open(path).with_context(|| format!("create {}", path.display()))?;
+    {
+        let copy = Backup::new(src, &mut dst)?;
+        let deadline = Instant::now() + BUSY_RETRY_FOR;
+        loop {
+            match copy.step(-1).context("copy pages")? {
+                StepResult::Done => break,
+                StepResult::More => {}
+                StepResult::Busy | StepResult::Locked if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                StepResult::Busy | StepResult::Locked => {
+                    bail!("the database stayed locked for {BUSY_RETRY_FOR:?}")
+                }
+                other => bail!("unexpected backup step result {other:?}"),
+            }
+        }
+    }
+    // The copy is a whole database in one file: no write-ahead log to carry around.
+    dst.pragma_update(None, "journal_mode", "DELETE")?;
+    let verdict: String = dst.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if verdict != "ok" {
+        bail!("the copy failed its integrity check: {verdict}");
+    }
+    let channels = dst.query_row("SELECT count(*) FROM channels", [], |r| r.get(0))?;
+    let events = dst.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+    Ok((channels, events))
+}
