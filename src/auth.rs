@@ -62,6 +62,40 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
         .is_ok()
 }
 
+/// A password or a token: serialized as the plain string, but its `Debug` never shows it,
+/// so a `?value` in a log line cannot leak one.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
 /// A new bearer token: 32 random bytes as 64 hex characters.
 pub fn new_token() -> String {
     let mut bytes = [0u8; 32];
@@ -87,6 +121,17 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_never_shows_in_debug_output() {
+        let s = Secret::from("hunter22-very-secret");
+        assert!(!format!("{s:?}").contains("hunter22"));
+        assert_eq!(s.expose(), "hunter22-very-secret");
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            "\"hunter22-very-secret\""
+        );
+    }
 
     #[test]
     fn hashes_verify_only_the_right_password() {

@@ -112,11 +112,11 @@ impl Histogram {
     }
 }
 
-/// HTTP requests by route (the route's pattern, never the raw path) and status, with a
-/// latency histogram per route.
+/// HTTP requests by method, route (the route's pattern, never the raw path) and status,
+/// with a latency histogram per method and route.
 #[derive(Debug, Default)]
 pub struct HttpMetrics {
-    routes: Mutex<BTreeMap<String, RouteStats>>,
+    routes: Mutex<BTreeMap<(String, String), RouteStats>>,
 }
 
 #[derive(Debug)]
@@ -126,11 +126,12 @@ struct RouteStats {
 }
 
 impl HttpMetrics {
-    pub fn observe(&self, route: &str, status: u16, took: Duration) {
+    pub fn observe(&self, method: &str, route: &str, status: u16, took: Duration) {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let stats = match routes.get_mut(route) {
+        let key = (method.to_owned(), route.to_owned());
+        let stats = match routes.get_mut(&key) {
             Some(s) => s,
-            None => routes.entry(route.to_owned()).or_insert(RouteStats {
+            None => routes.entry(key).or_insert(RouteStats {
                 statuses: BTreeMap::new(),
                 latency: Histogram::new(LATENCY_BUCKETS),
             }),
@@ -145,15 +146,15 @@ impl HttpMetrics {
             out,
             "natter_http_requests_total",
             "counter",
-            "HTTP requests answered, by route and status.",
+            "HTTP requests answered, by method, route and status.",
         );
-        for (route, stats) in routes.iter() {
-            let route = escape_label(route);
+        for ((method, route), stats) in routes.iter() {
+            let labels = labels(method, route);
             for (status, n) in &stats.statuses {
                 render_value(
                     out,
                     "natter_http_requests_total",
-                    &format!("route=\"{route}\",status=\"{status}\""),
+                    &format!("{labels},status=\"{status}\""),
                     n,
                 );
             }
@@ -162,16 +163,24 @@ impl HttpMetrics {
             out,
             "natter_http_request_duration_seconds",
             "histogram",
-            "Time from a request's arrival to its answer, by route.",
+            "Time from a request's arrival to its answer, by method and route.",
         );
-        for (route, stats) in routes.iter() {
+        for ((method, route), stats) in routes.iter() {
             stats.latency.render(
                 out,
                 "natter_http_request_duration_seconds",
-                &format!("route=\"{}\"", escape_label(route)),
+                &labels(method, route),
             );
         }
     }
+}
+
+fn labels(method: &str, route: &str) -> String {
+    format!(
+        "method=\"{}\",route=\"{}\"",
+        escape_label(method),
+        escape_label(route)
+    )
 }
 
 /// Which edge limit refused a request.
@@ -246,14 +255,25 @@ mod tests {
     #[test]
     fn http_metrics_count_by_route_and_status() {
         let m = HttpMetrics::default();
-        m.observe("/v1/a", 200, Duration::from_millis(1));
-        m.observe("/v1/a", 200, Duration::from_millis(2));
-        m.observe("/v1/a", 404, Duration::from_millis(2));
+        m.observe("GET", "/v1/a", 200, Duration::from_millis(1));
+        m.observe("GET", "/v1/a", 200, Duration::from_millis(2));
+        m.observe("GET", "/v1/a", 404, Duration::from_millis(2));
+        m.observe("POST", "/v1/a", 201, Duration::from_millis(2));
         let mut out = String::new();
         m.render(&mut out);
-        assert!(out.contains("natter_http_requests_total{route=\"/v1/a\",status=\"200\"} 2\n"));
-        assert!(out.contains("natter_http_requests_total{route=\"/v1/a\",status=\"404\"} 1\n"));
-        assert!(out.contains("natter_http_request_duration_seconds_count{route=\"/v1/a\"} 3\n"));
+        let get = "method=\"GET\",route=\"/v1/a\"";
+        assert!(out.contains(&format!(
+            "natter_http_requests_total{{{get},status=\"200\"}} 2\n"
+        )));
+        assert!(out.contains(&format!(
+            "natter_http_requests_total{{{get},status=\"404\"}} 1\n"
+        )));
+        assert!(out.contains(&format!(
+            "natter_http_request_duration_seconds_count{{{get}}} 3\n"
+        )));
+        assert!(out.contains(
+            "natter_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/a\"} 1\n"
+        ));
     }
 
     #[test]

@@ -36,14 +36,14 @@ async fn register(
     JsonBody(body): JsonBody<Credentials>,
 ) -> ApiResult<(StatusCode, Json<Session>)> {
     validate::username(&body.username)?;
-    validate::password(&body.password)?;
+    validate::password(body.password.expose())?;
     state
         .signups_by_ip
         .take(&ip, Instant::now())
         .map_err(|w| state.rate_limited(Limit::Signup, w))?;
     let cost = state.config.hash_cost;
     let password = body.password;
-    let hash = tokio::task::spawn_blocking(move || hash_password(&password, cost))
+    let hash = tokio::task::spawn_blocking(move || hash_password(password.expose(), cost))
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "hash password task failed");
@@ -62,7 +62,7 @@ async fn register(
         StatusCode::CREATED,
         Json(Session {
             user: (&user).into(),
-            token,
+            token: token.into(),
         }),
     ))
 }
@@ -76,7 +76,7 @@ async fn login(
     ClientIp(ip): ClientIp,
     JsonBody(body): JsonBody<Credentials>,
 ) -> ApiResult<Json<Session>> {
-    if body.username.len() > 32 || body.password.len() > 4096 {
+    if body.username.len() > 32 || body.password.expose().len() > 4096 {
         return Err(ApiError::invalid_credentials());
     }
     let name = body.username.to_ascii_lowercase();
@@ -92,9 +92,9 @@ async fn login(
     let dummy = state.dummy_hash.clone();
     // An unknown name is checked against a dummy hash, so both failures take as long.
     let verified = tokio::task::spawn_blocking(move || match found {
-        Some((user, hash)) => verify_password(&password, &hash).then_some(user),
+        Some((user, hash)) => verify_password(password.expose(), &hash).then_some(user),
         None => {
-            verify_password(&password, &dummy);
+            verify_password(password.expose(), &dummy);
             None
         }
     })
@@ -116,7 +116,7 @@ async fn login(
         .await?;
     Ok(Json(Session {
         user: (&user).into(),
-        token,
+        token: token.into(),
     }))
 }
 

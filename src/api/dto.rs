@@ -29,7 +29,8 @@ impl From<&model::User> for User {
 pub struct Session {
     pub user: User,
     /// Opaque bearer token for `Authorization: Bearer <token>`.
-    pub token: String,
+    #[schema(value_type = String)]
+    pub token: crate::auth::Secret,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -38,7 +39,8 @@ pub struct Credentials {
     /// 3–32 characters of `a-z 0-9 _ . -`, compared case-insensitively.
     pub username: String,
     /// 8–1024 characters.
-    pub password: String,
+    #[schema(value_type = String)]
+    pub password: crate::auth::Secret,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

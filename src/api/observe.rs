@@ -27,6 +27,7 @@ pub(super) async fn observe(State(state): State<AppState>, req: Request, next: N
         .get::<MatchedPath>()
         .map_or("unmatched", |m| m.as_str())
         .to_owned();
+    let method = req.method().clone();
     let id = req
         .headers()
         .get(REQUEST_ID)
@@ -43,7 +44,9 @@ pub(super) async fn observe(State(state): State<AppState>, req: Request, next: N
     let status = response.status();
     response.headers_mut().insert(REQUEST_ID, id);
     let took = started.elapsed();
-    state.http.observe(&route, status.as_u16(), took);
+    state
+        .http
+        .observe(method.as_str(), &route, status.as_u16(), took);
     let _enter = span.enter();
     if status.is_server_error() {
         tracing::warn!(target: "natter::access", status = status.as_u16(), ms = took.as_secs_f64() * 1e3, "answered");

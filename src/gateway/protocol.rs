@@ -14,7 +14,7 @@ use crate::model;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientOp {
     Hello {
-        token: String,
+        token: crate::auth::Secret,
         /// Channel id (decimal string) → the last seq the client holds.
         #[serde(default)]
         resume: HashMap<String, i64>,

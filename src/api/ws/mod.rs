@@ -158,7 +158,7 @@ where
             Err(e) => return refuse(&mut socket, close::MALFORMED, &e).await,
         };
     }
-    let authed = match authenticate(&state, &token).await {
+    let authed = match authenticate(&state, token.expose()).await {
         Ok(a) => a,
         Err(e) if e.code == "unauthorized" => {
             return refuse(&mut socket, close::BAD_TOKEN, &e).await;
