@@ -39,6 +39,17 @@ pub struct ServeArgs {
     /// public network).
     #[arg(long, env = "NATTER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Addresses of reverse proxies (nginx, a load balancer) whose `X-Forwarded-For` is
+    /// believed: a request from one of them is rate-limited by the client address it
+    /// forwards, not by the proxy's. Comma-separated or repeated.
+    #[arg(
+        long = "trusted-proxy",
+        env = "NATTER_TRUSTED_PROXIES",
+        value_name = "IP",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Directory holding the SQLite database (`natter.db`); created if missing.
     #[arg(long, env = "NATTER_DATA_DIR", default_value = "natter-data")]
     pub data_dir: PathBuf,
@@ -174,6 +185,7 @@ impl ServeArgs {
 pub struct Config {
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     pub data_dir: PathBuf,
     pub node_id: u16,
     pub write_queue: usize,
@@ -339,6 +351,7 @@ impl Config {
         Ok(Self {
             listen: a.listen,
             metrics_listen: a.metrics_listen,
+            trusted_proxies: a.trusted_proxies.clone(),
             data_dir: a.data_dir.clone(),
             node_id: a.node_id,
             write_queue: a.write_queue,

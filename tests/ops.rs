@@ -463,3 +463,41 @@ async fn logs_of_a_whole_session_hold_no_password_or_token_and_name_the_request_
         "the access line names the request id"
     );
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_limits_apply_per_forwarded_client() {
+    let server = TestServer::start_with(|c| {
+        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        c.limits.signups_per_ip = Rate {
+            per_second: 0.001,
+            burst: 1.0,
+        };
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let signup = |name: &'static str, forwarded: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/v1/users", server.base());
+        async move {
+            http.post(url)
+                .header("x-forwarded-for", forwarded)
+                .json(&json!({"username": name, "password": "password-long-enough"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(signup("first", "198.51.100.7").await, StatusCode::CREATED);
+    assert_eq!(
+        signup("second", "198.51.100.7").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the same client through the proxy"
+    );
+    assert_eq!(
+        signup("third", "203.0.113.9").await,
+        StatusCode::CREATED,
+        "another client through the same proxy"
+    );
+    server.stop().await;
+}

@@ -120,20 +120,55 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<Authed, ApiEr
     Ok(Authed { user, token })
 }
 
-/// The peer address of the connection (unspecified when the server runs without one).
+/// The client's address: the connection's peer, or, when the peer is a trusted proxy
+/// (`--trusted-proxy`), the rightmost address in `X-Forwarded-For` that is not one
+/// (unspecified when the server runs without a peer address).
 pub struct ClientIp(pub IpAddr);
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+impl FromRequestParts<AppState> for ClientIp {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let ip = parts
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip())
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        Ok(Self(ip))
+        let trusted = &state.config.trusted_proxies;
+        let forwarded = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        Ok(Self(client_ip(peer, forwarded, trusted)))
     }
+}
+
+/// Walks `X-Forwarded-For` from the right (the hop nearest us) past trusted proxies; an
+/// entry that is not an address ends the walk at the last trusted hop, since whoever
+/// wrote it cannot be believed about anything further left.
+fn client_ip<'a>(
+    peer: IpAddr,
+    forwarded: impl DoubleEndedIterator<Item = &'a str>,
+    trusted: &[IpAddr],
+) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = forwarded.flat_map(|v| v.split(',')).collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !trusted.contains(&ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
 }
 
 /// The numeric ids of the path, in order. An id that is not a decimal number names
@@ -205,6 +240,30 @@ impl Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_address_comes_from_trusted_proxies_only() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = ip("10.0.0.1");
+        let trusted = [proxy, ip("10.0.0.2")];
+        let xff = |v: &'static [&'static str]| v.iter().copied();
+        // An untrusted peer's header is ignored.
+        assert_eq!(
+            client_ip(ip("1.2.3.4"), xff(&["9.9.9.9"]), &trusted),
+            ip("1.2.3.4")
+        );
+        // Through one proxy.
+        assert_eq!(client_ip(proxy, xff(&["5.6.7.8"]), &trusted), ip("5.6.7.8"));
+        // A client's forged entry on the left is skipped: the rightmost untrusted wins.
+        assert_eq!(
+            client_ip(proxy, xff(&["6.6.6.6, 5.6.7.8", "10.0.0.2"]), &trusted),
+            ip("5.6.7.8")
+        );
+        // Garbage stops the walk at the last trusted hop.
+        assert_eq!(client_ip(proxy, xff(&["5.6.7.8, junk"]), &trusted), proxy);
+        // No header: the proxy itself.
+        assert_eq!(client_ip(proxy, xff(&[]), &trusted), proxy);
+    }
     use serde::Deserialize;
 
     #[allow(dead_code)]
