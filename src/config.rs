@@ -43,7 +43,7 @@ pub struct ServeArgs {
     /// believed: a request from one of them is rate-limited by the client address it
     /// forwards, not by the proxy's. Comma-separated or repeated.
     #[arg(
-        long = "trusted-proxy",
+        long,
         env = "NATTER_TRUSTED_PROXIES",
         value_name = "IP",
         value_delimiter = ','
@@ -106,7 +106,7 @@ pub struct ServeArgs {
     /// Feature flags as `NAME=on|off`, comma-separated or repeated (known: typing,
     /// read-coalescing; both on unless turned off).
     #[arg(
-        long = "feature",
+        long,
         env = "NATTER_FEATURES",
         value_name = "NAME=on|off",
         value_delimiter = ','
@@ -257,7 +257,7 @@ impl Features {
         let features = Self::default();
         for toggle in toggles.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
             let bad = |message: String| ConfigError {
-                option: "--feature",
+                option: "--features",
                 message,
             };
             let (name, value) = toggle
@@ -432,7 +432,7 @@ mod tests {
         assert!(Features::default().enabled(Feature::Typing));
         for bad in ["typo=on", "typing", "typing=maybe"] {
             let e = Features::parse(&[bad.into()]).unwrap_err();
-            assert_eq!(e.option, "--feature", "{bad}");
+            assert_eq!(e.option, "--features", "{bad}");
         }
         assert!(
             Features::parse(&["typo=on".into()])

@@ -121,7 +121,7 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<Authed, ApiEr
 }
 
 /// The client's address: the connection's peer, or, when the peer is a trusted proxy
-/// (`--trusted-proxy`), the rightmost address in `X-Forwarded-For` that is not one
+/// (`--trusted-proxies`), the rightmost address in `X-Forwarded-For` that is not one
 /// (unspecified when the server runs without a peer address).
 pub struct ClientIp(pub IpAddr);
 
