@@ -116,7 +116,9 @@ impl Histogram {
 /// with a latency histogram per method and route.
 #[derive(Debug, Default)]
 pub struct HttpMetrics {
-    routes: Mutex<BTreeMap<(String, String), RouteStats>>,
+    /// Route → method → stats; looked up by `&str`, so a request allocates only the
+    /// first time its route and method are seen.
+    routes: Mutex<BTreeMap<String, BTreeMap<String, RouteStats>>>,
 }
 
 #[derive(Debug)]
@@ -128,10 +130,13 @@ struct RouteStats {
 impl HttpMetrics {
     pub fn observe(&self, method: &str, route: &str, status: u16, took: Duration) {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (method.to_owned(), route.to_owned());
-        let stats = match routes.get_mut(&key) {
+        let methods = match routes.get_mut(route) {
+            Some(m) => m,
+            None => routes.entry(route.to_owned()).or_default(),
+        };
+        let stats = match methods.get_mut(method) {
             Some(s) => s,
-            None => routes.entry(key).or_insert(RouteStats {
+            None => methods.entry(method.to_owned()).or_insert(RouteStats {
                 statuses: BTreeMap::new(),
                 latency: Histogram::new(LATENCY_BUCKETS),
             }),
@@ -148,7 +153,7 @@ impl HttpMetrics {
             "counter",
             "HTTP requests answered, by method, route and status.",
         );
-        for ((method, route), stats) in routes.iter() {
+        for (route, method, stats) in flatten(&routes) {
             let labels = labels(method, route);
             for (status, n) in &stats.statuses {
                 render_value(
@@ -165,7 +170,7 @@ impl HttpMetrics {
             "histogram",
             "Time from a request's arrival to its answer, by method and route.",
         );
-        for ((method, route), stats) in routes.iter() {
+        for (route, method, stats) in flatten(&routes) {
             stats.latency.render(
                 out,
                 "natter_http_request_duration_seconds",
@@ -173,6 +178,16 @@ impl HttpMetrics {
             );
         }
     }
+}
+
+type Routes = BTreeMap<String, BTreeMap<String, RouteStats>>;
+
+fn flatten(routes: &Routes) -> impl Iterator<Item = (&str, &str, &RouteStats)> {
+    routes.iter().flat_map(|(route, methods)| {
+        methods
+            .iter()
+            .map(move |(method, stats)| (route.as_str(), method.as_str(), stats))
+    })
 }
 
 fn labels(method: &str, route: &str) -> String {

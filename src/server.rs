@@ -74,9 +74,17 @@ pub async fn serve(
                 .with_context(|| format!("listen for /metrics on {at}"))?;
             tracing::info!(addr = %listener.local_addr()?, "metrics listening");
             let app = crate::api::metrics_app(state.clone());
-            Some(tokio::spawn(
-                async move { axum::serve(listener, app).await },
-            ))
+            // Stopped gracefully after the main server, so a scraper's idle keep-alive
+            // connection does not keep the app state (and the store) alive.
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await;
+                    })
+                    .await
+            });
+            Some((stop, task))
         }
         None => None,
     };
@@ -131,9 +139,14 @@ pub async fn serve(
     }
     purge.abort();
     let _ = purge.await;
-    if let Some(metrics) = metrics {
-        metrics.abort();
-        let _ = metrics.await;
+    if let Some((stop, mut task)) = metrics {
+        let _ = stop.send(());
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
     }
     // Every handler is done; the app state (and its store handle) is dropped with the
     // router, so ours is the last one and closing waits for the writer to drain.

@@ -154,10 +154,7 @@ async fn the_shipped_nginx_conf_proxies_tls_websockets_request_ids_and_client_ad
         // Plain HTTP is redirected.
         let plain = curl(&[&format!("http://127.0.0.1:{http}/readyz")]);
         assert!(plain.starts_with("HTTP/1.1 301"), "{plain}");
-        assert_eq!(
-            header(&plain, "location"),
-            Some("https://127.0.0.1/readyz")
-        );
+        assert_eq!(header(&plain, "location"), Some("https://127.0.0.1/readyz"));
         // The WebSocket upgrade goes through (HTTP/1.1, as browsers do).
         let upgrade = curl(&[
             "--http1.1",

@@ -501,3 +501,38 @@ async fn behind_a_trusted_proxy_limits_apply_per_forwarded_client() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_listen_serves_metrics_on_its_own_address_only() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let at: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = TestServer::start_with(|c| c.metrics_listen = Some(at)).await;
+    let main = reqwest::get(format!("{}/metrics", server.base()))
+        .await
+        .unwrap();
+    assert_eq!(
+        main.status(),
+        StatusCode::NOT_FOUND,
+        "not on the public address"
+    );
+    let mut scraped = None;
+    for _ in 0..100 {
+        if let Ok(r) = reqwest::get(format!("http://{at}/metrics")).await {
+            scraped = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let scraped = scraped.expect("the metrics address answers");
+    assert_eq!(scraped.status(), StatusCode::OK);
+    assert!(scraped.text().await.unwrap().contains("natter_build_info{"));
+    let other = reqwest::get(format!("http://{at}/v1/channels"))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_FOUND, "only /metrics there");
+    server.stop().await;
+}

@@ -22,11 +22,7 @@ const MAX_ID_LEN: usize = 128;
 
 pub(super) async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |m| m.as_str())
-        .to_owned();
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let method = req.method().clone();
     let id = req
         .headers()
@@ -34,24 +30,23 @@ pub(super) async fn observe(State(state): State<AppState>, req: Request, next: N
         .filter(|v| acceptable(v.as_bytes()))
         .cloned()
         .unwrap_or_else(new_id);
-    let span = tracing::info_span!(
-        "request",
-        id = id.to_str().unwrap_or_default(),
-        method = %req.method(),
-        route = %route,
-    );
+    // Only the id on the span (formatted once per request, so kept small); the access
+    // line names the method and route.
+    let span = tracing::info_span!("request", id = id.to_str().unwrap_or_default());
     let mut response = next.run(req).instrument(span.clone()).await;
     let status = response.status();
     response.headers_mut().insert(REQUEST_ID, id);
     let took = started.elapsed();
+    let route = route.as_ref().map_or("unmatched", |m| m.as_str());
     state
         .http
-        .observe(method.as_str(), &route, status.as_u16(), took);
+        .observe(method.as_str(), route, status.as_u16(), took);
     let _enter = span.enter();
-    if status.is_server_error() {
-        tracing::warn!(target: "natter::access", status = status.as_u16(), ms = took.as_secs_f64() * 1e3, "answered");
+    let (status, ms) = (status.as_u16(), took.as_secs_f64() * 1e3);
+    if status >= 500 {
+        tracing::warn!(target: "natter::access", %method, route, status, ms, "answered");
     } else {
-        tracing::debug!(target: "natter::access", status = status.as_u16(), ms = took.as_secs_f64() * 1e3, "answered");
+        tracing::debug!(target: "natter::access", %method, route, status, ms, "answered");
     }
     response
 }
