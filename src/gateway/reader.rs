@@ -233,6 +233,15 @@ mod tests {
 
     #[tokio::test]
     async fn identical_concurrent_reads_share_one() {
+        five_identical_reads(true).await;
+    }
+
+    #[tokio::test]
+    async fn with_the_read_coalescing_flag_off_each_read_runs() {
+        five_identical_reads(false).await;
+    }
+
+    async fn five_identical_reads(sharing: bool) {
         let coalescer: Coalescer<u32, u64> = Coalescer::default();
         let stats = Stats::default();
         let reads = std::sync::atomic::AtomicU64::new(0);
@@ -240,7 +249,7 @@ mod tests {
         let one = |_: usize| {
             let mut gate = gate.clone();
             let reads = &reads;
-            coalescer.run(7, Some(&stats), async move {
+            coalescer.run(7, sharing.then_some(&stats), async move {
                 reads.fetch_add(1, Ordering::SeqCst);
                 let _ = gate.wait_for(|open| *open).await;
                 Ok(42)
@@ -253,11 +262,9 @@ mod tests {
         };
         let (answers, ()) = tokio::join!(all, opener);
         assert!(answers.iter().all(|a| matches!(a, Ok(42))));
-        assert_eq!(
-            reads.load(Ordering::SeqCst),
-            1,
-            "one store read for five callers"
-        );
-        assert_eq!(stats.coalesced_reads.load(Ordering::Relaxed), 4);
+        // Shared: one store read answers all five; unshared: five reads.
+        let (want_reads, want_joined) = if sharing { (1, 4) } else { (5, 0) };
+        assert_eq!(reads.load(Ordering::SeqCst), want_reads);
+        assert_eq!(stats.coalesced_reads.load(Ordering::Relaxed), want_joined);
     }
 }
