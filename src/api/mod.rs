@@ -12,6 +12,7 @@ mod messages;
 mod observe;
 mod sessions;
 pub mod validate;
+mod web;
 pub mod ws;
 
 use std::net::IpAddr;
@@ -196,6 +197,7 @@ pub fn app(state: AppState) -> Router {
         router
     };
     router
+        .merge(web::routes())
         .route(
             "/v1/openapi.json",
             axum::routing::get(move || {

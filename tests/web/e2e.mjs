@@ -1,0 +1,308 @@
+// The web client in a real browser (Debian's chromium through playwright-core), against a
+// real `natter serve` this script starts, stops and restarts. Run by tests/web.rs with
+// NATTER_BIN (the binary) and SCREENSHOT_DIR; exits non-zero on the first failed check.
+
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { chromium } from "playwright-core";
+
+const BIN = process.env.NATTER_BIN;
+const SHOTS = process.env.SCREENSHOT_DIR || "target/web-screenshots";
+const WAIT = 15_000;
+assert.ok(BIN, "NATTER_BIN names the natter binary");
+fs.mkdirSync(SHOTS, { recursive: true });
+
+function step(name) {
+  console.log(`-- ${name}`);
+}
+
+async function freePort() {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/// Starts `natter serve` and resolves once it listens.
+function startServer(dataDir, port) {
+  const child = spawn(BIN, ["serve", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir], {
+    env: {
+      ...process.env,
+      NATTER_INSECURE_FAST_PASSWORD_HASH: "1",
+      NATTER_SEND_RATE: "1000",
+      NATTER_SEND_BURST: "1000",
+      NATTER_LOG: "warn,natter::server=info",
+    },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  return new Promise((resolve, reject) => {
+    let log = "";
+    const timer = setTimeout(() => reject(new Error(`no listen line: ${log}`)), WAIT);
+    child.stderr.on("data", (chunk) => {
+      log += chunk;
+      if (log.includes("natter listening")) {
+        clearTimeout(timer);
+        resolve(child);
+      }
+    });
+    child.on("exit", (code) => reject(new Error(`natter exited ${code}: ${log}`)));
+  });
+}
+
+async function stopServer(child) {
+  const exited = new Promise((resolve) => child.on("exit", (code) => resolve(code)));
+  child.kill("SIGTERM");
+  assert.equal(await exited, 0, "natter drains and exits 0");
+}
+
+async function rest(base, token, method, p, body) {
+  const res = await fetch(base + p, {
+    method,
+    headers: {
+      authorization: `Bearer ${token}`,
+      ...(body ? { "content-type": "application/json" } : {}),
+    },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const text = await res.text();
+  assert.ok(res.ok, `${method} ${p}: ${res.status} ${text}`);
+  return text ? JSON.parse(text) : null;
+}
+
+async function register(page, base, name) {
+  await page.goto(base);
+  await page.fill("#username", name);
+  await page.fill("#password", `password-${name}`);
+  await page.click("#register-button");
+  await page.waitForSelector("#status:text('online')", { timeout: WAIT });
+}
+
+/// The texts of the open channel's messages, in order.
+async function texts(page) {
+  return page.$$eval("#messages li.message .text", (els) => els.map((e) => e.textContent));
+}
+
+async function openChannel(page, name) {
+  const button = page.locator(".channel-link", { hasText: name });
+  await button.waitFor({ timeout: WAIT });
+  await button.click();
+  await page.waitForFunction(
+    (n) => document.getElementById("channel-title").textContent.includes(n),
+    name,
+    { timeout: WAIT },
+  );
+}
+
+async function sendText(page, text) {
+  await page.fill("#text", text);
+  await page.press("#text", "Enter");
+}
+
+async function waitText(page, text) {
+  await page
+    .locator("#messages li.message .text", { hasText: text })
+    .first()
+    .waitFor({ timeout: WAIT });
+}
+
+async function count(page, text) {
+  return (await texts(page)).filter((t) => t === text).length;
+}
+
+const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), "natter-web-"));
+const port = await freePort();
+const base = `http://127.0.0.1:${port}`;
+let server = await startServer(dataDir, port);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+  ],
+});
+
+try {
+  const a = await (await browser.newContext({ viewport: { width: 1100, height: 700 } })).newPage();
+  const b = await (await browser.newContext({ viewport: { width: 1100, height: 700 } })).newPage();
+  for (const p of [a, b]) p.on("pageerror", (e) => console.error("page error:", e.message));
+
+  step("the page and its assets come from the binary, with a strict CSP");
+  const index = await fetch(base + "/");
+  assert.equal(index.status, 200);
+  assert.match(index.headers.get("content-security-policy"), /script-src 'self'/);
+  assert.equal((await fetch(base + "/app.js")).status, 200);
+  await a.goto(base);
+  await a.screenshot({ path: path.join(SHOTS, "login.png") });
+
+  step("register two users in two browser contexts");
+  await register(a, base, "alice");
+  await register(b, base, "bob");
+
+  step("group channel: create, add a member, chat live both ways");
+  await a.fill("#new-channel-name", "general");
+  await a.press("#new-channel-name", "Enter");
+  await a.waitForFunction(() => document.getElementById("channel-title").textContent.includes("general"));
+  await a.fill("#add-member-username", "bob");
+  await a.press("#add-member-username", "Enter");
+  await openChannel(b, "general");
+  await sendText(a, "hello bob");
+  await waitText(b, "hello bob");
+  await sendText(b, "hi alice");
+  await waitText(a, "hi alice");
+  assert.deepEqual(await texts(a), ["hello bob", "hi alice"]);
+  assert.deepEqual(await texts(b), ["hello bob", "hi alice"]);
+
+  step("typing indicator");
+  // The server passes one typing signal per channel per 1.5 s, and the client sends one
+  // every 2 s while keys are pressed: keep typing until bob sees it.
+  let seen = false;
+  for (let i = 0; i < 20 && !seen; i++) {
+    await a.type("#text", "x");
+    seen = await b
+      .waitForSelector("#typing:text('alice is typing')", { timeout: 500 })
+      .then(() => true, () => false);
+  }
+  assert.ok(seen, "bob sees alice typing");
+  await a.fill("#text", "");
+
+  step("a direct message by username, with an unread badge until it is seen");
+  await b.fill("#new-dm-username", "alice");
+  await b.press("#new-dm-username", "Enter");
+  await b.waitForFunction(() => document.getElementById("channel-title").textContent.includes("alice"));
+  await sendText(b, "psst");
+  await waitText(b, "psst");
+  const dm = a.locator(".channel-link", { hasText: "bob" });
+  await dm.locator(".badge:text('1')").waitFor({ timeout: WAIT });
+  await dm.click();
+  await waitText(a, "psst");
+  await a.waitForFunction(() => !document.querySelector(".channel-link[aria-current] .badge"));
+  await sendText(a, "psst back");
+  await waitText(b, "psst back");
+  const aliceToken = await a.evaluate(() => localStorage.getItem("natter.token"));
+  const bobToken = await b.evaluate(() => localStorage.getItem("natter.token"));
+  // The read marker advanced in the store as the message was seen.
+  let dmRow;
+  for (let i = 0; i < 50; i++) {
+    const { channels } = await rest(base, aliceToken, "GET", "/v1/channels");
+    dmRow = channels.find((c) => c.kind === "dm");
+    if (dmRow.read_seq >= dmRow.last_seq - 1) break; // all but alice's own last message
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.equal(dmRow.unread, 0, "alice has read the DM");
+  await a.screenshot({ path: path.join(SHOTS, "chat.png") });
+
+  step("a message that looks like HTML stays text");
+  await openChannel(a, "general");
+  await openChannel(b, "general");
+  const xss = `<img src=x onerror="window.__xss=1">`;
+  await sendText(a, xss);
+  await waitText(b, xss);
+  for (const p of [a, b]) {
+    assert.equal(await p.evaluate(() => window.__xss), undefined);
+    assert.equal(await p.locator("#messages img").count(), 0);
+    assert.equal(await count(p, xss), 1);
+  }
+
+  step("edit and delete own messages");
+  const mine = a.locator("#messages li.message", { hasText: "hello bob" });
+  await mine.getByRole("button", { name: "Edit message" }).click();
+  await a.fill("#messages form.edit input", "hello bob, edited");
+  await a.press("#messages form.edit input", "Enter");
+  await waitText(b, "hello bob, edited");
+  const x = a.locator("#messages li.message", { hasText: xss });
+  await x.getByRole("button", { name: "Delete message" }).click();
+  await b.waitForFunction((t) => ![...document.querySelectorAll("#messages .text")].some((e) => e.textContent === t), xss);
+  await waitText(b, "(deleted)");
+
+  step("scrolling up loads older history with no gap and no duplicate");
+  const hist = await rest(base, aliceToken, "POST", "/v1/channels", { name: "history", kind: "group", members: [] });
+  const sent = [];
+  for (let i = 0; i < 137; i++) {
+    const t = `h-${String(i).padStart(3, "0")}`;
+    sent.push(t);
+    await rest(base, aliceToken, "POST", `/v1/channels/${hist.id}/messages`, { text: t, client_id: t });
+  }
+  await openChannel(a, "history");
+  await waitText(a, "h-136");
+  assert.equal((await texts(a)).length, 50, "one page at first");
+  for (let i = 0; i < 20; i++) {
+    const before = (await texts(a)).length;
+    if (before === sent.length) break;
+    await a.evaluate(() => {
+      const list = document.getElementById("messages");
+      list.scrollTop = 0;
+      list.dispatchEvent(new Event("scroll"));
+    });
+    await a.waitForFunction((n) => document.querySelectorAll("#messages li.message").length > n, before, { timeout: WAIT });
+  }
+  assert.deepEqual(await texts(a), sent, "every message once, in order");
+  const seqs = await a.$$eval("#messages li.message", (els) => els.map((e) => Number(e.dataset.seq)));
+  assert.deepEqual(seqs, [...seqs].sort((x, y) => x - y));
+  assert.equal(new Set(seqs).size, seqs.length);
+  assert.equal(await a.locator("#messages li.more").count(), 0, "nothing older is left");
+
+  step("a message sent while the server restarts arrives exactly once");
+  await openChannel(a, "general");
+  await stopServer(server);
+  for (const p of [a, b]) {
+    await p.waitForFunction(() => !document.getElementById("status").textContent.includes("online"), null, { timeout: WAIT });
+  }
+  await a.screenshot({ path: path.join(SHOTS, "offline.png") });
+  await sendText(a, "sent while the server was down");
+  await a.locator("#messages li.pending", { hasText: "sent while the server was down" }).waitFor();
+  server = await startServer(dataDir, port);
+  await waitText(b, "sent while the server was down");
+  await a.waitForFunction(() => document.querySelectorAll("#messages li.pending").length === 0, null, { timeout: WAIT });
+  for (const p of [a, b]) await p.waitForSelector("#status:text('online')", { timeout: WAIT });
+  await new Promise((r) => setTimeout(r, 500)); // anything doubled would have come by now
+  for (const p of [a, b]) assert.equal(await count(p, "sent while the server was down"), 1);
+  const stored = await rest(base, bobToken, "GET", `/v1/channels/${(await rest(base, bobToken, "GET", "/v1/channels")).channels.find((c) => c.name === "general").id}/messages`);
+  assert.equal(stored.messages.filter((m) => m.text === "sent while the server was down").length, 1, "one row");
+  await sendText(b, "and we are back");
+  await waitText(a, "and we are back");
+  await a.fill("#text", "and the typing indicator shows on the other side…");
+  await b.screenshot({ path: path.join(SHOTS, "general.png") });
+  await a.fill("#text", "");
+
+  step("keyboard alone, on a phone-sized window");
+  const phone = await (await browser.newContext({ viewport: { width: 390, height: 780 }, isMobile: true })).newPage();
+  await phone.goto(base);
+  await phone.waitForSelector("#username:focus");
+  await phone.keyboard.type("carol");
+  await phone.keyboard.press("Tab");
+  await phone.keyboard.type("password-carol");
+  await phone.keyboard.press("Tab"); // "Log in"
+  await phone.keyboard.press("Tab"); // "Create account"
+  await phone.keyboard.press("Enter");
+  await phone.waitForSelector("#status:text('online')", { timeout: WAIT });
+  await phone.locator("#new-channel-name").focus();
+  await phone.keyboard.type("phones");
+  await phone.keyboard.press("Enter");
+  await phone.waitForSelector("#text:focus", { timeout: WAIT });
+  await phone.keyboard.type("typed on a phone");
+  await phone.keyboard.press("Enter");
+  await waitText(phone, "typed on a phone");
+  await phone.screenshot({ path: path.join(SHOTS, "phone.png") });
+  const labelled = await phone.$$eval("input, select, textarea", (els) =>
+    els.filter((e) => !(e.labels && e.labels.length) && !e.getAttribute("aria-label")).map((e) => e.id),
+  );
+  assert.deepEqual(labelled, [], "every control has a label");
+
+  console.log(`ok: screenshots in ${SHOTS}`);
+} finally {
+  await browser.close();
+  server.kill("SIGTERM");
+}

@@ -1,0 +1,608 @@
+// The Natter web client: plain ES module, no build step, no dependencies.
+//
+// REST for accounts, channels and history; one WebSocket for live events, sends and
+// read markers. Per channel the client keeps the last seq it has seen, resumes from it
+// after every reconnect, and keeps messages by id, so a replayed or resent message is
+// shown once. Sends carry a client_id: shown at once as pending, confirmed by the ack,
+// and resent with the same client_id after a reconnect (the server answers a resend
+// with the original). Message text only ever reaches the page as text nodes.
+
+const $ = (id) => document.getElementById(id);
+const PAGE = 50;
+
+const state = {
+  token: localStorage.getItem("natter.token"),
+  me: null,
+  channels: new Map(), // id → channel (with role, read_seq, unread, last_seq)
+  seen: new Map(), // channel id → last seq received over the socket (resume position)
+  current: null,
+  views: new Map(), // channel id → { messages: Map id → message, oldest, hasOlder, loaded }
+  pending: new Map(), // client_id → { channel_id, text }
+  users: new Map(), // user id → username (or a promise of it)
+  ws: null,
+  wsReady: false,
+  retry: 0,
+  typing: new Map(), // channel id → Map user id → timer
+  lastTypingSent: 0,
+  readSent: new Map(), // channel id → seq last sent as read
+};
+
+// ---- REST ------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body?.error?.message || `HTTP ${status}`);
+    this.status = status;
+    this.code = body?.error?.code;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  if (state.token) headers.authorization = `Bearer ${state.token}`;
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const res = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!res.ok) {
+    if (res.status === 401 && state.token && !path.startsWith("/v1/sessions")) logout();
+    throw new ApiError(res.status, data);
+  }
+  return data;
+}
+
+function newClientId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(12));
+  return "web-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function username(id) {
+  if (id === state.me?.id) return state.me.username;
+  if (!state.users.has(id)) {
+    state.users.set(
+      id,
+      api("GET", `/v1/users/${id}`).then((u) => u.username, () => `user ${id}`),
+    );
+  }
+  return state.users.get(id);
+}
+
+// ---- Log in and out --------------------------------------------------------------
+
+async function signIn(register) {
+  const username = $("username").value.trim();
+  const password = $("password").value;
+  $("login-error").textContent = "";
+  try {
+    const session = await api("POST", register ? "/v1/users" : "/v1/sessions", {
+      username,
+      password,
+    });
+    state.token = session.token;
+    localStorage.setItem("natter.token", session.token);
+    await start();
+  } catch (e) {
+    $("login-error").textContent = e.message;
+  }
+}
+
+function logout() {
+  if (state.token) {
+    fetch("/v1/sessions/current", {
+      method: "DELETE",
+      headers: { authorization: `Bearer ${state.token}` },
+    }).catch(() => {});
+  }
+  localStorage.removeItem("natter.token");
+  location.reload();
+}
+
+async function start() {
+  try {
+    state.me = await api("GET", "/v1/users/me");
+  } catch {
+    state.token = null;
+    localStorage.removeItem("natter.token");
+    $("login").hidden = false;
+    $("username").focus();
+    return;
+  }
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("me-name").textContent = state.me.username;
+  const { channels } = await api("GET", "/v1/channels");
+  for (const c of channels) addChannel(c);
+  renderChannels();
+  connect();
+}
+
+// ---- Channels --------------------------------------------------------------------
+
+function addChannel(c) {
+  const old = state.channels.get(c.id);
+  state.channels.set(c.id, { unread: 0, read_seq: 0, role: "member", ...old, ...c });
+  if (!state.seen.has(c.id)) state.seen.set(c.id, c.last_seq);
+}
+
+async function channelTitle(c) {
+  if (c.kind !== "dm") return (c.kind === "broadcast" ? "📢 " : "# ") + (c.name || "");
+  const { members } = await api("GET", `/v1/channels/${c.id}/members`).catch(() => ({
+    members: [],
+  }));
+  const other = members.find((m) => m.user.id !== state.me.id);
+  c.name = other ? other.user.username : "direct message";
+  return "@ " + c.name;
+}
+
+function renderChannels() {
+  const list = $("channels");
+  const sorted = [...state.channels.values()].sort(
+    (a, b) => (b.last_seq > 0) - (a.last_seq > 0) || (a.name || "").localeCompare(b.name || ""),
+  );
+  list.replaceChildren(
+    ...sorted.map((c) => {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "channel-link";
+      button.dataset.channel = c.id;
+      if (c.id === state.current) button.setAttribute("aria-current", "true");
+      const name = document.createElement("span");
+      name.className = "name";
+      name.textContent = c.kind === "dm" ? "@ " + (c.name || "…") : (c.kind === "broadcast" ? "📢 " : "# ") + c.name;
+      button.append(name);
+      if (c.unread > 0 && c.id !== state.current) {
+        const badge = document.createElement("span");
+        badge.className = "badge";
+        badge.textContent = String(c.unread);
+        badge.setAttribute("aria-label", `${c.unread} unread`);
+        button.append(badge);
+      }
+      button.addEventListener("click", () => openChannel(c.id));
+      li.append(button);
+      if (c.kind === "dm" && !c.name) channelTitle(c).then(() => renderChannels());
+      return li;
+    }),
+  );
+}
+
+async function openChannel(id) {
+  state.current = id;
+  document.body.classList.add("in-channel");
+  const c = state.channels.get(id);
+  $("channel-title").textContent = await channelTitle(c);
+  $("composer").hidden = c.kind === "broadcast" && c.role === "member";
+  $("add-member").hidden = c.kind === "dm" || c.role === "member";
+  $("channel-error").textContent = "";
+  renderTyping();
+  let view = state.views.get(id);
+  if (!view) {
+    view = { messages: new Map(), oldest: null, hasOlder: false, loaded: false };
+    state.views.set(id, view);
+  }
+  if (!view.loaded) {
+    const page = await api("GET", `/v1/channels/${id}/messages?limit=${PAGE}`);
+    for (const m of page.messages) upsert(view, m);
+    view.hasOlder = page.has_more;
+    view.loaded = true;
+  }
+  renderChannels();
+  renderMessages(true);
+  $("text").focus();
+  markRead();
+}
+
+// ---- Messages --------------------------------------------------------------------
+
+/// Keeps the newest state of a message: deletion wins, then the later edit.
+function upsert(view, m) {
+  const old = view.messages.get(m.id);
+  if (old && !m.deleted) {
+    if (old.deleted) return;
+    if ((old.edited_at || "") > (m.edited_at || "")) return;
+  }
+  view.messages.set(m.id, m);
+  if (view.oldest === null || m.seq < view.oldest) view.oldest = m.seq;
+}
+
+function renderMessages(toBottom) {
+  const list = $("messages");
+  const view = state.views.get(state.current);
+  if (!view) return list.replaceChildren();
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  const items = [...view.messages.values()].sort((a, b) => a.seq - b.seq).map(messageItem);
+  for (const [cid, p] of state.pending) {
+    if (p.channel_id === state.current) {
+      items.push(
+        messageItem({ id: cid, client_id: cid, author_id: state.me.id, text: p.text, pending: true }),
+      );
+    }
+  }
+  if (view.hasOlder) {
+    const more = document.createElement("li");
+    more.className = "more";
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = "Load older messages";
+    b.addEventListener("click", loadOlder);
+    more.append(b);
+    items.unshift(more);
+  }
+  list.replaceChildren(...items);
+  if (toBottom || nearBottom) list.scrollTop = list.scrollHeight;
+}
+
+function messageItem(m) {
+  const li = document.createElement("li");
+  li.className = "message";
+  if (m.seq !== undefined) li.dataset.seq = String(m.seq);
+  li.dataset.id = m.id;
+  if (m.pending) li.classList.add("pending");
+  if (m.deleted) li.classList.add("deleted");
+  const who = document.createElement("span");
+  who.className = "author";
+  who.textContent = m.author_id === state.me.id ? state.me.username : "…";
+  if (m.author_id !== state.me.id) username(m.author_id).then((n) => (who.textContent = n));
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = m.deleted ? "(deleted)" : m.text; // always text, never HTML
+  li.append(who, text);
+  if (m.pending) {
+    const s = document.createElement("span");
+    s.className = "note";
+    s.textContent = "sending…";
+    li.append(s);
+  } else if (m.edited_at && !m.deleted) {
+    const s = document.createElement("span");
+    s.className = "note";
+    s.textContent = "(edited)";
+    li.append(s);
+  }
+  if (!m.pending && !m.deleted && m.author_id === state.me.id) {
+    const edit = document.createElement("button");
+    edit.type = "button";
+    edit.className = "small";
+    edit.textContent = "Edit";
+    edit.setAttribute("aria-label", "Edit message");
+    edit.addEventListener("click", () => editMessage(li, m));
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "small";
+    del.textContent = "Delete";
+    del.setAttribute("aria-label", "Delete message");
+    del.addEventListener("click", () => deleteMessage(m));
+    li.append(edit, del);
+  }
+  return li;
+}
+
+function editMessage(li, m) {
+  const form = document.createElement("form");
+  form.className = "edit";
+  const input = document.createElement("input");
+  input.value = m.text;
+  input.setAttribute("aria-label", "Edited text");
+  input.maxLength = 4000;
+  form.append(input);
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      const updated = await api("PATCH", `/v1/channels/${m.channel_id}/messages/${m.id}`, {
+        text: input.value,
+      });
+      upsert(state.views.get(m.channel_id), updated);
+      renderMessages(false);
+    } catch (err) {
+      $("channel-error").textContent = err.message;
+    }
+  });
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") renderMessages(false);
+  });
+  li.querySelector(".text").replaceWith(form);
+  input.focus();
+}
+
+async function deleteMessage(m) {
+  try {
+    await api("DELETE", `/v1/channels/${m.channel_id}/messages/${m.id}`);
+    upsert(state.views.get(m.channel_id), { ...m, deleted: true, text: "" });
+    renderMessages(false);
+  } catch (err) {
+    $("channel-error").textContent = err.message;
+  }
+}
+
+let loadingOlder = false;
+async function loadOlder() {
+  const id = state.current;
+  const view = state.views.get(id);
+  if (!view || !view.hasOlder || loadingOlder) return;
+  loadingOlder = true;
+  try {
+    const list = $("messages");
+    const before = list.scrollHeight - list.scrollTop;
+    const page = await api(
+      "GET",
+      `/v1/channels/${id}/messages?before_seq=${view.oldest}&limit=${PAGE}`,
+    );
+    for (const m of page.messages) upsert(view, m);
+    view.hasOlder = page.has_more;
+    if (state.current === id) {
+      renderMessages(false);
+      list.scrollTop = list.scrollHeight - before; // keep what was on screen in place
+    }
+  } finally {
+    loadingOlder = false;
+  }
+}
+
+function send(text) {
+  const channel_id = state.current;
+  if (!channel_id || !text.trim()) return;
+  const client_id = newClientId();
+  state.pending.set(client_id, { channel_id, text });
+  state.lastTypingSent = 0; // the next keystroke starts a new typing signal
+  renderMessages(true);
+  sendFrame({ op: "send", channel_id, text, client_id });
+}
+
+// ---- Real time -------------------------------------------------------------------
+
+function setStatus(text, online) {
+  $("status").textContent = text;
+  $("status").classList.toggle("offline", !online);
+}
+
+function connect() {
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/ws`;
+  const ws = new WebSocket(url);
+  state.ws = ws;
+  state.wsReady = false;
+  setStatus(state.retry ? "reconnecting…" : "connecting…", false);
+  ws.addEventListener("open", () => {
+    const resume = {};
+    for (const [id, seq] of state.seen) resume[id] = seq;
+    ws.send(JSON.stringify({ op: "hello", token: state.token, resume }));
+  });
+  ws.addEventListener("message", (e) => onFrame(JSON.parse(e.data)));
+  ws.addEventListener("close", (e) => {
+    if (state.ws !== ws) return;
+    state.wsReady = false;
+    if (e.code === 4001) return logout();
+    state.retry += 1;
+    const wait = Math.min(5000, 250 * 2 ** Math.min(state.retry, 5)) * (0.5 + Math.random() / 2);
+    setStatus(`offline, retrying in ${Math.ceil(wait / 1000)} s`, false);
+    setTimeout(connect, wait);
+  });
+}
+
+function sendFrame(frame) {
+  if (state.wsReady && state.ws.readyState === WebSocket.OPEN) {
+    state.ws.send(JSON.stringify(frame));
+  } // else: pending sends go out after the next ready; reads and typing are dropped
+}
+
+function onFrame(f) {
+  switch (f.type) {
+    case "ready":
+      state.wsReady = true;
+      state.retry = 0;
+      setStatus("online", true);
+      for (const c of f.channels) {
+        if (!state.seen.has(c.id)) state.seen.set(c.id, c.last_seq);
+      }
+      // Unanswered sends again, in order, with their client ids: never a second message.
+      for (const [client_id, p] of state.pending) {
+        state.ws.send(JSON.stringify({ op: "send", channel_id: p.channel_id, text: p.text, client_id }));
+      }
+      break;
+    case "ack": {
+      state.pending.delete(f.client_id);
+      const view = state.views.get(f.message.channel_id);
+      if (view) upsert(view, f.message);
+      if (f.message.channel_id === state.current) renderMessages(true);
+      break;
+    }
+    case "error":
+      if (f.client_id && state.pending.has(f.client_id)) {
+        const p = state.pending.get(f.client_id);
+        state.pending.delete(f.client_id);
+        if (p.channel_id === state.current) {
+          $("channel-error").textContent = `Not sent: ${f.error.message}`;
+          $("text").value = p.text;
+          renderMessages(false);
+        }
+      }
+      break;
+    case "typing":
+      showTyping(f.channel_id, f.user_id);
+      break;
+    case "channel.joined":
+      addChannel(f.channel);
+      renderChannels();
+      break;
+    case "channel.left":
+      state.channels.delete(f.channel_id);
+      state.seen.delete(f.channel_id);
+      state.views.delete(f.channel_id);
+      if (state.current === f.channel_id) {
+        state.current = null;
+        $("channel-title").textContent = "Pick a channel";
+        $("messages").replaceChildren();
+        $("composer").hidden = true;
+      }
+      renderChannels();
+      break;
+    case "pong":
+      break;
+    default:
+      if (f.seq !== undefined) onEvent(f);
+  }
+}
+
+function onEvent(e) {
+  const id = e.channel_id;
+  const seen = state.seen.get(id) ?? 0;
+  if (e.seq <= seen) return; // already had it
+  state.seen.set(id, e.seq);
+  const c = state.channels.get(id);
+  if (c) c.last_seq = e.seq;
+  const view = state.views.get(id);
+  if (e.message) {
+    if (view) upsert(view, e.message);
+    if (e.type === "message.created") {
+      clearTyping(id, e.message.author_id);
+      if (c && e.message.author_id !== state.me.id && !(id === state.current && visible())) {
+        c.unread += 1;
+      }
+    }
+  } else if (e.type === "channel.updated" && c && e.name !== undefined) {
+    c.name = e.name;
+    if (id === state.current) $("channel-title").textContent = (c.kind === "broadcast" ? "📢 " : "# ") + c.name;
+  }
+  if (id === state.current) {
+    renderMessages(false);
+    markRead();
+  }
+  renderChannels();
+}
+
+function visible() {
+  return document.visibilityState === "visible";
+}
+
+/// Moves the read marker to the newest seq once the bottom of the channel is on screen.
+function markRead() {
+  const id = state.current;
+  const c = state.channels.get(id);
+  if (!c || !visible()) return;
+  const list = $("messages");
+  if (list.scrollHeight - list.scrollTop - list.clientHeight > 40) return;
+  const seq = state.seen.get(id) ?? c.last_seq;
+  c.unread = 0;
+  if ((state.readSent.get(id) ?? c.read_seq) < seq) {
+    state.readSent.set(id, seq);
+    c.read_seq = seq;
+    sendFrame({ op: "read", channel_id: id, seq });
+  }
+  renderChannels();
+}
+
+function showTyping(channelId, userId) {
+  if (userId === state.me.id) return;
+  let who = state.typing.get(channelId);
+  if (!who) state.typing.set(channelId, (who = new Map()));
+  clearTimeout(who.get(userId));
+  who.set(userId, setTimeout(() => clearTyping(channelId, userId), 3000));
+  renderTyping();
+}
+
+function clearTyping(channelId, userId) {
+  const who = state.typing.get(channelId);
+  if (who && who.has(userId)) {
+    clearTimeout(who.get(userId));
+    who.delete(userId);
+    renderTyping();
+  }
+}
+
+async function renderTyping() {
+  const who = state.typing.get(state.current);
+  if (!who || who.size === 0) return ($("typing").textContent = "");
+  const names = await Promise.all([...who.keys()].map(username));
+  $("typing").textContent = `${names.join(", ")} ${names.length > 1 ? "are" : "is"} typing…`;
+}
+
+// ---- Wiring ----------------------------------------------------------------------
+
+function wire() {
+  $("login-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    signIn(false);
+  });
+  $("register-button").addEventListener("click", () => {
+    if ($("login-form").reportValidity()) signIn(true);
+  });
+  $("logout").addEventListener("click", logout);
+  $("back").addEventListener("click", () => document.body.classList.remove("in-channel"));
+  $("composer").addEventListener("submit", (e) => {
+    e.preventDefault();
+    send($("text").value);
+    $("text").value = "";
+  });
+  $("text").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      $("composer").requestSubmit();
+    }
+  });
+  $("text").addEventListener("input", () => {
+    const now = Date.now();
+    if (state.current && now - state.lastTypingSent > 2000) {
+      state.lastTypingSent = now;
+      sendFrame({ op: "typing", channel_id: state.current });
+    }
+  });
+  $("messages").addEventListener("scroll", () => {
+    if ($("messages").scrollTop < 60) loadOlder();
+    markRead();
+  });
+  document.addEventListener("visibilitychange", markRead);
+  $("new-channel").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    $("side-error").textContent = "";
+    try {
+      const c = await api("POST", "/v1/channels", {
+        name: $("new-channel-name").value.trim(),
+        kind: $("new-channel-kind").value,
+        members: [],
+      });
+      $("new-channel-name").value = "";
+      addChannel({ ...c, role: "owner" });
+      renderChannels();
+      openChannel(c.id);
+    } catch (err) {
+      $("side-error").textContent = err.message;
+    }
+  });
+  $("new-dm").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    $("side-error").textContent = "";
+    try {
+      const name = $("new-dm-username").value.trim();
+      const user = await api("GET", `/v1/users?username=${encodeURIComponent(name)}`);
+      const c = await api("POST", "/v1/dms", { user_id: user.id });
+      $("new-dm-username").value = "";
+      addChannel(c);
+      renderChannels();
+      openChannel(c.id);
+    } catch (err) {
+      $("side-error").textContent = err.status === 404 ? "No such user" : err.message;
+    }
+  });
+  $("add-member").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    $("channel-error").textContent = "";
+    try {
+      const name = $("add-member-username").value.trim();
+      const user = await api("GET", `/v1/users?username=${encodeURIComponent(name)}`);
+      await api("PUT", `/v1/channels/${state.current}/members/${user.id}`, {});
+      $("add-member-username").value = "";
+    } catch (err) {
+      $("channel-error").textContent = err.status === 404 ? "No such user" : err.message;
+    }
+  });
+}
+
+wire();
+if (state.token) {
+  start();
+} else {
+  $("login").hidden = false;
+  $("username").focus();
+}
