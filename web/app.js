@@ -353,9 +353,13 @@ function send(text) {
 
 // ---- Real time -------------------------------------------------------------------
 
+/// The connection status, in the sidebar and (when not online) over the channel, so it
+/// shows on a phone too.
 function setStatus(text, online) {
   $("status").textContent = text;
   $("status").classList.toggle("offline", !online);
+  $("channel-status").textContent = text;
+  $("channel-status").hidden = online;
 }
 
 function connect() {
@@ -457,6 +461,10 @@ function onEvent(e) {
     if (view) upsert(view, e.message);
     if (e.type === "message.created") {
       clearTyping(id, e.message.author_id);
+      if (id === state.current && e.message.author_id !== state.me.id) {
+        // For screen readers: only the new message, not the whole re-rendered list.
+        username(e.message.author_id).then((n) => ($("announce").textContent = `${n}: ${e.message.text}`));
+      }
       if (c && e.message.author_id !== state.me.id && !(id === state.current && visible())) {
         c.unread += 1;
       }

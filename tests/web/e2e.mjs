@@ -259,12 +259,14 @@ try {
   await stopServer(server);
   for (const p of [a, b]) {
     await p.waitForFunction(() => !document.getElementById("status").textContent.includes("online"), null, { timeout: WAIT });
+    await p.locator("#channel-status").waitFor({ state: "visible", timeout: WAIT });
   }
   await a.screenshot({ path: path.join(SHOTS, "offline.png") });
   await sendText(a, "sent while the server was down");
   await a.locator("#messages li.pending", { hasText: "sent while the server was down" }).waitFor();
   server = await startServer(dataDir, port);
   await waitText(b, "sent while the server was down");
+  await b.locator("#channel-status").waitFor({ state: "hidden", timeout: WAIT });
   await a.waitForFunction(() => document.querySelectorAll("#messages li.pending").length === 0, null, { timeout: WAIT });
   for (const p of [a, b]) await p.waitForSelector("#status:text('online')", { timeout: WAIT });
   await new Promise((r) => setTimeout(r, 500)); // anything doubled would have come by now
