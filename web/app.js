@@ -24,6 +24,7 @@ const state = {
   retry: 0,
   typing: new Map(), // channel id → Map user id → timer
   lastTypingSent: 0,
+  lastFrameAt: 0,
   readSent: new Map(), // channel id → seq last sent as read
 };
 
@@ -373,7 +374,10 @@ function connect() {
     for (const [id, seq] of state.seen) resume[id] = seq;
     ws.send(JSON.stringify({ op: "hello", token: state.token, resume }));
   });
-  ws.addEventListener("message", (e) => onFrame(JSON.parse(e.data)));
+  ws.addEventListener("message", (e) => {
+    state.lastFrameAt = Date.now();
+    onFrame(JSON.parse(e.data));
+  });
   ws.addEventListener("close", (e) => {
     if (state.ws !== ws) return;
     state.wsReady = false;
@@ -384,6 +388,14 @@ function connect() {
     setTimeout(connect, wait);
   });
 }
+
+// A connection lost without a close (a dropped network) is noticed by our own pings: one
+// every 15 s, and a socket silent for 35 s is closed, which reconnects and resumes.
+setInterval(() => {
+  if (!state.wsReady || state.ws.readyState !== WebSocket.OPEN) return;
+  if (Date.now() - state.lastFrameAt > 35_000) return state.ws.close();
+  state.ws.send(JSON.stringify({ op: "ping" }));
+}, 15_000);
 
 function sendFrame(frame) {
   if (state.wsReady && state.ws.readyState === WebSocket.OPEN) {

@@ -241,11 +241,9 @@ try {
   for (let i = 0; i < 20; i++) {
     const before = (await texts(a)).length;
     if (before === sent.length) break;
-    await a.evaluate(() => {
-      const list = document.getElementById("messages");
-      list.scrollTop = 0;
-      list.dispatchEvent(new Event("scroll"));
-    });
+    // A real wheel scroll over the list, up to its top.
+    await a.hover("#messages");
+    await a.mouse.wheel(0, -20000);
     await a.waitForFunction((n) => document.querySelectorAll("#messages li.message").length > n, before, { timeout: WAIT });
   }
   assert.deepEqual(await texts(a), sent, "every message once, in order");
