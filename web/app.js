@@ -393,7 +393,13 @@ function connect() {
 // every 15 s, and a socket silent for 35 s is closed, which reconnects and resumes.
 setInterval(() => {
   if (!state.wsReady || state.ws.readyState !== WebSocket.OPEN) return;
-  if (Date.now() - state.lastFrameAt > 35_000) return state.ws.close();
+  if (Date.now() - state.lastFrameAt > 35_000) {
+    // Its close handshake may never finish on a dead network: reconnect now.
+    const dead = state.ws;
+    state.retry += 1;
+    connect();
+    return dead.close();
+  }
   state.ws.send(JSON.stringify({ op: "ping" }));
 }, 15_000);
 
