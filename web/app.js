@@ -403,10 +403,14 @@ setInterval(() => {
   state.ws.send(JSON.stringify({ op: "ping" }));
 }, 15_000);
 
+/// Sends a frame if the socket is ready; says whether it did. (Pending sends go out
+/// again after the next `ready`; a read marker not sent is sent with the next one.)
 function sendFrame(frame) {
   if (state.wsReady && state.ws.readyState === WebSocket.OPEN) {
     state.ws.send(JSON.stringify(frame));
-  } // else: pending sends go out after the next ready; reads and typing are dropped
+    return true;
+  }
+  return false;
 }
 
 function onFrame(f) {
@@ -422,6 +426,7 @@ function onFrame(f) {
       for (const [client_id, p] of state.pending) {
         state.ws.send(JSON.stringify({ op: "send", channel_id: p.channel_id, text: p.text, client_id }));
       }
+      markRead(); // one that could not be sent while offline
       break;
     case "ack": {
       state.pending.delete(f.client_id);
@@ -510,13 +515,14 @@ function markRead() {
   const list = $("messages");
   if (list.scrollHeight - list.scrollTop - list.clientHeight > 40) return;
   const seq = state.seen.get(id) ?? c.last_seq;
-  c.unread = 0;
-  if ((state.readSent.get(id) ?? c.read_seq) < seq) {
+  if ((state.readSent.get(id) ?? c.read_seq) < seq && sendFrame({ op: "read", channel_id: id, seq })) {
     state.readSent.set(id, seq);
     c.read_seq = seq;
-    sendFrame({ op: "read", channel_id: id, seq });
   }
-  renderChannels();
+  if (c.unread !== 0) {
+    c.unread = 0;
+    renderChannels();
+  }
 }
 
 function showTyping(channelId, userId) {
