@@ -492,6 +492,12 @@ function onEvent(e) {
         c.unread += 1;
       }
     }
+  } else if ((e.type === "member.added" || e.type === "member.updated") && c && e.user_id === state.me.id && e.role) {
+    c.role = e.role; // a promotion shows the composer of a broadcast channel, and so on
+    if (id === state.current) {
+      $("composer").hidden = c.kind === "broadcast" && c.role === "member";
+      $("add-member").hidden = c.kind === "dm" || c.role === "member";
+    }
   } else if (e.type === "channel.updated" && c && e.name !== undefined) {
     c.name = e.name;
     if (id === state.current) $("channel-title").textContent = (c.kind === "broadcast" ? "📢 " : "# ") + c.name;

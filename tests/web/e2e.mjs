@@ -165,6 +165,21 @@ try {
   assert.deepEqual(await texts(a), ["hello bob", "hi alice"]);
   assert.deepEqual(await texts(b), ["hello bob", "hi alice"]);
 
+  step("a broadcast channel: the owner posts, a member reads and has no composer");
+  await a.fill("#new-channel-name", "news");
+  await a.selectOption("#new-channel-kind", "broadcast");
+  await a.press("#new-channel-name", "Enter");
+  await a.waitForFunction(() => document.getElementById("channel-title").textContent.includes("news"));
+  await a.fill("#add-member-username", "bob");
+  await a.press("#add-member-username", "Enter");
+  await sendText(a, "an announcement");
+  await openChannel(b, "news");
+  await waitText(b, "an announcement");
+  assert.equal(await b.locator("#composer").isHidden(), true, "members of a broadcast cannot post");
+  assert.equal(await b.locator("#add-member").isHidden(), true);
+  await openChannel(a, "general");
+  await openChannel(b, "general");
+
   step("typing indicator");
   // The server passes one typing signal per channel per 1.5 s, and the client sends one
   // every 2 s while keys are pressed: keep typing until bob sees it.
