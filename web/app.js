@@ -165,7 +165,10 @@ function renderChannels() {
       }
       button.addEventListener("click", () => openChannel(c.id));
       li.append(button);
-      if (c.kind === "dm" && !c.name) channelTitle(c).then(() => renderChannels());
+      if (c.kind === "dm" && !c.name && !c.naming) {
+        c.naming = true; // one lookup of the other member, not one per render
+        channelTitle(c).then(() => renderChannels());
+      }
       return li;
     }),
   );
