@@ -22,6 +22,10 @@ use crate::auth::HashCost;
 use crate::gateway::GatewayConfig;
 use crate::ratelimit::Rate;
 
+/// Largest `--config` file read (a config is a few hundred bytes; this refuses, say, a
+/// log file given by mistake).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// The options of `natter serve` (and `natter config`). Each is a flag, the environment
 /// variable it names, and the key of the same name in the `--config` file.
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
@@ -136,6 +140,15 @@ impl ServeArgs {
         let Some(path) = args.config.clone() else {
             return Ok(args);
         };
+        let size = std::fs::metadata(&path)
+            .with_context(|| format!("read config file {}", path.display()))?
+            .len();
+        if size > MAX_CONFIG_BYTES {
+            bail!(
+                "config file {}: {size} bytes; a config file may be at most {MAX_CONFIG_BYTES}",
+                path.display()
+            );
+        }
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("read config file {}", path.display()))?;
         let file: toml::Table = toml::from_str(&text)

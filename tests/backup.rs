@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::Client;
 use common::child::ServerProcess;
+use common::db;
 
 fn backup(data_dir: &Path, to: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_natter"))
@@ -28,49 +29,24 @@ fn backup(data_dir: &Path, to: &Path) -> Output {
 /// Per channel: (seq, client id) of every message in the backup, after checking the
 /// database whole and each channel's log gap-free and matching its `last_seq`.
 fn check_backup(dir: &Path) -> HashMap<i64, Vec<(i64, String)>> {
-    let db = rusqlite::Connection::open_with_flags(
-        dir.join("natter.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let verdict: String = db
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(verdict, "ok");
+    let db = db::open_checked(dir);
     let mode: String = db
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
     assert_eq!(mode, "delete", "a backup is one self-contained file");
-    let channels: Vec<(i64, i64)> = db
-        .prepare("SELECT id, last_seq FROM channels")
+    let channels: Vec<i64> = db
+        .prepare("SELECT id FROM channels")
         .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_map([], |r| r.get(0))
         .unwrap()
         .map(Result::unwrap)
         .collect();
     let mut out = HashMap::new();
-    for (channel, last_seq) in channels {
-        let seqs: Vec<i64> = db
-            .prepare("SELECT seq FROM events WHERE channel_id = ? ORDER BY seq")
-            .unwrap()
-            .query_map([channel], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(
-            seqs,
-            (1..=last_seq).collect::<Vec<_>>(),
-            "channel {channel}"
-        );
-        let messages: Vec<(i64, String)> = db
-            .prepare(
-                "SELECT seq, client_id FROM messages WHERE channel_id = ? AND client_id IS NOT NULL \
-                 ORDER BY seq",
-            )
-            .unwrap()
-            .query_map([channel], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
+    for channel in channels {
+        let last_seq = db::assert_gap_free(&db, channel);
+        let messages: Vec<(i64, String)> = db::messages_with_client_ids(&db, channel)
+            .into_iter()
+            .map(|(seq, cid, _)| (seq, cid))
             .collect();
         assert!(messages.iter().all(|(s, _)| *s <= last_seq));
         out.insert(channel, messages);

@@ -141,6 +141,9 @@ fn unknown_keys_and_bad_values_are_refused_at_start_with_the_reason() {
     assert!(!out.status.success() && stderr(&out).contains("--node-id"));
     let out = natter(&["config", "--no-such-flag"], &[]);
     assert!(!out.status.success());
+    let huge = write(dir.path(), "huge.toml", &"# padding\n".repeat(200_000));
+    let out = natter(&["config", "--config", &huge], &[]);
+    assert!(!out.status.success() && stderr(&out).contains("at most 1048576"));
     let missing = natter(&["config", "--config", "/nonexistent/natter.toml"], &[]);
     assert!(!missing.status.success() && stderr(&missing).contains("/nonexistent/natter.toml"));
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::Client;
 use common::child::ServerProcess;
+use common::db;
 use common::ws::*;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
@@ -138,38 +139,12 @@ async fn ws_sender(
 /// The channel's messages in the stopped server's database: client id → message id;
 /// asserts the database passes its integrity check and the channel's log is gap-free.
 fn stored(data_dir: &Path, channel: &str) -> HashMap<String, String> {
-    let db = rusqlite::Connection::open_with_flags(
-        data_dir.join("natter.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let verdict: String = db
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(verdict, "ok");
+    let db = db::open_checked(data_dir);
     let channel: i64 = channel.parse().unwrap();
-    let seqs: Vec<i64> = db
-        .prepare("SELECT seq FROM events WHERE channel_id = ? ORDER BY seq")
-        .unwrap()
-        .query_map([channel], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let last: i64 = db
-        .query_row(
-            "SELECT last_seq FROM channels WHERE id = ?",
-            [channel],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "gap-free log");
-    db.prepare("SELECT client_id, id FROM messages WHERE channel_id = ? AND client_id IS NOT NULL")
-        .unwrap()
-        .query_map([channel], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.to_string()))
-        })
-        .unwrap()
-        .map(Result::unwrap)
+    db::assert_gap_free(&db, channel);
+    db::messages_with_client_ids(&db, channel)
+        .into_iter()
+        .map(|(_, cid, id)| (cid, id))
         .collect()
 }
 

@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TestServer;
-use natter::ratelimit::Rate;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -76,22 +75,11 @@ fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_nginx_conf_proxies_tls_websockets_request_ids_and_client_addresses() {
-    if Command::new("nginx").arg("-v").output().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "nginx is missing (apt-get install nginx)"
-        );
-        eprintln!("SKIPPED: nginx is not installed (apt-get install nginx)");
+    let present = Command::new("nginx").arg("-v").output().is_ok();
+    if !common::available("nginx (apt-get install nginx)", present) {
         return;
     }
-    let server = TestServer::start_with(|c| {
-        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
-        c.limits.signups_per_ip = Rate {
-            per_second: 0.001,
-            burst: 1.0,
-        };
-    })
-    .await;
+    let server = TestServer::start_with(common::behind_proxy_one_signup_each).await;
     let dir = tempfile::tempdir().unwrap();
     let made = Command::new("openssl")
         .args([

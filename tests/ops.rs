@@ -8,30 +8,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use common::TestServer;
 use common::child::ServerProcess;
 use common::ws::*;
+use common::{TestServer, scrape};
 use natter::client::Frame;
 use natter::ratelimit::Rate;
 use reqwest::StatusCode;
 use serde_json::json;
-
-/// Every sample of a `/metrics` page: `name{labels}` → value.
-async fn scrape(base: &str) -> BTreeMap<String, f64> {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (key, value) = l.rsplit_once(' ').unwrap();
-            (key.to_owned(), value.parse().unwrap())
-        })
-        .collect()
-}
 
 /// How much each sample moved between two scrapes (absent before counts as 0).
 fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, key: &str) -> f64 {
@@ -212,12 +195,7 @@ fn natter_names(text: &str) -> BTreeSet<String> {
 
 /// The names `/metrics` exports, by its `# TYPE` lines (histograms with their series).
 async fn exported(base: &str) -> BTreeSet<String> {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::metrics_text(base).await;
     let mut names = BTreeSet::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -231,6 +209,15 @@ async fn exported(base: &str) -> BTreeSet<String> {
         }
     }
     names
+}
+
+/// The names in `named` that the server does not export.
+fn not_exported<'a>(named: &'a BTreeSet<String>, exported: &BTreeSet<String>) -> Vec<&'a str> {
+    named
+        .iter()
+        .filter(|n| !exported.contains(*n))
+        .map(String::as_str)
+        .collect()
 }
 
 fn ops_file(path: &str) -> String {
@@ -256,12 +243,15 @@ async fn the_alerts_and_the_dashboard_use_only_exported_metrics() {
     }
     assert!(alerts.len() >= 8, "{alerts:?}");
     assert!(used.len() >= 20, "{used:?}");
-    let missing: Vec<_> = alerts
-        .iter()
-        .chain(&used)
-        .filter(|n| !exported.contains(*n))
-        .collect();
+    let named = &alerts | &used;
+    let missing = not_exported(&named, &exported);
     assert!(missing.is_empty(), "not exported: {missing:?}");
+    // The check itself can fail: a rule with a misspelt name is caught.
+    let typo = natter_names("rate(natter_mesages_accepted_total[5m]) > natter_ready");
+    assert_eq!(
+        not_exported(&typo, &exported),
+        ["natter_mesages_accepted_total"]
+    );
     // And the other way: the dashboard shows every metric the server exports.
     let unshown: Vec<_> = exported
         .iter()
@@ -281,8 +271,6 @@ async fn the_alerts_and_the_dashboard_use_only_exported_metrics() {
         unshown.is_empty(),
         "exported but not on the dashboard: {unshown:?}"
     );
-    // The check itself can fail: a made-up name is caught.
-    assert!(!exported.contains("natter_made_up_total"));
     server.stop().await;
 }
 
@@ -302,15 +290,11 @@ fn promtool(dir: &Path, args: &[&str]) -> Option<std::process::Output> {
 #[test]
 fn promtool_accepts_the_rules_their_unit_tests_and_the_dashboard_queries() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/prometheus");
-    let Some(check) = promtool(&dir, &["check", "rules", "alerts.yml"]) else {
-        // CI installs Debian's prometheus package; elsewhere this part is skipped, loudly.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool is missing (apt-get install prometheus)"
-        );
-        eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
+    let check = promtool(&dir, &["check", "rules", "alerts.yml"]);
+    if !common::available("promtool (apt-get install prometheus)", check.is_some()) {
         return;
-    };
+    }
+    let check = check.unwrap();
     assert!(
         check.status.success(),
         "{}{}",
@@ -377,29 +361,17 @@ async fn logs_of_a_whole_session_hold_no_password_or_token_and_name_the_request_
     .await;
     let anon = common::Client::new(&server.base());
     let password = "correct-horse-battery-staple-91";
-    let created = anon
-        .post(
-            "/v1/users",
-            json!({"username": "carol", "password": password}),
-        )
-        .await;
+    let wrong_password = "wrong-password-7731-zz";
+    let as_carol = |path: &'static str, password: &'static str| {
+        anon.post(path, json!({"username": "carol", "password": password}))
+    };
+    let created = as_carol("/v1/users", password).await;
     assert_eq!(created.status, StatusCode::CREATED);
     let mut tokens = vec![created.body["token"].as_str().unwrap().to_owned()];
-    let login = anon
-        .post(
-            "/v1/sessions",
-            json!({"username": "carol", "password": password}),
-        )
-        .await;
+    let login = as_carol("/v1/sessions", password).await;
     assert_eq!(login.status, StatusCode::OK);
     tokens.push(login.body["token"].as_str().unwrap().to_owned());
-    let wrong_password = "wrong-password-7731-zz";
-    let wrong = anon
-        .post(
-            "/v1/sessions",
-            json!({"username": "carol", "password": wrong_password}),
-        )
-        .await;
+    let wrong = as_carol("/v1/sessions", wrong_password).await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
     let mut carol = anon.clone();
     carol.token = Some(tokens[1].clone());
@@ -466,14 +438,7 @@ async fn logs_of_a_whole_session_hold_no_password_or_token_and_name_the_request_
 
 #[tokio::test]
 async fn behind_a_trusted_proxy_limits_apply_per_forwarded_client() {
-    let server = TestServer::start_with(|c| {
-        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
-        c.limits.signups_per_ip = Rate {
-            per_second: 0.001,
-            burst: 1.0,
-        };
-    })
-    .await;
+    let server = TestServer::start_with(common::behind_proxy_one_signup_each).await;
     let http = reqwest::Client::new();
     let signup = |name: &'static str, forwarded: &'static str| {
         let http = http.clone();

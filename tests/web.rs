@@ -4,6 +4,8 @@
 //! `.ci/run` installs them. Elsewhere a missing piece skips the test, loudly, except
 //! under CI, where it fails.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -24,9 +26,8 @@ fn missing() -> Option<&'static str> {
 
 #[test]
 fn two_people_chat_in_a_real_browser() {
-    if let Some(what) = missing() {
-        assert!(std::env::var_os("CI").is_none(), "{what} is missing");
-        eprintln!("SKIPPED: {what} is missing");
+    let missing = missing();
+    if !common::available(missing.unwrap_or_default(), missing.is_none()) {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

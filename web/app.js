@@ -72,6 +72,16 @@ async function username(id) {
   return state.users.get(id);
 }
 
+/// The user with this name (as typed, any letter case); "No such user" if there is none.
+async function userNamed(name) {
+  try {
+    return await api("GET", `/v1/users?username=${encodeURIComponent(name.trim())}`);
+  } catch (e) {
+    if (e.status === 404) throw new Error("No such user");
+    throw e;
+  }
+}
+
 // ---- Log in and out --------------------------------------------------------------
 
 async function signIn(register) {
@@ -615,27 +625,25 @@ function wire() {
     e.preventDefault();
     $("side-error").textContent = "";
     try {
-      const name = $("new-dm-username").value.trim();
-      const user = await api("GET", `/v1/users?username=${encodeURIComponent(name)}`);
+      const user = await userNamed($("new-dm-username").value);
       const c = await api("POST", "/v1/dms", { user_id: user.id });
       $("new-dm-username").value = "";
       addChannel(c);
       renderChannels();
       openChannel(c.id);
     } catch (err) {
-      $("side-error").textContent = err.status === 404 ? "No such user" : err.message;
+      $("side-error").textContent = err.message;
     }
   });
   $("add-member").addEventListener("submit", async (e) => {
     e.preventDefault();
     $("channel-error").textContent = "";
     try {
-      const name = $("add-member-username").value.trim();
-      const user = await api("GET", `/v1/users?username=${encodeURIComponent(name)}`);
+      const user = await userNamed($("add-member-username").value);
       await api("PUT", `/v1/channels/${state.current}/members/${user.id}`, {});
       $("add-member-username").value = "";
     } catch (err) {
-      $("channel-error").textContent = err.status === 404 ? "No such user" : err.message;
+      $("channel-error").textContent = err.message;
     }
   });
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod db;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -21,6 +22,49 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The server's `/metrics` page.
+pub async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Every sample of a `/metrics` page: `name{labels}` → value.
+pub async fn scrape(base: &str) -> std::collections::BTreeMap<String, f64> {
+    metrics_text(base)
+        .await
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (key, value) = l.rsplit_once(' ').unwrap();
+            (key.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Whether an outside program a test drives is here. If not, the test is to be skipped
+/// with a notice, except under CI (which installs it), where this fails the test.
+pub fn available(what: &str, present: bool) -> bool {
+    if !present {
+        assert!(std::env::var_os("CI").is_none(), "{what} is missing");
+        eprintln!("SKIPPED: {what} is missing");
+    }
+    present
+}
+
+/// A server behind a trusted proxy at 127.0.0.1 that allows one sign-up per client
+/// address, so a test can tell forwarded clients apart.
+pub fn behind_proxy_one_signup_each(c: &mut Config) {
+    c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    c.limits.signups_per_ip = Rate {
+        per_second: 0.001,
+        burst: 1.0,
+    };
 }
 
 /// The config tests start from: cheap password hashes, generous send limits.

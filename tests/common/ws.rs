@@ -96,16 +96,8 @@ pub async fn send_text(ws: &mut RawWs, text: &str) {
 
 /// A metric's value from `/metrics`.
 pub async fn metric(c: &Client, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", c.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("metric {name} in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    let samples = super::scrape(&c.base).await;
+    *samples
+        .get(name)
+        .unwrap_or_else(|| panic!("metric {name} in {samples:#?}"))
 }

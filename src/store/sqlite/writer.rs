@@ -9,7 +9,8 @@
 //! and nothing acknowledged is lost.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -44,10 +45,9 @@ struct Job {
 /// The writer's counters, for `/metrics`.
 #[derive(Debug)]
 pub struct WriteStats {
-    /// Writes queued and not yet taken by the writer.
-    queued: AtomicI64,
-    /// The queue's bound, set when the writer starts.
-    capacity: AtomicI64,
+    /// The writer's queue, read for its depth and bound when rendered (weak, so it never
+    /// keeps the writer running); set when the writer starts.
+    queue: OnceLock<mpsc::WeakSender<Job>>,
     /// Writes refused because the queue was full (503 `overloaded`).
     overloaded: AtomicU64,
     /// Ops per commit.
@@ -65,8 +65,7 @@ pub struct WriteStats {
 impl Default for WriteStats {
     fn default() -> Self {
         Self {
-            queued: AtomicI64::new(0),
-            capacity: AtomicI64::new(0),
+            queue: OnceLock::new(),
             overloaded: AtomicU64::new(0),
             batch_ops: Histogram::new(BATCH_BUCKETS),
             commit_seconds: Histogram::new(LATENCY_BUCKETS),
@@ -80,7 +79,13 @@ impl Default for WriteStats {
 impl WriteStats {
     /// Writes waiting for the writer right now.
     pub fn queued(&self) -> u64 {
-        self.queued.load(Ordering::Relaxed).max(0) as u64
+        self.bounds().map_or(0, |(free, max)| (max - free) as u64)
+    }
+
+    /// The queue's (free slots, bound), while the writer runs.
+    fn bounds(&self) -> Option<(usize, usize)> {
+        let tx = self.queue.get()?.upgrade()?;
+        Some((tx.capacity(), tx.max_capacity()))
     }
 
     pub fn render(&self, out: &mut String) {
@@ -97,7 +102,7 @@ impl WriteStats {
             "natter_write_queue_capacity",
             "gauge",
             "Writes the queue holds before new ones are refused as overloaded.",
-            self.capacity.load(Ordering::Relaxed),
+            self.bounds().map_or(0, |(_, max)| max),
         );
         render_one(
             out,
@@ -163,9 +168,7 @@ impl Writer {
         stats: Arc<WriteStats>,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        stats
-            .capacity
-            .store(capacity.max(1) as i64, Ordering::Relaxed);
+        let _ = stats.queue.set(tx.downgrade());
         let state = State {
             conn,
             ids: Snowflake::new(node_id),
@@ -183,10 +186,7 @@ impl Writer {
     /// Queues `op` and waits until it is committed (or refused).
     pub async fn submit(&self, op: Op) -> Result<Done> {
         let (reply, answer) = oneshot::channel();
-        // Counted before the send, so the writer never takes a job it was not counted for.
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.tx.try_send(Job { op, reply }) {
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(match e {
                 mpsc::error::TrySendError::Full(_) => {
                     self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
@@ -240,10 +240,6 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        state
-            .stats
-            .queued
-            .fetch_sub(batch.len() as i64, Ordering::Relaxed);
         commit_batch(&mut state, &mut batch);
     }
     tracing::debug!("writer stopped: queue closed and drained");
