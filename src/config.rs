@@ -72,15 +72,76 @@ pub struct ServeArgs {
     /// Messages each user may send in a burst.
     #[arg(long, env = "NATTER_SEND_BURST", default_value_t = 40.0)]
     pub send_burst: f64,
-    /// Failed logins allowed per username in a burst (refilling at one a minute).
+    /// Failed logins allowed per username from one client address in a burst (refilling
+    /// at one a minute): a stranger's guesses do not lock the owner out of their account.
     #[arg(long, env = "NATTER_LOGIN_FAILURES_PER_USER", default_value_t = 10.0)]
     pub login_failures_per_user: f64,
+    /// Failed logins allowed per username from all addresses together in a burst
+    /// (refilling at one every 36 s): the ceiling on a distributed guessing attack.
+    #[arg(
+        long,
+        env = "NATTER_LOGIN_FAILURES_PER_ACCOUNT",
+        default_value_t = 100.0
+    )]
+    pub login_failures_per_account: f64,
     /// Failed logins allowed per client address in a burst (refilling at one every 6 s).
     #[arg(long, env = "NATTER_LOGIN_FAILURES_PER_IP", default_value_t = 50.0)]
     pub login_failures_per_ip: f64,
     /// Accounts one client address may create in a burst (refilling at one a second).
     #[arg(long, env = "NATTER_SIGNUPS_PER_IP", default_value_t = 100.0)]
     pub signups_per_ip: f64,
+    /// Password hashes (Argon2id, ~19 MiB each) computed at once; a login, sign-up or
+    /// password change past it gets 503 with Retry-After.
+    #[arg(long, env = "NATTER_PASSWORD_HASH_CONCURRENCY", default_value_t = 4)]
+    pub password_hash_concurrency: usize,
+    /// Writes other than sends (edits, deletes, renames, member changes, read markers,
+    /// channel creation) each user may make per second, sustained; the burst is ten times
+    /// this.
+    #[arg(long, env = "NATTER_WRITE_RATE", default_value_t = 10.0)]
+    pub write_rate: f64,
+    /// Bytes of message text (sends and edits) each user may write per second, sustained;
+    /// the burst is sixteen times this.
+    #[arg(long, env = "NATTER_WRITE_BYTES_PER_SEC", default_value_t = 32_768.0)]
+    pub write_bytes_per_sec: f64,
+    /// Channels each user may create per hour, sustained (burst: 30).
+    #[arg(long, env = "NATTER_CHANNEL_CREATES_PER_HOUR", default_value_t = 120.0)]
+    pub channel_creates_per_hour: f64,
+    /// Channels one user may be a member of; creating, joining or being added past it is
+    /// refused with 409 `too_many_channels`.
+    #[arg(long, env = "NATTER_MAX_CHANNELS_PER_USER", default_value_t = 2000)]
+    pub max_channels_per_user: u32,
+    /// Who may add a user to a channel: `shared-channel` (only someone who already shares
+    /// a channel with them, a DM included; anyone may open a DM) or `open` (anyone: a
+    /// closed server where everybody knows everybody).
+    #[arg(long, env = "NATTER_MEMBERSHIP_CONSENT", value_enum, default_value_t = MembershipConsent::SharedChannel)]
+    pub membership_consent: MembershipConsent,
+    /// Times one message may be edited.
+    #[arg(long, env = "NATTER_MAX_EDITS_PER_MESSAGE", default_value_t = 50)]
+    pub max_edits_per_message: u32,
+    /// WebSocket connections one user may have open at once (past it: close 4009).
+    #[arg(long, env = "NATTER_WS_CONNECTIONS_PER_USER", default_value_t = 20)]
+    pub ws_connections_per_user: usize,
+    /// HTTP connections (WebSockets included) open at once; past it, new ones get a bare
+    /// 503 and are closed. Lowered at start to what the open-files limit allows.
+    #[arg(long, env = "NATTER_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// HTTP connections open at once from one client address (trusted proxies exempt).
+    #[arg(
+        long,
+        env = "NATTER_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    pub max_connections_per_address: usize,
+    /// Seconds a client has to send a request's complete headers (from connecting, or
+    /// from the first byte of the next request on a kept-alive connection).
+    #[arg(long, env = "NATTER_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub http_header_timeout_secs: u64,
+    /// Seconds a request body may take to arrive; past it, 408.
+    #[arg(long, env = "NATTER_HTTP_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub http_body_timeout_secs: u64,
+    /// Seconds a kept-alive connection may sit idle between requests.
+    #[arg(long, env = "NATTER_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub http_idle_timeout_secs: u64,
     /// How long a login token lasts, in hours.
     #[arg(long, env = "NATTER_TOKEN_TTL_HOURS", default_value_t = 720)]
     pub token_ttl_hours: u64,
@@ -120,6 +181,14 @@ pub struct ServeArgs {
     /// Tests only: cheap Argon2 parameters. Never use this for real accounts.
     #[arg(long, env = "NATTER_INSECURE_FAST_PASSWORD_HASH", hide = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_fast_password_hash: bool,
+}
+
+/// `--membership-consent`: see [`crate::store::Consent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MembershipConsent {
+    SharedChannel,
+    Open,
 }
 
 /// How log lines are written.
@@ -209,6 +278,17 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub drain: Drain,
     pub features: Arc<Features>,
+    pub http: HttpLimits,
+}
+
+/// Connection caps and timers of the HTTP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 /// How the server stops on a signal.
@@ -224,9 +304,30 @@ pub struct Drain {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     pub send: Rate,
+    /// Per username and client address.
     pub login_failures_per_user: Rate,
+    /// Per username, from every address.
+    pub login_failures_per_account: Rate,
     pub login_failures_per_ip: Rate,
     pub signups_per_ip: Rate,
+    /// Writes other than sends, per user.
+    pub writes: Rate,
+    /// Bytes of message text, per user.
+    pub write_bytes: Rate,
+    /// Channel creations, per user.
+    pub channel_creates: Rate,
+    /// Typing signals per user and channel (all their connections together).
+    pub typing: Rate,
+    /// Password hashes computed at once.
+    pub password_hash_concurrency: usize,
+    /// Channels a user may be a member of.
+    pub max_channels_per_user: u32,
+    /// Edits of one message.
+    pub max_edits_per_message: u32,
+    /// Who may add a user to a channel.
+    pub consent: crate::store::Consent,
+    /// WebSocket connections per user.
+    pub ws_connections_per_user: usize,
 }
 
 /// A code path that can be shipped dark and turned on per deployment.
@@ -378,6 +479,10 @@ impl Config {
                     per_second: 1.0 / 60.0,
                     burst: positive("--login-failures-per-user", a.login_failures_per_user)?,
                 },
+                login_failures_per_account: Rate {
+                    per_second: 1.0 / 36.0,
+                    burst: positive("--login-failures-per-account", a.login_failures_per_account)?,
+                },
                 login_failures_per_ip: Rate {
                     per_second: 1.0 / 6.0,
                     burst: positive("--login-failures-per-ip", a.login_failures_per_ip)?,
@@ -386,6 +491,43 @@ impl Config {
                     per_second: 1.0,
                     burst: positive("--signups-per-ip", a.signups_per_ip)?,
                 },
+                writes: Rate {
+                    per_second: positive("--write-rate", a.write_rate)?,
+                    burst: a.write_rate * 10.0,
+                },
+                write_bytes: Rate {
+                    per_second: positive("--write-bytes-per-sec", a.write_bytes_per_sec)?,
+                    burst: a.write_bytes_per_sec * 16.0,
+                },
+                channel_creates: Rate {
+                    per_second: positive("--channel-creates-per-hour", a.channel_creates_per_hour)?
+                        / 3600.0,
+                    burst: 30.0,
+                },
+                typing: Rate {
+                    per_second: 1.0 / 1.5,
+                    burst: 2.0,
+                },
+                password_hash_concurrency: at_least(
+                    "--password-hash-concurrency",
+                    a.password_hash_concurrency as u64,
+                    1,
+                )? as usize,
+                max_channels_per_user: at_least(
+                    "--max-channels-per-user",
+                    u64::from(a.max_channels_per_user),
+                    1,
+                )? as u32,
+                max_edits_per_message: a.max_edits_per_message,
+                consent: match a.membership_consent {
+                    MembershipConsent::SharedChannel => crate::store::Consent::SharedChannel,
+                    MembershipConsent::Open => crate::store::Consent::Open,
+                },
+                ws_connections_per_user: at_least(
+                    "--ws-connections-per-user",
+                    a.ws_connections_per_user as u64,
+                    1,
+                )? as usize,
             },
             token_ttl: Duration::from_secs(a.token_ttl_hours * 3600),
             hash_cost: if a.insecure_fast_password_hash {
@@ -405,6 +547,30 @@ impl Config {
                 timeout: Duration::from_secs(a.drain_timeout_secs),
             },
             features: Arc::new(Features::parse(&a.features)?),
+            http: HttpLimits {
+                max_connections: at_least("--max-connections", a.max_connections as u64, 1)?
+                    as usize,
+                max_connections_per_address: at_least(
+                    "--max-connections-per-address",
+                    a.max_connections_per_address as u64,
+                    1,
+                )? as usize,
+                header_timeout: Duration::from_secs(at_least(
+                    "--http-header-timeout-secs",
+                    a.http_header_timeout_secs,
+                    1,
+                )?),
+                body_timeout: Duration::from_secs(at_least(
+                    "--http-body-timeout-secs",
+                    a.http_body_timeout_secs,
+                    1,
+                )?),
+                idle_timeout: Duration::from_secs(at_least(
+                    "--http-idle-timeout-secs",
+                    a.http_idle_timeout_secs,
+                    1,
+                )?),
+            },
         })
     }
 
@@ -420,6 +586,15 @@ impl Config {
         let mut c = Self::from_args(&d.serve).expect("defaults are valid");
         c.data_dir = data_dir.into();
         c
+    }
+
+    /// The bounds the store keeps.
+    pub fn rules(&self) -> crate::store::Rules {
+        crate::store::Rules {
+            max_channels_per_user: self.limits.max_channels_per_user,
+            max_edits_per_message: self.limits.max_edits_per_message,
+            consent: self.limits.consent,
+        }
     }
 
     /// The database file inside the data directory.

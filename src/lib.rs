@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod conns;
 pub mod gateway;
 pub mod id;
 pub mod metrics;

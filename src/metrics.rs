@@ -204,16 +204,39 @@ pub enum Limit {
     Send,
     Login,
     Signup,
+    /// Writes other than sends.
+    Write,
+    /// Bytes of message text.
+    WriteBytes,
+    ChannelCreate,
+    /// Password hashes at once (answered 503).
+    PasswordHash,
+    /// Connections per user or address, or in total.
+    Connections,
 }
 
 impl Limit {
-    const ALL: [Limit; 3] = [Limit::Send, Limit::Login, Limit::Signup];
+    const ALL: [Limit; 8] = [
+        Limit::Send,
+        Limit::Login,
+        Limit::Signup,
+        Limit::Write,
+        Limit::WriteBytes,
+        Limit::ChannelCreate,
+        Limit::PasswordHash,
+        Limit::Connections,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Self::Send => "send",
             Self::Login => "login",
             Self::Signup => "signup",
+            Self::Write => "write",
+            Self::WriteBytes => "write_bytes",
+            Self::ChannelCreate => "channel_create",
+            Self::PasswordHash => "password_hash",
+            Self::Connections => "connections",
         }
     }
 }
@@ -221,7 +244,7 @@ impl Limit {
 /// Counters of the API's edge.
 #[derive(Debug, Default)]
 pub struct EdgeStats {
-    rate_limited: [AtomicU64; 3],
+    rate_limited: [AtomicU64; Limit::ALL.len()],
 }
 
 impl EdgeStats {

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::api::{AppState, app};
@@ -64,6 +63,8 @@ pub async fn serve(
     };
     let drain = config.drain;
     let metrics_listen = config.metrics_listen;
+    let http = config.http;
+    let trusted = config.trusted_proxies.clone();
     let state = AppState::new(store.clone(), config, gateway, writes);
     let addr = listener.local_addr()?;
     let purge = tokio::spawn(purge_expired_sessions(store.clone()));
@@ -91,19 +92,25 @@ pub async fn serve(
     tracing::info!(%addr, "natter listening");
     let drain_state = state.clone();
     let (begun_tx, begun_rx) = tokio::sync::oneshot::channel::<()>();
-    // No Nagle: a small frame (an ack, a typing signal) written while an earlier one is
-    // unacknowledged would otherwise wait for the peer's delayed ACK, ~40 ms. Frames are
-    // already written in batches, one flush per batch.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "set TCP_NODELAY");
-        }
-    });
-    let served = axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    // Connections are capped below the open-files limit, so the server always has
+    // descriptors left for its database, its logs and `/healthz`.
+    let max_connections = match crate::process::max_fds() {
+        Some(fds) => http
+            .max_connections
+            .min((fds as usize).saturating_sub(64).max(1)),
+        None => http.max_connections,
+    };
+    let limits = crate::conns::ConnLimits {
+        max_connections,
+        max_per_address: http.max_connections_per_address,
+        header_timeout: http.header_timeout,
+        idle_timeout: http.idle_timeout,
+        trusted,
+    };
+    let conn_stats = Arc::clone(state.conn_stats());
+    // No Nagle (set per connection): a small frame written while an earlier one is
+    // unacknowledged would otherwise wait for the peer's delayed ACK, ~40 ms.
+    let served = crate::conns::serve(listener, app(state), limits, conn_stats, async move {
         shutdown.await;
         drain_state.set_ready(false);
         tracing::info!(delay = ?drain.delay, "draining: /readyz answers 503");
@@ -212,5 +219,6 @@ pub fn open_store(
         node_id: config.node_id,
         write_queue: config.write_queue,
         read_connections: config.read_connections,
+        rules: config.rules(),
     })
 }

@@ -125,8 +125,12 @@ async function start() {
   $("login").hidden = true;
   $("app").hidden = false;
   $("me-name").textContent = state.me.username;
-  const { channels } = await api("GET", "/v1/channels");
-  for (const c of channels) addChannel(c);
+  for (let after = ""; ; ) {
+    const page = await api("GET", `/v1/channels?after=${after}`);
+    for (const c of page.channels) addChannel(c);
+    if (!page.next_after) break;
+    after = page.next_after;
+  }
   renderChannels();
   connect();
 }

@@ -1,5 +1,7 @@
 //! Accounts and sessions: register, log in, log out, and look users up.
 
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
@@ -15,6 +17,7 @@ use super::{AppState, no_content, validate};
 use crate::auth::{hash_password, new_token, token_hash, verify_password};
 use crate::clock::now_ms;
 use crate::metrics::Limit;
+use crate::ratelimit::address_key;
 use crate::store::NewSession;
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
@@ -37,22 +40,26 @@ async fn register(
 ) -> ApiResult<(StatusCode, Json<Session>)> {
     validate::username(&body.username)?;
     validate::password(body.password.expose())?;
+    let ip = address_key(ip);
     state
         .signups_by_ip
         .take(&ip, Instant::now())
         .map_err(|w| state.rate_limited(Limit::Signup, w))?;
     let cost = state.config.hash_cost;
     let password = body.password;
-    let hash = tokio::task::spawn_blocking(move || hash_password(password.expose(), cost))
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "hash password task failed");
-            ApiError::internal()
-        })?
-        .map_err(|e| {
+    let hashed = hash_bounded(&state, move || hash_password(password.expose(), cost)).await;
+    let hash = match hashed {
+        Ok(Ok(hash)) => hash,
+        Ok(Err(e)) => {
             tracing::error!(error = %e, "hash password");
-            ApiError::internal()
-        })?;
+            return Err(ApiError::internal());
+        }
+        Err(e) => {
+            // Refused for load, not for the address: the attempt costs it nothing.
+            state.signups_by_ip.refund(&ip);
+            return Err(e);
+        }
+    };
     let (token, session) = new_session(&state);
     let user = state
         .store
@@ -80,34 +87,35 @@ async fn login(
         return Err(ApiError::invalid_credentials());
     }
     let name = body.username.to_ascii_lowercase();
-    let now = Instant::now();
-    for check in [
-        state.login_failures_by_user.check(&name, now),
-        state.login_failures_by_ip.check(&ip, now),
-    ] {
-        check.map_err(|w| state.rate_limited(Limit::Login, w))?;
-    }
-    let found = state.store.credentials(&name).await?;
+    let charge = LoginCharge::take(&state, name, address_key(ip))?;
+    let found = match state.store.credentials(&charge.name).await {
+        Ok(found) => found,
+        Err(e) => {
+            charge.refund(&state);
+            return Err(e.into());
+        }
+    };
     let password = body.password;
     let dummy = state.dummy_hash.clone();
     // An unknown name is checked against a dummy hash, so both failures take as long.
-    let verified = tokio::task::spawn_blocking(move || match found {
+    let verified = hash_bounded(&state, move || match found {
         Some((user, hash)) => verify_password(password.expose(), &hash).then_some(user),
         None => {
             verify_password(password.expose(), &dummy);
             None
         }
     })
-    .await
-    .map_err(|e| {
-        tracing::error!(error = %e, "verify password task failed");
-        ApiError::internal()
-    })?;
-    let Some(user) = verified else {
-        let now = Instant::now();
-        let _ = state.login_failures_by_user.take(&name, now);
-        let _ = state.login_failures_by_ip.take(&ip, now);
-        return Err(ApiError::invalid_credentials());
+    .await;
+    let user = match verified {
+        Ok(Some(user)) => {
+            charge.refund(&state);
+            user
+        }
+        Ok(None) => return Err(ApiError::invalid_credentials()),
+        Err(e) => {
+            charge.refund(&state);
+            return Err(e);
+        }
     };
     let (token, session) = new_session(&state);
     state
@@ -118,6 +126,69 @@ async fn login(
         user: (&user).into(),
         token: token.into(),
     }))
+}
+
+/// One login attempt's charge to the failed-login limits, taken before the password is
+/// verified (so concurrent guesses cannot all pass a check made before any of them failed)
+/// and given back when it succeeds. Three buckets: the username from this address (so a
+/// stranger elsewhere cannot lock the owner out), the username from everywhere (a ceiling
+/// on distributed guessing), and this address over every username.
+struct LoginCharge {
+    name: String,
+    ip: IpAddr,
+}
+
+impl LoginCharge {
+    fn take(state: &AppState, name: String, ip: IpAddr) -> ApiResult<Self> {
+        let now = Instant::now();
+        let by_user = (name.clone(), ip);
+        let refused = |w| state.rate_limited(Limit::Login, w);
+        state
+            .login_failures_by_user
+            .take(&by_user, now)
+            .map_err(refused)?;
+        if let Err(w) = state.login_failures_by_account.take(&name, now) {
+            state.login_failures_by_user.refund(&by_user);
+            return Err(refused(w));
+        }
+        if let Err(w) = state.login_failures_by_ip.take(&ip, now) {
+            state.login_failures_by_user.refund(&by_user);
+            state.login_failures_by_account.refund(&name);
+            return Err(refused(w));
+        }
+        Ok(Self { name, ip })
+    }
+
+    fn refund(self, state: &AppState) {
+        state.login_failures_by_ip.refund(&self.ip);
+        state.login_failures_by_account.refund(&self.name);
+        state.login_failures_by_user.refund(&(self.name, self.ip));
+    }
+}
+
+/// Runs `f` (an Argon2 hash or verification: CPU-heavy, ~19 MiB) on the blocking pool,
+/// at most `--password-hash-concurrency` at once; past that, `503 overloaded` with
+/// Retry-After, so a burst of logins cannot exhaust memory.
+async fn hash_bounded<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> ApiResult<T> {
+    let permit = Arc::clone(&state.hashing)
+        .try_acquire_owned()
+        .map_err(|_| {
+            state.edge.rate_limited(Limit::PasswordHash);
+            ApiError::overloaded()
+        })?;
+    tokio::task::spawn_blocking(move || {
+        let out = f();
+        drop(permit);
+        out
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "password hash task failed");
+        ApiError::internal()
+    })
 }
 
 /// A fresh bearer token and the session row that stores its digest.

@@ -11,7 +11,7 @@ use super::dto::{
     PutMember, UpdateChannel, User,
 };
 use super::error::{ApiError, ApiResult};
-use super::extract::{Authed, JsonBody, PathIds, parse_id};
+use super::extract::{Authed, JsonBody, Params, PathIds, parse_id};
 use super::{AppState, no_content, validate};
 use crate::model::{ChannelKind, Role};
 
@@ -58,25 +58,51 @@ async fn create_channel(
             })
         })
         .collect::<ApiResult<Vec<_>>>()?;
+    state.admit_channel_create(auth.user.id)?;
+    state.admit_write(auth.user.id, body.name.len())?;
     let channel = state
         .store
         .create_channel(auth.user.id, kind, &body.name, &members)
         .await?;
+    state.charge_channel_create(auth.user.id);
     Ok((StatusCode::CREATED, Json((&channel).into())))
 }
 
-/// The caller's channels, with role, read marker and unread count.
+/// The caller's channels, with role, read marker and unread count, by ascending id, a
+/// page at a time: `next_after` is the `after` of the next page (absent on the last).
 #[utoipa::path(get, path = "/v1/channels", tag = "channels", security(("bearer" = [])),
-    responses((status = 200, body = ChannelList), (status = 401, body = ErrorBody)))]
+    params(("after" = Option<String>, Query, description = "Only channels with a larger id (the previous page's next_after)"),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "1–1000, default 500")),
+    responses((status = 200, body = ChannelList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn list_channels(
     State(state): State<AppState>,
     auth: Authed,
+    params: Params,
 ) -> ApiResult<Json<ChannelList>> {
+    let after = match params.str("after") {
+        None | Some("") => 0,
+        Some(raw) => parse_id(raw).ok_or_else(|| {
+            ApiError::invalid_field("after", "after must be a channel id from next_after")
+        })?,
+    };
+    let limit = params
+        .int("limit", 1, MAX_CHANNEL_PAGE)?
+        .unwrap_or(DEFAULT_CHANNEL_PAGE) as usize;
+    // The store's list is bounded by the channel cap and comes ordered by id.
     let views = state.store.channels(auth.user.id).await?;
+    let start = views.partition_point(|v| v.channel.id <= after);
+    let page = &views[start..views.len().min(start + limit)];
+    let next_after = (start + page.len() < views.len())
+        .then(|| page.last().map(|v| v.channel.id.to_string()))
+        .flatten();
     Ok(Json(ChannelList {
-        channels: views.iter().map(Channel::from).collect(),
+        channels: page.iter().map(Channel::from).collect(),
+        next_after,
     }))
 }
+
+const DEFAULT_CHANNEL_PAGE: i64 = 500;
+const MAX_CHANNEL_PAGE: i64 = 1000;
 
 /// Opens the DM with another user: 201 when created, 200 when it already existed.
 #[utoipa::path(post, path = "/v1/dms", tag = "channels", security(("bearer" = [])), request_body = OpenDm,
@@ -88,7 +114,12 @@ async fn open_dm(
 ) -> ApiResult<(StatusCode, Json<Channel>)> {
     let peer = parse_id(&body.user_id)
         .ok_or_else(|| ApiError::invalid_field("user_id", "user_id must be a user id"))?;
+    state.admit_channel_create(auth.user.id)?;
+    state.admit_write(auth.user.id, 0)?;
     let (channel, created) = state.store.open_dm(auth.user.id, peer).await?;
+    if created {
+        state.charge_channel_create(auth.user.id);
+    }
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -127,6 +158,7 @@ async fn update_channel(
 ) -> ApiResult<Json<Channel>> {
     let PathIds([id]) = path;
     validate::channel_name(&body.name)?;
+    state.admit_write(auth.user.id, body.name.len())?;
     let channel = state
         .store
         .rename_channel(auth.user.id, id, &body.name)
@@ -178,6 +210,7 @@ async fn put_member(
             ));
         }
     };
+    state.admit_write(auth.user.id, 0)?;
     state
         .store
         .put_member(auth.user.id, id, user_id, role)
@@ -195,6 +228,7 @@ async fn remove_member(
     path: PathIds<2>,
 ) -> ApiResult<StatusCode> {
     let PathIds([id, user_id]) = path;
+    state.admit_write(auth.user.id, 0)?;
     state.store.remove_member(auth.user.id, id, user_id).await?;
     Ok(no_content())
 }
@@ -213,6 +247,7 @@ async fn mark_read(
     if body.seq < 0 {
         return Err(ApiError::invalid_field("seq", "seq must not be negative"));
     }
+    state.admit_write(auth.user.id, 0)?;
     state.store.mark_read(auth.user.id, id, body.seq).await?;
     Ok(no_content())
 }

@@ -93,6 +93,9 @@ impl From<&model::ChannelView> for Channel {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ChannelList {
     pub channels: Vec<Channel>,
+    /// The `after` of the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -107,6 +107,35 @@ impl ApiError {
         }
     }
 
+    /// A per-user bound of the store: `409 too_many_channels` or `too_many_edits`.
+    pub fn too_many(which: crate::store::TooMany) -> Self {
+        let code = match which {
+            crate::store::TooMany::Channels(_) => "too_many_channels",
+            crate::store::TooMany::Edits(_) => "too_many_edits",
+        };
+        Self::new(StatusCode::CONFLICT, code, which.to_string())
+    }
+
+    pub fn too_many_connections(max: usize) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            format!("at most {max} real-time connections per user; close another one first"),
+        )
+    }
+
+    /// A request body that did not arrive in time: 408, and the connection is closed.
+    pub fn request_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs()
+            ),
+        )
+    }
+
     pub fn payload_too_large(max: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -164,6 +193,7 @@ impl From<StoreError> for ApiError {
             StoreError::Forbidden(why) => Self::forbidden(why),
             StoreError::UsernameTaken => Self::username_taken(),
             StoreError::Invalid { field, message } => Self::invalid_field(field, message),
+            StoreError::TooMany(which) => Self::too_many(which),
             StoreError::Overloaded => Self::overloaded(),
             StoreError::Unavailable => Self::unavailable(),
             e @ StoreError::Internal { .. } => {

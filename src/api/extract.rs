@@ -23,12 +23,15 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// well-formed body of the wrong shape is `invalid_field` naming the field.
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let limit = state.config.http.body_timeout;
+        let read = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES);
+        let bytes = tokio::time::timeout(limit, read)
             .await
+            .map_err(|_| ApiError::request_timeout(limit))?
             .map_err(|_| ApiError::payload_too_large(MAX_BODY_BYTES))?;
         parse_json(&bytes).map(JsonBody)
     }

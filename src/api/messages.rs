@@ -70,7 +70,10 @@ pub(super) fn admit_send(
     state
         .sends
         .take(&user_id, Instant::now())
-        .map_err(|w| state.rate_limited(Limit::Send, w))
+        .map_err(|w| state.rate_limited(Limit::Send, w))?;
+    state.admit_bytes(user_id, text.len()).inspect_err(|_| {
+        state.sends.refund(&user_id);
+    })
 }
 
 /// A page of history, ascending by seq. With no cursor: the newest `limit`; with
@@ -113,6 +116,7 @@ async fn edit_message(
 ) -> ApiResult<Json<Message>> {
     let PathIds([id, message_id]) = path;
     validate::text(&body.text)?;
+    state.admit_write(auth.user.id, body.text.len())?;
     let message = state
         .store
         .edit_message(auth.user.id, id, message_id, &body.text)
@@ -131,6 +135,7 @@ async fn delete_message(
     path: PathIds<2>,
 ) -> ApiResult<StatusCode> {
     let PathIds([id, message_id]) = path;
+    state.admit_write(auth.user.id, 0)?;
     state
         .store
         .delete_message(auth.user.id, id, message_id)

@@ -48,11 +48,23 @@ pub struct Inner {
     /// Verified against when a login names no account, so that failure costs the same time.
     dummy_hash: String,
     sends: RateLimiter<i64>,
-    login_failures_by_user: RateLimiter<String>,
+    /// Writes other than sends, per user.
+    write_ops: RateLimiter<i64>,
+    /// Bytes of message text, per user.
+    write_bytes: RateLimiter<i64>,
+    channel_creates: RateLimiter<i64>,
+    /// Typing signals per (user, channel), over all of the user's connections.
+    typing: RateLimiter<(i64, i64)>,
+    /// Failed logins per (username, client address key).
+    login_failures_by_user: RateLimiter<(String, IpAddr)>,
+    login_failures_by_account: RateLimiter<String>,
     login_failures_by_ip: RateLimiter<IpAddr>,
     signups_by_ip: RateLimiter<IpAddr>,
+    /// Bounds the Argon2 hashes computed at once (each takes ~19 MiB).
+    hashing: Arc<tokio::sync::Semaphore>,
     http: HttpMetrics,
     edge: EdgeStats,
+    conns: Arc<crate::conns::ConnStats>,
     writes: Arc<WriteStats>,
 }
 
@@ -79,10 +91,19 @@ impl AppState {
             dummy_hash: crate::auth::hash_password("natter dummy password", config.hash_cost)
                 .expect("hash a password at start-up"),
             sends: RateLimiter::new(limits.send),
+            write_ops: RateLimiter::new(limits.writes),
+            write_bytes: RateLimiter::new(limits.write_bytes),
+            channel_creates: RateLimiter::new(limits.channel_creates),
+            typing: RateLimiter::new(limits.typing),
             login_failures_by_user: RateLimiter::new(limits.login_failures_per_user),
+            login_failures_by_account: RateLimiter::new(limits.login_failures_per_account),
+            hashing: Arc::new(tokio::sync::Semaphore::new(
+                limits.password_hash_concurrency,
+            )),
             login_failures_by_ip: RateLimiter::new(limits.login_failures_per_ip),
             signups_by_ip: RateLimiter::new(limits.signups_per_ip),
             http: HttpMetrics::default(),
+            conns: Arc::default(),
             edge: EdgeStats::default(),
             writes,
             config,
@@ -96,6 +117,55 @@ impl AppState {
 
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
+    }
+
+    /// The HTTP connection counters (kept by [`crate::conns::serve`]).
+    pub fn conn_stats(&self) -> &Arc<crate::conns::ConnStats> {
+        &self.conns
+    }
+
+    /// Charges one write other than a send to `user_id`, and `text_bytes` of message text
+    /// (or a name) to their byte budget; refused with `429 rate_limited` past either.
+    pub(crate) fn admit_write(&self, user_id: i64, text_bytes: usize) -> Result<(), ApiError> {
+        let now = std::time::Instant::now();
+        self.write_ops
+            .take(&user_id, now)
+            .map_err(|w| self.rate_limited(Limit::Write, w))?;
+        self.admit_bytes(user_id, text_bytes).inspect_err(|_| {
+            self.write_ops.refund(&user_id);
+        })
+    }
+
+    /// Charges `text_bytes` of message text to `user_id`'s byte budget.
+    pub(crate) fn admit_bytes(&self, user_id: i64, text_bytes: usize) -> Result<(), ApiError> {
+        if text_bytes == 0 {
+            return Ok(());
+        }
+        self.write_bytes
+            .take_n(&user_id, text_bytes as f64, std::time::Instant::now())
+            .map_err(|w| self.rate_limited(Limit::WriteBytes, w))
+    }
+
+    /// Whether `user_id` may create a channel now (charged by [`AppState::charge_channel_create`]
+    /// once one was created).
+    pub(crate) fn admit_channel_create(&self, user_id: i64) -> Result<(), ApiError> {
+        self.channel_creates
+            .check(&user_id, std::time::Instant::now())
+            .map_err(|w| self.rate_limited(Limit::ChannelCreate, w))
+    }
+
+    pub(crate) fn charge_channel_create(&self, user_id: i64) {
+        let _ = self
+            .channel_creates
+            .take(&user_id, std::time::Instant::now());
+    }
+
+    /// Whether a typing signal of `user_id` in `channel_id` goes out: a bound over all
+    /// of the user's connections together.
+    pub(crate) fn admit_typing(&self, user_id: i64, channel_id: i64) -> bool {
+        self.typing
+            .take(&(user_id, channel_id), std::time::Instant::now())
+            .is_ok()
     }
 
     /// The answer to a request a rate limit refused, counted for `/metrics`.
@@ -143,6 +213,7 @@ impl AppState {
         }
         self.http.render(&mut out);
         self.edge.render(&mut out);
+        self.conns.render(&mut out);
         self.writes.render(&mut out);
         self.gateway.hub.stats().render(&mut out);
         crate::process::render(&mut out);

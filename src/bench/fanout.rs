@@ -760,7 +760,18 @@ async fn register(
         let signups = chunk.iter().map(|i| {
             let (mut api, name) = (api.clone(), format!("{prefix}{i}"));
             async move {
-                let id = api.register(&name, "bench-password").await?;
+                // A server bounds the password hashes it runs at once: a busy answer is
+                // retried after a pause, a bounded number of times.
+                let mut tries = 0;
+                let id = loop {
+                    match api.register(&name, "bench-password").await {
+                        Err(crate::client::ClientError::Api { status: 503, .. }) if tries < 100 => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        other => break other?,
+                    }
+                };
                 anyhow::Ok((api, id))
             }
         });

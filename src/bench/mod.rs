@@ -179,6 +179,13 @@ impl Target {
                 ("NATTER_SEND_RATE", "1000000000"),
                 ("NATTER_SEND_BURST", "1000000000"),
                 ("NATTER_SIGNUPS_PER_IP", "1000000000"),
+                ("NATTER_WRITE_RATE", "1000000000"),
+                ("NATTER_PASSWORD_HASH_CONCURRENCY", "64"),
+                ("NATTER_WRITE_BYTES_PER_SEC", "1000000000000"),
+                ("NATTER_CHANNEL_CREATES_PER_HOUR", "1000000000000"),
+                ("NATTER_MAX_CHANNELS_PER_USER", "1000000"),
+                ("NATTER_WS_CONNECTIONS_PER_USER", "1000000"),
+                ("NATTER_MEMBERSHIP_CONSENT", "open"),
                 ("NATTER_WRITE_QUEUE", "262144"),
                 ("NATTER_LOG", "info"),
             ])
@@ -321,6 +328,16 @@ fn bench_config(dir: &std::path::Path) -> Config {
         per_second: 1e9,
         burst: 1e9,
     };
+    let unbounded = Rate {
+        per_second: 1e12,
+        burst: 1e12,
+    };
+    config.limits.writes = unbounded;
+    config.limits.write_bytes = unbounded;
+    config.limits.channel_creates = unbounded;
+    config.limits.max_channels_per_user = u32::MAX;
+    config.limits.ws_connections_per_user = usize::MAX;
+    config.limits.consent = crate::store::Consent::Open;
     config.write_queue = 1 << 20;
     config
 }

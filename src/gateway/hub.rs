@@ -6,7 +6,7 @@
 //! `member.added` subscribes the user's connections before the channel's next event is
 //! dispatched, and a `member.removed` is the last event of that channel they are given.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -21,43 +21,55 @@ struct Conn {
     user_id: i64,
     token: TokenHash,
     outbox: Arc<Outbox>,
-    channels: Vec<i64>,
+    channels: HashSet<i64>,
 }
 
+/// Who follows what. Every change costs what it changes (sets, not lists), so one user
+/// with many channels or connections cannot make anyone else's dispatch slow.
 #[derive(Default)]
 struct Subs {
     conns: HashMap<ConnId, Conn>,
-    by_user: HashMap<i64, Vec<ConnId>>,
-    by_channel: HashMap<i64, Vec<ConnId>>,
+    by_user: HashMap<i64, HashSet<ConnId>>,
+    by_channel: HashMap<i64, HashSet<ConnId>>,
 }
+
+/// Channels (un)subscribed under one hold of the lock: a connection with thousands of
+/// channels lets dispatch in between.
+const SUBSCRIBE_CHUNK: usize = 256;
 
 impl Subs {
     fn subscribe(&mut self, id: ConnId, channel_id: i64) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if conn.channels.contains(&channel_id) {
-            return;
+        if conn.channels.insert(channel_id) {
+            self.by_channel.entry(channel_id).or_default().insert(id);
         }
-        conn.channels.push(channel_id);
-        self.by_channel.entry(channel_id).or_default().push(id);
     }
 
     fn unsubscribe(&mut self, id: ConnId, channel_id: i64) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        conn.channels.retain(|&c| c != channel_id);
-        if let Some(list) = self.by_channel.get_mut(&channel_id) {
-            list.retain(|&c| c != id);
-            if list.is_empty() {
+        if conn.channels.remove(&channel_id) {
+            self.drop_follower(id, channel_id);
+        }
+    }
+
+    fn drop_follower(&mut self, id: ConnId, channel_id: i64) {
+        if let Some(set) = self.by_channel.get_mut(&channel_id) {
+            set.remove(&id);
+            if set.is_empty() {
                 self.by_channel.remove(&channel_id);
             }
         }
     }
 
     fn user_conns(&self, user_id: i64) -> Vec<ConnId> {
-        self.by_user.get(&user_id).cloned().unwrap_or_default()
+        self.by_user
+            .get(&user_id)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -91,43 +103,83 @@ impl Hub {
     /// Puts a connection online. From now on it is told about its user's membership
     /// changes; it follows no channel until [`Hub::subscribe`].
     pub fn register(&self, user_id: i64, token: TokenHash, outbox: Arc<Outbox>) -> ConnId {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.try_register(user_id, token, outbox, usize::MAX)
+            .expect("no bound")
+    }
+
+    /// [`Hub::register`], unless the user already has `max` connections online.
+    pub fn try_register(
+        &self,
+        user_id: i64,
+        token: TokenHash,
+        outbox: Arc<Outbox>,
+        max: usize,
+    ) -> Option<ConnId> {
         let mut subs = self.write();
+        let online = subs.by_user.get(&user_id).map_or(0, HashSet::len);
+        if online >= max {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         subs.conns.insert(
             id,
             Conn {
                 user_id,
                 token,
                 outbox,
-                channels: Vec::new(),
+                channels: HashSet::new(),
             },
         );
-        subs.by_user.entry(user_id).or_default().push(id);
+        subs.by_user.entry(user_id).or_default().insert(id);
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        id
+        Some(id)
     }
 
+    /// Takes a connection offline. Its user's membership changes stop reaching it at
+    /// once; its channels are dropped a chunk per hold of the lock.
     pub fn unregister(&self, id: ConnId) {
-        let mut subs = self.write();
-        let Some(conn) = subs.conns.get(&id) else {
-            return;
+        let channels: Vec<i64> = {
+            let mut subs = self.write();
+            let Some(conn) = subs.conns.get_mut(&id) else {
+                return;
+            };
+            let user_id = conn.user_id;
+            let channels = std::mem::take(&mut conn.channels);
+            if let Some(set) = subs.by_user.get_mut(&user_id) {
+                set.remove(&id);
+                if set.is_empty() {
+                    subs.by_user.remove(&user_id);
+                }
+            }
+            channels.into_iter().collect()
         };
-        let (user_id, channels) = (conn.user_id, conn.channels.clone());
-        for c in channels {
-            subs.unsubscribe(id, c);
-        }
-        subs.conns.remove(&id);
-        if let Some(list) = subs.by_user.get_mut(&user_id) {
-            list.retain(|&c| c != id);
-            if list.is_empty() {
-                subs.by_user.remove(&user_id);
+        for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
+            let mut subs = self.write();
+            for &c in chunk {
+                subs.drop_follower(id, c);
             }
         }
+        self.write().conns.remove(&id);
         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn subscribe(&self, id: ConnId, channel_id: i64) {
         self.write().subscribe(id, channel_id);
+    }
+
+    /// Follows many channels, a chunk per hold of the lock.
+    pub fn subscribe_all(&self, id: ConnId, channels: &[i64]) {
+        for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
+            let mut subs = self.write();
+            for &c in chunk {
+                subs.subscribe(id, c);
+            }
+        }
+    }
+
+    /// Connections `user_id` has online.
+    pub fn connections_of(&self, user_id: i64) -> usize {
+        self.read().by_user.get(&user_id).map_or(0, HashSet::len)
     }
 
     pub fn unsubscribe(&self, id: ConnId, channel_id: i64) {

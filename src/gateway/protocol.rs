@@ -192,6 +192,10 @@ pub mod close {
     pub const MALFORMED: u16 = 4002;
     pub const NO_HELLO: u16 = 4003;
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The user has `--ws-connections-per-user` connections open already.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4009;
+    /// The server failed in a way it logged (e.g. it could not write `ready`).
+    pub const INTERNAL: u16 = 1011;
     pub const RESTARTING: u16 = 1012;
     /// The peer stopped answering heartbeats.
     pub const GOING_AWAY: u16 = 1001;

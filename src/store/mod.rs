@@ -18,6 +18,49 @@ use crate::model::{
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// The bounds the store enforces inside the write that would pass them, so concurrent
+/// writes cannot race past them. Every backend applies the same [`Rules`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Channels one user may be a member of.
+    pub max_channels_per_user: u32,
+    /// Edits of one message.
+    pub max_edits_per_message: u32,
+    /// Who may add a user to a group or broadcast channel.
+    pub consent: Consent,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            max_channels_per_user: 2000,
+            max_edits_per_message: 50,
+            // The server's default (`--membership-consent`) is `SharedChannel`; the store's
+            // own default keeps no consent rule, for tools and suites that make their own.
+            consent: Consent::Open,
+        }
+    }
+}
+
+/// Who may put a user into a channel (creating it with them, or adding them). Anyone may
+/// open a DM with anyone (one per pair), so a DM is how two strangers start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consent {
+    /// Only someone who already shares a channel (a DM counts) with the user.
+    SharedChannel,
+    /// Anyone (a closed team server where everybody knows everybody).
+    Open,
+}
+
+/// Which bound of the [`Rules`] a write would pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TooMany {
+    #[error("a user may be a member of at most {0} channels")]
+    Channels(u32),
+    #[error("a message may be edited at most {0} times")]
+    Edits(u32),
+}
+
 /// Why a store call failed. Everything but [`StoreError::Internal`] is the caller's to act on.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -36,6 +79,9 @@ pub enum StoreError {
         field: &'static str,
         message: String,
     },
+    /// A per-user bound of the store's [`Rules`] was reached. Nothing was written.
+    #[error("{0}")]
+    TooMany(TooMany),
     /// The write queue is full; retry later. Nothing was written.
     #[error("write queue is full")]
     Overloaded,

@@ -42,6 +42,10 @@ impl ServerProcess {
             .env("NATTER_INSECURE_FAST_PASSWORD_HASH", "1")
             .env("NATTER_SEND_RATE", "1000000")
             .env("NATTER_SEND_BURST", "1000000")
+            .env("NATTER_WRITE_RATE", "1000000")
+            .env("NATTER_WRITE_BYTES_PER_SEC", "1000000000")
+            .env("NATTER_CHANNEL_CREATES_PER_HOUR", "1000000000")
+            .env("NATTER_MEMBERSHIP_CONSENT", "open")
             .env("NATTER_LOG", "info");
         for (k, v) in env {
             command.env(k, v);

@@ -38,6 +38,7 @@ function startServer(dataDir, port) {
       NATTER_INSECURE_FAST_PASSWORD_HASH: "1",
       NATTER_SEND_RATE: "1000",
       NATTER_SEND_BURST: "1000",
+      NATTER_MEMBERSHIP_CONSENT: "open",
       NATTER_LOG: "warn,natter::server=info",
     },
     stdio: ["ignore", "ignore", "pipe"],

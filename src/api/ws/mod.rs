@@ -46,15 +46,23 @@ pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Res
     // instead of 4 KiB took an idle connection from ~10.1 to ~7.1 KiB. Written frames
     // gather in a 64 KiB buffer, so one flush of a drained queue is one write, not one per
     // frame; a socket that stops taking writes stops the session at twice that.
+    // The largest frame written is `ready` for a user at the channel cap.
+    let ready = ready_bound(state.config.limits.max_channels_per_user);
     ws.max_message_size(max * 2)
         .max_frame_size(max * 2)
         .read_buffer_size(1024)
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(2 * WRITE_BUFFER + max)
+        .max_write_buffer_size(2 * WRITE_BUFFER + max.max(ready))
         // The session logs under the upgrade request's span (its request id).
         .on_upgrade(move |socket: WebSocket| {
             run(socket, state).instrument(tracing::Span::current())
         })
+}
+
+/// Bytes of the largest `ready` frame: the user (a name of at most 32 bytes) and up to
+/// `channels` positions (`{"id":"<19 digits>","last_seq":<19 digits>},`: 64 bytes).
+fn ready_bound(channels: u32) -> usize {
+    1024 + 64 * channels as usize
 }
 
 /// A frame from the client, as the session sees it.
@@ -169,10 +177,17 @@ where
         cfg.queue_bytes,
         Arc::clone(state.gateway.hub.stats()),
     ));
-    let conn = state
-        .gateway
-        .hub
-        .register(authed.user.id, authed.token, Arc::clone(&outbox));
+    let max = state.config.limits.ws_connections_per_user;
+    let Some(conn) =
+        state
+            .gateway
+            .hub
+            .try_register(authed.user.id, authed.token, Arc::clone(&outbox), max)
+    else {
+        state.edge.rate_limited(crate::metrics::Limit::Connections);
+        let e = ApiError::too_many_connections(max);
+        return refuse(&mut socket, close::TOO_MANY_CONNECTIONS, &e).await;
+    };
     // Goes offline however the session ends, a panic included.
     let _online = Online(Arc::clone(&state.gateway.hub), conn);
     let mut session = Session::new(state.clone(), authed.user, conn, outbox);

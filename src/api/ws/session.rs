@@ -91,9 +91,8 @@ impl Session {
             .channels(self.user.id)
             .await
             .map_err(End::store)?;
-        for v in &first {
-            hub.subscribe(self.conn, v.channel.id);
-        }
+        let ids: Vec<i64> = first.iter().map(|v| v.channel.id).collect();
+        hub.subscribe_all(self.conn, &ids);
         let now = self
             .state
             .store
@@ -106,9 +105,11 @@ impl Session {
                 hub.unsubscribe(self.conn, v.channel.id);
             }
         }
+        // Already-followed channels cost a set lookup each.
+        let ids: Vec<i64> = now.iter().map(|v| v.channel.id).collect();
+        hub.subscribe_all(self.conn, &ids);
         let mut listed = Vec::with_capacity(now.len());
         for v in &now {
-            hub.subscribe(self.conn, v.channel.id);
             let last = v.channel.last_seq;
             let at = resume.get(&v.channel.id).map_or(last, |&s| s.min(last));
             self.positions.insert(v.channel.id, at);
@@ -117,7 +118,22 @@ impl Session {
                 last_seq: last,
             });
         }
-        feed(socket, protocol::ready(&self.user, &listed).into()).await?;
+        let ready: Utf8Bytes = protocol::ready(&self.user, &listed).into();
+        let size = ready.len();
+        if feed(socket, ready).await.is_err() {
+            // The write buffer is sized for the ready frame of the channel cap; a failure
+            // here is the server's to look at, and the client is told.
+            tracing::warn!(
+                user_id = self.user.id,
+                channels = listed.len(),
+                bytes = size,
+                "write the ready frame; closing"
+            );
+            return Err(End::Close(
+                close::INTERNAL,
+                "the server could not send ready".into(),
+            ));
+        }
         for &id in resume.keys().filter(|id| !current.contains(id)) {
             feed(socket, protocol::left(id).into()).await?;
         }
@@ -243,7 +259,11 @@ impl Session {
                     .is_some_and(|t| now - *t < TYPING_EVERY);
                 // With the `typing` flag off, typing signals are taken and dropped.
                 let on = self.state.config.features.enabled(Feature::Typing);
-                if on && self.positions.contains_key(&id) && !recent {
+                if on
+                    && self.positions.contains_key(&id)
+                    && !recent
+                    && self.state.admit_typing(self.user.id, id)
+                {
                     self.typing.insert(id, now);
                     self.state.gateway.bus.typing(id, self.user.id);
                 }
@@ -295,6 +315,10 @@ impl Session {
                         return Ok(());
                     }
                 };
+                if let Err(e) = self.state.admit_write(self.user.id, 0) {
+                    let _ = replies.send(protocol::error(None, &e).into());
+                    return Ok(());
+                }
                 let permit = in_flight(sends).await?;
                 let store = Arc::clone(&self.state.store);
                 let (replies, user) = (replies.clone(), self.user.id);

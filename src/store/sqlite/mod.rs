@@ -41,6 +41,8 @@ pub struct SqliteOptions {
     pub on_commit: Option<super::OnCommit>,
     /// The writer's counters (shared with `/metrics`).
     pub stats: Arc<WriteStats>,
+    /// The per-user bounds writes keep.
+    pub rules: crate::store::Rules,
 }
 
 impl SqliteOptions {
@@ -52,6 +54,7 @@ impl SqliteOptions {
             read_connections: 4,
             on_commit: None,
             stats: Arc::default(),
+            rules: crate::store::Rules::default(),
         }
     }
 }
@@ -90,6 +93,7 @@ impl SqliteStore {
             opts.write_queue,
             opts.on_commit.clone(),
             Arc::clone(&opts.stats),
+            opts.rules,
         );
         Ok(Self {
             writer,

@@ -22,7 +22,7 @@ use super::write::{self, Done, HotUse, Op};
 use crate::id::Snowflake;
 use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_one};
 use crate::model::{Event, EventBody};
-use crate::store::{OnCommit, Result, StoreError};
+use crate::store::{OnCommit, Result, Rules, StoreError};
 
 /// Most ops one transaction takes; bounds the time a caller waits behind a batch.
 const MAX_BATCH: usize = 4096;
@@ -166,6 +166,7 @@ impl Writer {
         capacity: usize,
         on_commit: Option<OnCommit>,
         stats: Arc<WriteStats>,
+        rules: Rules,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let _ = stats.queue.set(tx.downgrade());
@@ -173,6 +174,7 @@ impl Writer {
             conn,
             ids: Snowflake::new(node_id),
             hot: Hot::default(),
+            rules,
             on_commit,
             stats: Arc::clone(&stats),
         };
@@ -204,6 +206,7 @@ struct State {
     conn: Connection,
     ids: Snowflake,
     hot: Hot,
+    rules: Rules,
     on_commit: Option<OnCommit>,
     stats: Arc<WriteStats>,
 }
@@ -305,7 +308,13 @@ fn apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFailed>
 }
 
 fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFailed> {
-    let State { conn, ids, hot, .. } = state;
+    let State {
+        conn,
+        ids,
+        hot,
+        rules,
+        ..
+    } = state;
     let mut journal = Vec::new();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(batch.len());
@@ -316,7 +325,7 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
         }
         let changes_before = tx.total_changes();
         let journal_before = journal.len();
-        let applied = write::apply(&tx, ids, hot, &job.op, &mut journal);
+        let applied = write::apply(&tx, ids, hot, rules, &job.op, &mut journal);
         if let HotUse::FlushAndForget(Some(channel_id)) = hot_use {
             hot.forget(channel_id);
         }

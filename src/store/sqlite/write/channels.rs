@@ -5,8 +5,8 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use super::{Applied, Done, append_event, membership, role_of, user_exists};
 use crate::id::Snowflake;
 use crate::model::{ChannelKind, Event, EventBody, Role};
-use crate::store::StoreError;
 use crate::store::sqlite::read;
+use crate::store::{Consent, Rules, StoreError, TooMany};
 
 /// Adds a member with a `member.added` event. Their read marker starts at that event, so
 /// earlier history does not count as unread.
@@ -36,11 +36,49 @@ fn add_member(
     Ok(())
 }
 
+/// Refuses a membership that would take `user_id` past the channel cap.
+fn check_room(tx: &Transaction, rules: &Rules, user_id: i64) -> Result<(), super::Failure> {
+    let n: u32 = tx
+        .prepare_cached("SELECT count(*) FROM members WHERE user_id = ?1")?
+        .query_row([user_id], |r| r.get(0))?;
+    if n >= rules.max_channels_per_user {
+        return Err(StoreError::TooMany(TooMany::Channels(rules.max_channels_per_user)).into());
+    }
+    Ok(())
+}
+
+/// Refuses putting `user_id` into a channel by `actor` without the user's consent: under
+/// [`Consent::SharedChannel`], only someone who already shares a channel with them may.
+fn check_consent(
+    tx: &Transaction,
+    rules: &Rules,
+    actor: i64,
+    user_id: i64,
+) -> Result<(), super::Failure> {
+    if rules.consent == Consent::Open || actor == user_id {
+        return Ok(());
+    }
+    let shared = tx
+        .prepare_cached(
+            "SELECT 1 FROM members a JOIN members b ON b.channel_id = a.channel_id AND b.user_id = ?2
+             WHERE a.user_id = ?1 LIMIT 1",
+        )?
+        .exists([actor, user_id])?;
+    if !shared {
+        return Err(StoreError::Forbidden(
+            "you may add only people who share a channel with you; open a direct message with them first",
+        )
+        .into());
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn create_channel(
     tx: &Transaction,
     j: &mut Vec<Event>,
     ids: &mut Snowflake,
+    rules: &Rules,
     now: i64,
     owner: i64,
     kind: ChannelKind,
@@ -58,7 +96,10 @@ pub(super) fn create_channel(
             }
             .into());
         }
+        check_consent(tx, rules, owner, m)?;
+        check_room(tx, rules, m)?;
     }
+    check_room(tx, rules, owner)?;
     let id = ids.next_id(now);
     tx.prepare_cached(
         "INSERT INTO channels (id, kind, name, owner_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -77,6 +118,7 @@ pub(super) fn open_dm(
     tx: &Transaction,
     j: &mut Vec<Event>,
     ids: &mut Snowflake,
+    rules: &Rules,
     now: i64,
     user: i64,
     peer: i64,
@@ -102,6 +144,8 @@ pub(super) fn open_dm(
     if !user_exists(tx, peer)? {
         return Err(StoreError::NotFound.into());
     }
+    check_room(tx, rules, user)?;
+    check_room(tx, rules, peer)?;
     let id = ids.next_id(now);
     tx.prepare_cached(
         "INSERT INTO channels (id, kind, name, owner_id, dm_key, created_at) VALUES (?1, 'dm', NULL, ?2, ?3, ?4)",
@@ -151,9 +195,11 @@ pub(super) fn rename_channel(
     ))
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn put_member(
     tx: &Transaction,
     j: &mut Vec<Event>,
+    rules: &Rules,
     now: i64,
     actor: i64,
     channel_id: i64,
@@ -171,14 +217,18 @@ pub(super) fn put_member(
         return Err(StoreError::NotFound.into());
     }
     match role_of(tx, channel_id, user_id)? {
-        None => add_member(
-            tx,
-            j,
-            channel_id,
-            user_id,
-            role.unwrap_or(Role::Member),
-            now,
-        )?,
+        None => {
+            check_consent(tx, rules, actor, user_id)?;
+            check_room(tx, rules, user_id)?;
+            add_member(
+                tx,
+                j,
+                channel_id,
+                user_id,
+                role.unwrap_or(Role::Member),
+                now,
+            )?
+        }
         Some(Role::Owner) => {
             if role.is_some_and(|r| r != Role::Owner) {
                 return Err(StoreError::Forbidden("the owner's role cannot be changed").into());

@@ -5,8 +5,8 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Applied, Done, Failure, append_event, membership};
 use crate::model::{Event, EventBody, Message};
-use crate::store::StoreError;
 use crate::store::sqlite::read;
+use crate::store::{Rules, StoreError, TooMany};
 
 pub(super) fn live_message(
     tx: &Transaction,
@@ -20,9 +20,11 @@ pub(super) fn live_message(
     Ok(message.ok_or(StoreError::NotFound)?)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn edit_message(
     tx: &Transaction,
     j: &mut Vec<Event>,
+    rules: &Rules,
     now: i64,
     actor: i64,
     channel_id: i64,
@@ -36,6 +38,15 @@ pub(super) fn edit_message(
     }
     if message.author_id != actor {
         return Err(StoreError::Forbidden("only the author may edit a message").into());
+    }
+    // Each edit keeps the text it replaces in the log, so edits are bounded per message.
+    let edits: u32 = tx
+        .prepare_cached(
+            "SELECT count(*) FROM events WHERE message_id = ?1 AND kind = 'message.edited'",
+        )?
+        .query_row([message_id], |r| r.get(0))?;
+    if edits >= rules.max_edits_per_message {
+        return Err(StoreError::TooMany(TooMany::Edits(rules.max_edits_per_message)).into());
     }
     // The event that showed the latest text (body NULL) keeps the old text as its own;
     // the new event shows the message row's text from now on.

@@ -17,7 +17,7 @@ use super::read;
 use crate::clock::now_ms;
 use crate::id::Snowflake;
 use crate::model::{Channel, ChannelKind, Event, EventBody, Message, Role, User};
-use crate::store::{NewSession, Posted, StoreError, TokenHash};
+use crate::store::{NewSession, Posted, Rules, StoreError, TokenHash};
 
 pub(super) enum Op {
     CreateUser {
@@ -153,6 +153,7 @@ pub(super) fn apply(
     tx: &Transaction,
     ids: &mut Snowflake,
     hot: &mut Hot,
+    rules: &Rules,
     op: &Op,
     journal: &mut Vec<Event>,
 ) -> Applied {
@@ -188,8 +189,8 @@ pub(super) fn apply(
             kind,
             name,
             members,
-        } => create_channel(tx, j, ids, now, *owner, *kind, name, members),
-        Op::OpenDm { user, peer } => open_dm(tx, j, ids, now, *user, *peer),
+        } => create_channel(tx, j, ids, rules, now, *owner, *kind, name, members),
+        Op::OpenDm { user, peer } => open_dm(tx, j, ids, rules, now, *user, *peer),
         Op::RenameChannel {
             actor,
             channel_id,
@@ -200,7 +201,7 @@ pub(super) fn apply(
             channel_id,
             user_id,
             role,
-        } => put_member(tx, j, now, *actor, *channel_id, *user_id, *role),
+        } => put_member(tx, j, rules, now, *actor, *channel_id, *user_id, *role),
         Op::RemoveMember {
             actor,
             channel_id,
@@ -232,7 +233,7 @@ pub(super) fn apply(
             channel_id,
             message_id,
             text,
-        } => edit_message(tx, j, now, *actor, *channel_id, *message_id, text),
+        } => edit_message(tx, j, rules, now, *actor, *channel_id, *message_id, text),
         Op::DeleteMessage {
             actor,
             channel_id,

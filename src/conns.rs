@@ -1,0 +1,387 @@
+//! The HTTP connection loop under the API: every accepted socket is counted (in total
+//! and per client address) and refused cheaply past the caps, and every connection is
+//! watched for the three ways a client can hold one without using it: headers that never
+//! finish, a body that never finishes (bounded by the JSON extractor), and an idle
+//! keep-alive. WebSockets keep their count until the socket closes, as the count lives in
+//! the socket.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+/// Bounds on connections and their timers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections open at once, in total.
+    pub max_connections: usize,
+    /// Connections open at once from one client address (a trusted proxy is exempt).
+    pub max_per_address: usize,
+    /// A request's headers must be complete this long after the server starts waiting
+    /// for them (on a new connection, or after the first byte of a keep-alive's next one).
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// Addresses exempt from the per-address cap (the reverse proxies).
+    pub trusted: Vec<IpAddr>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    pub open: AtomicUsize,
+    pub refused: AtomicU64,
+    pub header_timeouts: AtomicU64,
+    pub idle_closed: AtomicU64,
+}
+
+impl ConnStats {
+    pub fn render(&self, out: &mut String) {
+        use crate::metrics::{render_header, render_one, render_value};
+        render_one(
+            out,
+            "natter_http_connections",
+            "gauge",
+            "HTTP connections open (WebSockets included).",
+            self.open.load(Ordering::Relaxed),
+        );
+        render_header(
+            out,
+            "natter_http_connections_closed_total",
+            "counter",
+            "Connections refused at the caps or closed by a timeout, by reason.",
+        );
+        for (reason, n) in [
+            ("refused", &self.refused),
+            ("header_timeout", &self.header_timeouts),
+            ("idle", &self.idle_closed),
+        ] {
+            render_value(
+                out,
+                "natter_http_connections_closed_total",
+                &format!("reason=\"{reason}\""),
+                n.load(Ordering::Relaxed),
+            );
+        }
+    }
+}
+
+/// Open connections in total and by address.
+struct Counts {
+    limits: ConnLimits,
+    stats: Arc<ConnStats>,
+    by_address: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Counts {
+    /// A slot for a connection from `ip`, or `None` past a cap.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let per_address = !self.limits.trusted.contains(&ip);
+        let mut by_address = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stats.open.load(Ordering::Relaxed) >= self.limits.max_connections {
+            return None;
+        }
+        if per_address {
+            let n = by_address.entry(ip).or_default();
+            if *n >= self.limits.max_per_address {
+                return None;
+            }
+            *n += 1;
+        }
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        Some(Slot {
+            counts: Arc::clone(self),
+            ip: per_address.then_some(ip),
+        })
+    }
+}
+
+/// One admitted connection's place in the counts, given back when dropped.
+struct Slot {
+    counts: Arc<Counts>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.counts.stats.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.ip {
+            let mut by_address = self
+                .counts
+                .by_address
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = by_address.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    by_address.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// What the watchdog of one connection sees.
+struct Activity {
+    started: Instant,
+    /// Milliseconds since `started` of the last byte read or written.
+    last: AtomicU64,
+    /// Milliseconds since `started` when the server began waiting for a request's
+    /// headers, while it is waiting for them.
+    awaiting_head: AtomicBool,
+    head_since: AtomicU64,
+    /// Requests being answered.
+    busy: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last: AtomicU64::new(0),
+            // A new connection owes its first request's headers.
+            awaiting_head: AtomicBool::new(true),
+            head_since: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn read(&self) {
+        let now = self.now();
+        self.last.store(now, Ordering::Relaxed);
+        // The first byte after a request was taken starts the next one's head.
+        if self.busy.load(Ordering::Relaxed) == 0
+            && !self.awaiting_head.swap(true, Ordering::Relaxed)
+        {
+            self.head_since.store(now, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The socket, with its slot and its activity.
+struct Watched {
+    io: TcpStream,
+    activity: Arc<Activity>,
+    _slot: Slot,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            let now = self.activity.now();
+            self.activity.last.store(now, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            let now = self.activity.now();
+            self.activity.last.store(now, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// What a refused connection is told, written without waiting (a socket that cannot
+/// take it at once just gets closed).
+fn refusal() -> Vec<u8> {
+    let body =
+        r#"{"error":{"code":"unavailable","message":"too many connections; retry shortly"}}"#;
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, asks every
+/// connection to finish its request in flight and close, and returns once all have.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    stats: Arc<ConnStats>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    let counts = Arc::new(Counts {
+        limits: limits.clone(),
+        stats: Arc::clone(&stats),
+        by_address: Mutex::default(),
+    });
+    let refusal = refusal();
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while tasks.try_join_next().is_some() {}
+        let Some(slot) = counts.admit(peer.ip()) else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = stream.try_write(&refusal);
+            continue;
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "set TCP_NODELAY");
+        }
+        let activity = Arc::new(Activity::new());
+        let io = Watched {
+            io: stream,
+            activity: Arc::clone(&activity),
+            _slot: slot,
+        };
+        tasks.spawn(connection(
+            io,
+            peer,
+            app.clone(),
+            activity,
+            limits.clone(),
+            Arc::clone(&stats),
+            stopped.clone(),
+        ));
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Serves one connection, closing it when its headers or its idleness run past the
+/// limits, or gracefully when the server stops.
+async fn connection(
+    io: Watched,
+    peer: SocketAddr,
+    app: Router,
+    activity: Arc<Activity>,
+    limits: ConnLimits,
+    stats: Arc<ConnStats>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let seen = Arc::clone(&activity);
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        seen.awaiting_head.store(false, Ordering::Relaxed);
+        seen.busy.fetch_add(1, Ordering::Relaxed);
+        let app = app.clone();
+        let seen = Arc::clone(&seen);
+        async move {
+            let answer = app.oneshot(req).await;
+            seen.busy.fetch_sub(1, Ordering::Relaxed);
+            let now = seen.now();
+            seen.last.store(now, Ordering::Relaxed);
+            answer
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let tick = (limits.header_timeout.min(limits.idle_timeout) / 4)
+        .clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let mut every = tokio::time::interval(tick);
+    let header_ms = limits.header_timeout.as_millis() as u64;
+    let idle_ms = limits.idle_timeout.as_millis() as u64;
+    loop {
+        tokio::select! {
+            served = conn.as_mut() => {
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "serve a connection");
+                }
+                return;
+            }
+            _ = stopped.wait_for(|s| *s) => break,
+            _ = every.tick() => {
+                if activity.busy.load(Ordering::Relaxed) > 0 {
+                    continue;
+                }
+                let now = activity.now();
+                if activity.awaiting_head.load(Ordering::Relaxed)
+                    && now.saturating_sub(activity.head_since.load(Ordering::Relaxed)) > header_ms
+                {
+                    stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "request headers not received in time; closing");
+                    return;
+                }
+                if now.saturating_sub(activity.last.load(Ordering::Relaxed)) > idle_ms {
+                    stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(limits.header_timeout, conn).await;
+}
