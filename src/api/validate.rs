@@ -1,6 +1,7 @@
 //! Input rules of API v1, checked at the edge before anything reaches the store.
 
 use super::error::ApiError;
+use crate::chars;
 
 pub const MAX_TEXT_CHARS: usize = 4000;
 pub const MAX_CLIENT_ID_CHARS: usize = 64;
@@ -33,13 +34,28 @@ pub fn password(password: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// 1–4000 characters, not only whitespace. Stored as sent: nothing is trimmed.
+/// 1–4000 characters, not only whitespace and invisible characters, with no control
+/// character but newline and tab, and no bidi override or isolate. Stored as sent:
+/// nothing is trimmed.
 pub fn text(text: &str) -> Result<(), ApiError> {
-    if text.chars().all(char::is_whitespace) {
+    if chars::is_blank(text) {
         return Err(ApiError::text_empty());
     }
     if text.chars().count() > MAX_TEXT_CHARS {
         return Err(ApiError::text_too_long(MAX_TEXT_CHARS));
+    }
+    if let Some(c) = text
+        .chars()
+        .find(|&c| (chars::is_control(c) && c != '\n' && c != '\t') || chars::is_bidi_override(c))
+    {
+        return Err(ApiError::invalid_field(
+            "text",
+            format!(
+                "text must not contain U+{:04X}: control characters (other than newline and \
+                 tab) and bidi overrides or isolates (U+202A–U+202E, U+2066–U+2069) are refused",
+                c as u32
+            ),
+        ));
     }
     Ok(())
 }
@@ -56,13 +72,29 @@ pub fn client_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// 1–100 characters, not only whitespace.
+/// 1–100 characters, not only whitespace and invisible characters, with no control
+/// character, bidi control (override, isolate or mark) or line separator.
 pub fn channel_name(name: &str) -> Result<(), ApiError> {
     let n = name.chars().count();
-    if name.trim().is_empty() || n > MAX_CHANNEL_NAME_CHARS {
+    if chars::is_blank(name) || n > MAX_CHANNEL_NAME_CHARS {
         return Err(ApiError::invalid_field(
             "name",
-            "name must be 1–100 characters, not only whitespace",
+            "name must be 1–100 characters, not only whitespace or invisible characters",
+        ));
+    }
+    if let Some(c) = name.chars().find(|&c| {
+        chars::is_control(c)
+            || chars::is_bidi_override(c)
+            || chars::is_bidi_mark(c)
+            || matches!(c, '\u{2028}' | '\u{2029}')
+    }) {
+        return Err(ApiError::invalid_field(
+            "name",
+            format!(
+                "name must not contain U+{:04X}: control characters, line separators and bidi \
+                 controls are refused",
+                c as u32
+            ),
         ));
     }
     Ok(())

@@ -101,6 +101,15 @@ impl TestServer {
         Self::start_in(dir, |_| {}).await
     }
 
+    /// Stops gracefully, runs `offline` while nothing holds the data directory (to change
+    /// the database as an older build could have left it), and starts again on it.
+    pub async fn restart_with(mut self, offline: impl FnOnce(&std::path::Path)) -> Self {
+        self.shutdown().await;
+        offline(self.dir.path());
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        Self::start_in(dir, |_| {}).await
+    }
+
     async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config(dir.path());
         tweak(&mut config);
