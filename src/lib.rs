@@ -20,6 +20,7 @@ pub mod process;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
+pub mod username;
 
 pub use config::Config;
 pub use server::serve;

@@ -1,6 +1,6 @@
 //! Input rules against look-alike and terminal-hostile input (issue 12), over real HTTP and
 //! WebSockets on 127.0.0.1: control characters, ANSI escapes and bidi overrides refused,
-//! invisible-only text empty, and `natter tail` escaping
+//! invisible-only text empty, confusable usernames colliding, and `natter tail` escaping
 //! what it prints.
 
 mod common;
@@ -189,6 +189,62 @@ async fn zero_width_only_messages_and_names_are_empty() {
         );
     }
     rt.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn confusable_usernames_collide_and_punctuation_only_names_are_refused() {
+    let server = TestServer::start().await;
+    let anon = server.client();
+    let alice = anon.register("alice").await;
+    for look_alike in ["aIice", "ALICE", "ａｌｉｃｅ", "a1ice", "al.ice", "AL1CE"] {
+        assert_eq!(
+            register_raw(&anon, look_alike).await,
+            (
+                StatusCode::CONFLICT,
+                "username_taken".into(),
+                Some("username".into())
+            ),
+            "{look_alike}"
+        );
+    }
+    for bad in ["...", "___", "123", "-bob", "bob.", "b..ob", "émile"] {
+        let (status, code, field) = register_raw(&anon, bad).await;
+        assert_eq!(
+            (status, code.as_str(), field.as_deref()),
+            (StatusCode::BAD_REQUEST, "invalid_field", Some("username")),
+            "{bad}"
+        );
+    }
+    // A name in another letter case or a compatible form is stored and shown folded.
+    let bob = anon.register("ＢＯＢ_2").await;
+    let me = bob.get("/v1/users/me").await;
+    assert_eq!(me.body["username"], "bob_2");
+    // Log in and look up under any folded-equal form; the name shown is the folded one.
+    for typed in ["ALICE", "Alice", "ａｌｉｃｅ"] {
+        let login = anon
+            .post(
+                "/v1/sessions",
+                json!({"username": typed, "password": "password-alice"}),
+            )
+            .await;
+        assert_eq!(login.status, StatusCode::OK, "{typed}: {login:?}");
+        assert_eq!(login.body["user"]["username"], "alice");
+        let found = bob.get(&format!("/v1/users?username={typed}")).await;
+        assert_eq!(
+            found.body["id"].as_str(),
+            Some(alice.user_id.as_str()),
+            "{typed}"
+        );
+    }
+    // A look-alike is not a way in.
+    let wrong = anon
+        .post(
+            "/v1/sessions",
+            json!({"username": "aIice", "password": "password-alice"}),
+        )
+        .await;
+    assert_eq!(wrong.code(), "invalid_credentials");
     server.stop().await;
 }
 
