@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use anyhow::Context;
 
+use crate::chars::escape_for_terminal;
 use crate::client::{Api, Frame, Incoming, Realtime};
 
 /// How the CLI reaches and logs in to a server.
@@ -90,14 +91,16 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
                 code,
                 message,
             }) if c == client_id => {
-                anyhow::bail!("{code}: {message}");
+                anyhow::bail!("{code}: {}", escape_for_terminal(&message));
             }
             _ => {}
         }
     }
 }
 
-/// Prints a channel's events as they arrive, one line each, resuming across drops.
+/// Prints a channel's events as they arrive, one line each, resuming across drops. What
+/// came from the server is printed through [`escape_for_terminal`]: a message's newlines,
+/// ANSI escapes and bidi controls show as escapes instead of acting on the terminal.
 pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let api = args.login.api().await?;
     let resume = args
@@ -112,10 +115,21 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
                 seen += 1;
                 match &e.message {
                     Some(m) if e.kind == "message.created" => {
-                        println!("#{} {} {}: {}", e.seq, e.kind, m.author_id, m.text)
+                        let text = escape_for_terminal(&m.text);
+                        println!(
+                            "#{} {} {}: {text}",
+                            e.seq,
+                            escape_for_terminal(&e.kind),
+                            m.author_id
+                        )
                     }
-                    Some(m) => println!("#{} {} {}", e.seq, e.kind, m.id),
-                    None => println!("#{} {} {}", e.seq, e.kind, e.user_id.unwrap_or_default()),
+                    Some(m) => println!("#{} {} {}", e.seq, escape_for_terminal(&e.kind), m.id),
+                    None => println!(
+                        "#{} {} {}",
+                        e.seq,
+                        escape_for_terminal(&e.kind),
+                        e.user_id.unwrap_or_default()
+                    ),
                 }
             }
             Incoming::Frame(Frame::Typing {

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod chars;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -20,6 +21,7 @@ pub mod process;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
+pub mod username;
 
 pub use config::Config;
 pub use server::serve;

@@ -15,7 +15,8 @@ async fn register_login_logout_and_revoked_token() {
     let me = alice.get("/v1/users/me").await;
     assert_eq!(
         (me.status, me.body["username"].as_str()),
-        (StatusCode::OK, Some("Alice"))
+        (StatusCode::OK, Some("alice")),
+        "shown folded"
     );
     assert!(me.body["created_at"].as_str().unwrap().ends_with('Z'));
 
@@ -83,7 +84,7 @@ async fn user_lookup_by_id_and_name() {
     let a = anon.register("lookup_a").await;
     let b = anon.register("lookup.B").await;
     let by_id = a.get(&format!("/v1/users/{}", b.user_id)).await;
-    assert_eq!(by_id.body["username"], "lookup.B");
+    assert_eq!(by_id.body["username"], "lookup.b");
     let by_name = a.get("/v1/users?username=LOOKUP.b").await;
     assert_eq!(by_name.body["id"].as_str(), Some(b.user_id.as_str()));
     assert_eq!(

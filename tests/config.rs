@@ -187,6 +187,17 @@ fn version_is_semver_and_the_changelog_has_it() {
     );
 }
 
+/// Polls `done` for up to 5 s.
+async fn wait_for(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..100 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done()
+}
+
 /// Whether Bob sees Alice's typing before her next message arrives.
 async fn typing_seen(a: &common::Client, b: &common::Client, ch: &str, n: u32) -> bool {
     let (mut ra, mut rb) = (connect(a).await, connect(b).await);
@@ -254,11 +265,42 @@ async fn sighup_applies_changed_feature_flags_to_a_running_server() {
     }
     assert!(on, "the flag turned on: {}", server.log_text());
     assert!(typing_seen(&a, &b, &ch, 2).await);
-    // A bad file on reload changes nothing.
-    write(dir.path(), "natter.toml", "features = [\"teleport=on\"]\n");
+    // A bad file on reload changes nothing, not even its valid part: the refusal is
+    // logged (so the reload ran) and typing stays on.
+    let refused = "SIGHUP: configuration refused";
+    let refusals = || server.log_text().matches(refused).count();
+    assert_eq!(refusals(), 0);
+    write(
+        dir.path(),
+        "natter.toml",
+        "features = [\"typing=off\", \"teleport=on\"]\n",
+    );
     server.signal("HUP").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        wait_for(|| refusals() == 1).await,
+        "the refusal is logged: {}",
+        server.log_text()
+    );
+    assert!(
+        server.log_text().contains("teleport"),
+        "{}",
+        server.log_text()
+    );
     assert_eq!(metric(&a, flag).await, 1.0);
+    assert!(typing_seen(&a, &b, &ch, 3).await);
+    // And the next good file still applies.
+    write(dir.path(), "natter.toml", "features = [\"typing=off\"]\n");
+    server.signal("HUP").await;
+    let mut off = false;
+    for _ in 0..100 {
+        if metric(&a, flag).await == 0.0 {
+            off = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(off, "the flag turned off again: {}", server.log_text());
+    assert!(!typing_seen(&a, &b, &ch, 4).await);
     server.signal("TERM").await;
     assert!(server.wait(Duration::from_secs(30)).await.success());
 }

@@ -19,6 +19,7 @@ use crate::clock::now_ms;
 use crate::metrics::Limit;
 use crate::ratelimit::address_key;
 use crate::store::NewSession;
+use crate::username;
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -38,7 +39,7 @@ async fn register(
     ClientIp(ip): ClientIp,
     JsonBody(body): JsonBody<Credentials>,
 ) -> ApiResult<(StatusCode, Json<Session>)> {
-    validate::username(&body.username)?;
+    let username = validate::username(&body.username)?;
     validate::password(body.password.expose())?;
     let ip = address_key(ip);
     state
@@ -63,7 +64,7 @@ async fn register(
     let (token, session) = new_session(&state);
     let user = state
         .store
-        .create_user(&body.username, &hash, Some(session))
+        .create_user(&username, &hash, Some(session))
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -83,10 +84,11 @@ async fn login(
     ClientIp(ip): ClientIp,
     JsonBody(body): JsonBody<Credentials>,
 ) -> ApiResult<Json<Session>> {
-    if body.username.len() > 32 || body.password.expose().len() > 4096 {
+    if body.username.len() > 4 * 4 * username::MAX_CHARS || body.password.expose().len() > 4096 {
         return Err(ApiError::invalid_credentials());
     }
-    let name = body.username.to_ascii_lowercase();
+    // Folded but not held to the rules of new names: older accounts keep logging in.
+    let name = username::fold(&body.username);
     let charge = LoginCharge::take(&state, name, address_key(ip))?;
     let found = match state.store.credentials(&charge.name).await {
         Ok(found) => found,
@@ -240,9 +242,9 @@ async fn get_user(
     Ok(Json((&user).into()))
 }
 
-/// A user by exact, case-insensitive username.
+/// A user by username, matched after folding (NFKC, lower case) as at registration.
 #[utoipa::path(get, path = "/v1/users", tag = "accounts", security(("bearer" = [])),
-    params(("username" = String, Query, description = "Exact username, any letter case")),
+    params(("username" = String, Query, description = "Username, any letter case or compatible form (fullwidth, …)")),
     responses((status = 200, body = User), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn find_user(
     State(state): State<AppState>,
@@ -252,12 +254,12 @@ async fn find_user(
     let name = params.str("username").ok_or_else(|| {
         ApiError::invalid_field("username", "the username query parameter is required")
     })?;
-    if validate::username(name).is_err() {
+    if name.chars().count() > 4 * username::MAX_CHARS {
         return Err(ApiError::not_found());
     }
     let user = state
         .store
-        .user_by_username(name)
+        .user_by_username(&username::fold(name))
         .await?
         .ok_or_else(ApiError::not_found)?;
     Ok(Json((&user).into()))

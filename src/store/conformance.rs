@@ -48,16 +48,26 @@ async fn user(store: &dyn Store, name: &str) -> i64 {
 
 async fn users(store: &dyn Store) {
     let alice = store.create_user("Alice", "h1", None).await.unwrap();
-    assert_eq!(alice.username, "Alice");
-    assert!(matches!(
-        store.create_user("aLICE", "h2", None).await,
-        Err(StoreError::UsernameTaken)
-    ));
+    assert_eq!(alice.username, "alice", "stored and shown folded");
+    for look_alike in ["aLICE", "ａｌｉｃｅ", "aIice", "a1ice", "al.ice"] {
+        assert!(
+            matches!(
+                store.create_user(look_alike, "h2", None).await,
+                Err(StoreError::UsernameTaken)
+            ),
+            "{look_alike}"
+        );
+    }
     assert_eq!(store.user(alice.id).await.unwrap(), Some(alice.clone()));
     assert_eq!(
         store.user_by_username("ALICE").await.unwrap(),
         Some(alice.clone())
     );
+    assert_eq!(
+        store.user_by_username("ＡＬＩＣＥ").await.unwrap(),
+        Some(alice.clone())
+    );
+    assert_eq!(store.user_by_username("aiice").await.unwrap(), None);
     assert_eq!(store.user_by_username("bob").await.unwrap(), None);
     let (u, hash) = store.credentials("alice").await.unwrap().unwrap();
     assert_eq!((u.id, hash.as_str()), (alice.id, "h1"));

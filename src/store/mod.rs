@@ -135,8 +135,10 @@ pub struct Posted {
 /// Users and their sessions.
 #[async_trait]
 pub trait Accounts: Send + Sync {
-    /// Fails with [`StoreError::UsernameTaken`] if the name is taken in any letter case.
-    /// With `session`, the account's first session commits with it, atomically.
+    /// Stores the name folded ([`crate::username::fold`]: the form shown from then on).
+    /// Fails with [`StoreError::UsernameTaken`] if its folded form or its skeleton
+    /// ([`crate::username::skeleton`]) is an existing account's. With `session`, the
+    /// account's first session commits with it, atomically. The caller checks the rules.
     async fn create_user(
         &self,
         username: &str,
@@ -144,7 +146,7 @@ pub trait Accounts: Send + Sync {
         session: Option<NewSession>,
     ) -> Result<User>;
     async fn user(&self, id: i64) -> Result<Option<User>>;
-    /// Case-insensitive exact match.
+    /// Exact match of folded forms (so any letter case or compatible form finds it).
     async fn user_by_username(&self, username: &str) -> Result<Option<User>>;
     /// The user and their stored password hash, for login.
     async fn credentials(&self, username: &str) -> Result<Option<(User, String)>>;

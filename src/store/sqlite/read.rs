@@ -158,7 +158,7 @@ pub(super) fn user_by_username(
     conn.prepare_cached(&format!(
         "SELECT {USER_COLUMNS} FROM users WHERE username_key = ?1"
     ))?
-    .query_row([username.to_ascii_lowercase()], user_row)
+    .query_row([crate::username::fold(username)], user_row)
     .optional()
 }
 
@@ -169,7 +169,7 @@ pub(super) fn credentials(
     conn.prepare_cached(&format!(
         "SELECT {USER_COLUMNS}, password_hash FROM users WHERE username_key = ?1"
     ))?
-    .query_row([username.to_ascii_lowercase()], |r| {
+    .query_row([crate::username::fold(username)], |r| {
         Ok((user_row(r)?, r.get(3)?))
     })
     .optional()

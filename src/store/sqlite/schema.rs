@@ -1,13 +1,20 @@
 //! The SQLite schema as numbered migrations, applied at open in one transaction each and
 //! recorded in `PRAGMA user_version`.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction};
+
+/// One migration: SQL, or a step that needs Rust (a backfill computed per row).
+enum Migration {
+    Sql(&'static str),
+    Rust(fn(&Transaction) -> rusqlite::Result<()>),
+}
 
 /// Migration `i` moves the schema from version `i` to `i + 1`. Never edit a shipped one:
 /// append a new one.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // 1: accounts, channels, members, the event log and its message projection.
-    r#"
+    Migration::Sql(
+        r#"
     CREATE TABLE users (
         id            INTEGER PRIMARY KEY,
         username      TEXT NOT NULL,
@@ -69,7 +76,31 @@ const MIGRATIONS: &[&str] = &[
     -- index only ever appends.
     CREATE INDEX events_message ON events(message_id) WHERE message_id IS NOT NULL;
     "#,
+    ),
+    // 2: usernames folded (shown as stored) and their look-alike skeletons.
+    Migration::Rust(username_skeletons),
 ];
+
+/// Adds `users.username_skeleton` (indexed, not unique: accounts made before it may share
+/// a skeleton and keep working; the writer refuses new names whose skeleton is taken) and
+/// fills it in; shows every existing name in its folded form, which `username_key`
+/// already held for the ASCII names accepted until now.
+fn username_skeletons(tx: &Transaction) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE users ADD COLUMN username_skeleton TEXT NOT NULL DEFAULT '';
+         CREATE INDEX users_skeleton ON users(username_skeleton);",
+    )?;
+    let names: Vec<(i64, String)> = tx
+        .prepare("SELECT id, username_key FROM users")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut update =
+        tx.prepare("UPDATE users SET username = ?2, username_skeleton = ?3 WHERE id = ?1")?;
+    for (id, key) in names {
+        update.execute(rusqlite::params![id, key, crate::username::skeleton(&key)])?;
+    }
+    Ok(())
+}
 
 /// The schema version this build writes.
 pub const VERSION: usize = MIGRATIONS.len();
@@ -98,9 +129,12 @@ pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         "the database has schema version {current}, newer than this build's {VERSION}; \
          run a newer natter"
     );
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        match step {
+            Migration::Sql(sql) => tx.execute_batch(sql)?,
+            Migration::Rust(apply) => apply(&tx)?,
+        }
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "applied schema migration");
@@ -122,6 +156,40 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v as usize, VERSION);
+    }
+
+    #[test]
+    fn usernames_from_version_1_are_folded_and_get_skeletons_even_when_they_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        let Migration::Sql(v1) = MIGRATIONS[0] else {
+            panic!("migration 1 is SQL")
+        };
+        conn.execute_batch(v1).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO users VALUES (1, 'Alice', 'alice', 'h', 0);
+             INSERT INTO users VALUES (2, 'aiice', 'aiice', 'h', 0);
+             INSERT INTO users VALUES (3, '...', '...', 'h', 0);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let rows: Vec<(String, String, String)> = conn
+            .prepare("SELECT username, username_key, username_skeleton FROM users ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let row = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+        assert_eq!(
+            rows,
+            [
+                row("alice", "alice", "allce"),
+                row("aiice", "aiice", "allce"),
+                row("...", "...", ""),
+            ]
+        );
     }
 
     #[test]

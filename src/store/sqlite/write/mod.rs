@@ -252,23 +252,28 @@ fn create_user(
     hash: &str,
     session: Option<NewSession>,
 ) -> Applied {
-    let key = username.to_ascii_lowercase();
+    // Stored and shown folded; a name whose skeleton an existing one shares is taken.
+    // Skeletons are not a unique index (accounts from before skeletons may share one),
+    // so this check, in the writer's transaction, is what keeps new ones apart.
+    let folded = crate::username::fold(username);
+    let skeleton = crate::username::skeleton(&folded);
     let taken = tx
-        .prepare_cached("SELECT 1 FROM users WHERE username_key = ?1")?
-        .exists([&key])?;
+        .prepare_cached("SELECT 1 FROM users WHERE username_key = ?1 OR username_skeleton = ?2")?
+        .exists([&folded, &skeleton])?;
     if taken {
         return Err(StoreError::UsernameTaken.into());
     }
     tx.prepare_cached(
-        "INSERT INTO users (id, username, username_key, password_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO users (id, username, username_key, username_skeleton, password_hash, created_at)
+         VALUES (?1, ?2, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![id, username, key, hash, now])?;
+    .execute(params![id, folded, skeleton, hash, now])?;
     if let Some(s) = session {
         insert_session(tx, id, s.token, s.expires_at, now)?;
     }
     Ok(Done::User(User {
         id,
-        username: username.to_owned(),
+        username: folded,
         created_at: now,
     }))
 }
