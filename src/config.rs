@@ -57,6 +57,13 @@ pub struct ServeArgs {
     /// Directory holding the SQLite database (`natter.db`); created if missing.
     #[arg(long, env = "NATTER_DATA_DIR", default_value = "natter-data")]
     pub data_dir: PathBuf,
+    /// MiB kept free on the data directory's disk: below it, writes are refused with 507
+    /// (reads go on, `/readyz` answers 503), leaving room for checkpoints and recovery.
+    #[arg(long, env = "NATTER_DISK_RESERVE_MIB", default_value_t = 256)]
+    pub disk_reserve_mib: u64,
+    /// MiB the SQLite WAL file is truncated to once a checkpoint has emptied it.
+    #[arg(long, env = "NATTER_WAL_SIZE_LIMIT_MIB", default_value_t = 64)]
+    pub wal_size_limit_mib: u64,
     /// Snowflake node id, 0–1023; unique per server of a cluster.
     #[arg(long, env = "NATTER_NODE_ID", default_value_t = 0)]
     pub node_id: u16,
@@ -269,6 +276,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub trusted_proxies: Vec<std::net::IpAddr>,
     pub data_dir: PathBuf,
+    /// Bytes kept free on the data directory's disk.
+    pub disk_reserve: u64,
+    /// Bytes the WAL is truncated to after a checkpoint.
+    pub wal_limit: u64,
     pub node_id: u16,
     pub write_queue: usize,
     pub read_connections: usize,
@@ -467,6 +478,8 @@ impl Config {
             metrics_listen: a.metrics_listen,
             trusted_proxies: a.trusted_proxies.clone(),
             data_dir: a.data_dir.clone(),
+            disk_reserve: a.disk_reserve_mib << 20,
+            wal_limit: a.wal_size_limit_mib << 20,
             node_id: a.node_id,
             write_queue: a.write_queue,
             read_connections: a.read_connections,

@@ -220,5 +220,7 @@ pub fn open_store(
         write_queue: config.write_queue,
         read_connections: config.read_connections,
         rules: config.rules(),
+        disk_reserve: config.disk_reserve,
+        wal_limit: config.wal_limit,
     })
 }

@@ -557,3 +557,110 @@ async fn slow_and_idle_connections_are_closed_and_connections_are_capped() {
     assert!(m[r#"natter_http_connections_closed_total{reason="refused"}"#] >= 1.0);
     assert!(m[r#"natter_http_connections_closed_total{reason="header_timeout"}"#] >= 2.0);
 }
+
+/// Defect 11: WebSockets outlived their token. A connection closes with 4001 when its
+/// session expires.
+#[tokio::test]
+async fn websockets_close_with_4001_when_their_session_expires() {
+    let server = TestServer::start_with(|c| c.token_ttl = Duration::from_secs(2)).await;
+    let a = server.client().register("alice").await;
+    let mut ws = raw(server.addr).await;
+    let hello = json!({"op": "hello", "token": a.token.as_deref().unwrap()});
+    send_text(&mut ws, &hello.to_string()).await;
+    let (texts, code) = read_to_close(&mut ws).await;
+    assert!(texts[0].contains("\"ready\""), "{texts:?}");
+    assert_eq!(code, Some(4001));
+    assert_eq!(a.get("/v1/users/me").await.status, StatusCode::UNAUTHORIZED);
+}
+
+/// A login as `name` with a `User-Agent`; its client.
+async fn login_as(base: &str, name: &str, agent: &str) -> common::Client {
+    let res = reqwest::Client::new()
+        .post(format!("{base}/v1/sessions"))
+        .header("user-agent", agent)
+        .json(&json!({"username": name, "password": format!("password-{name}")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: serde_json::Value = res.json().await.unwrap();
+    let mut c = common::Client::new(base);
+    c.token = Some(body["token"].as_str().unwrap().to_owned());
+    c.user_id = body["user"]["id"].as_str().unwrap().to_owned();
+    c
+}
+
+/// Defect 11: no way to see or end one's sessions. `GET /v1/sessions` lists them (with
+/// created, last used, address, agent); `DELETE /v1/sessions/{id}` ends one (its
+/// WebSockets close with 4001); `DELETE /v1/sessions/others` logs out everywhere else.
+#[tokio::test]
+async fn sessions_are_listed_and_revoked_one_by_one_or_all_but_this_one() {
+    let server = TestServer::start().await;
+    let base = server.base();
+    server.client().register("alice").await;
+    let laptop = login_as(&base, "alice", "laptop-browser").await;
+    let phone = login_as(&base, "alice", "phone-app").await;
+    let tablet = login_as(&base, "alice", "tablet\tapp").await;
+    let list = laptop.get("/v1/sessions").await;
+    assert_eq!(list.status, StatusCode::OK);
+    let sessions = list.body["sessions"].as_array().unwrap().clone();
+    assert_eq!(sessions.len(), 4, "registration made one too");
+    let mine: Vec<_> = sessions.iter().filter(|s| s["current"] == true).collect();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0]["agent"], "laptop-browser");
+    assert_eq!(mine[0]["address"], "127.0.0.1");
+    for key in ["id", "created_at", "last_used_at", "expires_at"] {
+        assert!(mine[0][key].is_string(), "{key}: {:?}", mine[0]);
+    }
+    assert!(
+        sessions.iter().any(|s| s["agent"] == "tabletapp"),
+        "control characters dropped: {sessions:?}"
+    );
+    let phone_id = sessions.iter().find(|s| s["agent"] == "phone-app").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Someone else cannot end it.
+    let bob = server.client().register("bob").await;
+    let other = bob
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/sessions/{phone_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::NOT_FOUND);
+    // Ending the phone's session closes its socket with 4001 and kills its token.
+    let mut ws = raw(server.addr).await;
+    let hello = json!({"op": "hello", "token": phone.token.as_deref().unwrap()});
+    send_text(&mut ws, &hello.to_string()).await;
+    let ended = laptop
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/sessions/{phone_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(ended.status, StatusCode::NO_CONTENT);
+    let (_, code) = read_to_close(&mut ws).await;
+    assert_eq!(code, Some(4001));
+    assert_eq!(
+        phone.get("/v1/users/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Everywhere else.
+    let others = laptop
+        .call(reqwest::Method::DELETE, "/v1/sessions/others", None)
+        .await;
+    assert_eq!(others.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        tablet.get("/v1/users/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(laptop.get("/v1/users/me").await.status, StatusCode::OK);
+    let left = laptop.get("/v1/sessions").await.body["sessions"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(left, 1);
+}

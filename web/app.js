@@ -652,7 +652,72 @@ function wire() {
   });
 }
 
+// ---- Sessions --------------------------------------------------------------------
+
+/// A readable name for a User-Agent: the browser and the system, or its first words.
+function shortAgent(ua) {
+  if (!ua) return "unknown client";
+  const browser = ["Firefox", "Edg", "Chrome", "Safari"].find((b) => ua.includes(`${b}/`));
+  const os = ["Android", "iPhone", "iPad", "Windows", "Mac OS X", "Linux"].find((o) => ua.includes(o));
+  if (browser) return `${browser === "Edg" ? "Edge" : browser}${os ? ` on ${os}` : ""}`;
+  return ua.length > 40 ? `${ua.slice(0, 40)}…` : ua;
+}
+
+async function loadSessions() {
+  $("side-error").textContent = "";
+  try {
+    const { sessions } = await api("GET", "/v1/sessions");
+    const list = $("sessions");
+    list.replaceChildren();
+    for (const s of sessions) {
+      const li = document.createElement("li");
+      const what = document.createElement("span");
+      const used = new Date(s.last_used_at).toLocaleString();
+      what.textContent = `${shortAgent(s.agent)} · ${s.address} · last used ${used}`;
+      what.title = s.agent;
+      li.append(what);
+      if (s.current) {
+        const me = document.createElement("em");
+        me.textContent = " (this session)";
+        li.append(me);
+      } else {
+        const end = document.createElement("button");
+        end.type = "button";
+        end.textContent = "End";
+        end.setAttribute("aria-label", `End the session of ${shortAgent(s.agent)} from ${s.address}`);
+        end.addEventListener("click", async () => {
+          try {
+            await api("DELETE", `/v1/sessions/${s.id}`);
+          } catch (err) {
+            $("side-error").textContent = err.message;
+          }
+          loadSessions();
+        });
+        li.append(end);
+      }
+      list.append(li);
+    }
+  } catch (err) {
+    $("side-error").textContent = err.message;
+  }
+}
+
+function wireSessions() {
+  $("sessions-panel").addEventListener("toggle", () => {
+    if ($("sessions-panel").open) loadSessions();
+  });
+  $("logout-others").addEventListener("click", async () => {
+    try {
+      await api("DELETE", "/v1/sessions/others");
+    } catch (err) {
+      $("side-error").textContent = err.message;
+    }
+    loadSessions();
+  });
+}
+
 wire();
+wireSessions();
 if (state.token) {
   start();
 } else {

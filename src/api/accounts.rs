@@ -10,15 +10,15 @@ use axum::http::StatusCode;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::dto::{Credentials, ErrorBody, Session, User};
+use super::dto::{Credentials, ErrorBody, Session, SessionList, SessionListItem, User};
 use super::error::{ApiError, ApiResult};
-use super::extract::{Authed, ClientIp, JsonBody, Params, PathIds};
+use super::extract::{Authed, ClientIp, JsonBody, Params, PathIds, UserAgent};
 use super::{AppState, no_content, validate};
 use crate::auth::{hash_password, new_token, token_hash, verify_password};
 use crate::clock::now_ms;
 use crate::metrics::Limit;
 use crate::ratelimit::address_key;
-use crate::store::NewSession;
+use crate::store::{NewSession, TokenHash, session_id};
 use crate::username;
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
@@ -26,8 +26,10 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(register, find_user))
         .routes(routes!(me))
         .routes(routes!(get_user))
-        .routes(routes!(login))
+        .routes(routes!(login, list_sessions))
         .routes(routes!(logout))
+        .routes(routes!(revoke_other_sessions))
+        .routes(routes!(revoke_session))
 }
 
 /// Creates an account and logs it in.
@@ -36,12 +38,13 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
               (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
 async fn register(
     State(state): State<AppState>,
-    ClientIp(ip): ClientIp,
+    ClientIp(client_ip): ClientIp,
+    agent: UserAgent,
     JsonBody(body): JsonBody<Credentials>,
 ) -> ApiResult<(StatusCode, Json<Session>)> {
     let username = validate::username(&body.username)?;
     validate::password(body.password.expose())?;
-    let ip = address_key(ip);
+    let ip = address_key(client_ip);
     state
         .signups_by_ip
         .take(&ip, Instant::now())
@@ -61,7 +64,7 @@ async fn register(
             return Err(e);
         }
     };
-    let (token, session) = new_session(&state);
+    let (token, session) = new_session(&state, client_ip, agent);
     let user = state
         .store
         .create_user(&username, &hash, Some(session))
@@ -81,7 +84,8 @@ async fn register(
     responses((status = 200, body = Session), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 async fn login(
     State(state): State<AppState>,
-    ClientIp(ip): ClientIp,
+    ClientIp(client_ip): ClientIp,
+    agent: UserAgent,
     JsonBody(body): JsonBody<Credentials>,
 ) -> ApiResult<Json<Session>> {
     if body.username.len() > 4 * 4 * username::MAX_CHARS || body.password.expose().len() > 4096 {
@@ -89,7 +93,7 @@ async fn login(
     }
     // Folded but not held to the rules of new names: older accounts keep logging in.
     let name = username::fold(&body.username);
-    let charge = LoginCharge::take(&state, name, address_key(ip))?;
+    let charge = LoginCharge::take(&state, name, address_key(client_ip))?;
     let found = match state.store.credentials(&charge.name).await {
         Ok(found) => found,
         Err(e) => {
@@ -119,11 +123,8 @@ async fn login(
             return Err(e);
         }
     };
-    let (token, session) = new_session(&state);
-    state
-        .store
-        .create_session(user.id, session.token, session.expires_at)
-        .await?;
+    let (token, session) = new_session(&state, client_ip, agent);
+    state.store.create_session(user.id, session).await?;
     Ok(Json(Session {
         user: (&user).into(),
         token: token.into(),
@@ -194,14 +195,78 @@ async fn hash_bounded<T: Send + 'static>(
 }
 
 /// A fresh bearer token and the session row that stores its digest.
-fn new_session(state: &AppState) -> (String, NewSession) {
+fn new_session(state: &AppState, address: IpAddr, agent: UserAgent) -> (String, NewSession) {
     let token = new_token();
     let expires_at = now_ms() + state.config.token_ttl.as_millis() as i64;
     let session = NewSession {
         token: token_hash(&token),
         expires_at,
+        address: address.to_string(),
+        agent: agent.0,
     };
     (token, session)
+}
+
+/// The caller's unexpired sessions (their logins on every device), newest first.
+#[utoipa::path(get, path = "/v1/sessions", tag = "accounts", security(("bearer" = [])),
+    responses((status = 200, body = SessionList), (status = 401, body = ErrorBody)))]
+async fn list_sessions(
+    State(state): State<AppState>,
+    auth: Authed,
+) -> ApiResult<Json<SessionList>> {
+    let current = session_id(&auth.token);
+    let sessions = state.store.sessions(auth.user.id, now_ms()).await?;
+    Ok(Json(SessionList {
+        sessions: sessions
+            .iter()
+            .map(|s| SessionListItem::new(s, current))
+            .collect(),
+    }))
+}
+
+/// Ends one of the caller's sessions: its token stops working at once and its
+/// WebSockets are closed with 4001.
+#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "accounts", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Session id from GET /v1/sessions")),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn revoke_session(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<1>,
+) -> ApiResult<StatusCode> {
+    let PathIds([id]) = path;
+    state.admit_write(auth.user.id, 0)?;
+    let token = state
+        .store
+        .delete_session_by_id(auth.user.id, id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    revoke(&state, &token);
+    Ok(no_content())
+}
+
+/// Logs out everywhere else: every session of the caller but this one ends.
+#[utoipa::path(delete, path = "/v1/sessions/others", tag = "accounts", security(("bearer" = [])),
+    responses((status = 204), (status = 401, body = ErrorBody)))]
+async fn revoke_other_sessions(
+    State(state): State<AppState>,
+    auth: Authed,
+) -> ApiResult<StatusCode> {
+    state.admit_write(auth.user.id, 0)?;
+    let tokens = state
+        .store
+        .delete_other_sessions(auth.user.id, auth.token)
+        .await?;
+    for token in &tokens {
+        revoke(&state, token);
+    }
+    Ok(no_content())
+}
+
+/// Ends a deleted session everywhere it is held: the session cache and open WebSockets.
+fn revoke(state: &AppState, token: &TokenHash) {
+    state.sessions.revoke(token);
+    state.gateway.hub.revoke(token);
 }
 
 /// Logs out: the token stops working at once.
@@ -212,8 +277,7 @@ async fn logout(State(state): State<AppState>, auth: Authed) -> ApiResult<Status
     // once this answers, and none can re-cache it in between.
     state.sessions.revoke(&auth.token);
     state.store.delete_session(auth.token).await?;
-    state.sessions.revoke(&auth.token);
-    state.gateway.hub.revoke(&auth.token);
+    revoke(&state, &auth.token);
     Ok(no_content())
 }
 

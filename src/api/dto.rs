@@ -33,6 +33,42 @@ pub struct Session {
     pub token: crate::auth::Secret,
 }
 
+/// One of the caller's sessions (a login on some device).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionListItem {
+    /// Names the session for `DELETE /v1/sessions/{id}`; not its token.
+    pub id: String,
+    pub created_at: String,
+    /// Coarse: updated at most every few minutes.
+    pub last_used_at: String,
+    pub expires_at: String,
+    /// The client address that logged in.
+    pub address: String,
+    /// The `User-Agent` that logged in.
+    pub agent: String,
+    /// Whether this is the session of the request's own token.
+    pub current: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionList {
+    pub sessions: Vec<SessionListItem>,
+}
+
+impl SessionListItem {
+    pub fn new(s: &crate::store::SessionInfo, current: i64) -> Self {
+        Self {
+            id: s.id.to_string(),
+            created_at: rfc3339(s.created_at),
+            last_used_at: rfc3339(s.last_used_at),
+            expires_at: rfc3339(s.expires_at),
+            address: s.address.clone(),
+            agent: s.agent.clone(),
+            current: s.id == current,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {

@@ -136,6 +136,18 @@ impl ApiError {
         )
     }
 
+    /// Writes are refused for disk space: 507 with Retry-After; reads still work.
+    pub fn insufficient_storage() -> Self {
+        Self {
+            retry_after: Some(30),
+            ..Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                "the server is out of disk space and takes no writes for now; reads still work",
+            )
+        }
+    }
+
     pub fn payload_too_large(max: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -194,6 +206,7 @@ impl From<StoreError> for ApiError {
             StoreError::UsernameTaken => Self::username_taken(),
             StoreError::Invalid { field, message } => Self::invalid_field(field, message),
             StoreError::TooMany(which) => Self::too_many(which),
+            StoreError::DiskFull => Self::insufficient_storage(),
             StoreError::Overloaded => Self::overloaded(),
             StoreError::Unavailable => Self::unavailable(),
             e @ StoreError::Internal { .. } => {

@@ -78,11 +78,16 @@ fn backticked(message: &str) -> Option<String> {
     Some(message[start..start + len].to_owned())
 }
 
-/// The user behind the request's bearer token, and that token's hash.
+/// The user behind the request's bearer token, that token's hash, and when its session
+/// expires (Unix ms).
 pub struct Authed {
     pub user: User,
     pub token: TokenHash,
+    pub expires_at: i64,
 }
+
+/// A session's last use is written at most this often (ms).
+const TOUCH_EVERY_MS: i64 = 5 * 60 * 1000;
 
 impl FromRequestParts<AppState> for Authed {
     type Rejection = ApiError;
@@ -108,19 +113,36 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<Authed, ApiEr
         .ok_or_else(ApiError::unauthorized)?;
     let token = token_hash(token);
     let now = now_ms();
-    if let Some(user) = state.sessions.get(&token, now) {
-        return Ok(Authed { user, token });
+    if let Some((user, expires_at)) = state.sessions.get(&token, now) {
+        return Ok(Authed {
+            user,
+            token,
+            expires_at,
+        });
     }
     let generation = state.sessions.generation();
-    let (user, expires_at) = state
+    let found = state
         .store
         .session_user(token, now)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
+    if found.last_used_at < now - TOUCH_EVERY_MS {
+        // Off the request's path; a failure only leaves the time coarser.
+        let store = std::sync::Arc::clone(&state.store);
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_session(token, now).await {
+                tracing::debug!(error = %e, "record a session's last use");
+            }
+        });
+    }
     state
         .sessions
-        .insert(generation, token, user.clone(), expires_at);
-    Ok(Authed { user, token })
+        .insert(generation, token, found.user.clone(), found.expires_at);
+    Ok(Authed {
+        user: found.user,
+        token,
+        expires_at: found.expires_at,
+    })
 }
 
 /// The client's address: the connection's peer, or, when the peer is a trusted proxy
@@ -172,6 +194,25 @@ fn client_ip<'a>(
         }
     }
     client
+}
+
+/// The request's `User-Agent`, at most 200 characters with control characters dropped
+/// (it is shown to the user in their session list).
+pub struct UserAgent(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserAgent {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let raw = parts
+            .headers
+            .get(header::USER_AGENT)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        Ok(Self(
+            raw.chars().filter(|c| !c.is_control()).take(200).collect(),
+        ))
+    }
 }
 
 /// The numeric ids of the path, in order. An id that is not a decimal number names

@@ -22,13 +22,19 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// The server accepts traffic: 503 while draining.
+/// The server accepts traffic: 503 while draining, and while writes are refused for disk
+/// space (reads still work; a balancer should prefer other servers).
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = String), (status = 503, body = super::dto::ErrorBody)))]
 async fn readyz(State(state): State<AppState>) -> Result<(StatusCode, &'static str), ApiError> {
-    if state.ready.load(Ordering::SeqCst) {
-        Ok((StatusCode::OK, "ready"))
-    } else {
-        Err(ApiError::unavailable())
+    if !state.ready.load(Ordering::SeqCst) {
+        return Err(ApiError::unavailable());
     }
+    if state.writes.disk.refused() {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            ..ApiError::insufficient_storage()
+        });
+    }
+    Ok((StatusCode::OK, "ready"))
 }

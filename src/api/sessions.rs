@@ -32,12 +32,13 @@ pub struct SessionCache {
 
 impl SessionCache {
     /// The cached user of an unexpired session.
-    pub fn get(&self, token: &TokenHash, now_ms: i64) -> Option<User> {
+    /// The user of a cached unexpired session, and when it expires.
+    pub fn get(&self, token: &TokenHash, now_ms: i64) -> Option<(User, i64)> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
             .get(token)
             .filter(|e| e.expires_at_ms > now_ms && e.fetched.elapsed() < MAX_AGE)
-            .map(|e| e.user.clone())
+            .map(|e| (e.user.clone(), e.expires_at_ms))
     }
 
     /// Read before a store lookup; hand it to [`SessionCache::insert`] after.
@@ -90,7 +91,7 @@ mod tests {
         let cache = SessionCache::default();
         let g = cache.generation();
         cache.insert(g, [1; 32], user(), 100);
-        assert_eq!(cache.get(&[1; 32], 99), Some(user()));
+        assert_eq!(cache.get(&[1; 32], 99), Some((user(), 100)));
         assert_eq!(cache.get(&[1; 32], 100), None);
         assert_eq!(cache.get(&[2; 32], 0), None);
     }

@@ -73,23 +73,17 @@ async fn users(store: &dyn Store) {
     assert_eq!((u.id, hash.as_str()), (alice.id, "h1"));
     let bob = store.create_user("bob", "h", None).await.unwrap();
     // An account's first session commits with it; a refused account creates no session.
-    let first = crate::store::NewSession {
-        token: [9; 32],
-        expires_at: i64::MAX,
-    };
+    let first = new_session([9; 32], i64::MAX);
     let carol = store.create_user("carol", "h", Some(first)).await.unwrap();
     assert_eq!(
         store
             .session_user([9; 32], 0)
             .await
             .unwrap()
-            .map(|(u, _)| u.id),
+            .map(|s| s.user.id),
         Some(carol.id)
     );
-    let second = crate::store::NewSession {
-        token: [8; 32],
-        expires_at: i64::MAX,
-    };
+    let second = new_session([8; 32], i64::MAX);
     assert!(matches!(
         store.create_user("CAROL", "h", Some(second)).await,
         Err(StoreError::UsernameTaken)
@@ -98,22 +92,48 @@ async fn users(store: &dyn Store) {
     assert!(bob.id > alice.id, "snowflake ids grow");
 }
 
+fn new_session(token: crate::store::TokenHash, expires_at: i64) -> crate::store::NewSession {
+    crate::store::NewSession {
+        token,
+        expires_at,
+        address: "192.0.2.1".into(),
+        agent: "conformance".into(),
+    }
+}
+
 async fn sessions(store: &dyn Store) {
     let id = user(store, "sam").await;
     let live = [1u8; 32];
     let expired = [2u8; 32];
-    store.create_session(id, live, 2_000).await.unwrap();
-    store.create_session(id, expired, 1_000).await.unwrap();
-    assert_eq!(
-        store
-            .session_user(live, 1_500)
-            .await
-            .unwrap()
-            .map(|(u, exp)| (u.id, exp)),
-        Some((id, 2_000))
-    );
+    store
+        .create_session(id, new_session(live, 2_000))
+        .await
+        .unwrap();
+    store
+        .create_session(id, new_session(expired, 1_000))
+        .await
+        .unwrap();
+    let auth = store.session_user(live, 1_500).await.unwrap().unwrap();
+    assert_eq!((auth.user.id, auth.expires_at), (id, 2_000));
     assert_eq!(store.session_user(expired, 1_500).await.unwrap(), None);
     assert_eq!(store.session_user([3u8; 32], 0).await.unwrap(), None);
+    // The owner's list shows unexpired sessions with where they came from, and an id
+    // that is not the token.
+    let listed = store.sessions(id, 1_500).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let s = &listed[0];
+    assert_eq!(s.id, crate::store::session_id(&live));
+    assert_eq!(
+        (s.address.as_str(), s.agent.as_str()),
+        ("192.0.2.1", "conformance")
+    );
+    assert_eq!(s.expires_at, 2_000);
+    store
+        .touch_session(live, auth.last_used_at + 5)
+        .await
+        .unwrap();
+    let touched = store.session_user(live, 1_500).await.unwrap().unwrap();
+    assert_eq!(touched.last_used_at, auth.last_used_at + 5);
     assert_eq!(
         store.purge_sessions(1_500).await.unwrap(),
         1,
@@ -124,12 +144,34 @@ async fn sessions(store: &dyn Store) {
             .session_user(live, 1_500)
             .await
             .unwrap()
-            .map(|(u, _)| u.id),
+            .map(|s| s.user.id),
         Some(id)
     );
     store.delete_session(live).await.unwrap();
     store.delete_session(live).await.unwrap();
     assert_eq!(store.session_user(live, 1_500).await.unwrap(), None);
+    // By id, only the owner's; and everyone else's but one.
+    let (a, b, c) = ([4u8; 32], [5u8; 32], [6u8; 32]);
+    for t in [a, b, c] {
+        store
+            .create_session(id, new_session(t, i64::MAX))
+            .await
+            .unwrap();
+    }
+    let other = user(store, "tom").await;
+    let bid = crate::store::session_id(&b);
+    assert_eq!(store.delete_session_by_id(other, bid).await.unwrap(), None);
+    assert_eq!(store.delete_session_by_id(id, bid).await.unwrap(), Some(b));
+    assert_eq!(store.delete_session_by_id(id, bid).await.unwrap(), None);
+    assert_eq!(store.delete_other_sessions(id, a).await.unwrap(), vec![c]);
+    let left: Vec<i64> = store
+        .sessions(id, 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(left, vec![crate::store::session_id(&a)]);
 }
 
 async fn channel_log_is_gap_free(store: &dyn Store) {

@@ -82,6 +82,10 @@ pub enum StoreError {
     /// A per-user bound of the store's [`Rules`] was reached. Nothing was written.
     #[error("{0}")]
     TooMany(TooMany),
+    /// The data directory's free space is below its reserve (or the disk is full):
+    /// writes are refused until space is freed; reads still work. Nothing was written.
+    #[error("the disk is full")]
+    DiskFull,
     /// The write queue is full; retry later. Nothing was written.
     #[error("write queue is full")]
     Overloaded,
@@ -117,11 +121,44 @@ pub type OnCommit = std::sync::Arc<dyn Fn(Vec<Event>) + Send + Sync>;
 /// Token hashes are SHA-256 digests of the opaque bearer token.
 pub type TokenHash = [u8; 32];
 
-/// A session to create: the digest of its bearer token and when it expires (Unix ms).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A session to create: the digest of its bearer token, when it expires (Unix ms), and
+/// where it was made from (shown in the owner's session list).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewSession {
     pub token: TokenHash,
     pub expires_at: i64,
+    /// The client address that logged in.
+    pub address: String,
+    /// Its `User-Agent`, trimmed and cleaned of control characters.
+    pub agent: String,
+}
+
+/// A session as its owner sees it in their list. Its id is not its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: i64,
+    pub created_at: i64,
+    pub last_used_at: i64,
+    pub expires_at: i64,
+    pub address: String,
+    pub agent: String,
+}
+
+/// A live session's user, when it expires and when it was last used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionAuth {
+    pub user: User,
+    pub expires_at: i64,
+    pub last_used_at: i64,
+}
+
+/// The public id of a session: derived from its token's digest, so it names the session
+/// without revealing (or leading to) the token.
+pub fn session_id(token: &TokenHash) -> i64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(token);
+    let id = i64::from_be_bytes(d[..8].try_into().expect("8 bytes")) & i64::MAX;
+    id.max(1)
 }
 
 /// A message send's outcome: `created` is false when the `client_id` matched an earlier
@@ -150,11 +187,24 @@ pub trait Accounts: Send + Sync {
     async fn user_by_username(&self, username: &str) -> Result<Option<User>>;
     /// The user and their stored password hash, for login.
     async fn credentials(&self, username: &str) -> Result<Option<(User, String)>>;
-    async fn create_session(&self, user_id: i64, token: TokenHash, expires_at: i64) -> Result<()>;
-    /// The user of an unexpired session, and when the session expires.
-    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<(User, i64)>>;
+    async fn create_session(&self, user_id: i64, session: NewSession) -> Result<()>;
+    /// The user of an unexpired session, when it expires and when it was last used.
+    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<SessionAuth>>;
+    /// Records that the session was used at `now` (kept coarse by the caller).
+    async fn touch_session(&self, token: TokenHash, now: i64) -> Result<()>;
+    /// The unexpired sessions of `user_id`, newest first.
+    async fn sessions(&self, user_id: i64, now: i64) -> Result<Vec<SessionInfo>>;
     /// Idempotent: deleting a missing session succeeds.
     async fn delete_session(&self, token: TokenHash) -> Result<()>;
+    /// Deletes `user_id`'s session `session_id`; its token digest, or `None` if the user
+    /// has no such session.
+    async fn delete_session_by_id(
+        &self,
+        user_id: i64,
+        session_id: i64,
+    ) -> Result<Option<TokenHash>>;
+    /// Deletes every session of `user_id` but `keep`; their token digests.
+    async fn delete_other_sessions(&self, user_id: i64, keep: TokenHash) -> Result<Vec<TokenHash>>;
     /// Deletes sessions that expired at or before `now`; returns how many.
     async fn purge_sessions(&self, now: i64) -> Result<u64>;
 }

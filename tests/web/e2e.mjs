@@ -317,6 +317,26 @@ try {
   );
   assert.deepEqual(labelled, [], "every control has a label");
 
+  step("sessions: listed with where they came from; another one ended; everywhere else logged out");
+  // Alice logs in a second time, in another browser context (another device).
+  const a2 = await (await browser.newContext({ viewport: { width: 1100, height: 700 } })).newPage();
+  await a2.goto(base);
+  await a2.fill("#username", "alice");
+  await a2.fill("#password", "password-alice");
+  await a2.click("#login-button");
+  await a2.waitForSelector("#status:text('online')", { timeout: WAIT });
+  await a.click("#sessions-panel summary");
+  await a.waitForFunction(() => document.querySelectorAll("#sessions li").length >= 2, null, { timeout: WAIT });
+  const rows = await a.$$eval("#sessions li", (els) => els.map((e) => e.textContent));
+  assert.ok(rows.some((r) => r.includes("(this session)")), `one row is this session: ${rows}`);
+  assert.ok(rows.every((r) => r.includes("127.0.0.1")), `rows show the address: ${rows}`);
+  await a.screenshot({ path: path.join(SHOTS, "sessions.png") });
+  await a.click("#logout-others");
+  // The other device's socket is closed with 4001 and it is back at the login form.
+  await a2.waitForSelector("#login:not([hidden])", { timeout: WAIT });
+  await a.waitForFunction(() => document.querySelectorAll("#sessions li").length === 1, null, { timeout: WAIT });
+  await a.waitForSelector("#status:text('online')", { timeout: WAIT });
+
   console.log(`ok: screenshots in ${SHOTS}`);
 } finally {
   await browser.close();

@@ -190,7 +190,7 @@ where
     };
     // Goes offline however the session ends, a panic included.
     let _online = Online(Arc::clone(&state.gateway.hub), conn);
-    let mut session = Session::new(state.clone(), authed.user, conn, outbox);
+    let mut session = Session::new(state.clone(), authed.user, authed.expires_at, conn, outbox);
     let result = session.serve(&mut socket, resume_at).await;
     if let Err(End::Close(code, reason)) = result {
         close_with(&mut socket, code, &reason).await;

@@ -55,13 +55,21 @@ pub(super) struct Session {
     typing: HashMap<i64, Instant>,
     /// Events written since the shared counter was last told.
     delivered: u64,
+    /// When the session's token expires (Unix ms): the connection closes with 4001 then.
+    expires_at: i64,
 }
 
 /// The answer to one send or read op.
 type Reply = Utf8Bytes;
 
 impl Session {
-    pub(super) fn new(state: AppState, user: User, conn: ConnId, outbox: Arc<Outbox>) -> Self {
+    pub(super) fn new(
+        state: AppState,
+        user: User,
+        expires_at: i64,
+        conn: ConnId,
+        outbox: Arc<Outbox>,
+    ) -> Self {
         Self {
             state,
             user,
@@ -70,6 +78,7 @@ impl Session {
             positions: HashMap::new(),
             typing: HashMap::new(),
             delivered: 0,
+            expires_at,
         }
     }
 
@@ -149,8 +158,15 @@ impl Session {
         ticker.reset();
         let mut last_seen = Instant::now();
         let mut items = Vec::new();
+        let left = u64::try_from(self.expires_at - crate::clock::now_ms()).unwrap_or(0);
+        let expiry = tokio::time::sleep(Duration::from_millis(left));
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
+                () = &mut expiry => {
+                    flush(socket, cfg.idle_timeout).await?;
+                    return Err(End::Close(close::BAD_TOKEN, "the session expired; log in again".into()));
+                }
                 incoming = next_frame(socket, cfg.max_frame_bytes) => {
                     last_seen = Instant::now();
                     match incoming {

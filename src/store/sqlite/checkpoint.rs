@@ -7,7 +7,33 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use rusqlite::Connection;
+
+use super::WriteStats;
+
+/// Reads the free space of `dir`'s file system and refuses or resumes writes, logging
+/// each change once.
+pub(super) fn check_disk(dir: &Path, stats: &WriteStats, reserve: u64) {
+    let Some((free, _)) = crate::process::disk_space(dir) else {
+        return;
+    };
+    let (refused, changed) = stats.disk.update(free, reserve);
+    if changed && refused {
+        tracing::error!(
+            free_mib = free >> 20,
+            reserve_mib = reserve >> 20,
+            dir = %dir.display(),
+            "disk space below the reserve: writes are refused (507) until space is freed; reads still work"
+        );
+    } else if changed {
+        tracing::info!(
+            free_mib = free >> 20,
+            "disk space back above the reserve: writes resumed"
+        );
+    }
+}
 
 const INTERVAL: Duration = Duration::from_millis(250);
 
@@ -17,13 +43,24 @@ pub(super) struct Checkpointer {
 }
 
 impl Checkpointer {
-    pub fn start(path: &Path) -> anyhow::Result<Self> {
+    /// Starts the thread. It also reads the data directory's free space on every wake,
+    /// so writes stop (`disk`) before the disk is full, with `reserve` bytes left for
+    /// checkpoints and crash recovery.
+    pub fn start(
+        path: &Path,
+        wal_limit: u64,
+        disk: Arc<WriteStats>,
+        reserve: u64,
+    ) -> anyhow::Result<Self> {
         let conn = Connection::open(path)?;
         super::schema::configure(&conn, 2 * 1024)?;
+        conn.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new().name("natter-checkpoint".into()).spawn(move || {
             // Wakes every INTERVAL until told to stop (or the store is dropped).
             while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(INTERVAL) {
+                check_disk(&dir, &disk, reserve);
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::warn!(error = %e, "checkpoint WAL; will retry");
                 }

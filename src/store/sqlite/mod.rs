@@ -21,7 +21,9 @@ use self::read::ReadPool;
 use self::write::{Done, Op};
 pub use self::writer::WriteStats;
 use self::writer::Writer;
-use super::{Accounts, Channels, NewSession, Posted, Result, StoreError, TokenHash};
+use super::{
+    Accounts, Channels, NewSession, Posted, Result, SessionAuth, SessionInfo, StoreError, TokenHash,
+};
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User,
 };
@@ -43,6 +45,10 @@ pub struct SqliteOptions {
     pub stats: Arc<WriteStats>,
     /// The per-user bounds writes keep.
     pub rules: crate::store::Rules,
+    /// Free bytes kept on the data directory's disk: below it, writes are refused.
+    pub disk_reserve: u64,
+    /// Bytes the WAL file is truncated to after a checkpoint empties it.
+    pub wal_limit: u64,
 }
 
 impl SqliteOptions {
@@ -55,6 +61,8 @@ impl SqliteOptions {
             on_commit: None,
             stats: Arc::default(),
             rules: crate::store::Rules::default(),
+            disk_reserve: 0,
+            wal_limit: 64 << 20,
         }
     }
 }
@@ -77,13 +85,36 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", dir.display()))?;
         }
+        let dir = opts.path.parent().unwrap_or(Path::new("."));
+        // Say at once, in one line, when the disk is why writes will be refused.
+        checkpoint::check_disk(dir, &opts.stats, opts.disk_reserve);
         let mut conn = Connection::open(&opts.path)
             .map_err(|e| anyhow::anyhow!("open database {}: {e}", opts.path.display()))?;
-        schema::configure(&conn, WRITER_CACHE_KIB)?;
-        schema::migrate(&mut conn)?;
-        // Checkpoints run on their own thread, never inside the writer's commits.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let checkpointer = Checkpointer::start(&opts.path)?;
+        let prepared = schema::configure(&conn, WRITER_CACHE_KIB)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| schema::migrate(&mut conn))
+            .and_then(|()| {
+                conn.pragma_update(None, "journal_size_limit", opts.wal_limit as i64)?;
+                // Checkpoints run on their own thread, never inside the writer's commits.
+                conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+                Ok(())
+            });
+        if let Err(e) = prepared {
+            let free = crate::process::disk_space(dir).map_or(0, |(free, _)| free);
+            if free < 1 << 20 {
+                anyhow::bail!(
+                    "open database {}: {e}; its disk has {free} bytes free: free some space and start again",
+                    opts.path.display()
+                );
+            }
+            return Err(e);
+        }
+        let checkpointer = Checkpointer::start(
+            &opts.path,
+            opts.wal_limit,
+            Arc::clone(&opts.stats),
+            opts.disk_reserve,
+        )?;
         let reads = (0..opts.read_connections.max(1))
             .map(|_| open_reader(&opts.path))
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -165,6 +196,7 @@ fn unexpected(done: Done) -> StoreError {
         Done::Posted(_) => "posted",
         Done::Message(_) => "message",
         Done::Count(_) => "count",
+        Done::Tokens(_) => "tokens",
         Done::Unit => "unit",
     };
     StoreError::internal("match writer answer", format!("unexpected answer {what}"))
@@ -212,21 +244,51 @@ impl Accounts for SqliteStore {
         self.reads.run(move |c| read::credentials(c, &name)).await
     }
 
-    async fn create_session(&self, user_id: i64, token: TokenHash, expires_at: i64) -> Result<()> {
-        unit(
-            self.write(Op::CreateSession {
-                user_id,
-                token,
-                expires_at,
-            })
-            .await?,
-        )
+    async fn create_session(&self, user_id: i64, session: NewSession) -> Result<()> {
+        unit(self.write(Op::CreateSession { user_id, session }).await?)
     }
 
-    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<(User, i64)>> {
+    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<SessionAuth>> {
         self.reads
             .run(move |c| read::session_user(c, &token, now))
             .await
+    }
+
+    async fn touch_session(&self, token: TokenHash, now: i64) -> Result<()> {
+        unit(self.write(Op::TouchSession { token, now }).await?)
+    }
+
+    async fn sessions(&self, user_id: i64, now: i64) -> Result<Vec<SessionInfo>> {
+        self.reads
+            .run(move |c| read::sessions(c, user_id, now))
+            .await
+    }
+
+    async fn delete_session_by_id(
+        &self,
+        user_id: i64,
+        session_id: i64,
+    ) -> Result<Option<TokenHash>> {
+        match self
+            .write(Op::DeleteSessionById {
+                user_id,
+                session_id,
+            })
+            .await?
+        {
+            Done::Tokens(t) => Ok(t.into_iter().next()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete_other_sessions(&self, user_id: i64, keep: TokenHash) -> Result<Vec<TokenHash>> {
+        match self
+            .write(Op::DeleteOtherSessions { user_id, keep })
+            .await?
+        {
+            Done::Tokens(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn purge_sessions(&self, now: i64) -> Result<u64> {

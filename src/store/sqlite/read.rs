@@ -179,13 +179,42 @@ pub(super) fn session_user(
     conn: &Connection,
     token: &[u8],
     now: i64,
-) -> rusqlite::Result<Option<(User, i64)>> {
+) -> rusqlite::Result<Option<crate::store::SessionAuth>> {
     conn.prepare_cached(
-        "SELECT u.id, u.username, u.created_at, s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id
+        "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at
+         FROM sessions s JOIN users u ON u.id = s.user_id
          WHERE s.token_hash = ?1 AND s.expires_at > ?2",
     )?
-    .query_row(params![token, now], |r| Ok((user_row(r)?, r.get(3)?)))
+    .query_row(params![token, now], |r| {
+        Ok(crate::store::SessionAuth {
+            user: user_row(r)?,
+            expires_at: r.get(3)?,
+            last_used_at: r.get(4)?,
+        })
+    })
     .optional()
+}
+
+pub(super) fn sessions(
+    conn: &Connection,
+    user_id: i64,
+    now: i64,
+) -> rusqlite::Result<Vec<crate::store::SessionInfo>> {
+    conn.prepare_cached(
+        "SELECT id, created_at, last_used_at, expires_at, address, agent FROM sessions
+         WHERE user_id = ?1 AND expires_at > ?2 ORDER BY created_at DESC, id",
+    )?
+    .query_map(params![user_id, now], |r| {
+        Ok(crate::store::SessionInfo {
+            id: r.get(0)?,
+            created_at: r.get(1)?,
+            last_used_at: r.get(2)?,
+            expires_at: r.get(3)?,
+            address: r.get(4)?,
+            agent: r.get(5)?,
+        })
+    })?
+    .collect()
 }
 
 pub(super) fn channel(conn: &Connection, id: i64) -> rusqlite::Result<Option<Channel>> {

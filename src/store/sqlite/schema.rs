@@ -79,7 +79,33 @@ const MIGRATIONS: &[Migration] = &[
     ),
     // 2: usernames folded (shown as stored) and their look-alike skeletons.
     Migration::Rust(username_skeletons),
+    // 3: sessions get a public id, where they were made from, and when last used.
+    Migration::Rust(session_details),
 ];
+
+/// Adds the columns of a session list and fills in the id (derived from the token's
+/// digest: [`crate::store::session_id`]) of sessions made before it.
+fn session_details(tx: &Transaction) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE sessions ADD COLUMN id INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE sessions ADD COLUMN last_used_at INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE sessions ADD COLUMN address TEXT NOT NULL DEFAULT '';
+         ALTER TABLE sessions ADD COLUMN agent TEXT NOT NULL DEFAULT '';
+         UPDATE sessions SET last_used_at = created_at;",
+    )?;
+    let tokens: Vec<Vec<u8>> = tx
+        .prepare("SELECT token_hash FROM sessions")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut update = tx.prepare("UPDATE sessions SET id = ?2 WHERE token_hash = ?1")?;
+    for token in tokens {
+        let Ok(digest) = <crate::store::TokenHash>::try_from(token.as_slice()) else {
+            continue;
+        };
+        update.execute(rusqlite::params![token, crate::store::session_id(&digest)])?;
+    }
+    tx.execute_batch("CREATE INDEX sessions_id ON sessions(user_id, id);")
+}
 
 /// Adds `users.username_skeleton` (indexed, not unique: accounts made before it may share
 /// a skeleton and keep working; the writer refuses new names whose skeleton is taken) and

@@ -37,6 +37,12 @@ enum BatchFailed {
     RefusedAfterWrite(StoreError),
 }
 
+impl BatchFailed {
+    fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
 struct Job {
     op: Op,
     reply: oneshot::Sender<Result<Done>>,
@@ -60,6 +66,39 @@ pub struct WriteStats {
     messages_accepted: AtomicU64,
     /// Events committed to channel logs.
     events_committed: AtomicU64,
+    /// The data directory's disk, as the checkpoint thread last read it.
+    pub disk: DiskState,
+}
+
+/// Whether writes are refused for lack of disk space, kept by the checkpoint thread (and
+/// set at once by a commit that found the disk full).
+#[derive(Debug, Default)]
+pub struct DiskState {
+    refused: std::sync::atomic::AtomicBool,
+    free_bytes: AtomicU64,
+}
+
+impl DiskState {
+    /// Writes are refused (507) while the free space is below the reserve.
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        self.free_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records a reading; returns whether writes are refused now and whether that changed.
+    pub(super) fn update(&self, free: u64, reserve: u64) -> (bool, bool) {
+        self.free_bytes.store(free, Ordering::Relaxed);
+        let refused = free < reserve;
+        let was = self.refused.swap(refused, Ordering::Relaxed);
+        (refused, was != refused)
+    }
+
+    fn set_full(&self) {
+        self.refused.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Default for WriteStats {
@@ -72,6 +111,7 @@ impl Default for WriteStats {
             failed_commits: AtomicU64::new(0),
             messages_accepted: AtomicU64::new(0),
             events_committed: AtomicU64::new(0),
+            disk: DiskState::default(),
         }
     }
 }
@@ -147,6 +187,13 @@ impl WriteStats {
             "Events committed to channel logs.",
             count(&self.events_committed),
         );
+        render_one(
+            out,
+            "natter_disk_writes_refused",
+            "gauge",
+            "1 while writes are refused (507) because the data directory's free space is below --disk-reserve-mib.",
+            u8::from(self.disk.refused()),
+        );
     }
 }
 
@@ -187,6 +234,10 @@ impl Writer {
 
     /// Queues `op` and waits until it is committed (or refused).
     pub async fn submit(&self, op: Op) -> Result<Done> {
+        // Below the disk reserve only what frees space (ending sessions) is taken.
+        if self.stats.disk.refused() && !op.frees_space() {
+            return Err(StoreError::DiskFull);
+        }
         let (reply, answer) = oneshot::channel();
         if let Err(e) = self.tx.try_send(Job { op, reply }) {
             return Err(match e {
@@ -254,6 +305,13 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
             state.committed(events);
             for (job, result) in batch.drain(..).zip(results) {
                 let _ = job.reply.send(result);
+            }
+        }
+        Err(e) if e.is_disk_full() => {
+            state.stats.disk.set_full();
+            tracing::error!(error = %e, ops = batch.len(), "commit batch: the disk is full; writes are refused until space is freed");
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(StoreError::DiskFull));
             }
         }
         Err(e) if batch.len() > 1 => {

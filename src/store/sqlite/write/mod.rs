@@ -27,11 +27,22 @@ pub(super) enum Op {
     },
     CreateSession {
         user_id: i64,
-        token: TokenHash,
-        expires_at: i64,
+        session: NewSession,
     },
     DeleteSession {
         token: TokenHash,
+    },
+    TouchSession {
+        token: TokenHash,
+        now: i64,
+    },
+    DeleteSessionById {
+        user_id: i64,
+        session_id: i64,
+    },
+    DeleteOtherSessions {
+        user_id: i64,
+        keep: TokenHash,
     },
     PurgeSessions {
         now: i64,
@@ -98,12 +109,26 @@ pub(super) enum HotUse {
 }
 
 impl Op {
+    /// Ops taken even while writes are refused for disk space: they free space.
+    pub(super) fn frees_space(&self) -> bool {
+        matches!(
+            self,
+            Op::DeleteSession { .. }
+                | Op::DeleteSessionById { .. }
+                | Op::DeleteOtherSessions { .. }
+                | Op::PurgeSessions { .. }
+        )
+    }
+
     pub(super) fn hot_use(&self) -> HotUse {
         match self {
             Op::PostMessage { .. } => HotUse::Owns,
             Op::CreateUser { .. }
             | Op::CreateSession { .. }
             | Op::DeleteSession { .. }
+            | Op::TouchSession { .. }
+            | Op::DeleteSessionById { .. }
+            | Op::DeleteOtherSessions { .. }
             | Op::PurgeSessions { .. } => HotUse::None,
             Op::CreateChannel { .. } | Op::OpenDm { .. } | Op::MarkRead { .. } => {
                 HotUse::FlushAndForget(None)
@@ -124,6 +149,8 @@ pub(super) enum Done {
     Posted(Posted),
     Message(Message),
     Count(u64),
+    /// Digests of deleted sessions.
+    Tokens(Vec<TokenHash>),
     Unit,
 }
 
@@ -164,14 +191,47 @@ pub(super) fn apply(
             username,
             password_hash,
             session,
-        } => create_user(tx, ids.next_id(now), now, username, password_hash, *session),
-        Op::CreateSession {
-            user_id,
-            token,
-            expires_at,
-        } => {
-            insert_session(tx, *user_id, *token, *expires_at, now)?;
+        } => create_user(
+            tx,
+            ids.next_id(now),
+            now,
+            username,
+            password_hash,
+            session.as_ref(),
+        ),
+        Op::CreateSession { user_id, session } => {
+            insert_session(tx, *user_id, session, now)?;
             Ok(Done::Unit)
+        }
+        Op::TouchSession { token, now } => {
+            tx.prepare_cached(
+                "UPDATE sessions SET last_used_at = max(last_used_at, ?2) WHERE token_hash = ?1",
+            )?
+            .execute(params![&token[..], now])?;
+            Ok(Done::Unit)
+        }
+        Op::DeleteSessionById {
+            user_id,
+            session_id,
+        } => {
+            let token: Option<Vec<u8>> = tx
+                .prepare_cached(
+                    "DELETE FROM sessions WHERE user_id = ?1 AND id = ?2 RETURNING token_hash",
+                )?
+                .query_row([user_id, session_id], |r| r.get(0))
+                .optional()?;
+            Ok(Done::Tokens(token.into_iter().filter_map(digest).collect()))
+        }
+        Op::DeleteOtherSessions { user_id, keep } => {
+            let tokens = tx
+                .prepare_cached(
+                    "DELETE FROM sessions WHERE user_id = ?1 AND token_hash != ?2 RETURNING token_hash",
+                )?
+                .query_map(params![user_id, &keep[..]], |r| r.get::<_, Vec<u8>>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Done::Tokens(
+                tokens.into_iter().filter_map(digest).collect(),
+            ))
         }
         Op::DeleteSession { token } => {
             tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
@@ -250,7 +310,7 @@ fn create_user(
     now: i64,
     username: &str,
     hash: &str,
-    session: Option<NewSession>,
+    session: Option<&NewSession>,
 ) -> Applied {
     // Stored and shown folded; a name whose skeleton an existing one shares is taken.
     // Skeletons are not a unique index (accounts from before skeletons may share one),
@@ -269,7 +329,7 @@ fn create_user(
     )?
     .execute(params![id, folded, skeleton, hash, now])?;
     if let Some(s) = session {
-        insert_session(tx, id, s.token, s.expires_at, now)?;
+        insert_session(tx, id, s, now)?;
     }
     Ok(Done::User(User {
         id,
@@ -281,15 +341,28 @@ fn create_user(
 fn insert_session(
     tx: &Transaction,
     user_id: i64,
-    token: TokenHash,
-    expires_at: i64,
+    s: &NewSession,
     now: i64,
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO sessions (token_hash, user_id, created_at, expires_at, id, last_used_at, address, agent)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?3, ?6, ?7)",
     )?
-    .execute(params![&token[..], user_id, now, expires_at])?;
+    .execute(params![
+        &s.token[..],
+        user_id,
+        now,
+        s.expires_at,
+        crate::store::session_id(&s.token),
+        s.address,
+        s.agent
+    ])?;
     Ok(())
+}
+
+/// A stored token digest (always 32 bytes as written).
+fn digest(bytes: Vec<u8>) -> Option<TokenHash> {
+    TokenHash::try_from(bytes.as_slice()).ok()
 }
 
 /// Appends an event with the channel's next seq, records it in the journal, and returns
