@@ -177,10 +177,6 @@ impl Hub {
         }
     }
 
-    /// Connections `user_id` has online.
-    pub fn connections_of(&self, user_id: i64) -> usize {
-        self.read().by_user.get(&user_id).map_or(0, HashSet::len)
-    }
 
     pub fn unsubscribe(&self, id: ConnId, channel_id: i64) {
         self.write().unsubscribe(id, channel_id);
