@@ -92,6 +92,8 @@ impl Counts {
     /// A slot for a connection from `ip`, or `None` past a cap.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
         let per_address = !self.limits.trusted.contains(&ip);
+        // An IPv6 client is counted by its /64, as for the rate limits.
+        let ip = crate::ratelimit::address_key(ip);
         let mut by_address = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
         if self.stats.open.load(Ordering::Relaxed) >= self.limits.max_connections {
             return None;

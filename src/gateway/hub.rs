@@ -177,7 +177,6 @@ impl Hub {
         }
     }
 
-
     pub fn unsubscribe(&self, id: ConnId, channel_id: i64) {
         self.write().unsubscribe(id, channel_id);
     }
