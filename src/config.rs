@@ -122,6 +122,13 @@ pub struct ServeArgs {
     /// closed server where everybody knows everybody).
     #[arg(long, env = "NATTER_MEMBERSHIP_CONSENT", value_enum, default_value_t = MembershipConsent::SharedChannel)]
     pub membership_consent: MembershipConsent,
+    /// DMs others opened with one user that the user has not answered; past it, opening
+    /// another gets 409 `too_many_dms` (with `--membership-consent shared-channel`).
+    #[arg(long, env = "NATTER_MAX_PENDING_DMS", default_value_t = 100)]
+    pub max_pending_dms: u32,
+    /// Sessions (logins) one user may hold; a new login past it ends the oldest.
+    #[arg(long, env = "NATTER_MAX_SESSIONS_PER_USER", default_value_t = 100)]
+    pub max_sessions_per_user: u32,
     /// Times one message may be edited.
     #[arg(long, env = "NATTER_MAX_EDITS_PER_MESSAGE", default_value_t = 50)]
     pub max_edits_per_message: u32,
@@ -327,6 +334,8 @@ pub struct Limits {
     pub write_bytes: Rate,
     /// Channel creations, per user.
     pub channel_creates: Rate,
+    /// Read markers, per user.
+    pub read_markers: Rate,
     /// Typing signals per user and channel (all their connections together).
     pub typing: Rate,
     /// Password hashes computed at once.
@@ -337,6 +346,10 @@ pub struct Limits {
     pub max_edits_per_message: u32,
     /// Who may add a user to a channel.
     pub consent: crate::store::Consent,
+    /// Unanswered DMs from others, per user.
+    pub max_pending_dms: u32,
+    /// Sessions per user.
+    pub max_sessions_per_user: u32,
     /// WebSocket connections per user.
     pub ws_connections_per_user: usize,
 }
@@ -521,6 +534,10 @@ impl Config {
                     per_second: 1.0 / 1.5,
                     burst: 2.0,
                 },
+                read_markers: Rate {
+                    per_second: a.write_rate * 5.0,
+                    burst: a.write_rate * 50.0,
+                },
                 password_hash_concurrency: at_least(
                     "--password-hash-concurrency",
                     a.password_hash_concurrency as u64,
@@ -532,6 +549,12 @@ impl Config {
                     1,
                 )? as u32,
                 max_edits_per_message: a.max_edits_per_message,
+                max_pending_dms: a.max_pending_dms,
+                max_sessions_per_user: at_least(
+                    "--max-sessions-per-user",
+                    u64::from(a.max_sessions_per_user),
+                    1,
+                )? as u32,
                 consent: match a.membership_consent {
                     MembershipConsent::SharedChannel => crate::store::Consent::SharedChannel,
                     MembershipConsent::Open => crate::store::Consent::Open,
@@ -607,6 +630,8 @@ impl Config {
             max_channels_per_user: self.limits.max_channels_per_user,
             max_edits_per_message: self.limits.max_edits_per_message,
             consent: self.limits.consent,
+            max_pending_dms: self.limits.max_pending_dms,
+            max_sessions_per_user: self.limits.max_sessions_per_user,
         }
     }
 

@@ -91,6 +91,7 @@ struct Counts {
 impl Counts {
     /// A slot for a connection from `ip`, or `None` past a cap.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let ip = ip.to_canonical();
         let per_address = !self.limits.trusted.contains(&ip);
         // An IPv6 client is counted by its /64, as for the rate limits.
         let ip = crate::ratelimit::address_key(ip);

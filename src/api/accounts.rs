@@ -114,7 +114,7 @@ async fn login(
     .await;
     let user = match verified {
         Ok(Some(user)) => {
-            charge.refund(&state);
+            charge.succeeded(&state);
             user
         }
         Ok(None) => return Err(ApiError::invalid_credentials()),
@@ -124,7 +124,10 @@ async fn login(
         }
     };
     let (token, session) = new_session(&state, client_ip, agent);
-    state.store.create_session(user.id, session).await?;
+    // Past the cap on sessions per user the oldest end, at once and everywhere.
+    for evicted in state.store.create_session(user.id, session).await? {
+        revoke(&state, &evicted);
+    }
     Ok(Json(Session {
         user: (&user).into(),
         token: token.into(),
@@ -162,9 +165,17 @@ impl LoginCharge {
         Ok(Self { name, ip })
     }
 
+    /// The attempt was not made (refused for load, or the store failed): costs nothing.
     fn refund(self, state: &AppState) {
-        state.login_failures_by_ip.refund(&self.ip);
         state.login_failures_by_account.refund(&self.name);
+        self.succeeded(state);
+    }
+
+    /// The password was right: nothing is charged to this address, but the attempt stays
+    /// charged to the username's ceiling, so even right passwords cannot make Argon2 run
+    /// without bound (a loop of logins with the right password).
+    fn succeeded(self, state: &AppState) {
+        state.login_failures_by_ip.refund(&self.ip);
         state.login_failures_by_user.refund(&(self.name, self.ip));
     }
 }
@@ -234,8 +245,9 @@ async fn revoke_session(
     auth: Authed,
     path: PathIds<1>,
 ) -> ApiResult<StatusCode> {
+    // Not charged to the write budget: a thief holding a token must not be able to keep
+    // its owner from ending it. Bounded by the sessions a user may hold.
     let PathIds([id]) = path;
-    state.admit_write(auth.user.id, 0)?;
     let token = state
         .store
         .delete_session_by_id(auth.user.id, id)
@@ -252,7 +264,6 @@ async fn revoke_other_sessions(
     State(state): State<AppState>,
     auth: Authed,
 ) -> ApiResult<StatusCode> {
-    state.admit_write(auth.user.id, 0)?;
     let tokens = state
         .store
         .delete_other_sessions(auth.user.id, auth.token)

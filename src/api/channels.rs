@@ -58,13 +58,13 @@ async fn create_channel(
             })
         })
         .collect::<ApiResult<Vec<_>>>()?;
-    state.admit_channel_create(auth.user.id)?;
     state.admit_write(auth.user.id, body.name.len())?;
+    state.admit_channel_create(auth.user.id)?;
     let channel = state
         .store
         .create_channel(auth.user.id, kind, &body.name, &members)
-        .await?;
-    state.charge_channel_create(auth.user.id);
+        .await
+        .inspect_err(|_| state.refund_channel_create(auth.user.id))?;
     Ok((StatusCode::CREATED, Json((&channel).into())))
 }
 
@@ -72,7 +72,7 @@ async fn create_channel(
 /// page at a time: `next_after` is the `after` of the next page (absent on the last).
 #[utoipa::path(get, path = "/v1/channels", tag = "channels", security(("bearer" = [])),
     params(("after" = Option<String>, Query, description = "Only channels with a larger id (the previous page's next_after)"),
-           ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "1–1000, default 500")),
+           ("limit" = Option<i64>, Query, minimum = 1, description = "1 to the larger of 1000 and --max-channels-per-user (2000), which is also the default: a client that does not page gets every channel of a user within the cap")),
     responses((status = 200, body = ChannelList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn list_channels(
     State(state): State<AppState>,
@@ -85,9 +85,8 @@ async fn list_channels(
             ApiError::invalid_field("after", "after must be a channel id from next_after")
         })?,
     };
-    let limit = params
-        .int("limit", 1, MAX_CHANNEL_PAGE)?
-        .unwrap_or(DEFAULT_CHANNEL_PAGE) as usize;
+    let most = i64::from(state.config.limits.max_channels_per_user).max(1000);
+    let limit = params.int("limit", 1, most)?.unwrap_or(most) as usize;
     // The store's list is bounded by the channel cap and comes ordered by id.
     let views = state.store.channels(auth.user.id).await?;
     let start = views.partition_point(|v| v.channel.id <= after);
@@ -101,9 +100,6 @@ async fn list_channels(
     }))
 }
 
-const DEFAULT_CHANNEL_PAGE: i64 = 500;
-const MAX_CHANNEL_PAGE: i64 = 1000;
-
 /// Opens the DM with another user: 201 when created, 200 when it already existed.
 #[utoipa::path(post, path = "/v1/dms", tag = "channels", security(("bearer" = [])), request_body = OpenDm,
     responses((status = 201, body = Channel), (status = 200, body = Channel), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
@@ -114,12 +110,13 @@ async fn open_dm(
 ) -> ApiResult<(StatusCode, Json<Channel>)> {
     let peer = parse_id(&body.user_id)
         .ok_or_else(|| ApiError::invalid_field("user_id", "user_id must be a user id"))?;
-    state.admit_channel_create(auth.user.id)?;
     state.admit_write(auth.user.id, 0)?;
-    let (channel, created) = state.store.open_dm(auth.user.id, peer).await?;
-    if created {
-        state.charge_channel_create(auth.user.id);
+    state.admit_channel_create(auth.user.id)?;
+    let opened = state.store.open_dm(auth.user.id, peer).await;
+    if !matches!(opened, Ok((_, true))) {
+        state.refund_channel_create(auth.user.id);
     }
+    let (channel, created) = opened?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -247,7 +244,7 @@ async fn mark_read(
     if body.seq < 0 {
         return Err(ApiError::invalid_field("seq", "seq must not be negative"));
     }
-    state.admit_write(auth.user.id, 0)?;
+    state.admit_read_marker(auth.user.id)?;
     state.store.mark_read(auth.user.id, id, body.seq).await?;
     Ok(no_content())
 }

@@ -112,6 +112,7 @@ impl ApiError {
         let code = match which {
             crate::store::TooMany::Channels(_) => "too_many_channels",
             crate::store::TooMany::Edits(_) => "too_many_edits",
+            crate::store::TooMany::PendingDms(_) => "too_many_dms",
         };
         Self::new(StatusCode::CONFLICT, code, which.to_string())
     }

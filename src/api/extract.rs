@@ -177,13 +177,15 @@ fn client_ip<'a>(
     forwarded: impl DoubleEndedIterator<Item = &'a str>,
     trusted: &[IpAddr],
 ) -> IpAddr {
+    // A dual-stack listener sees IPv4 clients as IPv4-mapped IPv6 addresses.
+    let peer = peer.to_canonical();
     if !trusted.contains(&peer) {
         return peer;
     }
     let hops: Vec<&str> = forwarded.flat_map(|v| v.split(',')).collect();
     let mut client = peer;
     for hop in hops.iter().rev() {
-        match hop.trim().parse::<IpAddr>() {
+        match hop.trim().parse::<IpAddr>().map(|ip| ip.to_canonical()) {
             Ok(ip) => {
                 client = ip;
                 if !trusted.contains(&ip) {
@@ -209,9 +211,14 @@ impl<S: Send + Sync> FromRequestParts<S> for UserAgent {
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .unwrap_or_default();
-        Ok(Self(
-            raw.chars().filter(|c| !c.is_control()).take(200).collect(),
-        ))
+        // Shown in the owner's session list: nothing that could disguise it there.
+        let shown = |c: &char| {
+            !c.is_control()
+                && !crate::chars::is_bidi_override(*c)
+                && !crate::chars::is_bidi_mark(*c)
+                && !crate::chars::is_invisible(*c)
+        };
+        Ok(Self(raw.chars().filter(shown).take(200).collect()))
     }
 }
 

@@ -53,6 +53,7 @@ pub struct Inner {
     /// Bytes of message text, per user.
     write_bytes: RateLimiter<i64>,
     channel_creates: RateLimiter<i64>,
+    read_markers: RateLimiter<i64>,
     /// Typing signals per (user, channel), over all of the user's connections.
     typing: RateLimiter<(i64, i64)>,
     /// Failed logins per (username, client address key).
@@ -94,6 +95,7 @@ impl AppState {
             write_ops: RateLimiter::new(limits.writes),
             write_bytes: RateLimiter::new(limits.write_bytes),
             channel_creates: RateLimiter::new(limits.channel_creates),
+            read_markers: RateLimiter::new(limits.read_markers),
             typing: RateLimiter::new(limits.typing),
             login_failures_by_user: RateLimiter::new(limits.login_failures_per_user),
             login_failures_by_account: RateLimiter::new(limits.login_failures_per_account),
@@ -146,18 +148,25 @@ impl AppState {
             .map_err(|w| self.rate_limited(Limit::WriteBytes, w))
     }
 
-    /// Whether `user_id` may create a channel now (charged by [`AppState::charge_channel_create`]
-    /// once one was created).
+    /// Charges a channel creation to `user_id` before it is made (so concurrent requests
+    /// cannot all pass); give it back with [`AppState::refund_channel_create`] when none
+    /// was made.
     pub(crate) fn admit_channel_create(&self, user_id: i64) -> Result<(), ApiError> {
         self.channel_creates
-            .check(&user_id, std::time::Instant::now())
+            .take(&user_id, std::time::Instant::now())
             .map_err(|w| self.rate_limited(Limit::ChannelCreate, w))
     }
 
-    pub(crate) fn charge_channel_create(&self, user_id: i64) {
-        let _ = self
-            .channel_creates
-            .take(&user_id, std::time::Instant::now());
+    pub(crate) fn refund_channel_create(&self, user_id: i64) {
+        self.channel_creates.refund(&user_id);
+    }
+
+    /// Charges a read marker to `user_id` (its own budget: a busy channel's markers must
+    /// not use up the budget of edits and revocations).
+    pub(crate) fn admit_read_marker(&self, user_id: i64) -> Result<(), ApiError> {
+        self.read_markers
+            .take(&user_id, std::time::Instant::now())
+            .map_err(|w| self.rate_limited(Limit::Write, w))
     }
 
     /// Whether a typing signal of `user_id` in `channel_id` goes out: a bound over all

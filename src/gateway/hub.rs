@@ -31,6 +31,8 @@ struct Subs {
     conns: HashMap<ConnId, Conn>,
     by_user: HashMap<i64, HashSet<ConnId>>,
     by_channel: HashMap<i64, HashSet<ConnId>>,
+    /// Connections of each session, for revocation.
+    by_token: HashMap<TokenHash, HashSet<ConnId>>,
 }
 
 /// Channels (un)subscribed under one hold of the lock: a connection with thousands of
@@ -131,6 +133,7 @@ impl Hub {
             },
         );
         subs.by_user.entry(user_id).or_default().insert(id);
+        subs.by_token.entry(token).or_default().insert(id);
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         Some(id)
     }
@@ -143,12 +146,18 @@ impl Hub {
             let Some(conn) = subs.conns.get_mut(&id) else {
                 return;
             };
-            let user_id = conn.user_id;
+            let (user_id, token) = (conn.user_id, conn.token);
             let channels = std::mem::take(&mut conn.channels);
             if let Some(set) = subs.by_user.get_mut(&user_id) {
                 set.remove(&id);
                 if set.is_empty() {
                     subs.by_user.remove(&user_id);
+                }
+            }
+            if let Some(set) = subs.by_token.get_mut(&token) {
+                set.remove(&id);
+                if set.is_empty() {
+                    subs.by_token.remove(&token);
                 }
             }
             channels.into_iter().collect()
@@ -221,7 +230,9 @@ impl Hub {
 
     /// Closes every connection of a revoked session with 4001.
     pub fn revoke(&self, token: &TokenHash) {
-        for conn in self.read().conns.values().filter(|c| &c.token == token) {
+        let subs = self.read();
+        let ids = subs.by_token.get(token).into_iter().flatten();
+        for conn in ids.filter_map(|id| subs.conns.get(id)) {
             conn.outbox
                 .close(protocol::close::BAD_TOKEN, "the session was revoked");
         }

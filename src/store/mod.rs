@@ -28,6 +28,11 @@ pub struct Rules {
     pub max_edits_per_message: u32,
     /// Who may add a user to a group or broadcast channel.
     pub consent: Consent,
+    /// DMs others opened with a user that the user has not answered (under
+    /// [`Consent::SharedChannel`]).
+    pub max_pending_dms: u32,
+    /// Sessions one user may hold; a new login past it ends the oldest.
+    pub max_sessions_per_user: u32,
 }
 
 impl Default for Rules {
@@ -38,12 +43,15 @@ impl Default for Rules {
             // The server's default (`--membership-consent`) is `SharedChannel`; the store's
             // own default keeps no consent rule, for tools and suites that make their own.
             consent: Consent::Open,
+            max_pending_dms: 100,
+            max_sessions_per_user: 100,
         }
     }
 }
 
 /// Who may put a user into a channel (creating it with them, or adding them). Anyone may
-/// open a DM with anyone (one per pair), so a DM is how two strangers start.
+/// open a DM with anyone (one per pair; a bounded number unanswered per recipient), so a
+/// DM is how two strangers start; it counts once the recipient has answered it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consent {
     /// Only someone who already shares a channel (a DM counts) with the user.
@@ -59,6 +67,8 @@ pub enum TooMany {
     Channels(u32),
     #[error("a message may be edited at most {0} times")]
     Edits(u32),
+    #[error("this user has {0} direct messages they have not answered; try again later")]
+    PendingDms(u32),
 }
 
 /// Why a store call failed. Everything but [`StoreError::Internal`] is the caller's to act on.
@@ -187,7 +197,8 @@ pub trait Accounts: Send + Sync {
     async fn user_by_username(&self, username: &str) -> Result<Option<User>>;
     /// The user and their stored password hash, for login.
     async fn credentials(&self, username: &str) -> Result<Option<(User, String)>>;
-    async fn create_session(&self, user_id: i64, session: NewSession) -> Result<()>;
+    /// Past [`Rules::max_sessions_per_user`] the oldest sessions end; their digests.
+    async fn create_session(&self, user_id: i64, session: NewSession) -> Result<Vec<TokenHash>>;
     /// The user of an unexpired session, when it expires and when it was last used.
     async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<SessionAuth>>;
     /// Records that the session was used at `now` (kept coarse by the caller).

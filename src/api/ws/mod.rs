@@ -46,8 +46,10 @@ pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Res
     // instead of 4 KiB took an idle connection from ~10.1 to ~7.1 KiB. Written frames
     // gather in a 64 KiB buffer, so one flush of a drained queue is one write, not one per
     // frame; a socket that stops taking writes stops the session at twice that.
-    // The largest frame written is `ready` for a user at the channel cap.
-    let ready = ready_bound(state.config.limits.max_channels_per_user);
+    // The largest frame written is `ready` for a user at the channel cap (or with up to
+    // 10,000 channels: memberships made before a lower cap keep working). A bound, not an
+    // allocation: the buffer only grows to what is written.
+    let ready = ready_bound(state.config.limits.max_channels_per_user.max(10_000));
     ws.max_message_size(max * 2)
         .max_frame_size(max * 2)
         .read_buffer_size(1024)
@@ -166,6 +168,10 @@ where
             Err(e) => return refuse(&mut socket, close::MALFORMED, &e).await,
         };
     }
+    // A revocation between this authentication and going online would find no connection
+    // to close: the generation tells whether one may have happened, and then the session
+    // is looked up again once the connection is online.
+    let generation = state.sessions.generation();
     let authed = match authenticate(&state, token.expose()).await {
         Ok(a) => a,
         Err(e) if e.code == "unauthorized" => {
@@ -190,6 +196,23 @@ where
     };
     // Goes offline however the session ends, a panic included.
     let _online = Online(Arc::clone(&state.gateway.hub), conn);
+    if state.sessions.generation() != generation {
+        match state
+            .store
+            .session_user(authed.token, crate::clock::now_ms())
+            .await
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let e = ApiError::unauthorized();
+                return refuse(&mut socket, close::BAD_TOKEN, &e).await;
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                return refuse(&mut socket, close::RESTARTING, &e).await;
+            }
+        }
+    }
     let mut session = Session::new(state.clone(), authed.user, authed.expires_at, conn, outbox);
     let result = session.serve(&mut socket, resume_at).await;
     if let Err(End::Close(code, reason)) = result {

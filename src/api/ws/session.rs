@@ -331,7 +331,7 @@ impl Session {
                         return Ok(());
                     }
                 };
-                if let Err(e) = self.state.admit_write(self.user.id, 0) {
+                if let Err(e) = self.state.admit_read_marker(self.user.id) {
                     let _ = replies.send(protocol::error(None, &e).into());
                     return Ok(());
                 }

@@ -33,6 +33,9 @@ struct HotChannel {
     roles: HashMap<i64, Role>,
     /// Own messages posted this batch, per author, not yet added to `members.own_unread`.
     own_unread: HashMap<i64, i64>,
+    /// For a DM its other member has not posted in yet: the member who opened it. The
+    /// first post by anyone else marks the DM answered (`channels.dm_answered`).
+    unanswered_dm_of: Option<i64>,
 }
 
 #[derive(Default)]
@@ -51,15 +54,25 @@ impl Hot {
             Entry::Vacant(slot) => {
                 let row = tx
                     .prepare_cached(
-                        "SELECT kind, last_seq, live_messages FROM channels WHERE id = ?1",
+                        "SELECT kind, last_seq, live_messages, owner_id, dm_answered FROM channels WHERE id = ?1",
                     )?
-                    .query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))
+                    .query_row([id], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, bool>(4)?,
+                        ))
+                    })
                     .optional()?;
-                let Some((kind, last_seq, live_messages)) = row else {
+                let Some((kind, last_seq, live_messages, owner, answered)) = row else {
                     return Ok(None);
                 };
+                let kind = read::parse_kind(&kind)?;
                 Ok(Some(slot.insert(HotChannel {
-                    kind: read::parse_kind(&kind)?,
+                    unanswered_dm_of: (kind == ChannelKind::Dm && !answered).then_some(owner),
+                    kind,
                     last_seq,
                     live_messages,
                     dirty: false,
@@ -177,6 +190,11 @@ pub(super) fn post_message(
         "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![id, channel_id, seq, author, text, client_id, now])?;
+    if ch.unanswered_dm_of.is_some_and(|opener| opener != author) {
+        tx.prepare_cached("UPDATE channels SET dm_answered = 1 WHERE id = ?1")?
+            .execute([channel_id])?;
+        ch.unanswered_dm_of = None;
+    }
     ch.last_seq = seq;
     ch.live_messages += 1;
     ch.dirty = true;

@@ -244,8 +244,11 @@ impl Accounts for SqliteStore {
         self.reads.run(move |c| read::credentials(c, &name)).await
     }
 
-    async fn create_session(&self, user_id: i64, session: NewSession) -> Result<()> {
-        unit(self.write(Op::CreateSession { user_id, session }).await?)
+    async fn create_session(&self, user_id: i64, session: NewSession) -> Result<Vec<TokenHash>> {
+        match self.write(Op::CreateSession { user_id, session }).await? {
+            Done::Tokens(evicted) => Ok(evicted),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<SessionAuth>> {

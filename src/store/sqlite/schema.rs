@@ -81,6 +81,14 @@ const MIGRATIONS: &[Migration] = &[
     Migration::Rust(username_skeletons),
     // 3: sessions get a public id, where they were made from, and when last used.
     Migration::Rust(session_details),
+    // 4: whether the other side of a DM has answered it (a DM then counts as consent).
+    Migration::Sql(
+        r#"
+    ALTER TABLE channels ADD COLUMN dm_answered INTEGER NOT NULL DEFAULT 0;
+    UPDATE channels SET dm_answered = 1 WHERE kind = 'dm' AND EXISTS (
+        SELECT 1 FROM messages m WHERE m.channel_id = channels.id AND m.author_id != channels.owner_id);
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

@@ -76,6 +76,9 @@ pub struct WriteStats {
 pub struct DiskState {
     refused: std::sync::atomic::AtomicBool,
     free_bytes: AtomicU64,
+    /// After a commit found the disk full (a quota, a file-size limit: what the free
+    /// space does not show), writes stay refused until this time (Unix ms) at least.
+    full_until: AtomicU64,
 }
 
 impl DiskState {
@@ -91,12 +94,16 @@ impl DiskState {
     /// Records a reading; returns whether writes are refused now and whether that changed.
     pub(super) fn update(&self, free: u64, reserve: u64) -> (bool, bool) {
         self.free_bytes.store(free, Ordering::Relaxed);
-        let refused = free < reserve;
+        let now = crate::clock::now_ms().max(0) as u64;
+        let refused = free < reserve || now < self.full_until.load(Ordering::Relaxed);
         let was = self.refused.swap(refused, Ordering::Relaxed);
         (refused, was != refused)
     }
 
+    /// A commit found the disk full: refuse writes now and for the next 30 s at least.
     fn set_full(&self) {
+        let until = crate::clock::now_ms().max(0) as u64 + 30_000;
+        self.full_until.store(until, Ordering::Relaxed);
         self.refused.store(true, Ordering::Relaxed);
     }
 }
@@ -322,6 +329,11 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
                     Ok((mut results, events)) => {
                         state.committed(events);
                         results.remove(0)
+                    }
+                    Err(e) if e.is_disk_full() => {
+                        state.stats.disk.set_full();
+                        tracing::error!(error = %e, "commit write: the disk is full");
+                        Err(StoreError::DiskFull)
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "commit write failed");

@@ -58,10 +58,15 @@ fn check_consent(
     if rules.consent == Consent::Open || actor == user_id {
         return Ok(());
     }
+    // A DM counts only once the user has answered it (or opened it themselves): a DM a
+    // stranger opened is not consent.
     let shared = tx
         .prepare_cached(
-            "SELECT 1 FROM members a JOIN members b ON b.channel_id = a.channel_id AND b.user_id = ?2
-             WHERE a.user_id = ?1 LIMIT 1",
+            "SELECT 1 FROM members a
+             JOIN members b ON b.channel_id = a.channel_id AND b.user_id = ?2
+             JOIN channels c ON c.id = a.channel_id
+             WHERE a.user_id = ?1 AND (c.kind != 'dm' OR c.owner_id = ?2 OR c.dm_answered = 1)
+             LIMIT 1",
         )?
         .exists([actor, user_id])?;
     if !shared {
@@ -146,6 +151,19 @@ pub(super) fn open_dm(
     }
     check_room(tx, rules, user)?;
     check_room(tx, rules, peer)?;
+    // DMs opened by others and not answered are bounded per user: a crowd of strangers'
+    // accounts cannot fill someone's channel list with DMs.
+    if rules.consent == Consent::SharedChannel {
+        let pending: u32 = tx
+            .prepare_cached(
+                "SELECT count(*) FROM members m JOIN channels c ON c.id = m.channel_id
+                 WHERE m.user_id = ?1 AND c.kind = 'dm' AND c.owner_id != ?1 AND c.dm_answered = 0",
+            )?
+            .query_row([peer], |r| r.get(0))?;
+        if pending >= rules.max_pending_dms {
+            return Err(StoreError::TooMany(TooMany::PendingDms(rules.max_pending_dms)).into());
+        }
+    }
     let id = ids.next_id(now);
     tx.prepare_cached(
         "INSERT INTO channels (id, kind, name, owner_id, dm_key, created_at) VALUES (?1, 'dm', NULL, ?2, ?3, ?4)",

@@ -201,7 +201,21 @@ pub(super) fn apply(
         ),
         Op::CreateSession { user_id, session } => {
             insert_session(tx, *user_id, session, now)?;
-            Ok(Done::Unit)
+            // The oldest sessions past the cap end (the caller revokes them).
+            let evicted = tx
+                .prepare_cached(
+                    "DELETE FROM sessions WHERE user_id = ?1 AND token_hash IN (
+                         SELECT token_hash FROM sessions WHERE user_id = ?1
+                         ORDER BY created_at DESC, id DESC LIMIT -1 OFFSET ?2)
+                     RETURNING token_hash",
+                )?
+                .query_map(params![user_id, rules.max_sessions_per_user], |r| {
+                    r.get::<_, Vec<u8>>(0)
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Done::Tokens(
+                evicted.into_iter().filter_map(digest).collect(),
+            ))
         }
         Op::TouchSession { token, now } => {
             tx.prepare_cached(
