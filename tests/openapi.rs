@@ -195,3 +195,29 @@ async fn ids_with_a_sign_or_leading_zero_name_nothing() {
     );
     server.stop().await;
 }
+
+/// Found by schemathesis: JSON Schema counts `3.0` as the integer 3, so a read marker
+/// written that way is valid; it was refused as "expected i64".
+#[tokio::test]
+async fn a_read_marker_may_be_written_as_an_integral_float() {
+    let server = TestServer::start().await;
+    let alice = server.client().register("alice").await;
+    let channel = alice.create_channel("general", "group", &[]).await;
+    alice.send(&channel, "hello", None).await;
+    let path = format!("/v1/channels/{channel}/read");
+    for (seq, status) in [
+        (serde_json::json!(2.0), StatusCode::NO_CONTENT),
+        (serde_json::json!(2.5), StatusCode::BAD_REQUEST),
+        (serde_json::json!(1e300), StatusCode::BAD_REQUEST),
+    ] {
+        let marked = alice
+            .call(
+                reqwest::Method::PUT,
+                &path,
+                Some(serde_json::json!({"seq": seq})),
+            )
+            .await;
+        assert_eq!(marked.status, status, "{seq}: {marked:?}");
+    }
+    server.stop().await;
+}

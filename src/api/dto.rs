@@ -165,8 +165,28 @@ pub struct PutMember {
 #[serde(deny_unknown_fields)]
 pub struct MarkRead {
     /// Clamped to the channel's last seq.
+    #[serde(deserialize_with = "integral")]
     #[schema(minimum = 0)]
     pub seq: i64,
+}
+
+/// An integer written either way JSON allows: `7` or `7.0` (JSON Schema counts both as
+/// the integer 7, so a client may send either).
+fn integral<'de, D: serde::Deserializer<'de>>(de: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Int(i64),
+        Float(f64),
+    }
+    match Number::deserialize(de)? {
+        Number::Int(n) => Ok(n),
+        // 2^63 is exact as an f64, and the first float past i64::MAX.
+        Number::Float(f) if f.fract() == 0.0 && f >= -(2f64.powi(63)) && f < 2f64.powi(63) => {
+            Ok(f as i64)
+        }
+        Number::Float(f) => Err(serde::de::Error::custom(format!("{f} is not an integer"))),
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
