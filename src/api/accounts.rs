@@ -34,8 +34,10 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
 
 /// Creates an account and logs it in.
 #[utoipa::path(post, path = "/v1/users", tag = "accounts", request_body = Credentials,
-    responses((status = 201, body = Session), (status = 400, body = ErrorBody),
-              (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+    responses((status = 201, body = Session),
+              (status = 400, body = ErrorBody, description = "`invalid_field`: the name or password breaks its rules"),
+              (status = 409, body = ErrorBody, description = "`username_taken`: the name, or one that looks like it, is taken"),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: too many sign-ups from this address")))]
 async fn register(
     State(state): State<AppState>,
     ClientIp(client_ip): ClientIp,
@@ -81,7 +83,9 @@ async fn register(
 /// Logs in. An unknown name and a wrong password get the same answer; failures are
 /// throttled per username and per client address.
 #[utoipa::path(post, path = "/v1/sessions", tag = "accounts", request_body = Credentials,
-    responses((status = 200, body = Session), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+    responses((status = 200, body = Session),
+              (status = 401, body = ErrorBody, description = "`invalid_credentials`"),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: too many failed logins for this name or from this address")))]
 async fn login(
     State(state): State<AppState>,
     ClientIp(client_ip): ClientIp,
@@ -238,7 +242,7 @@ async fn list_sessions(
 /// Ends one of the caller's sessions: its token stops working at once and its
 /// WebSockets are closed with 4001.
 #[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "accounts", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Session id from GET /v1/sessions")),
+    params(("id" = super::openapi::Id, Path, description = "Session id from GET /v1/sessions")),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn revoke_session(
     State(state): State<AppState>,
@@ -282,7 +286,7 @@ fn revoke(state: &AppState, token: &TokenHash) {
 
 /// Logs out: the token stops working at once.
 #[utoipa::path(delete, path = "/v1/sessions/current", tag = "accounts", security(("bearer" = [])),
-    responses((status = 204), (status = 401, body = ErrorBody)))]
+    responses((status = 204)))]
 async fn logout(State(state): State<AppState>, auth: Authed) -> ApiResult<StatusCode> {
     // Revoked here before and after the store delete: no request sees the token valid
     // once this answers, and none can re-cache it in between.
@@ -294,14 +298,14 @@ async fn logout(State(state): State<AppState>, auth: Authed) -> ApiResult<Status
 
 /// The caller's own account.
 #[utoipa::path(get, path = "/v1/users/me", tag = "accounts", security(("bearer" = [])),
-    responses((status = 200, body = User), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = User)))]
 async fn me(auth: Authed) -> Json<User> {
     Json((&auth.user).into())
 }
 
 /// A user by id.
 #[utoipa::path(get, path = "/v1/users/{id}", tag = "accounts", security(("bearer" = [])),
-    params(("id" = String, Path, description = "User id")),
+    params(("id" = super::openapi::Id, Path, description = "User id")),
     responses((status = 200, body = User), (status = 404, body = ErrorBody)))]
 async fn get_user(
     State(state): State<AppState>,
@@ -319,7 +323,7 @@ async fn get_user(
 
 /// A user by username, matched after folding (NFKC, lower case) as at registration.
 #[utoipa::path(get, path = "/v1/users", tag = "accounts", security(("bearer" = [])),
-    params(("username" = String, Query, description = "Username, any letter case or compatible form (fullwidth, …)")),
+    params(("username" = String, Query, description = "Username, any letter case or compatible form (fullwidth, …); missing is 400, and one that names no account 404")),
     responses((status = 200, body = User), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn find_user(
     State(state): State<AppState>,

@@ -27,7 +27,11 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
 
 /// Creates a group or broadcast channel; the caller is its owner.
 #[utoipa::path(post, path = "/v1/channels", tag = "channels", security(("bearer" = [])), request_body = CreateChannel,
-    responses((status = 201, body = Channel), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses((status = 201, body = Channel), (status = 400, body = ErrorBody),
+              (status = 403, body = ErrorBody, description = "`forbidden`: a listed user may not be added by the caller"),
+              (status = 404, body = ErrorBody, description = "`not_found`: a listed user does not exist"),
+              (status = 409, body = ErrorBody, description = "`too_many_channels`: the caller or a listed user is at the channel cap"),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's channel-creation or write limits")))]
 async fn create_channel(
     State(state): State<AppState>,
     auth: Authed,
@@ -71,9 +75,8 @@ async fn create_channel(
 /// The caller's channels, with role, read marker and unread count, by ascending id, a
 /// page at a time: `next_after` is the `after` of the next page (absent on the last).
 #[utoipa::path(get, path = "/v1/channels", tag = "channels", security(("bearer" = [])),
-    params(("after" = Option<String>, Query, description = "Only channels with a larger id (the previous page's next_after)"),
-           ("limit" = Option<i64>, Query, minimum = 1, description = "1 to the larger of 1000 and --max-channels-per-user (2000), which is also the default: a client that does not page gets every channel of a user within the cap")),
-    responses((status = 200, body = ChannelList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    params(super::openapi::ChannelPage),
+    responses((status = 200, body = ChannelList), (status = 400, body = ErrorBody)))]
 async fn list_channels(
     State(state): State<AppState>,
     auth: Authed,
@@ -85,8 +88,9 @@ async fn list_channels(
             ApiError::invalid_field("after", "after must be a channel id from next_after")
         })?,
     };
-    let most = i64::from(state.config.limits.max_channels_per_user).max(1000);
-    let limit = params.int("limit", 1, most)?.unwrap_or(most) as usize;
+    let limit = params
+        .int("limit", 1, MAX_CHANNEL_PAGE)?
+        .unwrap_or(MAX_CHANNEL_PAGE) as usize;
     // The store's list is bounded by the channel cap and comes ordered by id.
     let views = state.store.channels(auth.user.id).await?;
     let start = views.partition_point(|v| v.channel.id <= after);
@@ -100,9 +104,16 @@ async fn list_channels(
     }))
 }
 
+/// The most channels one page holds, and the default: the default channel cap, so a client
+/// that does not page gets every channel of a user within it.
+pub(super) const MAX_CHANNEL_PAGE: i64 = 2000;
+
 /// Opens the DM with another user: 201 when created, 200 when it already existed.
 #[utoipa::path(post, path = "/v1/dms", tag = "channels", security(("bearer" = [])), request_body = OpenDm,
-    responses((status = 201, body = Channel), (status = 200, body = Channel), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 201, body = Channel), (status = 200, body = Channel), (status = 400, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "`too_many_channels`: either user is at the channel cap"),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's channel-creation or write limits")))]
 async fn open_dm(
     State(state): State<AppState>,
     auth: Authed,
@@ -127,7 +138,7 @@ async fn open_dm(
 
 /// One channel the caller is a member of.
 #[utoipa::path(get, path = "/v1/channels/{id}", tag = "channels", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Channel id")),
+    params(("id" = super::openapi::Id, Path, description = "Channel id")),
     responses((status = 200, body = Channel), (status = 404, body = ErrorBody)))]
 async fn get_channel(
     State(state): State<AppState>,
@@ -145,8 +156,9 @@ async fn get_channel(
 
 /// Renames a group or broadcast channel (owner/admin); appends `channel.updated`.
 #[utoipa::path(patch, path = "/v1/channels/{id}", tag = "channels", security(("bearer" = [])), request_body = UpdateChannel,
-    params(("id" = String, Path, description = "Channel id")),
-    responses((status = 200, body = Channel), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = super::openapi::Id, Path, description = "Channel id")),
+    responses((status = 200, body = Channel), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
 async fn update_channel(
     State(state): State<AppState>,
     auth: Authed,
@@ -165,7 +177,7 @@ async fn update_channel(
 
 /// The channel's members and their roles.
 #[utoipa::path(get, path = "/v1/channels/{id}/members", tag = "channels", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Channel id")),
+    params(("id" = super::openapi::Id, Path, description = "Channel id")),
     responses((status = 200, body = MemberList), (status = 404, body = ErrorBody)))]
 async fn list_members(
     State(state): State<AppState>,
@@ -185,9 +197,12 @@ async fn list_members(
 }
 
 /// Adds a member, or changes a member's role (owner/admin only).
-#[utoipa::path(put, path = "/v1/channels/{id}/members/{user_id}", tag = "channels", security(("bearer" = [])), request_body = PutMember,
-    params(("id" = String, Path, description = "Channel id"), ("user_id" = String, Path, description = "User id")),
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[utoipa::path(put, path = "/v1/channels/{id}/members/{user_id}", tag = "channels", security(("bearer" = [])),
+    request_body(content = Option<PutMember>, description = "Optional: no body, `null` or the object"),
+    params(("id" = super::openapi::Id, Path, description = "Channel id"), ("user_id" = super::openapi::Id, Path, description = "User id")),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "`too_many_channels`: the user is at the channel cap"),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
 async fn put_member(
     State(state): State<AppState>,
     auth: Authed,
@@ -217,8 +232,9 @@ async fn put_member(
 
 /// Removes a member: yourself to leave, or another member as owner/admin.
 #[utoipa::path(delete, path = "/v1/channels/{id}/members/{user_id}", tag = "channels", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Channel id"), ("user_id" = String, Path, description = "User id")),
-    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = super::openapi::Id, Path, description = "Channel id"), ("user_id" = super::openapi::Id, Path, description = "User id")),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
 async fn remove_member(
     State(state): State<AppState>,
     auth: Authed,
@@ -232,8 +248,9 @@ async fn remove_member(
 
 /// Moves the caller's read marker forward (never backwards; clamped to the last seq).
 #[utoipa::path(put, path = "/v1/channels/{id}/read", tag = "channels", security(("bearer" = [])), request_body = MarkRead,
-    params(("id" = String, Path, description = "Channel id")),
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = super::openapi::Id, Path, description = "Channel id")),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
 async fn mark_read(
     State(state): State<AppState>,
     auth: Authed,

@@ -4,14 +4,17 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::openapi;
 use crate::clock::rfc3339;
 use crate::model;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct User {
-    /// Snowflake id as a decimal string.
+    #[schema(value_type = openapi::Id)]
     pub id: String,
+    /// Folded (NFKC, lower case), as stored.
     pub username: String,
+    #[schema(schema_with = openapi::time)]
     pub created_at: String,
 }
 
@@ -37,10 +40,14 @@ pub struct Session {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SessionListItem {
     /// Names the session for `DELETE /v1/sessions/{id}`; not its token.
+    #[schema(value_type = openapi::Id)]
     pub id: String,
+    #[schema(schema_with = openapi::time)]
     pub created_at: String,
     /// Coarse: updated at most every few minutes.
+    #[schema(schema_with = openapi::time)]
     pub last_used_at: String,
+    #[schema(schema_with = openapi::time)]
     pub expires_at: String,
     /// The client address that logged in.
     pub address: String,
@@ -72,30 +79,40 @@ impl SessionListItem {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
-    /// 3–32 characters of `a-z 0-9 _ . -`, compared case-insensitively.
+    #[schema(schema_with = openapi::username)]
     pub username: String,
-    /// 8–1024 characters.
-    #[schema(value_type = String)]
+    /// 8–1024 characters (Unicode scalar values).
+    #[schema(value_type = String, min_length = 8, max_length = 1024)]
     pub password: crate::auth::Secret,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Channel {
+    #[schema(value_type = openapi::Id)]
     pub id: String,
-    /// `group`, `broadcast` or `dm`.
+    #[schema(schema_with = openapi::channel_kind)]
     pub kind: &'static str,
     /// `null` for DMs.
+    #[schema(required)]
     pub name: Option<String>,
+    #[schema(value_type = openapi::Id)]
     pub owner_id: String,
+    #[schema(minimum = 0)]
     pub last_seq: i64,
+    #[schema(schema_with = openapi::time)]
     pub created_at: String,
-    /// In the caller's channel list: `owner`, `admin` or `member`.
+    /// The caller's role; only in the caller's channel list.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = openapi::role)]
     pub role: Option<&'static str>,
+    /// Only in the caller's channel list.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 0)]
     pub read_seq: Option<i64>,
-    /// Messages above `read_seq` that are neither the caller's own nor deleted.
+    /// Messages above `read_seq` that are neither the caller's own nor deleted; only in
+    /// the caller's channel list.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 0)]
     pub unread: Option<i64>,
 }
 
@@ -131,37 +148,42 @@ pub struct ChannelList {
     pub channels: Vec<Channel>,
     /// The `after` of the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::Id>, nullable = false)]
     pub next_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChannel {
-    /// 1–100 characters.
+    #[schema(schema_with = openapi::channel_name)]
     pub name: String,
-    /// `group` or `broadcast` (DMs are opened with `POST /v1/dms`).
+    /// DMs are opened with `POST /v1/dms`.
+    #[schema(schema_with = openapi::new_channel_kind)]
     pub kind: String,
     /// User ids added as plain members; the caller becomes the owner.
     #[serde(default)]
+    #[schema(schema_with = openapi::member_ids)]
     pub members: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateChannel {
-    /// 1–100 characters.
+    #[schema(schema_with = openapi::channel_name)]
     pub name: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenDm {
+    #[schema(value_type = openapi::Id)]
     pub user_id: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Member {
     pub user: User,
+    #[schema(schema_with = openapi::role)]
     pub role: &'static str,
 }
 
@@ -173,29 +195,62 @@ pub struct MemberList {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutMember {
-    /// `member` or `admin`; an existing member keeps their role when omitted.
+    /// An existing member keeps their role when it is omitted or `null`; a new one is a
+    /// `member`.
+    #[schema(schema_with = openapi::granted_role)]
     pub role: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MarkRead {
+    /// Clamped to the channel's last seq.
+    #[serde(deserialize_with = "integral")]
+    #[schema(minimum = 0)]
     pub seq: i64,
+}
+
+/// An integer written either way JSON allows: `7` or `7.0` (JSON Schema counts both as
+/// the integer 7, so a client may send either).
+fn integral<'de, D: serde::Deserializer<'de>>(de: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Int(i64),
+        Float(f64),
+    }
+    match Number::deserialize(de)? {
+        Number::Int(n) => Ok(n),
+        // 2^63 is exact as an f64, and the first float past i64::MAX.
+        Number::Float(f) if f.fract() == 0.0 && f >= -(2f64.powi(63)) && f < 2f64.powi(63) => {
+            Ok(f as i64)
+        }
+        Number::Float(f) => Err(serde::de::Error::custom(format!("{f} is not an integer"))),
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Message {
+    #[schema(value_type = openapi::Id)]
     pub id: String,
+    #[schema(value_type = openapi::Id)]
     pub channel_id: String,
     /// The seq of the message's `message.created` event.
+    #[schema(minimum = 1)]
     pub seq: i64,
+    #[schema(value_type = openapi::Id)]
     pub author_id: String,
     /// Empty once deleted.
     pub text: String,
+    /// Only when the message was sent with one.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub client_id: Option<String>,
+    #[schema(schema_with = openapi::time)]
     pub created_at: String,
+    /// Only once edited.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime, nullable = false)]
     pub edited_at: Option<String>,
     pub deleted: bool,
 }
@@ -219,15 +274,17 @@ impl From<&model::Message> for Message {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendMessage {
-    /// 1–4000 characters, not only whitespace.
+    #[schema(schema_with = openapi::text)]
     pub text: String,
     /// 1–64 characters; a retry with the same value returns the original message.
+    #[schema(min_length = 1, max_length = 64)]
     pub client_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EditMessage {
+    #[schema(schema_with = openapi::text)]
     pub text: String,
 }
 
@@ -240,22 +297,30 @@ pub struct MessagePage {
 /// One event of a channel's log.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Event {
-    /// `message.created`, `message.edited`, `message.deleted`, `member.added`,
-    /// `member.updated`, `member.removed` or `channel.updated`.
     #[serde(rename = "type")]
+    #[schema(schema_with = openapi::event_type)]
     pub kind: &'static str,
+    #[schema(value_type = openapi::Id)]
     pub channel_id: String,
+    #[schema(minimum = 1)]
     pub seq: i64,
+    #[schema(schema_with = openapi::time)]
     pub at: String,
+    /// The message as of this event, in `message.*` events.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Message>, nullable = false)]
     pub message: Option<Message>,
+    /// The member, in `member.*` events.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::Id>, nullable = false)]
     pub user_id: Option<String>,
     /// The member's role, in `member.added` and `member.updated`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = openapi::role)]
     pub role: Option<&'static str>,
     /// The new name, in `channel.updated`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub name: Option<String>,
 }
 

@@ -125,6 +125,12 @@ impl ApiError {
         )
     }
 
+    /// A request to `/v1/ws` that is not a WebSocket opening handshake, with the status
+    /// and reason axum gives (400; 426 on a connection that cannot be upgraded).
+    pub fn invalid_handshake(status: StatusCode, reason: String) -> Self {
+        Self::new(status, "invalid_handshake", reason)
+    }
+
     /// A request body that did not arrive in time: 408, and the connection is closed.
     pub fn request_timeout(limit: std::time::Duration) -> Self {
         Self::new(

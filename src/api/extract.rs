@@ -249,9 +249,13 @@ impl<const N: usize, S: Send + Sync> FromRequestParts<S> for PathIds<N> {
     }
 }
 
-/// A positive decimal id.
+/// A positive decimal id, written as ids are sent: digits only, no sign or leading zero
+/// (the OpenAPI document's `Id` pattern).
 pub fn parse_id(s: &str) -> Option<i64> {
-    s.parse::<i64>().ok().filter(|&id| id > 0)
+    if !s.bytes().all(|b| b.is_ascii_digit()) || s.starts_with('0') {
+        return None;
+    }
+    s.parse::<i64>().ok()
 }
 
 /// The query string's parameters, parsed one by one with field-naming errors.
@@ -368,5 +372,9 @@ mod tests {
         assert_eq!(parse_id("0"), None);
         assert_eq!(parse_id("99999999999999999999"), None);
         assert_eq!(parse_id("4x"), None);
+        assert_eq!(parse_id("+42"), None);
+        assert_eq!(parse_id("042"), None);
+        assert_eq!(parse_id(""), None);
+        assert_eq!(parse_id("9223372036854775807"), Some(i64::MAX));
     }
 }

@@ -31,10 +31,10 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
 /// Sends a message. Answered only after it is durably committed. A retry with the same
 /// `client_id` answers 200 with the original message and creates nothing.
 #[utoipa::path(post, path = "/v1/channels/{id}/messages", tag = "messages", security(("bearer" = [])), request_body = SendMessage,
-    params(("id" = String, Path, description = "Channel id")),
+    params(("id" = super::openapi::Id, Path, description = "Channel id")),
     responses((status = 201, body = Message), (status = 200, body = Message, description = "An earlier message with this client_id"),
               (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's send or text-bytes limit")))]
 async fn send_message(
     State(state): State<AppState>,
     auth: Authed,
@@ -79,10 +79,10 @@ pub(super) fn admit_send(
 /// A page of history, ascending by seq. With no cursor: the newest `limit`; with
 /// `before_seq`: the newest below it; with `after_seq`: the oldest above it.
 #[utoipa::path(get, path = "/v1/channels/{id}/messages", tag = "messages", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Channel id"),
-           ("before_seq" = Option<i64>, Query, description = "Only messages with a smaller seq"),
-           ("after_seq" = Option<i64>, Query, description = "Only messages with a larger seq"),
-           ("limit" = Option<i64>, Query, description = "1–200, default 50")),
+    params(("id" = super::openapi::Id, Path, description = "Channel id"),
+           ("before_seq" = Option<i64>, Query, minimum = 0, description = "Only messages with a smaller seq"),
+           ("after_seq" = Option<i64>, Query, minimum = 0, description = "Only messages with a larger seq"),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 200, description = "Messages per page, default 50")),
     responses((status = 200, body = MessagePage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn list_messages(
     State(state): State<AppState>,
@@ -106,8 +106,10 @@ async fn list_messages(
 
 /// Edits a message (author only); appends `message.edited`.
 #[utoipa::path(patch, path = "/v1/channels/{id}/messages/{message_id}", tag = "messages", security(("bearer" = [])), request_body = EditMessage,
-    params(("id" = String, Path, description = "Channel id"), ("message_id" = String, Path, description = "Message id")),
-    responses((status = 200, body = Message), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = super::openapi::Id, Path, description = "Channel id"), ("message_id" = super::openapi::Id, Path, description = "Message id")),
+    responses((status = 200, body = Message), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "`too_many_edits`: the message was edited as often as allowed"),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
 async fn edit_message(
     State(state): State<AppState>,
     auth: Authed,
@@ -127,8 +129,9 @@ async fn edit_message(
 /// Deletes a message (author, owner or admin): it stays as a tombstone with its id and
 /// seq, its text is removed everywhere, and `message.deleted` is appended.
 #[utoipa::path(delete, path = "/v1/channels/{id}/messages/{message_id}", tag = "messages", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Channel id"), ("message_id" = String, Path, description = "Message id")),
-    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = super::openapi::Id, Path, description = "Channel id"), ("message_id" = super::openapi::Id, Path, description = "Message id")),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
 async fn delete_message(
     State(state): State<AppState>,
     auth: Authed,
@@ -145,9 +148,9 @@ async fn delete_message(
 
 /// The channel's event log after `after_seq`, ascending and gap-free.
 #[utoipa::path(get, path = "/v1/channels/{id}/events", tag = "messages", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Channel id"),
-           ("after_seq" = Option<i64>, Query, description = "Only events with a larger seq (default 0)"),
-           ("limit" = Option<i64>, Query, description = "1–200, default 50")),
+    params(("id" = super::openapi::Id, Path, description = "Channel id"),
+           ("after_seq" = Option<i64>, Query, minimum = 0, description = "Only events with a larger seq (default 0)"),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 200, description = "Events per page, default 50")),
     responses((status = 200, body = EventPage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn list_events(
     State(state): State<AppState>,

@@ -10,6 +10,7 @@ pub mod extract;
 mod health;
 mod messages;
 mod observe;
+mod openapi;
 mod sessions;
 pub mod validate;
 mod web;
@@ -24,7 +25,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 
 use self::error::ApiError;
@@ -231,29 +231,9 @@ impl AppState {
     }
 }
 
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "Natter API", version = "1", description = "Real-time messaging: accounts, channels, durable messages and each channel's gap-free event log."),
-    modifiers(&BearerAuth),
-    components(schemas(dto::ErrorBody, dto::ErrorDetail))
-)]
-struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
-
 /// The route table and the OpenAPI document it generates.
 fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(accounts::routes())
         .merge(channels::routes())
         .merge(messages::routes())
@@ -261,14 +241,22 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(utoipa_axum::routes!(ws::upgrade))
 }
 
+/// The router and the OpenAPI 3.1 document of API v1, with the answers every operation
+/// shares added.
+fn split() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut spec) = routes().split_for_parts();
+    utoipa::Modify::modify(&openapi::SharedAnswers, &mut spec);
+    (router, spec)
+}
+
 /// The OpenAPI 3.1 document of API v1.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    split().1
 }
 
 /// The whole HTTP application over `state`.
 pub fn app(state: AppState) -> Router {
-    let (router, spec) = routes().split_for_parts();
+    let (router, spec) = split();
     let spec = Arc::new(spec);
     // With `--metrics-listen`, `/metrics` is served on that address only.
     let router = if state.config.metrics_listen.is_none() {

@@ -101,6 +101,54 @@ pub fn channel_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The rules above as JSON Schema patterns for the OpenAPI document, so a client can check
+/// a value before sending it. Written for ECMA-262, Python's `re` and the `regex` crate
+/// alike: BMP characters as `\uXXXX`, the two supplementary ranges of invisible characters
+/// (tags, variation selectors) as literal characters, no look-around. The tests hold each
+/// to its rule.
+pub mod pattern {
+    /// A positive decimal id (1 to 2^63 − 1), without sign or leading zeros.
+    pub const ID: &str = "^(?:[1-9][0-9]{0,17}|[1-8][0-9]{18}|9[0-1][0-9]{17}|92[0-1][0-9]{16}\
+        |922[0-2][0-9]{15}|9223[0-2][0-9]{14}|92233[0-6][0-9]{13}|922337[0-1][0-9]{12}\
+        |92233720[0-2][0-9]{10}|922337203[0-5][0-9]{9}|9223372036[0-7][0-9]{8}\
+        |92233720368[0-4][0-9]{7}|922337203685[0-3][0-9]{6}|9223372036854[0-6][0-9]{5}\
+        |92233720368547[0-6][0-9]{4}|922337203685477[0-4][0-9]{3}|9223372036854775[0-7][0-9]{2}\
+        |922337203685477580[0-6]|9223372036854775807)$";
+
+    /// A new username as typed in ASCII: letters (any case), digits and single `_ . -`
+    /// between them, with at least one letter. (Compatible forms such as fullwidth letters
+    /// fold into such a name and are accepted too.)
+    pub const USERNAME: &str = "^(?:[0-9]+[._-])*[0-9]*[A-Za-z][A-Za-z0-9]*(?:[._-][A-Za-z0-9]+)*$";
+
+    /// Message text: no control character but newline and tab, no bidi override or
+    /// isolate, and at least one character that is neither whitespace nor invisible.
+    pub const TEXT: &str = concat!(
+        "^[\\t\\n \\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000",
+        "\\u00AD\\u034F\\u115F\\u1160\\u17B4\\u17B5\\u180B-\\u180F\\u200B-\\u200F\\u2060-\\u2064",
+        "\\u3164\\uFE00-\\uFE0F\\uFEFF\\uFFA0\\u061C\u{E0000}-\u{E007F}\u{E0100}-\u{E01EF}]*",
+        "[^\\u0000-\\u0020\\u007F-\\u00A0\\u202A-\\u202E\\u2066-\\u2069",
+        "\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000",
+        "\\u00AD\\u034F\\u115F\\u1160\\u17B4\\u17B5\\u180B-\\u180F\\u200B-\\u200F\\u2060-\\u2064",
+        "\\u3164\\uFE00-\\uFE0F\\uFEFF\\uFFA0\\u061C\u{E0000}-\u{E007F}\u{E0100}-\u{E01EF}]",
+        "[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F\\u202A-\\u202E\\u2066-\\u2069]*$",
+    );
+
+    /// A channel name: no control character, line or paragraph separator or bidi control
+    /// (override, isolate or mark), and at least one character that is neither whitespace
+    /// nor invisible.
+    pub const CHANNEL_NAME: &str = concat!(
+        "^[ \\u00A0\\u1680\\u2000-\\u200A\\u202F\\u205F\\u3000",
+        "\\u00AD\\u034F\\u115F\\u1160\\u17B4\\u17B5\\u180B-\\u180F\\u200B-\\u200D\\u2060-\\u2064",
+        "\\u3164\\uFE00-\\uFE0F\\uFEFF\\uFFA0\u{E0000}-\u{E007F}\u{E0100}-\u{E01EF}]*",
+        "[^\\u0000-\\u0020\\u007F-\\u00A0\\u061C\\u200E\\u200F\\u2028\\u2029\\u202A-\\u202E",
+        "\\u2066-\\u2069\\u1680\\u2000-\\u200A\\u202F\\u205F\\u3000",
+        "\\u00AD\\u034F\\u115F\\u1160\\u17B4\\u17B5\\u180B-\\u180F\\u200B-\\u200D\\u2060-\\u2064",
+        "\\u3164\\uFE00-\\uFE0F\\uFEFF\\uFFA0\u{E0000}-\u{E007F}\u{E0100}-\u{E01EF}]",
+        "[^\\u0000-\\u001F\\u007F-\\u009F\\u061C\\u200E\\u200F\\u2028\\u2029\\u202A-\\u202E",
+        "\\u2066-\\u2069]*$",
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +242,105 @@ mod tests {
         assert!(channel_name(&"n".repeat(101)).is_err());
         assert!(password("short").is_err());
         assert!(password("long enough").is_ok());
+    }
+
+    /// Characters the rules treat specially, and a few plain ones.
+    const POOL: &[char] = &[
+        'a',
+        'Z',
+        '0',
+        '9',
+        '_',
+        '.',
+        '-',
+        ' ',
+        'é',
+        '日',
+        '🎉',
+        '\n',
+        '\t',
+        '\r',
+        '\u{0}',
+        '\u{1b}',
+        '\u{7f}',
+        '\u{85}',
+        '\u{9b}',
+        '\u{a0}',
+        '\u{ad}',
+        '\u{61c}',
+        '\u{180e}',
+        '\u{2003}',
+        '\u{200b}',
+        '\u{200d}',
+        '\u{200e}',
+        '\u{2028}',
+        '\u{202e}',
+        '\u{2060}',
+        '\u{2066}',
+        '\u{3000}',
+        '\u{3164}',
+        '\u{fe0f}',
+        '\u{feff}',
+        '\u{e0001}',
+        '\u{e0100}',
+        'Ａ',
+        'ﬁ',
+    ];
+
+    fn matches(pattern: &str, s: &str, min: usize, max: usize) -> bool {
+        let n = s.chars().count();
+        regex::Regex::new(pattern).unwrap().is_match(s) && (min..=max).contains(&n)
+    }
+
+    proptest::proptest! {
+        /// The document's patterns say exactly what the rules accept (for usernames: what
+        /// they accept typed in ASCII; folding accepts more).
+        #[test]
+        fn patterns_state_the_rules(picks in proptest::collection::vec(0..POOL.len(), 0..12)) {
+            let s: String = picks.iter().map(|&i| POOL[i]).collect();
+            proptest::prop_assert_eq!(matches(pattern::TEXT, &s, 1, MAX_TEXT_CHARS), text(&s).is_ok(), "{:?}", s);
+            proptest::prop_assert_eq!(
+                matches(pattern::CHANNEL_NAME, &s, 1, MAX_CHANNEL_NAME_CHARS),
+                channel_name(&s).is_ok(),
+                "{:?}", s
+            );
+            if s.is_ascii() {
+                proptest::prop_assert_eq!(
+                    matches(pattern::USERNAME, &s, username::MIN_CHARS, username::MAX_CHARS),
+                    username(&s).is_ok(),
+                    "{:?}", s
+                );
+            } else if matches(pattern::USERNAME, &s, 3, 32) {
+                proptest::prop_assert!(username(&s).is_ok(), "{:?}", s);
+            }
+        }
+    }
+
+    #[test]
+    fn the_id_pattern_is_the_positive_i64s() {
+        let id = regex::Regex::new(pattern::ID).unwrap();
+        for ok in [
+            "1",
+            "42",
+            "386391145204154368",
+            "9223372036854775807",
+            "9223372036854775799",
+        ] {
+            assert!(id.is_match(ok), "{ok}");
+            assert!(super::super::extract::parse_id(ok).is_some(), "{ok}");
+        }
+        for bad in [
+            "",
+            "0",
+            "01",
+            "+1",
+            "-1",
+            "9223372036854775808",
+            "9999999999999999999",
+            "1 ",
+        ] {
+            assert!(!id.is_match(bad), "{bad}");
+            assert!(super::super::extract::parse_id(bad).is_none(), "{bad}");
+        }
     }
 }

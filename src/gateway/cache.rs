@@ -223,7 +223,8 @@ impl EventCache {
         inner.clock += 1;
         let now = inner.clock;
         let log = inner.logs.get_mut(&channel_id)?;
-        if log.events.is_empty() || after_seq + 1 < log.first_seq {
+        // Written so that `after_seq` = i64::MAX cannot overflow (first_seq >= 1).
+        if log.events.is_empty() || after_seq < log.first_seq - 1 {
             return None;
         }
         log.used = now;
@@ -251,7 +252,7 @@ impl EventCache {
         let before = q.before_seq.unwrap_or(i64::MAX);
         let fetch = q.limit as usize + 1;
         let mut items: Vec<Message> = match q.after_seq {
-            Some(after) if after + 1 < log.first_seq => return None,
+            Some(after) if after < log.first_seq - 1 => return None,
             Some(after) if after.saturating_add(1) >= before => Vec::new(),
             Some(after) => log
                 .messages

@@ -15,13 +15,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tracing::Instrument;
 
 use self::session::{End, Session};
 use super::AppState;
+use super::dto::ErrorBody;
 use super::error::ApiError;
 use super::extract::authenticate;
 use crate::gateway::hub::{ConnId, Hub};
@@ -31,12 +33,27 @@ use crate::gateway::protocol::{self, ClientOp, Malformed, close};
 /// Bytes of written frames gathered before they go to the socket.
 const WRITE_BUFFER: usize = 64 * 1024;
 
-/// The real-time gateway. The first frame must be `{"op": "hello", "token", "resume"?}`;
-/// see the API notes (docs/api.md) for the frames and close codes.
+/// The real-time gateway: a WebSocket opening handshake (RFC 6455). Once upgraded, the
+/// first frame must be `{"op": "hello", "token", "resume"?}` (the token travels in it, not
+/// in a header); see the API notes (docs/api.md) for the frames and close codes.
 #[utoipa::path(get, path = "/v1/ws", tag = "real time",
-    responses((status = 101, description = "Switching to the WebSocket protocol"),
-              (status = 400, description = "Not a WebSocket upgrade request")))]
-pub async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    params(crate::api::openapi::WsHandshake),
+    responses((status = 101, description = "Switching to the WebSocket protocol",
+               headers(("Upgrade" = String, description = "`websocket`"),
+                       ("Connection" = String, description = "`upgrade`"),
+                       ("Sec-WebSocket-Accept" = String, description = "Derived from `Sec-WebSocket-Key` (RFC 6455)"))),
+              (status = 400, body = ErrorBody, description = "`invalid_handshake`: not a WebSocket opening handshake (a plain GET, or a header missing or wrong)")))]
+pub async fn upgrade(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(refused) => {
+            return ApiError::invalid_handshake(refused.status(), refused.body_text())
+                .into_response();
+        }
+    };
     let max = state.config.gateway.max_frame_bytes;
     // tungstenite refuses frames far past the limit; frames just past it get a readable
     // error from the session.
