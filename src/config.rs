@@ -83,8 +83,9 @@ pub struct ServeArgs {
     /// at one a minute): a stranger's guesses do not lock the owner out of their account.
     #[arg(long, env = "NATTER_LOGIN_FAILURES_PER_USER", default_value_t = 10.0)]
     pub login_failures_per_user: f64,
-    /// Failed logins allowed per username from all addresses together in a burst
-    /// (refilling at one every 36 s): the ceiling on a distributed guessing attack.
+    /// Login attempts allowed per username from all addresses together in a burst
+    /// (refilling at one every 36 s; failed ones, and successful ones too): the ceiling on
+    /// a distributed guessing attack and on a loop of logins.
     #[arg(
         long,
         env = "NATTER_LOGIN_FAILURES_PER_ACCOUNT",
@@ -97,8 +98,8 @@ pub struct ServeArgs {
     /// Accounts one client address may create in a burst (refilling at one a second).
     #[arg(long, env = "NATTER_SIGNUPS_PER_IP", default_value_t = 100.0)]
     pub signups_per_ip: f64,
-    /// Password hashes (Argon2id, ~19 MiB each) computed at once; a login, sign-up or
-    /// password change past it gets 503 with Retry-After.
+    /// Password hashes (Argon2id, ~19 MiB each) computed at once; a login or sign-up past
+    /// it gets 503 with Retry-After.
     #[arg(long, env = "NATTER_PASSWORD_HASH_CONCURRENCY", default_value_t = 4)]
     pub password_hash_concurrency: usize,
     /// Writes other than sends (edits, deletes, renames, member changes, read markers,

@@ -664,3 +664,235 @@ async fn sessions_are_listed_and_revoked_one_by_one_or_all_but_this_one() {
         .len();
     assert_eq!(left, 1);
 }
+
+/// Review of defect 3's fix: a DM counted as consent even when a stranger had opened it,
+/// and DMs from many strangers could fill anyone's channel list. A DM counts once its
+/// recipient has answered it, and unanswered DMs from others are capped per user.
+#[tokio::test]
+async fn a_dm_a_stranger_opened_is_not_consent_until_answered_and_unanswered_dms_are_capped() {
+    let server = TestServer::start_with(|c| {
+        c.limits.consent = natter::store::Consent::SharedChannel;
+        c.limits.max_pending_dms = 2;
+    })
+    .await;
+    let anon = server.client();
+    let (victim, mallory) = (
+        anon.register("victim").await,
+        anon.register("mallory").await,
+    );
+    let dm = mallory
+        .post("/v1/dms", json!({"user_id": victim.user_id}))
+        .await;
+    assert_eq!(dm.status, StatusCode::CREATED);
+    let dm_id = dm.body["id"].as_str().unwrap().to_owned();
+    let ch = mallory.create_channel("spam", "group", &[]).await;
+    let path = format!("/v1/channels/{ch}/members/{}", victim.user_id);
+    let add = mallory
+        .call(reqwest::Method::PUT, &path, Some(json!({})))
+        .await;
+    assert_eq!(
+        add.status,
+        StatusCode::FORBIDDEN,
+        "a stranger's DM is not consent"
+    );
+    let with = mallory
+        .post(
+            "/v1/channels",
+            json!({"name": "more spam", "kind": "group", "members": [victim.user_id]}),
+        )
+        .await;
+    assert_eq!(with.status, StatusCode::FORBIDDEN);
+    // Mallory posting in the DM herself changes nothing; the victim answering does.
+    mallory.send(&dm_id, "hi", None).await;
+    let add = mallory
+        .call(reqwest::Method::PUT, &path, Some(json!({})))
+        .await;
+    assert_eq!(add.status, StatusCode::FORBIDDEN);
+    victim.send(&dm_id, "hello mallory", None).await;
+    let add = mallory
+        .call(reqwest::Method::PUT, &path, Some(json!({})))
+        .await;
+    assert_eq!(add.status, StatusCode::NO_CONTENT, "{:?}", add.body);
+
+    // Two more strangers may open DMs (one is answered above, so two are pending)...
+    let mut opened = Vec::new();
+    for name in ["stranger1", "stranger2", "stranger3"] {
+        let s = anon.register(name).await;
+        opened.push(s.post("/v1/dms", json!({"user_id": victim.user_id})).await);
+    }
+    assert_eq!(opened[0].status, StatusCode::CREATED);
+    assert_eq!(opened[1].status, StatusCode::CREATED);
+    // ...and the third is refused until the victim answers one.
+    assert_eq!(
+        (opened[2].status, opened[2].code()),
+        (StatusCode::CONFLICT, "too_many_dms")
+    );
+}
+
+/// Review of defect 11's fix: ending a session was charged to the same write budget a
+/// thief's stolen token could exhaust, so the owner could be kept from ending it.
+#[tokio::test]
+async fn ending_sessions_is_not_blocked_by_an_exhausted_write_budget() {
+    let server = TestServer::start_with(|c| {
+        c.limits.writes = Rate {
+            per_second: 0.0001,
+            burst: 2.0,
+        };
+    })
+    .await;
+    let base = server.base();
+    server.client().register("owner").await;
+    let owner = login_as(&base, "owner", "owners-laptop").await;
+    let thief = login_as(&base, "owner", "thief").await;
+    let ch = thief.create_channel("x", "group", &[]).await;
+    // The thief spends the account's write budget.
+    let mut limited = false;
+    for i in 0..5 {
+        let r = thief
+            .call(
+                reqwest::Method::PATCH,
+                &format!("/v1/channels/{ch}"),
+                Some(json!({"name": format!("n{i}")})),
+            )
+            .await;
+        limited |= r.status == StatusCode::TOO_MANY_REQUESTS;
+    }
+    assert!(limited);
+    let ended = owner
+        .call(reqwest::Method::DELETE, "/v1/sessions/others", None)
+        .await;
+    assert_eq!(ended.status, StatusCode::NO_CONTENT, "{:?}", ended.body);
+    assert_eq!(
+        thief.get("/v1/users/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+/// Review of defect 2's fix: channel creation was checked before the write and charged
+/// after it, so concurrent creations all passed a limit of one.
+#[tokio::test]
+async fn concurrent_channel_creations_cannot_pass_the_creation_limit() {
+    let server = TestServer::start_with(|c| {
+        c.limits.channel_creates = Rate {
+            per_second: 0.0001,
+            burst: 3.0,
+        };
+    })
+    .await;
+    let a = server.client().register("alice").await;
+    let creations = (0..30).map(|i| {
+        let a = a.clone();
+        async move {
+            a.post(
+                "/v1/channels",
+                json!({"name": format!("c{i}"), "kind": "group"}),
+            )
+            .await
+            .status
+        }
+    });
+    let statuses = futures_util::future::join_all(creations).await;
+    let created = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count();
+    assert_eq!(created, 3, "{statuses:?}");
+}
+
+/// Review of defect 11's fix: logins with the right password were never limited, so a
+/// loop of them grew the session table without bound. A user holds at most
+/// `--max-sessions-per-user` sessions; a new one ends the oldest, everywhere.
+#[tokio::test]
+async fn sessions_per_user_are_capped_and_the_oldest_ends() {
+    let server = TestServer::start_with(|c| c.limits.max_sessions_per_user = 3).await;
+    let base = server.base();
+    let first = server.client().register("alice").await;
+    let mut ws = raw(server.addr).await;
+    let hello = json!({"op": "hello", "token": first.token.as_deref().unwrap()});
+    send_text(&mut ws, &hello.to_string()).await;
+    let mut later = Vec::new();
+    for i in 0..3 {
+        later.push(login_as(&base, "alice", &format!("device {i}")).await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, code) = read_to_close(&mut ws).await;
+    assert_eq!(code, Some(4001), "the oldest session's socket is closed");
+    assert_eq!(
+        first.get("/v1/users/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let list = later[2].get("/v1/sessions").await.body["sessions"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(list, 3);
+    for c in &later {
+        assert_eq!(c.get("/v1/users/me").await.status, StatusCode::OK);
+    }
+}
+
+/// Review of defect 11's fix: the User-Agent shown in the session list kept bidi
+/// overrides and invisible characters, so a thief's session could pose as another.
+#[tokio::test]
+async fn the_session_list_shows_no_bidi_or_invisible_characters() {
+    let server = TestServer::start().await;
+    let base = server.base();
+    server.client().register("alice").await;
+    let agent = reqwest::header::HeaderValue::from_bytes(
+        "Firefox\u{202e}xoferiF\u{200b}\u{2066}".as_bytes(),
+    )
+    .unwrap();
+    let res = reqwest::Client::new()
+        .post(format!("{base}/v1/sessions"))
+        .header("user-agent", agent)
+        .json(&json!({"username": "alice", "password": "password-alice"}))
+        .send()
+        .await
+        .unwrap();
+    let token = res.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut c = common::Client::new(&base);
+    c.token = Some(token);
+    let list = c.get("/v1/sessions").await;
+    let mine = list.body["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["current"] == true)
+        .unwrap()
+        .clone();
+    assert_eq!(mine["agent"], "FirefoxxoferiF");
+}
+
+/// Defect 4 (the total): connections past `--max-connections` are refused at once.
+#[tokio::test]
+async fn connections_past_the_total_cap_are_refused() {
+    use tokio::net::TcpStream;
+    let server = TestServer::start_with(|c| {
+        c.http.max_connections = 3;
+        c.http.header_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    let mut fourth = TcpStream::connect(server.addr).await.unwrap();
+    let refused = closed_within(&mut fourth, Duration::from_secs(15))
+        .await
+        .expect("refused and closed");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    drop(held);
+    // Slots come back as connections close.
+    let mut ok = false;
+    for _ in 0..50 {
+        if server.client().get("/healthz").await.status == StatusCode::OK {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok);
+}
