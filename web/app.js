@@ -400,8 +400,12 @@ function connect() {
     state.wsReady = false;
     if (e.code === 4001) return logout();
     state.retry += 1;
-    const wait = Math.min(5000, 250 * 2 ** Math.min(state.retry, 5)) * (0.5 + Math.random() / 2);
-    setStatus(`offline, retrying in ${Math.ceil(wait / 1000)} s`, false);
+    // 4009: this account has too many connections open (other tabs or devices); wait
+    // longer before trying again, and say why.
+    const most = e.code === 4009 ? 30000 : 5000;
+    const wait = Math.min(most, 250 * 2 ** Math.min(state.retry, 7)) * (0.5 + Math.random() / 2);
+    const why = e.code === 4009 ? "too many open connections (other tabs?)" : "offline";
+    setStatus(`${why}, retrying in ${Math.ceil(wait / 1000)} s`, false);
     setTimeout(connect, wait);
   });
 }
