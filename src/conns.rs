@@ -139,15 +139,14 @@ impl Drop for Slot {
     }
 }
 
-/// What the watchdog of one connection sees.
+/// What the watchdog of one connection sees: counters and flags only (no clock read per
+/// read or write); the watchdog keeps the times itself, at its tick's granularity.
 struct Activity {
-    started: Instant,
-    /// Milliseconds since `started` of the last byte read or written.
-    last: AtomicU64,
-    /// Milliseconds since `started` when the server began waiting for a request's
-    /// headers, while it is waiting for them.
+    /// Bumped by every read or write that moved bytes, and every answer.
+    events: AtomicU64,
+    /// The server waits for a request's headers (on a new connection, or since the first
+    /// byte after the last request was taken).
     awaiting_head: AtomicBool,
-    head_since: AtomicU64,
     /// Requests being answered.
     busy: AtomicUsize,
 }
@@ -155,28 +154,23 @@ struct Activity {
 impl Activity {
     fn new() -> Self {
         Self {
-            started: Instant::now(),
-            last: AtomicU64::new(0),
+            events: AtomicU64::new(0),
             // A new connection owes its first request's headers.
             awaiting_head: AtomicBool::new(true),
-            head_since: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
         }
     }
 
-    fn now(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+    fn read(&self) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        // The first byte after a request was taken starts the next one's head.
+        if self.busy.load(Ordering::Relaxed) == 0 && !self.awaiting_head.load(Ordering::Relaxed) {
+            self.awaiting_head.store(true, Ordering::Relaxed);
+        }
     }
 
-    fn read(&self) {
-        let now = self.now();
-        self.last.store(now, Ordering::Relaxed);
-        // The first byte after a request was taken starts the next one's head.
-        if self.busy.load(Ordering::Relaxed) == 0
-            && !self.awaiting_head.swap(true, Ordering::Relaxed)
-        {
-            self.head_since.store(now, Ordering::Relaxed);
-        }
+    fn wrote(&self) {
+        self.events.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -212,8 +206,7 @@ impl AsyncWrite for Watched {
         if let Poll::Ready(Ok(n)) = polled
             && n > 0
         {
-            let now = self.activity.now();
-            self.activity.last.store(now, Ordering::Relaxed);
+            self.activity.wrote();
         }
         polled
     }
@@ -235,8 +228,7 @@ impl AsyncWrite for Watched {
         if let Poll::Ready(Ok(n)) = polled
             && n > 0
         {
-            let now = self.activity.now();
-            self.activity.last.store(now, Ordering::Relaxed);
+            self.activity.wrote();
         }
         polled
     }
@@ -341,13 +333,15 @@ async fn connection(
         async move {
             let answer = app.oneshot(req).await;
             seen.busy.fetch_sub(1, Ordering::Relaxed);
-            let now = seen.now();
-            seen.last.store(now, Ordering::Relaxed);
+            seen.wrote();
             answer
         }
     });
+    // hyper's own header timer (30 s by default once it has a timer) is off: the
+    // watchdog below keeps the header and idle timeouts without a timer per request.
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        .header_read_timeout(None)
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -355,8 +349,11 @@ async fn connection(
     let tick = (limits.header_timeout.min(limits.idle_timeout) / 4)
         .clamp(Duration::from_millis(20), Duration::from_secs(1));
     let mut every = tokio::time::interval(tick);
-    let header_ms = limits.header_timeout.as_millis() as u64;
-    let idle_ms = limits.idle_timeout.as_millis() as u64;
+    // The watchdog's own clock: when the events counter last moved, and since when the
+    // server has been waiting for headers.
+    let mut events = 0;
+    let mut moved_at = Instant::now();
+    let mut head_since = Some(moved_at);
     loop {
         tokio::select! {
             served = conn.as_mut() => {
@@ -367,18 +364,26 @@ async fn connection(
             }
             _ = stopped.wait_for(|s| *s) => break,
             _ = every.tick() => {
+                let now = Instant::now();
+                let seen = activity.events.load(Ordering::Relaxed);
+                if seen != events {
+                    (events, moved_at) = (seen, now);
+                }
                 if activity.busy.load(Ordering::Relaxed) > 0 {
+                    head_since = None;
                     continue;
                 }
-                let now = activity.now();
-                if activity.awaiting_head.load(Ordering::Relaxed)
-                    && now.saturating_sub(activity.head_since.load(Ordering::Relaxed)) > header_ms
-                {
+                if !activity.awaiting_head.load(Ordering::Relaxed) {
+                    head_since = None;
+                } else if head_since.is_none() {
+                    head_since = Some(moved_at.min(now));
+                }
+                if head_since.is_some_and(|t| now - t > limits.header_timeout) {
                     stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, "request headers not received in time; closing");
                     return;
                 }
-                if now.saturating_sub(activity.last.load(Ordering::Relaxed)) > idle_ms {
+                if now - moved_at > limits.idle_timeout {
                     stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                     break;
                 }

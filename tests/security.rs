@@ -13,6 +13,14 @@ use natter::ratelimit::Rate;
 use reqwest::StatusCode;
 use serde_json::json;
 
+/// A budget of `burst` that does not refill within a test.
+fn once(burst: f64) -> Rate {
+    Rate {
+        per_second: 0.0001,
+        burst,
+    }
+}
+
 /// A login attempt as a client at `from` behind the trusted proxy (the test itself).
 async fn login_from(
     base: &str,
@@ -179,10 +187,7 @@ async fn ipv6_clients_share_their_64_prefixs_limits() {
 #[tokio::test]
 async fn channel_creation_is_rate_limited_and_memberships_are_capped() {
     let server = TestServer::start_with(|c| {
-        c.limits.channel_creates = Rate {
-            per_second: 0.0001,
-            burst: 3.0,
-        };
+        c.limits.channel_creates = once(3.0);
     })
     .await;
     let a = server.client().register("alice").await;
@@ -358,10 +363,7 @@ async fn strangers_cannot_add_a_user_to_channels() {
 #[tokio::test]
 async fn every_write_is_rate_limited_and_edits_are_bounded() {
     let server = TestServer::start_with(|c| {
-        c.limits.writes = Rate {
-            per_second: 0.0001,
-            burst: 4.0,
-        };
+        c.limits.writes = once(4.0);
     })
     .await;
     let a = server.client().register("alice").await;
@@ -390,10 +392,7 @@ async fn every_write_is_rate_limited_and_edits_are_bounded() {
     );
 
     let server = TestServer::start_with(|c| {
-        c.limits.write_bytes = Rate {
-            per_second: 0.0001,
-            burst: 20_000.0,
-        };
+        c.limits.write_bytes = once(20_000.0);
         c.limits.max_edits_per_message = 2;
     })
     .await;
@@ -734,10 +733,7 @@ async fn a_dm_a_stranger_opened_is_not_consent_until_answered_and_unanswered_dms
 #[tokio::test]
 async fn ending_sessions_is_not_blocked_by_an_exhausted_write_budget() {
     let server = TestServer::start_with(|c| {
-        c.limits.writes = Rate {
-            per_second: 0.0001,
-            burst: 2.0,
-        };
+        c.limits.writes = once(2.0);
     })
     .await;
     let base = server.base();
@@ -773,10 +769,7 @@ async fn ending_sessions_is_not_blocked_by_an_exhausted_write_budget() {
 #[tokio::test]
 async fn concurrent_channel_creations_cannot_pass_the_creation_limit() {
     let server = TestServer::start_with(|c| {
-        c.limits.channel_creates = Rate {
-            per_second: 0.0001,
-            burst: 3.0,
-        };
+        c.limits.channel_creates = once(3.0);
     })
     .await;
     let a = server.client().register("alice").await;

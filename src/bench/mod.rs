@@ -32,7 +32,6 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::model::ChannelKind;
-use crate::ratelimit::Rate;
 use crate::server::open_store;
 use crate::store::Store;
 
@@ -324,24 +323,7 @@ fn bench_username() -> String {
 fn bench_config(dir: &std::path::Path) -> Config {
     let mut config = Config::with_data_dir(dir);
     config.hash_cost = crate::auth::HashCost::insecure_fast();
-    config.limits.send = Rate {
-        per_second: 1e9,
-        burst: 1e9,
-    };
-    config.limits.signups_per_ip = Rate {
-        per_second: 1e9,
-        burst: 1e9,
-    };
-    let unbounded = Rate {
-        per_second: 1e12,
-        burst: 1e12,
-    };
-    config.limits.writes = unbounded;
-    config.limits.write_bytes = unbounded;
-    config.limits.channel_creates = unbounded;
-    config.limits.max_channels_per_user = u32::MAX;
-    config.limits.ws_connections_per_user = usize::MAX;
-    config.limits.consent = crate::store::Consent::Open;
+    config.limits.lift_per_user();
     config.write_queue = 1 << 20;
     config
 }

@@ -74,23 +74,13 @@ pub fn behind_proxy_one_signup_each(c: &mut Config) {
     };
 }
 
-/// The config tests start from: cheap password hashes, generous write limits, and
-/// anyone may add anyone to a channel (tests of the limits and of consent set their own).
+/// The config tests start from: cheap password hashes, per-user limits lifted, and anyone
+/// may add anyone to a channel (tests of the limits and of consent set their own).
 pub fn test_config(dir: &std::path::Path) -> Config {
     let mut config = Config::with_data_dir(dir);
     config.hash_cost = HashCost::insecure_fast();
-    let generous = Rate {
-        per_second: 100_000.0,
-        burst: 100_000.0,
-    };
-    config.limits.send = generous;
-    config.limits.writes = generous;
-    config.limits.channel_creates = generous;
-    config.limits.write_bytes = Rate {
-        per_second: 1e12,
-        burst: 1e12,
-    };
-    config.limits.consent = natter::store::Consent::Open;
+    config.limits.lift_per_user();
+
     config
 }
 
