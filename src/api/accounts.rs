@@ -130,7 +130,7 @@ async fn login(
     let (token, session) = new_session(&state, client_ip, agent);
     // Past the cap on sessions per user the oldest end, at once and everywhere.
     for evicted in state.store.create_session(user.id, session).await? {
-        revoke(&state, &evicted);
+        revoke(&state, user.id, &evicted);
     }
     Ok(Json(Session {
         user: (&user).into(),
@@ -257,7 +257,7 @@ async fn revoke_session(
         .delete_session_by_id(auth.user.id, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    revoke(&state, &token);
+    revoke(&state, auth.user.id, &token);
     Ok(no_content())
 }
 
@@ -273,15 +273,15 @@ async fn revoke_other_sessions(
         .delete_other_sessions(auth.user.id, auth.token)
         .await?;
     for token in &tokens {
-        revoke(&state, token);
+        revoke(&state, auth.user.id, token);
     }
     Ok(no_content())
 }
 
 /// Ends a deleted session everywhere it is held: the session cache and open WebSockets.
-fn revoke(state: &AppState, token: &TokenHash) {
+fn revoke(state: &AppState, user_id: i64, token: &TokenHash) {
     state.sessions.revoke(token);
-    state.gateway.hub.revoke(token);
+    state.gateway.hub.revoke(user_id, token);
 }
 
 /// Logs out: the token stops working at once.
@@ -292,7 +292,7 @@ async fn logout(State(state): State<AppState>, auth: Authed) -> ApiResult<Status
     // once this answers, and none can re-cache it in between.
     state.sessions.revoke(&auth.token);
     state.store.delete_session(auth.token).await?;
-    revoke(&state, &auth.token);
+    revoke(&state, auth.user.id, &auth.token);
     Ok(no_content())
 }
 

@@ -29,10 +29,9 @@ struct Conn {
 #[derive(Default)]
 struct Subs {
     conns: HashMap<ConnId, Conn>,
-    by_user: HashMap<i64, HashSet<ConnId>>,
+    /// A user's connections: a short list (bounded by the per-user connection cap).
+    by_user: HashMap<i64, Vec<ConnId>>,
     by_channel: HashMap<i64, HashSet<ConnId>>,
-    /// Connections of each session, for revocation.
-    by_token: HashMap<TokenHash, HashSet<ConnId>>,
 }
 
 /// Channels (un)subscribed under one hold of the lock: a connection with thousands of
@@ -68,10 +67,7 @@ impl Subs {
     }
 
     fn user_conns(&self, user_id: i64) -> Vec<ConnId> {
-        self.by_user
-            .get(&user_id)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default()
+        self.by_user.get(&user_id).cloned().unwrap_or_default()
     }
 }
 
@@ -118,7 +114,7 @@ impl Hub {
         max: usize,
     ) -> Option<ConnId> {
         let mut subs = self.write();
-        let online = subs.by_user.get(&user_id).map_or(0, HashSet::len);
+        let online = subs.by_user.get(&user_id).map_or(0, Vec::len);
         if online >= max {
             return None;
         }
@@ -132,8 +128,7 @@ impl Hub {
                 channels: HashSet::new(),
             },
         );
-        subs.by_user.entry(user_id).or_default().insert(id);
-        subs.by_token.entry(token).or_default().insert(id);
+        subs.by_user.entry(user_id).or_default().push(id);
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         Some(id)
     }
@@ -146,18 +141,12 @@ impl Hub {
             let Some(conn) = subs.conns.get_mut(&id) else {
                 return;
             };
-            let (user_id, token) = (conn.user_id, conn.token);
+            let user_id = conn.user_id;
             let channels = std::mem::take(&mut conn.channels);
             if let Some(set) = subs.by_user.get_mut(&user_id) {
-                set.remove(&id);
+                set.retain(|&c| c != id);
                 if set.is_empty() {
                     subs.by_user.remove(&user_id);
-                }
-            }
-            if let Some(set) = subs.by_token.get_mut(&token) {
-                set.remove(&id);
-                if set.is_empty() {
-                    subs.by_token.remove(&token);
                 }
             }
             channels.into_iter().collect()
@@ -229,10 +218,12 @@ impl Hub {
     }
 
     /// Closes every connection of a revoked session with 4001.
-    pub fn revoke(&self, token: &TokenHash) {
+    pub fn revoke(&self, user_id: i64, token: &TokenHash) {
         let subs = self.read();
-        let ids = subs.by_token.get(token).into_iter().flatten();
-        for conn in ids.filter_map(|id| subs.conns.get(id)) {
+        // A user's connections are few (the per-user cap): no index by token needed.
+        let ids = subs.by_user.get(&user_id).into_iter().flatten();
+        let conns = ids.filter_map(|id| subs.conns.get(id));
+        for conn in conns.filter(|c| &c.token == token) {
             conn.outbox
                 .close(protocol::close::BAD_TOKEN, "the session was revoked");
         }
@@ -358,7 +349,7 @@ mod tests {
         );
         hub.register(7, [1; 32], Arc::clone(&a));
         hub.register(7, [2; 32], Arc::clone(&b));
-        hub.revoke(&[1; 32]);
+        hub.revoke(7, &[1; 32]);
         let mut items = Vec::new();
         a.take(&mut items).await;
         assert!(matches!(items.as_slice(), [Item::Close(4001, _)]));

@@ -158,15 +158,8 @@ impl Session {
         ticker.reset();
         let mut last_seen = Instant::now();
         let mut items = Vec::new();
-        let left = u64::try_from(self.expires_at - crate::clock::now_ms()).unwrap_or(0);
-        let expiry = tokio::time::sleep(Duration::from_millis(left));
-        tokio::pin!(expiry);
         loop {
             tokio::select! {
-                () = &mut expiry => {
-                    flush(socket, cfg.idle_timeout).await?;
-                    return Err(End::Close(close::BAD_TOKEN, "the session expired; log in again".into()));
-                }
                 incoming = next_frame(socket, cfg.max_frame_bytes) => {
                     last_seen = Instant::now();
                     match incoming {
@@ -201,6 +194,11 @@ impl Session {
                     self.count_delivered();
                 }
                 _ = ticker.tick() => {
+                    // Checked at each ping rather than by a timer of its own (a timer per
+                    // connection costs memory): the session ends within a ping interval.
+                    if crate::clock::now_ms() >= self.expires_at {
+                        return Err(End::Close(close::BAD_TOKEN, "the session expired; log in again".into()));
+                    }
                     if last_seen.elapsed() > cfg.idle_timeout {
                         return Err(End::Close(close::GOING_AWAY, "no answer to pings".into()));
                     }
