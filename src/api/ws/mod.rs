@@ -109,24 +109,34 @@ where
     }
 }
 
-async fn close_with<S>(socket: &mut S, code: u16, reason: &str)
+/// Sends a close frame, then reads (and drops) what the client still sends until its own
+/// close frame arrives, for at most 2 s in all: dropping a socket with unread data in it
+/// makes the kernel answer with a reset, which can reach the client before our close
+/// frame does and hide the close code from it.
+async fn close_with<S, E>(socket: &mut S, code: u16, reason: &str)
 where
-    S: Sink<Message> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
 {
     let frame = CloseFrame {
         code,
         reason: reason.into(),
     };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(2),
-        socket.send(Message::Close(Some(frame))),
-    )
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        while let Some(Ok(message)) = socket.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
     .await;
 }
 
-async fn refuse<S>(socket: &mut S, code: u16, error: &ApiError)
+async fn refuse<S, E>(socket: &mut S, code: u16, error: &ApiError)
 where
-    S: Sink<Message> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
 {
     let _ = socket
         .send(Message::Text(protocol::error(None, error).into()))
