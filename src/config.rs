@@ -102,9 +102,9 @@ pub struct ServeArgs {
     /// it gets 503 with Retry-After.
     #[arg(long, env = "NATTER_PASSWORD_HASH_CONCURRENCY", default_value_t = 4)]
     pub password_hash_concurrency: usize,
-    /// Writes other than sends (edits, deletes, renames, member changes, read markers,
-    /// channel creation) each user may make per second, sustained; the burst is ten times
-    /// this.
+    /// Writes other than sends (edits, deletes, renames, member changes, DMs, channel
+    /// creation) each user may make per second, sustained; the burst is ten times this.
+    /// Read markers have a budget of five times this (burst fifty times).
     #[arg(long, env = "NATTER_WRITE_RATE", default_value_t = 10.0)]
     pub write_rate: f64,
     /// Bytes of message text (sends and edits) each user may write per second, sustained;
@@ -341,16 +341,9 @@ pub struct Limits {
     pub typing: Rate,
     /// Password hashes computed at once.
     pub password_hash_concurrency: usize,
-    /// Channels a user may be a member of.
-    pub max_channels_per_user: u32,
-    /// Edits of one message.
-    pub max_edits_per_message: u32,
-    /// Who may add a user to a channel.
-    pub consent: crate::store::Consent,
-    /// Unanswered DMs from others, per user.
-    pub max_pending_dms: u32,
-    /// Sessions per user.
-    pub max_sessions_per_user: u32,
+    /// The per-user bounds the store keeps (memberships, edits, consent, unanswered DMs,
+    /// sessions).
+    pub rules: crate::store::Rules,
     /// WebSocket connections per user.
     pub ws_connections_per_user: usize,
 }
@@ -369,11 +362,14 @@ impl Limits {
         self.channel_creates = unbounded;
         self.read_markers = unbounded;
         self.signups_per_ip = unbounded;
-        self.max_channels_per_user = u32::MAX;
-        self.max_pending_dms = u32::MAX;
-        self.max_sessions_per_user = u32::MAX;
+        self.rules = crate::store::Rules {
+            max_channels_per_user: u32::MAX,
+            max_edits_per_message: self.rules.max_edits_per_message,
+            consent: crate::store::Consent::Open,
+            max_pending_dms: u32::MAX,
+            max_sessions_per_user: u32::MAX,
+        };
         self.ws_connections_per_user = usize::MAX;
-        self.consent = crate::store::Consent::Open;
     }
 }
 
@@ -566,21 +562,23 @@ impl Config {
                     a.password_hash_concurrency as u64,
                     1,
                 )? as usize,
-                max_channels_per_user: at_least(
-                    "--max-channels-per-user",
-                    u64::from(a.max_channels_per_user),
-                    1,
-                )? as u32,
-                max_edits_per_message: a.max_edits_per_message,
-                max_pending_dms: a.max_pending_dms,
-                max_sessions_per_user: at_least(
-                    "--max-sessions-per-user",
-                    u64::from(a.max_sessions_per_user),
-                    1,
-                )? as u32,
-                consent: match a.membership_consent {
-                    MembershipConsent::SharedChannel => crate::store::Consent::SharedChannel,
-                    MembershipConsent::Open => crate::store::Consent::Open,
+                rules: crate::store::Rules {
+                    max_channels_per_user: at_least(
+                        "--max-channels-per-user",
+                        u64::from(a.max_channels_per_user),
+                        1,
+                    )? as u32,
+                    max_edits_per_message: a.max_edits_per_message,
+                    consent: match a.membership_consent {
+                        MembershipConsent::SharedChannel => crate::store::Consent::SharedChannel,
+                        MembershipConsent::Open => crate::store::Consent::Open,
+                    },
+                    max_pending_dms: a.max_pending_dms,
+                    max_sessions_per_user: at_least(
+                        "--max-sessions-per-user",
+                        u64::from(a.max_sessions_per_user),
+                        1,
+                    )? as u32,
                 },
                 ws_connections_per_user: at_least(
                     "--ws-connections-per-user",
@@ -645,17 +643,6 @@ impl Config {
         let mut c = Self::from_args(&d.serve).expect("defaults are valid");
         c.data_dir = data_dir.into();
         c
-    }
-
-    /// The bounds the store keeps.
-    pub fn rules(&self) -> crate::store::Rules {
-        crate::store::Rules {
-            max_channels_per_user: self.limits.max_channels_per_user,
-            max_edits_per_message: self.limits.max_edits_per_message,
-            consent: self.limits.consent,
-            max_pending_dms: self.limits.max_pending_dms,
-            max_sessions_per_user: self.limits.max_sessions_per_user,
-        }
     }
 
     /// The database file inside the data directory.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -301,7 +301,10 @@ pub async fn serve(
             peer,
             app.clone(),
             activity,
-            limits.clone(),
+            Timeouts {
+                header: limits.header_timeout,
+                idle: limits.idle_timeout,
+            },
             Arc::clone(&stats),
             stopped.clone(),
         ));
@@ -312,6 +315,13 @@ pub async fn serve(
     Ok(())
 }
 
+/// The two timers the watchdog of a connection keeps.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    header: Duration,
+    idle: Duration,
+}
+
 /// Serves one connection, closing it when its headers or its idleness run past the
 /// limits, or gracefully when the server stops.
 async fn connection(
@@ -319,7 +329,7 @@ async fn connection(
     peer: SocketAddr,
     app: Router,
     activity: Arc<Activity>,
-    limits: ConnLimits,
+    limits: Timeouts,
     stats: Arc<ConnStats>,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -337,16 +347,15 @@ async fn connection(
             answer
         }
     });
-    // hyper's own header timer (30 s by default once it has a timer) is off: the
-    // watchdog below keeps the header and idle timeouts without a timer per request.
+    // No timer for hyper: given one, it arms a header timer of its own on every request
+    // (30 s by default). The watchdog below keeps the header and idle timeouts.
     let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
         .header_read_timeout(None)
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    let tick = (limits.header_timeout.min(limits.idle_timeout) / 4)
+    let tick = (limits.header.min(limits.idle) / 4)
         .clamp(Duration::from_millis(20), Duration::from_secs(1));
     let mut every = tokio::time::interval(tick);
     // The watchdog's own clock: when the events counter last moved, and since when the
@@ -378,12 +387,12 @@ async fn connection(
                 } else if head_since.is_none() {
                     head_since = Some(moved_at.min(now));
                 }
-                if head_since.is_some_and(|t| now - t > limits.header_timeout) {
+                if head_since.is_some_and(|t| now - t > limits.header) {
                     stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, "request headers not received in time; closing");
                     return;
                 }
-                if now - moved_at > limits.idle_timeout {
+                if now - moved_at > limits.idle {
                     stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
@@ -391,5 +400,5 @@ async fn connection(
         }
     }
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(limits.header_timeout, conn).await;
+    let _ = tokio::time::timeout(limits.header, conn).await;
 }

@@ -219,7 +219,7 @@ pub fn open_store(
         node_id: config.node_id,
         write_queue: config.write_queue,
         read_connections: config.read_connections,
-        rules: config.rules(),
+        rules: config.limits.rules,
         disk_reserve: config.disk_reserve,
         wal_limit: config.wal_limit,
     })

@@ -55,7 +55,7 @@ fn nginx_conf(dir: &Path, upstream: &str, http: u16, https: u16) -> String {
         site = site.replace(from, &to);
     }
     format!(
-        "user root;\ndaemon off;\nmaster_process on;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+        "user root;\ndaemon off;\nmaster_process off;\npid {d}/nginx.pid;\n\
          error_log {d}/error.log;\nevents {{ worker_connections 64; }}\nhttp {{\n\
          log_format ids '$request_id $uri';\naccess_log {d}/access.log ids;\nclient_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fastcgi;\nuwsgi_temp_path {d}/uwsgi;\nscgi_temp_path {d}/scgi;\n\

@@ -203,7 +203,7 @@ async fn channel_creation_is_rate_limited_and_memberships_are_capped() {
     );
     assert!(refused.retry_after.is_some());
 
-    let server = TestServer::start_with(|c| c.limits.max_channels_per_user = 3).await;
+    let server = TestServer::start_with(|c| c.limits.rules.max_channels_per_user = 3).await;
     let anon = server.client();
     let (a, b, c) = (
         anon.register("alice").await,
@@ -254,7 +254,8 @@ async fn channel_creation_is_rate_limited_and_memberships_are_capped() {
 #[tokio::test]
 async fn a_user_in_thousands_of_channels_still_gets_ready_and_pages_their_list() {
     const N: usize = 5000;
-    let server = TestServer::start_with(|c| c.limits.max_channels_per_user = N as u32 + 10).await;
+    let server =
+        TestServer::start_with(|c| c.limits.rules.max_channels_per_user = N as u32 + 10).await;
     let anon = server.client();
     let victim = anon.register("victim").await;
     // Two creators, as one of them would reach the cap first.
@@ -324,7 +325,7 @@ async fn a_user_in_thousands_of_channels_still_gets_ready_and_pages_their_list()
 #[tokio::test]
 async fn strangers_cannot_add_a_user_to_channels() {
     let server = TestServer::start_with(|c| {
-        c.limits.consent = natter::store::Consent::SharedChannel;
+        c.limits.rules.consent = natter::store::Consent::SharedChannel;
     })
     .await;
     let anon = server.client();
@@ -393,7 +394,7 @@ async fn every_write_is_rate_limited_and_edits_are_bounded() {
 
     let server = TestServer::start_with(|c| {
         c.limits.write_bytes = once(20_000.0);
-        c.limits.max_edits_per_message = 2;
+        c.limits.rules.max_edits_per_message = 2;
     })
     .await;
     let a = server.client().register("alice").await;
@@ -670,8 +671,8 @@ async fn sessions_are_listed_and_revoked_one_by_one_or_all_but_this_one() {
 #[tokio::test]
 async fn a_dm_a_stranger_opened_is_not_consent_until_answered_and_unanswered_dms_are_capped() {
     let server = TestServer::start_with(|c| {
-        c.limits.consent = natter::store::Consent::SharedChannel;
-        c.limits.max_pending_dms = 2;
+        c.limits.rules.consent = natter::store::Consent::SharedChannel;
+        c.limits.rules.max_pending_dms = 2;
     })
     .await;
     let anon = server.client();
@@ -797,7 +798,7 @@ async fn concurrent_channel_creations_cannot_pass_the_creation_limit() {
 /// `--max-sessions-per-user` sessions; a new one ends the oldest, everywhere.
 #[tokio::test]
 async fn sessions_per_user_are_capped_and_the_oldest_ends() {
-    let server = TestServer::start_with(|c| c.limits.max_sessions_per_user = 3).await;
+    let server = TestServer::start_with(|c| c.limits.rules.max_sessions_per_user = 3).await;
     let base = server.base();
     let first = server.client().register("alice").await;
     let mut ws = raw(server.addr).await;

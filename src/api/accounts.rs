@@ -138,11 +138,12 @@ async fn login(
     }))
 }
 
-/// One login attempt's charge to the failed-login limits, taken before the password is
-/// verified (so concurrent guesses cannot all pass a check made before any of them failed)
-/// and given back when it succeeds. Three buckets: the username from this address (so a
-/// stranger elsewhere cannot lock the owner out), the username from everywhere (a ceiling
-/// on distributed guessing), and this address over every username.
+/// One login attempt's charge to the login limits, taken before the password is verified
+/// (so concurrent guesses cannot all pass a check made before any of them failed). Three
+/// buckets: the username from this address (so a stranger elsewhere cannot lock the owner
+/// out), the username from everywhere (a ceiling on distributed guessing, and on a loop of
+/// right passwords), and this address over every username. A right password gives back
+/// the first and the last; an attempt that never ran gives back all three.
 struct LoginCharge {
     name: String,
     ip: IpAddr,

@@ -198,8 +198,8 @@ fn client_ip<'a>(
     client
 }
 
-/// The request's `User-Agent`, at most 200 characters with control characters dropped
-/// (it is shown to the user in their session list).
+/// The request's `User-Agent`, at most 200 characters, without control, bidi or invisible
+/// characters (it is shown to the user in their session list).
 pub struct UserAgent(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for UserAgent {

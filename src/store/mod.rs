@@ -139,7 +139,8 @@ pub struct NewSession {
     pub expires_at: i64,
     /// The client address that logged in.
     pub address: String,
-    /// Its `User-Agent`, trimmed and cleaned of control characters.
+    /// Its `User-Agent`, cut to 200 characters, without control, bidi or invisible
+    /// characters.
     pub agent: String,
 }
 

@@ -66,7 +66,7 @@ pub async fn upgrade(
     // The largest frame written is `ready` for a user at the channel cap (or with up to
     // 10,000 channels: memberships made before a lower cap keep working). A bound, not an
     // allocation: the buffer only grows to what is written.
-    let ready = ready_bound(state.config.limits.max_channels_per_user.max(10_000));
+    let ready = ready_bound(state.config.limits.rules.max_channels_per_user.max(10_000));
     ws.max_message_size(max * 2)
         .max_frame_size(max * 2)
         .read_buffer_size(1024)
