@@ -54,9 +54,18 @@ pub struct ServeArgs {
     )]
     #[serde(default)]
     pub trusted_proxies: Vec<std::net::IpAddr>,
-    /// Directory holding the SQLite database (`natter.db`); created if missing.
+    /// Directory holding the SQLite database (`natter.db`) when `--store` is not given;
+    /// created if missing.
     #[arg(long, env = "NATTER_DATA_DIR", default_value = "natter-data")]
     pub data_dir: PathBuf,
+    /// Where the data lives: `sqlite://PATH`, or PostgreSQL shards as comma-separated
+    /// `postgres://` URLs, shard 0 first (it also holds accounts and the shard map).
+    /// Default: the SQLite file in --data-dir.
+    #[arg(long, env = "NATTER_STORE", value_name = "URL")]
+    pub store: Option<String>,
+    /// PostgreSQL: milliseconds any one statement may run before it is cancelled.
+    #[arg(long, env = "NATTER_PG_STATEMENT_TIMEOUT_MS", default_value_t = 5000)]
+    pub pg_statement_timeout_ms: u64,
     /// MiB kept free on the data directory's disk: below it, writes are refused with 507
     /// (reads go on, `/readyz` answers 503), leaving room for checkpoints and recovery.
     #[arg(long, env = "NATTER_DISK_RESERVE_MIB", default_value_t = 256)]
@@ -284,6 +293,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub trusted_proxies: Vec<std::net::IpAddr>,
     pub data_dir: PathBuf,
+    /// `--store`; `None`: the SQLite file in `data_dir`.
+    pub store: Option<crate::store::StoreLocation>,
+    pub pg_statement_timeout: Duration,
     /// Bytes kept free on the data directory's disk.
     pub disk_reserve: u64,
     /// Bytes the WAL is truncated to after a checkpoint.
@@ -505,11 +517,26 @@ impl Config {
                 message: "must differ from --listen".into(),
             });
         }
+        let store = a
+            .store
+            .as_deref()
+            .map(crate::store::StoreLocation::parse)
+            .transpose()
+            .map_err(|message| ConfigError {
+                option: "--store",
+                message,
+            })?;
         Ok(Self {
             listen: a.listen,
             metrics_listen: a.metrics_listen,
             trusted_proxies: a.trusted_proxies.clone(),
             data_dir: a.data_dir.clone(),
+            store,
+            pg_statement_timeout: Duration::from_millis(at_least(
+                "--pg-statement-timeout-ms",
+                a.pg_statement_timeout_ms,
+                100,
+            )?),
             disk_reserve: a.disk_reserve_mib << 20,
             wal_limit: a.wal_size_limit_mib << 20,
             node_id: a.node_id,
@@ -648,6 +675,31 @@ impl Config {
     /// The database file inside the data directory.
     pub fn db_path(&self) -> PathBuf {
         db_path(&self.data_dir)
+    }
+
+    /// Where the data lives: `--store`, or the SQLite file in the data directory.
+    pub fn store_location(&self) -> crate::store::StoreLocation {
+        self.store
+            .clone()
+            .unwrap_or_else(|| crate::store::StoreLocation::Sqlite(self.db_path()))
+    }
+
+    /// The options to open the store with.
+    pub fn store_options(
+        &self,
+        on_commit: Option<crate::store::OnCommit>,
+    ) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            location: self.store_location(),
+            node_id: self.node_id,
+            write_queue: self.write_queue,
+            read_connections: self.read_connections,
+            on_commit,
+            rules: self.limits.rules,
+            disk_reserve: self.disk_reserve,
+            wal_limit: self.wal_limit,
+            statement_timeout: self.pg_statement_timeout,
+        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod username;
+pub mod wire;
 
 pub use config::Config;
 pub use server::serve;

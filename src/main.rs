@@ -20,8 +20,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server on the embedded SQLite store.
+    /// Run the server (on the embedded SQLite store unless `--store` names PostgreSQL).
     Serve(ServeArgs),
+    /// Apply the store's schema migrations (and, on PostgreSQL, check or create the
+    /// cluster's bucket map), then exit without serving.
+    Migrate(StoreArgs),
     /// Print the effective configuration of `natter serve` (file < environment < flags)
     /// as TOML, after checking it as `serve` would.
     Config(ServeArgs),
@@ -36,10 +39,32 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-struct BackupArgs {
-    /// The server's data directory.
+struct StoreArgs {
+    /// The server's data directory (the SQLite file's, unless `--store` is given).
     #[arg(long, env = "NATTER_DATA_DIR", default_value = "natter-data")]
     data_dir: PathBuf,
+    /// `sqlite://PATH` or comma-separated `postgres://` URLs, shard 0 first.
+    #[arg(long, env = "NATTER_STORE", value_name = "URL")]
+    store: Option<String>,
+}
+
+impl StoreArgs {
+    fn location(&self) -> anyhow::Result<natter::store::StoreLocation> {
+        match &self.store {
+            Some(s) => {
+                natter::store::StoreLocation::parse(s).map_err(|e| anyhow::anyhow!("--store: {e}"))
+            }
+            None => Ok(natter::store::StoreLocation::Sqlite(
+                natter::config::db_path(&self.data_dir),
+            )),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    #[command(flatten)]
+    store: StoreArgs,
     /// A new directory to write the backup into (as `PATH/natter.db`, so
     /// `natter serve --data-dir PATH` serves it); it must not hold a database already.
     path: PathBuf,
@@ -90,12 +115,30 @@ fn run() -> anyhow::Result<()> {
             print!("{}", args.to_toml());
             Ok(())
         }
+        Command::Migrate(args) => {
+            let _log = init_logging("info", LogFormat::Human);
+            let location = args.location()?;
+            let report = runtime()?.block_on(natter::store::migrate(&location))?;
+            println!("{report}");
+            Ok(())
+        }
         Command::Backup(args) => {
             let _log = init_logging("info", LogFormat::Human);
+            let source = match args.store.location()? {
+                natter::store::StoreLocation::Sqlite(path) => path,
+                natter::store::StoreLocation::Postgres(urls) => anyhow::bail!(
+                    "natter backup copies the SQLite store only. PostgreSQL keeps the data \
+                     itself: back up each of the {} shard(s) with its own tools, at the same \
+                     moment or with point-in-time recovery: `pg_dump --format=custom URL` per \
+                     shard for a logical copy, or `pg_basebackup` with WAL archiving for \
+                     continuous backups (see the README's section on backups)",
+                    urls.len()
+                ),
+            };
             std::fs::create_dir_all(&args.path)
                 .with_context(|| format!("create {}", args.path.display()))?;
             let report = natter::store::sqlite::backup::backup(
-                &natter::config::db_path(&args.data_dir),
+                &source,
                 &natter::config::db_path(&args.path),
             )?;
             println!(

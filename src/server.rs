@@ -17,11 +17,10 @@ use crate::gateway::Gateway;
 use crate::gateway::bus::{Bus, LocalBus};
 use crate::gateway::cache::EventCache;
 use crate::gateway::hub::Hub;
-use crate::gateway::protocol::close;
 use crate::gateway::reader::EventReader;
 use crate::gateway::stats::Stats;
-use crate::store::sqlite::{SqliteOptions, SqliteStore, WriteStats};
-use crate::store::{Accounts, OnCommit};
+use crate::store::Store;
+use crate::wire::protocol::close;
 
 /// Opens the store under `config.data_dir` and serves the API on `listener` (and `/metrics`
 /// on `config.metrics_listen`, if set) until `shutdown` resolves. Then it drains:
@@ -40,17 +39,16 @@ pub async fn serve(
         );
     }
     let stats = Arc::new(Stats::default());
-    let writes = Arc::new(WriteStats::default());
     let hub = Arc::new(Hub::new(Arc::clone(&stats)));
     let cache = Arc::new(EventCache::new(config.gateway.cache_bytes));
     let (bus, fanout) = LocalBus::start(Arc::clone(&hub), cache.clone());
     let bus: Arc<dyn Bus> = Arc::new(bus);
     let publish = Arc::clone(&bus);
-    let store = Arc::new(open_store(
-        &config,
-        Some(Arc::new(move |events| publish.publish(events))),
-        Arc::clone(&writes),
-    )?);
+    tracing::info!(store = %config.store_location().describe(), "opening the store");
+    let store = crate::store::open(
+        config.store_options(Some(Arc::new(move |events| publish.publish(events)))),
+    )
+    .await?;
     let gateway = Gateway {
         hub: Arc::clone(&hub),
         bus,
@@ -65,9 +63,9 @@ pub async fn serve(
     let metrics_listen = config.metrics_listen;
     let http = config.http;
     let trusted = config.trusted_proxies.clone();
-    let state = AppState::new(store.clone(), config, gateway, writes);
+    let state = AppState::new(store.clone(), config, gateway);
     let addr = listener.local_addr()?;
-    let purge = tokio::spawn(purge_expired_sessions(store.clone()));
+    let purge = tokio::spawn(maintain(store.clone()));
     let metrics = match metrics_listen {
         Some(at) => {
             let listener = TcpListener::bind(at)
@@ -155,14 +153,10 @@ pub async fn serve(
             task.abort();
         }
     }
-    // Every handler is done; the app state (and its store handle) is dropped with the
-    // router, so ours is the last one and closing waits for the writer to drain.
-    match Arc::try_unwrap(store) {
-        Ok(store) => tokio::task::spawn_blocking(move || store.close()).await?,
-        Err(_) => {
-            tracing::warn!("store still shared at shutdown; the writer drains when it is dropped")
-        }
-    }
+    // Every handler is done (or its bounded wait ran out): commit everything queued.
+    // A write queued after this is refused, never acknowledged.
+    store.close().await;
+    drop(store);
     // The writer is gone, so is the last publisher: the fan-out thread ends.
     let joined = tokio::task::spawn_blocking(move || fanout.join());
     if tokio::time::timeout(Duration::from_secs(5), joined)
@@ -176,15 +170,15 @@ pub async fn serve(
     Ok(())
 }
 
-/// Deletes expired sessions at start and then hourly, so the table does not grow forever.
-async fn purge_expired_sessions(store: Arc<SqliteStore>) {
+/// The store's upkeep (expired sessions deleted, …) at start and then hourly, so its
+/// tables do not grow forever.
+async fn maintain(store: Arc<dyn Store>) {
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {
         every.tick().await;
-        match store.purge_sessions(now_ms()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(sessions = n, "purged expired sessions"),
-            Err(e) => tracing::warn!(error = %e, "purge expired sessions; will retry in an hour"),
+        match store.maintain(now_ms()).await {
+            Ok(done) => tracing::debug!(%done, "store upkeep"),
+            Err(e) => tracing::warn!(error = %e, "store upkeep failed; will retry in an hour"),
         }
     }
 }
@@ -204,23 +198,4 @@ pub fn listening_addr(log_line: &str) -> Option<SocketAddr> {
         .next()?
         .parse()
         .ok()
-}
-
-/// Opens the embedded store the config names.
-pub fn open_store(
-    config: &Config,
-    on_commit: Option<OnCommit>,
-    stats: Arc<WriteStats>,
-) -> anyhow::Result<SqliteStore> {
-    SqliteStore::open(&SqliteOptions {
-        on_commit,
-        stats,
-        path: config.db_path(),
-        node_id: config.node_id,
-        write_queue: config.write_queue,
-        read_connections: config.read_connections,
-        rules: config.limits.rules,
-        disk_reserve: config.disk_reserve,
-        wal_limit: config.wal_limit,
-    })
 }

@@ -6,7 +6,6 @@ use common::{Client, TestServer, assert_gap_free};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-#[tokio::test]
 async fn register_login_logout_and_revoked_token() {
     let server = TestServer::start().await;
     let anon = server.client();
@@ -77,7 +76,6 @@ async fn register_login_logout_and_revoked_token() {
     assert_eq!(forged.get("/v1/channels").await.code(), "unauthorized");
 }
 
-#[tokio::test]
 async fn user_lookup_by_id_and_name() {
     let server = TestServer::start().await;
     let anon = server.client();
@@ -100,7 +98,6 @@ async fn user_lookup_by_id_and_name() {
     );
 }
 
-#[tokio::test]
 async fn input_rules_give_clear_errors() {
     let server = TestServer::start().await;
     let anon = server.client();
@@ -217,7 +214,6 @@ async fn input_rules_give_clear_errors() {
     assert_eq!(wrong_method.code(), "method_not_allowed");
 }
 
-#[tokio::test]
 async fn group_channel_messages_edit_delete_and_idempotency() {
     let server = TestServer::start().await;
     let anon = server.client();
@@ -326,7 +322,6 @@ async fn group_channel_messages_edit_delete_and_idempotency() {
     );
 }
 
-#[tokio::test]
 async fn non_members_see_nothing() {
     let server = TestServer::start().await;
     let anon = server.client();
@@ -383,7 +378,6 @@ async fn non_members_see_nothing() {
     );
 }
 
-#[tokio::test]
 async fn broadcast_channels_let_only_owner_and_admins_post() {
     let server = TestServer::start().await;
     let anon = server.client();
@@ -416,7 +410,6 @@ async fn broadcast_channels_let_only_owner_and_admins_post() {
     assert_eq!(reader.all_messages(&ch).await.len(), 2);
 }
 
-#[tokio::test]
 async fn members_are_added_promoted_and_removed() {
     let server = TestServer::start().await;
     let anon = server.client();
@@ -573,7 +566,6 @@ async fn members_are_added_promoted_and_removed() {
     assert_eq!(events[5]["user_id"].as_str(), Some(c.user_id.as_str()));
 }
 
-#[tokio::test]
 async fn dms_are_one_per_pair() {
     let server = TestServer::start().await;
     let anon = server.client();
@@ -616,7 +608,6 @@ async fn dms_are_one_per_pair() {
     );
 }
 
-#[tokio::test]
 async fn read_markers_and_unread_counts() {
     let server = TestServer::start().await;
     let anon = server.client();
@@ -685,7 +676,6 @@ async fn read_markers_and_unread_counts() {
     assert_eq!(mark(-1).await.code(), "invalid_field");
 }
 
-#[tokio::test]
 async fn events_endpoint_is_gap_free_across_pages() {
     let server = TestServer::start().await;
     let a = server.client().register("eventer").await;
@@ -713,7 +703,6 @@ async fn events_endpoint_is_gap_free_across_pages() {
     assert_eq!(default_page.body["events"].as_array().unwrap().len(), 31);
 }
 
-#[tokio::test]
 async fn send_rate_limit_answers_429_with_retry_after() {
     let server = TestServer::start_with(|c| {
         c.limits.send = natter::ratelimit::Rate {
@@ -741,7 +730,6 @@ async fn send_rate_limit_answers_429_with_retry_after() {
     );
 }
 
-#[tokio::test]
 async fn failed_logins_are_throttled_per_username_and_per_ip() {
     let server = TestServer::start_with(|c| {
         c.limits.login_failures_per_user.burst = 3.0;
@@ -791,14 +779,12 @@ async fn failed_logins_are_throttled_per_username_and_per_ip() {
     assert_eq!(by_ip.code(), "rate_limited");
 }
 
-#[tokio::test]
 async fn a_full_write_queue_answers_503_overloaded() {
     let server = TestServer::start_with(|c| c.write_queue = 2).await;
     let a = server.client().register("flood").await;
     let ch = a.create_channel("flood", "group", &[]).await;
-    // Hold SQLite's write lock from outside, so the writer stalls and its queue fills.
-    let db = rusqlite::Connection::open(server.dir.path().join("natter.db")).unwrap();
-    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Hold the writes from outside, so the writer stalls and its queue fills.
+    let hold = server.hold_writes(ch.parse().unwrap()).await;
     let sends: Vec<_> = (0..12)
         .map(|i| {
             let a = a.clone();
@@ -810,7 +796,7 @@ async fn a_full_write_queue_answers_503_overloaded() {
         })
         .collect();
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    db.execute_batch("COMMIT").unwrap();
+    hold.release().await;
     let mut created = Vec::new();
     let mut overloaded = 0;
     for s in sends {
@@ -839,7 +825,6 @@ async fn a_full_write_queue_answers_503_overloaded() {
     assert_eq!(stored, created, "exactly the acknowledged sends are stored");
 }
 
-#[tokio::test]
 async fn health_and_openapi() {
     let server = TestServer::start().await;
     let c = server.client();
@@ -864,3 +849,20 @@ async fn health_and_openapi() {
     }
     assert!(spec.body["paths"]["/v1/channels/{id}/messages"]["post"].is_object());
 }
+
+crate::on_both_backends!(
+    register_login_logout_and_revoked_token,
+    user_lookup_by_id_and_name,
+    input_rules_give_clear_errors,
+    group_channel_messages_edit_delete_and_idempotency,
+    non_members_see_nothing,
+    broadcast_channels_let_only_owner_and_admins_post,
+    members_are_added_promoted_and_removed,
+    dms_are_one_per_pair,
+    read_markers_and_unread_counts,
+    events_endpoint_is_gap_free_across_pages,
+    send_rate_limit_answers_429_with_retry_after,
+    failed_logins_are_throttled_per_username_and_per_ip,
+    a_full_write_queue_answers_503_overloaded,
+    health_and_openapi,
+);

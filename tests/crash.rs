@@ -64,10 +64,55 @@ async fn verify(reader: &Client, channels: &[String], acked: &Acked) {
     }
 }
 
+/// Where the killed server keeps its data.
+struct Data {
+    dir: tempfile::TempDir,
+    /// PostgreSQL shards (`--store`), or none: SQLite in `dir`.
+    shards: Option<String>,
+}
+
+impl Data {
+    async fn start(&self) -> ServerProcess {
+        match &self.shards {
+            None => ServerProcess::start(self.dir.path()).await,
+            Some(shards) => {
+                ServerProcess::start_with(
+                    self.dir.path(),
+                    "127.0.0.1:0",
+                    &["--store", shards, "--node-id", "7"],
+                    &[],
+                )
+                .await
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path()).await;
+    let data = Data {
+        dir: tempfile::tempdir().unwrap(),
+        shards: None,
+    };
+    sigkill_rounds(&data).await;
+}
+
+/// The same on two PostgreSQL shards: the restarted node takes over its node id once the
+/// killed one's lease lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_sigkill_on_postgres() {
+    let Some(shards) = common::pg::databases(2).await else {
+        return;
+    };
+    let data = Data {
+        dir: tempfile::tempdir().unwrap(),
+        shards: Some(shards.join(",")),
+    };
+    sigkill_rounds(&data).await;
+}
+
+async fn sigkill_rounds(data: &Data) {
+    let server = data.start().await;
     let anon = Client::new(&server.base());
     let mut users = Vec::new();
     for i in 0..4 {
@@ -144,7 +189,7 @@ async fn acknowledged_messages_survive_sigkill() {
             "round {round} acknowledged nothing before the kill"
         );
 
-        let restarted = ServerProcess::start(dir.path()).await;
+        let restarted = data.start().await;
         let clients = rebase(&users, &restarted.base());
         verify(&clients[0], &channels, &acked).await;
         // Retrying an unacknowledged send commits it at most once.

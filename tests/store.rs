@@ -1,15 +1,104 @@
-//! The store conformance suite against the embedded SQLite backend.
+//! The store conformance suite, one test per check, on the embedded SQLite backend and on
+//! PostgreSQL (a fresh database per test; two shards, so channels spread over both), plus
+//! the two-node checks on PostgreSQL (two store values on the same shards).
 
-use natter::store::conformance::{self, CHECKS};
-use natter::store::sqlite::{SqliteOptions, SqliteStore};
+mod common;
 
-#[tokio::test]
-async fn sqlite_passes_every_conformance_check() {
+use std::sync::Arc;
+
+use natter::store::conformance::{self, CHECKS, TWO_NODE_CHECKS};
+use natter::store::{Store, StoreLocation, StoreOptions};
+
+async fn sqlite() -> (tempfile::TempDir, Arc<dyn Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let location = StoreLocation::Sqlite(dir.path().join("natter.db"));
+    let store = natter::store::open(StoreOptions::new(location))
+        .await
+        .unwrap();
+    (dir, store)
+}
+
+/// A store on two fresh PostgreSQL databases as node `node_id`; `None` to skip.
+async fn postgres(shards: &[String], node_id: u16) -> Arc<dyn Store> {
+    let mut opts = StoreOptions::new(StoreLocation::Postgres(shards.to_vec()));
+    opts.node_id = node_id;
+    natter::store::open(opts).await.unwrap()
+}
+
+async fn on_sqlite(check: &str) {
+    let (_dir, store) = sqlite().await;
+    conformance::run(check, &*store).await;
+    store.close().await;
+}
+
+async fn on_postgres(check: &str) {
+    let Some(shards) = common::pg::databases(2).await else {
+        return;
+    };
+    let store = postgres(&shards, 1).await;
+    conformance::run(check, &*store).await;
+    store.close().await;
+}
+
+async fn on_two_nodes(check: &str) {
+    let Some(shards) = common::pg::databases(2).await else {
+        return;
+    };
+    let a = postgres(&shards, 1).await;
+    let b = postgres(&shards, 2).await;
+    conformance::run_two(check, &*a, &*b).await;
+    a.close().await;
+    b.close().await;
+}
+
+macro_rules! checks {
+    ($runner:ident: $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                crate::$runner(stringify!($name)).await;
+            }
+        )*
+    };
+}
+
+mod sqlite {
+    checks!(on_sqlite: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
+        broadcast_permissions, member_management, unread_counts, history_pages,
+        dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log);
+}
+
+mod postgres {
+    checks!(on_postgres: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
+        broadcast_permissions, member_management, unread_counts, history_pages,
+        dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log);
+
+    mod two_nodes {
+        checks!(on_two_nodes: two_writers_keep_seqs_gap_free,
+            a_retry_through_the_other_node_returns_the_original,
+            each_node_sees_the_others_writes);
+    }
+}
+
+/// Every check of the suite has its test above (a new check without one fails here).
+#[test]
+fn every_check_has_a_test() {
+    let source = include_str!("store.rs");
+    let start = source.find("mod sqlite {").unwrap();
+    let end = source.find("/// Every check of the suite").unwrap();
+    let words: Vec<&str> = source[start..end]
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .collect();
+    let count = |name: &str| words.iter().filter(|w| **w == name).count();
     for name in CHECKS {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&SqliteOptions::new(dir.path().join("natter.db"))).unwrap();
-        conformance::run(name, &store).await;
-        store.close();
+        assert_eq!(
+            count(name),
+            2,
+            "{name}: one test on SQLite, one on PostgreSQL"
+        );
+    }
+    for name in TWO_NODE_CHECKS {
+        assert_eq!(count(name), 1, "{name}");
     }
 }
 
@@ -18,6 +107,7 @@ mod unread_projection {
     //! history, whatever mix of sends, deletes, read-marker moves and membership changes.
 
     use natter::model::{ChannelKind, HistoryQuery};
+    use natter::store::Backend;
     use natter::store::sqlite::{SqliteOptions, SqliteStore};
     use natter::store::{Accounts, Channels};
     use proptest::prelude::*;
@@ -94,7 +184,7 @@ mod unread_projection {
                         }
                     }
                 }
-                store.close();
+                store.close().await;
             });
         }
     }

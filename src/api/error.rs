@@ -185,6 +185,15 @@ impl ApiError {
         }
     }
 
+    /// The body's `error` object, as a WebSocket error frame carries it too.
+    pub fn detail(&self) -> super::dto::ErrorDetail {
+        super::dto::ErrorDetail {
+            code: self.code.to_owned(),
+            message: self.message.to_string(),
+            field: self.field.clone(),
+        }
+    }
+
     pub fn unavailable() -> Self {
         Self {
             retry_after: Some(1),
@@ -216,6 +225,14 @@ impl From<StoreError> for ApiError {
             StoreError::DiskFull => Self::insufficient_storage(),
             StoreError::Overloaded => Self::overloaded(),
             StoreError::Unavailable => Self::unavailable(),
+            StoreError::Unreachable => Self {
+                retry_after: Some(1),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the database holding this is unreachable; retry shortly",
+                )
+            },
             e @ StoreError::Internal { .. } => {
                 tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store call failed");
                 Self::internal()

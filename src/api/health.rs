@@ -23,18 +23,26 @@ async fn healthz() -> &'static str {
 }
 
 /// The server accepts traffic: 503 while draining, and while writes are refused for disk
-/// space (reads still work; a balancer should prefer other servers).
+/// space (reads still work; a balancer should prefer other servers). The body names each
+/// part of the store and whether it answers (`shard1: down`): a PostgreSQL shard that is
+/// down fails only the channels it holds, and every node sees it alike, so it does not
+/// take the node out of the balancer (its channels answer 503 `unavailable`).
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = String), (status = 503, body = super::dto::ErrorBody)))]
-async fn readyz(State(state): State<AppState>) -> Result<(StatusCode, &'static str), ApiError> {
+async fn readyz(State(state): State<AppState>) -> Result<(StatusCode, String), ApiError> {
     if !state.ready.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable());
     }
-    if state.writes.disk.refused() {
+    let health = state.store.health();
+    if health.disk_full {
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             ..ApiError::insufficient_storage()
         });
     }
-    Ok((StatusCode::OK, "ready"))
+    let mut body = String::from("ready");
+    for (part, up) in &health.parts {
+        body.push_str(&format!("\n{part}: {}", if *up { "up" } else { "down" }));
+    }
+    Ok((StatusCode::OK, body))
 }

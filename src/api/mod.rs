@@ -4,7 +4,7 @@
 
 mod accounts;
 mod channels;
-pub mod dto;
+pub use crate::wire::dto;
 pub mod error;
 pub mod extract;
 mod health;
@@ -33,7 +33,6 @@ use crate::gateway::Gateway;
 use crate::metrics::{EdgeStats, HttpMetrics, Limit};
 use crate::ratelimit::RateLimiter;
 use crate::store::Store;
-use crate::store::sqlite::WriteStats;
 
 /// Everything a request handler needs, shared by all of them.
 #[derive(Clone)]
@@ -66,7 +65,6 @@ pub struct Inner {
     http: HttpMetrics,
     edge: EdgeStats,
     conns: Arc<crate::conns::ConnStats>,
-    writes: Arc<WriteStats>,
 }
 
 impl std::ops::Deref for AppState {
@@ -77,12 +75,7 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(
-        store: Arc<dyn Store>,
-        config: Config,
-        gateway: Gateway,
-        writes: Arc<WriteStats>,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: Config, gateway: Gateway) -> Self {
         let limits = config.limits;
         Self(Arc::new(Inner {
             store,
@@ -107,7 +100,6 @@ impl AppState {
             http: HttpMetrics::default(),
             conns: Arc::default(),
             edge: EdgeStats::default(),
-            writes,
             config,
         }))
     }
@@ -223,7 +215,7 @@ impl AppState {
         self.http.render(&mut out);
         self.edge.render(&mut out);
         self.conns.render(&mut out);
-        self.writes.render(&mut out);
+        self.store.render_metrics(&mut out);
         self.gateway.hub.stats().render(&mut out);
         crate::process::render(&mut out);
         crate::process::render_disk(&mut out, &self.config.data_dir);

@@ -4,15 +4,13 @@
 
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::response::ResponseBuilder;
-use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, SchemaFormat, SchemaType, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{Content, ContentBuilder, Ref, RefOr, Schema};
-use utoipa::{OpenApi, PartialSchema, ToSchema};
+use utoipa::openapi::{Content, ContentBuilder, Ref};
+use utoipa::{OpenApi, ToSchema};
 
 use super::dto;
 use super::extract::MAX_BODY_BYTES;
-use super::validate::{MAX_CHANNEL_NAME_CHARS, MAX_INITIAL_MEMBERS, MAX_TEXT_CHARS, pattern};
-use crate::username;
+pub use crate::wire::schema::*;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -117,137 +115,6 @@ fn error_content() -> Content {
     ContentBuilder::new()
         .schema(Some(Ref::from_schema_name("ErrorBody")))
         .build()
-}
-
-/// A snowflake id of a user, channel or message: a positive decimal integer below 2^63,
-/// as a string.
-pub struct Id;
-
-impl PartialSchema for Id {
-    fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .pattern(Some(pattern::ID))
-            .description(Some(
-                "A snowflake id: a positive decimal integer below 2^63, as a string.",
-            ))
-            .into()
-    }
-}
-
-impl ToSchema for Id {}
-
-/// A username as a request gives it.
-pub fn username() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .min_length(Some(username::MIN_CHARS))
-        .max_length(Some(username::MAX_CHARS))
-        .pattern(Some(pattern::USERNAME))
-        .description(Some(
-            "A new name: 3–32 characters of `a-z 0-9 _ . -` with at least one letter, \
-             starting and ending with a letter or digit, no two of `_ . -` in a row. Names \
-             are folded (NFKC, lower case) before they are checked, stored or compared, so \
-             compatible forms (`ＡＬＩＣＥ` for `alice`) are accepted too. Logging in \
-             answers 401 to any name that names no account.",
-        ))
-}
-
-/// A channel name.
-pub fn channel_name() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .min_length(Some(1))
-        .max_length(Some(MAX_CHANNEL_NAME_CHARS))
-        .pattern(Some(pattern::CHANNEL_NAME))
-        .description(Some(
-            "1–100 characters (Unicode scalar values), not only whitespace or invisible \
-             ones, with no control character, line separator or bidi control.",
-        ))
-}
-
-/// Message text.
-pub fn text() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .min_length(Some(1))
-        .max_length(Some(MAX_TEXT_CHARS))
-        .pattern(Some(pattern::TEXT))
-        .description(Some(
-            "1–4000 characters (Unicode scalar values), not only whitespace or invisible \
-             ones, with no control character but newline and tab and no bidi override or \
-             isolate. Stored as sent.",
-        ))
-}
-
-/// Initial members of a new channel: at most 1000 user ids.
-pub fn member_ids() -> ArrayBuilder {
-    ArrayBuilder::new()
-        .items(Ref::from_schema_name("Id"))
-        .max_items(Some(MAX_INITIAL_MEMBERS))
-}
-
-/// A time.
-pub fn time() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .format(Some(SchemaFormat::KnownFormat(
-            utoipa::openapi::KnownFormat::DateTime,
-        )))
-        .description(Some("RFC 3339, UTC."))
-}
-
-fn string_enum(values: &[&str]) -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .enum_values(Some(values.iter().copied()))
-}
-
-/// `group` or `broadcast`: the kinds `POST /v1/channels` creates.
-pub fn new_channel_kind() -> ObjectBuilder {
-    string_enum(&["group", "broadcast"])
-}
-
-pub fn channel_kind() -> ObjectBuilder {
-    string_enum(&["group", "broadcast", "dm"])
-}
-
-pub fn role() -> ObjectBuilder {
-    string_enum(&["owner", "admin", "member"])
-}
-
-/// The roles `PUT .../members/{user_id}` gives; `null` or absent keeps the member's.
-pub fn granted_role() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
-        .enum_values(Some([
-            serde_json::json!("member"),
-            serde_json::json!("admin"),
-            serde_json::Value::Null,
-        ]))
-}
-
-pub fn event_type() -> ObjectBuilder {
-    string_enum(&[
-        "message.created",
-        "message.edited",
-        "message.deleted",
-        "member.added",
-        "member.updated",
-        "member.removed",
-        "channel.updated",
-    ])
-}
-
-/// `after` of `GET /v1/channels`: empty (the first page) or a channel id.
-pub fn after_cursor() -> utoipa::openapi::schema::OneOfBuilder {
-    utoipa::openapi::schema::OneOfBuilder::new()
-        .item(Ref::from_schema_name("Id"))
-        .item(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .max_length(Some(0)),
-        )
 }
 
 /// The query of `GET /v1/channels` (read by `Params`; this type only describes it).

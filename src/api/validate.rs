@@ -3,10 +3,9 @@
 use super::error::ApiError;
 use crate::{chars, username};
 
-pub const MAX_TEXT_CHARS: usize = 4000;
-pub const MAX_CLIENT_ID_CHARS: usize = 64;
-pub const MAX_CHANNEL_NAME_CHARS: usize = 100;
-pub const MAX_INITIAL_MEMBERS: usize = 1000;
+pub use crate::wire::schema::{
+    MAX_CHANNEL_NAME_CHARS, MAX_CLIENT_ID_CHARS, MAX_INITIAL_MEMBERS, MAX_TEXT_CHARS, pattern,
+};
 
 /// A new account's name, folded (NFKC, lower case: the form stored and shown), then held
 /// to the rules of [`crate::username::check`]. Returns the folded name.
@@ -99,54 +98,6 @@ pub fn channel_name(name: &str) -> Result<(), ApiError> {
         ));
     }
     Ok(())
-}
-
-/// The rules above as JSON Schema patterns for the OpenAPI document, so a client can check
-/// a value before sending it. Written for ECMA-262, Python's `re` and the `regex` crate
-/// alike: BMP characters as `\uXXXX`, the two supplementary ranges of invisible characters
-/// (tags, variation selectors) as literal characters, no look-around. The tests hold each
-/// to its rule.
-pub mod pattern {
-    /// A positive decimal id (1 to 2^63 − 1), without sign or leading zeros.
-    pub const ID: &str = "^(?:[1-9][0-9]{0,17}|[1-8][0-9]{18}|9[0-1][0-9]{17}|92[0-1][0-9]{16}\
-        |922[0-2][0-9]{15}|9223[0-2][0-9]{14}|92233[0-6][0-9]{13}|922337[0-1][0-9]{12}\
-        |92233720[0-2][0-9]{10}|922337203[0-5][0-9]{9}|9223372036[0-7][0-9]{8}\
-        |92233720368[0-4][0-9]{7}|922337203685[0-3][0-9]{6}|9223372036854[0-6][0-9]{5}\
-        |92233720368547[0-6][0-9]{4}|922337203685477[0-4][0-9]{3}|9223372036854775[0-7][0-9]{2}\
-        |922337203685477580[0-6]|9223372036854775807)$";
-
-    /// A new username as typed in ASCII: letters (any case), digits and single `_ . -`
-    /// between them, with at least one letter. (Compatible forms such as fullwidth letters
-    /// fold into such a name and are accepted too.)
-    pub const USERNAME: &str = "^(?:[0-9]+[._-])*[0-9]*[A-Za-z][A-Za-z0-9]*(?:[._-][A-Za-z0-9]+)*$";
-
-    /// Message text: no control character but newline and tab, no bidi override or
-    /// isolate, and at least one character that is neither whitespace nor invisible.
-    pub const TEXT: &str = concat!(
-        "^[\\t\\n \\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000",
-        "\\u00AD\\u034F\\u115F\\u1160\\u17B4\\u17B5\\u180B-\\u180F\\u200B-\\u200F\\u2060-\\u2064",
-        "\\u3164\\uFE00-\\uFE0F\\uFEFF\\uFFA0\\u061C\u{E0000}-\u{E007F}\u{E0100}-\u{E01EF}]*",
-        "[^\\u0000-\\u0020\\u007F-\\u00A0\\u202A-\\u202E\\u2066-\\u2069",
-        "\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000",
-        "\\u00AD\\u034F\\u115F\\u1160\\u17B4\\u17B5\\u180B-\\u180F\\u200B-\\u200F\\u2060-\\u2064",
-        "\\u3164\\uFE00-\\uFE0F\\uFEFF\\uFFA0\\u061C\u{E0000}-\u{E007F}\u{E0100}-\u{E01EF}]",
-        "[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F\\u202A-\\u202E\\u2066-\\u2069]*$",
-    );
-
-    /// A channel name: no control character, line or paragraph separator or bidi control
-    /// (override, isolate or mark), and at least one character that is neither whitespace
-    /// nor invisible.
-    pub const CHANNEL_NAME: &str = concat!(
-        "^[ \\u00A0\\u1680\\u2000-\\u200A\\u202F\\u205F\\u3000",
-        "\\u00AD\\u034F\\u115F\\u1160\\u17B4\\u17B5\\u180B-\\u180F\\u200B-\\u200D\\u2060-\\u2064",
-        "\\u3164\\uFE00-\\uFE0F\\uFEFF\\uFFA0\u{E0000}-\u{E007F}\u{E0100}-\u{E01EF}]*",
-        "[^\\u0000-\\u0020\\u007F-\\u00A0\\u061C\\u200E\\u200F\\u2028\\u2029\\u202A-\\u202E",
-        "\\u2066-\\u2069\\u1680\\u2000-\\u200A\\u202F\\u205F\\u3000",
-        "\\u00AD\\u034F\\u115F\\u1160\\u17B4\\u17B5\\u180B-\\u180F\\u200B-\\u200D\\u2060-\\u2064",
-        "\\u3164\\uFE00-\\uFE0F\\uFEFF\\uFFA0\u{E0000}-\u{E007F}\u{E0100}-\u{E01EF}]",
-        "[^\\u0000-\\u001F\\u007F-\\u009F\\u061C\\u200E\\u200F\\u2028\\u2029\\u202A-\\u202E",
-        "\\u2066-\\u2069]*$",
-    );
 }
 
 #[cfg(test)]

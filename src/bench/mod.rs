@@ -32,7 +32,6 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::model::ChannelKind;
-use crate::server::open_store;
 use crate::store::Store;
 
 #[derive(Debug, clap::Args)]
@@ -170,9 +169,14 @@ impl Target {
             Some(b) => b.clone(),
             None => std::env::current_exe().context("find the natter binary")?,
         };
-        let mut child = tokio::process::Command::new(exe)
+        let mut command = tokio::process::Command::new(exe);
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&scratch.path)
+            .arg(&scratch.path);
+        if let Some(store) = &run.store {
+            command.args(["--store", store]);
+        }
+        let mut child = command
             .envs([
                 ("NATTER_INSECURE_FAST_PASSWORD_HASH", "1"),
                 ("NATTER_SEND_RATE", "1000000000"),
@@ -274,6 +278,11 @@ pub struct RunArgs {
     /// The `natter` binary --spawn starts (default: this one).
     #[arg(long, hide = true)]
     pub server_bin: Option<PathBuf>,
+    /// The store of the spawned server (or of `bench store`): `sqlite://PATH` or
+    /// PostgreSQL shards as comma-separated `postgres://` URLs (default: SQLite in the
+    /// scratch directory). Use fresh databases: the run's data stays in them.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
     /// Print the report as JSON too.
     #[arg(long)]
     pub json: bool,
@@ -409,8 +418,14 @@ pub async fn measure_store(args: &HttpArgs) -> anyhow::Result<report::Report> {
     }
     let w = args.write.clone();
     let scratch = Scratch::new(w.data_dir.clone())?;
-    let config = bench_config(&scratch.path);
-    let store: Arc<dyn Store> = Arc::new(open_store(&config, None, Arc::default())?);
+    let mut config = bench_config(&scratch.path);
+    if let Some(s) = &args.run.store {
+        config.store = Some(
+            crate::store::StoreLocation::parse(s).map_err(|e| anyhow::anyhow!("--store: {e}"))?,
+        );
+    }
+    let store: Arc<dyn Store> = crate::store::open(config.store_options(None)).await?;
+    let closing = Arc::clone(&store);
     let author = store.create_user(&bench_username(), "-", None).await?.id;
     let mut channels = Vec::new();
     for i in 0..w.channels.max(1) {
@@ -436,6 +451,7 @@ pub async fn measure_store(args: &HttpArgs) -> anyhow::Result<report::Report> {
         }
     })
     .await;
+    closing.close().await;
     Ok(report)
 }
 

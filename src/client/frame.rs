@@ -177,8 +177,8 @@ pub fn parse_frame(text: &str) -> Result<Frame> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::protocol;
     use crate::model;
+    use crate::wire::protocol;
 
     fn message() -> model::Message {
         model::Message {
@@ -270,7 +270,7 @@ mod tests {
         assert_eq!(parse_frame(protocol::PONG).unwrap(), Frame::Pong);
         let err = crate::api::error::ApiError::invalid_json("bad");
         assert!(
-            matches!(parse_frame(&protocol::error(Some("c"), &err)).unwrap(),
+            matches!(parse_frame(&protocol::error(Some("c"), err.detail())).unwrap(),
             Frame::Error { client_id: Some(c), code, .. } if c == "c" && code == "invalid_json")
         );
         assert!(parse_frame(r#"{"type":"nope"}"#).is_err());

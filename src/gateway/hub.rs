@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::outbox::{Delivery, Item, Outbox};
-use super::protocol;
 use super::stats::Stats;
 use crate::store::TokenHash;
+use crate::wire::protocol;
 
 pub type ConnId = u64;
 

@@ -8,7 +8,6 @@ pub mod bus;
 pub mod cache;
 pub mod hub;
 pub mod outbox;
-pub mod protocol;
 pub mod reader;
 pub mod stats;
 

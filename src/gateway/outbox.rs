@@ -35,7 +35,7 @@ impl Delivery {
             channel_id: event.channel_id,
             seq: event.seq,
             membership,
-            frame: super::protocol::event(&event).into(),
+            frame: crate::wire::protocol::event(&event).into(),
             event,
         })
     }
@@ -106,7 +106,7 @@ impl Outbox {
             q.items.clear();
             q.bytes = 0;
             q.items.push_back(Item::Close(
-                super::protocol::close::SLOW_CONSUMER,
+                crate::wire::protocol::close::SLOW_CONSUMER,
                 "slow consumer: reconnect and resume",
             ));
             q.closed = true;

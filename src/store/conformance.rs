@@ -606,3 +606,162 @@ async fn edits_keep_each_version_in_the_log(store: &dyn Store) {
         .unwrap();
     assert_eq!(latest.items[0].text, "v3");
 }
+
+/// Checks over two store values on the same data, standing for two nodes of a cluster
+/// (a backend that one process alone may open, like SQLite, has none to pass).
+pub const TWO_NODE_CHECKS: &[&str] = &[
+    "two_writers_keep_seqs_gap_free",
+    "a_retry_through_the_other_node_returns_the_original",
+    "each_node_sees_the_others_writes",
+];
+
+/// Runs the two-node check called `name` against `a` and `b`.
+pub async fn run_two(name: &str, a: &dyn Store, b: &dyn Store) {
+    match name {
+        "two_writers_keep_seqs_gap_free" => two_writers_keep_seqs_gap_free(a, b).await,
+        "a_retry_through_the_other_node_returns_the_original" => {
+            a_retry_through_the_other_node_returns_the_original(a, b).await
+        }
+        "each_node_sees_the_others_writes" => each_node_sees_the_others_writes(a, b).await,
+        other => panic!("no two-node check {other}"),
+    }
+}
+
+/// `n` sends by `who`, round-robin over `channels`, made in order and awaited together.
+async fn send_many(
+    store: &dyn Store,
+    who: i64,
+    channels: &[i64],
+    n: usize,
+) -> Vec<crate::store::Result<crate::store::Posted>> {
+    let futures: Vec<_> = (0..n)
+        .map(|i| store.post_message(who, channels[i % channels.len()], "m", None))
+        .collect();
+    futures_util::future::join_all(futures).await
+}
+
+/// Both nodes send to the same channels at once: every send is in the log once, each
+/// channel's seqs are 1..=n, and each node's own sends keep their order.
+async fn two_writers_keep_seqs_gap_free(a: &dyn Store, b: &dyn Store) {
+    let ann = user(a, "ann").await;
+    let bob = user(b, "bob").await;
+    let mut channels = Vec::new();
+    for i in 0..4 {
+        channels.push(
+            a.create_channel(ann, ChannelKind::Group, &format!("c{i}"), &[bob])
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    const EACH: usize = 160;
+    let (from_a, from_b) = tokio::join!(
+        send_many(a, ann, &channels, EACH),
+        send_many(b, bob, &channels, EACH)
+    );
+    for r in from_a.iter().chain(&from_b) {
+        assert!(r.as_ref().unwrap().created);
+    }
+    for &ch in &channels {
+        let log = a.log(ch, 0, 1000).await.unwrap();
+        let seqs: Vec<i64> = log.items.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as i64).collect::<Vec<_>>(),
+            "channel {ch}"
+        );
+        let messages = log
+            .items
+            .iter()
+            .filter(|e| matches!(e.body, EventBody::MessageCreated(_)))
+            .count();
+        assert_eq!(messages, EACH * 2 / channels.len(), "channel {ch}");
+        let (seen, _) = b.channel(ch, bob).await.unwrap().unwrap();
+        assert_eq!(seen.last_seq, seqs.len() as i64);
+    }
+    // Each node's sends to a channel commit in the order they were made.
+    for (results, _) in [(&from_a, "a"), (&from_b, "b")] {
+        let mut last: std::collections::HashMap<i64, i64> = Default::default();
+        for p in results.iter().map(|r| &r.as_ref().unwrap().message) {
+            let before = last.insert(p.channel_id, p.seq).unwrap_or(0);
+            assert!(
+                p.seq > before,
+                "sends of one node reordered in {}",
+                p.channel_id
+            );
+        }
+    }
+}
+
+async fn a_retry_through_the_other_node_returns_the_original(a: &dyn Store, b: &dyn Store) {
+    let ann = user(a, "ann").await;
+    let ch = a
+        .create_channel(ann, ChannelKind::Group, "g", &[])
+        .await
+        .unwrap();
+    let first = a
+        .post_message(ann, ch.id, "hello", Some("k1"))
+        .await
+        .unwrap();
+    let again = b
+        .post_message(ann, ch.id, "hello again", Some("k1"))
+        .await
+        .unwrap();
+    assert!(first.created && !again.created);
+    assert_eq!(again.message, first.message);
+    // The same client_id sent through both nodes at once is created once.
+    let (x, y) = tokio::join!(
+        a.post_message(ann, ch.id, "race", Some("k2")),
+        b.post_message(ann, ch.id, "race", Some("k2")),
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.message, y.message);
+    assert!(x.created != y.created, "exactly one of the two created it");
+    let history = b.history(ch.id, HistoryQuery::newest(50)).await.unwrap();
+    assert_eq!(history.items.len(), 2);
+}
+
+async fn each_node_sees_the_others_writes(a: &dyn Store, b: &dyn Store) {
+    let ann = user(a, "ann").await;
+    assert_eq!(
+        b.user_by_username("ANN").await.unwrap().map(|u| u.id),
+        Some(ann)
+    );
+    assert!(matches!(
+        b.create_user("ann", "h", None).await,
+        Err(StoreError::UsernameTaken)
+    ));
+    let bob = user(b, "bob").await;
+    let ch = a
+        .create_channel(ann, ChannelKind::Group, "g", &[bob])
+        .await
+        .unwrap();
+    let listed: Vec<i64> = b
+        .channels(bob)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.channel.id)
+        .collect();
+    assert_eq!(listed, vec![ch.id]);
+    let posted = b.post_message(bob, ch.id, "from b", None).await.unwrap();
+    let seen = a.history(ch.id, HistoryQuery::newest(10)).await.unwrap();
+    assert_eq!(seen.items.last().map(|m| m.id), Some(posted.message.id));
+    let (dm, created) = a.open_dm(ann, bob).await.unwrap();
+    let (again, created_again) = b.open_dm(bob, ann).await.unwrap();
+    assert!(created && !created_again);
+    assert_eq!(dm.id, again.id);
+    b.remove_member(bob, ch.id, bob).await.unwrap();
+    let listed: Vec<i64> = a
+        .channels(bob)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.channel.id)
+        .collect();
+    assert_eq!(listed, vec![dm.id]);
+    assert!(matches!(
+        a.post_message(bob, ch.id, "gone", None).await,
+        Err(StoreError::NotFound)
+    ));
+}

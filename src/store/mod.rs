@@ -8,7 +8,12 @@
 //! [`conformance`] is one test suite that every backend must pass.
 
 pub mod conformance;
+pub mod location;
+pub mod postgres;
+pub mod rules;
 pub mod sqlite;
+
+pub use self::location::{StoreLocation, StoreOptions, migrate, open};
 
 use async_trait::async_trait;
 
@@ -102,6 +107,11 @@ pub enum StoreError {
     /// The store is shutting down or its writer stopped. Nothing was written.
     #[error("store is unavailable")]
     Unavailable,
+    /// The database holding this (a PostgreSQL shard) is down, restarting or too slow to
+    /// answer within the statement timeout. A write that got this was not acknowledged;
+    /// if it was a send, retrying with the same `client_id` is safe.
+    #[error("the database holding this is unreachable")]
+    Unreachable,
     /// An unexpected storage failure. Nothing of the failed call was committed.
     #[error("{context}")]
     Internal {
@@ -112,6 +122,26 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The same error again (an internal one keeps its message, not its source): for an
+    /// answer decided once and given to a write that may be replayed.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::NotFound => Self::NotFound,
+            Self::Forbidden(why) => Self::Forbidden(why),
+            Self::UsernameTaken => Self::UsernameTaken,
+            Self::Invalid { field, message } => Self::Invalid {
+                field,
+                message: message.clone(),
+            },
+            Self::TooMany(which) => Self::TooMany(*which),
+            Self::DiskFull => Self::DiskFull,
+            Self::Overloaded => Self::Overloaded,
+            Self::Unavailable => Self::Unavailable,
+            Self::Unreachable => Self::Unreachable,
+            Self::Internal { context, source } => Self::internal(context, source.to_string()),
+        }
+    }
+
     pub fn internal(
         context: &'static str,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -286,6 +316,37 @@ pub trait Channels: Send + Sync {
     async fn history(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>>;
 }
 
-/// Both halves of a store, as one object the server holds.
-pub trait Store: Accounts + Channels {}
-impl<T: Accounts + Channels> Store for T {}
+/// What a running backend tells the server about itself, for `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Writes are refused for lack of disk space (SQLite below its reserve).
+    pub disk_full: bool,
+    /// Each part the backend depends on (a PostgreSQL shard: `shard0`, …) and whether it
+    /// answers now. Empty for a backend with no parts (SQLite).
+    pub parts: Vec<(String, bool)>,
+}
+
+impl Health {
+    /// Every part answers and writes are taken.
+    pub fn ready(&self) -> bool {
+        !self.disk_full && self.parts.iter().all(|(_, up)| *up)
+    }
+}
+
+/// The life of a backend beside its data: closing, upkeep and its own metrics.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Commits every write already queued, answers its caller, and stops: later writes get
+    /// [`StoreError::Unavailable`]. Call once, when nothing else writes any more.
+    async fn close(&self);
+    /// Periodic upkeep (e.g. deleting expired sessions), called at start and hourly; what
+    /// it did, for the log.
+    async fn maintain(&self, now: i64) -> Result<String>;
+    fn health(&self) -> Health;
+    /// Appends the backend's metrics in Prometheus text format.
+    fn render_metrics(&self, out: &mut String);
+}
+
+/// The whole store, as one object the server holds.
+pub trait Store: Accounts + Channels + Backend {}
+impl<T: Accounts + Channels + Backend> Store for T {}

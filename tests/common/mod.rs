@@ -4,6 +4,7 @@
 
 pub mod child;
 pub mod db;
+pub mod pg;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -16,6 +17,49 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+tokio::task_local! {
+    /// The PostgreSQL shards servers started in this task keep their data in.
+    static PG_SHARDS: Vec<String>;
+}
+
+/// Runs `test` with every [`TestServer`] it starts on PostgreSQL: two fresh databases as
+/// two shards (restarts keep them). Skipped (see [`available`]) without PostgreSQL.
+pub async fn on_postgres(test: impl std::future::Future<Output = ()>) {
+    let Some(shards) = pg::databases(2).await else {
+        return;
+    };
+    PG_SHARDS.scope(shards, test).await
+}
+
+/// The PostgreSQL shards of this task's servers, inside [`on_postgres`].
+pub fn postgres_shards() -> Option<Vec<String>> {
+    PG_SHARDS.try_with(Clone::clone).ok()
+}
+
+/// Generates, for each named `async fn` of the test file, one test on SQLite (in `mod
+/// sqlite`) and one on two PostgreSQL shards (in `mod postgres`).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name().await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    $crate::common::on_postgres(super::$name()).await
+                }
+            )*
+        }
+    };
+}
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -111,6 +155,9 @@ impl TestServer {
 
     async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config(dir.path());
+        if let Some(shards) = postgres_shards() {
+            config.store = Some(natter::store::StoreLocation::Postgres(shards));
+        }
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -128,6 +175,38 @@ impl TestServer {
 
     pub fn base(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Stalls the writes to `channel` from outside the server until the hold is released
+    /// (SQLite: its write lock; PostgreSQL: the channel's row lock), so its queue fills.
+    pub async fn hold_writes(&self, channel: i64) -> WriteHold {
+        match postgres_shards() {
+            None => {
+                let db = rusqlite::Connection::open(self.dir.path().join("natter.db")).unwrap();
+                db.execute_batch("BEGIN IMMEDIATE").unwrap();
+                WriteHold::Sqlite(db)
+            }
+            Some(shards) => {
+                let mut held = Vec::new();
+                for url in shards {
+                    let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                        .await
+                        .unwrap();
+                    tokio::spawn(conn);
+                    client.batch_execute("BEGIN").await.unwrap();
+                    client
+                        .execute(
+                            "SELECT 1 FROM channels WHERE id = $1 FOR UPDATE",
+                            &[&channel],
+                        )
+                        .await
+                        .unwrap();
+                    let _ = &mut client;
+                    held.push(client);
+                }
+                WriteHold::Postgres(held)
+            }
+        }
     }
 
     pub fn client(&self) -> Client {
@@ -149,6 +228,25 @@ impl TestServer {
                 .unwrap()
                 .unwrap()
                 .unwrap();
+        }
+    }
+}
+
+/// Writes held back by [`TestServer::hold_writes`].
+pub enum WriteHold {
+    Sqlite(rusqlite::Connection),
+    Postgres(Vec<tokio_postgres::Client>),
+}
+
+impl WriteHold {
+    pub async fn release(self) {
+        match self {
+            Self::Sqlite(db) => db.execute_batch("COMMIT").unwrap(),
+            Self::Postgres(clients) => {
+                for c in clients {
+                    c.batch_execute("COMMIT").await.unwrap();
+                }
+            }
         }
     }
 }

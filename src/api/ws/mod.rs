@@ -28,7 +28,7 @@ use super::error::ApiError;
 use super::extract::authenticate;
 use crate::gateway::hub::{ConnId, Hub};
 use crate::gateway::outbox::Outbox;
-use crate::gateway::protocol::{self, ClientOp, Malformed, close};
+use crate::wire::protocol::{self, ClientOp, Malformed, close};
 
 /// Bytes of written frames gathered before they go to the socket.
 const WRITE_BUFFER: usize = 64 * 1024;
@@ -139,7 +139,7 @@ where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
 {
     let _ = socket
-        .send(Message::Text(protocol::error(None, error).into()))
+        .send(Message::Text(protocol::error(None, error.detail()).into()))
         .await;
     close_with(socket, code, &error.message).await;
 }
@@ -190,7 +190,7 @@ where
     };
     let mut resume_at = HashMap::with_capacity(resume.len());
     for (id, seq) in resume {
-        match protocol::parse_id("resume", &id) {
+        match parse_id("resume", &id) {
             Ok(id) => resume_at.insert(id, seq.max(0)),
             Err(e) => return refuse(&mut socket, close::MALFORMED, &e).await,
         };
@@ -252,5 +252,27 @@ struct Online(Arc<Hub>, ConnId);
 impl Drop for Online {
     fn drop(&mut self) {
         self.0.unregister(self.1);
+    }
+}
+
+/// Parses a decimal channel id from a frame.
+pub(crate) fn parse_id(field: &'static str, value: &str) -> Result<i64, ApiError> {
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::invalid_field(field, "must be a decimal id"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_be_positive_decimals() {
+        assert_eq!(parse_id("channel_id", "42").ok(), Some(42));
+        for bad in ["", "-1", "0", "x", "1.5", "99999999999999999999"] {
+            assert!(parse_id("channel_id", bad).is_err(), "{bad}");
+        }
     }
 }

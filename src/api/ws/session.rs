@@ -18,9 +18,9 @@ use crate::api::messages::admit_send;
 use crate::config::Feature;
 use crate::gateway::hub::ConnId;
 use crate::gateway::outbox::{Delivery, Item, Outbox};
-use crate::gateway::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
 use crate::model::User;
 use crate::store::StoreError;
+use crate::wire::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
 
 /// Events read per trip when replaying or filling a gap.
 const FILL_PAGE: u32 = 256;
@@ -230,7 +230,7 @@ impl Session {
     {
         let _ = feed(
             socket,
-            protocol::error(None, &malformed(reason.clone())).into(),
+            protocol::error(None, malformed(reason.clone()).detail()).into(),
         )
         .await;
         End::Close(close::MALFORMED, reason)
@@ -247,7 +247,7 @@ impl Session {
         let op = match protocol::parse(text) {
             Ok(op) => op,
             Err(Malformed(reason)) => {
-                let frame = protocol::error(None, &malformed(reason.clone()));
+                let frame = protocol::error(None, malformed(reason.clone()).detail());
                 self.outbox.push(Item::Frame(frame.into()));
                 self.outbox.close(close::MALFORMED, "malformed frame");
                 return Ok(());
@@ -258,12 +258,12 @@ impl Session {
                 self.outbox.push(Item::Frame(protocol::PONG.into()));
             }
             ClientOp::Hello { .. } => {
-                let frame = protocol::error(None, &malformed("hello was already sent"));
+                let frame = protocol::error(None, malformed("hello was already sent").detail());
                 self.outbox.push(Item::Frame(frame.into()));
                 self.outbox.close(close::MALFORMED, "a second hello");
             }
             ClientOp::Typing { channel_id } => {
-                let Ok(id) = protocol::parse_id("channel_id", &channel_id) else {
+                let Ok(id) = super::parse_id("channel_id", &channel_id) else {
                     return Ok(());
                 };
                 let now = Instant::now();
@@ -287,13 +287,13 @@ impl Session {
                 text,
                 client_id,
             } => {
-                let checked = protocol::parse_id("channel_id", &channel_id).and_then(|id| {
+                let checked = super::parse_id("channel_id", &channel_id).and_then(|id| {
                     admit_send(&self.state, self.user.id, &text, Some(&client_id)).map(|()| id)
                 });
                 let id = match checked {
                     Ok(id) => id,
                     Err(e) => {
-                        let _ = replies.send(protocol::error(Some(&client_id), &e).into());
+                        let _ = replies.send(protocol::error(Some(&client_id), e.detail()).into());
                         return Ok(());
                     }
                 };
@@ -306,7 +306,7 @@ impl Session {
                         .await
                     {
                         Ok(posted) => protocol::ack(&client_id, &posted.message),
-                        Err(e) => protocol::error(Some(&client_id), &ApiError::from(e)),
+                        Err(e) => protocol::error(Some(&client_id), ApiError::from(e).detail()),
                     };
                     // Reply first: a returned permit means a queued answer.
                     let _ = replies.send(frame.into());
@@ -322,15 +322,15 @@ impl Session {
                 }
             }
             ClientOp::Read { channel_id, seq } => {
-                let id = match protocol::parse_id("channel_id", &channel_id) {
+                let id = match super::parse_id("channel_id", &channel_id) {
                     Ok(id) => id,
                     Err(e) => {
-                        let _ = replies.send(protocol::error(None, &e).into());
+                        let _ = replies.send(protocol::error(None, e.detail()).into());
                         return Ok(());
                     }
                 };
                 if let Err(e) = self.state.admit_read_marker(self.user.id) {
-                    let _ = replies.send(protocol::error(None, &e).into());
+                    let _ = replies.send(protocol::error(None, e.detail()).into());
                     return Ok(());
                 }
                 let permit = in_flight(sends).await?;
@@ -338,7 +338,8 @@ impl Session {
                 let (replies, user) = (replies.clone(), self.user.id);
                 tokio::spawn(async move {
                     if let Err(e) = store.mark_read(user, id, seq).await {
-                        let _ = replies.send(protocol::error(None, &ApiError::from(e)).into());
+                        let _ =
+                            replies.send(protocol::error(None, ApiError::from(e).detail()).into());
                     }
                     drop(permit);
                 });

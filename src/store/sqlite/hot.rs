@@ -16,7 +16,7 @@ use super::read;
 use super::write::{Applied, Done, membership_row};
 use crate::id::Snowflake;
 use crate::model::{ChannelKind, Event, EventBody, Message, Role};
-use crate::store::{Posted, StoreError};
+use crate::store::{Posted, StoreError, rules};
 
 /// Channels, and member roles over all of them, kept between batches before the state is
 /// dropped and reloaded on demand: bounds the writer's memory.
@@ -157,27 +157,17 @@ pub(super) fn post_message(
     text: &str,
     client_id: Option<&str>,
 ) -> Applied {
-    let role = hot
-        .role(tx, channel_id, author)?
-        .ok_or(StoreError::NotFound)?;
+    let role = rules::member(hot.role(tx, channel_id, author)?)?;
     let ch = hot.channel(tx, channel_id)?.ok_or(StoreError::NotFound)?;
-    if let Some(cid) = client_id {
-        let original = tx
+    let original = match client_id {
+        Some(cid) => tx
             .prepare_cached(read::MESSAGE_BY_CLIENT_ID)?
             .query_row(params![channel_id, author, cid], read::message_row)
-            .optional()?;
-        if let Some(message) = original {
-            return Ok(Done::Posted(Posted {
-                message,
-                created: false,
-            }));
-        }
-    }
-    if ch.kind == ChannelKind::Broadcast && !role.is_manager() {
-        return Err(StoreError::Forbidden(
-            "only the owner or an admin may post in a broadcast channel",
-        )
-        .into());
+            .optional()?,
+        None => None,
+    };
+    if let Some(retry) = rules::post(ch.kind, Some(role), original)? {
+        return Ok(Done::Posted(retry));
     }
     let id = ids.next_id(now);
     let seq = ch.last_seq + 1;

@@ -22,7 +22,8 @@ use self::write::{Done, Op};
 pub use self::writer::WriteStats;
 use self::writer::Writer;
 use super::{
-    Accounts, Channels, NewSession, Posted, Result, SessionAuth, SessionInfo, StoreError, TokenHash,
+    Accounts, Backend, Channels, Health, NewSession, Posted, Result, SessionAuth, SessionInfo,
+    StoreError, TokenHash,
 };
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User,
@@ -69,6 +70,7 @@ impl SqliteOptions {
 
 pub struct SqliteStore {
     writer: Writer,
+    stats: Arc<WriteStats>,
     reads: Arc<ReadPool>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     checkpointer: Mutex<Option<Checkpointer>>,
@@ -128,32 +130,26 @@ impl SqliteStore {
         );
         Ok(Self {
             writer,
+            stats: Arc::clone(&opts.stats),
             reads: ReadPool::new(reads),
             writer_thread: Mutex::new(Some(handle)),
             checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
 
-    /// Waits for the writer thread to commit everything queued and stop. Call after every
-    /// other holder of the store is gone; returns at once if the writer is still shared.
-    pub fn close(self) {
-        let handle = self
+    /// Takes the writer and checkpoint threads, to be joined once the writer stopped.
+    fn take_threads(&self) -> (Option<JoinHandle<()>>, Option<Checkpointer>) {
+        let writer = self
             .writer_thread
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        drop(self.writer);
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
-        if let Some(c) = self
+        let checkpointer = self
             .checkpointer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            c.stop();
-        }
+            .take();
+        (writer, checkpointer)
     }
 
     /// Runs `f` if `user_id` is a member of the channel, else `NotFound`: the check and the
@@ -177,6 +173,24 @@ impl SqliteStore {
     async fn write(&self, op: Op) -> Result<Done> {
         self.writer.submit(op).await
     }
+}
+
+/// Applies missing migrations to the database at `path` (created if missing) without
+/// starting a writer: what `natter migrate` does. Says what it did.
+pub fn migrate_only(path: &Path) -> anyhow::Result<String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut conn = Connection::open(path)
+        .map_err(|e| anyhow::anyhow!("open database {}: {e}", path.display()))?;
+    schema::configure(&conn, READER_CACHE_KIB)?;
+    let before: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    schema::migrate(&mut conn)?;
+    Ok(format!(
+        "{}: schema version {before} -> {}",
+        path.display(),
+        schema::VERSION
+    ))
 }
 
 fn open_reader(path: &Path) -> anyhow::Result<Connection> {
@@ -206,6 +220,40 @@ fn unit(done: Done) -> Result<()> {
     match done {
         Done::Unit => Ok(()),
         other => Err(unexpected(other)),
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteStore {
+    async fn close(&self) {
+        self.writer.stop().await;
+        let (writer, checkpointer) = self.take_threads();
+        // The writer thread ends at once now; the checkpointer finishes its last pass.
+        let joined = tokio::task::spawn_blocking(move || {
+            if let Some(h) = writer {
+                let _ = h.join();
+            }
+            if let Some(c) = checkpointer {
+                c.stop();
+            }
+        });
+        let _ = joined.await;
+    }
+
+    async fn maintain(&self, now: i64) -> Result<String> {
+        let n = self.purge_sessions(now).await?;
+        Ok(format!("purged {n} expired sessions"))
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            disk_full: self.stats.disk.refused(),
+            parts: Vec::new(),
+        }
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.stats.render(out);
     }
 }
 

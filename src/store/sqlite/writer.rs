@@ -48,12 +48,19 @@ struct Job {
     reply: oneshot::Sender<Result<Done>>,
 }
 
+/// What the queue carries: writes, and at the end the request to stop.
+enum Msg {
+    Job(Job),
+    /// Commit what came before and stop; answered once the thread is about to end.
+    Stop(oneshot::Sender<()>),
+}
+
 /// The writer's counters, for `/metrics`.
 #[derive(Debug)]
 pub struct WriteStats {
     /// The writer's queue, read for its depth and bound when rendered (weak, so it never
     /// keeps the writer running); set when the writer starts.
-    queue: OnceLock<mpsc::WeakSender<Job>>,
+    queue: OnceLock<mpsc::WeakSender<Msg>>,
     /// Writes refused because the queue was full (503 `overloaded`).
     overloaded: AtomicU64,
     /// Ops per commit.
@@ -207,7 +214,7 @@ impl WriteStats {
 /// The async side of the writer: submits ops and awaits their commit.
 #[derive(Clone)]
 pub(super) struct Writer {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
     stats: Arc<WriteStats>,
 }
 
@@ -246,7 +253,7 @@ impl Writer {
             return Err(StoreError::DiskFull);
         }
         let (reply, answer) = oneshot::channel();
-        if let Err(e) = self.tx.try_send(Job { op, reply }) {
+        if let Err(e) = self.tx.try_send(Msg::Job(Job { op, reply })) {
             return Err(match e {
                 mpsc::error::TrySendError::Full(_) => {
                     self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
@@ -256,6 +263,15 @@ impl Writer {
             });
         }
         answer.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    /// Asks the writer to commit everything queued before this and stop; resolves when
+    /// it has. Writes queued after it are dropped unanswered ([`StoreError::Unavailable`]).
+    pub async fn stop(&self) {
+        let (done, stopped) = oneshot::channel();
+        if self.tx.send(Msg::Stop(done)).await.is_ok() {
+            let _ = stopped.await;
+        }
     }
 }
 
@@ -291,17 +307,33 @@ impl State {
     }
 }
 
-fn run(mut state: State, mut rx: mpsc::Receiver<Job>) {
+fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut stop = None;
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+        match first {
+            Msg::Job(job) => batch.push(job),
+            Msg::Stop(done) => stop = Some(done),
+        }
+        while stop.is_none() && batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Msg::Job(job)) => batch.push(job),
+                Ok(Msg::Stop(done)) => stop = Some(done),
                 Err(_) => break,
             }
         }
-        commit_batch(&mut state, &mut batch);
+        if !batch.is_empty() {
+            commit_batch(&mut state, &mut batch);
+        }
+        if let Some(done) = stop.take() {
+            // Later writes stay queued until the receiver drops: they are never answered
+            // as committed.
+            rx.close();
+            drop(rx);
+            tracing::debug!("writer stopped on request");
+            let _ = done.send(());
+            return;
+        }
     }
     tracing::debug!("writer stopped: queue closed and drained");
 }

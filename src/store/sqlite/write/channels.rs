@@ -5,8 +5,9 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use super::{Applied, Done, append_event, membership, role_of, user_exists};
 use crate::id::Snowflake;
 use crate::model::{ChannelKind, Event, EventBody, Role};
+use crate::store::rules::{self, PutMember};
 use crate::store::sqlite::read;
-use crate::store::{Consent, Rules, StoreError, TooMany};
+use crate::store::{Consent, Rules, StoreError};
 
 /// Adds a member with a `member.added` event. Their read marker starts at that event, so
 /// earlier history does not count as unread.
@@ -38,13 +39,10 @@ fn add_member(
 
 /// Refuses a membership that would take `user_id` past the channel cap.
 fn check_room(tx: &Transaction, rules: &Rules, user_id: i64) -> Result<(), super::Failure> {
-    let n: u32 = tx
+    let n: i64 = tx
         .prepare_cached("SELECT count(*) FROM members WHERE user_id = ?1")?
         .query_row([user_id], |r| r.get(0))?;
-    if n >= rules.max_channels_per_user {
-        return Err(StoreError::TooMany(TooMany::Channels(rules.max_channels_per_user)).into());
-    }
-    Ok(())
+    Ok(rules::room(rules, n as u64)?)
 }
 
 /// Refuses putting `user_id` into a channel by `actor` without the user's consent: under
@@ -55,7 +53,7 @@ fn check_consent(
     actor: i64,
     user_id: i64,
 ) -> Result<(), super::Failure> {
-    if rules.consent == Consent::Open || actor == user_id {
+    if !rules::needs_consent(rules, actor, user_id) {
         return Ok(());
     }
     // A DM counts only once the user has answered it (or opened it themselves): a DM a
@@ -69,13 +67,7 @@ fn check_consent(
              LIMIT 1",
         )?
         .exists([actor, user_id])?;
-    if !shared {
-        return Err(StoreError::Forbidden(
-            "you may add only people who share a channel with you; open a direct message with them first",
-        )
-        .into());
-    }
-    Ok(())
+    Ok(rules::consent(shared)?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -94,13 +86,7 @@ pub(super) fn create_channel(
     others.sort_unstable();
     others.dedup();
     for &m in &others {
-        if !user_exists(tx, m)? {
-            return Err(StoreError::Invalid {
-                field: "members",
-                message: format!("no user has id {m}"),
-            }
-            .into());
-        }
+        rules::known_member(user_exists(tx, m)?, m)?;
         check_consent(tx, rules, owner, m)?;
         check_room(tx, rules, m)?;
     }
@@ -128,14 +114,7 @@ pub(super) fn open_dm(
     user: i64,
     peer: i64,
 ) -> Applied {
-    if user == peer {
-        return Err(StoreError::Invalid {
-            field: "user_id",
-            message: "a DM needs another user".into(),
-        }
-        .into());
-    }
-    let key = format!("{}:{}", user.min(peer), user.max(peer));
+    let key = rules::dm_key(user, peer)?;
     let existing: Option<i64> = tx
         .prepare_cached("SELECT id FROM channels WHERE dm_key = ?1")?
         .query_row([&key], |r| r.get(0))
@@ -154,15 +133,13 @@ pub(super) fn open_dm(
     // DMs opened by others and not answered are bounded per user: a crowd of strangers'
     // accounts cannot fill someone's channel list with DMs.
     if rules.consent == Consent::SharedChannel {
-        let pending: u32 = tx
+        let pending: i64 = tx
             .prepare_cached(
                 "SELECT count(*) FROM members m JOIN channels c ON c.id = m.channel_id
                  WHERE m.user_id = ?1 AND c.kind = 'dm' AND c.owner_id != ?1 AND c.dm_answered = 0",
             )?
             .query_row([peer], |r| r.get(0))?;
-        if pending >= rules.max_pending_dms {
-            return Err(StoreError::TooMany(TooMany::PendingDms(rules.max_pending_dms)).into());
-        }
+        rules::pending_dms(rules, pending as u64)?;
     }
     let id = ids.next_id(now);
     tx.prepare_cached(
@@ -186,14 +163,7 @@ pub(super) fn rename_channel(
     name: &str,
 ) -> Applied {
     let (kind, role) = membership(tx, channel_id, actor)?;
-    if kind == ChannelKind::Dm {
-        return Err(StoreError::Forbidden("a DM has no name").into());
-    }
-    if !role.is_manager() {
-        return Err(
-            StoreError::Forbidden("only the owner or an admin may rename the channel").into(),
-        );
-    }
+    rules::rename(kind, role)?;
     tx.prepare_cached("UPDATE channels SET name = ?2 WHERE id = ?1")?
         .execute(params![channel_id, name])?;
     append_event(
@@ -225,60 +195,37 @@ pub(super) fn put_member(
     role: Option<Role>,
 ) -> Applied {
     let (kind, actor_role) = membership(tx, channel_id, actor)?;
-    if kind == ChannelKind::Dm {
-        return Err(StoreError::Forbidden("a DM has exactly two members").into());
-    }
-    if !actor_role.is_manager() {
-        return Err(StoreError::Forbidden("only the owner or an admin may manage members").into());
-    }
-    if !user_exists(tx, user_id)? {
+    let current = role_of(tx, channel_id, user_id)?;
+    let change = rules::put_member(kind, actor_role, current, role)?;
+    if current.is_none() && !user_exists(tx, user_id)? {
         return Err(StoreError::NotFound.into());
     }
-    match role_of(tx, channel_id, user_id)? {
-        None => {
+    match change {
+        PutMember::Add(role) => {
             check_consent(tx, rules, actor, user_id)?;
             check_room(tx, rules, user_id)?;
-            add_member(
+            add_member(tx, j, channel_id, user_id, role, now)?
+        }
+        PutMember::SetRole(wanted) => {
+            tx.prepare_cached(
+                "UPDATE members SET role = ?3 WHERE channel_id = ?1 AND user_id = ?2",
+            )?
+            .execute(params![channel_id, user_id, wanted.as_str()])?;
+            append_event(
                 tx,
                 j,
+                EventBody::MemberUpdated {
+                    user_id,
+                    role: wanted,
+                },
                 channel_id,
-                user_id,
-                role.unwrap_or(Role::Member),
                 now,
-            )?
+                None,
+                Some(user_id),
+                Some(wanted.as_str()),
+            )?;
         }
-        Some(Role::Owner) => {
-            if role.is_some_and(|r| r != Role::Owner) {
-                return Err(StoreError::Forbidden("the owner's role cannot be changed").into());
-            }
-        }
-        Some(current) => {
-            let wanted = role.unwrap_or(current);
-            if wanted != current {
-                if current == Role::Admin && actor_role != Role::Owner {
-                    return Err(
-                        StoreError::Forbidden("only the owner may change an admin's role").into(),
-                    );
-                }
-                tx.prepare_cached(
-                    "UPDATE members SET role = ?3 WHERE channel_id = ?1 AND user_id = ?2",
-                )?
-                .execute(params![channel_id, user_id, wanted.as_str()])?;
-                append_event(
-                    tx,
-                    j,
-                    EventBody::MemberUpdated {
-                        user_id,
-                        role: wanted,
-                    },
-                    channel_id,
-                    now,
-                    None,
-                    Some(user_id),
-                    Some(wanted.as_str()),
-                )?;
-            }
-        }
+        PutMember::Nothing => {}
     }
     Ok(Done::Unit)
 }
@@ -292,22 +239,8 @@ pub(super) fn remove_member(
     user_id: i64,
 ) -> Applied {
     let (kind, actor_role) = membership(tx, channel_id, actor)?;
-    let target = role_of(tx, channel_id, user_id)?.ok_or(StoreError::NotFound)?;
-    if kind == ChannelKind::Dm {
-        return Err(StoreError::Forbidden("a DM has exactly two members").into());
-    }
-    if target == Role::Owner {
-        return Err(StoreError::Forbidden("the owner cannot leave or be removed").into());
-    }
-    if actor != user_id {
-        let allowed = match target {
-            Role::Member => actor_role.is_manager(),
-            _ => actor_role == Role::Owner,
-        };
-        if !allowed {
-            return Err(StoreError::Forbidden("you may not remove this member").into());
-        }
-    }
+    let target = role_of(tx, channel_id, user_id)?;
+    rules::remove_member(kind, actor, actor_role, user_id, target)?;
     tx.prepare_cached("DELETE FROM members WHERE channel_id = ?1 AND user_id = ?2")?
         .execute([channel_id, user_id])?;
     append_event(

@@ -6,18 +6,18 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use super::{Applied, Done, Failure, append_event, membership};
 use crate::model::{Event, EventBody, Message};
 use crate::store::sqlite::read;
-use crate::store::{Rules, StoreError, TooMany};
+use crate::store::{Rules, StoreError, rules};
 
-pub(super) fn live_message(
+/// The message by id within its channel, deleted or not.
+pub(super) fn message(
     tx: &Transaction,
     channel_id: i64,
     message_id: i64,
-) -> Result<Message, Failure> {
-    let message = tx
+) -> Result<Option<Message>, Failure> {
+    Ok(tx
         .prepare_cached(read::MESSAGE_BY_ID)?
         .query_row([message_id, channel_id], read::message_row)
-        .optional()?;
-    Ok(message.ok_or(StoreError::NotFound)?)
+        .optional()?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -32,22 +32,15 @@ pub(super) fn edit_message(
     text: &str,
 ) -> Applied {
     membership(tx, channel_id, actor)?;
-    let mut message = live_message(tx, channel_id, message_id)?;
-    if message.deleted {
-        return Err(StoreError::NotFound.into());
-    }
-    if message.author_id != actor {
-        return Err(StoreError::Forbidden("only the author may edit a message").into());
-    }
+    let found = message(tx, channel_id, message_id)?;
     // Each edit keeps the text it replaces in the log, so edits are bounded per message.
     let edits: u32 = tx
         .prepare_cached(
             "SELECT count(*) FROM events WHERE message_id = ?1 AND kind = 'message.edited'",
         )?
         .query_row([message_id], |r| r.get(0))?;
-    if edits >= rules.max_edits_per_message {
-        return Err(StoreError::TooMany(TooMany::Edits(rules.max_edits_per_message)).into());
-    }
+    rules::edit(rules, found.as_ref(), actor, edits)?;
+    let mut message = found.ok_or(StoreError::NotFound)?;
     // The event that showed the latest text (body NULL) keeps the old text as its own;
     // the new event shows the message row's text from now on.
     tx.prepare_cached(
@@ -81,16 +74,11 @@ pub(super) fn delete_message(
     message_id: i64,
 ) -> Applied {
     let (_, role) = membership(tx, channel_id, actor)?;
-    let message = live_message(tx, channel_id, message_id)?;
-    if message.author_id != actor && !role.is_manager() {
-        return Err(StoreError::Forbidden(
-            "only the author, the owner or an admin may delete a message",
-        )
-        .into());
-    }
-    if message.deleted {
+    let found = message(tx, channel_id, message_id)?;
+    if !rules::delete(found.as_ref(), actor, role)? {
         return Ok(Done::Unit);
     }
+    let message = found.ok_or(StoreError::NotFound)?;
     tx.prepare_cached("UPDATE messages SET text = '', deleted = 1 WHERE id = ?1")?
         .execute([message_id])?;
     tx.prepare_cached("UPDATE events SET body = '' WHERE channel_id = ?1 AND message_id = ?2")?

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::openapi;
+use super::schema as openapi;
 use crate::clock::rfc3339;
 use crate::model;
 

@@ -1,0 +1,1461 @@
+//! The PostgreSQL backend, sharded (see `CLUSTER.md` beside the project, and
+//! ARCHITECTURE.md): channels live on the shard their bucket maps to; accounts, sessions,
+//! the user → channels index and node-id leases live on shard 0. Each shard has a read
+//! pool and one group-commit [`writer`] per node; the index is kept by a relay that applies
+//! each shard's outbox to shard 0 (right after a membership change commits, and every
+//! second in case a node died in between).
+//!
+//! Checks that span shards (the user exists, shares a channel, has room for one more
+//! membership, has too many unanswered DMs) are read before the write is queued; the
+//! checks of the channel itself (membership, roles, idempotency) run inside the shard's
+//! transaction, as on SQLite. The cross-shard ones can therefore be raced by concurrent
+//! writes on other shards: two joins at once may pass the channel cap by one each.
+
+mod read;
+mod ring;
+mod schema;
+mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
+
+use self::writer::{Done, Op, Writer};
+use super::{
+    Accounts, Backend, Channels, Health, NewSession, OnCommit, Posted, Result, Rules, SessionAuth,
+    SessionInfo, StoreError, TokenHash, rules,
+};
+use crate::clock::now_ms;
+use crate::id::Snowflake;
+use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_value};
+use crate::model::{
+    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User,
+};
+
+/// How long a node's lease on its id lasts without renewal, and how often it is renewed.
+const LEASE_TTL: Duration = Duration::from_secs(6);
+const LEASE_RENEW: Duration = Duration::from_millis(1500);
+/// How often each shard is probed and its outbox relayed.
+const TICK: Duration = Duration::from_secs(1);
+/// Longest wait for a pooled read connection.
+const POOL_WAIT: Duration = Duration::from_secs(2);
+
+/// How to open a [`PostgresStore`].
+#[derive(Clone)]
+pub struct PostgresOptions {
+    /// One connection URL per shard, shard 0 first.
+    pub shards: Vec<String>,
+    pub node_id: u16,
+    /// Writes that may wait for each shard's writer before new ones get 503.
+    pub write_queue: usize,
+    /// Read connections per shard.
+    pub read_connections: usize,
+    pub on_commit: Option<OnCommit>,
+    pub rules: Rules,
+    /// Every statement is cancelled past this.
+    pub statement_timeout: Duration,
+}
+
+/// What a failed step was: a refusal by a rule (or a mapped error), or PostgreSQL's.
+pub(super) enum Fail {
+    Store(StoreError),
+    Pg(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Pg(e)
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+/// Errors that mean the shard is down, restarting, or too slow (a statement timeout):
+/// `503 unavailable` to the caller, and the shard shows down until it answers again.
+pub(super) fn unreachable_error(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true,
+        Some(code) => {
+            code.code().starts_with("08")
+                || [
+                    SqlState::QUERY_CANCELED,
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                    SqlState::TOO_MANY_CONNECTIONS,
+                    SqlState::READ_ONLY_SQL_TRANSACTION,
+                ]
+                .contains(code)
+        }
+    }
+}
+
+/// What every shard writer of this node shares.
+pub(super) struct Shared {
+    /// One id generator for the node: ids stay unique over all its shard writers.
+    ids: Mutex<Snowflake>,
+    on_commit: Option<OnCommit>,
+    rules: Rules,
+}
+
+impl Shared {
+    fn next_id(&self, now: i64) -> i64 {
+        self.ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_id(now)
+    }
+
+    pub(super) fn next_ids(&self, n: usize, now: i64) -> Vec<i64> {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        (0..n).map(|_| ids.next_id(now)).collect()
+    }
+}
+
+/// One shard's counters, for `/metrics` (label `shard`).
+pub struct ShardStats {
+    up: AtomicBool,
+    queue: OnceLock<mpsc::WeakSender<writer::Msg>>,
+    overloaded: AtomicU64,
+    batch_ops: Histogram,
+    commit_seconds: Histogram,
+    /// Time an op waited in the queue before its batch began.
+    queue_wait: Histogram,
+    /// Time to get a pooled read connection.
+    pool_wait: Histogram,
+    failed_commits: AtomicU64,
+    messages_accepted: AtomicU64,
+    events_committed: AtomicU64,
+    /// Calls answered `Unreachable`.
+    unreachable: AtomicU64,
+    relay_pending: AtomicU64,
+    /// Age of the oldest outbox row not yet applied, ms.
+    relay_lag_ms: AtomicU64,
+    relay_applied: AtomicU64,
+    relay_errors: AtomicU64,
+}
+
+impl Default for ShardStats {
+    fn default() -> Self {
+        Self {
+            up: AtomicBool::new(true),
+            queue: OnceLock::new(),
+            overloaded: AtomicU64::new(0),
+            batch_ops: Histogram::new(BATCH_BUCKETS),
+            commit_seconds: Histogram::new(LATENCY_BUCKETS),
+            queue_wait: Histogram::new(LATENCY_BUCKETS),
+            pool_wait: Histogram::new(LATENCY_BUCKETS),
+            failed_commits: AtomicU64::new(0),
+            messages_accepted: AtomicU64::new(0),
+            events_committed: AtomicU64::new(0),
+            unreachable: AtomicU64::new(0),
+            relay_pending: AtomicU64::new(0),
+            relay_lag_ms: AtomicU64::new(0),
+            relay_applied: AtomicU64::new(0),
+            relay_errors: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ShardStats {
+    pub(super) fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+    }
+
+    fn queued(&self) -> (usize, usize) {
+        match self.queue.get().and_then(|q| q.upgrade()) {
+            Some(tx) => (tx.max_capacity() - tx.capacity(), tx.max_capacity()),
+            None => (0, 0),
+        }
+    }
+}
+
+struct Shard {
+    index: usize,
+    pool: Pool,
+    writer: Writer,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<ShardStats>,
+    /// Serialises this shard's relay runs, so outbox rows apply in order.
+    relay: tokio::sync::Mutex<()>,
+}
+
+struct Inner {
+    shards: Vec<Shard>,
+    /// Bucket → shard.
+    map: Vec<i32>,
+    shared: Arc<Shared>,
+    node_id: u16,
+    /// This process's claim on its node id.
+    holder: String,
+    lease_lost: AtomicBool,
+}
+
+/// The sharded PostgreSQL store.
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+fn pg_config(url: &str, statement_timeout: Duration) -> anyhow::Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .with_context(|| format!("parse {}", super::location::redact(url)))?;
+    config
+        .connect_timeout(Duration::from_secs(2))
+        .application_name("natter")
+        .options(format!(
+            "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            statement_timeout.as_millis(),
+            (statement_timeout * 4).as_millis()
+        ));
+    Ok(config)
+}
+
+async fn connect_once(config: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+impl PostgresStore {
+    /// Connects to every shard, migrates them, checks (or, for a new cluster, writes) the
+    /// bucket map, takes the node-id lease, and starts a writer per shard. Refuses to start
+    /// on a shard list that disagrees with the cluster, or a node id another live node
+    /// holds.
+    pub async fn open(opts: PostgresOptions) -> anyhow::Result<Self> {
+        anyhow::ensure!(!opts.shards.is_empty(), "no PostgreSQL shard given");
+        let configs = opts
+            .shards
+            .iter()
+            .map(|u| pg_config(u, opts.statement_timeout))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut clients = Vec::new();
+        for (i, c) in configs.iter().enumerate() {
+            let mut client = connect_once(c).await.with_context(|| {
+                format!(
+                    "connect to shard {i} ({})",
+                    super::location::redact(&opts.shards[i])
+                )
+            })?;
+            schema::migrate(&mut client, i).await?;
+            clients.push(client);
+        }
+        let cluster = schema::check_or_create_cluster(&mut clients).await?;
+        let holder = {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).expect("the OS random source works");
+            format!(
+                "{}-{}",
+                std::process::id(),
+                b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+            )
+        };
+        take_lease(&clients[0], opts.node_id, &holder).await?;
+        drop(clients);
+        let shared = Arc::new(Shared {
+            ids: Mutex::new(Snowflake::new(opts.node_id)),
+            on_commit: opts.on_commit.clone(),
+            rules: opts.rules,
+        });
+        let mut shards = Vec::new();
+        for (index, config) in configs.into_iter().enumerate() {
+            let stats = Arc::new(ShardStats::default());
+            let manager = Manager::from_config(
+                config.clone(),
+                tokio_postgres::NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            let pool = Pool::builder(manager)
+                .max_size(opts.read_connections.max(1))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(POOL_WAIT))
+                .create_timeout(Some(Duration::from_secs(2)))
+                .recycle_timeout(Some(Duration::from_secs(1)))
+                .build()
+                .context("build a read pool")?;
+            let (writer, thread) = Writer::start(
+                index,
+                config,
+                opts.write_queue,
+                Arc::clone(&shared),
+                Arc::clone(&stats),
+            );
+            shards.push(Shard {
+                index,
+                pool,
+                writer,
+                thread: Mutex::new(Some(thread)),
+                stats,
+                relay: tokio::sync::Mutex::new(()),
+            });
+        }
+        tracing::info!(
+            shards = shards.len(),
+            cluster = %cluster.cluster_id,
+            node_id = opts.node_id,
+            "PostgreSQL store open"
+        );
+        let inner = Arc::new(Inner {
+            shards,
+            map: cluster.buckets,
+            shared,
+            node_id: opts.node_id,
+            holder,
+            lease_lost: AtomicBool::new(false),
+        });
+        let tasks = vec![
+            tokio::spawn(renew_lease(Arc::clone(&inner))),
+            tokio::spawn(tick(Arc::clone(&inner))),
+        ];
+        Ok(Self {
+            inner,
+            tasks: Mutex::new(tasks),
+        })
+    }
+}
+
+/// Applies missing migrations to every shard and checks (or creates) the bucket map,
+/// without serving: what `natter migrate` does. Says what it did.
+pub async fn migrate_only(shards: &[String]) -> anyhow::Result<String> {
+    anyhow::ensure!(!shards.is_empty(), "no PostgreSQL shard given");
+    let mut clients = Vec::new();
+    let mut report = Vec::new();
+    for (i, url) in shards.iter().enumerate() {
+        let config = pg_config(url, Duration::from_secs(600))?;
+        let mut client = connect_once(&config)
+            .await
+            .with_context(|| format!("connect to shard {i} ({})", super::location::redact(url)))?;
+        let before = schema::version(&client).await?;
+        schema::migrate(&mut client, i).await?;
+        report.push(format!(
+            "shard {i}: schema version {before} -> {}",
+            schema::VERSION
+        ));
+        clients.push(client);
+    }
+    let cluster = schema::check_or_create_cluster(&mut clients).await?;
+    report.push(format!(
+        "cluster {}: {} shard(s), bucket map checked",
+        cluster.cluster_id,
+        shards.len()
+    ));
+    Ok(report.join("\n"))
+}
+
+/// Takes `node_id`'s lease for `holder`. A lease held by another holder that is still
+/// being renewed means another live node has this id: refused. One that stops being
+/// renewed (its node died) is waited out, at most [`LEASE_TTL`], and taken.
+async fn take_lease(
+    client: &tokio_postgres::Client,
+    node_id: u16,
+    holder: &str,
+) -> anyhow::Result<()> {
+    let node = i32::from(node_id);
+    let mut seen: Option<i64> = None;
+    for _ in 0..20 {
+        let now = now_ms();
+        let expires = now + LEASE_TTL.as_millis() as i64;
+        let taken = client
+            .query_opt(
+                "INSERT INTO node_leases (node_id, holder, expires_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (node_id) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+                 WHERE node_leases.expires_at <= $4 OR node_leases.holder = EXCLUDED.holder
+                 RETURNING holder",
+                &[&node, &holder, &expires, &now],
+            )
+            .await?;
+        if taken.is_some() {
+            return Ok(());
+        }
+        let Some(row) = client
+            .query_opt(
+                "SELECT expires_at FROM node_leases WHERE node_id = $1",
+                &[&node],
+            )
+            .await?
+        else {
+            continue;
+        };
+        let other: i64 = row.get(0);
+        if seen.is_some_and(|before| other > before) {
+            anyhow::bail!(
+                "node id {node_id} is held by another live node (its lease is being renewed); \
+                 give every node its own --node-id"
+            );
+        }
+        seen = Some(other);
+        let wait = (other - now_ms()).clamp(0, LEASE_TTL.as_millis() as i64) as u64 + 100;
+        tracing::info!(
+            node_id,
+            wait_ms = wait,
+            "node id lease held by another process; waiting to see whether it is alive"
+        );
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+    anyhow::bail!("could not take the lease on node id {node_id}")
+}
+
+async fn renew_lease(inner: Arc<Inner>) {
+    let mut every = tokio::time::interval(LEASE_RENEW);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Ok(c) = inner.conn(0).await else {
+            continue;
+        };
+        let expires = now_ms() + LEASE_TTL.as_millis() as i64;
+        match c
+            .execute(
+                "UPDATE node_leases SET expires_at = $3 WHERE node_id = $1 AND holder = $2",
+                &[&i32::from(inner.node_id), &inner.holder, &expires],
+            )
+            .await
+        {
+            Ok(1) => {
+                inner.lease_lost.store(false, Ordering::Relaxed);
+            }
+            Ok(_) => {
+                if !inner.lease_lost.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        node_id = inner.node_id,
+                        "lost the lease on this node id (another node took it after it lapsed); ids may collide: stop this node"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "renew the node id lease"),
+        }
+    }
+}
+
+/// Every second: probe each shard, and relay its outbox to shard 0's index.
+async fn tick(inner: Arc<Inner>) {
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        for shard in &inner.shards {
+            let probe = tokio::time::timeout(Duration::from_secs(1), async {
+                let c = inner.conn(shard.index).await.ok()?;
+                c.simple_query("SELECT 1").await.ok()
+            });
+            let up = matches!(probe.await, Ok(Some(_)));
+            shard.stats.set_up(up);
+        }
+        for shard in &inner.shards {
+            if let Err(e) = inner.relay(shard.index).await {
+                tracing::debug!(shard = shard.index, error = %e, "relay outbox");
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn shard_of_channel(&self, channel_id: i64) -> usize {
+        self.map[ring::bucket_of_channel(channel_id)] as usize
+    }
+
+    /// A pooled read connection to `shard`.
+    async fn conn(&self, shard: usize) -> Result<deadpool_postgres::Object> {
+        let s = &self.shards[shard];
+        let started = Instant::now();
+        let got = s.pool.get().await;
+        s.stats.pool_wait.observe_duration(started.elapsed());
+        got.map_err(|e| {
+            s.stats.set_up(false);
+            s.stats.unreachable.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(shard, error = %e, "no read connection");
+            StoreError::Unreachable
+        })
+    }
+
+    /// Turns a failed read on `shard` into the caller's error.
+    fn fail(&self, shard: usize, context: &'static str, f: Fail) -> StoreError {
+        match f {
+            Fail::Store(e) => e,
+            Fail::Pg(e) if unreachable_error(&e) => {
+                let s = &self.shards[shard];
+                s.stats.set_up(false);
+                s.stats.unreachable.fetch_add(1, Ordering::Relaxed);
+                StoreError::Unreachable
+            }
+            Fail::Pg(e) => StoreError::internal(context, e),
+        }
+    }
+
+    /// Applies `shard`'s outbox to shard 0's user → channels index, in outbox order, and
+    /// deletes what it applied. Idempotent: a row applied twice leaves the same index.
+    async fn relay(&self, shard: usize) -> Result<u64> {
+        let s = &self.shards[shard];
+        let _one_at_a_time = s.relay.lock().await;
+        let mut applied = 0;
+        loop {
+            let source = self.conn(shard).await?;
+            let rows = source
+                .query(
+                    "SELECT id, user_id, channel_id, joined, created_at FROM outbox ORDER BY id LIMIT 1000",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.fail(shard, "read outbox", e.into()))?;
+            if rows.is_empty() {
+                s.stats.relay_pending.store(0, Ordering::Relaxed);
+                s.stats.relay_lag_ms.store(0, Ordering::Relaxed);
+                return Ok(applied);
+            }
+            let oldest: i64 = rows[0].get(4);
+            s.stats
+                .relay_pending
+                .store(rows.len() as u64, Ordering::Relaxed);
+            s.stats
+                .relay_lag_ms
+                .store((now_ms() - oldest).max(0) as u64, Ordering::Relaxed);
+            // The last change of each (user, channel) pair in this chunk is its state.
+            let mut last: BTreeMap<(i64, i64), bool> = BTreeMap::new();
+            let mut ids = Vec::with_capacity(rows.len());
+            for r in &rows {
+                ids.push(r.get::<_, i64>(0));
+                last.insert((r.get(1), r.get(2)), r.get(3));
+            }
+            let (mut join_u, mut join_c, mut left_u, mut left_c) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((u, c), joined) in last {
+                if joined {
+                    join_u.push(u);
+                    join_c.push(c);
+                } else {
+                    left_u.push(u);
+                    left_c.push(c);
+                }
+            }
+            let mut index = self.conn(0).await?;
+            let apply = async {
+                let tx = index.transaction().await?;
+                tx.execute(
+                    "INSERT INTO user_channels (user_id, channel_id)
+                     SELECT * FROM unnest($1::bigint[], $2::bigint[]) ON CONFLICT DO NOTHING",
+                    &[&join_u, &join_c],
+                )
+                .await?;
+                tx.execute(
+                    "DELETE FROM user_channels uc USING unnest($1::bigint[], $2::bigint[]) AS v(u, c)
+                     WHERE uc.user_id = v.u AND uc.channel_id = v.c",
+                    &[&left_u, &left_c],
+                )
+                .await?;
+                tx.commit().await
+            };
+            if let Err(e) = apply.await {
+                s.stats.relay_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(self.fail(0, "apply outbox to the index", e.into()));
+            }
+            source
+                .execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
+                .await
+                .map_err(|e| self.fail(shard, "delete relayed outbox rows", e.into()))?;
+            applied += ids.len() as u64;
+            s.stats
+                .relay_applied
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Relays right after a membership change, so the caller's next channel list shows
+    /// it. A failure is logged; the next tick retries.
+    async fn relay_now(&self, shard: usize) {
+        if let Err(e) = self.relay(shard).await {
+            tracing::warn!(shard, error = %e, "relay outbox after a membership change; will retry");
+        }
+    }
+
+    /// Whether `actor` and `user` share a channel that counts as consent (not a DM, or a
+    /// DM `user` opened or answered), looked up in the index and re-checked on each shard.
+    async fn shares_channel(&self, actor: i64, user: i64) -> Result<bool> {
+        let c = self.conn(0).await?;
+        let rows = c
+            .query(
+                "SELECT a.channel_id FROM user_channels a
+                 JOIN user_channels b ON b.channel_id = a.channel_id AND b.user_id = $2
+                 WHERE a.user_id = $1 LIMIT 5000",
+                &[&actor, &user],
+            )
+            .await
+            .map_err(|e| self.fail(0, "read shared channels", e.into()))?;
+        drop(c);
+        let mut by_shard: HashMap<usize, Vec<i64>> = HashMap::new();
+        for r in rows {
+            let id: i64 = r.get(0);
+            by_shard
+                .entry(self.shard_of_channel(id))
+                .or_default()
+                .push(id);
+        }
+        for (shard, ids) in by_shard {
+            let c = self.conn(shard).await?;
+            let found = c
+                .query_opt(
+                    "SELECT 1 FROM channels c
+                     WHERE c.id = ANY($1) AND (c.kind != 'dm' OR c.owner_id = $3 OR c.dm_answered)
+                       AND EXISTS (SELECT 1 FROM members WHERE channel_id = c.id AND user_id = $2)
+                       AND EXISTS (SELECT 1 FROM members WHERE channel_id = c.id AND user_id = $3)
+                     LIMIT 1",
+                    &[&ids, &actor, &user],
+                )
+                .await
+                .map_err(|e| self.fail(shard, "check a shared channel", e.into()))?;
+            if found.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Memberships of each of `users`, from the index.
+    async fn membership_counts(&self, users: &[i64]) -> Result<HashMap<i64, u64>> {
+        let c = self.conn(0).await?;
+        let rows = c
+            .query(
+                "SELECT user_id, count(*) FROM user_channels WHERE user_id = ANY($1) GROUP BY user_id",
+                &[&users],
+            )
+            .await
+            .map_err(|e| self.fail(0, "count memberships", e.into()))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    async fn existing_users(&self, ids: &[i64]) -> Result<Vec<User>> {
+        let c = self.conn(0).await?;
+        read::users(&**c, ids)
+            .await
+            .map_err(|e| self.fail(0, "read users", e))
+    }
+
+    /// DMs others opened with `user` that `user` has not answered, over every shard.
+    async fn pending_dms(&self, user: i64) -> Result<u64> {
+        let mut total = 0;
+        for shard in &self.shards {
+            let c = self.conn(shard.index).await?;
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM members m JOIN channels c ON c.id = m.channel_id
+                     WHERE m.user_id = $1 AND c.kind = 'dm' AND c.owner_id != $1 AND NOT c.dm_answered",
+                    &[&user],
+                )
+                .await
+                .map_err(|e| self.fail(shard.index, "count pending DMs", e.into()))?
+                .get(0);
+            total += n as u64;
+        }
+        Ok(total)
+    }
+
+    /// The consent and room verdict for putting `user` into a channel by `actor`.
+    async fn admit(&self, actor: i64, user: i64) -> Result<rules::Verdict> {
+        if self.existing_users(&[user]).await?.is_empty() {
+            return Ok(Err(StoreError::NotFound));
+        }
+        if rules::needs_consent(&self.shared.rules, actor, user)
+            && let Err(e) = rules::consent(self.shares_channel(actor, user).await?)
+        {
+            return Ok(Err(e));
+        }
+        let counts = self.membership_counts(&[user]).await?;
+        Ok(rules::room(
+            &self.shared.rules,
+            counts.get(&user).copied().unwrap_or(0),
+        ))
+    }
+
+    async fn submit(&self, shard: usize, op: Op) -> Result<Done> {
+        self.shards[shard].writer.submit(op).await
+    }
+}
+
+fn unexpected(what: &str) -> StoreError {
+    StoreError::internal(
+        "match writer answer",
+        format!("unexpected answer to {what}"),
+    )
+}
+
+#[async_trait]
+impl Backend for PostgresStore {
+    async fn close(&self) {
+        for shard in &self.inner.shards {
+            shard.writer.stop().await;
+        }
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        for shard in &self.inner.shards {
+            let thread = shard
+                .thread
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(t) = thread {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+        }
+        // Apply what the writers left in the outboxes, then let the id go at once.
+        for shard in &self.inner.shards {
+            self.inner.relay_now(shard.index).await;
+        }
+        if let Ok(c) = self.inner.conn(0).await {
+            let _ = c
+                .execute(
+                    "DELETE FROM node_leases WHERE node_id = $1 AND holder = $2",
+                    &[&i32::from(self.inner.node_id), &self.inner.holder],
+                )
+                .await;
+        }
+        for shard in &self.inner.shards {
+            shard.pool.close();
+        }
+    }
+
+    async fn maintain(&self, now: i64) -> Result<String> {
+        let n = self.purge_sessions(now).await?;
+        Ok(format!("purged {n} expired sessions"))
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            disk_full: false,
+            parts: self
+                .inner
+                .shards
+                .iter()
+                .map(|s| {
+                    (
+                        format!("shard{}", s.index),
+                        s.stats.up.load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        let shards = &self.inner.shards;
+        let label = |s: &Shard| format!("shard=\"{}\"", s.index);
+        let gauge = |out: &mut String,
+                     name: &str,
+                     kind: &str,
+                     help: &str,
+                     f: &dyn Fn(&ShardStats) -> u64| {
+            render_header(out, name, kind, help);
+            for s in shards {
+                render_value(out, name, &label(s), f(&s.stats));
+            }
+        };
+        let count = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        gauge(
+            out,
+            "natter_store_shard_up",
+            "gauge",
+            "1 while the PostgreSQL shard answers.",
+            &|s| u64::from(s.up.load(Ordering::Relaxed)),
+        );
+        gauge(
+            out,
+            "natter_write_queue_depth",
+            "gauge",
+            "Writes queued for the shard's group-commit writer.",
+            &|s| s.queued().0 as u64,
+        );
+        gauge(
+            out,
+            "natter_write_queue_capacity",
+            "gauge",
+            "Writes a shard's queue holds before new ones are refused as overloaded.",
+            &|s| s.queued().1 as u64,
+        );
+        gauge(
+            out,
+            "natter_write_overloaded_total",
+            "counter",
+            "Writes refused because the shard's write queue was full (503 overloaded).",
+            &|s| count(&s.overloaded),
+        );
+        gauge(
+            out,
+            "natter_commit_failures_total",
+            "counter",
+            "Transactions that failed to commit; their writers were answered with an error.",
+            &|s| count(&s.failed_commits),
+        );
+        gauge(
+            out,
+            "natter_messages_accepted_total",
+            "counter",
+            "New messages committed (idempotent resends excluded).",
+            &|s| count(&s.messages_accepted),
+        );
+        gauge(
+            out,
+            "natter_events_committed_total",
+            "counter",
+            "Events committed to channel logs.",
+            &|s| count(&s.events_committed),
+        );
+        gauge(
+            out,
+            "natter_store_unreachable_total",
+            "counter",
+            "Store calls answered 503 because the shard was down, restarting or past the statement timeout.",
+            &|s| count(&s.unreachable),
+        );
+        gauge(
+            out,
+            "natter_store_relay_pending",
+            "gauge",
+            "Membership changes in the shard's outbox not yet applied to shard 0's index (at the last relay run, at most 1000).",
+            &|s| count(&s.relay_pending),
+        );
+        render_header(
+            out,
+            "natter_store_relay_lag_seconds",
+            "gauge",
+            "Age of the oldest membership change not yet applied to shard 0's index.",
+        );
+        for s in shards {
+            render_value(
+                out,
+                "natter_store_relay_lag_seconds",
+                &label(s),
+                count(&s.stats.relay_lag_ms) as f64 / 1000.0,
+            );
+        }
+        gauge(
+            out,
+            "natter_store_relay_applied_total",
+            "counter",
+            "Outbox rows applied to shard 0's index.",
+            &|s| count(&s.relay_applied),
+        );
+        gauge(
+            out,
+            "natter_store_relay_errors_total",
+            "counter",
+            "Relay runs that failed to apply to shard 0 (retried every second).",
+            &|s| count(&s.relay_errors),
+        );
+        let histogram =
+            |out: &mut String, name: &str, help: &str, f: &dyn Fn(&ShardStats) -> &Histogram| {
+                render_header(out, name, "histogram", help);
+                for s in shards {
+                    f(&s.stats).render(out, name, &label(s));
+                }
+            };
+        histogram(
+            out,
+            "natter_commit_batch_ops",
+            "Writes committed together in one transaction (group commit).",
+            &|s| &s.batch_ops,
+        );
+        histogram(
+            out,
+            "natter_commit_duration_seconds",
+            "Time to apply and commit one group-commit transaction.",
+            &|s| &s.commit_seconds,
+        );
+        histogram(
+            out,
+            "natter_store_queue_wait_seconds",
+            "Time a write waited in its shard's queue before its transaction began.",
+            &|s| &s.queue_wait,
+        );
+        histogram(
+            out,
+            "natter_store_pool_wait_seconds",
+            "Time to get a pooled read connection to the shard.",
+            &|s| &s.pool_wait,
+        );
+        render_header(
+            out,
+            "natter_store_node_lease_lost",
+            "gauge",
+            "1 if this node lost the lease on its node id (another node may hand out the same ids).",
+        );
+        render_value(
+            out,
+            "natter_store_node_lease_lost",
+            "",
+            u8::from(self.inner.lease_lost.load(Ordering::Relaxed)),
+        );
+    }
+}
+
+#[async_trait]
+impl Accounts for PostgresStore {
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        session: Option<NewSession>,
+    ) -> Result<User> {
+        let inner = &self.inner;
+        let folded = crate::username::fold(username);
+        let skeleton = crate::username::skeleton(&folded);
+        let now = now_ms();
+        let id = inner.shared.next_id(now);
+        let mut c = inner.conn(0).await?;
+        let result: std::result::Result<User, Fail> = async {
+            let tx = c.transaction().await?;
+            // Names with one skeleton are created one at a time, cluster-wide.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1)::bigint)",
+                &[&skeleton],
+            )
+            .await?;
+            let taken = tx
+                .query_opt(
+                    "SELECT 1 FROM users WHERE username_key = $1 OR username_skeleton = $2",
+                    &[&folded, &skeleton],
+                )
+                .await?;
+            if taken.is_some() {
+                return Err(StoreError::UsernameTaken.into());
+            }
+            tx.execute(
+                "INSERT INTO users (id, username, username_key, username_skeleton, password_hash, created_at)
+                 VALUES ($1, $2, $2, $3, $4, $5)",
+                &[&id, &folded, &skeleton, &password_hash, &now],
+            )
+            .await?;
+            if let Some(s) = &session {
+                insert_session(&tx, id, s, now).await?;
+            }
+            tx.commit().await?;
+            Ok(User {
+                id,
+                username: folded.clone(),
+                created_at: now,
+            })
+        }
+        .await;
+        result.map_err(|e| match e {
+            Fail::Pg(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                StoreError::UsernameTaken
+            }
+            e => inner.fail(0, "create user", e),
+        })
+    }
+
+    async fn user(&self, id: i64) -> Result<Option<User>> {
+        let c = self.inner.conn(0).await?;
+        read::user(&**c, id)
+            .await
+            .map_err(|e| self.inner.fail(0, "read user", e))
+    }
+
+    async fn user_by_username(&self, username: &str) -> Result<Option<User>> {
+        let c = self.inner.conn(0).await?;
+        read::user_by_key(&**c, &crate::username::fold(username))
+            .await
+            .map_err(|e| self.inner.fail(0, "read user", e))
+    }
+
+    async fn credentials(&self, username: &str) -> Result<Option<(User, String)>> {
+        let c = self.inner.conn(0).await?;
+        read::credentials(&**c, &crate::username::fold(username))
+            .await
+            .map_err(|e| self.inner.fail(0, "read credentials", e))
+    }
+
+    async fn create_session(&self, user_id: i64, session: NewSession) -> Result<Vec<TokenHash>> {
+        let inner = &self.inner;
+        let max = i64::from(inner.shared.rules.max_sessions_per_user);
+        let mut c = inner.conn(0).await?;
+        let result: std::result::Result<Vec<TokenHash>, Fail> = async {
+            let tx = c.transaction().await?;
+            // One login of a user at a time: the cap holds under concurrent logins.
+            tx.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&user_id])
+                .await?;
+            insert_session(&tx, user_id, &session, now_ms()).await?;
+            let evicted = tx
+                .query(
+                    "DELETE FROM sessions WHERE user_id = $1 AND token_hash IN (
+                         SELECT token_hash FROM sessions WHERE user_id = $1
+                         ORDER BY created_at DESC, id DESC OFFSET $2)
+                     RETURNING token_hash",
+                    &[&user_id, &max],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(evicted.iter().filter_map(|r| digest(r.get(0))).collect())
+        }
+        .await;
+        result.map_err(|e| inner.fail(0, "create session", e))
+    }
+
+    async fn session_user(&self, token: TokenHash, now: i64) -> Result<Option<SessionAuth>> {
+        let c = self.inner.conn(0).await?;
+        read::session_user(&**c, &token, now)
+            .await
+            .map_err(|e| self.inner.fail(0, "read session", e))
+    }
+
+    async fn touch_session(&self, token: TokenHash, now: i64) -> Result<()> {
+        let c = self.inner.conn(0).await?;
+        c.execute(
+            "UPDATE sessions SET last_used_at = GREATEST(last_used_at, $2) WHERE token_hash = $1",
+            &[&&token[..], &now],
+        )
+        .await
+        .map_err(|e| self.inner.fail(0, "touch session", e.into()))?;
+        Ok(())
+    }
+
+    async fn sessions(&self, user_id: i64, now: i64) -> Result<Vec<SessionInfo>> {
+        let c = self.inner.conn(0).await?;
+        read::sessions(&**c, user_id, now)
+            .await
+            .map_err(|e| self.inner.fail(0, "read sessions", e))
+    }
+
+    async fn delete_session(&self, token: TokenHash) -> Result<()> {
+        let c = self.inner.conn(0).await?;
+        c.execute("DELETE FROM sessions WHERE token_hash = $1", &[&&token[..]])
+            .await
+            .map_err(|e| self.inner.fail(0, "delete session", e.into()))?;
+        Ok(())
+    }
+
+    async fn delete_session_by_id(
+        &self,
+        user_id: i64,
+        session_id: i64,
+    ) -> Result<Option<TokenHash>> {
+        let c = self.inner.conn(0).await?;
+        let row = c
+            .query_opt(
+                "DELETE FROM sessions WHERE user_id = $1 AND id = $2 RETURNING token_hash",
+                &[&user_id, &session_id],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "delete session", e.into()))?;
+        Ok(row.and_then(|r| digest(r.get(0))))
+    }
+
+    async fn delete_other_sessions(&self, user_id: i64, keep: TokenHash) -> Result<Vec<TokenHash>> {
+        let c = self.inner.conn(0).await?;
+        let rows = c
+            .query(
+                "DELETE FROM sessions WHERE user_id = $1 AND token_hash != $2 RETURNING token_hash",
+                &[&user_id, &&keep[..]],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "delete sessions", e.into()))?;
+        Ok(rows.iter().filter_map(|r| digest(r.get(0))).collect())
+    }
+
+    async fn purge_sessions(&self, now: i64) -> Result<u64> {
+        let c = self.inner.conn(0).await?;
+        c.execute("DELETE FROM sessions WHERE expires_at <= $1", &[&now])
+            .await
+            .map_err(|e| self.inner.fail(0, "purge sessions", e.into()))
+    }
+}
+
+async fn insert_session(
+    tx: &tokio_postgres::Transaction<'_>,
+    user_id: i64,
+    s: &NewSession,
+    now: i64,
+) -> std::result::Result<(), Fail> {
+    tx.execute(
+        "INSERT INTO sessions (token_hash, id, user_id, created_at, last_used_at, expires_at, address, agent)
+         VALUES ($1, $2, $3, $4, $4, $5, $6, $7)",
+        &[
+            &&s.token[..],
+            &crate::store::session_id(&s.token),
+            &user_id,
+            &now,
+            &s.expires_at,
+            &s.address,
+            &s.agent,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+fn digest(bytes: Vec<u8>) -> Option<TokenHash> {
+    TokenHash::try_from(bytes.as_slice()).ok()
+}
+
+#[async_trait]
+impl Channels for PostgresStore {
+    async fn create_channel(
+        &self,
+        owner: i64,
+        kind: ChannelKind,
+        name: &str,
+        members: &[i64],
+    ) -> Result<Channel> {
+        let inner = &self.inner;
+        let rules = &inner.shared.rules;
+        let mut others: Vec<i64> = members.iter().copied().filter(|&m| m != owner).collect();
+        others.sort_unstable();
+        others.dedup();
+        let known: std::collections::HashSet<i64> = inner
+            .existing_users(&others)
+            .await?
+            .into_iter()
+            .map(|u| u.id)
+            .collect();
+        let mut everyone = others.clone();
+        everyone.push(owner);
+        let counts = inner.membership_counts(&everyone).await?;
+        let count = |u: i64| counts.get(&u).copied().unwrap_or(0);
+        for &m in &others {
+            rules::known_member(known.contains(&m), m)?;
+            if rules::needs_consent(rules, owner, m) {
+                rules::consent(inner.shares_channel(owner, m).await?)?;
+            }
+            rules::room(rules, count(m))?;
+        }
+        rules::room(rules, count(owner))?;
+        let id = inner.shared.next_id(now_ms());
+        let shard = inner.shard_of_channel(id);
+        let done = inner
+            .submit(
+                shard,
+                Op::CreateChannel {
+                    id,
+                    owner,
+                    kind,
+                    name: name.to_owned(),
+                    members: others,
+                },
+            )
+            .await?;
+        inner.relay_now(shard).await;
+        match done {
+            Done::Channel(c) => Ok(c),
+            _ => Err(unexpected("create channel")),
+        }
+    }
+
+    async fn open_dm(&self, user: i64, peer: i64) -> Result<(Channel, bool)> {
+        let inner = &self.inner;
+        let rules = &inner.shared.rules;
+        let key = rules::dm_key(user, peer)?;
+        let shard = inner.map[ring::bucket_of_key(&key)] as usize;
+        {
+            let c = inner.conn(shard).await?;
+            let found = c
+                .query_opt(
+                    &format!(
+                        "SELECT {} FROM channels c WHERE c.dm_key = $1",
+                        read::CHANNEL_COLUMNS
+                    ),
+                    &[&key],
+                )
+                .await
+                .map_err(|e| inner.fail(shard, "read DM", e.into()))?;
+            if let Some(row) = found {
+                return Ok((
+                    read::channel_row(&row).map_err(|e| inner.fail(shard, "read DM", e))?,
+                    false,
+                ));
+            }
+        }
+        if inner.existing_users(&[peer]).await?.is_empty() {
+            return Err(StoreError::NotFound);
+        }
+        let counts = inner.membership_counts(&[user, peer]).await?;
+        rules::room(rules, counts.get(&user).copied().unwrap_or(0))?;
+        rules::room(rules, counts.get(&peer).copied().unwrap_or(0))?;
+        if rules.consent == super::Consent::SharedChannel {
+            rules::pending_dms(rules, inner.pending_dms(peer).await?)?;
+        }
+        // The DM is made on its pair's shard: an id whose bucket maps there.
+        let id = loop {
+            let id = inner.shared.next_id(now_ms());
+            if inner.shard_of_channel(id) == shard {
+                break id;
+            }
+        };
+        let done = inner
+            .submit(
+                shard,
+                Op::OpenDm {
+                    id,
+                    key,
+                    user,
+                    peer,
+                },
+            )
+            .await?;
+        match done {
+            Done::Dm(c, created) => {
+                if created {
+                    inner.relay_now(shard).await;
+                }
+                Ok((c, created))
+            }
+            _ => Err(unexpected("open DM")),
+        }
+    }
+
+    async fn rename_channel(&self, actor: i64, channel_id: i64, name: &str) -> Result<Channel> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        match self
+            .inner
+            .submit(
+                shard,
+                Op::RenameChannel {
+                    actor,
+                    channel_id,
+                    name: name.to_owned(),
+                },
+            )
+            .await?
+        {
+            Done::Channel(c) => Ok(c),
+            _ => Err(unexpected("rename")),
+        }
+    }
+
+    async fn channel(&self, channel_id: i64, user_id: i64) -> Result<Option<(Channel, Role)>> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        let c = self.inner.conn(shard).await?;
+        read::member_channel(&**c, channel_id, user_id)
+            .await
+            .map_err(|e| self.inner.fail(shard, "read channel", e))
+    }
+
+    async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>> {
+        let inner = &self.inner;
+        let ids: Vec<i64> = {
+            let c = inner.conn(0).await?;
+            c.query(
+                "SELECT channel_id FROM user_channels WHERE user_id = $1",
+                &[&user_id],
+            )
+            .await
+            .map_err(|e| inner.fail(0, "read the channel index", e.into()))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+        };
+        let mut by_shard: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+        for id in ids {
+            by_shard
+                .entry(inner.shard_of_channel(id))
+                .or_default()
+                .push(id);
+        }
+        let reads = by_shard.into_iter().map(|(shard, ids)| async move {
+            let c = inner.conn(shard).await?;
+            read::channels_among(&**c, user_id, &ids)
+                .await
+                .map_err(|e| inner.fail(shard, "read channels", e))
+        });
+        let mut all = Vec::new();
+        for part in futures_util::future::join_all(reads).await {
+            all.extend(part?);
+        }
+        all.sort_by_key(|v| v.channel.id);
+        Ok(all)
+    }
+
+    async fn members(&self, user_id: i64, channel_id: i64) -> Result<Vec<Member>> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let roles = {
+            let c = inner.conn(shard).await?;
+            let client: &tokio_postgres::Client = &c;
+            let check = async {
+                if read::member_channel(client, channel_id, user_id)
+                    .await?
+                    .is_none()
+                {
+                    return Err(Fail::Store(StoreError::NotFound));
+                }
+                read::member_roles(client, channel_id).await
+            };
+            check
+                .await
+                .map_err(|e| inner.fail(shard, "read members", e))?
+        };
+        let ids: Vec<i64> = roles.iter().map(|(id, _)| *id).collect();
+        let users = inner.existing_users(&ids).await?;
+        Ok(read::members(roles, users))
+    }
+
+    async fn put_member(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        user_id: i64,
+        role: Option<Role>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let admitted = inner.admit(actor, user_id).await?;
+        inner
+            .submit(
+                shard,
+                Op::PutMember {
+                    actor,
+                    channel_id,
+                    user_id,
+                    role,
+                    admitted,
+                },
+            )
+            .await?;
+        inner.relay_now(shard).await;
+        Ok(())
+    }
+
+    async fn remove_member(&self, actor: i64, channel_id: i64, user_id: i64) -> Result<()> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        inner
+            .submit(
+                shard,
+                Op::RemoveMember {
+                    actor,
+                    channel_id,
+                    user_id,
+                },
+            )
+            .await?;
+        inner.relay_now(shard).await;
+        Ok(())
+    }
+
+    async fn mark_read(&self, user_id: i64, channel_id: i64, seq: i64) -> Result<()> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        self.inner
+            .submit(
+                shard,
+                Op::MarkRead {
+                    user_id,
+                    channel_id,
+                    seq,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    fn post_message<'a, 'b, 'c, 'async_trait>(
+        &'a self,
+        author: i64,
+        channel_id: i64,
+        text: &'b str,
+        client_id: Option<&'c str>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Posted>> + Send + 'async_trait>>
+    where
+        'a: 'async_trait,
+        'b: 'async_trait,
+        'c: 'async_trait,
+        Self: 'async_trait,
+    {
+        // Queued at once, not on the future's first poll: the order of calls is the order
+        // of commits (one connection's sends to a channel commit in send order).
+        let shard = self.inner.shard_of_channel(channel_id);
+        let answer = self.inner.shards[shard].writer.submit(Op::Post {
+            author,
+            channel_id,
+            text: text.to_owned(),
+            client_id: client_id.map(str::to_owned),
+        });
+        Box::pin(async move {
+            match answer.await? {
+                Done::Posted(p) => Ok(p),
+                _ => Err(unexpected("post")),
+            }
+        })
+    }
+
+    async fn edit_message(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        text: &str,
+    ) -> Result<Message> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        match self
+            .inner
+            .submit(
+                shard,
+                Op::Edit {
+                    actor,
+                    channel_id,
+                    message_id,
+                    text: text.to_owned(),
+                },
+            )
+            .await?
+        {
+            Done::Message(m) => Ok(m),
+            _ => Err(unexpected("edit")),
+        }
+    }
+
+    async fn delete_message(&self, actor: i64, channel_id: i64, message_id: i64) -> Result<()> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        self.inner
+            .submit(
+                shard,
+                Op::Delete {
+                    actor,
+                    channel_id,
+                    message_id,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn log(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        let c = self.inner.conn(shard).await?;
+        read::events(&**c, channel_id, after_seq, limit)
+            .await
+            .map_err(|e| self.inner.fail(shard, "read log", e))
+    }
+
+    async fn history(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        let c = self.inner.conn(shard).await?;
+        read::messages(&**c, channel_id, query)
+            .await
+            .map_err(|e| self.inner.fail(shard, "read history", e))
+    }
+}

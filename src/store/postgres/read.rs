@@ -1,0 +1,370 @@
+//! Row mapping and the read queries, shared by the read pools and the writers' transactions
+//! (anything that derefs to a `tokio_postgres` client or transaction: `GenericClient`).
+
+use tokio_postgres::{GenericClient, Row};
+
+use crate::model::{
+    Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page, Role,
+    User,
+};
+use crate::store::{SessionAuth, SessionInfo, StoreError};
+
+use super::Fail;
+
+fn corrupt(what: &str, value: &str) -> Fail {
+    Fail::Store(StoreError::internal(
+        "read a row",
+        format!("corrupt {what} {value:?}"),
+    ))
+}
+
+pub(super) fn parse_kind(s: &str) -> Result<ChannelKind, Fail> {
+    ChannelKind::parse(s).ok_or_else(|| corrupt("channel kind", s))
+}
+
+pub(super) fn parse_role(s: &str) -> Result<Role, Fail> {
+    Role::parse(s).ok_or_else(|| corrupt("role", s))
+}
+
+pub(super) const USER_COLUMNS: &str = "id, username, created_at";
+
+pub(super) fn user_row(r: &Row) -> User {
+    User {
+        id: r.get(0),
+        username: r.get(1),
+        created_at: r.get(2),
+    }
+}
+
+pub(super) const CHANNEL_COLUMNS: &str =
+    "c.id, c.kind, c.name, c.owner_id, c.last_seq, c.created_at";
+
+pub(super) fn channel_row(r: &Row) -> Result<Channel, Fail> {
+    Ok(Channel {
+        id: r.get(0),
+        kind: parse_kind(r.get(1))?,
+        name: r.get(2),
+        owner_id: r.get(3),
+        last_seq: r.get(4),
+        created_at: r.get(5),
+    })
+}
+
+/// The columns [`message_row`] reads, of `messages m`.
+macro_rules! message_select {
+    () => {
+        "SELECT m.id, m.channel_id, m.seq, m.author_id, m.text, m.client_id, m.created_at, \
+         m.edited_at, m.deleted "
+    };
+}
+pub(super) use message_select;
+
+pub(super) const MESSAGE_BY_ID: &str = concat!(
+    message_select!(),
+    "FROM messages m WHERE m.id = $1 AND m.channel_id = $2"
+);
+
+pub(super) fn message_row(r: &Row) -> Message {
+    Message {
+        id: r.get(0),
+        channel_id: r.get(1),
+        seq: r.get(2),
+        author_id: r.get(3),
+        text: r.get(4),
+        client_id: r.get(5),
+        created_at: r.get(6),
+        edited_at: r.get(7),
+        deleted: r.get(8),
+    }
+}
+
+pub(super) async fn user(c: &impl GenericClient, id: i64) -> Result<Option<User>, Fail> {
+    let row = c
+        .query_opt(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"),
+            &[&id],
+        )
+        .await?;
+    Ok(row.as_ref().map(user_row))
+}
+
+pub(super) async fn users(c: &impl GenericClient, ids: &[i64]) -> Result<Vec<User>, Fail> {
+    let rows = c
+        .query(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE id = ANY($1)"),
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(user_row).collect())
+}
+
+pub(super) async fn user_by_key(c: &impl GenericClient, key: &str) -> Result<Option<User>, Fail> {
+    let row = c
+        .query_opt(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE username_key = $1"),
+            &[&key],
+        )
+        .await?;
+    Ok(row.as_ref().map(user_row))
+}
+
+pub(super) async fn credentials(
+    c: &impl GenericClient,
+    key: &str,
+) -> Result<Option<(User, String)>, Fail> {
+    let row = c
+        .query_opt(
+            &format!("SELECT {USER_COLUMNS}, password_hash FROM users WHERE username_key = $1"),
+            &[&key],
+        )
+        .await?;
+    Ok(row.map(|r| (user_row(&r), r.get(3))))
+}
+
+pub(super) async fn session_user(
+    c: &impl GenericClient,
+    token: &[u8],
+    now: i64,
+) -> Result<Option<SessionAuth>, Fail> {
+    let row = c
+        .query_opt(
+            "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at
+             FROM sessions s JOIN users u ON u.id = s.user_id
+             WHERE s.token_hash = $1 AND s.expires_at > $2",
+            &[&token, &now],
+        )
+        .await?;
+    Ok(row.map(|r| SessionAuth {
+        user: user_row(&r),
+        expires_at: r.get(3),
+        last_used_at: r.get(4),
+    }))
+}
+
+pub(super) async fn sessions(
+    c: &impl GenericClient,
+    user_id: i64,
+    now: i64,
+) -> Result<Vec<SessionInfo>, Fail> {
+    let rows = c
+        .query(
+            "SELECT id, created_at, last_used_at, expires_at, address, agent FROM sessions
+             WHERE user_id = $1 AND expires_at > $2 ORDER BY created_at DESC, id",
+            &[&user_id, &now],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| SessionInfo {
+            id: r.get(0),
+            created_at: r.get(1),
+            last_used_at: r.get(2),
+            expires_at: r.get(3),
+            address: r.get(4),
+            agent: r.get(5),
+        })
+        .collect())
+}
+
+pub(super) async fn channel(c: &impl GenericClient, id: i64) -> Result<Option<Channel>, Fail> {
+    let row = c
+        .query_opt(
+            &format!("SELECT {CHANNEL_COLUMNS} FROM channels c WHERE c.id = $1"),
+            &[&id],
+        )
+        .await?;
+    row.as_ref().map(channel_row).transpose()
+}
+
+pub(super) async fn member_channel(
+    c: &impl GenericClient,
+    channel_id: i64,
+    user_id: i64,
+) -> Result<Option<(Channel, Role)>, Fail> {
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT {CHANNEL_COLUMNS}, m.role FROM members m JOIN channels c ON c.id = m.channel_id
+                 WHERE m.channel_id = $1 AND m.user_id = $2"
+            ),
+            &[&channel_id, &user_id],
+        )
+        .await?;
+    row.map(|r| Ok((channel_row(&r)?, parse_role(r.get(6))?)))
+        .transpose()
+}
+
+/// The user's channels among `ids` on one shard (re-checked against the membership rows,
+/// which are the truth; the index on shard 0 may lag).
+pub(super) async fn channels_among(
+    c: &impl GenericClient,
+    user_id: i64,
+    ids: &[i64],
+) -> Result<Vec<ChannelView>, Fail> {
+    let rows = c
+        .query(
+            &format!(
+                "SELECT {CHANNEL_COLUMNS}, m.role, m.read_seq, c.live_messages - m.live_read - m.own_unread
+                 FROM members m JOIN channels c ON c.id = m.channel_id
+                 WHERE m.user_id = $1 AND m.channel_id = ANY($2)"
+            ),
+            &[&user_id, &ids],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ChannelView {
+                channel: channel_row(r)?,
+                role: parse_role(r.get(6))?,
+                read_seq: r.get(7),
+                unread: r.get(8),
+            })
+        })
+        .collect()
+}
+
+/// A channel's member rows, by user id.
+pub(super) async fn member_roles(
+    c: &impl GenericClient,
+    channel_id: i64,
+) -> Result<Vec<(i64, Role)>, Fail> {
+    let rows = c
+        .query(
+            "SELECT user_id, role FROM members WHERE channel_id = $1 ORDER BY user_id",
+            &[&channel_id],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.get(0), parse_role(r.get(1))?)))
+        .collect()
+}
+
+/// Joins member roles with their users (read from shard 0), by user id.
+pub(super) fn members(roles: Vec<(i64, Role)>, users: Vec<User>) -> Vec<Member> {
+    let by_id: std::collections::HashMap<i64, User> =
+        users.into_iter().map(|u| (u.id, u)).collect();
+    roles
+        .into_iter()
+        .filter_map(|(id, role)| {
+            by_id.get(&id).map(|u| Member {
+                user: u.clone(),
+                role,
+            })
+        })
+        .collect()
+}
+
+const HISTORY_AFTER: &str = concat!(
+    message_select!(),
+    "FROM events e JOIN messages m ON m.id = e.message_id
+     WHERE e.channel_id = $1 AND e.kind = 'message.created' AND e.seq > $2 AND e.seq < $3
+     ORDER BY e.seq ASC LIMIT $4"
+);
+const HISTORY_BEFORE: &str = concat!(
+    message_select!(),
+    "FROM events e JOIN messages m ON m.id = e.message_id
+     WHERE e.channel_id = $1 AND e.kind = 'message.created' AND e.seq < $2
+     ORDER BY e.seq DESC LIMIT $3"
+);
+
+pub(super) async fn messages(
+    c: &impl GenericClient,
+    channel_id: i64,
+    q: HistoryQuery,
+) -> Result<Page<Message>, Fail> {
+    let before = q.before_seq.unwrap_or(i64::MAX);
+    let fetch = i64::from(q.limit) + 1;
+    let rows = match q.after_seq {
+        Some(after) => {
+            c.query(HISTORY_AFTER, &[&channel_id, &after, &before, &fetch])
+                .await?
+        }
+        None => {
+            c.query(HISTORY_BEFORE, &[&channel_id, &before, &fetch])
+                .await?
+        }
+    };
+    let mut items: Vec<Message> = rows.iter().map(message_row).collect();
+    let has_more = items.len() as i64 == fetch;
+    items.truncate(q.limit as usize);
+    if q.after_seq.is_none() {
+        items.reverse();
+    }
+    Ok(Page { items, has_more })
+}
+
+pub(super) async fn events(
+    c: &impl GenericClient,
+    channel_id: i64,
+    after_seq: i64,
+    limit: u32,
+) -> Result<Page<Event>, Fail> {
+    let fetch = i64::from(limit) + 1;
+    let rows = c
+        .query(
+            "SELECT e.seq, e.kind, e.at, e.user_id, e.body,
+                    m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq, m.text
+             FROM events e LEFT JOIN messages m ON m.id = e.message_id
+             WHERE e.channel_id = $1 AND e.seq > $2 ORDER BY e.seq ASC LIMIT $3",
+            &[&channel_id, &after_seq, &fetch],
+        )
+        .await?;
+    let mut items = rows
+        .iter()
+        .map(|r| event_row(channel_id, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let has_more = items.len() as i64 == fetch;
+    items.truncate(limit as usize);
+    Ok(Page { items, has_more })
+}
+
+/// Rebuilds an event from its log row, as the SQLite backend does: a message event shows
+/// its own text snapshot, or (body NULL) the message row's latest text; once deleted,
+/// every event of the message shows it deleted and redacted.
+fn event_row(channel_id: i64, r: &Row) -> Result<Event, Fail> {
+    let seq: i64 = r.get(0);
+    let kind: &str = r.get(1);
+    let at: i64 = r.get(2);
+    let body: Option<String> = r.get(4);
+    let message = |edited_at: Option<i64>| -> Message {
+        let deleted: bool = r.get(10);
+        Message {
+            id: r.get(5),
+            channel_id,
+            seq: r.get(11),
+            author_id: r.get(6),
+            text: match (&body, deleted) {
+                (_, true) => String::new(),
+                (Some(snapshot), false) => snapshot.clone(),
+                (None, false) => r.get(12),
+            },
+            client_id: r.get(7),
+            created_at: r.get(8),
+            edited_at,
+            deleted,
+        }
+    };
+    let role = || parse_role(body.as_deref().unwrap_or_default());
+    let body = match kind {
+        "message.created" => EventBody::MessageCreated(message(None)),
+        "message.edited" => EventBody::MessageEdited(message(Some(at))),
+        "message.deleted" => EventBody::MessageDeleted(message(r.get(9))),
+        "member.added" => EventBody::MemberAdded {
+            user_id: r.get(3),
+            role: role()?,
+        },
+        "member.updated" => EventBody::MemberUpdated {
+            user_id: r.get(3),
+            role: role()?,
+        },
+        "member.removed" => EventBody::MemberRemoved { user_id: r.get(3) },
+        "channel.updated" => EventBody::ChannelUpdated { name: body.clone() },
+        other => return Err(corrupt("event kind", other)),
+    };
+    Ok(Event {
+        channel_id,
+        seq,
+        at,
+        body,
+    })
+}

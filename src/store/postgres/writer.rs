@@ -1,0 +1,1105 @@
+//! One group-commit writer per shard: a thread with its own small runtime and its own
+//! connection takes every op queued for the shard, applies them in one transaction (every
+//! touched channel row locked first, in id order, so writers on other nodes never
+//! deadlock with it; runs of sends applied as a few `unnest` statements, pipelined), and
+//! only after `COMMIT` returns hands the events on and answers the callers.
+//!
+//! Failure handling, as on SQLite: an op refused by a check writes nothing and answers its
+//! own error. An unexpected PostgreSQL error rolls the batch back and replays its ops one
+//! transaction each. A lost connection answers the batch `Unreachable` (if it broke during
+//! `COMMIT` the outcome is unknown, and it is still not acknowledged: a send retried with
+//! its `client_id` gets the original if it did commit) and the writer reconnects.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement, Transaction};
+
+use super::read::{self, MESSAGE_BY_ID, message_select};
+use super::{Fail, ShardStats, Shared, unreachable_error};
+use crate::clock::now_ms;
+use crate::model::{Channel, ChannelKind, Event, EventBody, Message, Role};
+use crate::store::rules::{self, PutMember, Verdict};
+use crate::store::{Posted, Result, StoreError};
+
+/// Most ops one transaction takes.
+const MAX_BATCH: usize = 4096;
+/// How long a lost connection is not retried after a failed attempt (ops meanwhile are
+/// answered `Unreachable` at once).
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
+
+pub(super) enum Op {
+    /// `members` exist and were admitted (consent, room) by the caller.
+    CreateChannel {
+        id: i64,
+        owner: i64,
+        kind: ChannelKind,
+        name: String,
+        members: Vec<i64>,
+    },
+    /// `id` is on this shard, as the pair key's bucket says; the pair was admitted.
+    OpenDm {
+        id: i64,
+        key: String,
+        user: i64,
+        peer: i64,
+    },
+    RenameChannel {
+        actor: i64,
+        channel_id: i64,
+        name: String,
+    },
+    /// `admitted` is the caller's verdict on consent and room, applied if this adds.
+    PutMember {
+        actor: i64,
+        channel_id: i64,
+        user_id: i64,
+        role: Option<Role>,
+        admitted: Verdict,
+    },
+    RemoveMember {
+        actor: i64,
+        channel_id: i64,
+        user_id: i64,
+    },
+    MarkRead {
+        user_id: i64,
+        channel_id: i64,
+        seq: i64,
+    },
+    Post {
+        author: i64,
+        channel_id: i64,
+        text: String,
+        client_id: Option<String>,
+    },
+    Edit {
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        text: String,
+    },
+    Delete {
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+    },
+}
+
+impl Op {
+    /// The existing channel whose row the op locks.
+    fn locks(&self) -> Option<i64> {
+        match self {
+            Op::CreateChannel { .. } | Op::OpenDm { .. } => None,
+            Op::RenameChannel { channel_id, .. }
+            | Op::PutMember { channel_id, .. }
+            | Op::RemoveMember { channel_id, .. }
+            | Op::MarkRead { channel_id, .. }
+            | Op::Post { channel_id, .. }
+            | Op::Edit { channel_id, .. }
+            | Op::Delete { channel_id, .. } => Some(*channel_id),
+        }
+    }
+}
+
+pub(super) enum Done {
+    Channel(Channel),
+    Dm(Channel, bool),
+    Posted(Posted),
+    Message(Message),
+    Unit,
+}
+
+pub(super) struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Done>>,
+    queued: Instant,
+}
+
+pub(super) enum Msg {
+    Job(Job),
+    Stop(oneshot::Sender<()>),
+}
+
+/// The async side: queues ops for the shard's writer thread.
+pub(super) struct Writer {
+    tx: mpsc::Sender<Msg>,
+    stats: Arc<ShardStats>,
+}
+
+impl Writer {
+    pub fn start(
+        shard: usize,
+        pg: tokio_postgres::Config,
+        capacity: usize,
+        shared: Arc<Shared>,
+        stats: Arc<ShardStats>,
+    ) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let _ = stats.queue.set(tx.downgrade());
+        let thread_stats = Arc::clone(&stats);
+        let handle = std::thread::Builder::new()
+            .name(format!("natter-pg{shard}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the shard writer");
+                rt.block_on(run(
+                    State {
+                        shard,
+                        pg,
+                        conn: None,
+                        retry_at: Instant::now(),
+                        shared,
+                        stats: thread_stats,
+                    },
+                    rx,
+                ));
+            })
+            .expect("spawn a shard writer thread");
+        (Self { tx, stats }, handle)
+    }
+
+    /// Queues `op` (synchronously, in this call: ops queued in some order commit in that
+    /// order) and waits for its commit or refusal.
+    pub fn submit(&self, op: Op) -> impl Future<Output = Result<Done>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let queued = self.tx.try_send(Msg::Job(Job {
+            op,
+            reply,
+            queued: Instant::now(),
+        }));
+        let refused = match queued {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                Some(StoreError::Overloaded)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Some(StoreError::Unavailable),
+        };
+        async move {
+            if let Some(e) = refused {
+                return Err(e);
+            }
+            answer.await.map_err(|_| StoreError::Unavailable)?
+        }
+    }
+
+    /// Commits everything queued before this, then stops the thread.
+    pub async fn stop(&self) {
+        let (done, stopped) = oneshot::channel();
+        if self.tx.send(Msg::Stop(done)).await.is_ok() {
+            let _ = stopped.await;
+        }
+    }
+}
+
+/// The shard's hot statements, prepared once per connection.
+struct Stmts {
+    lock: Statement,
+    channels: Statement,
+    roles: Statement,
+    originals: Statement,
+    insert_events: Statement,
+    insert_messages: Statement,
+    update_channels: Statement,
+    update_own_unread: Statement,
+}
+
+struct Conn {
+    client: Client,
+    stmts: Stmts,
+}
+
+struct State {
+    shard: usize,
+    pg: tokio_postgres::Config,
+    conn: Option<Conn>,
+    retry_at: Instant,
+    shared: Arc<Shared>,
+    stats: Arc<ShardStats>,
+}
+
+async fn connect(pg: &tokio_postgres::Config) -> std::result::Result<Conn, tokio_postgres::Error> {
+    let (client, connection) = pg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "shard writer connection ended");
+        }
+    });
+    let (lock, channels, roles, originals) = tokio::try_join!(
+        client.prepare("SELECT id FROM channels WHERE id = ANY($1) ORDER BY id FOR UPDATE"),
+        client.prepare(
+            "SELECT id, kind, last_seq, owner_id, dm_answered FROM channels WHERE id = ANY($1)"
+        ),
+        client.prepare(
+            "SELECT m.channel_id, m.user_id, m.role FROM members m
+             JOIN unnest($1::bigint[], $2::bigint[]) AS k(c, u) ON m.channel_id = k.c AND m.user_id = k.u"
+        ),
+        client.prepare(concat!(
+            message_select!(),
+            "FROM messages m JOIN unnest($1::bigint[], $2::bigint[], $3::text[]) AS k(c, a, cid)
+             ON m.channel_id = k.c AND m.author_id = k.a AND m.client_id = k.cid"
+        )),
+    )?;
+    let (insert_events, insert_messages, update_channels, update_own_unread) = tokio::try_join!(
+        client.prepare(
+            "INSERT INTO events (channel_id, seq, kind, at, message_id)
+             SELECT c, s, 'message.created', a, m FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS v(c, s, a, m)"
+        ),
+        client.prepare(
+            "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at)
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[])"
+        ),
+        client.prepare(
+            "UPDATE channels c SET last_seq = v.last, live_messages = c.live_messages + v.n,
+                 dm_answered = c.dm_answered OR v.answered
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bool[]) AS v(id, last, n, answered)
+             WHERE c.id = v.id"
+        ),
+        client.prepare(
+            "UPDATE members m SET own_unread = m.own_unread + v.d
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS v(c, u, d)
+             WHERE m.channel_id = v.c AND m.user_id = v.u"
+        ),
+    )?;
+    Ok(Conn {
+        client,
+        stmts: Stmts {
+            lock,
+            channels,
+            roles,
+            originals,
+            insert_events,
+            insert_messages,
+            update_channels,
+            update_own_unread,
+        },
+    })
+}
+
+async fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut stop = None;
+    while let Some(first) = rx.recv().await {
+        match first {
+            Msg::Job(job) => batch.push(job),
+            Msg::Stop(done) => stop = Some(done),
+        }
+        while stop.is_none() && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Job(job)) => batch.push(job),
+                Ok(Msg::Stop(done)) => stop = Some(done),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            commit_batch(&mut state, &mut batch).await;
+        }
+        if let Some(done) = stop.take() {
+            rx.close();
+            drop(rx);
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// Makes sure the writer has a live connection; `false` (the shard is unreachable) if not
+/// and the last attempt was too recent or this one failed.
+async fn ensure_connected(state: &mut State) -> bool {
+    if state.conn.as_ref().is_some_and(|c| !c.client.is_closed()) {
+        return true;
+    }
+    state.conn = None;
+    if Instant::now() < state.retry_at {
+        return false;
+    }
+    let attempt = tokio::time::timeout(Duration::from_secs(2), connect(&state.pg)).await;
+    match attempt {
+        Ok(Ok(conn)) => {
+            tracing::info!(shard = state.shard, "shard writer connected");
+            state.conn = Some(conn);
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(shard = state.shard, error = %e, "shard writer cannot connect");
+            state.retry_at = Instant::now() + RECONNECT_BACKOFF;
+            state.stats.set_up(false);
+            false
+        }
+        Err(_) => {
+            tracing::warn!(shard = state.shard, "shard writer connect timed out");
+            state.retry_at = Instant::now() + RECONNECT_BACKOFF;
+            state.stats.set_up(false);
+            false
+        }
+    }
+}
+
+async fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
+    if !ensure_connected(state).await {
+        state
+            .stats
+            .unreachable
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for job in batch.drain(..) {
+            let _ = job.reply.send(Err(StoreError::Unreachable));
+        }
+        return;
+    }
+    for job in batch.iter() {
+        state
+            .stats
+            .queue_wait
+            .observe_duration(job.queued.elapsed());
+    }
+    match apply_all(state, batch).await {
+        Ok((results, events)) => {
+            state.committed(events);
+            for (job, result) in batch.drain(..).zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) if unreachable_error(&e) => fail_all(state, batch, &e),
+        Err(e) if batch.len() > 1 => {
+            tracing::warn!(shard = state.shard, error = %e, ops = batch.len(), "commit batch failed; replaying its ops one by one");
+            for job in batch.drain(..) {
+                let mut single = vec![job];
+                match apply_all(state, &single).await {
+                    Ok((mut results, events)) => {
+                        state.committed(events);
+                        let _ = single.pop().expect("one job").reply.send(results.remove(0));
+                    }
+                    Err(e) => fail_all(state, &mut single, &e),
+                }
+            }
+        }
+        Err(e) => fail_all(state, batch, &e),
+    }
+}
+
+fn fail_all(state: &mut State, batch: &mut Vec<Job>, e: &tokio_postgres::Error) {
+    let error = if unreachable_error(e) {
+        state.conn = None;
+        state.stats.set_up(false);
+        state
+            .stats
+            .unreachable
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        tracing::warn!(shard = state.shard, error = %e, ops = batch.len(), "shard unreachable; its writes are refused until it is back");
+        StoreError::Unreachable
+    } else {
+        tracing::error!(shard = state.shard, error = %e, "commit write failed");
+        StoreError::internal("commit write", e.to_string())
+    };
+    for job in batch.drain(..) {
+        let _ = job.reply.send(Err(error.duplicate()));
+    }
+}
+
+impl State {
+    fn committed(&self, events: Vec<Event>) {
+        self.stats.set_up(true);
+        let messages = events
+            .iter()
+            .filter(|e| matches!(e.body, EventBody::MessageCreated(_)))
+            .count();
+        self.stats
+            .messages_accepted
+            .fetch_add(messages as u64, Ordering::Relaxed);
+        self.stats
+            .events_committed
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        if let Some(f) = &self.shared.on_commit
+            && !events.is_empty()
+        {
+            f(events);
+        }
+    }
+}
+
+type Committed = (Vec<Result<Done>>, Vec<Event>);
+
+async fn apply_all(
+    state: &mut State,
+    batch: &[Job],
+) -> std::result::Result<Committed, tokio_postgres::Error> {
+    let started = Instant::now();
+    let result = try_apply_all(state, batch).await;
+    match &result {
+        Ok(_) => {
+            state
+                .stats
+                .commit_seconds
+                .observe_duration(started.elapsed());
+            state.stats.batch_ops.observe(batch.len() as f64);
+        }
+        Err(_) => {
+            state.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    result
+}
+
+async fn try_apply_all(
+    state: &mut State,
+    batch: &[Job],
+) -> std::result::Result<Committed, tokio_postgres::Error> {
+    let shared = Arc::clone(&state.shared);
+    let conn = state.conn.as_mut().expect("connected");
+    let stmts = &conn.stmts;
+    let tx = conn.client.transaction().await?;
+    let mut locked: Vec<i64> = batch.iter().filter_map(|j| j.op.locks()).collect();
+    locked.sort_unstable();
+    locked.dedup();
+    if !locked.is_empty() {
+        tx.query(&stmts.lock, &[&locked]).await?;
+    }
+    let mut journal = Vec::new();
+    let mut results = Vec::with_capacity(batch.len());
+    let mut i = 0;
+    while i < batch.len() {
+        if matches!(batch[i].op, Op::Post { .. }) {
+            let end = batch[i..]
+                .iter()
+                .position(|j| !matches!(j.op, Op::Post { .. }))
+                .map_or(batch.len(), |n| i + n);
+            post_run(
+                &tx,
+                stmts,
+                &shared,
+                &batch[i..end],
+                &mut journal,
+                &mut results,
+            )
+            .await?;
+            i = end;
+        } else {
+            let before = journal.len();
+            match apply_one(&tx, &shared, &batch[i].op, &mut journal).await {
+                Ok(done) => results.push(Ok(done)),
+                // Checks come before writes, so a refusal leaves the batch as it was.
+                Err(Fail::Store(e)) => {
+                    debug_assert_eq!(journal.len(), before);
+                    results.push(Err(e))
+                }
+                Err(Fail::Pg(e)) => return Err(e),
+            }
+            i += 1;
+        }
+    }
+    tx.commit().await?;
+    Ok((results, journal))
+}
+
+/// A run of sends: three pipelined reads (channel rows, the authors' roles, earlier
+/// messages with the same `client_id`s), the rules, then four pipelined writes.
+async fn post_run(
+    tx: &Transaction<'_>,
+    stmts: &Stmts,
+    shared: &Shared,
+    jobs: &[Job],
+    journal: &mut Vec<Event>,
+    results: &mut Vec<Result<Done>>,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    let posts: Vec<(i64, i64, &str, Option<&str>)> = jobs
+        .iter()
+        .map(|j| match &j.op {
+            Op::Post {
+                author,
+                channel_id,
+                text,
+                client_id,
+            } => (*author, *channel_id, text.as_str(), client_id.as_deref()),
+            _ => unreachable!("a run holds posts only"),
+        })
+        .collect();
+    let mut channel_ids: Vec<i64> = posts.iter().map(|p| p.1).collect();
+    channel_ids.sort_unstable();
+    channel_ids.dedup();
+    let (role_c, role_u): (Vec<i64>, Vec<i64>) = posts.iter().map(|p| (p.1, p.0)).unzip();
+    let keyed: Vec<&(i64, i64, &str, Option<&str>)> =
+        posts.iter().filter(|p| p.3.is_some()).collect();
+    let orig_c: Vec<i64> = keyed.iter().map(|p| p.1).collect();
+    let orig_a: Vec<i64> = keyed.iter().map(|p| p.0).collect();
+    let orig_k: Vec<&str> = keyed.iter().map(|p| p.3.unwrap_or_default()).collect();
+    let channel_params: [&(dyn ToSql + Sync); 1] = [&channel_ids];
+    let role_params: [&(dyn ToSql + Sync); 2] = [&role_c, &role_u];
+    let original_params: [&(dyn ToSql + Sync); 3] = [&orig_c, &orig_a, &orig_k];
+    let (channel_rows, role_rows, original_rows) = tokio::try_join!(
+        tx.query(&stmts.channels, &channel_params),
+        tx.query(&stmts.roles, &role_params),
+        async {
+            if keyed.is_empty() {
+                Ok(Vec::new())
+            } else {
+                tx.query(&stmts.originals, &original_params).await
+            }
+        },
+    )?;
+    struct Ch {
+        kind: Option<ChannelKind>,
+        last_seq: i64,
+        added: i64,
+        /// The DM's opener while nobody else has posted in it.
+        unanswered_of: Option<i64>,
+        answered: bool,
+    }
+    let mut channels: HashMap<i64, Ch> = HashMap::new();
+    for r in &channel_rows {
+        let kind = ChannelKind::parse(r.get(1));
+        let answered: bool = r.get(4);
+        channels.insert(
+            r.get(0),
+            Ch {
+                unanswered_of: (kind == Some(ChannelKind::Dm) && !answered).then(|| r.get(3)),
+                kind,
+                last_seq: r.get(2),
+                added: 0,
+                answered: false,
+            },
+        );
+    }
+    let roles: HashMap<(i64, i64), Option<Role>> = role_rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), Role::parse(r.get(2))))
+        .collect();
+    let mut originals: HashMap<(i64, i64, String), Message> = original_rows
+        .iter()
+        .map(|r| {
+            let m = read::message_row(r);
+            (
+                (
+                    m.channel_id,
+                    m.author_id,
+                    m.client_id.clone().unwrap_or_default(),
+                ),
+                m,
+            )
+        })
+        .collect();
+    let now = now_ms();
+    let ids = shared.next_ids(posts.len(), now);
+    let mut ev = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut msg = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::<Option<&str>>::new(),
+        Vec::new(),
+    );
+    let mut own: HashMap<(i64, i64), i64> = HashMap::new();
+    for (n, &(author, channel_id, text, client_id)) in posts.iter().enumerate() {
+        let Some(ch) = channels.get_mut(&channel_id) else {
+            results.push(Err(StoreError::NotFound));
+            continue;
+        };
+        let Some(kind) = ch.kind else {
+            results.push(Err(StoreError::internal(
+                "read channel",
+                "corrupt channel kind",
+            )));
+            continue;
+        };
+        let role = roles.get(&(channel_id, author)).copied().flatten();
+        let original =
+            client_id.and_then(|k| originals.get(&(channel_id, author, k.to_owned())).cloned());
+        match rules::post(kind, role, original) {
+            Err(e) => results.push(Err(e)),
+            Ok(Some(retry)) => results.push(Ok(Done::Posted(retry))),
+            Ok(None) => {
+                let id = ids[n];
+                ch.last_seq += 1;
+                ch.added += 1;
+                let seq = ch.last_seq;
+                if ch.unanswered_of.is_some_and(|opener| opener != author) {
+                    ch.unanswered_of = None;
+                    ch.answered = true;
+                }
+                *own.entry((channel_id, author)).or_default() += 1;
+                ev.0.push(channel_id);
+                ev.1.push(seq);
+                ev.2.push(now);
+                ev.3.push(id);
+                msg.0.push(id);
+                msg.1.push(channel_id);
+                msg.2.push(seq);
+                msg.3.push(author);
+                msg.4.push(text);
+                msg.5.push(client_id);
+                msg.6.push(now);
+                let message = Message {
+                    id,
+                    channel_id,
+                    seq,
+                    author_id: author,
+                    text: text.to_owned(),
+                    client_id: client_id.map(str::to_owned),
+                    created_at: now,
+                    edited_at: None,
+                    deleted: false,
+                };
+                if let Some(k) = client_id {
+                    // A second send with this client_id in the same batch is its retry.
+                    originals.insert((channel_id, author, k.to_owned()), message.clone());
+                }
+                journal.push(Event {
+                    channel_id,
+                    seq,
+                    at: now,
+                    body: EventBody::MessageCreated(message.clone()),
+                });
+                results.push(Ok(Done::Posted(Posted {
+                    message,
+                    created: true,
+                })));
+            }
+        }
+    }
+    if ev.0.is_empty() {
+        return Ok(());
+    }
+    let mut upd = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (id, ch) in &channels {
+        if ch.added > 0 {
+            upd.0.push(*id);
+            upd.1.push(ch.last_seq);
+            upd.2.push(ch.added);
+            upd.3.push(ch.answered);
+        }
+    }
+    let (own_c, own_u, own_d) = own.iter().fold(
+        (Vec::new(), Vec::new(), Vec::new()),
+        |(mut c, mut u, mut d), (&(ch, user), &n)| {
+            c.push(ch);
+            u.push(user);
+            d.push(n);
+            (c, u, d)
+        },
+    );
+    let event_params: [&(dyn ToSql + Sync); 4] = [&ev.0, &ev.1, &ev.2, &ev.3];
+    let message_params: [&(dyn ToSql + Sync); 7] =
+        [&msg.0, &msg.1, &msg.2, &msg.3, &msg.4, &msg.5, &msg.6];
+    let channel_params: [&(dyn ToSql + Sync); 4] = [&upd.0, &upd.1, &upd.2, &upd.3];
+    let own_params: [&(dyn ToSql + Sync); 3] = [&own_c, &own_u, &own_d];
+    tokio::try_join!(
+        tx.execute(&stmts.insert_events, &event_params),
+        tx.execute(&stmts.insert_messages, &message_params),
+        tx.execute(&stmts.update_channels, &channel_params),
+        tx.execute(&stmts.update_own_unread, &own_params),
+    )?;
+    Ok(())
+}
+
+/// Every op but a send, one at a time, checks before writes.
+async fn apply_one(
+    tx: &Transaction<'_>,
+    shared: &Shared,
+    op: &Op,
+    j: &mut Vec<Event>,
+) -> std::result::Result<Done, Fail> {
+    let now = now_ms();
+    match op {
+        Op::CreateChannel {
+            id,
+            owner,
+            kind,
+            name,
+            members,
+        } => {
+            tx.execute(
+                "INSERT INTO channels (id, kind, name, owner_id, created_at) VALUES ($1, $2, $3, $4, $5)",
+                &[id, &kind.as_str(), name, owner, &now],
+            )
+            .await?;
+            add_member(tx, j, *id, *owner, Role::Owner, now).await?;
+            for m in members {
+                add_member(tx, j, *id, *m, Role::Member, now).await?;
+            }
+            Ok(Done::Channel(existing(tx, *id).await?))
+        }
+        Op::OpenDm {
+            id,
+            key,
+            user,
+            peer,
+        } => {
+            let found = tx
+                .query_opt("SELECT id FROM channels WHERE dm_key = $1", &[key])
+                .await?;
+            if let Some(row) = found {
+                return Ok(Done::Dm(existing(tx, row.get(0)).await?, false));
+            }
+            tx.execute(
+                "INSERT INTO channels (id, kind, name, owner_id, dm_key, created_at) VALUES ($1, 'dm', NULL, $2, $3, $4)",
+                &[id, user, key, &now],
+            )
+            .await?;
+            add_member(tx, j, *id, *user, Role::Member, now).await?;
+            add_member(tx, j, *id, *peer, Role::Member, now).await?;
+            Ok(Done::Dm(existing(tx, *id).await?, true))
+        }
+        Op::RenameChannel {
+            actor,
+            channel_id,
+            name,
+        } => {
+            let (kind, role) = membership(tx, *channel_id, *actor).await?;
+            rules::rename(kind, role)?;
+            tx.execute(
+                "UPDATE channels SET name = $2 WHERE id = $1",
+                &[channel_id, name],
+            )
+            .await?;
+            append_event(
+                tx,
+                j,
+                EventBody::ChannelUpdated {
+                    name: Some(name.clone()),
+                },
+                *channel_id,
+                now,
+                None,
+                None,
+                Some(name),
+            )
+            .await?;
+            Ok(Done::Channel(existing(tx, *channel_id).await?))
+        }
+        Op::PutMember {
+            actor,
+            channel_id,
+            user_id,
+            role,
+            admitted,
+        } => {
+            let (kind, actor_role) = membership(tx, *channel_id, *actor).await?;
+            let current = role_of(tx, *channel_id, *user_id).await?;
+            match rules::put_member(kind, actor_role, current, *role)? {
+                PutMember::Add(role) => {
+                    if let Err(e) = admitted {
+                        return Err(Fail::Store(e.duplicate()));
+                    }
+                    add_member(tx, j, *channel_id, *user_id, role, now).await?;
+                }
+                PutMember::SetRole(wanted) => {
+                    tx.execute(
+                        "UPDATE members SET role = $3 WHERE channel_id = $1 AND user_id = $2",
+                        &[channel_id, user_id, &wanted.as_str()],
+                    )
+                    .await?;
+                    append_event(
+                        tx,
+                        j,
+                        EventBody::MemberUpdated {
+                            user_id: *user_id,
+                            role: wanted,
+                        },
+                        *channel_id,
+                        now,
+                        None,
+                        Some(*user_id),
+                        Some(wanted.as_str()),
+                    )
+                    .await?;
+                }
+                PutMember::Nothing => {}
+            }
+            Ok(Done::Unit)
+        }
+        Op::RemoveMember {
+            actor,
+            channel_id,
+            user_id,
+        } => {
+            let (kind, actor_role) = membership(tx, *channel_id, *actor).await?;
+            let target = role_of(tx, *channel_id, *user_id).await?;
+            rules::remove_member(kind, *actor, actor_role, *user_id, target)?;
+            tx.execute(
+                "DELETE FROM members WHERE channel_id = $1 AND user_id = $2",
+                &[channel_id, user_id],
+            )
+            .await?;
+            outbox(tx, *user_id, *channel_id, false, now).await?;
+            append_event(
+                tx,
+                j,
+                EventBody::MemberRemoved { user_id: *user_id },
+                *channel_id,
+                now,
+                None,
+                Some(*user_id),
+                None,
+            )
+            .await?;
+            Ok(Done::Unit)
+        }
+        Op::MarkRead {
+            user_id,
+            channel_id,
+            seq,
+        } => {
+            let row = tx
+                .query_opt(
+                    "SELECT m.read_seq, c.last_seq FROM members m JOIN channels c ON c.id = m.channel_id
+                     WHERE m.channel_id = $1 AND m.user_id = $2",
+                    &[channel_id, user_id],
+                )
+                .await?;
+            let row = rules::member(row)?;
+            let (from, last): (i64, i64) = (row.get(0), row.get(1));
+            let to = (*seq).min(last);
+            if to <= from {
+                return Ok(Done::Unit);
+            }
+            let counts = tx
+                .query_one(
+                    "SELECT count(*), count(*) FILTER (WHERE m.author_id = $4)
+                     FROM events e JOIN messages m ON m.id = e.message_id
+                     WHERE e.channel_id = $1 AND e.kind = 'message.created' AND e.seq > $2 AND e.seq <= $3
+                       AND NOT m.deleted",
+                    &[channel_id, &from, &to, user_id],
+                )
+                .await?;
+            let (live, own): (i64, i64) = (counts.get(0), counts.get(1));
+            tx.execute(
+                "UPDATE members SET read_seq = $3, live_read = live_read + $4, own_unread = own_unread - $5
+                 WHERE channel_id = $1 AND user_id = $2",
+                &[channel_id, user_id, &to, &live, &own],
+            )
+            .await?;
+            Ok(Done::Unit)
+        }
+        Op::Post { .. } => unreachable!("sends are applied in runs"),
+        Op::Edit {
+            actor,
+            channel_id,
+            message_id,
+            text,
+        } => {
+            membership(tx, *channel_id, *actor).await?;
+            let found = message(tx, *channel_id, *message_id).await?;
+            let edits: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM events WHERE message_id = $1 AND kind = 'message.edited'",
+                    &[message_id],
+                )
+                .await?
+                .get(0);
+            rules::edit(&shared.rules, found.as_ref(), *actor, edits as u32)?;
+            let mut message = found.ok_or(StoreError::NotFound)?;
+            tx.execute(
+                "UPDATE events SET body = $3 WHERE channel_id = $1 AND message_id = $2 AND body IS NULL",
+                &[channel_id, message_id, &message.text],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE messages SET text = $2, edited_at = $3 WHERE id = $1",
+                &[message_id, text, &now],
+            )
+            .await?;
+            message.text = text.clone();
+            message.edited_at = Some(now);
+            append_event(
+                tx,
+                j,
+                EventBody::MessageEdited(message.clone()),
+                *channel_id,
+                now,
+                Some(*message_id),
+                None,
+                None,
+            )
+            .await?;
+            Ok(Done::Message(message))
+        }
+        Op::Delete {
+            actor,
+            channel_id,
+            message_id,
+        } => {
+            let (_, role) = membership(tx, *channel_id, *actor).await?;
+            let found = message(tx, *channel_id, *message_id).await?;
+            if !rules::delete(found.as_ref(), *actor, role)? {
+                return Ok(Done::Unit);
+            }
+            let message = found.ok_or(StoreError::NotFound)?;
+            tx.execute(
+                "UPDATE messages SET text = '', deleted = TRUE WHERE id = $1",
+                &[message_id],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE events SET body = '' WHERE channel_id = $1 AND message_id = $2",
+                &[channel_id, message_id],
+            )
+            .await?;
+            let redacted = Message {
+                text: String::new(),
+                deleted: true,
+                ..message.clone()
+            };
+            append_event(
+                tx,
+                j,
+                EventBody::MessageDeleted(redacted),
+                *channel_id,
+                now,
+                Some(*message_id),
+                None,
+                None,
+            )
+            .await?;
+            tx.execute(
+                "UPDATE channels SET live_messages = live_messages - 1 WHERE id = $1",
+                &[channel_id],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE members SET live_read = live_read - 1 WHERE channel_id = $1 AND read_seq >= $2",
+                &[channel_id, &message.seq],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE members SET own_unread = own_unread - 1 WHERE channel_id = $1 AND user_id = $2 AND read_seq < $3",
+                &[channel_id, &message.author_id, &message.seq],
+            )
+            .await?;
+            Ok(Done::Unit)
+        }
+    }
+}
+
+async fn existing(tx: &Transaction<'_>, id: i64) -> std::result::Result<Channel, Fail> {
+    Ok(read::channel(tx, id).await?.ok_or(StoreError::NotFound)?)
+}
+
+async fn message(
+    tx: &Transaction<'_>,
+    channel_id: i64,
+    message_id: i64,
+) -> std::result::Result<Option<Message>, Fail> {
+    let row = tx
+        .query_opt(MESSAGE_BY_ID, &[&message_id, &channel_id])
+        .await?;
+    Ok(row.as_ref().map(read::message_row))
+}
+
+/// The channel's kind and the user's role; `NotFound` for non-members.
+async fn membership(
+    tx: &Transaction<'_>,
+    channel_id: i64,
+    user_id: i64,
+) -> std::result::Result<(ChannelKind, Role), Fail> {
+    let row = tx
+        .query_opt(
+            "SELECT c.kind, m.role FROM members m JOIN channels c ON c.id = m.channel_id
+             WHERE m.channel_id = $1 AND m.user_id = $2",
+            &[&channel_id, &user_id],
+        )
+        .await?;
+    let row = rules::member(row)?;
+    Ok((read::parse_kind(row.get(0))?, read::parse_role(row.get(1))?))
+}
+
+async fn role_of(
+    tx: &Transaction<'_>,
+    channel_id: i64,
+    user_id: i64,
+) -> std::result::Result<Option<Role>, Fail> {
+    let row = tx
+        .query_opt(
+            "SELECT role FROM members WHERE channel_id = $1 AND user_id = $2",
+            &[&channel_id, &user_id],
+        )
+        .await?;
+    row.map(|r| read::parse_role(r.get(0))).transpose()
+}
+
+/// Adds a member with a `member.added` event (read marker at that event) and records the
+/// change in the outbox for shard 0's index.
+async fn add_member(
+    tx: &Transaction<'_>,
+    j: &mut Vec<Event>,
+    channel_id: i64,
+    user_id: i64,
+    role: Role,
+    at: i64,
+) -> std::result::Result<(), Fail> {
+    let seq = append_event(
+        tx,
+        j,
+        EventBody::MemberAdded { user_id, role },
+        channel_id,
+        at,
+        None,
+        Some(user_id),
+        Some(role.as_str()),
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO members (channel_id, user_id, role, read_seq, live_read, own_unread)
+         SELECT $1, $2, $3, $4, live_messages, 0 FROM channels WHERE id = $1",
+        &[&channel_id, &user_id, &role.as_str(), &seq],
+    )
+    .await?;
+    outbox(tx, user_id, channel_id, true, at).await
+}
+
+async fn outbox(
+    tx: &Transaction<'_>,
+    user_id: i64,
+    channel_id: i64,
+    joined: bool,
+    at: i64,
+) -> std::result::Result<(), Fail> {
+    tx.execute(
+        "INSERT INTO outbox (user_id, channel_id, joined, created_at) VALUES ($1, $2, $3, $4)",
+        &[&user_id, &channel_id, &joined, &at],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Appends an event with the channel's next seq (the row lock is held to commit, so seq
+/// order is commit order) and returns the seq.
+#[allow(clippy::too_many_arguments)]
+async fn append_event(
+    tx: &Transaction<'_>,
+    journal: &mut Vec<Event>,
+    record: EventBody,
+    channel_id: i64,
+    at: i64,
+    message_id: Option<i64>,
+    user_id: Option<i64>,
+    body: Option<&str>,
+) -> std::result::Result<i64, Fail> {
+    let seq: i64 = tx
+        .query_one(
+            "UPDATE channels SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
+            &[&channel_id],
+        )
+        .await?
+        .get(0);
+    tx.execute(
+        "INSERT INTO events (channel_id, seq, kind, at, message_id, user_id, body) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[&channel_id, &seq, &record.kind(), &at, &message_id, &user_id, &body],
+    )
+    .await?;
+    journal.push(Event {
+        channel_id,
+        seq,
+        at,
+        body: record,
+    });
+    Ok(seq)
+}
