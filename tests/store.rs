@@ -76,7 +76,9 @@ mod postgres {
     mod two_nodes {
         checks!(on_two_nodes: two_writers_keep_seqs_gap_free,
             a_retry_through_the_other_node_returns_the_original,
-            each_node_sees_the_others_writes);
+            each_node_sees_the_others_writes,
+            both_nodes_opening_one_dm_get_the_same_dm,
+            the_channel_index_follows_changes_made_through_both_nodes);
     }
 }
 

@@ -613,6 +613,8 @@ pub const TWO_NODE_CHECKS: &[&str] = &[
     "two_writers_keep_seqs_gap_free",
     "a_retry_through_the_other_node_returns_the_original",
     "each_node_sees_the_others_writes",
+    "both_nodes_opening_one_dm_get_the_same_dm",
+    "the_channel_index_follows_changes_made_through_both_nodes",
 ];
 
 /// Runs the two-node check called `name` against `a` and `b`.
@@ -623,6 +625,12 @@ pub async fn run_two(name: &str, a: &dyn Store, b: &dyn Store) {
             a_retry_through_the_other_node_returns_the_original(a, b).await
         }
         "each_node_sees_the_others_writes" => each_node_sees_the_others_writes(a, b).await,
+        "both_nodes_opening_one_dm_get_the_same_dm" => {
+            both_nodes_opening_one_dm_get_the_same_dm(a, b).await
+        }
+        "the_channel_index_follows_changes_made_through_both_nodes" => {
+            the_channel_index_follows_changes_made_through_both_nodes(a, b).await
+        }
         other => panic!("no two-node check {other}"),
     }
 }
@@ -764,4 +772,80 @@ async fn each_node_sees_the_others_writes(a: &dyn Store, b: &dyn Store) {
         a.post_message(bob, ch.id, "gone", None).await,
         Err(StoreError::NotFound)
     ));
+}
+
+/// Regression: the second node's insert of the same pair's DM used to fail with a unique
+/// violation (500) instead of returning the DM the first node made.
+async fn both_nodes_opening_one_dm_get_the_same_dm(a: &dyn Store, b: &dyn Store) {
+    for i in 0..8 {
+        let x = user(a, &format!("x{i}")).await;
+        let y = user(b, &format!("y{i}")).await;
+        let (from_a, from_b) = tokio::join!(a.open_dm(x, y), b.open_dm(y, x));
+        let ((dm_a, made_a), (dm_b, made_b)) = (from_a.unwrap(), from_b.unwrap());
+        assert_eq!(dm_a.id, dm_b.id, "pair {i}");
+        assert!(made_a != made_b, "pair {i}: exactly one made it");
+        for who in [x, y] {
+            let listed: Vec<i64> = a
+                .channels(who)
+                .await
+                .unwrap()
+                .iter()
+                .map(|v| v.channel.id)
+                .collect();
+            assert_eq!(listed, vec![dm_a.id]);
+        }
+    }
+}
+
+/// Joins and leaves of one user, made through both nodes at once (so both relay the same
+/// shard's outbox): afterwards the user's channel list is exactly the channels they are
+/// a member of (a join the index lost would be missing).
+async fn the_channel_index_follows_changes_made_through_both_nodes(a: &dyn Store, b: &dyn Store) {
+    let owner = user(a, "owner").await;
+    let u = user(b, "mover").await;
+    let mut channels = Vec::new();
+    for i in 0..6 {
+        channels.push(
+            a.create_channel(owner, ChannelKind::Group, &format!("c{i}"), &[])
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for round in 0..12 {
+        let mut changes = Vec::new();
+        for (i, &ch) in channels.iter().enumerate() {
+            let node = if (i + round) % 2 == 0 { a } else { b };
+            let join = (i * 7 + round * 3) % 3 != 0;
+            changes.push(async move {
+                if join {
+                    node.put_member(owner, ch, u, None).await
+                } else {
+                    node.remove_member(owner, ch, u).await.or_else(|e| match e {
+                        StoreError::NotFound => Ok(()),
+                        e => Err(e),
+                    })
+                }
+            });
+        }
+        for r in futures_util::future::join_all(changes).await {
+            r.unwrap();
+        }
+    }
+    let mut members = Vec::new();
+    for &ch in &channels {
+        if a.channel(ch, u).await.unwrap().is_some() {
+            members.push(ch);
+        }
+    }
+    for node in [a, b] {
+        let listed: Vec<i64> = node
+            .channels(u)
+            .await
+            .unwrap()
+            .iter()
+            .map(|v| v.channel.id)
+            .collect();
+        assert_eq!(listed, members);
+    }
 }

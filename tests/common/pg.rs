@@ -32,10 +32,27 @@ pub fn installed() -> bool {
 /// The instance this test binary shares, started on first use; `None` (the test is
 /// skipped) when PostgreSQL is not installed.
 pub fn shared() -> Option<&'static Postgres> {
-    static SHARED: OnceLock<Option<Postgres>> = OnceLock::new();
     SHARED
-        .get_or_init(|| installed().then(Postgres::start))
+        .get_or_init(|| {
+            let pg = installed().then(Postgres::start);
+            if pg.is_some() {
+                // SAFETY: registering a plain `extern "C" fn` with no arguments.
+                unsafe { libc::atexit(stop_shared) };
+            }
+            pg
+        })
         .as_ref()
+}
+
+static SHARED: OnceLock<Option<Postgres>> = OnceLock::new();
+
+/// At exit: stops the shared instance and removes its files (a static is never
+/// dropped; the parent-death signal alone would leave the files).
+extern "C" fn stop_shared() {
+    if let Some(Some(pg)) = SHARED.get() {
+        pg.stop();
+        let _ = std::fs::remove_dir_all(pg.dir.path());
+    }
 }
 
 /// `n` fresh databases on the shared instance, as `postgres://` URLs; `None` to skip.

@@ -43,10 +43,19 @@ use crate::model::{
 /// How long a node's lease on its id lasts without renewal, and how often it is renewed.
 const LEASE_TTL: Duration = Duration::from_secs(6);
 const LEASE_RENEW: Duration = Duration::from_millis(1500);
+/// Writes stop this long before the lease could lapse unrenewed.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+/// The database's clock in Unix ms: leases compare times of one clock, whatever the
+/// nodes' clocks say.
+const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+/// The advisory lock (on each shard) held while its outbox is relayed.
+const RELAY_LOCK: i64 = 0x6e61_7474_6572_0002;
 /// How often each shard is probed and its outbox relayed.
 const TICK: Duration = Duration::from_secs(1);
 /// Longest wait for a pooled read connection.
 const POOL_WAIT: Duration = Duration::from_secs(2);
+/// The statement timeout of the connections that migrate and check the cluster at start.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How to open a [`PostgresStore`].
 #[derive(Clone)]
@@ -82,27 +91,48 @@ impl From<StoreError> for Fail {
     }
 }
 
-/// Errors that mean the shard is down, restarting, or too slow (a statement timeout):
-/// `503 unavailable` to the caller, and the shard shows down until it answers again.
-pub(super) fn unreachable_error(e: &tokio_postgres::Error) -> bool {
+/// Errors that mean the connection to the shard is gone (the shard is down or
+/// restarting): the shard shows down until a probe gets through again.
+pub(super) fn connection_lost(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() {
         return true;
     }
     match e.code() {
-        None => true,
+        // No SQLSTATE: an I/O error on the socket (or a driver-side error, which is not).
+        None => {
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                if s.is::<std::io::Error>() {
+                    return true;
+                }
+                source = s.source();
+            }
+            false
+        }
         Some(code) => {
             code.code().starts_with("08")
                 || [
-                    SqlState::QUERY_CANCELED,
                     SqlState::ADMIN_SHUTDOWN,
                     SqlState::CRASH_SHUTDOWN,
                     SqlState::CANNOT_CONNECT_NOW,
-                    SqlState::TOO_MANY_CONNECTIONS,
-                    SqlState::READ_ONLY_SQL_TRANSACTION,
                 ]
                 .contains(code)
         }
     }
+}
+
+/// Errors the caller gets as `503 unavailable` (retry shortly): a lost connection, a
+/// statement past the timeout, a shard refusing connections or writes.
+pub(super) fn unreachable_error(e: &tokio_postgres::Error) -> bool {
+    connection_lost(e)
+        || e.code().is_some_and(|code| {
+            [
+                SqlState::QUERY_CANCELED,
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::READ_ONLY_SQL_TRANSACTION,
+            ]
+            .contains(code)
+        })
 }
 
 /// What every shard writer of this node shares.
@@ -111,9 +141,33 @@ pub(super) struct Shared {
     ids: Mutex<Snowflake>,
     on_commit: Option<OnCommit>,
     rules: Rules,
+    /// Until when (ms since `started`) the node id's lease is surely still ours: the last
+    /// renewal's send time plus the lease's life, less a margin.
+    lease_until_ms: AtomicU64,
+    started: Instant,
 }
 
 impl Shared {
+    /// Whether this node may hand out ids: its lease on the node id has not lapsed.
+    pub(super) fn lease_held(&self) -> bool {
+        (self.started.elapsed().as_millis() as u64) < self.lease_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Records a successful lease write sent at `sent`.
+    fn lease_renewed(&self, sent: Instant) {
+        let until = sent.duration_since(self.started) + LEASE_TTL - LEASE_MARGIN;
+        self.lease_until_ms
+            .fetch_max(until.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// An id for a write the caller is about to queue; refused without a live lease.
+    fn checked_id(&self, now: i64) -> Result<i64> {
+        if !self.lease_held() {
+            return Err(StoreError::Unreachable);
+        }
+        Ok(self.next_id(now))
+    }
+
     fn next_id(&self, now: i64) -> i64 {
         self.ids
             .lock()
@@ -212,6 +266,16 @@ pub struct PostgresStore {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
+impl Drop for PostgresStore {
+    /// A store dropped without [`Backend::close`] (an error path) still stops its
+    /// background tasks; its writers stop when their queues close.
+    fn drop(&mut self) {
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            t.abort();
+        }
+    }
+}
+
 fn pg_config(url: &str, statement_timeout: Duration) -> anyhow::Result<tokio_postgres::Config> {
     let mut config: tokio_postgres::Config = url
         .parse()
@@ -248,8 +312,10 @@ impl PostgresStore {
             .map(|u| pg_config(u, opts.statement_timeout))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut clients = Vec::new();
-        for (i, c) in configs.iter().enumerate() {
-            let mut client = connect_once(c).await.with_context(|| {
+        for (i, url) in opts.shards.iter().enumerate() {
+            // Migrations and the cluster check may wait on other nodes' locks: a long bound.
+            let c = pg_config(url, SETUP_TIMEOUT)?;
+            let mut client = connect_once(&c).await.with_context(|| {
                 format!(
                     "connect to shard {i} ({})",
                     super::location::redact(&opts.shards[i])
@@ -268,13 +334,17 @@ impl PostgresStore {
                 b.iter().map(|x| format!("{x:02x}")).collect::<String>()
             )
         };
+        let sent = Instant::now();
         take_lease(&clients[0], opts.node_id, &holder).await?;
         drop(clients);
         let shared = Arc::new(Shared {
             ids: Mutex::new(Snowflake::new(opts.node_id)),
             on_commit: opts.on_commit.clone(),
             rules: opts.rules,
+            lease_until_ms: AtomicU64::new(0),
+            started: Instant::now(),
         });
+        shared.lease_renewed(sent.max(shared.started));
         let mut shards = Vec::new();
         for (index, config) in configs.into_iter().enumerate() {
             let stats = Arc::new(ShardStats::default());
@@ -323,8 +393,9 @@ impl PostgresStore {
             holder,
             lease_lost: AtomicBool::new(false),
         });
+        let lease_config = pg_config(&opts.shards[0], opts.statement_timeout)?;
         let tasks = vec![
-            tokio::spawn(renew_lease(Arc::clone(&inner))),
+            tokio::spawn(renew_lease(Arc::clone(&inner), lease_config)),
             tokio::spawn(tick(Arc::clone(&inner))),
         ];
         Ok(Self {
@@ -371,17 +442,18 @@ async fn take_lease(
     holder: &str,
 ) -> anyhow::Result<()> {
     let node = i32::from(node_id);
+    let ttl = LEASE_TTL.as_millis() as i64;
     let mut seen: Option<i64> = None;
     for _ in 0..20 {
-        let now = now_ms();
-        let expires = now + LEASE_TTL.as_millis() as i64;
         let taken = client
             .query_opt(
-                "INSERT INTO node_leases (node_id, holder, expires_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (node_id) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
-                 WHERE node_leases.expires_at <= $4 OR node_leases.holder = EXCLUDED.holder
-                 RETURNING holder",
-                &[&node, &holder, &expires, &now],
+                &format!(
+                    "INSERT INTO node_leases (node_id, holder, expires_at) VALUES ($1, $2, {DB_NOW_MS} + $3)
+                     ON CONFLICT (node_id) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+                     WHERE node_leases.expires_at <= {DB_NOW_MS} OR node_leases.holder = EXCLUDED.holder
+                     RETURNING holder"
+                ),
+                &[&node, &holder, &ttl],
             )
             .await?;
         if taken.is_some() {
@@ -389,14 +461,16 @@ async fn take_lease(
         }
         let Some(row) = client
             .query_opt(
-                "SELECT expires_at FROM node_leases WHERE node_id = $1",
+                &format!(
+                    "SELECT expires_at, expires_at - {DB_NOW_MS} FROM node_leases WHERE node_id = $1"
+                ),
                 &[&node],
             )
             .await?
         else {
             continue;
         };
-        let other: i64 = row.get(0);
+        let (other, left): (i64, i64) = (row.get(0), row.get(1));
         if seen.is_some_and(|before| other > before) {
             anyhow::bail!(
                 "node id {node_id} is held by another live node (its lease is being renewed); \
@@ -404,7 +478,7 @@ async fn take_lease(
             );
         }
         seen = Some(other);
-        let wait = (other - now_ms()).clamp(0, LEASE_TTL.as_millis() as i64) as u64 + 100;
+        let wait = left.clamp(0, ttl) as u64 + 100;
         tracing::info!(
             node_id,
             wait_ms = wait,
@@ -415,34 +489,54 @@ async fn take_lease(
     anyhow::bail!("could not take the lease on node id {node_id}")
 }
 
-async fn renew_lease(inner: Arc<Inner>) {
+/// Renews the lease on its own connection (not the read pool: a busy pool must not let
+/// the lease lapse). While renewals fail, [`Shared::lease_held`] turns false once the
+/// lease could have lapsed, and writes are refused until a renewal gets through.
+async fn renew_lease(inner: Arc<Inner>, config: tokio_postgres::Config) {
     let mut every = tokio::time::interval(LEASE_RENEW);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<tokio_postgres::Client> = None;
     loop {
         every.tick().await;
-        let Ok(c) = inner.conn(0).await else {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = tokio::time::timeout(Duration::from_secs(2), connect_once(&config))
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        let Some(c) = &client else {
             continue;
         };
-        let expires = now_ms() + LEASE_TTL.as_millis() as i64;
-        match c
-            .execute(
-                "UPDATE node_leases SET expires_at = $3 WHERE node_id = $1 AND holder = $2",
-                &[&i32::from(inner.node_id), &inner.holder, &expires],
-            )
-            .await
-        {
-            Ok(1) => {
+        let sent = Instant::now();
+        let renewed = tokio::time::timeout(
+            LEASE_RENEW,
+            c.execute(
+                &format!(
+                    "UPDATE node_leases SET expires_at = {DB_NOW_MS} + $3 WHERE node_id = $1 AND holder = $2"
+                ),
+                &[
+                    &i32::from(inner.node_id),
+                    &inner.holder,
+                    &(LEASE_TTL.as_millis() as i64),
+                ],
+            ),
+        )
+        .await;
+        match renewed {
+            Ok(Ok(1)) => {
+                inner.shared.lease_renewed(sent);
                 inner.lease_lost.store(false, Ordering::Relaxed);
             }
-            Ok(_) => {
+            Ok(Ok(_)) => {
                 if !inner.lease_lost.swap(true, Ordering::Relaxed) {
                     tracing::error!(
                         node_id = inner.node_id,
-                        "lost the lease on this node id (another node took it after it lapsed); ids may collide: stop this node"
+                        "lost the lease on this node id (another node took it after it lapsed); writes are refused: stop this node"
                     );
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "renew the node id lease"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "renew the node id lease"),
+            Err(_) => tracing::warn!("renewing the node id lease timed out"),
         }
     }
 }
@@ -481,7 +575,13 @@ impl Inner {
         let got = s.pool.get().await;
         s.stats.pool_wait.observe_duration(started.elapsed());
         got.map_err(|e| {
-            s.stats.set_up(false);
+            // Waiting too long for a pooled connection is load, not a dead shard.
+            if !matches!(
+                e,
+                deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)
+            ) {
+                s.stats.set_up(false);
+            }
             s.stats.unreachable.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(shard, error = %e, "no read connection");
             StoreError::Unreachable
@@ -494,10 +594,13 @@ impl Inner {
             Fail::Store(e) => e,
             Fail::Pg(e) if unreachable_error(&e) => {
                 let s = &self.shards[shard];
-                s.stats.set_up(false);
+                if connection_lost(&e) {
+                    s.stats.set_up(false);
+                }
                 s.stats.unreachable.fetch_add(1, Ordering::Relaxed);
                 StoreError::Unreachable
             }
+            Fail::Pg(e) if e.code() == Some(&SqlState::DISK_FULL) => StoreError::DiskFull,
             Fail::Pg(e) => StoreError::internal(context, e),
         }
     }
@@ -509,74 +612,104 @@ impl Inner {
         let _one_at_a_time = s.relay.lock().await;
         let mut applied = 0;
         loop {
-            let source = self.conn(shard).await?;
-            let rows = source
-                .query(
-                    "SELECT id, user_id, channel_id, joined, created_at FROM outbox ORDER BY id LIMIT 1000",
-                    &[],
-                )
-                .await
-                .map_err(|e| self.fail(shard, "read outbox", e.into()))?;
-            if rows.is_empty() {
-                s.stats.relay_pending.store(0, Ordering::Relaxed);
-                s.stats.relay_lag_ms.store(0, Ordering::Relaxed);
-                return Ok(applied);
-            }
-            let oldest: i64 = rows[0].get(4);
-            s.stats
-                .relay_pending
-                .store(rows.len() as u64, Ordering::Relaxed);
-            s.stats
-                .relay_lag_ms
-                .store((now_ms() - oldest).max(0) as u64, Ordering::Relaxed);
-            // The last change of each (user, channel) pair in this chunk is its state.
-            let mut last: BTreeMap<(i64, i64), bool> = BTreeMap::new();
-            let mut ids = Vec::with_capacity(rows.len());
-            for r in &rows {
-                ids.push(r.get::<_, i64>(0));
-                last.insert((r.get(1), r.get(2)), r.get(3));
-            }
-            let (mut join_u, mut join_c, mut left_u, mut left_c) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((u, c), joined) in last {
-                if joined {
-                    join_u.push(u);
-                    join_c.push(c);
-                } else {
-                    left_u.push(u);
-                    left_c.push(c);
+            let mut source = self.conn(shard).await?;
+            let chunk = self.relay_chunk(shard, &mut source).await;
+            match chunk {
+                Ok(0) => return Ok(applied),
+                Ok(n) => {
+                    applied += n;
+                    s.stats.relay_applied.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    s.stats.relay_errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
                 }
             }
-            let mut index = self.conn(0).await?;
-            let apply = async {
-                let tx = index.transaction().await?;
-                tx.execute(
-                    "INSERT INTO user_channels (user_id, channel_id)
-                     SELECT * FROM unnest($1::bigint[], $2::bigint[]) ON CONFLICT DO NOTHING",
-                    &[&join_u, &join_c],
-                )
-                .await?;
-                tx.execute(
-                    "DELETE FROM user_channels uc USING unnest($1::bigint[], $2::bigint[]) AS v(u, c)
-                     WHERE uc.user_id = v.u AND uc.channel_id = v.c",
-                    &[&left_u, &left_c],
-                )
-                .await?;
-                tx.commit().await
-            };
-            if let Err(e) = apply.await {
-                s.stats.relay_errors.fetch_add(1, Ordering::Relaxed);
-                return Err(self.fail(0, "apply outbox to the index", e.into()));
-            }
-            source
-                .execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
-                .await
-                .map_err(|e| self.fail(shard, "delete relayed outbox rows", e.into()))?;
-            applied += ids.len() as u64;
-            s.stats
-                .relay_applied
-                .fetch_add(ids.len() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// One chunk of `shard`'s outbox: in a transaction on the shard that holds the shard's
+    /// relay lock (so relays of several nodes never interleave, which could apply an old
+    /// state after a newer one), read the oldest rows, apply them to shard 0, delete them,
+    /// commit. A crash between shard 0's commit and the delete applies them again later:
+    /// harmless, as each pair ends in its last state either way.
+    async fn relay_chunk(
+        &self,
+        shard: usize,
+        source: &mut deadpool_postgres::Object,
+    ) -> Result<u64> {
+        let s = &self.shards[shard];
+        let tx = source
+            .transaction()
+            .await
+            .map_err(|e| self.fail(shard, "begin relay", e.into()))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&RELAY_LOCK])
+            .await
+            .map_err(|e| self.fail(shard, "take the relay lock", e.into()))?;
+        let rows = tx
+            .query(
+                "SELECT id, user_id, channel_id, joined, created_at FROM outbox ORDER BY id LIMIT 1000",
+                &[],
+            )
+            .await
+            .map_err(|e| self.fail(shard, "read outbox", e.into()))?;
+        if rows.is_empty() {
+            s.stats.relay_pending.store(0, Ordering::Relaxed);
+            s.stats.relay_lag_ms.store(0, Ordering::Relaxed);
+            return Ok(0);
+        }
+        let oldest: i64 = rows[0].get(4);
+        s.stats
+            .relay_pending
+            .store(rows.len() as u64, Ordering::Relaxed);
+        s.stats
+            .relay_lag_ms
+            .store((now_ms() - oldest).max(0) as u64, Ordering::Relaxed);
+        // The last change of each (user, channel) pair in this chunk is its state.
+        let mut last: BTreeMap<(i64, i64), bool> = BTreeMap::new();
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in &rows {
+            ids.push(r.get::<_, i64>(0));
+            last.insert((r.get(1), r.get(2)), r.get(3));
+        }
+        let (mut join_u, mut join_c, mut left_u, mut left_c) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((u, c), joined) in last {
+            if joined {
+                join_u.push(u);
+                join_c.push(c);
+            } else {
+                left_u.push(u);
+                left_c.push(c);
+            }
+        }
+        let mut index = self.conn(0).await?;
+        let apply = async {
+            let itx = index.transaction().await?;
+            itx.execute(
+                "INSERT INTO user_channels (user_id, channel_id)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[]) ON CONFLICT DO NOTHING",
+                &[&join_u, &join_c],
+            )
+            .await?;
+            itx.execute(
+                "DELETE FROM user_channels uc USING unnest($1::bigint[], $2::bigint[]) AS v(u, c)
+                 WHERE uc.user_id = v.u AND uc.channel_id = v.c",
+                &[&left_u, &left_c],
+            )
+            .await?;
+            itx.commit().await
+        };
+        apply
+            .await
+            .map_err(|e| self.fail(0, "apply outbox to the index", e.into()))?;
+        tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
+            .await
+            .map_err(|e| self.fail(shard, "delete relayed outbox rows", e.into()))?;
+        tx.commit()
+            .await
+            .map_err(|e| self.fail(shard, "commit relay", e.into()))?;
+        Ok(ids.len() as u64)
     }
 
     /// Relays right after a membership change, so the caller's next channel list shows
@@ -609,8 +742,15 @@ impl Inner {
                 .or_default()
                 .push(id);
         }
+        let mut failed = None;
         for (shard, ids) in by_shard {
-            let c = self.conn(shard).await?;
+            let c = match self.conn(shard).await {
+                Ok(c) => c,
+                Err(e) => {
+                    failed = Some(e);
+                    continue;
+                }
+            };
             let found = c
                 .query_opt(
                     "SELECT 1 FROM channels c
@@ -620,13 +760,18 @@ impl Inner {
                      LIMIT 1",
                     &[&ids, &actor, &user],
                 )
-                .await
-                .map_err(|e| self.fail(shard, "check a shared channel", e.into()))?;
-            if found.is_some() {
-                return Ok(true);
+                .await;
+            match found {
+                Ok(Some(_)) => return Ok(true),
+                Ok(None) => {}
+                Err(e) => failed = Some(self.fail(shard, "check a shared channel", e.into())),
             }
         }
-        Ok(false)
+        // A shard that did not answer might have held the shared channel.
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(false),
+        }
     }
 
     /// Memberships of each of `users`, from the index.
@@ -656,16 +801,25 @@ impl Inner {
     async fn pending_dms(&self, user: i64) -> Result<u64> {
         let mut total = 0;
         for shard in &self.shards {
-            let c = self.conn(shard.index).await?;
-            let n: i64 = c
+            // A shard that does not answer counts none: a DM is still allowed.
+            let Ok(c) = self.conn(shard.index).await else {
+                continue;
+            };
+            let n: i64 = match c
                 .query_one(
                     "SELECT count(*) FROM members m JOIN channels c ON c.id = m.channel_id
                      WHERE m.user_id = $1 AND c.kind = 'dm' AND c.owner_id != $1 AND NOT c.dm_answered",
                     &[&user],
                 )
                 .await
-                .map_err(|e| self.fail(shard.index, "count pending DMs", e.into()))?
-                .get(0);
+            {
+                Ok(row) => row.get(0),
+                Err(e) => {
+                    let e = self.fail(shard.index, "count pending DMs", e.into());
+                    tracing::warn!(shard = shard.index, error = %e, "count pending DMs");
+                    continue;
+                }
+            };
             total += n as u64;
         }
         Ok(total)
@@ -926,7 +1080,7 @@ impl Accounts for PostgresStore {
         let folded = crate::username::fold(username);
         let skeleton = crate::username::skeleton(&folded);
         let now = now_ms();
-        let id = inner.shared.next_id(now);
+        let id = inner.shared.checked_id(now)?;
         let mut c = inner.conn(0).await?;
         let result: std::result::Result<User, Fail> = async {
             let tx = c.transaction().await?;
@@ -1145,7 +1299,7 @@ impl Channels for PostgresStore {
             rules::room(rules, count(m))?;
         }
         rules::room(rules, count(owner))?;
-        let id = inner.shared.next_id(now_ms());
+        let id = inner.shared.checked_id(now_ms())?;
         let shard = inner.shard_of_channel(id);
         let done = inner
             .submit(
@@ -1201,7 +1355,7 @@ impl Channels for PostgresStore {
         }
         // The DM is made on its pair's shard: an id whose bucket maps there.
         let id = loop {
-            let id = inner.shared.next_id(now_ms());
+            let id = inner.shared.checked_id(now_ms())?;
             if inner.shard_of_channel(id) == shard {
                 break id;
             }

@@ -101,7 +101,10 @@ const MIGRATIONS: &[&str] = &[
         body       TEXT,
         PRIMARY KEY (channel_id, seq)
     );
-    CREATE INDEX events_message ON events (message_id) WHERE message_id IS NOT NULL;
+    -- A message's later events (edits, the delete), for edits and redaction; its
+    -- `message.created` event is found by (channel_id, seq), so a send adds no entry here.
+    CREATE INDEX events_message ON events (message_id)
+        WHERE message_id IS NOT NULL AND kind <> 'message.created';
     -- Membership changes not yet applied to shard 0's user_channels (the saga's outbox).
     CREATE TABLE outbox (
         id         BIGSERIAL PRIMARY KEY,
@@ -188,6 +191,21 @@ pub struct ClusterMap {
 /// configured list; on a new cluster (no map yet, no shard claimed), writes both. A shard
 /// list that disagrees with what the shards say is refused, naming what is wrong.
 pub async fn check_or_create_cluster(clients: &mut [Client]) -> anyhow::Result<ClusterMap> {
+    // Nodes starting together on empty databases create the cluster once: the first
+    // holds this lock on shard 0 while it checks and creates, the others then check.
+    clients[0]
+        .execute("SELECT pg_advisory_lock($1)", &[&CLUSTER_LOCK])
+        .await?;
+    let result = check_or_create(clients).await;
+    let _ = clients[0]
+        .execute("SELECT pg_advisory_unlock($1)", &[&CLUSTER_LOCK])
+        .await;
+    result
+}
+
+const CLUSTER_LOCK: i64 = 0x6e61_7474_6572_0003;
+
+async fn check_or_create(clients: &mut [Client]) -> anyhow::Result<ClusterMap> {
     let n = clients.len();
     let existing = clients[0]
         .query_opt("SELECT cluster_id, shards, bucket_map FROM cluster", &[])
@@ -218,10 +236,20 @@ pub async fn check_or_create_cluster(clients: &mut [Client]) -> anyhow::Result<C
             (cluster_id, buckets)
         }
         None => {
-            if let Some((i, (id, shard))) = identities
+            // A creation cut off before shard 0's map was written left claims of one
+            // cluster id at their own positions: finish it with that id.
+            let claimed: Vec<(usize, &(String, i32))> = identities
                 .iter()
                 .enumerate()
-                .find_map(|(i, x)| x.as_ref().map(|x| (i, x)))
+                .filter_map(|(i, x)| x.as_ref().map(|x| (i, x)))
+                .collect();
+            let unfinished = claimed.iter().any(|(i, _)| *i == 0)
+                && claimed
+                    .iter()
+                    .all(|(i, (id, shard))| *id == claimed[0].1.0 && *shard as usize == *i);
+            let resumed = unfinished.then(|| claimed[0].1.0.clone());
+            if resumed.is_none()
+                && let Some((i, (id, shard))) = claimed.first().map(|(i, x)| (*i, *x))
             {
                 bail!(
                     "shard list position {i} is already shard {shard} of cluster {id}, but \
@@ -229,11 +257,17 @@ pub async fn check_or_create_cluster(clients: &mut [Client]) -> anyhow::Result<C
                      was created with (the first URL must be that cluster's shard 0)"
                 );
             }
-            let cluster_id = new_cluster_id();
+            let cluster_id = resumed.clone().unwrap_or_else(new_cluster_id);
+            if resumed.is_some() {
+                tracing::warn!(%cluster_id, "finishing a cluster creation that was cut off");
+            }
             let now = crate::clock::now_ms();
             // Each shard claims its place first; shard 0's map commits last, making the
-            // cluster exist. A start that failed half-way is refused and says so.
+            // cluster exist. A start cut off half-way is finished by the next one.
             for (i, c) in clients.iter().enumerate() {
+                if identities[i].is_some() {
+                    continue;
+                }
                 c.execute(
                     "INSERT INTO shard_identity (cluster_id, shard, created_at) VALUES ($1, $2, $3)",
                     &[&cluster_id, &(i as i32), &now],

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Statement, Transaction};
+use tokio_postgres::{Client, Statement};
 
 use super::read::{self, MESSAGE_BY_ID, message_select};
 use super::{Fail, ShardStats, Shared, unreachable_error};
@@ -253,9 +253,11 @@ async fn connect(pg: &tokio_postgres::Config) -> std::result::Result<Conn, tokio
             "INSERT INTO events (channel_id, seq, kind, at, message_id)
              SELECT c, s, 'message.created', a, m FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS v(c, s, a, m)"
         ),
+        // A client_id already stored is skipped, and the count shows it.
         client.prepare(
             "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at)
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[])"
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[])
+             ON CONFLICT (channel_id, author_id, client_id) WHERE client_id IS NOT NULL DO NOTHING"
         ),
         client.prepare(
             "UPDATE channels c SET last_seq = v.last, live_messages = c.live_messages + v.n,
@@ -344,6 +346,18 @@ async fn ensure_connected(state: &mut State) -> bool {
 }
 
 async fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
+    // Without a live lease on the node id, ids could collide with another node's.
+    if !state.shared.lease_held() {
+        tracing::warn!(
+            shard = state.shard,
+            ops = batch.len(),
+            "no live lease on the node id; writes refused"
+        );
+        for job in batch.drain(..) {
+            let _ = job.reply.send(Err(StoreError::Unreachable));
+        }
+        return;
+    }
     if !ensure_connected(state).await {
         state
             .stats
@@ -368,16 +382,32 @@ async fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
             }
         }
         Err(e) if unreachable_error(&e) => fail_all(state, batch, &e),
-        Err(e) if batch.len() > 1 => {
+        Err(e) if batch.len() > 1 || transient_error(&e) => {
             tracing::warn!(shard = state.shard, error = %e, ops = batch.len(), "commit batch failed; replaying its ops one by one");
             for job in batch.drain(..) {
                 let mut single = vec![job];
-                match apply_all(state, &single).await {
-                    Ok((mut results, events)) => {
-                        state.committed(events);
-                        let _ = single.pop().expect("one job").reply.send(results.remove(0));
+                // A deadlock or serialization failure (with another node's writer) is
+                // tried once more before it is an error.
+                for attempt in 0..2 {
+                    if !ensure_connected(state).await {
+                        state.stats.unreachable.fetch_add(1, Ordering::Relaxed);
+                        for job in single.drain(..) {
+                            let _ = job.reply.send(Err(StoreError::Unreachable));
+                        }
+                        break;
                     }
-                    Err(e) => fail_all(state, &mut single, &e),
+                    match apply_all(state, &single).await {
+                        Ok((mut results, events)) => {
+                            state.committed(events);
+                            let _ = single.pop().expect("one job").reply.send(results.remove(0));
+                            break;
+                        }
+                        Err(e) if attempt == 0 && transient_error(&e) => continue,
+                        Err(e) => {
+                            fail_all(state, &mut single, &e);
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -385,16 +415,29 @@ async fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
     }
 }
 
+/// A deadlock or serialization failure: nothing was committed, and trying again may pass.
+fn transient_error(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
+
 fn fail_all(state: &mut State, batch: &mut Vec<Job>, e: &tokio_postgres::Error) {
     let error = if unreachable_error(e) {
-        state.conn = None;
-        state.stats.set_up(false);
+        if super::connection_lost(e) {
+            state.conn = None;
+            state.stats.set_up(false);
+        }
         state
             .stats
             .unreachable
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         tracing::warn!(shard = state.shard, error = %e, ops = batch.len(), "shard unreachable; its writes are refused until it is back");
         StoreError::Unreachable
+    } else if e.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL) {
+        tracing::error!(shard = state.shard, error = %e, "commit write: the shard's disk is full");
+        StoreError::DiskFull
     } else {
         tracing::error!(shard = state.shard, error = %e, "commit write failed");
         StoreError::internal("commit write", e.to_string())
@@ -455,13 +498,39 @@ async fn try_apply_all(
     let shared = Arc::clone(&state.shared);
     let conn = state.conn.as_mut().expect("connected");
     let stmts = &conn.stmts;
-    let tx = conn.client.transaction().await?;
+    let tx = &conn.client;
     let mut locked: Vec<i64> = batch.iter().filter_map(|j| j.op.locks()).collect();
     locked.sort_unstable();
     locked.dedup();
-    if !locked.is_empty() {
-        tx.query(&stmts.lock, &[&locked]).await?;
+    // BEGIN and the locks in one round trip (the backend runs them in order).
+    let applied = async {
+        tokio::try_join!(tx.batch_execute("BEGIN"), async {
+            if locked.is_empty() {
+                Ok(Vec::new())
+            } else {
+                tx.query(&stmts.lock, &[&locked]).await
+            }
+        })?;
+        apply_in_transaction(tx, stmts, &shared, batch).await
+    };
+    match applied.await {
+        Ok(committed) => Ok(committed),
+        Err(e) => {
+            // Leave the connection outside any transaction for the next batch (if it is
+            // still there at all).
+            let _ = tx.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
     }
+}
+
+/// The batch's ops inside the open transaction, then `COMMIT`.
+async fn apply_in_transaction(
+    tx: &Client,
+    stmts: &Stmts,
+    shared: &Shared,
+    batch: &[Job],
+) -> std::result::Result<Committed, tokio_postgres::Error> {
     let mut journal = Vec::new();
     let mut results = Vec::with_capacity(batch.len());
     let mut i = 0;
@@ -471,19 +540,16 @@ async fn try_apply_all(
                 .iter()
                 .position(|j| !matches!(j.op, Op::Post { .. }))
                 .map_or(batch.len(), |n| i + n);
-            post_run(
-                &tx,
-                stmts,
-                &shared,
-                &batch[i..end],
-                &mut journal,
-                &mut results,
-            )
-            .await?;
+            // Retries are rare: first without looking for earlier messages with the same
+            // client_ids; if the insert finds one, again with the lookup.
+            let run = &batch[i..end];
+            if !post_run(tx, stmts, shared, run, &mut journal, &mut results, false).await? {
+                post_run(tx, stmts, shared, run, &mut journal, &mut results, true).await?;
+            }
             i = end;
         } else {
             let before = journal.len();
-            match apply_one(&tx, &shared, &batch[i].op, &mut journal).await {
+            match apply_one(tx, shared, &batch[i].op, &mut journal).await {
                 Ok(done) => results.push(Ok(done)),
                 // Checks come before writes, so a refusal leaves the batch as it was.
                 Err(Fail::Store(e)) => {
@@ -495,20 +561,27 @@ async fn try_apply_all(
             i += 1;
         }
     }
-    tx.commit().await?;
+    tx.batch_execute("COMMIT").await?;
     Ok((results, journal))
 }
 
-/// A run of sends: three pipelined reads (channel rows, the authors' roles, earlier
-/// messages with the same `client_id`s), the rules, then four pipelined writes.
+/// A run of sends: pipelined reads (channel rows, the authors' roles and, with `probe`,
+/// earlier messages with the same `client_id`s), the rules, then pipelined writes.
+///
+/// Without `probe`, the messages insert skips a `client_id` that already exists and says
+/// so: then the run's writes are rolled back to a savepoint, its answers withdrawn, and
+/// `false` returned, for the caller to run it again with `probe`.
+#[allow(clippy::too_many_arguments)]
 async fn post_run(
-    tx: &Transaction<'_>,
+    tx: &Client,
     stmts: &Stmts,
     shared: &Shared,
     jobs: &[Job],
     journal: &mut Vec<Event>,
     results: &mut Vec<Result<Done>>,
-) -> std::result::Result<(), tokio_postgres::Error> {
+    probe: bool,
+) -> std::result::Result<bool, tokio_postgres::Error> {
+    let (journal_before, results_before) = (journal.len(), results.len());
     let posts: Vec<(i64, i64, &str, Option<&str>)> = jobs
         .iter()
         .map(|j| match &j.op {
@@ -525,8 +598,11 @@ async fn post_run(
     channel_ids.sort_unstable();
     channel_ids.dedup();
     let (role_c, role_u): (Vec<i64>, Vec<i64>) = posts.iter().map(|p| (p.1, p.0)).unzip();
-    let keyed: Vec<&(i64, i64, &str, Option<&str>)> =
-        posts.iter().filter(|p| p.3.is_some()).collect();
+    let keyed: Vec<&(i64, i64, &str, Option<&str>)> = if probe {
+        posts.iter().filter(|p| p.3.is_some()).collect()
+    } else {
+        Vec::new()
+    };
     let orig_c: Vec<i64> = keyed.iter().map(|p| p.1).collect();
     let orig_a: Vec<i64> = keyed.iter().map(|p| p.0).collect();
     let orig_k: Vec<&str> = keyed.iter().map(|p| p.3.unwrap_or_default()).collect();
@@ -666,8 +742,9 @@ async fn post_run(
         }
     }
     if ev.0.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
+    let optimistic = !probe && msg.5.iter().any(Option::is_some);
     let mut upd = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (id, ch) in &channels {
         if ch.added > 0 {
@@ -691,18 +768,33 @@ async fn post_run(
         [&msg.0, &msg.1, &msg.2, &msg.3, &msg.4, &msg.5, &msg.6];
     let channel_params: [&(dyn ToSql + Sync); 4] = [&upd.0, &upd.1, &upd.2, &upd.3];
     let own_params: [&(dyn ToSql + Sync); 3] = [&own_c, &own_u, &own_d];
-    tokio::try_join!(
-        tx.execute(&stmts.insert_events, &event_params),
+    let (_, inserted, ..) = tokio::try_join!(
+        async {
+            if optimistic {
+                tx.batch_execute("SAVEPOINT sends").await
+            } else {
+                Ok(())
+            }
+        },
         tx.execute(&stmts.insert_messages, &message_params),
+        tx.execute(&stmts.insert_events, &event_params),
         tx.execute(&stmts.update_channels, &channel_params),
         tx.execute(&stmts.update_own_unread, &own_params),
     )?;
-    Ok(())
+    if inserted as usize != msg.0.len() {
+        // A client_id of this run was already stored: a retry of a committed send.
+        debug_assert!(optimistic, "without conflicts every message is inserted");
+        tx.batch_execute("ROLLBACK TO SAVEPOINT sends").await?;
+        journal.truncate(journal_before);
+        results.truncate(results_before);
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Every op but a send, one at a time, checks before writes.
 async fn apply_one(
-    tx: &Transaction<'_>,
+    tx: &Client,
     shared: &Shared,
     op: &Op,
     j: &mut Vec<Event>,
@@ -739,11 +831,21 @@ async fn apply_one(
             if let Some(row) = found {
                 return Ok(Done::Dm(existing(tx, row.get(0)).await?, false));
             }
-            tx.execute(
-                "INSERT INTO channels (id, kind, name, owner_id, dm_key, created_at) VALUES ($1, 'dm', NULL, $2, $3, $4)",
-                &[id, user, key, &now],
-            )
-            .await?;
+            // Another node may make the same pair's DM at the same moment: the unique key
+            // decides, and the loser returns the winner's.
+            let made = tx
+                .query_opt(
+                    "INSERT INTO channels (id, kind, name, owner_id, dm_key, created_at) VALUES ($1, 'dm', NULL, $2, $3, $4)
+                     ON CONFLICT (dm_key) DO NOTHING RETURNING id",
+                    &[id, user, key, &now],
+                )
+                .await?;
+            if made.is_none() {
+                let row = tx
+                    .query_one("SELECT id FROM channels WHERE dm_key = $1", &[key])
+                    .await?;
+                return Ok(Done::Dm(existing(tx, row.get(0)).await?, false));
+            }
             add_member(tx, j, *id, *user, Role::Member, now).await?;
             add_member(tx, j, *id, *peer, Role::Member, now).await?;
             Ok(Done::Dm(existing(tx, *id).await?, true))
@@ -890,7 +992,8 @@ async fn apply_one(
             let found = message(tx, *channel_id, *message_id).await?;
             let edits: i64 = tx
                 .query_one(
-                    "SELECT count(*) FROM events WHERE message_id = $1 AND kind = 'message.edited'",
+                    "SELECT count(*) FROM events WHERE message_id = $1 AND kind = 'message.edited'
+                       AND kind <> 'message.created'",
                     &[message_id],
                 )
                 .await?
@@ -898,8 +1001,9 @@ async fn apply_one(
             rules::edit(&shared.rules, found.as_ref(), *actor, edits as u32)?;
             let mut message = found.ok_or(StoreError::NotFound)?;
             tx.execute(
-                "UPDATE events SET body = $3 WHERE channel_id = $1 AND message_id = $2 AND body IS NULL",
-                &[channel_id, message_id, &message.text],
+                "UPDATE events SET body = $3 WHERE channel_id = $1 AND body IS NULL
+                   AND (seq = $4 OR (message_id = $2 AND kind <> 'message.created'))",
+                &[channel_id, message_id, &message.text, &message.seq],
             )
             .await?;
             tx.execute(
@@ -939,8 +1043,9 @@ async fn apply_one(
             )
             .await?;
             tx.execute(
-                "UPDATE events SET body = '' WHERE channel_id = $1 AND message_id = $2",
-                &[channel_id, message_id],
+                "UPDATE events SET body = '' WHERE channel_id = $1
+                   AND (seq = $3 OR (message_id = $2 AND kind <> 'message.created'))",
+                &[channel_id, message_id, &message.seq],
             )
             .await?;
             let redacted = Message {
@@ -979,12 +1084,12 @@ async fn apply_one(
     }
 }
 
-async fn existing(tx: &Transaction<'_>, id: i64) -> std::result::Result<Channel, Fail> {
+async fn existing(tx: &Client, id: i64) -> std::result::Result<Channel, Fail> {
     Ok(read::channel(tx, id).await?.ok_or(StoreError::NotFound)?)
 }
 
 async fn message(
-    tx: &Transaction<'_>,
+    tx: &Client,
     channel_id: i64,
     message_id: i64,
 ) -> std::result::Result<Option<Message>, Fail> {
@@ -996,7 +1101,7 @@ async fn message(
 
 /// The channel's kind and the user's role; `NotFound` for non-members.
 async fn membership(
-    tx: &Transaction<'_>,
+    tx: &Client,
     channel_id: i64,
     user_id: i64,
 ) -> std::result::Result<(ChannelKind, Role), Fail> {
@@ -1012,7 +1117,7 @@ async fn membership(
 }
 
 async fn role_of(
-    tx: &Transaction<'_>,
+    tx: &Client,
     channel_id: i64,
     user_id: i64,
 ) -> std::result::Result<Option<Role>, Fail> {
@@ -1028,7 +1133,7 @@ async fn role_of(
 /// Adds a member with a `member.added` event (read marker at that event) and records the
 /// change in the outbox for shard 0's index.
 async fn add_member(
-    tx: &Transaction<'_>,
+    tx: &Client,
     j: &mut Vec<Event>,
     channel_id: i64,
     user_id: i64,
@@ -1056,7 +1161,7 @@ async fn add_member(
 }
 
 async fn outbox(
-    tx: &Transaction<'_>,
+    tx: &Client,
     user_id: i64,
     channel_id: i64,
     joined: bool,
@@ -1074,7 +1179,7 @@ async fn outbox(
 /// order is commit order) and returns the seq.
 #[allow(clippy::too_many_arguments)]
 async fn append_event(
-    tx: &Transaction<'_>,
+    tx: &Client,
     journal: &mut Vec<Event>,
     record: EventBody,
     channel_id: i64,
