@@ -2,6 +2,8 @@
 //! `natter serve` child: their correctness checks hold and their JSON and HTML reports
 //! are produced and parse. Speed is never asserted.
 
+mod common;
+
 use natter::bench::RunArgs;
 use natter::bench::fanout::{FanoutArgs, Rate, ShapeArgs, measure};
 use natter::bench::report::Report;
@@ -222,6 +224,7 @@ async fn store_and_http_acknowledge_every_send_and_report_it() {
             channels: 3,
             text_bytes: 20,
             data_dir: None,
+            rate: None,
         },
         run: run_args(),
     };
@@ -253,4 +256,34 @@ async fn store_and_http_acknowledge_every_send_and_report_it() {
         refused.is_err(),
         "store runs in process; a --url is refused"
     );
+}
+
+#[tokio::test]
+async fn store_bench_runs_on_postgres_at_a_fixed_rate() {
+    use natter::bench::{HttpArgs, WriteArgs, measure_store};
+    let Some(shards) = common::pg::databases(2).await else {
+        return;
+    };
+    let report = measure_store(&HttpArgs {
+        write: WriteArgs {
+            messages: 400,
+            concurrency: 64,
+            channels: 4,
+            text_bytes: 20,
+            data_dir: None,
+            rate: Some(400.0),
+        },
+        run: RunArgs {
+            spawn: false,
+            store: Some(shards.join(",")),
+            ..run_args()
+        },
+    })
+    .await
+    .unwrap();
+    assert_eq!(figure(&report, "messages acked"), Some(400.0));
+    // 400 sends at 400/s take about a second: the schedule held them back.
+    let elapsed = figure(&report, "elapsed").unwrap();
+    assert!(elapsed >= 0.99, "{elapsed}");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
 }

@@ -75,6 +75,10 @@ pub struct WriteArgs {
     /// Bytes of text per message.
     #[arg(long, default_value_t = 100)]
     pub text_bytes: usize,
+    /// Send at this many messages/s on a fixed schedule (open loop; latency counted from
+    /// each send's scheduled time), instead of as fast as `--concurrency` allows.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Data directory (default: a fresh temporary one, removed afterwards).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -358,6 +362,7 @@ where
             let next = next.clone();
             let bar = bar.clone();
             let total = w.messages;
+            let rate = w.rate.filter(|r| *r > 0.0);
             tokio::spawn(async move {
                 let mut hist = histogram();
                 let (mut ok, mut errors) = (0, 0);
@@ -366,7 +371,14 @@ where
                     if n >= total {
                         break;
                     }
-                    let t = Instant::now();
+                    let t = match rate {
+                        Some(r) => {
+                            let due = start + Duration::from_secs_f64(n as f64 / r);
+                            tokio::time::sleep_until(due.into()).await;
+                            due
+                        }
+                        None => Instant::now(),
+                    };
                     let ok_now = send(n).await;
                     bar.inc(1);
                     if ok_now {
@@ -395,6 +407,9 @@ where
     report.param("concurrency", w.concurrency);
     report.param("channels", w.channels);
     report.param("text bytes", w.text_bytes);
+    if let Some(r) = w.rate {
+        report.param("rate", r);
+    }
     report.figure("messages acked", sent as f64, "");
     report.figure("elapsed", elapsed.as_secs_f64(), "s");
     report.figure("acked msgs/s", sent as f64 / elapsed.as_secs_f64(), "1/s");

@@ -288,9 +288,10 @@ pub trait Channels: Send + Sync {
     /// Moves the read marker forward to `seq` (clamped to the channel's last seq); never back.
     async fn mark_read(&self, user_id: i64, channel_id: i64, seq: i64) -> Result<()>;
 
-    /// The write is queued on the returned future's first poll: posts whose futures are
-    /// first polled in some order commit in that order (the gateway relies on this to
-    /// commit one connection's sends in the order sent).
+    /// The ordering promise every backend keeps: the write is queued no later than the
+    /// returned future's first poll (SQLite: on that poll; PostgreSQL: in this call), and
+    /// posts to one channel queued in some order commit in that order (the gateway relies
+    /// on this to commit one connection's sends in the order sent).
     async fn post_message(
         &self,
         author: i64,
