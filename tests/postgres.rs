@@ -269,6 +269,54 @@ async fn restarting_a_shard_fails_only_its_channels_and_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The channel list names the down shard's channels as unavailable and lists the rest.
+    let listed = alice.get("/v1/channels").await;
+    assert_eq!(listed.status, StatusCode::OK, "{listed:?}");
+    let ids = |key: &str| -> Vec<String> {
+        listed.body[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| c.as_str().or(c["id"].as_str()).unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for c in &down {
+        assert!(ids("unavailable").contains(c), "{listed:?}");
+    }
+    for c in &up {
+        assert!(ids("channels").contains(c), "{listed:?}");
+    }
+    // So does a WebSocket's ready; the session ends with 1012 once the shard is back.
+    let mut ws = common::ws::raw(server.addr).await;
+    common::ws::send_text(
+        &mut ws,
+        &serde_json::json!({"op": "hello", "token": alice.token.clone().unwrap()}).to_string(),
+    )
+    .await;
+    let ready = loop {
+        use futures_util::StreamExt;
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => break t.to_string(),
+            Some(Ok(_)) => continue,
+            other => panic!("no ready: {other:?}"),
+        }
+    };
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["type"], "ready");
+    let unavailable: Vec<&str> = ready["unavailable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for c in &down {
+        assert!(unavailable.contains(&c.as_str()), "{ready}");
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     own.restart();
     // The node serves the shard again by itself.
@@ -282,6 +330,12 @@ async fn restarting_a_shard_fails_only_its_channels_and_loses_nothing() {
         assert!(Instant::now() < deadline, "the shard never came back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let (_, code) = common::ws::read_to_close(&mut ws).await;
+    assert_eq!(
+        code,
+        Some(1012),
+        "a session with unavailable channels is told to resume"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let mut results = Vec::new();

@@ -91,16 +91,33 @@ async fn list_channels(
     let limit = params
         .int("limit", 1, MAX_CHANNEL_PAGE)?
         .unwrap_or(MAX_CHANNEL_PAGE) as usize;
-    // The store's list is bounded by the channel cap and comes ordered by id.
-    let views = state.store.channels(auth.user.id).await?;
-    let start = views.partition_point(|v| v.channel.id <= after);
-    let page = &views[start..views.len().min(start + limit)];
-    let next_after = (start + page.len() < views.len())
-        .then(|| page.last().map(|v| v.channel.id.to_string()))
+    // The store's list is bounded by the channel cap and comes ordered by id. Channels
+    // that cannot be read now (a PostgreSQL shard is down) take their place in the pages
+    // by id, named in `unavailable`.
+    let listing = state.store.channel_listing(auth.user.id).await?;
+    let mut ids: Vec<(i64, Option<&crate::model::ChannelView>)> = listing
+        .views
+        .iter()
+        .map(|v| (v.channel.id, Some(v)))
+        .chain(listing.unavailable.iter().map(|&id| (id, None)))
+        .collect();
+    ids.sort_unstable_by_key(|(id, _)| *id);
+    let start = ids.partition_point(|(id, _)| *id <= after);
+    let page = &ids[start..ids.len().min(start + limit)];
+    let next_after = (start + page.len() < ids.len())
+        .then(|| page.last().map(|(id, _)| id.to_string()))
         .flatten();
     Ok(Json(ChannelList {
-        channels: page.iter().map(Channel::from).collect(),
+        channels: page
+            .iter()
+            .filter_map(|(_, v)| v.map(Channel::from))
+            .collect(),
         next_after,
+        unavailable: page
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(id, _)| id.to_string())
+            .collect(),
     }))
 }
 

@@ -208,6 +208,7 @@ mod tests {
                 id: "5".into(),
                 last_seq: 3,
             }],
+            &["6".into()],
         );
         assert_eq!(
             parse_frame(&ready).unwrap(),

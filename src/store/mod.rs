@@ -202,6 +202,14 @@ pub fn session_id(token: &TokenHash) -> i64 {
     id.max(1)
 }
 
+/// A user's channels that could be read, and the ids (from the index, ascending) of those
+/// that could not be read now.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelListing {
+    pub views: Vec<ChannelView>,
+    pub unavailable: Vec<i64>,
+}
+
 /// A message send's outcome: `created` is false when the `client_id` matched an earlier
 /// message, which is returned unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,8 +278,17 @@ pub trait Channels: Send + Sync {
     async fn rename_channel(&self, actor: i64, channel_id: i64, name: &str) -> Result<Channel>;
     /// The channel and the caller's role, or `None` if the caller is not a member.
     async fn channel(&self, channel_id: i64, user_id: i64) -> Result<Option<(Channel, Role)>>;
-    /// All channels of `user_id` with role, read marker and unread count.
+    /// All channels of `user_id` with role, read marker and unread count, by id.
     async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>>;
+    /// As [`Channels::channels`], but a channel whose data cannot be read now (its
+    /// PostgreSQL shard is down) is named in `unavailable` instead of failing the call.
+    /// Membership of those is not verified: a caller must not follow them.
+    async fn channel_listing(&self, user_id: i64) -> Result<ChannelListing> {
+        Ok(ChannelListing {
+            views: self.channels(user_id).await?,
+            unavailable: Vec::new(),
+        })
+    }
 
     /// The members of a channel `user_id` belongs to; `NotFound` for non-members.
     async fn members(&self, user_id: i64, channel_id: i64) -> Result<Vec<Member>>;

@@ -150,6 +150,12 @@ pub struct ChannelList {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<openapi::Id>, nullable = false)]
     pub next_after: Option<String>,
+    /// Channels of this page's id range that cannot be read now (on PostgreSQL, their
+    /// shard is down): the caller is (as far as the server knows) a member, and should
+    /// ask again shortly. Absent when every channel could be read.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<openapi::Id>)]
+    pub unavailable: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

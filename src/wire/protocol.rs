@@ -68,6 +68,10 @@ struct Ready<'a> {
     kind: &'static str,
     user: dto::User,
     channels: &'a [ChannelPosition],
+    /// Channels that cannot be read now (a PostgreSQL shard is down): not followed; the
+    /// server closes the session with 1012 once they can be, to be resumed.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    unavailable: &'a [String],
 }
 
 /// A channel the client is in and its newest seq, as `ready` lists them.
@@ -120,11 +124,12 @@ fn encode(value: &impl Serialize) -> String {
     serde_json::to_string(value).expect("frames serialize to JSON")
 }
 
-pub fn ready(user: &model::User, channels: &[ChannelPosition]) -> String {
+pub fn ready(user: &model::User, channels: &[ChannelPosition], unavailable: &[String]) -> String {
     encode(&Ready {
         kind: "ready",
         user: user.into(),
         channels,
+        unavailable,
     })
 }
 

@@ -94,20 +94,25 @@ impl Session {
         let hub = Arc::clone(&self.state.gateway.hub);
         // Follow the channels first, then read where each one stands: an event committed
         // after that read is dispatched to us live.
+        // Channels on a PostgreSQL shard that is down are named in ready as unavailable,
+        // neither followed nor reported left; the session ends with 1012 once every shard
+        // answers again, and the client's resume then brings them.
         let first = self
             .state
             .store
-            .channels(self.user.id)
+            .channel_listing(self.user.id)
             .await
-            .map_err(End::store)?;
+            .map_err(End::store)?
+            .views;
         let ids: Vec<i64> = first.iter().map(|v| v.channel.id).collect();
         hub.subscribe_all(self.conn, &ids);
-        let now = self
+        let listing = self
             .state
             .store
-            .channels(self.user.id)
+            .channel_listing(self.user.id)
             .await
             .map_err(End::store)?;
+        let (now, unavailable) = (listing.views, listing.unavailable);
         let current: HashSet<i64> = now.iter().map(|v| v.channel.id).collect();
         for v in &first {
             if !current.contains(&v.channel.id) {
@@ -127,7 +132,8 @@ impl Session {
                 last_seq: last,
             });
         }
-        let ready: Utf8Bytes = protocol::ready(&self.user, &listed).into();
+        let unavailable_ids: Vec<String> = unavailable.iter().map(i64::to_string).collect();
+        let ready: Utf8Bytes = protocol::ready(&self.user, &listed, &unavailable_ids).into();
         let size = ready.len();
         if feed(socket, ready).await.is_err() {
             // The write buffer is sized for the ready frame of the channel cap; a failure
@@ -143,7 +149,10 @@ impl Session {
                 "the server could not send ready".into(),
             ));
         }
-        for &id in resume.keys().filter(|id| !current.contains(id)) {
+        for &id in resume
+            .keys()
+            .filter(|id| !current.contains(id) && !unavailable.contains(id))
+        {
             feed(socket, protocol::left(id).into()).await?;
         }
         flush(socket, cfg.idle_timeout).await?;
@@ -158,8 +167,26 @@ impl Session {
         ticker.reset();
         let mut last_seen = Instant::now();
         let mut items = Vec::new();
+        // Only a session with unavailable channels checks, each second, whether they are back.
+        let mut recheck =
+            (!unavailable.is_empty()).then(|| tokio::time::interval(Duration::from_secs(1)));
         loop {
             tokio::select! {
+                Some(_) = async {
+                    match &mut recheck {
+                        Some(every) => Some(every.tick().await),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if self.state.store.health().parts.iter().all(|(_, up)| *up) {
+                        flush(socket, cfg.idle_timeout).await?;
+                        finish_sends(socket, &sends, &mut replies, cfg.max_in_flight).await;
+                        return Err(End::Close(
+                            close::RESTARTING,
+                            "every channel can be read again: reconnect and resume".into(),
+                        ));
+                    }
+                }
                 incoming = next_frame(socket, cfg.max_frame_bytes) => {
                     last_seen = Instant::now();
                     match incoming {

@@ -1410,6 +1410,14 @@ impl Channels for PostgresStore {
     }
 
     async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>> {
+        let listing = self.channel_listing(user_id).await?;
+        if !listing.unavailable.is_empty() {
+            return Err(StoreError::Unreachable);
+        }
+        Ok(listing.views)
+    }
+
+    async fn channel_listing(&self, user_id: i64) -> Result<super::ChannelListing> {
         let inner = &self.inner;
         let ids: Vec<i64> = {
             let c = inner.conn(0).await?;
@@ -1431,17 +1439,26 @@ impl Channels for PostgresStore {
                 .push(id);
         }
         let reads = by_shard.into_iter().map(|(shard, ids)| async move {
-            let c = inner.conn(shard).await?;
-            read::channels_among(&**c, user_id, &ids)
-                .await
-                .map_err(|e| inner.fail(shard, "read channels", e))
+            let read = async {
+                let c = inner.conn(shard).await?;
+                read::channels_among(&**c, user_id, &ids)
+                    .await
+                    .map_err(|e| inner.fail(shard, "read channels", e))
+            };
+            (read.await, ids)
         });
-        let mut all = Vec::new();
-        for part in futures_util::future::join_all(reads).await {
-            all.extend(part?);
+        let mut listing = super::ChannelListing::default();
+        for (part, ids) in futures_util::future::join_all(reads).await {
+            match part {
+                Ok(views) => listing.views.extend(views),
+                // A shard that is down: its channels are named, the rest listed.
+                Err(StoreError::Unreachable) => listing.unavailable.extend(ids),
+                Err(e) => return Err(e),
+            }
         }
-        all.sort_by_key(|v| v.channel.id);
-        Ok(all)
+        listing.views.sort_by_key(|v| v.channel.id);
+        listing.unavailable.sort_unstable();
+        Ok(listing)
     }
 
     async fn members(&self, user_id: i64, channel_id: i64) -> Result<Vec<Member>> {
