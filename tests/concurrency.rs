@@ -14,6 +14,16 @@ const CHANNELS: usize = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_clients_into_five_channels() {
+    fifty_clients().await
+}
+
+/// The same with the server on two PostgreSQL shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_into_five_channels_on_postgres() {
+    common::on_postgres(fifty_clients()).await
+}
+
+async fn fifty_clients() {
     let server = TestServer::start().await;
     let anon = server.client();
     let mut clients = Vec::new();

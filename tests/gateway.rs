@@ -23,7 +23,6 @@ fn created(frames: &[Frame], channel: i64) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
 async fn every_member_receives_each_message_in_seq_order_and_acks_follow_commit() {
     let server = TestServer::start().await;
     let a = server.client().register("alice").await;
@@ -92,7 +91,6 @@ async fn every_member_receives_each_message_in_seq_order_and_acks_follow_commit(
     server.stop().await;
 }
 
-#[tokio::test]
 async fn a_ws_resend_with_the_same_client_id_creates_nothing_new() {
     let server = TestServer::start().await;
     let a = server.client().register("alice").await;
@@ -116,7 +114,6 @@ async fn a_ws_resend_with_the_same_client_id_creates_nothing_new() {
     server.stop().await;
 }
 
-#[tokio::test]
 async fn a_member_added_mid_stream_gets_joined_then_live_events_and_a_removed_one_stops() {
     let server = TestServer::start().await;
     let a = server.client().register("alice").await;
@@ -187,7 +184,6 @@ async fn a_member_added_mid_stream_gets_joined_then_live_events_and_a_removed_on
     server.stop().await;
 }
 
-#[tokio::test]
 async fn a_non_member_send_gets_an_error_frame_and_the_connection_stays_open() {
     let server = TestServer::start().await;
     let a = server.client().register("alice").await;
@@ -209,7 +205,6 @@ async fn a_non_member_send_gets_an_error_frame_and_the_connection_stays_open() {
     server.stop().await;
 }
 
-#[tokio::test]
 async fn a_send_over_the_rate_limit_gets_an_error_frame_and_the_connection_stays_open() {
     let server = TestServer::start_with(|c| {
         c.limits.send = natter::ratelimit::Rate {
@@ -244,7 +239,6 @@ async fn a_send_over_the_rate_limit_gets_an_error_frame_and_the_connection_stays
     server.stop().await;
 }
 
-#[tokio::test]
 async fn typing_reaches_the_other_members_only() {
     let server = TestServer::start().await;
     let a = server.client().register("alice").await;
@@ -268,7 +262,6 @@ async fn typing_reaches_the_other_members_only() {
     server.stop().await;
 }
 
-#[tokio::test]
 async fn protocol_violations_close_with_their_codes() {
     let server =
         TestServer::start_with(|c| c.gateway.hello_timeout = Duration::from_millis(300)).await;
@@ -339,7 +332,6 @@ async fn protocol_violations_close_with_their_codes() {
     server.stop().await;
 }
 
-#[tokio::test]
 async fn a_slow_consumer_is_cut_with_4008_while_the_others_keep_receiving() {
     const QUEUE: usize = 64 * 1024;
     const MESSAGES: usize = 4000;
@@ -465,7 +457,6 @@ fn random_disconnects_resume_with_no_loss_no_duplicate_in_order() {
     rt.block_on(server.stop());
 }
 
-#[tokio::test]
 async fn resuming_from_an_old_position_replays_everything_after_it_and_leaves_channels_no_longer_joined()
  {
     let server = TestServer::start().await;
@@ -496,7 +487,6 @@ async fn resuming_from_an_old_position_replays_everything_after_it_and_leaves_ch
     server.stop().await;
 }
 
-#[tokio::test]
 async fn a_connection_that_stops_answering_pings_is_dropped() {
     let server = TestServer::start_with(|c| {
         c.gateway.ping_interval = Duration::from_millis(100);
@@ -567,7 +557,6 @@ async fn a_connections_pipelined_sends_commit_in_the_order_sent() {
     server.stop().await;
 }
 
-#[tokio::test]
 async fn random_frames_never_break_the_server() {
     use proptest::strategy::{Strategy, ValueTree};
     let server = TestServer::start().await;
@@ -645,3 +634,17 @@ async fn random_frames_never_break_the_server() {
     common::assert_gap_free(&a.all_events(&ch).await);
     server.stop().await;
 }
+
+crate::on_both_backends!(
+    every_member_receives_each_message_in_seq_order_and_acks_follow_commit,
+    a_ws_resend_with_the_same_client_id_creates_nothing_new,
+    a_member_added_mid_stream_gets_joined_then_live_events_and_a_removed_one_stops,
+    a_non_member_send_gets_an_error_frame_and_the_connection_stays_open,
+    a_send_over_the_rate_limit_gets_an_error_frame_and_the_connection_stays_open,
+    typing_reaches_the_other_members_only,
+    protocol_violations_close_with_their_codes,
+    a_slow_consumer_is_cut_with_4008_while_the_others_keep_receiving,
+    resuming_from_an_old_position_replays_everything_after_it_and_leaves_channels_no_longer_joined,
+    a_connection_that_stops_answering_pings_is_dropped,
+    random_frames_never_break_the_server,
+);

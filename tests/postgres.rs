@@ -428,3 +428,59 @@ async fn readiness_and_metrics_report_each_shard() {
     })
     .await;
 }
+
+/// Regression: a node whose lease on its node id was taken (it lapsed while the node could
+/// not renew, and another node took the id) went on handing out ids. Now it stops
+/// writing a second before its last renewal could have lapsed, and says so in /metrics.
+#[tokio::test]
+async fn a_node_that_lost_its_node_id_lease_stops_writing() {
+    let Some(dbs) = common::pg::databases(2).await else {
+        return;
+    };
+    let store = open(&dbs, 9).await.unwrap();
+    let user = store.create_user("leaser", "h", None).await.unwrap().id;
+    let ch = store
+        .create_channel(user, natter::model::ChannelKind::Group, "l", &[])
+        .await
+        .unwrap()
+        .id;
+    store.post_message(user, ch, "before", None).await.unwrap();
+    // Another holder takes node id 9, as a node would after this one's lease lapsed.
+    let (client, conn) = tokio_postgres::connect(&dbs[0], tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    client
+        .execute(
+            "UPDATE node_leases SET holder = 'another node', expires_at = expires_at + 600000 WHERE node_id = 9",
+            &[],
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match store.post_message(user, ch, "after", None).await {
+            Err(natter::store::StoreError::Unreachable) => break,
+            Ok(_) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "writes went on without the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(matches!(
+        store.create_user("another", "h", None).await,
+        Err(natter::store::StoreError::Unreachable)
+    ));
+    let mut metrics = String::new();
+    store.render_metrics(&mut metrics);
+    assert!(
+        metrics.contains("natter_store_node_lease_lost 1"),
+        "{metrics}"
+    );
+    store.close().await;
+    drop(client);
+    let _ = task.await;
+}

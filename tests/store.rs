@@ -106,12 +106,11 @@ fn every_check_has_a_test() {
 
 mod unread_projection {
     //! Property: the unread counts kept as a projection always equal a recount from
-    //! history, whatever mix of sends, deletes, read-marker moves and membership changes.
+    //! history, whatever mix of sends, deletes, read-marker moves and membership changes,
+    //! on SQLite and on PostgreSQL.
 
     use natter::model::{ChannelKind, HistoryQuery};
-    use natter::store::Backend;
-    use natter::store::sqlite::{SqliteOptions, SqliteStore};
-    use natter::store::{Accounts, Channels};
+    use natter::store::{Store, StoreLocation, StoreOptions};
     use proptest::prelude::*;
 
     #[derive(Debug, Clone)]
@@ -133,7 +132,7 @@ mod unread_projection {
         ]
     }
 
-    async fn recount(store: &SqliteStore, channel: i64, user: i64, read_seq: i64) -> i64 {
+    async fn recount(store: &dyn Store, channel: i64, user: i64, read_seq: i64) -> i64 {
         let all = store
             .history(channel, HistoryQuery::newest(200))
             .await
@@ -144,48 +143,82 @@ mod unread_projection {
             .count() as i64
     }
 
+    async fn check(store: &dyn Store, steps: Vec<Step>) {
+        let mut users = Vec::new();
+        for name in ["own", "two", "three"] {
+            users.push(store.create_user(name, "h", None).await.unwrap().id);
+        }
+        let ch = store
+            .create_channel(users[0], ChannelKind::Group, "u", &users[1..])
+            .await
+            .unwrap()
+            .id;
+        let mut sent = Vec::new();
+        for s in steps {
+            match s {
+                Step::Send(u) => {
+                    if let Ok(p) = store.post_message(users[u], ch, "x", None).await {
+                        sent.push(p.message.id);
+                    }
+                }
+                Step::Delete(u, i) if !sent.is_empty() => {
+                    let _ = store
+                        .delete_message(users[u], ch, sent[i % sent.len()])
+                        .await;
+                }
+                Step::Delete(..) => {}
+                Step::Read(u, seq) => {
+                    let _ = store.mark_read(users[u], ch, seq.max(0)).await;
+                }
+                Step::Leave(u) => {
+                    let _ = store.remove_member(users[u], ch, users[u]).await;
+                }
+                Step::Join(u) => {
+                    let _ = store.put_member(users[0], ch, users[u], None).await;
+                }
+            }
+            for &user in &users {
+                let views = store.channels(user).await.unwrap();
+                if let Some(view) = views.into_iter().find(|v| v.channel.id == ch) {
+                    let expected = recount(store, ch, user, view.read_seq).await;
+                    assert_eq!(
+                        view.unread, expected,
+                        "user {user} at read_seq {}",
+                        view.read_seq
+                    );
+                }
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
         #[test]
-        fn unread_matches_a_recount(steps in prop::collection::vec(step(), 1..40)) {
+        fn unread_matches_a_recount_on_sqlite(steps in prop::collection::vec(step(), 1..40)) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let dir = tempfile::tempdir().unwrap();
-                let store = SqliteStore::open(&SqliteOptions::new(dir.path().join("natter.db"))).unwrap();
-                let mut users = Vec::new();
-                for name in ["own", "two", "three"] {
-                    users.push(store.create_user(name, "h", None).await.unwrap().id);
-                }
-                let ch = store.create_channel(users[0], ChannelKind::Group, "u", &users[1..]).await.unwrap().id;
-                let mut sent = Vec::new();
-                for s in steps {
-                    match s {
-                        Step::Send(u) => {
-                            if let Ok(p) = store.post_message(users[u], ch, "x", None).await {
-                                sent.push(p.message.id);
-                            }
-                        }
-                        Step::Delete(u, i) if !sent.is_empty() => {
-                            let _ = store.delete_message(users[u], ch, sent[i % sent.len()]).await;
-                        }
-                        Step::Delete(..) => {}
-                        Step::Read(u, seq) => {
-                            let _ = store.mark_read(users[u], ch, seq.max(0)).await;
-                        }
-                        Step::Leave(u) => {
-                            let _ = store.remove_member(users[u], ch, users[u]).await;
-                        }
-                        Step::Join(u) => {
-                            let _ = store.put_member(users[0], ch, users[u], None).await;
-                        }
-                    }
-                    for &user in &users {
-                        if let Some(view) = store.channels(user).await.unwrap().into_iter().find(|v| v.channel.id == ch) {
-                            let expected = recount(&store, ch, user, view.read_seq).await;
-                            assert_eq!(view.unread, expected, "user {user} at read_seq {}", view.read_seq);
-                        }
-                    }
-                }
+                let location = StoreLocation::Sqlite(dir.path().join("natter.db"));
+                let store = natter::store::open(StoreOptions::new(location)).await.unwrap();
+                check(&*store, steps).await;
+                store.close().await;
+            });
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+        #[test]
+        fn unread_matches_a_recount_on_postgres(steps in prop::collection::vec(step(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let Some(shards) = crate::common::pg::databases(2).await else {
+                    return;
+                };
+                let store = natter::store::open(StoreOptions::new(StoreLocation::Postgres(shards)))
+                    .await
+                    .unwrap();
+                check(&*store, steps).await;
                 store.close().await;
             });
         }
