@@ -549,11 +549,20 @@ async fn apply_in_transaction(
             i = end;
         } else {
             let before = journal.len();
-            match apply_one(tx, shared, &batch[i].op, &mut journal).await {
+            // Checks come before writes, so a refusal writes nothing; the savepoint makes
+            // sure of it (as SQLite's writer checks `total_changes`): a refused op is
+            // rolled back to it, whatever it did. These ops are rare; sends take no
+            // savepoint of their own.
+            let (saved, applied) = tokio::join!(
+                tx.batch_execute("SAVEPOINT op"),
+                apply_one(tx, shared, &batch[i].op, &mut journal)
+            );
+            saved?;
+            match applied {
                 Ok(done) => results.push(Ok(done)),
-                // Checks come before writes, so a refusal leaves the batch as it was.
                 Err(Fail::Store(e)) => {
-                    debug_assert_eq!(journal.len(), before);
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT op").await?;
+                    journal.truncate(before);
                     results.push(Err(e))
                 }
                 Err(Fail::Pg(e)) => return Err(e),
