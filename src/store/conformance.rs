@@ -38,6 +38,17 @@ pub async fn run(name: &str, store: &dyn Store) {
     }
 }
 
+/// The ids of `user`'s channels, as the store lists them.
+async fn channel_ids(store: &dyn Store, user: i64) -> Vec<i64> {
+    store
+        .channels(user)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.channel.id)
+        .collect()
+}
+
 async fn user(store: &dyn Store, name: &str) -> i64 {
     store
         .create_user(name, "hash", None)
@@ -227,6 +238,14 @@ async fn client_id_is_idempotent(store: &dyn Store) {
         .unwrap();
     assert!(first.created && !again.created);
     assert_eq!(again.message, first.message);
+    // The same client_id twice at once (one batch, most likely): created once.
+    let (x, y) = tokio::join!(
+        store.post_message(a, ch.id, "twice", Some("k2")),
+        store.post_message(a, ch.id, "twice", Some("k2")),
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.message, y.message);
+    assert!(x.created && !y.created);
     // Another author may use the same client_id.
     let other = store
         .post_message(b, ch.id, "hi", Some("k1"))
@@ -237,7 +256,7 @@ async fn client_id_is_idempotent(store: &dyn Store) {
         .history(ch.id, HistoryQuery::newest(50))
         .await
         .unwrap();
-    assert_eq!(page.items.len(), 2);
+    assert_eq!(page.items.len(), 3);
 }
 
 async fn broadcast_permissions(store: &dyn Store) {
@@ -744,13 +763,7 @@ async fn each_node_sees_the_others_writes(a: &dyn Store, b: &dyn Store) {
         .create_channel(ann, ChannelKind::Group, "g", &[bob])
         .await
         .unwrap();
-    let listed: Vec<i64> = b
-        .channels(bob)
-        .await
-        .unwrap()
-        .iter()
-        .map(|v| v.channel.id)
-        .collect();
+    let listed: Vec<i64> = channel_ids(b, bob).await;
     assert_eq!(listed, vec![ch.id]);
     let posted = b.post_message(bob, ch.id, "from b", None).await.unwrap();
     let seen = a.history(ch.id, HistoryQuery::newest(10)).await.unwrap();
@@ -760,13 +773,7 @@ async fn each_node_sees_the_others_writes(a: &dyn Store, b: &dyn Store) {
     assert!(created && !created_again);
     assert_eq!(dm.id, again.id);
     b.remove_member(bob, ch.id, bob).await.unwrap();
-    let listed: Vec<i64> = a
-        .channels(bob)
-        .await
-        .unwrap()
-        .iter()
-        .map(|v| v.channel.id)
-        .collect();
+    let listed: Vec<i64> = channel_ids(a, bob).await;
     assert_eq!(listed, vec![dm.id]);
     assert!(matches!(
         a.post_message(bob, ch.id, "gone", None).await,
@@ -785,13 +792,7 @@ async fn both_nodes_opening_one_dm_get_the_same_dm(a: &dyn Store, b: &dyn Store)
         assert_eq!(dm_a.id, dm_b.id, "pair {i}");
         assert!(made_a != made_b, "pair {i}: exactly one made it");
         for who in [x, y] {
-            let listed: Vec<i64> = a
-                .channels(who)
-                .await
-                .unwrap()
-                .iter()
-                .map(|v| v.channel.id)
-                .collect();
+            let listed: Vec<i64> = channel_ids(a, who).await;
             assert_eq!(listed, vec![dm_a.id]);
         }
     }
@@ -839,13 +840,7 @@ async fn the_channel_index_follows_changes_made_through_both_nodes(a: &dyn Store
         }
     }
     for node in [a, b] {
-        let listed: Vec<i64> = node
-            .channels(u)
-            .await
-            .unwrap()
-            .iter()
-            .map(|v| v.channel.id)
-            .collect();
+        let listed: Vec<i64> = channel_ids(node, u).await;
         assert_eq!(listed, members);
     }
 }

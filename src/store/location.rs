@@ -7,6 +7,9 @@ use super::postgres::{PostgresOptions, PostgresStore};
 use super::sqlite::{SqliteOptions, SqliteStore};
 use super::{OnCommit, Rules, Store};
 
+/// The most PostgreSQL shards a store may have.
+pub const MAX_SHARDS: usize = 256;
+
 /// Where the data lives: `sqlite://PATH` or PostgreSQL shards (shard 0 first).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
@@ -36,6 +39,13 @@ impl StoreLocation {
             .collect();
         if urls.is_empty() {
             return Err("is empty; give sqlite://PATH or postgres:// URLs".into());
+        }
+        // Each shard costs a writer thread and a read pool per node.
+        if urls.len() > MAX_SHARDS {
+            return Err(format!(
+                "names {} shards; at most {MAX_SHARDS} are supported",
+                urls.len()
+            ));
         }
         for url in &urls {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -176,7 +186,12 @@ mod tests {
                 "postgres://a@h/db1".into()
             ])
         );
+        let too_many = (0..=MAX_SHARDS)
+            .map(|i| format!("postgres://h/db{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
         for bad in [
+            too_many.as_str(),
             "",
             "mysql://x",
             "sqlite://",

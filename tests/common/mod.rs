@@ -189,7 +189,7 @@ impl TestServer {
             Some(shards) => {
                 let mut held = Vec::new();
                 for url in shards {
-                    let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                         .await
                         .unwrap();
                     tokio::spawn(conn);
@@ -201,7 +201,6 @@ impl TestServer {
                         )
                         .await
                         .unwrap();
-                    let _ = &mut client;
                     held.push(client);
                 }
                 WriteHold::Postgres(held)

@@ -656,20 +656,17 @@ async fn post_run(
         .iter()
         .map(|r| ((r.get(0), r.get(1)), Role::parse(r.get(2))))
         .collect();
-    let mut originals: HashMap<(i64, i64, String), Message> = original_rows
+    // Earlier messages with these client_ids (read only on a second pass), and the sends
+    // of this run already made (a second send with a client_id in one run is its retry),
+    // keyed without copying the client_ids.
+    let stored: HashMap<(i64, i64, &str), Message> = original_rows
         .iter()
         .map(|r| {
             let m = read::message_row(r);
-            (
-                (
-                    m.channel_id,
-                    m.author_id,
-                    m.client_id.clone().unwrap_or_default(),
-                ),
-                m,
-            )
+            ((m.channel_id, m.author_id, r.get::<_, &str>(5)), m)
         })
         .collect();
+    let mut made: HashMap<(i64, i64, &str), usize> = HashMap::new();
     let now = now_ms();
     let ids = shared.next_ids(posts.len(), now);
     let mut ev = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -696,8 +693,16 @@ async fn post_run(
             continue;
         };
         let role = roles.get(&(channel_id, author)).copied().flatten();
-        let original =
-            client_id.and_then(|k| originals.get(&(channel_id, author, k.to_owned())).cloned());
+        let original = client_id.and_then(|k| {
+            let key = (channel_id, author, k);
+            match made.get(&key) {
+                Some(&at) => match &results[at] {
+                    Ok(Done::Posted(p)) => Some(p.message.clone()),
+                    _ => None,
+                },
+                None => stored.get(&key).cloned(),
+            }
+        });
         match rules::post(kind, role, original) {
             Err(e) => results.push(Err(e)),
             Ok(Some(retry)) => results.push(Ok(Done::Posted(retry))),
@@ -734,8 +739,7 @@ async fn post_run(
                     deleted: false,
                 };
                 if let Some(k) = client_id {
-                    // A second send with this client_id in the same batch is its retry.
-                    originals.insert((channel_id, author, k.to_owned()), message.clone());
+                    made.insert((channel_id, author, k), results.len());
                 }
                 journal.push(Event {
                     channel_id,
