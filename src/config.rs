@@ -66,6 +66,11 @@ pub struct ServeArgs {
     /// PostgreSQL: milliseconds any one statement may run before it is cancelled.
     #[arg(long, env = "NATTER_PG_STATEMENT_TIMEOUT_MS", default_value_t = 5000)]
     pub pg_statement_timeout_ms: u64,
+    /// How committed events reach the other nodes: `local` (one node) or a `nats://`
+    /// URL of the NATS server every node of the cluster shares (comma-separated URLs of
+    /// one NATS cluster are tried in turn). Needs PostgreSQL (--store).
+    #[arg(long, env = "NATTER_BUS", value_name = "URL", default_value = "local")]
+    pub bus: String,
     /// MiB kept free on the data directory's disk: below it, writes are refused with 507
     /// (reads go on, `/readyz` answers 503), leaving room for checkpoints and recovery.
     #[arg(long, env = "NATTER_DISK_RESERVE_MIB", default_value_t = 256)]
@@ -295,6 +300,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `--store`; `None`: the SQLite file in `data_dir`.
     pub store: Option<crate::store::StoreLocation>,
+    /// `--bus`: the NATS servers' URLs, or `None` for the in-process bus.
+    pub bus: Option<Vec<String>>,
     pub pg_statement_timeout: Duration,
     /// Bytes kept free on the data directory's disk.
     pub disk_reserve: u64,
@@ -526,12 +533,25 @@ impl Config {
                 option: "--store",
                 message,
             })?;
+        let bus = parse_bus(&a.bus).map_err(|message| ConfigError {
+            option: "--bus",
+            message,
+        })?;
+        if bus.is_some() && !matches!(store, Some(crate::store::StoreLocation::Postgres(_))) {
+            return Err(ConfigError {
+                option: "--bus",
+                message: "a NATS bus joins nodes that share PostgreSQL shards: give --store \
+                          postgres://… too"
+                    .into(),
+            });
+        }
         Ok(Self {
             listen: a.listen,
             metrics_listen: a.metrics_listen,
             trusted_proxies: a.trusted_proxies.clone(),
             data_dir: a.data_dir.clone(),
             store,
+            bus,
             pg_statement_timeout: Duration::from_millis(at_least(
                 "--pg-statement-timeout-ms",
                 a.pg_statement_timeout_ms,
@@ -706,6 +726,26 @@ impl Config {
 /// The database file of a data directory.
 pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("natter.db")
+}
+
+/// `--bus`: `local`, or one or more `nats://host:port` URLs (comma-separated).
+fn parse_bus(value: &str) -> Result<Option<Vec<String>>, String> {
+    let value = value.trim();
+    if value.is_empty() || value == "local" {
+        return Ok(None);
+    }
+    let urls: Vec<String> = value.split(',').map(|u| u.trim().to_owned()).collect();
+    for url in &urls {
+        let Some(rest) = url.strip_prefix("nats://") else {
+            return Err(format!(
+                "`{url}`: expected `local` or a nats://host:port URL"
+            ));
+        };
+        if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
+            return Err(format!("`{url}`: expected nats://host:port"));
+        }
+    }
+    Ok(Some(urls))
 }
 
 #[cfg(test)]

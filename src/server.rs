@@ -16,7 +16,9 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::gateway::bus::{Bus, LocalBus};
 use crate::gateway::cache::EventCache;
+use crate::gateway::dispatch::Dispatcher;
 use crate::gateway::hub::Hub;
+use crate::gateway::nats::NatsBus;
 use crate::gateway::reader::EventReader;
 use crate::gateway::stats::Stats;
 use crate::store::Store;
@@ -41,23 +43,49 @@ pub async fn serve(
     let stats = Arc::new(Stats::default());
     let hub = Arc::new(Hub::new(Arc::clone(&stats)));
     let cache = Arc::new(EventCache::new(config.gateway.cache_bytes));
-    let (bus, fanout) = LocalBus::start(Arc::clone(&hub), cache.clone());
-    let bus: Arc<dyn Bus> = Arc::new(bus);
+    let (bus, dispatcher, cluster, dispatch_thread): (Arc<dyn Bus>, _, _, _) = match &config.bus {
+        None => {
+            let (dispatcher, thread) = Dispatcher::start(
+                Arc::clone(&hub),
+                cache.clone(),
+                None,
+                tokio::runtime::Handle::current(),
+            );
+            (LocalBus::new(dispatcher.clone()), dispatcher, None, thread)
+        }
+        Some(urls) => {
+            let (nats, thread) =
+                NatsBus::start(urls, config.node_id, Arc::clone(&hub), cache.clone()).await?;
+            let dispatcher = nats.dispatcher().clone();
+            (nats.clone(), dispatcher, Some(nats), thread)
+        }
+    };
     let publish = Arc::clone(&bus);
     tracing::info!(store = %config.store_location().describe(), "opening the store");
     let store = crate::store::open(
         config.store_options(Some(Arc::new(move |events| publish.publish(events)))),
     )
     .await?;
+    let reader = Arc::new(EventReader::new(
+        cache,
+        store.clone(),
+        stats,
+        Arc::clone(&config.features),
+    ));
+    dispatcher.set_reader(Arc::clone(&reader));
+    // With other nodes, this one checks each second where the channels it follows stand.
+    let check = cluster.as_ref().map(|nats| {
+        tokio::spawn(crate::gateway::dispatch::check(
+            Arc::clone(&hub),
+            store.clone(),
+            dispatcher.clone(),
+            nats.recover(),
+        ))
+    });
     let gateway = Gateway {
         hub: Arc::clone(&hub),
         bus,
-        reader: Arc::new(EventReader::new(
-            cache,
-            store.clone(),
-            stats,
-            Arc::clone(&config.features),
-        )),
+        reader,
     };
     let drain = config.drain;
     let metrics_listen = config.metrics_listen;
@@ -144,6 +172,10 @@ pub async fn serve(
     }
     purge.abort();
     let _ = purge.await;
+    if let Some(check) = check {
+        check.abort();
+        let _ = check.await;
+    }
     if let Some((stop, mut task)) = metrics {
         let _ = stop.send(());
         if tokio::time::timeout(Duration::from_secs(2), &mut task)
@@ -157,13 +189,18 @@ pub async fn serve(
     // A write queued after this is refused, never acknowledged.
     store.close().await;
     drop(store);
-    // The writer is gone, so is the last publisher: the fan-out thread ends.
-    let joined = tokio::task::spawn_blocking(move || fanout.join());
+    // The writers are gone: the dispatcher hands on what they published, and stops.
+    dispatcher.stop();
+    let joined = tokio::task::spawn_blocking(move || dispatch_thread.join());
     if tokio::time::timeout(Duration::from_secs(5), joined)
         .await
         .is_err()
     {
-        tracing::warn!("fan-out thread still running at shutdown");
+        tracing::warn!("dispatcher thread still running at shutdown");
+    }
+    if let Some(nats) = cluster {
+        // The other nodes get this node's last commits now rather than by their check.
+        nats.close().await;
     }
     served?;
     tracing::info!("natter stopped");

@@ -246,7 +246,7 @@ async fn store_and_http_acknowledge_every_send_and_report_it() {
     }
     let refused = measure_store(&HttpArgs {
         run: RunArgs {
-            url: Some("http://127.0.0.1:9".into()),
+            url: vec!["http://127.0.0.1:9".into()],
             ..RunArgs::default()
         },
         ..args

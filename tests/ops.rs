@@ -234,10 +234,18 @@ async fn the_alerts_and_the_dashboard_use_only_exported_metrics() {
     // on trust.
     let mut on_postgres = BTreeSet::new();
     let pg_present = common::pg::shared().is_some();
+    // And a cluster node: the bus's and the dispatcher's metrics.
+    let nats = common::nats::Nats::start();
     common::on_postgres(async {
         let pg = TestServer::start().await;
         on_postgres = self::exported(&pg.base()).await;
         pg.stop().await;
+        if let Some(nats) = &nats {
+            let url = nats.url();
+            let node = TestServer::start_with(|c| c.bus = Some(vec![url])).await;
+            on_postgres.extend(self::exported(&node.base()).await);
+            node.stop().await;
+        }
     })
     .await;
     if pg_present {
@@ -265,6 +273,9 @@ async fn the_alerts_and_the_dashboard_use_only_exported_metrics() {
     let mut missing = not_exported(&named, &exported);
     if !pg_present {
         missing.retain(|n| !n.starts_with("natter_store_"));
+    }
+    if !pg_present || nats.is_none() {
+        missing.retain(|n| !n.starts_with("natter_bus_") && !n.starts_with("natter_cluster_"));
     }
     assert!(missing.is_empty(), "not exported: {missing:?}");
     // The check itself can fail: a rule with a misspelt name is caught.

@@ -283,6 +283,8 @@ async fn revoke_other_sessions(
 fn revoke(state: &AppState, user_id: i64, token: &TokenHash) {
     state.sessions.revoke(token);
     state.gateway.hub.revoke(user_id, token);
+    // And on every other node of a cluster.
+    state.gateway.bus.revoke(user_id, token);
 }
 
 /// Logs out: the token stops working at once.

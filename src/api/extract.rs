@@ -113,7 +113,8 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<Authed, ApiEr
         .ok_or_else(ApiError::unauthorized)?;
     let token = token_hash(token);
     let now = now_ms();
-    if let Some((user, expires_at)) = state.sessions.get(&token, now) {
+    let trusted_since = state.gateway.bus.trusted_since();
+    if let Some((user, expires_at)) = state.sessions.get(&token, now, trusted_since) {
         return Ok(Authed {
             user,
             token,

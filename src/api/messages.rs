@@ -96,8 +96,8 @@ async fn list_messages(
         after_seq: params.int("after_seq", 0, i64::MAX)?,
         limit: params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32,
     };
-    member_of(&state, auth.user.id, id).await?;
-    let page = state.gateway.reader.history(id, query).await?;
+    let through = member_of(&state, auth.user.id, id).await?;
+    let page = state.gateway.reader.history(id, query, through).await?;
     Ok(Json(MessagePage {
         messages: page.items.iter().map(Message::from).collect(),
         has_more: page.has_more,
@@ -161,11 +161,11 @@ async fn list_events(
     let PathIds([id]) = path;
     let after = params.int("after_seq", 0, i64::MAX)?.unwrap_or(0);
     let limit = params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32;
-    member_of(&state, auth.user.id, id).await?;
+    let through = member_of(&state, auth.user.id, id).await?;
     let page = state
         .gateway
         .reader
-        .read_committed(id, after, limit)
+        .read_committed(id, after, through, limit)
         .await?;
     // Each event's JSON is the frame fan-out encoded once; the page is spliced from them.
     let (events, has_more) = (&page.0, page.1);
@@ -187,10 +187,11 @@ async fn list_events(
 }
 
 /// `NotFound` unless `user_id` is a member of the channel: reads from the cache and the
-/// store's unchecked reads come after this.
-async fn member_of(state: &AppState, user_id: i64, channel_id: i64) -> ApiResult<()> {
+/// store's unchecked reads come after this. Returns the channel's newest seq as the store
+/// shows it now: a cached answer must reach it (read-your-writes on any node).
+async fn member_of(state: &AppState, user_id: i64, channel_id: i64) -> ApiResult<i64> {
     match state.store.channel(channel_id, user_id).await? {
-        Some(_) => Ok(()),
+        Some((channel, _)) => Ok(channel.last_seq),
         None => Err(ApiError::not_found()),
     }
 }

@@ -77,7 +77,7 @@ impl std::ops::Deref for AppState {
 impl AppState {
     pub fn new(store: Arc<dyn Store>, config: Config, gateway: Gateway) -> Self {
         let limits = config.limits;
-        Self(Arc::new(Inner {
+        let state = Self(Arc::new(Inner {
             store,
             gateway,
             ready: AtomicBool::new(true),
@@ -101,7 +101,16 @@ impl AppState {
             conns: Arc::default(),
             edge: EdgeStats::default(),
             config,
-        }))
+        }));
+        // A session revoked on another node ends here too.
+        let weak = Arc::downgrade(&state.0);
+        state.gateway.bus.on_revoke(Box::new(move |user_id, token| {
+            if let Some(inner) = weak.upgrade() {
+                inner.sessions.revoke(token);
+                inner.gateway.hub.revoke(user_id, token);
+            }
+        }));
+        state
     }
 
     /// Marks the server as draining: `/readyz` answers 503 from now on.
@@ -216,6 +225,7 @@ impl AppState {
         self.edge.render(&mut out);
         self.conns.render(&mut out);
         self.store.render_metrics(&mut out);
+        self.gateway.bus.render_metrics(&mut out);
         self.gateway.hub.stats().render(&mut out);
         crate::process::render(&mut out);
         crate::process::render_disk(&mut out, &self.config.data_dir);

@@ -33,11 +33,19 @@ pub struct SessionCache {
 impl SessionCache {
     /// The cached user of an unexpired session.
     /// The user of a cached unexpired session, and when it expires.
-    pub fn get(&self, token: &TokenHash, now_ms: i64) -> Option<(User, i64)> {
+    /// `trusted_since`: entries cached before it are not used (the cluster bus may have
+    /// missed another node's revocation then).
+    pub fn get(
+        &self,
+        token: &TokenHash,
+        now_ms: i64,
+        trusted_since: Option<Instant>,
+    ) -> Option<(User, i64)> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
             .get(token)
             .filter(|e| e.expires_at_ms > now_ms && e.fetched.elapsed() < MAX_AGE)
+            .filter(|e| trusted_since.is_none_or(|t| e.fetched > t))
             .map(|e| (e.user.clone(), e.expires_at_ms))
     }
 
@@ -91,9 +99,9 @@ mod tests {
         let cache = SessionCache::default();
         let g = cache.generation();
         cache.insert(g, [1; 32], user(), 100);
-        assert_eq!(cache.get(&[1; 32], 99), Some((user(), 100)));
-        assert_eq!(cache.get(&[1; 32], 100), None);
-        assert_eq!(cache.get(&[2; 32], 0), None);
+        assert_eq!(cache.get(&[1; 32], 99, None), Some((user(), 100)));
+        assert_eq!(cache.get(&[1; 32], 100, None), None);
+        assert_eq!(cache.get(&[2; 32], 0, None), None);
     }
 
     #[test]
@@ -102,9 +110,9 @@ mod tests {
         let g = cache.generation();
         cache.revoke(&[1; 32]);
         cache.insert(g, [1; 32], user(), 100);
-        assert_eq!(cache.get(&[1; 32], 0), None);
+        assert_eq!(cache.get(&[1; 32], 0, None), None);
         cache.insert(cache.generation(), [1; 32], user(), 100);
         cache.revoke(&[1; 32]);
-        assert_eq!(cache.get(&[1; 32], 0), None);
+        assert_eq!(cache.get(&[1; 32], 0, None), None);
     }
 }

@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::{mpsc, watch};
 
 use super::check::{Checker, Violations};
-use super::report::{Latency, Report, Series};
+use super::report::{Latency, Report, Series, Table};
 use super::timeline::Timeline;
 use super::{RunArgs, Sample, Target, bench_username, emit, histogram};
 use crate::client::{Api, Frame, Incoming, Realtime};
@@ -294,8 +294,11 @@ pub(crate) struct PhaseResult {
     pub send_time: Duration,
     /// From the phase's start to its last delivery.
     pub deliver_time: Duration,
-    /// Server CPU seconds over the phase (from its `/metrics`).
+    /// Server CPU seconds over the phase (from its `/metrics`; every node's together).
     pub server_cpu: Option<f64>,
+    /// Per `--url` given (when more than one): its CPU seconds and the events it wrote
+    /// to WebSockets over the phase, where its `/metrics` told.
+    pub nodes: Vec<(String, Option<f64>, Option<f64>)>,
     /// Receivers that did not see the phase's last events within the settle time.
     pub lagging: usize,
     pub drops: BTreeMap<String, u64>,
@@ -350,6 +353,37 @@ impl PhaseResult {
         }
         if self.lagging > 0 {
             report.figure("receivers that never caught up", self.lagging as f64, "");
+        }
+        if !self.nodes.is_empty() {
+            report.tables.push(Table {
+                title: "per node".into(),
+                columns: [
+                    "node",
+                    "CPU s",
+                    "deliveries",
+                    "CPU s per million deliveries",
+                ]
+                .map(String::from)
+                .to_vec(),
+                rows: self
+                    .nodes
+                    .iter()
+                    .map(|(node, cpu, delivered)| {
+                        let show = |v: Option<f64>, f: &dyn Fn(f64) -> String| {
+                            v.map_or_else(|| "-".to_owned(), f)
+                        };
+                        vec![
+                            node.clone(),
+                            show(*cpu, &|c| format!("{c:.2}")),
+                            show(*delivered, &|d| format!("{d:.0}")),
+                            match (cpu, delivered) {
+                                (Some(c), Some(d)) if *d > 0.0 => format!("{:.2}", c * 1e6 / d),
+                                _ => "-".into(),
+                            },
+                        ]
+                    })
+                    .collect(),
+            });
         }
         report
             .latencies
@@ -485,8 +519,14 @@ impl Rig {
         let (control, control_rx) = watch::channel(Control::Running);
         let (share_tx, shares) = mpsc::unbounded_channel();
         let mut receiving = Vec::with_capacity(receivers.len());
+        // Clients are spread over the given nodes in turn (registered on the first: the
+        // nodes of a cluster share their accounts).
+        let on_node = |api: &Api, n: usize| {
+            let node = &target.bases[n % target.bases.len()];
+            Api::new(node).with_token(api.token().unwrap_or_default())
+        };
         for (n, (api, _)) in receivers.iter().enumerate() {
-            let (rt, ready) = Realtime::connect(api, HashMap::new())
+            let (rt, ready) = Realtime::connect(&on_node(api, n), HashMap::new())
                 .await
                 .with_context(|| format!("connect receiver {n}"))?;
             let mut checker = Checker::new(format!("receiver {n}"));
@@ -506,7 +546,7 @@ impl Rig {
         }
         let mut sender_sockets = Vec::with_capacity(senders);
         for (s, (api, _)) in sending.iter().enumerate() {
-            let (rt, _) = Realtime::connect(api, HashMap::new())
+            let (rt, _) = Realtime::connect(&on_node(api, s), HashMap::new())
                 .await
                 .with_context(|| format!("connect sender {s}"))?;
             sender_sockets.push(Some(rt));
@@ -553,7 +593,8 @@ impl Rig {
         let senders = self.senders.len();
         let answered = Arc::new(AtomicU64::new(0));
         let bar = progress(self.quiet, planned as u64, label);
-        let before = self.target.sample().await;
+        let nodes_before = self.target.sample_nodes().await;
+        let before = Sample::sum(&nodes_before);
         self.samples.push((self.now(), before));
         // Phases start on a whole second of the rig's clock, so the per-second latency
         // timelines split exactly where a phase (or a spike's part) begins.
@@ -604,6 +645,7 @@ impl Rig {
             send_time: Duration::ZERO,
             deliver_time: Duration::ZERO,
             server_cpu: None,
+            nodes: Vec::new(),
             lagging: 0,
             drops: BTreeMap::new(),
             started_at,
@@ -654,12 +696,29 @@ impl Rig {
             waiting.inc(1);
         }
         waiting.finish_and_clear();
-        let after = self.target.sample().await;
+        let nodes_after = self.target.sample_nodes().await;
+        let after = Sample::sum(&nodes_after);
         self.samples.push((self.now(), after));
         result.server_cpu = match (before.cpu_seconds, after.cpu_seconds) {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         };
+        if self.target.bases.len() > 1 {
+            let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+            result.nodes = self
+                .target
+                .bases
+                .iter()
+                .zip(nodes_before.iter().zip(&nodes_after))
+                .map(|(node, (a, b))| {
+                    (
+                        node.clone(),
+                        delta(a.cpu_seconds, b.cpu_seconds),
+                        delta(a.delivered, b.delivered),
+                    )
+                })
+                .collect();
+        }
         Ok(result)
     }
 

@@ -144,6 +144,8 @@ impl Drop for Scratch {
 /// CPU time and memory are the server's alone.
 pub(crate) struct Target {
     pub base: String,
+    /// Every node given by `--url` (the first is `base`); one for a spawned server.
+    pub bases: Vec<String>,
     child: Option<tokio::process::Child>,
     http: reqwest::Client,
     _scratch: Option<Scratch>,
@@ -155,14 +157,40 @@ pub(crate) struct Sample {
     pub cpu_seconds: Option<f64>,
     pub rss_bytes: Option<f64>,
     pub buffered_bytes: Option<f64>,
+    /// Event frames the server has written to WebSockets.
+    pub delivered: Option<f64>,
+}
+
+impl Sample {
+    /// The sum of several nodes' readings (`None` where any node's is unknown).
+    pub(crate) fn sum(samples: &[Sample]) -> Sample {
+        let add = |f: fn(&Sample) -> Option<f64>| {
+            samples
+                .iter()
+                .map(f)
+                .try_fold(0.0, |acc, v| v.map(|v| acc + v))
+        };
+        Sample {
+            cpu_seconds: add(|s| s.cpu_seconds),
+            rss_bytes: add(|s| s.rss_bytes),
+            buffered_bytes: add(|s| s.buffered_bytes),
+            delivered: add(|s| s.delivered),
+        }
+    }
 }
 
 impl Target {
     pub async fn start(run: &RunArgs, data_dir: Option<PathBuf>) -> anyhow::Result<Self> {
         let http = reqwest::Client::new();
-        if let Some(url) = &run.url {
+        if !run.url.is_empty() {
+            let bases: Vec<String> = run
+                .url
+                .iter()
+                .map(|u| u.trim_end_matches('/').to_owned())
+                .collect();
             return Ok(Self {
-                base: url.trim_end_matches('/').to_owned(),
+                base: bases[0].clone(),
+                bases,
                 child: None,
                 http,
                 _scratch: None,
@@ -221,6 +249,7 @@ impl Target {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self {
             base: format!("http://{addr}"),
+            bases: vec![format!("http://{addr}")],
             child: Some(child),
             http,
             _scratch: Some(scratch),
@@ -232,9 +261,19 @@ impl Target {
         self.child.as_ref().and_then(|c| c.id())
     }
 
-    /// The server's CPU time, memory and queued WebSocket bytes, from its `/metrics`.
+    /// The servers' CPU time, memory and queued WebSocket bytes, from their `/metrics`,
+    /// summed over every `--url` (unknown if any does not serve `/metrics`: a balancer).
     pub async fn sample(&self) -> Sample {
-        let text = match self.http.get(format!("{}/metrics", self.base)).send().await {
+        Sample::sum(&self.sample_nodes().await)
+    }
+
+    /// Each `--url`'s readings, in order.
+    pub async fn sample_nodes(&self) -> Vec<Sample> {
+        futures_util::future::join_all(self.bases.iter().map(|b| self.sample_one(b))).await
+    }
+
+    async fn sample_one(&self, base: &str) -> Sample {
+        let text = match self.http.get(format!("{base}/metrics")).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };
@@ -247,6 +286,7 @@ impl Target {
             cpu_seconds: value("natter_process_cpu_seconds_total"),
             rss_bytes: value("natter_process_resident_memory_bytes"),
             buffered_bytes: value("natter_ws_buffered_bytes"),
+            delivered: value("natter_events_delivered_total"),
         }
     }
 
@@ -273,8 +313,11 @@ impl Target {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunArgs {
     /// A running server to measure (its sign-up and send limits must allow the run).
-    #[arg(long, conflicts_with = "spawn")]
-    pub url: Option<String>,
+    /// Several (repeated, or comma-separated): the nodes of a cluster, or a balancer in
+    /// front of them; clients are spread over them in turn, and each one's `/metrics`
+    /// gives per-node CPU and deliveries (a balancer's URL has none).
+    #[arg(long, conflicts_with = "spawn", value_delimiter = ',')]
+    pub url: Vec<String>,
     /// Start `natter serve` as a child process on a temporary directory for the run, and
     /// stop it at the end (the default without --url).
     #[arg(long)]
@@ -301,9 +344,10 @@ pub struct RunArgs {
 impl RunArgs {
     /// How the report names the server.
     pub fn server(&self) -> String {
-        match &self.url {
-            Some(url) => url.clone(),
-            None => "spawned child process".into(),
+        if self.url.is_empty() {
+            "spawned child process".into()
+        } else {
+            self.url.join(",")
         }
     }
 }
@@ -426,7 +470,7 @@ where
 
 /// `natter bench store`: sends straight into the embedded store, in this process.
 pub async fn measure_store(args: &HttpArgs) -> anyhow::Result<report::Report> {
-    if args.run.url.is_some() {
+    if !args.run.url.is_empty() {
         bail!(
             "`bench store` measures the embedded store in this process; --url does not apply (use `bench http` or `bench fanout`)"
         );

@@ -1,111 +1,64 @@
-//! The bus carries committed events (and ephemeral typing signals) from the writer to the
-//! hubs that deliver them. [`LocalBus`] is the in-process one: a fan-out thread takes each
-//! committed batch in commit order, encodes every event once, adds it to the hot-channel
-//! cache and dispatches it. A clustered bus (NATS) implements the same trait later.
+//! The bus carries committed events (and ephemeral signals) from the writers to the
+//! dispatcher of every node that delivers them. [`LocalBus`] is the one-node bus: this
+//! node's commits go straight to its dispatcher. The cluster bus (`nats::NatsBus`) also
+//! publishes them to the other nodes and feeds theirs to this node's dispatcher.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::thread::JoinHandle;
 
-use super::cache::EventCache;
-use super::hub::Hub;
-use super::outbox::Delivery;
+use super::dispatch::Dispatcher;
 use crate::model::Event;
+use crate::store::TokenHash;
 
+/// Called on this node when another node revoked a session: the API forgets the token and
+/// closes its sockets.
+pub type RevokeHandler = Box<dyn Fn(i64, &TokenHash) + Send + Sync>;
+
+#[async_trait::async_trait]
 pub trait Bus: Send + Sync {
-    /// Committed events, called in commit order. May wait when fan-out is behind: that is
-    /// the writer's backpressure.
+    /// This node's committed events, called in commit order. May wait when the dispatcher
+    /// is behind: that is the writer's backpressure.
     fn publish(&self, events: Vec<Event>);
     /// An ephemeral signal; dropped rather than queued when fan-out is behind.
     fn typing(&self, channel_id: i64, user_id: i64);
-}
-
-/// Batches the fan-out thread may have queued before `publish` waits.
-const QUEUED_BATCHES: usize = 1024;
-
-enum Fanout {
-    Events(Vec<Event>),
-    Typing { channel_id: i64, user_id: i64 },
+    /// Tells the other nodes that a session was revoked (this node has acted on it).
+    fn revoke(&self, _user_id: i64, _token: &TokenHash) {}
+    /// What to do when another node revokes a session. Set once.
+    fn on_revoke(&self, _handler: RevokeHandler) {}
+    /// Returns once the bus brings this node the events of everything it follows now
+    /// (a cluster bus: its subscriptions reached the server), or after a bounded wait.
+    async fn sync(&self) {}
+    /// For `/readyz` and the channel-list check: the bus's name and whether it is
+    /// connected; `None` for the local bus.
+    fn health(&self) -> Option<(&'static str, bool)> {
+        None
+    }
+    /// Since when a revocation by another node is sure to have reached this one: a session
+    /// this node cached before then must be read again. `None`: always (one node).
+    fn trusted_since(&self) -> Option<std::time::Instant> {
+        None
+    }
+    /// Prometheus text of the bus's own counters.
+    fn render_metrics(&self, _out: &mut String) {}
 }
 
 pub struct LocalBus {
-    tx: SyncSender<Fanout>,
-    cache: Arc<EventCache>,
+    dispatcher: Dispatcher,
 }
 
 impl LocalBus {
-    /// Starts the fan-out thread; it stops when the bus is dropped.
-    pub fn start(hub: Arc<Hub>, cache: Arc<EventCache>) -> (Self, JoinHandle<()>) {
-        let (tx, rx) = sync_channel(QUEUED_BATCHES);
-        let fanout_cache = Arc::clone(&cache);
-        let handle = std::thread::Builder::new()
-            .name("natter-fanout".into())
-            .spawn(move || fan_out(&hub, &fanout_cache, rx))
-            .expect("spawn the fan-out thread");
-        (Self { tx, cache }, handle)
+    pub fn new(dispatcher: Dispatcher) -> Arc<Self> {
+        Arc::new(Self { dispatcher })
     }
 }
 
 impl Bus for LocalBus {
     fn publish(&self, events: Vec<Event>) {
-        // Counted before the writer answers anyone: a cache read waits for this batch.
-        self.cache.mark_published();
-        // The writer holds this sender, so the thread can only be gone if it panicked. The
-        // events are committed; clients find them by resuming, and history reads fall back
-        // to the store, but nothing is delivered live any more.
-        if self.tx.send(Fanout::Events(events)).is_err() {
-            tracing::error!(
-                "fan-out thread is gone; committed events are no longer delivered live"
-            );
-        }
+        self.dispatcher.local(events);
     }
 
     fn typing(&self, channel_id: i64, user_id: i64) {
-        match self.tx.try_send(Fanout::Typing {
-            channel_id,
-            user_id,
-        }) {
-            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
-        }
+        self.dispatcher.typing(channel_id, user_id);
     }
-}
-
-fn fan_out(hub: &Hub, cache: &EventCache, rx: Receiver<Fanout>) {
-    let mut batch = Vec::new();
-    let mut batches = 0;
-    while let Ok(first) = rx.recv() {
-        // Take whatever else is queued, so a busy writer's batches are dispatched together.
-        for msg in std::iter::once(first).chain(rx.try_iter().take(QUEUED_BATCHES)) {
-            match msg {
-                Fanout::Events(events) => {
-                    batch.extend(events.into_iter().map(Delivery::new));
-                    batches += 1;
-                }
-                Fanout::Typing {
-                    channel_id,
-                    user_id,
-                } => {
-                    flush(hub, cache, &mut batch, &mut batches);
-                    hub.typing(channel_id, user_id);
-                }
-            }
-        }
-        flush(hub, cache, &mut batch, &mut batches);
-    }
-}
-
-/// Caches, then dispatches: a connection that sees an event can read everything before
-/// it from the cache.
-fn flush(hub: &Hub, cache: &EventCache, batch: &mut Vec<Arc<Delivery>>, batches: &mut u64) {
-    if !batch.is_empty() {
-        cache.append(batch);
-    }
-    if *batches > 0 {
-        cache.mark_applied(*batches);
-        *batches = 0;
-    }
-    hub.dispatch(batch);
-    batch.clear();
 }
 
 #[cfg(test)]
@@ -113,6 +66,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::gateway::cache::EventCache;
+    use crate::gateway::hub::Hub;
     use crate::gateway::stats::Stats;
     use crate::model::{EventBody, Role};
 
@@ -134,8 +89,14 @@ mod tests {
     async fn a_caught_up_cache_holds_every_published_event() {
         let hub = Arc::new(Hub::new(Arc::new(Stats::default())));
         let cache = Arc::new(EventCache::new(1 << 30));
-        let (bus, _fanout) = LocalBus::start(hub, Arc::clone(&cache));
-        // A big batch keeps the fan-out thread busy while the next one waits in its queue.
+        let (dispatcher, _thread) = Dispatcher::start(
+            hub,
+            Arc::clone(&cache),
+            None,
+            tokio::runtime::Handle::current(),
+        );
+        let bus = LocalBus::new(dispatcher);
+        // A big batch keeps the dispatcher busy while the next one waits in its queue.
         bus.publish((1..=50_000).map(|seq| event(1, seq)).collect());
         bus.publish(vec![event(2, 1)]);
         assert!(cache.catch_up(Duration::from_secs(30)).await);

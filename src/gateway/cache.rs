@@ -181,6 +181,10 @@ impl EventCache {
                 .logs
                 .entry(d.channel_id)
                 .or_insert_with(|| Log::new(d.seq, now));
+            if !log.events.is_empty() && d.seq <= log.last_seq() {
+                // Already cached (an unfollowed channel's event can come twice, or late).
+                continue;
+            }
             if log.events.is_empty() || d.seq != log.last_seq() + 1 {
                 // A channel's first cached event, or (never expected) a break in the run:
                 // start the run over rather than keep a gap.
@@ -240,12 +244,14 @@ impl EventCache {
     /// A page of history answered from the cached message states, or `None` when the
     /// cached run does not hold the whole page (the store must answer). Same order and
     /// `has_more` rules as the store's.
-    pub fn history(&self, channel_id: i64, q: HistoryQuery) -> Option<Page<Message>> {
+    /// `through`: the channel's newest seq as the store showed it; a cached run that ends
+    /// before it (events committed on another node not brought yet) does not answer.
+    pub fn history(&self, channel_id: i64, q: HistoryQuery, through: i64) -> Option<Page<Message>> {
         let mut inner = self.lock();
         inner.clock += 1;
         let now = inner.clock;
         let log = inner.logs.get_mut(&channel_id)?;
-        if log.events.is_empty() {
+        if log.events.is_empty() || log.last_seq() < through {
             return None;
         }
         log.used = now;

@@ -7,7 +7,7 @@
 //! dispatched, and a `member.removed` is the last event of that channel they are given.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::outbox::{Delivery, Item, Outbox};
@@ -24,6 +24,40 @@ struct Conn {
     channels: HashSet<i64>,
 }
 
+/// A change of what this node follows, told to the bus as it happens (under the hub's
+/// lock, so in order): a cluster bus subscribes to what is followed here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    /// The channel's first follower on this node, or its last one gone.
+    Channel(i64, bool),
+    /// The user's first connection on this node, or its last one gone.
+    User(i64, bool),
+}
+
+pub type InterestSink = Box<dyn Fn(Interest) + Send + Sync>;
+
+/// "No event of this channel dispatched yet since it was first followed."
+pub(super) const UNKNOWN: i64 = i64::MIN;
+
+/// The dispatcher's view of the followed channels' positions, under one hold of the
+/// read lock (drop it before dispatching).
+pub(super) struct Cursors<'a>(std::sync::RwLockReadGuard<'a, Subs>);
+
+impl Cursors<'_> {
+    /// The channel's position (`UNKNOWN` until known), if it is followed here.
+    pub(super) fn get(&self, channel_id: i64) -> Option<&AtomicI64> {
+        self.0.by_channel.get(&channel_id).map(|f| &f.last)
+    }
+}
+
+/// A followed channel: its online followers, and the seq of the last of its events the
+/// dispatcher delivered since it was first followed here.
+struct Followers {
+    conns: Vec<ConnId>,
+    /// Written only by the dispatcher (and once by [`Hub::seed`]).
+    last: AtomicI64,
+}
+
 /// Who follows what. A connection's channels are a set, so one user with many channels
 /// costs (un)subscribing what changed, not the square of it; a channel's followers stay a
 /// list, which dispatch walks fastest (dropping one is a scan of that channel's online
@@ -33,7 +67,8 @@ struct Subs {
     conns: HashMap<ConnId, Conn>,
     /// A user's connections: a short list (bounded by the per-user connection cap).
     by_user: HashMap<i64, Vec<ConnId>>,
-    by_channel: HashMap<i64, Vec<ConnId>>,
+    by_channel: HashMap<i64, Followers>,
+    interest: Option<Arc<InterestSink>>,
 }
 
 /// Channels (un)subscribed under one hold of the lock: a connection with thousands of
@@ -46,7 +81,16 @@ impl Subs {
             return;
         };
         if conn.channels.insert(channel_id) {
-            self.by_channel.entry(channel_id).or_default().push(id);
+            let followers = self.by_channel.entry(channel_id).or_insert_with(|| {
+                if let Some(tell) = &self.interest {
+                    tell(Interest::Channel(channel_id, true));
+                }
+                Followers {
+                    conns: Vec::new(),
+                    last: AtomicI64::new(UNKNOWN),
+                }
+            });
+            followers.conns.push(id);
         }
     }
 
@@ -60,12 +104,16 @@ impl Subs {
     }
 
     fn drop_follower(&mut self, id: ConnId, channel_id: i64) {
-        if let Some(list) = self.by_channel.get_mut(&channel_id) {
+        if let Some(followers) = self.by_channel.get_mut(&channel_id) {
+            let list = &mut followers.conns;
             if let Some(at) = list.iter().position(|&c| c == id) {
                 list.swap_remove(at);
             }
             if list.is_empty() {
                 self.by_channel.remove(&channel_id);
+                if let Some(tell) = &self.interest {
+                    tell(Interest::Channel(channel_id, false));
+                }
             }
         }
     }
@@ -88,6 +136,12 @@ impl Hub {
             next_id: AtomicU64::new(1),
             stats,
         }
+    }
+
+    /// Tells `sink` every change of what this node follows from now on (a cluster bus
+    /// subscribes by it). Set once, before the first connection.
+    pub fn set_interest(&self, sink: InterestSink) {
+        self.write().interest = Some(Arc::new(sink));
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
@@ -134,7 +188,13 @@ impl Hub {
                 channels: HashSet::new(),
             },
         );
-        subs.by_user.entry(user_id).or_default().push(id);
+        let conns = subs.by_user.entry(user_id).or_default();
+        conns.push(id);
+        if conns.len() == 1
+            && let Some(tell) = &subs.interest
+        {
+            tell(Interest::User(user_id, true));
+        }
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         Some(id)
     }
@@ -153,6 +213,9 @@ impl Hub {
                 set.retain(|&c| c != id);
                 if set.is_empty() {
                     subs.by_user.remove(&user_id);
+                    if let Some(tell) = &subs.interest {
+                        tell(Interest::User(user_id, false));
+                    }
                 }
             }
             channels.into_iter().collect()
@@ -185,6 +248,43 @@ impl Hub {
         self.write().unsubscribe(id, channel_id);
     }
 
+    /// A follower read the channel's position after it followed it: if nothing of the
+    /// channel was dispatched since it was first followed here, events after `seq` are the
+    /// ones to deliver (a gap before the next one is filled from the store), so an event
+    /// the bus never brings is still found by the dispatcher's check.
+    pub fn seed(&self, channel_id: i64, seq: i64) {
+        if let Some(f) = self.read().by_channel.get(&channel_id) {
+            let _ = f
+                .last
+                .compare_exchange(UNKNOWN, seq, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// Where the dispatcher stands on a channel: `None` when it is not followed here,
+    /// `Some(None)` when followed but nothing is known yet.
+    pub fn position(&self, channel_id: i64) -> Option<Option<i64>> {
+        self.read().by_channel.get(&channel_id).map(|f| {
+            let last = f.last.load(Ordering::Acquire);
+            (last != UNKNOWN).then_some(last)
+        })
+    }
+
+    pub(super) fn cursors(&self) -> Cursors<'_> {
+        Cursors(self.read())
+    }
+
+    /// The followed channels with a known position, for the dispatcher's check.
+    pub fn positions(&self) -> Vec<(i64, i64)> {
+        self.read()
+            .by_channel
+            .iter()
+            .filter_map(|(&id, f)| {
+                let last = f.last.load(Ordering::Acquire);
+                (last != UNKNOWN).then_some((id, last))
+            })
+            .collect()
+    }
+
     /// Delivers committed events, in order. Called by one thread at a time (the bus).
     pub fn dispatch(&self, deliveries: &[Arc<Delivery>]) {
         if deliveries.iter().any(|d| d.membership.is_some()) {
@@ -212,7 +312,7 @@ impl Hub {
     /// Shows `user_id` typing to the channel's other online members.
     pub fn typing(&self, channel_id: i64, user_id: i64) {
         let subs = self.read();
-        let Some(list) = subs.by_channel.get(&channel_id) else {
+        let Some(list) = subs.by_channel.get(&channel_id).map(|f| &f.conns) else {
             return;
         };
         let frame: axum::extract::ws::Utf8Bytes = protocol::typing(channel_id, user_id).into();
@@ -246,7 +346,7 @@ impl Hub {
 /// Pushes `d` to the channel's followers, and to the connections of the user whose
 /// membership it changes when they do not follow the channel yet.
 fn deliver(subs: &Subs, d: &Arc<Delivery>) {
-    let followers = subs.by_channel.get(&d.channel_id);
+    let followers = subs.by_channel.get(&d.channel_id).map(|f| &f.conns);
     for id in followers.into_iter().flatten() {
         if let Some(conn) = subs.conns.get(id) {
             conn.outbox.push(Item::Event(Arc::clone(d)));

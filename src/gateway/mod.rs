@@ -1,12 +1,15 @@
-//! The real-time gateway's moving parts, below the `/v1/ws` handler (`api::ws`): the wire
-//! [`protocol`], each connection's bounded [`outbox`], the [`hub`] that fans committed
-//! events out to online connections, the [`bus`] that carries events from the writer to the
-//! hub, the hot-channel [`cache`] and the [`reader`] in front of it, and the [`stats`]
+//! The real-time gateway's moving parts, below the `/v1/ws` handler (`api::ws`): each
+//! connection's bounded [`outbox`], the [`hub`] that fans committed events out to online
+//! connections, the [`bus`] that carries events from the writers (of this node, and over
+//! [`nats`] of the others) to the [`dispatch`]er, which keeps each followed channel in
+//! order, the hot-channel [`cache`] and the [`reader`] in front of it, and the [`stats`]
 //! counters.
 
 pub mod bus;
 pub mod cache;
+pub mod dispatch;
 pub mod hub;
+pub mod nats;
 pub mod outbox;
 pub mod reader;
 pub mod stats;

@@ -70,16 +70,20 @@ impl EventReader {
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Up to `limit` events of the channel after `after_seq`, and whether more exist.
-    /// For the gateway, which is driven by dispatched events and so never ahead of the
-    /// cache; `read_committed` is for readers that must see every acknowledged write.
-    pub async fn read(
+    /// Up to `limit` events of the channel after `after_seq`, where the events through
+    /// `through` are known to exist (committed, on any node): the cache answers only when
+    /// it holds all of the page it is asked, else the store does.
+    pub async fn read_range(
         &self,
         channel_id: i64,
         after_seq: i64,
+        through: i64,
         limit: u32,
     ) -> Result<LogPage, StoreError> {
-        if let Some(hit) = self.cache.read(channel_id, after_seq, limit as usize) {
+        let need = through.min(after_seq.saturating_add(i64::from(limit)));
+        if let Some(hit) = self.cache.read(channel_id, after_seq, limit as usize)
+            && hit.0.last().map_or(after_seq, |d| d.seq) >= need
+        {
             self.hit();
             return Ok(Arc::new(hit));
         }
@@ -96,32 +100,30 @@ impl EventReader {
             .await
     }
 
-    /// Like [`EventReader::read`], after every write acknowledged before the call is cached.
+    /// Like [`EventReader::read_range`] for a reader that must see every acknowledged
+    /// write: `through` is the channel's newest seq as the store showed it after the
+    /// caller's membership check; this node's own writes are waited for briefly.
     pub async fn read_committed(
         &self,
         channel_id: i64,
         after_seq: i64,
+        through: i64,
         limit: u32,
     ) -> Result<LogPage, StoreError> {
-        if !self.cache.catch_up(CATCH_UP).await {
-            self.miss();
-            let page = self.store.log(channel_id, after_seq, limit).await?;
-            return Ok(Arc::new((
-                page.items.into_iter().map(Delivery::new).collect(),
-                page.has_more,
-            )));
-        }
-        self.read(channel_id, after_seq, limit).await
+        self.cache.catch_up(CATCH_UP).await;
+        self.read_range(channel_id, after_seq, through, limit).await
     }
 
-    /// A page of history, seeing every write acknowledged before the call.
+    /// A page of history, seeing every write acknowledged before the call: `through` is
+    /// the channel's newest seq as the store showed it after the caller's membership check.
     pub async fn history(
         &self,
         channel_id: i64,
         q: HistoryQuery,
+        through: i64,
     ) -> Result<Arc<Page<Message>>, StoreError> {
         if self.cache.catch_up(CATCH_UP).await
-            && let Some(page) = self.cache.history(channel_id, q)
+            && let Some(page) = self.cache.history(channel_id, q, through)
         {
             self.hit();
             return Ok(Arc::new(page));

@@ -20,6 +20,17 @@ pub struct Stats {
     pub cache_misses: AtomicU64,
     /// Store reads saved because an identical read was already running.
     pub coalesced_reads: AtomicU64,
+    /// Events the dispatcher dropped as already dispatched (the bus brought one twice).
+    pub dispatch_duplicates: AtomicU64,
+    /// Events held back because an earlier event of their channel had not arrived.
+    pub dispatch_held: AtomicU64,
+    /// Gaps filled by reading the store, and the events those reads dispatched.
+    pub dispatch_fills: AtomicU64,
+    pub dispatch_filled_events: AtomicU64,
+    /// Followed channels the periodic check found ahead of what was dispatched.
+    pub dispatch_behind: AtomicU64,
+    /// Gap reads that failed (retried).
+    pub dispatch_fill_errors: AtomicU64,
 }
 
 impl Stats {
@@ -76,6 +87,42 @@ impl Stats {
                 "counter",
                 "Store reads saved by joining an identical read in flight.",
                 count(&self.coalesced_reads),
+            ),
+            (
+                "natter_dispatch_duplicates_total",
+                "counter",
+                "Events dropped by the dispatcher as already dispatched.",
+                count(&self.dispatch_duplicates),
+            ),
+            (
+                "natter_dispatch_held_total",
+                "counter",
+                "Events held back until an earlier event of their channel arrived.",
+                count(&self.dispatch_held),
+            ),
+            (
+                "natter_dispatch_gap_fills_total",
+                "counter",
+                "Store reads that filled a gap in a followed channel's events.",
+                count(&self.dispatch_fills),
+            ),
+            (
+                "natter_dispatch_gap_filled_events_total",
+                "counter",
+                "Events dispatched from gap-filling store reads.",
+                count(&self.dispatch_filled_events),
+            ),
+            (
+                "natter_dispatch_behind_total",
+                "counter",
+                "Followed channels the periodic check found ahead of what was dispatched.",
+                count(&self.dispatch_behind),
+            ),
+            (
+                "natter_dispatch_gap_fill_errors_total",
+                "counter",
+                "Gap-filling store reads that failed (each is retried).",
+                count(&self.dispatch_fill_errors),
             ),
         ];
         for (name, kind, help, value) in metrics {

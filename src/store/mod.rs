@@ -332,6 +332,10 @@ pub trait Channels: Send + Sync {
     async fn log(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>>;
     /// A page of a channel's history; no membership check, as for [`Channels::log`].
     async fn history(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>>;
+    /// The newest seq of each existing channel among `ids` (the cluster bus's check for
+    /// events it missed), as `(channel_id, last_seq)` in no particular order. A channel on
+    /// a shard that is down is left out rather than failing the call.
+    async fn last_seqs(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>>;
 }
 
 /// What a running backend tells the server about itself, for `/readyz` and `/metrics`.

@@ -4,6 +4,7 @@
 
 pub mod child;
 pub mod db;
+pub mod nats;
 pub mod pg;
 pub mod ws;
 

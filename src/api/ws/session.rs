@@ -106,6 +106,10 @@ impl Session {
             .views;
         let ids: Vec<i64> = first.iter().map(|v| v.channel.id).collect();
         hub.subscribe_all(self.conn, &ids);
+        // A cluster bus brings this node the events of what it follows once its
+        // subscriptions reach the server: wait for that (bounded) before reading where the
+        // channels stand, so that what is committed after the read comes live.
+        self.state.gateway.bus.sync().await;
         let listing = self
             .state
             .store
@@ -125,6 +129,9 @@ impl Session {
         let mut listed = Vec::with_capacity(now.len());
         for v in &now {
             let last = v.channel.last_seq;
+            // If nothing of it was dispatched here since it was followed, what comes after
+            // `last` is what to deliver: the dispatcher fills any gap before it.
+            hub.seed(v.channel.id, last);
             let at = resume.get(&v.channel.id).map_or(last, |&s| s.min(last));
             self.positions.insert(v.channel.id, at);
             listed.push(ChannelPosition {
@@ -156,8 +163,14 @@ impl Session {
             feed(socket, protocol::left(id).into()).await?;
         }
         flush(socket, cfg.idle_timeout).await?;
+        // Replay up to where each channel stood when listed; what came since is
+        // dispatched live (a gap before it filled from the store).
+        let lasts: HashMap<i64, i64> = now
+            .iter()
+            .map(|v| (v.channel.id, v.channel.last_seq))
+            .collect();
         for (&id, _) in resume.iter().filter(|(id, _)| current.contains(id)) {
-            self.fill(socket, id, None).await?;
+            self.fill(socket, id, lasts[&id]).await?;
         }
         self.count_delivered();
 
@@ -390,7 +403,7 @@ impl Session {
         if d.seq <= at {
             return Ok(());
         }
-        if d.seq > at + 1 && !self.fill(socket, d.channel_id, Some(d.seq - 1)).await? {
+        if d.seq > at + 1 && !self.fill(socket, d.channel_id, d.seq - 1).await? {
             return Ok(());
         }
         self.send_event(socket, &d).await
@@ -426,6 +439,7 @@ impl Session {
     where
         S: Sink<Message> + Unpin,
     {
+        self.state.gateway.bus.sync().await;
         match self
             .state
             .store
@@ -435,6 +449,7 @@ impl Session {
         {
             Some((channel, _)) => {
                 self.state.gateway.hub.subscribe(self.conn, channel_id);
+                self.state.gateway.hub.seed(channel_id, channel.last_seq);
                 self.positions.insert(channel_id, channel.last_seq);
                 feed(socket, protocol::joined(&channel).into()).await
             }
@@ -446,14 +461,10 @@ impl Session {
         }
     }
 
-    /// Sends the channel's events after our position, up to `until` (or all there are).
-    /// False if the channel's stream ended on the way (this user was removed).
-    async fn fill<S>(
-        &mut self,
-        socket: &mut S,
-        channel_id: i64,
-        until: Option<i64>,
-    ) -> Result<bool, End>
+    /// Sends the channel's events after our position through `until` (committed, so the
+    /// cache or the store has them). False if the channel's stream ended on the way (this
+    /// user was removed).
+    async fn fill<S>(&mut self, socket: &mut S, channel_id: i64, until: i64) -> Result<bool, End>
     where
         S: Sink<Message> + Unpin,
     {
@@ -462,20 +473,17 @@ impl Session {
             let Some(&at) = self.positions.get(&channel_id) else {
                 return Ok(false);
             };
-            if until.is_some_and(|u| at >= u) {
+            if at >= until {
                 return Ok(true);
             }
-            let limit = until.map_or(FILL_PAGE, |u| {
-                (u - at).clamp(1, i64::from(FILL_PAGE)) as u32
-            });
+            let limit = (until - at).clamp(1, i64::from(FILL_PAGE)) as u32;
             let reader = Arc::clone(&self.state.gateway.reader);
             let page = reader
-                .read(channel_id, at, limit)
+                .read_range(channel_id, at, until, limit)
                 .await
                 .map_err(End::store)?;
-            let (page, more) = (&page.0, page.1);
             let mut progressed = false;
-            for d in page {
+            for d in &page.0 {
                 if d.seq != self.positions.get(&channel_id).copied().unwrap_or(i64::MAX) + 1 {
                     continue;
                 }
@@ -487,17 +495,12 @@ impl Session {
                 }
             }
             flush(socket, idle).await?;
-            if !progressed || !more {
-                let at = self.positions.get(&channel_id).copied();
-                return match (until, at) {
-                    (None, _) => Ok(true),
-                    (Some(u), Some(at)) if at >= u => Ok(true),
-                    // Committed events the log cannot give: never skip them silently.
-                    _ => Err(End::Close(
-                        close::RESTARTING,
-                        "the channel log is not readable; reconnect and resume".into(),
-                    )),
-                };
+            if !progressed {
+                // Committed events the log cannot give: never skip them silently.
+                return Err(End::Close(
+                    close::RESTARTING,
+                    "the channel log is not readable; reconnect and resume".into(),
+                ));
             }
         }
     }

@@ -1629,4 +1629,31 @@ impl Channels for PostgresStore {
             .await
             .map_err(|e| self.inner.fail(shard, "read history", e))
     }
+
+    async fn last_seqs(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+        let inner = &self.inner;
+        let mut by_shard: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+        for &id in ids {
+            by_shard
+                .entry(inner.shard_of_channel(id))
+                .or_default()
+                .push(id);
+        }
+        // One query per shard, all at once.
+        let reads = by_shard.into_iter().map(|(shard, ids)| async move {
+            let c = inner.conn(shard).await?;
+            read::last_seqs(&**c, &ids)
+                .await
+                .map_err(|e| inner.fail(shard, "read last seqs", e))
+        });
+        let mut all = Vec::with_capacity(ids.len());
+        for part in futures_util::future::join_all(reads).await {
+            match part {
+                Ok(seqs) => all.extend(seqs),
+                Err(StoreError::Unreachable) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(all)
+    }
 }

@@ -176,6 +176,20 @@ pub(super) async fn channel(c: &impl GenericClient, id: i64) -> Result<Option<Ch
     row.as_ref().map(channel_row).transpose()
 }
 
+/// `(id, last_seq)` of the existing channels among `ids`.
+pub(super) async fn last_seqs(
+    c: &impl GenericClient,
+    ids: &[i64],
+) -> Result<Vec<(i64, i64)>, Fail> {
+    let rows = c
+        .query(
+            "SELECT id, last_seq FROM channels WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 pub(super) async fn member_channel(
     c: &impl GenericClient,
     channel_id: i64,

@@ -511,4 +511,9 @@ impl Channels for SqliteStore {
             .run(move |c| read::messages(c, channel_id, query))
             .await
     }
+
+    async fn last_seqs(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+        let ids = ids.to_vec();
+        self.reads.run(move |c| read::last_seqs(c, &ids)).await
+    }
 }

@@ -225,6 +225,18 @@ pub(super) fn channel(conn: &Connection, id: i64) -> rusqlite::Result<Option<Cha
     .optional()
 }
 
+/// `(id, last_seq)` of the existing channels among `ids`.
+pub(super) fn last_seqs(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<(i64, i64)>> {
+    let mut stmt = conn.prepare_cached("SELECT last_seq FROM channels WHERE id = ?1")?;
+    let mut out = Vec::with_capacity(ids.len());
+    for &id in ids {
+        if let Some(last) = stmt.query_row([id], |r| r.get(0)).optional()? {
+            out.push((id, last));
+        }
+    }
+    Ok(out)
+}
+
 pub(super) fn member_channel(
     conn: &Connection,
     channel_id: i64,

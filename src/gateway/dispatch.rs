@@ -1,0 +1,559 @@
+//! The dispatcher: one thread that takes committed events from every source (this node's
+//! writers, in commit order; other nodes' commits, as the cluster bus brings them: late,
+//! twice, out of order or never) and hands each followed channel's events to the
+//! hot-channel cache and the hub exactly once, in seq order.
+//!
+//! Per followed channel the hub keeps the seq last dispatched (its cursor). An event right
+//! after it is dispatched; one at or below it is a duplicate and dropped; one further on
+//! is held, and if the events before it have not come within [`GRACE`] they are read
+//! from the store (through the reader: cache, then the store, identical reads shared) and
+//! dispatched first. The cluster bus's periodic check ([`check`]) tells the dispatcher
+//! where the store's channels stand, which catches the loss of a channel's newest events
+//! (no later event shows the gap). A channel nobody here follows has no cursor: its
+//! events (this node's commits, membership changes of users online here) are dispatched
+//! as they come, for the cache and for the users they add or remove.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError, channel, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::cache::EventCache;
+use super::hub::{Hub, UNKNOWN};
+use super::outbox::Delivery;
+use super::reader::EventReader;
+use crate::model::Event;
+use crate::store::Store;
+
+/// Batches the dispatcher may have queued before a local publisher waits.
+const QUEUED_BATCHES: usize = 1024;
+/// How long a held event waits for the events before it to arrive on their own.
+pub const GRACE: Duration = Duration::from_millis(25);
+/// How long after a failed gap read it is tried again.
+const RETRY: Duration = Duration::from_millis(500);
+/// Events held per channel; past it, later events are left to the store read.
+const MAX_HELD: usize = 4096;
+/// Events read from the store per gap read.
+const FILL_PAGE: u32 = 1000;
+/// How often the cluster bus checks where the followed channels stand.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Called with each batch of this node's committed events once encoded (the cluster bus
+/// publishes them).
+pub type Outbound = Box<dyn Fn(&[Arc<Delivery>]) + Send>;
+
+enum Input {
+    /// This node's committed events, in commit order.
+    Local(Vec<Event>),
+    /// Other nodes' committed events, in the order the bus brought them.
+    Remote(Vec<Event>),
+    Typing {
+        channel_id: i64,
+        user_id: i64,
+    },
+    /// Control messages are waiting.
+    Wake,
+    /// Hand on what is queued before this, then stop.
+    Stop,
+}
+
+enum Control {
+    /// Where the store's channels stand (the periodic check).
+    Behind(Vec<(i64, i64)>),
+    /// A held event's grace ran out: read its gap if it is still open.
+    Due(i64),
+    /// A gap read's answer.
+    Filled(i64, Result<Vec<Arc<Delivery>>, String>),
+}
+
+struct Shared {
+    data: SyncSender<Input>,
+    control: Mutex<Sender<Control>>,
+    cache: Arc<EventCache>,
+    reader: OnceLock<Arc<EventReader>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Shared {
+    fn tell(&self, c: Control) {
+        let sent = self
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(c);
+        if sent.is_ok() {
+            // A full queue will be read soon anyway, and the control queue with it.
+            let _ = self.data.try_send(Input::Wake);
+        }
+    }
+}
+
+/// The handle the buses feed. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+}
+
+impl Dispatcher {
+    /// Starts the dispatcher thread; it stops when every handle is dropped. Gap reads and
+    /// timers run on `runtime`.
+    pub fn start(
+        hub: Arc<Hub>,
+        cache: Arc<EventCache>,
+        outbound: Option<Outbound>,
+        runtime: tokio::runtime::Handle,
+    ) -> (Self, JoinHandle<()>) {
+        let (data, data_rx) = sync_channel(QUEUED_BATCHES);
+        let (control, control_rx) = channel();
+        let shared = Arc::new(Shared {
+            data,
+            control: Mutex::new(control),
+            cache,
+            reader: OnceLock::new(),
+            runtime,
+        });
+        let mut worker = Worker {
+            hub,
+            shared: Arc::downgrade(&shared),
+            cache: Arc::clone(&shared.cache),
+            outbound,
+            held: HashMap::new(),
+            out: Vec::new(),
+            batches: 0,
+        };
+        let handle = std::thread::Builder::new()
+            .name("natter-dispatch".into())
+            .spawn(move || worker.run(&data_rx, &control_rx))
+            .expect("spawn the dispatcher thread");
+        (Self { shared }, handle)
+    }
+
+    /// Where gaps are read from; set once the store is open (events can only be
+    /// committed after that).
+    pub fn set_reader(&self, reader: Arc<EventReader>) {
+        let _ = self.shared.reader.set(reader);
+    }
+
+    /// This node's committed events, in commit order; waits while the dispatcher is
+    /// [`QUEUED_BATCHES`] behind (the writers' backpressure).
+    pub fn local(&self, events: Vec<Event>) {
+        // Counted before the writer answers anyone: a cache read waits for this batch.
+        self.shared.cache.mark_published();
+        if self.shared.data.send(Input::Local(events)).is_err() {
+            tracing::error!("the dispatcher is gone; committed events are no longer delivered");
+        }
+    }
+
+    /// Events another node committed. Waits (off the async threads) while the dispatcher
+    /// is behind, so the bus's own buffers take the backpressure.
+    pub async fn remote(&self, events: Vec<Event>) {
+        match self.shared.data.try_send(Input::Remote(events)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(input)) => {
+                let data = self.shared.data.clone();
+                let _ = tokio::task::spawn_blocking(move || data.send(input)).await;
+            }
+        }
+    }
+
+    /// An ephemeral signal; dropped rather than queued when the dispatcher is behind.
+    pub fn typing(&self, channel_id: i64, user_id: i64) {
+        let _ = self.shared.data.try_send(Input::Typing {
+            channel_id,
+            user_id,
+        });
+    }
+
+    /// Stops the thread once it has handed on everything queued before this call.
+    pub fn stop(&self) {
+        let _ = self.shared.data.send(Input::Stop);
+    }
+
+    /// Where the store's channels stand, as the periodic check read it.
+    pub fn behind(&self, positions: Vec<(i64, i64)>) {
+        if !positions.is_empty() {
+            self.shared.tell(Control::Behind(positions));
+        }
+    }
+}
+
+/// The gaps of one followed channel.
+#[derive(Default)]
+struct Held {
+    /// Events past a gap, by seq.
+    events: BTreeMap<i64, Arc<Delivery>>,
+    /// The newest seq known to exist (held, or seen by the check).
+    want: i64,
+    /// A grace timer or a store read is running.
+    busy: bool,
+}
+
+struct Worker {
+    hub: Arc<Hub>,
+    shared: std::sync::Weak<Shared>,
+    cache: Arc<EventCache>,
+    outbound: Option<Outbound>,
+    held: HashMap<i64, Held>,
+    /// Events to dispatch at the next flush, in order.
+    out: Vec<Arc<Delivery>>,
+    /// Local batches taken since the last flush.
+    batches: u64,
+}
+
+impl Worker {
+    fn run(&mut self, data: &Receiver<Input>, control: &Receiver<Control>) {
+        while let Ok(first) = data.recv() {
+            // Take whatever else is queued, so a busy writer's batches go out together.
+            for input in std::iter::once(first).chain(data.try_iter().take(QUEUED_BATCHES)) {
+                match input {
+                    Input::Local(events) => {
+                        let ds: Vec<Arc<Delivery>> =
+                            events.into_iter().map(Delivery::new).collect();
+                        if let Some(publish) = &self.outbound {
+                            publish(&ds);
+                        }
+                        self.offer(ds);
+                        self.batches += 1;
+                    }
+                    Input::Remote(events) => {
+                        self.offer(events.into_iter().map(Delivery::new).collect());
+                    }
+                    Input::Typing {
+                        channel_id,
+                        user_id,
+                    } => {
+                        self.flush();
+                        self.hub.typing(channel_id, user_id);
+                    }
+                    Input::Wake => {}
+                    Input::Stop => {
+                        self.flush();
+                        return;
+                    }
+                }
+            }
+            for c in control.try_iter() {
+                match c {
+                    Control::Behind(positions) => self.behind(positions),
+                    Control::Due(channel_id) => self.due(channel_id),
+                    Control::Filled(channel_id, page) => self.filled(channel_id, page),
+                }
+            }
+            self.flush();
+        }
+    }
+
+    /// Sorts events into dispatched now, held, or dropped.
+    fn offer(&mut self, ds: Vec<Arc<Delivery>>) {
+        let stats = Arc::clone(self.hub.stats());
+        let cursors = self.hub.cursors();
+        let mut gaps = Vec::new();
+        for d in ds {
+            let Some(cursor) = cursors.get(d.channel_id) else {
+                // Nobody follows it here: nothing to keep in order for.
+                self.out.push(d);
+                continue;
+            };
+            let last = cursor.load(Ordering::Acquire);
+            if last == UNKNOWN || d.seq == last + 1 {
+                cursor.store(d.seq, Ordering::Release);
+                let channel_id = d.channel_id;
+                self.out.push(d);
+                // Events held behind this one may follow it now.
+                if let Some(held) = self.held.get_mut(&channel_id) {
+                    let mut at = cursor.load(Ordering::Acquire);
+                    while let Some(next) = held.events.remove(&(at + 1)) {
+                        at += 1;
+                        self.out.push(next);
+                    }
+                    // Anything held at or below the cursor came another way.
+                    while held.events.first_key_value().is_some_and(|(&s, _)| s <= at) {
+                        held.events.pop_first();
+                    }
+                    cursor.store(at, Ordering::Release);
+                    if held.events.is_empty() && held.want <= at && !held.busy {
+                        self.held.remove(&channel_id);
+                    }
+                }
+            } else if d.seq <= last {
+                stats.dispatch_duplicates.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.dispatch_held.fetch_add(1, Ordering::Relaxed);
+                let channel_id = d.channel_id;
+                let held = self.held.entry(channel_id).or_default();
+                held.want = held.want.max(d.seq);
+                if held.events.len() < MAX_HELD {
+                    held.events.insert(d.seq, d);
+                }
+                if !held.busy {
+                    held.busy = true;
+                    gaps.push(channel_id);
+                }
+            }
+        }
+        drop(cursors);
+        for channel_id in gaps {
+            self.after(GRACE, channel_id);
+        }
+    }
+
+    /// Caches, then dispatches: a connection that sees an event can read everything before
+    /// it from the cache.
+    fn flush(&mut self) {
+        if !self.out.is_empty() {
+            self.cache.append(&self.out);
+        }
+        if self.batches > 0 {
+            self.cache.mark_applied(self.batches);
+            self.batches = 0;
+        }
+        if !self.out.is_empty() {
+            self.hub.dispatch(&self.out);
+            self.out.clear();
+        }
+    }
+
+    /// Sends `Due(channel_id)` after `delay`.
+    fn after(&self, delay: Duration, channel_id: i64) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let weak = Arc::downgrade(&shared);
+        shared.runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(shared) = weak.upgrade() {
+                shared.tell(Control::Due(channel_id));
+            }
+        });
+    }
+
+    fn behind(&mut self, positions: Vec<(i64, i64)>) {
+        let mut late = Vec::new();
+        {
+            let cursors = self.hub.cursors();
+            for (channel_id, seq) in positions {
+                let Some(last) = cursors.get(channel_id).map(|c| c.load(Ordering::Acquire)) else {
+                    continue;
+                };
+                if last == UNKNOWN || seq <= last {
+                    continue;
+                }
+                let held = self.held.entry(channel_id).or_default();
+                held.want = held.want.max(seq);
+                if !held.busy {
+                    held.busy = true;
+                    late.push(channel_id);
+                }
+            }
+        }
+        let stats = self.hub.stats();
+        stats
+            .dispatch_behind
+            .fetch_add(late.len() as u64, Ordering::Relaxed);
+        // Its events may be on their way; give them the same grace as a held one.
+        for channel_id in late {
+            self.after(GRACE, channel_id);
+        }
+    }
+
+    /// A gap's grace ran out (or a read came back): read what is still missing.
+    fn due(&mut self, channel_id: i64) {
+        let Some(held) = self.held.get_mut(&channel_id) else {
+            return;
+        };
+        let last = match self.hub.position(channel_id) {
+            Some(Some(last)) => last,
+            // No longer followed (or followed anew): nothing to keep in order for.
+            _ => {
+                self.held.remove(&channel_id);
+                return;
+            }
+        };
+        let target = held
+            .events
+            .first_key_value()
+            .map_or(held.want, |(&s, _)| s - 1);
+        if target <= last {
+            held.busy = false;
+            if held.events.is_empty() && held.want <= last {
+                self.held.remove(&channel_id);
+            }
+            return;
+        }
+        held.busy = true;
+        let (Some(shared), limit) = (
+            self.shared.upgrade(),
+            (target - last).min(i64::from(FILL_PAGE)) as u32,
+        ) else {
+            return;
+        };
+        let Some(reader) = shared.reader.get().cloned() else {
+            held.busy = false;
+            return;
+        };
+        self.hub
+            .stats()
+            .dispatch_fills
+            .fetch_add(1, Ordering::Relaxed);
+        let weak = Arc::downgrade(&shared);
+        shared.runtime.spawn(async move {
+            let page = reader
+                .read_range(channel_id, last, target, limit)
+                .await
+                .map(|page| page.0.clone())
+                .map_err(|e| e.to_string());
+            if let Some(shared) = weak.upgrade() {
+                shared.tell(Control::Filled(channel_id, page));
+            }
+        });
+    }
+
+    fn filled(&mut self, channel_id: i64, page: Result<Vec<Arc<Delivery>>, String>) {
+        let Some(held) = self.held.get_mut(&channel_id) else {
+            return;
+        };
+        held.busy = false;
+        let stats = Arc::clone(self.hub.stats());
+        match page {
+            Ok(events) => {
+                let before = self.hub.position(channel_id).flatten();
+                stats
+                    .dispatch_filled_events
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                // Offered like any event: in order, each once.
+                self.offer(events);
+                let after = self.hub.position(channel_id).flatten();
+                if after > before {
+                    // Progress: read on at once if the gap is not closed yet.
+                    if let Some(held) = self.held.get_mut(&channel_id)
+                        && !held.busy
+                    {
+                        held.busy = true;
+                        self.due(channel_id);
+                    }
+                } else if let Some(held) = self.held.get_mut(&channel_id)
+                    && !held.busy
+                {
+                    // The store did not have it yet (or not any more): try again shortly.
+                    held.busy = true;
+                    self.after(RETRY, channel_id);
+                }
+            }
+            Err(error) => {
+                stats.dispatch_fill_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(channel_id, %error, "read a gap in a channel's events; retrying");
+                held.busy = true;
+                self.after(RETRY, channel_id);
+            }
+        }
+    }
+}
+
+/// The periodic check of the cluster bus: every [`CHECK_EVERY`], or at once when `now` is
+/// notified (the bus lost messages, or came back), reads where each channel followed here
+/// stands in the store and tells the dispatcher, so that an event the bus never brought,
+/// with no later event to show the gap, is still delivered. Runs until aborted.
+pub async fn check(
+    hub: Arc<Hub>,
+    store: Arc<dyn Store>,
+    dispatcher: Dispatcher,
+    now: Arc<tokio::sync::Notify>,
+) {
+    let mut every = tokio::time::interval(CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = now.notified() => {}
+        }
+        let followed = hub.positions();
+        if followed.is_empty() {
+            continue;
+        }
+        let ids: Vec<i64> = followed.iter().map(|&(id, _)| id).collect();
+        let mine: HashMap<i64, i64> = followed.into_iter().collect();
+        match store.last_seqs(&ids).await {
+            Ok(seqs) => dispatcher.behind(
+                seqs.into_iter()
+                    .filter(|(id, seq)| mine.get(id).is_some_and(|last| seq > last))
+                    .collect(),
+            ),
+            Err(e) => tracing::debug!(error = %e, "check where followed channels stand"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::outbox::{Item, Outbox};
+    use crate::gateway::stats::Stats;
+    use crate::model::EventBody;
+
+    fn event(channel_id: i64, seq: i64) -> Event {
+        Event {
+            channel_id,
+            seq,
+            at: 0,
+            body: EventBody::ChannelUpdated {
+                name: Some(format!("n{seq}")),
+            },
+        }
+    }
+
+    async fn seqs(outbox: &Outbox, want: usize) -> Vec<i64> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < want && tokio::time::Instant::now() < deadline {
+            let mut items = Vec::new();
+            if tokio::time::timeout(Duration::from_millis(100), outbox.take(&mut items))
+                .await
+                .is_ok()
+            {
+                got.extend(items.iter().filter_map(|i| match i {
+                    Item::Event(d) => Some(d.seq),
+                    _ => None,
+                }));
+            }
+        }
+        got
+    }
+
+    /// Events of a followed channel that come late, twice or out of order are dispatched
+    /// once each, in seq order; a channel nobody follows is not held back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_followed_channel_is_dispatched_in_order_once() {
+        let stats = Arc::new(Stats::default());
+        let hub = Arc::new(Hub::new(Arc::clone(&stats)));
+        let outbox = Arc::new(Outbox::new(1 << 20, Arc::clone(&stats)));
+        let conn = hub.register(7, [0; 32], Arc::clone(&outbox));
+        hub.subscribe(conn, 1);
+        hub.seed(1, 0);
+        let cache = Arc::new(EventCache::new(1 << 20));
+        let (dispatcher, thread) = Dispatcher::start(
+            Arc::clone(&hub),
+            Arc::clone(&cache),
+            None,
+            tokio::runtime::Handle::current(),
+        );
+        dispatcher
+            .remote(vec![event(1, 1), event(1, 3), event(2, 9)])
+            .await;
+        dispatcher.local(vec![event(1, 4)]);
+        dispatcher
+            .remote(vec![event(1, 2), event(1, 3), event(1, 1)])
+            .await;
+        assert_eq!(seqs(&outbox, 4).await, [1, 2, 3, 4]);
+        assert_eq!(hub.position(1), Some(Some(4)));
+        assert_eq!(stats.dispatch_duplicates.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.dispatch_held.load(Ordering::Relaxed), 2);
+        // The cache holds the run in order, and the unfollowed channel's event.
+        let (page, _) = cache.read(1, 0, 10).unwrap();
+        assert_eq!(page.iter().map(|d| d.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert!(cache.read(2, 8, 10).is_some());
+        dispatcher.stop();
+        thread.join().unwrap();
+    }
+}

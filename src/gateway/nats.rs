@@ -1,0 +1,874 @@
+//! The cluster bus over core NATS (`--bus nats://…`), as `CLUSTER.md` designs it: a lossy
+//! accelerator beside PostgreSQL, which stays the only truth.
+//!
+//! - After commit, each event of this node goes to `natter.ch.<channel_id>`; a membership
+//!   event also to `natter.user.<user_id>`, so the node that serves that user learns of it
+//!   even when it follows nothing of the channel yet. Typing signals go to the channel's
+//!   subject too.
+//! - A node subscribes to `natter.ch.<id>` while it has a follower of the channel, and to
+//!   `natter.user.<id>` while the user has a connection on it (the hub tells it of every
+//!   change, in order). Its own messages do not come back (`no_echo`).
+//! - What arrives goes to the same dispatcher as this node's commits, which delivers each
+//!   followed channel's events once and in order and reads gaps from the store; the
+//!   periodic check (`dispatch::check`) finds what never arrived.
+//! - `natter.ctl.revoke` carries logouts to every node; `natter.ctl.nodes` a heartbeat per
+//!   node each second (live nodes in `/metrics`; a second live node with this node's id is
+//!   logged and counted).
+//!
+//! Publishing never waits: with NATS down or its queue full, a message is dropped and
+//! counted, and the receivers get the event from the store by the check. The client
+//! reconnects by itself and subscribes again; meanwhile `/readyz` says `bus: down`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_nats::connection::State;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::bus::{Bus, RevokeHandler};
+use super::cache::EventCache;
+use super::dispatch::{Dispatcher, Outbound};
+use super::hub::{Hub, Interest};
+use super::outbox::Delivery;
+use crate::model::{Event, EventBody, Message, Role};
+use crate::store::TokenHash;
+
+/// Messages waiting to be handed to the NATS client before more are dropped.
+const PUBLISH_QUEUE: usize = 65_536;
+/// Messages received and not yet decoded before the subscriptions wait.
+const INBOX: usize = 16_384;
+/// How often a node says it is alive, and how long it counts as live after.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+const LIVE_FOR: Duration = Duration::from_secs(5);
+/// The most a new subscription waits to reach the server before a session goes on.
+const SYNC_WAIT: Duration = Duration::from_secs(1);
+
+const REVOKE: &str = "natter.ctl.revoke";
+/// Revocations kept for a NATS that is away (past it, the other nodes' cached sessions
+/// still expire within `api::sessions::MAX_AGE`).
+const MAX_HELD_REVOCATIONS: usize = 10_000;
+const NODES: &str = "natter.ctl.nodes";
+
+fn channel_subject(channel_id: i64) -> String {
+    format!("natter.ch.{channel_id}")
+}
+
+fn user_subject(user_id: i64) -> String {
+    format!("natter.user.{user_id}")
+}
+
+#[derive(Default)]
+struct Counters {
+    connected: AtomicBool,
+    /// When the bus last came back or lost messages: revocations may have been missed
+    /// before it.
+    trusted_since: Mutex<Option<Instant>>,
+    published: AtomicU64,
+    dropped: AtomicU64,
+    received: AtomicU64,
+    undecodable: AtomicU64,
+    slow_consumers: AtomicU64,
+    disconnects: AtomicU64,
+    subscriptions: AtomicUsize,
+    node_id_conflicts: AtomicU64,
+}
+
+/// Another node's last heartbeat.
+struct Peer {
+    instance: u64,
+    seen: Instant,
+}
+
+enum Cmd {
+    Interest(Interest),
+    Sync(oneshot::Sender<()>),
+}
+
+pub struct NatsBus {
+    client: async_nats::Client,
+    dispatcher: Dispatcher,
+    publish: mpsc::Sender<(String, Bytes)>,
+    commands: mpsc::UnboundedSender<Cmd>,
+    counters: Arc<Counters>,
+    peers: Arc<Mutex<HashMap<u16, Peer>>>,
+    on_revoke: Arc<OnceLock<RevokeHandler>>,
+    /// Notified when events may have been lost (a slow consumer, a reconnect): the check
+    /// runs at once.
+    recover: Arc<Notify>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NatsBus {
+    /// Connects (in the background: a node starts while NATS is down, and its deliveries
+    /// come by the check until it is up), starts the dispatcher and the bus's tasks, and
+    /// tells `hub` to report what it follows.
+    pub async fn start(
+        urls: &[String],
+        node_id: u16,
+        hub: Arc<Hub>,
+        cache: Arc<EventCache>,
+    ) -> anyhow::Result<(Arc<Self>, std::thread::JoinHandle<()>)> {
+        let counters = Arc::new(Counters::default());
+        let recover = Arc::new(Notify::new());
+        let events = {
+            let (counters, recover) = (Arc::clone(&counters), Arc::clone(&recover));
+            move |event: async_nats::Event| {
+                let (counters, recover) = (Arc::clone(&counters), Arc::clone(&recover));
+                async move { on_event(&counters, &recover, event) }
+            }
+        };
+        let mut instance = [0u8; 8];
+        getrandom::fill(&mut instance).expect("the OS random source works");
+        let instance = u64::from_le_bytes(instance) | 1;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("natter-node-{node_id}"))
+            .no_echo()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .ping_interval(Duration::from_secs(5))
+            .reconnect_delay_callback(|attempt| {
+                Duration::from_millis((100 * attempt as u64).min(2000))
+            })
+            .event_callback(events)
+            .connect(urls.join(","))
+            .await?;
+        let (publish, outbox) = mpsc::channel(PUBLISH_QUEUE);
+        let (dispatcher, thread) = Dispatcher::start(
+            Arc::clone(&hub),
+            cache,
+            Some(outbound(publish.clone(), Arc::clone(&counters))),
+            tokio::runtime::Handle::current(),
+        );
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (inbox, inbox_rx) = mpsc::channel(INBOX);
+        let peers = Arc::new(Mutex::new(HashMap::new()));
+        let on_revoke: Arc<OnceLock<RevokeHandler>> = Arc::new(OnceLock::new());
+        let tasks = vec![
+            tokio::spawn(publisher(client.clone(), outbox, Arc::clone(&counters))),
+            tokio::spawn(subscriptions(
+                client.clone(),
+                command_rx,
+                inbox,
+                Arc::clone(&counters),
+            )),
+            tokio::spawn(receive(inbox_rx, dispatcher.clone(), Arc::clone(&counters))),
+            tokio::spawn(revocations(
+                client.clone(),
+                Arc::clone(&on_revoke),
+                Arc::clone(&counters),
+            )),
+            tokio::spawn(heartbeats(
+                client.clone(),
+                node_id,
+                instance,
+                Arc::clone(&peers),
+                Arc::clone(&counters),
+            )),
+        ];
+        let tell = commands.clone();
+        hub.set_interest(Box::new(move |i| {
+            let _ = tell.send(Cmd::Interest(i));
+        }));
+        tracing::info!(servers = urls.len(), node_id, "cluster bus: NATS");
+        Ok((
+            Arc::new(Self {
+                client,
+                dispatcher,
+                publish,
+                commands,
+                counters,
+                peers,
+                on_revoke,
+                recover,
+                tasks,
+            }),
+            thread,
+        ))
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// Notified when the bus may have lost events: run the check at once.
+    pub fn recover(&self) -> Arc<Notify> {
+        Arc::clone(&self.recover)
+    }
+
+    /// Stops the bus's tasks and flushes what is queued to NATS (bounded).
+    pub async fn close(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+
+    fn send(&self, subject: String, payload: Bytes) {
+        push(&self.publish, &self.counters, subject, payload);
+    }
+}
+
+impl Drop for NatsBus {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn on_event(counters: &Counters, recover: &Notify, event: async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => {
+            tracing::info!("cluster bus connected");
+            *counters
+                .trusted_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            counters.connected.store(true, Ordering::Relaxed);
+            // What was published while it was away is found by the check.
+            recover.notify_one();
+        }
+        async_nats::Event::Disconnected => {
+            tracing::warn!(
+                "cluster bus disconnected; deliveries from other nodes come by the periodic check until it is back"
+            );
+            counters.connected.store(false, Ordering::Relaxed);
+            counters.disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        async_nats::Event::SlowConsumer(sid) => {
+            counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            *counters
+                .trusted_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            tracing::warn!(
+                sid,
+                "cluster bus: messages dropped for a slow subscription; checking the store"
+            );
+            recover.notify_one();
+        }
+        other => tracing::info!(event = %other, "cluster bus"),
+    }
+}
+
+/// Queues a message for the publisher; never waits.
+fn push(
+    queue: &mpsc::Sender<(String, Bytes)>,
+    counters: &Counters,
+    subject: String,
+    payload: Bytes,
+) {
+    if queue.try_send((subject, payload)).is_err() {
+        counters.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The dispatcher's hook: this node's committed events, encoded for the other nodes.
+fn outbound(queue: mpsc::Sender<(String, Bytes)>, counters: Arc<Counters>) -> Outbound {
+    Box::new(move |ds: &[Arc<Delivery>]| {
+        for d in ds {
+            let payload = Bytes::from(encode(&Packet::event(&d.event)));
+            if let Some((user_id, _)) = d.membership {
+                push(&queue, &counters, user_subject(user_id), payload.clone());
+            }
+            push(&queue, &counters, channel_subject(d.channel_id), payload);
+        }
+    })
+}
+
+async fn publisher(
+    client: async_nats::Client,
+    mut queue: mpsc::Receiver<(String, Bytes)>,
+    counters: Arc<Counters>,
+) {
+    // Revocations are kept while NATS is away and sent when it is back; events are not
+    // (the check brings them sooner than a late flood would).
+    let mut held: Vec<(String, Bytes)> = Vec::new();
+    let mut retry = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let next = tokio::select! {
+            next = queue.recv() => match next {
+                Some(next) => Some(next),
+                None => return,
+            },
+            _ = retry.tick(), if !held.is_empty() => None,
+        };
+        let connected = client.connection_state() == State::Connected;
+        if connected && !held.is_empty() {
+            for (subject, payload) in held.drain(..) {
+                let _ = client.publish(subject, payload).await;
+            }
+        }
+        let Some((subject, payload)) = next else {
+            continue;
+        };
+        if !connected {
+            if subject == REVOKE && held.len() < MAX_HELD_REVOCATIONS {
+                held.push((subject, payload));
+            } else {
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            continue;
+        }
+        match client.publish(subject, payload).await {
+            Ok(()) => counters.published.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counters.dropped.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Channel(i64),
+    User(i64),
+}
+
+/// Keeps one NATS subscription per followed channel and online user, in the order the hub
+/// reported the changes; answers `Sync` once every earlier change reached the server.
+async fn subscriptions(
+    client: async_nats::Client,
+    mut commands: mpsc::UnboundedReceiver<Cmd>,
+    inbox: mpsc::Sender<Bytes>,
+    counters: Arc<Counters>,
+) {
+    let mut subs: HashMap<Key, JoinHandle<()>> = HashMap::new();
+    while let Some(cmd) = commands.recv().await {
+        let (key, on) = match cmd {
+            Cmd::Sync(done) => {
+                if client.connection_state() == State::Connected {
+                    let _ = tokio::time::timeout(SYNC_WAIT, client.flush()).await;
+                }
+                let _ = done.send(());
+                continue;
+            }
+            Cmd::Interest(Interest::Channel(id, on)) => (Key::Channel(id), on),
+            Cmd::Interest(Interest::User(id, on)) => (Key::User(id), on),
+        };
+        if !on {
+            // Dropping the subscriber (with its task) unsubscribes.
+            if let Some(task) = subs.remove(&key) {
+                task.abort();
+            }
+            counters.subscriptions.store(subs.len(), Ordering::Relaxed);
+            continue;
+        }
+        let subject = match key {
+            Key::Channel(id) => channel_subject(id),
+            Key::User(id) => user_subject(id),
+        };
+        match client.subscribe(subject).await {
+            Ok(mut sub) => {
+                let inbox = inbox.clone();
+                let task = tokio::spawn(async move {
+                    while let Some(m) = sub.next().await {
+                        if inbox.send(m.payload).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                if let Some(old) = subs.insert(key, task) {
+                    old.abort();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, ?key, "cluster bus: subscribe"),
+        }
+        counters.subscriptions.store(subs.len(), Ordering::Relaxed);
+    }
+    for (_, task) in subs {
+        task.abort();
+    }
+}
+
+/// Decodes what the subscriptions brought and hands it to the dispatcher in batches.
+async fn receive(
+    mut inbox: mpsc::Receiver<Bytes>,
+    dispatcher: Dispatcher,
+    counters: Arc<Counters>,
+) {
+    let mut payloads = Vec::with_capacity(256);
+    while inbox.recv_many(&mut payloads, 256).await > 0 {
+        counters
+            .received
+            .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+        let mut events = Vec::with_capacity(payloads.len());
+        for payload in payloads.drain(..) {
+            match serde_json::from_slice::<Packet>(&payload).map(Packet::into_item) {
+                Ok(Some(Item::Event(e))) => events.push(e),
+                Ok(Some(Item::Typing {
+                    channel_id,
+                    user_id,
+                })) => dispatcher.typing(channel_id, user_id),
+                Ok(None) | Err(_) => {
+                    counters.undecodable.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if !events.is_empty() {
+            dispatcher.remote(events).await;
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Revocation {
+    u: i64,
+    t: String,
+}
+
+async fn revocations(
+    client: async_nats::Client,
+    handler: Arc<OnceLock<RevokeHandler>>,
+    counters: Arc<Counters>,
+) {
+    let mut sub = match client.subscribe(REVOKE).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(error = %e, "cluster bus: subscribe to revocations");
+            return;
+        }
+    };
+    while let Some(m) = sub.next().await {
+        let Ok(r) = serde_json::from_slice::<Revocation>(&m.payload) else {
+            counters.undecodable.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let Some(token) = unhex(&r.t) else {
+            counters.undecodable.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        if let Some(revoke) = handler.get() {
+            revoke(r.u, &token);
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Heartbeat {
+    n: u16,
+    i: u64,
+}
+
+async fn heartbeats(
+    client: async_nats::Client,
+    node_id: u16,
+    instance: u64,
+    peers: Arc<Mutex<HashMap<u16, Peer>>>,
+    counters: Arc<Counters>,
+) {
+    let mut sub = match client.subscribe(NODES).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(error = %e, "cluster bus: subscribe to heartbeats");
+            return;
+        }
+    };
+    let beat = Bytes::from(encode(&Heartbeat {
+        n: node_id,
+        i: instance,
+    }));
+    let mut every = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                if client.connection_state() == State::Connected {
+                    let _ = client.publish(NODES, beat.clone()).await;
+                }
+            }
+            m = sub.next() => {
+                let Some(m) = m else { return };
+                let Ok(h) = serde_json::from_slice::<Heartbeat>(&m.payload) else {
+                    counters.undecodable.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if h.n == node_id && h.i != instance {
+                    counters.node_id_conflicts.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(node_id, "another live node uses this node's --node-id");
+                    continue;
+                }
+                peers.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    h.n,
+                    Peer { instance: h.i, seen: Instant::now() },
+                );
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Bus for NatsBus {
+    fn publish(&self, events: Vec<Event>) {
+        // The dispatcher encodes them once and hands them to `outbound`.
+        self.dispatcher.local(events);
+    }
+
+    fn typing(&self, channel_id: i64, user_id: i64) {
+        self.dispatcher.typing(channel_id, user_id);
+        let packet = Packet {
+            c: channel_id,
+            s: 0,
+            at: 0,
+            b: Body::Typing { u: user_id },
+        };
+        self.send(channel_subject(channel_id), Bytes::from(encode(&packet)));
+    }
+
+    fn revoke(&self, user_id: i64, token: &TokenHash) {
+        let r = Revocation {
+            u: user_id,
+            t: hex(token),
+        };
+        self.send(REVOKE.to_owned(), Bytes::from(encode(&r)));
+    }
+
+    fn on_revoke(&self, handler: RevokeHandler) {
+        let _ = self.on_revoke.set(handler);
+    }
+
+    async fn sync(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.commands.send(Cmd::Sync(done)).is_ok() {
+            let _ = tokio::time::timeout(SYNC_WAIT * 2, wait).await;
+        }
+    }
+
+    fn health(&self) -> Option<(&'static str, bool)> {
+        Some(("bus", self.counters.connected.load(Ordering::Relaxed)))
+    }
+
+    fn trusted_since(&self) -> Option<Instant> {
+        if !self.counters.connected.load(Ordering::Relaxed) {
+            // Revocations cannot reach this node now: trust no cached session.
+            return Some(Instant::now());
+        }
+        *self
+            .counters
+            .trusted_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let c = &self.counters;
+        let live = {
+            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            1 + peers
+                .values()
+                .filter(|p| p.seen.elapsed() < LIVE_FOR && p.instance != 0)
+                .count()
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let metrics: [(&str, &str, &str, u64); 10] = [
+            (
+                "natter_bus_connected",
+                "gauge",
+                "1 while the cluster bus (NATS) is connected.",
+                u64::from(c.connected.load(Ordering::Relaxed)),
+            ),
+            (
+                "natter_bus_published_total",
+                "counter",
+                "Messages handed to NATS.",
+                load(&c.published),
+            ),
+            (
+                "natter_bus_publish_dropped_total",
+                "counter",
+                "Messages not published (NATS down or its queue full); the check delivers their events.",
+                load(&c.dropped),
+            ),
+            (
+                "natter_bus_received_total",
+                "counter",
+                "Messages received from other nodes.",
+                load(&c.received),
+            ),
+            (
+                "natter_bus_undecodable_total",
+                "counter",
+                "Messages received that could not be decoded.",
+                load(&c.undecodable),
+            ),
+            (
+                "natter_bus_slow_consumer_total",
+                "counter",
+                "Times NATS dropped messages for this node's slow subscriptions.",
+                load(&c.slow_consumers),
+            ),
+            (
+                "natter_bus_disconnects_total",
+                "counter",
+                "Times the connection to NATS was lost.",
+                load(&c.disconnects),
+            ),
+            (
+                "natter_bus_subscriptions",
+                "gauge",
+                "Channel and user subscriptions held.",
+                c.subscriptions.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "natter_cluster_nodes_live",
+                "gauge",
+                "Nodes heard from within 5 s, this one included.",
+                live as u64,
+            ),
+            (
+                "natter_bus_node_id_conflicts_total",
+                "counter",
+                "Heartbeats from another live node with this node's id.",
+                load(&c.node_id_conflicts),
+            ),
+        ];
+        for (name, kind, help, value) in metrics {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
+}
+
+fn encode(value: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).expect("bus packets serialize")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<TokenHash> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// One event (or typing signal) as it travels between nodes.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Packet {
+    c: i64,
+    #[serde(default)]
+    s: i64,
+    #[serde(default)]
+    at: i64,
+    #[serde(flatten)]
+    b: Body,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "k")]
+enum Body {
+    #[serde(rename = "mc")]
+    Created { m: WireMessage },
+    #[serde(rename = "me")]
+    Edited { m: WireMessage },
+    #[serde(rename = "md")]
+    Deleted { m: WireMessage },
+    #[serde(rename = "ma")]
+    Added { u: i64, r: String },
+    #[serde(rename = "mu")]
+    Updated { u: i64, r: String },
+    #[serde(rename = "mr")]
+    Removed { u: i64 },
+    #[serde(rename = "cu")]
+    Renamed { n: Option<String> },
+    #[serde(rename = "ty")]
+    Typing { u: i64 },
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct WireMessage {
+    i: i64,
+    /// The seq of the message's creation (an edit's or delete's event has its own).
+    s: i64,
+    a: i64,
+    t: String,
+    #[serde(default)]
+    ci: Option<String>,
+    ca: i64,
+    #[serde(default)]
+    ea: Option<i64>,
+    #[serde(default)]
+    d: bool,
+}
+
+enum Item {
+    Event(Event),
+    Typing { channel_id: i64, user_id: i64 },
+}
+
+impl WireMessage {
+    fn of(m: &Message) -> Self {
+        Self {
+            i: m.id,
+            s: m.seq,
+            a: m.author_id,
+            t: m.text.clone(),
+            ci: m.client_id.clone(),
+            ca: m.created_at,
+            ea: m.edited_at,
+            d: m.deleted,
+        }
+    }
+
+    fn into_message(self, channel_id: i64) -> Message {
+        Message {
+            id: self.i,
+            channel_id,
+            seq: self.s,
+            author_id: self.a,
+            text: self.t,
+            client_id: self.ci,
+            created_at: self.ca,
+            edited_at: self.ea,
+            deleted: self.d,
+        }
+    }
+}
+
+impl Packet {
+    fn event(e: &Event) -> Self {
+        let b = match &e.body {
+            EventBody::MessageCreated(m) => Body::Created {
+                m: WireMessage::of(m),
+            },
+            EventBody::MessageEdited(m) => Body::Edited {
+                m: WireMessage::of(m),
+            },
+            EventBody::MessageDeleted(m) => Body::Deleted {
+                m: WireMessage::of(m),
+            },
+            EventBody::MemberAdded { user_id, role } => Body::Added {
+                u: *user_id,
+                r: role.as_str().to_owned(),
+            },
+            EventBody::MemberUpdated { user_id, role } => Body::Updated {
+                u: *user_id,
+                r: role.as_str().to_owned(),
+            },
+            EventBody::MemberRemoved { user_id } => Body::Removed { u: *user_id },
+            EventBody::ChannelUpdated { name } => Body::Renamed { n: name.clone() },
+        };
+        Self {
+            c: e.channel_id,
+            s: e.seq,
+            at: e.at,
+            b,
+        }
+    }
+
+    /// `None` for a packet this version cannot take (an unknown role).
+    fn into_item(self) -> Option<Item> {
+        let (c, s) = (self.c, self.s);
+        let body = match self.b {
+            Body::Typing { u } => {
+                return Some(Item::Typing {
+                    channel_id: c,
+                    user_id: u,
+                });
+            }
+            Body::Created { m } => EventBody::MessageCreated(m.into_message(c)),
+            Body::Edited { m } => EventBody::MessageEdited(m.into_message(c)),
+            Body::Deleted { m } => EventBody::MessageDeleted(m.into_message(c)),
+            Body::Added { u, r } => EventBody::MemberAdded {
+                user_id: u,
+                role: Role::parse(&r)?,
+            },
+            Body::Updated { u, r } => EventBody::MemberUpdated {
+                user_id: u,
+                role: Role::parse(&r)?,
+            },
+            Body::Removed { u } => EventBody::MemberRemoved { user_id: u },
+            Body::Renamed { n } => EventBody::ChannelUpdated { name: n },
+        };
+        if s < 1 {
+            return None;
+        }
+        Some(Item::Event(Event {
+            channel_id: c,
+            seq: s,
+            at: self.at,
+            body,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(seq: i64) -> Message {
+        Message {
+            id: 77,
+            channel_id: 5,
+            seq,
+            author_id: 9,
+            text: "hé \"there\"".into(),
+            client_id: Some("c-1".into()),
+            created_at: 1_700_000_000_000,
+            edited_at: Some(1_700_000_000_500),
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn every_event_kind_survives_the_trip() {
+        let bodies = [
+            EventBody::MessageCreated(message(3)),
+            EventBody::MessageEdited(message(3)),
+            EventBody::MessageDeleted(Message {
+                text: String::new(),
+                deleted: true,
+                ..message(3)
+            }),
+            EventBody::MemberAdded {
+                user_id: 4,
+                role: Role::Admin,
+            },
+            EventBody::MemberUpdated {
+                user_id: 4,
+                role: Role::Owner,
+            },
+            EventBody::MemberRemoved { user_id: 4 },
+            EventBody::ChannelUpdated {
+                name: Some("général".into()),
+            },
+            EventBody::ChannelUpdated { name: None },
+        ];
+        for (n, body) in bodies.into_iter().enumerate() {
+            let event = Event {
+                channel_id: 5,
+                seq: 10 + n as i64,
+                at: 1_700_000_000_900,
+                body,
+            };
+            let bytes = encode(&Packet::event(&event));
+            let back = serde_json::from_slice::<Packet>(&bytes)
+                .unwrap()
+                .into_item();
+            match back {
+                Some(Item::Event(e)) => assert_eq!(e, event),
+                _ => panic!("{} did not decode", String::from_utf8_lossy(&bytes)),
+            }
+        }
+    }
+
+    #[test]
+    fn tokens_travel_as_hex() {
+        let token: TokenHash = std::array::from_fn(|i| (i * 7) as u8);
+        assert_eq!(unhex(&hex(&token)), Some(token));
+        assert_eq!(unhex("zz"), None);
+    }
+}
