@@ -678,23 +678,22 @@ async fn the_local_cluster_script_brings_a_cluster_up_and_down() {
     fn free(port: u16) -> bool {
         std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
     }
-    // Ports the script derives from its bases, all free now.
-    let pick = |offsets: &[u16]| {
-        (0..200)
-            .map(|_| {
-                let p = std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port();
-                p.min(60_000)
-            })
+    // Ports the script derives from its bases, all free now, and below the ephemeral
+    // range (32768 and up), so that no outgoing connection of a test running meanwhile
+    // takes one before the script binds it.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let pick = |offsets: &[u16], from: u16| {
+        (0..500u32)
+            .map(|i| from + (seed.wrapping_add(i.wrapping_mul(7919)) % 4_000) as u16)
             .find(|&p| offsets.iter().all(|o| free(p + o)))
             .expect("free ports")
     };
-    let base = pick(&[0, 1, 2, 3, 1001, 1002, 1003]);
-    let pg = pick(&[0, 1]);
-    let nats = pick(&[0]);
+    let base = pick(&[0, 1, 2, 3], 20_000);
+    let pg = pick(&[0, 1], 24_100);
+    let nats = pick(&[0], 28_200);
     let dir = tempfile::tempdir().unwrap();
     let cluster_dir = dir.path().join("cluster");
     let script =
@@ -744,5 +743,117 @@ async fn the_local_cluster_script_brings_a_cluster_up_and_down() {
     assert!(!cluster_dir.exists(), "down deletes the cluster's data");
     for port in [base, base + 1, pg, nats] {
         assert!(free(port), "port {port} still taken after down");
+    }
+}
+
+/// A shard's streaming replica answers history and event reads once it has replayed the
+/// reader's writes; a read right after a write on another node still sees it; with the
+/// replica stopped, reads go to the primary without an error.
+#[tokio::test]
+async fn reads_use_a_caught_up_replica_and_survive_its_loss() {
+    let Some(nats) = Nats::start() else {
+        return;
+    };
+    let Some(shards) = common::pg::databases(2).await else {
+        return;
+    };
+    let primary = common::pg::shared().unwrap();
+    let replica = primary.replica();
+    let with_replica: Vec<String> = shards
+        .iter()
+        .map(|u| format!("{u}?replica=127.0.0.1:{}", replica.port))
+        .collect();
+    let mut nodes = Vec::new();
+    for n in 0..2u16 {
+        let (store, url) = (with_replica.clone(), nats.url());
+        nodes.push(
+            TestServer::start_with(move |c| {
+                c.store = Some(natter::store::StoreLocation::Postgres(store));
+                c.bus = Some(vec![url]);
+                c.node_id = n + 1;
+            })
+            .await,
+        );
+    }
+    let writer = nodes[0].client().register("writer").await;
+    let channel = writer.create_channel("replicated", "group", &[]).await;
+    let reader = writer.with_base(&nodes[1].base());
+    let replica_reads = |node: &TestServer| {
+        let c = node.client();
+        async move {
+            common::scrape(&c.base)
+                .await
+                .iter()
+                .filter(|(k, _)| k.starts_with("natter_store_replica_reads_total{"))
+                .map(|(_, v)| v)
+                .sum::<f64>()
+        }
+    };
+    // Each write, read back at once through the other node: always there.
+    for k in 0..30 {
+        let sent = writer.send(&channel, &format!("w{k}"), None).await;
+        assert_eq!(sent.status, 201);
+        let seq = sent.body["seq"].as_i64().unwrap();
+        let page = reader
+            .get(&format!("/v1/channels/{channel}/messages?limit=1"))
+            .await;
+        assert_eq!(page.status, 200, "{page:?}");
+        assert_eq!(
+            page.body["messages"][0]["seq"].as_i64(),
+            Some(seq),
+            "{page:?}"
+        );
+        let events = reader
+            .get(&format!(
+                "/v1/channels/{channel}/events?after_seq={}",
+                seq - 1
+            ))
+            .await;
+        assert_eq!(
+            events.body["events"][0]["seq"].as_i64(),
+            Some(seq),
+            "{events:?}"
+        );
+    }
+    // The replica has caught up: reads go to it.
+    // (Other tests write to the same PostgreSQL meanwhile, so a read may still find the
+    // replica a moment behind and go to the primary; bounded.)
+    let before = replica_reads(&nodes[1]).await;
+    let mut served = 0.0;
+    for _ in 0..200 {
+        let page = reader
+            .get(&format!("/v1/channels/{channel}/messages"))
+            .await;
+        assert_eq!(page.status, 200);
+        assert_eq!(page.body["messages"].as_array().unwrap().len(), 30);
+        served = replica_reads(&nodes[1]).await - before;
+        if served >= 10.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        served >= 10.0,
+        "only {served} reads went to the caught-up replica"
+    );
+    // The replica goes away: reads go on, from the primary, without an error.
+    replica.stop();
+    for k in 0..20 {
+        let sent = writer.send(&channel, &format!("after {k}"), None).await;
+        assert_eq!(sent.status, 201);
+        let page = reader
+            .get(&format!("/v1/channels/{channel}/messages?limit=1"))
+            .await;
+        assert_eq!(page.status, 200, "{page:?}");
+        assert_eq!(page.body["messages"][0]["text"], format!("after {k}"));
+    }
+    let up = common::scrape(&nodes[1].base()).await;
+    assert!(
+        up.iter()
+            .any(|(k, v)| k.starts_with("natter_store_replica_up{") && *v == 0.0),
+        "the replica shows as down"
+    );
+    for node in nodes {
+        node.stop().await;
     }
 }

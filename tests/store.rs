@@ -134,7 +134,11 @@ mod unread_projection {
 
     async fn recount(store: &dyn Store, channel: i64, user: i64, read_seq: i64) -> i64 {
         let all = store
-            .history(channel, HistoryQuery::newest(200))
+            .history(
+                channel,
+                HistoryQuery::newest(200),
+                natter::store::ReadFence::PRIMARY,
+            )
             .await
             .unwrap()
             .items;

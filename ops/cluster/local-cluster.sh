@@ -10,10 +10,11 @@
 #   ops/cluster/local-cluster.sh down      # stops everything and deletes its data
 #
 # Settings (environment): NATTER_BIN (default target/release/natter), CLUSTER_DIR (default
-# /tmp/natter-cluster), PORT_BASE (default 8100: nginx on it, node N on PORT_BASE+N, its
-# /metrics on PORT_BASE+1000+N), PG_PORT (default 5501: shards on it and the next),
-# NATS_PORT (default 4222). Nothing listens beyond 127.0.0.1. PostgreSQL runs as the
-# `postgres` user when this runs as root (it refuses root).
+# /tmp/natter-cluster), PORT_BASE (default 8100: nginx on it, node N on PORT_BASE+N, with
+# its /metrics there too; nginx does not pass /metrics), PG_PORT (default 5501: shards on
+# it and the next), NATS_PORT (default 4222). Other NATTER_* variables reach every node
+# (e.g. NATTER_SEND_RATE for a benchmark). Nothing listens beyond 127.0.0.1. PostgreSQL
+# runs as the `postgres` user when this runs as root (it refuses root).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -48,7 +49,8 @@ wait_http() {
         curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
         sleep 0.2
     done
-    echo "$1 did not answer" >&2
+    echo "$1 did not answer${2:+; the end of $2:}" >&2
+    [ -z "${2:-}" ] || tail -n 20 "$2" >&2
     return 1
 }
 
@@ -58,14 +60,13 @@ start_node() {
     NATTER_DRAIN_DELAY_SECS=1 NATTER_TRUSTED_PROXIES=127.0.0.1 \
         nohup "$bin" serve \
         --listen "127.0.0.1:$((base + n))" \
-        --metrics-listen "127.0.0.1:$((base + 1000 + n))" \
         --data-dir "$dir/node$n" \
         --store "$(store_urls)" \
         --bus "nats://127.0.0.1:$nats_port" \
         --node-id "$n" \
         >>"$dir/node$n.log" 2>&1 &
     echo $! >"$dir/node$n.pid"
-    wait_http "http://127.0.0.1:$((base + n))/readyz"
+    wait_http "http://127.0.0.1:$((base + n))/readyz" "$dir/node$n.log"
 }
 
 stop_node() {
@@ -103,7 +104,7 @@ up() {
     echo "NATS on port $nats_port"
     for n in "${nodes[@]}"; do
         start_node "$n"
-        echo "node $n on port $((base + n)) (/metrics on $((base + 1000 + n)))"
+        echo "node $n on port $((base + n))"
     done
     local site="$dir/site.conf"
     sed -e "s/127.0.0.1:8100/127.0.0.1:$base/" \

@@ -17,6 +17,7 @@ use super::extract::{Authed, JsonBody, Params, PathIds};
 use super::{AppState, no_content, validate};
 use crate::metrics::Limit;
 use crate::model::HistoryQuery;
+use crate::store::ReadFence;
 
 pub(super) const DEFAULT_PAGE: i64 = 50;
 pub(super) const MAX_PAGE: i64 = 200;
@@ -96,8 +97,12 @@ async fn list_messages(
         after_seq: params.int("after_seq", 0, i64::MAX)?,
         limit: params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32,
     };
-    let through = member_of(&state, auth.user.id, id).await?;
-    let page = state.gateway.reader.history(id, query, through).await?;
+    let (through, fence) = member_of(&state, auth.user.id, id).await?;
+    let page = state
+        .gateway
+        .reader
+        .history(id, query, through, fence)
+        .await?;
     Ok(Json(MessagePage {
         messages: page.items.iter().map(Message::from).collect(),
         has_more: page.has_more,
@@ -161,11 +166,11 @@ async fn list_events(
     let PathIds([id]) = path;
     let after = params.int("after_seq", 0, i64::MAX)?.unwrap_or(0);
     let limit = params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32;
-    let through = member_of(&state, auth.user.id, id).await?;
+    let (through, fence) = member_of(&state, auth.user.id, id).await?;
     let page = state
         .gateway
         .reader
-        .read_committed(id, after, through, limit)
+        .read_committed(id, after, through, limit, fence)
         .await?;
     // Each event's JSON is the frame fan-out encoded once; the page is spliced from them.
     let (events, has_more) = (&page.0, page.1);
@@ -188,10 +193,11 @@ async fn list_events(
 
 /// `NotFound` unless `user_id` is a member of the channel: reads from the cache and the
 /// store's unchecked reads come after this. Returns the channel's newest seq as the store
-/// shows it now: a cached answer must reach it (read-your-writes on any node).
-async fn member_of(state: &AppState, user_id: i64, channel_id: i64) -> ApiResult<i64> {
-    match state.store.channel(channel_id, user_id).await? {
-        Some((channel, _)) => Ok(channel.last_seq),
+/// shows it now: a cached answer must reach it (read-your-writes on any node); and the
+/// fence a replica must have replayed past to answer instead of the primary.
+async fn member_of(state: &AppState, user_id: i64, channel_id: i64) -> ApiResult<(i64, ReadFence)> {
+    match state.store.channel_to_read(channel_id, user_id).await? {
+        Some((channel, _, fence)) => Ok((channel.last_seq, fence)),
         None => Err(ApiError::not_found()),
     }
 }

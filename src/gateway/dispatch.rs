@@ -25,7 +25,7 @@ use super::hub::{Hub, UNKNOWN};
 use super::outbox::Delivery;
 use super::reader::EventReader;
 use crate::model::Event;
-use crate::store::Store;
+use crate::store::{ReadFence, Store};
 
 /// Batches the dispatcher may have queued before a local publisher waits.
 const QUEUED_BATCHES: usize = 1024;
@@ -400,7 +400,7 @@ impl Worker {
         let weak = Arc::downgrade(&shared);
         shared.runtime.spawn(async move {
             let page = reader
-                .read_range(channel_id, last, target, limit)
+                .read_range(channel_id, last, target, limit, ReadFence::PRIMARY)
                 .await
                 .map(|page| page.0.clone())
                 .map_err(|e| e.to_string());

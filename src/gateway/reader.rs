@@ -17,17 +17,18 @@ use super::outbox::Delivery;
 use super::stats::Stats;
 use crate::config::{Feature, Features};
 use crate::model::{HistoryQuery, Message, Page};
-use crate::store::{Store, StoreError};
+use crate::store::{ReadFence, Store, StoreError};
 
 /// How long a history read waits for fan-out to catch up with acknowledged writes before
 /// it goes to the store instead.
 const CATCH_UP: Duration = Duration::from_millis(50);
 
 type LogPage = Arc<(Vec<Arc<Delivery>>, bool)>;
-/// (channel, after seq, limit).
-type LogKey = (i64, i64, u32);
-/// (channel, before seq, after seq, limit).
-type HistoryKey = (i64, Option<i64>, Option<i64>, u32);
+/// (channel, after seq, limit, fence). Reads share an answer only under the same fence,
+/// so no reader gets a page from a replica that has not replayed its writes.
+type LogKey = (i64, i64, u32, ReadFence);
+/// (channel, before seq, after seq, limit, fence).
+type HistoryKey = (i64, Option<i64>, Option<i64>, u32, ReadFence);
 
 pub struct EventReader {
     cache: Arc<EventCache>,
@@ -73,12 +74,14 @@ impl EventReader {
     /// Up to `limit` events of the channel after `after_seq`, where the events through
     /// `through` are known to exist (committed, on any node): the cache answers only when
     /// it holds all of the page it is asked, else the store does.
+    /// The gateway's reads (`fence` [`ReadFence::PRIMARY`]) follow the primary's commits.
     pub async fn read_range(
         &self,
         channel_id: i64,
         after_seq: i64,
         through: i64,
         limit: u32,
+        fence: ReadFence,
     ) -> Result<LogPage, StoreError> {
         let need = through.min(after_seq.saturating_add(i64::from(limit)));
         if let Some(hit) = self.cache.read(channel_id, after_seq, limit as usize)
@@ -90,13 +93,17 @@ impl EventReader {
         self.miss();
         let store = Arc::clone(&self.store);
         self.logs
-            .run((channel_id, after_seq, limit), self.sharing(), async move {
-                let page = store.log(channel_id, after_seq, limit).await?;
-                Ok(Arc::new((
-                    page.items.into_iter().map(Delivery::new).collect(),
-                    page.has_more,
-                )))
-            })
+            .run(
+                (channel_id, after_seq, limit, fence),
+                self.sharing(),
+                async move {
+                    let page = store.log(channel_id, after_seq, limit, fence).await?;
+                    Ok(Arc::new((
+                        page.items.into_iter().map(Delivery::new).collect(),
+                        page.has_more,
+                    )))
+                },
+            )
             .await
     }
 
@@ -109,9 +116,11 @@ impl EventReader {
         after_seq: i64,
         through: i64,
         limit: u32,
+        fence: ReadFence,
     ) -> Result<LogPage, StoreError> {
         self.cache.catch_up(CATCH_UP).await;
-        self.read_range(channel_id, after_seq, through, limit).await
+        self.read_range(channel_id, after_seq, through, limit, fence)
+            .await
     }
 
     /// A page of history, seeing every write acknowledged before the call: `through` is
@@ -121,6 +130,7 @@ impl EventReader {
         channel_id: i64,
         q: HistoryQuery,
         through: i64,
+        fence: ReadFence,
     ) -> Result<Arc<Page<Message>>, StoreError> {
         if self.cache.catch_up(CATCH_UP).await
             && let Some(page) = self.cache.history(channel_id, q, through)
@@ -132,9 +142,9 @@ impl EventReader {
         let store = Arc::clone(&self.store);
         self.histories
             .run(
-                (channel_id, q.before_seq, q.after_seq, q.limit),
+                (channel_id, q.before_seq, q.after_seq, q.limit, fence),
                 self.sharing(),
-                async move { Ok(Arc::new(store.history(channel_id, q).await?)) },
+                async move { Ok(Arc::new(store.history(channel_id, q, fence).await?)) },
             )
             .await
     }

@@ -3,7 +3,7 @@
 //! functions.
 
 use crate::model::{ChannelKind, EventBody, HistoryQuery, Role};
-use crate::store::{Store, StoreError};
+use crate::store::{ReadFence, Store, StoreError};
 
 /// Every check, by name, for a backend's test file to run one by one.
 pub const CHECKS: &[&str] = &[
@@ -202,7 +202,7 @@ async fn channel_log_is_gap_free(store: &dyn Store) {
         assert!(p.created);
         assert_eq!(p.message.seq, 3 + i);
     }
-    let page = store.log(ch.id, 0, 200).await.unwrap();
+    let page = store.log(ch.id, 0, 200, ReadFence::PRIMARY).await.unwrap();
     let seqs: Vec<i64> = page.items.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
     assert!(!page.has_more);
@@ -210,9 +210,12 @@ async fn channel_log_is_gap_free(store: &dyn Store) {
         matches!(page.items[0].body, EventBody::MemberAdded { user_id, role: Role::Owner } if user_id == a)
     );
     assert!(matches!(&page.items[6].body, EventBody::MessageCreated(m) if m.text == "m4"));
-    let page = store.log(ch.id, 5, 1).await.unwrap();
+    let page = store.log(ch.id, 5, 1, ReadFence::PRIMARY).await.unwrap();
     assert_eq!((page.items[0].seq, page.has_more), (6, true));
-    let none = store.log(ch.id + 1, 0, 10).await.unwrap();
+    let none = store
+        .log(ch.id + 1, 0, 10, ReadFence::PRIMARY)
+        .await
+        .unwrap();
     assert!(
         none.items.is_empty() && !none.has_more,
         "an unknown channel's log is empty"
@@ -253,7 +256,7 @@ async fn client_id_is_idempotent(store: &dyn Store) {
         .unwrap();
     assert!(other.created);
     let page = store
-        .history(ch.id, HistoryQuery::newest(50))
+        .history(ch.id, HistoryQuery::newest(50), ReadFence::PRIMARY)
         .await
         .unwrap();
     assert_eq!(page.items.len(), 3);
@@ -292,7 +295,15 @@ async fn broadcast_permissions(store: &dyn Store) {
         store.members(outsider, ch.id).await,
         Err(StoreError::NotFound)
     ));
-    assert_eq!(store.log(ch.id, 0, 10).await.unwrap().items.len(), 5);
+    assert_eq!(
+        store
+            .log(ch.id, 0, 10, ReadFence::PRIMARY)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        5
+    );
 }
 
 async fn member_management(store: &dyn Store) {
@@ -348,7 +359,7 @@ async fn member_management(store: &dyn Store) {
     store.remove_member(m1, ch.id, m1).await.unwrap();
     assert!(store.channel(ch.id, m1).await.unwrap().is_none());
     let kinds: Vec<&str> = store
-        .log(ch.id, 0, 200)
+        .log(ch.id, 0, 200, ReadFence::PRIMARY)
         .await
         .unwrap()
         .items
@@ -467,14 +478,17 @@ async fn history_pages(store: &dyn Store) {
         after_seq,
         limit,
     };
-    let newest = store.history(ch.id, q(None, None, 3)).await.unwrap();
+    let newest = store
+        .history(ch.id, q(None, None, 3), ReadFence::PRIMARY)
+        .await
+        .unwrap();
     assert_eq!(
         newest.items.iter().map(|m| m.seq).collect::<Vec<_>>(),
         seqs[4..]
     );
     assert!(newest.has_more);
     let older = store
-        .history(ch.id, q(Some(seqs[4]), None, 10))
+        .history(ch.id, q(Some(seqs[4]), None, 10), ReadFence::PRIMARY)
         .await
         .unwrap();
     assert_eq!(
@@ -483,7 +497,7 @@ async fn history_pages(store: &dyn Store) {
     );
     assert!(!older.has_more);
     let forward = store
-        .history(ch.id, q(None, Some(seqs[1]), 2))
+        .history(ch.id, q(None, Some(seqs[1]), 2), ReadFence::PRIMARY)
         .await
         .unwrap();
     assert_eq!(
@@ -492,7 +506,11 @@ async fn history_pages(store: &dyn Store) {
     );
     assert!(forward.has_more);
     let window = store
-        .history(ch.id, q(Some(seqs[5]), Some(seqs[1]), 10))
+        .history(
+            ch.id,
+            q(Some(seqs[5]), Some(seqs[1]), 10),
+            ReadFence::PRIMARY,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -558,14 +576,18 @@ async fn delete_redacts(store: &dyn Store) {
         Err(StoreError::NotFound)
     ));
     let page = store
-        .history(ch.id, HistoryQuery::newest(10))
+        .history(ch.id, HistoryQuery::newest(10), ReadFence::PRIMARY)
         .await
         .unwrap();
     assert_eq!(
         (page.items[0].deleted, page.items[0].text.as_str()),
         (true, "")
     );
-    let events = store.log(ch.id, 0, 200).await.unwrap().items;
+    let events = store
+        .log(ch.id, 0, 200, ReadFence::PRIMARY)
+        .await
+        .unwrap()
+        .items;
     let kinds: Vec<&str> = events.iter().map(|e| e.body.kind()).collect();
     assert_eq!(
         &kinds[2..],
@@ -602,7 +624,7 @@ async fn edits_keep_each_version_in_the_log(store: &dyn Store) {
     store.edit_message(a, ch.id, m.id, "v2").await.unwrap();
     store.edit_message(a, ch.id, m.id, "v3").await.unwrap();
     let texts: Vec<(String, Option<i64>)> = store
-        .log(ch.id, 0, 200)
+        .log(ch.id, 0, 200, ReadFence::PRIMARY)
         .await
         .unwrap()
         .items
@@ -620,7 +642,7 @@ async fn edits_keep_each_version_in_the_log(store: &dyn Store) {
     );
     assert!(texts[0].1.is_none() && texts[1].1.is_some());
     let latest = store
-        .history(ch.id, HistoryQuery::newest(10))
+        .history(ch.id, HistoryQuery::newest(10), ReadFence::PRIMARY)
         .await
         .unwrap();
     assert_eq!(latest.items[0].text, "v3");
@@ -690,7 +712,7 @@ async fn two_writers_keep_seqs_gap_free(a: &dyn Store, b: &dyn Store) {
         assert!(r.as_ref().unwrap().created);
     }
     for &ch in &channels {
-        let log = a.log(ch, 0, 1000).await.unwrap();
+        let log = a.log(ch, 0, 1000, ReadFence::PRIMARY).await.unwrap();
         let seqs: Vec<i64> = log.items.iter().map(|e| e.seq).collect();
         assert_eq!(
             seqs,
@@ -744,7 +766,10 @@ async fn a_retry_through_the_other_node_returns_the_original(a: &dyn Store, b: &
     let (x, y) = (x.unwrap(), y.unwrap());
     assert_eq!(x.message, y.message);
     assert!(x.created != y.created, "exactly one of the two created it");
-    let history = b.history(ch.id, HistoryQuery::newest(50)).await.unwrap();
+    let history = b
+        .history(ch.id, HistoryQuery::newest(50), ReadFence::PRIMARY)
+        .await
+        .unwrap();
     assert_eq!(history.items.len(), 2);
 }
 
@@ -766,7 +791,10 @@ async fn each_node_sees_the_others_writes(a: &dyn Store, b: &dyn Store) {
     let listed: Vec<i64> = channel_ids(b, bob).await;
     assert_eq!(listed, vec![ch.id]);
     let posted = b.post_message(bob, ch.id, "from b", None).await.unwrap();
-    let seen = a.history(ch.id, HistoryQuery::newest(10)).await.unwrap();
+    let seen = a
+        .history(ch.id, HistoryQuery::newest(10), ReadFence::PRIMARY)
+        .await
+        .unwrap();
     assert_eq!(seen.items.last().map(|m| m.id), Some(posted.message.id));
     let (dm, created) = a.open_dm(ann, bob).await.unwrap();
     let (again, created_again) = b.open_dm(bob, ann).await.unwrap();

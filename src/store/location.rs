@@ -54,8 +54,11 @@ impl StoreLocation {
                     redact(url)
                 ));
             }
-            url.parse::<tokio_postgres::Config>()
-                .map_err(|e| format!("`{}`: {e}", redact(url)))?;
+            let (primary, replicas) = split_replicas(url)?;
+            for u in std::iter::once(&primary).chain(&replicas) {
+                u.parse::<tokio_postgres::Config>()
+                    .map_err(|e| format!("`{}`: {e}", redact(u)))?;
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for url in &urls {
@@ -73,6 +76,51 @@ impl StoreLocation {
             Self::Postgres(urls) => urls.iter().map(|u| redact(u)).collect::<Vec<_>>().join(","),
         }
     }
+}
+
+/// Splits a shard's URL into its primary's URL and its streaming replicas' URLs: each
+/// `replica=host:port` parameter names one, reached with the same user, password,
+/// database and other parameters as the primary.
+pub fn split_replicas(url: &str) -> Result<(String, Vec<String>), String> {
+    let Some((head, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), Vec::new()));
+    };
+    let (mut hosts, mut kept) = (Vec::new(), Vec::new());
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        match param.strip_prefix("replica=") {
+            Some(host) if !host.is_empty() && !host.contains(['/', '@', ',']) => {
+                hosts.push(host.to_owned())
+            }
+            Some(_) => {
+                return Err(format!("`{}`: replica= takes host:port", redact(url)));
+            }
+            None => kept.push(param),
+        }
+    }
+    let with = |head: &str| {
+        if kept.is_empty() {
+            head.to_owned()
+        } else {
+            format!("{head}?{}", kept.join("&"))
+        }
+    };
+    let (scheme, rest) = head.split_once("://").ok_or("not a URL")?;
+    let (authority, path) = match rest.find('/') {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    let userinfo = authority.rsplit_once('@').map(|(u, _)| u);
+    let replicas = hosts
+        .iter()
+        .map(|host| {
+            let authority = match userinfo {
+                Some(u) => format!("{u}@{host}"),
+                None => host.clone(),
+            };
+            with(&format!("{scheme}://{authority}{path}"))
+        })
+        .collect();
+    Ok((with(head), replicas))
 }
 
 /// A URL with its password replaced by `***`.
@@ -202,5 +250,28 @@ mod tests {
         let e =
             StoreLocation::parse("postgres://u:secret@h/a,postgres://u:secret@h/a").unwrap_err();
         assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn a_shard_names_its_replicas_by_host() {
+        assert_eq!(
+            split_replicas(
+                "postgres://u:pw@db0:5432/natter?replica=r1:5433&sslmode=disable&replica=r2"
+            )
+            .unwrap(),
+            (
+                "postgres://u:pw@db0:5432/natter?sslmode=disable".to_owned(),
+                vec![
+                    "postgres://u:pw@r1:5433/natter?sslmode=disable".to_owned(),
+                    "postgres://u:pw@r2/natter?sslmode=disable".to_owned(),
+                ]
+            )
+        );
+        assert_eq!(
+            split_replicas("postgres://h/db").unwrap(),
+            ("postgres://h/db".to_owned(), vec![])
+        );
+        assert!(StoreLocation::parse("postgres://h/db?replica=").is_err());
+        assert!(StoreLocation::parse("postgres://h/db?replica=r:1").is_ok());
     }
 }

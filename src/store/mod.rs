@@ -278,6 +278,19 @@ pub trait Channels: Send + Sync {
     async fn rename_channel(&self, actor: i64, channel_id: i64, name: &str) -> Result<Channel>;
     /// The channel and the caller's role, or `None` if the caller is not a member.
     async fn channel(&self, channel_id: i64, user_id: i64) -> Result<Option<(Channel, Role)>>;
+    /// [`Channels::channel`] for a caller about to read the channel's log or history:
+    /// also the fence those reads must respect to see every write acknowledged before
+    /// this call (a replica may answer them once it has replayed that far).
+    async fn channel_to_read(
+        &self,
+        channel_id: i64,
+        user_id: i64,
+    ) -> Result<Option<(Channel, Role, ReadFence)>> {
+        Ok(self
+            .channel(channel_id, user_id)
+            .await?
+            .map(|(c, r)| (c, r, ReadFence::PRIMARY)))
+    }
     /// All channels of `user_id` with role, read marker and unread count, by id.
     async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>>;
     /// As [`Channels::channels`], but a channel whose data cannot be read now (its
@@ -329,13 +342,35 @@ pub trait Channels: Send + Sync {
     /// A page of a channel's log. No membership check: callers check first (the API with
     /// [`Channels::channel`], the gateway from its connections' channel sets), so that
     /// identical reads of different members can share one store read.
-    async fn log(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>>;
+    /// `fence` says where the read may go: [`ReadFence::PRIMARY`], or a position from
+    /// [`Channels::channel_to_read`] that a replica must have replayed.
+    async fn log(
+        &self,
+        channel_id: i64,
+        after_seq: i64,
+        limit: u32,
+        fence: ReadFence,
+    ) -> Result<Page<Event>>;
     /// A page of a channel's history; no membership check, as for [`Channels::log`].
-    async fn history(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>>;
+    async fn history(
+        &self,
+        channel_id: i64,
+        query: HistoryQuery,
+        fence: ReadFence,
+    ) -> Result<Page<Message>>;
     /// The newest seq of each existing channel among `ids` (the cluster bus's check for
     /// events it missed), as `(channel_id, last_seq)` in no particular order. A channel on
     /// a shard that is down is left out rather than failing the call.
     async fn last_seqs(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>>;
+}
+
+/// Where a log or history read may be answered. A backend without replicas ignores it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ReadFence(pub Option<u64>);
+
+impl ReadFence {
+    /// Only the primary (every read of the gateway, which follows the primary's commits).
+    pub const PRIMARY: Self = Self(None);
 }
 
 /// What a running backend tells the server about itself, for `/readyz` and `/metrics`.

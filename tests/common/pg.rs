@@ -259,6 +259,46 @@ impl Postgres {
         }
     }
 
+    /// A streaming replica of this server (`pg_basebackup -R`, WAL streamed), running on
+    /// its own port and stopped when dropped or with the test process.
+    pub fn replica(&self) -> Postgres {
+        let dir = tempfile::Builder::new()
+            .prefix("natter-pg-replica")
+            .tempdir()
+            .unwrap();
+        if as_postgres_user() {
+            let (uid, gid) = postgres_ids();
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let out = command("pg_basebackup", false)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-R", "-X", "stream", "--checkpoint=fast"])
+            .stdout(Stdio::null())
+            .output()
+            .expect("run pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let replica = Self {
+            port: free_port(),
+            dir,
+            child: Mutex::new(None),
+        };
+        replica.run();
+        replica
+    }
+
     /// Stops the server and starts it again on the same port and data.
     pub fn restart(&self) {
         self.stop();

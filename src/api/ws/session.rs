@@ -19,7 +19,7 @@ use crate::config::Feature;
 use crate::gateway::hub::ConnId;
 use crate::gateway::outbox::{Delivery, Item, Outbox};
 use crate::model::User;
-use crate::store::StoreError;
+use crate::store::{ReadFence, StoreError};
 use crate::wire::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
 
 /// Events read per trip when replaying or filling a gap.
@@ -479,7 +479,7 @@ impl Session {
             let limit = (until - at).clamp(1, i64::from(FILL_PAGE)) as u32;
             let reader = Arc::clone(&self.state.gateway.reader);
             let page = reader
-                .read_range(channel_id, at, until, limit)
+                .read_range(channel_id, at, until, limit, ReadFence::PRIMARY)
                 .await
                 .map_err(End::store)?;
             let mut progressed = false;

@@ -30,8 +30,8 @@ use tokio_postgres::error::SqlState;
 
 use self::writer::{Done, Op, Writer};
 use super::{
-    Accounts, Backend, Channels, Health, NewSession, OnCommit, Posted, Result, Rules, SessionAuth,
-    SessionInfo, StoreError, TokenHash, rules,
+    Accounts, Backend, Channels, Health, NewSession, OnCommit, Posted, ReadFence, Result, Rules,
+    SessionAuth, SessionInfo, StoreError, TokenHash, rules,
 };
 use crate::clock::now_ms;
 use crate::id::Snowflake;
@@ -242,6 +242,11 @@ impl ShardStats {
 struct Shard {
     index: usize,
     pool: Pool,
+    /// Streaming replicas that may answer log and history reads.
+    replicas: Vec<Arc<Replica>>,
+    /// Reads that could have gone to a replica but went to the primary (none had
+    /// replayed far enough, or it failed).
+    primary_reads: AtomicU64,
     writer: Writer,
     thread: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<ShardStats>,
@@ -304,8 +309,17 @@ impl PostgresStore {
     /// bucket map, takes the node-id lease, and starts a writer per shard. Refuses to start
     /// on a shard list that disagrees with the cluster, or a node id another live node
     /// holds.
-    pub async fn open(opts: PostgresOptions) -> anyhow::Result<Self> {
+    pub async fn open(mut opts: PostgresOptions) -> anyhow::Result<Self> {
         anyhow::ensure!(!opts.shards.is_empty(), "no PostgreSQL shard given");
+        // Each shard's URL names its replicas (`?replica=host:port`); the rest is the
+        // primary's.
+        let mut replica_urls = Vec::with_capacity(opts.shards.len());
+        for url in &mut opts.shards {
+            let (primary, replicas) =
+                super::location::split_replicas(url).map_err(|e| anyhow::anyhow!(e))?;
+            *url = primary;
+            replica_urls.push(replicas);
+        }
         let configs = opts
             .shards
             .iter()
@@ -355,14 +369,26 @@ impl PostgresStore {
                     recycling_method: RecyclingMethod::Fast,
                 },
             );
-            let pool = Pool::builder(manager)
-                .max_size(opts.read_connections.max(1))
-                .runtime(deadpool_postgres::Runtime::Tokio1)
-                .wait_timeout(Some(POOL_WAIT))
-                .create_timeout(Some(Duration::from_secs(2)))
-                .recycle_timeout(Some(Duration::from_secs(1)))
-                .build()
-                .context("build a read pool")?;
+            let pool = read_pool(manager, opts.read_connections)?;
+            let mut replicas = Vec::new();
+            for url in &replica_urls[index] {
+                let config = pg_config(url, opts.statement_timeout)?;
+                let manager = Manager::from_config(
+                    config,
+                    tokio_postgres::NoTls,
+                    ManagerConfig {
+                        recycling_method: RecyclingMethod::Fast,
+                    },
+                );
+                replicas.push(Arc::new(Replica {
+                    name: replica_name(url),
+                    pool: read_pool(manager, opts.read_connections)?,
+                    replayed: AtomicU64::new(0),
+                    primary_at: AtomicU64::new(0),
+                    reads: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
+                }));
+            }
             let (writer, thread) = Writer::start(
                 index,
                 config,
@@ -373,6 +399,8 @@ impl PostgresStore {
             shards.push(Shard {
                 index,
                 pool,
+                replicas,
+                primary_reads: AtomicU64::new(0),
                 writer,
                 thread: Mutex::new(Some(thread)),
                 stats,
@@ -394,14 +422,106 @@ impl PostgresStore {
             lease_lost: AtomicBool::new(false),
         });
         let lease_config = pg_config(&opts.shards[0], opts.statement_timeout)?;
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(renew_lease(Arc::clone(&inner), lease_config)),
             tokio::spawn(tick(Arc::clone(&inner))),
         ];
+        for shard in 0..inner.shards.len() {
+            for replica in &inner.shards[shard].replicas {
+                tasks.push(tokio::spawn(watch_replica(
+                    Arc::clone(&inner),
+                    shard,
+                    Arc::clone(replica),
+                )));
+            }
+        }
         Ok(Self {
             inner,
             tasks: Mutex::new(tasks),
         })
+    }
+}
+
+/// A streaming replica of a shard.
+struct Replica {
+    /// host:port, for metrics and logs.
+    name: String,
+    pool: Pool,
+    /// The WAL position it has replayed (bytes), as last polled; 0 while it is down or
+    /// unknown, so that no read goes to it.
+    replayed: AtomicU64,
+    /// The primary's WAL position at the same poll (for the lag).
+    primary_at: AtomicU64,
+    reads: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// A per-replica metric: name, type, help, value.
+type ReplicaMetric<'a> = (&'a str, &'a str, &'a str, &'a dyn Fn(&Replica) -> u64);
+
+/// How often each replica's replay position is read.
+const REPLICA_POLL: Duration = Duration::from_millis(100);
+
+fn read_pool(manager: Manager, size: usize) -> anyhow::Result<Pool> {
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT))
+        .create_timeout(Some(Duration::from_secs(2)))
+        .recycle_timeout(Some(Duration::from_secs(1)))
+        .build()
+        .context("build a read pool")
+}
+
+/// `host:port` of a replica's URL (no user or password).
+fn replica_name(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, h)| h)
+        .to_owned()
+}
+
+/// Polls a replica's replay position (and the primary's, for the lag) every
+/// [`REPLICA_POLL`]; a replica that fails or is not in recovery gets position 0, so
+/// reads skip it until it answers again.
+async fn watch_replica(inner: Arc<Inner>, shard: usize, replica: Arc<Replica>) {
+    const SQL: &str = "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint";
+    let mut every = tokio::time::interval(REPLICA_POLL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_up = true;
+    loop {
+        every.tick().await;
+        let replayed = async {
+            let c = replica.pool.get().await.ok()?;
+            let row = c.query_one(SQL, &[]).await.ok()?;
+            row.get::<_, Option<i64>>(0)
+        };
+        let replayed = tokio::time::timeout(Duration::from_secs(1), replayed)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            .max(0) as u64;
+        replica.replayed.store(replayed, Ordering::Release);
+        if (replayed > 0) != was_up {
+            was_up = replayed > 0;
+            if was_up {
+                tracing::info!(shard, replica = %replica.name, "replica answers; reads may go to it");
+            } else {
+                tracing::warn!(shard, replica = %replica.name, "replica down or not replaying; its reads go to the primary");
+            }
+        }
+        if let Ok(c) = inner.conn(shard).await
+            && let Ok(row) = c
+                .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
+                .await
+        {
+            replica
+                .primary_at
+                .store(row.get::<_, i64>(0).max(0) as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -412,6 +532,8 @@ pub async fn migrate_only(shards: &[String]) -> anyhow::Result<String> {
     let mut clients = Vec::new();
     let mut report = Vec::new();
     for (i, url) in shards.iter().enumerate() {
+        let (url, _) = super::location::split_replicas(url).map_err(|e| anyhow::anyhow!(e))?;
+        let url = &url;
         let config = pg_config(url, Duration::from_secs(600))?;
         let mut client = connect_once(&config)
             .await
@@ -564,6 +686,62 @@ async fn tick(inner: Arc<Inner>) {
 }
 
 impl Inner {
+    /// Runs `read` on a replica of `shard` that has replayed past `fence`, if one has;
+    /// `None` (read the primary) when none has, or the replica failed (it is then
+    /// skipped until its next poll finds it well).
+    async fn on_replica<T>(
+        &self,
+        shard: usize,
+        fence: ReadFence,
+        read: impl AsyncFnOnce(&tokio_postgres::Client) -> std::result::Result<T, Fail>,
+    ) -> Option<T> {
+        let s = &self.shards[shard];
+        let need = fence.0?;
+        if s.replicas.is_empty() {
+            return None;
+        }
+        // The polled position only picks a replica that is up (the most advanced); the
+        // replica's own position is read with the query, below.
+        let Some(replica) = s
+            .replicas
+            .iter()
+            .filter(|r| r.replayed.load(Ordering::Acquire) > 0)
+            .max_by_key(|r| r.replayed.load(Ordering::Acquire))
+        else {
+            s.primary_reads.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        // Its replay position and the read, pipelined on one connection: the read's
+        // snapshot is taken after the position was read, so it holds everything up to it.
+        let answer = async {
+            let c = replica.pool.get().await.ok()?;
+            let position = c.query_one(
+                "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
+                &[],
+            );
+            let (row, page) = tokio::join!(position, read(&c));
+            let replayed = row.ok()?.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as u64;
+            Some((replayed, page.ok()?))
+        };
+        match answer.await {
+            Some((replayed, page)) if replayed >= need => {
+                replica.reads.fetch_add(1, Ordering::Relaxed);
+                Some(page)
+            }
+            Some(_) => {
+                // Not there yet: the primary answers.
+                s.primary_reads.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            None => {
+                replica.failures.fetch_add(1, Ordering::Relaxed);
+                replica.replayed.store(0, Ordering::Release);
+                s.primary_reads.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
     fn shard_of_channel(&self, channel_id: i64) -> usize {
         self.map[ring::bucket_of_channel(channel_id)] as usize
     }
@@ -938,6 +1116,61 @@ impl Backend for PostgresStore {
             "1 while the PostgreSQL shard answers.",
             &|s| u64::from(s.up.load(Ordering::Relaxed)),
         );
+        render_header(
+            out,
+            "natter_store_replica_skipped_total",
+            "counter",
+            "Log and history reads a replica could have answered that went to the shard's primary (none had replayed the reader's writes, or it failed).",
+        );
+        for s in shards {
+            render_value(
+                out,
+                "natter_store_replica_skipped_total",
+                &label(s),
+                count(&s.primary_reads),
+            );
+        }
+        let replicas: Vec<(&Shard, &Arc<Replica>)> = shards
+            .iter()
+            .flat_map(|s| s.replicas.iter().map(move |r| (s, r)))
+            .collect();
+        let per_replica: [ReplicaMetric; 4] = [
+            (
+                "natter_store_replica_up",
+                "gauge",
+                "1 while the streaming replica answers and replays.",
+                &|r| u64::from(r.replayed.load(Ordering::Relaxed) > 0),
+            ),
+            (
+                "natter_store_replica_lag_bytes",
+                "gauge",
+                "WAL bytes the replica has yet to replay (as of its last poll).",
+                &|r| {
+                    r.primary_at
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(r.replayed.load(Ordering::Relaxed))
+                },
+            ),
+            (
+                "natter_store_replica_reads_total",
+                "counter",
+                "Log and history reads the replica answered.",
+                &|r| count(&r.reads),
+            ),
+            (
+                "natter_store_replica_failures_total",
+                "counter",
+                "Reads on the replica that failed (answered by the primary instead).",
+                &|r| count(&r.failures),
+            ),
+        ];
+        for (name, kind, help, f) in per_replica {
+            render_header(out, name, kind, help);
+            for (s, r) in &replicas {
+                let labels = format!("shard=\"{}\",replica=\"{}\"", s.index, r.name);
+                render_value(out, name, &labels, f(r));
+            }
+        }
         gauge(
             out,
             "natter_write_queue_depth",
@@ -1409,6 +1642,27 @@ impl Channels for PostgresStore {
             .map_err(|e| self.inner.fail(shard, "read channel", e))
     }
 
+    async fn channel_to_read(
+        &self,
+        channel_id: i64,
+        user_id: i64,
+    ) -> Result<Option<(Channel, Role, ReadFence)>> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        let c = self.inner.conn(shard).await?;
+        if self.inner.shards[shard].replicas.is_empty() {
+            return read::member_channel(&**c, channel_id, user_id)
+                .await
+                .map(|found| found.map(|(ch, role)| (ch, role, ReadFence::PRIMARY)))
+                .map_err(|e| self.inner.fail(shard, "read channel", e));
+        }
+        // The primary's WAL position, read after everything acknowledged before this
+        // call committed: a replica that has replayed past it has all of that.
+        read::member_channel_at(&**c, channel_id, user_id)
+            .await
+            .map(|found| found.map(|(ch, role, lsn)| (ch, role, ReadFence(Some(lsn)))))
+            .map_err(|e| self.inner.fail(shard, "read channel", e))
+    }
+
     async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>> {
         let listing = self.channel_listing(user_id).await?;
         if !listing.unavailable.is_empty() {
@@ -1614,16 +1868,45 @@ impl Channels for PostgresStore {
         Ok(())
     }
 
-    async fn log(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>> {
+    async fn log(
+        &self,
+        channel_id: i64,
+        after_seq: i64,
+        limit: u32,
+        fence: ReadFence,
+    ) -> Result<Page<Event>> {
         let shard = self.inner.shard_of_channel(channel_id);
+        if let Some(page) = self
+            .inner
+            .on_replica(shard, fence, async |c| {
+                read::events(c, channel_id, after_seq, limit).await
+            })
+            .await
+        {
+            return Ok(page);
+        }
         let c = self.inner.conn(shard).await?;
         read::events(&**c, channel_id, after_seq, limit)
             .await
             .map_err(|e| self.inner.fail(shard, "read log", e))
     }
 
-    async fn history(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>> {
+    async fn history(
+        &self,
+        channel_id: i64,
+        query: HistoryQuery,
+        fence: ReadFence,
+    ) -> Result<Page<Message>> {
         let shard = self.inner.shard_of_channel(channel_id);
+        if let Some(page) = self
+            .inner
+            .on_replica(shard, fence, async |c| {
+                read::messages(c, channel_id, query).await
+            })
+            .await
+        {
+            return Ok(page);
+        }
         let c = self.inner.conn(shard).await?;
         read::messages(&**c, channel_id, query)
             .await

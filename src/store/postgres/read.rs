@@ -176,6 +176,33 @@ pub(super) async fn channel(c: &impl GenericClient, id: i64) -> Result<Option<Ch
     row.as_ref().map(channel_row).transpose()
 }
 
+/// [`member_channel`] and the primary's WAL position after it (bytes).
+pub(super) async fn member_channel_at(
+    c: &impl GenericClient,
+    channel_id: i64,
+    user_id: i64,
+) -> Result<Option<(Channel, Role, u64)>, Fail> {
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT {CHANNEL_COLUMNS}, m.role,
+                        (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint
+                 FROM members m JOIN channels c ON c.id = m.channel_id
+                 WHERE m.channel_id = $1 AND m.user_id = $2"
+            ),
+            &[&channel_id, &user_id],
+        )
+        .await?;
+    row.map(|r| {
+        Ok((
+            channel_row(&r)?,
+            parse_role(r.get(6))?,
+            r.get::<_, i64>(7).max(0) as u64,
+        ))
+    })
+    .transpose()
+}
+
 /// `(id, last_seq)` of the existing channels among `ids`.
 pub(super) async fn last_seqs(
     c: &impl GenericClient,

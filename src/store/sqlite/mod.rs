@@ -22,8 +22,8 @@ use self::write::{Done, Op};
 pub use self::writer::WriteStats;
 use self::writer::Writer;
 use super::{
-    Accounts, Backend, Channels, Health, NewSession, Posted, Result, SessionAuth, SessionInfo,
-    StoreError, TokenHash,
+    Accounts, Backend, Channels, Health, NewSession, Posted, ReadFence, Result, SessionAuth,
+    SessionInfo, StoreError, TokenHash,
 };
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User,
@@ -500,13 +500,24 @@ impl Channels for SqliteStore {
         )
     }
 
-    async fn log(&self, channel_id: i64, after_seq: i64, limit: u32) -> Result<Page<Event>> {
+    async fn log(
+        &self,
+        channel_id: i64,
+        after_seq: i64,
+        limit: u32,
+        _fence: ReadFence,
+    ) -> Result<Page<Event>> {
         self.reads
             .run(move |c| read::events(c, channel_id, after_seq, limit))
             .await
     }
 
-    async fn history(&self, channel_id: i64, query: HistoryQuery) -> Result<Page<Message>> {
+    async fn history(
+        &self,
+        channel_id: i64,
+        query: HistoryQuery,
+        _fence: ReadFence,
+    ) -> Result<Page<Message>> {
         self.reads
             .run(move |c| read::messages(c, channel_id, query))
             .await
