@@ -91,20 +91,24 @@ impl EventReader {
             return Ok(Arc::new(hit));
         }
         self.miss();
-        let store = Arc::clone(&self.store);
-        self.logs
-            .run(
-                (channel_id, after_seq, limit, fence),
-                self.sharing(),
-                async move {
+        let read = |sharing| {
+            let store = Arc::clone(&self.store);
+            self.logs
+                .run((channel_id, after_seq, limit, fence), sharing, async move {
                     let page = store.log(channel_id, after_seq, limit, fence).await?;
                     Ok(Arc::new((
                         page.items.into_iter().map(Delivery::new).collect(),
                         page.has_more,
                     )))
-                },
-            )
-            .await
+                })
+        };
+        let page = read(self.sharing()).await?;
+        // A shared read may have begun before events this caller knows of committed (on
+        // another node, say): then it reads again, alone.
+        if page.0.last().map_or(after_seq, |d| d.seq) < need && !page.1 {
+            return read(None).await;
+        }
+        Ok(page)
     }
 
     /// Like [`EventReader::read_range`] for a reader that must see every acknowledged
