@@ -190,8 +190,11 @@ pub async fn serve(
     store.close().await;
     drop(store);
     // The writers are gone: the dispatcher hands on what they published, and stops.
-    dispatcher.stop();
-    let joined = tokio::task::spawn_blocking(move || dispatch_thread.join());
+    // (Off the async threads: the stop waits behind whatever the dispatcher has queued.)
+    let joined = tokio::task::spawn_blocking(move || {
+        dispatcher.stop();
+        dispatch_thread.join()
+    });
     if tokio::time::timeout(Duration::from_secs(5), joined)
         .await
         .is_err()

@@ -77,6 +77,31 @@ fn assert_exactly_once(seqs: &[i64], from: i64, last: i64) {
     );
 }
 
+/// The newest message and the event at `seq`, read through `reader`, are the write
+/// acknowledged as `seq` (read-your-writes, whichever node took the write).
+async fn reads_back(reader: &Client, channel: &str, seq: i64) {
+    let page = reader
+        .get(&format!("/v1/channels/{channel}/messages?limit=1"))
+        .await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert_eq!(
+        page.body["messages"][0]["seq"].as_i64(),
+        Some(seq),
+        "{page:?}"
+    );
+    let events = reader
+        .get(&format!(
+            "/v1/channels/{channel}/events?after_seq={}",
+            seq - 1
+        ))
+        .await;
+    assert_eq!(
+        events.body["events"][0]["seq"].as_i64(),
+        Some(seq),
+        "{events:?}"
+    );
+}
+
 /// The seq a channel stood at in the receiver's `ready`.
 fn start_of(rt: &Realtime, channel: i64) -> i64 {
     rt.positions().get(&channel).copied().unwrap_or(0)
@@ -130,25 +155,7 @@ async fn members_on_three_nodes_get_every_event_once_in_order() {
         let a = u.send(&channel, "ryw", None).await;
         assert_eq!(a.status, 201);
         let seq = a.body["seq"].as_i64().unwrap();
-        let page = reader
-            .get(&format!("/v1/channels/{channel}/messages?limit=1"))
-            .await;
-        assert_eq!(
-            page.body["messages"][0]["seq"].as_i64(),
-            Some(seq),
-            "{page:?}"
-        );
-        let events = reader
-            .get(&format!(
-                "/v1/channels/{channel}/events?after_seq={}",
-                seq - 1
-            ))
-            .await;
-        assert_eq!(
-            events.body["events"][0]["seq"].as_i64(),
-            Some(seq),
-            "{events:?}"
-        );
+        reads_back(&reader, &channel, seq).await;
     }
     for node in nodes {
         node.stop().await;
@@ -244,28 +251,30 @@ async fn nats_stopped_mid_burst_loses_and_repeats_nothing() {
         async move { ws::metric(&c, name).await }
     };
     let mut at = start_of(&rt, ch);
-    let burst = |from: usize, n: usize| {
+    let paced = |from: usize, n: usize, pause: u64| {
         let (sender, channel) = (&sender, &channel);
         async move {
             for k in from..from + n {
                 let a = sender.send(channel, &format!("m{k}"), None).await;
                 assert_eq!(a.status, 201, "{a:?}");
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }
     };
+    let burst = |from: usize, n: usize| paced(from, n, 5);
     // Over NATS.
     let ((), seqs) = tokio::join!(burst(0, 50), collect(&mut rt, ch, at + 50));
     assert_exactly_once(&seqs, at, at + 50);
     at += 50;
     assert!(metric("natter_bus_received_total").await >= 50.0);
-    // NATS goes away mid-burst: the rest of the burst still arrives, by the periodic
-    // check, though nothing is sent after it to show the gap.
+    // NATS goes away mid-burst, for several seconds: the rest of the burst still
+    // arrives, by the periodic check, though nothing is sent after it to show the gap.
+    let down = tokio::time::Instant::now();
     let ((), seqs) = tokio::join!(
         async {
             burst(50, 25).await;
             nats.stop();
-            burst(75, 25).await;
+            paced(75, 25, 120).await;
         },
         collect(&mut rt, ch, at + 50)
     );
@@ -281,6 +290,10 @@ async fn nats_stopped_mid_burst_loses_and_repeats_nothing() {
     let ((), seqs) = tokio::join!(
         async {
             burst(100, 25).await;
+            assert!(
+                down.elapsed() >= Duration::from_secs(3),
+                "NATS was away for seconds"
+            );
             nats.start_again();
             burst(125, 25).await;
         },
@@ -321,15 +334,7 @@ mod processes {
 
     use super::common::child::ServerProcess;
     use super::common::nats::Nats;
-    use super::common::{self, Client};
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
+    use super::common::{self, Client, free_port};
 
     /// nginx running the shipped `ops/cluster/nginx.conf` with test ports, in the
     /// foreground (killed with the test process, even on a panic).
@@ -794,26 +799,7 @@ async fn reads_use_a_caught_up_replica_and_survive_its_loss() {
         let sent = writer.send(&channel, &format!("w{k}"), None).await;
         assert_eq!(sent.status, 201);
         let seq = sent.body["seq"].as_i64().unwrap();
-        let page = reader
-            .get(&format!("/v1/channels/{channel}/messages?limit=1"))
-            .await;
-        assert_eq!(page.status, 200, "{page:?}");
-        assert_eq!(
-            page.body["messages"][0]["seq"].as_i64(),
-            Some(seq),
-            "{page:?}"
-        );
-        let events = reader
-            .get(&format!(
-                "/v1/channels/{channel}/events?after_seq={}",
-                seq - 1
-            ))
-            .await;
-        assert_eq!(
-            events.body["events"][0]["seq"].as_i64(),
-            Some(seq),
-            "{events:?}"
-        );
+        reads_back(&reader, &channel, seq).await;
     }
     // The replica has caught up: reads go to it.
     // (Other tests write to the same PostgreSQL meanwhile, so a read may still find the

@@ -16,15 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use common::TestServer;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{TestServer, free_port};
 
 /// The shipped file with test addresses and paths, inside a minimal main config.
 fn nginx_conf(dir: &Path, upstream: &str, http: u16, https: u16) -> String {

@@ -26,7 +26,9 @@ async fn healthz() -> &'static str {
 /// space (reads still work; a balancer should prefer other servers). The body names each
 /// part of the store and whether it answers (`shard1: down`): a PostgreSQL shard that is
 /// down fails only the channels it holds, and every node sees it alike, so it does not
-/// take the node out of the balancer (its channels answer 503 `unavailable`).
+/// take the node out of the balancer (its channels answer 503 `unavailable`). In cluster
+/// mode a `bus: up|down` line says whether the node reaches NATS (down, deliveries between
+/// nodes come by the periodic check; the node stays ready).
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = String), (status = 503, body = super::dto::ErrorBody)))]
 async fn readyz(State(state): State<AppState>) -> Result<(StatusCode, String), ApiError> {

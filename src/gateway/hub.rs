@@ -5,6 +5,10 @@
 //! Membership events move subscriptions in the same pass that delivers them: a
 //! `member.added` subscribes the user's connections before the channel's next event is
 //! dispatched, and a `member.removed` is the last event of that channel they are given.
+//!
+//! Per followed channel the hub also keeps the seq the dispatcher last delivered (its
+//! position, for ordering what several sources bring), and it tells the bus, as they
+//! happen, which channels and users this node starts and stops following ([`Interest`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

@@ -3,7 +3,6 @@
 //! [`Nats::stop`] and [`Nats::start_again`] take it away and bring it back on the same
 //! port, for tests of the cluster bus without NATS.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -29,11 +28,7 @@ impl Nats {
         if !installed() {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::free_port();
         let nats = Self {
             port,
             child: Mutex::new(None),

@@ -6,12 +6,13 @@
 //! the process, with that as its parent-death signal; a private one is stopped when
 //! dropped.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use super::free_port;
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -116,14 +117,6 @@ fn command(program: &str, die_with_parent: bool) -> Command {
         });
     }
     cmd
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Postgres {
