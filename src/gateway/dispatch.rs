@@ -72,7 +72,8 @@ struct Shared {
     data: SyncSender<Input>,
     control: Mutex<Sender<Control>>,
     cache: Arc<EventCache>,
-    reader: OnceLock<Arc<EventReader>>,
+    /// Weak: the reader holds the store, which holds the bus, which holds this.
+    reader: OnceLock<std::sync::Weak<EventReader>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -133,7 +134,7 @@ impl Dispatcher {
     /// Where gaps are read from; set once the store is open (events can only be
     /// committed after that).
     pub fn set_reader(&self, reader: Arc<EventReader>) {
-        let _ = self.shared.reader.set(reader);
+        let _ = self.shared.reader.set(Arc::downgrade(&reader));
     }
 
     /// This node's committed events, in commit order; waits while the dispatcher is
@@ -256,7 +257,9 @@ impl Worker {
                 self.out.push(d);
                 continue;
             };
-            let last = cursor.load(Ordering::Acquire);
+            // The last dispatched seq; before the first, the lowest position a follower
+            // read (events up to it are everyone's already), if any.
+            let last = cursors.known(d.channel_id).unwrap_or(UNKNOWN);
             if last == UNKNOWN || d.seq == last + 1 {
                 cursor.store(d.seq, Ordering::Release);
                 let channel_id = d.channel_id;
@@ -275,10 +278,22 @@ impl Worker {
                     cursor.store(at, Ordering::Release);
                     if held.events.is_empty() && held.want <= at && !held.busy {
                         self.held.remove(&channel_id);
+                    } else if !held.busy {
+                        // A second gap behind this one: give it its grace too.
+                        held.busy = true;
+                        gaps.push(channel_id);
                     }
                 }
             } else if d.seq <= last {
                 stats.dispatch_duplicates.fetch_add(1, Ordering::Relaxed);
+                // An addition that came late (the position moved on with a later event
+                // that came first) still subscribes the user's connections here: each
+                // session checks the membership in the store before it follows, and
+                // drops events it has. A removal never goes out late: it could undo a
+                // later addition.
+                if matches!(d.membership, Some((_, true))) {
+                    self.out.push(d);
+                }
             } else {
                 stats.dispatch_held.fetch_add(1, Ordering::Relaxed);
                 let channel_id = d.channel_id;
@@ -334,10 +349,10 @@ impl Worker {
         {
             let cursors = self.hub.cursors();
             for (channel_id, seq) in positions {
-                let Some(last) = cursors.get(channel_id).map(|c| c.load(Ordering::Acquire)) else {
+                let Some(last) = cursors.known(channel_id) else {
                     continue;
                 };
-                if last == UNKNOWN || seq <= last {
+                if seq <= last {
                     continue;
                 }
                 let held = self.held.entry(channel_id).or_default();
@@ -389,8 +404,9 @@ impl Worker {
         ) else {
             return;
         };
-        let Some(reader) = shared.reader.get().cloned() else {
-            held.busy = false;
+        let Some(reader) = shared.reader.get().and_then(std::sync::Weak::upgrade) else {
+            // Not open yet: try again shortly.
+            self.after(RETRY, channel_id);
             return;
         };
         self.hub
@@ -553,6 +569,50 @@ mod tests {
         let (page, _) = cache.read(1, 0, 10).unwrap();
         assert_eq!(page.iter().map(|d| d.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
         assert!(cache.read(2, 8, 10).is_some());
+        dispatcher.stop();
+        thread.join().unwrap();
+    }
+
+    /// Regression: a session's seed once became the dispatcher's position, so an event
+    /// at or below it that had not been dispatched yet was dropped as a duplicate: a
+    /// follower that had read an earlier position never got it live, and a user added
+    /// by it was never subscribed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_seed_never_drops_an_event_that_was_not_dispatched() {
+        let stats = Arc::new(Stats::default());
+        let hub = Arc::new(Hub::new(Arc::clone(&stats)));
+        let alice = Arc::new(Outbox::new(1 << 20, Arc::clone(&stats)));
+        let carol = Arc::new(Outbox::new(1 << 20, Arc::clone(&stats)));
+        let conn = hub.register(7, [0; 32], Arc::clone(&alice));
+        hub.register(8, [1; 32], Arc::clone(&carol));
+        hub.subscribe(conn, 1);
+        // Two followers read positions 6 and 5 (the later read seeds first); event 6,
+        // which adds Carol, is still on its way.
+        hub.seed(1, 6);
+        hub.seed(1, 5);
+        let (dispatcher, thread) = Dispatcher::start(
+            Arc::clone(&hub),
+            Arc::new(EventCache::new(1 << 20)),
+            None,
+            tokio::runtime::Handle::current(),
+        );
+        let added = Event {
+            channel_id: 1,
+            seq: 6,
+            at: 0,
+            body: EventBody::MemberAdded {
+                user_id: 8,
+                role: crate::model::Role::Member,
+            },
+        };
+        dispatcher.remote(vec![added.clone()]).await;
+        assert_eq!(seqs(&alice, 1).await, [6], "the follower at 5 gets it");
+        assert_eq!(seqs(&carol, 1).await, [6], "the added user is told");
+        // Seen again (a second copy over the bus): an addition still reaches the user's
+        // connections (their session checks the store before it follows), nothing else.
+        dispatcher.remote(vec![added, event(1, 6)]).await;
+        dispatcher.remote(vec![event(1, 7)]).await;
+        assert_eq!(seqs(&alice, 2).await, [6, 7]);
         dispatcher.stop();
         thread.join().unwrap();
     }

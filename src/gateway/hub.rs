@@ -52,14 +52,38 @@ impl Cursors<'_> {
     pub(super) fn get(&self, channel_id: i64) -> Option<&AtomicI64> {
         self.0.by_channel.get(&channel_id).map(|f| &f.last)
     }
+
+    /// Where the channel stands for the check: its position, else its floor.
+    pub(super) fn known(&self, channel_id: i64) -> Option<i64> {
+        self.0
+            .by_channel
+            .get(&channel_id)
+            .and_then(Followers::known)
+    }
+}
+
+impl Followers {
+    fn known(&self) -> Option<i64> {
+        let last = self.last.load(Ordering::Acquire);
+        let at = if last == UNKNOWN {
+            self.floor.load(Ordering::Acquire)
+        } else {
+            last
+        };
+        (at != UNKNOWN).then_some(at)
+    }
 }
 
 /// A followed channel: its online followers, and the seq of the last of its events the
 /// dispatcher delivered since it was first followed here.
 struct Followers {
     conns: Vec<ConnId>,
-    /// Written only by the dispatcher (and once by [`Hub::seed`]).
+    /// Written only by the dispatcher; `UNKNOWN` until it dispatched one of its events.
     last: AtomicI64,
+    /// The lowest position a follower read while `last` was unknown ([`Hub::seed`]):
+    /// where the periodic check and gap reads start from until something is dispatched.
+    /// Never used to drop an event.
+    floor: AtomicI64,
 }
 
 /// Who follows what. A connection's channels are a set, so one user with many channels
@@ -92,6 +116,7 @@ impl Subs {
                 Followers {
                     conns: Vec::new(),
                     last: AtomicI64::new(UNKNOWN),
+                    floor: AtomicI64::new(UNKNOWN),
                 }
             });
             followers.conns.push(id);
@@ -252,40 +277,47 @@ impl Hub {
         self.write().unsubscribe(id, channel_id);
     }
 
-    /// A follower read the channel's position after it followed it: if nothing of the
-    /// channel was dispatched since it was first followed here, events after `seq` are the
-    /// ones to deliver (a gap before the next one is filled from the store), so an event
-    /// the bus never brings is still found by the dispatcher's check.
+    /// A follower read the channel's position (`seq`) after it followed it. Until an
+    /// event of the channel is dispatched here, the lowest such position is where the
+    /// dispatcher's check looks from, so an event the bus never brings is still found.
+    /// It never makes the dispatcher drop an event (another follower may have read an
+    /// earlier position that an event in flight completes).
     pub fn seed(&self, channel_id: i64, seq: i64) {
         if let Some(f) = self.read().by_channel.get(&channel_id) {
-            let _ = f
-                .last
-                .compare_exchange(UNKNOWN, seq, Ordering::AcqRel, Ordering::Acquire);
+            let mut at = f.floor.load(Ordering::Acquire);
+            loop {
+                let lower = if at == UNKNOWN { seq } else { at.min(seq) };
+                match f
+                    .floor
+                    .compare_exchange(at, lower, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => return,
+                    Err(now) => at = now,
+                }
+            }
         }
     }
 
     /// Where the dispatcher stands on a channel: `None` when it is not followed here,
-    /// `Some(None)` when followed but nothing is known yet.
+    /// `Some(None)` when followed but nothing is known yet; the last dispatched seq, or
+    /// until there is one, the lowest position a follower read.
     pub fn position(&self, channel_id: i64) -> Option<Option<i64>> {
-        self.read().by_channel.get(&channel_id).map(|f| {
-            let last = f.last.load(Ordering::Acquire);
-            (last != UNKNOWN).then_some(last)
-        })
+        self.read()
+            .by_channel
+            .get(&channel_id)
+            .map(Followers::known)
     }
 
     pub(super) fn cursors(&self) -> Cursors<'_> {
         Cursors(self.read())
     }
 
-    /// The followed channels with a known position, for the dispatcher's check.
+    /// The followed channels with a known position (or floor), for the dispatcher's check.
     pub fn positions(&self) -> Vec<(i64, i64)> {
         self.read()
             .by_channel
             .iter()
-            .filter_map(|(&id, f)| {
-                let last = f.last.load(Ordering::Acquire);
-                (last != UNKNOWN).then_some((id, last))
-            })
+            .filter_map(|(&id, f)| Some((id, f.known()?)))
             .collect()
     }
 

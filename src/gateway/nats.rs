@@ -202,8 +202,14 @@ impl NatsBus {
         Arc::clone(&self.recover)
     }
 
-    /// Stops the bus's tasks and flushes what is queued to NATS (bounded).
+    /// Hands what is queued to NATS and flushes it (bounded), then stops the bus's tasks.
     pub async fn close(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.publish.capacity() < self.publish.max_capacity()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
         for t in &self.tasks {
             t.abort();

@@ -27,8 +27,10 @@ type LogPage = Arc<(Vec<Arc<Delivery>>, bool)>;
 /// (channel, after seq, limit, fence). Reads share an answer only under the same fence,
 /// so no reader gets a page from a replica that has not replayed its writes.
 type LogKey = (i64, i64, u32, ReadFence);
-/// (channel, before seq, after seq, limit, fence).
-type HistoryKey = (i64, Option<i64>, Option<i64>, u32, ReadFence);
+/// (channel, before seq, after seq, limit, fence, through): a history read is shared
+/// only with readers that knew the same newest seq, so the leading read began after
+/// that seq committed and its answer holds it.
+type HistoryKey = (i64, Option<i64>, Option<i64>, u32, ReadFence, i64);
 
 pub struct EventReader {
     cache: Arc<EventCache>,
@@ -146,7 +148,14 @@ impl EventReader {
         let store = Arc::clone(&self.store);
         self.histories
             .run(
-                (channel_id, q.before_seq, q.after_seq, q.limit, fence),
+                (
+                    channel_id,
+                    q.before_seq,
+                    q.after_seq,
+                    q.limit,
+                    fence,
+                    through,
+                ),
                 self.sharing(),
                 async move { Ok(Arc::new(store.history(channel_id, q, fence).await?)) },
             )

@@ -711,24 +711,30 @@ impl Inner {
             s.primary_reads.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        // Its replay position and the read, pipelined on one connection: the read's
-        // snapshot is taken after the position was read, so it holds everything up to it.
+        // Its replay position, then the read: the read's snapshot is taken after the
+        // position was read, so it holds everything up to it. (Not pipelined: the order
+        // of two queries polled together is not guaranteed to be the order sent.)
         let answer = async {
             let c = replica.pool.get().await.ok()?;
-            let position = c.query_one(
-                "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
-                &[],
-            );
-            let (row, page) = tokio::join!(position, read(&c));
-            let replayed = row.ok()?.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as u64;
-            Some((replayed, page.ok()?))
+            let row = c
+                .query_one(
+                    "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
+                    &[],
+                )
+                .await
+                .ok()?;
+            let replayed = row.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as u64;
+            if replayed < need {
+                return Some((replayed, None));
+            }
+            Some((replayed, Some(read(&c).await.ok()?)))
         };
         match answer.await {
-            Some((replayed, page)) if replayed >= need => {
+            Some((_, Some(page))) => {
                 replica.reads.fetch_add(1, Ordering::Relaxed);
                 Some(page)
             }
-            Some(_) => {
+            Some((_, None)) => {
                 // Not there yet: the primary answers.
                 s.primary_reads.fetch_add(1, Ordering::Relaxed);
                 None
@@ -1070,6 +1076,9 @@ impl Backend for PostgresStore {
         }
         for shard in &self.inner.shards {
             shard.pool.close();
+            for replica in &shard.replicas {
+                replica.pool.close();
+            }
         }
     }
 
