@@ -286,6 +286,12 @@ async fn nats_stopped_mid_burst_loses_and_repeats_nothing() {
         filled >= 1.0,
         "events sent while NATS was down came from the store"
     );
+    // A user online on node B, added meanwhile (through node A) to a channel nobody on
+    // node B follows: that addition went nowhere. Once NATS is back, the session reads
+    // its channels again and joins.
+    let late = nodes[1].client().register("late").await;
+    let mut late_rt = ws::connect(&late).await;
+    let other = sender.create_channel("while away", "group", &[&late]).await;
     // NATS back mid-burst: nothing lost or repeated across the change.
     let ((), seqs) = tokio::join!(
         async {
@@ -301,6 +307,12 @@ async fn nats_stopped_mid_burst_loses_and_repeats_nothing() {
     );
     assert_exactly_once(&seqs, at, at + 50);
     at += 50;
+    let other = id(&other);
+    ws::until(
+        &mut late_rt,
+        |f| matches!(f, Frame::Joined { channel_id, .. } if *channel_id == other),
+    )
+    .await;
     // Back at full speed: events come over the bus again, none from the store.
     wait_for_bus(&nodes[0].client(), true).await;
     wait_for_bus(&nodes[1].client(), true).await;

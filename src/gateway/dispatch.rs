@@ -482,7 +482,11 @@ pub async fn check(
     loop {
         tokio::select! {
             _ = every.tick() => {}
-            () = now.notified() => {}
+            () = now.notified() => {
+                // The bus may have lost additions of users online here to channels
+                // nobody here follows (no position to check): their sessions look.
+                hub.resync_all();
+            }
         }
         let followed = hub.positions();
         if followed.is_empty() {

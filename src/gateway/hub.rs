@@ -371,6 +371,14 @@ impl Hub {
         }
     }
 
+    /// Asks every connection to read its user's channels again (the bus may have lost
+    /// additions meant for them).
+    pub fn resync_all(&self) {
+        for conn in self.read().conns.values() {
+            conn.outbox.push(Item::Resync);
+        }
+    }
+
     /// Closes every connection (e.g. 1012 when the server stops).
     pub fn close_all(&self, code: u16, reason: &'static str) {
         for conn in self.read().conns.values() {

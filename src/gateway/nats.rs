@@ -54,6 +54,9 @@ const REVOKE: &str = "natter.ctl.revoke";
 /// still expire within `api::sessions::MAX_AGE`).
 const MAX_HELD_REVOCATIONS: usize = 10_000;
 const NODES: &str = "natter.ctl.nodes";
+/// "Events of mine were lost while I was away from NATS": every node runs its check and
+/// asks its sessions to read their channels again.
+const RESYNC: &str = "natter.ctl.resync";
 
 fn channel_subject(channel_id: i64) -> String {
     format!("natter.ch.{channel_id}")
@@ -77,6 +80,8 @@ struct Counters {
     disconnects: AtomicU64,
     subscriptions: AtomicUsize,
     node_id_conflicts: AtomicU64,
+    /// Events were dropped while NATS was away: once back, tell every node to resync.
+    lost_while_away: AtomicBool,
 }
 
 /// Another node's last heartbeat.
@@ -164,6 +169,7 @@ impl NatsBus {
                 Arc::clone(&on_revoke),
                 Arc::clone(&counters),
             )),
+            tokio::spawn(resyncs(client.clone(), Arc::clone(&recover))),
             tokio::spawn(heartbeats(
                 client.clone(),
                 node_id,
@@ -304,13 +310,17 @@ async fn publisher(
                 Some(next) => Some(next),
                 None => return,
             },
-            _ = retry.tick(), if !held.is_empty() => None,
+            _ = retry.tick(), if !held.is_empty() || counters.lost_while_away.load(Ordering::Relaxed) => None,
         };
         let connected = client.connection_state() == State::Connected;
         if connected && !held.is_empty() {
             for (subject, payload) in held.drain(..) {
                 let _ = client.publish(subject, payload).await;
             }
+        }
+        if connected && counters.lost_while_away.swap(false, Ordering::Relaxed) {
+            // Other nodes kept their connection and do not know what they missed.
+            let _ = client.publish(RESYNC, Bytes::new()).await;
         }
         let Some((subject, payload)) = next else {
             continue;
@@ -320,6 +330,7 @@ async fn publisher(
                 held.push((subject, payload));
             } else {
                 counters.dropped.fetch_add(1, Ordering::Relaxed);
+                counters.lost_while_away.store(true, Ordering::Relaxed);
             }
             continue;
         }
@@ -452,6 +463,20 @@ async fn revocations(
         if let Some(revoke) = handler.get() {
             revoke(r.u, &token);
         }
+    }
+}
+
+/// Another node lost events while it was away from NATS: check and resync here.
+async fn resyncs(client: async_nats::Client, recover: Arc<Notify>) {
+    let mut sub = match client.subscribe(RESYNC).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(error = %e, "cluster bus: subscribe to resyncs");
+            return;
+        }
+    };
+    while sub.next().await.is_some() {
+        recover.notify_one();
     }
 }
 

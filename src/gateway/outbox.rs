@@ -50,6 +50,9 @@ pub enum Item {
     Frame(Utf8Bytes),
     /// Close the connection with this code and reason, after what is queued before it.
     Close(u16, &'static str),
+    /// Read the user's channels again and join any this connection does not follow (the
+    /// cluster bus may have lost a `member.added` for a channel nobody followed here).
+    Resync,
 }
 
 impl Item {
@@ -57,7 +60,7 @@ impl Item {
         match self {
             Item::Event(d) => d.frame.len(),
             Item::Frame(f) => f.len(),
-            Item::Close(..) => 0,
+            Item::Close(..) | Item::Resync => 0,
         }
     }
 }

@@ -221,6 +221,7 @@ impl Session {
                         match item {
                             Item::Event(d) => self.deliver(socket, d).await?,
                             Item::Frame(f) => feed(socket, f).await?,
+                            Item::Resync => self.resync(socket).await?,
                             Item::Close(code, reason) => {
                                 flush(socket, cfg.idle_timeout).await?;
                                 if code == close::RESTARTING {
@@ -431,6 +432,28 @@ impl Session {
         self.positions.remove(&channel_id);
         self.state.gateway.hub.unsubscribe(self.conn, channel_id);
         feed(socket, protocol::left(channel_id).into()).await
+    }
+
+    /// Joins the user's channels this connection does not follow yet (their additions
+    /// may have been lost on the cluster bus). Leaving needs no resync: a followed
+    /// channel's removal comes in order from the store like any of its events.
+    async fn resync<S>(&mut self, socket: &mut S) -> Result<(), End>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let listing = self
+            .state
+            .store
+            .channel_listing(self.user.id)
+            .await
+            .map_err(End::store)?;
+        for v in listing.views {
+            if !self.positions.contains_key(&v.channel.id) {
+                self.state.gateway.hub.subscribe(self.conn, v.channel.id);
+                self.join(socket, v.channel.id).await?;
+            }
+        }
+        Ok(())
     }
 
     /// This user was added to a channel: the hub follows it for us already; announce it
