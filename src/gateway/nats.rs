@@ -433,6 +433,19 @@ async fn receive(
     }
 }
 
+/// A subscription to a control subject for the bus's life; `None` (logged) if the client
+/// is closed.
+async fn control_subscription(
+    client: &async_nats::Client,
+    subject: &'static str,
+) -> Option<async_nats::Subscriber> {
+    client
+        .subscribe(subject)
+        .await
+        .inspect_err(|e| tracing::error!(error = %e, subject, "cluster bus: subscribe"))
+        .ok()
+}
+
 #[derive(Serialize, Deserialize)]
 struct Revocation {
     u: i64,
@@ -444,12 +457,8 @@ async fn revocations(
     handler: Arc<OnceLock<RevokeHandler>>,
     counters: Arc<Counters>,
 ) {
-    let mut sub = match client.subscribe(REVOKE).await {
-        Ok(sub) => sub,
-        Err(e) => {
-            tracing::error!(error = %e, "cluster bus: subscribe to revocations");
-            return;
-        }
+    let Some(mut sub) = control_subscription(&client, REVOKE).await else {
+        return;
     };
     while let Some(m) = sub.next().await {
         let Ok(r) = serde_json::from_slice::<Revocation>(&m.payload) else {
@@ -468,12 +477,8 @@ async fn revocations(
 
 /// Another node lost events while it was away from NATS: check and resync here.
 async fn resyncs(client: async_nats::Client, recover: Arc<Notify>) {
-    let mut sub = match client.subscribe(RESYNC).await {
-        Ok(sub) => sub,
-        Err(e) => {
-            tracing::error!(error = %e, "cluster bus: subscribe to resyncs");
-            return;
-        }
+    let Some(mut sub) = control_subscription(&client, RESYNC).await else {
+        return;
     };
     while sub.next().await.is_some() {
         recover.notify_one();
@@ -493,12 +498,8 @@ async fn heartbeats(
     peers: Arc<Mutex<HashMap<u16, Peer>>>,
     counters: Arc<Counters>,
 ) {
-    let mut sub = match client.subscribe(NODES).await {
-        Ok(sub) => sub,
-        Err(e) => {
-            tracing::error!(error = %e, "cluster bus: subscribe to heartbeats");
-            return;
-        }
+    let Some(mut sub) = control_subscription(&client, NODES).await else {
+        return;
     };
     let beat = Bytes::from(encode(&Heartbeat {
         n: node_id,

@@ -97,25 +97,14 @@ impl Session {
         // Channels on a PostgreSQL shard that is down are named in ready as unavailable,
         // neither followed nor reported left; the session ends with 1012 once every shard
         // answers again, and the client's resume then brings them.
-        let first = self
-            .state
-            .store
-            .channel_listing(self.user.id)
-            .await
-            .map_err(End::store)?
-            .views;
+        let first = self.listing().await?.views;
         let ids: Vec<i64> = first.iter().map(|v| v.channel.id).collect();
         hub.subscribe_all(self.conn, &ids);
         // A cluster bus brings this node the events of what it follows once its
         // subscriptions reach the server: wait for that (bounded) before reading where the
         // channels stand, so that what is committed after the read comes live.
         self.state.gateway.bus.sync().await;
-        let listing = self
-            .state
-            .store
-            .channel_listing(self.user.id)
-            .await
-            .map_err(End::store)?;
+        let listing = self.listing().await?;
         let (now, unavailable) = (listing.views, listing.unavailable);
         let current: HashSet<i64> = now.iter().map(|v| v.channel.id).collect();
         for v in &first {
@@ -434,6 +423,15 @@ impl Session {
         feed(socket, protocol::left(channel_id).into()).await
     }
 
+    /// The user's channels now (those on a shard that is down named as unavailable).
+    async fn listing(&self) -> Result<crate::store::ChannelListing, End> {
+        self.state
+            .store
+            .channel_listing(self.user.id)
+            .await
+            .map_err(End::store)
+    }
+
     /// Joins the user's channels this connection does not follow yet (their additions
     /// may have been lost on the cluster bus). Leaving needs no resync: a followed
     /// channel's removal comes in order from the store like any of its events.
@@ -441,12 +439,7 @@ impl Session {
     where
         S: Sink<Message> + Unpin,
     {
-        let listing = self
-            .state
-            .store
-            .channel_listing(self.user.id)
-            .await
-            .map_err(End::store)?;
+        let listing = self.listing().await?;
         for v in listing.views {
             if !self.positions.contains_key(&v.channel.id) {
                 self.state.gateway.hub.subscribe(self.conn, v.channel.id);
