@@ -718,6 +718,7 @@ impl Config {
             rules: self.limits.rules,
             disk_reserve: self.disk_reserve,
             wal_limit: self.wal_limit,
+            fold_rows: crate::store::sqlite::FOLD_ROWS,
             statement_timeout: self.pg_statement_timeout,
         }
     }

@@ -31,6 +31,17 @@ async fn on_sqlite(check: &str) {
     store.close().await;
 }
 
+/// The SQLite backend folding its commit log after every commit (the default keeps posts
+/// in the log, read from memory, until it is large or old).
+async fn on_sqlite_folding(check: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = StoreOptions::new(StoreLocation::Sqlite(dir.path().join("natter.db")));
+    opts.fold_rows = 1;
+    let store = natter::store::open(opts).await.unwrap();
+    conformance::run(check, &*store).await;
+    store.close().await;
+}
+
 async fn on_postgres(check: &str) {
     let Some(shards) = common::pg::databases(2).await else {
         return;
@@ -68,6 +79,12 @@ mod sqlite {
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log);
 }
 
+mod sqlite_folding_every_commit {
+    checks!(on_sqlite_folding: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
+        broadcast_permissions, member_management, unread_counts, history_pages,
+        dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log);
+}
+
 mod postgres {
     checks!(on_postgres: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
         broadcast_permissions, member_management, unread_counts, history_pages,
@@ -95,8 +112,8 @@ fn every_check_has_a_test() {
     for name in CHECKS {
         assert_eq!(
             count(name),
-            2,
-            "{name}: one test on SQLite, one on PostgreSQL"
+            3,
+            "{name}: one test on SQLite, one on SQLite folding every commit, one on PostgreSQL"
         );
     }
     for name in TWO_NODE_CHECKS {
@@ -225,6 +242,180 @@ mod unread_projection {
                 check(&*store, steps).await;
                 store.close().await;
             });
+        }
+    }
+}
+
+mod commit_log {
+    //! The embedded store's commit log: posts read back whole and in order whether they
+    //! are still in the log (served from memory), folded into the channel tables, or
+    //! split between the two; and a database left with an unfolded log (a crash) opens
+    //! with every post in place.
+
+    use natter::model::{ChannelKind, EventBody, HistoryQuery};
+    use natter::store::{ReadFence, Store, StoreLocation, StoreOptions};
+
+    async fn open(path: &std::path::Path) -> std::sync::Arc<dyn Store> {
+        natter::store::open(StoreOptions::new(StoreLocation::Sqlite(path.to_owned())))
+            .await
+            .unwrap()
+    }
+
+    /// Every event of the channel, read in pages of `limit`.
+    async fn log_in_pages(store: &dyn Store, ch: i64, limit: u32) -> Vec<(i64, String)> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store
+                .log(ch, after, limit, ReadFence::PRIMARY)
+                .await
+                .unwrap();
+            assert!(page.items.len() <= limit as usize);
+            for e in &page.items {
+                let text = match &e.body {
+                    EventBody::MessageCreated(m) => m.text.clone(),
+                    other => other.kind().to_owned(),
+                };
+                out.push((e.seq, text));
+            }
+            match page.items.last() {
+                Some(last) if page.has_more => after = last.seq,
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// Every message, newest page first, then forwards from the start, in pages of
+    /// `limit`; both must agree.
+    async fn history_in_pages(store: &dyn Store, ch: i64, limit: u32) -> Vec<(i64, String)> {
+        let mut backwards = Vec::new();
+        let mut before = None;
+        loop {
+            let q = HistoryQuery {
+                before_seq: before,
+                after_seq: None,
+                limit,
+            };
+            let page = store.history(ch, q, ReadFence::PRIMARY).await.unwrap();
+            assert!(page.items.windows(2).all(|w| w[0].seq < w[1].seq));
+            let mut items: Vec<_> = page.items.iter().map(|m| (m.seq, m.text.clone())).collect();
+            items.append(&mut backwards);
+            backwards = items;
+            match page.items.first() {
+                Some(first) if page.has_more => before = Some(first.seq),
+                _ => break,
+            }
+        }
+        let mut forwards = Vec::new();
+        let mut after = 0;
+        loop {
+            let q = HistoryQuery {
+                before_seq: None,
+                after_seq: Some(after),
+                limit,
+            };
+            let page = store.history(ch, q, ReadFence::PRIMARY).await.unwrap();
+            forwards.extend(page.items.iter().map(|m| (m.seq, m.text.clone())));
+            match page.items.last() {
+                Some(last) if page.has_more => after = last.seq,
+                _ => break,
+            }
+        }
+        assert_eq!(backwards, forwards, "pages of {limit}, both ways");
+        backwards
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_span_the_log_and_the_folded_tables_and_survive_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.db");
+        let store = open(&path).await;
+        let a = store.create_user("ann", "h", None).await.unwrap().id;
+        let b = store.create_user("bob", "h", None).await.unwrap().id;
+        let ch = store
+            .create_channel(a, ChannelKind::Group, "c", &[b])
+            .await
+            .unwrap()
+            .id;
+        // Posts 1–8 in the log; the rename folds them; 9–16 stay in the log.
+        let mut texts = Vec::new();
+        for i in 0..16 {
+            if i == 8 {
+                store.rename_channel(a, ch, "renamed").await.unwrap();
+            }
+            let text = format!("m{i}");
+            let cid = format!("c{i}");
+            store
+                .post_message(if i % 3 == 0 { b } else { a }, ch, &text, Some(&cid))
+                .await
+                .unwrap();
+            texts.push(text);
+        }
+        // A retry finds the original, folded or not.
+        for i in [2, 12] {
+            let author = if i % 3 == 0 { b } else { a };
+            let retry = store
+                .post_message(author, ch, "again", Some(&format!("c{i}")))
+                .await
+                .unwrap();
+            assert!(!retry.created);
+            assert_eq!(retry.message.text, texts[i]);
+        }
+        let log = log_in_pages(&*store, ch, 100).await;
+        let seqs: Vec<i64> = log.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (1..=log.len() as i64).collect::<Vec<_>>(), "gap-free");
+        let posted: Vec<&str> = log
+            .iter()
+            .map(|(_, t)| t.as_str())
+            .filter(|t| {
+                t.strip_prefix('m')
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
+            .collect();
+        assert_eq!(posted, texts, "every post once, in order");
+        let history = history_in_pages(&*store, ch, 100).await;
+        assert_eq!(history.len(), 16);
+        for limit in [1, 3, 7] {
+            assert_eq!(
+                log_in_pages(&*store, ch, limit).await,
+                log,
+                "log pages of {limit}"
+            );
+            assert_eq!(history_in_pages(&*store, ch, limit).await, history);
+        }
+        // Unread counts take the unfolded posts: bob reads up to the middle of them.
+        let unread = |views: Vec<natter::model::ChannelView>| views[0].unread;
+        let last = log.last().unwrap().0;
+        store.mark_read(b, ch, last - 4).await.unwrap();
+        assert_eq!(
+            unread(store.channels(b).await.unwrap()),
+            2,
+            "m13 and m14 are ann's; m12 and m15 bob's"
+        );
+        // A crash: the files as they are with the log unfolded (nothing is being written).
+        let crashed = dir.path().join("crashed");
+        std::fs::create_dir(&crashed).unwrap();
+        for name in ["natter.db", "natter.db-wal"] {
+            std::fs::copy(dir.path().join(name), crashed.join(name)).unwrap();
+        }
+        store.close().await;
+        for path in [crashed.join("natter.db"), path] {
+            let store = open(&path).await;
+            assert_eq!(
+                log_in_pages(&*store, ch, 5).await,
+                log,
+                "{}",
+                path.display()
+            );
+            assert_eq!(history_in_pages(&*store, ch, 4).await, history);
+            assert_eq!(unread(store.channels(b).await.unwrap()), 2);
+            let retry = store
+                .post_message(a, ch, "again", Some("c13"))
+                .await
+                .unwrap();
+            assert!(!retry.created);
+            store.close().await;
         }
     }
 }

@@ -153,6 +153,9 @@ pub struct StoreOptions {
     pub disk_reserve: u64,
     /// SQLite: bytes the WAL is truncated to after a checkpoint.
     pub wal_limit: u64,
+    /// SQLite: posts in the commit log past which the writer folds it into the channel
+    /// tables (tests set 1 to fold after every commit).
+    pub fold_rows: usize,
     /// PostgreSQL: the bound on every statement.
     pub statement_timeout: std::time::Duration,
 }
@@ -168,6 +171,7 @@ impl StoreOptions {
             rules: Rules::default(),
             disk_reserve: 0,
             wal_limit: 64 << 20,
+            fold_rows: super::sqlite::FOLD_ROWS,
             statement_timeout: std::time::Duration::from_secs(5),
         }
     }
@@ -198,6 +202,7 @@ pub async fn open(opts: StoreOptions) -> anyhow::Result<Arc<dyn Store>> {
                 rules: opts.rules,
                 disk_reserve: opts.disk_reserve,
                 wal_limit: opts.wal_limit,
+                fold_rows: opts.fold_rows,
             };
             let store = tokio::task::spawn_blocking(move || SqliteStore::open(&sqlite)).await??;
             Arc::new(store)

@@ -1,8 +1,8 @@
 //! The writer's in-memory state of hot channels: each channel's kind, last seq and live
-//! message count, its members' roles, and per-batch unread deltas. It lets a message post
-//! run two inserts and (with a `client_id`) one index probe, instead of seven statements;
-//! the channel and member rows are written once per batch, in [`Hot::flush`], before the
-//! commit.
+//! message count, its members' roles, per-batch unread deltas, and the commit log
+//! ([`super::tail`]). A message post runs one append to the log and (with a `client_id`)
+//! one index probe, instead of seven statements; the channel and member rows are written
+//! once per batch, in [`Hot::flush`], before the commit.
 //!
 //! Invariant: only the writer thread writes channels and members, so this state stays
 //! true as long as (a) every op other than a post flushes first and forgets the channel it
@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::read;
+use super::tail::Unfolded;
 use super::write::{Applied, Done, membership_row};
 use crate::id::Snowflake;
 use crate::model::{ChannelKind, Event, EventBody, Message, Role};
@@ -38,14 +39,23 @@ struct HotChannel {
     unanswered_dm_of: Option<i64>,
 }
 
-#[derive(Default)]
 pub(super) struct Hot {
     channels: HashMap<i64, HotChannel>,
     /// Role entries over all channels.
     roles: usize,
+    /// The commit log posts are appended to, and its unfolded tail.
+    pub log: Unfolded,
 }
 
 impl Hot {
+    pub fn new(log: Unfolded) -> Self {
+        Self {
+            channels: HashMap::new(),
+            roles: 0,
+            log,
+        }
+    }
+
     /// The channel's state, loaded from its row on first use; `None` if it does not exist.
     fn channel(&mut self, tx: &Transaction, id: i64) -> rusqlite::Result<Option<&mut HotChannel>> {
         use std::collections::hash_map::Entry;
@@ -158,28 +168,23 @@ pub(super) fn post_message(
     client_id: Option<&str>,
 ) -> Applied {
     let role = rules::member(hot.role(tx, channel_id, author)?)?;
-    let ch = hot.channel(tx, channel_id)?.ok_or(StoreError::NotFound)?;
+    // The idempotency check: an unfolded post in the commit log, or a folded one.
     let original = match client_id {
-        Some(cid) => tx
-            .prepare_cached(read::MESSAGE_BY_CLIENT_ID)?
-            .query_row(params![channel_id, author, cid], read::message_row)
-            .optional()?,
+        Some(cid) => match hot.log.by_client_id(channel_id, author, cid) {
+            Some(m) => Some(m),
+            None => tx
+                .prepare_cached(read::MESSAGE_BY_CLIENT_ID)?
+                .query_row(params![channel_id, author, cid], read::message_row)
+                .optional()?,
+        },
         None => None,
     };
+    let ch = hot.channel(tx, channel_id)?.ok_or(StoreError::NotFound)?;
     if let Some(retry) = rules::post(ch.kind, Some(role), original)? {
         return Ok(Done::Posted(retry));
     }
     let id = ids.next_id(now);
     let seq = ch.last_seq + 1;
-    // The event's text is the message row's while this is the latest version (body NULL).
-    tx.prepare_cached(
-        "INSERT INTO events (channel_id, seq, kind, at, message_id) VALUES (?1, ?2, 'message.created', ?3, ?4)",
-    )?
-    .execute([channel_id, seq, now, id])?;
-    tx.prepare_cached(
-        "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![id, channel_id, seq, author, text, client_id, now])?;
     if ch.unanswered_dm_of.is_some_and(|opener| opener != author) {
         tx.prepare_cached("UPDATE channels SET dm_answered = 1 WHERE id = ?1")?
             .execute([channel_id])?;
@@ -200,6 +205,7 @@ pub(super) fn post_message(
         edited_at: None,
         deleted: false,
     };
+    hot.log.append(tx, &message)?;
     journal.push(Event {
         channel_id,
         seq,

@@ -6,6 +6,7 @@ mod checkpoint;
 mod hot;
 mod read;
 mod schema;
+mod tail;
 mod write;
 mod writer;
 
@@ -18,6 +19,8 @@ use rusqlite::{Connection, OpenFlags};
 
 use self::checkpoint::Checkpointer;
 use self::read::ReadPool;
+pub use self::tail::FOLD_ROWS;
+use self::tail::{Tail, Unfolded};
 use self::write::{Done, Op};
 pub use self::writer::WriteStats;
 use self::writer::Writer;
@@ -50,6 +53,8 @@ pub struct SqliteOptions {
     pub disk_reserve: u64,
     /// Bytes the WAL file is truncated to after a checkpoint empties it.
     pub wal_limit: u64,
+    /// Posts in the commit log past which the writer folds it ([`tail`]).
+    pub fold_rows: usize,
 }
 
 impl SqliteOptions {
@@ -64,6 +69,7 @@ impl SqliteOptions {
             rules: crate::store::Rules::default(),
             disk_reserve: 0,
             wal_limit: 64 << 20,
+            fold_rows: FOLD_ROWS,
         }
     }
 }
@@ -72,6 +78,8 @@ pub struct SqliteStore {
     writer: Writer,
     stats: Arc<WriteStats>,
     reads: Arc<ReadPool>,
+    /// Posts committed to the commit log and not yet folded: merged into every log read.
+    tail: Arc<Tail>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     checkpointer: Mutex<Option<Checkpointer>>,
 }
@@ -99,6 +107,7 @@ impl SqliteStore {
                 conn.pragma_update(None, "journal_size_limit", opts.wal_limit as i64)?;
                 // Checkpoints run on their own thread, never inside the writer's commits.
                 conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+                tail::fold_at_open(&mut conn)?;
                 Ok(())
             });
         if let Err(e) = prepared {
@@ -120,6 +129,7 @@ impl SqliteStore {
         let reads = (0..opts.read_connections.max(1))
             .map(|_| open_reader(&opts.path))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let tail = Arc::new(Tail::default());
         let (writer, handle) = Writer::start(
             conn,
             opts.node_id,
@@ -127,11 +137,13 @@ impl SqliteStore {
             opts.on_commit.clone(),
             Arc::clone(&opts.stats),
             opts.rules,
+            Unfolded::new(Arc::clone(&tail), opts.fold_rows),
         );
         Ok(Self {
             writer,
             stats: Arc::clone(&opts.stats),
             reads: ReadPool::new(reads),
+            tail,
             writer_thread: Mutex::new(Some(handle)),
             checkpointer: Mutex::new(Some(checkpointer)),
         })
@@ -507,8 +519,9 @@ impl Channels for SqliteStore {
         limit: u32,
         _fence: ReadFence,
     ) -> Result<Page<Event>> {
+        let tail = Arc::clone(&self.tail);
         self.reads
-            .run(move |c| read::events(c, channel_id, after_seq, limit))
+            .run(move |c| read::events(c, &tail, channel_id, after_seq, limit))
             .await
     }
 
@@ -518,8 +531,9 @@ impl Channels for SqliteStore {
         query: HistoryQuery,
         _fence: ReadFence,
     ) -> Result<Page<Message>> {
+        let tail = Arc::clone(&self.tail);
         self.reads
-            .run(move |c| read::messages(c, channel_id, query))
+            .run(move |c| read::messages(c, &tail, channel_id, query))
             .await
     }
 

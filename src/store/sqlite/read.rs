@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::Semaphore;
 
+use super::tail::{self, Tail, merge_after};
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page, Role,
     User,
@@ -283,48 +284,85 @@ pub(super) fn members(conn: &Connection, channel_id: i64) -> rusqlite::Result<Ve
     .collect()
 }
 
+/// A page of the channel's messages: the folded ones from the tables, the newest from the
+/// commit log's tail (taken first: see [`super::tail`]).
 pub(super) fn messages(
     conn: &Connection,
+    tail: &Tail,
     channel_id: i64,
     q: HistoryQuery,
 ) -> rusqlite::Result<Page<Message>> {
     let before = q.before_seq.unwrap_or(i64::MAX);
-    let fetch = i64::from(q.limit) + 1;
+    let fetch = q.limit as usize + 1;
     let mut items: Vec<Message> = match q.after_seq {
-        Some(after) => conn
-            .prepare_cached(HISTORY_AFTER)?
-            .query_map([channel_id, after, before, fetch], message_row)?
-            .collect::<rusqlite::Result<_>>()?,
-        None => conn
-            .prepare_cached(HISTORY_BEFORE)?
-            .query_map([channel_id, before, fetch], message_row)?
-            .collect::<rusqlite::Result<_>>()?,
+        Some(after) => {
+            let unfolded = tail.range(channel_id, after, before, fetch, false);
+            let folded = conn
+                .prepare_cached(HISTORY_AFTER)?
+                .query_map(
+                    params![channel_id, after, before, fetch as i64],
+                    message_row,
+                )?
+                .collect::<rusqlite::Result<_>>()?;
+            merge_after(folded, unfolded, fetch, |m| m.seq)
+        }
+        None => {
+            // The newest first: from the tail, then older ones from the tables.
+            let unfolded = tail.range(channel_id, i64::MIN, before, fetch, true);
+            let below = unfolded.first().map_or(before, |m| m.seq);
+            let mut items: Vec<Message> = if unfolded.len() < fetch {
+                conn.prepare_cached(HISTORY_BEFORE)?
+                    .query_map(
+                        params![channel_id, below, (fetch - unfolded.len()) as i64],
+                        message_row,
+                    )?
+                    .collect::<rusqlite::Result<_>>()?
+            } else {
+                Vec::new()
+            };
+            items.reverse();
+            items.extend(unfolded);
+            // Ascending; the oldest one is past the page.
+            if items.len() == fetch {
+                items.remove(0);
+                return Ok(Page {
+                    items,
+                    has_more: true,
+                });
+            }
+            items
+        }
     };
-    let has_more = items.len() as i64 == fetch;
+    let has_more = items.len() == fetch;
     items.truncate(q.limit as usize);
-    if q.after_seq.is_none() {
-        items.reverse();
-    }
     Ok(Page { items, has_more })
 }
 
+/// The channel's events after `after_seq`: the folded ones from the tables, then the
+/// commit log's tail (taken first: see [`super::tail`]).
 pub(super) fn events(
     conn: &Connection,
+    tail: &Tail,
     channel_id: i64,
     after_seq: i64,
     limit: u32,
 ) -> rusqlite::Result<Page<Event>> {
-    let fetch = i64::from(limit) + 1;
+    let fetch = limit as usize + 1;
+    let unfolded = tail.range(channel_id, after_seq, i64::MAX, fetch, false);
     let mut stmt = conn.prepare_cached(
         "SELECT e.seq, e.kind, e.at, e.user_id, e.body,
                 m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq, m.text
          FROM events e LEFT JOIN messages m ON m.id = e.message_id
          WHERE e.channel_id = ?1 AND e.seq > ?2 ORDER BY e.seq ASC LIMIT ?3",
     )?;
-    let mut items = stmt
-        .query_map([channel_id, after_seq, fetch], |r| event_row(channel_id, r))?
+    let folded = stmt
+        .query_map(params![channel_id, after_seq, fetch as i64], |r| {
+            event_row(channel_id, r)
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let has_more = items.len() as i64 == fetch;
+    let unfolded = unfolded.into_iter().map(tail::event).collect();
+    let mut items = merge_after(folded, unfolded, fetch, |e| e.seq);
+    let has_more = items.len() == fetch;
     items.truncate(limit as usize);
     Ok(Page { items, has_more })
 }

@@ -89,6 +89,22 @@ const MIGRATIONS: &[Migration] = &[
         SELECT 1 FROM messages m WHERE m.channel_id = channels.id AND m.author_id != channels.owner_id);
     "#,
     ),
+    // 5: the commit log: posts append here and are folded into `events` and `messages`
+    // in the background (see `tail.rs`).
+    Migration::Sql(
+        r#"
+    CREATE TABLE commit_log (
+        pos        INTEGER PRIMARY KEY,
+        channel_id INTEGER NOT NULL,
+        seq        INTEGER NOT NULL,
+        message_id INTEGER NOT NULL,
+        author_id  INTEGER NOT NULL,
+        text       TEXT NOT NULL,
+        client_id  TEXT,
+        at         INTEGER NOT NULL
+    );
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's
@@ -145,6 +161,8 @@ pub fn configure(conn: &Connection, cache_kib: i64) -> rusqlite::Result<()> {
     conn.pragma_update(None, "cache_size", -cache_kib)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
+    // Sorts and statement journals (the commit log's fold) stay in memory.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::hot::Hot;
+use super::tail::Unfolded;
 use super::write::{self, Done, HotUse, Op};
 use crate::id::Snowflake;
 use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_one};
@@ -73,6 +74,10 @@ pub struct WriteStats {
     messages_accepted: AtomicU64,
     /// Events committed to channel logs.
     events_committed: AtomicU64,
+    /// Time to fold the commit log into the channel tables, per fold of its own.
+    fold_seconds: Histogram,
+    /// Rows folded from the commit log into the channel tables.
+    folded_rows: AtomicU64,
     /// The data directory's disk, as the checkpoint thread last read it.
     pub disk: DiskState,
 }
@@ -125,6 +130,8 @@ impl Default for WriteStats {
             failed_commits: AtomicU64::new(0),
             messages_accepted: AtomicU64::new(0),
             events_committed: AtomicU64::new(0),
+            fold_seconds: Histogram::new(LATENCY_BUCKETS),
+            folded_rows: AtomicU64::new(0),
             disk: DiskState::default(),
         }
     }
@@ -201,6 +208,21 @@ impl WriteStats {
             "Events committed to channel logs.",
             count(&self.events_committed),
         );
+        render_header(
+            out,
+            "natter_commit_log_fold_seconds",
+            "histogram",
+            "Time to fold the commit log into the per-channel tables, per fold.",
+        );
+        self.fold_seconds
+            .render(out, "natter_commit_log_fold_seconds", "");
+        render_one(
+            out,
+            "natter_commit_log_folded_total",
+            "counter",
+            "Posts folded from the commit log into the per-channel tables.",
+            count(&self.folded_rows),
+        );
         render_one(
             out,
             "natter_disk_writes_refused",
@@ -228,13 +250,14 @@ impl Writer {
         on_commit: Option<OnCommit>,
         stats: Arc<WriteStats>,
         rules: Rules,
+        log: Unfolded,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let _ = stats.queue.set(tx.downgrade());
         let state = State {
             conn,
             ids: Snowflake::new(node_id),
-            hot: Hot::default(),
+            hot: Hot::new(log),
             rules,
             on_commit,
             stats: Arc::clone(&stats),
@@ -325,6 +348,10 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
         if !batch.is_empty() {
             commit_batch(&mut state, &mut batch);
         }
+        // Folded when due, and at a stop, so a clean restart starts with an empty log.
+        if state.hot.log.due(rx.is_empty()) || (stop.is_some() && !state.hot.log.is_empty()) {
+            fold(&mut state);
+        }
         if let Some(done) = stop.take() {
             // Later writes stay queued until the receiver drops: they are never answered
             // as committed.
@@ -387,6 +414,39 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
     }
 }
 
+/// Folds the commit log in a transaction of its own. A fold that fails leaves the log
+/// and its tail as they were, to be folded later.
+fn fold(state: &mut State) {
+    let started = Instant::now();
+    let result = state
+        .conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .and_then(|tx| {
+            let n = state.hot.log.fold_in(&tx)?;
+            tx.commit()?;
+            Ok(n)
+        });
+    match result {
+        Ok(rows) => {
+            state.hot.log.committed();
+            state.stats.fold_seconds.observe_duration(started.elapsed());
+            state
+                .stats
+                .folded_rows
+                .fetch_add(rows as u64, Ordering::Relaxed);
+            tracing::trace!(rows, took = ?started.elapsed(), "folded the commit log");
+        }
+        Err(e) => {
+            state.hot.log.rolled_back();
+            if matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+            {
+                state.stats.disk.set_full();
+            }
+            tracing::warn!(error = %e, "folding the commit log failed; its rows stay in the log and the fold is tried again later");
+        }
+    }
+}
+
 /// Each op's own answer, and the events the batch committed, in order.
 type Committed = (Vec<Result<Done>>, Vec<Event>);
 
@@ -398,6 +458,7 @@ fn apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFailed>
     if result.is_err() {
         // Rolled back: the hot state may hold changes that never reached the disk.
         state.hot.clear();
+        state.hot.log.rolled_back();
         state.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
     } else {
         state
@@ -425,6 +486,9 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
         if let HotUse::FlushAndForget(_) = hot_use {
             hot.flush(&tx)?;
         }
+        if hot_use.folds() {
+            hot.log.fold_in(&tx)?;
+        }
         let changes_before = tx.total_changes();
         let journal_before = journal.len();
         let applied = write::apply(&tx, ids, hot, rules, &job.op, &mut journal);
@@ -446,6 +510,7 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
     }
     hot.flush(&tx)?;
     tx.commit()?;
+    hot.log.committed();
     hot.trim();
     Ok((results, journal))
 }

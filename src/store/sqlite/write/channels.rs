@@ -7,6 +7,7 @@ use crate::id::Snowflake;
 use crate::model::{ChannelKind, Event, EventBody, Role};
 use crate::store::rules::{self, PutMember};
 use crate::store::sqlite::read;
+use crate::store::sqlite::tail::Unfolded;
 use crate::store::{Consent, Rules, StoreError};
 
 /// Adds a member with a `member.added` event. Their read marker starts at that event, so
@@ -256,7 +257,13 @@ pub(super) fn remove_member(
     Ok(Done::Unit)
 }
 
-pub(super) fn mark_read(tx: &Transaction, user_id: i64, channel_id: i64, seq: i64) -> Applied {
+pub(super) fn mark_read(
+    tx: &Transaction,
+    log: &Unfolded,
+    user_id: i64,
+    channel_id: i64,
+    seq: i64,
+) -> Applied {
     let row: Option<(i64, i64)> = tx
         .prepare_cached(
             "SELECT m.read_seq, c.last_seq FROM members m JOIN channels c ON c.id = m.channel_id
@@ -277,8 +284,11 @@ pub(super) fn mark_read(tx: &Transaction, user_id: i64, channel_id: i64, seq: i6
                AND m.deleted = 0",
         )?
         .query_row([channel_id, from, to, user_id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
         })?;
+    // Posts not folded yet are in the commit log (all live: a delete folds first).
+    let (unfolded, own_unfolded) = log.count(channel_id, from, to, user_id);
+    let (live, own) = (live + unfolded, own + own_unfolded);
     tx.prepare_cached(
         "UPDATE members SET read_seq = ?3, live_read = live_read + ?4, own_unread = own_unread - ?5
          WHERE channel_id = ?1 AND user_id = ?2",

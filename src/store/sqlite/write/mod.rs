@@ -108,6 +108,14 @@ pub(super) enum HotUse {
     FlushAndForget(Option<i64>),
 }
 
+impl HotUse {
+    /// Whether the op needs the commit log folded first: it appends an event to an
+    /// existing channel, or reads or changes its messages ([`super::tail`]).
+    pub(super) fn folds(&self) -> bool {
+        matches!(self, HotUse::FlushAndForget(Some(_)))
+    }
+}
+
 impl Op {
     /// Ops taken even while writes are refused for disk space: they free space.
     pub(super) fn frees_space(&self) -> bool {
@@ -285,7 +293,7 @@ pub(super) fn apply(
             user_id,
             channel_id,
             seq,
-        } => mark_read(tx, *user_id, *channel_id, *seq),
+        } => mark_read(tx, &hot.log, *user_id, *channel_id, *seq),
         Op::PostMessage {
             author,
             channel_id,
