@@ -39,7 +39,34 @@ fn check_outputs(report: &Report, scenario: &str, charts: usize) -> serde_json::
     );
     assert_eq!(html.matches("<svg").count(), html.matches("</svg>").count());
     assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
+    // Every chart draws its data, even from these runs of under two seconds, on axes with
+    // labelled ticks (at least two on each, besides the unit and the x axis's title).
+    for chart in html.split("<svg").skip(1) {
+        let chart = &chart[..chart.find("</svg>").unwrap()];
+        assert!(
+            draws_data(chart),
+            "{scenario}: a chart draws nothing: {chart}"
+        );
+        assert!(
+            chart.matches("text-anchor=\"end\"").count() >= 2,
+            "{scenario}: no y ticks: {chart}"
+        );
+        assert!(
+            chart.matches("text-anchor=\"middle\"").count() >= 4,
+            "{scenario}: no x ticks: {chart}"
+        );
+    }
     json
+}
+
+/// Bars, dots, or a line through at least two points.
+fn draws_data(chart: &str) -> bool {
+    let line = chart
+        .split("<polyline")
+        .skip(1)
+        .filter_map(|p| p.split("points=\"").nth(1)?.split('"').next())
+        .any(|points| points.split(' ').count() >= 2);
+    line || chart.contains("<rect") || chart.contains("<circle")
 }
 
 fn fanout_args(rate: Rate) -> FanoutArgs {

@@ -11,6 +11,7 @@
 //! - [`connections`]: many idle WebSockets, and the server's memory per connection.
 
 pub mod capacity;
+mod chart;
 pub mod check;
 pub mod connections;
 pub mod fanout;

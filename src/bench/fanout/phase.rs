@@ -285,4 +285,49 @@ mod tests {
             .is_empty()
         );
     }
+
+    /// A phase of well under a second, started (as phases are) on the rig's second 1: its
+    /// latency timelines hold one second each, and its CPU one pair of samples. Each
+    /// series is still drawn, on labelled axes.
+    #[test]
+    fn a_short_run_still_draws_every_series() {
+        let mut deliver_by_second = Timeline::default();
+        let mut ack_by_second = Timeline::default();
+        for us in [900, 1_500, 3_200] {
+            deliver_by_second.record(1, us);
+            ack_by_second.record(1, us / 2);
+        }
+        let sample = |cpu: f64, queued: f64| Sample {
+            cpu_seconds: Some(cpu),
+            buffered_bytes: Some(queued),
+            ..Sample::default()
+        };
+        let end = End {
+            checks: Violations::default(),
+            deliveries_per_bucket: vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 40, 80],
+            acks_per_bucket: vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20, 20],
+            deliver_by_second,
+            ack_by_second,
+            samples: vec![(0.4, sample(1.0, 0.0)), (1.3, sample(1.2, 2048.0))],
+        };
+        let mut report = Report::new("fanout");
+        end.describe(&mut report);
+        assert_eq!(report.series.len(), 6);
+        let html = report.to_html();
+        let charts: Vec<&str> = html.split("<svg").skip(1).collect();
+        assert_eq!(charts.len(), 6);
+        for (chart, series) in charts.iter().zip(&report.series) {
+            let drawn = chart.contains("<circle") || chart.contains("<polyline");
+            assert!(drawn, "{} is not drawn: {chart}", series.name);
+            let y_ticks = chart.matches("text-anchor=\"end\"").count();
+            assert!(y_ticks >= 2, "{}: no y ticks", series.name);
+        }
+        // A second of x axis, in fifths; deliveries up to 800/s.
+        assert!(charts[0].contains(">1.2</text>") && charts[0].contains(">800</text>"));
+        assert!(charts[0].contains(">deliveries/s</text>"));
+        // p99 of 3.2 ms at second 1: one dot, on a 0–4 ms axis.
+        assert_eq!(charts[2].matches("<circle").count(), 1);
+        assert!(charts[2].contains(">4</text>") && charts[2].contains(">ms</text>"));
+        assert!(charts[4].contains(">cores</text>") && charts[5].contains(">KiB</text>"));
+    }
 }
