@@ -39,7 +39,34 @@ fn check_outputs(report: &Report, scenario: &str, charts: usize) -> serde_json::
     );
     assert_eq!(html.matches("<svg").count(), html.matches("</svg>").count());
     assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
+    // Every chart draws its data, even from these runs of under two seconds, on axes with
+    // labelled ticks (at least two on each, besides the unit and the x axis's title).
+    for chart in html.split("<svg").skip(1) {
+        let chart = &chart[..chart.find("</svg>").unwrap()];
+        assert!(
+            draws_data(chart),
+            "{scenario}: a chart draws nothing: {chart}"
+        );
+        assert!(
+            chart.matches("text-anchor=\"end\"").count() >= 2,
+            "{scenario}: no y ticks: {chart}"
+        );
+        assert!(
+            chart.matches("text-anchor=\"middle\"").count() >= 4,
+            "{scenario}: no x ticks: {chart}"
+        );
+    }
     json
+}
+
+/// Bars, dots, or a line through at least two points.
+fn draws_data(chart: &str) -> bool {
+    let line = chart
+        .split("<polyline")
+        .skip(1)
+        .filter_map(|p| p.split("points=\"").nth(1)?.split('"').next())
+        .any(|points| points.split(' ').count() >= 2);
+    line || chart.contains("<rect") || chart.contains("<circle")
 }
 
 fn fanout_args(rate: Rate) -> FanoutArgs {
@@ -286,4 +313,49 @@ async fn store_bench_runs_on_postgres_at_a_fixed_rate() {
     let elapsed = figure(&report, "elapsed").unwrap();
     assert!(elapsed >= 0.99, "{elapsed}");
     assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+/// `natter bench … --json | jq .figures`: stdout holds the report's JSON and nothing else.
+/// The table goes to stderr, with the progress bars and the log (the bench's own, at
+/// debug here, and the spawned server's, which it reads from the child's stderr).
+#[test]
+fn bench_json_leaves_stdout_to_the_report_alone() {
+    let fanout = [
+        "--channels",
+        "1",
+        "--members",
+        "3",
+        "--senders",
+        "1",
+        "--messages",
+        "20",
+    ];
+    let store = ["--messages", "200", "--channels", "2", "--concurrency", "8"];
+    for (scenario, flags, acked) in [("fanout", &fanout[..], 20.0), ("store", &store[..], 200.0)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_natter"))
+            .args(["bench", scenario, "--json"])
+            .args(flags)
+            .env("NATTER_LOG", "debug")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{scenario}: {stderr}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{scenario}: stdout is not one JSON value ({e}): {stdout}"));
+        assert_eq!(json["scenario"], scenario);
+        assert_eq!(json["passed"], true);
+        let figures = json["figures"].as_array().expect("`.figures` is a list");
+        assert!(
+            figures
+                .iter()
+                .any(|f| f["name"] == "messages acked" && f["value"] == acked && f["unit"] == ""),
+            "{scenario}: {stdout}"
+        );
+        assert!(
+            stderr.contains(&format!("{scenario}: passed")),
+            "{scenario}: the table goes to stderr: {stderr}"
+        );
+    }
 }

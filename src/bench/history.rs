@@ -40,9 +40,20 @@ struct Read {
     pages: u64,
     passes: u64,
     latency_us: Histogram<u64>,
-    per_second: Vec<u64>,
+    /// Pages read per [`bucket`] of the run.
+    per_bucket: Vec<u64>,
     errors: BTreeMap<String, u64>,
     violations: Violations,
+}
+
+/// The width of the pages/s series' buckets: a second, or a tenth of one for runs under
+/// ten seconds, so that a short run still has points enough for a line.
+fn bucket(duration: f64) -> Duration {
+    if duration < 10.0 {
+        Duration::from_millis(100)
+    } else {
+        Duration::from_secs(1)
+    }
 }
 
 pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
@@ -87,8 +98,18 @@ pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
     }
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(args.duration.max(0.1));
-    let readers = (0..args.readers.max(1))
-        .map(|_| read(owner.clone(), channel, page, args.messages, until, start));
+    let bucket = bucket(args.duration);
+    let readers = (0..args.readers.max(1)).map(|_| {
+        read(
+            owner.clone(),
+            channel,
+            page,
+            args.messages,
+            until,
+            start,
+            bucket,
+        )
+    });
     let mut report = Report::new("history");
     let mut latency = histogram();
     let (mut pages, mut passes, mut series) = (0u64, 0u64, Vec::<u64>::new());
@@ -97,10 +118,10 @@ pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
         pages += r.pages;
         passes += r.passes;
         latency.add(&r.latency_us)?;
-        if series.len() < r.per_second.len() {
-            series.resize(r.per_second.len(), 0);
+        if series.len() < r.per_bucket.len() {
+            series.resize(r.per_bucket.len(), 0);
         }
-        for (a, b) in series.iter_mut().zip(&r.per_second) {
+        for (a, b) in series.iter_mut().zip(&r.per_bucket) {
             *a += b;
         }
         for (code, n) in r.errors {
@@ -132,7 +153,10 @@ pub async fn measure(args: &HistoryArgs) -> anyhow::Result<Report> {
         points: series
             .iter()
             .enumerate()
-            .map(|(i, n)| (i as f64, *n as f64))
+            .map(|(i, n)| {
+                let width = bucket.as_secs_f64();
+                (i as f64 * width, *n as f64 / width)
+            })
             .collect(),
     });
     report.passed = report.checks.total() == 0 && report.errors.is_empty();
@@ -148,12 +172,13 @@ async fn read(
     messages: usize,
     until: Instant,
     start: Instant,
+    bucket: Duration,
 ) -> anyhow::Result<Read> {
     let mut r = Read {
         pages: 0,
         passes: 0,
         latency_us: histogram(),
-        per_second: Vec::new(),
+        per_bucket: Vec::new(),
         errors: BTreeMap::new(),
         violations: Violations::default(),
     };
@@ -175,11 +200,11 @@ async fn read(
             };
             let _ = r.latency_us.record(t.elapsed().as_micros().max(1) as u64);
             r.pages += 1;
-            let s = t.duration_since(start).as_secs() as usize;
-            if r.per_second.len() <= s {
-                r.per_second.resize(s + 1, 0);
+            let b = (t.duration_since(start).as_micros() / bucket.as_micros()) as usize;
+            if r.per_bucket.len() <= b {
+                r.per_bucket.resize(b + 1, 0);
             }
-            r.per_second[s] += 1;
+            r.per_bucket[b] += 1;
             let seqs: Vec<i64> = v["messages"]
                 .as_array()
                 .into_iter()

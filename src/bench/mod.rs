@@ -11,6 +11,7 @@
 //! - [`connections`]: many idle WebSockets, and the server's memory per connection.
 
 pub mod capacity;
+mod chart;
 pub mod check;
 pub mod connections;
 pub mod fanout;
@@ -330,7 +331,7 @@ pub struct RunArgs {
     /// scratch directory). Use fresh databases: the run's data stays in them.
     #[arg(long, value_name = "URL")]
     pub store: Option<String>,
-    /// Print the report as JSON too.
+    /// Print the report as JSON: one JSON value on stdout, the table on stderr.
     #[arg(long)]
     pub json: bool,
     /// Write the report as a self-contained HTML page.
@@ -352,11 +353,15 @@ impl RunArgs {
     }
 }
 
-/// Prints a report (and its JSON), writes its HTML page, and fails if its checks did.
+/// Prints a report, writes its HTML page, and fails if its checks did. With `--json`,
+/// stdout holds the report's JSON alone (`natter bench fanout --json | jq .figures`) and
+/// the table goes to stderr, with the progress bars and the log.
 pub(crate) fn emit(report: &report::Report, run: &RunArgs) -> anyhow::Result<()> {
-    print!("{}", report.to_text());
     if run.json {
+        eprint!("{}", report.to_text());
         println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
     }
     if let Some(path) = &run.report {
         std::fs::write(path, report.to_html())

@@ -1,6 +1,7 @@
 //! A bench run's report: printed as a table, written as JSON (`--json`) for machines, and
 //! as one self-contained HTML page (`--report FILE.html`) with the latency histograms and
-//! throughput over time drawn as inline SVG. The page fetches nothing.
+//! throughput over time drawn as inline SVG (by the `chart` module). The page fetches
+//! nothing.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -8,6 +9,7 @@ use std::fmt::Write;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::chart;
 use super::check::Violations;
 
 #[derive(Debug, Clone, Serialize)]
@@ -235,7 +237,7 @@ impl Report {
             h.push_str("</table>");
             for l in &self.latencies {
                 let _ = write!(h, "<h3>{} histogram</h3>", esc(&l.name));
-                h.push_str(&histogram_svg(&l.buckets));
+                h.push_str(&chart::histogram(&l.buckets));
             }
         }
         for t in &self.tables {
@@ -255,7 +257,12 @@ impl Report {
         }
         for s in &self.series {
             let _ = write!(h, "<h2>{} over time ({})</h2>", esc(&s.name), esc(&s.unit));
-            h.push_str(&series_svg(&s.points));
+            // A rate's axis reads "deliveries/s" rather than "1/s".
+            let unit = match s.unit.as_str() {
+                "1/s" => format!("{}/s", s.name),
+                other => other.to_owned(),
+            };
+            h.push_str(&chart::series(&s.points, &unit));
         }
         h.push_str("<h2>Errors</h2><table>");
         if self.errors.is_empty() {
@@ -278,70 +285,11 @@ impl Report {
     }
 }
 
-fn esc(s: &str) -> String {
+pub(super) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-const W: f64 = 640.0;
-const H: f64 = 200.0;
-
-/// Bars of counts per latency bucket, labelled with their upper bounds.
-fn histogram_svg(buckets: &[(f64, u64)]) -> String {
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{}\" role=\"img\">",
-        H + 40.0
-    );
-    let max = buckets.iter().map(|b| b.1).max().unwrap_or(0).max(1) as f64;
-    let n = buckets.len().max(1) as f64;
-    let bar = W / n;
-    for (i, (upper, count)) in buckets.iter().enumerate() {
-        let height = *count as f64 / max * H;
-        let x = i as f64 * bar;
-        let _ = write!(
-            svg,
-            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{height:.1}\" fill=\"#4a7\"><title>≤ {upper:.2} ms: {count}</title></rect>",
-            H - height,
-            (bar - 1.0).max(1.0)
-        );
-        if i % (buckets.len() / 8).max(1) == 0 {
-            let _ = write!(
-                svg,
-                "<text x=\"{x:.1}\" y=\"{}\" font-size=\"10\">{upper:.1}</text>",
-                H + 14.0
-            );
-        }
-    }
-    let _ = write!(
-        svg,
-        "<text x=\"0\" y=\"{}\" font-size=\"11\">ms (log buckets); bar height: count, max {max}</text></svg>",
-        H + 32.0
-    );
-    svg
-}
-
-/// A polyline of (t, v) points.
-fn series_svg(points: &[(f64, f64)]) -> String {
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{}\" role=\"img\">",
-        H + 30.0
-    );
-    let t_max = points.iter().map(|p| p.0).fold(0.0, f64::max).max(1e-9);
-    let v_max = points.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-9);
-    let path: Vec<String> = points
-        .iter()
-        .map(|(t, v)| format!("{:.1},{:.1}", t / t_max * W, H - v / v_max * H))
-        .collect();
-    let _ = write!(
-        svg,
-        "<polyline fill=\"none\" stroke=\"#36c\" stroke-width=\"2\" points=\"{}\"/>\
-         <text x=\"0\" y=\"{}\" font-size=\"11\">0–{t_max:.1} s; peak {v_max:.0}</text></svg>",
-        path.join(" "),
-        H + 20.0
-    );
-    svg
 }
 
 #[cfg(test)]
