@@ -5,14 +5,21 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
 
-/// Opens `dir/natter.db` read-only and asserts it passes `PRAGMA integrity_check`.
+/// Opens `dir/natter.db` read-only and asserts it passes `PRAGMA integrity_check`, after
+/// folding the posts a stop left in its commit log into the channel tables (as the next
+/// start does).
 pub fn open_checked(dir: &Path) -> Connection {
-    let db = Connection::open_with_flags(dir.join("natter.db"), OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .unwrap();
-    let verdict: String = db
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(verdict, "ok");
+    let path = dir.join("natter.db");
+    let check = |db: &Connection| {
+        let verdict: String = db
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(verdict, "ok");
+    };
+    check(&Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap());
+    natter::store::sqlite::fold_commit_log(&path).unwrap();
+    let db = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    check(&db);
     db
 }
 

@@ -95,6 +95,8 @@ fn copy_and_check(src: &Connection, path: &Path) -> anyhow::Result<(i64, i64)> {
     }
     // The copy is a whole database in one file: no write-ahead log to carry around.
     dst.pragma_update(None, "journal_mode", "DELETE")?;
+    // And every post in its channel's tables: the commit log's tail is folded in the copy.
+    super::tail::fold_all(&mut dst).context("fold the copy's commit log")?;
     let verdict: String = dst.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
     if verdict != "ok" {
         bail!("the copy failed its integrity check: {verdict}");

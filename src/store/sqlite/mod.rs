@@ -107,7 +107,10 @@ impl SqliteStore {
                 conn.pragma_update(None, "journal_size_limit", opts.wal_limit as i64)?;
                 // Checkpoints run on their own thread, never inside the writer's commits.
                 conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-                tail::fold_at_open(&mut conn)?;
+                let folded = tail::fold_all(&mut conn)?;
+                if folded > 0 {
+                    tracing::info!(rows = folded, "folded the commit log the previous run left");
+                }
                 Ok(())
             });
         if let Err(e) = prepared {
@@ -203,6 +206,16 @@ pub fn migrate_only(path: &Path) -> anyhow::Result<String> {
         path.display(),
         schema::VERSION
     ))
+}
+
+/// Folds the commit log of the (stopped) database at `path` into its channel tables, as
+/// the next start would; returns the posts it moved. For tools and tests that read the
+/// file directly.
+pub fn fold_commit_log(path: &Path) -> anyhow::Result<usize> {
+    let mut conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .map_err(|e| anyhow::anyhow!("open database {}: {e}", path.display()))?;
+    schema::configure(&conn, READER_CACHE_KIB)?;
+    Ok(tail::fold_all(&mut conn)?)
 }
 
 fn open_reader(path: &Path) -> anyhow::Result<Connection> {

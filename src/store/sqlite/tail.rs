@@ -287,14 +287,12 @@ pub(super) fn fold(tx: &Transaction) -> rusqlite::Result<usize> {
     Ok(n)
 }
 
-/// Folds whatever a previous run left in the log (at open, before the writer starts).
-pub(super) fn fold_at_open(conn: &mut Connection) -> rusqlite::Result<usize> {
+/// Folds the whole log in a transaction of its own: at open, before the writer starts,
+/// what a previous run left; in a backup's copy.
+pub(super) fn fold_all(conn: &mut Connection) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let n = fold(&tx)?;
     tx.commit()?;
-    if n > 0 {
-        tracing::info!(rows = n, "folded the commit log left by the previous run");
-    }
     Ok(n)
 }
 
