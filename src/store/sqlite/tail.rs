@@ -1,10 +1,20 @@
 //! The commit log and its tail.
 //!
-//! A post commits as one row appended to `commit_log` (rowid order: a commit writes a few
-//! pages at the end of one B-tree, however many channels its batch touched) instead of a
-//! row in each of the channel-keyed `events` and `messages` tables (a page per channel per
-//! commit). Every so often the writer folds the log into those tables in one transaction,
-//! many rows per page, and empties it ([`fold`]).
+//! A post commits as one row appended to `commit_log` (in `pos` order: a commit writes a
+//! few pages at the end of one B-tree, however many channels its batch touched) instead
+//! of a row in each of the channel-keyed `events` and `messages` tables (a page per
+//! channel per commit). The writer moves the log's oldest rows into those tables later,
+//! many rows per page ([`fold`]), and deletes them from the log:
+//! - a little at a time: each batch transaction first folds the rows of batches
+//!   committed over [`FOLD_AFTER`] ago, at most [`TRICKLE_ROWS`] of them (or as many as
+//!   the batch appends), so at a steady rate the log holds about a second of posts and
+//!   no commit waits behind a large fold;
+//! - all at once, in a transaction of its own, when the log holds `fold_rows` rows (the
+//!   writer is saturated: large folds write the fewest pages per post), at a stop, and
+//!   at open (what a previous run or a crash left); while no write comes, the log and
+//!   its tail stay as they are;
+//! - all at once inside the batch, before an op that appends another event to a
+//!   channel, or reads or changes its messages (edit, delete, rename, membership).
 //!
 //! Until then the posts are served from memory: the [`Tail`] holds exactly the committed
 //! rows of `commit_log`, by channel, and the read paths merge it with what they read from
@@ -12,51 +22,67 @@
 //! between shows its rows in both (merged away by seq), never in neither.
 //!
 //! Invariants the writer keeps:
-//! - Only posts of live messages go to the log. An op that appends another event to a
-//!   channel, or reads or changes its messages (edit, delete, rename, membership), folds
-//!   first in its own transaction ([`fold`]), so `events` always holds a prefix of each
-//!   channel's log and the tail the rest.
-//! - The tail changes only after a commit: extended with the batch's posts, or cleared
-//!   when the batch folded. A rolled-back batch leaves it as it was.
-//! - At open the whole log is folded before anything is served, so a restart (or a crash)
+//! - Only posts of live messages go to the log, and a fold takes a prefix of it (by
+//!   `pos`, which is commit order and, per channel, seq order), so `events` always holds
+//!   a prefix of each channel's log and the tail the rest.
+//! - The tail changes only after a commit: extended with the batch's posts, and rid of
+//!   what the batch folded. A rolled-back batch leaves it as it was.
+//! - `pos` is assigned by the writer, growing for the whole run (a full fold empties the
+//!   table; rowids alone would start again). The open folds the whole log, so a restart
 //!   starts with an empty tail.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, Transaction};
 
 use crate::model::{Event, EventBody, Message};
 
-/// Rows in the log past which the writer folds it after a commit, by default.
+/// Rows in the log past which the writer folds it all after a commit, by default.
 pub const FOLD_ROWS: usize = 16_384;
-/// Age of the oldest unfolded row past which the writer folds when it has nothing queued.
+/// Age past which a committed batch's posts are folded a little at a time.
 pub(super) const FOLD_AFTER: Duration = Duration::from_secs(1);
+/// Most old rows one batch transaction folds (unless the batch itself appends more).
+pub(super) const TRICKLE_ROWS: usize = 512;
+
+/// A post in the log: its position and the message.
+#[derive(Clone)]
+pub(super) struct Entry {
+    pos: i64,
+    message: Message,
+}
 
 /// Committed, not yet folded posts by channel, each channel's in seq order. Shared by the
 /// writer (which changes it) and the readers.
 #[derive(Default)]
 pub(super) struct Tail {
-    channels: Mutex<HashMap<i64, Vec<Message>>>,
+    channels: Mutex<HashMap<i64, Vec<Entry>>>,
 }
 
 impl Tail {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<Message>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<Entry>>> {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Adds a committed batch's posts (in commit order).
-    pub fn extend(&self, posts: impl IntoIterator<Item = Message>) {
+    fn extend(&self, posts: impl IntoIterator<Item = Entry>) {
         let mut channels = self.lock();
-        for m in posts {
-            channels.entry(m.channel_id).or_default().push(m);
+        for e in posts {
+            channels.entry(e.message.channel_id).or_default().push(e);
         }
     }
 
-    /// Empties the tail once a fold committed.
-    pub fn clear(&self) {
-        self.lock().clear();
+    /// Drops the posts a committed fold moved (`pos <= through`), calling `gone` on each.
+    fn remove_through(&self, through: i64, mut gone: impl FnMut(&Message)) {
+        let mut channels = self.lock();
+        channels.retain(|_, posts| {
+            let n = posts.partition_point(|e| e.pos <= through);
+            for e in posts.drain(..n) {
+                gone(&e.message);
+            }
+            !posts.is_empty()
+        });
     }
 
     /// The channel's unfolded posts with `after < seq < before`, up to `max` of them:
@@ -73,38 +99,64 @@ impl Tail {
         let Some(posts) = channels.get(&channel_id) else {
             return Vec::new();
         };
-        let lo = posts.partition_point(|m| m.seq <= after);
-        let hi = posts.partition_point(|m| m.seq < before).max(lo);
+        let lo = posts.partition_point(|e| e.message.seq <= after);
+        let hi = posts.partition_point(|e| e.message.seq < before).max(lo);
         let (lo, hi) = if newest {
             (hi.saturating_sub(max).max(lo), hi)
         } else {
             (lo, hi.min(lo + max))
         };
-        posts[lo..hi].to_vec()
+        posts[lo..hi].iter().map(|e| e.message.clone()).collect()
     }
 
     /// The unfolded post of the channel with this seq.
-    pub fn get(&self, channel_id: i64, seq: i64) -> Option<Message> {
+    fn get(&self, channel_id: i64, seq: i64) -> Option<Message> {
         let channels = self.lock();
         let posts = channels.get(&channel_id)?;
-        let i = posts.binary_search_by_key(&seq, |m| m.seq).ok()?;
-        Some(posts[i].clone())
+        let i = posts.binary_search_by_key(&seq, |e| e.message.seq).ok()?;
+        Some(posts[i].message.clone())
     }
 
-    /// The channel's unfolded posts with `after < seq <= through`, and how many of them
-    /// `author` wrote.
-    pub fn count(&self, channel_id: i64, after: i64, through: i64, author: i64) -> (i64, i64) {
+    /// The channel's unfolded posts with `after < seq <= through` and `pos > folded`,
+    /// and how many of them `author` wrote.
+    fn count(
+        &self,
+        channel_id: i64,
+        after: i64,
+        through: i64,
+        author: i64,
+        folded: i64,
+    ) -> (i64, i64) {
         let channels = self.lock();
         let Some(posts) = channels.get(&channel_id) else {
             return (0, 0);
         };
-        posts
-            .iter()
-            .filter(|m| m.seq > after && m.seq <= through)
-            .fold((0, 0), |(n, own), m| {
-                (n + 1, own + i64::from(m.author_id == author))
-            })
+        count(posts, channel_id, after, through, author, folded)
     }
+
+    /// Every post in the tail, for rebuilding the writer's index after a rollback.
+    fn entries(&self) -> Vec<Entry> {
+        self.lock().values().flatten().cloned().collect()
+    }
+}
+
+fn count(
+    posts: &[Entry],
+    channel_id: i64,
+    after: i64,
+    through: i64,
+    author: i64,
+    folded: i64,
+) -> (i64, i64) {
+    posts
+        .iter()
+        .filter(|e| {
+            let m = &e.message;
+            e.pos > folded && m.channel_id == channel_id && m.seq > after && m.seq <= through
+        })
+        .fold((0, 0), |(n, own), e| {
+            (n + 1, own + i64::from(e.message.author_id == author))
+        })
 }
 
 /// The message event a post in the tail stands for.
@@ -131,44 +183,58 @@ pub(super) fn merge_after<T>(
     folded
 }
 
-/// The writer's side of the log: what it has appended in the open batch, and an index of
-/// unfolded posts by `client_id` for the idempotency check.
-pub(super) struct Unfolded {
-    pub tail: std::sync::Arc<Tail>,
-    /// Rows in the log past which it is due a fold.
-    fold_rows: usize,
-    /// Rows in the log (committed and in the open batch).
+/// A committed batch still (partly) in the log: its last `pos`, its rows, when it
+/// committed.
+struct Committed {
+    last_pos: i64,
     rows: usize,
-    /// When the oldest unfolded row was appended.
-    since: Option<Instant>,
-    /// Posts appended in the open batch.
-    batch: Vec<Message>,
-    /// The open batch folded the log: once it commits, the tail is emptied first.
-    folded_in_batch: bool,
+    at: Instant,
+}
+
+/// The writer's side of the log: what it has appended in the open batch, the committed
+/// batches not yet folded, and an index of unfolded posts by `client_id` for the
+/// idempotency check.
+pub(super) struct Unfolded {
+    pub tail: Arc<Tail>,
+    /// Rows in the log past which it is folded all at once.
+    fold_rows: usize,
+    /// The next post's `pos`.
+    next_pos: i64,
+    /// Committed batches with rows in the log, oldest first.
+    committed: VecDeque<Committed>,
+    /// Rows of the committed batches (some of the oldest may be folded in the open batch).
+    committed_rows: usize,
+    /// Posts appended in the open batch and not folded in it.
+    batch: Vec<Entry>,
+    /// The open batch folded the log up to this `pos` (0: it did not).
+    folded_through: i64,
     /// `(channel, author, client_id)` → seq of the unfolded posts that carry one.
     by_client: HashMap<(i64, i64, String), i64>,
 }
 
 impl Unfolded {
-    pub fn new(tail: std::sync::Arc<Tail>, fold_rows: usize) -> Self {
+    pub fn new(tail: Arc<Tail>, fold_rows: usize) -> Self {
         Self {
             tail,
             fold_rows: fold_rows.max(1),
-            rows: 0,
-            since: None,
+            next_pos: 1,
+            committed: VecDeque::new(),
+            committed_rows: 0,
             batch: Vec::new(),
-            folded_in_batch: false,
+            folded_through: 0,
             by_client: HashMap::new(),
         }
     }
 
     /// Appends a post to the log (in the open transaction).
     pub fn append(&mut self, tx: &Transaction, m: &Message) -> rusqlite::Result<()> {
+        let pos = self.next_pos;
         tx.prepare_cached(
-            "INSERT INTO commit_log (channel_id, seq, message_id, author_id, text, client_id, at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO commit_log (pos, channel_id, seq, message_id, author_id, text, client_id, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?
         .execute(rusqlite::params![
+            pos,
             m.channel_id,
             m.seq,
             m.id,
@@ -177,13 +243,15 @@ impl Unfolded {
             m.client_id,
             m.created_at
         ])?;
+        self.next_pos += 1;
         if let Some(cid) = &m.client_id {
             self.by_client
                 .insert((m.channel_id, m.author_id, cid.clone()), m.seq);
         }
-        self.batch.push(m.clone());
-        self.rows += 1;
-        self.since.get_or_insert_with(Instant::now);
+        self.batch.push(Entry {
+            pos,
+            message: m.clone(),
+        });
         Ok(())
     }
 
@@ -196,94 +264,153 @@ impl Unfolded {
             .batch
             .iter()
             .rev()
-            .find(|m| m.seq == seq && m.channel_id == channel_id);
-        in_batch.cloned().or_else(|| self.tail.get(channel_id, seq))
+            .find(|e| e.message.seq == seq && e.message.channel_id == channel_id);
+        match in_batch {
+            Some(e) => Some(e.message.clone()),
+            None => self.tail.get(channel_id, seq),
+        }
     }
 
     /// The channel's unfolded posts with `after < seq <= through` (committed or in the
     /// open batch), and how many of them `author` wrote.
     pub fn count(&self, channel_id: i64, after: i64, through: i64, author: i64) -> (i64, i64) {
-        // Once the batch folded, the tail's rows are in the tables (in this transaction).
-        let (n, own) = if self.folded_in_batch {
-            (0, 0)
-        } else {
-            self.tail.count(channel_id, after, through, author)
-        };
-        self.batch
-            .iter()
-            .filter(|m| m.channel_id == channel_id && m.seq > after && m.seq <= through)
-            .fold((n, own), |(n, own), m| {
-                (n + 1, own + i64::from(m.author_id == author))
-            })
+        // What the batch folded is in the tables now (in this transaction).
+        let (n, own) = self
+            .tail
+            .count(channel_id, after, through, author, self.folded_through);
+        let (b, own_b) = count(&self.batch, channel_id, after, through, author, 0);
+        (n + b, own + own_b)
     }
 
-    /// Folds the log inside the open transaction, if it holds anything; returns the rows
-    /// it moved.
+    /// Folds the whole log inside the open transaction; returns the rows it moved.
     pub fn fold_in(&mut self, tx: &Transaction) -> rusqlite::Result<usize> {
-        if self.rows == 0 {
+        self.fold_through(tx, self.next_pos - 1)
+    }
+
+    /// Folds, inside the open transaction, the oldest committed batches' rows when they
+    /// are over [`FOLD_AFTER`] old: at most [`TRICKLE_ROWS`] (or `at_least`) rows, but
+    /// always the oldest batch whole.
+    pub fn trickle(&mut self, tx: &Transaction, at_least: usize) -> rusqlite::Result<usize> {
+        let bound = TRICKLE_ROWS.max(at_least);
+        let (mut through, mut rows) = (self.folded_through, 0);
+        for b in &self.committed {
+            if b.last_pos <= self.folded_through {
+                continue;
+            }
+            if b.at.elapsed() < FOLD_AFTER || (rows > 0 && rows + b.rows > bound) {
+                break;
+            }
+            through = b.last_pos;
+            rows += b.rows;
+        }
+        if through == self.folded_through {
             return Ok(0);
         }
-        let n = fold(tx)?;
-        self.folded_in_batch = true;
-        self.batch.clear();
-        self.by_client.clear();
-        self.rows = 0;
-        self.since = None;
+        self.fold_through(tx, through)
+    }
+
+    fn fold_through(&mut self, tx: &Transaction, through: i64) -> rusqlite::Result<usize> {
+        if through <= self.folded_through {
+            return Ok(0);
+        }
+        let n = fold(tx, through)?;
+        self.folded_through = through;
+        // The batch's own posts folded with it leave the index now; the tail's, at commit.
+        let by_client = &mut self.by_client;
+        self.batch.retain(|e| {
+            let keep = e.pos > through;
+            if !keep {
+                forget(by_client, &e.message);
+            }
+            keep
+        });
         Ok(n)
     }
 
+    /// Rows in the log, committed and in the open batch.
+    fn rows(&self) -> usize {
+        self.committed_rows + self.batch.len()
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.rows == 0
+        self.rows() == 0
     }
 
-    /// Whether the log is due a fold of its own: large, or old with the writer idle.
-    pub fn due(&self, idle: bool) -> bool {
-        self.rows >= self.fold_rows
-            || (idle && self.since.is_some_and(|t| t.elapsed() >= FOLD_AFTER))
+    /// Whether the log is due a fold of its own, all of it, after a commit: it is large.
+    /// (Old rows trickle out with the next batches; while no write comes, they stay.)
+    pub fn due(&self) -> bool {
+        self.rows() >= self.fold_rows
     }
 
-    /// The open batch committed: the tail now shows it.
+    /// The open batch committed: the tail now shows its posts and not what it folded.
     pub fn committed(&mut self) {
-        if std::mem::take(&mut self.folded_in_batch) {
-            self.tail.clear();
+        let through = std::mem::take(&mut self.folded_through);
+        if through > 0 {
+            let by_client = &mut self.by_client;
+            self.tail.remove_through(through, |m| forget(by_client, m));
+            while let Some(b) = self.committed.front() {
+                if b.last_pos > through {
+                    break;
+                }
+                self.committed_rows -= b.rows;
+                self.committed.pop_front();
+            }
+            // A batch folded in part (a trickle stops at batch ends, a full fold takes
+            // all): none is left.
+            debug_assert!(self.committed.front().is_none_or(|b| b.last_pos > through));
+        }
+        if let Some(last) = self.batch.last() {
+            self.committed.push_back(Committed {
+                last_pos: last.pos,
+                rows: self.batch.len(),
+                at: Instant::now(),
+            });
+            self.committed_rows += self.batch.len();
         }
         self.tail.extend(self.batch.drain(..));
     }
 
-    /// The open batch rolled back: forget what it appended or folded, keep the tail.
+    /// The open batch rolled back: forget what it appended or folded; the tail and the
+    /// committed batches are as they were.
     pub fn rolled_back(&mut self) {
         self.batch.clear();
-        self.folded_in_batch = false;
-        let channels = self.tail.lock();
-        self.by_client = channels
-            .values()
-            .flatten()
-            .filter_map(|m| {
-                let cid = m.client_id.clone()?;
-                Some(((m.channel_id, m.author_id, cid), m.seq))
+        self.folded_through = 0;
+        self.by_client = self
+            .tail
+            .entries()
+            .into_iter()
+            .filter_map(|e| {
+                let m = e.message;
+                Some(((m.channel_id, m.author_id, m.client_id?), m.seq))
             })
             .collect();
-        self.rows = channels.values().map(Vec::len).sum();
-        self.since = (self.rows > 0).then(|| self.since.unwrap_or_else(Instant::now));
     }
 }
 
-/// Moves every row of the log into `events` and `messages`, in channel order (so each
-/// channel's rows land together), and empties it.
-pub(super) fn fold(tx: &Transaction) -> rusqlite::Result<usize> {
+fn forget(by_client: &mut HashMap<(i64, i64, String), i64>, m: &Message) {
+    if let Some(cid) = &m.client_id {
+        by_client.remove(&(m.channel_id, m.author_id, cid.clone()));
+    }
+}
+
+/// Moves the log's rows up to `through` into `events` and `messages`, in channel order
+/// (so each channel's rows land together), and deletes them from the log.
+pub(super) fn fold(tx: &Transaction, through: i64) -> rusqlite::Result<usize> {
     let n = tx
         .prepare_cached(
             "INSERT INTO events (channel_id, seq, kind, at, message_id)
              SELECT channel_id, seq, 'message.created', at, message_id FROM commit_log
-             ORDER BY channel_id, seq",
+             WHERE pos <= ?1 ORDER BY channel_id, seq",
         )?
-        .execute([])?;
+        .execute([through])?;
     tx.prepare_cached(
         "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at)
-         SELECT message_id, channel_id, seq, author_id, text, client_id, at FROM commit_log",
+         SELECT message_id, channel_id, seq, author_id, text, client_id, at FROM commit_log
+         WHERE pos <= ?1",
     )?
-    .execute([])?;
-    tx.prepare_cached("DELETE FROM commit_log")?.execute([])?;
+    .execute([through])?;
+    tx.prepare_cached("DELETE FROM commit_log WHERE pos <= ?1")?
+        .execute([through])?;
     Ok(n)
 }
 
@@ -291,7 +418,7 @@ pub(super) fn fold(tx: &Transaction) -> rusqlite::Result<usize> {
 /// what a previous run left; in a backup's copy.
 pub(super) fn fold_all(conn: &mut Connection) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let n = fold(&tx)?;
+    let n = fold(&tx, i64::MAX)?;
     tx.commit()?;
     Ok(n)
 }
@@ -307,18 +434,22 @@ mod tests {
             seq,
             author_id,
             text: format!("m{seq}"),
-            client_id: None,
+            client_id: Some(format!("c{channel_id}-{seq}")),
             created_at: seq,
             edited_at: None,
             deleted: false,
         }
     }
 
+    fn entry(pos: i64, message: Message) -> Entry {
+        Entry { pos, message }
+    }
+
     #[test]
     fn ranges_take_the_first_or_the_last_within_bounds() {
         let tail = Tail::default();
-        tail.extend((5..=10).map(|s| post(1, s, 7)));
-        tail.extend([post(2, 1, 7)]);
+        tail.extend((5..=10).map(|s| entry(s, post(1, s, 7))));
+        tail.extend([entry(11, post(2, 1, 7))]);
         let seqs = |v: Vec<Message>| v.iter().map(|m| m.seq).collect::<Vec<_>>();
         assert_eq!(seqs(tail.range(1, 6, i64::MAX, 2, false)), [7, 8]);
         assert_eq!(seqs(tail.range(1, 0, i64::MAX, 2, true)), [9, 10]);
@@ -333,8 +464,15 @@ mod tests {
             Vec::<i64>::new()
         );
         assert_eq!(tail.get(1, 7).map(|m| m.text), Some("m7".into()));
-        assert_eq!(tail.count(1, 6, 9, 7), (3, 3));
-        assert_eq!(tail.count(1, 6, 9, 8), (3, 0));
+        assert_eq!(tail.count(1, 6, 9, 7, 0), (3, 3));
+        assert_eq!(tail.count(1, 6, 9, 8, 0), (3, 0));
+        assert_eq!(tail.count(1, 6, 9, 7, 8), (1, 1), "pos 7 and 8 folded");
+        let mut gone = Vec::new();
+        tail.remove_through(7, |m| gone.push(m.seq));
+        assert_eq!(gone, [5, 6, 7]);
+        assert_eq!(seqs(tail.range(1, 0, i64::MAX, 10, false)), [8, 9, 10]);
+        tail.remove_through(11, |_| {});
+        assert!(tail.entries().is_empty());
     }
 
     #[test]
@@ -344,5 +482,86 @@ mod tests {
         assert_eq!(merge_after(folded, tail, 10, |s| *s), [1, 2, 3, 4, 5, 6]);
         assert_eq!(merge_after(vec![], vec![5, 6], 1, |s: &i64| *s), [5]);
         assert_eq!(merge_after(vec![1, 2], vec![], 1, |s: &i64| *s), [1]);
+    }
+
+    /// Rows in (`commit_log`, `events`, `messages`).
+    fn counts(conn: &Connection) -> (i64, i64, i64) {
+        conn.query_row(
+            "SELECT (SELECT count(*) FROM commit_log), (SELECT count(*) FROM events),
+                    (SELECT count(*) FROM messages)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn old_batches_trickle_out_a_rolled_back_fold_changes_nothing_and_a_full_fold_takes_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        let mut log = Unfolded::new(Arc::new(Tail::default()), 1000);
+        let mut commit = |log: &mut Unfolded, posts: &[Message]| {
+            let tx = conn.transaction().unwrap();
+            log.trickle(&tx, posts.len()).unwrap();
+            for m in posts {
+                log.append(&tx, m).unwrap();
+            }
+            tx.commit().unwrap();
+            log.committed();
+        };
+        // Two old batches, then a young one.
+        commit(&mut log, &[post(1, 1, 7), post(2, 1, 7)]);
+        commit(&mut log, &[post(1, 2, 8)]);
+        assert!(!log.due());
+        std::thread::sleep(FOLD_AFTER + Duration::from_millis(100));
+        commit(&mut log, &[post(1, 3, 7)]);
+        assert_eq!(counts(&conn), (1, 3, 3), "the old batches folded");
+        let seqs = |log: &Unfolded, ch| {
+            log.tail
+                .range(ch, 0, i64::MAX, 10, false)
+                .iter()
+                .map(|m| m.seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&log, 1), [3]);
+        assert_eq!(seqs(&log, 2), Vec::<i64>::new());
+        assert!(
+            log.by_client_id(1, 7, "c1-1").is_none(),
+            "folded: the table answers"
+        );
+        assert_eq!(log.by_client_id(1, 7, "c1-3").map(|m| m.seq), Some(3));
+        assert_eq!(log.count(1, 0, 10, 7), (1, 1));
+        // A batch that folds everything, appends, and rolls back: nothing changed.
+        {
+            let tx = conn.transaction().unwrap();
+            assert_eq!(log.fold_in(&tx).unwrap(), 1);
+            log.append(&tx, &post(1, 4, 7)).unwrap();
+            assert_eq!(
+                log.count(1, 0, 10, 7),
+                (1, 1),
+                "seq 3 folded, seq 4 in the batch"
+            );
+            drop(tx);
+            log.rolled_back();
+        }
+        assert_eq!(counts(&conn), (1, 3, 3));
+        assert_eq!(seqs(&log, 1), [3]);
+        assert_eq!(log.by_client_id(1, 7, "c1-3").map(|m| m.seq), Some(3));
+        assert!(log.by_client_id(1, 7, "c1-4").is_none());
+        // The same batch committed: the tail holds only what came after the fold.
+        {
+            let tx = conn.transaction().unwrap();
+            log.fold_in(&tx).unwrap();
+            log.append(&tx, &post(1, 4, 7)).unwrap();
+            tx.commit().unwrap();
+            log.committed();
+        }
+        assert_eq!(counts(&conn), (1, 4, 4));
+        assert_eq!(seqs(&log, 1), [4]);
+        assert_eq!(log.rows(), 1);
+        assert!(log.by_client_id(1, 7, "c1-3").is_none());
+        assert_eq!(fold_all(&mut conn).unwrap(), 1);
+        assert_eq!(counts(&conn), (0, 5, 5));
     }
 }

@@ -348,8 +348,8 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
         if !batch.is_empty() {
             commit_batch(&mut state, &mut batch);
         }
-        // Folded when due, and at a stop, so a clean restart starts with an empty log.
-        if state.hot.log.due(rx.is_empty()) || (stop.is_some() && !state.hot.log.is_empty()) {
+        // Folded when due, and all at a stop, so a clean restart starts with an empty log.
+        if state.hot.log.due() || (stop.is_some() && !state.hot.log.is_empty()) {
             fold(&mut state);
         }
         if let Some(done) = stop.take() {
@@ -414,8 +414,8 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
     }
 }
 
-/// Folds the commit log in a transaction of its own. A fold that fails leaves the log
-/// and its tail as they were, to be folded later.
+/// Folds the whole commit log in a transaction of its own. A fold that fails leaves the
+/// log and its tail as they were, to be folded later.
 fn fold(state: &mut State) {
     let started = Instant::now();
     let result = state
@@ -480,6 +480,8 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
     } = state;
     let mut journal = Vec::new();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // The commit log's old rows go a few at a time, with the batches that add more.
+    hot.log.trickle(&tx, batch.len())?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let hot_use = job.op.hot_use();
