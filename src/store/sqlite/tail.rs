@@ -117,21 +117,13 @@ impl Tail {
         Some(posts[i].message.clone())
     }
 
-    /// The channel's unfolded posts with `after < seq <= through` and `pos > folded`,
-    /// and how many of them `author` wrote.
-    fn count(
-        &self,
-        channel_id: i64,
-        after: i64,
-        through: i64,
-        author: i64,
-        folded: i64,
-    ) -> (i64, i64) {
+    /// The posts `span` counts among the channel's unfolded ones with `pos > folded`.
+    fn count(&self, span: &Span, folded: i64) -> (i64, i64) {
         let channels = self.lock();
-        let Some(posts) = channels.get(&channel_id) else {
+        let Some(posts) = channels.get(&span.channel_id) else {
             return (0, 0);
         };
-        count(posts, channel_id, after, through, author, folded)
+        span.count(posts, folded)
     }
 
     /// Every post in the tail, for rebuilding the writer's index after a rollback.
@@ -140,23 +132,31 @@ impl Tail {
     }
 }
 
-fn count(
-    posts: &[Entry],
-    channel_id: i64,
-    after: i64,
-    through: i64,
-    author: i64,
-    folded: i64,
-) -> (i64, i64) {
-    posts
-        .iter()
-        .filter(|e| {
-            let m = &e.message;
-            e.pos > folded && m.channel_id == channel_id && m.seq > after && m.seq <= through
-        })
-        .fold((0, 0), |(n, own), e| {
-            (n + 1, own + i64::from(e.message.author_id == author))
-        })
+/// A read marker's move: the channel's posts with `after < seq <= through`, and which of
+/// them are the reader's own.
+pub(super) struct Span {
+    pub channel_id: i64,
+    pub after: i64,
+    pub through: i64,
+    pub author: i64,
+}
+
+impl Span {
+    /// Of `posts`, those with `pos > folded` in the span, and how many `author` wrote.
+    fn count(&self, posts: &[Entry], folded: i64) -> (i64, i64) {
+        posts
+            .iter()
+            .filter(|e| {
+                let m = &e.message;
+                e.pos > folded
+                    && m.channel_id == self.channel_id
+                    && m.seq > self.after
+                    && m.seq <= self.through
+            })
+            .fold((0, 0), |(n, own), e| {
+                (n + 1, own + i64::from(e.message.author_id == self.author))
+            })
+    }
 }
 
 /// The message event a post in the tail stands for.
@@ -271,14 +271,12 @@ impl Unfolded {
         }
     }
 
-    /// The channel's unfolded posts with `after < seq <= through` (committed or in the
-    /// open batch), and how many of them `author` wrote.
-    pub fn count(&self, channel_id: i64, after: i64, through: i64, author: i64) -> (i64, i64) {
+    /// The unfolded posts (committed or in the open batch) in `span`, and how many of
+    /// them are its author's.
+    pub fn count(&self, span: &Span) -> (i64, i64) {
         // What the batch folded is in the tables now (in this transaction).
-        let (n, own) = self
-            .tail
-            .count(channel_id, after, through, author, self.folded_through);
-        let (b, own_b) = count(&self.batch, channel_id, after, through, author, 0);
+        let (n, own) = self.tail.count(span, self.folded_through);
+        let (b, own_b) = span.count(&self.batch, 0);
         (n + b, own + own_b)
     }
 
@@ -464,9 +462,15 @@ mod tests {
             Vec::<i64>::new()
         );
         assert_eq!(tail.get(1, 7).map(|m| m.text), Some("m7".into()));
-        assert_eq!(tail.count(1, 6, 9, 7, 0), (3, 3));
-        assert_eq!(tail.count(1, 6, 9, 8, 0), (3, 0));
-        assert_eq!(tail.count(1, 6, 9, 7, 8), (1, 1), "pos 7 and 8 folded");
+        let span = |author| Span {
+            channel_id: 1,
+            after: 6,
+            through: 9,
+            author,
+        };
+        assert_eq!(tail.count(&span(7), 0), (3, 3));
+        assert_eq!(tail.count(&span(8), 0), (3, 0));
+        assert_eq!(tail.count(&span(7), 8), (1, 1), "pos 7 and 8 folded");
         let mut gone = Vec::new();
         tail.remove_through(7, |m| gone.push(m.seq));
         assert_eq!(gone, [5, 6, 7]);
@@ -531,17 +535,19 @@ mod tests {
             "folded: the table answers"
         );
         assert_eq!(log.by_client_id(1, 7, "c1-3").map(|m| m.seq), Some(3));
-        assert_eq!(log.count(1, 0, 10, 7), (1, 1));
+        let span = Span {
+            channel_id: 1,
+            after: 0,
+            through: 10,
+            author: 7,
+        };
+        assert_eq!(log.count(&span), (1, 1));
         // A batch that folds everything, appends, and rolls back: nothing changed.
         {
             let tx = conn.transaction().unwrap();
             assert_eq!(log.fold_in(&tx).unwrap(), 1);
             log.append(&tx, &post(1, 4, 7)).unwrap();
-            assert_eq!(
-                log.count(1, 0, 10, 7),
-                (1, 1),
-                "seq 3 folded, seq 4 in the batch"
-            );
+            assert_eq!(log.count(&span), (1, 1), "seq 3 folded, seq 4 in the batch");
             drop(tx);
             log.rolled_back();
         }

@@ -7,7 +7,7 @@ use crate::id::Snowflake;
 use crate::model::{ChannelKind, Event, EventBody, Role};
 use crate::store::rules::{self, PutMember};
 use crate::store::sqlite::read;
-use crate::store::sqlite::tail::Unfolded;
+use crate::store::sqlite::tail::{Span, Unfolded};
 use crate::store::{Consent, Rules, StoreError};
 
 /// Adds a member with a `member.added` event. Their read marker starts at that event, so
@@ -287,7 +287,12 @@ pub(super) fn mark_read(
             Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
         })?;
     // Posts not folded yet are in the commit log (all live: a delete folds first).
-    let (unfolded, own_unfolded) = log.count(channel_id, from, to, user_id);
+    let (unfolded, own_unfolded) = log.count(&Span {
+        channel_id,
+        after: from,
+        through: to,
+        author: user_id,
+    });
     let (live, own) = (live + unfolded, own + own_unfolded);
     tx.prepare_cached(
         "UPDATE members SET read_seq = ?3, live_read = live_read + ?4, own_unread = own_unread - ?5
