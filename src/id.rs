@@ -31,6 +31,16 @@ impl Snowflake {
         }
     }
 
+    /// Hands out only ids above `id` from now on (the largest id already stored): ids stay
+    /// unique across a restart whose clock stepped back.
+    pub fn resume_after(&mut self, id: i64) {
+        let ms = id >> (NODE_BITS + SEQ_BITS);
+        if ms > self.last_ms {
+            self.last_ms = ms;
+            self.seq = (id & i64::from(MAX_SEQ)) as u16;
+        }
+    }
+
     /// The next id, given the wall clock in milliseconds since the Unix epoch.
     ///
     /// If the clock went backwards, or 4096 ids were already handed out in this
@@ -63,6 +73,18 @@ mod tests {
     use super::*;
 
     const T: i64 = EPOCH_MS + 1_000_000;
+
+    #[test]
+    fn ids_resumed_after_a_stored_one_stay_above_it_when_the_clock_stepped_back() {
+        let stored = Snowflake::new(3).next_id(T + 5_000);
+        let mut g = Snowflake::new(7);
+        g.resume_after(stored);
+        let next = g.next_id(T);
+        assert!(next > stored, "{next} > {stored}");
+        // A resume never moves a generator backwards.
+        g.resume_after(Snowflake::new(3).next_id(T));
+        assert!(g.next_id(T) > next);
+    }
 
     #[test]
     fn ids_increase_within_and_across_milliseconds() {

@@ -29,6 +29,7 @@ fn backup(data_dir: &Path, to: &Path) -> Output {
 /// Per channel: (seq, client id) of every message in the backup, after checking the
 /// database whole and each channel's log gap-free and matching its `last_seq`.
 fn check_backup(dir: &Path) -> HashMap<i64, Vec<(i64, String)>> {
+    assert_eq!(db::unfolded_posts(dir), 0, "a backup's posts are folded");
     let db = db::open_checked(dir);
     let mode: String = db
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))

@@ -215,6 +215,7 @@ async fn sigterm_during_a_burst_keeps_every_acknowledged_send_and_claims_no_othe
         );
     }
     assert!(failed > 0, "the senders ran into the drain");
+    assert_eq!(db::unfolded_posts(dir.path()), 0, "a clean stop folds");
     let stored = stored(dir.path(), &ch);
     assert_acked_are_stored(&acks, &stored);
     let acked = acks.lock().unwrap().len();

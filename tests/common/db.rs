@@ -23,6 +23,15 @@ pub fn open_checked(dir: &Path) -> Connection {
     db
 }
 
+/// Posts in `dir/natter.db`'s commit log, not yet folded into the channel tables: none
+/// after a clean stop or in a backup.
+pub fn unfolded_posts(dir: &Path) -> i64 {
+    let db = Connection::open_with_flags(dir.join("natter.db"), OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    db.query_row("SELECT count(*) FROM commit_log", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// Asserts the channel's log is exactly seqs 1..=`last_seq` and returns `last_seq`.
 pub fn assert_gap_free(db: &Connection, channel: i64) -> i64 {
     let seqs: Vec<i64> = db

@@ -95,8 +95,16 @@ fn copy_and_check(src: &Connection, path: &Path) -> anyhow::Result<(i64, i64)> {
     }
     // The copy is a whole database in one file: no write-ahead log to carry around.
     dst.pragma_update(None, "journal_mode", "DELETE")?;
-    // And every post in its channel's tables: the commit log's tail is folded in the copy.
-    super::tail::fold_all(&mut dst).context("fold the copy's commit log")?;
+    // And every post in its channel's tables: the commit log is folded in the copy (a
+    // database from before the log has none).
+    let has_log: bool = dst.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'commit_log'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_log {
+        super::tail::fold_all(&mut dst).context("fold the copy's commit log")?;
+    }
     let verdict: String = dst.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
     if verdict != "ok" {
         bail!("the copy failed its integrity check: {verdict}");
@@ -104,4 +112,29 @@ fn copy_and_check(src: &Connection, path: &Path) -> anyhow::Result<(i64, i64)> {
     let channels = dst.query_row("SELECT count(*) FROM channels", [], |r| r.get(0))?;
     let events = dst.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
     Ok((channels, events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The usual upgrade: the new binary backs up the old server's database (schema 4, no
+    /// commit log) before the restart migrates it.
+    #[test]
+    fn backs_up_a_database_from_before_the_commit_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("old.db");
+        let conn = Connection::open(&src).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             CREATE TABLE channels (id INTEGER PRIMARY KEY);
+             CREATE TABLE events (channel_id INTEGER, seq INTEGER, PRIMARY KEY (channel_id, seq));
+             INSERT INTO channels VALUES (1);
+             INSERT INTO events VALUES (1, 1), (1, 2);
+             PRAGMA user_version = 4;",
+        )
+        .unwrap();
+        let report = backup(&src, &dir.path().join("copy.db")).unwrap();
+        assert_eq!((report.channels, report.events), (1, 2));
+    }
 }

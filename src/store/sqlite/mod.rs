@@ -132,10 +132,20 @@ impl SqliteStore {
         let reads = (0..opts.read_connections.max(1))
             .map(|_| open_reader(&opts.path))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // Ids continue above every stored one, even if the clock stepped back since.
+        let last_id: i64 = conn.query_row(
+            "SELECT max(coalesce((SELECT max(id) FROM users), 0),
+                        coalesce((SELECT max(id) FROM channels), 0),
+                        coalesce((SELECT max(id) FROM messages), 0))",
+            [],
+            |r| r.get(0),
+        )?;
+        let mut ids = crate::id::Snowflake::new(opts.node_id);
+        ids.resume_after(last_id);
         let tail = Arc::new(Tail::default());
         let (writer, handle) = Writer::start(
             conn,
-            opts.node_id,
+            ids,
             opts.write_queue,
             opts.on_commit.clone(),
             Arc::clone(&opts.stats),
@@ -425,10 +435,20 @@ impl Channels for SqliteStore {
         self.reads
             .run(move |c| read::member_channel(c, channel_id, user_id))
             .await
+            .map(|found| {
+                found.map(|(mut ch, role)| {
+                    ch.last_seq = self.tail.visible_last_seq(ch.id, ch.last_seq);
+                    (ch, role)
+                })
+            })
     }
 
     async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>> {
-        self.reads.run(move |c| read::channels(c, user_id)).await
+        let mut views = self.reads.run(move |c| read::channels(c, user_id)).await?;
+        for v in &mut views {
+            v.channel.last_seq = self.tail.visible_last_seq(v.channel.id, v.channel.last_seq);
+        }
+        Ok(views)
     }
 
     async fn members(&self, user_id: i64, channel_id: i64) -> Result<Vec<Member>> {
@@ -552,6 +572,10 @@ impl Channels for SqliteStore {
 
     async fn last_seqs(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
         let ids = ids.to_vec();
-        self.reads.run(move |c| read::last_seqs(c, &ids)).await
+        let mut lasts = self.reads.run(move |c| read::last_seqs(c, &ids)).await?;
+        for (id, last) in &mut lasts {
+            *last = self.tail.visible_last_seq(*id, *last);
+        }
+        Ok(lasts)
     }
 }

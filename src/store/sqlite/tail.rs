@@ -45,6 +45,15 @@ pub const FOLD_ROWS: usize = 16_384;
 pub(super) const FOLD_AFTER: Duration = Duration::from_secs(1);
 /// Most old rows one batch transaction folds (unless the batch itself appends more).
 pub(super) const TRICKLE_ROWS: usize = 512;
+/// Bytes of posts in the log (their text, and a row's overhead) past which it is folded
+/// all at once, whatever its rows: bounds the tail's memory.
+pub(super) const FOLD_BYTES: usize = 64 << 20;
+/// A row's bytes besides its text, counted towards [`FOLD_BYTES`].
+const ROW_BYTES: usize = 160;
+
+fn bytes_of(m: &Message) -> usize {
+    ROW_BYTES + m.text.len() + m.client_id.as_ref().map_or(0, String::len)
+}
 
 /// A post in the log: its position and the message.
 #[derive(Clone)]
@@ -57,26 +66,62 @@ pub(super) struct Entry {
 /// writer (which changes it) and the readers.
 #[derive(Default)]
 pub(super) struct Tail {
-    channels: Mutex<HashMap<i64, Vec<Entry>>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    channels: HashMap<i64, Vec<Entry>>,
+    /// While a batch commits: per channel it posts in, the seq before its first post. Its
+    /// `last_seq` is visible in SQL a moment before its posts are here, so readers see
+    /// `last_seq` no further than this until then.
+    publishing: HashMap<i64, i64>,
 }
 
 impl Tail {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<Entry>>> {
-        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a committed batch's posts (in commit order).
+    /// Adds a committed batch's posts (in commit order), and ends its publishing.
     fn extend(&self, posts: impl IntoIterator<Item = Entry>) {
-        let mut channels = self.lock();
+        let mut inner = self.lock();
+        inner.publishing.clear();
         for e in posts {
-            channels.entry(e.message.channel_id).or_default().push(e);
+            inner
+                .channels
+                .entry(e.message.channel_id)
+                .or_default()
+                .push(e);
+        }
+    }
+
+    /// Marks a batch's posts as committing (see [`Inner::publishing`]).
+    fn publishing(&self, posts: &[Entry]) {
+        let mut inner = self.lock();
+        for e in posts {
+            let before = e.message.seq - 1;
+            let floor = inner
+                .publishing
+                .entry(e.message.channel_id)
+                .or_insert(before);
+            *floor = (*floor).min(before);
+        }
+    }
+
+    /// The `last_seq` a reader may rely on, given the one it read from the channel's row:
+    /// no further than the tail shows while a batch's posts are on their way to it.
+    pub fn visible_last_seq(&self, channel_id: i64, row: i64) -> i64 {
+        match self.lock().publishing.get(&channel_id) {
+            Some(&floor) => row.min(floor),
+            None => row,
         }
     }
 
     /// Drops the posts a committed fold moved (`pos <= through`), calling `gone` on each.
     fn remove_through(&self, through: i64, mut gone: impl FnMut(&Message)) {
-        let mut channels = self.lock();
-        channels.retain(|_, posts| {
+        let mut inner = self.lock();
+        inner.channels.retain(|_, posts| {
             let n = posts.partition_point(|e| e.pos <= through);
             for e in posts.drain(..n) {
                 gone(&e.message);
@@ -95,8 +140,8 @@ impl Tail {
         max: usize,
         newest: bool,
     ) -> Vec<Message> {
-        let channels = self.lock();
-        let Some(posts) = channels.get(&channel_id) else {
+        let inner = self.lock();
+        let Some(posts) = inner.channels.get(&channel_id) else {
             return Vec::new();
         };
         let lo = posts.partition_point(|e| e.message.seq <= after);
@@ -111,24 +156,37 @@ impl Tail {
 
     /// The unfolded post of the channel with this seq.
     fn get(&self, channel_id: i64, seq: i64) -> Option<Message> {
-        let channels = self.lock();
-        let posts = channels.get(&channel_id)?;
+        let inner = self.lock();
+        let posts = inner.channels.get(&channel_id)?;
         let i = posts.binary_search_by_key(&seq, |e| e.message.seq).ok()?;
         Some(posts[i].message.clone())
     }
 
     /// The posts `span` counts among the channel's unfolded ones with `pos > folded`.
     fn count(&self, span: &Span, folded: i64) -> (i64, i64) {
-        let channels = self.lock();
-        let Some(posts) = channels.get(&span.channel_id) else {
+        let inner = self.lock();
+        let Some(posts) = inner.channels.get(&span.channel_id) else {
             return (0, 0);
         };
-        span.count(posts, folded)
+        // In seq order: only the posts in the span are looked at.
+        let lo = posts.partition_point(|e| e.message.seq <= span.after);
+        let hi = posts
+            .partition_point(|e| e.message.seq <= span.through)
+            .max(lo);
+        span.count(&posts[lo..hi], folded)
     }
 
-    /// Every post in the tail, for rebuilding the writer's index after a rollback.
-    fn entries(&self) -> Vec<Entry> {
-        self.lock().values().flatten().cloned().collect()
+    /// The highest `pos` of the channel's posts in the tail.
+    fn last_pos(&self, channel_id: i64) -> Option<i64> {
+        self.lock().channels.get(&channel_id)?.last().map(|e| e.pos)
+    }
+
+    /// Every post in the tail, for rebuilding the writer's index after a rollback; ends a
+    /// batch's publishing.
+    fn entries_after_rollback(&self) -> Vec<Entry> {
+        let mut inner = self.lock();
+        inner.publishing.clear();
+        inner.channels.values().flatten().cloned().collect()
     }
 }
 
@@ -188,6 +246,7 @@ pub(super) fn merge_after<T>(
 struct Committed {
     last_pos: i64,
     rows: usize,
+    bytes: usize,
     at: Instant,
 }
 
@@ -204,6 +263,8 @@ pub(super) struct Unfolded {
     committed: VecDeque<Committed>,
     /// Rows of the committed batches (some of the oldest may be folded in the open batch).
     committed_rows: usize,
+    /// Their bytes ([`bytes_of`]).
+    committed_bytes: usize,
     /// Posts appended in the open batch and not folded in it.
     batch: Vec<Entry>,
     /// The open batch folded the log up to this `pos` (0: it did not).
@@ -220,6 +281,7 @@ impl Unfolded {
             next_pos: 1,
             committed: VecDeque::new(),
             committed_rows: 0,
+            committed_bytes: 0,
             batch: Vec::new(),
             folded_through: 0,
             by_client: HashMap::new(),
@@ -285,10 +347,42 @@ impl Unfolded {
         self.fold_through(tx, self.next_pos - 1)
     }
 
+    /// Folds, inside the open transaction, the log up to the channel's newest post in it
+    /// (a prefix of the log, as every fold; a committed batch goes whole): before an op
+    /// that appends another event to the channel or reads its messages. Nothing when the
+    /// channel has none.
+    pub fn fold_channel(&mut self, tx: &Transaction, channel_id: i64) -> rusqlite::Result<usize> {
+        let in_batch = self
+            .batch
+            .iter()
+            .rev()
+            .find(|e| e.message.channel_id == channel_id)
+            .map(|e| e.pos);
+        let through = in_batch.or_else(|| {
+            let pos = self.tail.last_pos(channel_id)?;
+            let batch = self.committed.iter().find(|b| b.last_pos >= pos)?;
+            Some(batch.last_pos)
+        });
+        match through {
+            Some(pos) => self.fold_through(tx, pos),
+            None => Ok(0),
+        }
+    }
+
+    /// A trickle at the start of a batch was undone: nothing of it holds.
+    pub fn trickle_failed(&mut self) {
+        self.folded_through = 0;
+    }
+
+    /// The open batch is about to commit: see [`Inner::publishing`].
+    pub fn publishing(&self) {
+        self.tail.publishing(&self.batch);
+    }
+
     /// Folds, inside the open transaction, the oldest committed batches' rows when they
     /// are over [`FOLD_AFTER`] old: at most [`TRICKLE_ROWS`] (or `at_least`) rows, but
     /// always the oldest batch whole.
-    pub fn trickle(&mut self, tx: &Transaction, at_least: usize) -> rusqlite::Result<usize> {
+    pub fn trickle(&mut self, tx: &Connection, at_least: usize) -> rusqlite::Result<usize> {
         let bound = TRICKLE_ROWS.max(at_least);
         let (mut through, mut rows) = (self.folded_through, 0);
         for b in &self.committed {
@@ -307,7 +401,7 @@ impl Unfolded {
         self.fold_through(tx, through)
     }
 
-    fn fold_through(&mut self, tx: &Transaction, through: i64) -> rusqlite::Result<usize> {
+    fn fold_through(&mut self, tx: &Connection, through: i64) -> rusqlite::Result<usize> {
         if through <= self.folded_through {
             return Ok(0);
         }
@@ -337,7 +431,8 @@ impl Unfolded {
     /// Whether the log is due a fold of its own, all of it, after a commit: it is large.
     /// (Old rows trickle out with the next batches; while no write comes, they stay.)
     pub fn due(&self) -> bool {
-        self.rows() >= self.fold_rows
+        let batch_bytes: usize = self.batch.iter().map(|e| bytes_of(&e.message)).sum();
+        self.rows() >= self.fold_rows || self.committed_bytes + batch_bytes >= FOLD_BYTES
     }
 
     /// The open batch committed: the tail now shows its posts and not what it folded.
@@ -351,19 +446,23 @@ impl Unfolded {
                     break;
                 }
                 self.committed_rows -= b.rows;
+                self.committed_bytes -= b.bytes;
                 self.committed.pop_front();
             }
-            // A batch folded in part (a trickle stops at batch ends, a full fold takes
-            // all): none is left.
+            // No committed batch is folded in part: every fold ends at a batch's end,
+            // or in the open batch.
             debug_assert!(self.committed.front().is_none_or(|b| b.last_pos > through));
         }
         if let Some(last) = self.batch.last() {
+            let bytes = self.batch.iter().map(|e| bytes_of(&e.message)).sum();
             self.committed.push_back(Committed {
                 last_pos: last.pos,
                 rows: self.batch.len(),
+                bytes,
                 at: Instant::now(),
             });
             self.committed_rows += self.batch.len();
+            self.committed_bytes += bytes;
         }
         self.tail.extend(self.batch.drain(..));
     }
@@ -375,7 +474,7 @@ impl Unfolded {
         self.folded_through = 0;
         self.by_client = self
             .tail
-            .entries()
+            .entries_after_rollback()
             .into_iter()
             .filter_map(|e| {
                 let m = e.message;
@@ -393,7 +492,7 @@ fn forget(by_client: &mut HashMap<(i64, i64, String), i64>, m: &Message) {
 
 /// Moves the log's rows up to `through` into `events` and `messages`, in channel order
 /// (so each channel's rows land together), and deletes them from the log.
-pub(super) fn fold(tx: &Transaction, through: i64) -> rusqlite::Result<usize> {
+pub(super) fn fold(tx: &Connection, through: i64) -> rusqlite::Result<usize> {
     let n = tx
         .prepare_cached(
             "INSERT INTO events (channel_id, seq, kind, at, message_id)
@@ -476,7 +575,35 @@ mod tests {
         assert_eq!(gone, [5, 6, 7]);
         assert_eq!(seqs(tail.range(1, 0, i64::MAX, 10, false)), [8, 9, 10]);
         tail.remove_through(11, |_| {});
-        assert!(tail.entries().is_empty());
+        assert!(tail.entries_after_rollback().is_empty());
+    }
+
+    #[test]
+    fn last_seq_reads_stop_before_posts_on_their_way_to_the_tail() {
+        let tail = Arc::new(Tail::default());
+        let mut log = Unfolded::new(Arc::clone(&tail), 1000);
+        log.batch = vec![entry(1, post(1, 5, 7)), entry(2, post(1, 6, 7))];
+        assert_eq!(tail.visible_last_seq(1, 6), 6);
+        log.publishing();
+        // The commit is visible in SQL (last_seq 6); the tail does not show it yet.
+        assert_eq!(tail.visible_last_seq(1, 6), 4);
+        assert_eq!(
+            tail.visible_last_seq(2, 9),
+            9,
+            "other channels are not held"
+        );
+        log.committed();
+        assert_eq!(tail.visible_last_seq(1, 6), 6);
+        assert_eq!(tail.range(1, 4, i64::MAX, 10, false).len(), 2);
+        log.batch = vec![entry(3, post(1, 7, 7))];
+        log.publishing();
+        assert_eq!(tail.visible_last_seq(1, 7), 6);
+        log.rolled_back();
+        assert_eq!(
+            tail.visible_last_seq(1, 7),
+            7,
+            "a failed commit holds nothing back"
+        );
     }
 
     #[test]

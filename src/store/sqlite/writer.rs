@@ -245,7 +245,7 @@ impl Writer {
     /// dropped and the queue has drained.
     pub fn start(
         conn: Connection,
-        node_id: u16,
+        ids: Snowflake,
         capacity: usize,
         on_commit: Option<OnCommit>,
         stats: Arc<WriteStats>,
@@ -256,7 +256,7 @@ impl Writer {
         let _ = stats.queue.set(tx.downgrade());
         let state = State {
             conn,
-            ids: Snowflake::new(node_id),
+            ids,
             hot: Hot::new(log),
             rules,
             on_commit,
@@ -476,20 +476,38 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
         ids,
         hot,
         rules,
+        stats,
         ..
     } = state;
     let mut journal = Vec::new();
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // The commit log's old rows go a few at a time, with the batches that add more.
-    hot.log.trickle(&tx, batch.len())?;
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // The commit log's old rows go a few at a time, with the batches that add more; not
+    // while the disk is short (what is taken then frees space, and a fold takes some).
+    // A trickle that fails is undone alone and left for later: the batch goes on.
+    if !stats.disk.refused() && !batch.iter().all(|j| j.op.frees_space()) {
+        let trickled = tx.savepoint().and_then(|sp| {
+            let n = hot.log.trickle(&sp, batch.len())?;
+            sp.commit()?;
+            Ok(n)
+        });
+        match trickled {
+            Ok(n) => stats.folded_rows.fetch_add(n as u64, Ordering::Relaxed),
+            Err(e) => {
+                hot.log.trickle_failed();
+                tracing::warn!(error = %e, "folding the commit log's old rows failed; they stay in the log");
+                0
+            }
+        };
+    }
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let hot_use = job.op.hot_use();
         if let HotUse::FlushAndForget(_) = hot_use {
             hot.flush(&tx)?;
         }
-        if hot_use.folds() {
-            hot.log.fold_in(&tx)?;
+        if let HotUse::FlushAndForget(Some(channel_id)) = hot_use {
+            let n = hot.log.fold_channel(&tx, channel_id)?;
+            stats.folded_rows.fetch_add(n as u64, Ordering::Relaxed);
         }
         let changes_before = tx.total_changes();
         let journal_before = journal.len();
@@ -511,6 +529,9 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
         }
     }
     hot.flush(&tx)?;
+    // Readers clamp the channels' last_seq to what the tail shows until it shows this
+    // batch: a commit is visible in SQL a moment before its posts are in the tail.
+    hot.log.publishing();
     tx.commit()?;
     hot.log.committed();
     hot.trim();

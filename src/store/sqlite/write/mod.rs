@@ -104,16 +104,10 @@ pub(super) enum HotUse {
     /// Touches no channel or member row.
     None,
     /// Reads or writes channel/member rows: pending state is flushed first, and the
-    /// channel (if any) is forgotten afterwards.
+    /// channel (if any) is forgotten afterwards. With a channel, the op appends an event
+    /// to it or reads or changes its messages, so the commit log is folded through its
+    /// posts first ([`super::tail`]).
     FlushAndForget(Option<i64>),
-}
-
-impl HotUse {
-    /// Whether the op needs the commit log folded first: it appends an event to an
-    /// existing channel, or reads or changes its messages ([`super::tail`]).
-    pub(super) fn folds(&self) -> bool {
-        matches!(self, HotUse::FlushAndForget(Some(_)))
-    }
 }
 
 impl Op {
