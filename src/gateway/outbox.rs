@@ -6,9 +6,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::Notify;
 
 use super::stats::Stats;
 use crate::model::{Event, EventBody};
@@ -71,11 +71,21 @@ struct Queue {
     bytes: usize,
     /// Set once the queue overflowed or was told to close; nothing more is queued.
     closed: bool,
+    /// The connection's task, waiting for the queue to fill. Kept here, under the lock,
+    /// rather than as a `Notify`: the waiting future is then a pointer or two, and every
+    /// idle connection holds one.
+    waiting: Option<Waker>,
+}
+
+impl Queue {
+    /// The waiting task, if the queue was empty (and so the task may be waiting for it).
+    fn waiter(&mut self, was_empty: bool) -> Option<Waker> {
+        if was_empty { self.waiting.take() } else { None }
+    }
 }
 
 pub struct Outbox {
     queue: Mutex<Queue>,
-    notify: Notify,
     limit: usize,
     stats: Arc<Stats>,
 }
@@ -84,7 +94,6 @@ impl Outbox {
     pub fn new(limit: usize, stats: Arc<Stats>) -> Self {
         Self {
             queue: Mutex::default(),
-            notify: Notify::new(),
             limit,
             stats,
         }
@@ -106,6 +115,8 @@ impl Outbox {
             self.stats
                 .buffered_bytes
                 .fetch_sub(q.bytes, Ordering::Relaxed);
+            let was_empty = q.items.is_empty();
+            let waiter = q.waiter(was_empty);
             q.items.clear();
             q.bytes = 0;
             q.items.push_back(Item::Close(
@@ -115,7 +126,9 @@ impl Outbox {
             q.closed = true;
             self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
             drop(q);
-            self.notify.notify_one();
+            if let Some(w) = waiter {
+                w.wake();
+            }
             return false;
         }
         let was_empty = q.items.is_empty();
@@ -125,13 +138,14 @@ impl Outbox {
         q.items.push_back(item);
         q.bytes += size;
         let queued = q.bytes;
+        let waiter = q.waiter(was_empty);
         drop(q);
         self.stats.buffered_bytes.fetch_add(size, Ordering::Relaxed);
         self.stats
             .outbox_peak_bytes
             .fetch_max(queued, Ordering::Relaxed);
-        if was_empty {
-            self.notify.notify_one();
+        if let Some(w) = waiter {
+            w.wake();
         }
         true
     }
@@ -141,23 +155,43 @@ impl Outbox {
         self.push(Item::Close(code, reason));
     }
 
+    /// Gives back the memory of an empty queue (a burst grows it; draining keeps its
+    /// capacity).
+    pub fn shrink(&self) {
+        let mut q = self.lock();
+        if q.items.is_empty() {
+            q.items = VecDeque::new();
+        }
+    }
+
+    /// Bytes the queue holds room for (tests).
+    #[cfg(test)]
+    pub fn capacity_bytes(&self) -> usize {
+        self.lock().items.capacity() * std::mem::size_of::<Item>()
+    }
+
     /// Moves everything queued into `out`, waiting until there is something.
     pub async fn take(&self, out: &mut Vec<Item>) {
-        loop {
-            let notified = self.notify.notified();
-            {
-                let mut q = self.lock();
-                if !q.items.is_empty() {
-                    self.stats
-                        .buffered_bytes
-                        .fetch_sub(q.bytes, Ordering::Relaxed);
-                    q.bytes = 0;
-                    out.extend(q.items.drain(..));
-                    return;
-                }
+        std::future::poll_fn(|cx| self.poll_take(cx, out)).await;
+    }
+
+    /// Moves everything queued into `out`; if nothing is, the task is woken by the next
+    /// push. One task takes from an outbox: its waker is the one kept.
+    pub fn poll_take(&self, cx: &mut Context<'_>, out: &mut Vec<Item>) -> Poll<()> {
+        let mut q = self.lock();
+        if q.items.is_empty() {
+            match &mut q.waiting {
+                Some(w) => w.clone_from(cx.waker()),
+                none => *none = Some(cx.waker().clone()),
             }
-            notified.await;
+            return Poll::Pending;
         }
+        self.stats
+            .buffered_bytes
+            .fetch_sub(q.bytes, Ordering::Relaxed);
+        q.bytes = 0;
+        out.extend(q.items.drain(..));
+        Poll::Ready(())
     }
 }
 
@@ -206,5 +240,43 @@ mod tests {
         let sizes: Vec<usize> = out.iter().map(Item::bytes).collect();
         assert_eq!(sizes, [1, 2, 3]);
         assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    /// Regression: a burst grew a connection's queue, and draining it kept the room for
+    /// the whole burst until the connection closed.
+    #[tokio::test]
+    async fn an_idle_queue_gives_back_what_a_burst_grew() {
+        let outbox = Outbox::new(1 << 20, Arc::new(Stats::default()));
+        for _ in 0..1000 {
+            outbox.push(frame(10));
+        }
+        let mut out = Vec::new();
+        outbox.take(&mut out).await;
+        assert_eq!(out.len(), 1000);
+        assert!(outbox.capacity_bytes() >= 1000 * std::mem::size_of::<Item>());
+        outbox.shrink();
+        assert_eq!(outbox.capacity_bytes(), 0);
+        // A queue with something in it is left alone.
+        outbox.push(frame(10));
+        outbox.shrink();
+        outbox.take(&mut out).await;
+        assert_eq!(out.len(), 1001);
+    }
+
+    #[tokio::test]
+    async fn a_push_wakes_the_task_waiting_to_take() {
+        let outbox = Arc::new(Outbox::new(1000, Arc::new(Stats::default())));
+        let taker = tokio::spawn({
+            let outbox = Arc::clone(&outbox);
+            async move {
+                let mut out = Vec::new();
+                outbox.take(&mut out).await;
+                out.len()
+            }
+        });
+        tokio::task::yield_now().await;
+        outbox.push(frame(1));
+        let taken = tokio::time::timeout(std::time::Duration::from_secs(5), taker).await;
+        assert_eq!(taken.expect("woken").expect("no panic"), 1);
     }
 }

@@ -28,6 +28,7 @@ use super::error::ApiError;
 use super::extract::authenticate;
 use crate::gateway::hub::{ConnId, Hub};
 use crate::gateway::outbox::Outbox;
+use crate::model::User;
 use crate::wire::protocol::{self, ClientOp, Malformed, close};
 
 /// Bytes of written frames gathered before they go to the socket.
@@ -59,8 +60,10 @@ pub async fn upgrade(
     // error from the session.
     // A small read buffer: tungstenite zeroes its spare capacity on every read attempt,
     // and a 128 KiB default made that a tenth of the fan-out profile; every connection
-    // holds one, and 1 KiB (clients' frames are small; a bigger one takes several reads)
-    // instead of 4 KiB took an idle connection from ~10.1 to ~7.1 KiB. Written frames
+    // holds one for its whole life. 256 bytes takes a client's usual op (a ping, a read
+    // marker, a short send) in one read; a longer frame takes a read per 256 bytes, and
+    // pipelined sends about one read each. (4 KiB → 1 KiB → 256 bytes took ~3 KiB, then
+    // ~0.75 KiB, off every idle connection; see BENCHMARKS.md.) Written frames
     // gather in a 64 KiB buffer, so one flush of a drained queue is one write, not one per
     // frame; a socket that stops taking writes stops the session at twice that.
     // The largest frame written is `ready` for a user at the channel cap (or with up to
@@ -69,7 +72,7 @@ pub async fn upgrade(
     let ready = ready_bound(state.config.limits.rules.max_channels_per_user.max(10_000));
     ws.max_message_size(max * 2)
         .max_frame_size(max * 2)
-        .read_buffer_size(1024)
+        .read_buffer_size(256)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(2 * WRITE_BUFFER + max.max(ready))
         // The session logs under the upgrade request's span (its request id).
@@ -149,14 +152,62 @@ pub(super) fn malformed(message: impl Into<String>) -> ApiError {
 }
 
 /// Runs one connection from its first frame to its close.
-pub async fn run<S, E>(mut socket: S, state: AppState)
+///
+/// An idle connection's memory is mostly this task, whose future is as large as the
+/// largest state it passes through: the hello (with its timer), the authentication and
+/// going online, the start (`ready` and the replay) and the final close run in boxed
+/// futures of their own, freed once done, so the connection keeps only what its session
+/// loop holds. (An `async` block rather
+/// than an `async fn`: an `async fn` keeps a second copy of the socket it is passed.)
+#[allow(clippy::manual_async_fn)] // On purpose: see above.
+pub fn run<S, E>(mut socket: S, state: AppState) -> impl Future<Output = ()> + Send
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+{
+    async move {
+        let admitting = Box::pin(admit(&mut socket, state));
+        let Some(Admitted {
+            mut session,
+            user,
+            resume,
+            online: _online,
+        }) = admitting.await
+        else {
+            return;
+        };
+        // Going online, `ready` and the replay: boxed too, with the lists they make.
+        let starting = Box::pin(session.start(&mut socket, user, resume));
+        let result = match starting.await {
+            Ok(unavailable) => session.serve(&mut socket, unavailable).await,
+            Err(end) => Err(end),
+        };
+        if let Err(End::Close(code, reason)) = result {
+            let closing = Box::pin(close_with(&mut socket, code, &reason));
+            closing.await;
+        }
+    }
+}
+
+/// A connection past its hello: authenticated and online.
+struct Admitted {
+    session: Session,
+    user: User,
+    /// The channels to resume, and the seq the client has of each.
+    resume: HashMap<i64, i64>,
+    /// Goes offline however the session ends, a panic included.
+    online: Online,
+}
+
+/// Reads the hello, authenticates it and puts the connection online; `None` once the
+/// connection was refused (and told why) or is gone.
+async fn admit<S, E>(socket: &mut S, state: AppState) -> Option<Admitted>
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
 {
     let cfg = state.config.gateway;
     let hello = tokio::time::timeout(cfg.hello_timeout, async {
         loop {
-            match next_frame(&mut socket, cfg.max_frame_bytes).await {
+            match next_frame(socket, cfg.max_frame_bytes).await {
                 Incoming::Alive => continue,
                 other => return other,
             }
@@ -166,25 +217,25 @@ where
     let (token, resume) = match hello {
         Err(_) => {
             let secs = cfg.hello_timeout.as_secs_f64();
-            return close_with(
-                &mut socket,
-                close::NO_HELLO,
-                &format!("no hello within {secs} s"),
-            )
-            .await;
+            let reason = format!("no hello within {secs} s");
+            close_with(socket, close::NO_HELLO, &reason).await;
+            return None;
         }
-        Ok(Incoming::Gone | Incoming::Alive) => return,
+        Ok(Incoming::Gone | Incoming::Alive) => return None,
         Ok(Incoming::Bad(reason)) => {
-            return refuse(&mut socket, close::MALFORMED, &malformed(reason)).await;
+            refuse(socket, close::MALFORMED, &malformed(reason)).await;
+            return None;
         }
         Ok(Incoming::Text(text)) => match protocol::parse(&text) {
             Ok(ClientOp::Hello { token, resume }) => (token, resume),
             Ok(_) => {
                 let e = malformed("the first frame must be a hello");
-                return refuse(&mut socket, close::MALFORMED, &e).await;
+                refuse(socket, close::MALFORMED, &e).await;
+                return None;
             }
             Err(Malformed(reason)) => {
-                return refuse(&mut socket, close::MALFORMED, &malformed(reason)).await;
+                refuse(socket, close::MALFORMED, &malformed(reason)).await;
+                return None;
             }
         },
     };
@@ -192,7 +243,10 @@ where
     for (id, seq) in resume {
         match parse_id("resume", &id) {
             Ok(id) => resume_at.insert(id, seq.max(0)),
-            Err(e) => return refuse(&mut socket, close::MALFORMED, &e).await,
+            Err(e) => {
+                refuse(socket, close::MALFORMED, &e).await;
+                return None;
+            }
         };
     }
     // A revocation between this authentication and going online would find no connection
@@ -201,10 +255,15 @@ where
     let generation = state.sessions.generation();
     let authed = match authenticate(&state, token.expose()).await {
         Ok(a) => a,
-        Err(e) if e.code == "unauthorized" => {
-            return refuse(&mut socket, close::BAD_TOKEN, &e).await;
+        Err(e) => {
+            let code = if e.code == "unauthorized" {
+                close::BAD_TOKEN
+            } else {
+                close::RESTARTING
+            };
+            refuse(socket, code, &e).await;
+            return None;
         }
-        Err(e) => return refuse(&mut socket, close::RESTARTING, &e).await,
     };
     let outbox = Arc::new(Outbox::new(
         cfg.queue_bytes,
@@ -219,32 +278,31 @@ where
     else {
         state.edge.rate_limited(crate::metrics::Limit::Connections);
         let e = ApiError::too_many_connections(max);
-        return refuse(&mut socket, close::TOO_MANY_CONNECTIONS, &e).await;
+        refuse(socket, close::TOO_MANY_CONNECTIONS, &e).await;
+        return None;
     };
-    // Goes offline however the session ends, a panic included.
-    let _online = Online(Arc::clone(&state.gateway.hub), conn);
+    let online = Online(Arc::clone(&state.gateway.hub), conn);
     if state.sessions.generation() != generation {
-        match state
+        let refused = match state
             .store
             .session_user(authed.token, crate::clock::now_ms())
             .await
         {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                let e = ApiError::unauthorized();
-                return refuse(&mut socket, close::BAD_TOKEN, &e).await;
-            }
-            Err(e) => {
-                let e = ApiError::from(e);
-                return refuse(&mut socket, close::RESTARTING, &e).await;
-            }
+            Ok(Some(_)) => None,
+            Ok(None) => Some((close::BAD_TOKEN, ApiError::unauthorized())),
+            Err(e) => Some((close::RESTARTING, ApiError::from(e))),
+        };
+        if let Some((code, e)) = refused {
+            refuse(socket, code, &e).await;
+            return None;
         }
     }
-    let mut session = Session::new(state.clone(), authed.user, authed.expires_at, conn, outbox);
-    let result = session.serve(&mut socket, resume_at).await;
-    if let Err(End::Close(code, reason)) = result {
-        close_with(&mut socket, code, &reason).await;
-    }
+    Some(Admitted {
+        session: Session::new(state, authed.user.id, authed.expires_at, conn, outbox),
+        user: authed.user,
+        resume: resume_at,
+        online,
+    })
 }
 
 struct Online(Arc<Hub>, ConnId);
@@ -267,6 +325,38 @@ pub(crate) fn parse_id(field: &'static str, value: &str) -> Result<i64, ApiError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future a function returns, from the function's type alone.
+    fn future_size<A, B, F>(_: fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    fn future_size3<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle connection holds its task's future, which is as large as the largest
+    /// state it passes through. It was 3,280 bytes when the hello, the authentication, the
+    /// start and the close were states of it (each now boxed for its moment), the socket
+    /// was held twice and the loop held a `Notify`'s waiter and a second timer.
+    #[test]
+    fn an_idle_connection_holds_a_small_future() {
+        type Ws = WebSocket;
+        let run = future_size(run::<Ws, axum::Error>);
+        let serve = future_size3(
+            Session::serve::<Ws, axum::Error>
+                as fn(&'static mut Session, &'static mut Ws, bool) -> _,
+        );
+        let socket = std::mem::size_of::<Ws>();
+        let session = std::mem::size_of::<Session>();
+        // The socket, the session and the loop, and little else.
+        assert!(
+            run <= socket + session + serve + 128,
+            "run: {run} bytes (socket {socket}, session {session}, loop {serve})"
+        );
+        assert!(serve <= 640, "the session loop's future: {serve} bytes");
+        assert!(session <= 160, "Session: {session} bytes");
+    }
 
     #[test]
     fn ids_must_be_positive_decimals() {

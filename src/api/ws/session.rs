@@ -45,14 +45,18 @@ impl End {
     }
 }
 
+/// A session's state while it lasts: every idle connection holds one (in its task), so it
+/// keeps only what the loop uses.
 pub(super) struct Session {
     state: AppState,
-    user: User,
+    user_id: i64,
     conn: ConnId,
     outbox: Arc<Outbox>,
     /// Channel → the seq delivered last: the connection's channels and its place in each.
     positions: HashMap<i64, i64>,
-    typing: HashMap<i64, Instant>,
+    /// The channels this connection signalled typing in lately, and when: a few at most
+    /// (entries older than `TYPING_EVERY` are dropped).
+    typing: Vec<(i64, Instant)>,
     /// Events written since the shared counter was last told.
     delivered: u64,
     /// When the session's token expires (Unix ms): the connection closes with 4001 then.
@@ -65,30 +69,34 @@ type Reply = Utf8Bytes;
 impl Session {
     pub(super) fn new(
         state: AppState,
-        user: User,
+        user_id: i64,
         expires_at: i64,
         conn: ConnId,
         outbox: Arc<Outbox>,
     ) -> Self {
         Self {
             state,
-            user,
+            user_id,
             conn,
             outbox,
             positions: HashMap::new(),
-            typing: HashMap::new(),
+            typing: Vec::new(),
             delivered: 0,
             expires_at,
         }
     }
 
-    pub(super) async fn serve<S, E>(
+    /// Follows the user's channels, sends `ready` and replays the resumed channels. True
+    /// if some channels are unavailable (on a shard that is down). Run boxed: its future
+    /// and its lists (channel views, ids, positions) are freed before [`Session::serve`].
+    pub(super) async fn start<S>(
         &mut self,
         socket: &mut S,
+        user: User,
         resume: HashMap<i64, i64>,
-    ) -> Result<(), End>
+    ) -> Result<bool, End>
     where
-        S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+        S: Sink<Message> + Unpin,
     {
         let cfg = self.state.config.gateway;
         let hub = Arc::clone(&self.state.gateway.hub);
@@ -129,13 +137,13 @@ impl Session {
             });
         }
         let unavailable_ids: Vec<String> = unavailable.iter().map(i64::to_string).collect();
-        let ready: Utf8Bytes = protocol::ready(&self.user, &listed, &unavailable_ids).into();
+        let ready: Utf8Bytes = protocol::ready(&user, &listed, &unavailable_ids).into();
         let size = ready.len();
         if feed(socket, ready).await.is_err() {
             // The write buffer is sized for the ready frame of the channel cap; a failure
             // here is the server's to look at, and the client is told.
             tracing::warn!(
-                user_id = self.user.id,
+                user_id = self.user_id,
                 channels = listed.len(),
                 bytes = size,
                 "write the ready frame; closing"
@@ -162,82 +170,138 @@ impl Session {
             self.fill(socket, id, lasts[&id]).await?;
         }
         self.count_delivered();
+        Ok(!unavailable.is_empty())
+    }
 
-        let sends = Arc::new(Semaphore::new(cfg.max_in_flight));
-        let (reply_tx, mut replies) = mpsc::unbounded_channel::<Reply>();
-        let mut ticker = tokio::time::interval(cfg.ping_interval);
-        ticker.reset();
-        let mut last_seen = Instant::now();
+    /// The connection's life after `ready`: reads ops, writes what is queued for it, and
+    /// pings. Everything this future holds, every idle connection holds: what is rare
+    /// (gap fills, joins, resyncs, errors, the last answers before a close) and the ops
+    /// run boxed, and what ops in flight share is made at the first op and dropped again
+    /// when idle.
+    pub(super) async fn serve<S, E>(&mut self, socket: &mut S, unavailable: bool) -> Result<(), End>
+    where
+        S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+    {
+        let (idle, max_frame) = {
+            let cfg = &self.state.config.gateway;
+            (cfg.idle_timeout, cfg.max_frame_bytes)
+        };
+        // One timer: every ping interval, or, for a session with unavailable channels,
+        // every second (checking whether they are back) and a ping every so many ticks.
+        let (mut ticker, ticks_per_ping) = {
+            let ping_every = self.state.config.gateway.ping_interval;
+            let period = if unavailable {
+                ping_every.min(Duration::from_secs(1))
+            } else {
+                ping_every
+            };
+            let mut ticker = tokio::time::interval(period);
+            if !unavailable {
+                ticker.reset();
+            }
+            let n = ping_every.as_nanos() / period.as_nanos().max(1);
+            (ticker, u32::try_from(n).unwrap_or(u32::MAX).max(1))
+        };
+        let mut ops: Option<InFlight> = None;
+        let (mut ticks, mut last_seen) = (0u32, Instant::now());
         let mut items = Vec::new();
-        // Only a session with unavailable channels checks, each second, whether they are back.
-        let mut recheck =
-            (!unavailable.is_empty()).then(|| tokio::time::interval(Duration::from_secs(1)));
         loop {
             tokio::select! {
-                Some(_) = async {
-                    match &mut recheck {
-                        Some(every) => Some(every.tick().await),
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    if self.state.store.health().parts.iter().all(|(_, up)| *up) {
-                        flush(socket, cfg.idle_timeout).await?;
-                        finish_sends(socket, &sends, &mut replies, cfg.max_in_flight).await;
-                        return Err(End::Close(
-                            close::RESTARTING,
-                            "every channel can be read again: reconnect and resume".into(),
-                        ));
-                    }
-                }
-                incoming = next_frame(socket, cfg.max_frame_bytes) => {
+                incoming = next_frame(socket, max_frame) => {
                     last_seen = Instant::now();
                     match incoming {
-                        Incoming::Text(text) => self.on_op(&text, &sends, &reply_tx).await?,
-                        Incoming::Bad(reason) => return Err(self.malformed(socket, reason).await),
+                        Incoming::Text(text) => {
+                            // Boxed: an op's future is larger than the rest of the loop.
+                            let op = Box::pin(self.on_op(&text, &mut ops));
+                            op.await?;
+                        }
+                        Incoming::Bad(reason) => {
+                            let end = Box::pin(self.malformed(socket, reason));
+                            return Err(end.await);
+                        }
                         Incoming::Alive => {}
                         Incoming::Gone => return Err(End::Gone),
                     }
                 }
-                Some(frame) = replies.recv() => {
+                Some(frame) = async {
+                    match &mut ops {
+                        Some(o) => o.replies.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     feed(socket, frame).await?;
-                    while let Ok(frame) = replies.try_recv() {
+                    while let Some(frame) = ops.as_mut().and_then(|o| o.replies.try_recv().ok()) {
                         feed(socket, frame).await?;
                     }
-                    flush(socket, cfg.idle_timeout).await?;
+                    flush(socket, idle).await?;
                 }
-                () = self.outbox.take(&mut items) => {
+                () = std::future::poll_fn(|cx| self.outbox.poll_take(cx, &mut items)) => {
                     for item in items.drain(..) {
                         match item {
-                            Item::Event(d) => self.deliver(socket, d).await?,
+                            Item::Event(d) if self.is_next(&d) => self.send_event(socket, &d).await?,
+                            Item::Event(d) => {
+                                let deliver = Box::pin(self.deliver(socket, d));
+                                deliver.await?;
+                            }
                             Item::Frame(f) => feed(socket, f).await?,
-                            Item::Resync => self.resync(socket).await?,
+                            Item::Resync => {
+                                let resync = Box::pin(self.resync(socket));
+                                resync.await?;
+                            }
                             Item::Close(code, reason) => {
-                                flush(socket, cfg.idle_timeout).await?;
+                                flush(socket, idle).await?;
                                 if code == close::RESTARTING {
-                                    finish_sends(socket, &sends, &mut replies, cfg.max_in_flight).await;
+                                    InFlight::finish(ops.take(), socket).await;
                                 }
                                 return Err(End::Close(code, reason.into()));
                             }
                         }
                     }
-                    flush(socket, cfg.idle_timeout).await?;
+                    flush(socket, idle).await?;
                     self.count_delivered();
                 }
                 _ = ticker.tick() => {
+                    if unavailable && self.state.store.health().parts.iter().all(|(_, up)| *up) {
+                        flush(socket, idle).await?;
+                        InFlight::finish(ops.take(), socket).await;
+                        return Err(End::Close(
+                            close::RESTARTING,
+                            "every channel can be read again: reconnect and resume".into(),
+                        ));
+                    }
+                    ticks = ticks.wrapping_add(1);
+                    if ticks % ticks_per_ping != 0 {
+                        continue;
+                    }
                     // Checked at each ping rather than by a timer of its own (a timer per
                     // connection costs memory): the session ends within a ping interval.
                     if crate::clock::now_ms() >= self.expires_at {
                         return Err(End::Close(close::BAD_TOKEN, "the session expired; log in again".into()));
                     }
-                    if last_seen.elapsed() > cfg.idle_timeout {
+                    if last_seen.elapsed() > idle {
                         return Err(End::Close(close::GOING_AWAY, "no answer to pings".into()));
                     }
                     // Bounded like every write: a peer that takes nothing is dropped.
                     socket.feed(Message::Ping(Default::default())).await.map_err(|_| End::Gone)?;
-                    flush(socket, cfg.idle_timeout).await?;
+                    flush(socket, idle).await?;
+                    self.shrink(&mut ops, &mut items);
                 }
             }
         }
+    }
+
+    /// Gives back, at each ping, what a burst grew and nothing needs now: the store calls'
+    /// channel if none is in flight, the list items are taken into, the outbox's queue if
+    /// empty, and stale typing times. A connection that is busy grows them again.
+    fn shrink(&mut self, ops: &mut Option<InFlight>, items: &mut Vec<Item>) {
+        if ops.as_ref().is_some_and(InFlight::is_idle) {
+            *ops = None;
+        }
+        *items = Vec::new();
+        self.outbox.shrink();
+        let now = Instant::now();
+        self.typing.retain(|(_, t)| now - *t < TYPING_EVERY);
+        self.typing.shrink_to_fit();
     }
 
     /// Adds the events written since the last call to the shared counter: one atomic add
@@ -267,13 +331,9 @@ impl Session {
     }
 
     /// Handles one client op. Sends and reads run as their own tasks and answer through
-    /// `replies`; at most `max_in_flight` of them wait for commit at once.
-    async fn on_op(
-        &mut self,
-        text: &str,
-        sends: &Arc<Semaphore>,
-        replies: &mpsc::UnboundedSender<Reply>,
-    ) -> Result<(), End> {
+    /// `ops` (made at the first); at most `max_in_flight` of them wait for commit at once.
+    async fn on_op(&mut self, text: &str, ops: &mut Option<InFlight>) -> Result<(), End> {
+        let max = self.state.config.gateway.max_in_flight;
         let op = match protocol::parse(text) {
             Ok(op) => op,
             Err(Malformed(reason)) => {
@@ -297,19 +357,17 @@ impl Session {
                     return Ok(());
                 };
                 let now = Instant::now();
-                let recent = self
-                    .typing
-                    .get(&id)
-                    .is_some_and(|t| now - *t < TYPING_EVERY);
+                self.typing.retain(|(_, t)| now - *t < TYPING_EVERY);
+                let recent = self.typing.iter().any(|(c, _)| *c == id);
                 // With the `typing` flag off, typing signals are taken and dropped.
                 let on = self.state.config.features.enabled(Feature::Typing);
                 if on
                     && self.positions.contains_key(&id)
                     && !recent
-                    && self.state.admit_typing(self.user.id, id)
+                    && self.state.admit_typing(self.user_id, id)
                 {
-                    self.typing.insert(id, now);
-                    self.state.gateway.bus.typing(id, self.user.id);
+                    self.typing.push((id, now));
+                    self.state.gateway.bus.typing(id, self.user_id);
                 }
             }
             ClientOp::Send {
@@ -317,19 +375,19 @@ impl Session {
                 text,
                 client_id,
             } => {
+                let in_flight = ops.get_or_insert_with(|| InFlight::new(max));
                 let checked = super::parse_id("channel_id", &channel_id).and_then(|id| {
-                    admit_send(&self.state, self.user.id, &text, Some(&client_id)).map(|()| id)
+                    admit_send(&self.state, self.user_id, &text, Some(&client_id)).map(|()| id)
                 });
                 let id = match checked {
                     Ok(id) => id,
                     Err(e) => {
-                        let _ = replies.send(protocol::error(Some(&client_id), e.detail()).into());
+                        in_flight.reply(protocol::error(Some(&client_id), e.detail()).into());
                         return Ok(());
                     }
                 };
-                let permit = in_flight(sends).await?;
-                let store = Arc::clone(&self.state.store);
-                let (replies, author) = (replies.clone(), self.user.id);
+                let (permit, replies) = in_flight.place().await?;
+                let (store, author) = (Arc::clone(&self.state.store), self.user_id);
                 let mut post = Box::pin(async move {
                     let frame = match store
                         .post_message(author, id, &text, Some(&client_id))
@@ -352,20 +410,20 @@ impl Session {
                 }
             }
             ClientOp::Read { channel_id, seq } => {
+                let in_flight = ops.get_or_insert_with(|| InFlight::new(max));
                 let id = match super::parse_id("channel_id", &channel_id) {
                     Ok(id) => id,
                     Err(e) => {
-                        let _ = replies.send(protocol::error(None, e.detail()).into());
+                        in_flight.reply(protocol::error(None, e.detail()).into());
                         return Ok(());
                     }
                 };
-                if let Err(e) = self.state.admit_read_marker(self.user.id) {
-                    let _ = replies.send(protocol::error(None, e.detail()).into());
+                if let Err(e) = self.state.admit_read_marker(self.user_id) {
+                    in_flight.reply(protocol::error(None, e.detail()).into());
                     return Ok(());
                 }
-                let permit = in_flight(sends).await?;
-                let store = Arc::clone(&self.state.store);
-                let (replies, user) = (replies.clone(), self.user.id);
+                let (permit, replies) = in_flight.place().await?;
+                let (store, user) = (Arc::clone(&self.state.store), self.user_id);
                 tokio::spawn(async move {
                     if let Err(e) = store.mark_read(user, id, seq).await {
                         let _ =
@@ -378,12 +436,19 @@ impl Session {
         Ok(())
     }
 
+    /// The event is the next of a channel this connection follows: the common case, which
+    /// [`Session::send_event`] writes at once. Anything else goes through
+    /// [`Session::deliver`] (boxed, for its gap fill and join).
+    fn is_next(&self, d: &Delivery) -> bool {
+        self.positions.get(&d.channel_id) == Some(&(d.seq - 1))
+    }
+
     /// Delivers a dispatched event exactly once and in order (see the module docs).
     async fn deliver<S>(&mut self, socket: &mut S, d: Arc<Delivery>) -> Result<(), End>
     where
         S: Sink<Message> + Unpin,
     {
-        let me = self.user.id;
+        let me = self.user_id;
         let Some(&at) = self.positions.get(&d.channel_id) else {
             if d.membership == Some((me, true)) {
                 self.join(socket, d.channel_id).await?;
@@ -408,8 +473,9 @@ impl Session {
         feed(socket, d.frame.clone()).await?;
         self.delivered += 1;
         self.positions.insert(d.channel_id, d.seq);
-        if d.membership == Some((self.user.id, false)) {
-            self.leave(socket, d.channel_id).await?;
+        if d.membership == Some((self.user_id, false)) {
+            let leave = Box::pin(self.leave(socket, d.channel_id));
+            leave.await?;
         }
         Ok(())
     }
@@ -427,7 +493,7 @@ impl Session {
     async fn listing(&self) -> Result<crate::store::ChannelListing, End> {
         self.state
             .store
-            .channel_listing(self.user.id)
+            .channel_listing(self.user_id)
             .await
             .map_err(End::store)
     }
@@ -459,7 +525,7 @@ impl Session {
         match self
             .state
             .store
-            .channel(channel_id, self.user.id)
+            .channel(channel_id, self.user_id)
             .await
             .map_err(End::store)?
         {
@@ -522,35 +588,72 @@ impl Session {
     }
 }
 
-/// A place among the store calls this connection has waiting (sends and reads). It is
-/// released once the store has answered and the reply is queued, so waiting for one never
-/// waits on the session loop.
-async fn in_flight(sends: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, End> {
-    Arc::clone(sends)
-        .acquire_owned()
-        .await
-        .map_err(|_| End::Gone)
+/// What a connection's store calls in flight (sends and read markers) share: places
+/// among them, and the channel their answers come back on. Made at the first op and
+/// dropped when idle, so an idle connection holds neither.
+struct InFlight {
+    places: Arc<Semaphore>,
+    max: usize,
+    tx: mpsc::UnboundedSender<Reply>,
+    replies: mpsc::UnboundedReceiver<Reply>,
 }
 
-/// Waits (bounded) for the sends already taken to commit, and writes their answers, so a
-/// restarting server answers every op it accepted.
-async fn finish_sends<S>(
-    socket: &mut S,
-    sends: &Arc<Semaphore>,
-    replies: &mut mpsc::UnboundedReceiver<Reply>,
-    max_in_flight: usize,
-) where
-    S: Sink<Message> + Unpin,
-{
-    // Every permit back means every store call answered and its reply queued.
-    let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(Duration::from_secs(5), sends.acquire_many(all)).await;
-    while let Ok(frame) = replies.try_recv() {
-        if socket.feed(Message::Text(frame)).await.is_err() {
-            return;
+impl InFlight {
+    fn new(max: usize) -> Self {
+        let (tx, replies) = mpsc::unbounded_channel();
+        Self {
+            places: Arc::new(Semaphore::new(max)),
+            max,
+            tx,
+            replies,
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), socket.flush()).await;
+
+    /// Queues an answer made at once (a refused op).
+    fn reply(&self, frame: Reply) {
+        let _ = self.tx.send(frame);
+    }
+
+    /// A place among the calls waiting, and where to answer. The place is released once
+    /// the store has answered and the reply is queued, so waiting for one never waits on
+    /// the session loop.
+    async fn place(&self) -> Result<(OwnedSemaphorePermit, mpsc::UnboundedSender<Reply>), End> {
+        let permit = Arc::clone(&self.places)
+            .acquire_owned()
+            .await
+            .map_err(|_| End::Gone)?;
+        Ok((permit, self.tx.clone()))
+    }
+
+    /// Nothing in flight and every answer written.
+    fn is_idle(&self) -> bool {
+        self.places.available_permits() == self.max && self.replies.is_empty()
+    }
+
+    /// Waits (bounded) for the calls already taken to be answered, and writes their
+    /// answers, so a restarting server answers every op it accepted. Boxed: it runs once,
+    /// and its timers would otherwise sit in every connection's task.
+    async fn finish<S>(ops: Option<Self>, socket: &mut S)
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let Some(mut ops) = ops else {
+            return;
+        };
+        Box::pin(async move {
+            // Every place back means every store call answered and its reply queued.
+            let all = u32::try_from(ops.max).unwrap_or(u32::MAX);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), ops.places.acquire_many(all)).await;
+            while let Ok(frame) = ops.replies.try_recv() {
+                if socket.feed(Message::Text(frame)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), socket.flush()).await;
+        })
+        .await;
+    }
 }
 
 async fn feed<S>(socket: &mut S, frame: Utf8Bytes) -> Result<(), End>
