@@ -270,7 +270,7 @@ pub(super) struct Unfolded {
     /// The open batch folded the log up to this `pos` (0: it did not).
     folded_through: i64,
     /// `(channel, author, client_id)` → seq of the unfolded posts that carry one.
-    by_client: HashMap<(i64, i64, String), i64>,
+    by_client: ClientIds,
 }
 
 impl Unfolded {
@@ -284,7 +284,7 @@ impl Unfolded {
             committed_bytes: 0,
             batch: Vec::new(),
             folded_through: 0,
-            by_client: HashMap::new(),
+            by_client: ClientIds::new(),
         }
     }
 
@@ -306,10 +306,7 @@ impl Unfolded {
             m.created_at
         ])?;
         self.next_pos += 1;
-        if let Some(cid) = &m.client_id {
-            self.by_client
-                .insert((m.channel_id, m.author_id, cid.clone()), m.seq);
-        }
+        remember(&mut self.by_client, m);
         self.batch.push(Entry {
             pos,
             message: m.clone(),
@@ -319,9 +316,7 @@ impl Unfolded {
 
     /// An unfolded post by `author` in the channel with this `client_id`.
     pub fn by_client_id(&self, channel_id: i64, author: i64, client_id: &str) -> Option<Message> {
-        let seq = *self
-            .by_client
-            .get(&(channel_id, author, client_id.to_owned()))?;
+        let seq = *self.by_client.get(&(channel_id, author))?.get(client_id)?;
         let in_batch = self
             .batch
             .iter()
@@ -472,21 +467,36 @@ impl Unfolded {
     pub fn rolled_back(&mut self) {
         self.batch.clear();
         self.folded_through = 0;
-        self.by_client = self
-            .tail
-            .entries_after_rollback()
-            .into_iter()
-            .filter_map(|e| {
-                let m = e.message;
-                Some(((m.channel_id, m.author_id, m.client_id?), m.seq))
-            })
-            .collect();
+        self.by_client.clear();
+        for e in self.tail.entries_after_rollback() {
+            remember(&mut self.by_client, &e.message);
+        }
     }
 }
 
-fn forget(by_client: &mut HashMap<(i64, i64, String), i64>, m: &Message) {
+/// `(channel, author)` → `client_id` → seq: looked up by `&str`, with no allocation on
+/// the send path.
+type ClientIds = HashMap<(i64, i64), HashMap<String, i64>>;
+
+fn remember(by_client: &mut ClientIds, m: &Message) {
     if let Some(cid) = &m.client_id {
-        by_client.remove(&(m.channel_id, m.author_id, cid.clone()));
+        by_client
+            .entry((m.channel_id, m.author_id))
+            .or_default()
+            .insert(cid.clone(), m.seq);
+    }
+}
+
+fn forget(by_client: &mut ClientIds, m: &Message) {
+    let (Some(cid), Some(ids)) = (
+        &m.client_id,
+        by_client.get_mut(&(m.channel_id, m.author_id)),
+    ) else {
+        return;
+    };
+    ids.remove(cid.as_str());
+    if ids.is_empty() {
+        by_client.remove(&(m.channel_id, m.author_id));
     }
 }
 
