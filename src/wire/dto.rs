@@ -358,6 +358,97 @@ impl From<&model::Event> for Event {
     }
 }
 
+/// A message serialized exactly as [`Message`], straight from the model: no copy of its
+/// text and no string per id or time (acks and event frames are on the delivery path).
+pub struct MessageRef<'a>(pub &'a model::Message);
+
+/// An event serialized exactly as [`Event`], straight from the model.
+pub struct EventRef<'a>(pub &'a model::Event);
+
+/// An id as its decimal string, written where it is serialized.
+struct IdStr(i64);
+
+impl Serialize for IdStr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// A time as RFC 3339, written where it is serialized.
+struct TimeStr(i64);
+
+impl Serialize for TimeStr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&crate::clock::Rfc3339(self.0))
+    }
+}
+
+impl Serialize for MessageRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let m = self.0;
+        let mut out = s.serialize_struct("Message", 9)?;
+        out.serialize_field("id", &IdStr(m.id))?;
+        out.serialize_field("channel_id", &IdStr(m.channel_id))?;
+        out.serialize_field("seq", &m.seq)?;
+        out.serialize_field("author_id", &IdStr(m.author_id))?;
+        out.serialize_field("text", &m.text)?;
+        match &m.client_id {
+            Some(c) => out.serialize_field("client_id", c)?,
+            None => out.skip_field("client_id")?,
+        }
+        out.serialize_field("created_at", &TimeStr(m.created_at))?;
+        match m.edited_at {
+            Some(t) => out.serialize_field("edited_at", &TimeStr(t))?,
+            None => out.skip_field("edited_at")?,
+        }
+        out.serialize_field("deleted", &m.deleted)?;
+        out.end()
+    }
+}
+
+impl Serialize for EventRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use model::EventBody as B;
+        use serde::ser::SerializeStruct;
+        let e = self.0;
+        let mut out = s.serialize_struct("Event", 8)?;
+        out.serialize_field("type", e.body.kind())?;
+        out.serialize_field("channel_id", &IdStr(e.channel_id))?;
+        out.serialize_field("seq", &e.seq)?;
+        out.serialize_field("at", &TimeStr(e.at))?;
+        let (mut message, mut user, mut role, mut name) = (None, None, None, None);
+        match &e.body {
+            B::MessageCreated(m) | B::MessageEdited(m) | B::MessageDeleted(m) => {
+                message = Some(MessageRef(m))
+            }
+            B::MemberAdded { user_id, role: r } | B::MemberUpdated { user_id, role: r } => {
+                user = Some(IdStr(*user_id));
+                role = Some(r.as_str());
+            }
+            B::MemberRemoved { user_id } => user = Some(IdStr(*user_id)),
+            B::ChannelUpdated { name: n } => name = n.as_deref(),
+        }
+        match message {
+            Some(m) => out.serialize_field("message", &m)?,
+            None => out.skip_field("message")?,
+        }
+        match user {
+            Some(u) => out.serialize_field("user_id", &u)?,
+            None => out.skip_field("user_id")?,
+        }
+        match role {
+            Some(r) => out.serialize_field("role", r)?,
+            None => out.skip_field("role")?,
+        }
+        match name {
+            Some(n) => out.serialize_field("name", n)?,
+            None => out.skip_field("name")?,
+        }
+        out.end()
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EventPage {
     pub events: Vec<Event>,

@@ -86,7 +86,7 @@ struct Ack<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     client_id: &'a str,
-    message: dto::Message,
+    message: dto::MessageRef<'a>,
 }
 
 #[derive(Serialize)]
@@ -134,14 +134,14 @@ pub fn ready(user: &model::User, channels: &[ChannelPosition], unavailable: &[St
 }
 
 pub fn event(event: &model::Event) -> String {
-    encode(&dto::Event::from(event))
+    encode(&dto::EventRef(event))
 }
 
 pub fn ack(client_id: &str, message: &model::Message) -> String {
     encode(&Ack {
         kind: "ack",
         client_id,
-        message: message.into(),
+        message: dto::MessageRef(message),
     })
 }
 
@@ -249,6 +249,81 @@ mod tests {
         ] {
             let Malformed(reason) = parse(bad).expect_err(bad);
             assert!(!reason.contains("natter::"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn acks_and_events_encode_as_the_api_shapes() {
+        use model::{Event, EventBody as B, Message, Role};
+        let plain = Message {
+            id: 7_123_456_789_012,
+            channel_id: 42,
+            seq: 3,
+            author_id: 9,
+            text: "h\u{e9}llo \"quoted\" \\ \u{1}".into(),
+            client_id: None,
+            created_at: 1_795_314_119_123,
+            edited_at: None,
+            deleted: false,
+        };
+        let edited = Message {
+            client_id: Some("c-\"1".into()),
+            edited_at: Some(1_795_314_120_000),
+            ..plain.clone()
+        };
+        let deleted = Message {
+            text: String::new(),
+            deleted: true,
+            ..edited.clone()
+        };
+        for m in [&plain, &edited, &deleted] {
+            let owned = encode(&Ack {
+                kind: "ack",
+                client_id: "c",
+                message: dto::MessageRef(m),
+            });
+            let expected = serde_json::to_string(&serde_json::json!({
+                "type": "ack",
+                "client_id": "c",
+                "message": dto::Message::from(m),
+            }))
+            .unwrap();
+            let parsed = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap();
+            assert_eq!(parsed(&owned), parsed(&expected));
+            assert_eq!(
+                serde_json::to_string(&dto::MessageRef(m)).unwrap(),
+                serde_json::to_string(&dto::Message::from(m)).unwrap()
+            );
+        }
+        let bodies = [
+            B::MessageCreated(plain.clone()),
+            B::MessageEdited(edited.clone()),
+            B::MessageDeleted(deleted.clone()),
+            B::MemberAdded {
+                user_id: 5,
+                role: Role::Admin,
+            },
+            B::MemberUpdated {
+                user_id: 5,
+                role: Role::Owner,
+            },
+            B::MemberRemoved { user_id: 5 },
+            B::ChannelUpdated {
+                name: Some("n\u{e9}w".into()),
+            },
+            B::ChannelUpdated { name: None },
+        ];
+        for body in bodies {
+            let e = Event {
+                channel_id: 42,
+                seq: 11,
+                at: 1_795_314_119_000,
+                body,
+            };
+            assert_eq!(
+                event(&e),
+                serde_json::to_string(&dto::Event::from(&e)).unwrap()
+            );
         }
     }
 }

@@ -671,6 +671,13 @@ async fn flush<S>(socket: &mut S, limit: Duration) -> Result<(), End>
 where
     S: Sink<Message> + Unpin,
 {
+    // Most flushes are done at the first try (the socket takes the bytes): those need no
+    // timer, which costs a registration in the timer wheel and its removal.
+    match std::future::poll_fn(|cx| Poll::Ready(socket.poll_flush_unpin(cx))).await {
+        Poll::Ready(Ok(())) => return Ok(()),
+        Poll::Ready(Err(_)) => return Err(End::Gone),
+        Poll::Pending => {}
+    }
     match tokio::time::timeout(limit, socket.flush()).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(End::Gone),

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::read;
+use super::seen::Seen;
 use super::tail::Unfolded;
 use super::write::{Applied, Done, membership_row};
 use crate::id::Snowflake;
@@ -45,14 +46,18 @@ pub(super) struct Hot {
     roles: usize,
     /// The commit log posts are appended to, and its unfolded tail.
     pub log: Unfolded,
+    /// Which `(channel, author, client_id)`s the table may hold: a post probes the index
+    /// only for those.
+    seen: Seen,
 }
 
 impl Hot {
-    pub fn new(log: Unfolded) -> Self {
+    pub fn new(log: Unfolded, seen: Seen) -> Self {
         Self {
             channels: HashMap::new(),
             roles: 0,
             log,
+            seen,
         }
     }
 
@@ -172,6 +177,7 @@ pub(super) fn post_message(
     let original = match client_id {
         Some(cid) => match hot.log.by_client_id(channel_id, author, cid) {
             Some(m) => Some(m),
+            None if !hot.seen.may_contain(channel_id, author, cid) => None,
             None => tx
                 .prepare_cached(read::MESSAGE_BY_CLIENT_ID)?
                 .query_row(params![channel_id, author, cid], read::message_row)
@@ -206,6 +212,9 @@ pub(super) fn post_message(
         deleted: false,
     };
     hot.log.append(tx, &message)?;
+    if let Some(cid) = client_id {
+        hot.seen.insert(channel_id, author, cid);
+    }
     journal.push(Event {
         channel_id,
         seq,

@@ -6,6 +6,7 @@ mod checkpoint;
 mod hot;
 mod read;
 mod schema;
+mod seen;
 mod tail;
 mod write;
 mod writer;
@@ -18,6 +19,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 
 use self::checkpoint::Checkpointer;
+use self::hot::Hot;
 use self::read::ReadPool;
 pub use self::tail::FOLD_ROWS;
 use self::tail::{Tail, Unfolded};
@@ -150,7 +152,10 @@ impl SqliteStore {
             opts.on_commit.clone(),
             Arc::clone(&opts.stats),
             opts.rules,
-            Unfolded::new(Arc::clone(&tail), opts.fold_rows),
+            Hot::new(
+                Unfolded::new(Arc::clone(&tail), opts.fold_rows),
+                seen::Seen::start(&opts.path),
+            ),
         );
         Ok(Self {
             writer,

@@ -18,7 +18,6 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::hot::Hot;
-use super::tail::Unfolded;
 use super::write::{self, Done, HotUse, Op};
 use crate::id::Snowflake;
 use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_one};
@@ -250,14 +249,14 @@ impl Writer {
         on_commit: Option<OnCommit>,
         stats: Arc<WriteStats>,
         rules: Rules,
-        log: Unfolded,
+        hot: Hot,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let _ = stats.queue.set(tx.downgrade());
         let state = State {
             conn,
             ids,
-            hot: Hot::new(log),
+            hot,
             rules,
             on_commit,
             stats: Arc::clone(&stats),
