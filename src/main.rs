@@ -70,12 +70,6 @@ struct BackupArgs {
     path: PathBuf,
 }
 
-/// mimalloc instead of glibc's malloc: events are allocated on the writer and dispatcher
-/// threads and freed on the Tokio workers, and glibc's cross-thread frees and
-/// consolidations were ~15 % of the server's samples under load (BENCHMARKS.md, issue 15).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
