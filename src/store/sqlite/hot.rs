@@ -1,7 +1,8 @@
 //! The writer's in-memory state of hot channels: each channel's kind, last seq and live
 //! message count, its members' roles, per-batch unread deltas, and the commit log
-//! ([`super::tail`]). A message post runs one append to the log and (with a `client_id`)
-//! one index probe, instead of seven statements; the channel and member rows are written
+//! ([`super::tail`]). A message post runs one append to the log and (with a `client_id`
+//! the filter of stored ones, [`super::seen`], may hold) one index probe, instead of seven
+//! statements; the channel and member rows are written
 //! once per batch, in [`Hot::flush`], before the commit.
 //!
 //! Invariant: only the writer thread writes channels and members, so this state stays
