@@ -175,10 +175,11 @@ pub(super) fn post_message(
 ) -> Applied {
     let role = rules::member(hot.role(tx, channel_id, author)?)?;
     // The idempotency check: an unfolded post in the commit log, or a folded one.
-    let original = match client_id {
-        Some(cid) => match hot.log.by_client_id(channel_id, author, cid) {
+    let keyed = client_id.map(|cid| (cid, hot.seen.key(channel_id, author, cid)));
+    let original = match keyed {
+        Some((cid, key)) => match hot.log.by_client_id(channel_id, author, cid) {
             Some(m) => Some(m),
-            None if !hot.seen.may_contain(channel_id, author, cid) => None,
+            None if !hot.seen.may_contain(key) => None,
             None => tx
                 .prepare_cached(read::MESSAGE_BY_CLIENT_ID)?
                 .query_row(params![channel_id, author, cid], read::message_row)
@@ -213,8 +214,8 @@ pub(super) fn post_message(
         deleted: false,
     };
     hot.log.append(tx, &message)?;
-    if let Some(cid) = client_id {
-        hot.seen.insert(channel_id, author, cid);
+    if let Some((_, key)) = keyed {
+        hot.seen.insert(key);
     }
     journal.push(Event {
         channel_id,

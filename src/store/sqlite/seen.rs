@@ -16,9 +16,10 @@
 //!   writer since the open, so the union of both halves holds every key.
 //!
 //! Until the scan is done, every post probes the index as before. A scan that fails, or
-//! finds more keys than [`MAX_SCANNED`], leaves the filter off (probing always, as before)
-//! and says so in the log. Memory: 10–20 bits per key (a store of 10 million messages
-//! with `client_id`s holds 12–25 MB here).
+//! a filter past [`MAX_KEYS`] (scanned and posted together), turns the filter off for the
+//! rest of the run (probing always, as before) and says so in the log. Memory: 10–20 bits
+//! per key, so at most ~160 MB (a store of 10 million messages with `client_id`s holds
+//! 12–25 MB here).
 
 use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
@@ -26,8 +27,9 @@ use std::sync::mpsc;
 
 use rusqlite::Connection;
 
-/// More keys than this in the table, and the filter stays off (its memory is bounded).
-const MAX_SCANNED: u64 = 64 << 20;
+/// More keys than this, scanned and posted, and the filter is turned off (its memory is
+/// bounded).
+const MAX_KEYS: usize = 64 << 20;
 /// Keys the first layer holds before a layer twice its size is added.
 const FIRST_LAYER: usize = 1 << 16;
 /// Bits tested per key; with 10–20 bits per key a false positive is under 1 %.
@@ -116,12 +118,29 @@ impl Layers {
 /// The writer's filter of stored `client_id`s (see the module's documentation).
 pub(super) struct Seen {
     hasher: RandomState,
-    /// Every key posted since the store opened.
+    /// Every key posted since the store opened (while the filter is not off).
     added: Layers,
-    /// The keys the table held at open, once the scan is done.
-    scanned: Option<Layers>,
-    /// The scan's answer, until it comes: `None` if the filter is to stay off.
-    pending: Option<mpsc::Receiver<Option<Layers>>>,
+    state: State,
+    /// [`MAX_KEYS`] (lower in tests).
+    max_keys: usize,
+}
+
+enum State {
+    /// The scan runs; its answer comes here (`None`: the filter is to be off).
+    Scanning(mpsc::Receiver<Option<Layers>>),
+    /// On: the keys the table held at open.
+    On(Layers),
+    /// Off for good: every key may be there.
+    Off,
+}
+
+/// A key of the filter: one hash of `(channel, author, client_id)`, made by
+/// [`Seen::key`] for the writer's lookups and inserts and by the scan alike.
+#[derive(Clone, Copy)]
+pub(super) struct Key(u64);
+
+fn key(hasher: &RandomState, channel_id: i64, author: i64, client_id: &str) -> Key {
+    Key(hasher.hash_one((channel_id, author, client_id)))
 }
 
 impl Seen {
@@ -144,13 +163,7 @@ impl Seen {
                         );
                         Some(layers)
                     }
-                    Ok(None) => {
-                        tracing::warn!(
-                            max = MAX_SCANNED,
-                            "more stored client_ids than the filter takes: every send probes the index"
-                        );
-                        None
-                    }
+                    Ok(None) => None,
                     Err(e) => {
                         tracing::warn!(error = %e, "client_id filter not built: every send probes the index");
                         None
@@ -158,62 +171,91 @@ impl Seen {
                 };
                 let _ = tx.send(scanned);
             });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "client_id filter not built: every send probes the index");
-        }
+        let state = match spawned {
+            Ok(_) => State::Scanning(rx),
+            Err(e) => {
+                tracing::warn!(error = %e, "client_id filter not built: every send probes the index");
+                State::Off
+            }
+        };
         Self {
             hasher,
             added: Layers::new(),
-            scanned: None,
-            pending: Some(rx),
+            state,
+            max_keys: MAX_KEYS,
         }
     }
 
-    fn hash(&self, channel_id: i64, author: i64, client_id: &str) -> u64 {
-        self.hasher.hash_one((channel_id, author, client_id))
+    /// The key of `(channel, author, client_id)`: made once per post, for the lookup and
+    /// the insert.
+    pub fn key(&self, channel_id: i64, author: i64, client_id: &str) -> Key {
+        key(&self.hasher, channel_id, author, client_id)
     }
 
     /// Records a posted key.
-    pub fn insert(&mut self, channel_id: i64, author: i64, client_id: &str) {
-        let hash = self.hash(channel_id, author, client_id);
-        self.added.insert(hash);
+    pub fn insert(&mut self, key: Key) {
+        if matches!(self.state, State::Off) {
+            return;
+        }
+        self.added.insert(key.0);
+        let scanned = match &self.state {
+            State::On(layers) => layers.keys(),
+            _ => 0,
+        };
+        if self.added.keys() + scanned > self.max_keys {
+            self.turn_off();
+        }
     }
 
     /// Whether the table may hold the key: `false` only when it surely does not.
-    pub fn may_contain(&mut self, channel_id: i64, author: i64, client_id: &str) -> bool {
-        if let Some(rx) = &self.pending {
+    pub fn may_contain(&mut self, key: Key) -> bool {
+        if let State::Scanning(rx) = &self.state {
             match rx.try_recv() {
-                Ok(scanned) => {
-                    self.scanned = scanned;
-                    self.pending = None;
+                Ok(Some(scanned)) if scanned.keys() + self.added.keys() <= self.max_keys => {
+                    self.state = State::On(scanned);
                 }
+                Ok(_) | Err(mpsc::TryRecvError::Disconnected) => self.turn_off(),
                 Err(mpsc::TryRecvError::Empty) => return true,
-                Err(mpsc::TryRecvError::Disconnected) => self.pending = None,
             }
         }
-        let Some(scanned) = &self.scanned else {
-            return true;
-        };
-        let hash = self.hash(channel_id, author, client_id);
-        scanned.may_contain(hash) || self.added.may_contain(hash)
+        match &self.state {
+            State::On(scanned) => scanned.may_contain(key.0) || self.added.may_contain(key.0),
+            State::Scanning(_) | State::Off => true,
+        }
+    }
+
+    /// Turns the filter off for the rest of the run, giving its memory back.
+    fn turn_off(&mut self) {
+        if !matches!(self.state, State::Off) {
+            tracing::warn!(
+                max = self.max_keys,
+                "client_id filter off (more keys than it takes, or no scan): every send probes the index"
+            );
+        }
+        self.state = State::Off;
+        self.added = Layers::new();
     }
 
     /// Waits for the scan (for tests: the filter is then on, or off for good).
     #[cfg(test)]
     pub fn wait(&mut self) {
-        if let Some(rx) = self.pending.take() {
-            self.scanned = rx.recv().ok().flatten();
+        if let State::Scanning(rx) = &self.state {
+            let answer = rx.recv().ok().flatten();
+            self.state = match answer {
+                Some(layers) => State::On(layers),
+                None => State::Off,
+            };
         }
     }
 
     /// Whether the scan is done and the filter is on.
     #[cfg(test)]
     pub fn is_on(&self) -> bool {
-        self.scanned.is_some()
+        matches!(self.state, State::On(_))
     }
 }
 
-/// Reads every stored key into a filter; `None` past [`MAX_SCANNED`].
+/// Reads every stored key into a filter; `None` past [`MAX_KEYS`].
 fn scan(path: &Path, hasher: &RandomState) -> anyhow::Result<Option<Layers>> {
     let conn = Connection::open_with_flags(
         path,
@@ -226,15 +268,13 @@ fn scan(path: &Path, hasher: &RandomState) -> anyhow::Result<Option<Layers>> {
     )?;
     let mut rows = stmt.query([])?;
     let mut layers = Layers::new();
-    let mut n = 0u64;
     while let Some(row) = rows.next()? {
-        n += 1;
-        if n > MAX_SCANNED {
+        if layers.keys() >= MAX_KEYS {
             return Ok(None);
         }
         let (channel_id, author): (i64, i64) = (row.get(0)?, row.get(1)?);
         let client_id = row.get_ref(2)?.as_str()?;
-        layers.insert(hasher.hash_one((channel_id, author, client_id)));
+        layers.insert(key(hasher, channel_id, author, client_id).0);
     }
     Ok(Some(layers))
 }
@@ -288,22 +328,23 @@ mod tests {
 
         let mut seen = Seen::start(&path);
         // Before the scan is done, every key may be there.
-        seen.insert(100, 1, "new");
+        let new = seen.key(100, 1, "new");
+        seen.insert(new);
         seen.wait();
         assert!(seen.is_on());
         for i in 0..5_000i64 {
             assert!(
-                seen.may_contain(i % 7, i % 3, &format!("c{i}")),
+                seen.may_contain(seen.key(i % 7, i % 3, &format!("c{i}"))),
                 "stored key {i}"
             );
         }
-        assert!(seen.may_contain(100, 1, "new"), "the writer's own key");
+        assert!(seen.may_contain(new), "the writer's own key");
         // Keys never stored: the same client_id elsewhere, or another one.
         let claimed = (0..5_000i64)
-            .filter(|i| seen.may_contain(i % 7 + 10, i % 3, &format!("c{i}")))
+            .filter(|i| seen.may_contain(seen.key(i % 7 + 10, i % 3, &format!("c{i}"))))
             .count()
             + (5_000..10_000i64)
-                .filter(|i| seen.may_contain(i % 7, i % 3, &format!("c{i}")))
+                .filter(|i| seen.may_contain(seen.key(i % 7, i % 3, &format!("c{i}"))))
                 .count();
         assert!(claimed < 100, "{claimed} of 10,000 absent keys claimed");
     }
@@ -315,6 +356,36 @@ mod tests {
         let mut seen = Seen::start(&dir.path().join("missing").join("db"));
         seen.wait();
         assert!(!seen.is_on());
-        assert!(seen.may_contain(1, 1, "anything"));
+        assert!(seen.may_contain(seen.key(1, 1, "anything")));
+    }
+
+    #[test]
+    fn a_filter_past_its_bound_turns_off_and_lets_every_key_be_probed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut conn = Connection::open(&path).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        drop(conn);
+        let mut seen = Seen::start(&path);
+        seen.max_keys = 10;
+        seen.wait();
+        assert!(seen.is_on());
+        let absent = (0..1_000)
+            .map(|i| seen.key(1, 1, &format!("absent{i}")))
+            .collect::<Vec<_>>();
+        assert!(
+            absent.iter().any(|k| !seen.may_contain(*k)),
+            "on, it rules keys out"
+        );
+        for i in 0..11 {
+            let k = seen.key(1, 1, &format!("posted{i}"));
+            seen.insert(k);
+        }
+        assert!(!seen.is_on(), "past its bound");
+        assert!(
+            absent.iter().all(|k| seen.may_contain(*k)),
+            "off, every key may be there"
+        );
+        assert_eq!(seen.added.keys(), 0, "its memory given back");
     }
 }
