@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::gateway::bus::{Bus, LocalBus};
 use crate::gateway::cache::EventCache;
-use crate::gateway::dispatch::Dispatcher;
+use crate::gateway::dispatch::{Dispatcher, Handoff};
 use crate::gateway::hub::Hub;
 use crate::gateway::nats::NatsBus;
 use crate::gateway::reader::EventReader;
@@ -50,6 +50,7 @@ pub async fn serve(
                 cache.clone(),
                 None,
                 tokio::runtime::Handle::current(),
+                Handoff::Inline,
             );
             (LocalBus::new(dispatcher.clone()), dispatcher, None, thread)
         }

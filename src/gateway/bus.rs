@@ -67,6 +67,7 @@ mod tests {
 
     use super::*;
     use crate::gateway::cache::EventCache;
+    use crate::gateway::dispatch::Handoff;
     use crate::gateway::hub::Hub;
     use crate::gateway::stats::Stats;
     use crate::model::{EventBody, Role};
@@ -94,6 +95,7 @@ mod tests {
             Arc::clone(&cache),
             None,
             tokio::runtime::Handle::current(),
+            Handoff::Inline,
         );
         let bus = LocalBus::new(dispatcher);
         // A big batch keeps the dispatcher busy while the next one waits in its queue.

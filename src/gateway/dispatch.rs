@@ -14,9 +14,9 @@
 //! as they come, for the cache and for the users they add or remove.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError, channel, sync_channel};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -39,6 +39,21 @@ const MAX_HELD: usize = 4096;
 const FILL_PAGE: u32 = 1000;
 /// How often the cluster bus checks where the followed channels stand.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// The most events of a local batch the publishing writer hands on itself (see
+/// [`Handoff::Inline`]); a bigger batch goes to the dispatcher thread.
+const INLINE_EVENTS: usize = 8;
+
+/// How this node's committed batches reach the hub.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handoff {
+    /// Every batch through the dispatcher thread's queue.
+    Queued,
+    /// A small batch is handed on by the publishing thread itself (the writer), when the
+    /// dispatcher is idle and nothing of this node's is queued before it; bigger ones, or
+    /// any while the thread is busy, are queued. At low load this saves a thread wake-up
+    /// per commit; under load the thread still overlaps the hand-on with the next commit.
+    Inline,
+}
 
 /// Called with each batch of this node's committed events once encoded (the cluster bus
 /// publishes them).
@@ -75,6 +90,13 @@ struct Shared {
     /// Weak: the reader holds the store, which holds the bus, which holds this.
     reader: OnceLock<std::sync::Weak<EventReader>>,
     runtime: tokio::runtime::Handle,
+    /// The dispatcher's state: the thread runs it, and with [`Handoff::Inline`] so may a
+    /// publisher.
+    worker: Mutex<Worker>,
+    handoff: Handoff,
+    /// Local batches in the thread's queue, not handed on yet: while any is, a publisher
+    /// queues its own behind them (commit order).
+    queued_local: AtomicUsize,
 }
 
 impl Shared {
@@ -105,28 +127,34 @@ impl Dispatcher {
         cache: Arc<EventCache>,
         outbound: Option<Outbound>,
         runtime: tokio::runtime::Handle,
+        handoff: Handoff,
     ) -> (Self, JoinHandle<()>) {
         let (data, data_rx) = sync_channel(QUEUED_BATCHES);
         let (control, control_rx) = channel();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|weak| Shared {
             data,
             control: Mutex::new(control),
-            cache,
             reader: OnceLock::new(),
             runtime,
+            worker: Mutex::new(Worker {
+                hub,
+                shared: weak.clone(),
+                cache: Arc::clone(&cache),
+                outbound,
+                held: HashMap::new(),
+                out: Vec::new(),
+                batches: 0,
+            }),
+            cache,
+            handoff,
+            queued_local: AtomicUsize::new(0),
         });
-        let mut worker = Worker {
-            hub,
-            shared: Arc::downgrade(&shared),
-            cache: Arc::clone(&shared.cache),
-            outbound,
-            held: HashMap::new(),
-            out: Vec::new(),
-            batches: 0,
-        };
+        // The thread holds the state weakly, like everything the worker spawns: it ends
+        // when the last handle is dropped (its queue's sender goes with the state).
+        let weak = Arc::downgrade(&shared);
         let handle = std::thread::Builder::new()
             .name("natter-dispatch".into())
-            .spawn(move || worker.run(&data_rx, &control_rx))
+            .spawn(move || run(&weak, &data_rx, &control_rx))
             .expect("spawn the dispatcher thread");
         (Self { shared }, handle)
     }
@@ -142,6 +170,24 @@ impl Dispatcher {
     pub fn local(&self, events: Vec<Event>) {
         // Counted before the writer answers anyone: a cache read waits for this batch.
         self.shared.cache.mark_published();
+        if self.shared.handoff == Handoff::Inline && events.len() <= INLINE_EVENTS {
+            let worker = match self.shared.worker.try_lock() {
+                Ok(worker) => Some(worker),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                // Busy: queue it, and let the thread overlap it with the next commit.
+                Err(TryLockError::WouldBlock) => None,
+            };
+            // Nothing of this node's is queued before it (counted under the lock the
+            // thread hands batches on under), so handing it on here keeps the order.
+            if let Some(mut worker) = worker
+                && self.shared.queued_local.load(Ordering::Acquire) == 0
+            {
+                worker.local(events);
+                worker.flush();
+                return;
+            }
+        }
+        self.shared.queued_local.fetch_add(1, Ordering::AcqRel);
         if self.shared.data.send(Input::Local(events)).is_err() {
             tracing::error!("the dispatcher is gone; committed events are no longer delivered");
         }
@@ -203,47 +249,62 @@ struct Worker {
     batches: u64,
 }
 
-impl Worker {
-    fn run(&mut self, data: &Receiver<Input>, control: &Receiver<Control>) {
-        while let Ok(first) = data.recv() {
-            // Take whatever else is queued, so a busy writer's batches go out together.
-            for input in std::iter::once(first).chain(data.try_iter().take(QUEUED_BATCHES)) {
-                match input {
-                    Input::Local(events) => {
-                        let ds: Vec<Arc<Delivery>> =
-                            events.into_iter().map(Delivery::new).collect();
-                        if let Some(publish) = &self.outbound {
-                            publish(&ds);
-                        }
-                        self.offer(ds);
-                        self.batches += 1;
-                    }
-                    Input::Remote(events) => {
-                        self.offer(events.into_iter().map(Delivery::new).collect());
-                    }
-                    Input::Typing {
-                        channel_id,
-                        user_id,
-                    } => {
-                        self.flush();
-                        self.hub.typing(channel_id, user_id);
-                    }
-                    Input::Wake => {}
-                    Input::Stop => {
-                        self.flush();
-                        return;
-                    }
+/// The dispatcher thread: takes what is queued, hands it on under the state's lock.
+fn run(shared: &std::sync::Weak<Shared>, data: &Receiver<Input>, control: &Receiver<Control>) {
+    while let Ok(first) = data.recv() {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut worker = shared.worker.lock().unwrap_or_else(|p| p.into_inner());
+        let mut local = 0;
+        // Take whatever else is queued, so a busy writer's batches go out together.
+        for input in std::iter::once(first).chain(data.try_iter().take(QUEUED_BATCHES)) {
+            match input {
+                Input::Local(events) => {
+                    worker.local(events);
+                    local += 1;
+                }
+                Input::Remote(events) => {
+                    worker.offer(events.into_iter().map(Delivery::new).collect());
+                }
+                Input::Typing {
+                    channel_id,
+                    user_id,
+                } => {
+                    worker.flush();
+                    worker.hub.typing(channel_id, user_id);
+                }
+                Input::Wake => {}
+                Input::Stop => {
+                    worker.flush();
+                    shared.queued_local.fetch_sub(local, Ordering::AcqRel);
+                    return;
                 }
             }
-            for c in control.try_iter() {
-                match c {
-                    Control::Behind(positions) => self.behind(positions),
-                    Control::Due(channel_id) => self.due(channel_id),
-                    Control::Filled(channel_id, page) => self.filled(channel_id, page),
-                }
-            }
-            self.flush();
         }
+        for c in control.try_iter() {
+            match c {
+                Control::Behind(positions) => worker.behind(positions),
+                Control::Due(channel_id) => worker.due(channel_id),
+                Control::Filled(channel_id, page) => worker.filled(channel_id, page),
+            }
+        }
+        worker.flush();
+        // Handed on: a publisher may hand its next batch on itself.
+        shared.queued_local.fetch_sub(local, Ordering::AcqRel);
+    }
+}
+
+impl Worker {
+    /// One of this node's committed batches: encoded, published to the other nodes, and
+    /// sorted for the next flush.
+    fn local(&mut self, events: Vec<Event>) {
+        let ds: Vec<Arc<Delivery>> = events.into_iter().map(Delivery::new).collect();
+        if let Some(publish) = &self.outbound {
+            publish(&ds);
+        }
+        self.offer(ds);
+        self.batches += 1;
     }
 
     /// Sorts events into dispatched now, held, or dropped.
@@ -557,6 +618,7 @@ mod tests {
             Arc::clone(&cache),
             None,
             tokio::runtime::Handle::current(),
+            Handoff::Queued,
         );
         dispatcher
             .remote(vec![event(1, 1), event(1, 3), event(2, 9)])
@@ -599,6 +661,7 @@ mod tests {
             Arc::new(EventCache::new(1 << 20)),
             None,
             tokio::runtime::Handle::current(),
+            Handoff::Queued,
         );
         let added = Event {
             channel_id: 1,
@@ -617,6 +680,46 @@ mod tests {
         dispatcher.remote(vec![added, event(1, 6)]).await;
         dispatcher.remote(vec![event(1, 7)]).await;
         assert_eq!(seqs(&alice, 2).await, [6, 7]);
+        dispatcher.stop();
+        thread.join().unwrap();
+    }
+
+    /// With the inline hand-off, a small batch is handed on by the publishing thread
+    /// before `local` returns when the dispatcher is idle, and one published while the
+    /// thread still works through an earlier batch waits behind it: commit order holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_inline_hand_off_keeps_commit_order() {
+        let stats = Arc::new(Stats::default());
+        let hub = Arc::new(Hub::new(Arc::clone(&stats)));
+        let outbox = Arc::new(Outbox::new(1 << 30, Arc::clone(&stats)));
+        let conn = hub.register(7, [0; 32], Arc::clone(&outbox));
+        hub.subscribe(conn, 1);
+        hub.seed(1, 0);
+        let (dispatcher, thread) = Dispatcher::start(
+            Arc::clone(&hub),
+            Arc::new(EventCache::new(1 << 30)),
+            None,
+            tokio::runtime::Handle::current(),
+            Handoff::Inline,
+        );
+        dispatcher.local(vec![event(1, 1)]);
+        assert_eq!(
+            hub.position(1),
+            Some(Some(1)),
+            "handed on before local returned"
+        );
+        // A big batch goes to the thread; the small ones right behind it must not pass it.
+        dispatcher.local((2..=20_000).map(|seq| event(1, seq)).collect());
+        for seq in 20_001..=20_100 {
+            dispatcher.local(vec![event(1, seq)]);
+        }
+        let got = seqs(&outbox, 20_100).await;
+        assert_eq!(got, (1..=20_100).collect::<Vec<_>>());
+        assert_eq!(
+            stats.dispatch_held.load(Ordering::Relaxed),
+            0,
+            "none came early"
+        );
         dispatcher.stop();
         thread.join().unwrap();
     }

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 
 use super::bus::{Bus, RevokeHandler};
 use super::cache::EventCache;
-use super::dispatch::{Dispatcher, Outbound};
+use super::dispatch::{Dispatcher, Handoff, Outbound};
 use super::hub::{Hub, Interest};
 use super::outbox::Delivery;
 use crate::model::{Event, EventBody, Message, Role};
@@ -150,6 +150,7 @@ impl NatsBus {
             cache,
             Some(outbound(publish.clone(), Arc::clone(&counters))),
             tokio::runtime::Handle::current(),
+            Handoff::Queued,
         );
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (inbox, inbox_rx) = mpsc::channel(INBOX);

@@ -7,8 +7,10 @@
 //! many rows per page ([`fold`]), and deletes them from the log:
 //! - a little at a time: each batch transaction first folds the rows of batches
 //!   committed over [`FOLD_AFTER`] ago, at most [`TRICKLE_ROWS`] of them (or as many as
-//!   the batch appends), so at a steady rate the log holds about a second of posts and
-//!   no commit waits behind a large fold;
+//!   the batch appends), and at least [`TRICKLE_MIN_ROWS`] unless they have waited
+//!   [`TRICKLE_WAIT`] (at a low rate rows are folded in chunks, not a page write or more
+//!   per row), so at a steady rate the log holds a second or two of posts and no commit
+//!   waits behind a large fold;
 //! - all at once, in a transaction of its own, when the log holds `fold_rows` rows (the
 //!   writer is saturated: large folds write the fewest pages per post), at a stop, and
 //!   at open (what a previous run or a crash left); while no write comes, the log and
@@ -45,6 +47,12 @@ pub const FOLD_ROWS: usize = 16_384;
 pub(super) const FOLD_AFTER: Duration = Duration::from_secs(1);
 /// Most old rows one batch transaction folds (unless the batch itself appends more).
 pub(super) const TRICKLE_ROWS: usize = 512;
+/// Fewest old rows a trickle folds, unless they have waited [`TRICKLE_WAIT`]: rows folded
+/// together share the pages they go to, and every page a commit writes is a WAL frame of
+/// its own (at one post per commit, folding one row a commit wrote ~5 pages more).
+pub(super) const TRICKLE_MIN_ROWS: usize = 256;
+/// Age past which old rows are folded however few.
+pub(super) const TRICKLE_WAIT: Duration = Duration::from_secs(2);
 /// Bytes of posts in the log (their text, and a row's overhead) past which it is folded
 /// all at once, whatever its rows: bounds the tail's memory.
 pub(super) const FOLD_BYTES: usize = 64 << 20;
@@ -376,10 +384,11 @@ impl Unfolded {
 
     /// Folds, inside the open transaction, the oldest committed batches' rows when they
     /// are over [`FOLD_AFTER`] old: at most [`TRICKLE_ROWS`] (or `at_least`) rows, but
-    /// always the oldest batch whole.
+    /// always the oldest batch whole; and none while fewer than [`TRICKLE_MIN_ROWS`] are
+    /// due and the oldest has waited less than [`TRICKLE_WAIT`].
     pub fn trickle(&mut self, tx: &Connection, at_least: usize) -> rusqlite::Result<usize> {
         let bound = TRICKLE_ROWS.max(at_least);
-        let (mut through, mut rows) = (self.folded_through, 0);
+        let (mut through, mut rows, mut oldest) = (self.folded_through, 0, None);
         for b in &self.committed {
             if b.last_pos <= self.folded_through {
                 continue;
@@ -387,10 +396,12 @@ impl Unfolded {
             if b.at.elapsed() < FOLD_AFTER || (rows > 0 && rows + b.rows > bound) {
                 break;
             }
+            oldest.get_or_insert(b.at);
             through = b.last_pos;
             rows += b.rows;
         }
-        if through == self.folded_through {
+        let waited = oldest.is_some_and(|at| at.elapsed() >= TRICKLE_WAIT);
+        if through == self.folded_through || (rows < TRICKLE_MIN_ROWS && !waited) {
             return Ok(0);
         }
         self.fold_through(tx, through)
@@ -655,7 +666,7 @@ mod tests {
         commit(&mut log, &[post(1, 1, 7), post(2, 1, 7)]);
         commit(&mut log, &[post(1, 2, 8)]);
         assert!(!log.due());
-        std::thread::sleep(FOLD_AFTER + Duration::from_millis(100));
+        std::thread::sleep(TRICKLE_WAIT + Duration::from_millis(100));
         commit(&mut log, &[post(1, 3, 7)]);
         assert_eq!(counts(&conn), (1, 3, 3), "the old batches folded");
         let seqs = |log: &Unfolded, ch| {
@@ -706,5 +717,42 @@ mod tests {
         assert!(log.by_client_id(1, 7, "c1-3").is_none());
         assert_eq!(fold_all(&mut conn).unwrap(), 1);
         assert_eq!(counts(&conn), (0, 5, 5));
+    }
+
+    /// Regression: at one post per commit, each commit folded the one row that had just
+    /// become old, so every post cost a commit some five more page writes. A few old
+    /// rows now wait for more (or for [`TRICKLE_WAIT`]) and fold together.
+    #[test]
+    fn a_trickle_folds_old_rows_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000);
+        let mut commit = |log: &mut Unfolded, posts: &[Message]| {
+            let tx = conn.transaction().unwrap();
+            let n = log.trickle(&tx, posts.len()).unwrap();
+            for m in posts {
+                log.append(&tx, m).unwrap();
+            }
+            tx.commit().unwrap();
+            log.committed();
+            n
+        };
+        commit(&mut log, &[post(1, 1, 7), post(2, 1, 7), post(1, 2, 8)]);
+        std::thread::sleep(FOLD_AFTER + Duration::from_millis(100));
+        assert_eq!(commit(&mut log, &[post(1, 3, 7)]), 0, "three old rows wait");
+        let many: Vec<Message> = (1..=TRICKLE_MIN_ROWS as i64)
+            .map(|seq| post(3, seq, 7))
+            .collect();
+        assert_eq!(commit(&mut log, &many), 0);
+        std::thread::sleep(FOLD_AFTER + Duration::from_millis(100));
+        let folded = commit(&mut log, &[post(1, 4, 7)]);
+        assert_eq!(
+            folded,
+            TRICKLE_MIN_ROWS + 4,
+            "enough old rows fold together"
+        );
+        assert_eq!(log.rows(), 1);
+        assert_eq!(counts(&conn).1, folded as i64);
     }
 }
