@@ -40,8 +40,11 @@ const FILL_PAGE: u32 = 1000;
 /// How often the cluster bus checks where the followed channels stand.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// The most events of a local batch the publishing writer hands on itself (see
-/// [`Handoff::Inline`]); a bigger batch goes to the dispatcher thread.
+/// [`Handoff::Inline`]), and the most deliveries they make here; a bigger batch goes to
+/// the dispatcher thread (the writer answers its writers after the hand-on: a channel with
+/// a thousand followers would hold the acks back by as many pushes).
 const INLINE_EVENTS: usize = 8;
+const INLINE_DELIVERIES: usize = 64;
 
 /// How this node's committed batches reach the hub.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +93,7 @@ struct Shared {
     /// Weak: the reader holds the store, which holds the bus, which holds this.
     reader: OnceLock<std::sync::Weak<EventReader>>,
     runtime: tokio::runtime::Handle,
+    hub: Arc<Hub>,
     /// The dispatcher's state: the thread runs it, and with [`Handoff::Inline`] so may a
     /// publisher.
     worker: Mutex<Worker>,
@@ -136,6 +140,7 @@ impl Dispatcher {
             control: Mutex::new(control),
             reader: OnceLock::new(),
             runtime,
+            hub: Arc::clone(&hub),
             worker: Mutex::new(Worker {
                 hub,
                 shared: weak.clone(),
@@ -170,7 +175,10 @@ impl Dispatcher {
     pub fn local(&self, events: Vec<Event>) {
         // Counted before the writer answers anyone: a cache read waits for this batch.
         self.shared.cache.mark_published();
-        if self.shared.handoff == Handoff::Inline && events.len() <= INLINE_EVENTS {
+        if self.shared.handoff == Handoff::Inline
+            && events.len() <= INLINE_EVENTS
+            && self.shared.hub.deliveries(&events) <= INLINE_DELIVERIES
+        {
             let worker = match self.shared.worker.try_lock() {
                 Ok(worker) => Some(worker),
                 Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),

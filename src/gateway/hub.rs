@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use super::outbox::{Delivery, Item, Outbox};
 use super::stats::Stats;
+use crate::model::Event;
 use crate::store::TokenHash;
 use crate::wire::protocol;
 
@@ -306,6 +307,19 @@ impl Hub {
             .by_channel
             .get(&channel_id)
             .map(Followers::known)
+    }
+
+    /// Deliveries `events` make here: the connections following each one's channel.
+    pub fn deliveries(&self, events: &[Event]) -> usize {
+        let subs = self.read();
+        events
+            .iter()
+            .map(|e| {
+                subs.by_channel
+                    .get(&e.channel_id)
+                    .map_or(0, |f| f.conns.len())
+            })
+            .sum()
     }
 
     pub(super) fn cursors(&self) -> Cursors<'_> {
