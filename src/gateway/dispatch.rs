@@ -610,16 +610,23 @@ mod tests {
         got
     }
 
+    /// A hub with one connection (user 7) following channel 1 from its start, and its
+    /// outbox of `bytes`.
+    fn one_follower(bytes: usize) -> (Arc<Stats>, Arc<Hub>, Arc<Outbox>) {
+        let stats = Arc::new(Stats::default());
+        let hub = Arc::new(Hub::new(Arc::clone(&stats)));
+        let outbox = Arc::new(Outbox::new(bytes, Arc::clone(&stats)));
+        let conn = hub.register(7, [0; 32], Arc::clone(&outbox));
+        hub.subscribe(conn, 1);
+        hub.seed(1, 0);
+        (stats, hub, outbox)
+    }
+
     /// Events of a followed channel that come late, twice or out of order are dispatched
     /// once each, in seq order; a channel nobody follows is not held back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_followed_channel_is_dispatched_in_order_once() {
-        let stats = Arc::new(Stats::default());
-        let hub = Arc::new(Hub::new(Arc::clone(&stats)));
-        let outbox = Arc::new(Outbox::new(1 << 20, Arc::clone(&stats)));
-        let conn = hub.register(7, [0; 32], Arc::clone(&outbox));
-        hub.subscribe(conn, 1);
-        hub.seed(1, 0);
+        let (stats, hub, outbox) = one_follower(1 << 20);
         let cache = Arc::new(EventCache::new(1 << 20));
         let (dispatcher, thread) = Dispatcher::start(
             Arc::clone(&hub),
@@ -697,12 +704,7 @@ mod tests {
     /// thread still works through an earlier batch waits behind it: commit order holds.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_inline_hand_off_keeps_commit_order() {
-        let stats = Arc::new(Stats::default());
-        let hub = Arc::new(Hub::new(Arc::clone(&stats)));
-        let outbox = Arc::new(Outbox::new(1 << 30, Arc::clone(&stats)));
-        let conn = hub.register(7, [0; 32], Arc::clone(&outbox));
-        hub.subscribe(conn, 1);
-        hub.seed(1, 0);
+        let (stats, hub, outbox) = one_follower(1 << 30);
         let (dispatcher, thread) = Dispatcher::start(
             Arc::clone(&hub),
             Arc::new(EventCache::new(1 << 30)),

@@ -647,27 +647,30 @@ mod tests {
         .unwrap()
     }
 
+    /// A batch of `posts` committed after the trickle; the rows it folded.
+    fn commit(conn: &mut Connection, log: &mut Unfolded, posts: &[Message]) -> usize {
+        let tx = conn.transaction().unwrap();
+        let n = log.trickle(&tx, posts.len()).unwrap();
+        for m in posts {
+            log.append(&tx, m).unwrap();
+        }
+        tx.commit().unwrap();
+        log.committed();
+        n
+    }
+
     #[test]
     fn old_batches_trickle_out_a_rolled_back_fold_changes_nothing_and_a_full_fold_takes_all() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("db")).unwrap();
         super::super::schema::migrate(&mut conn).unwrap();
         let mut log = Unfolded::new(Arc::new(Tail::default()), 1000);
-        let mut commit = |log: &mut Unfolded, posts: &[Message]| {
-            let tx = conn.transaction().unwrap();
-            log.trickle(&tx, posts.len()).unwrap();
-            for m in posts {
-                log.append(&tx, m).unwrap();
-            }
-            tx.commit().unwrap();
-            log.committed();
-        };
         // Two old batches, then a young one.
-        commit(&mut log, &[post(1, 1, 7), post(2, 1, 7)]);
-        commit(&mut log, &[post(1, 2, 8)]);
+        commit(&mut conn, &mut log, &[post(1, 1, 7), post(2, 1, 7)]);
+        commit(&mut conn, &mut log, &[post(1, 2, 8)]);
         assert!(!log.due());
         std::thread::sleep(TRICKLE_WAIT + Duration::from_millis(100));
-        commit(&mut log, &[post(1, 3, 7)]);
+        commit(&mut conn, &mut log, &[post(1, 3, 7)]);
         assert_eq!(counts(&conn), (1, 3, 3), "the old batches folded");
         let seqs = |log: &Unfolded, ch| {
             log.tail
@@ -728,25 +731,23 @@ mod tests {
         let mut conn = Connection::open(dir.path().join("db")).unwrap();
         super::super::schema::migrate(&mut conn).unwrap();
         let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000);
-        let mut commit = |log: &mut Unfolded, posts: &[Message]| {
-            let tx = conn.transaction().unwrap();
-            let n = log.trickle(&tx, posts.len()).unwrap();
-            for m in posts {
-                log.append(&tx, m).unwrap();
-            }
-            tx.commit().unwrap();
-            log.committed();
-            n
-        };
-        commit(&mut log, &[post(1, 1, 7), post(2, 1, 7), post(1, 2, 8)]);
+        commit(
+            &mut conn,
+            &mut log,
+            &[post(1, 1, 7), post(2, 1, 7), post(1, 2, 8)],
+        );
         std::thread::sleep(FOLD_AFTER + Duration::from_millis(100));
-        assert_eq!(commit(&mut log, &[post(1, 3, 7)]), 0, "three old rows wait");
+        assert_eq!(
+            commit(&mut conn, &mut log, &[post(1, 3, 7)]),
+            0,
+            "three old rows wait"
+        );
         let many: Vec<Message> = (1..=TRICKLE_MIN_ROWS as i64)
             .map(|seq| post(3, seq, 7))
             .collect();
-        assert_eq!(commit(&mut log, &many), 0);
+        assert_eq!(commit(&mut conn, &mut log, &many), 0);
         std::thread::sleep(FOLD_AFTER + Duration::from_millis(100));
-        let folded = commit(&mut log, &[post(1, 4, 7)]);
+        let folded = commit(&mut conn, &mut log, &[post(1, 4, 7)]);
         assert_eq!(
             folded,
             TRICKLE_MIN_ROWS + 4,
