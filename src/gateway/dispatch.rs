@@ -93,7 +93,6 @@ struct Shared {
     /// Weak: the reader holds the store, which holds the bus, which holds this.
     reader: OnceLock<std::sync::Weak<EventReader>>,
     runtime: tokio::runtime::Handle,
-    hub: Arc<Hub>,
     /// The dispatcher's state: the thread runs it, and with [`Handoff::Inline`] so may a
     /// publisher.
     worker: Mutex<Worker>,
@@ -140,7 +139,6 @@ impl Dispatcher {
             control: Mutex::new(control),
             reader: OnceLock::new(),
             runtime,
-            hub: Arc::clone(&hub),
             worker: Mutex::new(Worker {
                 hub,
                 shared: weak.clone(),
@@ -170,35 +168,54 @@ impl Dispatcher {
         let _ = self.shared.reader.set(Arc::downgrade(&reader));
     }
 
-    /// This node's committed events, in commit order; waits while the dispatcher is
-    /// [`QUEUED_BATCHES`] behind (the writers' backpressure).
+    /// This node's committed events, in commit order: handed on here when
+    /// [`Handoff::Inline`] allows, else queued to the thread; waits while the dispatcher
+    /// is [`QUEUED_BATCHES`] behind (the writers' backpressure).
     pub fn local(&self, events: Vec<Event>) {
         // Counted before the writer answers anyone: a cache read waits for this batch.
         self.shared.cache.mark_published();
-        if self.shared.handoff == Handoff::Inline
-            && events.len() <= INLINE_EVENTS
-            && self.shared.hub.deliveries(&events) <= INLINE_DELIVERIES
-        {
-            let worker = match self.shared.worker.try_lock() {
-                Ok(worker) => Some(worker),
-                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                // Busy: queue it, and let the thread overlap it with the next commit.
-                Err(TryLockError::WouldBlock) => None,
-            };
-            // Nothing of this node's is queued before it (counted under the lock the
-            // thread hands batches on under), so handing it on here keeps the order.
-            if let Some(mut worker) = worker
-                && self.shared.queued_local.load(Ordering::Acquire) == 0
-            {
-                worker.local(events);
-                worker.flush();
-                return;
-            }
-        }
+        let events = match self.inline(events) {
+            Some(events) => events,
+            None => return,
+        };
         self.shared.queued_local.fetch_add(1, Ordering::AcqRel);
         if self.shared.data.send(Input::Local(events)).is_err() {
             tracing::error!("the dispatcher is gone; committed events are no longer delivered");
         }
+    }
+
+    /// Hands a small batch to the hub from the calling thread when the dispatcher thread is idle and
+    /// nothing of this node's is queued before it; gives the batch back otherwise.
+    fn inline(&self, events: Vec<Event>) -> Option<Vec<Event>> {
+        if self.shared.handoff != Handoff::Inline || events.len() > INLINE_EVENTS {
+            return Some(events);
+        }
+        let mut worker = match self.shared.worker.try_lock() {
+            Ok(worker) => worker,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            // Busy: queue it, and let the thread overlap it with the next commit.
+            Err(TryLockError::WouldBlock) => return Some(events),
+        };
+        // Nothing of this node's may be queued before it (counted under the lock the
+        // thread hands batches on under), or the order would not hold.
+        if self.shared.queued_local.load(Ordering::Acquire) > 0
+            || worker.hub.deliveries(&events) > INLINE_DELIVERIES
+        {
+            return Some(events);
+        }
+        // The caller is the writer: a bug in the hand-on must not end the writes too. The
+        // batch is then lost to the live path only, as when the dispatcher thread fails
+        // (a session that sees a later event reads the gap from the store).
+        let handed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            worker.local(events);
+            worker.flush();
+        }));
+        if handed.is_err() {
+            tracing::error!(
+                "handing committed events to the hub failed; they are not delivered live"
+            );
+        }
+        None
     }
 
     /// Events another node committed. Waits (off the async threads) while the dispatcher
