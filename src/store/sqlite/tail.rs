@@ -5,12 +5,14 @@
 //! of a row in each of the channel-keyed `events` and `messages` tables (a page per
 //! channel per commit). The writer moves the log's oldest rows into those tables later,
 //! many rows per page ([`fold`]), and deletes them from the log:
-//! - a little at a time: each batch transaction first folds the rows of batches
-//!   committed over [`FOLD_AFTER`] ago, at most [`TRICKLE_ROWS`] of them (or as many as
-//!   the batch appends), and at least [`TRICKLE_MIN_ROWS`] unless they have waited
+//! - a little at a time: the rows of batches committed over [`FOLD_AFTER`] ago, at most
+//!   [`TRICKLE_ROWS`] of them, and at least [`TRICKLE_MIN_ROWS`] unless they have waited
 //!   [`TRICKLE_WAIT`] (at a low rate rows are folded in chunks, not a page write or more
-//!   per row), so at a steady rate the log holds a second or two of posts and no commit
-//!   waits behind a large fold;
+//!   per row). The writer folds them between batches while no write waits, in
+//!   transactions that do not sync ([`Unfolded::fold_old`]), so no commit carries them;
+//!   a writer that never finds its queue empty folds them at the start of each batch
+//!   instead ([`Unfolded::trickle`], as many as the batch appends). At a steady rate the
+//!   log holds a second or two of posts and no commit waits behind a large fold;
 //! - all at once, in a transaction of its own, when the log holds `fold_rows` rows (the
 //!   writer is saturated: large folds write the fewest pages per post), at a stop, and
 //!   at open (what a previous run or a crash left); while no write comes, the log and
@@ -387,7 +389,15 @@ impl Unfolded {
     /// always the oldest batch whole; and none while fewer than [`TRICKLE_MIN_ROWS`] are
     /// due and the oldest has waited less than [`TRICKLE_WAIT`].
     pub fn trickle(&mut self, tx: &Connection, at_least: usize) -> rusqlite::Result<usize> {
-        let bound = TRICKLE_ROWS.max(at_least);
+        match self.old_rows(TRICKLE_ROWS.max(at_least)) {
+            Some(through) => self.fold_through(tx, through),
+            None => Ok(0),
+        }
+    }
+
+    /// The `pos` a trickle of at most `bound` rows (but always the oldest batch whole)
+    /// would fold through, if one is due ([`Self::trickle`]'s rule).
+    fn old_rows(&self, bound: usize) -> Option<i64> {
         let (mut through, mut rows, mut oldest) = (self.folded_through, 0, None);
         for b in &self.committed {
             if b.last_pos <= self.folded_through {
@@ -402,9 +412,48 @@ impl Unfolded {
         }
         let waited = oldest.is_some_and(|at| at.elapsed() >= TRICKLE_WAIT);
         if through == self.folded_through || (rows < TRICKLE_MIN_ROWS && !waited) {
-            return Ok(0);
+            return None;
         }
-        self.fold_through(tx, through)
+        Some(through)
+    }
+
+    /// Whether old rows are due a trickle ([`Self::fold_old`] would fold some).
+    pub fn old_rows_due(&self) -> bool {
+        self.batch.is_empty() && self.old_rows(TRICKLE_ROWS).is_some()
+    }
+
+    /// Between batches, while no write waits: folds the rows a trickle would, in a
+    /// transaction of its own that does not sync (`synchronous=NORMAL`), so no batch's
+    /// commit waits behind the fold and the fold adds no `fsync`. Durability is not at
+    /// stake: a fold only moves committed rows, atomically; the next batch's commit syncs
+    /// the WAL with the fold's frames in it, and a fold lost to a crash leaves the rows
+    /// in the log, folded at the next open. `synchronous` is set back to `FULL` before
+    /// this returns, whatever happened; if that fails, the error says so and the caller
+    /// must not commit another batch on `conn`. Returns the rows folded.
+    pub fn fold_old(&mut self, conn: &mut Connection) -> Result<usize, QuietFoldError> {
+        let Some(through) = self
+            .old_rows(TRICKLE_ROWS)
+            .filter(|_| self.batch.is_empty())
+        else {
+            return Ok(0);
+        };
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(QuietFoldError::Fold)?;
+        let folded = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .and_then(|tx| {
+                let n = self.fold_through(&tx, through)?;
+                tx.commit()?;
+                Ok(n)
+            });
+        let restored = conn.pragma_update(None, "synchronous", "FULL");
+        // No batch is open: the fold's own rows are all it changed.
+        match folded {
+            Ok(_) => self.committed(),
+            Err(_) => self.trickle_failed(),
+        }
+        restored.map_err(QuietFoldError::Unsynced)?;
+        folded.map_err(QuietFoldError::Fold)
     }
 
     fn fold_through(&mut self, tx: &Connection, through: i64) -> rusqlite::Result<usize> {
@@ -483,6 +532,18 @@ impl Unfolded {
             remember(&mut self.by_client, &e.message);
         }
     }
+}
+
+/// Why a quiet fold ([`Unfolded::fold_old`]) failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum QuietFoldError {
+    /// The fold did not commit: its rows stay in the log.
+    #[error("folding old rows: {0}")]
+    Fold(rusqlite::Error),
+    /// `synchronous` could not be set back to `FULL`: a commit on the connection would
+    /// not be durable.
+    #[error("restoring synchronous=FULL after a fold: {0}")]
+    Unsynced(rusqlite::Error),
 }
 
 /// `(channel, author)` → `client_id` → seq: looked up by `&str`, with no allocation on
@@ -649,8 +710,22 @@ mod tests {
 
     /// A batch of `posts` committed after the trickle; the rows it folded.
     fn commit(conn: &mut Connection, log: &mut Unfolded, posts: &[Message]) -> usize {
+        commit_as(conn, log, posts, true)
+    }
+
+    /// A batch of `posts` committed, after the trickle if `trickle`; the rows it folded.
+    fn commit_as(
+        conn: &mut Connection,
+        log: &mut Unfolded,
+        posts: &[Message],
+        trickle: bool,
+    ) -> usize {
         let tx = conn.transaction().unwrap();
-        let n = log.trickle(&tx, posts.len()).unwrap();
+        let n = if trickle {
+            log.trickle(&tx, posts.len()).unwrap()
+        } else {
+            0
+        };
         for m in posts {
             log.append(&tx, m).unwrap();
         }
@@ -755,5 +830,59 @@ mod tests {
         );
         assert_eq!(log.rows(), 1);
         assert_eq!(counts(&conn).1, folded as i64);
+    }
+
+    fn synchronous(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Between batches the old rows fold in a transaction of their own that does not
+    /// sync; the connection is back to `synchronous=FULL` after it, also when it fails.
+    #[test]
+    fn a_quiet_fold_takes_the_old_rows_and_leaves_the_connection_syncing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        conn.pragma_update(None, "synchronous", "FULL").unwrap();
+        let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000);
+        let many: Vec<Message> = (1..=TRICKLE_MIN_ROWS as i64 + 10)
+            .map(|seq| post(1 + seq % 3, seq, 7))
+            .collect();
+        commit_as(&mut conn, &mut log, &many, false);
+        assert!(!log.old_rows_due(), "young rows wait");
+        assert_eq!(log.fold_old(&mut conn).unwrap(), 0);
+        std::thread::sleep(FOLD_AFTER + Duration::from_millis(100));
+        commit_as(&mut conn, &mut log, &[post(9, 1, 7)], false);
+        assert_eq!(
+            counts(&conn).0,
+            many.len() as i64 + 1,
+            "the batch folded none"
+        );
+        assert!(log.old_rows_due());
+
+        // A fold that fails (its table is gone) leaves the rows where they were.
+        conn.execute_batch("ALTER TABLE events RENAME TO events_away")
+            .unwrap();
+        assert!(matches!(
+            log.fold_old(&mut conn),
+            Err(QuietFoldError::Fold(_))
+        ));
+        assert_eq!(synchronous(&conn), 2, "FULL again after a failed fold");
+        assert_eq!(log.rows(), many.len() + 1);
+        conn.execute_batch("ALTER TABLE events_away RENAME TO events")
+            .unwrap();
+
+        assert_eq!(log.fold_old(&mut conn).unwrap(), many.len());
+        assert_eq!(synchronous(&conn), 2, "FULL again after a fold");
+        assert_eq!(counts(&conn), (1, many.len() as i64, many.len() as i64));
+        assert_eq!(log.rows(), 1, "the young row stays");
+        assert!(log.tail.range(1, 0, i64::MAX, 10, false).is_empty());
+        assert_eq!(log.tail.range(9, 0, i64::MAX, 10, false).len(), 1);
+        assert!(
+            log.by_client_id(1, 7, "c1-3").is_none(),
+            "folded: the table answers"
+        );
+        assert!(!log.old_rows_due());
     }
 }

@@ -18,6 +18,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::hot::Hot;
+use super::tail::QuietFoldError;
 use super::write::{self, Done, HotUse, Op};
 use crate::id::Snowflake;
 use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_one};
@@ -26,6 +27,9 @@ use crate::store::{OnCommit, Result, Rules, StoreError};
 
 /// Most ops one transaction takes; bounds the time a caller waits behind a batch.
 const MAX_BATCH: usize = 4096;
+/// A writer that has found writes waiting after every commit for this long gets no turn
+/// between batches to fold old rows, so its batches fold them.
+const BUSY_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a batch transaction was not committed.
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +264,7 @@ impl Writer {
             rules,
             on_commit,
             stats: Arc::clone(&stats),
+            busy_since: None,
         };
         let handle = std::thread::Builder::new()
             .name("natter-writer".into())
@@ -305,6 +310,9 @@ struct State {
     rules: Rules,
     on_commit: Option<OnCommit>,
     stats: Arc<WriteStats>,
+    /// Since when the writer has found its queue non-empty after every commit (`None`:
+    /// it found it empty after the last one).
+    busy_since: Option<Instant>,
 }
 
 impl State {
@@ -350,6 +358,17 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
         // Folded when due, and all at a stop, so a clean restart starts with an empty log.
         if state.hot.log.due() || (stop.is_some() && !state.hot.log.is_empty()) {
             fold(&mut state);
+        }
+        if stop.is_none() && rx.is_empty() {
+            state.busy_since = None;
+            if let Err(e) = fold_old(&mut state, &rx) {
+                // Nothing more is committed on a connection that would not sync: writes
+                // are refused as unavailable from here on, never acknowledged unsynced.
+                tracing::error!(error = %e, "the writer stops: its connection's synchronous setting could not be restored");
+                return;
+            }
+        } else {
+            state.busy_since.get_or_insert_with(Instant::now);
         }
         if let Some(done) = stop.take() {
             // Later writes stay queued until the receiver drops: they are never answered
@@ -411,6 +430,38 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
             }
         }
     }
+}
+
+/// While no write waits, folds the log's old rows a chunk at a time in transactions that
+/// do not sync ([`super::tail::Unfolded::fold_old`]), so the batches' commits do not carry
+/// them. Stops at the first write that comes. `Err` only when the connection could not be
+/// set back to `synchronous=FULL`; a fold that fails otherwise is left for later.
+fn fold_old(state: &mut State, rx: &mpsc::Receiver<Msg>) -> Result<(), QuietFoldError> {
+    if state.stats.disk.refused() {
+        return Ok(());
+    }
+    while rx.is_empty() && state.hot.log.old_rows_due() {
+        let started = Instant::now();
+        match state.hot.log.fold_old(&mut state.conn) {
+            Ok(rows) => {
+                state.stats.fold_seconds.observe_duration(started.elapsed());
+                state
+                    .stats
+                    .folded_rows
+                    .fetch_add(rows as u64, Ordering::Relaxed);
+            }
+            Err(QuietFoldError::Fold(e)) => {
+                if matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+                {
+                    state.stats.disk.set_full();
+                }
+                tracing::warn!(error = %e, "folding the commit log's old rows failed; they stay in the log");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Folds the whole commit log in a transaction of its own. A fold that fails leaves the
@@ -476,14 +527,18 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
         hot,
         rules,
         stats,
+        busy_since,
         ..
     } = state;
     let mut journal = Vec::new();
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // The commit log's old rows go a few at a time, with the batches that add more; not
-    // while the disk is short (what is taken then frees space, and a fold takes some).
-    // A trickle that fails is undone alone and left for later: the batch goes on.
-    if !stats.disk.refused() && !batch.iter().all(|j| j.op.frees_space()) {
+    // The commit log's old rows go a few at a time between batches ([`fold_old`]); only
+    // a writer that has had no empty queue for [`BUSY_AFTER`] folds them with the batches
+    // that add more. Not while the disk is short (what is taken then frees space, and a
+    // fold takes some). A trickle that fails is undone alone and left for later: the
+    // batch goes on.
+    let busy = busy_since.is_some_and(|t| t.elapsed() >= BUSY_AFTER);
+    if busy && !stats.disk.refused() && !batch.iter().all(|j| j.op.frees_space()) {
         let trickled = tx.savepoint().and_then(|sp| {
             let n = hot.log.trickle(&sp, batch.len())?;
             sp.commit()?;
