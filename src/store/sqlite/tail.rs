@@ -10,8 +10,9 @@
 //!   [`TRICKLE_WAIT`] (at a low rate rows are folded in chunks, not a page write or more
 //!   per row). The writer folds them between batches while no write waits, in
 //!   transactions that do not sync ([`Unfolded::fold_old`]), so no commit carries them;
-//!   a writer that never finds its queue empty folds them at the start of each batch
-//!   instead ([`Unfolded::trickle`], as many as the batch appends). At a steady rate the
+//!   a writer that has not found its queue empty for a while, or whose old rows pile up
+//!   past [`TRICKLE_BACKLOG`], folds them at the start of each batch instead
+//!   ([`Unfolded::trickle`], as many as the batch appends). At a steady rate the
 //!   log holds a second or two of posts and no commit waits behind a large fold;
 //! - all at once, in a transaction of its own, when the log holds `fold_rows` rows (the
 //!   writer is saturated: large folds write the fewest pages per post), at a stop, and
@@ -30,7 +31,8 @@
 //!   `pos`, which is commit order and, per channel, seq order), so `events` always holds
 //!   a prefix of each channel's log and the tail the rest.
 //! - The tail changes only after a commit: extended with the batch's posts, and rid of
-//!   what the batch folded. A rolled-back batch leaves it as it was.
+//!   what the batch (or a fold of its own) folded. A rolled-back batch or fold leaves it
+//!   as it was.
 //! - `pos` is assigned by the writer, growing for the whole run (a full fold empties the
 //!   table; rowids alone would start again). The open folds the whole log, so a restart
 //!   starts with an empty tail.
@@ -53,6 +55,9 @@ pub(super) const TRICKLE_ROWS: usize = 512;
 /// together share the pages they go to, and every page a commit writes is a WAL frame of
 /// its own (at one post per commit, folding one row a commit wrote ~5 pages more).
 pub(super) const TRICKLE_MIN_ROWS: usize = 256;
+/// Old rows at which the batches fold them too, as when the writer is busy: the folds
+/// between batches are falling behind.
+pub(super) const TRICKLE_BACKLOG: usize = 2 * TRICKLE_ROWS;
 /// Age past which old rows are folded however few.
 pub(super) const TRICKLE_WAIT: Duration = Duration::from_secs(2);
 /// Bytes of posts in the log (their text, and a row's overhead) past which it is folded
@@ -277,7 +282,7 @@ pub(super) struct Unfolded {
     committed_bytes: usize,
     /// Posts appended in the open batch and not folded in it.
     batch: Vec<Entry>,
-    /// The open batch folded the log up to this `pos` (0: it did not).
+    /// The open batch (or a fold of its own) folded the log up to this `pos` (0: none).
     folded_through: i64,
     /// `(channel, author, client_id)` → seq of the unfolded posts that carry one.
     by_client: ClientIds,
@@ -374,7 +379,8 @@ impl Unfolded {
         }
     }
 
-    /// A trickle at the start of a batch was undone: nothing of it holds.
+    /// A trickle at the start of a batch (or a fold of its own) was undone: nothing of it
+    /// holds.
     pub fn trickle_failed(&mut self) {
         self.folded_through = 0;
     }
@@ -417,6 +423,25 @@ impl Unfolded {
         Some(through)
     }
 
+    /// Whether at least [`TRICKLE_BACKLOG`] rows are over [`FOLD_AFTER`] old: the folds
+    /// between batches are not keeping up, so the batches fold too.
+    pub fn old_rows_pile_up(&self) -> bool {
+        let mut rows = 0;
+        for b in &self.committed {
+            if b.last_pos <= self.folded_through {
+                continue;
+            }
+            if b.at.elapsed() < FOLD_AFTER {
+                return false;
+            }
+            rows += b.rows;
+            if rows >= TRICKLE_BACKLOG {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Whether old rows are due a trickle ([`Self::fold_old`] would fold some).
     pub fn old_rows_due(&self) -> bool {
         self.batch.is_empty() && self.old_rows(TRICKLE_ROWS).is_some()
@@ -428,25 +453,33 @@ impl Unfolded {
     /// stake: a fold only moves committed rows, atomically; the next batch's commit syncs
     /// the WAL with the fold's frames in it, and a fold lost to a crash leaves the rows
     /// in the log, folded at the next open. `synchronous` is set back to `FULL` before
-    /// this returns, whatever happened; if that fails, the error says so and the caller
-    /// must not commit another batch on `conn`. Returns the rows folded.
+    /// this returns, whatever happened (after a rollback, if a transaction was left
+    /// open); if that fails, the error says so and the caller must not commit another
+    /// batch on `conn`. Returns the rows folded.
     pub fn fold_old(&mut self, conn: &mut Connection) -> Result<usize, QuietFoldError> {
-        let Some(through) = self
-            .old_rows(TRICKLE_ROWS)
-            .filter(|_| self.batch.is_empty())
-        else {
+        debug_assert!(
+            self.batch.is_empty() && self.folded_through == 0,
+            "a fold of its own while a batch is open"
+        );
+        let Some(through) = self.old_rows(TRICKLE_ROWS) else {
             return Ok(0);
         };
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(QuietFoldError::Fold)?;
         let folded = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .and_then(|tx| {
+            .pragma_update(None, "synchronous", "NORMAL")
+            .and_then(|()| {
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let n = self.fold_through(&tx, through)?;
                 tx.commit()?;
                 Ok(n)
             });
-        let restored = conn.pragma_update(None, "synchronous", "FULL");
+        let restored = conn
+            .pragma_update(None, "synchronous", "FULL")
+            .or_else(|_| {
+                // Refused inside a transaction: one a failed commit could not roll back.
+                let _ = conn.execute_batch("ROLLBACK");
+                conn.pragma_update(None, "synchronous", "FULL")
+            });
         // No batch is open: the fold's own rows are all it changed.
         match folded {
             Ok(_) => self.committed(),
@@ -484,13 +517,15 @@ impl Unfolded {
     }
 
     /// Whether the log is due a fold of its own, all of it, after a commit: it is large.
-    /// (Old rows trickle out with the next batches; while no write comes, they stay.)
+    /// (Old rows trickle out between batches or with them; while no write comes, they
+    /// stay.)
     pub fn due(&self) -> bool {
         let batch_bytes: usize = self.batch.iter().map(|e| bytes_of(&e.message)).sum();
         self.rows() >= self.fold_rows || self.committed_bytes + batch_bytes >= FOLD_BYTES
     }
 
-    /// The open batch committed: the tail now shows its posts and not what it folded.
+    /// The open batch (or a fold of its own) committed: the tail now shows its posts and
+    /// not what it folded.
     pub fn committed(&mut self) {
         let through = std::mem::take(&mut self.folded_through);
         if through > 0 {
@@ -832,6 +867,13 @@ mod tests {
         assert_eq!(counts(&conn).1, folded as i64);
     }
 
+    /// Makes every committed batch `by` older (instead of sleeping).
+    fn age(log: &mut Unfolded, by: Duration) {
+        for b in &mut log.committed {
+            b.at = b.at.checked_sub(by).expect("an instant that far back");
+        }
+    }
+
     fn synchronous(conn: &Connection) -> i64 {
         conn.pragma_query_value(None, "synchronous", |r| r.get(0))
             .unwrap()
@@ -852,12 +894,12 @@ mod tests {
         commit_as(&mut conn, &mut log, &many, false);
         assert!(!log.old_rows_due(), "young rows wait");
         assert_eq!(log.fold_old(&mut conn).unwrap(), 0);
-        std::thread::sleep(FOLD_AFTER + Duration::from_millis(100));
+        age(&mut log, FOLD_AFTER + Duration::from_millis(100));
         commit_as(&mut conn, &mut log, &[post(9, 1, 7)], false);
         assert_eq!(
             counts(&conn).0,
             many.len() as i64 + 1,
-            "the batch folded none"
+            "all rows in the log"
         );
         assert!(log.old_rows_due());
 
@@ -884,5 +926,31 @@ mod tests {
             "folded: the table answers"
         );
         assert!(!log.old_rows_due());
+    }
+
+    /// The batches fold old rows too once [`TRICKLE_BACKLOG`] of them wait.
+    #[test]
+    fn old_rows_that_pile_up_are_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000);
+        let posts = |from: i64, n: usize| -> Vec<Message> {
+            (from..from + n as i64).map(|seq| post(1, seq, 7)).collect()
+        };
+        commit_as(&mut conn, &mut log, &posts(1, TRICKLE_BACKLOG - 1), false);
+        assert!(!log.old_rows_pile_up(), "young rows");
+        age(&mut log, FOLD_AFTER + Duration::from_millis(100));
+        assert!(log.old_rows_due());
+        assert!(!log.old_rows_pile_up(), "one row short");
+        commit_as(
+            &mut conn,
+            &mut log,
+            &posts(TRICKLE_BACKLOG as i64, 1),
+            false,
+        );
+        assert!(!log.old_rows_pile_up(), "the young row does not count");
+        age(&mut log, FOLD_AFTER + Duration::from_millis(100));
+        assert!(log.old_rows_pile_up());
     }
 }

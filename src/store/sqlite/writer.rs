@@ -434,7 +434,8 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
 
 /// While no write waits, folds the log's old rows a chunk at a time in transactions that
 /// do not sync ([`super::tail::Unfolded::fold_old`]), so the batches' commits do not carry
-/// them. Stops at the first write that comes. `Err` only when the connection could not be
+/// them. Stops at the first write that comes after a chunk (a chunk takes the oldest
+/// batch whole, so it may be a few thousand rows). `Err` only when the connection could not be
 /// set back to `synchronous=FULL`; a fold that fails otherwise is left for later.
 fn fold_old(state: &mut State, rx: &mpsc::Receiver<Msg>) -> Result<(), QuietFoldError> {
     if state.stats.disk.refused() {
@@ -532,12 +533,12 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
     } = state;
     let mut journal = Vec::new();
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // The commit log's old rows go a few at a time between batches ([`fold_old`]); only
-    // a writer that has had no empty queue for [`BUSY_AFTER`] folds them with the batches
-    // that add more. Not while the disk is short (what is taken then frees space, and a
-    // fold takes some). A trickle that fails is undone alone and left for later: the
-    // batch goes on.
-    let busy = busy_since.is_some_and(|t| t.elapsed() >= BUSY_AFTER);
+    // The commit log's old rows go a few at a time between batches ([`fold_old`]); a
+    // writer that has had no empty queue for [`BUSY_AFTER`], or whose old rows pile up,
+    // folds them with the batches that add more. Not while the disk is short (what is
+    // taken then frees space, and a fold takes some). A trickle that fails is undone
+    // alone and left for later: the batch goes on.
+    let busy = busy_since.is_some_and(|t| t.elapsed() >= BUSY_AFTER) || hot.log.old_rows_pile_up();
     if busy && !stats.disk.refused() && !batch.iter().all(|j| j.op.frees_space()) {
         let trickled = tx.savepoint().and_then(|sp| {
             let n = hot.log.trickle(&sp, batch.len())?;
