@@ -10,10 +10,11 @@
 //!   [`TRICKLE_WAIT`] (at a low rate rows are folded in chunks, not a page write or more
 //!   per row). The writer folds them between batches while no write waits, in
 //!   transactions that do not sync ([`Unfolded::fold_old`]), so no commit carries them;
-//!   a writer that has not found its queue empty for a while, or whose old rows pile up
-//!   past [`TRICKLE_BACKLOG`], folds them at the start of each batch instead
-//!   ([`Unfolded::trickle`], as many as the batch appends). At a steady rate the
-//!   log holds a second or two of posts and no commit waits behind a large fold;
+//!   a writer that has not found its queue empty after a small batch for a while (it is
+//!   busy), or whose old rows pile up to [`TRICKLE_BACKLOG`], folds them at the start of
+//!   each batch instead ([`Unfolded::trickle`], as many as the batch appends). At a
+//!   steady rate the log holds a second or two of posts and no commit waits behind a
+//!   large fold;
 //! - all at once, in a transaction of its own, when the log holds `fold_rows` rows (the
 //!   writer is saturated: large folds write the fewest pages per post), at a stop, and
 //!   at open (what a previous run or a crash left); while no write comes, the log and

@@ -27,9 +27,12 @@ use crate::store::{OnCommit, Result, Rules, StoreError};
 
 /// Most ops one transaction takes; bounds the time a caller waits behind a batch.
 const MAX_BATCH: usize = 4096;
-/// A writer that has found writes waiting after every commit for this long gets no turn
-/// between batches to fold old rows, so its batches fold them.
+/// A writer that has found writes waiting (or committed a large batch) after every commit
+/// for this long gets no turn between batches to fold old rows, so its batches fold them.
 const BUSY_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+/// Most ops a batch may have had for the writer to fold old rows after it, between
+/// batches, when no write waits.
+const QUIET_BATCH: usize = 64;
 
 /// Why a batch transaction was not committed.
 #[derive(Debug, thiserror::Error)]
@@ -310,8 +313,8 @@ struct State {
     rules: Rules,
     on_commit: Option<OnCommit>,
     stats: Arc<WriteStats>,
-    /// Since when the writer has found its queue non-empty after every commit (`None`:
-    /// it found it empty after the last one).
+    /// Since when the writer has found, after every commit, its queue non-empty or the
+    /// batch large (`None`: it found it empty after a batch of at most [`QUIET_BATCH`]).
     busy_since: Option<Instant>,
 }
 
@@ -352,6 +355,7 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
                 Err(_) => break,
             }
         }
+        let ops = batch.len();
         if !batch.is_empty() {
             commit_batch(&mut state, &mut batch);
         }
@@ -359,7 +363,9 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
         if state.hot.log.due() || (stop.is_some() && !state.hot.log.is_empty()) {
             fold(&mut state);
         }
-        if stop.is_none() && rx.is_empty() {
+        // A large batch means writes are coming fast even if none waits this instant:
+        // then the batches fold (large chunks, fewer pages per row).
+        if stop.is_none() && rx.is_empty() && ops <= QUIET_BATCH {
             state.busy_since = None;
             if let Err(e) = fold_old(&mut state, &rx) {
                 // Nothing more is committed on a connection that would not sync: writes
@@ -534,7 +540,8 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
     let mut journal = Vec::new();
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // The commit log's old rows go a few at a time between batches ([`fold_old`]); a
-    // writer that has had no empty queue for [`BUSY_AFTER`], or whose old rows pile up,
+    // writer that has been busy for [`BUSY_AFTER`] (no empty queue after a small batch),
+    // or whose old rows pile up,
     // folds them with the batches that add more. Not while the disk is short (what is
     // taken then frees space, and a fold takes some). A trickle that fails is undone
     // alone and left for later: the batch goes on.
