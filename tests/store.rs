@@ -483,4 +483,24 @@ mod commit_log {
         assert_eq!(log_in_pages(&*reopened, ch, 50).await, log);
         reopened.close().await;
     }
+
+    /// A store whose writer has ended says so (`/readyz` then answers 503), and refuses
+    /// writes as unavailable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_whose_writer_ended_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("natter.db")).await;
+        let a = store.create_user("ann", "h", None).await.unwrap().id;
+        let health = store.health();
+        assert!(health.ready() && !health.writes_ended);
+        store.close().await;
+        let health = store.health();
+        assert!(health.writes_ended, "{health:?}");
+        assert!(!health.ready());
+        let refused = store.create_channel(a, ChannelKind::Group, "c", &[]).await;
+        assert!(
+            matches!(refused, Err(natter::store::StoreError::Unavailable)),
+            "{refused:?}"
+        );
+    }
 }

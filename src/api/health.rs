@@ -22,8 +22,9 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// The server accepts traffic: 503 while draining, and while writes are refused for disk
-/// space (reads still work; a balancer should prefer other servers). The body names each
+/// The server accepts traffic: 503 while draining, once the embedded store's writer has
+/// ended (it takes no more writes), and while writes are refused for disk space (reads
+/// still work; a balancer should prefer other servers). The body names each
 /// part of the store and whether it answers (`shard1: down`): a PostgreSQL shard that is
 /// down fails only the channels it holds, and every node sees it alike, so it does not
 /// take the node out of the balancer (its channels answer 503 `unavailable`). In cluster
@@ -36,6 +37,9 @@ async fn readyz(State(state): State<AppState>) -> Result<(StatusCode, String), A
         return Err(ApiError::unavailable());
     }
     let health = state.store.health();
+    if health.writes_ended {
+        return Err(ApiError::unavailable());
+    }
     if health.disk_full {
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,

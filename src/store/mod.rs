@@ -378,6 +378,9 @@ impl ReadFence {
 pub struct Health {
     /// Writes are refused for lack of disk space (SQLite below its reserve).
     pub disk_full: bool,
+    /// The backend takes no more writes at all: SQLite's writer thread has ended (closed,
+    /// or it could not go on safely). The node should leave the balancer.
+    pub writes_ended: bool,
     /// Each part the backend depends on (a PostgreSQL shard: `shard0`, …) and whether it
     /// answers now. Empty for a backend with no parts (SQLite).
     pub parts: Vec<(String, bool)>,
@@ -386,7 +389,7 @@ pub struct Health {
 impl Health {
     /// Every part answers and writes are taken.
     pub fn ready(&self) -> bool {
-        !self.disk_full && self.parts.iter().all(|(_, up)| *up)
+        !self.disk_full && !self.writes_ended && self.parts.iter().all(|(_, up)| *up)
     }
 }
 

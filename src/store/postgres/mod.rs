@@ -1090,6 +1090,7 @@ impl Backend for PostgresStore {
     fn health(&self) -> Health {
         Health {
             disk_full: false,
+            writes_ended: false,
             parts: self
                 .inner
                 .shards

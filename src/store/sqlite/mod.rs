@@ -288,6 +288,7 @@ impl Backend for SqliteStore {
     fn health(&self) -> Health {
         Health {
             disk_full: self.stats.disk.refused(),
+            writes_ended: self.writer.ended(),
             parts: Vec::new(),
         }
     }

@@ -295,6 +295,12 @@ impl Writer {
         answer.await.map_err(|_| StoreError::Unavailable)?
     }
 
+    /// Whether the writer thread has ended (stopped, or ended by an error it could not
+    /// write past): every write is refused as unavailable from then on.
+    pub fn ended(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Asks the writer to commit everything queued before this and stop; resolves when
     /// it has. Writes queued after it are dropped unanswered ([`StoreError::Unavailable`]).
     pub async fn stop(&self) {
