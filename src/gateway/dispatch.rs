@@ -184,8 +184,9 @@ impl Dispatcher {
         }
     }
 
-    /// Hands a small batch to the hub from the calling thread when the dispatcher thread is idle and
-    /// nothing of this node's is queued before it; gives the batch back otherwise.
+    /// Hands a small batch to the hub from the calling thread when the dispatcher thread
+    /// is idle and nothing of this node's is queued before it; gives the batch back
+    /// otherwise.
     fn inline(&self, events: Vec<Event>) -> Option<Vec<Event>> {
         if self.shared.handoff != Handoff::Inline || events.len() > INLINE_EVENTS {
             return Some(events);

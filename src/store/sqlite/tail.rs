@@ -406,11 +406,8 @@ impl Unfolded {
     /// would fold through, if one is due ([`Self::trickle`]'s rule).
     fn old_rows(&self, bound: usize) -> Option<i64> {
         let (mut through, mut rows, mut oldest) = (self.folded_through, 0, None);
-        for b in &self.committed {
-            if b.last_pos <= self.folded_through {
-                continue;
-            }
-            if b.at.elapsed() < FOLD_AFTER || (rows > 0 && rows + b.rows > bound) {
+        for b in self.old_batches() {
+            if rows > 0 && rows + b.rows > bound {
                 break;
             }
             oldest.get_or_insert(b.at);
@@ -428,19 +425,18 @@ impl Unfolded {
     /// between batches are not keeping up, so the batches fold too.
     pub fn old_rows_pile_up(&self) -> bool {
         let mut rows = 0;
-        for b in &self.committed {
-            if b.last_pos <= self.folded_through {
-                continue;
-            }
-            if b.at.elapsed() < FOLD_AFTER {
-                return false;
-            }
+        self.old_batches().any(|b| {
             rows += b.rows;
-            if rows >= TRICKLE_BACKLOG {
-                return true;
-            }
-        }
-        false
+            rows >= TRICKLE_BACKLOG
+        })
+    }
+
+    /// The committed batches not yet folded and over [`FOLD_AFTER`] old, oldest first.
+    fn old_batches(&self) -> impl Iterator<Item = &Committed> {
+        self.committed
+            .iter()
+            .skip_while(|b| b.last_pos <= self.folded_through)
+            .take_while(|b| b.at.elapsed() >= FOLD_AFTER)
     }
 
     /// Whether old rows are due a trickle ([`Self::fold_old`] would fold some).
@@ -733,6 +729,14 @@ mod tests {
         assert_eq!(merge_after(vec![1, 2], vec![], 1, |s: &i64| *s), [1]);
     }
 
+    /// A migrated database in a temporary directory (dropped with the directory).
+    fn database() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        (dir, conn)
+    }
+
     /// Rows in (`commit_log`, `events`, `messages`).
     fn counts(conn: &Connection) -> (i64, i64, i64) {
         conn.query_row(
@@ -772,9 +776,7 @@ mod tests {
 
     #[test]
     fn old_batches_trickle_out_a_rolled_back_fold_changes_nothing_and_a_full_fold_takes_all() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("db")).unwrap();
-        super::super::schema::migrate(&mut conn).unwrap();
+        let (_dir, mut conn) = database();
         let mut log = Unfolded::new(Arc::new(Tail::default()), 1000);
         // Two old batches, then a young one.
         commit(&mut conn, &mut log, &[post(1, 1, 7), post(2, 1, 7)]);
@@ -838,9 +840,7 @@ mod tests {
     /// rows now wait for more (or for [`TRICKLE_WAIT`]) and fold together.
     #[test]
     fn a_trickle_folds_old_rows_in_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("db")).unwrap();
-        super::super::schema::migrate(&mut conn).unwrap();
+        let (_dir, mut conn) = database();
         let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000);
         commit(
             &mut conn,
@@ -884,9 +884,7 @@ mod tests {
     /// sync; the connection is back to `synchronous=FULL` after it, also when it fails.
     #[test]
     fn a_quiet_fold_takes_the_old_rows_and_leaves_the_connection_syncing() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("db")).unwrap();
-        super::super::schema::migrate(&mut conn).unwrap();
+        let (_dir, mut conn) = database();
         conn.pragma_update(None, "synchronous", "FULL").unwrap();
         let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000);
         let many: Vec<Message> = (1..=TRICKLE_MIN_ROWS as i64 + 10)
@@ -932,9 +930,7 @@ mod tests {
     /// The batches fold old rows too once [`TRICKLE_BACKLOG`] of them wait.
     #[test]
     fn old_rows_that_pile_up_are_told() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("db")).unwrap();
-        super::super::schema::migrate(&mut conn).unwrap();
+        let (_dir, mut conn) = database();
         let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000);
         let posts = |from: i64, n: usize| -> Vec<Message> {
             (from..from + n as i64).map(|seq| post(1, seq, 7)).collect()

@@ -46,8 +46,13 @@ enum BatchFailed {
 
 impl BatchFailed {
     fn is_disk_full(&self) -> bool {
-        matches!(self, Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull)
+        matches!(self, Self::Sqlite(e) if disk_full(e))
     }
+}
+
+/// SQLite found the disk full (a quota, a file-size limit, or no space).
+fn disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
 }
 
 struct Job {
@@ -447,8 +452,8 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
 /// While no write waits, folds the log's old rows a chunk at a time in transactions that
 /// do not sync ([`super::tail::Unfolded::fold_old`]), so the batches' commits do not carry
 /// them. Stops at the first write that comes after a chunk (a chunk takes the oldest
-/// batch whole, so it may be a few thousand rows). `Err` only when the connection could not be
-/// set back to `synchronous=FULL`; a fold that fails otherwise is left for later.
+/// batch whole, so it may be a few thousand rows). `Err` only when the connection could
+/// not be set back to `synchronous=FULL`; a fold that fails otherwise is left for later.
 fn fold_old(state: &mut State, rx: &mpsc::Receiver<Msg>) -> Result<(), QuietFoldError> {
     if state.stats.disk.refused() {
         return Ok(());
@@ -464,8 +469,7 @@ fn fold_old(state: &mut State, rx: &mpsc::Receiver<Msg>) -> Result<(), QuietFold
                     .fetch_add(rows as u64, Ordering::Relaxed);
             }
             Err(QuietFoldError::Fold(e)) => {
-                if matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
-                {
+                if disk_full(&e) {
                     state.stats.disk.set_full();
                 }
                 tracing::warn!(error = %e, "folding the commit log's old rows failed; they stay in the log");
@@ -501,8 +505,7 @@ fn fold(state: &mut State) {
         }
         Err(e) => {
             state.hot.log.rolled_back();
-            if matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
-            {
+            if disk_full(&e) {
                 state.stats.disk.set_full();
             }
             tracing::warn!(error = %e, "folding the commit log failed; its rows stay in the log and the fold is tried again later");
@@ -547,12 +550,13 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // The commit log's old rows go a few at a time between batches ([`fold_old`]); a
     // writer that has been busy for [`BUSY_AFTER`] (no empty queue after a small batch),
-    // or whose old rows pile up,
-    // folds them with the batches that add more. Not while the disk is short (what is
-    // taken then frees space, and a fold takes some). A trickle that fails is undone
-    // alone and left for later: the batch goes on.
-    let busy = busy_since.is_some_and(|t| t.elapsed() >= BUSY_AFTER) || hot.log.old_rows_pile_up();
-    if busy && !stats.disk.refused() && !batch.iter().all(|j| j.op.frees_space()) {
+    // or whose old rows pile up, folds them with the batches that add more. Not while
+    // the disk is short (what is taken then frees space, and a fold takes some). A
+    // trickle that fails is undone alone and left for later: the batch goes on.
+    if !stats.disk.refused()
+        && !batch.iter().all(|j| j.op.frees_space())
+        && (busy_since.is_some_and(|t| t.elapsed() >= BUSY_AFTER) || hot.log.old_rows_pile_up())
+    {
         let trickled = tx.savepoint().and_then(|sp| {
             let n = hot.log.trickle(&sp, batch.len())?;
             sp.commit()?;
