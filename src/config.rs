@@ -147,6 +147,9 @@ pub struct ServeArgs {
     /// Times one message may be edited.
     #[arg(long, env = "NATTER_MAX_EDITS_PER_MESSAGE", default_value_t = 50)]
     pub max_edits_per_message: u32,
+    /// Different emoji one message may carry as reactions (past it: 409 `too_many_reactions`).
+    #[arg(long, env = "NATTER_MAX_REACTIONS_PER_MESSAGE", default_value_t = 20)]
+    pub max_reactions_per_message: u32,
     /// WebSocket connections one user may have open at once (past it: close 4009).
     #[arg(long, env = "NATTER_WS_CONNECTIONS_PER_USER", default_value_t = 20)]
     pub ws_connections_per_user: usize,
@@ -387,6 +390,7 @@ impl Limits {
             consent: crate::store::Consent::Open,
             max_pending_dms: u32::MAX,
             max_sessions_per_user: u32::MAX,
+            max_reactions_per_message: self.rules.max_reactions_per_message,
         };
         self.ws_connections_per_user = usize::MAX;
     }
@@ -626,6 +630,7 @@ impl Config {
                         u64::from(a.max_sessions_per_user),
                         1,
                     )? as u32,
+                    max_reactions_per_message: a.max_reactions_per_message,
                 },
                 ws_connections_per_user: at_least(
                     "--ws-connections-per-user",

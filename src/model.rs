@@ -133,6 +133,18 @@ pub enum EventBody {
     ChannelUpdated {
         name: Option<String>,
     },
+    /// `user_id` reacted to the message with `emoji` (one of each per user and message).
+    ReactionAdded {
+        message_id: i64,
+        user_id: i64,
+        emoji: String,
+    },
+    /// `user_id` took back their `emoji` reaction to the message.
+    ReactionRemoved {
+        message_id: i64,
+        user_id: i64,
+        emoji: String,
+    },
 }
 
 impl EventBody {
@@ -145,8 +157,29 @@ impl EventBody {
             Self::MemberUpdated { .. } => "member.updated",
             Self::MemberRemoved { .. } => "member.removed",
             Self::ChannelUpdated { .. } => "channel.updated",
+            Self::ReactionAdded { .. } => "reaction.added",
+            Self::ReactionRemoved { .. } => "reaction.removed",
         }
     }
+}
+
+/// One emoji's reactions to a message, as one viewer sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReactionCount {
+    pub emoji: String,
+    /// Users who reacted with it (at least 1).
+    pub count: i64,
+    /// The viewer is one of them.
+    pub me: bool,
+}
+
+/// A user who reacted, and when (Unix ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reactor {
+    pub user: User,
+    pub at: i64,
+    /// The seq of the `reaction.added` event (a page's position).
+    pub seq: i64,
 }
 
 /// One durable change in a channel, numbered by the channel's gap-free `seq`.

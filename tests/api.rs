@@ -866,3 +866,158 @@ crate::on_both_backends!(
     a_full_write_queue_answers_503_overloaded,
     health_and_openapi,
 );
+
+#[tokio::test]
+async fn reactions_are_idempotent_bounded_and_for_members_only() {
+    let server = TestServer::start_with(|c| c.limits.rules.max_reactions_per_message = 3).await;
+    let anon = server.client();
+    let owner = anon.register("reactowner").await;
+    let member = anon.register("reactmember").await;
+    let stranger = anon.register("reactstranger").await;
+    // A broadcast channel: a plain member may react though they may not post.
+    let ch = owner.create_channel("news", "broadcast", &[&member]).await;
+    let sent = owner.send(&ch, "react to this", None).await;
+    let mid = sent.body["id"].as_str().unwrap().to_owned();
+    let base = format!("/v1/channels/{ch}/messages/{mid}/reactions");
+    let put = |c: &Client, emoji: &str| {
+        let (c, path) = (c.clone(), format!("{base}/{emoji}"));
+        async move { c.call(Method::PUT, &path, None).await }
+    };
+
+    // The same reaction twice is one, and one event.
+    for _ in 0..2 {
+        let a = put(&member, "👍").await;
+        assert_eq!(a.status, StatusCode::NO_CONTENT, "{a:?}");
+    }
+    // An emoji without its variation selector is the same emoji, stored one way.
+    assert_eq!(put(&owner, "❤").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(put(&owner, "❤️").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(put(&owner, "👍").await.status, StatusCode::NO_CONTENT);
+    let list = member.get(&base).await;
+    assert_eq!(list.status, StatusCode::OK, "{list:?}");
+    assert_eq!(
+        list.body["reactions"],
+        json!([
+            {"emoji": "👍", "count": 2, "me": true},
+            {"emoji": "❤️", "count": 1, "me": false},
+        ])
+    );
+    // The history shows them too, as the caller sees them.
+    let history = owner.get(&format!("/v1/channels/{ch}/messages")).await;
+    assert_eq!(
+        history.body["messages"][0]["reactions"],
+        json!([
+            {"emoji": "👍", "count": 2, "me": true},
+            {"emoji": "❤️", "count": 1, "me": true},
+        ])
+    );
+    // Who reacted, in order, paged.
+    let first = member.get(&format!("{base}/👍?limit=1")).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert_eq!(
+        first.body["users"][0]["user"]["id"].as_str(),
+        Some(member.user_id.as_str())
+    );
+    let next = first.body["next"].as_str().unwrap();
+    let rest = member.get(&format!("{base}/👍?limit=1&after={next}")).await;
+    assert_eq!(
+        rest.body["users"][0]["user"]["id"].as_str(),
+        Some(owner.user_id.as_str())
+    );
+    assert!(rest.body.get("next").is_none(), "{rest:?}");
+
+    // Bad input: not an emoji, two emoji, text; a bad cursor.
+    for bad in ["x", "👍👍", ":thumbsup:", "a%20b"] {
+        let a = put(&member, bad).await;
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::BAD_REQUEST, "invalid_field"),
+            "{bad}: {a:?}"
+        );
+    }
+    let a = member.get(&format!("{base}/👍?after=soon")).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{a:?}");
+
+    // The bound on different emoji per message.
+    assert_eq!(put(&member, "🎉").await.status, StatusCode::NO_CONTENT);
+    let over = put(&member, "🚀").await;
+    assert_eq!(
+        (over.status, over.code()),
+        (StatusCode::CONFLICT, "too_many_reactions"),
+        "{over:?}"
+    );
+    assert_eq!(put(&owner, "🎉").await.status, StatusCode::NO_CONTENT);
+
+    // Taking back: twice succeeds, once changes.
+    for _ in 0..2 {
+        let a = member
+            .call(Method::DELETE, &format!("{base}/👍"), None)
+            .await;
+        assert_eq!(a.status, StatusCode::NO_CONTENT, "{a:?}");
+    }
+
+    // Non-members see nothing and change nothing.
+    for a in [
+        put(&stranger, "👍").await,
+        stranger
+            .call(Method::DELETE, &format!("{base}/👍"), None)
+            .await,
+        stranger.get(&base).await,
+        stranger.get(&format!("{base}/👍")).await,
+    ] {
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::NOT_FOUND, "not_found"),
+            "{a:?}"
+        );
+    }
+    // A message of another channel, or none, is not found.
+    let other = stranger.create_channel("elsewhere", "group", &[]).await;
+    let a = stranger
+        .call(
+            Method::PUT,
+            &format!("/v1/channels/{other}/messages/{mid}/reactions/👍"),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{a:?}");
+
+    // Each change is one event, in order; a deleted message keeps its reactions' events
+    // but takes no more reactions.
+    let kinds: Vec<(String, String)> = member
+        .all_events(&ch)
+        .await
+        .iter()
+        .filter(|e| e["type"].as_str().unwrap().starts_with("reaction."))
+        .map(|e| {
+            assert_eq!(e["message_id"].as_str(), Some(mid.as_str()));
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                e["emoji"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expect = |k: &str, e: &str| (k.to_owned(), e.to_owned());
+    assert_eq!(
+        kinds,
+        [
+            expect("reaction.added", "👍"),
+            expect("reaction.added", "❤️"),
+            expect("reaction.added", "👍"),
+            expect("reaction.added", "🎉"),
+            expect("reaction.added", "🎉"),
+            expect("reaction.removed", "👍"),
+        ]
+    );
+    let deleted = owner
+        .call(
+            Method::DELETE,
+            &format!("/v1/channels/{ch}/messages/{mid}"),
+            None,
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    assert_eq!(put(&member, "👍").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(member.get(&base).await.body["reactions"], json!([]));
+    server.stop().await;
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::TestServer;
 use common::ws::*;
 use natter::client::{Frame, Incoming};
+use reqwest::Method;
 use serde_json::json;
 
 fn created(frames: &[Frame], channel: i64) -> Vec<String> {
@@ -383,8 +384,19 @@ async fn a_slow_consumer_is_cut_with_4008_while_the_others_keep_receiving() {
     server.stop().await;
 }
 
-/// Drops and resumes a receiver at the points `plan` names while messages keep coming;
-/// every event must arrive once, in order.
+/// The event kind the `i`th write of [`resume_case`] appends.
+fn resume_kind(i: usize) -> &'static str {
+    [
+        "message.created",
+        "reaction.added",
+        "message.edited",
+        "reaction.removed",
+    ][i % 4]
+}
+
+/// Drops and resumes a receiver at the points `plan` names while writes keep coming (a
+/// send, a reaction to it, an edit of it, the reaction taken back, and again); every
+/// event must arrive once, in order.
 async fn resume_case(server: &TestServer, case: usize, plan: &[usize], total: usize) {
     let a = server.client().register(&format!("sender{case}")).await;
     let b = server.client().register(&format!("reader{case}")).await;
@@ -396,8 +408,24 @@ async fn resume_case(server: &TestServer, case: usize, plan: &[usize], total: us
         let a = a.clone();
         let ch = ch.clone();
         tokio::spawn(async move {
+            let mut latest = String::new();
             for i in 0..total {
-                assert_eq!(a.send(&ch, &format!("m{i}"), None).await.status, 201);
+                let reaction = format!("/v1/channels/{ch}/messages/{latest}/reactions/👍");
+                let status = match resume_kind(i) {
+                    "message.created" => {
+                        let sent = a.send(&ch, &format!("m{i}"), None).await;
+                        latest = sent.body["id"].as_str().unwrap().to_owned();
+                        sent.status
+                    }
+                    "reaction.added" => a.call(Method::PUT, &reaction, None).await.status,
+                    "message.edited" => {
+                        let path = format!("/v1/channels/{ch}/messages/{latest}");
+                        let body = json!({"text": format!("m{i} edited")});
+                        a.call(Method::PATCH, &path, Some(body)).await.status
+                    }
+                    _ => a.call(Method::DELETE, &reaction, None).await.status,
+                };
+                assert!(status.is_success(), "write {i}: {status}");
                 if i % 7 == 0 {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -406,6 +434,7 @@ async fn resume_case(server: &TestServer, case: usize, plan: &[usize], total: us
     };
     let last = start + total as i64;
     let mut got = Vec::new();
+    let mut kinds = Vec::new();
     let mut drops = plan.iter().copied().peekable();
     let mut frames_read = 0;
     while got.last().copied() != Some(last) {
@@ -417,6 +446,7 @@ async fn resume_case(server: &TestServer, case: usize, plan: &[usize], total: us
             && e.channel_id == chan
         {
             got.push(e.seq);
+            kinds.push(e.kind);
         }
         frames_read += 1;
     }
@@ -426,6 +456,8 @@ async fn resume_case(server: &TestServer, case: usize, plan: &[usize], total: us
         (start + 1..=last).collect::<Vec<_>>(),
         "case {case} with drops at {plan:?}"
     );
+    let expected: Vec<&str> = (0..total).map(resume_kind).collect();
+    assert_eq!(kinds, expected, "case {case}");
 }
 
 #[test]

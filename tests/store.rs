@@ -76,19 +76,22 @@ macro_rules! checks {
 mod sqlite {
     checks!(on_sqlite: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
         broadcast_permissions, member_management, unread_counts, history_pages,
-        dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log);
+        dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
+        reaction_limits_and_deletes);
 }
 
 mod sqlite_folding_every_commit {
     checks!(on_sqlite_folding: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
         broadcast_permissions, member_management, unread_counts, history_pages,
-        dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log);
+        dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
+        reaction_limits_and_deletes);
 }
 
 mod postgres {
     checks!(on_postgres: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
         broadcast_permissions, member_management, unread_counts, history_pages,
-        dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log);
+        dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
+        reaction_limits_and_deletes);
 
     mod two_nodes {
         checks!(on_two_nodes: two_writers_keep_seqs_gap_free,
@@ -502,5 +505,167 @@ mod commit_log {
             matches!(refused, Err(natter::store::StoreError::Unavailable)),
             "{refused:?}"
         );
+    }
+}
+
+mod reaction_projection {
+    //! Property: the reaction counts kept as a projection (and each viewer's own) always
+    //! equal a recount from the channel's log, whatever mix of sends, reactions taken and
+    //! taken back, and deletes, on SQLite and on PostgreSQL.
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use natter::model::{ChannelKind, EventBody};
+    use natter::store::{ReadFence, Store, StoreLocation, StoreOptions};
+    use proptest::prelude::*;
+
+    const EMOJI: [&str; 3] = ["👍", "❤️", "🎉"];
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Send(usize),
+        React(usize, usize, usize, bool),
+        Delete(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            2 => (0usize..3).prop_map(Step::Send),
+            6 => (0usize..3, 0usize..16, 0usize..3, any::<bool>())
+                .prop_map(|(u, m, e, add)| Step::React(u, m, e, add)),
+            1 => (0usize..16).prop_map(Step::Delete),
+        ]
+    }
+
+    /// `(message, emoji)` → who holds that reaction, replayed from the whole log.
+    async fn recount(store: &dyn Store, ch: i64) -> BTreeMap<(i64, String), BTreeSet<i64>> {
+        let mut held: BTreeMap<(i64, String), BTreeSet<i64>> = BTreeMap::new();
+        let mut after = 0;
+        loop {
+            let page = store.log(ch, after, 200, ReadFence::PRIMARY).await.unwrap();
+            for e in &page.items {
+                match &e.body {
+                    EventBody::ReactionAdded {
+                        message_id,
+                        user_id,
+                        emoji,
+                    } => {
+                        held.entry((*message_id, emoji.clone()))
+                            .or_default()
+                            .insert(*user_id);
+                    }
+                    EventBody::ReactionRemoved {
+                        message_id,
+                        user_id,
+                        emoji,
+                    } => {
+                        if let Some(users) = held.get_mut(&(*message_id, emoji.clone())) {
+                            users.remove(user_id);
+                        }
+                    }
+                    EventBody::MessageDeleted(m) => held.retain(|(id, _), _| *id != m.id),
+                    _ => {}
+                }
+                after = e.seq;
+            }
+            if !page.has_more {
+                break;
+            }
+        }
+        held.retain(|_, users| !users.is_empty());
+        held
+    }
+
+    async fn check(store: &dyn Store, steps: Vec<Step>) {
+        let mut users = Vec::new();
+        for name in ["own", "two", "three"] {
+            users.push(store.create_user(name, "h", None).await.unwrap().id);
+        }
+        let ch = store
+            .create_channel(users[0], ChannelKind::Group, "r", &users[1..])
+            .await
+            .unwrap()
+            .id;
+        let mut sent = vec![
+            store
+                .post_message(users[0], ch, "first", None)
+                .await
+                .unwrap()
+                .message
+                .id,
+        ];
+        for s in steps {
+            match s {
+                Step::Send(u) => {
+                    sent.push(
+                        store
+                            .post_message(users[u], ch, "x", None)
+                            .await
+                            .unwrap()
+                            .message
+                            .id,
+                    );
+                }
+                Step::React(u, m, e, add) => {
+                    let _ = store
+                        .react(users[u], ch, sent[m % sent.len()], EMOJI[e], add)
+                        .await;
+                }
+                Step::Delete(m) => {
+                    // The channel's owner may delete any message; twice is a no-op.
+                    store
+                        .delete_message(users[0], ch, sent[m % sent.len()])
+                        .await
+                        .unwrap();
+                }
+            }
+            let expected = recount(store, ch).await;
+            for &viewer in &users {
+                let mut got: BTreeMap<(i64, String), (i64, bool)> = BTreeMap::new();
+                for (id, list) in store.reactions(viewer, ch, &sent).await.unwrap() {
+                    for r in list {
+                        got.insert((id, r.emoji), (r.count, r.me));
+                    }
+                }
+                let want: BTreeMap<(i64, String), (i64, bool)> = expected
+                    .iter()
+                    .map(|(k, users)| (k.clone(), (users.len() as i64, users.contains(&viewer))))
+                    .collect();
+                assert_eq!(got, want, "viewer {viewer}");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+        #[test]
+        fn reactions_match_a_recount_on_sqlite(steps in prop::collection::vec(step(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let location = StoreLocation::Sqlite(dir.path().join("natter.db"));
+                let store = natter::store::open(StoreOptions::new(location)).await.unwrap();
+                check(&*store, steps).await;
+                store.close().await;
+            });
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+        #[test]
+        fn reactions_match_a_recount_on_postgres(steps in prop::collection::vec(step(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let Some(shards) = crate::common::pg::databases(2).await else {
+                    return;
+                };
+                let store = natter::store::open(StoreOptions::new(StoreLocation::Postgres(shards)))
+                    .await
+                    .unwrap();
+                check(&*store, steps).await;
+                store.close().await;
+            });
+        }
     }
 }

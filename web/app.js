@@ -216,12 +216,14 @@ async function openChannel(id) {
 
 // ---- Messages --------------------------------------------------------------------
 
-/// Keeps the newest state of a message: deletion wins, then the later edit.
+/// Keeps the newest state of a message: deletion wins, then the later edit. Events carry
+/// no reactions: a message keeps the ones it has until they are read again.
 function upsert(view, m) {
   const old = view.messages.get(m.id);
   if (old && !m.deleted) {
     if (old.deleted) return;
     if ((old.edited_at || "") > (m.edited_at || "")) return;
+    if (m.reactions === undefined) m = { ...m, reactions: old.reactions };
   }
   view.messages.set(m.id, m);
   if (view.oldest === null || m.seq < view.oldest) view.oldest = m.seq;
@@ -280,6 +282,7 @@ function messageItem(m) {
     s.textContent = "(edited)";
     li.append(s);
   }
+  if (!m.pending && !m.deleted) li.append(reactionBar(m));
   if (!m.pending && !m.deleted && m.author_id === state.me.id) {
     const edit = document.createElement("button");
     edit.type = "button";
@@ -323,6 +326,101 @@ function editMessage(li, m) {
   });
   li.querySelector(".text").replaceWith(form);
   input.focus();
+}
+
+// ---- Reactions -------------------------------------------------------------------
+
+const PICKER = ["👍", "❤️", "😂", "🎉", "😮", "😢"];
+
+/// A message's reactions as toggle buttons (pressed: the user's own), and a button that
+/// opens a short picker.
+function reactionBar(m) {
+  const bar = document.createElement("span");
+  bar.className = "reactions";
+  for (const r of m.reactions || []) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "small reaction";
+    b.textContent = `${r.emoji} ${r.count}`;
+    b.setAttribute("aria-pressed", r.me ? "true" : "false");
+    const who = r.count === 1 ? "1 reaction" : `${r.count} reactions`;
+    b.setAttribute("aria-label", `${r.emoji}: ${who}${r.me ? ", including yours; remove yours" : "; add yours"}`);
+    b.addEventListener("click", () => react(m, r.emoji, !r.me));
+    bar.append(b);
+  }
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "small";
+  open.textContent = "☺+";
+  open.setAttribute("aria-label", "Add a reaction");
+  open.setAttribute("aria-expanded", "false");
+  const picker = document.createElement("span");
+  picker.className = "picker";
+  picker.hidden = true;
+  for (const emoji of PICKER) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "small";
+    b.textContent = emoji;
+    b.setAttribute("aria-label", `React with ${emoji}`);
+    b.addEventListener("click", () => {
+      picker.hidden = true;
+      const mine = (m.reactions || []).some((r) => r.emoji === emoji && r.me);
+      if (!mine) react(m, emoji, true);
+    });
+    picker.append(b);
+  }
+  open.addEventListener("click", () => {
+    picker.hidden = !picker.hidden;
+    open.setAttribute("aria-expanded", String(!picker.hidden));
+    if (!picker.hidden) picker.querySelector("button").focus();
+  });
+  picker.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") {
+      picker.hidden = true;
+      open.setAttribute("aria-expanded", "false");
+      open.focus();
+    }
+  });
+  bar.append(open, picker);
+  return bar;
+}
+
+async function react(m, emoji, add) {
+  const path = `/v1/channels/${m.channel_id}/messages/${m.id}/reactions/${encodeURIComponent(emoji)}`;
+  try {
+    await api(add ? "PUT" : "DELETE", path);
+  } catch (err) {
+    $("channel-error").textContent = `Reaction not saved: ${err.message}`;
+  }
+  // The event refreshes the counts, on this page as on every other.
+}
+
+const reactionReads = new Map(); // message id → "busy" or "again"
+
+/// Reads a message's reactions again after one of its reaction events (counts kept by
+/// the server: applying events to a page read at some moment could count one twice).
+async function refreshReactions(channelId, messageId) {
+  if (reactionReads.has(messageId)) {
+    reactionReads.set(messageId, "again");
+    return;
+  }
+  reactionReads.set(messageId, "busy");
+  try {
+    do {
+      reactionReads.set(messageId, "busy");
+      const view = state.views.get(channelId);
+      if (!view || !view.messages.has(messageId)) break;
+      const r = await api("GET", `/v1/channels/${channelId}/messages/${messageId}/reactions`);
+      const m = view.messages.get(messageId);
+      if (m && !m.deleted) view.messages.set(messageId, { ...m, reactions: r.reactions });
+      if (channelId === state.current) renderMessages(false);
+    } while (reactionReads.get(messageId) === "again");
+  } catch {
+    // A later event or opening the channel again reads them.
+  } finally {
+    reactionReads.delete(messageId);
+  }
 }
 
 async function deleteMessage(m) {
@@ -519,6 +617,8 @@ function onEvent(e) {
       $("composer").hidden = c.kind === "broadcast" && c.role === "member";
       $("add-member").hidden = c.kind === "dm" || c.role === "member";
     }
+  } else if (e.type.startsWith("reaction.") && view && view.messages.has(e.message_id)) {
+    refreshReactions(id, e.message_id);
   } else if (e.type === "channel.updated" && c && e.name !== undefined) {
     c.name = e.name;
     if (id === state.current) $("channel-title").textContent = (c.kind === "broadcast" ? "📢 " : "# ") + c.name;

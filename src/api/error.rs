@@ -113,6 +113,7 @@ impl ApiError {
             crate::store::TooMany::Channels(_) => "too_many_channels",
             crate::store::TooMany::Edits(_) => "too_many_edits",
             crate::store::TooMany::PendingDms(_) => "too_many_dms",
+            crate::store::TooMany::Reactions(_) => "too_many_reactions",
         };
         Self::new(StatusCode::CONFLICT, code, which.to_string())
     }

@@ -103,8 +103,26 @@ async fn list_messages(
         .reader
         .history(id, query, through, fence)
         .await?;
+    let ids: Vec<i64> = page.items.iter().map(|m| m.id).collect();
+    let mut reactions: std::collections::HashMap<i64, Vec<crate::model::ReactionCount>> = state
+        .store
+        .reactions(auth.user.id, id, &ids)
+        .await?
+        .into_iter()
+        .collect();
+    let messages = page
+        .items
+        .iter()
+        .map(|m| {
+            let mut out = Message::from(m);
+            if let Some(list) = reactions.remove(&m.id) {
+                out.reactions = list.iter().map(Into::into).collect();
+            }
+            out
+        })
+        .collect();
     Ok(Json(MessagePage {
-        messages: page.items.iter().map(Message::from).collect(),
+        messages,
         has_more: page.has_more,
     }))
 }

@@ -11,6 +11,7 @@ mod health;
 mod messages;
 mod observe;
 mod openapi;
+mod reactions;
 mod sessions;
 pub mod validate;
 mod web;
@@ -239,6 +240,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(accounts::routes())
         .merge(channels::routes())
         .merge(messages::routes())
+        .merge(reactions::routes())
         .merge(health::routes())
         .routes(utoipa_axum::routes!(ws::upgrade))
 }

@@ -60,6 +60,23 @@ pub fn text(text: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A reaction's emoji: one emoji as Unicode defines them (with its skin tone, if any),
+/// answered in its fully qualified form so that one emoji is stored one way.
+pub fn emoji(raw: &str) -> Result<&'static str, ApiError> {
+    if raw.len() <= MAX_EMOJI_BYTES
+        && let Some(e) = emojis::get(raw)
+    {
+        return Ok(e.as_str());
+    }
+    Err(ApiError::invalid_field(
+        "emoji",
+        "emoji must be one Unicode emoji, e.g. 👍 (percent-encoded in the path)",
+    ))
+}
+
+/// Longer than any emoji (the longest ZWJ sequences are ~35 bytes of UTF-8).
+const MAX_EMOJI_BYTES: usize = 64;
+
 /// 1–64 characters.
 pub fn client_id(id: &str) -> Result<(), ApiError> {
     let n = id.chars().count();

@@ -39,6 +39,10 @@ pub struct Event {
     pub seq: i64,
     pub message: Option<Msg>,
     pub user_id: Option<i64>,
+    /// The message reacted to, in `reaction.*` events.
+    pub message_id: Option<i64>,
+    /// The emoji, in `reaction.*` events.
+    pub emoji: Option<String>,
 }
 
 /// A frame from the server.
@@ -83,6 +87,8 @@ struct RawFrame {
     seq: Option<i64>,
     message: Option<Msg>,
     user_id: Option<String>,
+    message_id: Option<String>,
+    emoji: Option<String>,
     client_id: Option<String>,
     user: Option<RawId>,
     channels: Option<Vec<RawPosition>>,
@@ -161,11 +167,16 @@ pub fn parse_frame(text: &str) -> Result<Frame> {
             channel_id: channel_id()?,
         },
         "pong" => Frame::Pong,
-        k if k.starts_with("message.") || k.starts_with("member.") || k.starts_with("channel.") => {
+        k if ["message.", "member.", "channel.", "reaction."]
+            .iter()
+            .any(|p| k.starts_with(p)) =>
+        {
             Frame::Event(Event {
                 channel_id: channel_id()?,
                 seq: f.seq.unwrap_or(0),
                 user_id: f.user_id.as_deref().and_then(|s| s.parse().ok()),
+                message_id: f.message_id.as_deref().and_then(|s| s.parse().ok()),
+                emoji: f.emoji,
                 message: f.message,
                 kind: f.kind,
             })
@@ -246,7 +257,31 @@ mod tests {
                 channel_id: 5,
                 seq: 3,
                 message: Some(msg),
-                user_id: None
+                user_id: None,
+                message_id: None,
+                emoji: None,
+            })
+        );
+        let reacted = model::Event {
+            channel_id: 5,
+            seq: 5,
+            at: 0,
+            body: model::EventBody::ReactionAdded {
+                message_id: 9,
+                user_id: 2,
+                emoji: "👍".into(),
+            },
+        };
+        assert_eq!(
+            parse_frame(&protocol::event(&reacted)).unwrap(),
+            Frame::Event(Event {
+                kind: "reaction.added".into(),
+                channel_id: 5,
+                seq: 5,
+                message: None,
+                user_id: Some(2),
+                message_id: Some(9),
+                emoji: Some("👍".into()),
             })
         );
         let removed = model::Event {

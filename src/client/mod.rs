@@ -180,6 +180,24 @@ impl Api {
         Msg::from_value(&v)
     }
 
+    /// Reacts to a message with one emoji (`add`), or takes the reaction back.
+    pub async fn react(
+        &self,
+        channel_id: i64,
+        message_id: i64,
+        emoji: &str,
+        add: bool,
+    ) -> Result<()> {
+        let path = format!("/v1/channels/{channel_id}/messages/{message_id}/reactions/{emoji}");
+        let method = if add {
+            reqwest::Method::PUT
+        } else {
+            reqwest::Method::DELETE
+        };
+        self.call(method, &path, None).await?;
+        Ok(())
+    }
+
     pub async fn logout(&self) -> Result<()> {
         self.call(reqwest::Method::DELETE, "/v1/sessions/current", None)
             .await?;

@@ -717,6 +717,10 @@ enum Body {
     Removed { u: i64 },
     #[serde(rename = "cu")]
     Renamed { n: Option<String> },
+    #[serde(rename = "ra")]
+    Reacted { mi: i64, u: i64, e: String },
+    #[serde(rename = "rr")]
+    Unreacted { mi: i64, u: i64, e: String },
     #[serde(rename = "ty")]
     Typing { u: i64 },
 }
@@ -793,6 +797,24 @@ impl Packet {
             },
             EventBody::MemberRemoved { user_id } => Body::Removed { u: *user_id },
             EventBody::ChannelUpdated { name } => Body::Renamed { n: name.clone() },
+            EventBody::ReactionAdded {
+                message_id,
+                user_id,
+                emoji,
+            } => Body::Reacted {
+                mi: *message_id,
+                u: *user_id,
+                e: emoji.clone(),
+            },
+            EventBody::ReactionRemoved {
+                message_id,
+                user_id,
+                emoji,
+            } => Body::Unreacted {
+                mi: *message_id,
+                u: *user_id,
+                e: emoji.clone(),
+            },
         };
         Self {
             c: e.channel_id,
@@ -825,6 +847,16 @@ impl Packet {
             },
             Body::Removed { u } => EventBody::MemberRemoved { user_id: u },
             Body::Renamed { n } => EventBody::ChannelUpdated { name: n },
+            Body::Reacted { mi, u, e } => EventBody::ReactionAdded {
+                message_id: mi,
+                user_id: u,
+                emoji: e,
+            },
+            Body::Unreacted { mi, u, e } => EventBody::ReactionRemoved {
+                message_id: mi,
+                user_id: u,
+                emoji: e,
+            },
         };
         if s < 1 {
             return None;
@@ -879,6 +911,16 @@ mod tests {
                 name: Some("général".into()),
             },
             EventBody::ChannelUpdated { name: None },
+            EventBody::ReactionAdded {
+                message_id: 77,
+                user_id: 4,
+                emoji: "👍🏽".into(),
+            },
+            EventBody::ReactionRemoved {
+                message_id: 77,
+                user_id: 4,
+                emoji: "❤️".into(),
+            },
         ];
         for (n, body) in bodies.into_iter().enumerate() {
             let event = Event {

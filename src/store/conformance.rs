@@ -18,6 +18,8 @@ pub const CHECKS: &[&str] = &[
     "dm_is_one_per_pair",
     "delete_redacts",
     "edits_keep_each_version_in_the_log",
+    "reactions",
+    "reaction_limits_and_deletes",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -34,6 +36,8 @@ pub async fn run(name: &str, store: &dyn Store) {
         "dm_is_one_per_pair" => dm_is_one_per_pair(store).await,
         "delete_redacts" => delete_redacts(store).await,
         "edits_keep_each_version_in_the_log" => edits_keep_each_version_in_the_log(store).await,
+        "reactions" => reactions(store).await,
+        "reaction_limits_and_deletes" => reaction_limits_and_deletes(store).await,
         other => panic!("no conformance check {other}"),
     }
 }
@@ -607,6 +611,210 @@ async fn delete_redacts(store: &dyn Store) {
         store.delete_message(a, ch.id, 1).await,
         Err(StoreError::NotFound)
     ));
+}
+
+/// `(emoji, count, me)` of each of a message's reactions, as `viewer` sees them.
+async fn reaction_view(
+    store: &dyn Store,
+    viewer: i64,
+    channel: i64,
+    message: i64,
+) -> Vec<(String, i64, bool)> {
+    store
+        .reactions(viewer, channel, &[message])
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|(id, list)| {
+            assert_eq!(id, message);
+            list
+        })
+        .map(|r| (r.emoji, r.count, r.me))
+        .collect()
+}
+
+async fn reactions(store: &dyn Store) {
+    let a = user(store, "rea").await;
+    let b = user(store, "reb").await;
+    let outsider = user(store, "rec").await;
+    // A broadcast channel: plain members cannot post, but may react.
+    let ch = store
+        .create_channel(a, ChannelKind::Broadcast, "r", &[b])
+        .await
+        .unwrap();
+    let m = store
+        .post_message(a, ch.id, "react to me", None)
+        .await
+        .unwrap()
+        .message;
+    let after_post = store.channel(ch.id, a).await.unwrap().unwrap().0.last_seq;
+    assert!(store.react(b, ch.id, m.id, "👍", true).await.unwrap());
+    assert!(
+        !store.react(b, ch.id, m.id, "👍", true).await.unwrap(),
+        "the same reaction twice is one"
+    );
+    assert!(store.react(a, ch.id, m.id, "❤️", true).await.unwrap());
+    assert!(store.react(a, ch.id, m.id, "👍", true).await.unwrap());
+    assert_eq!(
+        reaction_view(store, b, ch.id, m.id).await,
+        [("👍".into(), 2, true), ("❤️".into(), 1, false)],
+        "counts, the viewer's own, and emoji in the order first used"
+    );
+    assert_eq!(
+        reaction_view(store, a, ch.id, m.id).await,
+        [("👍".into(), 2, true), ("❤️".into(), 1, true)]
+    );
+    // Non-members and messages of other channels are not found.
+    assert!(matches!(
+        store.react(outsider, ch.id, m.id, "👍", true).await,
+        Err(StoreError::NotFound)
+    ));
+    let other = store
+        .create_channel(outsider, ChannelKind::Group, "o", &[])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.react(outsider, other.id, m.id, "👍", true).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(
+        store
+            .reactions(outsider, other.id, &[m.id])
+            .await
+            .unwrap()
+            .is_empty(),
+        "a message of another channel shows nothing"
+    );
+    // Who reacted, in order, in pages.
+    let first = store.reactors(ch.id, m.id, "👍", None, 1).await.unwrap();
+    assert_eq!(
+        (first.items.len(), first.items[0].user.id, first.has_more),
+        (1, b, true)
+    );
+    let last = &first.items[0];
+    let rest = store
+        .reactors(ch.id, m.id, "👍", Some(last.seq), 5)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = rest.items.iter().map(|r| r.user.id).collect();
+    assert_eq!((ids, rest.has_more), (vec![a], false));
+    // Taking back: once changes, twice does nothing.
+    assert!(store.react(b, ch.id, m.id, "👍", false).await.unwrap());
+    assert!(!store.react(b, ch.id, m.id, "👍", false).await.unwrap());
+    assert!(!store.react(b, ch.id, m.id, "🎉", false).await.unwrap());
+    assert!(store.react(a, ch.id, m.id, "👍", false).await.unwrap());
+    assert_eq!(
+        reaction_view(store, a, ch.id, m.id).await,
+        [("❤️".into(), 1, true)],
+        "an emoji nobody holds any more is gone"
+    );
+    // Each change is one event, in order, after the post's.
+    let events = store
+        .log(ch.id, after_post, 200, ReadFence::PRIMARY)
+        .await
+        .unwrap()
+        .items;
+    let seen: Vec<(&str, i64, &str)> = events
+        .iter()
+        .map(|e| match &e.body {
+            EventBody::ReactionAdded {
+                message_id,
+                user_id,
+                emoji,
+            }
+            | EventBody::ReactionRemoved {
+                message_id,
+                user_id,
+                emoji,
+            } => {
+                assert_eq!(*message_id, m.id);
+                (e.body.kind(), *user_id, emoji.as_str())
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("reaction.added", b, "👍"),
+            ("reaction.added", a, "❤️"),
+            ("reaction.added", a, "👍"),
+            ("reaction.removed", b, "👍"),
+            ("reaction.removed", a, "👍"),
+        ]
+    );
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (after_post + 1..=after_post + 5).collect::<Vec<_>>());
+}
+
+async fn reaction_limits_and_deletes(store: &dyn Store) {
+    let a = user(store, "rla").await;
+    let b = user(store, "rlb").await;
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "rl", &[b])
+        .await
+        .unwrap();
+    let m = store
+        .post_message(b, ch.id, "popular", None)
+        .await
+        .unwrap()
+        .message;
+    let max = crate::store::Rules::default().max_reactions_per_message as usize;
+    let emoji: Vec<&str> = emojis::iter().take(max + 1).map(|e| e.as_str()).collect();
+    for e in &emoji[..max] {
+        assert!(store.react(a, ch.id, m.id, e, true).await.unwrap());
+    }
+    assert!(matches!(
+        store.react(b, ch.id, m.id, emoji[max], true).await,
+        Err(StoreError::TooMany(crate::store::TooMany::Reactions(n))) if n as usize == max
+    ));
+    // An emoji the message already has still takes more users; taking back passes.
+    assert!(store.react(b, ch.id, m.id, emoji[0], true).await.unwrap());
+    assert!(store.react(a, ch.id, m.id, emoji[1], false).await.unwrap());
+    assert!(store.react(b, ch.id, m.id, emoji[max], true).await.unwrap());
+    let view = reaction_view(store, b, ch.id, m.id).await;
+    assert_eq!(view.len(), max);
+    assert_eq!(view[0], (emoji[0].to_owned(), 2, true));
+    assert_eq!(view[max - 1], (emoji[max].to_owned(), 1, true));
+    // A deleted message takes its reactions along and takes no more; its reaction
+    // events stay readable in the log.
+    let before_delete = store.channel(ch.id, a).await.unwrap().unwrap().0.last_seq;
+    store.delete_message(b, ch.id, m.id).await.unwrap();
+    assert!(reaction_view(store, a, ch.id, m.id).await.is_empty());
+    assert!(
+        store
+            .reactors(ch.id, m.id, emoji[0], None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(matches!(
+        store.react(a, ch.id, m.id, emoji[0], true).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.react(a, ch.id, m.id, emoji[0], false).await,
+        Err(StoreError::NotFound)
+    ));
+    let events = store
+        .log(ch.id, 0, 200, ReadFence::PRIMARY)
+        .await
+        .unwrap()
+        .items;
+    let reacted: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::ReactionAdded { emoji, .. } => Some(emoji.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reacted.len(), max + 2, "every addition is in the log");
+    assert!(reacted.iter().all(|e| !e.is_empty()), "deleting kept them");
+    assert_eq!(
+        events.last().map(|e| (e.seq, e.body.kind())),
+        Some((before_delete + 1, "message.deleted"))
+    );
 }
 
 async fn edits_keep_each_version_in_the_log(store: &dyn Store) {

@@ -18,7 +18,8 @@ pub use self::location::{StoreLocation, StoreOptions, migrate, open};
 use async_trait::async_trait;
 
 use crate::model::{
-    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User,
+    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ReactionCount,
+    Reactor, Role, User,
 };
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -38,6 +39,8 @@ pub struct Rules {
     pub max_pending_dms: u32,
     /// Sessions one user may hold; a new login past it ends the oldest.
     pub max_sessions_per_user: u32,
+    /// Distinct emoji on one message.
+    pub max_reactions_per_message: u32,
 }
 
 impl Default for Rules {
@@ -50,6 +53,7 @@ impl Default for Rules {
             consent: Consent::Open,
             max_pending_dms: 100,
             max_sessions_per_user: 100,
+            max_reactions_per_message: 20,
         }
     }
 }
@@ -74,6 +78,8 @@ pub enum TooMany {
     Edits(u32),
     #[error("this user has {0} direct messages they have not answered; try again later")]
     PendingDms(u32),
+    #[error("a message may have at most {0} different reactions")]
+    Reactions(u32),
 }
 
 /// Why a store call failed. Everything but [`StoreError::Internal`] is the caller's to act on.
@@ -337,8 +343,42 @@ pub trait Channels: Send + Sync {
         message_id: i64,
         text: &str,
     ) -> Result<Message>;
-    /// Author, owner or admin; deleting a deleted message changes nothing.
+    /// Author, owner or admin; deleting a deleted message changes nothing. The message's
+    /// reactions go with it (no `reaction.removed` events: `message.deleted` says it).
     async fn delete_message(&self, actor: i64, channel_id: i64, message_id: i64) -> Result<()>;
+    /// Adds (`add`) or takes back `actor`'s `emoji` reaction to a live message of the
+    /// channel, appending `reaction.added` or `reaction.removed`. Any member may react,
+    /// in broadcast channels too. `Ok(false)` when there was nothing to change (the same
+    /// reaction twice is one; removing a missing one succeeds). `emoji` is in the
+    /// canonical form the caller checked ([`crate::api`] validates it).
+    async fn react(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        emoji: &str,
+        add: bool,
+    ) -> Result<bool>;
+    /// The reactions to each of `message_ids` that belong to the channel, as `viewer`
+    /// sees them (counts, and whether `viewer` is among them), each message's emoji in
+    /// the order they were first used. Messages without reactions are left out. No
+    /// membership check, as for [`Channels::log`].
+    async fn reactions(
+        &self,
+        viewer: i64,
+        channel_id: i64,
+        message_ids: &[i64],
+    ) -> Result<Vec<(i64, Vec<ReactionCount>)>>;
+    /// Who reacted to the message with `emoji`, in the order they did, after `after` (the
+    /// `seq` of the last one seen). No membership check.
+    async fn reactors(
+        &self,
+        channel_id: i64,
+        message_id: i64,
+        emoji: &str,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<Reactor>>;
     /// A page of a channel's log. No membership check: callers check first (the API with
     /// [`Channels::channel`], the gateway from its connections' channel sets), so that
     /// identical reads of different members can share one store read.

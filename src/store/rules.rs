@@ -163,6 +163,28 @@ pub fn delete(message: Option<&Message>, actor: i64, role: Role) -> Verdict<bool
     Ok(!message.deleted)
 }
 
+/// A reaction: to a live message (a deleted or missing one is `NotFound`), by any member.
+/// Adding a new emoji to a message that has [`Rules::max_reactions_per_message`] already
+/// is refused; a user adding one the message has, or removing, always passes.
+pub fn react(
+    rules: &Rules,
+    message: Option<&Message>,
+    add: bool,
+    emoji_is_new: bool,
+    distinct: u32,
+) -> Verdict {
+    let message = message.ok_or(StoreError::NotFound)?;
+    if message.deleted {
+        return Err(StoreError::NotFound);
+    }
+    if add && emoji_is_new && distinct >= rules.max_reactions_per_message {
+        return Err(StoreError::TooMany(TooMany::Reactions(
+            rules.max_reactions_per_message,
+        )));
+    }
+    Ok(())
+}
+
 /// A DM's pair key, `"low:high"` (one DM per pair), refusing a DM with oneself.
 pub fn dm_key(user: i64, peer: i64) -> Verdict<String> {
     if user == peer {

@@ -259,6 +259,55 @@ pub struct Message {
     #[schema(value_type = Option<String>, format = DateTime, nullable = false)]
     pub edited_at: Option<String>,
     pub deleted: bool,
+    /// In history pages: each emoji's reactions, in the order first used, and whether
+    /// the caller is among them. Omitted when there are none, and in events (a client
+    /// applies `reaction.*` events to what it holds).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<Reaction>,
+}
+
+/// One emoji's reactions to a message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Reaction {
+    pub emoji: String,
+    #[schema(minimum = 1)]
+    pub count: i64,
+    /// The caller reacted with it.
+    pub me: bool,
+}
+
+impl From<&model::ReactionCount> for Reaction {
+    fn from(r: &model::ReactionCount) -> Self {
+        Self {
+            emoji: r.emoji.clone(),
+            count: r.count,
+            me: r.me,
+        }
+    }
+}
+
+/// A user who reacted, and when.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Reactor {
+    pub user: User,
+    #[schema(schema_with = openapi::time)]
+    pub at: String,
+}
+
+/// A page of who reacted with one emoji, in the order they did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReactorPage {
+    pub users: Vec<Reactor>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub next: Option<String>,
+}
+
+/// Every emoji's reactions to one message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReactionList {
+    pub reactions: Vec<Reaction>,
 }
 
 impl From<&model::Message> for Message {
@@ -273,6 +322,7 @@ impl From<&model::Message> for Message {
             created_at: rfc3339(m.created_at),
             edited_at: m.edited_at.map(rfc3339),
             deleted: m.deleted,
+            reactions: Vec::new(),
         }
     }
 }
@@ -316,10 +366,18 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Message>, nullable = false)]
     pub message: Option<Message>,
-    /// The member, in `member.*` events.
+    /// The member, in `member.*` events; who reacted, in `reaction.*` events.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<openapi::Id>, nullable = false)]
     pub user_id: Option<String>,
+    /// The message reacted to, in `reaction.*` events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::Id>, nullable = false)]
+    pub message_id: Option<String>,
+    /// The emoji, in `reaction.*` events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub emoji: Option<String>,
     /// The member's role, in `member.added` and `member.updated`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = openapi::role)]
@@ -340,6 +398,8 @@ impl From<&model::Event> for Event {
             at: rfc3339(e.at),
             message: None,
             user_id: None,
+            message_id: None,
+            emoji: None,
             role: None,
             name: None,
         };
@@ -353,6 +413,20 @@ impl From<&model::Event> for Event {
             }
             B::MemberRemoved { user_id } => out.user_id = Some(user_id.to_string()),
             B::ChannelUpdated { name } => out.name = name.clone(),
+            B::ReactionAdded {
+                message_id,
+                user_id,
+                emoji,
+            }
+            | B::ReactionRemoved {
+                message_id,
+                user_id,
+                emoji,
+            } => {
+                out.user_id = Some(user_id.to_string());
+                out.message_id = Some(message_id.to_string());
+                out.emoji = Some(emoji.clone());
+            }
         }
         out
     }
@@ -412,12 +486,13 @@ impl Serialize for EventRef<'_> {
         use model::EventBody as B;
         use serde::ser::SerializeStruct;
         let e = self.0;
-        let mut out = s.serialize_struct("Event", 8)?;
+        let mut out = s.serialize_struct("Event", 10)?;
         out.serialize_field("type", e.body.kind())?;
         out.serialize_field("channel_id", &IdStr(e.channel_id))?;
         out.serialize_field("seq", &e.seq)?;
         out.serialize_field("at", &TimeStr(e.at))?;
         let (mut message, mut user, mut role, mut name) = (None, None, None, None);
+        let (mut message_id, mut emoji) = (None, None);
         match &e.body {
             B::MessageCreated(m) | B::MessageEdited(m) | B::MessageDeleted(m) => {
                 message = Some(MessageRef(m))
@@ -428,6 +503,20 @@ impl Serialize for EventRef<'_> {
             }
             B::MemberRemoved { user_id } => user = Some(IdStr(*user_id)),
             B::ChannelUpdated { name: n } => name = n.as_deref(),
+            B::ReactionAdded {
+                message_id: m,
+                user_id,
+                emoji: e,
+            }
+            | B::ReactionRemoved {
+                message_id: m,
+                user_id,
+                emoji: e,
+            } => {
+                user = Some(IdStr(*user_id));
+                message_id = Some(IdStr(*m));
+                emoji = Some(e.as_str());
+            }
         }
         match message {
             Some(m) => out.serialize_field("message", &m)?,
@@ -436,6 +525,14 @@ impl Serialize for EventRef<'_> {
         match user {
             Some(u) => out.serialize_field("user_id", &u)?,
             None => out.skip_field("user_id")?,
+        }
+        match message_id {
+            Some(m) => out.serialize_field("message_id", &m)?,
+            None => out.skip_field("message_id")?,
+        }
+        match emoji {
+            Some(e) => out.serialize_field("emoji", e)?,
+            None => out.skip_field("emoji")?,
         }
         match role {
             Some(r) => out.serialize_field("role", r)?,

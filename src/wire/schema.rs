@@ -178,6 +178,8 @@ pub fn event_type() -> ObjectBuilder {
         "member.updated",
         "member.removed",
         "channel.updated",
+        "reaction.added",
+        "reaction.removed",
     ])
 }
 

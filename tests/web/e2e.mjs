@@ -166,6 +166,24 @@ try {
   assert.deepEqual(await texts(a), ["hello bob", "hi alice"]);
   assert.deepEqual(await texts(b), ["hello bob", "hi alice"]);
 
+  step("a reaction added and taken back is seen live on both sides");
+  {
+    const on = (p) => p.locator("#messages li.message", { hasText: "hello bob" });
+    const thumbs = (p) => on(p).locator("button.reaction", { hasText: "👍" });
+    await on(b).getByRole("button", { name: "Add a reaction" }).click();
+    await on(b).getByRole("button", { name: "React with 👍" }).click();
+    await thumbs(a).filter({ hasText: "👍 1" }).waitFor({ timeout: WAIT });
+    assert.equal(await thumbs(a).getAttribute("aria-pressed"), "false");
+    await thumbs(a).click(); // alice adds hers
+    await thumbs(b).filter({ hasText: "👍 2" }).waitFor({ timeout: WAIT });
+    await thumbs(a).filter({ hasText: "👍 2" }).waitFor({ timeout: WAIT });
+    assert.equal(await thumbs(a).getAttribute("aria-pressed"), "true");
+    await thumbs(b).click(); // bob takes his back
+    await thumbs(a).filter({ hasText: "👍 1" }).waitFor({ timeout: WAIT });
+    await thumbs(b).filter({ hasText: "👍 1" }).waitFor({ timeout: WAIT });
+    assert.equal(await thumbs(b).getAttribute("aria-pressed"), "false");
+  }
+
   step("a broadcast channel: the owner posts, a member reads and has no composer");
   await a.fill("#new-channel-name", "news");
   await a.selectOption("#new-channel-kind", "broadcast");

@@ -37,7 +37,8 @@ use crate::clock::now_ms;
 use crate::id::Snowflake;
 use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_value};
 use crate::model::{
-    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User,
+    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ReactionCount,
+    Reactor, Role, User,
 };
 
 /// How long a node's lease on its id lasts without renewal, and how often it is renewed.
@@ -1876,6 +1877,72 @@ impl Channels for PostgresStore {
             )
             .await?;
         Ok(())
+    }
+
+    async fn react(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        emoji: &str,
+        add: bool,
+    ) -> Result<bool> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        let op = Op::React {
+            actor,
+            channel_id,
+            message_id,
+            emoji: emoji.to_owned(),
+            add,
+        };
+        match self.inner.submit(shard, op).await? {
+            Done::Changed(changed) => Ok(changed),
+            _ => Err(unexpected("react")),
+        }
+    }
+
+    async fn reactions(
+        &self,
+        viewer: i64,
+        channel_id: i64,
+        message_ids: &[i64],
+    ) -> Result<Vec<(i64, Vec<ReactionCount>)>> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        let c = self.inner.conn(shard).await?;
+        read::reactions(&**c, viewer, channel_id, message_ids)
+            .await
+            .map_err(|e| self.inner.fail(shard, "read reactions", e))
+    }
+
+    async fn reactors(
+        &self,
+        channel_id: i64,
+        message_id: i64,
+        emoji: &str,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<Reactor>> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let (ids, has_more) = {
+            let c = inner.conn(shard).await?;
+            read::reactor_ids(&**c, channel_id, message_id, emoji, after, limit)
+                .await
+                .map_err(|e| inner.fail(shard, "read reactors", e))?
+        };
+        let users: Vec<i64> = ids.iter().map(|(id, ..)| *id).collect();
+        let mut by_id: HashMap<i64, User> = inner
+            .existing_users(&users)
+            .await?
+            .into_iter()
+            .map(|u| (u.id, u))
+            .collect();
+        // A reactor whose account is gone is left out.
+        let items = ids
+            .into_iter()
+            .filter_map(|(id, at, seq)| by_id.remove(&id).map(|user| Reactor { user, at, seq }))
+            .collect();
+        Ok(Page { items, has_more })
     }
 
     async fn log(

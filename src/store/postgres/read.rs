@@ -4,8 +4,8 @@
 use tokio_postgres::{GenericClient, Row};
 
 use crate::model::{
-    Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page, Role,
-    User,
+    Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page,
+    ReactionCount, Role, User,
 };
 use crate::store::{SessionAuth, SessionInfo, StoreError};
 
@@ -400,6 +400,16 @@ fn event_row(channel_id: i64, r: &Row) -> Result<Event, Fail> {
         },
         "member.removed" => EventBody::MemberRemoved { user_id: r.get(3) },
         "channel.updated" => EventBody::ChannelUpdated { name: body.clone() },
+        "reaction.added" => EventBody::ReactionAdded {
+            message_id: r.get(5),
+            user_id: r.get(3),
+            emoji: body.clone().unwrap_or_default(),
+        },
+        "reaction.removed" => EventBody::ReactionRemoved {
+            message_id: r.get(5),
+            user_id: r.get(3),
+            emoji: body.clone().unwrap_or_default(),
+        },
         other => return Err(corrupt("event kind", other)),
     };
     Ok(Event {
@@ -408,4 +418,71 @@ fn event_row(channel_id: i64, r: &Row) -> Result<Event, Fail> {
         at,
         body,
     })
+}
+
+/// The reactions to each of `ids` that is a message of the channel, as `viewer` sees them.
+pub(super) async fn reactions(
+    c: &impl GenericClient,
+    viewer: i64,
+    channel_id: i64,
+    ids: &[i64],
+) -> Result<Vec<(i64, Vec<ReactionCount>)>, Fail> {
+    let rows = c
+        .query(
+            "SELECT rc.message_id, rc.emoji, rc.count,
+                    EXISTS (SELECT 1 FROM reactions r
+                            WHERE r.message_id = rc.message_id AND r.emoji = rc.emoji AND r.user_id = $3)
+             FROM reaction_counts rc JOIN messages m ON m.id = rc.message_id
+             WHERE rc.message_id = ANY($1) AND m.channel_id = $2
+             ORDER BY rc.message_id, rc.first_seq",
+            &[&ids, &channel_id, &viewer],
+        )
+        .await?;
+    let mut out: Vec<(i64, Vec<ReactionCount>)> = Vec::new();
+    for r in &rows {
+        let id: i64 = r.get(0);
+        let count = ReactionCount {
+            emoji: r.get(1),
+            count: r.get(2),
+            me: r.get(3),
+        };
+        match out.last_mut() {
+            Some((last, list)) if *last == id => list.push(count),
+            _ => out.push((id, vec![count])),
+        }
+    }
+    Ok(out)
+}
+
+/// Who reacted to a message of the channel with `emoji` (user ids and times), in the
+/// order they did; the users themselves are on shard 0.
+pub(super) async fn reactor_ids(
+    c: &impl GenericClient,
+    channel_id: i64,
+    message_id: i64,
+    emoji: &str,
+    after: Option<i64>,
+    limit: u32,
+) -> Result<(Vec<(i64, i64, i64)>, bool), Fail> {
+    let rows = c
+        .query(
+            "SELECT user_id, at, seq FROM reactions
+             WHERE message_id = $1 AND emoji = $2 AND channel_id = $3 AND seq > $4
+             ORDER BY seq LIMIT $5",
+            &[
+                &message_id,
+                &emoji,
+                &channel_id,
+                &after.unwrap_or(0),
+                &(i64::from(limit) + 1),
+            ],
+        )
+        .await?;
+    let mut ids: Vec<(i64, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let has_more = ids.len() > limit as usize;
+    ids.truncate(limit as usize);
+    Ok((ids, has_more))
 }

@@ -114,6 +114,27 @@ const MIGRATIONS: &[&str] = &[
         created_at BIGINT NOT NULL
     );
     "#,
+    // 2: reactions, one row per user and emoji on a message, and their counts per emoji
+    // (the projection the message view reads; `first_seq` orders a message's emoji).
+    r#"
+    CREATE TABLE reactions (
+        message_id BIGINT NOT NULL,
+        user_id    BIGINT NOT NULL,
+        emoji      TEXT NOT NULL,
+        channel_id BIGINT NOT NULL,
+        seq        BIGINT NOT NULL,  -- of its `reaction.added` event
+        at         BIGINT NOT NULL,
+        PRIMARY KEY (message_id, user_id, emoji)
+    );
+    CREATE INDEX reactions_emoji ON reactions (message_id, emoji, seq);
+    CREATE TABLE reaction_counts (
+        message_id BIGINT NOT NULL,
+        emoji      TEXT NOT NULL,
+        count      BIGINT NOT NULL,
+        first_seq  BIGINT NOT NULL,
+        PRIMARY KEY (message_id, emoji)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

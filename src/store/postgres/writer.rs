@@ -89,6 +89,13 @@ pub(super) enum Op {
         channel_id: i64,
         message_id: i64,
     },
+    React {
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        emoji: String,
+        add: bool,
+    },
 }
 
 impl Op {
@@ -102,7 +109,8 @@ impl Op {
             | Op::MarkRead { channel_id, .. }
             | Op::Post { channel_id, .. }
             | Op::Edit { channel_id, .. }
-            | Op::Delete { channel_id, .. } => Some(*channel_id),
+            | Op::Delete { channel_id, .. }
+            | Op::React { channel_id, .. } => Some(*channel_id),
         }
     }
 }
@@ -112,6 +120,8 @@ pub(super) enum Done {
     Dm(Channel, bool),
     Posted(Posted),
     Message(Message),
+    /// Whether the op changed anything (an idempotent op that found it done: `false`).
+    Changed(bool),
     Unit,
 }
 
@@ -1057,8 +1067,16 @@ async fn apply_one(
             .await?;
             tx.execute(
                 "UPDATE events SET body = '' WHERE channel_id = $1
-                   AND (seq = $3 OR (message_id = $2 AND kind <> 'message.created'))",
+                   AND (seq = $3 OR (message_id = $2 AND kind IN ('message.edited', 'message.deleted')))",
                 &[channel_id, message_id, &message.seq],
+            )
+            .await?;
+            // Its reactions go with it; their events stay in the log.
+            tx.execute("DELETE FROM reactions WHERE message_id = $1", &[message_id])
+                .await?;
+            tx.execute(
+                "DELETE FROM reaction_counts WHERE message_id = $1",
+                &[message_id],
             )
             .await?;
             let redacted = Message {
@@ -1094,7 +1112,119 @@ async fn apply_one(
             .await?;
             Ok(Done::Unit)
         }
+        Op::React {
+            actor,
+            channel_id,
+            message_id,
+            emoji,
+            add,
+        } => {
+            react(
+                tx,
+                shared,
+                j,
+                now,
+                (*actor, *channel_id, *message_id),
+                emoji,
+                *add,
+            )
+            .await
+        }
     }
+}
+
+/// Adds or takes back a reaction, keeping `reaction_counts` in step, as the SQLite
+/// backend does; `Changed(false)` when there was nothing to do.
+async fn react(
+    tx: &Client,
+    shared: &Shared,
+    j: &mut Vec<Event>,
+    now: i64,
+    (actor, channel_id, message_id): (i64, i64, i64),
+    emoji: &str,
+    add: bool,
+) -> std::result::Result<Done, Fail> {
+    membership(tx, channel_id, actor).await?;
+    let found = message(tx, channel_id, message_id).await?;
+    let has = tx
+        .query_opt(
+            "SELECT 1 FROM reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3",
+            &[&message_id, &actor, &emoji],
+        )
+        .await?
+        .is_some();
+    let counts = tx
+        .query_one(
+            "SELECT count(*), coalesce(bool_or(emoji = $2), false) FROM reaction_counts WHERE message_id = $1",
+            &[&message_id, &emoji],
+        )
+        .await?;
+    let (distinct, known): (i64, bool) = (counts.get(0), counts.get(1));
+    rules::react(
+        &shared.rules,
+        found.as_ref(),
+        add,
+        !known,
+        u32::try_from(distinct).unwrap_or(u32::MAX),
+    )?;
+    if add == has {
+        return Ok(Done::Changed(false));
+    }
+    let record = if add {
+        EventBody::ReactionAdded {
+            message_id,
+            user_id: actor,
+            emoji: emoji.to_owned(),
+        }
+    } else {
+        EventBody::ReactionRemoved {
+            message_id,
+            user_id: actor,
+            emoji: emoji.to_owned(),
+        }
+    };
+    // The event's seq orders the emoji of a message and its reactors (times may tie).
+    let seq = append_event(
+        tx,
+        j,
+        record,
+        channel_id,
+        now,
+        Some(message_id),
+        Some(actor),
+        Some(emoji),
+    )
+    .await?;
+    if add {
+        tx.execute(
+            "INSERT INTO reactions (message_id, user_id, emoji, channel_id, seq, at) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&message_id, &actor, &emoji, &channel_id, &seq, &now],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO reaction_counts (message_id, emoji, count, first_seq) VALUES ($1, $2, 1, $3)
+             ON CONFLICT (message_id, emoji) DO UPDATE SET count = reaction_counts.count + 1",
+            &[&message_id, &emoji, &seq],
+        )
+        .await?;
+    } else {
+        tx.execute(
+            "DELETE FROM reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3",
+            &[&message_id, &actor, &emoji],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE reaction_counts SET count = count - 1 WHERE message_id = $1 AND emoji = $2",
+            &[&message_id, &emoji],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM reaction_counts WHERE message_id = $1 AND emoji = $2 AND count <= 0",
+            &[&message_id, &emoji],
+        )
+        .await?;
+    }
+    Ok(Done::Changed(true))
 }
 
 async fn existing(tx: &Client, id: i64) -> std::result::Result<Channel, Fail> {

@@ -31,7 +31,8 @@ use super::{
     SessionInfo, StoreError, TokenHash,
 };
 use crate::model::{
-    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, Role, User,
+    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ReactionCount,
+    Reactor, Role, User,
 };
 
 /// How to open a [`SqliteStore`].
@@ -251,6 +252,7 @@ fn unexpected(done: Done) -> StoreError {
         Done::Message(_) => "message",
         Done::Count(_) => "count",
         Done::Tokens(_) => "tokens",
+        Done::Changed(_) => "changed",
         Done::Unit => "unit",
     };
     StoreError::internal("match writer answer", format!("unexpected answer {what}"))
@@ -549,6 +551,53 @@ impl Channels for SqliteStore {
             })
             .await?,
         )
+    }
+
+    async fn react(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        emoji: &str,
+        add: bool,
+    ) -> Result<bool> {
+        let op = Op::React {
+            actor,
+            channel_id,
+            message_id,
+            emoji: emoji.to_owned(),
+            add,
+        };
+        match self.write(op).await? {
+            Done::Changed(changed) => Ok(changed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn reactions(
+        &self,
+        viewer: i64,
+        channel_id: i64,
+        message_ids: &[i64],
+    ) -> Result<Vec<(i64, Vec<ReactionCount>)>> {
+        let ids = message_ids.to_vec();
+        self.reads
+            .run(move |c| read::reactions(c, viewer, channel_id, &ids))
+            .await
+    }
+
+    async fn reactors(
+        &self,
+        channel_id: i64,
+        message_id: i64,
+        emoji: &str,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<Reactor>> {
+        let emoji = emoji.to_owned();
+        self.reads
+            .run(move |c| read::reactors(c, channel_id, message_id, &emoji, after, limit))
+            .await
     }
 
     async fn log(

@@ -8,8 +8,8 @@ use tokio::sync::Semaphore;
 
 use super::tail::{self, Tail, merge_after};
 use crate::model::{
-    Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page, Role,
-    User,
+    Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page,
+    ReactionCount, Reactor, Role, User,
 };
 use crate::store::{Result, StoreError};
 
@@ -284,6 +284,82 @@ pub(super) fn members(conn: &Connection, channel_id: i64) -> rusqlite::Result<Ve
     .collect()
 }
 
+/// The reactions to each of `ids` that is a message of the channel, as `viewer` sees them.
+/// (A message with reactions is folded: a reaction folds its channel's posts first.)
+pub(super) fn reactions(
+    conn: &Connection,
+    viewer: i64,
+    channel_id: i64,
+    ids: &[i64],
+) -> rusqlite::Result<Vec<(i64, Vec<ReactionCount>)>> {
+    let mut counts = conn.prepare_cached(
+        "SELECT rc.emoji, rc.count FROM reaction_counts rc JOIN messages m ON m.id = rc.message_id
+         WHERE rc.message_id = ?1 AND m.channel_id = ?2 ORDER BY rc.first_seq",
+    )?;
+    let mut mine =
+        conn.prepare_cached("SELECT emoji FROM reactions WHERE message_id = ?1 AND user_id = ?2")?;
+    let mut out = Vec::new();
+    for &id in ids {
+        let mut list = counts
+            .query_map(params![id, channel_id], |r| {
+                Ok(ReactionCount {
+                    emoji: r.get(0)?,
+                    count: r.get(1)?,
+                    me: false,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        if list.is_empty() {
+            continue;
+        }
+        for emoji in mine.query_map(params![id, viewer], |r| r.get::<_, String>(0))? {
+            let emoji = emoji?;
+            if let Some(c) = list.iter_mut().find(|c| c.emoji == emoji) {
+                c.me = true;
+            }
+        }
+        out.push((id, list));
+    }
+    Ok(out)
+}
+
+/// Who reacted to a message of the channel with `emoji`, in the order they did.
+pub(super) fn reactors(
+    conn: &Connection,
+    channel_id: i64,
+    message_id: i64,
+    emoji: &str,
+    after: Option<i64>,
+    limit: u32,
+) -> rusqlite::Result<Page<Reactor>> {
+    let mut items = conn
+        .prepare_cached(
+            "SELECT u.id, u.username, u.created_at, r.at, r.seq FROM reactions r JOIN users u ON u.id = r.user_id
+             WHERE r.message_id = ?1 AND r.emoji = ?2 AND r.channel_id = ?3 AND r.seq > ?4
+             ORDER BY r.seq LIMIT ?5",
+        )?
+        .query_map(
+            params![
+                message_id,
+                emoji,
+                channel_id,
+                after.unwrap_or(0),
+                i64::from(limit) + 1
+            ],
+            |r| {
+                Ok(Reactor {
+                    user: user_row(r)?,
+                    at: r.get(3)?,
+                    seq: r.get(4)?,
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let has_more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    Ok(Page { items, has_more })
+}
+
 /// A page of the channel's messages: the folded ones from the tables, the newest from the
 /// commit log's tail (taken first: see [`super::tail`]).
 pub(super) fn messages(
@@ -409,6 +485,16 @@ fn event_row(channel_id: i64, r: &Row) -> rusqlite::Result<Event> {
         },
         "member.removed" => EventBody::MemberRemoved { user_id: r.get(3)? },
         "channel.updated" => EventBody::ChannelUpdated { name: body.clone() },
+        "reaction.added" => EventBody::ReactionAdded {
+            message_id: r.get(5)?,
+            user_id: r.get(3)?,
+            emoji: body.clone().unwrap_or_default(),
+        },
+        "reaction.removed" => EventBody::ReactionRemoved {
+            message_id: r.get(5)?,
+            user_id: r.get(3)?,
+            emoji: body.clone().unwrap_or_default(),
+        },
         other => return Err(corrupt("event kind", other)),
     };
     Ok(Event {

@@ -105,6 +105,29 @@ const MIGRATIONS: &[Migration] = &[
     );
     "#,
     ),
+    // 6: reactions, one row per user and emoji on a message, and their counts per emoji
+    // (the projection the message view reads; `first_seq` orders a message's emoji).
+    Migration::Sql(
+        r#"
+    CREATE TABLE reactions (
+        message_id INTEGER NOT NULL,
+        user_id    INTEGER NOT NULL,
+        emoji      TEXT NOT NULL,
+        channel_id INTEGER NOT NULL,
+        seq        INTEGER NOT NULL,  -- of its `reaction.added` event
+        at         INTEGER NOT NULL,
+        PRIMARY KEY (message_id, user_id, emoji)
+    ) WITHOUT ROWID;
+    CREATE INDEX reactions_emoji ON reactions(message_id, emoji, seq);
+    CREATE TABLE reaction_counts (
+        message_id INTEGER NOT NULL,
+        emoji      TEXT NOT NULL,
+        count      INTEGER NOT NULL,
+        first_seq  INTEGER NOT NULL,
+        PRIMARY KEY (message_id, emoji)
+    ) WITHOUT ROWID;
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

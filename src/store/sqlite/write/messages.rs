@@ -1,5 +1,5 @@
-//! Message ops other than the post (which is the writer's hot path, in `hot.rs`): edit
-//! and delete.
+//! Message ops other than the post (which is the writer's hot path, in `hot.rs`): edit,
+//! delete and reactions.
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
@@ -81,8 +81,15 @@ pub(super) fn delete_message(
     let message = found.ok_or(StoreError::NotFound)?;
     tx.prepare_cached("UPDATE messages SET text = '', deleted = 1 WHERE id = ?1")?
         .execute([message_id])?;
-    tx.prepare_cached("UPDATE events SET body = '' WHERE channel_id = ?1 AND message_id = ?2")?
-        .execute([channel_id, message_id])?;
+    tx.prepare_cached(
+        "UPDATE events SET body = '' WHERE channel_id = ?1 AND message_id = ?2 AND kind LIKE 'message.%'",
+    )?
+    .execute([channel_id, message_id])?;
+    // Its reactions go with it; their events stay in the log (`message.deleted` follows).
+    tx.prepare_cached("DELETE FROM reactions WHERE message_id = ?1")?
+        .execute([message_id])?;
+    tx.prepare_cached("DELETE FROM reaction_counts WHERE message_id = ?1")?
+        .execute([message_id])?;
     let redacted = Message {
         text: String::new(),
         deleted: true,
@@ -111,4 +118,86 @@ pub(super) fn delete_message(
     )?
     .execute([channel_id, message.author_id, message.seq])?;
     Ok(Done::Unit)
+}
+
+/// Adds or takes back `actor`'s `emoji` reaction, keeping `reaction_counts` in step, and
+/// appends `reaction.added` or `reaction.removed`. `Changed(false)` when there was nothing
+/// to do.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn react(
+    tx: &Transaction,
+    j: &mut Vec<Event>,
+    rules: &Rules,
+    now: i64,
+    actor: i64,
+    channel_id: i64,
+    message_id: i64,
+    emoji: &str,
+    add: bool,
+) -> Applied {
+    membership(tx, channel_id, actor)?;
+    let found = message(tx, channel_id, message_id)?;
+    let has = tx
+        .prepare_cached(
+            "SELECT 1 FROM reactions WHERE message_id = ?1 AND user_id = ?2 AND emoji = ?3",
+        )?
+        .exists(params![message_id, actor, emoji])?;
+    let (distinct, known): (u32, bool) = tx
+        .prepare_cached(
+            "SELECT count(*), coalesce(max(emoji = ?2), 0) FROM reaction_counts WHERE message_id = ?1",
+        )?
+        .query_row(params![message_id, emoji], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rules::react(rules, found.as_ref(), add, !known, distinct)?;
+    if add == has {
+        return Ok(Done::Changed(false));
+    }
+    let body = if add {
+        EventBody::ReactionAdded {
+            message_id,
+            user_id: actor,
+            emoji: emoji.to_owned(),
+        }
+    } else {
+        EventBody::ReactionRemoved {
+            message_id,
+            user_id: actor,
+            emoji: emoji.to_owned(),
+        }
+    };
+    // The event's seq orders the emoji of a message and its reactors (times may tie).
+    let seq = append_event(
+        tx,
+        j,
+        body,
+        channel_id,
+        now,
+        Some(message_id),
+        Some(actor),
+        Some(emoji),
+    )?;
+    if add {
+        tx.prepare_cached(
+            "INSERT INTO reactions (message_id, user_id, emoji, channel_id, seq, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![message_id, actor, emoji, channel_id, seq, now])?;
+        tx.prepare_cached(
+            "INSERT INTO reaction_counts (message_id, emoji, count, first_seq) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT (message_id, emoji) DO UPDATE SET count = count + 1",
+        )?
+        .execute(params![message_id, emoji, seq])?;
+    } else {
+        tx.prepare_cached(
+            "DELETE FROM reactions WHERE message_id = ?1 AND user_id = ?2 AND emoji = ?3",
+        )?
+        .execute(params![message_id, actor, emoji])?;
+        tx.prepare_cached(
+            "UPDATE reaction_counts SET count = count - 1 WHERE message_id = ?1 AND emoji = ?2",
+        )?
+        .execute(params![message_id, emoji])?;
+        tx.prepare_cached(
+            "DELETE FROM reaction_counts WHERE message_id = ?1 AND emoji = ?2 AND count <= 0",
+        )?
+        .execute(params![message_id, emoji])?;
+    }
+    Ok(Done::Changed(true))
 }

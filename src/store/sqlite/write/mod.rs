@@ -11,7 +11,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use self::channels::{
     create_channel, mark_read, open_dm, put_member, remove_member, rename_channel,
 };
-use self::messages::{delete_message, edit_message};
+use self::messages::{delete_message, edit_message, react};
 use super::hot::{self, Hot};
 use super::read;
 use crate::clock::now_ms;
@@ -95,6 +95,13 @@ pub(super) enum Op {
         channel_id: i64,
         message_id: i64,
     },
+    React {
+        actor: i64,
+        channel_id: i64,
+        message_id: i64,
+        emoji: String,
+        add: bool,
+    },
 }
 
 /// How an op relates to the writer's [`Hot`] channel state.
@@ -139,7 +146,8 @@ impl Op {
             | Op::PutMember { channel_id, .. }
             | Op::RemoveMember { channel_id, .. }
             | Op::EditMessage { channel_id, .. }
-            | Op::DeleteMessage { channel_id, .. } => HotUse::FlushAndForget(Some(*channel_id)),
+            | Op::DeleteMessage { channel_id, .. }
+            | Op::React { channel_id, .. } => HotUse::FlushAndForget(Some(*channel_id)),
         }
     }
 }
@@ -153,6 +161,8 @@ pub(super) enum Done {
     Count(u64),
     /// Digests of deleted sessions.
     Tokens(Vec<TokenHash>),
+    /// Whether the op changed anything (an idempotent op that found it done: `false`).
+    Changed(bool),
     Unit,
 }
 
@@ -315,6 +325,23 @@ pub(super) fn apply(
             channel_id,
             message_id,
         } => delete_message(tx, j, now, *actor, *channel_id, *message_id),
+        Op::React {
+            actor,
+            channel_id,
+            message_id,
+            emoji,
+            add,
+        } => react(
+            tx,
+            j,
+            rules,
+            now,
+            *actor,
+            *channel_id,
+            *message_id,
+            emoji,
+            *add,
+        ),
     }
 }
 
