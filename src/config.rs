@@ -403,15 +403,19 @@ pub enum Feature {
     Typing,
     /// Identical store reads in flight are shared (one query answers all of them).
     ReadCoalescing,
+    /// Reactions may be added and taken back. Turn it off in a cluster until every node
+    /// runs a build that reads `reaction.*` events (older ones cannot read such a log).
+    Reactions,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 2] = [Feature::Typing, Feature::ReadCoalescing];
+    pub const ALL: [Feature; 3] = [Feature::Typing, Feature::ReadCoalescing, Feature::Reactions];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Typing => "typing",
             Self::ReadCoalescing => "read-coalescing",
+            Self::Reactions => "reactions",
         }
     }
 }
@@ -630,7 +634,11 @@ impl Config {
                         u64::from(a.max_sessions_per_user),
                         1,
                     )? as u32,
-                    max_reactions_per_message: a.max_reactions_per_message,
+                    max_reactions_per_message: at_least(
+                        "--max-reactions-per-message",
+                        u64::from(a.max_reactions_per_message),
+                        1,
+                    )? as u32,
                 },
                 ws_connections_per_user: at_least(
                     "--ws-connections-per-user",

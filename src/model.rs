@@ -89,6 +89,8 @@ pub struct ChannelView {
     pub read_seq: i64,
     /// Messages above `read_seq` that are neither the member's own nor deleted.
     pub unread: i64,
+    /// Of those, the ones that mention the member.
+    pub mentions: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +99,7 @@ pub struct Member {
     pub role: Role,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {
     pub id: i64,
     pub channel_id: i64,
@@ -110,6 +112,15 @@ pub struct Message {
     pub created_at: i64,
     pub edited_at: Option<i64>,
     pub deleted: bool,
+    /// A reply: the root message of its thread (same channel; a root is never a reply).
+    pub thread_root_id: Option<i64>,
+    /// A root: its replies that are not deleted.
+    pub reply_count: i64,
+    /// A root: when its newest reply was posted (a deleted one included).
+    pub last_reply_at: Option<i64>,
+    /// The members its text mentions (`@name`), as resolved when it was sent or last
+    /// edited.
+    pub mentions: Vec<i64>,
 }
 
 /// What one event of a channel's log records.

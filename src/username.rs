@@ -50,6 +50,41 @@ pub fn check(folded: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Most different names one message may mention; further `@name`s are plain text.
+pub const MAX_MENTIONS: usize = 50;
+
+/// The names `text` mentions, folded, each once, in order, at most [`MAX_MENTIONS`]: an
+/// `@` at the start or after a character that cannot be in a name, then a name's
+/// characters (any letter case), without trailing separators (`@bob.` at a sentence's
+/// end is `bob`). `mail@example.com` mentions no one; neither does a name that is not
+/// one. Whether a mentioned name is a member is the store's question.
+pub fn mentions(text: &str) -> Vec<String> {
+    let name_char = |c: char| c.is_ascii_alphanumeric() || is_separator(c);
+    let mut out: Vec<String> = Vec::new();
+    let mut prev: Option<char> = None;
+    for (i, c) in text.char_indices() {
+        let starts = c == '@' && !prev.is_some_and(|p| name_char(p) || p == '@');
+        prev = Some(c);
+        if !starts {
+            continue;
+        }
+        let rest = &text[i + 1..];
+        let len = rest.find(|c: char| !name_char(c)).unwrap_or(rest.len());
+        let name = rest[..len].trim_end_matches(is_separator);
+        if name.is_empty() || name.len() > MAX_CHARS {
+            continue;
+        }
+        let folded = fold(name);
+        if check(&folded).is_ok() && !out.contains(&folded) {
+            out.push(folded);
+            if out.len() == MAX_MENTIONS {
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// What a folded name looks like, for telling look-alikes apart: separators dropped, and
 /// `1`, `i` → `l`; `0` → `o`; `5` → `s`; then `rn` → `m` and `vv` → `w`. Two names with
 /// the same skeleton cannot both be registered: `alice`, `aiice`, `a1ice` and `al.ice`
@@ -113,6 +148,18 @@ mod tests {
         ] {
             assert!(check(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn mentions_are_names_after_an_at_sign() {
+        let m = |t: &str| mentions(t);
+        assert_eq!(m("hi @Alice and @bob."), ["alice", "bob"]);
+        assert_eq!(m("@carol, @carol!"), ["carol"]);
+        assert_eq!(m("(@dave) @e.v-e_ @@frank"), ["dave", "e.v-e"]);
+        assert!(m("mail@example.com, @ alone, @x, @12, @-dash").is_empty());
+        assert!(m(&format!("@{}", "a".repeat(33))).is_empty());
+        let many: String = (0..60).map(|i| format!("@user{i:02} ")).collect();
+        assert_eq!(m(&many).len(), MAX_MENTIONS);
     }
 
     #[test]

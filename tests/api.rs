@@ -865,9 +865,11 @@ crate::on_both_backends!(
     failed_logins_are_throttled_per_username_and_per_ip,
     a_full_write_queue_answers_503_overloaded,
     health_and_openapi,
+    reactions_are_idempotent_bounded_and_for_members_only,
+    threads_reply_count_page_and_survive_their_root,
+    mentions_are_counted_listed_and_cleared_by_reading,
 );
 
-#[tokio::test]
 async fn reactions_are_idempotent_bounded_and_for_members_only() {
     let server = TestServer::start_with(|c| c.limits.rules.max_reactions_per_message = 3).await;
     let anon = server.client();
@@ -1018,6 +1020,250 @@ async fn reactions_are_idempotent_bounded_and_for_members_only() {
         .await;
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
     assert_eq!(put(&member, "👍").await.status, StatusCode::NOT_FOUND);
-    assert_eq!(member.get(&base).await.body["reactions"], json!([]));
+    assert_eq!(
+        member.get(&base).await.status,
+        StatusCode::NOT_FOUND,
+        "a deleted message has no reactions to list"
+    );
+    server.stop().await;
+}
+
+async fn threads_reply_count_page_and_survive_their_root() {
+    let server = TestServer::start().await;
+    let anon = server.client();
+    let owner = anon.register("threadowner").await;
+    let member = anon.register("threadmember").await;
+    let stranger = anon.register("threadstranger").await;
+    let ch = owner.create_channel("talk", "group", &[&member]).await;
+    let root = owner.send(&ch, "a question", None).await.body;
+    let root_id = root["id"].as_str().unwrap().to_owned();
+    let reply = |c: &Client, text: &str, client_id: Option<&str>| {
+        let (c, ch, root_id) = (c.clone(), ch.clone(), root_id.clone());
+        let mut body = json!({"text": text, "thread_root_id": root_id});
+        if let Some(cid) = client_id {
+            body["client_id"] = json!(cid);
+        }
+        async move { c.post(&format!("/v1/channels/{ch}/messages"), body).await }
+    };
+    let first = reply(&member, "an answer", Some("r-1")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert_eq!(
+        first.body["thread_root_id"].as_str(),
+        Some(root_id.as_str())
+    );
+    let again = reply(&member, "an answer, resent", Some("r-1")).await;
+    assert_eq!((again.status, &again.body), (StatusCode::OK, &first.body));
+    for i in 0..4 {
+        assert_eq!(reply(&owner, &format!("more {i}"), None).await.status, 201);
+    }
+    // The root carries the count and the newest reply's time; a plain message has neither.
+    let got = owner
+        .get(&format!("/v1/channels/{ch}/messages/{root_id}"))
+        .await;
+    assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    assert_eq!(got.body["reply_count"], 5);
+    assert!(got.body["last_reply_at"].is_string());
+    assert!(got.body.get("thread_root_id").is_none());
+    // The thread, paged both ways.
+    let path = format!("/v1/channels/{ch}/threads/{root_id}/messages");
+    let newest = member.get(&format!("{path}?limit=2")).await;
+    assert_eq!(newest.status, StatusCode::OK, "{newest:?}");
+    assert_eq!(newest.body["root"]["id"].as_str(), Some(root_id.as_str()));
+    let texts = |page: &serde_json::Value| -> Vec<String> {
+        page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["text"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(texts(&newest.body), ["more 2", "more 3"]);
+    assert_eq!(newest.body["has_more"], true);
+    let oldest_seq = newest.body["messages"][0]["seq"].as_i64().unwrap();
+    let older = member
+        .get(&format!("{path}?limit=10&before_seq={oldest_seq}"))
+        .await;
+    assert_eq!(texts(&older.body), ["an answer", "more 0", "more 1"]);
+    assert_eq!(older.body["has_more"], false);
+    let forward = member.get(&format!("{path}?after_seq=0&limit=3")).await;
+    assert_eq!(texts(&forward.body), ["an answer", "more 0", "more 1"]);
+    assert_eq!(forward.body["has_more"], true);
+    // Clients that ignore threads see replies in history and the log, marked.
+    let history = member.all_messages(&ch).await;
+    assert_eq!(history.len(), 6);
+    assert!(
+        history[1..]
+            .iter()
+            .all(|m| m["thread_root_id"] == json!(root_id))
+    );
+    // Refusals.
+    let reply_id = first.body["id"].as_str().unwrap();
+    let to_reply = member
+        .post(
+            &format!("/v1/channels/{ch}/messages"),
+            json!({"text": "nested", "thread_root_id": reply_id}),
+        )
+        .await;
+    assert_eq!(
+        (to_reply.status, to_reply.code()),
+        (StatusCode::BAD_REQUEST, "invalid_field"),
+        "{to_reply:?}"
+    );
+    assert_eq!(
+        member
+            .get(&format!("/v1/channels/{ch}/threads/{reply_id}/messages"))
+            .await
+            .status,
+        StatusCode::NOT_FOUND,
+        "a reply is no root"
+    );
+    let bad = member
+        .post(
+            &format!("/v1/channels/{ch}/messages"),
+            json!({"text": "x", "thread_root_id": "zero"}),
+        )
+        .await;
+    assert_eq!(
+        (bad.status, bad.code()),
+        (StatusCode::BAD_REQUEST, "invalid_field")
+    );
+    for a in [
+        reply(&stranger, "let me in", None).await,
+        stranger.get(&path).await,
+        stranger
+            .get(&format!("/v1/channels/{ch}/messages/{root_id}"))
+            .await,
+    ] {
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::NOT_FOUND, "not_found"),
+            "{a:?}"
+        );
+    }
+    // Deleting the root keeps its thread readable (and open).
+    let deleted = owner
+        .call(
+            Method::DELETE,
+            &format!("/v1/channels/{ch}/messages/{root_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let after = member.get(&path).await;
+    assert_eq!(after.status, StatusCode::OK, "{after:?}");
+    assert_eq!(
+        (
+            after.body["root"]["deleted"].as_bool(),
+            after.body["root"]["text"].as_str()
+        ),
+        (Some(true), Some(""))
+    );
+    assert_eq!(after.body["messages"].as_array().unwrap().len(), 5);
+    assert_eq!(reply(&member, "still talking", None).await.status, 201);
+    server.stop().await;
+}
+
+/// In a cluster, reactions stay off until every node reads them (docs/api.md).
+#[tokio::test]
+async fn reactions_can_be_turned_off() {
+    let server = TestServer::start_with(|c| {
+        c.features = std::sync::Arc::new(
+            natter::config::Features::parse(&["reactions=off".into()]).unwrap(),
+        );
+    })
+    .await;
+    let owner = server.client().register("flagowner").await;
+    let ch = owner.create_channel("flags", "group", &[]).await;
+    let mid = owner.send(&ch, "hi", None).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/v1/channels/{ch}/messages/{mid}/reactions/👍");
+    let a = owner.call(Method::PUT, &path, None).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (StatusCode::FORBIDDEN, "forbidden"),
+        "{a:?}"
+    );
+    assert!(
+        !owner
+            .all_events(&ch)
+            .await
+            .iter()
+            .any(|e| e["type"] == "reaction.added")
+    );
+    server.stop().await;
+}
+
+async fn mentions_are_counted_listed_and_cleared_by_reading() {
+    let server = TestServer::start().await;
+    let anon = server.client();
+    let alice = anon.register("mentalice").await;
+    let bob = anon.register("mentbob").await;
+    let stranger = anon.register("mentstranger").await;
+    let ch = alice.create_channel("hall", "group", &[&bob]).await;
+    let sent = alice
+        .send(&ch, "@MentBob have a look (and @mentstranger)", None)
+        .await;
+    assert_eq!(sent.status, StatusCode::CREATED, "{sent:?}");
+    assert_eq!(sent.body["mentions"], json!([bob.user_id]));
+    let view = |c: &Client| {
+        let (c, ch) = (c.clone(), ch.clone());
+        async move {
+            let list = c.get("/v1/channels").await.body;
+            let v = list["channels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["id"] == json!(ch))
+                .unwrap()
+                .clone();
+            (
+                v["unread"].as_i64().unwrap(),
+                v["mentions"].as_i64().unwrap(),
+            )
+        }
+    };
+    assert_eq!(view(&bob).await, (1, 1));
+    assert_eq!(view(&alice).await, (0, 0));
+    let list = bob.get("/v1/mentions").await;
+    assert_eq!(list.status, StatusCode::OK, "{list:?}");
+    assert_eq!(list.body["messages"][0]["id"], sent.body["id"]);
+    assert!(list.body.get("next").is_none());
+    assert_eq!(
+        stranger.get("/v1/mentions").await.body["messages"],
+        json!([])
+    );
+    // Paging: newest first.
+    for i in 0..3 {
+        alice.send(&ch, &format!("@mentbob {i}"), None).await;
+    }
+    let page = bob.get("/v1/mentions?limit=2").await.body;
+    let texts: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["@mentbob 2", "@mentbob 1"]);
+    let next = page["next"].as_str().unwrap();
+    let rest = bob.get(&format!("/v1/mentions?before={next}")).await.body;
+    assert_eq!(rest["messages"].as_array().unwrap().len(), 2);
+    let bad = bob.get("/v1/mentions?before=later").await;
+    assert_eq!(
+        (bad.status, bad.code()),
+        (StatusCode::BAD_REQUEST, "invalid_field")
+    );
+    // Reading clears the count.
+    let last = sent.body["seq"].as_i64().unwrap() + 3;
+    let read = bob
+        .call(
+            Method::PUT,
+            &format!("/v1/channels/{ch}/read"),
+            Some(json!({"seq": last})),
+        )
+        .await;
+    assert!(read.status.is_success(), "{read:?}");
+    assert_eq!(view(&bob).await, (0, 0));
     server.stop().await;
 }

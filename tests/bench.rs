@@ -250,6 +250,7 @@ async fn store_and_http_acknowledge_every_send_and_report_it() {
             concurrency: 16,
             channels: 3,
             text_bytes: 20,
+            mention: false,
             data_dir: None,
             rate: None,
         },
@@ -265,7 +266,17 @@ async fn store_and_http_acknowledge_every_send_and_report_it() {
     .await
     .unwrap();
     let http = measure_http(&args).await.unwrap();
-    for (report, scenario) in [(&store, "store"), (&http, "http")] {
+    // Every text mentioning its sender: each send takes the store's slow path.
+    let mut mentioning = args.clone();
+    mentioning.write.mention = true;
+    mentioning.run.spawn = false;
+    let mentions = measure_store(&mentioning).await.unwrap();
+    assert!(
+        mentions.to_json().contains("\"mention\""),
+        "{}",
+        mentions.to_json()
+    );
+    for (report, scenario) in [(&store, "store"), (&http, "http"), (&mentions, "store")] {
         assert!(report.passed, "{}", report.to_text());
         assert_eq!(figure(report, "messages acked"), Some(300.0));
         let json = check_outputs(report, scenario, 1);
@@ -297,6 +308,7 @@ async fn store_bench_runs_on_postgres_at_a_fixed_rate() {
             concurrency: 64,
             channels: 4,
             text_bytes: 20,
+            mention: false,
             data_dir: None,
             rate: Some(400.0),
         },

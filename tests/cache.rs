@@ -1,7 +1,7 @@
 //! The hot-channel cache answers history and log reads exactly as the store does: the
-//! same queries after random sends, edits, deletes and member changes give the same
-//! answers from the cache (first run) and from the store (after a restart, the cache
-//! empty).
+//! same queries after random sends (some mentioning someone), edits (moving mentions),
+//! deletes, replies, reactions and member changes give the same answers from the cache
+//! (first run) and from the store (after a restart, the cache empty).
 
 mod common;
 
@@ -50,7 +50,7 @@ fn cached_answers_equal_the_stores() {
         cases: 12,
         ..ProptestConfig::default()
     });
-    let ops = proptest::collection::vec((0u8..10, any::<u16>()), 1..120);
+    let ops = proptest::collection::vec((0u8..12, any::<u16>()), 1..120);
     // A tiny cache evicts mid-run, so its runs start past seq 1 and reads straddle them.
     let cache_bytes = prop_oneof![Just(64usize << 20), Just(6 * 1024)];
     runner
@@ -66,9 +66,12 @@ fn cached_answers_equal_the_stores() {
                     match op {
                         0..=5 => {
                             let who = if n % 2 == 0 { &owner } else { &other };
-                            let a = who
-                                .send(&ch, &format!("text {n}"), Some(&format!("c{n}")))
-                                .await;
+                            let text = if n % 3 == 0 {
+                                format!("@other text {n}")
+                            } else {
+                                format!("text {n}")
+                            };
+                            let a = who.send(&ch, &text, Some(&format!("c{n}"))).await;
                             if a.status == 201 && n % 2 == 0 {
                                 ids.push(a.body["id"].as_str().unwrap().to_owned());
                             }
@@ -80,7 +83,11 @@ fn cached_answers_equal_the_stores() {
                                     .call(
                                         Method::PATCH,
                                         &path,
-                                        Some(serde_json::json!({"text": format!("edit {n}")})),
+                                        Some(serde_json::json!({"text": if n % 2 == 0 {
+                                            format!("edit {n} @other")
+                                        } else {
+                                            format!("edit {n}")
+                                        }})),
                                     )
                                     .await;
                             }
@@ -94,6 +101,19 @@ fn cached_answers_equal_the_stores() {
                                         None,
                                     )
                                     .await;
+                            }
+                        }
+                        10 => {
+                            if let Some(id) = pick(&ids) {
+                                let body = serde_json::json!({"text": format!("re {n}"), "thread_root_id": id});
+                                owner.post(&format!("/v1/channels/{ch}/messages"), body).await;
+                            }
+                        }
+                        11 => {
+                            if let Some(id) = pick(&ids) {
+                                let path = format!("/v1/channels/{ch}/messages/{id}/reactions/👍");
+                                let method = if n % 2 == 0 { Method::PUT } else { Method::DELETE };
+                                owner.call(method, &path, None).await;
                             }
                         }
                         _ => {

@@ -115,6 +115,50 @@ async fn a_ws_resend_with_the_same_client_id_creates_nothing_new() {
     server.stop().await;
 }
 
+async fn a_ws_send_with_a_thread_root_is_a_reply_and_reaches_the_others_marked() {
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let b = server.client().register("bob").await;
+    let ch = a.create_channel("room", "group", &[&b]).await;
+    let root = a.send(&ch, "root", None).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut ra = connect(&a).await;
+    let mut rb = connect(&b).await;
+    let op = json!({"op": "send", "channel_id": ch, "text": "in thread",
+        "client_id": "t-1", "thread_root_id": root});
+    ra.send_raw(&op.to_string()).await.unwrap();
+    let frames = until(&mut ra, |f| matches!(f, Frame::Ack { .. })).await;
+    let Some(Frame::Ack { message, .. }) = frames.last() else {
+        unreachable!()
+    };
+    assert_eq!(message.thread_root_id, Some(id(&root)));
+    let frames = until(
+        &mut rb,
+        |f| matches!(f, Frame::Event(e) if e.kind == "message.created"),
+    )
+    .await;
+    let Some(Frame::Event(e)) = frames.last() else {
+        unreachable!()
+    };
+    assert_eq!(
+        e.message.as_ref().and_then(|m| m.thread_root_id),
+        Some(id(&root))
+    );
+    // A reply to a reply is an error frame; the connection stays open.
+    let op = json!({"op": "send", "channel_id": ch, "text": "nested",
+        "client_id": "t-2", "thread_root_id": message.id.to_string()});
+    ra.send_raw(&op.to_string()).await.unwrap();
+    let frames = until(&mut ra, |f| matches!(f, Frame::Error { .. })).await;
+    assert!(
+        matches!(frames.last(), Some(Frame::Error { code, client_id: Some(c), .. })
+            if code == "invalid_field" && c == "t-2"),
+        "{frames:?}"
+    );
+    server.stop().await;
+}
+
 async fn a_member_added_mid_stream_gets_joined_then_live_events_and_a_removed_one_stops() {
     let server = TestServer::start().await;
     let a = server.client().register("alice").await;
@@ -384,19 +428,21 @@ async fn a_slow_consumer_is_cut_with_4008_while_the_others_keep_receiving() {
     server.stop().await;
 }
 
-/// The event kind the `i`th write of [`resume_case`] appends.
+/// The event kind the `i`th write of [`resume_case`] appends (the fifth, a reply, is a
+/// `message.created` too).
 fn resume_kind(i: usize) -> &'static str {
     [
         "message.created",
         "reaction.added",
         "message.edited",
         "reaction.removed",
-    ][i % 4]
+        "message.created",
+    ][i % 5]
 }
 
 /// Drops and resumes a receiver at the points `plan` names while writes keep coming (a
-/// send, a reaction to it, an edit of it, the reaction taken back, and again); every
-/// event must arrive once, in order.
+/// send, a reaction to it, an edit of it, the reaction taken back, a reply to it, and
+/// again); every event must arrive once, in order.
 async fn resume_case(server: &TestServer, case: usize, plan: &[usize], total: usize) {
     let a = server.client().register(&format!("sender{case}")).await;
     let b = server.client().register(&format!("reader{case}")).await;
@@ -412,6 +458,11 @@ async fn resume_case(server: &TestServer, case: usize, plan: &[usize], total: us
             for i in 0..total {
                 let reaction = format!("/v1/channels/{ch}/messages/{latest}/reactions/👍");
                 let status = match resume_kind(i) {
+                    "message.created" if i % 5 == 4 => {
+                        let body = json!({"text": format!("re {i}"), "thread_root_id": latest});
+                        let path = format!("/v1/channels/{ch}/messages");
+                        a.post(&path, body).await.status
+                    }
                     "message.created" => {
                         let sent = a.send(&ch, &format!("m{i}"), None).await;
                         latest = sent.body["id"].as_str().unwrap().to_owned();
@@ -670,6 +721,7 @@ async fn random_frames_never_break_the_server() {
 crate::on_both_backends!(
     every_member_receives_each_message_in_seq_order_and_acks_follow_commit,
     a_ws_resend_with_the_same_client_id_creates_nothing_new,
+    a_ws_send_with_a_thread_root_is_a_reply_and_reaches_the_others_marked,
     a_member_added_mid_stream_gets_joined_then_live_events_and_a_removed_one_stops,
     a_non_member_send_gets_an_error_frame_and_the_connection_stays_open,
     a_send_over_the_rate_limit_gets_an_error_frame_and_the_connection_stays_open,

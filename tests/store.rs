@@ -77,21 +77,21 @@ mod sqlite {
     checks!(on_sqlite: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
-        reaction_limits_and_deletes);
+        reaction_limits_and_deletes, threads, mentions);
 }
 
 mod sqlite_folding_every_commit {
     checks!(on_sqlite_folding: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
-        reaction_limits_and_deletes);
+        reaction_limits_and_deletes, threads, mentions);
 }
 
 mod postgres {
     checks!(on_postgres: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
-        reaction_limits_and_deletes);
+        reaction_limits_and_deletes, threads, mentions);
 
     mod two_nodes {
         checks!(on_two_nodes: two_writers_keep_seqs_gap_free,
@@ -508,38 +508,78 @@ mod commit_log {
     }
 }
 
-mod reaction_projection {
-    //! Property: the reaction counts kept as a projection (and each viewer's own) always
-    //! equal a recount from the channel's log, whatever mix of sends, reactions taken and
-    //! taken back, and deletes, on SQLite and on PostgreSQL.
+mod conversation_projections {
+    //! Property: the projections kept beside the log (reaction counts and each viewer's
+    //! own, a root's reply count and newest reply) always equal a recount from the
+    //! channel's log, whatever mix of sends, replies, reactions taken and taken back, and
+    //! deletes, on SQLite and on PostgreSQL; and each reaction call answers whether it
+    //! changed anything as the log says it did.
 
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::{BTreeMap, BTreeSet, HashSet};
 
     use natter::model::{ChannelKind, EventBody};
-    use natter::store::{ReadFence, Store, StoreLocation, StoreOptions};
+    use natter::store::{ReadFence, Store, StoreError, StoreLocation, StoreOptions};
     use proptest::prelude::*;
 
     const EMOJI: [&str; 3] = ["👍", "❤️", "🎉"];
 
+    const NAMES: [&str; 3] = ["own", "two", "three"];
+
     #[derive(Debug, Clone)]
     enum Step {
-        Send(usize),
+        /// A send by a user, mentioning another (or no one).
+        Send(usize, Option<usize>),
+        Reply(usize, usize, Option<usize>),
         React(usize, usize, usize, bool),
+        /// Its author edits a message to mention someone else (or no one).
+        Edit(usize, Option<usize>),
+        Read(usize, i64),
         Delete(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
+        let who = proptest::option::of(0usize..3);
         prop_oneof![
-            2 => (0usize..3).prop_map(Step::Send),
-            6 => (0usize..3, 0usize..16, 0usize..3, any::<bool>())
+            2 => (0usize..3, who.clone()).prop_map(|(u, t)| Step::Send(u, t)),
+            2 => (0usize..3, 0usize..16, who.clone()).prop_map(|(u, m, t)| Step::Reply(u, m, t)),
+            4 => (0usize..3, 0usize..16, 0usize..3, any::<bool>())
                 .prop_map(|(u, m, e, add)| Step::React(u, m, e, add)),
+            1 => (0usize..16, who).prop_map(|(m, t)| Step::Edit(m, t)),
+            2 => (0usize..3, 0i64..80).prop_map(|(u, s)| Step::Read(u, s)),
             1 => (0usize..16).prop_map(Step::Delete),
         ]
     }
 
-    /// `(message, emoji)` → who holds that reaction, replayed from the whole log.
-    async fn recount(store: &dyn Store, ch: i64) -> BTreeMap<(i64, String), BTreeSet<i64>> {
-        let mut held: BTreeMap<(i64, String), BTreeSet<i64>> = BTreeMap::new();
+    fn text(target: Option<usize>) -> String {
+        target.map_or("x".into(), |t| format!("hey @{}", NAMES[t]))
+    }
+
+    /// `user`'s unread mentions in the channel, recounted from its history.
+    async fn mentions_of(store: &dyn Store, ch: i64, user: i64, read_seq: i64) -> i64 {
+        let q = natter::model::HistoryQuery::newest(200);
+        let all = store
+            .history(ch, q, ReadFence::PRIMARY)
+            .await
+            .unwrap()
+            .items;
+        all.iter()
+            .filter(|m| {
+                m.seq > read_seq && !m.deleted && m.author_id != user && m.mentions.contains(&user)
+            })
+            .count() as i64
+    }
+
+    #[derive(Default)]
+    struct Recount {
+        /// `(message, emoji)` → who holds that reaction.
+        reactions: BTreeMap<(i64, String), BTreeSet<i64>>,
+        /// Root → its live replies, and the newest reply's time.
+        replies: BTreeMap<i64, (BTreeSet<i64>, i64)>,
+    }
+
+    /// Replays the whole log.
+    async fn recount(store: &dyn Store, ch: i64) -> Recount {
+        let mut r = Recount::default();
         let mut after = 0;
         loop {
             let page = store.log(ch, after, 200, ReadFence::PRIMARY).await.unwrap();
@@ -550,7 +590,8 @@ mod reaction_projection {
                         user_id,
                         emoji,
                     } => {
-                        held.entry((*message_id, emoji.clone()))
+                        r.reactions
+                            .entry((*message_id, emoji.clone()))
                             .or_default()
                             .insert(*user_id);
                     }
@@ -559,11 +600,23 @@ mod reaction_projection {
                         user_id,
                         emoji,
                     } => {
-                        if let Some(users) = held.get_mut(&(*message_id, emoji.clone())) {
+                        if let Some(users) = r.reactions.get_mut(&(*message_id, emoji.clone())) {
                             users.remove(user_id);
                         }
                     }
-                    EventBody::MessageDeleted(m) => held.retain(|(id, _), _| *id != m.id),
+                    EventBody::MessageCreated(m) => {
+                        if let Some(root) = m.thread_root_id {
+                            let (live, newest) = r.replies.entry(root).or_default();
+                            live.insert(m.id);
+                            *newest = m.created_at;
+                        }
+                    }
+                    EventBody::MessageDeleted(m) => {
+                        r.reactions.retain(|(id, _), _| *id != m.id);
+                        if let Some(root) = m.thread_root_id {
+                            r.replies.entry(root).or_default().0.remove(&m.id);
+                        }
+                    }
                     _ => {}
                 }
                 after = e.seq;
@@ -572,13 +625,13 @@ mod reaction_projection {
                 break;
             }
         }
-        held.retain(|_, users| !users.is_empty());
-        held
+        r.reactions.retain(|_, users| !users.is_empty());
+        r
     }
 
     async fn check(store: &dyn Store, steps: Vec<Step>) {
         let mut users = Vec::new();
-        for name in ["own", "two", "three"] {
+        for name in NAMES {
             users.push(store.create_user(name, "h", None).await.unwrap().id);
         }
         let ch = store
@@ -586,38 +639,70 @@ mod reaction_projection {
             .await
             .unwrap()
             .id;
-        let mut sent = vec![
-            store
-                .post_message(users[0], ch, "first", None)
-                .await
-                .unwrap()
-                .message
-                .id,
-        ];
+        let first = store
+            .post_message(users[0], ch, "first", None)
+            .await
+            .unwrap();
+        let mut sent = vec![first.message.id];
+        let mut authors = vec![users[0]];
+        let mut deleted = HashSet::new();
         for s in steps {
             match s {
-                Step::Send(u) => {
-                    sent.push(
-                        store
-                            .post_message(users[u], ch, "x", None)
-                            .await
-                            .unwrap()
-                            .message
-                            .id,
-                    );
-                }
-                Step::React(u, m, e, add) => {
-                    let _ = store
-                        .react(users[u], ch, sent[m % sent.len()], EMOJI[e], add)
-                        .await;
-                }
-                Step::Delete(m) => {
-                    // The channel's owner may delete any message; twice is a no-op.
-                    store
-                        .delete_message(users[0], ch, sent[m % sent.len()])
+                Step::Send(u, t) => {
+                    let posted = store
+                        .post_message(users[u], ch, &text(t), None)
                         .await
                         .unwrap();
+                    sent.push(posted.message.id);
+                    authors.push(users[u]);
                 }
+                Step::Reply(u, m, t) => {
+                    // A reply to a reply, or to a deleted root without replies, is refused.
+                    let root = sent[m % sent.len()];
+                    match store.post_reply(users[u], ch, root, &text(t), None).await {
+                        Ok(p) => {
+                            sent.push(p.message.id);
+                            authors.push(users[u]);
+                        }
+                        Err(StoreError::Invalid { .. } | StoreError::NotFound) => {}
+                        Err(e) => panic!("reply: {e}"),
+                    }
+                }
+                Step::React(u, m, e, add) => {
+                    let id = sent[m % sent.len()];
+                    let held = recount(store, ch)
+                        .await
+                        .reactions
+                        .get(&(id, EMOJI[e].to_owned()))
+                        .is_some_and(|who| who.contains(&users[u]));
+                    let answer = store.react(users[u], ch, id, EMOJI[e], add).await;
+                    if deleted.contains(&id) {
+                        assert!(matches!(answer, Err(StoreError::NotFound)), "{answer:?}");
+                    } else {
+                        assert_eq!(answer.unwrap(), add != held, "react {add} when held {held}");
+                    }
+                }
+                Step::Edit(m, t) => {
+                    let i = m % sent.len();
+                    match store.edit_message(authors[i], ch, sent[i], &text(t)).await {
+                        Ok(_) => {}
+                        Err(StoreError::NotFound) => assert!(deleted.contains(&sent[i])),
+                        Err(e) => panic!("edit: {e}"),
+                    }
+                }
+                Step::Read(u, seq) => store.mark_read(users[u], ch, seq).await.unwrap(),
+                Step::Delete(m) => {
+                    // The channel's owner may delete any message; twice is a no-op.
+                    let id = sent[m % sent.len()];
+                    store.delete_message(users[0], ch, id).await.unwrap();
+                    deleted.insert(id);
+                }
+            }
+            for &user in &users {
+                let views = store.channels(user).await.unwrap();
+                let view = views.iter().find(|v| v.channel.id == ch).unwrap();
+                let want = mentions_of(store, ch, user, view.read_seq).await;
+                assert_eq!(view.mentions, want, "user {user} at {}", view.read_seq);
             }
             let expected = recount(store, ch).await;
             for &viewer in &users {
@@ -628,10 +713,23 @@ mod reaction_projection {
                     }
                 }
                 let want: BTreeMap<(i64, String), (i64, bool)> = expected
+                    .reactions
                     .iter()
                     .map(|(k, users)| (k.clone(), (users.len() as i64, users.contains(&viewer))))
                     .collect();
                 assert_eq!(got, want, "viewer {viewer}");
+            }
+            for &id in &sent {
+                let m = store.message(ch, id).await.unwrap().unwrap();
+                let (live, newest) = expected
+                    .replies
+                    .get(&id)
+                    .map_or((0, None), |(live, at)| (live.len() as i64, Some(*at)));
+                assert_eq!(
+                    (m.reply_count, m.last_reply_at),
+                    (live, newest),
+                    "root {id}"
+                );
             }
         }
     }
@@ -639,7 +737,7 @@ mod reaction_projection {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
         #[test]
-        fn reactions_match_a_recount_on_sqlite(steps in prop::collection::vec(step(), 1..40)) {
+        fn projections_match_a_recount_on_sqlite(steps in prop::collection::vec(step(), 1..40)) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let dir = tempfile::tempdir().unwrap();
@@ -654,7 +752,7 @@ mod reaction_projection {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
         #[test]
-        fn reactions_match_a_recount_on_postgres(steps in prop::collection::vec(step(), 1..40)) {
+        fn projections_match_a_recount_on_postgres(steps in prop::collection::vec(step(), 1..40)) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let Some(shards) = crate::common::pg::databases(2).await else {

@@ -17,7 +17,8 @@ const state = {
   seen: new Map(), // channel id → last seq received over the socket (resume position)
   current: null,
   views: new Map(), // channel id → { messages: Map id → message, oldest, hasOlder, loaded }
-  pending: new Map(), // client_id → { channel_id, text }
+  pending: new Map(), // client_id → { channel_id, text, thread_root_id? }
+  thread: null, // the open thread: { channel_id, root, replies: Map id → message }
   users: new Map(), // user id → username (or a promise of it)
   ws: null,
   wsReady: false,
@@ -170,6 +171,13 @@ function renderChannels() {
       name.className = "name";
       name.textContent = c.kind === "dm" ? "@ " + (c.name || "…") : (c.kind === "broadcast" ? "📢 " : "# ") + c.name;
       button.append(name);
+      if (c.mentions > 0 && c.id !== state.current) {
+        const badge = document.createElement("span");
+        badge.className = "badge mention-badge";
+        badge.textContent = `@${c.mentions}`;
+        badge.setAttribute("aria-label", `${c.mentions} ${c.mentions === 1 ? "mention" : "mentions"} of you`);
+        button.append(badge);
+      }
       if (c.unread > 0 && c.id !== state.current) {
         const badge = document.createElement("span");
         badge.className = "badge";
@@ -189,6 +197,7 @@ function renderChannels() {
 }
 
 async function openChannel(id) {
+  if (state.thread && state.thread.channel_id !== id) closeThread();
   state.current = id;
   document.body.classList.add("in-channel");
   const c = state.channels.get(id);
@@ -204,9 +213,12 @@ async function openChannel(id) {
   }
   if (!view.loaded) {
     const page = await api("GET", `/v1/channels/${id}/messages?limit=${PAGE}`);
-    for (const m of page.messages) upsert(view, m);
+    for (const m of page.messages) upsert(view, { reactions: [], ...m });
     view.hasOlder = page.has_more;
     view.loaded = true;
+    // Messages whose reactions or replies changed while the page was on its way.
+    for (const mid of view.stale || []) refreshMessage(id, mid);
+    view.stale = null;
   }
   renderChannels();
   renderMessages(true);
@@ -234,9 +246,12 @@ function renderMessages(toBottom) {
   const view = state.views.get(state.current);
   if (!view) return list.replaceChildren();
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-  const items = [...view.messages.values()].sort((a, b) => a.seq - b.seq).map(messageItem);
+  const focus = focusedControl(list);
+  // The channel's timeline: replies live in their threads.
+  const shown = [...view.messages.values()].filter((m) => !m.thread_root_id).sort((a, b) => a.seq - b.seq);
+  const items = withDays(shown, (m) => messageItem(m, false));
   for (const [cid, p] of state.pending) {
-    if (p.channel_id === state.current) {
+    if (p.channel_id === state.current && !p.thread_root_id) {
       items.push(
         messageItem({ id: cid, client_id: cid, author_id: state.me.id, text: p.text, pending: true }),
       );
@@ -254,9 +269,80 @@ function renderMessages(toBottom) {
   }
   list.replaceChildren(...items);
   if (toBottom || nearBottom) list.scrollTop = list.scrollHeight;
+  restoreFocus(list, focus);
+  if (state.thread?.channel_id === state.current) renderThread(false);
 }
 
-function messageItem(m) {
+/// A message's text as text nodes, each `@name` it mentions (as the server resolved
+/// them) in a `<mark>` (the caller's own name) or `<strong>`.
+function withMentions(m) {
+  if (!(m.mentions || []).length) return [document.createTextNode(m.text)];
+  const out = [];
+  let rest = m.text;
+  const re = /(^|[^A-Za-z0-9_.@-])@([A-Za-z0-9_.-]+)/;
+  for (let found = re.exec(rest); found; found = re.exec(rest)) {
+    const at = found.index + found[1].length;
+    const name = found[2].replace(/[_.-]+$/, "");
+    out.push(document.createTextNode(rest.slice(0, at)));
+    const me = name.toLowerCase() === state.me.username;
+    const el = document.createElement(me ? "mark" : "strong");
+    el.className = "mention";
+    el.textContent = "@" + name;
+    out.push(el);
+    rest = rest.slice(at + 1 + name.length);
+  }
+  out.push(document.createTextNode(rest));
+  return out;
+}
+
+/// Message items with a separator before each new day.
+function withDays(messages, item) {
+  const out = [];
+  let day = null;
+  for (const m of messages) {
+    const d = m.created_at ? new Date(m.created_at).toDateString() : day;
+    if (d && d !== day) {
+      const li = document.createElement("li");
+      li.className = "day";
+      li.setAttribute("role", "separator");
+      li.textContent = dayLabel(new Date(m.created_at));
+      out.push(li);
+      day = d;
+    }
+    out.push(item(m));
+  }
+  return out;
+}
+
+function dayLabel(date) {
+  const today = new Date();
+  const yesterday = new Date(today.getTime() - 86_400_000);
+  if (date.toDateString() === today.toDateString()) return "Today";
+  if (date.toDateString() === yesterday.toDateString()) return "Yesterday";
+  return date.toLocaleDateString(undefined, { weekday: "short", year: "numeric", month: "short", day: "numeric" });
+}
+
+/// Which control inside `list` has the focus, so a re-render can give it back.
+function focusedControl(list) {
+  const el = document.activeElement;
+  if (!el || !list.contains(el) || el === list) return null;
+  const li = el.closest("li");
+  return li ? { id: li.dataset.id, label: el.getAttribute("aria-label"), text: el.textContent } : null;
+}
+
+function restoreFocus(list, focus) {
+  if (!focus) return;
+  for (const li of list.querySelectorAll("li")) {
+    if (li.dataset.id !== focus.id) continue;
+    const match = [...li.querySelectorAll("button")].find(
+      (b) => (focus.label && b.getAttribute("aria-label")?.startsWith(focus.label.split(":")[0])) || b.textContent === focus.text,
+    );
+    if (match) match.focus();
+    return;
+  }
+}
+
+function messageItem(m, inThread) {
   const li = document.createElement("li");
   li.className = "message";
   if (m.seq !== undefined) li.dataset.seq = String(m.seq);
@@ -269,8 +355,18 @@ function messageItem(m) {
   if (m.author_id !== state.me.id) username(m.author_id).then((n) => (who.textContent = n));
   const text = document.createElement("span");
   text.className = "text";
-  text.textContent = m.deleted ? "(deleted)" : m.text; // always text, never HTML
+  if (m.deleted) text.textContent = "(deleted)";
+  else text.append(...withMentions(m)); // always text nodes, never HTML
+  if ((m.mentions || []).includes(state.me.id) && m.author_id !== state.me.id) li.classList.add("mentions-me");
   li.append(who, text);
+  if (m.created_at) {
+    const t = document.createElement("time");
+    t.dateTime = m.created_at;
+    const at = new Date(m.created_at);
+    t.textContent = at.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
+    t.title = at.toLocaleString();
+    li.append(t);
+  }
   if (m.pending) {
     const s = document.createElement("span");
     s.className = "note";
@@ -283,6 +379,16 @@ function messageItem(m) {
     li.append(s);
   }
   if (!m.pending && !m.deleted) li.append(reactionBar(m));
+  if (!m.pending && !inThread && !m.thread_root_id && (!m.deleted || m.reply_count)) {
+    const t = document.createElement("button");
+    t.type = "button";
+    t.className = "small thread-link";
+    const n = m.reply_count || 0;
+    t.textContent = n ? `💬 ${n} ${n === 1 ? "reply" : "replies"}` : "Reply";
+    t.setAttribute("aria-label", n ? `Open thread: ${n} ${n === 1 ? "reply" : "replies"}` : "Reply in thread");
+    t.addEventListener("click", () => openThread(m));
+    li.append(t);
+  }
   if (!m.pending && !m.deleted && m.author_id === state.me.id) {
     const edit = document.createElement("button");
     edit.type = "button";
@@ -377,6 +483,7 @@ function reactionBar(m) {
   });
   picker.addEventListener("keydown", (e) => {
     if (e.key === "Escape") {
+      e.preventDefault(); // the picker closes, not the thread around it
       picker.hidden = true;
       open.setAttribute("aria-expanded", "false");
       open.focus();
@@ -396,38 +503,131 @@ async function react(m, emoji, add) {
   // The event refreshes the counts, on this page as on every other.
 }
 
-const reactionReads = new Map(); // message id → "busy" or "again"
+const messageReads = new Map(); // message id → "busy" or "again"
 
-/// Reads a message's reactions again after one of its reaction events (counts kept by
-/// the server: applying events to a page read at some moment could count one twice).
-async function refreshReactions(channelId, messageId) {
-  if (reactionReads.has(messageId)) {
-    reactionReads.set(messageId, "again");
+/// Reads a message again after an event changed what it shows but not what the event
+/// carries (its reactions, a root's reply count): counts kept by the server, since
+/// applying events to a page read at some moment could count one twice.
+async function refreshMessage(channelId, messageId) {
+  const view = state.views.get(channelId);
+  if (!view && state.thread?.channel_id !== channelId) return; // shown nowhere
+  if (view && !view.loaded) {
+    (view.stale ??= new Set()).add(messageId); // read once the first page is in
     return;
   }
-  reactionReads.set(messageId, "busy");
+  if (messageReads.has(messageId)) {
+    messageReads.set(messageId, "again");
+    return;
+  }
   try {
     do {
-      reactionReads.set(messageId, "busy");
-      const view = state.views.get(channelId);
-      if (!view || !view.messages.has(messageId)) break;
-      const r = await api("GET", `/v1/channels/${channelId}/messages/${messageId}/reactions`);
-      const m = view.messages.get(messageId);
-      if (m && !m.deleted) view.messages.set(messageId, { ...m, reactions: r.reactions });
+      messageReads.set(messageId, "busy");
+      const m = await api("GET", `/v1/channels/${channelId}/messages/${messageId}`);
+      const fresh = { reactions: [], ...m };
+      const v = state.views.get(channelId);
+      if (v?.messages.has(messageId)) v.messages.set(messageId, fresh);
+      const t = state.thread;
+      if (t?.channel_id === channelId) {
+        if (t.root.id === messageId) t.root = fresh;
+        if (t.replies.has(messageId)) t.replies.set(messageId, fresh);
+      }
       if (channelId === state.current) renderMessages(false);
-    } while (reactionReads.get(messageId) === "again");
+    } while (messageReads.get(messageId) === "again");
   } catch {
-    // A later event or opening the channel again reads them.
+    // A later event, or opening the channel again, reads it.
   } finally {
-    reactionReads.delete(messageId);
+    messageReads.delete(messageId);
+  }
+}
+
+// ---- Threads ---------------------------------------------------------------------
+
+async function openThread(root) {
+  const channel_id = root.channel_id;
+  $("thread-error").textContent = "";
+  try {
+    const page = await api("GET", `/v1/channels/${channel_id}/threads/${root.id}/messages?limit=${PAGE}`);
+    const replies = new Map();
+    for (const m of page.messages) replies.set(m.id, { reactions: [], ...m });
+    state.thread = { channel_id, root: { reactions: [], ...page.root }, replies };
+  } catch (err) {
+    $("channel-error").textContent = err.message;
+    return;
+  }
+  $("thread").hidden = false;
+  $("app").classList.add("with-thread");
+  document.body.classList.add("in-thread");
+  renderThread(true);
+  $("thread-composer").hidden = state.channels.get(channel_id)?.kind === "broadcast" &&
+    state.channels.get(channel_id)?.role === "member";
+  $("thread-text").focus();
+}
+
+function closeThread() {
+  const root = state.thread?.root.id;
+  state.thread = null;
+  $("thread").hidden = true;
+  $("app").classList.remove("with-thread");
+  document.body.classList.remove("in-thread");
+  // Back to the message the thread was opened from.
+  $("messages").querySelector(`li[data-id="${root}"] .thread-link`)?.focus();
+}
+
+function renderThread(toBottom) {
+  const t = state.thread;
+  const list = $("thread-messages");
+  if (!t) return list.replaceChildren();
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  const focus = focusedControl(list);
+  const root = messageItem(t.root, true);
+  root.classList.add("thread-root");
+  const replies = [...t.replies.values()].sort((a, b) => a.seq - b.seq);
+  const items = [root, ...withDays(replies, (m) => messageItem(m, true))];
+  for (const [cid, p] of state.pending) {
+    if (p.thread_root_id === t.root.id) {
+      items.push(messageItem({ id: cid, client_id: cid, author_id: state.me.id, text: p.text, pending: true }, true));
+    }
+  }
+  list.replaceChildren(...items);
+  if (toBottom || nearBottom) list.scrollTop = list.scrollHeight;
+  restoreFocus(list, focus);
+}
+
+function sendReply(text) {
+  const t = state.thread;
+  if (!t || !text.trim()) return;
+  const client_id = newClientId();
+  const p = { channel_id: t.channel_id, text, thread_root_id: t.root.id };
+  state.pending.set(client_id, p);
+  renderThread(true);
+  sendFrame({ op: "send", client_id, ...p });
+}
+
+/// A reply arrived (by event or ack): into its open thread, and its root read again
+/// where it is shown (its reply count).
+function replyArrived(m) {
+  const t = state.thread;
+  const open = t && t.channel_id === m.channel_id && t.root.id === m.thread_root_id;
+  if (open) {
+    const old = t.replies.get(m.id);
+    t.replies.set(m.id, { reactions: old?.reactions ?? [], ...m });
+  }
+  const view = state.views.get(m.channel_id);
+  if (open || view?.messages.has(m.thread_root_id) || (view && !view.loaded)) {
+    refreshMessage(m.channel_id, m.thread_root_id);
   }
 }
 
 async function deleteMessage(m) {
   try {
     await api("DELETE", `/v1/channels/${m.channel_id}/messages/${m.id}`);
-    upsert(state.views.get(m.channel_id), { ...m, deleted: true, text: "" });
+    const gone = { ...m, deleted: true, text: "" };
+    const view = state.views.get(m.channel_id);
+    if (view) upsert(view, gone);
+    if (state.thread?.replies.has(m.id)) state.thread.replies.set(m.id, gone);
+    if (state.thread?.root.id === m.id) state.thread.root = gone;
     renderMessages(false);
+    renderThread(false);
   } catch (err) {
     $("channel-error").textContent = err.message;
   }
@@ -446,7 +646,7 @@ async function loadOlder() {
       "GET",
       `/v1/channels/${id}/messages?before_seq=${view.oldest}&limit=${PAGE}`,
     );
-    for (const m of page.messages) upsert(view, m);
+    for (const m of page.messages) upsert(view, { reactions: [], ...m });
     view.hasOlder = page.has_more;
     if (state.current === id) {
       renderMessages(false);
@@ -543,7 +743,7 @@ function onFrame(f) {
       }
       // Unanswered sends again, in order, with their client ids: never a second message.
       for (const [client_id, p] of state.pending) {
-        state.ws.send(JSON.stringify({ op: "send", channel_id: p.channel_id, text: p.text, client_id }));
+        state.ws.send(JSON.stringify({ op: "send", client_id, ...p }));
       }
       markRead(); // one that could not be sent while offline
       break;
@@ -551,14 +751,24 @@ function onFrame(f) {
       state.pending.delete(f.client_id);
       const view = state.views.get(f.message.channel_id);
       if (view) upsert(view, f.message);
-      if (f.message.channel_id === state.current) renderMessages(true);
+      if (f.message.thread_root_id) {
+        replyArrived(f.message);
+        renderThread(true);
+      }
+      if (f.message.channel_id === state.current) renderMessages(!f.message.thread_root_id);
       break;
     }
     case "error":
       if (f.client_id && state.pending.has(f.client_id)) {
         const p = state.pending.get(f.client_id);
         state.pending.delete(f.client_id);
-        if (p.channel_id === state.current) {
+        if (p.thread_root_id) {
+          // Back into the thread's composer (never the channel's: it would post outside).
+          if (state.thread?.root.id === p.thread_root_id) $("thread-text").value = p.text;
+          $("thread-error").textContent = `Reply not sent: ${f.error.message}`;
+          $("channel-error").textContent = `Reply not sent: ${f.error.message}`;
+          renderThread(false);
+        } else if (p.channel_id === state.current) {
           $("channel-error").textContent = `Not sent: ${f.error.message}`;
           $("text").value = p.text;
           renderMessages(false);
@@ -576,6 +786,7 @@ function onFrame(f) {
       state.channels.delete(f.channel_id);
       state.seen.delete(f.channel_id);
       state.views.delete(f.channel_id);
+      if (state.thread?.channel_id === f.channel_id) closeThread();
       if (state.current === f.channel_id) {
         state.current = null;
         $("channel-title").textContent = "Pick a channel";
@@ -601,6 +812,20 @@ function onEvent(e) {
   const view = state.views.get(id);
   if (e.message) {
     if (view) upsert(view, e.message);
+    // Our own send, here before its ack: shown once, not pending beside itself.
+    if (e.message.author_id === state.me.id && e.message.client_id) state.pending.delete(e.message.client_id);
+    const t = state.thread;
+    if (t?.channel_id === id) {
+      // Edits and deletes of what the open thread shows.
+      if (t.root.id === e.message.id) t.root = { ...t.root, ...e.message, reactions: t.root.reactions };
+      if (t.replies.has(e.message.id)) {
+        t.replies.set(e.message.id, { ...e.message, reactions: t.replies.get(e.message.id).reactions });
+      }
+    }
+    if (e.message.thread_root_id && e.type !== "message.edited") {
+      replyArrived(e.message);
+      renderThread(false);
+    }
     if (e.type === "message.created") {
       clearTyping(id, e.message.author_id);
       if (id === state.current && e.message.author_id !== state.me.id) {
@@ -609,6 +834,7 @@ function onEvent(e) {
       }
       if (c && e.message.author_id !== state.me.id && !(id === state.current && visible())) {
         c.unread += 1;
+        if ((e.message.mentions || []).includes(state.me.id)) c.mentions = (c.mentions || 0) + 1;
       }
     }
   } else if ((e.type === "member.added" || e.type === "member.updated") && c && e.user_id === state.me.id && e.role) {
@@ -617,8 +843,12 @@ function onEvent(e) {
       $("composer").hidden = c.kind === "broadcast" && c.role === "member";
       $("add-member").hidden = c.kind === "dm" || c.role === "member";
     }
-  } else if (e.type.startsWith("reaction.") && view && view.messages.has(e.message_id)) {
-    refreshReactions(id, e.message_id);
+  } else if (
+    e.type.startsWith("reaction.") &&
+    ((view && (view.messages.has(e.message_id) || !view.loaded)) ||
+      (state.thread?.channel_id === id && (state.thread.root.id === e.message_id || state.thread.replies.has(e.message_id))))
+  ) {
+    refreshMessage(id, e.message_id);
   } else if (e.type === "channel.updated" && c && e.name !== undefined) {
     c.name = e.name;
     if (id === state.current) $("channel-title").textContent = (c.kind === "broadcast" ? "📢 " : "# ") + c.name;
@@ -646,8 +876,9 @@ function markRead() {
     state.readSent.set(id, seq);
     c.read_seq = seq;
   }
-  if (c.unread !== 0) {
+  if (c.unread !== 0 || c.mentions) {
     c.unread = 0;
+    c.mentions = 0;
     renderChannels();
   }
 }
@@ -693,6 +924,22 @@ function wire() {
     e.preventDefault();
     send($("text").value);
     $("text").value = "";
+  });
+  $("thread-composer").addEventListener("submit", (e) => {
+    e.preventDefault();
+    $("thread-error").textContent = "";
+    sendReply($("thread-text").value);
+    $("thread-text").value = "";
+  });
+  $("thread-text").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      $("thread-composer").requestSubmit();
+    }
+  });
+  $("thread-close").addEventListener("click", closeThread);
+  $("thread").addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && !e.defaultPrevented) closeThread();
   });
   $("text").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {

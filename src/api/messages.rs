@@ -11,7 +11,9 @@ use utoipa_axum::routes;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::dto::{EditMessage, ErrorBody, EventPage, Message, MessagePage, SendMessage};
+use super::dto::{
+    EditMessage, ErrorBody, EventPage, MentionPage, Message, MessagePage, SendMessage, ThreadPage,
+};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Authed, JsonBody, Params, PathIds};
 use super::{AppState, no_content, validate};
@@ -25,12 +27,15 @@ pub(super) const MAX_PAGE: i64 = 200;
 pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(send_message, list_messages))
-        .routes(routes!(edit_message, delete_message))
+        .routes(routes!(get_message, edit_message, delete_message))
+        .routes(routes!(list_thread))
+        .routes(routes!(list_mentions))
         .routes(routes!(list_events))
 }
 
-/// Sends a message. Answered only after it is durably committed. A retry with the same
-/// `client_id` answers 200 with the original message and creates nothing.
+/// Sends a message, or with `thread_root_id` a reply in that message's thread. Answered
+/// only after it is durably committed. A retry with the same `client_id` answers 200 with
+/// the original message and creates nothing.
 #[utoipa::path(post, path = "/v1/channels/{id}/messages", tag = "messages", security(("bearer" = [])), request_body = SendMessage,
     params(("id" = super::openapi::Id, Path, description = "Channel id")),
     responses((status = 201, body = Message), (status = 200, body = Message, description = "An earlier message with this client_id"),
@@ -43,11 +48,27 @@ async fn send_message(
     JsonBody(body): JsonBody<SendMessage>,
 ) -> ApiResult<(StatusCode, Json<Message>)> {
     let PathIds([id]) = path;
+    let root = body
+        .thread_root_id
+        .as_deref()
+        .map(|r| super::ws::parse_id("thread_root_id", r))
+        .transpose()?;
     admit_send(&state, auth.user.id, &body.text, body.client_id.as_deref())?;
-    let posted = state
-        .store
-        .post_message(auth.user.id, id, &body.text, body.client_id.as_deref())
-        .await?;
+    let (text, client_id) = (&body.text, body.client_id.as_deref());
+    let posted = match root {
+        Some(root) => {
+            state
+                .store
+                .post_reply(auth.user.id, id, root, text, client_id)
+                .await?
+        }
+        None => {
+            state
+                .store
+                .post_message(auth.user.id, id, text, client_id)
+                .await?
+        }
+    };
     let status = if posted.created {
         StatusCode::CREATED
     } else {
@@ -103,15 +124,27 @@ async fn list_messages(
         .reader
         .history(id, query, through, fence)
         .await?;
-    let ids: Vec<i64> = page.items.iter().map(|m| m.id).collect();
+    Ok(Json(MessagePage {
+        messages: with_reactions(&state, auth.user.id, id, &page.items).await?,
+        has_more: page.has_more,
+    }))
+}
+
+/// The messages as `viewer` sees them: each with its reactions.
+async fn with_reactions(
+    state: &AppState,
+    viewer: i64,
+    channel_id: i64,
+    items: &[crate::model::Message],
+) -> ApiResult<Vec<Message>> {
+    let ids: Vec<i64> = items.iter().map(|m| m.id).collect();
     let mut reactions: std::collections::HashMap<i64, Vec<crate::model::ReactionCount>> = state
         .store
-        .reactions(auth.user.id, id, &ids)
+        .reactions(viewer, channel_id, &ids)
         .await?
         .into_iter()
         .collect();
-    let messages = page
-        .items
+    Ok(items
         .iter()
         .map(|m| {
             let mut out = Message::from(m);
@@ -120,9 +153,108 @@ async fn list_messages(
             }
             out
         })
+        .collect())
+}
+
+/// The caller's recent mentions: others' messages that name them (`@name`) in the
+/// channels they are a member of, newest first, each as history shows it.
+#[utoipa::path(get, path = "/v1/mentions", tag = "messages", security(("bearer" = [])),
+    params(("before" = Option<String>, Query, description = "The `next` of the previous page: only older mentions"),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 200, description = "Messages per page, default 50")),
+    responses((status = 200, body = MentionPage), (status = 400, body = ErrorBody)))]
+async fn list_mentions(
+    State(state): State<AppState>,
+    auth: Authed,
+    params: Params,
+) -> ApiResult<Json<MentionPage>> {
+    let limit = params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32;
+    let before = match params.str("before") {
+        None | Some("") => None,
+        Some(cursor) => Some(super::extract::parse_id(cursor).ok_or_else(|| {
+            ApiError::invalid_field("before", "before must be the `next` of a previous page")
+        })?),
+    };
+    let page = state.store.mentions(auth.user.id, before, limit).await?;
+    let next = match page.items.last() {
+        Some(last) if page.has_more => Some(last.id.to_string()),
+        _ => None,
+    };
+    // One reactions read per channel on the page, not per message.
+    let mut by_channel: std::collections::BTreeMap<i64, Vec<crate::model::Message>> =
+        std::collections::BTreeMap::new();
+    for m in &page.items {
+        by_channel.entry(m.channel_id).or_default().push(m.clone());
+    }
+    let mut shown: std::collections::HashMap<String, Message> = std::collections::HashMap::new();
+    for (channel, items) in &by_channel {
+        for m in with_reactions(&state, auth.user.id, *channel, items).await? {
+            shown.insert(m.id.clone(), m);
+        }
+    }
+    let messages = page
+        .items
+        .iter()
+        .filter_map(|m| shown.remove(&m.id.to_string()))
         .collect();
-    Ok(Json(MessagePage {
-        messages,
+    Ok(Json(MentionPage { messages, next }))
+}
+
+/// One message, as history shows it (deleted ones as tombstones): to open a message
+/// found elsewhere (a search result, a mention, a thread's root).
+#[utoipa::path(get, path = "/v1/channels/{id}/messages/{message_id}", tag = "messages", security(("bearer" = [])),
+    params(("id" = super::openapi::Id, Path, description = "Channel id"), ("message_id" = super::openapi::Id, Path, description = "Message id")),
+    responses((status = 200, body = Message), (status = 404, body = ErrorBody)))]
+async fn get_message(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<2>,
+) -> ApiResult<Json<Message>> {
+    let PathIds([id, message_id]) = path;
+    member_of(&state, auth.user.id, id).await?;
+    let message = state
+        .store
+        .message(id, message_id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let mut shown = with_reactions(&state, auth.user.id, id, &[message]).await?;
+    Ok(Json(shown.remove(0)))
+}
+
+/// A page of a thread: its root (a tombstone if deleted: the thread stays readable) and
+/// replies, ascending by seq, paged as history: with no cursor the newest `limit`; with
+/// `before_seq` the newest below it; with `after_seq` the oldest above it.
+#[utoipa::path(get, path = "/v1/channels/{id}/threads/{root_id}/messages", tag = "messages", security(("bearer" = [])),
+    params(("id" = super::openapi::Id, Path, description = "Channel id"),
+           ("root_id" = super::openapi::Id, Path, description = "The thread's root message"),
+           ("before_seq" = Option<i64>, Query, minimum = 0, description = "Only replies with a smaller seq"),
+           ("after_seq" = Option<i64>, Query, minimum = 0, description = "Only replies with a larger seq"),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 200, description = "Replies per page, default 50")),
+    responses((status = 200, body = ThreadPage), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody, description = "Not a member, or no such root in the channel (a reply is no root)")))]
+async fn list_thread(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<2>,
+    params: Params,
+) -> ApiResult<Json<ThreadPage>> {
+    let PathIds([id, root_id]) = path;
+    let query = HistoryQuery {
+        before_seq: params.int("before_seq", 0, i64::MAX)?,
+        after_seq: params.int("after_seq", 0, i64::MAX)?,
+        limit: params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32,
+    };
+    member_of(&state, auth.user.id, id).await?;
+    let root = state
+        .store
+        .message(id, root_id)
+        .await?
+        .filter(|m| m.thread_root_id.is_none())
+        .ok_or_else(ApiError::not_found)?;
+    let page = state.store.thread(id, root_id, query).await?;
+    let mut root = with_reactions(&state, auth.user.id, id, &[root]).await?;
+    Ok(Json(ThreadPage {
+        root: root.remove(0),
+        messages: with_reactions(&state, auth.user.id, id, &page.items).await?,
         has_more: page.has_more,
     }))
 }

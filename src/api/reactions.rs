@@ -14,6 +14,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{Authed, Params, PathIds, parse_id};
 use super::{AppState, no_content, validate};
 use crate::clock::rfc3339;
+use crate::config::Feature;
 
 /// Reactors per page, by default and at most.
 const DEFAULT_REACTORS: i64 = 50;
@@ -97,6 +98,11 @@ async fn react(
     path: &ReactionPath,
     add: bool,
 ) -> ApiResult<StatusCode> {
+    if !state.config.features.enabled(Feature::Reactions) {
+        return Err(ApiError::forbidden(
+            "reactions are turned off on this server",
+        ));
+    }
     state.admit_write(auth.user.id, path.emoji.len())?;
     state
         .store
@@ -134,6 +140,7 @@ async fn list_reactors(
         })?),
     };
     member_of(&state, auth.user.id, path.channel_id).await?;
+    live_message(&state, path.channel_id, path.message_id).await?;
     let page = state
         .store
         .reactors(path.channel_id, path.message_id, path.emoji, after, limit)
@@ -172,6 +179,7 @@ async fn list_reactions(
 ) -> ApiResult<Json<ReactionList>> {
     let PathIds([id, message_id]) = path;
     member_of(&state, auth.user.id, id).await?;
+    live_message(&state, id, message_id).await?;
     let found = state
         .store
         .reactions(auth.user.id, id, &[message_id])
@@ -183,6 +191,15 @@ async fn list_reactions(
             .map(|r| Reaction::from(&r))
             .collect(),
     }))
+}
+
+/// `NotFound` unless the channel has this message, not deleted (a deleted one has no
+/// reactions).
+async fn live_message(state: &AppState, channel_id: i64, message_id: i64) -> ApiResult<()> {
+    match state.store.message(channel_id, message_id).await? {
+        Some(m) if !m.deleted => Ok(()),
+        _ => Err(ApiError::not_found()),
+    }
 }
 
 async fn member_of(state: &AppState, user_id: i64, channel_id: i64) -> ApiResult<()> {

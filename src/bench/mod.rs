@@ -76,6 +76,10 @@ pub struct WriteArgs {
     /// Bytes of text per message.
     #[arg(long, default_value_t = 100)]
     pub text_bytes: usize,
+    /// Every text starts with `@` and the sender's own name: a mention the store
+    /// resolves, so each send takes the slow path (what mentions cost a send).
+    #[arg(long)]
+    pub mention: bool,
     /// Send at this many messages/s on a fixed schedule (open loop; latency counted from
     /// each send's scheduled time), instead of as fast as `--concurrency` allows.
     #[arg(long)]
@@ -456,6 +460,9 @@ where
     report.param("concurrency", w.concurrency);
     report.param("channels", w.channels);
     report.param("text bytes", w.text_bytes);
+    if w.mention {
+        report.param("mention", "every text");
+    }
     if let Some(r) = w.rate {
         report.param("rate", r);
     }
@@ -471,6 +478,19 @@ where
     // Every send here is within the limits the run set up; any failure is a finding.
     report.passed = errors == 0;
     report
+}
+
+/// A send's text: `--text-bytes` of it, starting with a mention of `user` (the sender)
+/// with `--mention`.
+fn bench_text(w: &WriteArgs, user: &str) -> String {
+    let mut text = if w.mention {
+        format!("@{user} ")
+    } else {
+        String::new()
+    };
+    let pad = w.text_bytes.max(1).saturating_sub(text.len()).max(1);
+    text.push_str(&"x".repeat(pad));
+    text
 }
 
 /// `natter bench store`: sends straight into the embedded store, in this process.
@@ -490,7 +510,8 @@ pub async fn measure_store(args: &HttpArgs) -> anyhow::Result<report::Report> {
     }
     let store: Arc<dyn Store> = crate::store::open(config.store_options(None)).await?;
     let closing = Arc::clone(&store);
-    let author = store.create_user(&bench_username(), "-", None).await?.id;
+    let name = bench_username();
+    let author = store.create_user(&name, "-", None).await?.id;
     let mut channels = Vec::new();
     for i in 0..w.channels.max(1) {
         channels.push(
@@ -500,7 +521,7 @@ pub async fn measure_store(args: &HttpArgs) -> anyhow::Result<report::Report> {
                 .id,
         );
     }
-    let text: Arc<str> = "x".repeat(w.text_bytes.max(1)).into();
+    let text: Arc<str> = bench_text(&w, &name).into();
     let channels = Arc::new(channels);
     let report = drive("store", &w, args.run.quiet, move |n| {
         let store = store.clone();
@@ -527,9 +548,10 @@ pub async fn measure_http(h: &HttpArgs) -> anyhow::Result<report::Report> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(w.concurrency)
         .build()?;
+    let name = bench_username();
     let signup = http
         .post(format!("{base}/v1/users"))
-        .json(&json!({"username": bench_username(), "password": "bench-password"}))
+        .json(&json!({"username": name, "password": "bench-password"}))
         .send()
         .await
         .context("register the bench user")?;
@@ -559,7 +581,7 @@ pub async fn measure_http(h: &HttpArgs) -> anyhow::Result<report::Report> {
             .to_owned();
         urls.push(format!("{base}/v1/channels/{id}/messages"));
     }
-    let text: Arc<str> = "x".repeat(w.text_bytes.max(1)).into();
+    let text: Arc<str> = bench_text(&w, &name).into();
     let urls = Arc::new(urls);
     let mut report = drive("http", &w, h.run.quiet, move |n| {
         let http = http.clone();

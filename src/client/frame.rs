@@ -18,6 +18,12 @@ pub struct Msg {
     pub text: String,
     pub client_id: Option<String>,
     pub deleted: bool,
+    /// A reply's thread root.
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub thread_root_id: Option<i64>,
+    /// The members the text mentions.
+    #[serde(default, deserialize_with = "de_ids")]
+    pub mentions: Vec<i64>,
 }
 
 impl Msg {
@@ -31,13 +37,26 @@ fn de_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     s.parse().map_err(serde::de::Error::custom)
 }
 
+fn de_ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn de_opt_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .transpose()
+}
+
 /// One event of a channel's log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub kind: String,
     pub channel_id: i64,
     pub seq: i64,
-    pub message: Option<Msg>,
+    pub message: Option<Box<Msg>>,
     pub user_id: Option<i64>,
     /// The message reacted to, in `reaction.*` events.
     pub message_id: Option<i64>,
@@ -56,7 +75,7 @@ pub enum Frame {
     Event(Event),
     Ack {
         client_id: String,
-        message: Msg,
+        message: Box<Msg>,
     },
     Error {
         client_id: Option<String>,
@@ -85,7 +104,7 @@ struct RawFrame {
     kind: String,
     channel_id: Option<String>,
     seq: Option<i64>,
-    message: Option<Msg>,
+    message: Option<Box<Msg>>,
     user_id: Option<String>,
     message_id: Option<String>,
     emoji: Option<String>,
@@ -202,6 +221,7 @@ mod tests {
             created_at: 0,
             edited_at: None,
             deleted: false,
+            ..model::Message::default()
         }
     }
 
@@ -236,12 +256,14 @@ mod tests {
             text: "hi".into(),
             client_id: Some("c".into()),
             deleted: false,
+            thread_root_id: None,
+            mentions: Vec::new(),
         };
         assert_eq!(
             parse_frame(&protocol::ack("c", &message())).unwrap(),
             Frame::Ack {
                 client_id: "c".into(),
-                message: msg.clone()
+                message: Box::new(msg.clone())
             }
         );
         let event = model::Event {
@@ -256,7 +278,7 @@ mod tests {
                 kind: "message.created".into(),
                 channel_id: 5,
                 seq: 3,
-                message: Some(msg),
+                message: Some(Box::new(msg)),
                 user_id: None,
                 message_id: None,
                 emoji: None,

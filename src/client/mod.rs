@@ -180,6 +180,21 @@ impl Api {
         Msg::from_value(&v)
     }
 
+    /// Sends a reply in the thread of `root_id` over REST; returns the message.
+    pub async fn reply(
+        &self,
+        channel_id: i64,
+        root_id: i64,
+        text: &str,
+        client_id: Option<&str>,
+    ) -> Result<Msg> {
+        let path = format!("/v1/channels/{channel_id}/messages");
+        let body =
+            json!({"text": text, "client_id": client_id, "thread_root_id": root_id.to_string()});
+        let v = self.call(reqwest::Method::POST, &path, Some(body)).await?;
+        Msg::from_value(&v)
+    }
+
     /// Reacts to a message with one emoji (`add`), or takes the reaction back.
     pub async fn react(
         &self,
@@ -188,6 +203,9 @@ impl Api {
         emoji: &str,
         add: bool,
     ) -> Result<()> {
+        // Percent-encoded: `#️⃣` would otherwise start the URL's fragment.
+        let emoji =
+            percent_encoding::utf8_percent_encode(emoji, percent_encoding::NON_ALPHANUMERIC);
         let path = format!("/v1/channels/{channel_id}/messages/{message_id}/reactions/{emoji}");
         let method = if add {
             reqwest::Method::PUT

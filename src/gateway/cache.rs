@@ -47,6 +47,12 @@ impl Log {
         }
     }
 
+    /// The current state of a message created in this run.
+    fn message_mut(&mut self, id: i64) -> Option<&mut Message> {
+        let seq = self.by_id.get(&id)?;
+        self.messages.get_mut(seq)
+    }
+
     fn last_seq(&self) -> i64 {
         self.first_seq + self.events.len() as i64 - 1
     }
@@ -70,20 +76,32 @@ impl Log {
     fn project(&mut self, body: &EventBody) -> (usize, usize) {
         match body {
             EventBody::MessageCreated(m) => {
+                // A reply counts in its root, as the store counts it in the same commit.
+                if let Some(root) = m.thread_root_id.and_then(|id| self.message_mut(id)) {
+                    root.reply_count += 1;
+                    root.last_reply_at = Some(m.created_at);
+                }
                 self.by_id.insert(m.id, m.seq);
                 let size = message_cost(m);
                 self.messages.insert(m.seq, m.clone());
                 (0, size)
             }
             EventBody::MessageEdited(m) | EventBody::MessageDeleted(m) => {
-                let Some(current) = self.by_id.get(&m.id).and_then(|s| self.messages.get_mut(s))
-                else {
+                // A delete event comes only for a live message: one reply fewer.
+                if let EventBody::MessageDeleted(_) = body
+                    && let Some(root) = m.thread_root_id.and_then(|id| self.message_mut(id))
+                {
+                    root.reply_count -= 1;
+                }
+                let Some(current) = self.message_mut(m.id) else {
                     return (0, 0);
                 };
                 let before = message_cost(current);
                 current.text.clone_from(&m.text);
                 current.edited_at = m.edited_at;
                 current.deleted = m.deleted;
+                // An edit re-resolves mentions; a deleted message mentions no one.
+                current.mentions.clone_from(&m.mentions);
                 (before, message_cost(current))
             }
             _ => (0, 0),
@@ -374,6 +392,7 @@ mod tests {
                 created_at: 0,
                 edited_at: None,
                 deleted: false,
+                ..Message::default()
             }),
         })
     }

@@ -739,6 +739,22 @@ struct WireMessage {
     ea: Option<i64>,
     #[serde(default)]
     d: bool,
+    /// A reply's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tr: Option<i64>,
+    /// A root's live replies.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    rc: i64,
+    /// A root's newest reply's time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lr: Option<i64>,
+    /// The members the text mentions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    mn: Vec<i64>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 enum Item {
@@ -757,6 +773,10 @@ impl WireMessage {
             ca: m.created_at,
             ea: m.edited_at,
             d: m.deleted,
+            tr: m.thread_root_id,
+            rc: m.reply_count,
+            lr: m.last_reply_at,
+            mn: m.mentions.clone(),
         }
     }
 
@@ -771,6 +791,10 @@ impl WireMessage {
             created_at: self.ca,
             edited_at: self.ea,
             deleted: self.d,
+            thread_root_id: self.tr,
+            reply_count: self.rc,
+            last_reply_at: self.lr,
+            mentions: self.mn,
         }
     }
 }
@@ -885,6 +909,7 @@ mod tests {
             created_at: 1_700_000_000_000,
             edited_at: Some(1_700_000_000_500),
             deleted: false,
+            ..Message::default()
         }
     }
 
@@ -893,6 +918,16 @@ mod tests {
         let bodies = [
             EventBody::MessageCreated(message(3)),
             EventBody::MessageEdited(message(3)),
+            EventBody::MessageEdited(Message {
+                reply_count: 2,
+                last_reply_at: Some(1_700_000_000_700),
+                ..message(3)
+            }),
+            EventBody::MessageCreated(Message {
+                thread_root_id: Some(70),
+                mentions: vec![4, 12],
+                ..message(4)
+            }),
             EventBody::MessageDeleted(Message {
                 text: String::new(),
                 deleted: true,

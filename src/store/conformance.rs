@@ -20,6 +20,8 @@ pub const CHECKS: &[&str] = &[
     "edits_keep_each_version_in_the_log",
     "reactions",
     "reaction_limits_and_deletes",
+    "threads",
+    "mentions",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -38,6 +40,8 @@ pub async fn run(name: &str, store: &dyn Store) {
         "edits_keep_each_version_in_the_log" => edits_keep_each_version_in_the_log(store).await,
         "reactions" => reactions(store).await,
         "reaction_limits_and_deletes" => reaction_limits_and_deletes(store).await,
+        "threads" => threads(store).await,
+        "mentions" => mentions(store).await,
         other => panic!("no conformance check {other}"),
     }
 }
@@ -815,6 +819,298 @@ async fn reaction_limits_and_deletes(store: &dyn Store) {
         events.last().map(|e| (e.seq, e.body.kind())),
         Some((before_delete + 1, "message.deleted"))
     );
+}
+
+async fn threads(store: &dyn Store) {
+    let a = user(store, "tha").await;
+    let b = user(store, "thb").await;
+    let outsider = user(store, "thc").await;
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "t", &[b])
+        .await
+        .unwrap();
+    let other = store
+        .create_channel(outsider, ChannelKind::Group, "o", &[])
+        .await
+        .unwrap();
+    let root = store
+        .post_message(a, ch.id, "root", None)
+        .await
+        .unwrap()
+        .message;
+    // A post is found by id at once (on SQLite, while still in the commit log).
+    assert_eq!(
+        store.message(ch.id, root.id).await.unwrap().map(|m| m.text),
+        Some("root".into())
+    );
+    assert_eq!(store.message(other.id, root.id).await.unwrap(), None);
+    let r1 = store
+        .post_reply(b, ch.id, root.id, "r1", Some("c-1"))
+        .await
+        .unwrap();
+    assert!(r1.created);
+    assert_eq!(r1.message.thread_root_id, Some(root.id));
+    let again = store
+        .post_reply(b, ch.id, root.id, "r1 again", Some("c-1"))
+        .await
+        .unwrap();
+    assert_eq!((again.created, again.message), (false, r1.message.clone()));
+    let r2 = store
+        .post_reply(a, ch.id, root.id, "r2", None)
+        .await
+        .unwrap()
+        .message;
+    let now = store.message(ch.id, root.id).await.unwrap().unwrap();
+    assert_eq!(
+        (now.reply_count, now.last_reply_at),
+        (2, Some(r2.created_at))
+    );
+    // Refusals: a reply as root, a root of another channel, a non-member, no such root.
+    assert!(matches!(
+        store.post_reply(a, ch.id, r1.message.id, "x", None).await,
+        Err(StoreError::Invalid {
+            field: "thread_root_id",
+            ..
+        })
+    ));
+    for (who, channel, root_id) in [
+        (outsider, other.id, root.id),
+        (outsider, ch.id, root.id),
+        (a, ch.id, 999_999),
+    ] {
+        assert!(
+            matches!(
+                store.post_reply(who, channel, root_id, "x", None).await,
+                Err(StoreError::NotFound)
+            ),
+            "{who} in {channel} to {root_id}"
+        );
+    }
+    // The thread, paged both ways; the channel's history and log show the replies, marked.
+    let thread = store
+        .thread(ch.id, root.id, HistoryQuery::newest(10))
+        .await
+        .unwrap();
+    let ids: Vec<i64> = thread.items.iter().map(|m| m.id).collect();
+    assert_eq!((ids, thread.has_more), (vec![r1.message.id, r2.id], false));
+    let newest = store
+        .thread(ch.id, root.id, HistoryQuery::newest(1))
+        .await
+        .unwrap();
+    assert_eq!((newest.items[0].id, newest.has_more), (r2.id, true));
+    let older = HistoryQuery {
+        before_seq: Some(r2.seq),
+        ..HistoryQuery::newest(1)
+    };
+    let older = store.thread(ch.id, root.id, older).await.unwrap();
+    assert_eq!((older.items[0].id, older.has_more), (r1.message.id, false));
+    let forward = HistoryQuery {
+        after_seq: Some(0),
+        ..HistoryQuery::newest(1)
+    };
+    let forward = store.thread(ch.id, root.id, forward).await.unwrap();
+    assert_eq!(
+        (forward.items[0].id, forward.has_more),
+        (r1.message.id, true)
+    );
+    assert!(
+        store
+            .thread(other.id, root.id, HistoryQuery::newest(10))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let history = store
+        .history(ch.id, HistoryQuery::newest(10), ReadFence::PRIMARY)
+        .await
+        .unwrap()
+        .items;
+    let marked: Vec<Option<i64>> = history.iter().map(|m| m.thread_root_id).collect();
+    assert_eq!(marked, [None, Some(root.id), Some(root.id)]);
+    let log = store
+        .log(ch.id, root.seq, 10, ReadFence::PRIMARY)
+        .await
+        .unwrap()
+        .items;
+    assert!(log.iter().all(|e| matches!(&e.body,
+        EventBody::MessageCreated(m) if m.thread_root_id == Some(root.id))));
+    // Replies count as unread, as any message.
+    let unread = store.channels(b).await.unwrap()[0].unread;
+    assert_eq!(unread, 2, "the root and a's reply");
+    // A deleted reply leaves the count; a deleted root leaves its thread readable, and
+    // open while it has replies.
+    store.delete_message(b, ch.id, r1.message.id).await.unwrap();
+    let now = store.message(ch.id, root.id).await.unwrap().unwrap();
+    assert_eq!(now.reply_count, 1);
+    store.delete_message(a, ch.id, root.id).await.unwrap();
+    let thread = store
+        .thread(ch.id, root.id, HistoryQuery::newest(10))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(
+        thread.iter().map(|m| (m.id, m.deleted)).collect::<Vec<_>>(),
+        [(r1.message.id, true), (r2.id, false)]
+    );
+    store
+        .post_reply(b, ch.id, root.id, "still here", None)
+        .await
+        .unwrap();
+    let lonely = store
+        .post_message(a, ch.id, "nobody answers", None)
+        .await
+        .unwrap()
+        .message;
+    store.delete_message(a, ch.id, lonely.id).await.unwrap();
+    assert!(matches!(
+        store.post_reply(b, ch.id, lonely.id, "x", None).await,
+        Err(StoreError::NotFound)
+    ));
+    // In a broadcast channel replies follow the posting rule.
+    let news = store
+        .create_channel(a, ChannelKind::Broadcast, "n", &[b])
+        .await
+        .unwrap();
+    let post = store
+        .post_message(a, news.id, "news", None)
+        .await
+        .unwrap()
+        .message;
+    assert!(matches!(
+        store.post_reply(b, news.id, post.id, "x", None).await,
+        Err(StoreError::Forbidden(_))
+    ));
+}
+
+/// `user`'s unread and unread mentions in the channel.
+async fn counts(store: &dyn Store, user: i64, channel: i64) -> (i64, i64) {
+    let views = store.channels(user).await.unwrap();
+    let v = views.iter().find(|v| v.channel.id == channel).unwrap();
+    (v.unread, v.mentions)
+}
+
+async fn mentions(store: &dyn Store) {
+    let a = user(store, "mena").await;
+    let b = user(store, "menb").await;
+    let c = user(store, "menc").await;
+    let _outsider = user(store, "mend").await;
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "m", &[b, c])
+        .await
+        .unwrap();
+    let first = store
+        .post_message(
+            a,
+            ch.id,
+            "hi @MENB, @mend (not here), @nobody and @mena",
+            None,
+        )
+        .await
+        .unwrap()
+        .message;
+    assert_eq!(
+        first.mentions,
+        [b, a],
+        "members only, in order, the author too"
+    );
+    assert_eq!(counts(store, b, ch.id).await, (1, 1));
+    assert_eq!(counts(store, c, ch.id).await, (1, 0));
+    assert_eq!(
+        counts(store, a, ch.id).await,
+        (0, 0),
+        "one's own mention counts not"
+    );
+    let plain = store
+        .post_message(a, ch.id, "mail me at x@menb.example", None)
+        .await
+        .unwrap()
+        .message;
+    assert!(plain.mentions.is_empty());
+    // The read marker clears them.
+    store.mark_read(b, ch.id, first.seq).await.unwrap();
+    assert_eq!(counts(store, b, ch.id).await, (1, 0));
+    // Edits move mentions; a delete takes them back.
+    let second = store
+        .post_message(a, ch.id, "@menb again", Some("m-2"))
+        .await
+        .unwrap()
+        .message;
+    assert_eq!(counts(store, b, ch.id).await, (2, 1));
+    let edited = store
+        .edit_message(a, ch.id, second.id, "now for @menc")
+        .await
+        .unwrap();
+    assert_eq!(edited.mentions, [c]);
+    assert_eq!(counts(store, b, ch.id).await, (2, 0));
+    assert_eq!(counts(store, c, ch.id).await, (3, 1));
+    // A retry answers the original, and counts nothing twice.
+    let retry = store
+        .post_message(a, ch.id, "@menb again", Some("m-2"))
+        .await
+        .unwrap();
+    assert!(!retry.created);
+    assert_eq!(counts(store, c, ch.id).await, (3, 1));
+    let reply = store
+        .post_reply(b, ch.id, first.id, "@menc look", None)
+        .await
+        .unwrap()
+        .message;
+    assert_eq!(reply.mentions, [c]);
+    assert_eq!(counts(store, c, ch.id).await, (4, 2));
+    store.delete_message(a, ch.id, second.id).await.unwrap();
+    assert_eq!(counts(store, c, ch.id).await, (3, 1));
+    // The log and history carry them; a deleted message shows none.
+    let history = store
+        .history(ch.id, HistoryQuery::newest(10), ReadFence::PRIMARY)
+        .await
+        .unwrap()
+        .items;
+    let shown: Vec<(bool, Vec<i64>)> = history
+        .iter()
+        .map(|m| (m.deleted, m.mentions.clone()))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (false, vec![b, a]),
+            (false, vec![]),
+            (true, vec![]),
+            (false, vec![c])
+        ]
+    );
+    let log = store
+        .log(ch.id, 0, 50, ReadFence::PRIMARY)
+        .await
+        .unwrap()
+        .items;
+    assert!(log.iter().any(|e| matches!(&e.body,
+        EventBody::MessageCreated(m) if m.id == first.id && m.mentions == [b, a])));
+    // Each user's recent mentions, newest first, paged; not in channels they left.
+    let list = store.mentions(c, None, 10).await.unwrap();
+    assert_eq!(
+        (
+            list.items.iter().map(|m| m.id).collect::<Vec<_>>(),
+            list.has_more
+        ),
+        (vec![reply.id], false)
+    );
+    for i in 0..3 {
+        store
+            .post_message(c, ch.id, &format!("@menb {i}"), None)
+            .await
+            .unwrap();
+    }
+    let page = store.mentions(b, None, 2).await.unwrap();
+    let texts: Vec<&str> = page.items.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!((texts, page.has_more), (vec!["@menb 2", "@menb 1"], true));
+    let last = page.items.last().unwrap().id;
+    let rest = store.mentions(b, Some(last), 10).await.unwrap();
+    let ids: Vec<i64> = rest.items.iter().map(|m| m.id).collect();
+    assert_eq!(ids.len(), 2, "@menb 0 and the first message");
+    assert_eq!(*ids.last().unwrap(), first.id);
+    store.remove_member(b, ch.id, b).await.unwrap();
+    assert!(store.mentions(b, None, 10).await.unwrap().items.is_empty());
 }
 
 async fn edits_keep_each_version_in_the_log(store: &dyn Store) {

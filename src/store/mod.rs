@@ -335,6 +335,39 @@ pub trait Channels: Send + Sync {
         text: &str,
         client_id: Option<&str>,
     ) -> Result<Posted>;
+    /// A reply in the thread of `root_id`, a message of the same channel that is not a
+    /// reply itself (else `Invalid`; a missing root, or a deleted one without replies, is
+    /// `NotFound`). The same checks, idempotency and ordering promise as
+    /// [`Channels::post_message`]; the root's `reply_count` and `last_reply_at` change in
+    /// the same transaction. Its event is a `message.created` whose message names the root.
+    async fn post_reply(
+        &self,
+        author: i64,
+        channel_id: i64,
+        root_id: i64,
+        text: &str,
+        client_id: Option<&str>,
+    ) -> Result<Posted>;
+    /// The messages that mention `user_id` in the channels they are a member of, newest
+    /// first, with message ids below `before` (a page's position). Only others' live
+    /// messages mention a user.
+    async fn mentions(
+        &self,
+        user_id: i64,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<Message>>;
+    /// A message of the channel by id, deleted or not; no membership check, as for
+    /// [`Channels::log`].
+    async fn message(&self, channel_id: i64, message_id: i64) -> Result<Option<Message>>;
+    /// A page of the replies to `root_id` (of the channel), by seq, paged as
+    /// [`Channels::history`]; no membership check.
+    async fn thread(
+        &self,
+        channel_id: i64,
+        root_id: i64,
+        query: HistoryQuery,
+    ) -> Result<Page<Message>>;
     /// Author only.
     async fn edit_message(
         &self,

@@ -163,6 +163,22 @@ pub fn delete(message: Option<&Message>, actor: i64, role: Role) -> Verdict<bool
     Ok(!message.deleted)
 }
 
+/// A reply's root: a message of the channel that is not a reply itself; a deleted root
+/// takes replies only while its thread has some (the thread stays readable and open).
+pub fn reply_root(root: Option<&Message>) -> Verdict {
+    let root = root.ok_or(StoreError::NotFound)?;
+    if root.thread_root_id.is_some() {
+        return Err(StoreError::Invalid {
+            field: "thread_root_id",
+            message: "a reply cannot start a thread: reply to its thread's root".into(),
+        });
+    }
+    if root.deleted && root.reply_count == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
 /// A reaction: to a live message (a deleted or missing one is `NotFound`), by any member.
 /// Adding a new emoji to a message that has [`Rules::max_reactions_per_message`] already
 /// is refused; a user adding one the message has, or removing, always passes.
@@ -276,6 +292,7 @@ mod tests {
             created_at: 0,
             edited_at: None,
             deleted: false,
+            ..Message::default()
         };
         let kind = ChannelKind::Broadcast;
         assert!(post(kind, Some(Role::Member), Some(m)).unwrap().is_some());

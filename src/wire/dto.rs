@@ -114,6 +114,11 @@ pub struct Channel {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false, minimum = 0)]
     pub unread: Option<i64>,
+    /// Of the unread messages, those that mention the caller; only in the caller's
+    /// channel list.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 0)]
+    pub mentions: Option<i64>,
 }
 
 impl From<&model::Channel> for Channel {
@@ -128,6 +133,7 @@ impl From<&model::Channel> for Channel {
             role: None,
             read_seq: None,
             unread: None,
+            mentions: None,
         }
     }
 }
@@ -138,6 +144,7 @@ impl From<&model::ChannelView> for Channel {
             role: Some(v.role.as_str()),
             read_seq: Some(v.read_seq),
             unread: Some(v.unread),
+            mentions: Some(v.mentions),
             ..Self::from(&v.channel)
         }
     }
@@ -259,6 +266,23 @@ pub struct Message {
     #[schema(value_type = Option<String>, format = DateTime, nullable = false)]
     pub edited_at: Option<String>,
     pub deleted: bool,
+    /// Only on a reply: its thread's root message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::Id>, nullable = false)]
+    pub thread_root_id: Option<String>,
+    /// Only on a root with replies: how many are not deleted.
+    #[serde(skip_serializing_if = "is_zero")]
+    #[schema(minimum = 1)]
+    pub reply_count: i64,
+    /// Only on a root with replies: when the newest was posted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime, nullable = false)]
+    pub last_reply_at: Option<String>,
+    /// The members its text mentions (`@name`), resolved when sent or last edited;
+    /// omitted when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<openapi::Id>)]
+    pub mentions: Vec<String>,
     /// In history pages: each emoji's reactions, in the order first used, and whether
     /// the caller is among them. Omitted when there are none, and in events (a client
     /// applies `reaction.*` events to what it holds).
@@ -322,6 +346,10 @@ impl From<&model::Message> for Message {
             created_at: rfc3339(m.created_at),
             edited_at: m.edited_at.map(rfc3339),
             deleted: m.deleted,
+            thread_root_id: m.thread_root_id.map(|id| id.to_string()),
+            reply_count: m.reply_count,
+            last_reply_at: m.last_reply_at.map(rfc3339),
+            mentions: m.mentions.iter().map(i64::to_string).collect(),
             reactions: Vec::new(),
         }
     }
@@ -335,6 +363,32 @@ pub struct SendMessage {
     /// 1–64 characters; a retry with the same value returns the original message.
     #[schema(min_length = 1, max_length = 64)]
     pub client_id: Option<String>,
+    /// Makes the message a reply in the thread of this message of the channel (a root:
+    /// not itself a reply).
+    #[schema(value_type = Option<openapi::Id>, nullable = false)]
+    pub thread_root_id: Option<String>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// The caller's recent mentions, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MentionPage {
+    pub messages: Vec<Message>,
+    /// Pass as `before` for the next (older) page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::Id>, nullable = false)]
+    pub next: Option<String>,
+}
+
+/// A page of a thread's replies, with its root.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ThreadPage {
+    pub root: Message,
+    pub messages: Vec<Message>,
+    pub has_more: bool,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -405,7 +459,11 @@ impl From<&model::Event> for Event {
         };
         match &e.body {
             B::MessageCreated(m) | B::MessageEdited(m) | B::MessageDeleted(m) => {
-                out.message = Some(m.into())
+                // As of the event: no thread counters (see `EventMessage`).
+                let mut shown = Message::from(m);
+                shown.reply_count = 0;
+                shown.last_reply_at = None;
+                out.message = Some(shown)
             }
             B::MemberAdded { user_id, role } | B::MemberUpdated { user_id, role } => {
                 out.user_id = Some(user_id.to_string());
@@ -459,26 +517,62 @@ impl Serialize for TimeStr {
 
 impl Serialize for MessageRef<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let m = self.0;
-        let mut out = s.serialize_struct("Message", 9)?;
-        out.serialize_field("id", &IdStr(m.id))?;
-        out.serialize_field("channel_id", &IdStr(m.channel_id))?;
-        out.serialize_field("seq", &m.seq)?;
-        out.serialize_field("author_id", &IdStr(m.author_id))?;
-        out.serialize_field("text", &m.text)?;
-        match &m.client_id {
-            Some(c) => out.serialize_field("client_id", c)?,
-            None => out.skip_field("client_id")?,
-        }
-        out.serialize_field("created_at", &TimeStr(m.created_at))?;
-        match m.edited_at {
-            Some(t) => out.serialize_field("edited_at", &TimeStr(t))?,
-            None => out.skip_field("edited_at")?,
-        }
-        out.serialize_field("deleted", &m.deleted)?;
-        out.end()
+        serialize_message(self.0, true, s)
     }
+}
+
+/// A message as an event shows it: as of the event, so without a root's reply count and
+/// newest reply, which change later with no event of its own.
+struct EventMessage<'a>(&'a model::Message);
+
+impl Serialize for EventMessage<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_message(self.0, false, s)
+    }
+}
+
+fn serialize_message<S: serde::Serializer>(
+    m: &model::Message,
+    thread_counters: bool,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let mut out = s.serialize_struct("Message", 13)?;
+    out.serialize_field("id", &IdStr(m.id))?;
+    out.serialize_field("channel_id", &IdStr(m.channel_id))?;
+    out.serialize_field("seq", &m.seq)?;
+    out.serialize_field("author_id", &IdStr(m.author_id))?;
+    out.serialize_field("text", &m.text)?;
+    match &m.client_id {
+        Some(c) => out.serialize_field("client_id", c)?,
+        None => out.skip_field("client_id")?,
+    }
+    out.serialize_field("created_at", &TimeStr(m.created_at))?;
+    match m.edited_at {
+        Some(t) => out.serialize_field("edited_at", &TimeStr(t))?,
+        None => out.skip_field("edited_at")?,
+    }
+    out.serialize_field("deleted", &m.deleted)?;
+    match m.thread_root_id {
+        Some(id) => out.serialize_field("thread_root_id", &IdStr(id))?,
+        None => out.skip_field("thread_root_id")?,
+    }
+    if m.reply_count == 0 || !thread_counters {
+        out.skip_field("reply_count")?;
+    } else {
+        out.serialize_field("reply_count", &m.reply_count)?;
+    }
+    match m.last_reply_at.filter(|_| thread_counters) {
+        Some(t) => out.serialize_field("last_reply_at", &TimeStr(t))?,
+        None => out.skip_field("last_reply_at")?,
+    }
+    if m.mentions.is_empty() {
+        out.skip_field("mentions")?;
+    } else {
+        let ids: Vec<IdStr> = m.mentions.iter().map(|&id| IdStr(id)).collect();
+        out.serialize_field("mentions", &ids)?;
+    }
+    out.end()
 }
 
 impl Serialize for EventRef<'_> {
@@ -495,7 +589,7 @@ impl Serialize for EventRef<'_> {
         let (mut message_id, mut emoji) = (None, None);
         match &e.body {
             B::MessageCreated(m) | B::MessageEdited(m) | B::MessageDeleted(m) => {
-                message = Some(MessageRef(m))
+                message = Some(EventMessage(m))
             }
             B::MemberAdded { user_id, role: r } | B::MemberUpdated { user_id, role: r } => {
                 user = Some(IdStr(*user_id));

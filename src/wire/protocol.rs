@@ -22,6 +22,9 @@ pub enum ClientOp {
         channel_id: String,
         text: String,
         client_id: String,
+        /// A reply in this message's thread.
+        #[serde(default)]
+        thread_root_id: Option<String>,
     },
     Read {
         channel_id: String,
@@ -217,7 +220,19 @@ mod tests {
             Ok(ClientOp::Send {
                 channel_id: "1".into(),
                 text: "hi".into(),
-                client_id: "c".into()
+                client_id: "c".into(),
+                thread_root_id: None,
+            })
+        );
+        assert_eq!(
+            parse(
+                r#"{"op":"send","channel_id":"1","text":"re","client_id":"d","thread_root_id":"7"}"#
+            ),
+            Ok(ClientOp::Send {
+                channel_id: "1".into(),
+                text: "re".into(),
+                client_id: "d".into(),
+                thread_root_id: Some("7".into()),
             })
         );
         assert_eq!(
@@ -265,6 +280,7 @@ mod tests {
             created_at: 1_795_314_119_123,
             edited_at: None,
             deleted: false,
+            ..Message::default()
         };
         let edited = Message {
             client_id: Some("c-\"1".into()),

@@ -184,6 +184,30 @@ try {
     assert.equal(await thumbs(b).getAttribute("aria-pressed"), "false");
   }
 
+  step("a reply in a thread is seen live by the other side, and counted on its root");
+  {
+    const root = (p) => p.locator("#messages li.message", { hasText: "hello bob" });
+    await root(a).getByRole("button", { name: "Reply in thread" }).click();
+    await a.locator("#thread").waitFor({ timeout: WAIT });
+    await a.fill("#thread-text", "a threaded answer");
+    await a.press("#thread-text", "Enter");
+    await a.locator("#thread-messages li.message .text", { hasText: "a threaded answer" }).waitFor({ timeout: WAIT });
+    // Bob sees the count on the root, not the reply in the channel's timeline.
+    await root(b).getByRole("button", { name: "Open thread: 1 reply" }).waitFor({ timeout: WAIT });
+    assert.equal(await count(b, "a threaded answer"), 0);
+    await root(b).getByRole("button", { name: "Open thread: 1 reply" }).click();
+    await b.locator("#thread-messages li.message .text", { hasText: "a threaded answer" }).waitFor({ timeout: WAIT });
+    await b.fill("#thread-text", "and a threaded reply back");
+    await b.press("#thread-text", "Enter");
+    await a.locator("#thread-messages li.message .text", { hasText: "and a threaded reply back" }).waitFor({ timeout: WAIT });
+    await root(a).getByRole("button", { name: "Open thread: 2 replies" }).waitFor({ timeout: WAIT });
+    await a.screenshot({ path: path.join(SHOTS, "thread.png") });
+    for (const p of [a, b]) {
+      await p.click("#thread-close");
+      await p.locator("#thread").waitFor({ state: "hidden", timeout: WAIT });
+    }
+  }
+
   step("a broadcast channel: the owner posts, a member reads and has no composer");
   await a.fill("#new-channel-name", "news");
   await a.selectOption("#new-channel-kind", "broadcast");
@@ -196,8 +220,17 @@ try {
   await waitText(b, "an announcement");
   assert.equal(await b.locator("#composer").isHidden(), true, "members of a broadcast cannot post");
   assert.equal(await b.locator("#add-member").isHidden(), true);
+
+  step("a mention raises the other user's mention badge, highlighted; reading clears it");
   await openChannel(a, "general");
+  await sendText(a, "ping @Bob, see this");
+  const generalLink = b.locator(".channel-link", { hasText: "general" });
+  await generalLink.locator(".mention-badge", { hasText: "@1" }).waitFor({ timeout: WAIT });
+  assert.equal(await generalLink.locator(".mention-badge").getAttribute("aria-label"), "1 mention of you");
   await openChannel(b, "general");
+  await b.locator("#messages li.mentions-me mark.mention", { hasText: "@Bob" }).waitFor({ timeout: WAIT });
+  await b.locator(".channel-link .mention-badge").waitFor({ state: "detached", timeout: WAIT });
+  await a.locator("#messages li.message strong.mention", { hasText: "@Bob" }).waitFor({ timeout: WAIT });
 
   step("typing indicator");
   // The server passes one typing signal per channel per 1.5 s, and the client sends one

@@ -374,13 +374,19 @@ impl Session {
                 channel_id,
                 text,
                 client_id,
+                thread_root_id,
             } => {
                 let in_flight = ops.get_or_insert_with(|| InFlight::new(max));
                 let checked = super::parse_id("channel_id", &channel_id).and_then(|id| {
-                    admit_send(&self.state, self.user_id, &text, Some(&client_id)).map(|()| id)
+                    let root = thread_root_id
+                        .as_deref()
+                        .map(|r| super::parse_id("thread_root_id", r))
+                        .transpose()?;
+                    admit_send(&self.state, self.user_id, &text, Some(&client_id))
+                        .map(|()| (id, root))
                 });
-                let id = match checked {
-                    Ok(id) => id,
+                let (id, root) = match checked {
+                    Ok(checked) => checked,
                     Err(e) => {
                         in_flight.reply(protocol::error(Some(&client_id), e.detail()).into());
                         return Ok(());
@@ -389,10 +395,19 @@ impl Session {
                 let (permit, replies) = in_flight.place().await?;
                 let (store, author) = (Arc::clone(&self.state.store), self.user_id);
                 let mut post = Box::pin(async move {
-                    let frame = match store
-                        .post_message(author, id, &text, Some(&client_id))
-                        .await
-                    {
+                    let posted = match root {
+                        Some(root) => {
+                            store
+                                .post_reply(author, id, root, &text, Some(&client_id))
+                                .await
+                        }
+                        None => {
+                            store
+                                .post_message(author, id, &text, Some(&client_id))
+                                .await
+                        }
+                    };
+                    let frame = match posted {
                         Ok(posted) => protocol::ack(&client_id, &posted.message),
                         Err(e) => protocol::error(Some(&client_id), ApiError::from(e).detail()),
                     };

@@ -146,6 +146,8 @@ pub(super) struct Shared {
     /// renewal's send time plus the lease's life, less a margin.
     lease_until_ms: AtomicU64,
     started: Instant,
+    /// Shard 0's read pool, where accounts are: writers resolve `@name`s there.
+    pub(super) accounts: OnceLock<Pool>,
 }
 
 impl Shared {
@@ -358,6 +360,7 @@ impl PostgresStore {
             rules: opts.rules,
             lease_until_ms: AtomicU64::new(0),
             started: Instant::now(),
+            accounts: OnceLock::new(),
         });
         shared.lease_renewed(sent.max(shared.started));
         let mut shards = Vec::new();
@@ -371,6 +374,9 @@ impl PostgresStore {
                 },
             );
             let pool = read_pool(manager, opts.read_connections)?;
+            if index == 0 {
+                let _ = shared.accounts.set(pool.clone());
+            }
             let mut replicas = Vec::new();
             for url in &replica_urls[index] {
                 let config = pg_config(url, opts.statement_timeout)?;
@@ -1824,12 +1830,25 @@ impl Channels for PostgresStore {
         // Queued at once, not on the future's first poll: the order of calls is the order
         // of commits (one connection's sends to a channel commit in send order).
         let shard = self.inner.shard_of_channel(channel_id);
-        let answer = self.inner.shards[shard].writer.submit(Op::Post {
-            author,
-            channel_id,
-            text: text.to_owned(),
-            client_id: client_id.map(str::to_owned),
-        });
+        // A text that may mention someone goes alone (its names are resolved on shard 0),
+        // still queued in this call.
+        let op = if crate::username::mentions(text).is_empty() {
+            Op::Post {
+                author,
+                channel_id,
+                text: text.to_owned(),
+                client_id: client_id.map(str::to_owned),
+            }
+        } else {
+            Op::SlowPost {
+                author,
+                channel_id,
+                root_id: None,
+                text: text.to_owned(),
+                client_id: client_id.map(str::to_owned),
+            }
+        };
+        let answer = self.inner.shards[shard].writer.submit(op);
         Box::pin(async move {
             match answer.await? {
                 Done::Posted(p) => Ok(p),
@@ -1862,6 +1881,80 @@ impl Channels for PostgresStore {
             Done::Message(m) => Ok(m),
             _ => Err(unexpected("edit")),
         }
+    }
+
+    async fn post_reply(
+        &self,
+        author: i64,
+        channel_id: i64,
+        root_id: i64,
+        text: &str,
+        client_id: Option<&str>,
+    ) -> Result<Posted> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        let op = Op::SlowPost {
+            author,
+            channel_id,
+            root_id: Some(root_id),
+            text: text.to_owned(),
+            client_id: client_id.map(str::to_owned),
+        };
+        match self.inner.submit(shard, op).await? {
+            Done::Posted(p) => Ok(p),
+            _ => Err(unexpected("reply")),
+        }
+    }
+
+    async fn mentions(
+        &self,
+        user_id: i64,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<Message>> {
+        let inner = &self.inner;
+        let before = before.unwrap_or(i64::MAX);
+        // Every shard's newest, merged: a shard that does not answer shows none of its own.
+        let reads = inner.shards.iter().map(|shard| async move {
+            let c = inner.conn(shard.index).await?;
+            read::mentions(&**c, user_id, before, limit + 1)
+                .await
+                .map_err(|e| inner.fail(shard.index, "read mentions", e))
+        });
+        let mut items = Vec::new();
+        for part in futures_util::future::join_all(reads).await {
+            match part {
+                Ok(found) => items.extend(found),
+                Err(StoreError::Unreachable) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        items.sort_unstable_by_key(|m: &Message| std::cmp::Reverse(m.id));
+        let has_more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        Ok(Page { items, has_more })
+    }
+
+    async fn message(&self, channel_id: i64, message_id: i64) -> Result<Option<Message>> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        let c = self.inner.conn(shard).await?;
+        let row = c
+            .query_opt(read::MESSAGE_BY_ID, &[&message_id, &channel_id])
+            .await
+            .map_err(|e| self.inner.fail(shard, "read message", e.into()))?;
+        Ok(row.as_ref().map(read::message_row))
+    }
+
+    async fn thread(
+        &self,
+        channel_id: i64,
+        root_id: i64,
+        query: HistoryQuery,
+    ) -> Result<Page<Message>> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        let c = self.inner.conn(shard).await?;
+        read::thread(&**c, channel_id, root_id, query)
+            .await
+            .map_err(|e| self.inner.fail(shard, "read thread", e))
     }
 
     async fn delete_message(&self, actor: i64, channel_id: i64, message_id: i64) -> Result<()> {

@@ -54,7 +54,7 @@ pub(super) fn channel_row(r: &Row) -> Result<Channel, Fail> {
 macro_rules! message_select {
     () => {
         "SELECT m.id, m.channel_id, m.seq, m.author_id, m.text, m.client_id, m.created_at, \
-         m.edited_at, m.deleted "
+         m.edited_at, m.deleted, m.thread_root_id, m.reply_count, m.last_reply_at, m.mentions "
     };
 }
 pub(super) use message_select;
@@ -75,6 +75,10 @@ pub(super) fn message_row(r: &Row) -> Message {
         created_at: r.get(6),
         edited_at: r.get(7),
         deleted: r.get(8),
+        thread_root_id: r.get(9),
+        reply_count: r.get(10),
+        last_reply_at: r.get(11),
+        mentions: r.get::<_, Option<Vec<i64>>>(12).unwrap_or_default(),
     }
 }
 
@@ -245,7 +249,8 @@ pub(super) async fn channels_among(
     let rows = c
         .query(
             &format!(
-                "SELECT {CHANNEL_COLUMNS}, m.role, m.read_seq, c.live_messages - m.live_read - m.own_unread
+                "SELECT {CHANNEL_COLUMNS}, m.role, m.read_seq, c.live_messages - m.live_read - m.own_unread,
+                        m.mention_unread
                  FROM members m JOIN channels c ON c.id = m.channel_id
                  WHERE m.user_id = $1 AND m.channel_id = ANY($2)"
             ),
@@ -259,6 +264,7 @@ pub(super) async fn channels_among(
                 role: parse_role(r.get(6))?,
                 read_seq: r.get(7),
                 unread: r.get(8),
+                mentions: r.get(9),
             })
         })
         .collect()
@@ -308,6 +314,69 @@ const HISTORY_BEFORE: &str = concat!(
      ORDER BY e.seq DESC LIMIT $3"
 );
 
+const THREAD_AFTER: &str = concat!(
+    message_select!(),
+    "FROM messages m WHERE m.thread_root_id = $1 AND m.channel_id = $2 AND m.seq > $3 AND m.seq < $4
+     ORDER BY m.seq ASC LIMIT $5"
+);
+const THREAD_BEFORE: &str = concat!(
+    message_select!(),
+    "FROM messages m WHERE m.thread_root_id = $1 AND m.channel_id = $2 AND m.seq < $3
+     ORDER BY m.seq DESC LIMIT $4"
+);
+
+/// The messages on this shard mentioning `user_id` in channels they are in, newest first.
+pub(super) async fn mentions(
+    c: &impl GenericClient,
+    user_id: i64,
+    before: i64,
+    limit: u32,
+) -> Result<Vec<Message>, Fail> {
+    let rows = c
+        .query(
+            concat!(
+                message_select!(),
+                "FROM mentions x JOIN members b ON b.channel_id = x.channel_id AND b.user_id = x.user_id
+                 JOIN messages m ON m.id = x.message_id
+                 WHERE x.user_id = $1 AND x.message_id < $2 ORDER BY x.message_id DESC LIMIT $3"
+            ),
+            &[&user_id, &before, &i64::from(limit)],
+        )
+        .await?;
+    Ok(rows.iter().map(message_row).collect())
+}
+
+/// A page of a thread's replies, paged as [`messages`].
+pub(super) async fn thread(
+    c: &impl GenericClient,
+    channel_id: i64,
+    root_id: i64,
+    q: HistoryQuery,
+) -> Result<Page<Message>, Fail> {
+    let before = q.before_seq.unwrap_or(i64::MAX);
+    let fetch = i64::from(q.limit) + 1;
+    let rows = match q.after_seq {
+        Some(after) => {
+            c.query(
+                THREAD_AFTER,
+                &[&root_id, &channel_id, &after, &before, &fetch],
+            )
+            .await?
+        }
+        None => {
+            c.query(THREAD_BEFORE, &[&root_id, &channel_id, &before, &fetch])
+                .await?
+        }
+    };
+    let mut items: Vec<Message> = rows.iter().map(message_row).collect();
+    let has_more = items.len() as i64 == fetch;
+    items.truncate(q.limit as usize);
+    if q.after_seq.is_none() {
+        items.reverse();
+    }
+    Ok(Page { items, has_more })
+}
+
 pub(super) async fn messages(
     c: &impl GenericClient,
     channel_id: i64,
@@ -344,7 +413,8 @@ pub(super) async fn events(
     let rows = c
         .query(
             "SELECT e.seq, e.kind, e.at, e.user_id, e.body,
-                    m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq, m.text
+                    m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq, m.text,
+                    m.thread_root_id, m.reply_count, m.last_reply_at, e.message_id, e.mentions
              FROM events e LEFT JOIN messages m ON m.id = e.message_id
              WHERE e.channel_id = $1 AND e.seq > $2 ORDER BY e.seq ASC LIMIT $3",
             &[&channel_id, &after_seq, &fetch],
@@ -383,6 +453,10 @@ fn event_row(channel_id: i64, r: &Row) -> Result<Event, Fail> {
             created_at: r.get(8),
             edited_at,
             deleted,
+            thread_root_id: r.get(13),
+            reply_count: r.get(14),
+            last_reply_at: r.get(15),
+            mentions: r.get::<_, Option<Vec<i64>>>(17).unwrap_or_default(),
         }
     };
     let role = || parse_role(body.as_deref().unwrap_or_default());
@@ -401,12 +475,12 @@ fn event_row(channel_id: i64, r: &Row) -> Result<Event, Fail> {
         "member.removed" => EventBody::MemberRemoved { user_id: r.get(3) },
         "channel.updated" => EventBody::ChannelUpdated { name: body.clone() },
         "reaction.added" => EventBody::ReactionAdded {
-            message_id: r.get(5),
+            message_id: r.get(16),
             user_id: r.get(3),
             emoji: body.clone().unwrap_or_default(),
         },
         "reaction.removed" => EventBody::ReactionRemoved {
-            message_id: r.get(5),
+            message_id: r.get(16),
             user_id: r.get(3),
             emoji: body.clone().unwrap_or_default(),
         },

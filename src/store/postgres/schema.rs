@@ -135,6 +135,31 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (message_id, emoji)
     );
     "#,
+    // 3: threads. A reply names its root; a root counts its live replies and keeps when
+    // the newest was posted. Replies are read by root, in seq order.
+    r#"
+    ALTER TABLE messages ADD COLUMN thread_root_id BIGINT;
+    ALTER TABLE messages ADD COLUMN reply_count BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN last_reply_at BIGINT;
+    CREATE INDEX messages_thread ON messages (thread_root_id, seq) WHERE thread_root_id IS NOT NULL;
+    "#,
+    // 4: mentions. A message keeps the members its text mentions; `mentions` holds one row
+    // per mentioned member but its author, for a member's count of unread mentions
+    // (`members.mention_unread`) and their list of recent mentions.
+    r#"
+    ALTER TABLE messages ADD COLUMN mentions BIGINT[];
+    ALTER TABLE events ADD COLUMN mentions BIGINT[];    -- a message event's, as of the event
+    ALTER TABLE members ADD COLUMN mention_unread BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE mentions (
+        user_id    BIGINT NOT NULL,
+        message_id BIGINT NOT NULL,
+        channel_id BIGINT NOT NULL,
+        seq        BIGINT NOT NULL,
+        PRIMARY KEY (user_id, message_id)
+    );
+    CREATE INDEX mentions_channel ON mentions (channel_id, user_id, seq);
+    CREATE INDEX mentions_message ON mentions (message_id);
+    "#,
 ];
 
 /// The schema version this build writes.

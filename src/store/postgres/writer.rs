@@ -27,6 +27,8 @@ use crate::model::{Channel, ChannelKind, Event, EventBody, Message, Role};
 use crate::store::rules::{self, PutMember, Verdict};
 use crate::store::{Posted, Result, StoreError};
 
+/// Longest wait for shard 0 to resolve a send's `@name`s, inside the shard's transaction.
+const MENTION_LOOKUP: Duration = Duration::from_secs(1);
 /// Most ops one transaction takes.
 const MAX_BATCH: usize = 4096;
 /// How long a lost connection is not retried after a failed attempt (ops meanwhile are
@@ -78,6 +80,15 @@ pub(super) enum Op {
         text: String,
         client_id: Option<String>,
     },
+    /// A send applied alone, not in a run: a reply (it changes its root too), or one whose
+    /// text may mention someone (names are resolved on shard 0).
+    SlowPost {
+        author: i64,
+        channel_id: i64,
+        root_id: Option<i64>,
+        text: String,
+        client_id: Option<String>,
+    },
     Edit {
         actor: i64,
         channel_id: i64,
@@ -110,7 +121,8 @@ impl Op {
             | Op::Post { channel_id, .. }
             | Op::Edit { channel_id, .. }
             | Op::Delete { channel_id, .. }
-            | Op::React { channel_id, .. } => Some(*channel_id),
+            | Op::React { channel_id, .. }
+            | Op::SlowPost { channel_id, .. } => Some(*channel_id),
         }
     }
 }
@@ -747,6 +759,7 @@ async fn post_run(
                     created_at: now,
                     edited_at: None,
                     deleted: false,
+                    ..Message::default()
                 };
                 if let Some(k) = client_id {
                     made.insert((channel_id, author, k), results.len());
@@ -997,7 +1010,9 @@ async fn apply_one(
                 .await?;
             let (live, own): (i64, i64) = (counts.get(0), counts.get(1));
             tx.execute(
-                "UPDATE members SET read_seq = $3, live_read = live_read + $4, own_unread = own_unread - $5
+                "UPDATE members SET read_seq = $3, live_read = live_read + $4, own_unread = own_unread - $5,
+                     mention_unread = mention_unread - (SELECT count(*) FROM mentions x
+                         WHERE x.channel_id = $1 AND x.user_id = $2 AND x.seq > members.read_seq AND x.seq <= $3)
                  WHERE channel_id = $1 AND user_id = $2",
                 &[channel_id, user_id, &to, &live, &own],
             )
@@ -1023,6 +1038,8 @@ async fn apply_one(
                 .get(0);
             rules::edit(&shared.rules, found.as_ref(), *actor, edits as u32)?;
             let mut message = found.ok_or(StoreError::NotFound)?;
+            // Mentions follow the text: those it no longer names are taken back.
+            let mentioned = resolve_mentions(tx, shared, *channel_id, text).await?;
             tx.execute(
                 "UPDATE events SET body = $3 WHERE channel_id = $1 AND body IS NULL
                    AND (seq = $4 OR (message_id = $2 AND kind <> 'message.created'))",
@@ -1030,13 +1047,23 @@ async fn apply_one(
             )
             .await?;
             tx.execute(
-                "UPDATE messages SET text = $2, edited_at = $3 WHERE id = $1",
-                &[message_id, text, &now],
+                "UPDATE messages SET text = $2, edited_at = $3, mentions = $4 WHERE id = $1",
+                &[message_id, text, &now, &mentioned],
             )
             .await?;
+            let gone: Vec<i64> = message
+                .mentions
+                .iter()
+                .copied()
+                .filter(|u| !mentioned.contains(u))
+                .collect();
+            let (seq, author) = (message.seq, message.author_id);
+            mention(tx, *channel_id, seq, *message_id, author, &gone, false).await?;
+            mention(tx, *channel_id, seq, *message_id, author, &mentioned, true).await?;
             message.text = text.clone();
             message.edited_at = Some(now);
-            append_event(
+            message.mentions = mentioned;
+            let seq = append_event(
                 tx,
                 j,
                 EventBody::MessageEdited(message.clone()),
@@ -1045,6 +1072,12 @@ async fn apply_one(
                 Some(*message_id),
                 None,
                 None,
+            )
+            .await?;
+            // The edit's event shows the mentions it made (each event, those as of it).
+            tx.execute(
+                "UPDATE events SET mentions = $3 WHERE channel_id = $1 AND seq = $2",
+                &[channel_id, &seq, &message.mentions],
             )
             .await?;
             Ok(Done::Message(message))
@@ -1061,16 +1094,35 @@ async fn apply_one(
             }
             let message = found.ok_or(StoreError::NotFound)?;
             tx.execute(
-                "UPDATE messages SET text = '', deleted = TRUE WHERE id = $1",
+                "UPDATE messages SET text = '', deleted = TRUE, mentions = NULL WHERE id = $1",
                 &[message_id],
             )
             .await?;
+            // Its mentions are no one's any more.
+            mention(
+                tx,
+                *channel_id,
+                message.seq,
+                *message_id,
+                message.author_id,
+                &message.mentions,
+                false,
+            )
+            .await?;
             tx.execute(
-                "UPDATE events SET body = '' WHERE channel_id = $1
+                "UPDATE events SET body = '', mentions = NULL WHERE channel_id = $1
                    AND (seq = $3 OR (message_id = $2 AND kind IN ('message.edited', 'message.deleted')))",
                 &[channel_id, message_id, &message.seq],
             )
             .await?;
+            // A reply fewer in its thread.
+            if let Some(root) = message.thread_root_id {
+                tx.execute(
+                    "UPDATE messages SET reply_count = reply_count - 1 WHERE id = $1",
+                    &[&root],
+                )
+                .await?;
+            }
             // Its reactions go with it; their events stay in the log.
             tx.execute("DELETE FROM reactions WHERE message_id = $1", &[message_id])
                 .await?;
@@ -1082,6 +1134,7 @@ async fn apply_one(
             let redacted = Message {
                 text: String::new(),
                 deleted: true,
+                mentions: Vec::new(),
                 ..message.clone()
             };
             append_event(
@@ -1112,6 +1165,24 @@ async fn apply_one(
             .await?;
             Ok(Done::Unit)
         }
+        Op::SlowPost {
+            author,
+            channel_id,
+            root_id,
+            text,
+            client_id,
+        } => {
+            slow_post(
+                tx,
+                shared,
+                j,
+                now,
+                (*author, *channel_id, *root_id),
+                text,
+                client_id.as_deref(),
+            )
+            .await
+        }
         Op::React {
             actor,
             channel_id,
@@ -1131,6 +1202,196 @@ async fn apply_one(
             .await
         }
     }
+}
+
+/// A send applied alone, with the unread projection kept as a run keeps it, a reply's
+/// root's counters, and the mentioned members' unread mentions (the SQLite backend's
+/// `post_slow`).
+async fn slow_post(
+    tx: &Client,
+    shared: &Shared,
+    j: &mut Vec<Event>,
+    now: i64,
+    (author, channel_id, root_id): (i64, i64, Option<i64>),
+    text: &str,
+    client_id: Option<&str>,
+) -> std::result::Result<Done, Fail> {
+    let (kind, role) = membership(tx, channel_id, author).await?;
+    let original = match client_id {
+        Some(cid) => tx
+            .query_opt(
+                concat!(
+                    message_select!(),
+                    "FROM messages m WHERE m.channel_id = $1 AND m.author_id = $2 AND m.client_id = $3"
+                ),
+                &[&channel_id, &author, &cid],
+            )
+            .await?
+            .as_ref()
+            .map(read::message_row),
+        None => None,
+    };
+    if let Some(retry) = rules::post(kind, Some(role), original)? {
+        return Ok(Done::Posted(retry));
+    }
+    if let Some(root_id) = root_id {
+        rules::reply_root(message(tx, channel_id, root_id).await?.as_ref())?;
+    }
+    let mentioned = resolve_mentions(tx, shared, channel_id, text).await?;
+    let id = shared.next_ids(1, now)[0];
+    let seq: i64 = tx
+        .query_one(
+            "UPDATE channels SET last_seq = last_seq + 1, live_messages = live_messages + 1,
+                 dm_answered = dm_answered OR (kind = 'dm' AND owner_id <> $2)
+             WHERE id = $1 RETURNING last_seq",
+            &[&channel_id, &author],
+        )
+        .await?
+        .get(0);
+    tx.execute(
+        "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at, thread_root_id, mentions)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[&id, &channel_id, &seq, &author, &text, &client_id, &now, &root_id, &mentioned],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO events (channel_id, seq, kind, at, message_id, mentions) VALUES ($1, $2, 'message.created', $3, $4, $5)",
+        &[&channel_id, &seq, &now, &id, &mentioned],
+    )
+    .await?;
+    if let Some(root_id) = root_id {
+        tx.execute(
+            "UPDATE messages SET reply_count = reply_count + 1, last_reply_at = $2 WHERE id = $1",
+            &[&root_id, &now],
+        )
+        .await?;
+    }
+    mention(tx, channel_id, seq, id, author, &mentioned, true).await?;
+    tx.execute(
+        "UPDATE members SET own_unread = own_unread + 1 WHERE channel_id = $1 AND user_id = $2",
+        &[&channel_id, &author],
+    )
+    .await?;
+    let message = Message {
+        id,
+        channel_id,
+        seq,
+        author_id: author,
+        text: text.to_owned(),
+        client_id: client_id.map(str::to_owned),
+        created_at: now,
+        thread_root_id: root_id,
+        mentions: mentioned,
+        ..Message::default()
+    };
+    j.push(Event {
+        channel_id,
+        seq,
+        at: now,
+        body: EventBody::MessageCreated(message.clone()),
+    });
+    Ok(Done::Posted(Posted {
+        message,
+        created: true,
+    }))
+}
+
+/// The members of the channel the text's `@name`s name, in the order named. Names are
+/// looked up on shard 0 (where accounts live; unreachable, the send is refused as such
+/// and may be retried), membership here, in the transaction.
+async fn resolve_mentions(
+    tx: &Client,
+    shared: &Shared,
+    channel_id: i64,
+    text: &str,
+) -> std::result::Result<Vec<i64>, Fail> {
+    let names = crate::username::mentions(text);
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Bounded well below the shard's idle-in-transaction timeout: this transaction holds
+    // its channels' locks meanwhile. Whatever goes wrong on shard 0 is answered to this
+    // op alone (rolled back to its savepoint), never taken for this shard's failure.
+    let accounts = shared
+        .accounts
+        .get()
+        .ok_or(Fail::Store(StoreError::Unreachable))?;
+    let lookup = async {
+        let c = accounts.get().await.ok()?;
+        c.query(
+            "SELECT id, username_key FROM users WHERE username_key = ANY($1)",
+            &[&names],
+        )
+        .await
+        .ok()
+    };
+    let users = tokio::time::timeout(MENTION_LOOKUP, lookup)
+        .await
+        .ok()
+        .flatten()
+        .ok_or(Fail::Store(StoreError::Unreachable))?;
+    let ids: Vec<i64> = names
+        .iter()
+        .filter_map(|n| {
+            users
+                .iter()
+                .find(|r| r.get::<_, &str>(1) == n)
+                .map(|r| r.get(0))
+        })
+        .collect();
+    let members: Vec<i64> = tx
+        .query(
+            "SELECT user_id FROM members WHERE channel_id = $1 AND user_id = ANY($2)",
+            &[&channel_id, &ids],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(ids.into_iter().filter(|id| members.contains(id)).collect())
+}
+
+/// Adds (or with `add` false, drops) the mention rows of a message at `seq` for `users`
+/// but its author, with each one's unread mentions when the message is above their read
+/// marker.
+async fn mention(
+    tx: &Client,
+    channel_id: i64,
+    seq: i64,
+    message_id: i64,
+    author: i64,
+    users: &[i64],
+    add: bool,
+) -> std::result::Result<(), Fail> {
+    let users: Vec<i64> = users.iter().copied().filter(|&u| u != author).collect();
+    if users.is_empty() {
+        return Ok(());
+    }
+    let changed: Vec<i64> = if add {
+        tx.query(
+            "INSERT INTO mentions (user_id, message_id, channel_id, seq)
+             SELECT u, $2, $3, $4 FROM unnest($1::bigint[]) AS u
+             ON CONFLICT DO NOTHING RETURNING user_id",
+            &[&users, &message_id, &channel_id, &seq],
+        )
+        .await?
+    } else {
+        tx.query(
+            "DELETE FROM mentions WHERE message_id = $2 AND user_id = ANY($1) RETURNING user_id",
+            &[&users, &message_id],
+        )
+        .await?
+    }
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    tx.execute(
+        "UPDATE members SET mention_unread = mention_unread + $4
+         WHERE channel_id = $1 AND user_id = ANY($2) AND read_seq < $3",
+        &[&channel_id, &changed, &seq, &if add { 1i64 } else { -1 }],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Adds or takes back a reaction, keeping `reaction_counts` in step, as the SQLite

@@ -140,6 +140,13 @@ impl Hot {
         Ok(())
     }
 
+    /// Records that `messages` holds a message of `author` with this `client_id` (an op
+    /// other than the hot post stored it): later posts must probe for it.
+    pub fn stored_client_id(&mut self, channel_id: i64, author: i64, client_id: &str) {
+        let key = self.seen.key(channel_id, author, client_id);
+        self.seen.insert(key);
+    }
+
     /// Drops a (flushed) channel's state after another op changed its rows.
     pub fn forget(&mut self, channel_id: i64) {
         if let Some(ch) = self.channels.remove(&channel_id) {
@@ -212,6 +219,7 @@ pub(super) fn post_message(
         created_at: now,
         edited_at: None,
         deleted: false,
+        ..Message::default()
     };
     hot.log.append(tx, &message)?;
     if let Some((_, key)) = keyed {

@@ -511,9 +511,41 @@ impl Channels for SqliteStore {
         text: &str,
         client_id: Option<&str>,
     ) -> Result<Posted> {
-        let op = Op::PostMessage {
+        // A text that may mention someone is resolved by the slow path; the rest is hot.
+        let op = if crate::username::mentions(text).is_empty() {
+            Op::PostMessage {
+                author,
+                channel_id,
+                text: text.to_owned(),
+                client_id: client_id.map(str::to_owned),
+            }
+        } else {
+            Op::PostSlow {
+                author,
+                channel_id,
+                root_id: None,
+                text: text.to_owned(),
+                client_id: client_id.map(str::to_owned),
+            }
+        };
+        match self.write(op).await? {
+            Done::Posted(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn post_reply(
+        &self,
+        author: i64,
+        channel_id: i64,
+        root_id: i64,
+        text: &str,
+        client_id: Option<&str>,
+    ) -> Result<Posted> {
+        let op = Op::PostSlow {
             author,
             channel_id,
+            root_id: Some(root_id),
             text: text.to_owned(),
             client_id: client_id.map(str::to_owned),
         };
@@ -521,6 +553,35 @@ impl Channels for SqliteStore {
             Done::Posted(p) => Ok(p),
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn mentions(
+        &self,
+        user_id: i64,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<Message>> {
+        self.reads
+            .run(move |c| read::mentions(c, user_id, before, limit))
+            .await
+    }
+
+    async fn message(&self, channel_id: i64, message_id: i64) -> Result<Option<Message>> {
+        let tail = Arc::clone(&self.tail);
+        self.reads
+            .run(move |c| read::message(c, &tail, channel_id, message_id))
+            .await
+    }
+
+    async fn thread(
+        &self,
+        channel_id: i64,
+        root_id: i64,
+        query: HistoryQuery,
+    ) -> Result<Page<Message>> {
+        self.reads
+            .run(move |c| read::thread(c, channel_id, root_id, query))
+            .await
     }
 
     async fn edit_message(

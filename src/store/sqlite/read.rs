@@ -101,7 +101,7 @@ fn channel_row(r: &Row) -> rusqlite::Result<Channel> {
 macro_rules! message_select {
     () => {
         "SELECT m.id, m.channel_id, m.seq, m.author_id, m.text, m.client_id, m.created_at, \
-         m.edited_at, m.deleted "
+         m.edited_at, m.deleted, m.thread_root_id, m.reply_count, m.last_reply_at, m.mentions "
     };
 }
 
@@ -143,7 +143,24 @@ pub(super) fn message_row(r: &Row) -> rusqlite::Result<Message> {
         created_at: r.get(6)?,
         edited_at: r.get(7)?,
         deleted: r.get(8)?,
+        thread_root_id: r.get(9)?,
+        reply_count: r.get(10)?,
+        last_reply_at: r.get(11)?,
+        mentions: parse_ids(r.get(12)?),
     })
+}
+
+/// Ids as a message's `mentions` column keeps them: comma-separated, `NULL` for none.
+pub(super) fn parse_ids(s: Option<String>) -> Vec<i64> {
+    s.iter()
+        .flat_map(|s| s.split(','))
+        .filter_map(|id| id.parse().ok())
+        .collect()
+}
+
+/// The column's value for `ids`.
+pub(super) fn join_ids(ids: &[i64]) -> Option<String> {
+    (!ids.is_empty()).then(|| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","))
 }
 
 pub(super) fn user(conn: &Connection, id: i64) -> rusqlite::Result<Option<User>> {
@@ -255,7 +272,8 @@ pub(super) fn member_channel(
 
 pub(super) fn channels(conn: &Connection, user_id: i64) -> rusqlite::Result<Vec<ChannelView>> {
     conn.prepare_cached(&format!(
-        "SELECT {CHANNEL_COLUMNS}, m.role, m.read_seq, c.live_messages - m.live_read - m.own_unread
+        "SELECT {CHANNEL_COLUMNS}, m.role, m.read_seq, c.live_messages - m.live_read - m.own_unread,
+                m.mention_unread
          FROM members m JOIN channels c ON c.id = m.channel_id
          WHERE m.user_id = ?1 ORDER BY c.id"
     ))?
@@ -265,6 +283,7 @@ pub(super) fn channels(conn: &Connection, user_id: i64) -> rusqlite::Result<Vec<
             role: parse_role(&r.get::<_, String>(6)?)?,
             read_seq: r.get(7)?,
             unread: r.get(8)?,
+            mentions: r.get(9)?,
         })
     })?
     .collect()
@@ -292,33 +311,27 @@ pub(super) fn reactions(
     channel_id: i64,
     ids: &[i64],
 ) -> rusqlite::Result<Vec<(i64, Vec<ReactionCount>)>> {
+    // One statement per message, so each message's counts and `me` are one snapshot.
     let mut counts = conn.prepare_cached(
-        "SELECT rc.emoji, rc.count FROM reaction_counts rc JOIN messages m ON m.id = rc.message_id
+        "SELECT rc.emoji, rc.count, EXISTS (SELECT 1 FROM reactions r
+                 WHERE r.message_id = rc.message_id AND r.user_id = ?3 AND r.emoji = rc.emoji)
+         FROM reaction_counts rc JOIN messages m ON m.id = rc.message_id
          WHERE rc.message_id = ?1 AND m.channel_id = ?2 ORDER BY rc.first_seq",
     )?;
-    let mut mine =
-        conn.prepare_cached("SELECT emoji FROM reactions WHERE message_id = ?1 AND user_id = ?2")?;
     let mut out = Vec::new();
     for &id in ids {
-        let mut list = counts
-            .query_map(params![id, channel_id], |r| {
+        let list = counts
+            .query_map(params![id, channel_id, viewer], |r| {
                 Ok(ReactionCount {
                     emoji: r.get(0)?,
                     count: r.get(1)?,
-                    me: false,
+                    me: r.get(2)?,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        if list.is_empty() {
-            continue;
+        if !list.is_empty() {
+            out.push((id, list));
         }
-        for emoji in mine.query_map(params![id, viewer], |r| r.get::<_, String>(0))? {
-            let emoji = emoji?;
-            if let Some(c) = list.iter_mut().find(|c| c.emoji == emoji) {
-                c.me = true;
-            }
-        }
-        out.push((id, list));
     }
     Ok(out)
 }
@@ -358,6 +371,96 @@ pub(super) fn reactors(
     let has_more = items.len() > limit as usize;
     items.truncate(limit as usize);
     Ok(Page { items, has_more })
+}
+
+const THREAD_AFTER: &str = concat!(
+    message_select!(),
+    "FROM messages m WHERE m.thread_root_id = ?1 AND m.channel_id = ?2 AND m.seq > ?3 AND m.seq < ?4
+     ORDER BY m.seq ASC LIMIT ?5"
+);
+const THREAD_BEFORE: &str = concat!(
+    message_select!(),
+    "FROM messages m WHERE m.thread_root_id = ?1 AND m.channel_id = ?2 AND m.seq < ?3
+     ORDER BY m.seq DESC LIMIT ?4"
+);
+
+/// A page of a thread's replies, paged as [`messages`]. Replies are never in the commit
+/// log (a reply is written straight to the tables).
+pub(super) fn thread(
+    conn: &Connection,
+    channel_id: i64,
+    root_id: i64,
+    q: HistoryQuery,
+) -> rusqlite::Result<Page<Message>> {
+    let before = q.before_seq.unwrap_or(i64::MAX);
+    let fetch = q.limit as i64 + 1;
+    let mut items = match q.after_seq {
+        Some(after) => conn
+            .prepare_cached(THREAD_AFTER)?
+            .query_map(
+                params![root_id, channel_id, after, before, fetch],
+                message_row,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+        None => {
+            let mut newest = conn
+                .prepare_cached(THREAD_BEFORE)?
+                .query_map(params![root_id, channel_id, before, fetch], message_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            newest.reverse();
+            newest
+        }
+    };
+    let has_more = items.len() as i64 == fetch;
+    if has_more {
+        // One past the page: the newest when paging forward, the oldest otherwise.
+        if q.after_seq.is_some() {
+            items.pop();
+        } else {
+            items.remove(0);
+        }
+    }
+    Ok(Page { items, has_more })
+}
+
+/// The messages mentioning `user_id` in channels they are in, newest first.
+pub(super) fn mentions(
+    conn: &Connection,
+    user_id: i64,
+    before: Option<i64>,
+    limit: u32,
+) -> rusqlite::Result<Page<Message>> {
+    let mut items = conn
+        .prepare_cached(concat!(
+            message_select!(),
+            "FROM mentions x JOIN members b ON b.channel_id = x.channel_id AND b.user_id = x.user_id
+             CROSS JOIN messages m ON m.id = x.message_id
+             WHERE x.user_id = ?1 AND x.message_id < ?2 ORDER BY x.message_id DESC LIMIT ?3"
+        ))?
+        .query_map(
+            params![user_id, before.unwrap_or(i64::MAX), i64::from(limit) + 1],
+            message_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let has_more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    Ok(Page { items, has_more })
+}
+
+/// A message of the channel by id: from the tables, or the commit log's tail (taken
+/// first: a fold in between shows it in both, never in neither).
+pub(super) fn message(
+    conn: &Connection,
+    tail: &Tail,
+    channel_id: i64,
+    message_id: i64,
+) -> rusqlite::Result<Option<Message>> {
+    let unfolded = tail.find(channel_id, message_id);
+    let folded = conn
+        .prepare_cached(MESSAGE_BY_ID)?
+        .query_row(params![message_id, channel_id], message_row)
+        .optional()?;
+    Ok(folded.or(unfolded))
 }
 
 /// A page of the channel's messages: the folded ones from the tables, the newest from the
@@ -427,7 +530,8 @@ pub(super) fn events(
     let unfolded = tail.range(channel_id, after_seq, i64::MAX, fetch, false);
     let mut stmt = conn.prepare_cached(
         "SELECT e.seq, e.kind, e.at, e.user_id, e.body,
-                m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq, m.text
+                m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq, m.text,
+                m.thread_root_id, m.reply_count, m.last_reply_at, e.message_id, e.mentions
          FROM events e LEFT JOIN messages m ON m.id = e.message_id
          WHERE e.channel_id = ?1 AND e.seq > ?2 ORDER BY e.seq ASC LIMIT ?3",
     )?;
@@ -468,6 +572,10 @@ fn event_row(channel_id: i64, r: &Row) -> rusqlite::Result<Event> {
             created_at: r.get(8)?,
             edited_at,
             deleted,
+            thread_root_id: r.get(13)?,
+            reply_count: r.get(14)?,
+            last_reply_at: r.get(15)?,
+            mentions: parse_ids(r.get(17)?),
         })
     };
     let role = || parse_role(body.as_deref().unwrap_or_default());
@@ -486,12 +594,12 @@ fn event_row(channel_id: i64, r: &Row) -> rusqlite::Result<Event> {
         "member.removed" => EventBody::MemberRemoved { user_id: r.get(3)? },
         "channel.updated" => EventBody::ChannelUpdated { name: body.clone() },
         "reaction.added" => EventBody::ReactionAdded {
-            message_id: r.get(5)?,
+            message_id: r.get(16)?,
             user_id: r.get(3)?,
             emoji: body.clone().unwrap_or_default(),
         },
         "reaction.removed" => EventBody::ReactionRemoved {
-            message_id: r.get(5)?,
+            message_id: r.get(16)?,
             user_id: r.get(3)?,
             emoji: body.clone().unwrap_or_default(),
         },

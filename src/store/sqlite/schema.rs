@@ -128,6 +128,35 @@ const MIGRATIONS: &[Migration] = &[
     ) WITHOUT ROWID;
     "#,
     ),
+    // 7: threads. A reply names its root; a root counts its live replies and keeps when
+    // the newest was posted. Replies are read by root, in seq order.
+    Migration::Sql(
+        r#"
+    ALTER TABLE messages ADD COLUMN thread_root_id INTEGER;
+    ALTER TABLE messages ADD COLUMN reply_count INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN last_reply_at INTEGER;
+    CREATE INDEX messages_thread ON messages(thread_root_id, seq) WHERE thread_root_id IS NOT NULL;
+    "#,
+    ),
+    // 8: mentions. A message keeps the members its text mentions (ids, comma-separated);
+    // `mentions` holds one row per mentioned member but its author, for a member's count
+    // of unread mentions (`members.mention_unread`) and their list of recent mentions.
+    Migration::Sql(
+        r#"
+    ALTER TABLE messages ADD COLUMN mentions TEXT;
+    ALTER TABLE events ADD COLUMN mentions TEXT;      -- a message event's, as of the event
+    ALTER TABLE members ADD COLUMN mention_unread INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE mentions (
+        user_id    INTEGER NOT NULL,
+        message_id INTEGER NOT NULL,
+        channel_id INTEGER NOT NULL,
+        seq        INTEGER NOT NULL,
+        PRIMARY KEY (user_id, message_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX mentions_channel ON mentions(channel_id, user_id, seq);
+    CREATE INDEX mentions_message ON mentions(message_id);
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

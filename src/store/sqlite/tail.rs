@@ -170,6 +170,16 @@ impl Tail {
         posts[lo..hi].iter().map(|e| e.message.clone()).collect()
     }
 
+    /// The unfolded post of the channel with this id.
+    pub fn find(&self, channel_id: i64, id: i64) -> Option<Message> {
+        let inner = self.lock();
+        let posts = inner.channels.get(&channel_id)?;
+        posts
+            .iter()
+            .find(|e| e.message.id == id)
+            .map(|e| e.message.clone())
+    }
+
     /// The unfolded post of the channel with this seq.
     fn get(&self, channel_id: i64, seq: i64) -> Option<Message> {
         let inner = self.lock();
@@ -649,6 +659,7 @@ mod tests {
             created_at: seq,
             edited_at: None,
             deleted: false,
+            ..Message::default()
         }
     }
 

@@ -295,7 +295,9 @@ pub(super) fn mark_read(
     });
     let (live, own) = (live + unfolded, own + own_unfolded);
     tx.prepare_cached(
-        "UPDATE members SET read_seq = ?3, live_read = live_read + ?4, own_unread = own_unread - ?5
+        "UPDATE members SET read_seq = ?3, live_read = live_read + ?4, own_unread = own_unread - ?5,
+             mention_unread = mention_unread - (SELECT count(*) FROM mentions
+                 WHERE channel_id = ?1 AND user_id = ?2 AND seq > read_seq AND seq <= ?3)
          WHERE channel_id = ?1 AND user_id = ?2",
     )?
     .execute([channel_id, user_id, to, live, own])?;

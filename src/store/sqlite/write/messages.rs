@@ -4,9 +4,11 @@
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Applied, Done, Failure, append_event, membership};
+use crate::id::Snowflake;
 use crate::model::{Event, EventBody, Message};
+use crate::store::sqlite::hot::Hot;
 use crate::store::sqlite::read;
-use crate::store::{Rules, StoreError, rules};
+use crate::store::{Posted, Rules, StoreError, rules};
 
 /// The message by id within its channel, deleted or not.
 pub(super) fn message(
@@ -41,17 +43,31 @@ pub(super) fn edit_message(
         .query_row([message_id], |r| r.get(0))?;
     rules::edit(rules, found.as_ref(), actor, edits)?;
     let mut message = found.ok_or(StoreError::NotFound)?;
+    // Mentions follow the text: those it no longer names are taken back, new ones added.
+    let mentioned = resolve_mentions(tx, channel_id, text)?;
     // The event that showed the latest text (body NULL) keeps the old text as its own;
     // the new event shows the message row's text from now on.
     tx.prepare_cached(
         "UPDATE events SET body = ?3 WHERE channel_id = ?1 AND message_id = ?2 AND body IS NULL",
     )?
     .execute(params![channel_id, message_id, message.text])?;
-    tx.prepare_cached("UPDATE messages SET text = ?2, edited_at = ?3 WHERE id = ?1")?
-        .execute(params![message_id, text, now])?;
+    tx.prepare_cached(
+        "UPDATE messages SET text = ?2, edited_at = ?3, mentions = ?4 WHERE id = ?1",
+    )?
+    .execute(params![message_id, text, now, read::join_ids(&mentioned)])?;
+    let gone: Vec<i64> = message
+        .mentions
+        .iter()
+        .copied()
+        .filter(|u| !mentioned.contains(u))
+        .collect();
+    let (seq, author) = (message.seq, message.author_id);
+    mention(tx, channel_id, seq, message_id, author, &gone, false)?;
+    mention(tx, channel_id, seq, message_id, author, &mentioned, true)?;
     message.text = text.to_owned();
     message.edited_at = Some(now);
-    append_event(
+    message.mentions = mentioned;
+    let seq = append_event(
         tx,
         j,
         EventBody::MessageEdited(message.clone()),
@@ -61,6 +77,9 @@ pub(super) fn edit_message(
         None,
         None,
     )?;
+    // The edit's event shows the mentions it made (each event, those as of it).
+    tx.prepare_cached("UPDATE events SET mentions = ?3 WHERE channel_id = ?1 AND seq = ?2")?
+        .execute(params![channel_id, seq, read::join_ids(&message.mentions)])?;
     Ok(Done::Message(message))
 }
 
@@ -79,10 +98,21 @@ pub(super) fn delete_message(
         return Ok(Done::Unit);
     }
     let message = found.ok_or(StoreError::NotFound)?;
-    tx.prepare_cached("UPDATE messages SET text = '', deleted = 1 WHERE id = ?1")?
+    tx.prepare_cached("UPDATE messages SET text = '', deleted = 1, mentions = NULL WHERE id = ?1")?
         .execute([message_id])?;
+    // Its mentions are no one's any more.
+    let seq = message.seq;
+    mention(
+        tx,
+        channel_id,
+        seq,
+        message_id,
+        message.author_id,
+        &message.mentions,
+        false,
+    )?;
     tx.prepare_cached(
-        "UPDATE events SET body = '' WHERE channel_id = ?1 AND message_id = ?2 AND kind LIKE 'message.%'",
+        "UPDATE events SET body = '', mentions = NULL WHERE channel_id = ?1 AND message_id = ?2 AND kind LIKE 'message.%'",
     )?
     .execute([channel_id, message_id])?;
     // Its reactions go with it; their events stay in the log (`message.deleted` follows).
@@ -93,6 +123,7 @@ pub(super) fn delete_message(
     let redacted = Message {
         text: String::new(),
         deleted: true,
+        mentions: Vec::new(),
         ..message.clone()
     };
     append_event(
@@ -105,6 +136,11 @@ pub(super) fn delete_message(
         None,
         None,
     )?;
+    // A reply fewer in its thread.
+    if let Some(root) = message.thread_root_id {
+        tx.prepare_cached("UPDATE messages SET reply_count = reply_count - 1 WHERE id = ?1")?
+            .execute([root])?;
+    }
     // Unread projection: one live message fewer in the channel, fewer read by those past
     // it, and one own message fewer for an author who had not read past it.
     tx.prepare_cached("UPDATE channels SET live_messages = live_messages - 1 WHERE id = ?1")?
@@ -118,6 +154,154 @@ pub(super) fn delete_message(
     )?
     .execute([channel_id, message.author_id, message.seq])?;
     Ok(Done::Unit)
+}
+
+/// A post the hot path does not take (a reply, or a text that may mention someone),
+/// written straight to `messages` and `events` (its channel's posts are folded first),
+/// with the unread projection kept as a post keeps it, a reply's root's counters, and
+/// the mentioned members' unread mentions.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn post_slow(
+    tx: &Transaction,
+    j: &mut Vec<Event>,
+    hot: &mut Hot,
+    ids: &mut Snowflake,
+    now: i64,
+    (author, channel_id, root_id): (i64, i64, Option<i64>),
+    text: &str,
+    client_id: Option<&str>,
+) -> Applied {
+    let (kind, role) = membership(tx, channel_id, author)?;
+    let original = match client_id {
+        Some(cid) => tx
+            .prepare_cached(read::MESSAGE_BY_CLIENT_ID)?
+            .query_row(params![channel_id, author, cid], read::message_row)
+            .optional()?,
+        None => None,
+    };
+    if let Some(retry) = rules::post(kind, Some(role), original)? {
+        return Ok(Done::Posted(retry));
+    }
+    if let Some(root_id) = root_id {
+        rules::reply_root(message(tx, channel_id, root_id)?.as_ref())?;
+    }
+    let mentioned = resolve_mentions(tx, channel_id, text)?;
+    let id = ids.next_id(now);
+    let seq: i64 = tx
+        .prepare_cached(
+            "UPDATE channels SET last_seq = last_seq + 1, live_messages = live_messages + 1
+             WHERE id = ?1 RETURNING last_seq",
+        )?
+        .query_row([channel_id], |r| r.get(0))?;
+    tx.prepare_cached(
+        "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at, thread_root_id, mentions)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        id,
+        channel_id,
+        seq,
+        author,
+        text,
+        client_id,
+        now,
+        root_id,
+        read::join_ids(&mentioned)
+    ])?;
+    tx.prepare_cached(
+        "INSERT INTO events (channel_id, seq, kind, at, message_id, mentions) VALUES (?1, ?2, 'message.created', ?3, ?4, ?5)",
+    )?
+    .execute(params![channel_id, seq, now, id, read::join_ids(&mentioned)])?;
+    if let Some(root_id) = root_id {
+        tx.prepare_cached(
+            "UPDATE messages SET reply_count = reply_count + 1, last_reply_at = ?2 WHERE id = ?1",
+        )?
+        .execute(params![root_id, now])?;
+    }
+    mention(tx, channel_id, seq, id, author, &mentioned, true)?;
+    tx.prepare_cached(
+        "UPDATE members SET own_unread = own_unread + 1 WHERE channel_id = ?1 AND user_id = ?2",
+    )?
+    .execute(params![channel_id, author])?;
+    // As a post does: the first message of anyone but its opener answers a DM.
+    tx.prepare_cached(
+        "UPDATE channels SET dm_answered = 1 WHERE id = ?1 AND kind = 'dm' AND owner_id != ?2 AND dm_answered = 0",
+    )?
+    .execute(params![channel_id, author])?;
+    if let Some(cid) = client_id {
+        hot.stored_client_id(channel_id, author, cid);
+    }
+    let message = Message {
+        id,
+        channel_id,
+        seq,
+        author_id: author,
+        text: text.to_owned(),
+        client_id: client_id.map(str::to_owned),
+        created_at: now,
+        thread_root_id: root_id,
+        mentions: mentioned,
+        ..Message::default()
+    };
+    j.push(Event {
+        channel_id,
+        seq,
+        at: now,
+        body: EventBody::MessageCreated(message.clone()),
+    });
+    Ok(Done::Posted(Posted {
+        message,
+        created: true,
+    }))
+}
+
+/// The members of the channel the text's `@name`s name, in the order named.
+fn resolve_mentions(tx: &Transaction, channel_id: i64, text: &str) -> Result<Vec<i64>, Failure> {
+    let mut found = Vec::new();
+    for name in crate::username::mentions(text) {
+        let id: Option<i64> = tx
+            .prepare_cached(
+                "SELECT u.id FROM users u JOIN members b ON b.user_id = u.id
+                 WHERE u.username_key = ?1 AND b.channel_id = ?2",
+            )?
+            .query_row(params![name, channel_id], |r| r.get(0))
+            .optional()?;
+        found.extend(id);
+    }
+    Ok(found)
+}
+
+/// Adds (or with `add` false, drops) the mention rows of a message at `seq` for `users`
+/// but its author, with each one's unread mentions when the message is above their read
+/// marker.
+fn mention(
+    tx: &Transaction,
+    channel_id: i64,
+    seq: i64,
+    message_id: i64,
+    author: i64,
+    users: &[i64],
+    add: bool,
+) -> rusqlite::Result<()> {
+    for &user in users.iter().filter(|&&u| u != author) {
+        let changed = if add {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO mentions (user_id, message_id, channel_id, seq) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![user, message_id, channel_id, seq])?
+        } else {
+            tx.prepare_cached("DELETE FROM mentions WHERE user_id = ?1 AND message_id = ?2")?
+                .execute(params![user, message_id])?
+        };
+        if changed > 0 {
+            tx.prepare_cached(
+                "UPDATE members SET mention_unread = mention_unread + ?4
+                 WHERE channel_id = ?1 AND user_id = ?2 AND read_seq < ?3",
+            )?
+            .execute(params![channel_id, user, seq, if add { 1 } else { -1 }])?;
+        }
+    }
+    Ok(())
 }
 
 /// Adds or takes back `actor`'s `emoji` reaction, keeping `reaction_counts` in step, and

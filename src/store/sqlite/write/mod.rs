@@ -11,7 +11,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use self::channels::{
     create_channel, mark_read, open_dm, put_member, remove_member, rename_channel,
 };
-use self::messages::{delete_message, edit_message, react};
+use self::messages::{delete_message, edit_message, post_slow, react};
 use super::hot::{self, Hot};
 use super::read;
 use crate::clock::now_ms;
@@ -84,6 +84,15 @@ pub(super) enum Op {
         text: String,
         client_id: Option<String>,
     },
+    /// A post the hot path does not take: a reply (`root_id`), or one whose text may
+    /// mention someone.
+    PostSlow {
+        author: i64,
+        channel_id: i64,
+        root_id: Option<i64>,
+        text: String,
+        client_id: Option<String>,
+    },
     EditMessage {
         actor: i64,
         channel_id: i64,
@@ -147,7 +156,8 @@ impl Op {
             | Op::RemoveMember { channel_id, .. }
             | Op::EditMessage { channel_id, .. }
             | Op::DeleteMessage { channel_id, .. }
-            | Op::React { channel_id, .. } => HotUse::FlushAndForget(Some(*channel_id)),
+            | Op::React { channel_id, .. }
+            | Op::PostSlow { channel_id, .. } => HotUse::FlushAndForget(Some(*channel_id)),
         }
     }
 }
@@ -311,6 +321,22 @@ pub(super) fn apply(
             now,
             *author,
             *channel_id,
+            text,
+            client_id.as_deref(),
+        ),
+        Op::PostSlow {
+            author,
+            channel_id,
+            root_id,
+            text,
+            client_id,
+        } => post_slow(
+            tx,
+            j,
+            hot,
+            ids,
+            now,
+            (*author, *channel_id, *root_id),
             text,
             client_id.as_deref(),
         ),
