@@ -527,26 +527,32 @@ mod conversation_projections {
 
     #[derive(Debug, Clone)]
     enum Step {
-        /// A send by a user, mentioning another (or no one).
-        Send(usize, Option<usize>),
+        /// A send by a user, mentioning another (or no one), with one of a few
+        /// `client_id`s (a repeat is a retry: it answers the original).
+        Send(usize, Option<usize>, u8),
         Reply(usize, usize, Option<usize>),
         React(usize, usize, usize, bool),
         /// Its author edits a message to mention someone else (or no one).
         Edit(usize, Option<usize>),
         Read(usize, i64),
         Delete(usize),
+        /// A member (not the owner) leaves, or is added back.
+        Leave(usize),
+        Join(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
         let who = proptest::option::of(0usize..3);
         prop_oneof![
-            2 => (0usize..3, who.clone()).prop_map(|(u, t)| Step::Send(u, t)),
+            2 => (0usize..3, who.clone(), 0u8..6).prop_map(|(u, t, c)| Step::Send(u, t, c)),
             2 => (0usize..3, 0usize..16, who.clone()).prop_map(|(u, m, t)| Step::Reply(u, m, t)),
             4 => (0usize..3, 0usize..16, 0usize..3, any::<bool>())
                 .prop_map(|(u, m, e, add)| Step::React(u, m, e, add)),
             1 => (0usize..16, who).prop_map(|(m, t)| Step::Edit(m, t)),
             2 => (0usize..3, 0i64..80).prop_map(|(u, s)| Step::Read(u, s)),
             1 => (0usize..16).prop_map(Step::Delete),
+            1 => (1usize..3).prop_map(Step::Leave),
+            1 => (1usize..3).prop_map(Step::Join),
         ]
     }
 
@@ -646,21 +652,29 @@ mod conversation_projections {
         let mut sent = vec![first.message.id];
         let mut authors = vec![users[0]];
         let mut deleted = HashSet::new();
+        let mut member = [true; 3];
         for s in steps {
             match s {
-                Step::Send(u, t) => {
-                    let posted = store
-                        .post_message(users[u], ch, &text(t), None)
-                        .await
-                        .unwrap();
-                    sent.push(posted.message.id);
-                    authors.push(users[u]);
+                Step::Send(u, t, c) => {
+                    let cid = format!("c{c}");
+                    match store.post_message(users[u], ch, &text(t), Some(&cid)).await {
+                        Ok(p) if p.created => {
+                            sent.push(p.message.id);
+                            authors.push(users[u]);
+                        }
+                        Ok(p) => {
+                            assert!(sent.contains(&p.message.id), "a retry answers the original")
+                        }
+                        Err(StoreError::NotFound) => assert!(!member[u]),
+                        Err(e) => panic!("send: {e}"),
+                    }
                 }
                 Step::Reply(u, m, t) => {
                     // A reply to a reply, or to a deleted root without replies, is refused.
                     let root = sent[m % sent.len()];
                     match store.post_reply(users[u], ch, root, &text(t), None).await {
                         Ok(p) => {
+                            assert!(member[u]);
                             sent.push(p.message.id);
                             authors.push(users[u]);
                         }
@@ -676,7 +690,7 @@ mod conversation_projections {
                         .get(&(id, EMOJI[e].to_owned()))
                         .is_some_and(|who| who.contains(&users[u]));
                     let answer = store.react(users[u], ch, id, EMOJI[e], add).await;
-                    if deleted.contains(&id) {
+                    if deleted.contains(&id) || !member[u] {
                         assert!(matches!(answer, Err(StoreError::NotFound)), "{answer:?}");
                     } else {
                         assert_eq!(answer.unwrap(), add != held, "react {add} when held {held}");
@@ -686,11 +700,31 @@ mod conversation_projections {
                     let i = m % sent.len();
                     match store.edit_message(authors[i], ch, sent[i], &text(t)).await {
                         Ok(_) => {}
-                        Err(StoreError::NotFound) => assert!(deleted.contains(&sent[i])),
+                        Err(StoreError::NotFound) => {
+                            let who = users.iter().position(|&x| x == authors[i]).unwrap();
+                            assert!(deleted.contains(&sent[i]) || !member[who]);
+                        }
                         Err(e) => panic!("edit: {e}"),
                     }
                 }
-                Step::Read(u, seq) => store.mark_read(users[u], ch, seq).await.unwrap(),
+                Step::Read(u, seq) => match store.mark_read(users[u], ch, seq).await {
+                    Ok(()) => assert!(member[u]),
+                    Err(StoreError::NotFound) => assert!(!member[u]),
+                    Err(e) => panic!("read: {e}"),
+                },
+                Step::Leave(u) => {
+                    if member[u] {
+                        store.remove_member(users[u], ch, users[u]).await.unwrap();
+                        member[u] = false;
+                    }
+                }
+                Step::Join(u) => {
+                    store
+                        .put_member(users[0], ch, users[u], None)
+                        .await
+                        .unwrap();
+                    member[u] = true;
+                }
                 Step::Delete(m) => {
                     // The channel's owner may delete any message; twice is a no-op.
                     let id = sent[m % sent.len()];
@@ -698,9 +732,12 @@ mod conversation_projections {
                     deleted.insert(id);
                 }
             }
-            for &user in &users {
+            for (u, &user) in users.iter().enumerate() {
                 let views = store.channels(user).await.unwrap();
-                let view = views.iter().find(|v| v.channel.id == ch).unwrap();
+                let Some(view) = views.iter().find(|v| v.channel.id == ch) else {
+                    assert!(!member[u]);
+                    continue;
+                };
                 let want = mentions_of(store, ch, user, view.read_seq).await;
                 assert_eq!(view.mentions, want, "user {user} at {}", view.read_seq);
             }
