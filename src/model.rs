@@ -2,11 +2,22 @@
 //! shapes live in `api::dto`, so an internal field can never leak into the API by accident.
 
 /// A registered account. Times are Unix milliseconds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct User {
     pub id: i64,
     pub username: String,
     pub created_at: i64,
+    /// The name others see beside the username, if the user set one.
+    pub display_name: Option<String>,
+    /// A few lines about the user, if they wrote any.
+    pub about: Option<String>,
+}
+
+/// A change of a user's profile: each field `None` to keep, `Some(None)` to clear.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProfileChange {
+    pub display_name: Option<Option<String>>,
+    pub about: Option<Option<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

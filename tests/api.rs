@@ -933,8 +933,15 @@ async fn reactions_are_idempotent_bounded_and_for_members_only() {
         let a = put(&member, bad).await;
         assert_eq!(
             (a.status, a.code()),
-            (StatusCode::BAD_REQUEST, "invalid_field"),
+            (StatusCode::NOT_FOUND, "not_found"),
             "{bad}: {a:?}"
+        );
+        assert!(
+            a.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("emoji"),
+            "{a:?}"
         );
     }
     let a = member.get(&format!("{base}/👍?after=soon")).await;

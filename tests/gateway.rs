@@ -159,6 +159,75 @@ async fn a_ws_send_with_a_thread_root_is_a_reply_and_reaches_the_others_marked()
     server.stop().await;
 }
 
+async fn a_profile_change_reaches_those_who_share_a_channel_and_no_one_else() {
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let b = server.client().register("bob").await;
+    let stranger = server.client().register("carol").await;
+    let ch = a.create_channel("room", "group", &[&b]).await;
+    let lonely = stranger.create_channel("alone", "group", &[]).await;
+    let mut rb = connect(&b).await;
+    let mut rs = connect(&stranger).await;
+    // Refused: too long, blank, a control character, an unknown field.
+    for bad in [
+        json!({"display_name": "x".repeat(65)}),
+        json!({"display_name": "   "}),
+        json!({"about": "bell\u{7}"}),
+        json!({"nickname": "A"}),
+    ] {
+        let answer = a
+            .call(Method::PATCH, "/v1/users/me", Some(bad.clone()))
+            .await;
+        assert_eq!(answer.status, 400, "{bad}: {answer:?}");
+    }
+    let set = a
+        .call(
+            Method::PATCH,
+            "/v1/users/me",
+            Some(json!({"display_name": "Alice L.", "about": "Hello.\nI chat."})),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{set:?}");
+    assert_eq!(set.body["display_name"], "Alice L.");
+    let frames = until(&mut rb, |f| matches!(f, Frame::UserUpdated { .. })).await;
+    assert!(
+        matches!(frames.last(), Some(Frame::UserUpdated { user_id, display_name: Some(n) })
+            if *user_id == id(&a.user_id) && n == "Alice L."),
+        "{frames:?}"
+    );
+    // Seen in the member list and by id; cleared with null, the rest kept.
+    let members = b.get(&format!("/v1/channels/{ch}/members")).await.body;
+    assert!(members.to_string().contains("Alice L."), "{members}");
+    let cleared = a
+        .call(
+            Method::PATCH,
+            "/v1/users/me",
+            Some(json!({"display_name": null})),
+        )
+        .await;
+    assert_eq!(cleared.status, 200, "{cleared:?}");
+    assert!(cleared.body.get("display_name").is_none());
+    let me = a.get("/v1/users/me").await.body;
+    assert_eq!(
+        (me.get("display_name"), me["about"].as_str()),
+        (None, Some("Hello.\nI chat."))
+    );
+    // The stranger shares no channel: a send in their own channel arrives, no profile.
+    stranger.send(&lonely, "after", None).await;
+    let frames = until(
+        &mut rs,
+        |f| matches!(f, Frame::Event(e) if e.kind == "message.created"),
+    )
+    .await;
+    assert!(
+        !frames
+            .iter()
+            .any(|f| matches!(f, Frame::UserUpdated { .. })),
+        "{frames:?}"
+    );
+    server.stop().await;
+}
+
 async fn a_member_added_mid_stream_gets_joined_then_live_events_and_a_removed_one_stops() {
     let server = TestServer::start().await;
     let a = server.client().register("alice").await;
@@ -722,6 +791,7 @@ crate::on_both_backends!(
     every_member_receives_each_message_in_seq_order_and_acks_follow_commit,
     a_ws_resend_with_the_same_client_id_creates_nothing_new,
     a_ws_send_with_a_thread_root_is_a_reply_and_reaches_the_others_marked,
+    a_profile_change_reaches_those_who_share_a_channel_and_no_one_else,
     a_member_added_mid_stream_gets_joined_then_live_events_and_a_removed_one_stops,
     a_non_member_send_gets_an_error_frame_and_the_connection_stays_open,
     a_send_over_the_rate_limit_gets_an_error_frame_and_the_connection_stays_open,

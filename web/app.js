@@ -62,15 +62,25 @@ function newClientId() {
   return "web-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-async function username(id) {
-  if (id === state.me?.id) return state.me.username;
+/// A user as the server shows them (cached; `user.updated` replaces the entry).
+async function userInfo(id) {
+  if (id === state.me?.id) return state.me;
   if (!state.users.has(id)) {
     state.users.set(
       id,
-      api("GET", `/v1/users/${id}`).then((u) => u.username, () => `user ${id}`),
+      api("GET", `/v1/users/${id}`).catch(() => ({ id, username: `user ${id}` })),
     );
   }
   return state.users.get(id);
+}
+
+async function username(id) {
+  return (await userInfo(id)).username;
+}
+
+/// The name to show for a user: their display name, else their username.
+function shownName(u) {
+  return u.display_name || u.username;
 }
 
 /// The user with this name (as typed, any letter case); "No such user" if there is none.
@@ -125,7 +135,7 @@ async function start() {
   }
   $("login").hidden = true;
   $("app").hidden = false;
-  $("me-name").textContent = state.me.username;
+  showMe();
   for (let after = ""; ; ) {
     const page = await api("GET", `/v1/channels?after=${after}`);
     for (const c of page.channels) addChannel(c);
@@ -351,8 +361,13 @@ function messageItem(m, inThread) {
   if (m.deleted) li.classList.add("deleted");
   const who = document.createElement("span");
   who.className = "author";
-  who.textContent = m.author_id === state.me.id ? state.me.username : "…";
-  if (m.author_id !== state.me.id) username(m.author_id).then((n) => (who.textContent = n));
+  who.textContent = m.author_id === state.me.id ? shownName(state.me) : "…";
+  if (m.author_id !== state.me.id) {
+    userInfo(m.author_id).then((u) => {
+      who.textContent = shownName(u);
+      if (u.display_name) who.title = `@${u.username}`;
+    });
+  }
   const text = document.createElement("span");
   text.className = "text";
   if (m.deleted) text.textContent = "(deleted)";
@@ -795,6 +810,19 @@ function onFrame(f) {
       }
       renderChannels();
       break;
+    case "user.updated":
+      // Someone who shares a channel (or this user, elsewhere) changed their profile.
+      if (f.user.id === state.me.id) {
+        state.me = { ...state.me, ...f.user };
+        if (f.user.display_name === undefined) delete state.me.display_name;
+        if (f.user.about === undefined) delete state.me.about;
+        showMe();
+      } else {
+        state.users.set(f.user.id, Promise.resolve(f.user));
+      }
+      if (state.current) renderMessages(false);
+      renderThread(false);
+      break;
     case "pong":
       break;
     default:
@@ -1053,6 +1081,37 @@ async function loadSessions() {
   }
 }
 
+function showMe() {
+  $("me-name").textContent = shownName(state.me);
+  $("me-name").title = `@${state.me.username}`;
+}
+
+function wireProfile() {
+  $("profile-panel").addEventListener("toggle", () => {
+    if (!$("profile-panel").open) return;
+    $("profile-name").value = state.me.display_name || "";
+    $("profile-about").value = state.me.about || "";
+    $("profile-status").textContent = "";
+  });
+  $("profile-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const name = $("profile-name").value.trim();
+    const about = $("profile-about").value;
+    try {
+      const me = await api("PATCH", "/v1/users/me", {
+        display_name: name || null,
+        about: about.trim() ? about : null,
+      });
+      state.me = me;
+      showMe();
+      $("profile-status").textContent = "Saved.";
+      if (state.current) renderMessages(false);
+    } catch (err) {
+      $("profile-status").textContent = err.message;
+    }
+  });
+}
+
 function wireSessions() {
   $("sessions-panel").addEventListener("toggle", () => {
     if ($("sessions-panel").open) loadSessions();
@@ -1069,6 +1128,7 @@ function wireSessions() {
 
 wire();
 wireSessions();
+wireProfile();
 if (state.token) {
   start();
 } else {

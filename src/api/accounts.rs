@@ -10,7 +10,9 @@ use axum::http::StatusCode;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::dto::{Credentials, ErrorBody, Session, SessionList, SessionListItem, User};
+use super::dto::{
+    Credentials, ErrorBody, Session, SessionList, SessionListItem, UpdateProfile, User,
+};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Authed, ClientIp, JsonBody, Params, PathIds, UserAgent};
 use super::{AppState, no_content, validate};
@@ -24,7 +26,7 @@ use crate::username;
 pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(register, find_user))
-        .routes(routes!(me))
+        .routes(routes!(me, update_me))
         .routes(routes!(get_user))
         .routes(routes!(login, list_sessions))
         .routes(routes!(logout))
@@ -302,8 +304,44 @@ async fn logout(State(state): State<AppState>, auth: Authed) -> ApiResult<Status
 /// The caller's own account.
 #[utoipa::path(get, path = "/v1/users/me", tag = "accounts", security(("bearer" = [])),
     responses((status = 200, body = User)))]
-async fn me(auth: Authed) -> Json<User> {
-    Json((&auth.user).into())
+async fn me(State(state): State<AppState>, auth: Authed) -> ApiResult<Json<User>> {
+    // From the store, not the session cache: a profile just changed shows at once.
+    let user = state.store.user(auth.user.id).await?.unwrap_or(auth.user);
+    Ok(Json((&user).into()))
+}
+
+/// Changes the caller's display name and about text (a field left out stays, `null`
+/// clears it). Everyone online who shares a channel with the caller gets `user.updated`.
+#[utoipa::path(patch, path = "/v1/users/me", tag = "accounts", security(("bearer" = [])), request_body = UpdateProfile,
+    responses((status = 200, body = User), (status = 400, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
+async fn update_me(
+    State(state): State<AppState>,
+    auth: Authed,
+    JsonBody(body): JsonBody<UpdateProfile>,
+) -> ApiResult<Json<User>> {
+    if let Some(Some(name)) = &body.display_name {
+        validate::display_name(name)?;
+    }
+    if let Some(Some(about)) = &body.about {
+        validate::about(about)?;
+    }
+    let bytes = [&body.display_name, &body.about]
+        .iter()
+        .map(|f| f.as_ref().and_then(Option::as_ref).map_or(0, String::len))
+        .sum();
+    state.admit_write(auth.user.id, bytes)?;
+    let change = crate::model::ProfileChange {
+        display_name: body.display_name,
+        about: body.about,
+    };
+    let user = state.store.update_profile(auth.user.id, change).await?;
+    // Live to those who share a channel: once per channel, over the bus (a client that
+    // shares several takes the frame again; it is the same profile).
+    for channel in state.store.channels(user.id).await.unwrap_or_default() {
+        state.gateway.bus.profile(channel.channel.id, &user);
+    }
+    Ok(Json((&user).into()))
 }
 
 /// A user by id.

@@ -45,6 +45,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     } else {
         bytes
     };
+    // serde reads an array into a struct, field by field: every body is an object.
+    if bytes.trim_ascii_start().starts_with(b"[") {
+        return Err(ApiError::invalid_field(
+            "body",
+            "the body must be a JSON object with the documented fields",
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -296,6 +303,19 @@ impl Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// serde would read `[null, null]` as a profile change of two absent fields.
+    #[test]
+    fn a_body_is_an_object_never_an_array() {
+        use crate::wire::dto::UpdateProfile;
+        for body in [&b"[null, null]"[..], b"  []", b"[\"hi\"]"] {
+            let e = parse_json::<UpdateProfile>(body).unwrap_err();
+            assert_eq!(e.detail().field.as_deref(), Some("body"), "{body:?}");
+        }
+        let ok = parse_json::<UpdateProfile>(br#"{"display_name": null}"#).unwrap();
+        assert_eq!(ok.display_name, Some(None));
+        assert_eq!(ok.about, None);
+    }
 
     #[test]
     fn the_client_address_comes_from_trusted_proxies_only() {

@@ -159,7 +159,7 @@ async fn with_reactions(
 /// The caller's recent mentions: others' messages that name them (`@name`) in the
 /// channels they are a member of, newest first, each as history shows it.
 #[utoipa::path(get, path = "/v1/mentions", tag = "messages", security(("bearer" = [])),
-    params(("before" = Option<String>, Query, description = "The `next` of the previous page: only older mentions"),
+    params(("before" = Option<super::openapi::Id>, Query, description = "The `next` of the previous page: only older mentions"),
            ("limit" = Option<i64>, Query, minimum = 1, maximum = 200, description = "Messages per page, default 50")),
     responses((status = 200, body = MentionPage), (status = 400, body = ErrorBody)))]
 async fn list_mentions(
@@ -169,7 +169,7 @@ async fn list_mentions(
 ) -> ApiResult<Json<MentionPage>> {
     let limit = params.int("limit", 1, MAX_PAGE)?.unwrap_or(DEFAULT_PAGE) as u32;
     let before = match params.str("before") {
-        None | Some("") => None,
+        None => None,
         Some(cursor) => Some(super::extract::parse_id(cursor).ok_or_else(|| {
             ApiError::invalid_field("before", "before must be the `next` of a previous page")
         })?),

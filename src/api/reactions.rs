@@ -27,8 +27,8 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
 }
 
 /// `/v1/channels/{id}/messages/{message_id}/reactions/{emoji}`: the two ids, and the
-/// emoji checked and in its canonical form. An id that is not one is a 404, as for every
-/// path; an emoji that is not one is a 400.
+/// emoji checked and in its canonical form. An id or an emoji that is not one is a 404,
+/// as for every path.
 struct ReactionPath {
     channel_id: i64,
     message_id: i64,
@@ -63,8 +63,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ReactionPath {
     params(("id" = super::openapi::Id, Path, description = "Channel id"), ("message_id" = super::openapi::Id, Path, description = "Message id"),
            ("emoji" = String, Path, min_length = 1, max_length = 64, description = "One Unicode emoji, percent-encoded, e.g. `%F0%9F%91%8D` for 👍")),
     responses((status = 204, description = "The caller's reaction is there (added now, or already)"),
-              (status = 400, body = ErrorBody, description = "`invalid_field`: not an emoji"),
-              (status = 404, body = ErrorBody, description = "No such channel for the caller, or no such live message in it"),
+              (status = 404, body = ErrorBody, description = "No such channel for the caller, no such live message in it, or the path's emoji is not one"),
               (status = 409, body = ErrorBody, description = "`too_many_reactions`: the message has as many different emoji as allowed"),
               (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
 async fn add_reaction(
@@ -81,8 +80,7 @@ async fn add_reaction(
     params(("id" = super::openapi::Id, Path, description = "Channel id"), ("message_id" = super::openapi::Id, Path, description = "Message id"),
            ("emoji" = String, Path, min_length = 1, max_length = 64, description = "One Unicode emoji, percent-encoded")),
     responses((status = 204, description = "The caller's reaction is not there (taken back now, or already)"),
-              (status = 400, body = ErrorBody, description = "`invalid_field`: not an emoji"),
-              (status = 404, body = ErrorBody, description = "No such channel for the caller, or no such live message in it"),
+              (status = 404, body = ErrorBody, description = "No such channel for the caller, no such live message in it, or the path's emoji is not one"),
               (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
 async fn remove_reaction(
     State(state): State<AppState>,
@@ -121,7 +119,7 @@ async fn react(
 #[utoipa::path(get, path = "/v1/channels/{id}/messages/{message_id}/reactions/{emoji}", tag = "messages", security(("bearer" = [])),
     params(("id" = super::openapi::Id, Path, description = "Channel id"), ("message_id" = super::openapi::Id, Path, description = "Message id"),
            ("emoji" = String, Path, min_length = 1, max_length = 64, description = "One Unicode emoji, percent-encoded"),
-           ("after" = Option<String>, Query, description = "The `next` of the previous page"),
+           ("after" = Option<super::openapi::Id>, Query, description = "The `next` of the previous page"),
            ("limit" = Option<i64>, Query, minimum = 1, maximum = 200, description = "Users per page, default 50")),
     responses((status = 200, body = ReactorPage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn list_reactors(
@@ -134,7 +132,7 @@ async fn list_reactors(
         .int("limit", 1, MAX_REACTORS)?
         .unwrap_or(DEFAULT_REACTORS) as u32;
     let after = match params.str("after") {
-        None | Some("") => None,
+        None => None,
         Some(cursor) => Some(parse_cursor(cursor).ok_or_else(|| {
             ApiError::invalid_field("after", "after must be the `next` of a previous page")
         })?),

@@ -91,6 +91,7 @@ mod tests {
             id: 1,
             username: "u".into(),
             created_at: 0,
+            ..User::default()
         }
     }
 

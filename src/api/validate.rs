@@ -61,21 +61,64 @@ pub fn text(text: &str) -> Result<(), ApiError> {
 }
 
 /// A reaction's emoji: one emoji as Unicode defines them (with its skin tone, if any),
-/// answered in its fully qualified form so that one emoji is stored one way.
+/// answered in its fully qualified form so that one emoji is stored one way. Anything
+/// else names no reaction: `404`, as a path segment that is not an id (no schema can
+/// state which strings are emoji, so the contract lists this answer, not a 400).
 pub fn emoji(raw: &str) -> Result<&'static str, ApiError> {
     if raw.len() <= MAX_EMOJI_BYTES
         && let Some(e) = emojis::get(raw)
     {
         return Ok(e.as_str());
     }
-    Err(ApiError::invalid_field(
-        "emoji",
-        "emoji must be one Unicode emoji, e.g. 👍 (percent-encoded in the path)",
+    Err(ApiError::not_found_because(
+        "no such reaction: the path's last part must be one Unicode emoji, e.g. 👍, \
+         percent-encoded",
     ))
 }
 
 /// Longer than any emoji (the longest ZWJ sequences are ~35 bytes of UTF-8).
 const MAX_EMOJI_BYTES: usize = 64;
+
+/// A display name: as a channel name (not blank, no control, bidi or line-separator
+/// character), 1–64 characters.
+pub fn display_name(name: &str) -> Result<(), ApiError> {
+    let n = name.chars().count();
+    let bad = chars::is_blank(name)
+        || n > MAX_DISPLAY_NAME_CHARS
+        || name.chars().any(|c| {
+            chars::is_control(c)
+                || chars::is_bidi_override(c)
+                || chars::is_bidi_mark(c)
+                || matches!(c, '\u{2028}' | '\u{2029}')
+        });
+    if bad {
+        return Err(ApiError::invalid_field(
+            "display_name",
+            "display_name must be 1–64 characters, not only whitespace, with no control, bidi or line-separator character",
+        ));
+    }
+    Ok(())
+}
+
+const MAX_DISPLAY_NAME_CHARS: usize = 64;
+const MAX_ABOUT_CHARS: usize = 1000;
+
+/// An about text: the rules of a message's text, up to 1000 characters.
+pub fn about(text: &str) -> Result<(), ApiError> {
+    if text.chars().count() > MAX_ABOUT_CHARS {
+        return Err(ApiError::invalid_field(
+            "about",
+            "about must be at most 1000 characters",
+        ));
+    }
+    self::text(text).map_err(|_| {
+        ApiError::invalid_field(
+            "about",
+            "about must not be only whitespace, nor hold control characters (but newline and \
+             tab) or bidi overrides",
+        )
+    })
+}
 
 /// 1–64 characters.
 pub fn client_id(id: &str) -> Result<(), ApiError> {

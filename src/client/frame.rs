@@ -93,6 +93,11 @@ pub enum Frame {
     Left {
         channel_id: i64,
     },
+    /// A user who shares a channel with this one changed their profile.
+    UserUpdated {
+        user_id: i64,
+        display_name: Option<String>,
+    },
     Pong,
 }
 
@@ -118,6 +123,8 @@ struct RawFrame {
 #[derive(Deserialize)]
 struct RawId {
     id: String,
+    #[serde(default)]
+    display_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -186,6 +193,15 @@ pub fn parse_frame(text: &str) -> Result<Frame> {
             channel_id: channel_id()?,
         },
         "pong" => Frame::Pong,
+        "user.updated" => {
+            let user = f
+                .user
+                .ok_or_else(|| ClientError::Protocol("user.updated without its user".into()))?;
+            Frame::UserUpdated {
+                user_id: parse_id("user.id", Some(&user.id))?,
+                display_name: user.display_name,
+            }
+        }
         k if ["message.", "member.", "channel.", "reaction."]
             .iter()
             .any(|p| k.starts_with(p)) =>
@@ -232,6 +248,7 @@ mod tests {
             id: 2,
             username: "u".into(),
             created_at: 0,
+            ..model::User::default()
         };
         let ready = protocol::ready(
             &user,

@@ -20,6 +20,8 @@ pub trait Bus: Send + Sync {
     fn publish(&self, events: Vec<Event>);
     /// An ephemeral signal; dropped rather than queued when fan-out is behind.
     fn typing(&self, channel_id: i64, user_id: i64);
+    /// A member's new profile, to the channel's online members; ephemeral as typing.
+    fn profile(&self, channel_id: i64, user: &crate::model::User);
     /// Tells the other nodes that a session was revoked (this node has acted on it).
     fn revoke(&self, _user_id: i64, _token: &TokenHash) {}
     /// What to do when another node revokes a session. Set once.
@@ -58,6 +60,10 @@ impl Bus for LocalBus {
 
     fn typing(&self, channel_id: i64, user_id: i64) {
         self.dispatcher.typing(channel_id, user_id);
+    }
+
+    fn profile(&self, channel_id: i64, user: &crate::model::User) {
+        self.dispatcher.profile(channel_id, user.clone());
     }
 }
 

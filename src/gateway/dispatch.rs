@@ -71,6 +71,11 @@ enum Input {
         channel_id: i64,
         user_id: i64,
     },
+    /// A member of the channel changed their profile.
+    Profile {
+        channel_id: i64,
+        user: crate::model::User,
+    },
     /// Control messages are waiting.
     Wake,
     /// Hand on what is queued before this, then stop.
@@ -239,6 +244,15 @@ impl Dispatcher {
         });
     }
 
+    /// A profile change, to the channel's online members; dropped rather than queued when
+    /// the dispatcher is behind (clients read profiles again on reconnecting).
+    pub fn profile(&self, channel_id: i64, user: crate::model::User) {
+        let _ = self
+            .shared
+            .data
+            .try_send(Input::Profile { channel_id, user });
+    }
+
     /// Stops the thread once it has handed on everything queued before this call.
     pub fn stop(&self) {
         let _ = self.shared.data.send(Input::Stop);
@@ -299,6 +313,10 @@ fn run(shared: &std::sync::Weak<Shared>, data: &Receiver<Input>, control: &Recei
                 } => {
                     worker.flush();
                     worker.hub.typing(channel_id, user_id);
+                }
+                Input::Profile { channel_id, user } => {
+                    worker.flush();
+                    worker.hub.profile(channel_id, &user);
                 }
                 Input::Wake => {}
                 Input::Stop => {

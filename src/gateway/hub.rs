@@ -373,6 +373,19 @@ impl Hub {
         }
     }
 
+    /// Shows a member's new profile to the channel's online members (the member's own
+    /// other connections too).
+    pub fn profile(&self, channel_id: i64, user: &crate::model::User) {
+        let subs = self.read();
+        let Some(list) = subs.by_channel.get(&channel_id).map(|f| &f.conns) else {
+            return;
+        };
+        let frame: axum::extract::ws::Utf8Bytes = protocol::user_updated(user).into();
+        for conn in list.iter().filter_map(|id| subs.conns.get(id)) {
+            conn.outbox.push(Item::Frame(frame.clone()));
+        }
+    }
+
     /// Closes every connection of a revoked session with 4001.
     pub fn revoke(&self, user_id: i64, token: &TokenHash) {
         let subs = self.read();

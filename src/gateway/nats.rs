@@ -423,6 +423,9 @@ async fn receive(
                     channel_id,
                     user_id,
                 })) => dispatcher.typing(channel_id, user_id),
+                Ok(Some(Item::Profile { channel_id, user })) => {
+                    dispatcher.profile(channel_id, user)
+                }
                 Ok(None) | Err(_) => {
                     counters.undecodable.fetch_add(1, Ordering::Relaxed);
                 }
@@ -549,6 +552,12 @@ impl Bus for NatsBus {
             at: 0,
             b: Body::Typing { u: user_id },
         };
+        self.send(channel_subject(channel_id), Bytes::from(encode(&packet)));
+    }
+
+    fn profile(&self, channel_id: i64, user: &crate::model::User) {
+        self.dispatcher.profile(channel_id, user.clone());
+        let packet = Packet::profile(channel_id, user);
         self.send(channel_subject(channel_id), Bytes::from(encode(&packet)));
     }
 
@@ -723,6 +732,16 @@ enum Body {
     Unreacted { mi: i64, u: i64, e: String },
     #[serde(rename = "ty")]
     Typing { u: i64 },
+    /// A member's profile (the packet's `at` is the account's creation time).
+    #[serde(rename = "pu")]
+    Profile {
+        u: i64,
+        n: String,
+        #[serde(default)]
+        d: Option<String>,
+        #[serde(default)]
+        a: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -759,7 +778,14 @@ fn is_zero(n: &i64) -> bool {
 
 enum Item {
     Event(Event),
-    Typing { channel_id: i64, user_id: i64 },
+    Typing {
+        channel_id: i64,
+        user_id: i64,
+    },
+    Profile {
+        channel_id: i64,
+        user: crate::model::User,
+    },
 }
 
 impl WireMessage {
@@ -800,6 +826,21 @@ impl WireMessage {
 }
 
 impl Packet {
+    /// A member's profile, for the channel's subject (`at`: the account's creation time).
+    fn profile(channel_id: i64, user: &crate::model::User) -> Self {
+        Self {
+            c: channel_id,
+            s: 0,
+            at: user.created_at,
+            b: Body::Profile {
+                u: user.id,
+                n: user.username.clone(),
+                d: user.display_name.clone(),
+                a: user.about.clone(),
+            },
+        }
+    }
+
     fn event(e: &Event) -> Self {
         let b = match &e.body {
             EventBody::MessageCreated(m) => Body::Created {
@@ -856,6 +897,18 @@ impl Packet {
                 return Some(Item::Typing {
                     channel_id: c,
                     user_id: u,
+                });
+            }
+            Body::Profile { u, n, d, a } => {
+                return Some(Item::Profile {
+                    channel_id: c,
+                    user: crate::model::User {
+                        id: u,
+                        username: n,
+                        created_at: self.at,
+                        display_name: d,
+                        about: a,
+                    },
                 });
             }
             Body::Created { m } => EventBody::MessageCreated(m.into_message(c)),
@@ -973,6 +1026,25 @@ mod tests {
                 _ => panic!("{} did not decode", String::from_utf8_lossy(&bytes)),
             }
         }
+    }
+
+    #[test]
+    fn a_profile_survives_the_trip() {
+        let user = crate::model::User {
+            id: 4,
+            username: "ada".into(),
+            created_at: 1_700_000_000_000,
+            display_name: Some("Ada \"L\"".into()),
+            about: None,
+        };
+        let packet = Packet::profile(5, &user);
+        let back = serde_json::from_slice::<Packet>(&encode(&packet))
+            .unwrap()
+            .into_item();
+        assert!(
+            matches!(back, Some(Item::Profile { channel_id: 5, user: ref u }) if *u == user),
+            "the profile came back changed"
+        );
     }
 
     #[test]

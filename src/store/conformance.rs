@@ -22,6 +22,7 @@ pub const CHECKS: &[&str] = &[
     "reaction_limits_and_deletes",
     "threads",
     "mentions",
+    "profiles",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -42,6 +43,7 @@ pub async fn run(name: &str, store: &dyn Store) {
         "reaction_limits_and_deletes" => reaction_limits_and_deletes(store).await,
         "threads" => threads(store).await,
         "mentions" => mentions(store).await,
+        "profiles" => profiles(store).await,
         other => panic!("no conformance check {other}"),
     }
 }
@@ -1111,6 +1113,53 @@ async fn mentions(store: &dyn Store) {
     assert_eq!(*ids.last().unwrap(), first.id);
     store.remove_member(b, ch.id, b).await.unwrap();
     assert!(store.mentions(b, None, 10).await.unwrap().items.is_empty());
+}
+
+async fn profiles(store: &dyn Store) {
+    use crate::model::ProfileChange;
+    let a = user(store, "profa").await;
+    let b = user(store, "profb").await;
+    let fresh = store.user(a).await.unwrap().unwrap();
+    assert_eq!((fresh.display_name, fresh.about), (None, None));
+    let set = |d: Option<Option<&str>>, ab: Option<Option<&str>>| ProfileChange {
+        display_name: d.map(|v| v.map(str::to_owned)),
+        about: ab.map(|v| v.map(str::to_owned)),
+    };
+    let changed = store
+        .update_profile(a, set(Some(Some("Ada L.")), Some(Some("Counts.\nMostly."))))
+        .await
+        .unwrap();
+    assert_eq!(
+        (changed.display_name.as_deref(), changed.about.as_deref()),
+        (Some("Ada L."), Some("Counts.\nMostly."))
+    );
+    // A field left out stays; a cleared one goes.
+    let kept = store
+        .update_profile(a, set(None, Some(None)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (kept.display_name.as_deref(), kept.about.as_deref()),
+        (Some("Ada L."), None)
+    );
+    // Every read of the user carries it: by id, by name, as a member, at login.
+    assert_eq!(store.user(a).await.unwrap().unwrap(), kept);
+    assert_eq!(
+        store.user_by_username("PROFA").await.unwrap().unwrap(),
+        kept
+    );
+    assert_eq!(store.credentials("profa").await.unwrap().unwrap().0, kept);
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "p", &[b])
+        .await
+        .unwrap();
+    let members = store.members(b, ch.id).await.unwrap();
+    let shown = members.iter().find(|m| m.user.id == a).unwrap();
+    assert_eq!(shown.user, kept);
+    assert!(matches!(
+        store.update_profile(999_999, set(Some(None), None)).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 async fn edits_keep_each_version_in_the_log(store: &dyn Store) {

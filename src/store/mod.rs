@@ -18,8 +18,8 @@ pub use self::location::{StoreLocation, StoreOptions, migrate, open};
 use async_trait::async_trait;
 
 use crate::model::{
-    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ReactionCount,
-    Reactor, Role, User,
+    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
+    ReactionCount, Reactor, Role, User,
 };
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -242,6 +242,9 @@ pub trait Accounts: Send + Sync {
     async fn user_by_username(&self, username: &str) -> Result<Option<User>>;
     /// The user and their stored password hash, for login.
     async fn credentials(&self, username: &str) -> Result<Option<(User, String)>>;
+    /// Changes the user's display name and about text (the caller checked them); the user
+    /// as now stored, `NotFound` for no such user.
+    async fn update_profile(&self, user_id: i64, change: ProfileChange) -> Result<User>;
     /// Past [`Rules::max_sessions_per_user`] the oldest sessions end; their digests.
     async fn create_session(&self, user_id: i64, session: NewSession) -> Result<Vec<TokenHash>>;
     /// The user of an unexpired session, when it expires and when it was last used.

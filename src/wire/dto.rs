@@ -16,6 +16,14 @@ pub struct User {
     pub username: String,
     #[schema(schema_with = openapi::time)]
     pub created_at: String,
+    /// The name shown beside the username; absent when not set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub display_name: Option<String>,
+    /// A few lines about the user; absent when not set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub about: Option<String>,
 }
 
 impl From<&model::User> for User {
@@ -24,8 +32,30 @@ impl From<&model::User> for User {
             id: u.id.to_string(),
             username: u.username.clone(),
             created_at: rfc3339(u.created_at),
+            display_name: u.display_name.clone(),
+            about: u.about.clone(),
         }
     }
+}
+
+/// A change of the caller's profile: a field left out keeps its value, `null` clears it.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProfile {
+    #[serde(default, deserialize_with = "set_or_clear")]
+    #[schema(schema_with = openapi::display_name)]
+    pub display_name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "set_or_clear")]
+    #[schema(schema_with = openapi::about)]
+    pub about: Option<Option<String>>,
+}
+
+/// A field present (`Some`), with a value or `null` (`Some(None)`); with
+/// `#[serde(default)]`, absent is `None`.
+fn set_or_clear<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -364,8 +394,8 @@ pub struct SendMessage {
     #[schema(min_length = 1, max_length = 64)]
     pub client_id: Option<String>,
     /// Makes the message a reply in the thread of this message of the channel (a root:
-    /// not itself a reply).
-    #[schema(value_type = Option<openapi::Id>, nullable = false)]
+    /// not itself a reply); absent or `null` for a message of the channel itself.
+    #[schema(value_type = Option<openapi::Id>)]
     pub thread_root_id: Option<String>,
 }
 

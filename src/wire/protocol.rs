@@ -110,6 +110,13 @@ struct Typing {
 }
 
 #[derive(Serialize)]
+struct UserUpdated {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    user: dto::User,
+}
+
+#[derive(Serialize)]
 struct Joined {
     #[serde(rename = "type")]
     kind: &'static str,
@@ -153,6 +160,13 @@ pub fn error(client_id: Option<&str>, error: dto::ErrorDetail) -> String {
         kind: "error",
         client_id,
         error,
+    })
+}
+
+pub fn user_updated(user: &model::User) -> String {
+    encode(&UserUpdated {
+        kind: "user.updated",
+        user: user.into(),
     })
 }
 

@@ -108,6 +108,38 @@ pub fn channel_name() -> ObjectBuilder {
         ))
 }
 
+/// A display name, or `null` to clear it: a channel name's rules, 1–64 characters.
+pub fn display_name() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            Type::String,
+            Type::Null,
+        ]))
+        .min_length(Some(1))
+        .max_length(Some(64))
+        .pattern(Some(pattern::CHANNEL_NAME))
+        .description(Some(
+            "1–64 characters (Unicode scalar values), not only whitespace or invisible ones, \
+             with no control character, line separator or bidi control; `null` clears it.",
+        ))
+}
+
+/// An about text, or `null` to clear it: a message text's rules, 1–1000 characters.
+pub fn about() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            Type::String,
+            Type::Null,
+        ]))
+        .min_length(Some(1))
+        .max_length(Some(1000))
+        .pattern(Some(pattern::TEXT))
+        .description(Some(
+            "1–1000 characters with a message text's rules (newlines allowed); `null` \
+             clears it.",
+        ))
+}
+
 /// Message text.
 pub fn text() -> ObjectBuilder {
     ObjectBuilder::new()

@@ -232,6 +232,19 @@ try {
   await b.locator(".channel-link .mention-badge").waitFor({ state: "detached", timeout: WAIT });
   await a.locator("#messages li.message strong.mention", { hasText: "@Bob" }).waitFor({ timeout: WAIT });
 
+  step("a profile edited on one side shows live on the other");
+  await a.click("#profile-panel summary");
+  await a.fill("#profile-name", "Alice Liddell");
+  await a.fill("#profile-about", "Down the rabbit hole.");
+  await a.click("#profile-form button[type=submit]");
+  await a.locator("#profile-status", { hasText: "Saved." }).waitFor({ timeout: WAIT });
+  assert.equal(await a.textContent("#me-name"), "Alice Liddell");
+  await b
+    .locator("#messages li.message .author", { hasText: "Alice Liddell" })
+    .first()
+    .waitFor({ timeout: WAIT });
+  await a.click("#profile-panel summary");
+
   step("typing indicator");
   // The server passes one typing signal per channel per 1.5 s, and the client sends one
   // every 2 s while keys are pressed: keep typing until bob sees it.

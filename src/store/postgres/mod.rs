@@ -37,8 +37,8 @@ use crate::clock::now_ms;
 use crate::id::Snowflake;
 use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_value};
 use crate::model::{
-    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ReactionCount,
-    Reactor, Role, User,
+    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
+    ReactionCount, Reactor, Role, User,
 };
 
 /// How long a node's lease on its id lasts without renewal, and how often it is renewed.
@@ -1363,6 +1363,7 @@ impl Accounts for PostgresStore {
                 id,
                 username: folded.clone(),
                 created_at: now,
+                ..User::default()
             })
         }
         .await;
@@ -1426,6 +1427,30 @@ impl Accounts for PostgresStore {
         read::session_user(&**c, &token, now)
             .await
             .map_err(|e| self.inner.fail(0, "read session", e))
+    }
+
+    async fn update_profile(&self, user_id: i64, change: ProfileChange) -> Result<User> {
+        let c = self.inner.conn(0).await?;
+        let row = c
+            .query_opt(
+                &format!(
+                    "UPDATE users SET
+                         display_name = CASE WHEN $2 THEN $3 ELSE display_name END,
+                         about = CASE WHEN $4 THEN $5 ELSE about END
+                     WHERE id = $1 RETURNING {}",
+                    read::USER_COLUMNS
+                ),
+                &[
+                    &user_id,
+                    &change.display_name.is_some(),
+                    &change.display_name.clone().flatten(),
+                    &change.about.is_some(),
+                    &change.about.clone().flatten(),
+                ],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "update profile", e.into()))?;
+        row.as_ref().map(read::user_row).ok_or(StoreError::NotFound)
     }
 
     async fn touch_session(&self, token: TokenHash, now: i64) -> Result<()> {

@@ -26,13 +26,17 @@ pub(super) fn parse_role(s: &str) -> Result<Role, Fail> {
     Role::parse(s).ok_or_else(|| corrupt("role", s))
 }
 
-pub(super) const USER_COLUMNS: &str = "id, username, created_at";
+pub(super) const USER_COLUMNS: &str = "id, username, created_at, display_name, about";
 
+/// A user from the first three columns, and the profile's by name (every query that
+/// reads a user selects `display_name` and `about` too).
 pub(super) fn user_row(r: &Row) -> User {
     User {
         id: r.get(0),
         username: r.get(1),
         created_at: r.get(2),
+        display_name: r.get("display_name"),
+        about: r.get("about"),
     }
 }
 
@@ -122,7 +126,7 @@ pub(super) async fn credentials(
             &[&key],
         )
         .await?;
-    Ok(row.map(|r| (user_row(&r), r.get(3))))
+    Ok(row.map(|r| (user_row(&r), r.get("password_hash"))))
 }
 
 pub(super) async fn session_user(
@@ -132,7 +136,7 @@ pub(super) async fn session_user(
 ) -> Result<Option<SessionAuth>, Fail> {
     let row = c
         .query_opt(
-            "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at
+            "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at, u.display_name, u.about
              FROM sessions s JOIN users u ON u.id = s.user_id
              WHERE s.token_hash = $1 AND s.expires_at > $2",
             &[&token, &now],

@@ -160,6 +160,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX mentions_channel ON mentions (channel_id, user_id, seq);
     CREATE INDEX mentions_message ON mentions (message_id);
     "#,
+    // 5: profiles (used on shard 0): a display name and an about text, both optional.
+    r#"
+    ALTER TABLE users ADD COLUMN display_name TEXT;
+    ALTER TABLE users ADD COLUMN about TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -31,8 +31,8 @@ use super::{
     SessionInfo, StoreError, TokenHash,
 };
 use crate::model::{
-    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ReactionCount,
-    Reactor, Role, User,
+    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
+    ReactionCount, Reactor, Role, User,
 };
 
 /// How to open a [`SqliteStore`].
@@ -346,6 +346,13 @@ impl Accounts for SqliteStore {
         self.reads
             .run(move |c| read::session_user(c, &token, now))
             .await
+    }
+
+    async fn update_profile(&self, user_id: i64, change: ProfileChange) -> Result<User> {
+        match self.write(Op::UpdateProfile { user_id, change }).await? {
+            Done::User(u) => Ok(u),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn touch_session(&self, token: TokenHash, now: i64) -> Result<()> {

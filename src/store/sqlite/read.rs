@@ -72,13 +72,17 @@ pub(super) fn parse_role(s: &str) -> rusqlite::Result<Role> {
     Role::parse(s).ok_or_else(|| corrupt("role", s))
 }
 
-pub(super) const USER_COLUMNS: &str = "id, username, created_at";
+pub(super) const USER_COLUMNS: &str = "id, username, created_at, display_name, about";
 
+/// A user from the first three columns, and the profile's by name (every query that
+/// reads a user selects `display_name` and `about` too).
 pub(super) fn user_row(r: &Row) -> rusqlite::Result<User> {
     Ok(User {
         id: r.get(0)?,
         username: r.get(1)?,
         created_at: r.get(2)?,
+        display_name: r.get("display_name")?,
+        about: r.get("about")?,
     })
 }
 
@@ -188,7 +192,7 @@ pub(super) fn credentials(
         "SELECT {USER_COLUMNS}, password_hash FROM users WHERE username_key = ?1"
     ))?
     .query_row([crate::username::fold(username)], |r| {
-        Ok((user_row(r)?, r.get(3)?))
+        Ok((user_row(r)?, r.get("password_hash")?))
     })
     .optional()
 }
@@ -199,7 +203,7 @@ pub(super) fn session_user(
     now: i64,
 ) -> rusqlite::Result<Option<crate::store::SessionAuth>> {
     conn.prepare_cached(
-        "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at
+        "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at, u.display_name, u.about
          FROM sessions s JOIN users u ON u.id = s.user_id
          WHERE s.token_hash = ?1 AND s.expires_at > ?2",
     )?
@@ -291,7 +295,8 @@ pub(super) fn channels(conn: &Connection, user_id: i64) -> rusqlite::Result<Vec<
 
 pub(super) fn members(conn: &Connection, channel_id: i64) -> rusqlite::Result<Vec<Member>> {
     conn.prepare_cached(
-        "SELECT u.id, u.username, u.created_at, m.role FROM members m JOIN users u ON u.id = m.user_id
+        "SELECT u.id, u.username, u.created_at, m.role, u.display_name, u.about
+         FROM members m JOIN users u ON u.id = m.user_id
          WHERE m.channel_id = ?1 ORDER BY u.id",
     )?
     .query_map([channel_id], |r| {
@@ -347,7 +352,8 @@ pub(super) fn reactors(
 ) -> rusqlite::Result<Page<Reactor>> {
     let mut items = conn
         .prepare_cached(
-            "SELECT u.id, u.username, u.created_at, r.at, r.seq FROM reactions r JOIN users u ON u.id = r.user_id
+            "SELECT u.id, u.username, u.created_at, r.at, r.seq, u.display_name, u.about
+             FROM reactions r JOIN users u ON u.id = r.user_id
              WHERE r.message_id = ?1 AND r.emoji = ?2 AND r.channel_id = ?3 AND r.seq > ?4
              ORDER BY r.seq LIMIT ?5",
         )?

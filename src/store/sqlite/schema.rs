@@ -157,6 +157,13 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX mentions_message ON mentions(message_id);
     "#,
     ),
+    // 9: profiles: a display name and an about text, both optional.
+    Migration::Sql(
+        r#"
+    ALTER TABLE users ADD COLUMN display_name TEXT;
+    ALTER TABLE users ADD COLUMN about TEXT;
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

@@ -29,6 +29,10 @@ pub(super) enum Op {
         user_id: i64,
         session: NewSession,
     },
+    UpdateProfile {
+        user_id: i64,
+        change: crate::model::ProfileChange,
+    },
     DeleteSession {
         token: TokenHash,
     },
@@ -143,6 +147,7 @@ impl Op {
             Op::PostMessage { .. } => HotUse::Owns,
             Op::CreateUser { .. }
             | Op::CreateSession { .. }
+            | Op::UpdateProfile { .. }
             | Op::DeleteSession { .. }
             | Op::TouchSession { .. }
             | Op::DeleteSessionById { .. }
@@ -238,6 +243,25 @@ pub(super) fn apply(
             Ok(Done::Tokens(
                 evicted.into_iter().filter_map(digest).collect(),
             ))
+        }
+        Op::UpdateProfile { user_id, change } => {
+            if let Some(name) = &change.display_name {
+                tx.prepare_cached("UPDATE users SET display_name = ?2 WHERE id = ?1")?
+                    .execute(params![user_id, name])?;
+            }
+            if let Some(about) = &change.about {
+                tx.prepare_cached("UPDATE users SET about = ?2 WHERE id = ?1")?
+                    .execute(params![user_id, about])?;
+            }
+            let user = tx
+                .prepare_cached(&format!(
+                    "SELECT {} FROM users WHERE id = ?1",
+                    read::USER_COLUMNS
+                ))?
+                .query_row([user_id], read::user_row)
+                .optional()?;
+            // A missing user: the updates above changed nothing.
+            Ok(Done::User(user.ok_or(StoreError::NotFound)?))
         }
         Op::TouchSession { token, now } => {
             tx.prepare_cached(
@@ -404,6 +428,7 @@ fn create_user(
         id,
         username: folded,
         created_at: now,
+        ..User::default()
     }))
 }
 
