@@ -345,7 +345,11 @@ async fn list_events(
 /// store's unchecked reads come after this. Returns the channel's newest seq as the store
 /// shows it now: a cached answer must reach it (read-your-writes on any node); and the
 /// fence a replica must have replayed past to answer instead of the primary.
-async fn member_of(state: &AppState, user_id: i64, channel_id: i64) -> ApiResult<(i64, ReadFence)> {
+pub(super) async fn member_of(
+    state: &AppState,
+    user_id: i64,
+    channel_id: i64,
+) -> ApiResult<(i64, ReadFence)> {
     match state.store.channel_to_read(channel_id, user_id).await? {
         Some((channel, _, fence)) => Ok((channel.last_seq, fence)),
         None => Err(ApiError::not_found()),

@@ -137,7 +137,7 @@ async fn list_reactors(
             ApiError::invalid_field("after", "after must be the `next` of a previous page")
         })?),
     };
-    member_of(&state, auth.user.id, path.channel_id).await?;
+    super::messages::member_of(&state, auth.user.id, path.channel_id).await?;
     live_message(&state, path.channel_id, path.message_id).await?;
     let page = state
         .store
@@ -176,7 +176,7 @@ async fn list_reactions(
     path: PathIds<2>,
 ) -> ApiResult<Json<ReactionList>> {
     let PathIds([id, message_id]) = path;
-    member_of(&state, auth.user.id, id).await?;
+    super::messages::member_of(&state, auth.user.id, id).await?;
     live_message(&state, id, message_id).await?;
     let found = state
         .store
@@ -197,12 +197,5 @@ async fn live_message(state: &AppState, channel_id: i64, message_id: i64) -> Api
     match state.store.message(channel_id, message_id).await? {
         Some(m) if !m.deleted => Ok(()),
         _ => Err(ApiError::not_found()),
-    }
-}
-
-async fn member_of(state: &AppState, user_id: i64, channel_id: i64) -> ApiResult<()> {
-    match state.store.channel(channel_id, user_id).await? {
-        Some(_) => Ok(()),
-        None => Err(ApiError::not_found()),
     }
 }

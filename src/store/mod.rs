@@ -224,6 +224,21 @@ pub struct Posted {
     pub created: bool,
 }
 
+/// Records a new message's `message.created` event in a writer's journal and returns
+/// the send's answer: what every backend's send paths end with.
+pub(crate) fn journal_post(journal: &mut Vec<Event>, message: Message) -> Posted {
+    journal.push(Event {
+        channel_id: message.channel_id,
+        seq: message.seq,
+        at: message.created_at,
+        body: crate::model::EventBody::MessageCreated(message.clone()),
+    });
+    Posted {
+        message,
+        created: true,
+    }
+}
+
 /// Users and their sessions.
 #[async_trait]
 pub trait Accounts: Send + Sync {

@@ -1284,16 +1284,7 @@ async fn slow_post(
         mentions: mentioned,
         ..Message::default()
     };
-    j.push(Event {
-        channel_id,
-        seq,
-        at: now,
-        body: EventBody::MessageCreated(message.clone()),
-    });
-    Ok(Done::Posted(Posted {
-        message,
-        created: true,
-    }))
+    Ok(Done::Posted(crate::store::journal_post(j, message)))
 }
 
 /// The members of the channel the text's `@name`s name, in the order named. Names are

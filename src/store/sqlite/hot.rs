@@ -18,8 +18,8 @@ use super::seen::Seen;
 use super::tail::Unfolded;
 use super::write::{Applied, Done, membership_row};
 use crate::id::Snowflake;
-use crate::model::{ChannelKind, Event, EventBody, Message, Role};
-use crate::store::{Posted, StoreError, rules};
+use crate::model::{ChannelKind, Event, Message, Role};
+use crate::store::{StoreError, rules};
 
 /// Channels, and member roles over all of them, kept between batches before the state is
 /// dropped and reloaded on demand: bounds the writer's memory.
@@ -225,14 +225,5 @@ pub(super) fn post_message(
     if let Some((_, key)) = keyed {
         hot.seen.insert(key);
     }
-    journal.push(Event {
-        channel_id,
-        seq,
-        at: now,
-        body: EventBody::MessageCreated(message.clone()),
-    });
-    Ok(Done::Posted(Posted {
-        message,
-        created: true,
-    }))
+    Ok(Done::Posted(crate::store::journal_post(journal, message)))
 }

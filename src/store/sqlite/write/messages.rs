@@ -8,7 +8,7 @@ use crate::id::Snowflake;
 use crate::model::{Event, EventBody, Message};
 use crate::store::sqlite::hot::Hot;
 use crate::store::sqlite::read;
-use crate::store::{Posted, Rules, StoreError, rules};
+use crate::store::{Rules, StoreError, rules};
 
 /// The message by id within its channel, deleted or not.
 pub(super) fn message(
@@ -243,16 +243,7 @@ pub(super) fn post_slow(
         mentions: mentioned,
         ..Message::default()
     };
-    j.push(Event {
-        channel_id,
-        seq,
-        at: now,
-        body: EventBody::MessageCreated(message.clone()),
-    });
-    Ok(Done::Posted(Posted {
-        message,
-        created: true,
-    }))
+    Ok(Done::Posted(crate::store::journal_post(j, message)))
 }
 
 /// The members of the channel the text's `@name`s name, in the order named.
