@@ -125,6 +125,9 @@ pub struct ServeArgs {
     /// the burst is sixteen times this.
     #[arg(long, env = "NATTER_WRITE_BYTES_PER_SEC", default_value_t = 32_768.0)]
     pub write_bytes_per_sec: f64,
+    /// Searches each user may make per second, sustained; the burst is ten times this.
+    #[arg(long, env = "NATTER_SEARCH_RATE", default_value_t = 1.0)]
+    pub search_rate: f64,
     /// Channels each user may create per hour, sustained (burst: 30).
     #[arg(long, env = "NATTER_CHANNEL_CREATES_PER_HOUR", default_value_t = 120.0)]
     pub channel_creates_per_hour: f64,
@@ -150,6 +153,10 @@ pub struct ServeArgs {
     /// Different emoji one message may carry as reactions (past it: 409 `too_many_reactions`).
     #[arg(long, env = "NATTER_MAX_REACTIONS_PER_MESSAGE", default_value_t = 20)]
     pub max_reactions_per_message: u32,
+    /// Milliseconds one search may spend reading the index (past it: 422
+    /// `search_too_broad`).
+    #[arg(long, env = "NATTER_SEARCH_BUDGET_MS", default_value_t = 2000)]
+    pub search_budget_ms: u64,
     /// WebSocket connections one user may have open at once (past it: close 4009).
     #[arg(long, env = "NATTER_WS_CONNECTIONS_PER_USER", default_value_t = 20)]
     pub ws_connections_per_user: usize,
@@ -361,6 +368,8 @@ pub struct Limits {
     pub read_markers: Rate,
     /// Typing signals per user and channel (all their connections together).
     pub typing: Rate,
+    /// Searches, per user.
+    pub search: Rate,
     /// Password hashes computed at once.
     pub password_hash_concurrency: usize,
     /// The per-user bounds the store keeps (memberships, edits, consent, unanswered DMs,
@@ -383,6 +392,7 @@ impl Limits {
         self.write_bytes = unbounded;
         self.channel_creates = unbounded;
         self.read_markers = unbounded;
+        self.search = unbounded;
         self.signups_per_ip = unbounded;
         self.rules = crate::store::Rules {
             max_channels_per_user: u32::MAX,
@@ -391,6 +401,7 @@ impl Limits {
             max_pending_dms: u32::MAX,
             max_sessions_per_user: u32::MAX,
             max_reactions_per_message: self.rules.max_reactions_per_message,
+            search_budget: self.rules.search_budget,
         };
         self.ws_connections_per_user = usize::MAX;
     }
@@ -608,6 +619,10 @@ impl Config {
                     per_second: 1.0 / 1.5,
                     burst: 2.0,
                 },
+                search: Rate {
+                    per_second: positive("--search-rate", a.search_rate)?,
+                    burst: a.search_rate * 10.0,
+                },
                 read_markers: Rate {
                     per_second: a.write_rate * 5.0,
                     burst: a.write_rate * 50.0,
@@ -639,6 +654,7 @@ impl Config {
                         u64::from(a.max_reactions_per_message),
                         1,
                     )? as u32,
+                    search_budget: Duration::from_millis(a.search_budget_ms),
                 },
                 ws_connections_per_user: at_least(
                     "--ws-connections-per-user",

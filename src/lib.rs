@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod process;
 pub mod ratelimit;
+pub mod search;
 pub mod server;
 pub mod store;
 pub mod username;

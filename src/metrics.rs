@@ -213,10 +213,11 @@ pub enum Limit {
     PasswordHash,
     /// Connections per user or address, or in total.
     Connections,
+    Search,
 }
 
 impl Limit {
-    const ALL: [Limit; 8] = [
+    const ALL: [Limit; 9] = [
         Limit::Send,
         Limit::Login,
         Limit::Signup,
@@ -225,6 +226,7 @@ impl Limit {
         Limit::ChannelCreate,
         Limit::PasswordHash,
         Limit::Connections,
+        Limit::Search,
     ];
 
     fn name(self) -> &'static str {
@@ -237,6 +239,7 @@ impl Limit {
             Self::ChannelCreate => "channel_create",
             Self::PasswordHash => "password_hash",
             Self::Connections => "connections",
+            Self::Search => "search",
         }
     }
 }

@@ -868,7 +868,245 @@ crate::on_both_backends!(
     reactions_are_idempotent_bounded_and_for_members_only,
     threads_reply_count_page_and_survive_their_root,
     mentions_are_counted_listed_and_cleared_by_reading,
+    search_finds_only_the_callers_channels,
+    search_errors_snippets_edits_and_deletes,
 );
+
+/// Every message's text, as search finds it for `c`, paging through all of it.
+async fn search_all(c: &Client, q: &str, sort: &str) -> Vec<String> {
+    let mut texts = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..100 {
+        let page = c
+            .get(&format!("/v1/search?q={q}&sort={sort}&limit=7{cursor}"))
+            .await;
+        assert_eq!(page.status, StatusCode::OK, "{page:?}");
+        for hit in page.body["results"].as_array().unwrap() {
+            texts.push(hit["message"]["text"].as_str().unwrap().to_owned());
+        }
+        match page.body["next"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => return texts,
+        }
+    }
+    panic!("search kept paging");
+}
+
+async fn search_finds_only_the_callers_channels() {
+    let server = TestServer::start().await;
+    let anon = server.client();
+    let mut users = Vec::new();
+    for i in 0..6 {
+        users.push(anon.register(&format!("finder{i}")).await);
+    }
+    // Twelve channels, each with its owner and a varying set of the others; every message
+    // names its channel and has the common word.
+    let mut channels = Vec::new();
+    for c in 0..12usize {
+        let owner = c % users.len();
+        let members: Vec<&Client> = (0..users.len())
+            .filter(|&u| u != owner && (u * 7 + c * 3) % 4 != 0)
+            .map(|u| &users[u])
+            .collect();
+        let member_idx: Vec<usize> = std::iter::once(owner)
+            .chain((0..users.len()).filter(|&u| u != owner && (u * 7 + c * 3) % 4 != 0))
+            .collect();
+        let ch = users[owner]
+            .create_channel(&format!("room{c}"), "group", &members)
+            .await;
+        for n in 0..3 {
+            let sent = users[owner]
+                .send(&ch, &format!("common word room{c} number{n}"), None)
+                .await;
+            assert_eq!(sent.status, StatusCode::CREATED, "{sent:?}");
+        }
+        channels.push((ch, member_idx));
+    }
+    for (u, user) in users.iter().enumerate() {
+        for sort in ["newest", "relevance"] {
+            let mut got = search_all(user, "common", sort).await;
+            let mut want: Vec<String> = channels
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, members))| members.contains(&u))
+                .flat_map(|(c, _)| (0..3).map(move |n| format!("common word room{c} number{n}")))
+                .collect();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "user {u}, {sort}");
+        }
+        // Naming a channel they are not in is a 404, as everywhere.
+        for (ch, members) in &channels {
+            let one = user
+                .get(&format!("/v1/search?q=common&channel_id={ch}"))
+                .await;
+            if members.contains(&u) {
+                assert_eq!(one.status, StatusCode::OK);
+                assert_eq!(one.body["results"].as_array().unwrap().len(), 3);
+            } else {
+                assert_eq!(one.status, StatusCode::NOT_FOUND, "{one:?}");
+            }
+        }
+    }
+}
+
+async fn search_errors_snippets_edits_and_deletes() {
+    let server = TestServer::start().await;
+    let anon = server.client();
+    let alice = anon.register("seekalice").await;
+    let bob = anon.register("seekbob").await;
+    let ch = alice.create_channel("seek", "group", &[&bob]).await;
+    let sent = alice
+        .send(&ch, "Deploy the Café release on Friday", None)
+        .await;
+    let id = sent.body["id"].as_str().unwrap().to_owned();
+    let found = bob.get("/v1/search?q=deploy%20friday").await;
+    assert_eq!(found.status, StatusCode::OK, "{found:?}");
+    let hit = &found.body["results"][0];
+    assert_eq!(hit["message"]["id"], json!(id));
+    assert_eq!(hit["message"]["channel_id"], json!(ch));
+    assert_eq!(
+        hit["snippet"],
+        json!([
+            {"text": "Deploy", "hit": true},
+            {"text": " the Café release on "},
+            {"text": "Friday", "hit": true},
+        ])
+    );
+    // Bad queries and parameters are 400s that say what is wrong, never 500s.
+    for (path, code, says) in [
+        ("/v1/search?q=%22open", "invalid_query", "not closed"),
+        ("/v1/search?q=-only", "invalid_query", "no word"),
+        ("/v1/search?q=a*", "invalid_query", "at least 2"),
+        ("/v1/search?q=", "invalid_query", "no word"),
+        ("/v1/search", "invalid_field", "required"),
+        ("/v1/search?q=x&sort=oldest", "invalid_field", "sort"),
+        ("/v1/search?q=x&cursor=abc", "invalid_field", "cursor"),
+        (
+            "/v1/search?q=x&sort=relevance&cursor=999999",
+            "invalid_field",
+            "cursor",
+        ),
+        ("/v1/search?q=x&limit=0", "invalid_field", "limit"),
+        ("/v1/search?q=x&channel_id=nope", "invalid_field", "channel"),
+    ] {
+        let r = bob.get(path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {r:?}");
+        assert_eq!(r.code(), code, "{path}: {r:?}");
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{path}: {message}");
+    }
+    // FTS and tsquery operators in a query are words, not syntax.
+    for q in [
+        "NEAR(a%20b)",
+        "a%20OR%20b",
+        "%27x%27%20%26%20y",
+        "x:*",
+        "(((",
+        "%5C",
+    ] {
+        let r = bob.get(&format!("/v1/search?q={q}")).await;
+        assert!(
+            r.status == StatusCode::OK || r.code() == "invalid_query",
+            "{q}: {r:?}"
+        );
+    }
+    assert_eq!(
+        bob.get("/v1/search?q=x&channel_id=12345").await.status,
+        StatusCode::NOT_FOUND
+    );
+    // An edit re-indexes; a delete takes it out.
+    let edited = alice
+        .call(
+            Method::PATCH,
+            &format!("/v1/channels/{ch}/messages/{id}"),
+            Some(json!({"text": "Ship the Café release on Monday"})),
+        )
+        .await;
+    assert_eq!(edited.status, StatusCode::OK, "{edited:?}");
+    assert_eq!(
+        search_all(&bob, "friday", "newest").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        search_all(&bob, "monday", "newest").await,
+        ["Ship the Café release on Monday"]
+    );
+    let gone = alice
+        .call(
+            Method::DELETE,
+            &format!("/v1/channels/{ch}/messages/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT, "{gone:?}");
+    assert!(search_all(&bob, "monday", "newest").await.is_empty());
+    assert!(search_all(&bob, "release", "relevance").await.is_empty());
+}
+
+/// A search that would read past its budget is refused with a clear error, not left to
+/// run (on SQLite: a budget of nothing interrupts the first index read).
+#[tokio::test]
+async fn a_search_past_its_budget_is_a_422() {
+    let server = TestServer::start_with(|c| {
+        c.limits.rules.search_budget = std::time::Duration::ZERO;
+    })
+    .await;
+    let anon = server.client();
+    let alice = anon.register("broadalice").await;
+    let ch = alice.create_channel("broad", "group", &[]).await;
+    for i in 0..300 {
+        alice.send(&ch, &format!("everywhere {i}"), None).await;
+    }
+    let r = alice.get("/v1/search?q=everywhere&sort=relevance").await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
+    assert_eq!(r.code(), "search_too_broad");
+}
+
+/// The Rust client library's calls of the conversation features, against a server.
+#[tokio::test]
+async fn the_client_library_replies_reacts_and_searches() {
+    let server = TestServer::start().await;
+    let mut alice = natter::client::Api::new(&server.base());
+    alice.register("libalice", "correct horse battery").await.unwrap();
+    let ch = alice.create_channel("lib", "group", &[]).await.unwrap();
+    let root = alice.send(ch, "Where is the release plan?", None).await.unwrap();
+    let reply = alice
+        .reply(ch, root.id, "The plan is in the wiki", Some("r1"))
+        .await
+        .unwrap();
+    assert_eq!(reply.thread_root_id, Some(root.id));
+    alice.react(ch, root.id, "👍", true).await.unwrap();
+    let found = alice.search("plan", None).await.unwrap();
+    let ids: Vec<i64> = found.iter().map(|f| f.message.id).collect();
+    assert_eq!(ids, [reply.id, root.id]);
+    assert_eq!(found[0].marked(), "The [plan] is in the wiki");
+    assert!(alice.search("wiki", Some(ch)).await.unwrap().len() == 1);
+    let err = alice.search("\"unclosed", None).await.unwrap_err();
+    assert!(err.to_string().contains("invalid_query"), "{err}");
+}
+
+/// Searches have a rate of their own per user.
+#[tokio::test]
+async fn searches_are_rate_limited_per_user() {
+    let server = TestServer::start_with(|c| {
+        c.limits.search = natter::ratelimit::Rate {
+            per_second: 0.001,
+            burst: 3.0,
+        };
+    })
+    .await;
+    let anon = server.client();
+    let alice = anon.register("rapidalice").await;
+    let bob = anon.register("rapidbob").await;
+    for _ in 0..3 {
+        assert_eq!(alice.get("/v1/search?q=x").await.status, StatusCode::OK);
+    }
+    let r = alice.get("/v1/search?q=x").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{r:?}");
+    assert_eq!(r.code(), "rate_limited");
+    assert_eq!(bob.get("/v1/search?q=x").await.status, StatusCode::OK);
+}
 
 async fn reactions_are_idempotent_bounded_and_for_members_only() {
     let server = TestServer::start_with(|c| c.limits.rules.max_reactions_per_message = 3).await;

@@ -42,6 +42,14 @@ impl ApiError {
         }
     }
 
+    /// `400 invalid_query`: the search query `q` does not parse; the message says why.
+    pub fn invalid_query(message: String) -> Self {
+        Self {
+            field: Some("q".into()),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_query", message)
+        }
+    }
+
     pub fn text_empty() -> Self {
         Self {
             field: Some("text".into()),
@@ -231,6 +239,11 @@ impl From<StoreError> for ApiError {
             StoreError::DiskFull => Self::insufficient_storage(),
             StoreError::Overloaded => Self::overloaded(),
             StoreError::Unavailable => Self::unavailable(),
+            StoreError::SearchTooBroad => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "search_too_broad",
+                "the search matches too much to answer in time: add words, or search one channel",
+            ),
             StoreError::Unreachable => Self {
                 retry_after: Some(1),
                 ..Self::new(

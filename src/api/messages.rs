@@ -179,24 +179,32 @@ async fn list_mentions(
         Some(last) if page.has_more => Some(last.id.to_string()),
         _ => None,
     };
-    // One reactions read per channel on the page, not per message.
+    let messages = across_channels(&state, auth.user.id, &page.items).await?;
+    Ok(Json(MentionPage { messages, next }))
+}
+
+/// Messages of several channels, as history shows them, in the order given: one reactions
+/// read per channel, not per message.
+pub(super) async fn across_channels(
+    state: &AppState,
+    viewer: i64,
+    items: &[crate::model::Message],
+) -> ApiResult<Vec<Message>> {
     let mut by_channel: std::collections::BTreeMap<i64, Vec<crate::model::Message>> =
         std::collections::BTreeMap::new();
-    for m in &page.items {
+    for m in items {
         by_channel.entry(m.channel_id).or_default().push(m.clone());
     }
     let mut shown: std::collections::HashMap<String, Message> = std::collections::HashMap::new();
     for (channel, items) in &by_channel {
-        for m in with_reactions(&state, auth.user.id, *channel, items).await? {
+        for m in with_reactions(state, viewer, *channel, items).await? {
             shown.insert(m.id.clone(), m);
         }
     }
-    let messages = page
-        .items
+    Ok(items
         .iter()
         .filter_map(|m| shown.remove(&m.id.to_string()))
-        .collect();
-    Ok(Json(MentionPage { messages, next }))
+        .collect())
 }
 
 /// One message, as history shows it (deleted ones as tombstones): to open a message

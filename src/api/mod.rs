@@ -12,6 +12,7 @@ mod messages;
 mod observe;
 mod openapi;
 mod reactions;
+mod search;
 mod sessions;
 pub mod validate;
 mod web;
@@ -54,6 +55,7 @@ pub struct Inner {
     write_bytes: RateLimiter<i64>,
     channel_creates: RateLimiter<i64>,
     read_markers: RateLimiter<i64>,
+    searches: RateLimiter<i64>,
     /// Typing signals per (user, channel), over all of the user's connections.
     typing: RateLimiter<(i64, i64)>,
     /// Failed logins per (username, client address key).
@@ -90,6 +92,7 @@ impl AppState {
             write_bytes: RateLimiter::new(limits.write_bytes),
             channel_creates: RateLimiter::new(limits.channel_creates),
             read_markers: RateLimiter::new(limits.read_markers),
+            searches: RateLimiter::new(limits.search),
             typing: RateLimiter::new(limits.typing),
             login_failures_by_user: RateLimiter::new(limits.login_failures_per_user),
             login_failures_by_account: RateLimiter::new(limits.login_failures_per_account),
@@ -171,6 +174,13 @@ impl AppState {
             .map_err(|w| self.rate_limited(Limit::Write, w))
     }
 
+    /// Charges a search to `user_id`.
+    pub(crate) fn admit_search(&self, user_id: i64) -> Result<(), ApiError> {
+        self.searches
+            .take(&user_id, std::time::Instant::now())
+            .map_err(|w| self.rate_limited(Limit::Search, w))
+    }
+
     /// Whether a typing signal of `user_id` in `channel_id` goes out: a bound over all
     /// of the user's connections together.
     pub(crate) fn admit_typing(&self, user_id: i64, channel_id: i64) -> bool {
@@ -241,6 +251,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(channels::routes())
         .merge(messages::routes())
         .merge(reactions::routes())
+        .merge(search::routes())
         .merge(health::routes())
         .routes(utoipa_axum::routes!(ws::upgrade))
 }

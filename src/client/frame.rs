@@ -26,6 +26,33 @@ pub struct Msg {
     pub mentions: Vec<i64>,
 }
 
+/// A message a search found, and its snippet.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Found {
+    pub message: Msg,
+    pub snippet: Vec<crate::wire::dto::SnippetPiece>,
+}
+
+impl Found {
+    pub(super) fn from_value(v: &Value) -> Result<Self> {
+        Found::deserialize(v).map_err(|e| ClientError::Protocol(format!("search hit: {e}")))
+    }
+
+    /// The snippet's text, with the words found between `[` and `]`.
+    pub fn marked(&self) -> String {
+        self.snippet
+            .iter()
+            .map(|p| {
+                if p.hit {
+                    format!("[{}]", p.text)
+                } else {
+                    p.text.clone()
+                }
+            })
+            .collect()
+    }
+}
+
 impl Msg {
     pub(super) fn from_value(v: &Value) -> Result<Self> {
         Msg::deserialize(v).map_err(|e| ClientError::Protocol(format!("message: {e}")))

@@ -12,7 +12,7 @@
 mod frame;
 mod realtime;
 
-pub use self::frame::{Event, Frame, Msg, parse_frame};
+pub use self::frame::{Event, Found, Frame, Msg, parse_frame};
 pub use self::realtime::{Incoming, Realtime};
 
 use serde_json::{Value, json};
@@ -214,6 +214,23 @@ impl Api {
         };
         self.call(method, &path, None).await?;
         Ok(())
+    }
+
+    /// The first page (newest first) of what a search finds in the caller's channels, or
+    /// in `channel_id`'s.
+    pub async fn search(&self, q: &str, channel_id: Option<i64>) -> Result<Vec<Found>> {
+        let q = percent_encoding::utf8_percent_encode(q, percent_encoding::NON_ALPHANUMERIC);
+        let mut path = format!("/v1/search?q={q}");
+        if let Some(ch) = channel_id {
+            path.push_str(&format!("&channel_id={ch}"));
+        }
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        v["results"]
+            .as_array()
+            .ok_or_else(|| ClientError::Protocol(format!("search: no results in {v}")))?
+            .iter()
+            .map(Found::from_value)
+            .collect()
     }
 
     pub async fn logout(&self) -> Result<()> {

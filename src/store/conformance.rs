@@ -23,6 +23,7 @@ pub const CHECKS: &[&str] = &[
     "threads",
     "mentions",
     "profiles",
+    "search",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -44,6 +45,7 @@ pub async fn run(name: &str, store: &dyn Store) {
         "threads" => threads(store).await,
         "mentions" => mentions(store).await,
         "profiles" => profiles(store).await,
+        "search" => search(store).await,
         other => panic!("no conformance check {other}"),
     }
 }
@@ -1160,6 +1162,193 @@ async fn profiles(store: &dyn Store) {
         store.update_profile(999_999, set(Some(None), None)).await,
         Err(StoreError::NotFound)
     ));
+}
+
+/// The texts `user` finds for `q` (in `channel`, or all theirs), newest first.
+async fn found(store: &dyn Store, user: i64, q: &str, channel: Option<i64>) -> Vec<String> {
+    let query = crate::store::SearchQuery {
+        query: crate::search::Query::parse(q).unwrap(),
+        channel_id: channel,
+        order: crate::store::SearchOrder::Newest,
+        from: None,
+        limit: 50,
+    };
+    let page = store.search(user, &query).await.unwrap();
+    assert!(!page.has_more);
+    page.items.into_iter().map(|m| m.text).collect()
+}
+
+async fn search(store: &dyn Store) {
+    use crate::store::{SearchOrder, SearchQuery};
+    let a = user(store, "seara").await;
+    let b = user(store, "searb").await;
+    let c = user(store, "searc").await;
+    let ab = store
+        .create_channel(a, ChannelKind::Group, "ab", &[b])
+        .await
+        .unwrap()
+        .id;
+    let ac = store
+        .create_channel(a, ChannelKind::Group, "ac", &[c])
+        .await
+        .unwrap()
+        .id;
+    let bc = store
+        .create_channel(b, ChannelKind::Group, "bc", &[c])
+        .await
+        .unwrap()
+        .id;
+    let post = |ch: i64, by: i64, text: &'static str| async move {
+        store
+            .post_message(by, ch, text, None)
+            .await
+            .unwrap()
+            .message
+    };
+    post(ab, a, "the quick brown fox").await;
+    let lazy = post(ab, b, "a lazy dog sleeps").await;
+    let thinking = post(ab, a, "Quick thinking, @searb!").await;
+    post(ac, c, "quick secret plan").await;
+    post(bc, c, "quick other talk").await;
+
+    // Only the caller's channels, newest first, whatever the case; found at once after
+    // the send (on SQLite, from the commit log before its fold).
+    assert_eq!(
+        found(store, a, "QUICK", None).await,
+        [
+            "quick secret plan",
+            "Quick thinking, @searb!",
+            "the quick brown fox"
+        ]
+    );
+    assert_eq!(
+        found(store, b, "quick", None).await,
+        [
+            "quick other talk",
+            "Quick thinking, @searb!",
+            "the quick brown fox"
+        ]
+    );
+    assert_eq!(found(store, b, "secret", None).await, Vec::<String>::new());
+    assert_eq!(
+        found(store, a, "quick", Some(ac)).await,
+        ["quick secret plan"]
+    );
+    let theirs = SearchQuery {
+        query: crate::search::Query::parse("secret").unwrap(),
+        channel_id: Some(ac),
+        order: SearchOrder::Newest,
+        from: None,
+        limit: 10,
+    };
+    assert!(matches!(
+        store.search(b, &theirs).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Phrases, prefixes, exclusions.
+    assert_eq!(
+        found(store, a, "\"brown fox\"", None).await,
+        ["the quick brown fox"]
+    );
+    assert!(found(store, a, "\"fox brown\"", None).await.is_empty());
+    assert_eq!(
+        found(store, a, "thin*", None).await,
+        ["Quick thinking, @searb!"]
+    );
+    assert_eq!(
+        found(store, a, "quick -fox -\"secret plan\"", None).await,
+        ["Quick thinking, @searb!"]
+    );
+    assert_eq!(
+        found(store, b, "searb", None).await,
+        ["Quick thinking, @searb!"]
+    );
+
+    // An edit is found by its new text only; a deleted message not at all.
+    store
+        .edit_message(b, ab, lazy.id, "an energetic dog runs")
+        .await
+        .unwrap();
+    assert!(found(store, a, "lazy", None).await.is_empty());
+    assert_eq!(
+        found(store, a, "energetic", None).await,
+        ["an energetic dog runs"]
+    );
+    store.delete_message(a, ab, thinking.id).await.unwrap();
+    assert!(found(store, a, "thinking", None).await.is_empty());
+
+    // Pages, newest first and best first.
+    for i in 0..5 {
+        post(
+            ac,
+            a,
+            [
+                "page one",
+                "page page",
+                "page page page",
+                "page two",
+                "page",
+            ][i],
+        )
+        .await;
+    }
+    let mut query = SearchQuery {
+        query: crate::search::Query::parse("page").unwrap(),
+        channel_id: None,
+        order: SearchOrder::Newest,
+        from: None,
+        limit: 2,
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = store.search(a, &query).await.unwrap();
+        seen.extend(page.items.iter().map(|m| m.text.clone()));
+        if !page.has_more {
+            break;
+        }
+        query.from = Some(page.items.last().unwrap().id);
+    }
+    assert_eq!(
+        seen,
+        [
+            "page",
+            "page two",
+            "page page page",
+            "page page",
+            "page one"
+        ]
+    );
+    query.order = SearchOrder::Relevance;
+    query.from = None;
+    let best = store.search(a, &query).await.unwrap();
+    assert!(best.has_more);
+    assert_eq!(
+        best.items[0].text, "page page page",
+        "most occurrences first"
+    );
+    let mut all = best.items.clone();
+    query.from = Some(2);
+    query.limit = 10;
+    let rest = store.search(a, &query).await.unwrap();
+    assert!(!rest.has_more);
+    all.extend(rest.items);
+    let mut texts: Vec<String> = all.into_iter().map(|m| m.text).collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        [
+            "page",
+            "page one",
+            "page page",
+            "page page page",
+            "page two"
+        ]
+    );
+
+    // A member who leaves no longer finds the channel's messages.
+    store.remove_member(b, ab, b).await.unwrap();
+    assert_eq!(found(store, b, "quick", None).await, ["quick other talk"]);
 }
 
 async fn edits_keep_each_version_in_the_log(store: &dyn Store) {

@@ -41,6 +41,8 @@ pub struct Rules {
     pub max_sessions_per_user: u32,
     /// Distinct emoji on one message.
     pub max_reactions_per_message: u32,
+    /// Time one search may spend in the index.
+    pub search_budget: std::time::Duration,
 }
 
 impl Default for Rules {
@@ -54,6 +56,7 @@ impl Default for Rules {
             max_pending_dms: 100,
             max_sessions_per_user: 100,
             max_reactions_per_message: 20,
+            search_budget: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -113,6 +116,10 @@ pub enum StoreError {
     /// The store is shutting down or its writer stopped. Nothing was written.
     #[error("store is unavailable")]
     Unavailable,
+    /// A search would read more than its budget allows (a common word over many
+    /// messages): narrow it.
+    #[error("the search matches too much to answer in time")]
+    SearchTooBroad,
     /// The database holding this (a PostgreSQL shard) is down, restarting or too slow to
     /// answer within the statement timeout. A write that got this was not acknowledged;
     /// if it was a send, retrying with the same `client_id` is safe.
@@ -143,6 +150,7 @@ impl StoreError {
             Self::DiskFull => Self::DiskFull,
             Self::Overloaded => Self::Overloaded,
             Self::Unavailable => Self::Unavailable,
+            Self::SearchTooBroad => Self::SearchTooBroad,
             Self::Unreachable => Self::Unreachable,
             Self::Internal { context, source } => Self::internal(context, source.to_string()),
         }
@@ -375,6 +383,11 @@ pub trait Channels: Send + Sync {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Page<Message>>;
+    /// The live messages matching `query` in the channels `user_id` is a member of (or
+    /// in `query.channel_id` alone: `NotFound` if they are not a member of it). What was
+    /// sent before the call is found, an edited message by its new text only, a deleted
+    /// one not at all. Past the store's search budget, `SearchTooBroad`.
+    async fn search(&self, user_id: i64, query: &SearchQuery) -> Result<Page<Message>>;
     /// A message of the channel by id, deleted or not; no membership check, as for
     /// [`Channels::log`].
     async fn message(&self, channel_id: i64, message_id: i64) -> Result<Option<Message>>;
@@ -454,6 +467,30 @@ pub trait Channels: Send + Sync {
     /// a shard that is down is left out rather than failing the call.
     async fn last_seqs(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>>;
 }
+
+/// A search ([`Channels::search`]).
+#[derive(Debug, Clone)]
+pub struct SearchQuery {
+    pub query: crate::search::Query,
+    /// Only this channel's messages.
+    pub channel_id: Option<i64>,
+    pub order: SearchOrder,
+    /// Where the page starts: with [`SearchOrder::Newest`], message ids below this one;
+    /// with [`SearchOrder::Relevance`], past this many results.
+    pub from: Option<i64>,
+    pub limit: u32,
+}
+
+/// How search results are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchOrder {
+    Newest,
+    /// Best first (BM25 on the embedded store, `ts_rank` on PostgreSQL); ties newest first.
+    Relevance,
+}
+
+/// The most results a relevance-ordered search pages through.
+pub const MAX_SEARCH_OFFSET: i64 = 1_000;
 
 /// Where a log or history read may be answered. A backend without replicas ignores it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]

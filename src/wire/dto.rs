@@ -413,6 +413,35 @@ pub struct MentionPage {
     pub next: Option<String>,
 }
 
+/// Found messages, best or newest first ([`crate::store::SearchOrder`]).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchPage {
+    pub results: Vec<SearchHit>,
+    /// Pass as `cursor` (with the same `q`, `channel_id` and `sort`) for the next page;
+    /// absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub next: Option<String>,
+}
+
+/// A message found, as history shows it, and the part of its text to show.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchHit {
+    pub message: Message,
+    /// The text around the first word found, in pieces: joined they are the snippet
+    /// (cut with `…` in a long text); `hit` marks the words the query matched. Plain
+    /// text, never markup.
+    pub snippet: Vec<SnippetPiece>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnippetPiece {
+    pub text: String,
+    /// Only on a word the query matched.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hit: bool,
+}
+
 /// A page of a thread's replies, with its root.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ThreadPage {

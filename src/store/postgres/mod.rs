@@ -31,7 +31,7 @@ use tokio_postgres::error::SqlState;
 use self::writer::{Done, Op, Writer};
 use super::{
     Accounts, Backend, Channels, Health, NewSession, OnCommit, Posted, ReadFence, Result, Rules,
-    SessionAuth, SessionInfo, StoreError, TokenHash, rules,
+    SearchOrder, SearchQuery, SessionAuth, SessionInfo, StoreError, TokenHash, rules,
 };
 use crate::clock::now_ms;
 use crate::id::Snowflake;
@@ -1956,6 +1956,50 @@ impl Channels for PostgresStore {
         items.sort_unstable_by_key(|m: &Message| std::cmp::Reverse(m.id));
         let has_more = items.len() > limit as usize;
         items.truncate(limit as usize);
+        Ok(Page { items, has_more })
+    }
+
+    async fn search(&self, user_id: i64, query: &SearchQuery) -> Result<Page<Message>> {
+        let inner = &self.inner;
+        let budget_ms = inner.shared.rules.search_budget.as_millis() as u64;
+        let shards: Vec<usize> = match query.channel_id {
+            Some(channel_id) => {
+                if self.channel(channel_id, user_id).await?.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+                vec![inner.shard_of_channel(channel_id)]
+            }
+            None => (0..inner.shards.len()).collect(),
+        };
+        let skip = match query.order {
+            SearchOrder::Newest => 0,
+            SearchOrder::Relevance => query.from.unwrap_or(0).max(0) as usize,
+        };
+        let fetch = (skip + query.limit as usize + 1) as i64;
+        // Every shard's best, merged: a shard that does not answer shows none of its own.
+        let reads = shards.into_iter().map(|shard| async move {
+            let mut c = inner.conn(shard).await?;
+            read::search(&mut c, user_id, query, fetch, budget_ms)
+                .await
+                .map_err(|e| inner.fail(shard, "search", e))
+        });
+        let mut found = Vec::new();
+        for part in futures_util::future::join_all(reads).await {
+            match part {
+                Ok(part) => found.extend(part),
+                Err(StoreError::Unreachable) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match query.order {
+            SearchOrder::Newest => found.sort_unstable_by_key(|(m, _)| std::cmp::Reverse(m.id)),
+            SearchOrder::Relevance => {
+                found.sort_unstable_by(|(a, ra), (b, rb)| rb.total_cmp(ra).then(b.id.cmp(&a.id)))
+            }
+        }
+        let mut items: Vec<Message> = found.into_iter().skip(skip).map(|(m, _)| m).collect();
+        let has_more = items.len() > query.limit as usize;
+        items.truncate(query.limit as usize);
         Ok(Page { items, has_more })
     }
 

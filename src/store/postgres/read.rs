@@ -7,7 +7,7 @@ use crate::model::{
     Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page,
     ReactionCount, Role, User,
 };
-use crate::store::{SessionAuth, SessionInfo, StoreError};
+use crate::store::{SearchOrder, SearchQuery, SessionAuth, SessionInfo, StoreError};
 
 use super::Fail;
 
@@ -348,6 +348,61 @@ pub(super) async fn mentions(
         )
         .await?;
     Ok(rows.iter().map(message_row).collect())
+}
+
+/// The live messages of the shard matching `tsquery` in channels `user_id` is a member of
+/// (or in `channel_id` alone), newest first from `before`, or best first: at most
+/// `fetch`, each with its rank. Within the statement timeout `budget` (set for this
+/// statement's transaction alone); past it, `SearchTooBroad`.
+pub(super) async fn search(
+    c: &mut deadpool_postgres::Object,
+    user_id: i64,
+    q: &SearchQuery,
+    fetch: i64,
+    budget_ms: u64,
+) -> Result<Vec<(Message, f32)>, Fail> {
+    let tsquery = q.query.tsquery();
+    let before = match q.order {
+        SearchOrder::Newest => q.from.unwrap_or(i64::MAX),
+        SearchOrder::Relevance => i64::MAX,
+    };
+    let order = match q.order {
+        SearchOrder::Newest => "m.id DESC",
+        SearchOrder::Relevance => "rank DESC, m.id DESC",
+    };
+    let sql = format!(
+        concat!(
+            message_select!(),
+            ", ts_rank(m.words, q) AS rank
+             FROM to_tsquery('simple', $2) q, messages m
+             JOIN members b ON b.channel_id = m.channel_id AND b.user_id = $1
+             WHERE m.words @@ q AND NOT m.deleted AND m.id < $3
+               AND ($4::BIGINT IS NULL OR m.channel_id = $4)
+             ORDER BY {} LIMIT $5"
+        ),
+        order
+    );
+    let tx = c.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL statement_timeout = {}",
+        budget_ms.max(1)
+    ))
+    .await?;
+    let rows = match tx
+        .query(&sql, &[&user_id, &tsquery, &before, &q.channel_id, &fetch])
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+            return Err(Fail::Store(StoreError::SearchTooBroad));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tx.commit().await?;
+    Ok(rows
+        .iter()
+        .map(|r| (message_row(r), r.get::<_, f32>(13)))
+        .collect())
 }
 
 /// A page of a thread's replies, paged as [`messages`].

@@ -165,6 +165,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE users ADD COLUMN display_name TEXT;
     ALTER TABLE users ADD COLUMN about TEXT;
     "#,
+    // 6: search. Each message's words (the `simple` configuration: lowercased, in any
+    // language, no stemming) as a generated column, so an edit or delete changes them in
+    // its own statement, under a GIN index.
+    r#"
+    ALTER TABLE messages ADD COLUMN words tsvector
+        GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED;
+    CREATE INDEX messages_words ON messages USING gin (words);
+    "#,
 ];
 
 /// The schema version this build writes.

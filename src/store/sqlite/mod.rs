@@ -27,8 +27,8 @@ use self::write::{Done, Op};
 pub use self::writer::WriteStats;
 use self::writer::Writer;
 use super::{
-    Accounts, Backend, Channels, Health, NewSession, Posted, ReadFence, Result, SessionAuth,
-    SessionInfo, StoreError, TokenHash,
+    Accounts, Backend, Channels, Health, NewSession, Posted, ReadFence, Result, SearchQuery,
+    SessionAuth, SessionInfo, StoreError, TokenHash,
 };
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
@@ -83,6 +83,7 @@ pub struct SqliteStore {
     reads: Arc<ReadPool>,
     /// Posts committed to the commit log and not yet folded: merged into every log read.
     tail: Arc<Tail>,
+    search_budget: std::time::Duration,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     checkpointer: Mutex<Option<Checkpointer>>,
 }
@@ -163,6 +164,7 @@ impl SqliteStore {
             stats: Arc::clone(&opts.stats),
             reads: ReadPool::new(reads),
             tail,
+            search_budget: opts.rules.search_budget,
             writer_thread: Mutex::new(Some(handle)),
             checkpointer: Mutex::new(Some(checkpointer)),
         })
@@ -571,6 +573,41 @@ impl Channels for SqliteStore {
         self.reads
             .run(move |c| read::mentions(c, user_id, before, limit))
             .await
+    }
+
+    async fn search(&self, user_id: i64, query: &SearchQuery) -> Result<Page<Message>> {
+        let channels = match query.channel_id {
+            Some(channel_id) => {
+                self.member_read(user_id, channel_id, move |_| Ok(vec![channel_id]))
+                    .await?
+            }
+            None => {
+                self.reads
+                    .run(move |c| read::member_channel_ids(c, user_id))
+                    .await?
+            }
+        };
+        if channels.is_empty() {
+            return Ok(Page {
+                items: Vec::new(),
+                has_more: false,
+            });
+        }
+        // Posts still in the commit log are not in the index yet: fold them first. If the
+        // writer cannot (full disk, overload), the search goes on without them.
+        if self.tail.holds_any(&channels) {
+            let fold = Op::Fold {
+                channels: channels.clone(),
+            };
+            if let Err(e) = self.write(fold).await {
+                tracing::debug!(error = %e, "searching without the posts not folded yet");
+            }
+        }
+        let (query, budget) = (query.clone(), self.search_budget);
+        self.reads
+            .run(move |c| read::search(c, &query, &channels, budget))
+            .await?
+            .ok_or(StoreError::SearchTooBroad)
     }
 
     async fn message(&self, channel_id: i64, message_id: i64) -> Result<Option<Message>> {

@@ -11,7 +11,7 @@ use crate::model::{
     Channel, ChannelKind, ChannelView, Event, EventBody, HistoryQuery, Member, Message, Page,
     ReactionCount, Reactor, Role, User,
 };
-use crate::store::{Result, StoreError};
+use crate::store::{Result, SearchOrder, SearchQuery, StoreError};
 
 /// A small pool of read connections; each call runs on the blocking thread pool.
 pub(super) struct ReadPool {
@@ -451,6 +451,80 @@ pub(super) fn mentions(
     let has_more = items.len() > limit as usize;
     items.truncate(limit as usize);
     Ok(Page { items, has_more })
+}
+
+/// The channels `user_id` is a member of.
+pub(super) fn member_channel_ids(conn: &Connection, user_id: i64) -> rusqlite::Result<Vec<i64>> {
+    conn.prepare_cached("SELECT channel_id FROM members WHERE user_id = ?1")?
+        .query_map([user_id], |r| r.get(0))?
+        .collect()
+}
+
+/// A search over the index of `channels` (the caller's, their posts folded): `None` when
+/// it would take longer than `budget`. The channels are a column of the index, so the
+/// index intersects them with the words; nothing of another channel is read.
+pub(super) fn search(
+    conn: &Connection,
+    q: &SearchQuery,
+    channels: &[i64],
+    budget: std::time::Duration,
+) -> rusqlite::Result<Option<Page<Message>>> {
+    let within = channels
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let expr = format!("({}) AND (ch : ({within}))", q.query.fts5("text"));
+    let fetch = i64::from(q.limit) + 1;
+    let deadline = std::time::Instant::now() + budget;
+    conn.progress_handler(1_000, Some(move || std::time::Instant::now() >= deadline))?;
+    let ids: rusqlite::Result<Vec<i64>> = match q.order {
+        SearchOrder::Newest => conn
+            .prepare_cached(
+                "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?1 AND rowid < ?2
+                 ORDER BY rowid DESC LIMIT ?3",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![expr, q.from.unwrap_or(i64::MAX), fetch], |r| {
+                    r.get(0)
+                })?
+                .collect()
+            }),
+        SearchOrder::Relevance => conn
+            .prepare_cached(
+                "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?1
+                 ORDER BY rank, rowid DESC LIMIT ?2 OFFSET ?3",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![expr, fetch, q.from.unwrap_or(0)], |r| r.get(0))?
+                    .collect()
+            }),
+    };
+    conn.progress_handler(0, None::<fn() -> bool>)?;
+    let mut ids = match ids {
+        Ok(ids) => ids,
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let has_more = ids.len() as i64 == fetch;
+    ids.truncate(q.limit as usize);
+    let mut by_id = conn.prepare_cached(concat!(
+        message_select!(),
+        "FROM messages m WHERE m.id = ?1"
+    ))?;
+    let mut items = Vec::with_capacity(ids.len());
+    for id in ids {
+        // The index holds live messages of these channels only; checked again all the same.
+        if let Some(m) = by_id.query_row([id], message_row).optional()?
+            && !m.deleted
+            && channels.contains(&m.channel_id)
+        {
+            items.push(m);
+        }
+    }
+    Ok(Some(Page { items, has_more }))
 }
 
 /// A message of the channel by id: from the tables, or the commit log's tail (taken

@@ -164,6 +164,33 @@ const MIGRATIONS: &[Migration] = &[
     ALTER TABLE users ADD COLUMN about TEXT;
     "#,
     ),
+    // 10: search. A full-text index of the live messages' text (contentless: the text
+    // stays in `messages` alone; a row is deleted by rowid), with each message's channel
+    // as a token of its own column, so a search intersects its words with the caller's
+    // channels inside the index. Kept by triggers, so every write of a message's text
+    // (the fold of a post, a slow-path post, an edit, a delete) changes the index in
+    // its own transaction.
+    Migration::Sql(
+        r#"
+    CREATE VIRTUAL TABLE messages_fts USING fts5(
+        text, ch, content='', contentless_delete=1,
+        tokenize='unicode61 remove_diacritics 2'
+    );
+    INSERT INTO messages_fts (rowid, text, ch)
+        SELECT id, text, channel_id FROM messages WHERE deleted = 0;
+    CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages WHEN new.deleted = 0 BEGIN
+        INSERT INTO messages_fts (rowid, text, ch) VALUES (new.id, new.text, new.channel_id);
+    END;
+    CREATE TRIGGER messages_fts_update AFTER UPDATE OF text, deleted ON messages BEGIN
+        DELETE FROM messages_fts WHERE rowid = old.id;
+        INSERT INTO messages_fts (rowid, text, ch)
+            SELECT new.id, new.text, new.channel_id WHERE new.deleted = 0;
+    END;
+    CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+        DELETE FROM messages_fts WHERE rowid = old.id;
+    END;
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

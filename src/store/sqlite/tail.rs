@@ -181,6 +181,14 @@ impl Tail {
     }
 
     /// The unfolded post of the channel with this seq.
+    /// Whether any of the channels has posts not folded yet.
+    pub fn holds_any(&self, channels: &[i64]) -> bool {
+        let inner = self.lock();
+        channels
+            .iter()
+            .any(|c| inner.channels.get(c).is_some_and(|e| !e.is_empty()))
+    }
+
     fn get(&self, channel_id: i64, seq: i64) -> Option<Message> {
         let inner = self.lock();
         let posts = inner.channels.get(&channel_id)?;
@@ -373,21 +381,32 @@ impl Unfolded {
     /// that appends another event to the channel or reads its messages. Nothing when the
     /// channel has none.
     pub fn fold_channel(&mut self, tx: &Transaction, channel_id: i64) -> rusqlite::Result<usize> {
+        self.fold_channels(tx, &[channel_id])
+    }
+
+    /// Folds, inside the open transaction, the log up to the newest post of any of the
+    /// channels (a search reads the index the fold fills).
+    pub fn fold_channels(&mut self, tx: &Transaction, channels: &[i64]) -> rusqlite::Result<usize> {
+        match channels.iter().filter_map(|c| self.through(*c)).max() {
+            Some(pos) => self.fold_through(tx, pos),
+            None => Ok(0),
+        }
+    }
+
+    /// The `pos` a fold must reach to take the channel's posts: its newest post's batch's
+    /// last one (a committed batch goes whole).
+    fn through(&self, channel_id: i64) -> Option<i64> {
         let in_batch = self
             .batch
             .iter()
             .rev()
             .find(|e| e.message.channel_id == channel_id)
             .map(|e| e.pos);
-        let through = in_batch.or_else(|| {
+        in_batch.or_else(|| {
             let pos = self.tail.last_pos(channel_id)?;
             let batch = self.committed.iter().find(|b| b.last_pos >= pos)?;
             Some(batch.last_pos)
-        });
-        match through {
-            Some(pos) => self.fold_through(tx, pos),
-            None => Ok(0),
-        }
+        })
     }
 
     /// A trickle at the start of a batch (or a fold of its own) was undone: nothing of it

@@ -115,6 +115,10 @@ pub(super) enum Op {
         emoji: String,
         add: bool,
     },
+    /// Folds the commit log through the channels' posts, so the search index has them.
+    Fold {
+        channels: Vec<i64>,
+    },
 }
 
 /// How an op relates to the writer's [`Hot`] channel state.
@@ -153,9 +157,10 @@ impl Op {
             | Op::DeleteSessionById { .. }
             | Op::DeleteOtherSessions { .. }
             | Op::PurgeSessions { .. } => HotUse::None,
-            Op::CreateChannel { .. } | Op::OpenDm { .. } | Op::MarkRead { .. } => {
-                HotUse::FlushAndForget(None)
-            }
+            Op::CreateChannel { .. }
+            | Op::OpenDm { .. }
+            | Op::MarkRead { .. }
+            | Op::Fold { .. } => HotUse::FlushAndForget(None),
             Op::RenameChannel { channel_id, .. }
             | Op::PutMember { channel_id, .. }
             | Op::RemoveMember { channel_id, .. }
@@ -375,6 +380,7 @@ pub(super) fn apply(
             channel_id,
             message_id,
         } => delete_message(tx, j, now, *actor, *channel_id, *message_id),
+        Op::Fold { channels } => Ok(Done::Count(hot.log.fold_channels(tx, channels)? as u64)),
         Op::React {
             actor,
             channel_id,
