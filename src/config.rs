@@ -125,6 +125,10 @@ pub struct ServeArgs {
     /// the burst is sixteen times this.
     #[arg(long, env = "NATTER_WRITE_BYTES_PER_SEC", default_value_t = 32_768.0)]
     pub write_bytes_per_sec: f64,
+    /// Milliseconds a user's last connection must stay closed before they show offline
+    /// (a reload or reconnect in between shows nothing).
+    #[arg(long, env = "NATTER_PRESENCE_GRACE_MS", default_value_t = 5000)]
+    pub presence_grace_ms: u64,
     /// Searches each user may make per second, sustained; the burst is ten times this.
     #[arg(long, env = "NATTER_SEARCH_RATE", default_value_t = 1.0)]
     pub search_rate: f64,
@@ -673,6 +677,7 @@ impl Config {
                 ping_interval: Duration::from_secs(a.ws_ping_secs),
                 idle_timeout: Duration::from_secs(a.ws_ping_secs * 3),
                 cache_bytes: a.cache_mib << 20,
+                presence_grace: Duration::from_millis(a.presence_grace_ms),
                 ..GatewayConfig::default()
             },
             drain: Drain {

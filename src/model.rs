@@ -242,3 +242,39 @@ impl HistoryQuery {
         }
     }
 }
+
+/// Whether a user is online ([`crate::gateway::presence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PresenceStatus {
+    Offline,
+    Idle,
+    Online,
+}
+
+impl PresenceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Offline => "offline",
+            Self::Idle => "idle",
+            Self::Online => "online",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "offline" => Some(Self::Offline),
+            "idle" => Some(Self::Idle),
+            "online" => Some(Self::Online),
+            _ => None,
+        }
+    }
+}
+
+/// A user's presence as shown: the status, and when they were last online (Unix ms; for
+/// an offline user, if ever known).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    pub user_id: i64,
+    pub status: PresenceStatus,
+    pub last_seen_at: Option<i64>,
+}

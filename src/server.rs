@@ -83,8 +83,13 @@ pub async fn serve(
             nats.recover(),
         ))
     });
+    let presence =
+        crate::gateway::presence::Presence::new(store.clone(), config.gateway.presence_grace);
+    let presence_ticker = crate::gateway::presence::start_ticker(&presence);
+    bus.attach_presence(&presence);
     let gateway = Gateway {
         hub: Arc::clone(&hub),
+        presence,
         bus,
         reader,
     };
@@ -173,6 +178,8 @@ pub async fn serve(
     }
     purge.abort();
     let _ = purge.await;
+    presence_ticker.abort();
+    let _ = presence_ticker.await;
     if let Some(check) = check {
         check.abort();
         let _ = check.await;

@@ -1068,9 +1068,15 @@ async fn a_search_past_its_budget_is_a_422() {
 async fn the_client_library_replies_reacts_and_searches() {
     let server = TestServer::start().await;
     let mut alice = natter::client::Api::new(&server.base());
-    alice.register("libalice", "correct horse battery").await.unwrap();
+    alice
+        .register("libalice", "correct horse battery")
+        .await
+        .unwrap();
     let ch = alice.create_channel("lib", "group", &[]).await.unwrap();
-    let root = alice.send(ch, "Where is the release plan?", None).await.unwrap();
+    let root = alice
+        .send(ch, "Where is the release plan?", None)
+        .await
+        .unwrap();
     let reply = alice
         .reply(ch, root.id, "The plan is in the wiki", Some("r1"))
         .await

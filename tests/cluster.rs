@@ -27,6 +27,7 @@ async fn cluster(n: usize) -> Option<(Nats, Vec<TestServer>)> {
                 c.store = Some(natter::store::StoreLocation::Postgres(shards));
                 c.bus = Some(vec![url]);
                 c.node_id = i as u16 + 1;
+                c.gateway.presence_grace = Duration::from_millis(500);
             })
             .await,
         );
@@ -231,6 +232,69 @@ async fn membership_and_logout_cross_nodes() {
         "{closed:?}"
     );
     assert_eq!(guest_on_c.get("/v1/users/me").await.status, 401);
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn presence_crosses_nodes() {
+    let Some((_nats, nodes)) = cluster(2).await else {
+        return;
+    };
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let alice = a.client().register("alice").await;
+    let bob = b.client().register("bob").await;
+    let channel = alice.create_channel("room", "group", &[&bob]).await;
+    let mut rb = ws::connect(&bob).await;
+    rb.send_raw(&json!({"op": "presence.subscribe", "channel_id": channel}).to_string())
+        .await
+        .unwrap();
+    let frames = ws::until(&mut rb, |f| matches!(f, Frame::Presence(_))).await;
+    let Some(Frame::Presence(now)) = frames.last() else {
+        unreachable!()
+    };
+    let me = id(&alice.user_id);
+    assert!(
+        now.iter().any(|p| p.user_id == me && p.status == "offline"),
+        "{now:?}"
+    );
+    // Alice online on node A: Bob, on node B, hears it; then offline.
+    let ra = ws::connect(&alice).await;
+    let said = |status: &'static str| move |f: &Frame| matches!(f, Frame::PresenceUpdated(p) if p.user_id == me && p.status == status);
+    ws::until(&mut rb, said("online")).await;
+    let on_b = bob.get(&format!("/v1/channels/{channel}/presence")).await;
+    assert!(on_b.body.to_string().contains("online"), "{on_b:?}");
+    drop(ra);
+    let frames = ws::until(&mut rb, said("offline")).await;
+    assert!(
+        matches!(frames.last(), Some(Frame::PresenceUpdated(p)) if p.last_seen_at.is_none()),
+        "node B learns the time from the store, not the word: {frames:?}"
+    );
+    // Node A recorded when she left; node B reads it.
+    let mut shown = None;
+    for _ in 0..50 {
+        let list = bob
+            .get(&format!("/v1/channels/{channel}/presence"))
+            .await
+            .body;
+        let alice_now = list["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["user_id"] == json!(alice.user_id))
+            .cloned();
+        if alice_now
+            .as_ref()
+            .is_some_and(|m| m["last_seen_at"].is_string())
+        {
+            shown = alice_now;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shown = shown.expect("node B shows when Alice was last online");
+    assert_eq!(shown["status"], "offline");
     for node in nodes {
         node.stop().await;
     }

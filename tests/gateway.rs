@@ -353,6 +353,136 @@ async fn a_send_over_the_rate_limit_gets_an_error_frame_and_the_connection_stays
     server.stop().await;
 }
 
+/// The presence frames about `user` among `frames`, as (status, has last_seen_at).
+fn presence_of(frames: &[Frame], user: i64) -> Vec<(String, bool)> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::PresenceUpdated(p) if p.user_id == user => {
+                Some((p.status.clone(), p.last_seen_at.is_some()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+async fn presence_reaches_watchers_who_share_a_channel_coalesced() {
+    let server = TestServer::start_with(|c| {
+        c.gateway.presence_grace = Duration::from_millis(300);
+    })
+    .await;
+    let a = server.client().register("alice").await;
+    let b = server.client().register("bob").await;
+    let c = server.client().register("carol").await;
+    let ch = a.create_channel("room", "group", &[&b]).await;
+    let alice = id(&a.user_id);
+    let mut rb = connect(&b).await;
+    let subscribe = json!({"op": "presence.subscribe", "channel_id": ch}).to_string();
+    rb.send_raw(&subscribe).await.unwrap();
+    let frames = until(&mut rb, |f| matches!(f, Frame::Presence(_))).await;
+    let Some(Frame::Presence(now)) = frames.last() else {
+        unreachable!()
+    };
+    let status = |u: i64| {
+        now.iter()
+            .find(|p| p.user_id == u)
+            .map(|p| p.status.as_str())
+    };
+    assert_eq!(status(alice), Some("offline"), "{now:?}");
+    assert_eq!(status(id(&b.user_id)), Some("online"), "{now:?}");
+
+    // Alice comes online, goes idle, comes back, leaves: each change told once.
+    let mut ra = connect(&a).await;
+    until(
+        &mut rb,
+        |f| matches!(f, Frame::PresenceUpdated(p) if p.user_id == alice),
+    )
+    .await;
+    ra.send_raw(r#"{"op":"presence.set","status":"idle"}"#)
+        .await
+        .unwrap();
+    let frames = until(
+        &mut rb,
+        |f| matches!(f, Frame::PresenceUpdated(p) if p.user_id == alice),
+    )
+    .await;
+    assert_eq!(presence_of(&frames, alice), [("idle".to_owned(), false)]);
+    ra.send_raw(r#"{"op":"presence.set","status":"sleepy"}"#)
+        .await
+        .unwrap();
+    let frames = until(&mut ra, |f| matches!(f, Frame::Error { .. })).await;
+    assert!(matches!(frames.last(), Some(Frame::Error { code, .. }) if code == "invalid_field"));
+    drop(ra);
+    let frames = until(
+        &mut rb,
+        |f| matches!(f, Frame::PresenceUpdated(p) if p.user_id == alice),
+    )
+    .await;
+    assert_eq!(presence_of(&frames, alice), [("offline".to_owned(), true)]);
+
+    // A burst of reconnects is coalesced: online once, then offline once.
+    for _ in 0..5 {
+        drop(connect(&a).await);
+    }
+    let frames = until(
+        &mut rb,
+        |f| matches!(f, Frame::PresenceUpdated(p) if p.user_id == alice && p.status == "offline"),
+    )
+    .await;
+    let told = presence_of(&frames, alice);
+    assert!(told.len() <= 2, "{told:?}");
+    // Its time outlives memory: read back from the store.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let list = b.get(&format!("/v1/channels/{ch}/presence")).await;
+    assert_eq!(list.status, 200, "{list:?}");
+    let shown = list.body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["user_id"] == json!(a.user_id))
+        .unwrap()
+        .clone();
+    assert_eq!(shown["status"], "offline");
+    assert!(shown["last_seen_at"].is_string(), "{shown}");
+
+    // Carol shares no channel with them: 404 over REST and in frames, and she hears
+    // nothing of Alice.
+    assert_eq!(
+        c.get(&format!("/v1/channels/{ch}/presence")).await.status,
+        404
+    );
+    let mut rc = connect(&c).await;
+    for op in [
+        subscribe.clone(),
+        json!({"op": "presence.subscribe", "user_ids": [a.user_id]}).to_string(),
+    ] {
+        rc.send_raw(&op).await.unwrap();
+        let frames = until(&mut rc, |f| matches!(f, Frame::Error { .. })).await;
+        assert!(
+            matches!(frames.last(), Some(Frame::Error { code, .. }) if code == "not_found"),
+            "{frames:?}"
+        );
+    }
+    // Bob may watch Alice by id; unsubscribed, he hears no more of her.
+    rb.send_raw(&json!({"op": "presence.subscribe", "user_ids": [a.user_id]}).to_string())
+        .await
+        .unwrap();
+    until(&mut rb, |f| matches!(f, Frame::Presence(_))).await;
+    rb.send_raw(r#"{"op":"presence.unsubscribe"}"#)
+        .await
+        .unwrap();
+    let ra = connect(&a).await;
+    rc.send_raw(r#"{"op":"ping"}"#).await.unwrap();
+    let frames = until(&mut rc, |f| matches!(f, Frame::Pong)).await;
+    assert!(presence_of(&frames, alice).is_empty(), "{frames:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    rb.send_raw(r#"{"op":"ping"}"#).await.unwrap();
+    let frames = until(&mut rb, |f| matches!(f, Frame::Pong)).await;
+    assert!(presence_of(&frames, alice).is_empty(), "{frames:?}");
+    drop(ra);
+    server.stop().await;
+}
+
 async fn typing_reaches_the_other_members_only() {
     let server = TestServer::start().await;
     let a = server.client().register("alice").await;
@@ -796,6 +926,7 @@ crate::on_both_backends!(
     a_non_member_send_gets_an_error_frame_and_the_connection_stays_open,
     a_send_over_the_rate_limit_gets_an_error_frame_and_the_connection_stays_open,
     typing_reaches_the_other_members_only,
+    presence_reaches_watchers_who_share_a_channel_coalesced,
     protocol_violations_close_with_their_codes,
     a_slow_consumer_is_cut_with_4008_while_the_others_keep_receiving,
     resuming_from_an_old_position_replays_everything_after_it_and_leaves_channels_no_longer_joined,

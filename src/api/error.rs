@@ -177,6 +177,17 @@ impl ApiError {
         )
     }
 
+    /// `409 too_many_watched`: a connection watches the presence of at most `max` users.
+    pub fn too_many_watched(max: usize) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "too_many_watched",
+            format!(
+                "a connection may watch the presence of at most {max} users; unsubscribe some first"
+            ),
+        )
+    }
+
     pub fn rate_limited(retry_after: u64) -> Self {
         Self {
             retry_after: Some(retry_after),

@@ -11,6 +11,7 @@ mod health;
 mod messages;
 mod observe;
 mod openapi;
+mod presence;
 mod reactions;
 mod search;
 mod sessions;
@@ -252,6 +253,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(messages::routes())
         .merge(reactions::routes())
         .merge(search::routes())
+        .merge(presence::routes())
         .merge(health::routes())
         .routes(utoipa_axum::routes!(ws::upgrade))
 }

@@ -125,7 +125,23 @@ pub enum Frame {
         user_id: i64,
         display_name: Option<String>,
     },
+    /// How the users a `presence.subscribe` named stand.
+    Presence(Vec<PresenceOf>),
+    /// A watched user's presence changed.
+    PresenceUpdated(PresenceOf),
     Pong,
+}
+
+/// A user's presence as a frame tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PresenceOf {
+    #[serde(deserialize_with = "de_id")]
+    pub user_id: i64,
+    /// `online`, `idle` or `offline`.
+    pub status: String,
+    /// When an offline user was last online (RFC 3339), if known.
+    #[serde(default)]
+    pub last_seen_at: Option<String>,
 }
 
 /// Every field any server frame has; the frame's `type` says which are set. Parsing into
@@ -145,6 +161,9 @@ struct RawFrame {
     channels: Option<Vec<RawPosition>>,
     channel: Option<RawPosition>,
     error: Option<RawError>,
+    status: Option<String>,
+    last_seen_at: Option<String>,
+    users: Option<Vec<PresenceOf>>,
 }
 
 #[derive(Deserialize)]
@@ -220,6 +239,14 @@ pub fn parse_frame(text: &str) -> Result<Frame> {
             channel_id: channel_id()?,
         },
         "pong" => Frame::Pong,
+        "presence" => Frame::Presence(f.users.unwrap_or_default()),
+        "presence.updated" => Frame::PresenceUpdated(PresenceOf {
+            user_id: parse_id("user_id", f.user_id.as_deref())?,
+            status: f
+                .status
+                .ok_or_else(|| ClientError::Protocol("presence.updated without a status".into()))?,
+            last_seen_at: f.last_seen_at,
+        }),
         "user.updated" => {
             let user = f
                 .user

@@ -12,7 +12,7 @@
 mod frame;
 mod realtime;
 
-pub use self::frame::{Event, Found, Frame, Msg, parse_frame};
+pub use self::frame::{Event, Found, Frame, Msg, PresenceOf, parse_frame};
 pub use self::realtime::{Incoming, Realtime};
 
 use serde_json::{Value, json};

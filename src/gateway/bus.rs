@@ -22,6 +22,9 @@ pub trait Bus: Send + Sync {
     fn typing(&self, channel_id: i64, user_id: i64);
     /// A member's new profile, to the channel's online members; ephemeral as typing.
     fn profile(&self, channel_id: i64, user: &crate::model::User);
+    /// Carries this node's presence changes to the other nodes and theirs to `presence`
+    /// (a cluster bus). Called once.
+    fn attach_presence(&self, _presence: &Arc<super::presence::Presence>) {}
     /// Tells the other nodes that a session was revoked (this node has acted on it).
     fn revoke(&self, _user_id: i64, _token: &TokenHash) {}
     /// What to do when another node revokes a session. Set once.

@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod hub;
 pub mod nats;
 pub mod outbox;
+pub mod presence;
 pub mod reader;
 pub mod stats;
 
@@ -38,6 +39,8 @@ pub struct GatewayConfig {
     pub max_in_flight: usize,
     /// Memory of the hot-channel cache.
     pub cache_bytes: usize,
+    /// How long a user's last connection stays closed before they show offline.
+    pub presence_grace: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -50,6 +53,7 @@ impl Default for GatewayConfig {
             max_frame_bytes: 64 * 1024,
             max_in_flight: 256,
             cache_bytes: 64 << 20,
+            presence_grace: Duration::from_secs(5),
         }
     }
 }
@@ -58,6 +62,7 @@ impl Default for GatewayConfig {
 #[derive(Clone)]
 pub struct Gateway {
     pub hub: Arc<Hub>,
+    pub presence: Arc<presence::Presence>,
     pub bus: Arc<dyn Bus>,
     pub reader: Arc<EventReader>,
 }

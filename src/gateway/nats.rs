@@ -13,7 +13,9 @@
 //!   periodic check (`dispatch::check`) finds what never arrived.
 //! - `natter.ctl.revoke` carries logouts to every node; `natter.ctl.nodes` a heartbeat per
 //!   node each second (live nodes in `/metrics`; a second live node with this node's id is
-//!   logged and counted).
+//!   logged and counted); `natter.ctl.presence` each node's own view of its users'
+//!   presence as it changes, and all of it again every `presence::REFRESH` (the others
+//!   forget a node's word after `presence::EXPIRY` without it).
 //!
 //! Publishing never waits: with NATS down or its queue full, a message is dropped and
 //! counted, and the receivers get the event from the store by the check. The client
@@ -36,7 +38,8 @@ use super::cache::EventCache;
 use super::dispatch::{Dispatcher, Handoff, Outbound};
 use super::hub::{Hub, Interest};
 use super::outbox::Delivery;
-use crate::model::{Event, EventBody, Message, Role};
+use super::presence::{Presence, REFRESH};
+use crate::model::{Event, EventBody, Message, PresenceStatus, Role};
 use crate::store::TokenHash;
 
 /// Messages waiting to be handed to the NATS client before more are dropped.
@@ -57,6 +60,7 @@ const NODES: &str = "natter.ctl.nodes";
 /// "Events of mine were lost while I was away from NATS": every node runs its check and
 /// asks its sessions to read their channels again.
 const RESYNC: &str = "natter.ctl.resync";
+const PRESENCE: &str = "natter.ctl.presence";
 
 fn channel_subject(channel_id: i64) -> String {
     format!("natter.ch.{channel_id}")
@@ -107,6 +111,10 @@ pub struct NatsBus {
     /// runs at once.
     recover: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
+    /// This run's random id (heartbeats; presence's word from this node).
+    instance: u64,
+    /// Tasks started once presence is attached.
+    presence_tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl NatsBus {
@@ -195,6 +203,8 @@ impl NatsBus {
                 on_revoke,
                 recover,
                 tasks,
+                instance,
+                presence_tasks: Mutex::new(Vec::new()),
             }),
             thread,
         ))
@@ -221,6 +231,14 @@ impl NatsBus {
         for t in &self.tasks {
             t.abort();
         }
+        for t in self
+            .presence_tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            t.abort();
+        }
     }
 
     fn send(&self, subject: String, payload: Bytes) {
@@ -231,6 +249,14 @@ impl NatsBus {
 impl Drop for NatsBus {
     fn drop(&mut self) {
         for t in &self.tasks {
+            t.abort();
+        }
+        for t in self
+            .presence_tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             t.abort();
         }
     }
@@ -489,6 +515,69 @@ async fn resyncs(client: async_nats::Client, recover: Arc<Notify>) {
     }
 }
 
+/// A node's word on its users' presence: `(user, status)` with 0 offline, 1 idle, 2
+/// online.
+#[derive(Serialize, Deserialize)]
+struct PresenceWord {
+    n: u64,
+    p: Vec<(i64, u8)>,
+}
+
+fn status_code(s: PresenceStatus) -> u8 {
+    match s {
+        PresenceStatus::Offline => 0,
+        PresenceStatus::Idle => 1,
+        PresenceStatus::Online => 2,
+    }
+}
+
+/// Other nodes' presence words in; this node's whole view out every [`REFRESH`].
+async fn presence_words(
+    client: async_nats::Client,
+    instance: u64,
+    presence: Arc<Presence>,
+    publish: mpsc::Sender<(String, Bytes)>,
+    counters: Arc<Counters>,
+) {
+    let Some(mut sub) = control_subscription(&client, PRESENCE).await else {
+        return;
+    };
+    let mut every = tokio::time::interval(REFRESH);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                let word = PresenceWord {
+                    n: instance,
+                    p: presence
+                        .local_users()
+                        .into_iter()
+                        .map(|(u, s)| (u, status_code(s)))
+                        .collect(),
+                };
+                push(&publish, &counters, PRESENCE.to_owned(), Bytes::from(encode(&word)));
+            }
+            m = sub.next() => {
+                let Some(m) = m else { return };
+                let Ok(word) = serde_json::from_slice::<PresenceWord>(&m.payload) else {
+                    counters.undecodable.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if word.n == instance {
+                    continue;
+                }
+                for (user, s) in word.p {
+                    let status = match s {
+                        2 => PresenceStatus::Online,
+                        1 => PresenceStatus::Idle,
+                        _ => PresenceStatus::Offline,
+                    };
+                    presence.remote(word.n, user, status);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Heartbeat {
     n: u16,
@@ -559,6 +648,37 @@ impl Bus for NatsBus {
         self.dispatcher.profile(channel_id, user.clone());
         let packet = Packet::profile(channel_id, user);
         self.send(channel_subject(channel_id), Bytes::from(encode(&packet)));
+    }
+
+    fn attach_presence(&self, presence: &Arc<Presence>) {
+        let (publish, counters, instance) = (
+            self.publish.clone(),
+            Arc::clone(&self.counters),
+            self.instance,
+        );
+        presence.on_publish(Box::new(move |user, status| {
+            let word = PresenceWord {
+                n: instance,
+                p: vec![(user, status_code(status))],
+            };
+            push(
+                &publish,
+                &counters,
+                PRESENCE.to_owned(),
+                Bytes::from(encode(&word)),
+            );
+        }));
+        let task = tokio::spawn(presence_words(
+            self.client.clone(),
+            self.instance,
+            Arc::clone(presence),
+            self.publish.clone(),
+            Arc::clone(&self.counters),
+        ));
+        self.presence_tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
     }
 
     fn revoke(&self, user_id: i64, token: &TokenHash) {

@@ -268,6 +268,12 @@ pub trait Accounts: Send + Sync {
     /// Changes the user's display name and about text (the caller checked them); the user
     /// as now stored, `NotFound` for no such user.
     async fn update_profile(&self, user_id: i64, change: ProfileChange) -> Result<User>;
+    /// Records when users were last online (`(user, Unix ms)`); a time before the stored
+    /// one changes nothing, an unknown user is skipped.
+    async fn record_last_seen(&self, seen: &[(i64, i64)]) -> Result<()>;
+    /// When each of `users` was last online, of those recorded (`(user, Unix ms)`, in no
+    /// particular order).
+    async fn last_seen(&self, users: &[i64]) -> Result<Vec<(i64, i64)>>;
     /// Past [`Rules::max_sessions_per_user`] the oldest sessions end; their digests.
     async fn create_session(&self, user_id: i64, session: NewSession) -> Result<Vec<TokenHash>>;
     /// The user of an unexpired session, when it expires and when it was last used.
@@ -337,6 +343,8 @@ pub trait Channels: Send + Sync {
 
     /// The members of a channel `user_id` belongs to; `NotFound` for non-members.
     async fn members(&self, user_id: i64, channel_id: i64) -> Result<Vec<Member>>;
+    /// Which of `others` share a channel with `user_id` (any channel, DMs too).
+    async fn sharing(&self, user_id: i64, others: &[i64]) -> Result<Vec<i64>>;
     /// Adds `user_id` (with `role`, default member) or changes its role. Owner/admin only.
     async fn put_member(
         &self,

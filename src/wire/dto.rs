@@ -413,6 +413,36 @@ pub struct MentionPage {
     pub next: Option<String>,
 }
 
+/// A user's presence: `online` while a connection of theirs is open and active, `idle`
+/// when every open one said so, `offline` otherwise.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Presence {
+    #[schema(value_type = openapi::Id)]
+    pub user_id: String,
+    #[schema(schema_with = openapi::presence_status)]
+    pub status: &'static str,
+    /// When they were last online: only on an offline user, and only once known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime, nullable = false)]
+    pub last_seen_at: Option<String>,
+}
+
+impl From<&crate::model::Presence> for Presence {
+    fn from(s: &crate::model::Presence) -> Self {
+        Self {
+            user_id: s.user_id.to_string(),
+            status: s.status.as_str(),
+            last_seen_at: s.last_seen_at.map(rfc3339),
+        }
+    }
+}
+
+/// The presence of a channel's members.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PresenceList {
+    pub members: Vec<Presence>,
+}
+
 /// Found messages, best or newest first ([`crate::store::SearchOrder`]).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SearchPage {

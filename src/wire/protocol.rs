@@ -33,6 +33,28 @@ pub enum ClientOp {
     Typing {
         channel_id: String,
     },
+    /// Watch the presence of a channel's members, or of users who share a channel with
+    /// the caller.
+    #[serde(rename = "presence.subscribe")]
+    PresenceSubscribe {
+        #[serde(default)]
+        channel_id: Option<String>,
+        #[serde(default)]
+        user_ids: Option<Vec<String>>,
+    },
+    /// Stop watching them (everyone, with neither).
+    #[serde(rename = "presence.unsubscribe")]
+    PresenceUnsubscribe {
+        #[serde(default)]
+        channel_id: Option<String>,
+        #[serde(default)]
+        user_ids: Option<Vec<String>>,
+    },
+    /// This connection's user is `idle` here, or `online` again.
+    #[serde(rename = "presence.set")]
+    PresenceSet {
+        status: String,
+    },
     Ping {},
 }
 
@@ -167,6 +189,37 @@ pub fn user_updated(user: &model::User) -> String {
     encode(&UserUpdated {
         kind: "user.updated",
         user: user.into(),
+    })
+}
+
+#[derive(Serialize)]
+struct PresenceUpdated {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(flatten)]
+    presence: dto::Presence,
+}
+
+#[derive(Serialize)]
+struct PresenceSnapshot {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    users: Vec<dto::Presence>,
+}
+
+/// A change of a watched user's presence.
+pub fn presence_updated(seen: &crate::model::Presence) -> String {
+    encode(&PresenceUpdated {
+        kind: "presence.updated",
+        presence: seen.into(),
+    })
+}
+
+/// The presence of the users a `presence.subscribe` named, as it stands.
+pub fn presence(seen: &[crate::model::Presence]) -> String {
+    encode(&PresenceSnapshot {
+        kind: "presence",
+        users: seen.iter().map(Into::into).collect(),
     })
 }
 

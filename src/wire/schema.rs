@@ -186,6 +186,10 @@ pub fn channel_kind() -> ObjectBuilder {
     string_enum(&["group", "broadcast", "dm"])
 }
 
+pub fn presence_status() -> ObjectBuilder {
+    string_enum(&["online", "idle", "offline"])
+}
+
 pub fn role() -> ObjectBuilder {
     string_enum(&["owner", "admin", "member"])
 }

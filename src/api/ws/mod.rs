@@ -281,7 +281,12 @@ where
         refuse(socket, close::TOO_MANY_CONNECTIONS, &e).await;
         return None;
     };
-    let online = Online(Arc::clone(&state.gateway.hub), conn);
+    let online = Online {
+        hub: Arc::clone(&state.gateway.hub),
+        presence: Arc::clone(&state.gateway.presence),
+        conn,
+        user_id: authed.user.id,
+    };
     if state.sessions.generation() != generation {
         let refused = match state
             .store
@@ -297,6 +302,7 @@ where
             return None;
         }
     }
+    state.gateway.presence.connected(conn, authed.user.id);
     Some(Admitted {
         session: Session::new(state, authed.user.id, authed.expires_at, conn, outbox),
         user: authed.user,
@@ -305,11 +311,18 @@ where
     })
 }
 
-struct Online(Arc<Hub>, ConnId);
+/// An admitted connection: online in the hub and in presence until dropped.
+struct Online {
+    hub: Arc<Hub>,
+    presence: Arc<crate::gateway::presence::Presence>,
+    conn: ConnId,
+    user_id: i64,
+}
 
 impl Drop for Online {
     fn drop(&mut self) {
-        self.0.unregister(self.1);
+        self.hub.unregister(self.conn);
+        self.presence.disconnected(self.conn, self.user_id);
     }
 }
 

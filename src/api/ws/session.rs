@@ -18,12 +18,18 @@ use crate::api::messages::admit_send;
 use crate::config::Feature;
 use crate::gateway::hub::ConnId;
 use crate::gateway::outbox::{Delivery, Item, Outbox};
-use crate::model::User;
+use crate::model::{PresenceStatus, User};
 use crate::store::{ReadFence, StoreError};
 use crate::wire::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
 
 /// Events read per trip when replaying or filling a gap.
 const FILL_PAGE: u32 = 256;
+/// Presence subscriptions one connection may make per [`PRESENCE_WINDOW`].
+const PRESENCE_OPS: u32 = 20;
+const PRESENCE_WINDOW: Duration = Duration::from_secs(10);
+/// Users one presence op may name.
+const PRESENCE_USERS_PER_OP: usize = 200;
+
 /// Least time between two typing signals of one connection in one channel.
 const TYPING_EVERY: Duration = Duration::from_millis(1500);
 
@@ -57,6 +63,8 @@ pub(super) struct Session {
     /// The channels this connection signalled typing in lately, and when: a few at most
     /// (entries older than `TYPING_EVERY` are dropped).
     typing: Vec<(i64, Instant)>,
+    /// Presence subscriptions lately: when the window started and how many in it.
+    presence_ops: (Instant, u32),
     /// Events written since the shared counter was last told.
     delivered: u64,
     /// When the session's token expires (Unix ms): the connection closes with 4001 then.
@@ -81,6 +89,7 @@ impl Session {
             outbox,
             positions: HashMap::new(),
             typing: Vec::new(),
+            presence_ops: (Instant::now(), 0),
             delivered: 0,
             expires_at,
         }
@@ -370,6 +379,53 @@ impl Session {
                     self.state.gateway.bus.typing(id, self.user_id);
                 }
             }
+            ClientOp::PresenceSet { status } => {
+                let presence = &self.state.gateway.presence;
+                match PresenceStatus::parse(&status) {
+                    Some(PresenceStatus::Idle) => presence.set_idle(self.conn, self.user_id, true),
+                    Some(PresenceStatus::Online) => {
+                        presence.set_idle(self.conn, self.user_id, false)
+                    }
+                    _ => {
+                        let e =
+                            ApiError::invalid_field("status", "status must be `online` or `idle`");
+                        self.outbox
+                            .push(Item::Frame(protocol::error(None, e.detail()).into()));
+                    }
+                }
+            }
+            ClientOp::PresenceSubscribe {
+                channel_id,
+                user_ids,
+            } => {
+                let frame = match self.presence_subscribe(channel_id, user_ids).await {
+                    Ok(frame) => frame,
+                    Err(e) => protocol::error(None, e.detail()),
+                };
+                self.outbox.push(Item::Frame(frame.into()));
+            }
+            ClientOp::PresenceUnsubscribe {
+                channel_id,
+                user_ids,
+            } => {
+                let users = match (channel_id, user_ids) {
+                    (None, None) => None,
+                    (channel_id, user_ids) => {
+                        match self.presence_users(channel_id, user_ids).await {
+                            Ok(users) => Some(users),
+                            Err(e) => {
+                                self.outbox
+                                    .push(Item::Frame(protocol::error(None, e.detail()).into()));
+                                return Ok(());
+                            }
+                        }
+                    }
+                };
+                self.state
+                    .gateway
+                    .presence
+                    .unwatch(self.conn, users.as_deref());
+            }
             ClientOp::Send {
                 channel_id,
                 text,
@@ -449,6 +505,84 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Watches the users a `presence.subscribe` names; the `presence` frame of how they
+    /// stand now.
+    async fn presence_subscribe(
+        &mut self,
+        channel_id: Option<String>,
+        user_ids: Option<Vec<String>>,
+    ) -> Result<String, ApiError> {
+        let now = Instant::now();
+        if now - self.presence_ops.0 >= PRESENCE_WINDOW {
+            self.presence_ops = (now, 0);
+        }
+        if self.presence_ops.1 >= PRESENCE_OPS {
+            let wait = PRESENCE_WINDOW.saturating_sub(now - self.presence_ops.0);
+            return Err(ApiError::rate_limited(crate::ratelimit::retry_after_secs(
+                wait,
+            )));
+        }
+        self.presence_ops.1 += 1;
+        let users = self.presence_users(channel_id, user_ids).await?;
+        let presence = &self.state.gateway.presence;
+        let mut seen = presence
+            .watch(self.conn, &self.outbox, &users)
+            .map_err(ApiError::too_many_watched)?;
+        presence.fill_last_seen(&mut seen).await;
+        Ok(protocol::presence(&seen))
+    }
+
+    /// The users a presence op names: a channel's members (a channel of this connection's;
+    /// else 404), or users who share a channel with the caller (else 404).
+    async fn presence_users(
+        &self,
+        channel_id: Option<String>,
+        user_ids: Option<Vec<String>>,
+    ) -> Result<Vec<i64>, ApiError> {
+        match (channel_id, user_ids) {
+            (Some(channel_id), None) => {
+                let id = super::parse_id("channel_id", &channel_id)?;
+                if !self.positions.contains_key(&id) {
+                    return Err(ApiError::not_found_because("no such channel"));
+                }
+                let members = self.state.store.members(self.user_id, id).await?;
+                Ok(members.iter().map(|m| m.user.id).collect())
+            }
+            (None, Some(list)) => {
+                if list.len() > PRESENCE_USERS_PER_OP {
+                    return Err(ApiError::invalid_field(
+                        "user_ids",
+                        format!("at most {PRESENCE_USERS_PER_OP} users per op"),
+                    ));
+                }
+                let mut ids = Vec::with_capacity(list.len());
+                for u in &list {
+                    ids.push(super::parse_id("user_ids", u)?);
+                }
+                ids.sort_unstable();
+                ids.dedup();
+                let others: Vec<i64> = ids.iter().copied().filter(|u| *u != self.user_id).collect();
+                let shared: HashSet<i64> = self
+                    .state
+                    .store
+                    .sharing(self.user_id, &others)
+                    .await?
+                    .into_iter()
+                    .collect();
+                if others.iter().any(|u| !shared.contains(u)) {
+                    return Err(ApiError::not_found_because(
+                        "a user in user_ids shares no channel with you",
+                    ));
+                }
+                Ok(ids)
+            }
+            _ => Err(ApiError::invalid_field(
+                "channel_id",
+                "give either channel_id or user_ids",
+            )),
+        }
     }
 
     /// The event is the next of a channel this connection follows: the common case, which

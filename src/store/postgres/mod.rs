@@ -1453,6 +1453,32 @@ impl Accounts for PostgresStore {
         row.as_ref().map(read::user_row).ok_or(StoreError::NotFound)
     }
 
+    async fn record_last_seen(&self, seen: &[(i64, i64)]) -> Result<()> {
+        let (users, times): (Vec<i64>, Vec<i64>) = seen.iter().copied().unzip();
+        let c = self.inner.conn(0).await?;
+        c.execute(
+            "UPDATE users u SET last_seen_at = GREATEST(coalesce(u.last_seen_at, 0), s.at)
+             FROM unnest($1::BIGINT[], $2::BIGINT[]) AS s(id, at) WHERE u.id = s.id",
+            &[&users, &times],
+        )
+        .await
+        .map_err(|e| self.inner.fail(0, "record last seen", e.into()))?;
+        Ok(())
+    }
+
+    async fn last_seen(&self, users: &[i64]) -> Result<Vec<(i64, i64)>> {
+        let c = self.inner.conn(0).await?;
+        let rows = c
+            .query(
+                "SELECT id, last_seen_at FROM users
+                 WHERE id = ANY($1) AND last_seen_at IS NOT NULL",
+                &[&users],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "read last seen", e.into()))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     async fn touch_session(&self, token: TokenHash, now: i64) -> Result<()> {
         let c = self.inner.conn(0).await?;
         c.execute(
@@ -1957,6 +1983,21 @@ impl Channels for PostgresStore {
         let has_more = items.len() > limit as usize;
         items.truncate(limit as usize);
         Ok(Page { items, has_more })
+    }
+
+    async fn sharing(&self, user_id: i64, others: &[i64]) -> Result<Vec<i64>> {
+        // The user → channels index on shard 0 (kept by the outbox relay).
+        let c = self.inner.conn(0).await?;
+        let rows = c
+            .query(
+                "SELECT DISTINCT b.user_id FROM user_channels a
+                 JOIN user_channels b ON b.channel_id = a.channel_id
+                 WHERE a.user_id = $1 AND b.user_id = ANY($2)",
+                &[&user_id, &others],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "read shared channels", e.into()))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     async fn search(&self, user_id: i64, query: &SearchQuery) -> Result<Page<Message>> {

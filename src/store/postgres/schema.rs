@@ -173,6 +173,8 @@ const MIGRATIONS: &[&str] = &[
         GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED;
     CREATE INDEX messages_words ON messages USING gin (words);
     "#,
+    // 7: presence (used on shard 0): when each user was last online.
+    "ALTER TABLE users ADD COLUMN last_seen_at BIGINT;",
 ];
 
 /// The schema version this build writes.

@@ -357,6 +357,35 @@ impl Accounts for SqliteStore {
         }
     }
 
+    async fn record_last_seen(&self, seen: &[(i64, i64)]) -> Result<()> {
+        unit(
+            self.write(Op::LastSeen {
+                seen: seen.to_vec(),
+            })
+            .await?,
+        )
+    }
+
+    async fn last_seen(&self, users: &[i64]) -> Result<Vec<(i64, i64)>> {
+        let users = users.to_vec();
+        self.reads
+            .run(move |c| {
+                let mut read = c.prepare_cached(
+                    "SELECT last_seen_at FROM users WHERE id = ?1 AND last_seen_at IS NOT NULL",
+                )?;
+                let mut seen = Vec::new();
+                for user in users {
+                    if let Some(at) =
+                        rusqlite::OptionalExtension::optional(read.query_row([user], |r| r.get(0)))?
+                    {
+                        seen.push((user, at));
+                    }
+                }
+                Ok(seen)
+            })
+            .await
+    }
+
     async fn touch_session(&self, token: TokenHash, now: i64) -> Result<()> {
         unit(self.write(Op::TouchSession { token, now }).await?)
     }
@@ -572,6 +601,25 @@ impl Channels for SqliteStore {
     ) -> Result<Page<Message>> {
         self.reads
             .run(move |c| read::mentions(c, user_id, before, limit))
+            .await
+    }
+
+    async fn sharing(&self, user_id: i64, others: &[i64]) -> Result<Vec<i64>> {
+        let others = others.to_vec();
+        self.reads
+            .run(move |c| {
+                let mut shares = c.prepare_cached(
+                    "SELECT 1 FROM members a JOIN members b ON b.channel_id = a.channel_id
+                     WHERE a.user_id = ?1 AND b.user_id = ?2 LIMIT 1",
+                )?;
+                let mut found = Vec::new();
+                for other in others {
+                    if shares.exists(rusqlite::params![user_id, other])? {
+                        found.push(other);
+                    }
+                }
+                Ok(found)
+            })
             .await
     }
 

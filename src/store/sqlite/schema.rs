@@ -191,6 +191,8 @@ const MIGRATIONS: &[Migration] = &[
     END;
     "#,
     ),
+    // 11: presence: when each user was last online.
+    Migration::Sql("ALTER TABLE users ADD COLUMN last_seen_at INTEGER;"),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

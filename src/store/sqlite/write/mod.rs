@@ -36,6 +36,9 @@ pub(super) enum Op {
     DeleteSession {
         token: TokenHash,
     },
+    LastSeen {
+        seen: Vec<(i64, i64)>,
+    },
     TouchSession {
         token: TokenHash,
         now: i64,
@@ -152,6 +155,7 @@ impl Op {
             Op::CreateUser { .. }
             | Op::CreateSession { .. }
             | Op::UpdateProfile { .. }
+            | Op::LastSeen { .. }
             | Op::DeleteSession { .. }
             | Op::TouchSession { .. }
             | Op::DeleteSessionById { .. }
@@ -267,6 +271,15 @@ pub(super) fn apply(
                 .optional()?;
             // A missing user: the updates above changed nothing.
             Ok(Done::User(user.ok_or(StoreError::NotFound)?))
+        }
+        Op::LastSeen { seen } => {
+            let mut update = tx.prepare_cached(
+                "UPDATE users SET last_seen_at = max(coalesce(last_seen_at, 0), ?2) WHERE id = ?1",
+            )?;
+            for (user, at) in seen {
+                update.execute(params![user, at])?;
+            }
+            Ok(Done::Unit)
         }
         Op::TouchSession { token, now } => {
             tx.prepare_cached(
