@@ -27,6 +27,11 @@ const state = {
   lastTypingSent: 0,
   lastFrameAt: 0,
   readSent: new Map(), // channel id → seq last sent as read
+  presence: new Map(), // user id → { status, last_seen_at }
+  members: new Map(), // channel id → member user ids (the open channel's, and those read)
+  dmPeer: new Map(), // DM channel id → the other member's id
+  idle: false, // whether this connection told the server it is idle
+  lastActive: Date.now(),
 };
 
 // ---- REST ------------------------------------------------------------------------
@@ -161,6 +166,10 @@ async function channelTitle(c) {
   }));
   const other = members.find((m) => m.user.id !== state.me.id);
   c.name = other ? other.user.username : "direct message";
+  if (other && !state.dmPeer.has(c.id)) {
+    state.dmPeer.set(c.id, other.user.id);
+    sendFrame({ op: "presence.subscribe", user_ids: [other.user.id] });
+  }
   return "@ " + c.name;
 }
 
@@ -180,6 +189,11 @@ function renderChannels() {
       const name = document.createElement("span");
       name.className = "name";
       name.textContent = c.kind === "dm" ? "@ " + (c.name || "…") : (c.kind === "broadcast" ? "📢 " : "# ") + c.name;
+      const peer = state.dmPeer.get(c.id);
+      if (peer) {
+        name.prepend(presenceDot(peer));
+        button.setAttribute("aria-label", `${name.textContent}, ${presenceText(peer)}`);
+      }
       button.append(name);
       if (c.mentions > 0 && c.id !== state.current) {
         const badge = document.createElement("span");
@@ -232,8 +246,160 @@ async function openChannel(id) {
   }
   renderChannels();
   renderMessages(true);
+  loadMembers(id);
   $("text").focus();
   markRead();
+}
+
+// ---- Presence --------------------------------------------------------------------
+
+function presenceText(id) {
+  const p = state.presence.get(id);
+  if (!p) return "offline";
+  if (p.status === "offline" && p.last_seen_at) {
+    return `offline, last seen ${new Date(p.last_seen_at).toLocaleString()}`;
+  }
+  return p.status;
+}
+
+function presenceDot(id) {
+  const dot = document.createElement("span");
+  dot.className = `dot ${state.presence.get(id)?.status || "offline"}`;
+  dot.setAttribute("aria-hidden", "true");
+  return dot;
+}
+
+/// Reads the open channel's members and watches their presence.
+async function loadMembers(id) {
+  try {
+    const { members } = await api("GET", `/v1/channels/${id}/members`);
+    for (const m of members) state.users.set(m.user.id, Promise.resolve(m.user));
+    state.members.set(id, members.map((m) => m.user.id));
+  } catch {
+    return;
+  }
+  sendFrame({ op: "presence.subscribe", channel_id: id });
+  renderMembers();
+}
+
+function renderMembers() {
+  const ids = state.members.get(state.current) || [];
+  $("members").replaceChildren(
+    ...ids.map((id) => {
+      const li = document.createElement("li");
+      li.dataset.user = id;
+      li.dataset.status = state.presence.get(id)?.status || "offline";
+      const name = document.createElement("span");
+      name.textContent = "…";
+      userInfo(id).then((u) => (name.textContent = shownName(u)));
+      const said = document.createElement("span");
+      said.className = "visually-hidden";
+      said.textContent = `, ${presenceText(id)}`;
+      li.title = presenceText(id);
+      li.append(presenceDot(id), name, said);
+      return li;
+    }),
+  );
+}
+
+function presenceArrived(list) {
+  for (const p of list) state.presence.set(p.user_id, p);
+  renderMembers();
+  renderChannels();
+}
+
+/// Watches again what this page shows after a (re)connect: presence is not resumed.
+function watchPresence() {
+  if (state.current) sendFrame({ op: "presence.subscribe", channel_id: state.current });
+  const peers = [...new Set(state.dmPeer.values())];
+  for (let i = 0; i < peers.length; i += 200) {
+    sendFrame({ op: "presence.subscribe", user_ids: peers.slice(i, i + 200) });
+  }
+}
+
+/// Idle after five minutes without a key, a click or a visible page; online again on the
+/// next one.
+function activity() {
+  state.lastActive = Date.now();
+  if (state.idle && !document.hidden && sendFrame({ op: "presence.set", status: "online" })) {
+    state.idle = false;
+  }
+}
+setInterval(() => {
+  const away = document.hidden || Date.now() - state.lastActive > 5 * 60_000;
+  if (away && !state.idle && sendFrame({ op: "presence.set", status: "idle" })) state.idle = true;
+}, 30_000);
+
+// ---- Search ----------------------------------------------------------------------
+
+async function search(q) {
+  const status = $("search-status");
+  const list = $("search-results");
+  status.textContent = "searching…";
+  list.replaceChildren();
+  let page;
+  try {
+    page = await api("GET", `/v1/search?q=${encodeURIComponent(q)}&limit=20`);
+  } catch (err) {
+    status.textContent = err.message;
+    return;
+  }
+  const n = page.results.length;
+  status.textContent = n ? `${n}${page.next ? "+" : ""} found` : "nothing found";
+  list.replaceChildren(
+    ...page.results.map(({ message, snippet }) => {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      const where = document.createElement("span");
+      where.className = "where";
+      const c = state.channels.get(message.channel_id);
+      const at = new Date(message.created_at).toLocaleString();
+      where.textContent = `${c ? (c.kind === "dm" ? "@ " : "# ") + (c.name || "") : "channel"} · ${at}`;
+      const text = document.createElement("span");
+      for (const piece of snippet) {
+        // Text nodes only: the snippet is the user's text.
+        if (piece.hit) {
+          const mark = document.createElement("mark");
+          mark.textContent = piece.text;
+          text.append(mark);
+        } else {
+          text.append(piece.text);
+        }
+      }
+      button.append(where, text);
+      button.addEventListener("click", () => jumpTo(message));
+      li.append(button);
+      return li;
+    }),
+  );
+}
+
+/// Opens a found message where it is: in its channel's history (loading older pages up to
+/// it), or in its thread.
+async function jumpTo(m) {
+  if (!state.channels.has(m.channel_id)) return;
+  await openChannel(m.channel_id);
+  if (m.thread_root_id) {
+    const root = await api("GET", `/v1/channels/${m.channel_id}/messages/${m.thread_root_id}`).catch(() => null);
+    if (!root) return;
+    await openThread(root);
+    return mark($("thread-messages").querySelector(`li[data-id="${m.id}"]`));
+  }
+  const view = state.views.get(m.channel_id);
+  for (let i = 0; i < 40 && view && !view.messages.has(m.id) && view.hasOlder; i++) {
+    await loadOlder();
+  }
+  mark($("messages").querySelector(`li[data-id="${m.id}"]`));
+}
+
+function mark(li) {
+  if (!li) return;
+  for (const old of document.querySelectorAll("li.found")) old.classList.remove("found");
+  li.classList.add("found");
+  li.tabIndex = -1;
+  li.scrollIntoView({ block: "center" });
+  li.focus();
 }
 
 // ---- Messages --------------------------------------------------------------------
@@ -761,6 +927,8 @@ function onFrame(f) {
         state.ws.send(JSON.stringify({ op: "send", client_id, ...p }));
       }
       markRead(); // one that could not be sent while offline
+      state.idle = false;
+      watchPresence();
       break;
     case "ack": {
       state.pending.delete(f.client_id);
@@ -804,6 +972,7 @@ function onFrame(f) {
       if (state.thread?.channel_id === f.channel_id) closeThread();
       if (state.current === f.channel_id) {
         state.current = null;
+        $("members").replaceChildren();
         $("channel-title").textContent = "Pick a channel";
         $("messages").replaceChildren();
         $("composer").hidden = true;
@@ -822,6 +991,12 @@ function onFrame(f) {
       }
       if (state.current) renderMessages(false);
       renderThread(false);
+      break;
+    case "presence":
+      presenceArrived(f.users);
+      break;
+    case "presence.updated":
+      presenceArrived([f]);
       break;
     case "pong":
       break;
@@ -880,6 +1055,9 @@ function onEvent(e) {
   } else if (e.type === "channel.updated" && c && e.name !== undefined) {
     c.name = e.name;
     if (id === state.current) $("channel-title").textContent = (c.kind === "broadcast" ? "📢 " : "# ") + c.name;
+  }
+  if (id === state.current && (e.type === "member.added" || e.type === "member.removed")) {
+    loadMembers(id); // the member list and whose presence to watch
   }
   if (id === state.current) {
     renderMessages(false);
@@ -947,6 +1125,13 @@ function wire() {
     if ($("login-form").reportValidity()) signIn(true);
   });
   $("logout").addEventListener("click", logout);
+  $("search-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    search($("search-q").value);
+  });
+  for (const kind of ["keydown", "pointerdown", "visibilitychange"]) {
+    document.addEventListener(kind, activity);
+  }
   $("back").addEventListener("click", () => document.body.classList.remove("in-channel"));
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();

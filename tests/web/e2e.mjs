@@ -39,6 +39,7 @@ function startServer(dataDir, port) {
       NATTER_SEND_RATE: "1000",
       NATTER_SEND_BURST: "1000",
       NATTER_MEMBERSHIP_CONSENT: "open",
+      NATTER_PRESENCE_GRACE_MS: "1000",
       NATTER_LOG: "warn,natter::server=info",
     },
     stdio: ["ignore", "ignore", "pipe"],
@@ -332,6 +333,25 @@ try {
   assert.equal(new Set(seqs).size, seqs.length);
   assert.equal(await a.locator("#messages li.more").count(), 0, "nothing older is left");
 
+  step("search finds a message and opens it in its history, older pages loaded");
+  await a.reload();
+  await a.waitForSelector("#status:text('online')", { timeout: WAIT });
+  await a.fill("#search-q", "h-003");
+  await a.press("#search-q", "Enter");
+  const result = a.locator("#search-results li button");
+  await result.first().waitFor({ timeout: WAIT });
+  assert.equal(await result.count(), 1, "one message has h-003");
+  assert.deepEqual(await result.first().locator("mark").allTextContents(), ["h", "003"]);
+  assert.match(await result.first().textContent(), /# history/);
+  await result.first().click();
+  await a.locator("#messages li.found", { hasText: "h-003" }).waitFor({ timeout: WAIT });
+  assert.equal(await a.evaluate(() => document.activeElement.classList.contains("found")), true);
+  assert.ok((await texts(a)).includes("h-000"), "the pages up to it are loaded, no gap");
+  await a.fill("#search-q", '"unclosed');
+  await a.press("#search-q", "Enter");
+  await a.locator("#search-status", { hasText: "not closed" }).waitFor({ timeout: WAIT });
+  await a.screenshot({ path: path.join(SHOTS, "search.png") });
+
   step("a message sent while the server restarts arrives exactly once");
   await openChannel(a, "general");
   await stopServer(server);
@@ -400,6 +420,17 @@ try {
   await a2.waitForSelector("#login:not([hidden])", { timeout: WAIT });
   await a.waitForFunction(() => document.querySelectorAll("#sessions li").length === 1, null, { timeout: WAIT });
   await a.waitForSelector("#status:text('online')", { timeout: WAIT });
+
+  step("presence: the other user shows online, then offline after they close the page");
+  await openChannel(a, "general");
+  const bobId = (await rest(base, bobToken, "GET", "/v1/users/me")).id;
+  const bobRow = a.locator(`#members li[data-user="${bobId}"]`);
+  await a.locator(`#members li[data-user="${bobId}"][data-status="online"]`).waitFor({ timeout: WAIT });
+  assert.match(await bobRow.textContent(), /online/);
+  await b.close();
+  await a.locator(`#members li[data-user="${bobId}"][data-status="offline"]`).waitFor({ timeout: WAIT });
+  assert.match(await bobRow.textContent(), /offline, last seen/);
+  await a.screenshot({ path: path.join(SHOTS, "presence.png") });
 
   console.log(`ok: screenshots in ${SHOTS}`);
 } finally {
