@@ -22,8 +22,8 @@ use unicode_normalization::char::is_combining_mark;
 pub const MAX_QUERY_CHARS: usize = 256;
 /// The most terms in a query.
 pub const MAX_TERMS: usize = 16;
-/// The fewest letters before a `*`.
-pub const MIN_PREFIX: usize = 2;
+/// The fewest letters before a `*` (a shorter prefix reads too much of the index).
+pub const MIN_PREFIX: usize = 3;
 /// Characters of text a snippet shows at most (besides the `…` where it is cut).
 pub const SNIPPET_CHARS: usize = 160;
 
@@ -32,8 +32,13 @@ pub const SNIPPET_CHARS: usize = 160;
 pub struct Term {
     /// Its words, lowercased, in order (one, or a phrase's).
     pub words: Vec<String>,
+    /// The term as written (without quotes, `-` or `*`), for an index that splits text
+    /// into words its own way (PostgreSQL's parser keeps `e-mail` and `a.example` whole).
+    pub text: String,
     /// The last word is a prefix.
     pub prefix: bool,
+    /// The words as the snippet compares them ([`fold`]).
+    folded: Vec<String>,
     /// Messages that have it are left out.
     pub negated: bool,
 }
@@ -123,6 +128,8 @@ impl Query {
                 ));
             }
             terms.push(Term {
+                folded: words.iter().map(|w| fold(w)).collect(),
+                text: body.to_owned(),
                 words,
                 prefix,
                 negated,
@@ -163,46 +170,37 @@ impl Query {
         }
         format!("{column} : ({expr})")
     }
+}
 
-    /// The query as PostgreSQL `tsquery` text (for `to_tsquery('simple', …)`): the words
-    /// are letters and digits only, so quoting each is enough.
-    pub fn tsquery(&self) -> String {
-        self.terms
+impl Term {
+    /// A prefix term as PostgreSQL `tsquery` text (for `to_tsquery('simple', …)`): its
+    /// words in order, the last one a prefix. The words are letters and digits only, so
+    /// quoting each is enough.
+    pub fn prefix_tsquery(&self) -> String {
+        let n = self.words.len();
+        self.words
             .iter()
-            .map(|t| {
-                let n = t.words.len();
-                let phrase = t
-                    .words
-                    .iter()
-                    .enumerate()
-                    .map(|(i, w)| {
-                        if t.prefix && i + 1 == n {
-                            format!("'{w}':*")
-                        } else {
-                            format!("'{w}'")
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" <-> ");
-                if t.negated {
-                    format!("!({phrase})")
+            .enumerate()
+            .map(|(i, w)| {
+                if i + 1 == n {
+                    format!("'{w}':*")
                 } else {
-                    format!("({phrase})")
+                    format!("'{w}'")
                 }
             })
             .collect::<Vec<_>>()
-            .join(" & ")
+            .join(" <-> ")
     }
+}
 
-    /// Whether a word of a message is one the query looks for.
+impl Query {
+    /// Whether a word of a message (folded) is one the query looks for.
     fn hits(&self, word: &str) -> bool {
-        let word = fold(word);
         self.terms.iter().filter(|t| !t.negated).any(|t| {
-            let n = t.words.len();
-            t.words.iter().enumerate().any(|(i, w)| {
-                let w = fold(w);
+            let n = t.folded.len();
+            t.folded.iter().enumerate().any(|(i, w)| {
                 if t.prefix && i + 1 == n {
-                    word.starts_with(&w)
+                    word.starts_with(w.as_str())
                 } else {
                     word == w
                 }
@@ -230,7 +228,7 @@ pub fn snippet(text: &str, query: &Query) -> Vec<Piece> {
     }
     let hits: Vec<(usize, usize)> = spans
         .into_iter()
-        .filter(|&(s, e)| query.hits(&text[s..e]))
+        .filter(|&(s, e)| query.hits(&fold(&text[s..e])))
         .collect();
     let (from, to) = window(text, hits.first().map_or(0, |h| h.0));
     let mut pieces = Vec::new();
@@ -305,19 +303,28 @@ fn window(text: &str, focus: usize) -> (usize, usize) {
 mod tests {
     use super::*;
 
-    fn term(words: &[&str], prefix: bool, negated: bool) -> Term {
-        Term {
-            words: words.iter().map(|w| (*w).to_owned()).collect(),
+    type Shape = (Vec<String>, bool, bool);
+
+    fn term(words: &[&str], prefix: bool, negated: bool) -> Shape {
+        (
+            words.iter().map(|w| (*w).to_owned()).collect(),
             prefix,
             negated,
-        }
+        )
+    }
+
+    fn shape(q: &Query) -> Vec<Shape> {
+        q.terms()
+            .iter()
+            .map(|t| (t.words.clone(), t.prefix, t.negated))
+            .collect()
     }
 
     #[test]
     fn parses_words_phrases_prefixes_and_exclusions() {
         let q = Query::parse(r#"  Hello "big  World" deplo* -spam -"no way" e-mail "#).unwrap();
         assert_eq!(
-            q.terms(),
+            shape(&q),
             [
                 term(&["hello"], false, false),
                 term(&["big", "world"], false, false),
@@ -331,17 +338,15 @@ mod tests {
             q.fts5("text"),
             r#"text : ((("hello" AND "big world" AND "deplo" * AND "e mail") NOT "spam") NOT "no way")"#
         );
-        assert_eq!(
-            q.tsquery(),
-            "('hello') & ('big' <-> 'world') & ('deplo':*) & !('spam') & !('no' <-> 'way') & ('e' <-> 'mail')"
-        );
+        assert_eq!(q.terms()[2].prefix_tsquery(), "'deplo':*");
+        assert_eq!(q.terms()[5].text, "e-mail");
     }
 
     #[test]
     fn punctuation_alone_is_no_term_and_quotes_cannot_reach_the_index() {
         let q = Query::parse(r#"!!! ok -  "" AND OR NOT ( ) "#).unwrap();
         assert_eq!(
-            q.terms(),
+            shape(&q),
             [
                 term(&["ok"], false, false),
                 term(&["and"], false, false),
@@ -366,7 +371,8 @@ mod tests {
             ("-spam", "no word"),
             ("!!!", "no word"),
             ("\"open phrase", "not closed"),
-            ("a*", "at least 2"),
+            ("a*", "at least 3"),
+            ("ab*", "at least 3"),
             ("\"x\"y", "space after"),
         ] {
             let err = Query::parse(q).unwrap_err();

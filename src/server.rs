@@ -87,6 +87,7 @@ pub async fn serve(
         crate::gateway::presence::Presence::new(store.clone(), config.gateway.presence_grace);
     let presence_ticker = crate::gateway::presence::start_ticker(&presence);
     bus.attach_presence(&presence);
+    let drain_presence = Arc::clone(&presence);
     let gateway = Gateway {
         hub: Arc::clone(&hub),
         presence,
@@ -180,6 +181,13 @@ pub async fn serve(
     let _ = purge.await;
     presence_ticker.abort();
     let _ = presence_ticker.await;
+    // Users whose offline change was still waiting out its grace: record their time now.
+    let seen = drain_presence.pending_offline();
+    if !seen.is_empty()
+        && let Err(e) = store.record_last_seen(&seen).await
+    {
+        tracing::warn!(users = seen.len(), error = %e, "record when users were last online");
+    }
     if let Some(check) = check {
         check.abort();
         let _ = check.await;

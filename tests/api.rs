@@ -977,7 +977,7 @@ async fn search_errors_snippets_edits_and_deletes() {
     for (path, code, says) in [
         ("/v1/search?q=%22open", "invalid_query", "not closed"),
         ("/v1/search?q=-only", "invalid_query", "no word"),
-        ("/v1/search?q=a*", "invalid_query", "at least 2"),
+        ("/v1/search?q=ab*", "invalid_query", "at least 3"),
         ("/v1/search?q=", "invalid_query", "no word"),
         ("/v1/search", "invalid_field", "required"),
         ("/v1/search?q=x&sort=oldest", "invalid_field", "sort"),

@@ -221,6 +221,36 @@ async fn history_readers_see_every_message_once_and_report_it() {
 }
 
 #[tokio::test]
+async fn search_bench_times_every_kind_and_finds_only_the_users_channels() {
+    use natter::bench::search::{SearchArgs, measure};
+    let report = measure(&SearchArgs {
+        messages: 3_000,
+        channels: 12,
+        users: 6,
+        channels_per_user: 3,
+        queries: 70,
+        concurrency: 2,
+        data_dir: None,
+        run: RunArgs {
+            quiet: true,
+            ..RunArgs::default()
+        },
+    })
+    .await
+    .unwrap();
+    assert!(report.passed, "{}", report.to_text());
+    assert_eq!(report.latencies.len(), 7);
+    for l in &report.latencies {
+        assert_eq!(l.count, 10, "{}: every search of the kind answered", l.name);
+    }
+    // Common words are in most messages: those searches fill their pages.
+    let rows = &report.tables[0].rows;
+    let common: f64 = rows[0][2].parse().unwrap();
+    assert!(common >= 19.0, "{rows:?}");
+    check_outputs(&report, "search", 1);
+}
+
+#[tokio::test]
 async fn connections_open_idle_sockets_from_several_sources_and_report_memory() {
     use natter::bench::connections::{ConnectionsArgs, measure};
     let report = measure(&ConnectionsArgs {
@@ -251,6 +281,8 @@ async fn store_and_http_acknowledge_every_send_and_report_it() {
             channels: 3,
             text_bytes: 20,
             mention: false,
+            words: false,
+            without_search_index: false,
             data_dir: None,
             rate: None,
         },
@@ -309,6 +341,8 @@ async fn store_bench_runs_on_postgres_at_a_fixed_rate() {
             channels: 4,
             text_bytes: 20,
             mention: false,
+            words: false,
+            without_search_index: false,
             data_dir: None,
             rate: Some(400.0),
         },

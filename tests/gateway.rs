@@ -463,6 +463,40 @@ async fn presence_reaches_watchers_who_share_a_channel_coalesced() {
             "{frames:?}"
         );
     }
+    // A DM Carol opens with Alice is no consent: Carol still may not watch her, by id, by
+    // the DM or over REST, until Alice answers it.
+    let dm = c.post("/v1/dms", json!({"user_id": a.user_id})).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    rc.send_raw(&json!({"op": "presence.subscribe", "user_ids": [a.user_id]}).to_string())
+        .await
+        .unwrap();
+    let frames = until(&mut rc, |f| matches!(f, Frame::Error { .. })).await;
+    assert!(matches!(frames.last(), Some(Frame::Error { code, .. }) if code == "not_found"));
+    let carol = id(&c.user_id);
+    let only_carol = |body: &serde_json::Value| {
+        body["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["user_id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let listed = c.get(&format!("/v1/channels/{dm}/presence")).await;
+    assert_eq!(only_carol(&listed.body), std::slice::from_ref(&c.user_id), "{listed:?}");
+    rc.send_raw(&json!({"op": "presence.subscribe", "channel_id": dm}).to_string())
+        .await
+        .unwrap();
+    let frames = until(&mut rc, |f| matches!(f, Frame::Presence(_))).await;
+    let Some(Frame::Presence(shown)) = frames.last() else {
+        unreachable!()
+    };
+    assert!(shown.iter().all(|p| p.user_id == carol), "{shown:?}");
+    a.send(&dm, "hello carol", None).await;
+    let listed = c.get(&format!("/v1/channels/{dm}/presence")).await;
+    assert_eq!(only_carol(&listed.body).len(), 2, "answered: {listed:?}");
+
     // Bob may watch Alice by id; unsubscribed, he hears no more of her.
     rb.send_raw(&json!({"op": "presence.subscribe", "user_ids": [a.user_id]}).to_string())
         .await

@@ -31,6 +31,9 @@ const state = {
   members: new Map(), // channel id → member user ids (the open channel's, and those read)
   dmPeer: new Map(), // DM channel id → the other member's id
   idle: false, // whether this connection told the server it is idle
+  watchQueue: new Set(), // user ids to watch with the next batched op
+  watchTimer: null,
+  watchedChannel: undefined, // the channel whose members are watched
   lastActive: Date.now(),
 };
 
@@ -168,7 +171,7 @@ async function channelTitle(c) {
   c.name = other ? other.user.username : "direct message";
   if (other && !state.dmPeer.has(c.id)) {
     state.dmPeer.set(c.id, other.user.id);
-    sendFrame({ op: "presence.subscribe", user_ids: [other.user.id] });
+    watchUsers([other.user.id]);
   }
   return "@ " + c.name;
 }
@@ -269,7 +272,8 @@ function presenceDot(id) {
   return dot;
 }
 
-/// Reads the open channel's members and watches their presence.
+/// Reads the open channel's members and watches their presence; stops watching the
+/// previous channel's (but for DM peers), so what is watched stays what is shown.
 async function loadMembers(id) {
   try {
     const { members } = await api("GET", `/v1/channels/${id}/members`);
@@ -278,8 +282,31 @@ async function loadMembers(id) {
   } catch {
     return;
   }
+  const before = state.watchedChannel;
+  if (before !== undefined && before !== id) {
+    const keep = new Set([...state.dmPeer.values(), ...state.members.get(id), state.me.id]);
+    const drop = (state.members.get(before) || []).filter((u) => !keep.has(u));
+    for (let i = 0; i < drop.length; i += 200) {
+      sendFrame({ op: "presence.unsubscribe", user_ids: drop.slice(i, i + 200) });
+    }
+  }
+  state.watchedChannel = id;
   sendFrame({ op: "presence.subscribe", channel_id: id });
   renderMembers();
+}
+
+/// Watches users (DM peers as their names resolve), batched into one op.
+function watchUsers(ids) {
+  for (const id of ids) state.watchQueue.add(id);
+  if (state.watchTimer) return;
+  state.watchTimer = setTimeout(() => {
+    state.watchTimer = null;
+    const all = [...state.watchQueue];
+    state.watchQueue.clear();
+    for (let i = 0; i < all.length; i += 200) {
+      sendFrame({ op: "presence.subscribe", user_ids: all.slice(i, i + 200) });
+    }
+  }, 300);
 }
 
 function renderMembers() {
@@ -308,13 +335,11 @@ function presenceArrived(list) {
   renderChannels();
 }
 
-/// Watches again what this page shows after a (re)connect: presence is not resumed.
+/// Watches again what this page shows after a (re)connect or leaving a channel: the
+/// server's watching ends with either.
 function watchPresence() {
   if (state.current) sendFrame({ op: "presence.subscribe", channel_id: state.current });
-  const peers = [...new Set(state.dmPeer.values())];
-  for (let i = 0; i < peers.length; i += 200) {
-    sendFrame({ op: "presence.subscribe", user_ids: peers.slice(i, i + 200) });
-  }
+  watchUsers([...state.dmPeer.values()]);
 }
 
 /// Idle after five minutes without a key, a click or a visible page; online again on the
@@ -970,6 +995,7 @@ function onFrame(f) {
       state.seen.delete(f.channel_id);
       state.views.delete(f.channel_id);
       if (state.thread?.channel_id === f.channel_id) closeThread();
+      state.dmPeer.delete(f.channel_id);
       if (state.current === f.channel_id) {
         state.current = null;
         $("members").replaceChildren();
@@ -977,6 +1003,8 @@ function onFrame(f) {
         $("messages").replaceChildren();
         $("composer").hidden = true;
       }
+      state.watchedChannel = undefined;
+      watchPresence(); // leaving a channel ends the server's watching
       renderChannels();
       break;
     case "user.updated":

@@ -11,7 +11,7 @@ mod health;
 mod messages;
 mod observe;
 mod openapi;
-mod presence;
+pub(crate) mod presence;
 mod reactions;
 mod search;
 mod sessions;
@@ -37,6 +37,9 @@ use crate::metrics::{EdgeStats, HttpMetrics, Limit};
 use crate::ratelimit::RateLimiter;
 use crate::store::Store;
 
+/// Searches that run at once on a node; more wait their turn.
+const SEARCHES_AT_ONCE: usize = 2;
+
 /// Everything a request handler needs, shared by all of them.
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -57,6 +60,9 @@ pub struct Inner {
     channel_creates: RateLimiter<i64>,
     read_markers: RateLimiter<i64>,
     searches: RateLimiter<i64>,
+    /// Searches running at once on this node: each may hold a read connection for its
+    /// whole budget, and history reads share the pool.
+    search_slots: tokio::sync::Semaphore,
     /// Typing signals per (user, channel), over all of the user's connections.
     typing: RateLimiter<(i64, i64)>,
     /// Failed logins per (username, client address key).
@@ -94,6 +100,7 @@ impl AppState {
             channel_creates: RateLimiter::new(limits.channel_creates),
             read_markers: RateLimiter::new(limits.read_markers),
             searches: RateLimiter::new(limits.search),
+            search_slots: tokio::sync::Semaphore::new(SEARCHES_AT_ONCE),
             typing: RateLimiter::new(limits.typing),
             login_failures_by_user: RateLimiter::new(limits.login_failures_per_user),
             login_failures_by_account: RateLimiter::new(limits.login_failures_per_account),

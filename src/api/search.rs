@@ -21,15 +21,15 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
 
 /// Searches the messages of the channels the caller is a member of (or of one of them):
 /// every term of `q` must be in a message. Terms are words, `"quoted phrases"`,
-/// `prefix*` (two letters at least) and `-excluded` words or phrases; case does not
+/// `prefix*` (three letters at least) and `-excluded` words or phrases; case does not
 /// matter (nor, on the embedded store, accents). Each hit comes with a snippet of its
 /// text. Messages sent before the search are found, an edited one by its new text only,
 /// a deleted one not at all.
 #[utoipa::path(get, path = "/v1/search", tag = "messages", security(("bearer" = [])),
-    params(("q" = String, Query, description = "The query, at most 256 characters and 16 terms"),
+    params(("q" = String, Query, min_length = 1, max_length = 256, description = "The query: 1–256 characters, at most 16 terms, at least one word to look for"),
            ("channel_id" = Option<super::openapi::Id>, Query, description = "Only this channel's messages (404 if the caller is not a member)"),
-           ("sort" = Option<String>, Query, description = "`newest` (the default) or `relevance` (best first)"),
-           ("cursor" = Option<String>, Query, description = "The `next` of the previous page"),
+           ("sort" = Option<String>, Query, pattern = "^(newest|relevance)$", description = "`newest` (the default) or `relevance` (best first)"),
+           ("cursor" = Option<String>, Query, pattern = "^[1-9][0-9]{0,18}$", description = "The `next` of the previous page"),
            ("limit" = Option<i64>, Query, minimum = 1, maximum = 50, description = "Results per page, default 20")),
     responses((status = 200, body = SearchPage),
               (status = 400, body = ErrorBody, description = "`invalid_query` with what is wrong with `q`, or another parameter's `invalid_field`"),
@@ -86,7 +86,15 @@ async fn search(
         from,
         limit,
     };
-    let page = state.store.search(auth.user.id, &search).await?;
+    let page = {
+        // Closed only at shutdown, which answers 503 anyway.
+        let _slot = state
+            .search_slots
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable())?;
+        state.store.search(auth.user.id, &search).await?
+    };
     let next = match (page.items.last(), order) {
         (Some(last), SearchOrder::Newest) if page.has_more => Some(last.id.to_string()),
         (Some(_), SearchOrder::Relevance) if page.has_more => {

@@ -17,6 +17,7 @@ pub mod connections;
 pub mod fanout;
 pub mod history;
 pub mod report;
+pub mod search;
 pub mod spike;
 pub mod timeline;
 
@@ -53,6 +54,8 @@ pub enum Scenario {
     Fanout(fanout::FanoutArgs),
     /// Readers paging through a channel's history: pages/s and page latency.
     History(history::HistoryArgs),
+    /// Searches over a large store (in this process): latency by kind of query.
+    Search(search::SearchArgs),
     /// Many idle WebSockets: connect rate and server memory per connection.
     Connections(connections::ConnectionsArgs),
     /// Steps the offered rate up until latency or errors cross a bound: the highest
@@ -80,6 +83,14 @@ pub struct WriteArgs {
     /// resolves, so each send takes the slow path (what mentions cost a send).
     #[arg(long)]
     pub mention: bool,
+    /// Texts of words (a Zipf-distributed vocabulary, as `bench search` writes) instead
+    /// of one long run of `x`: what indexing real text costs a send.
+    #[arg(long)]
+    pub words: bool,
+    /// Drop the search index's triggers from the scratch database first (`bench store` on
+    /// SQLite): the same run without index maintenance, for comparison.
+    #[arg(long, hide = true)]
+    pub without_search_index: bool,
     /// Send at this many messages/s on a fixed schedule (open loop; latency counted from
     /// each send's scheduled time), instead of as fast as `--concurrency` allows.
     #[arg(long)]
@@ -103,6 +114,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Http(h) => emit(&measure_http(&h).await?, &h.run),
         Scenario::Fanout(f) => fanout::run(f).await,
         Scenario::History(h) => history::run(h).await,
+        Scenario::Search(s) => search::run(s).await,
         Scenario::Connections(c) => connections::run(c).await,
         Scenario::Capacity(c) => capacity::run(c).await,
         Scenario::Spike(s) => spike::run(s).await,
@@ -463,6 +475,12 @@ where
     if w.mention {
         report.param("mention", "every text");
     }
+    if w.words {
+        report.param("text", "words");
+    }
+    if w.without_search_index {
+        report.param("search index", "off");
+    }
     if let Some(r) = w.rate {
         report.param("rate", r);
     }
@@ -508,6 +526,16 @@ pub async fn measure_store(args: &HttpArgs) -> anyhow::Result<report::Report> {
             crate::store::StoreLocation::parse(s).map_err(|e| anyhow::anyhow!("--store: {e}"))?,
         );
     }
+    if w.without_search_index {
+        let crate::store::StoreLocation::Sqlite(path) = config.store_location() else {
+            bail!("--without-search-index applies to the SQLite store");
+        };
+        crate::store::sqlite::migrate_only(&path)?;
+        rusqlite::Connection::open(&path)?.execute_batch(
+            "DROP TRIGGER messages_fts_insert; DROP TRIGGER messages_fts_update;
+             DROP TRIGGER messages_fts_delete;",
+        )?;
+    }
     let store: Arc<dyn Store> = crate::store::open(config.store_options(None)).await?;
     let closing = Arc::clone(&store);
     let name = bench_username();
@@ -523,12 +551,18 @@ pub async fn measure_store(args: &HttpArgs) -> anyhow::Result<report::Report> {
     }
     let text: Arc<str> = bench_text(&w, &name).into();
     let channels = Arc::new(channels);
+    let words = w.words;
     let report = drive("store", &w, args.run.quiet, move |n| {
         let store = store.clone();
         let channels = channels.clone();
         let text = text.clone();
         async move {
             let ch = channels[n % channels.len()];
+            let text = if words {
+                search::words_text(&mut search::Rng::new(n as u64 + 1), text.len())
+            } else {
+                text.to_string()
+            };
             store
                 .post_message(author, ch, &text, Some(&n.to_string()))
                 .await

@@ -546,15 +546,13 @@ async fn presence_words(
     loop {
         tokio::select! {
             _ = every.tick() => {
-                let word = PresenceWord {
-                    n: instance,
-                    p: presence
-                        .local_users()
-                        .into_iter()
-                        .map(|(u, s)| (u, status_code(s)))
-                        .collect(),
-                };
-                push(&publish, &counters, PRESENCE.to_owned(), Bytes::from(encode(&word)));
+                presence.publish_all(|users| {
+                    let word = PresenceWord {
+                        n: instance,
+                        p: users.into_iter().map(|(u, s)| (u, status_code(s))).collect(),
+                    };
+                    push(&publish, &counters, PRESENCE.to_owned(), Bytes::from(encode(&word)));
+                });
             }
             m = sub.next() => {
                 let Some(m) = m else { return };

@@ -33,6 +33,8 @@ pub const TICK: Duration = Duration::from_millis(200);
 pub const MAX_WATCHED: usize = 1_000;
 /// How often a node republishes its users' presence to the other nodes.
 pub const REFRESH: Duration = Duration::from_secs(20);
+/// Users per refresh message (well under NATS's default 1 MiB payload).
+pub const REFRESH_CHUNK: usize = 5_000;
 /// How long another node's word on a user holds without a refresh.
 pub const EXPIRY: Duration = Duration::from_secs(50);
 
@@ -317,14 +319,37 @@ impl Presence {
         }
     }
 
-    /// This node's users that are not offline, for a periodic refresh to the others.
-    pub fn local_users(&self) -> Vec<(i64, Status)> {
+    /// Hands this node's users that are not offline to `publish`, [`REFRESH_CHUNK`] at a
+    /// time, under the lock: a change made after it is published after it, never
+    /// overtaken by this older view.
+    pub fn publish_all(&self, mut publish: impl FnMut(Vec<(i64, Status)>)) {
         let inner = self.lock();
-        inner
+        let users: Vec<(i64, Status)> = inner
             .local
             .keys()
             .map(|u| (*u, inner.local_status(*u)))
-            .collect()
+            .collect();
+        for chunk in users.chunks(REFRESH_CHUNK) {
+            publish(chunk.to_vec());
+        }
+    }
+
+    /// The users offline here whose change still waits (at a stop), with when they left;
+    /// forgets them.
+    pub fn pending_offline(&self) -> Vec<(i64, i64)> {
+        let mut inner = self.lock();
+        let now = crate::clock::now_ms();
+        let mut seen: Vec<(i64, i64)> = inner.local.keys().map(|u| (*u, now)).collect();
+        let waiting: Vec<i64> = inner.due.keys().copied().collect();
+        for user in waiting {
+            if !inner.local.contains_key(&user)
+                && let Some(at) = inner.last_seen.remove(&user)
+            {
+                seen.push((user, at));
+            }
+        }
+        inner.due.clear();
+        seen
     }
 
     /// `conn` watches `users` from now on: their changes come to its outbox. Answers

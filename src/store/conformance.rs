@@ -1346,6 +1346,18 @@ async fn search(store: &dyn Store) {
         ]
     );
 
+    // Text each index splits its own way is found by the same query on both.
+    post(ab, a, "send an e-mail to ops.example.com now").await;
+    for q in ["e-mail", "\"an e-mail\"", "ops.example.com", "e-mai*"] {
+        assert_eq!(
+            found(store, b, q, None).await,
+            ["send an e-mail to ops.example.com now"],
+            "{q}"
+        );
+    }
+    // A positive part the index finds no word in finds nothing, not everything else.
+    assert!(found(store, b, "² -spam", None).await.is_empty());
+
     // A member who leaves no longer finds the channel's messages.
     store.remove_member(b, ab, b).await.unwrap();
     assert_eq!(found(store, b, "quick", None).await, ["quick other talk"]);

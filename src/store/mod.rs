@@ -343,7 +343,8 @@ pub trait Channels: Send + Sync {
 
     /// The members of a channel `user_id` belongs to; `NotFound` for non-members.
     async fn members(&self, user_id: i64, channel_id: i64) -> Result<Vec<Member>>;
-    /// Which of `others` share a channel with `user_id` (any channel, DMs too).
+    /// Which of `others` share a channel with `user_id` as consent counts it: any
+    /// channel but a DM, and a DM once the other answered it (or if they opened it).
     async fn sharing(&self, user_id: i64, others: &[i64]) -> Result<Vec<i64>>;
     /// Adds `user_id` (with `role`, default member) or changes its role. Owner/admin only.
     async fn put_member(

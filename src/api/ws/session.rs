@@ -24,7 +24,8 @@ use crate::wire::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
 
 /// Events read per trip when replaying or filling a gap.
 const FILL_PAGE: u32 = 256;
-/// Presence subscriptions one connection may make per [`PRESENCE_WINDOW`].
+/// Presence ops (subscribe, unsubscribe, set) one connection may make per
+/// [`PRESENCE_WINDOW`].
 const PRESENCE_OPS: u32 = 20;
 const PRESENCE_WINDOW: Duration = Duration::from_secs(10);
 /// Users one presence op may name.
@@ -380,6 +381,11 @@ impl Session {
                 }
             }
             ClientOp::PresenceSet { status } => {
+                if let Err(e) = self.admit_presence_op() {
+                    self.outbox
+                        .push(Item::Frame(protocol::error(None, e.detail()).into()));
+                    return Ok(());
+                }
                 let presence = &self.state.gateway.presence;
                 match PresenceStatus::parse(&status) {
                     Some(PresenceStatus::Idle) => presence.set_idle(self.conn, self.user_id, true),
@@ -408,8 +414,20 @@ impl Session {
                 channel_id,
                 user_ids,
             } => {
+                if let Err(e) = self.admit_presence_op() {
+                    self.outbox
+                        .push(Item::Frame(protocol::error(None, e.detail()).into()));
+                    return Ok(());
+                }
+                // What to stop watching needs no check: ids as given, a channel's members
+                // as it stands (nothing, for a channel the caller is no longer in).
                 let users = match (channel_id, user_ids) {
                     (None, None) => None,
+                    (None, Some(list)) => Some(
+                        list.iter()
+                            .filter_map(|u| super::parse_id("user_ids", u).ok())
+                            .collect::<Vec<i64>>(),
+                    ),
                     (channel_id, user_ids) => {
                         match self.presence_users(channel_id, user_ids).await {
                             Ok(users) => Some(users),
@@ -514,6 +532,18 @@ impl Session {
         channel_id: Option<String>,
         user_ids: Option<Vec<String>>,
     ) -> Result<String, ApiError> {
+        self.admit_presence_op()?;
+        let users = self.presence_users(channel_id, user_ids).await?;
+        let presence = &self.state.gateway.presence;
+        let mut seen = presence
+            .watch(self.conn, &self.outbox, &users)
+            .map_err(ApiError::too_many_watched)?;
+        presence.fill_last_seen(&mut seen).await;
+        Ok(protocol::presence(&seen))
+    }
+
+    /// Charges a presence op to this connection: [`PRESENCE_OPS`] per [`PRESENCE_WINDOW`].
+    fn admit_presence_op(&mut self) -> Result<(), ApiError> {
         let now = Instant::now();
         if now - self.presence_ops.0 >= PRESENCE_WINDOW {
             self.presence_ops = (now, 0);
@@ -525,17 +555,13 @@ impl Session {
             )));
         }
         self.presence_ops.1 += 1;
-        let users = self.presence_users(channel_id, user_ids).await?;
-        let presence = &self.state.gateway.presence;
-        let mut seen = presence
-            .watch(self.conn, &self.outbox, &users)
-            .map_err(ApiError::too_many_watched)?;
-        presence.fill_last_seen(&mut seen).await;
-        Ok(protocol::presence(&seen))
+        Ok(())
     }
 
     /// The users a presence op names: a channel's members (a channel of this connection's;
-    /// else 404), or users who share a channel with the caller (else 404).
+    /// else 404; of a DM, the other one once it counts: see
+    /// [`crate::api::presence::visible_members`]), or users who share a channel with the
+    /// caller as consent counts it (else 404).
     async fn presence_users(
         &self,
         channel_id: Option<String>,
@@ -547,8 +573,7 @@ impl Session {
                 if !self.positions.contains_key(&id) {
                     return Err(ApiError::not_found_because("no such channel"));
                 }
-                let members = self.state.store.members(self.user_id, id).await?;
-                Ok(members.iter().map(|m| m.user.id).collect())
+                Ok(crate::api::presence::visible_members(&self.state, self.user_id, id).await?)
             }
             (None, Some(list)) => {
                 if list.len() > PRESENCE_USERS_PER_OP {
@@ -635,6 +660,9 @@ impl Session {
     {
         self.positions.remove(&channel_id);
         self.state.gateway.hub.unsubscribe(self.conn, channel_id);
+        // Whom the connection may watch may have changed: it watches no one until it
+        // subscribes again (documented; the web client does so on `channel.left`).
+        self.state.gateway.presence.unwatch(self.conn, None);
         feed(socket, protocol::left(channel_id).into()).await
     }
 

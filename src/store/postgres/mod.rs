@@ -1986,18 +1986,14 @@ impl Channels for PostgresStore {
     }
 
     async fn sharing(&self, user_id: i64, others: &[i64]) -> Result<Vec<i64>> {
-        // The user → channels index on shard 0 (kept by the outbox relay).
-        let c = self.inner.conn(0).await?;
-        let rows = c
-            .query(
-                "SELECT DISTINCT b.user_id FROM user_channels a
-                 JOIN user_channels b ON b.channel_id = a.channel_id
-                 WHERE a.user_id = $1 AND b.user_id = ANY($2)",
-                &[&user_id, &others],
-            )
-            .await
-            .map_err(|e| self.inner.fail(0, "read shared channels", e.into()))?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        // As consent counts it: a DM once the other answered it or opened it.
+        let mut found = Vec::new();
+        for &other in others {
+            if self.inner.shares_channel(user_id, other).await? {
+                found.push(other);
+            }
+        }
+        Ok(found)
     }
 
     async fn search(&self, user_id: i64, query: &SearchQuery) -> Result<Page<Message>> {
@@ -2025,12 +2021,19 @@ impl Channels for PostgresStore {
                 .map_err(|e| inner.fail(shard, "search", e))
         });
         let mut found = Vec::new();
+        let (mut answered, mut down) = (0, 0);
         for part in futures_util::future::join_all(reads).await {
             match part {
-                Ok(part) => found.extend(part),
-                Err(StoreError::Unreachable) => {}
+                Ok(part) => {
+                    answered += 1;
+                    found.extend(part);
+                }
+                Err(StoreError::Unreachable) => down += 1,
                 Err(e) => return Err(e),
             }
+        }
+        if answered == 0 && down > 0 {
+            return Err(StoreError::Unreachable);
         }
         match query.order {
             SearchOrder::Newest => found.sort_unstable_by_key(|(m, _)| std::cmp::Reverse(m.id)),

@@ -361,7 +361,34 @@ pub(super) async fn search(
     fetch: i64,
     budget_ms: u64,
 ) -> Result<Vec<(Message, f32)>, Fail> {
-    let tsquery = q.query.tsquery();
+    // Each term's text goes through PostgreSQL's own parser (`phraseto_tsquery`), as the
+    // text went into `words`, so both split it alike (`e-mail`, `a.example`, `3.14`). A
+    // prefix is our words (letters and digits) as lexemes. A query whose positive part
+    // PostgreSQL finds no lexeme in finds nothing (else `-x` alone would match the rest).
+    let mut params: Vec<String> = Vec::new();
+    let mut part = |t: &crate::search::Term| {
+        if t.prefix {
+            params.push(t.prefix_tsquery());
+            format!("to_tsquery('simple', ${})", params.len() + 4)
+        } else {
+            params.push(t.text.clone());
+            format!("phraseto_tsquery('simple', ${})", params.len() + 4)
+        }
+    };
+    let mut positive = Vec::new();
+    let mut negative = Vec::new();
+    for t in q.query.terms() {
+        if t.negated {
+            negative.push(format!("!!{}", part(t)));
+        } else {
+            positive.push(part(t));
+        }
+    }
+    let positive = positive.join(" && ");
+    let full = std::iter::once(format!("({positive})"))
+        .chain(negative)
+        .collect::<Vec<_>>()
+        .join(" && ");
     let before = match q.order {
         SearchOrder::Newest => q.from.unwrap_or(i64::MAX),
         SearchOrder::Relevance => i64::MAX,
@@ -373,14 +400,16 @@ pub(super) async fn search(
     let sql = format!(
         concat!(
             message_select!(),
-            ", ts_rank(m.words, q) AS rank
-             FROM to_tsquery('simple', $2) q, messages m
+            ", ts_rank(m.words, x.q) AS rank
+             FROM (SELECT {positive} AS pos, {full} AS q) x, messages m
              JOIN members b ON b.channel_id = m.channel_id AND b.user_id = $1
-             WHERE m.words @@ q AND NOT m.deleted AND m.id < $3
-               AND ($4::BIGINT IS NULL OR m.channel_id = $4)
-             ORDER BY {} LIMIT $5"
+             WHERE numnode(x.pos) > 0 AND m.words @@ x.q AND NOT m.deleted AND m.id < $2
+               AND ($3::BIGINT IS NULL OR m.channel_id = $3)
+             ORDER BY {order} LIMIT $4"
         ),
-        order
+        positive = positive,
+        full = full,
+        order = order,
     );
     let tx = c.transaction().await?;
     tx.batch_execute(&format!(
@@ -388,10 +417,14 @@ pub(super) async fn search(
         budget_ms.max(1)
     ))
     .await?;
-    let rows = match tx
-        .query(&sql, &[&user_id, &tsquery, &before, &q.channel_id, &fetch])
-        .await
-    {
+    let mut args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        vec![&user_id, &before, &q.channel_id, &fetch];
+    args.extend(
+        params
+            .iter()
+            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)),
+    );
+    let rows = match tx.query(&sql, &args).await {
         Ok(rows) => rows,
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
             return Err(Fail::Store(StoreError::SearchTooBroad));

@@ -608,9 +608,14 @@ impl Channels for SqliteStore {
         let others = others.to_vec();
         self.reads
             .run(move |c| {
+                // A DM counts once the other answered it, or if they opened it: a stranger
+                // who opens a DM does not get to watch anyone.
                 let mut shares = c.prepare_cached(
-                    "SELECT 1 FROM members a JOIN members b ON b.channel_id = a.channel_id
-                     WHERE a.user_id = ?1 AND b.user_id = ?2 LIMIT 1",
+                    "SELECT 1 FROM members a
+                     JOIN members b ON b.channel_id = a.channel_id AND b.user_id = ?2
+                     JOIN channels c ON c.id = a.channel_id
+                     WHERE a.user_id = ?1 AND (c.kind != 'dm' OR c.owner_id = ?2 OR c.dm_answered = 1)
+                     LIMIT 1",
                 )?;
                 let mut found = Vec::new();
                 for other in others {

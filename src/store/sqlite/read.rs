@@ -493,7 +493,7 @@ pub(super) fn search(
         SearchOrder::Relevance => conn
             .prepare_cached(
                 "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?1
-                 ORDER BY rank, rowid DESC LIMIT ?2 OFFSET ?3",
+                 ORDER BY bm25(messages_fts, 1.0, 0.0), rowid DESC LIMIT ?2 OFFSET ?3",
             )
             .and_then(|mut s| {
                 s.query_map(params![expr, fetch, q.from.unwrap_or(0)], |r| r.get(0))?

@@ -180,7 +180,6 @@ impl Tail {
             .map(|e| e.message.clone())
     }
 
-    /// The unfolded post of the channel with this seq.
     /// Whether any of the channels has posts not folded yet.
     pub fn holds_any(&self, channels: &[i64]) -> bool {
         let inner = self.lock();
@@ -189,6 +188,7 @@ impl Tail {
             .any(|c| inner.channels.get(c).is_some_and(|e| !e.is_empty()))
     }
 
+    /// The unfolded post of the channel with this seq.
     fn get(&self, channel_id: i64, seq: i64) -> Option<Message> {
         let inner = self.lock();
         let posts = inner.channels.get(&channel_id)?;
