@@ -1378,6 +1378,26 @@ async fn threads_reply_count_page_and_survive_their_root() {
         (bad.status, bad.code()),
         (StatusCode::BAD_REQUEST, "invalid_field")
     );
+    // A root that is not there is the body's fault: the channel in the path is there.
+    let missing = member
+        .post(
+            &format!("/v1/channels/{ch}/messages"),
+            json!({"text": "x", "thread_root_id": "12345"}),
+        )
+        .await;
+    assert_eq!(
+        (
+            missing.status,
+            missing.code(),
+            missing.body["error"]["field"].as_str()
+        ),
+        (
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            Some("thread_root_id")
+        ),
+        "{missing:?}"
+    );
     for a in [
         reply(&stranger, "let me in", None).await,
         stranger.get(&path).await,

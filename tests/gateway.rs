@@ -484,7 +484,11 @@ async fn presence_reaches_watchers_who_share_a_channel_coalesced() {
             .collect::<Vec<_>>()
     };
     let listed = c.get(&format!("/v1/channels/{dm}/presence")).await;
-    assert_eq!(only_carol(&listed.body), std::slice::from_ref(&c.user_id), "{listed:?}");
+    assert_eq!(
+        only_carol(&listed.body),
+        std::slice::from_ref(&c.user_id),
+        "{listed:?}"
+    );
     rc.send_raw(&json!({"op": "presence.subscribe", "channel_id": dm}).to_string())
         .await
         .unwrap();

@@ -877,19 +877,23 @@ async fn threads(store: &dyn Store) {
             ..
         })
     ));
-    for (who, channel, root_id) in [
-        (outsider, other.id, root.id),
-        (outsider, ch.id, root.id),
-        (a, ch.id, 999_999),
-    ] {
+    // A root the channel does not have (none, or another channel's) is the body's fault.
+    for (who, channel, root_id) in [(a, ch.id, 999_999), (outsider, other.id, root.id)] {
         assert!(
             matches!(
                 store.post_reply(who, channel, root_id, "x", None).await,
-                Err(StoreError::NotFound)
+                Err(StoreError::Invalid {
+                    field: "thread_root_id",
+                    ..
+                })
             ),
             "{who} in {channel} to {root_id}"
         );
     }
+    assert!(matches!(
+        store.post_reply(outsider, ch.id, root.id, "x", None).await,
+        Err(StoreError::NotFound)
+    ));
     // The thread, paged both ways; the channel's history and log show the replies, marked.
     let thread = store
         .thread(ch.id, root.id, HistoryQuery::newest(10))
@@ -969,7 +973,10 @@ async fn threads(store: &dyn Store) {
     store.delete_message(a, ch.id, lonely.id).await.unwrap();
     assert!(matches!(
         store.post_reply(b, ch.id, lonely.id, "x", None).await,
-        Err(StoreError::NotFound)
+        Err(StoreError::Invalid {
+            field: "thread_root_id",
+            ..
+        })
     ));
     // In a broadcast channel replies follow the posting rule.
     let news = store

@@ -371,8 +371,8 @@ pub trait Channels: Send + Sync {
         client_id: Option<&str>,
     ) -> Result<Posted>;
     /// A reply in the thread of `root_id`, a message of the same channel that is not a
-    /// reply itself (else `Invalid`; a missing root, or a deleted one without replies, is
-    /// `NotFound`). The same checks, idempotency and ordering promise as
+    /// reply itself (else `Invalid`, as for a missing root or a deleted one without
+    /// replies). The same checks, idempotency and ordering promise as
     /// [`Channels::post_message`]; the root's `reply_count` and `last_reply_at` change in
     /// the same transaction. Its event is a `message.created` whose message names the root.
     async fn post_reply(

@@ -165,8 +165,12 @@ pub fn delete(message: Option<&Message>, actor: i64, role: Role) -> Verdict<bool
 
 /// A reply's root: a message of the channel that is not a reply itself; a deleted root
 /// takes replies only while its thread has some (the thread stays readable and open).
+/// A root that is not there is the body's fault, not the path's: `Invalid`.
 pub fn reply_root(root: Option<&Message>) -> Verdict {
-    let root = root.ok_or(StoreError::NotFound)?;
+    let root = root.ok_or_else(|| StoreError::Invalid {
+        field: "thread_root_id",
+        message: "no such message in this channel".into(),
+    })?;
     if root.thread_root_id.is_some() {
         return Err(StoreError::Invalid {
             field: "thread_root_id",
@@ -174,7 +178,10 @@ pub fn reply_root(root: Option<&Message>) -> Verdict {
         });
     }
     if root.deleted && root.reply_count == 0 {
-        return Err(StoreError::NotFound);
+        return Err(StoreError::Invalid {
+            field: "thread_root_id",
+            message: "that message was deleted and has no thread".into(),
+        });
     }
     Ok(())
 }
