@@ -378,7 +378,7 @@ async fn presence_reaches_watchers_who_share_a_channel_coalesced() {
     let alice = id(&a.user_id);
     let mut rb = connect(&b).await;
     let subscribe = json!({"op": "presence.subscribe", "channel_id": ch}).to_string();
-    rb.send_raw(&subscribe).await.unwrap();
+    rb.watch_channel_presence(id(&ch)).await.unwrap();
     let frames = until(&mut rb, |f| matches!(f, Frame::Presence(_))).await;
     let Some(Frame::Presence(now)) = frames.last() else {
         unreachable!()
@@ -398,9 +398,7 @@ async fn presence_reaches_watchers_who_share_a_channel_coalesced() {
         |f| matches!(f, Frame::PresenceUpdated(p) if p.user_id == alice),
     )
     .await;
-    ra.send_raw(r#"{"op":"presence.set","status":"idle"}"#)
-        .await
-        .unwrap();
+    ra.set_idle(true).await.unwrap();
     let frames = until(
         &mut rb,
         |f| matches!(f, Frame::PresenceUpdated(p) if p.user_id == alice),
@@ -502,9 +500,7 @@ async fn presence_reaches_watchers_who_share_a_channel_coalesced() {
     assert_eq!(only_carol(&listed.body).len(), 2, "answered: {listed:?}");
 
     // Bob may watch Alice by id; unsubscribed, he hears no more of her.
-    rb.send_raw(&json!({"op": "presence.subscribe", "user_ids": [a.user_id]}).to_string())
-        .await
-        .unwrap();
+    rb.watch_presence(&[alice]).await.unwrap();
     until(&mut rb, |f| matches!(f, Frame::Presence(_))).await;
     rb.send_raw(r#"{"op":"presence.unsubscribe"}"#)
         .await

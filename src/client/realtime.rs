@@ -151,6 +151,29 @@ impl Realtime {
         self.send_raw(&op).await
     }
 
+    /// Watches the presence of a channel's members: a [`Frame::Presence`] answers with how
+    /// they stand, then a [`Frame::PresenceUpdated`] comes with each change. Not resumed:
+    /// after a reconnect (a new `ready`) or leaving a channel, watch again.
+    pub async fn watch_channel_presence(&mut self, channel_id: i64) -> Result<()> {
+        let op =
+            serde_json::json!({"op": "presence.subscribe", "channel_id": channel_id.to_string()});
+        self.send_raw(&op.to_string()).await
+    }
+
+    /// Watches the presence of users who share a channel with this one (at most 200).
+    pub async fn watch_presence(&mut self, user_ids: &[i64]) -> Result<()> {
+        let ids: Vec<String> = user_ids.iter().map(i64::to_string).collect();
+        let op = serde_json::json!({"op": "presence.subscribe", "user_ids": ids});
+        self.send_raw(&op.to_string()).await
+    }
+
+    /// Tells the server this connection's user is idle here (or active again).
+    pub async fn set_idle(&mut self, idle: bool) -> Result<()> {
+        let status = if idle { "idle" } else { "online" };
+        let op = serde_json::json!({"op": "presence.set", "status": status});
+        self.send_raw(&op.to_string()).await
+    }
+
     /// Sends any text frame as it is (e.g. `read`, `typing`, `ping`, or a malformed one).
     /// If the connection is down, the frame is dropped; pending sends are kept.
     pub async fn send_raw(&mut self, frame: &str) -> Result<()> {
