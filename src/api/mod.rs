@@ -246,6 +246,21 @@ impl AppState {
         self.store.render_metrics(&mut out);
         self.gateway.bus.render_metrics(&mut out);
         self.gateway.hub.stats().render(&mut out);
+        let (watching, watched) = self.gateway.presence.counts();
+        render_one(
+            &mut out,
+            "natter_presence_watching_connections",
+            "gauge",
+            "Connections watching someone's presence.",
+            watching,
+        );
+        render_one(
+            &mut out,
+            "natter_presence_watched_users",
+            "gauge",
+            "Users whose presence some connection on this node watches.",
+            watched,
+        );
         crate::process::render(&mut out);
         crate::process::render_disk(&mut out, &self.config.data_dir);
         out

@@ -5,7 +5,7 @@ use axum::extract::State;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::dto::{ErrorBody, SearchHit, SearchPage, SnippetPiece};
+use super::dto::{ErrorBody, SearchHit, SearchPage};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Authed, Params};
 use super::{AppState, messages};
@@ -104,19 +104,15 @@ async fn search(
         _ => None,
     };
     let shown = messages::across_channels(&state, auth.user.id, &page.items).await?;
-    let results = page
-        .items
-        .iter()
-        .zip(shown)
-        .map(|(m, message)| SearchHit {
-            message,
-            snippet: crate::search::snippet(&m.text, &search.query)
+    // Each snippet from the message as shown (its text is the stored one).
+    let results = shown
+        .into_iter()
+        .map(|message| SearchHit {
+            snippet: crate::search::snippet(&message.text, &search.query)
                 .into_iter()
-                .map(|p| SnippetPiece {
-                    text: p.text,
-                    hit: p.hit,
-                })
+                .map(Into::into)
                 .collect(),
+            message,
         })
         .collect();
     Ok(Json(SearchPage { results, next }))

@@ -228,15 +228,16 @@ impl NatsBus {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
-        for t in &self.tasks {
-            t.abort();
-        }
-        for t in self
+        self.abort_tasks();
+    }
+
+    /// Stops the bus's tasks, the presence ones too.
+    fn abort_tasks(&self) {
+        let presence = self
             .presence_tasks
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+            .unwrap_or_else(|p| p.into_inner());
+        for t in self.tasks.iter().chain(presence.iter()) {
             t.abort();
         }
     }
@@ -248,17 +249,7 @@ impl NatsBus {
 
 impl Drop for NatsBus {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-        for t in self
-            .presence_tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            t.abort();
-        }
+        self.abort_tasks();
     }
 }
 

@@ -75,13 +75,10 @@ struct Inner {
 }
 
 impl Inner {
+    /// The user's status over this node's connections and the other nodes' word.
     fn status(&self, user: i64) -> Status {
         let now = Instant::now();
-        let local = match self.local.get(&user) {
-            Some(conns) if conns.values().any(|idle| !idle) => Status::Online,
-            Some(conns) if !conns.is_empty() => Status::Idle,
-            _ => Status::Offline,
-        };
+        let local = self.local_status(user);
         let remote = self
             .remote
             .get(&user)

@@ -472,6 +472,15 @@ pub struct SnippetPiece {
     pub hit: bool,
 }
 
+impl From<crate::search::Piece> for SnippetPiece {
+    fn from(p: crate::search::Piece) -> Self {
+        Self {
+            text: p.text,
+            hit: p.hit,
+        }
+    }
+}
+
 /// A page of a thread's replies, with its root.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ThreadPage {

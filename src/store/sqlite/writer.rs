@@ -587,6 +587,10 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
         if let HotUse::FlushAndForget(Some(channel_id)) = hot_use {
             hot.forget(channel_id);
         }
+        // A search's fold counts with the others.
+        if let (write::Op::Fold { .. }, Ok(write::Done::Count(n))) = (&job.op, &applied) {
+            stats.folded_rows.fetch_add(*n, Ordering::Relaxed);
+        }
         match applied {
             Ok(done) => results.push(Ok(done)),
             // A refusal must come before any write; if one did not, the batch is unsafe to
