@@ -804,3 +804,147 @@ mod conversation_projections {
         }
     }
 }
+
+mod search_index {
+    //! The embedded store's search index lives in a file of its own, kept by a thread of
+    //! its own: what was acknowledged is found at once, the index survives a restart, and
+    //! one that is missing or was built for another copy of the database is rebuilt.
+
+    use std::path::Path;
+
+    use natter::model::ChannelKind;
+    use natter::search::Query;
+    use natter::store::sqlite::index_path;
+    use natter::store::{SearchOrder, SearchQuery, Store, StoreLocation, StoreOptions};
+
+    async fn open(path: &Path) -> std::sync::Arc<dyn Store> {
+        natter::store::open(StoreOptions::new(StoreLocation::Sqlite(path.to_owned())))
+            .await
+            .unwrap()
+    }
+
+    async fn found(store: &dyn Store, user: i64, q: &str) -> Vec<String> {
+        let query = SearchQuery {
+            query: Query::parse(q).unwrap(),
+            channel_id: None,
+            order: SearchOrder::Newest,
+            from: None,
+            limit: 100,
+        };
+        let page = store.search(user, &query).await.unwrap();
+        page.items.into_iter().map(|m| m.text).collect()
+    }
+
+    fn metric(store: &dyn Store, name: &str) -> String {
+        let mut out = String::new();
+        store.render_metrics(&mut out);
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} not in metrics"))
+            .to_owned()
+    }
+
+    fn remove_index(db: &Path) {
+        let index = index_path(db);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", index.display()));
+        }
+    }
+
+    fn queued(db: &Path) -> i64 {
+        rusqlite::Connection::open(db)
+            .unwrap()
+            .query_row("SELECT count(*) FROM search_queue", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn found_at_once_kept_over_a_restart_and_rebuilt_when_missing_or_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.db");
+        let store = open(&path).await;
+        let a = store.create_user("ann", "h", None).await.unwrap().id;
+        let ch = store
+            .create_channel(a, ChannelKind::Group, "c", &[])
+            .await
+            .unwrap()
+            .id;
+        let mut ids = Vec::new();
+        for i in 0..30 {
+            let m = store
+                .post_message(a, ch, &format!("alpha {i}"), None)
+                .await
+                .unwrap()
+                .message;
+            ids.push(m.id);
+        }
+        store.edit_message(a, ch, ids[0], "gamma").await.unwrap();
+        store.delete_message(a, ch, ids[1]).await.unwrap();
+        let delta = store.post_message(a, ch, "delta", None).await.unwrap();
+        // Found right after the acknowledgements: the search waits for the index.
+        let expect_alpha: Vec<String> = (2..30).rev().map(|i| format!("alpha {i}")).collect();
+        assert_eq!(found(&*store, a, "alpha").await, expect_alpha);
+        assert_eq!(found(&*store, a, "gamma").await, ["gamma"]);
+        assert_eq!(found(&*store, a, "delta").await, ["delta"]);
+
+        // A backup now holds "delta"; then the live server deletes it.
+        let copy = dir.path().join("copy").join("natter.db");
+        std::fs::create_dir(copy.parent().unwrap()).unwrap();
+        natter::store::sqlite::backup::backup(&path, &copy).unwrap();
+        store.delete_message(a, ch, delta.message.id).await.unwrap();
+        assert!(found(&*store, a, "delta").await.is_empty());
+        store.close().await;
+
+        // Reopened: the same index, not rebuilt.
+        let store = open(&path).await;
+        assert_eq!(metric(&*store, "natter_search_index_rebuilding"), "0");
+        assert_eq!(found(&*store, a, "alpha").await, expect_alpha);
+        assert!(found(&*store, a, "delta").await.is_empty());
+        store.close().await;
+
+        // Its file gone: rebuilt from the messages.
+        remove_index(&path);
+        let store = open(&path).await;
+        assert_eq!(found(&*store, a, "alpha").await, expect_alpha);
+        assert_eq!(found(&*store, a, "gamma").await, ["gamma"]);
+        store.close().await;
+
+        // The backup restored beside the live server's index (which lost "delta"): that
+        // index is not the copy's, so it is rebuilt, and the copy's "delta" is found.
+        std::fs::copy(index_path(&path), index_path(&copy)).unwrap();
+        let restored = open(&copy).await;
+        assert_eq!(found(&*restored, a, "delta").await, ["delta"]);
+        assert_eq!(found(&*restored, a, "alpha").await, expect_alpha);
+        restored.close().await;
+    }
+
+    /// The queue's rows the index has passed are deleted by the writer, a few thousand at
+    /// a time, so the queue stays short.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queue_is_trimmed_behind_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.db");
+        let store = open(&path).await;
+        let a = store.create_user("ann", "h", None).await.unwrap().id;
+        let ch = store
+            .create_channel(a, ChannelKind::Group, "c", &[])
+            .await
+            .unwrap()
+            .id;
+        for round in 0..2 {
+            let sends = (0..3000).map(|i| {
+                let store = store.clone();
+                async move {
+                    let text = format!("word{round} n{i}");
+                    store.post_message(a, ch, &text, None).await.unwrap();
+                }
+            });
+            futures_util::future::join_all(sends).await;
+            // The search folds the log and waits for the index to pass the queue.
+            assert_eq!(found(&*store, a, &format!("word{round}")).await.len(), 100);
+        }
+        store.post_message(a, ch, "one more", None).await.unwrap();
+        assert!(queued(&path) < 3000, "{} rows queued", queued(&path));
+        store.close().await;
+    }
+}

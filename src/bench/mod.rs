@@ -87,10 +87,6 @@ pub struct WriteArgs {
     /// of one long run of `x`: what indexing real text costs a send.
     #[arg(long)]
     pub words: bool,
-    /// Drop the search index's triggers from the scratch database first (`bench store` on
-    /// SQLite): the same run without index maintenance, for comparison.
-    #[arg(long, hide = true)]
-    pub without_search_index: bool,
     /// Send at this many messages/s on a fixed schedule (open loop; latency counted from
     /// each send's scheduled time), instead of as fast as `--concurrency` allows.
     #[arg(long)]
@@ -478,9 +474,6 @@ where
     if w.words {
         report.param("text", "words");
     }
-    if w.without_search_index {
-        report.param("search index", "off");
-    }
     if let Some(r) = w.rate {
         report.param("rate", r);
     }
@@ -525,16 +518,6 @@ pub async fn measure_store(args: &HttpArgs) -> anyhow::Result<report::Report> {
         config.store = Some(
             crate::store::StoreLocation::parse(s).map_err(|e| anyhow::anyhow!("--store: {e}"))?,
         );
-    }
-    if w.without_search_index {
-        let crate::store::StoreLocation::Sqlite(path) = config.store_location() else {
-            bail!("--without-search-index applies to the SQLite store");
-        };
-        crate::store::sqlite::migrate_only(&path)?;
-        rusqlite::Connection::open(&path)?.execute_batch(
-            "DROP TRIGGER messages_fts_insert; DROP TRIGGER messages_fts_update;
-             DROP TRIGGER messages_fts_delete;",
-        )?;
     }
     let store: Arc<dyn Store> = crate::store::open(config.store_options(None)).await?;
     let closing = Arc::clone(&store);

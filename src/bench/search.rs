@@ -238,6 +238,16 @@ async fn fill_and_search(
     }
     let fill = started.elapsed();
     bar.finish_and_clear();
+    // The searches are measured apart from the writes: SQLite indexes on a thread of
+    // its own, which may still be taking the last of them.
+    let indexing = Instant::now();
+    if !store
+        .search_caught_up(std::time::Duration::from_secs(600))
+        .await
+    {
+        anyhow::bail!("the search index did not take the messages written within 10 minutes");
+    }
+    let index_wait = indexing.elapsed();
 
     let kinds = kinds();
     let mut hists: Vec<Histogram<u64>> = kinds.iter().map(|_| histogram()).collect();
@@ -306,6 +316,11 @@ async fn fill_and_search(
         "fill msgs/s",
         args.messages as f64 / fill.as_secs_f64(),
         "1/s",
+    );
+    report.figure(
+        "index caught up after the fill",
+        index_wait.as_secs_f64(),
+        "s",
     );
     report.figure(
         "searches/s",

@@ -542,6 +542,13 @@ pub trait Backend: Send + Sync {
     fn health(&self) -> Health;
     /// Appends the backend's metrics in Prometheus text format.
     fn render_metrics(&self, out: &mut String);
+    /// Waits, for at most `within`, until every message written so far is in the search
+    /// index (for benchmarks, which measure searches apart from the writes before them);
+    /// whether it is. A backend that indexes in the write itself is always caught up.
+    async fn search_caught_up(&self, within: std::time::Duration) -> bool {
+        let _ = within;
+        true
+    }
 }
 
 /// The whole store, as one object the server holds.

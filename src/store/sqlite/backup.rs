@@ -105,6 +105,16 @@ fn copy_and_check(src: &Connection, path: &Path) -> anyhow::Result<(i64, i64)> {
     if has_log {
         super::tail::fold_all(&mut dst).context("fold the copy's commit log")?;
     }
+    // A copy is another database: a search index built for the live one is not its own
+    // (`index.rs`), so one left beside it at a restore is rebuilt, not trusted.
+    let has_search_meta: bool = dst.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'search_meta'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_search_meta {
+        dst.execute("UPDATE search_meta SET epoch = abs(random())", [])?;
+    }
     let verdict: String = dst.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
     if verdict != "ok" {
         bail!("the copy failed its integrity check: {verdict}");

@@ -4,6 +4,7 @@
 pub mod backup;
 mod checkpoint;
 mod hot;
+mod index;
 mod read;
 mod schema;
 mod seen;
@@ -15,17 +16,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use anyhow::Context;
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 
 use self::checkpoint::Checkpointer;
 use self::hot::Hot;
+use self::index::SearchIndex;
+pub use self::index::index_path;
 use self::read::ReadPool;
 pub use self::tail::FOLD_ROWS;
 use self::tail::{Tail, Unfolded};
 use self::write::{Done, Op};
 pub use self::writer::WriteStats;
-use self::writer::Writer;
+use self::writer::{Writer, WriterParts};
 use super::{
     Accounts, Backend, Channels, Health, NewSession, Posted, ReadFence, Result, SearchQuery,
     SessionAuth, SessionInfo, StoreError, TokenHash,
@@ -84,6 +88,8 @@ pub struct SqliteStore {
     /// Posts committed to the commit log and not yet folded: merged into every log read.
     tail: Arc<Tail>,
     search_budget: std::time::Duration,
+    /// The search index's thread (`index.rs`).
+    index: Arc<SearchIndex>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     checkpointer: Mutex<Option<Checkpointer>>,
 }
@@ -133,6 +139,8 @@ impl SqliteStore {
             Arc::clone(&opts.stats),
             opts.disk_reserve,
         )?;
+        // Before the readers: they attach its file.
+        let index = Arc::new(SearchIndex::start(&opts.path)?);
         let reads = (0..opts.read_connections.max(1))
             .map(|_| open_reader(&opts.path))
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -147,24 +155,26 @@ impl SqliteStore {
         let mut ids = crate::id::Snowflake::new(opts.node_id);
         ids.resume_after(last_id);
         let tail = Arc::new(Tail::default());
-        let (writer, handle) = Writer::start(
+        let parts = WriterParts {
             conn,
             ids,
-            opts.write_queue,
-            opts.on_commit.clone(),
-            Arc::clone(&opts.stats),
-            opts.rules,
-            Hot::new(
+            on_commit: opts.on_commit.clone(),
+            stats: Arc::clone(&opts.stats),
+            rules: opts.rules,
+            hot: Hot::new(
                 Unfolded::new(Arc::clone(&tail), opts.fold_rows),
                 seen::Seen::start(&opts.path),
             ),
-        );
+            index: index.signal(),
+        };
+        let (writer, handle) = Writer::start(parts, opts.write_queue);
         Ok(Self {
             writer,
             stats: Arc::clone(&opts.stats),
             reads: ReadPool::new(reads),
             tail,
             search_budget: opts.rules.search_budget,
+            index,
             writer_thread: Mutex::new(Some(handle)),
             checkpointer: Mutex::new(Some(checkpointer)),
         })
@@ -242,6 +252,13 @@ fn open_reader(path: &Path) -> anyhow::Result<Connection> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     schema::configure(&conn, READER_CACHE_KIB)?;
+    let index = index_path(path);
+    conn.execute(
+        "ATTACH DATABASE ?1 AS search",
+        [index
+            .to_str()
+            .context("the search index's path is not UTF-8")?],
+    )?;
     Ok(conn)
 }
 
@@ -272,7 +289,9 @@ impl Backend for SqliteStore {
     async fn close(&self) {
         self.writer.stop().await;
         let (writer, checkpointer) = self.take_threads();
-        // The writer thread ends at once now; the checkpointer finishes its last pass.
+        // The writer thread ends at once now; the checkpointer finishes its last pass, and
+        // the index thread its current transaction.
+        let index = Arc::clone(&self.index);
         let joined = tokio::task::spawn_blocking(move || {
             if let Some(h) = writer {
                 let _ = h.join();
@@ -280,6 +299,7 @@ impl Backend for SqliteStore {
             if let Some(c) = checkpointer {
                 c.stop();
             }
+            index.stop();
         });
         let _ = joined.await;
     }
@@ -299,6 +319,18 @@ impl Backend for SqliteStore {
 
     fn render_metrics(&self, out: &mut String) {
         self.stats.render(out);
+        self.index.render(out);
+    }
+
+    async fn search_caught_up(&self, within: std::time::Duration) -> bool {
+        let channels = self.tail.channels();
+        if !channels.is_empty() && self.write(Op::Fold { channels }).await.is_err() {
+            return false;
+        }
+        match self.reads.run(index::queue_end).await {
+            Ok(end) => self.index.caught_up(end, within).await,
+            Err(_) => false,
+        }
     }
 }
 
@@ -646,8 +678,10 @@ impl Channels for SqliteStore {
                 has_more: false,
             });
         }
-        // Posts still in the commit log are not in the index yet: fold them first. If the
-        // writer cannot (full disk, overload), the search goes on without them.
+        // Posts still in the commit log are not queued for the index yet: fold them first.
+        // Then wait, within the search's budget, for the index thread to pass the queue's
+        // end. If the writer cannot fold (full disk, overload) or the index is behind (a
+        // rebuild), the search goes on with the index as it is.
         if self.tail.holds_any(&channels) {
             let fold = Op::Fold {
                 channels: channels.clone(),
@@ -655,6 +689,10 @@ impl Channels for SqliteStore {
             if let Err(e) = self.write(fold).await {
                 tracing::debug!(error = %e, "searching without the posts not folded yet");
             }
+        }
+        let end = self.reads.run(index::queue_end).await?;
+        if !self.index.caught_up(end, self.search_budget).await {
+            tracing::debug!(end, "searching an index that is behind");
         }
         let (query, budget) = (query.clone(), self.search_budget);
         self.reads

@@ -481,7 +481,7 @@ pub(super) fn search(
     let ids: rusqlite::Result<Vec<i64>> = match q.order {
         SearchOrder::Newest => conn
             .prepare_cached(
-                "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?1 AND rowid < ?2
+                "SELECT rowid FROM search.messages_fts WHERE messages_fts MATCH ?1 AND rowid < ?2
                  ORDER BY rowid DESC LIMIT ?3",
             )
             .and_then(|mut s| {
@@ -492,7 +492,7 @@ pub(super) fn search(
             }),
         SearchOrder::Relevance => conn
             .prepare_cached(
-                "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?1
+                "SELECT rowid FROM search.messages_fts WHERE messages_fts MATCH ?1
                  ORDER BY bm25(messages_fts, 1.0, 0.0), rowid DESC LIMIT ?2 OFFSET ?3",
             )
             .and_then(|mut s| {

@@ -193,6 +193,36 @@ const MIGRATIONS: &[Migration] = &[
     ),
     // 11: presence: when each user was last online.
     Migration::Sql("ALTER TABLE users ADD COLUMN last_seen_at INTEGER;"),
+    // 12: the search index moves to a file of its own, kept by a thread of its own
+    // (`index.rs`), off the writer. `search_queue` lists the ids of the messages whose
+    // text changed: triggers queue edits, deletes and removals; new messages are queued
+    // by the statements that insert them (the commit log's fold, `post_slow`), in bulk,
+    // which costs the writer less than a trigger per row. `search_meta.epoch` names this
+    // database, so an index built for another one (a restored backup's) is rebuilt
+    // rather than trusted.
+    Migration::Sql(
+        r#"
+    DROP TRIGGER messages_fts_insert;
+    DROP TRIGGER messages_fts_update;
+    DROP TRIGGER messages_fts_delete;
+    DROP TABLE messages_fts;
+    CREATE TABLE search_queue (
+        pos        INTEGER PRIMARY KEY,
+        message_id INTEGER NOT NULL
+    );
+    CREATE TABLE search_meta (
+        id    INTEGER PRIMARY KEY CHECK (id = 0),
+        epoch INTEGER NOT NULL
+    );
+    INSERT INTO search_meta VALUES (0, abs(random()));
+    CREATE TRIGGER search_queue_update AFTER UPDATE OF text, deleted ON messages BEGIN
+        INSERT INTO search_queue (message_id) VALUES (new.id);
+    END;
+    CREATE TRIGGER search_queue_delete AFTER DELETE ON messages BEGIN
+        INSERT INTO search_queue (message_id) VALUES (old.id);
+    END;
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's
@@ -330,6 +360,61 @@ mod tests {
                 row("...", "...", ""),
             ]
         );
+    }
+
+    /// Migration 12 takes the index out of the database (the index thread rebuilds it in
+    /// its own file from the messages) and leaves the messages as they were.
+    #[test]
+    fn the_search_index_leaves_the_database_and_the_messages_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        for (i, step) in MIGRATIONS.iter().enumerate().take(11) {
+            let tx = conn.transaction().unwrap();
+            match step {
+                Migration::Sql(sql) => tx.execute_batch(sql).unwrap(),
+                Migration::Rust(apply) => apply(&tx).unwrap(),
+            }
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO messages (id, channel_id, seq, author_id, text, created_at)
+             VALUES (1, 5, 1, 9, 'hello there', 0), (2, 5, 2, 9, 'general kenobi', 0);",
+        )
+        .unwrap();
+        let indexed: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'hello'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexed, 1, "version 11 indexes by trigger");
+        migrate(&mut conn).unwrap();
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            count("SELECT count(*) FROM sqlite_master WHERE name LIKE 'messages_fts%'"),
+            0
+        );
+        assert_eq!(count("SELECT count(*) FROM messages"), 2);
+        assert_eq!(count("SELECT count(*) FROM search_meta"), 1);
+        // Edits and deletes are queued by trigger; new messages by their inserts.
+        conn.execute_batch(
+            "UPDATE messages SET text = 'edited' WHERE id = 1;
+             DELETE FROM messages WHERE id = 2;
+             INSERT INTO messages (id, channel_id, seq, author_id, text, created_at)
+             VALUES (3, 5, 3, 9, 'not queued by a trigger', 0);",
+        )
+        .unwrap();
+        let queued: Vec<i64> = conn
+            .prepare("SELECT message_id FROM search_queue ORDER BY pos")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(queued, [1, 2]);
     }
 
     #[test]

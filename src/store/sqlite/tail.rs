@@ -181,6 +181,17 @@ impl Tail {
     }
 
     /// Whether any of the channels has posts not folded yet.
+    /// The channels with posts in the tail.
+    pub fn channels(&self) -> Vec<i64> {
+        let inner = self.lock();
+        inner
+            .channels
+            .iter()
+            .filter(|(_, e)| !e.is_empty())
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
     pub fn holds_any(&self, channels: &[i64]) -> bool {
         let inner = self.lock();
         channels
@@ -647,6 +658,10 @@ pub(super) fn fold(tx: &Connection, through: i64) -> rusqlite::Result<usize> {
         "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at)
          SELECT message_id, channel_id, seq, author_id, text, client_id, at FROM commit_log
          WHERE pos <= ?1",
+    )?
+    .execute([through])?;
+    tx.prepare_cached(
+        "INSERT INTO search_queue (message_id) SELECT message_id FROM commit_log WHERE pos <= ?1",
     )?
     .execute([through])?;
     tx.prepare_cached("DELETE FROM commit_log WHERE pos <= ?1")?

@@ -18,6 +18,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::hot::Hot;
+use super::index::{self, IndexSignal};
 use super::tail::QuietFoldError;
 use super::write::{self, Done, HotUse, Op};
 use crate::id::Snowflake;
@@ -252,27 +253,21 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread over `conn`. The thread ends when every [`Writer`] clone is
-    /// dropped and the queue has drained.
-    pub fn start(
-        conn: Connection,
-        ids: Snowflake,
-        capacity: usize,
-        on_commit: Option<OnCommit>,
-        stats: Arc<WriteStats>,
-        rules: Rules,
-        hot: Hot,
-    ) -> (Self, JoinHandle<()>) {
+    /// Starts the writer thread over `parts.conn`, with a queue of `capacity`. The thread
+    /// ends when every [`Writer`] clone is dropped and the queue has drained.
+    pub fn start(parts: WriterParts, capacity: usize) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
+        let stats = parts.stats;
         let _ = stats.queue.set(tx.downgrade());
         let state = State {
-            conn,
-            ids,
-            hot,
-            rules,
-            on_commit,
+            conn: parts.conn,
+            ids: parts.ids,
+            hot: parts.hot,
+            rules: parts.rules,
+            on_commit: parts.on_commit,
             stats: Arc::clone(&stats),
             busy_since: None,
+            index: parts.index,
         };
         let handle = std::thread::Builder::new()
             .name("natter-writer".into())
@@ -316,6 +311,17 @@ impl Writer {
     }
 }
 
+/// What a writer is started with.
+pub(super) struct WriterParts {
+    pub conn: Connection,
+    pub ids: Snowflake,
+    pub on_commit: Option<OnCommit>,
+    pub stats: Arc<WriteStats>,
+    pub rules: Rules,
+    pub hot: Hot,
+    pub index: Arc<IndexSignal>,
+}
+
 /// What the writer thread owns besides its queue.
 struct State {
     conn: Connection,
@@ -327,6 +333,9 @@ struct State {
     /// Since when the writer has found, after every commit, its queue non-empty or the
     /// batch large (`None`: it found it empty after a batch of at most [`QUIET_BATCH`]).
     busy_since: Option<Instant>,
+    /// The search index's thread: told after each commit, and whose indexed position
+    /// bounds the queue rows a batch may delete.
+    index: Arc<IndexSignal>,
 }
 
 impl State {
@@ -369,6 +378,7 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
         let ops = batch.len();
         if !batch.is_empty() {
             commit_batch(&mut state, &mut batch);
+            state.index.poke();
         }
         // Folded when due, and all at a stop, so a clean restart starts with an empty log.
         if state.hot.log.due() || (stop.is_some() && !state.hot.log.is_empty()) {
@@ -462,6 +472,7 @@ fn fold_old(state: &mut State, rx: &mpsc::Receiver<Msg>) -> Result<(), QuietFold
         let started = Instant::now();
         match state.hot.log.fold_old(&mut state.conn) {
             Ok(rows) => {
+                state.index.poke();
                 state.stats.fold_seconds.observe_duration(started.elapsed());
                 state
                     .stats
@@ -496,6 +507,7 @@ fn fold(state: &mut State) {
     match result {
         Ok(rows) => {
             state.hot.log.committed();
+            state.index.poke();
             state.stats.fold_seconds.observe_duration(started.elapsed());
             state
                 .stats
@@ -544,6 +556,7 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
         rules,
         stats,
         busy_since,
+        index,
         ..
     } = state;
     let mut journal = Vec::new();
@@ -605,11 +618,19 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
         }
     }
     hot.flush(&tx)?;
+    // The search queue's rows the index has passed, now and then.
+    let trim = index.trim_due();
+    if let Some(through) = trim {
+        index::trim(&tx, through)?;
+    }
     // Readers clamp the channels' last_seq to what the tail shows until it shows this
     // batch: a commit is visible in SQL a moment before its posts are in the tail.
     hot.log.publishing();
     tx.commit()?;
     hot.log.committed();
     hot.trim();
+    if let Some(through) = trim {
+        index.trimmed(through);
+    }
     Ok((results, journal))
 }

@@ -208,6 +208,8 @@ pub(super) fn post_slow(
         root_id,
         read::join_ids(&mentioned)
     ])?;
+    tx.prepare_cached("INSERT INTO search_queue (message_id) VALUES (?1)")?
+        .execute([id])?;
     tx.prepare_cached(
         "INSERT INTO events (channel_id, seq, kind, at, message_id, mentions) VALUES (?1, ?2, 'message.created', ?3, ?4, ?5)",
     )?

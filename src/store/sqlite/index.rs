@@ -1,0 +1,524 @@
+//! The search index, kept off the writer: a full-text index (FTS5) in a file of its own
+//! beside the database (`natter.db` → `natter.search.db`), written by a thread of its own.
+//!
+//! The writer's share is one row per change: triggers on `messages` append the id of every
+//! message inserted, edited, deleted or removed to `search_queue`. This thread reads the
+//! queue past the position it has indexed through, reads those messages' current text from
+//! the database, writes them into the index, and stores the position in the same
+//! transaction as the index rows (`synchronous=FULL`), so the index and its position
+//! always agree, after a crash too. The writer deletes the queue's rows the index has
+//! passed ([`IndexSignal::trim_due`]). Indexing a message twice is harmless: each row of
+//! the queue only says "look at this message again".
+//!
+//! A search first folds the commit log through the caller's channels and then waits
+//! (within the search's time budget) until the index has passed the queue's end as it was
+//! after that fold, so a search finds every message acknowledged before it.
+//!
+//! The index is derived data. It is rebuilt from `messages` when its file is missing, or
+//! was built for another database: `search_meta.epoch` names the database, and a backup's
+//! copy gets a new one, so a restored backup never trusts an index of the live server.
+//!
+//! Failure: an index write that fails (a full disk) is rolled back and retried a second
+//! later; writes are never refused for it, searches meanwhile read the index as it is.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::watch;
+
+use crate::metrics::render_one;
+
+/// Queue rows one index transaction takes (and messages one rebuild step reads).
+const BATCH: usize = 8192;
+/// The queue's rows the index passed that the writer lets pile up before it trims them.
+const TRIM_EVERY: i64 = 4096;
+/// After a pass, how long the thread lets changes gather before the next one (unless a
+/// search waits): fewer, larger transactions under load.
+const GATHER: Duration = Duration::from_millis(100);
+/// How long the thread waits before it tries again after a failed pass.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The index file of the database at `db`.
+pub fn index_path(db: &Path) -> PathBuf {
+    db.with_extension("search.db")
+}
+
+const INDEX_SCHEMA: &str = r#"
+    CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(
+        text, ch, content='', contentless_delete=1,
+        tokenize='unicode61 remove_diacritics 2'
+    );
+    CREATE TABLE IF NOT EXISTS indexed (
+        id            INTEGER PRIMARY KEY CHECK (id = 0),
+        epoch         INTEGER NOT NULL, -- the database's `search_meta.epoch`
+        through       INTEGER NOT NULL, -- `search_queue.pos` indexed through
+        rebuild_after INTEGER           -- while rebuilding: the last message id indexed
+    );
+"#;
+
+/// What the index thread shares with the writer and the searches.
+#[derive(Debug)]
+pub(super) struct IndexSignal {
+    wake: Mutex<Wake>,
+    cond: Condvar,
+    /// Set by the writer after a commit, cleared by the thread: saves a lock per commit
+    /// while the thread has not looked yet.
+    poked: AtomicBool,
+    /// The queue position indexed through, durably (0 until the index is built).
+    through: watch::Sender<i64>,
+    /// The position through which the writer has trimmed the queue.
+    trimmed: AtomicI64,
+    /// Queue rows not indexed yet, as of the last pass.
+    behind: AtomicU64,
+    failures: AtomicU64,
+    rebuilding: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Wake {
+    work: bool,
+    urgent: bool,
+    stop: bool,
+}
+
+impl IndexSignal {
+    fn new() -> Self {
+        Self {
+            wake: Mutex::new(Wake::default()),
+            cond: Condvar::new(),
+            poked: AtomicBool::new(false),
+            through: watch::Sender::new(0),
+            trimmed: AtomicI64::new(0),
+            behind: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            rebuilding: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Wake> {
+        self.wake.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The writer committed something that may have queued messages.
+    pub fn poke(&self) {
+        if !self.poked.swap(true, Ordering::AcqRel) {
+            self.lock().work = true;
+            self.cond.notify_one();
+        }
+    }
+
+    /// A search waits: index now, without gathering.
+    fn hurry(&self) {
+        let mut w = self.lock();
+        w.work = true;
+        w.urgent = true;
+        self.cond.notify_one();
+    }
+
+    /// The position through which the writer may delete the queue's rows, when enough of
+    /// them have piled up since it last did.
+    pub fn trim_due(&self) -> Option<i64> {
+        let through = *self.through.borrow();
+        (through - self.trimmed.load(Ordering::Relaxed) >= TRIM_EVERY).then_some(through)
+    }
+
+    /// The writer's trim through `through` committed.
+    pub fn trimmed(&self, through: i64) {
+        self.trimmed.store(through, Ordering::Relaxed);
+    }
+
+    fn publish(&self, through: i64) {
+        self.through.send_replace(through);
+    }
+}
+
+/// Deletes the queue's rows through `through`, keeping the last row whatever it is: the
+/// next position is the largest one plus one, and must never go back.
+pub(super) fn trim(tx: &Connection, through: i64) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "DELETE FROM search_queue WHERE pos <= ?1 AND pos < (SELECT max(pos) FROM search_queue)",
+    )?
+    .execute([through])
+}
+
+/// The last position of the queue (0 when it never had a row).
+pub(super) fn queue_end(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT coalesce(max(pos), 0) FROM search_queue")?
+        .query_row([], |r| r.get(0))
+}
+
+/// The index thread and its signal.
+pub(super) struct SearchIndex {
+    signal: Arc<IndexSignal>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SearchIndex {
+    /// Opens (creating it if needed) the index of the database at `db`, which must be
+    /// migrated, and starts its thread. A rebuild, if one is needed, runs on the thread.
+    pub fn start(db: &Path) -> anyhow::Result<Self> {
+        let path = index_path(db);
+        let index = Connection::open(&path).with_context(|| format!("open {}", path.display()))?;
+        super::schema::configure(&index, 16 * 1024)?;
+        let mode: String = index.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        anyhow::ensure!(
+            mode.eq_ignore_ascii_case("wal"),
+            "{}: no WAL",
+            path.display()
+        );
+        index.execute_batch(INDEX_SCHEMA)?;
+        let main = Connection::open_with_flags(
+            db,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        super::schema::configure(&main, 16 * 1024)?;
+        let signal = Arc::new(IndexSignal::new());
+        let mut worker = Worker {
+            index,
+            main,
+            signal: Arc::clone(&signal),
+        };
+        worker.prepare()?;
+        let thread = std::thread::Builder::new()
+            .name("natter-index".into())
+            .spawn(move || worker.run())
+            .context("spawn the index thread")?;
+        Ok(Self {
+            signal,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn signal(&self) -> Arc<IndexSignal> {
+        Arc::clone(&self.signal)
+    }
+
+    /// Waits until the index has passed queue position `end`, for at most `within`;
+    /// whether it has.
+    pub async fn caught_up(&self, end: i64, within: Duration) -> bool {
+        if *self.signal.through.borrow() >= end {
+            return true;
+        }
+        let mut through = self.signal.through.subscribe();
+        self.signal.hurry();
+        tokio::time::timeout(within, through.wait_for(|t| *t >= end))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Stops the thread after its current transaction and waits for it.
+    pub fn stop(&self) {
+        self.signal.lock().stop = true;
+        self.signal.cond.notify_one();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let s = &self.signal;
+        render_one(
+            out,
+            "natter_search_index_behind",
+            "gauge",
+            "Message changes queued for the search index and not indexed yet (as of its last pass).",
+            s.behind.load(Ordering::Relaxed),
+        );
+        render_one(
+            out,
+            "natter_search_index_rebuilding",
+            "gauge",
+            "1 while the search index is being rebuilt from the messages.",
+            u8::from(s.rebuilding.load(Ordering::Relaxed)),
+        );
+        render_one(
+            out,
+            "natter_search_index_failures_total",
+            "counter",
+            "Search index passes that failed (retried a second later).",
+            s.failures.load(Ordering::Relaxed),
+        );
+    }
+}
+
+impl Drop for SearchIndex {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The thread's connections: the index, and a read-only one to the database.
+struct Worker {
+    index: Connection,
+    main: Connection,
+    signal: Arc<IndexSignal>,
+}
+
+/// The index's own record of what it holds.
+struct Indexed {
+    epoch: i64,
+    through: i64,
+    rebuild_after: Option<i64>,
+}
+
+impl Worker {
+    /// Reads where the index stands; starts a rebuild (empties it, to be refilled by the
+    /// thread) when it was built for another database or never built.
+    fn prepare(&mut self) -> anyhow::Result<()> {
+        let epoch: i64 = self
+            .main
+            .query_row("SELECT epoch FROM search_meta", [], |r| r.get(0))
+            .context("read the database's search epoch")?;
+        let state = self.state()?;
+        match state {
+            Some(s) if s.epoch == epoch => {
+                self.signal
+                    .rebuilding
+                    .store(s.rebuild_after.is_some(), Ordering::Relaxed);
+                if s.rebuild_after.is_none() {
+                    self.signal.publish(s.through);
+                }
+            }
+            _ => {
+                // Everything queued through `end` is in the messages the rebuild reads.
+                let end = self.queue_end()?;
+                let tx = self.index.transaction()?;
+                tx.execute(
+                    "INSERT INTO messages_fts (messages_fts) VALUES ('delete-all')",
+                    [],
+                )?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO indexed VALUES (0, ?1, ?2, 0)",
+                    params![epoch, end],
+                )?;
+                tx.commit()?;
+                self.signal.rebuilding.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    "the search index is rebuilt from the messages (new, or built for another copy of the database)"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> rusqlite::Result<Option<Indexed>> {
+        self.index
+            .query_row(
+                "SELECT epoch, through, rebuild_after FROM indexed",
+                [],
+                |r| {
+                    Ok(Indexed {
+                        epoch: r.get(0)?,
+                        through: r.get(1)?,
+                        rebuild_after: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
+    fn queue_end(&self) -> rusqlite::Result<i64> {
+        queue_end(&self.main)
+    }
+
+    fn run(mut self) {
+        let signal = Arc::clone(&self.signal);
+        loop {
+            {
+                let mut w = signal.lock();
+                while !w.work && !w.stop {
+                    w = signal.cond.wait(w).unwrap_or_else(|p| p.into_inner());
+                }
+                if w.stop {
+                    break;
+                }
+                w.work = false;
+                w.urgent = false;
+            }
+            signal.poked.store(false, Ordering::Release);
+            let pause = match self.pass() {
+                Ok(()) => GATHER,
+                Err(e) => {
+                    signal.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "indexing messages for search failed; tried again in a second");
+                    signal.lock().work = true;
+                    RETRY_AFTER
+                }
+            };
+            // Let changes gather (a waiting search or a stop cuts it short).
+            let w = signal.lock();
+            let (w, _) = signal
+                .cond
+                .wait_timeout_while(w, pause, |w| !w.urgent && !w.stop)
+                .unwrap_or_else(|p| p.into_inner());
+            if w.stop {
+                break;
+            }
+        }
+        tracing::debug!("search index thread stopped");
+    }
+
+    /// Indexes what is queued (after a rebuild step, while one is on), a transaction per
+    /// [`BATCH`] rows, until the queue is passed or a stop is asked.
+    fn pass(&mut self) -> anyhow::Result<()> {
+        while self.signal.rebuilding.load(Ordering::Relaxed) {
+            if self.stopping() {
+                return Ok(());
+            }
+            self.rebuild_step()?;
+        }
+        loop {
+            let (rows, through) = self.index_batch()?;
+            if rows < BATCH || self.stopping() {
+                let end = self.queue_end()?;
+                self.signal
+                    .behind
+                    .store((end - through).max(0) as u64, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.signal.lock().stop
+    }
+
+    /// Indexes the next [`BATCH`] live messages by id; ends the rebuild when none is left.
+    fn rebuild_step(&mut self) -> anyhow::Result<()> {
+        let state = self.state()?.context("the index lost its state row")?;
+        let after = state.rebuild_after.unwrap_or(0);
+        let rows: Vec<(i64, String, i64)> = self
+            .main
+            .prepare_cached(
+                "SELECT id, text, channel_id FROM messages WHERE id > ?1 AND deleted = 0
+                 ORDER BY id LIMIT ?2",
+            )?
+            .query_map(params![after, BATCH as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let tx = self.index.transaction()?;
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT OR REPLACE INTO messages_fts (rowid, text, ch) VALUES (?1, ?2, ?3)",
+            )?;
+            for (id, text, channel_id) in &rows {
+                put.execute(params![id, text, channel_id])?;
+            }
+        }
+        let last = rows.last().map(|r| r.0);
+        tx.execute("UPDATE indexed SET rebuild_after = ?1", [last])?;
+        tx.commit()?;
+        if last.is_none() {
+            self.signal.rebuilding.store(false, Ordering::Relaxed);
+            self.signal.publish(state.through);
+            tracing::info!("the search index is rebuilt");
+        }
+        Ok(())
+    }
+
+    /// Indexes the next [`BATCH`] queue rows; the rows taken and the position now indexed
+    /// through.
+    fn index_batch(&mut self) -> anyhow::Result<(usize, i64)> {
+        let through = *self.signal.through.borrow();
+        // Each row with the message's text as of this read (none: it was removed).
+        type Row = (i64, i64, Option<(String, i64, bool)>);
+        let rows: Vec<Row> = self
+            .main
+            .prepare_cached(
+                "SELECT q.pos, q.message_id, m.text, m.channel_id, m.deleted
+                 FROM search_queue q LEFT JOIN messages m ON m.id = q.message_id
+                 WHERE q.pos > ?1 ORDER BY q.pos LIMIT ?2",
+            )?
+            .query_map(params![through, BATCH as i64], |r| {
+                let text: Option<String> = r.get(2)?;
+                let message = match text {
+                    Some(text) => Some((text, r.get(3)?, r.get(4)?)),
+                    None => None,
+                };
+                Ok((r.get(0)?, r.get(1)?, message))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let Some(last) = rows.last().map(|r| r.0) else {
+            return Ok((0, through));
+        };
+        let tx = self.index.transaction()?;
+        {
+            // Always a replace: a plain insert of a message the index holds (an edit, or
+            // one a rebuild read) is not refused, and would leave its old words behind.
+            let mut replace = tx.prepare_cached(
+                "INSERT OR REPLACE INTO messages_fts (rowid, text, ch) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut remove = tx.prepare_cached("DELETE FROM messages_fts WHERE rowid = ?1")?;
+            let mut seen = std::collections::HashSet::with_capacity(rows.len());
+            for (_, id, message) in &rows {
+                if !seen.insert(*id) {
+                    continue;
+                }
+                match message {
+                    Some((text, channel_id, false)) => {
+                        replace.execute(params![id, text, channel_id])?;
+                    }
+                    _ => {
+                        remove.execute([id])?;
+                    }
+                }
+            }
+        }
+        tx.execute("UPDATE indexed SET through = ?1", [last])?;
+        tx.commit()?;
+        self.signal.publish(last);
+        Ok((rows.len(), last))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Why the thread always replaces: a plain insert of a message the index holds is
+    /// not refused, and leaves the old words found; a replace takes their place.
+    #[test]
+    fn a_replace_takes_the_place_of_a_message_where_a_second_insert_would_not() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(INDEX_SCHEMA).unwrap();
+        let hits = |word: &str| -> i64 {
+            conn.query_row(
+                "SELECT count(*) FROM messages_fts WHERE messages_fts MATCH ?1",
+                [word],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        let insert = "INSERT INTO messages_fts (rowid, text, ch) VALUES (?1, ?2, ?3)";
+        let replace = "INSERT OR REPLACE INTO messages_fts (rowid, text, ch) VALUES (?1, ?2, ?3)";
+        conn.execute(insert, params![7, "old words", 1]).unwrap();
+        conn.execute(insert, params![7, "new words", 1]).unwrap();
+        assert_eq!(hits("old"), 1, "a second insert leaves the old words");
+        conn.execute(insert, params![8, "old words", 1]).unwrap();
+        conn.execute(replace, params![8, "new words", 1]).unwrap();
+        conn.execute(replace, params![9, "fresh", 1]).unwrap();
+        let rows: Vec<i64> = conn
+            .prepare("SELECT rowid FROM messages_fts WHERE messages_fts MATCH 'old OR new OR fresh' ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(rows, [7, 8, 9]);
+        let old: Vec<i64> = conn
+            .prepare("SELECT rowid FROM messages_fts WHERE messages_fts MATCH 'old'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(old, [7], "the replaced message lost its old words");
+    }
+}
