@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::watch;
 
 use crate::metrics::render_one;
@@ -172,15 +172,14 @@ impl SearchIndex {
             path.display()
         );
         index.execute_batch(INDEX_SCHEMA)?;
-        let main = Connection::open_with_flags(
-            db,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        // The database, read (never written) in the index's transactions.
+        index.execute(
+            "ATTACH DATABASE ?1 AS m",
+            [db.to_str().context("the database's path is not UTF-8")?],
         )?;
-        super::schema::configure(&main, 16 * 1024)?;
         let signal = Arc::new(IndexSignal::new());
         let mut worker = Worker {
             index,
-            main,
             signal: Arc::clone(&signal),
         };
         worker.prepare()?;
@@ -253,10 +252,9 @@ impl Drop for SearchIndex {
     }
 }
 
-/// The thread's connections: the index, and a read-only one to the database.
+/// The thread's connection: the index, with the database attached as `m`.
 struct Worker {
     index: Connection,
-    main: Connection,
     signal: Arc<IndexSignal>,
 }
 
@@ -272,8 +270,8 @@ impl Worker {
     /// thread) when it was built for another database or never built.
     fn prepare(&mut self) -> anyhow::Result<()> {
         let epoch: i64 = self
-            .main
-            .query_row("SELECT epoch FROM search_meta", [], |r| r.get(0))
+            .index
+            .query_row("SELECT epoch FROM m.search_meta", [], |r| r.get(0))
             .context("read the database's search epoch")?;
         let state = self.state()?;
         match state {
@@ -324,7 +322,9 @@ impl Worker {
     }
 
     fn queue_end(&self) -> rusqlite::Result<i64> {
-        queue_end(&self.main)
+        self.index
+            .prepare_cached("SELECT coalesce(max(pos), 0) FROM m.search_queue")?
+            .query_row([], |r| r.get(0))
     }
 
     fn run(mut self) {
@@ -390,29 +390,25 @@ impl Worker {
     }
 
     /// Indexes the next [`BATCH`] live messages by id; ends the rebuild when none is left.
+    /// A plain insert: the rebuild emptied the index, and goes up by id.
     fn rebuild_step(&mut self) -> anyhow::Result<()> {
         let state = self.state()?.context("the index lost its state row")?;
         let after = state.rebuild_after.unwrap_or(0);
-        let rows: Vec<(i64, String, i64)> = self
-            .main
-            .prepare_cached(
-                "SELECT id, text, channel_id FROM messages WHERE id > ?1 AND deleted = 0
-                 ORDER BY id LIMIT ?2",
-            )?
-            .query_map(params![after, BATCH as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
         let tx = self.index.transaction()?;
-        {
-            let mut put = tx.prepare_cached(
-                "INSERT OR REPLACE INTO messages_fts (rowid, text, ch) VALUES (?1, ?2, ?3)",
+        let last: Option<i64> = tx.query_row(
+            "SELECT max(id) FROM (SELECT id FROM m.messages WHERE id > ?1 AND deleted = 0
+             ORDER BY id LIMIT ?2)",
+            params![after, BATCH as i64],
+            |r| r.get(0),
+        )?;
+        if let Some(last) = last {
+            tx.execute(
+                "INSERT INTO messages_fts (rowid, text, ch)
+                 SELECT id, text, channel_id FROM m.messages
+                 WHERE id > ?1 AND id <= ?2 AND deleted = 0",
+                params![after, last],
             )?;
-            for (id, text, channel_id) in &rows {
-                put.execute(params![id, text, channel_id])?;
-            }
         }
-        let last = rows.last().map(|r| r.0);
         tx.execute("UPDATE indexed SET rebuild_after = ?1", [last])?;
         tx.commit()?;
         if last.is_none() {
@@ -424,57 +420,41 @@ impl Worker {
     }
 
     /// Indexes the next [`BATCH`] queue rows; the rows taken and the position now indexed
-    /// through.
+    /// through. Two statements for the lot, reading the database (attached as `m`) in one
+    /// snapshot: each message as it is now, removed from the index if it was deleted or
+    /// is gone, else put in (a replace: a plain insert of a message the index holds is not
+    /// refused, and would leave its old words behind). A message queued twice is put in
+    /// twice, the same text both times.
     fn index_batch(&mut self) -> anyhow::Result<(usize, i64)> {
         let through = *self.signal.through.borrow();
-        // Each row with the message's text as of this read (none: it was removed).
-        type Row = (i64, i64, Option<(String, i64, bool)>);
-        let rows: Vec<Row> = self
-            .main
-            .prepare_cached(
-                "SELECT q.pos, q.message_id, m.text, m.channel_id, m.deleted
-                 FROM search_queue q LEFT JOIN messages m ON m.id = q.message_id
-                 WHERE q.pos > ?1 ORDER BY q.pos LIMIT ?2",
-            )?
-            .query_map(params![through, BATCH as i64], |r| {
-                let text: Option<String> = r.get(2)?;
-                let message = match text {
-                    Some(text) => Some((text, r.get(3)?, r.get(4)?)),
-                    None => None,
-                };
-                Ok((r.get(0)?, r.get(1)?, message))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        let Some(last) = rows.last().map(|r| r.0) else {
+        let tx = self.index.transaction()?;
+        let (last, rows): (Option<i64>, i64) = tx.query_row(
+            "SELECT max(pos), count(*) FROM (SELECT pos FROM m.search_queue WHERE pos > ?1
+             ORDER BY pos LIMIT ?2)",
+            params![through, BATCH as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let Some(last) = last else {
             return Ok((0, through));
         };
-        let tx = self.index.transaction()?;
-        {
-            // Always a replace: a plain insert of a message the index holds (an edit, or
-            // one a rebuild read) is not refused, and would leave its old words behind.
-            let mut replace = tx.prepare_cached(
-                "INSERT OR REPLACE INTO messages_fts (rowid, text, ch) VALUES (?1, ?2, ?3)",
-            )?;
-            let mut remove = tx.prepare_cached("DELETE FROM messages_fts WHERE rowid = ?1")?;
-            let mut seen = std::collections::HashSet::with_capacity(rows.len());
-            for (_, id, message) in &rows {
-                if !seen.insert(*id) {
-                    continue;
-                }
-                match message {
-                    Some((text, channel_id, false)) => {
-                        replace.execute(params![id, text, channel_id])?;
-                    }
-                    _ => {
-                        remove.execute([id])?;
-                    }
-                }
-            }
-        }
+        tx.prepare_cached(
+            "DELETE FROM messages_fts WHERE rowid IN (
+                 SELECT q.message_id FROM m.search_queue q
+                 LEFT JOIN m.messages x ON x.id = q.message_id
+                 WHERE q.pos > ?1 AND q.pos <= ?2 AND (x.id IS NULL OR x.deleted != 0))",
+        )?
+        .execute(params![through, last])?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO messages_fts (rowid, text, ch)
+             SELECT x.id, x.text, x.channel_id FROM m.search_queue q
+             JOIN m.messages x ON x.id = q.message_id
+             WHERE q.pos > ?1 AND q.pos <= ?2 AND x.deleted = 0",
+        )?
+        .execute(params![through, last])?;
         tx.execute("UPDATE indexed SET through = ?1", [last])?;
         tx.commit()?;
         self.signal.publish(last);
-        Ok((rows.len(), last))
+        Ok((rows as usize, last))
     }
 }
 
