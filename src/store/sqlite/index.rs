@@ -298,7 +298,7 @@ impl Worker {
                 tx.commit()?;
                 self.signal.rebuilding.store(true, Ordering::Relaxed);
                 tracing::info!(
-                    "the search index is rebuilt from the messages (new, or built for another copy of the database)"
+                    "building the search index from the messages (its file is new, or was built for another copy of the database)"
                 );
             }
         }
@@ -414,7 +414,7 @@ impl Worker {
         if last.is_none() {
             self.signal.rebuilding.store(false, Ordering::Relaxed);
             self.signal.publish(state.through);
-            tracing::info!("the search index is rebuilt");
+            tracing::info!("the search index is built");
         }
         Ok(())
     }
