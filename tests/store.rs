@@ -948,3 +948,38 @@ mod search_index {
         store.close().await;
     }
 }
+
+/// A damaged search index file is removed and rebuilt at open: it is derived data, and
+/// the server starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_search_index_is_rebuilt() {
+    use natter::model::ChannelKind;
+    use natter::store::sqlite::index_path;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("natter.db");
+    let open = || natter::store::open(StoreOptions::new(StoreLocation::Sqlite(path.clone())));
+    let store = open().await.unwrap();
+    let a = store.create_user("ann", "h", None).await.unwrap().id;
+    let ch = store
+        .create_channel(a, ChannelKind::Group, "c", &[])
+        .await
+        .unwrap()
+        .id;
+    store.post_message(a, ch, "needle", None).await.unwrap();
+    store.close().await;
+    let index = index_path(&path);
+    let _ = std::fs::remove_file(format!("{}-wal", index.display()));
+    let _ = std::fs::remove_file(format!("{}-shm", index.display()));
+    std::fs::write(&index, vec![0x5a; 8192]).unwrap();
+    let store = open().await.unwrap();
+    let query = natter::store::SearchQuery {
+        query: natter::search::Query::parse("needle").unwrap(),
+        channel_id: None,
+        order: natter::store::SearchOrder::Newest,
+        from: None,
+        limit: 10,
+    };
+    let page = store.search(a, &query).await.unwrap();
+    assert_eq!(page.items.len(), 1);
+    store.close().await;
+}

@@ -159,6 +159,29 @@ pub(super) struct SearchIndex {
 }
 
 impl SearchIndex {
+    /// [`SearchIndex::start`]; an index that cannot be opened (a damaged file) is derived
+    /// data, so it is removed and started anew, to be rebuilt from the messages.
+    pub fn open(db: &Path) -> anyhow::Result<Self> {
+        match Self::start(db) {
+            Ok(index) => Ok(index),
+            Err(e) => {
+                let path = index_path(db);
+                tracing::warn!(error = %e, file = %path.display(), "the search index cannot be opened; it is removed and rebuilt from the messages");
+                for suffix in ["", "-wal", "-shm"] {
+                    let file = PathBuf::from(format!("{}{suffix}", path.display()));
+                    match std::fs::remove_file(&file) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("remove {}", file.display()));
+                        }
+                    }
+                }
+                Self::start(db)
+            }
+        }
+    }
+
     /// Opens (creating it if needed) the index of the database at `db`, which must be
     /// migrated, and starts its thread. A rebuild, if one is needed, runs on the thread.
     pub fn start(db: &Path) -> anyhow::Result<Self> {

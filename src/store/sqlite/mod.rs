@@ -140,7 +140,7 @@ impl SqliteStore {
             opts.disk_reserve,
         )?;
         // Before the readers: they attach its file.
-        let index = Arc::new(SearchIndex::start(&opts.path)?);
+        let index = Arc::new(SearchIndex::open(&opts.path)?);
         let reads = (0..opts.read_connections.max(1))
             .map(|_| open_reader(&opts.path))
             .collect::<anyhow::Result<Vec<_>>>()?;
