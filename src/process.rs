@@ -133,7 +133,7 @@ pub fn disk_space(dir: &std::path::Path) -> Option<(u64, u64)> {
 }
 
 /// Disk readings of the data directory: free and total bytes of its file system, and the
-/// database's own size (with its write-ahead log).
+/// database's own size (with its search index and their write-ahead logs).
 pub fn render_disk(out: &mut String, data_dir: &std::path::Path) {
     use crate::metrics::render_one;
     if let Some((free, total)) = disk_space(data_dir) {
@@ -153,8 +153,9 @@ pub fn render_disk(out: &mut String, data_dir: &std::path::Path) {
         );
     }
     let db = crate::config::db_path(data_dir);
-    let size = |suffix: &str| {
-        let mut p = db.clone().into_os_string();
+    let index = crate::store::sqlite::index_path(&db);
+    let size = |file: &std::path::Path, suffix: &str| {
+        let mut p = file.as_os_str().to_owned();
         p.push(suffix);
         std::fs::metadata(p).map_or(0, |m| m.len())
     };
@@ -162,8 +163,8 @@ pub fn render_disk(out: &mut String, data_dir: &std::path::Path) {
         out,
         "natter_db_bytes",
         "gauge",
-        "Size of the database file plus its write-ahead log.",
-        size("") + size("-wal"),
+        "Size of the database and its search index, with their write-ahead logs.",
+        size(&db, "") + size(&db, "-wal") + size(&index, "") + size(&index, "-wal"),
     );
 }
 
