@@ -844,6 +844,17 @@ mod search_index {
             .to_owned()
     }
 
+    /// Waits until the index has been rebuilt (a search during a rebuild reads it as it
+    /// is so far).
+    async fn rebuilt(store: &dyn Store) {
+        let mut waited = 0;
+        while metric(store, "natter_search_index_rebuilding") != "0" {
+            assert!(waited < 100, "the rebuild did not end");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            waited += 1;
+        }
+    }
+
     fn remove_index(db: &Path) {
         let index = index_path(db);
         for suffix in ["", "-wal", "-shm"] {
@@ -902,20 +913,75 @@ mod search_index {
         assert!(found(&*store, a, "delta").await.is_empty());
         store.close().await;
 
-        // Its file gone: rebuilt from the messages.
+        // Its file gone: rebuilt from the messages at once, before any search or write.
         remove_index(&path);
         let store = open(&path).await;
+        // By itself, before any search or write.
+        rebuilt(&*store).await;
         assert_eq!(found(&*store, a, "alpha").await, expect_alpha);
         assert_eq!(found(&*store, a, "gamma").await, ["gamma"]);
         store.close().await;
+        drop(store);
 
         // The backup restored beside the live server's index (which lost "delta"): that
         // index is not the copy's, so it is rebuilt, and the copy's "delta" is found.
         std::fs::copy(index_path(&path), index_path(&copy)).unwrap();
+        let _ = std::fs::remove_file(format!("{}-wal", index_path(&copy).display()));
+        let epoch = |sql: &str, file: &Path| -> i64 {
+            rusqlite::Connection::open(file)
+                .unwrap()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap()
+        };
+        let foreign = epoch("SELECT epoch FROM indexed", &index_path(&copy));
+        assert_eq!(foreign, epoch("SELECT epoch FROM search_meta", &path));
+        assert_ne!(foreign, epoch("SELECT epoch FROM search_meta", &copy));
         let restored = open(&copy).await;
+        rebuilt(&*restored).await;
         assert_eq!(found(&*restored, a, "delta").await, ["delta"]);
         assert_eq!(found(&*restored, a, "alpha").await, expect_alpha);
         restored.close().await;
+    }
+
+    /// An older `natter.db` put back beside a newer index (same database, another
+    /// moment: the index has passed rows its queue never had) is not trusted: rebuilt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_index_ahead_of_its_database_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.db");
+        let store = open(&path).await;
+        let a = store.create_user("ann", "h", None).await.unwrap().id;
+        let ch = store
+            .create_channel(a, ChannelKind::Group, "c", &[])
+            .await
+            .unwrap()
+            .id;
+        let m = store.post_message(a, ch, "before", None).await.unwrap();
+        assert_eq!(found(&*store, a, "before").await, ["before"]);
+        store.close().await;
+        drop(store);
+        let older = dir.path().join("older.db");
+        std::fs::copy(&path, &older).unwrap();
+        let store = open(&path).await;
+        store
+            .edit_message(a, ch, m.message.id, "after")
+            .await
+            .unwrap();
+        for i in 0..5 {
+            store
+                .post_message(a, ch, &format!("more {i}"), None)
+                .await
+                .unwrap();
+        }
+        assert_eq!(found(&*store, a, "after").await, ["after"]);
+        store.close().await;
+        drop(store);
+        std::fs::copy(&older, &path).unwrap();
+        let store = open(&path).await;
+        rebuilt(&*store).await;
+        assert_eq!(found(&*store, a, "before").await, ["before"]);
+        assert!(found(&*store, a, "after").await.is_empty());
+        store.close().await;
     }
 
     /// The queue's rows the index has passed are deleted by the writer, a few thousand at
@@ -947,39 +1013,30 @@ mod search_index {
         assert!(queued(&path) < 3000, "{} rows queued", queued(&path));
         store.close().await;
     }
-}
 
-/// A damaged search index file is removed and rebuilt at open: it is derived data, and
-/// the server starts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_search_index_is_rebuilt() {
-    use natter::model::ChannelKind;
-    use natter::store::sqlite::index_path;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("natter.db");
-    let open = || natter::store::open(StoreOptions::new(StoreLocation::Sqlite(path.clone())));
-    let store = open().await.unwrap();
-    let a = store.create_user("ann", "h", None).await.unwrap().id;
-    let ch = store
-        .create_channel(a, ChannelKind::Group, "c", &[])
-        .await
-        .unwrap()
-        .id;
-    store.post_message(a, ch, "needle", None).await.unwrap();
-    store.close().await;
-    let index = index_path(&path);
-    let _ = std::fs::remove_file(format!("{}-wal", index.display()));
-    let _ = std::fs::remove_file(format!("{}-shm", index.display()));
-    std::fs::write(&index, vec![0x5a; 8192]).unwrap();
-    let store = open().await.unwrap();
-    let query = natter::store::SearchQuery {
-        query: natter::search::Query::parse("needle").unwrap(),
-        channel_id: None,
-        order: natter::store::SearchOrder::Newest,
-        from: None,
-        limit: 10,
-    };
-    let page = store.search(a, &query).await.unwrap();
-    assert_eq!(page.items.len(), 1);
-    store.close().await;
+    /// A damaged search index file is removed and rebuilt at open: it is derived data, and
+    /// the server starts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_search_index_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.db");
+        let open = || natter::store::open(StoreOptions::new(StoreLocation::Sqlite(path.clone())));
+        let store = open().await.unwrap();
+        let a = store.create_user("ann", "h", None).await.unwrap().id;
+        let ch = store
+            .create_channel(a, ChannelKind::Group, "c", &[])
+            .await
+            .unwrap()
+            .id;
+        store.post_message(a, ch, "needle", None).await.unwrap();
+        store.close().await;
+        let index = index_path(&path);
+        let _ = std::fs::remove_file(format!("{}-wal", index.display()));
+        let _ = std::fs::remove_file(format!("{}-shm", index.display()));
+        std::fs::write(&index, vec![0x5a; 8192]).unwrap();
+        let store = open().await.unwrap();
+        rebuilt(&*store).await;
+        assert_eq!(found(&*store, a, "needle").await, ["needle"]);
+        store.close().await;
+    }
 }

@@ -11,7 +11,7 @@
 //! the queue only says "look at this message again".
 //!
 //! A search first folds the commit log through the caller's channels and then waits
-//! (within the search's time budget) until the index has passed the queue's end as it was
+//! (as long as its time budget, a second at least) until the index has passed the queue's end as it was
 //! after that fold, so a search finds every message acknowledged before it.
 //!
 //! The index is derived data. It is rebuilt from `messages` when its file is missing, or
@@ -37,6 +37,8 @@ use crate::metrics::render_one;
 const BATCH: usize = 8192;
 /// The queue's rows the index passed that the writer lets pile up before it trims them.
 const TRIM_EVERY: i64 = 4096;
+/// The most queue rows one trim deletes (a trim rides in a batch of writes).
+const TRIM_MOST: i64 = 65_536;
 /// After a pass, how long the thread lets changes gather before the next one (unless a
 /// search waits): fewer, larger transactions under load.
 const GATHER: Duration = Duration::from_millis(100);
@@ -89,7 +91,11 @@ struct Wake {
 impl IndexSignal {
     fn new() -> Self {
         Self {
-            wake: Mutex::new(Wake::default()),
+            // The first pass runs at once: a rebuild, or what the last run left queued.
+            wake: Mutex::new(Wake {
+                work: true,
+                ..Wake::default()
+            }),
             cond: Condvar::new(),
             poked: AtomicBool::new(false),
             through: watch::Sender::new(0),
@@ -121,10 +127,11 @@ impl IndexSignal {
     }
 
     /// The position through which the writer may delete the queue's rows, when enough of
-    /// them have piled up since it last did.
+    /// them have piled up since it last did (at most [`TRIM_MOST`] rows at a time).
     pub fn trim_due(&self) -> Option<i64> {
         let through = *self.through.borrow();
-        (through - self.trimmed.load(Ordering::Relaxed) >= TRIM_EVERY).then_some(through)
+        let trimmed = self.trimmed.load(Ordering::Relaxed);
+        (through - trimmed >= TRIM_EVERY).then_some(through.min(trimmed + TRIM_MOST))
     }
 
     /// The writer's trim through `through` committed.
@@ -222,9 +229,13 @@ impl SearchIndex {
 
     /// Waits until the index has passed queue position `end`, for at most `within`;
     /// whether it has.
+    /// While a rebuild runs, at once: the index stays behind until it is done.
     pub async fn caught_up(&self, end: i64, within: Duration) -> bool {
         if *self.signal.through.borrow() >= end {
             return true;
+        }
+        if self.signal.rebuilding.load(Ordering::Relaxed) {
+            return false;
         }
         let mut through = self.signal.through.subscribe();
         self.signal.hurry();
@@ -297,8 +308,21 @@ impl Worker {
             .query_row("SELECT epoch FROM m.search_meta", [], |r| r.get(0))
             .context("read the database's search epoch")?;
         let state = self.state()?;
+        let (low, end): (Option<i64>, i64) = self.index.query_row(
+            "SELECT min(pos), coalesce(max(pos), 0) FROM m.search_queue",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        // The writer trims only what the index has passed and keeps the last row, so an
+        // index of this database has passed no row beyond the queue's end, and every row
+        // it has not passed is still queued. Anything else is another moment's index (a
+        // data directory copied file by file, an older file put back): rebuilt.
+        let fits = |through: i64| through <= end && low.is_none_or(|low| low <= through + 1);
+        self.signal
+            .trimmed
+            .store(low.map_or(end, |low| low - 1), Ordering::Relaxed);
         match state {
-            Some(s) if s.epoch == epoch => {
+            Some(s) if s.epoch == epoch && fits(s.through) => {
                 self.signal
                     .rebuilding
                     .store(s.rebuild_after.is_some(), Ordering::Relaxed);
@@ -306,9 +330,13 @@ impl Worker {
                     self.signal.publish(s.through);
                 }
             }
-            _ => {
+            other => {
+                let why = match other {
+                    None => "its file is new",
+                    Some(s) if s.epoch != epoch => "it was built for another copy of the database",
+                    Some(_) => "it does not match the database's queue",
+                };
                 // Everything queued through `end` is in the messages the rebuild reads.
-                let end = self.queue_end()?;
                 let tx = self.index.transaction()?;
                 tx.execute(
                     "INSERT INTO messages_fts (messages_fts) VALUES ('delete-all')",
@@ -320,9 +348,7 @@ impl Worker {
                 )?;
                 tx.commit()?;
                 self.signal.rebuilding.store(true, Ordering::Relaxed);
-                tracing::info!(
-                    "building the search index from the messages (its file is new, or was built for another copy of the database)"
-                );
+                tracing::info!(reason = why, "building the search index from the messages");
             }
         }
         Ok(())
@@ -383,6 +409,13 @@ impl Worker {
             if w.stop {
                 break;
             }
+        }
+        // A clean stop leaves the index in its file alone, its log emptied.
+        if let Err(e) = self
+            .index
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::debug!(error = %e, "checkpointing the search index at stop");
         }
         tracing::debug!("search index thread stopped");
     }

@@ -94,6 +94,11 @@ pub struct SqliteStore {
     checkpointer: Mutex<Option<Checkpointer>>,
 }
 
+/// The least a search waits for the index to take what was acknowledged before it (it
+/// waits as long as its budget when that is longer): the budget bounds the search's own
+/// reading, and the index thread's pass is not that.
+const INDEX_WAIT_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Page cache of the writer's connection and of each reader's.
 const WRITER_CACHE_KIB: i64 = 64 * 1024;
 const READER_CACHE_KIB: i64 = 16 * 1024;
@@ -679,9 +684,10 @@ impl Channels for SqliteStore {
             });
         }
         // Posts still in the commit log are not queued for the index yet: fold them first.
-        // Then wait, within the search's budget, for the index thread to pass the queue's
-        // end. If the writer cannot fold (full disk, overload) or the index is behind (a
-        // rebuild), the search goes on with the index as it is.
+        // Then wait (as long as the search's budget, a second at least) for the index
+        // thread to pass the queue's end. If the writer cannot fold (full disk, overload),
+        // the index is rebuilding (no wait then) or its thread is failing or that far
+        // behind, the search goes on with the index as it is.
         if self.tail.holds_any(&channels) {
             let fold = Op::Fold {
                 channels: channels.clone(),
@@ -691,7 +697,8 @@ impl Channels for SqliteStore {
             }
         }
         let end = self.reads.run(index::queue_end).await?;
-        if !self.index.caught_up(end, self.search_budget).await {
+        let wait = self.search_budget.max(INDEX_WAIT_AT_LEAST);
+        if !self.index.caught_up(end, wait).await {
             tracing::debug!(end, "searching an index that is behind");
         }
         let (query, budget) = (query.clone(), self.search_budget);

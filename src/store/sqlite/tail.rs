@@ -180,7 +180,6 @@ impl Tail {
             .map(|e| e.message.clone())
     }
 
-    /// Whether any of the channels has posts not folded yet.
     /// The channels with posts in the tail.
     pub fn channels(&self) -> Vec<i64> {
         let inner = self.lock();
@@ -192,6 +191,7 @@ impl Tail {
             .collect()
     }
 
+    /// Whether any of the channels has posts not folded yet.
     pub fn holds_any(&self, channels: &[i64]) -> bool {
         let inner = self.lock();
         channels

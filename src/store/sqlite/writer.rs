@@ -618,10 +618,18 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
         }
     }
     hot.flush(&tx)?;
-    // The search queue's rows the index has passed, now and then.
-    let trim = index.trim_due();
+    // The search queue's rows the index has passed, now and then. A trim that fails is
+    // undone alone and tried again later: the batch goes on.
+    let mut trim = index.trim_due();
     if let Some(through) = trim {
-        index::trim(&tx, through)?;
+        let trimmed = tx.savepoint().and_then(|sp| {
+            index::trim(&sp, through)?;
+            sp.commit()
+        });
+        if let Err(e) = trimmed {
+            tracing::warn!(error = %e, "trimming the search queue failed; tried again later");
+            trim = None;
+        }
     }
     // Readers clamp the channels' last_seq to what the tail shows until it shows this
     // batch: a commit is visible in SQL a moment before its posts are in the tail.
