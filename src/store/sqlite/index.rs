@@ -391,7 +391,12 @@ impl Worker {
                 w.urgent = false;
             }
             signal.poked.store(false, Ordering::Release);
-            let pause = match self.pass() {
+            // A pass that panics (a bug) counts as a failed one: its transaction was
+            // rolled back as it unwound, and the thread goes on, so searches do not wait
+            // on a thread that is gone.
+            let passed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pass()))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the pass panicked")));
+            let pause = match passed {
                 Ok(()) => GATHER,
                 Err(e) => {
                     signal.failures.fetch_add(1, Ordering::Relaxed);
