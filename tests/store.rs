@@ -862,24 +862,35 @@ mod search_index {
         }
     }
 
-    fn queued(db: &Path) -> i64 {
-        rusqlite::Connection::open(db)
-            .unwrap()
-            .query_row("SELECT count(*) FROM search_queue", [], |r| r.get(0))
-            .unwrap()
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn found_at_once_kept_over_a_restart_and_rebuilt_when_missing_or_foreign() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("natter.db");
-        let store = open(&path).await;
+    /// A store at `path` with a user (ann) and a channel of hers.
+    async fn ann_in_a_channel(path: &Path) -> (std::sync::Arc<dyn Store>, i64, i64) {
+        let store = open(path).await;
         let a = store.create_user("ann", "h", None).await.unwrap().id;
         let ch = store
             .create_channel(a, ChannelKind::Group, "c", &[])
             .await
             .unwrap()
             .id;
+        (store, a, ch)
+    }
+
+    /// One number read from an SQLite file directly.
+    fn read_number(file: &Path, sql: &str) -> i64 {
+        rusqlite::Connection::open(file)
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn queued(db: &Path) -> i64 {
+        read_number(db, "SELECT count(*) FROM search_queue")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn found_at_once_kept_over_a_restart_and_rebuilt_when_missing_or_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.db");
+        let (store, a, ch) = ann_in_a_channel(&path).await;
         let mut ids = Vec::new();
         for i in 0..30 {
             let m = store
@@ -927,15 +938,9 @@ mod search_index {
         // index is not the copy's, so it is rebuilt, and the copy's "delta" is found.
         std::fs::copy(index_path(&path), index_path(&copy)).unwrap();
         let _ = std::fs::remove_file(format!("{}-wal", index_path(&copy).display()));
-        let epoch = |sql: &str, file: &Path| -> i64 {
-            rusqlite::Connection::open(file)
-                .unwrap()
-                .query_row(sql, [], |r| r.get(0))
-                .unwrap()
-        };
-        let foreign = epoch("SELECT epoch FROM indexed", &index_path(&copy));
-        assert_eq!(foreign, epoch("SELECT epoch FROM search_meta", &path));
-        assert_ne!(foreign, epoch("SELECT epoch FROM search_meta", &copy));
+        let foreign = read_number(&index_path(&copy), "SELECT epoch FROM indexed");
+        assert_eq!(foreign, read_number(&path, "SELECT epoch FROM search_meta"));
+        assert_ne!(foreign, read_number(&copy, "SELECT epoch FROM search_meta"));
         let restored = open(&copy).await;
         rebuilt(&*restored).await;
         assert_eq!(found(&*restored, a, "delta").await, ["delta"]);
@@ -949,13 +954,7 @@ mod search_index {
     async fn an_index_ahead_of_its_database_is_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("natter.db");
-        let store = open(&path).await;
-        let a = store.create_user("ann", "h", None).await.unwrap().id;
-        let ch = store
-            .create_channel(a, ChannelKind::Group, "c", &[])
-            .await
-            .unwrap()
-            .id;
+        let (store, a, ch) = ann_in_a_channel(&path).await;
         let m = store.post_message(a, ch, "before", None).await.unwrap();
         assert_eq!(found(&*store, a, "before").await, ["before"]);
         store.close().await;
@@ -990,13 +989,7 @@ mod search_index {
     async fn the_queue_is_trimmed_behind_the_index() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("natter.db");
-        let store = open(&path).await;
-        let a = store.create_user("ann", "h", None).await.unwrap().id;
-        let ch = store
-            .create_channel(a, ChannelKind::Group, "c", &[])
-            .await
-            .unwrap()
-            .id;
+        let (store, a, ch) = ann_in_a_channel(&path).await;
         for round in 0..2 {
             let sends = (0..3000).map(|i| {
                 let store = store.clone();
@@ -1020,21 +1013,14 @@ mod search_index {
     async fn a_damaged_search_index_is_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("natter.db");
-        let open = || natter::store::open(StoreOptions::new(StoreLocation::Sqlite(path.clone())));
-        let store = open().await.unwrap();
-        let a = store.create_user("ann", "h", None).await.unwrap().id;
-        let ch = store
-            .create_channel(a, ChannelKind::Group, "c", &[])
-            .await
-            .unwrap()
-            .id;
+        let (store, a, ch) = ann_in_a_channel(&path).await;
         store.post_message(a, ch, "needle", None).await.unwrap();
         store.close().await;
         let index = index_path(&path);
         let _ = std::fs::remove_file(format!("{}-wal", index.display()));
         let _ = std::fs::remove_file(format!("{}-shm", index.display()));
         std::fs::write(&index, vec![0x5a; 8192]).unwrap();
-        let store = open().await.unwrap();
+        let store = open(&path).await;
         rebuilt(&*store).await;
         assert_eq!(found(&*store, a, "needle").await, ["needle"]);
         store.close().await;

@@ -97,22 +97,12 @@ fn copy_and_check(src: &Connection, path: &Path) -> anyhow::Result<(i64, i64)> {
     dst.pragma_update(None, "journal_mode", "DELETE")?;
     // And every post in its channel's tables: the commit log is folded in the copy (a
     // database from before the log has none).
-    let has_log: bool = dst.query_row(
-        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'commit_log'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has_log {
+    if has_table(&dst, "commit_log")? {
         super::tail::fold_all(&mut dst).context("fold the copy's commit log")?;
     }
     // A copy is another database: a search index built for the live one is not its own
     // (`index.rs`), so one left beside it at a restore is rebuilt, not trusted.
-    let has_search_meta: bool = dst.query_row(
-        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'search_meta'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has_search_meta {
+    if has_table(&dst, "search_meta")? {
         dst.execute("UPDATE search_meta SET epoch = abs(random())", [])?;
     }
     let verdict: String = dst.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
@@ -122,6 +112,15 @@ fn copy_and_check(src: &Connection, path: &Path) -> anyhow::Result<(i64, i64)> {
     let channels = dst.query_row("SELECT count(*) FROM channels", [], |r| r.get(0))?;
     let events = dst.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
     Ok((channels, events))
+}
+
+/// Whether the database has the table (a copy of an older schema may not).
+fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |r| r.get(0),
+    )
 }
 
 #[cfg(test)]

@@ -371,9 +371,8 @@ impl Worker {
     }
 
     fn queue_end(&self) -> rusqlite::Result<i64> {
-        self.index
-            .prepare_cached("SELECT coalesce(max(pos), 0) FROM m.search_queue")?
-            .query_row([], |r| r.get(0))
+        // `search_queue` is only in the attached database, so the name finds it there.
+        queue_end(&self.index)
     }
 
     fn run(mut self) {
@@ -529,37 +528,29 @@ mod tests {
     fn a_replace_takes_the_place_of_a_message_where_a_second_insert_would_not() {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(INDEX_SCHEMA).unwrap();
-        let hits = |word: &str| -> i64 {
-            conn.query_row(
-                "SELECT count(*) FROM messages_fts WHERE messages_fts MATCH ?1",
-                [word],
-                |r| r.get(0),
+        let matching = |query: &str| -> Vec<i64> {
+            conn.prepare(
+                "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?1 ORDER BY rowid",
             )
+            .unwrap()
+            .query_map([query], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
             .unwrap()
         };
         let insert = "INSERT INTO messages_fts (rowid, text, ch) VALUES (?1, ?2, ?3)";
         let replace = "INSERT OR REPLACE INTO messages_fts (rowid, text, ch) VALUES (?1, ?2, ?3)";
         conn.execute(insert, params![7, "old words", 1]).unwrap();
         conn.execute(insert, params![7, "new words", 1]).unwrap();
-        assert_eq!(hits("old"), 1, "a second insert leaves the old words");
+        assert_eq!(matching("old"), [7], "a second insert leaves the old words");
         conn.execute(insert, params![8, "old words", 1]).unwrap();
         conn.execute(replace, params![8, "new words", 1]).unwrap();
         conn.execute(replace, params![9, "fresh", 1]).unwrap();
-        let rows: Vec<i64> = conn
-            .prepare("SELECT rowid FROM messages_fts WHERE messages_fts MATCH 'old OR new OR fresh' ORDER BY rowid")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(rows, [7, 8, 9]);
-        let old: Vec<i64> = conn
-            .prepare("SELECT rowid FROM messages_fts WHERE messages_fts MATCH 'old'")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(old, [7], "the replaced message lost its old words");
+        assert_eq!(matching("old OR new OR fresh"), [7, 8, 9]);
+        assert_eq!(
+            matching("old"),
+            [7],
+            "the replaced message lost its old words"
+        );
     }
 }

@@ -221,6 +221,23 @@ impl SqliteStore {
     async fn write(&self, op: Op) -> Result<Done> {
         self.writer.submit(op).await
     }
+
+    /// Waits, for at most `within`, until the search index holds every message
+    /// acknowledged so far in `channels`: their posts still in the commit log are folded
+    /// (so queued for the index) first. Whether it does; `false` also when the fold
+    /// failed (full disk, overload).
+    async fn index_through(&self, channels: Vec<i64>, within: std::time::Duration) -> Result<bool> {
+        let mut folded = true;
+        if self.tail.holds_any(&channels)
+            && let Err(e) = self.write(Op::Fold { channels }).await
+        {
+            // What was queued before is still waited for.
+            tracing::debug!(error = %e, "the posts not folded yet are not in the index");
+            folded = false;
+        }
+        let end = self.reads.run(index::queue_end).await?;
+        Ok(self.index.caught_up(end, within).await && folded)
+    }
 }
 
 /// Applies missing migrations to the database at `path` (created if missing) without
@@ -328,14 +345,9 @@ impl Backend for SqliteStore {
     }
 
     async fn search_caught_up(&self, within: std::time::Duration) -> bool {
-        let channels = self.tail.channels();
-        if !channels.is_empty() && self.write(Op::Fold { channels }).await.is_err() {
-            return false;
-        }
-        match self.reads.run(index::queue_end).await {
-            Ok(end) => self.index.caught_up(end, within).await,
-            Err(_) => false,
-        }
+        self.index_through(self.tail.channels(), within)
+            .await
+            .unwrap_or(false)
     }
 }
 
@@ -683,23 +695,13 @@ impl Channels for SqliteStore {
                 has_more: false,
             });
         }
-        // Posts still in the commit log are not queued for the index yet: fold them first.
-        // Then wait (as long as the search's budget, a second at least) for the index
-        // thread to pass the queue's end. If the writer cannot fold (full disk, overload),
-        // the index is rebuilding (no wait then) or its thread is failing or that far
-        // behind, the search goes on with the index as it is.
-        if self.tail.holds_any(&channels) {
-            let fold = Op::Fold {
-                channels: channels.clone(),
-            };
-            if let Err(e) = self.write(fold).await {
-                tracing::debug!(error = %e, "searching without the posts not folded yet");
-            }
-        }
-        let end = self.reads.run(index::queue_end).await?;
+        // Wait (as long as the search's budget, a second at least) for the index to take
+        // what was acknowledged in these channels. If it cannot (the writer cannot fold,
+        // the index is rebuilding, its thread is failing or that far behind), the search
+        // goes on with the index as it is.
         let wait = self.search_budget.max(INDEX_WAIT_AT_LEAST);
-        if !self.index.caught_up(end, wait).await {
-            tracing::debug!(end, "searching an index that is behind");
+        if !self.index_through(channels.clone(), wait).await? {
+            tracing::debug!("searching an index that is behind");
         }
         let (query, budget) = (query.clone(), self.search_budget);
         self.reads
