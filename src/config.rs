@@ -157,6 +157,13 @@ pub struct ServeArgs {
     /// Different emoji one message may carry as reactions (past it: 409 `too_many_reactions`).
     #[arg(long, env = "NATTER_MAX_REACTIONS_PER_MESSAGE", default_value_t = 20)]
     pub max_reactions_per_message: u32,
+    /// Bot accounts one user may own (past it: 409 `too_many_bots`).
+    #[arg(long, env = "NATTER_MAX_BOTS_PER_USER", default_value_t = 20)]
+    pub max_bots_per_user: u32,
+    /// API keys one user may hold, their bots' included (past it: 409
+    /// `too_many_api_keys`).
+    #[arg(long, env = "NATTER_MAX_API_KEYS_PER_USER", default_value_t = 50)]
+    pub max_api_keys_per_user: u32,
     /// Milliseconds one search may spend reading the index (past it: 422
     /// `search_too_broad`).
     #[arg(long, env = "NATTER_SEARCH_BUDGET_MS", default_value_t = 2000)]
@@ -406,6 +413,8 @@ impl Limits {
             max_sessions_per_user: u32::MAX,
             max_reactions_per_message: self.rules.max_reactions_per_message,
             search_budget: self.rules.search_budget,
+            max_bots_per_user: u32::MAX,
+            max_api_keys_per_user: u32::MAX,
         };
         self.ws_connections_per_user = usize::MAX;
     }
@@ -659,6 +668,8 @@ impl Config {
                         1,
                     )? as u32,
                     search_budget: Duration::from_millis(a.search_budget_ms),
+                    max_bots_per_user: a.max_bots_per_user,
+                    max_api_keys_per_user: a.max_api_keys_per_user,
                 },
                 ws_connections_per_user: at_least(
                     "--ws-connections-per-user",

@@ -11,6 +11,9 @@ pub struct User {
     pub display_name: Option<String>,
     /// A few lines about the user, if they wrote any.
     pub about: Option<String>,
+    /// For a bot account: the user who made it (and manages its keys). A bot has no
+    /// password and cannot log in; it acts through API keys.
+    pub bot_owner: Option<i64>,
 }
 
 /// A change of a user's profile: each field `None` to keep, `Some(None)` to clear.

@@ -557,6 +557,14 @@ function messageItem(m, inThread) {
     userInfo(m.author_id).then((u) => {
       who.textContent = shownName(u);
       if (u.display_name) who.title = `@${u.username}`;
+      if (u.bot) {
+        // Bots act through API keys; say so wherever they speak.
+        const badge = document.createElement("span");
+        badge.className = "bot-badge";
+        badge.textContent = "BOT";
+        badge.title = "A bot account";
+        who.append(" ", badge);
+      }
     });
   }
   const text = document.createElement("span");

@@ -282,7 +282,7 @@ async fn revoke_other_sessions(
 }
 
 /// Ends a deleted session everywhere it is held: the session cache and open WebSockets.
-fn revoke(state: &AppState, user_id: i64, token: &TokenHash) {
+pub(super) fn revoke(state: &AppState, user_id: i64, token: &TokenHash) {
     state.sessions.revoke(token);
     state.gateway.hub.revoke(user_id, token);
     // And on every other node of a cluster.

@@ -92,6 +92,25 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
+    /// `403 insufficient_scope`: the API key lacks the scope the route needs.
+    pub fn insufficient_scope(scope: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            format!("this API key lacks the `{scope}` scope"),
+        )
+    }
+
+    /// `403 session_required`: sessions, keys and bots are managed from a login, never
+    /// with an API key.
+    pub fn session_required() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "session_required",
+            "this needs a login session: API keys cannot manage accounts, sessions or keys",
+        )
+    }
+
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such resource")
     }
@@ -127,6 +146,8 @@ impl ApiError {
             crate::store::TooMany::Edits(_) => "too_many_edits",
             crate::store::TooMany::PendingDms(_) => "too_many_dms",
             crate::store::TooMany::Reactions(_) => "too_many_reactions",
+            crate::store::TooMany::Bots(_) => "too_many_bots",
+            crate::store::TooMany::ApiKeys(_) => "too_many_api_keys",
         };
         Self::new(StatusCode::CONFLICT, code, which.to_string())
     }

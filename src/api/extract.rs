@@ -4,13 +4,16 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Query, RawPathParams, Request};
+use axum::extract::{
+    ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Query, RawPathParams, Request,
+};
 use axum::http::header;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::AppState;
 use super::error::ApiError;
+use super::scopes::{self, Needs, Scopes};
 use crate::auth::token_hash;
 use crate::clock::now_ms;
 use crate::model::User;
@@ -85,16 +88,26 @@ fn backticked(message: &str) -> Option<String> {
     Some(message[start..start + len].to_owned())
 }
 
-/// The user behind the request's bearer token, that token's hash, and when its session
-/// expires (Unix ms).
+/// The user behind the request's bearer token (a session's or an API key's), that
+/// token's hash, when it expires (Unix ms; `i64::MAX` for a key that never does), and an
+/// API key's scopes. As an extractor it also checks that the key may use the route
+/// ([`scopes::required`]).
 pub struct Authed {
     pub user: User,
     pub token: TokenHash,
     pub expires_at: i64,
+    /// `None` for a session, which may do all its user may.
+    pub scopes: Option<Scopes>,
 }
 
 /// A session's last use is written at most this often (ms).
 const TOUCH_EVERY_MS: i64 = 5 * 60 * 1000;
+/// An API key's, at most this often (ms): its owner reads it to find unused keys.
+const KEY_TOUCH_EVERY_MS: i64 = 60 * 1000;
+
+/// How an API key's token starts (a session's is bare hex): the server tells the two
+/// apart, and so can a secret scanner.
+pub const API_KEY_PREFIX: &str = "ntk_";
 
 impl FromRequestParts<AppState> for Authed {
     type Rejection = ApiError;
@@ -109,7 +122,20 @@ impl FromRequestParts<AppState> for Authed {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .ok_or_else(ApiError::unauthorized)?;
-        authenticate(state, token).await
+        let authed = authenticate(state, token).await?;
+        if let Some(scopes) = authed.scopes {
+            let route = parts
+                .extensions
+                .get::<MatchedPath>()
+                .map(MatchedPath::as_str);
+            let needs = route.and_then(|r| scopes::required(&parts.method, r));
+            match needs {
+                Some(Needs::Scope(s)) if scopes.contains(s) => {}
+                Some(Needs::Scope(s)) => return Err(ApiError::insufficient_scope(s.name())),
+                Some(Needs::Session) | None => return Err(ApiError::session_required()),
+            }
+        }
+        Ok(authed)
     }
 }
 
@@ -118,17 +144,22 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<Authed, ApiEr
     let token = Some(token.trim())
         .filter(|t| !t.is_empty() && t.len() <= 256)
         .ok_or_else(ApiError::unauthorized)?;
+    let is_key = token.starts_with(API_KEY_PREFIX);
     let token = token_hash(token);
     let now = now_ms();
     let trusted_since = state.gateway.bus.trusted_since();
-    if let Some((user, expires_at)) = state.sessions.get(&token, now, trusted_since) {
+    if let Some((user, expires_at, scopes)) = state.sessions.get(&token, now, trusted_since) {
         return Ok(Authed {
             user,
             token,
             expires_at,
+            scopes,
         });
     }
     let generation = state.sessions.generation();
+    if is_key {
+        return authenticate_key(state, token, now, generation).await;
+    }
     let found = state
         .store
         .session_user(token, now)
@@ -143,13 +174,55 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<Authed, ApiEr
             }
         });
     }
-    state
-        .sessions
-        .insert(generation, token, found.user.clone(), found.expires_at);
+    state.sessions.insert(
+        generation,
+        token,
+        found.user.clone(),
+        found.expires_at,
+        None,
+    );
     Ok(Authed {
         user: found.user,
         token,
         expires_at: found.expires_at,
+        scopes: None,
+    })
+}
+
+/// The account behind an API key, from the store (the caller looked in the cache).
+async fn authenticate_key(
+    state: &AppState,
+    token: TokenHash,
+    now: i64,
+    generation: u64,
+) -> Result<Authed, ApiError> {
+    let found = state
+        .store
+        .key_user(token, now)
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
+    if found.key.last_used_at.unwrap_or(0) < now - KEY_TOUCH_EVERY_MS {
+        let store = std::sync::Arc::clone(&state.store);
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_api_key(token, now).await {
+                tracing::debug!(error = %e, "record an API key's last use");
+            }
+        });
+    }
+    let scopes = Scopes::parse_stored(&found.key.scopes);
+    let expires_at = found.key.expires_at.unwrap_or(i64::MAX);
+    state.sessions.insert(
+        generation,
+        token,
+        found.user.clone(),
+        expires_at,
+        Some(scopes),
+    );
+    Ok(Authed {
+        user: found.user,
+        token,
+        expires_at,
+        scopes: Some(scopes),
     })
 }
 

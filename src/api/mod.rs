@@ -8,11 +8,13 @@ pub use crate::wire::dto;
 pub mod error;
 pub mod extract;
 mod health;
+mod keys;
 mod messages;
 mod observe;
 mod openapi;
 pub(crate) mod presence;
 mod reactions;
+pub mod scopes;
 mod search;
 mod sessions;
 pub mod validate;
@@ -271,6 +273,7 @@ impl AppState {
 fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(accounts::routes())
+        .merge(keys::routes())
         .merge(channels::routes())
         .merge(messages::routes())
         .merge(reactions::routes())

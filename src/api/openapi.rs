@@ -75,6 +75,12 @@ fn add_shared_answers(path: &str, op: &mut Operation) {
             "401",
             "`unauthorized`: no valid `Authorization: Bearer <token>`".into(),
         );
+        add(
+            "403",
+            "`insufficient_scope`: an API key without the scope this route needs; \
+             `session_required`: an API key used to manage sessions, keys or bots"
+                .into(),
+        );
     }
     if has_body {
         add(

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::scopes::Scopes;
 use crate::model::User;
 use crate::store::TokenHash;
 
@@ -20,6 +21,8 @@ const MAX_ENTRIES: usize = 100_000;
 struct Entry {
     user: User,
     expires_at_ms: i64,
+    /// An API key's scopes; `None` for a session.
+    scopes: Option<Scopes>,
     fetched: Instant,
 }
 
@@ -31,8 +34,8 @@ pub struct SessionCache {
 }
 
 impl SessionCache {
-    /// The cached user of an unexpired session.
-    /// The user of a cached unexpired session, and when it expires.
+    /// The user of a cached unexpired session (or API key), when it expires, and a key's
+    /// scopes.
     /// `trusted_since`: entries cached before it are not used (the cluster bus may have
     /// missed another node's revocation then).
     pub fn get(
@@ -40,13 +43,13 @@ impl SessionCache {
         token: &TokenHash,
         now_ms: i64,
         trusted_since: Option<Instant>,
-    ) -> Option<(User, i64)> {
+    ) -> Option<(User, i64, Option<Scopes>)> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
             .get(token)
             .filter(|e| e.expires_at_ms > now_ms && e.fetched.elapsed() < MAX_AGE)
             .filter(|e| trusted_since.is_none_or(|t| e.fetched > t))
-            .map(|e| (e.user.clone(), e.expires_at_ms))
+            .map(|e| (e.user.clone(), e.expires_at_ms, e.scopes))
     }
 
     /// Read before a store lookup; hand it to [`SessionCache::insert`] after.
@@ -54,9 +57,16 @@ impl SessionCache {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Caches a session read from the store, unless a revocation happened since
-    /// `generation` was read.
-    pub fn insert(&self, generation: u64, token: TokenHash, user: User, expires_at_ms: i64) {
+    /// Caches a session (or an API key, with its scopes) read from the store, unless a
+    /// revocation happened since `generation` was read.
+    pub fn insert(
+        &self,
+        generation: u64,
+        token: TokenHash,
+        user: User,
+        expires_at_ms: i64,
+        scopes: Option<Scopes>,
+    ) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if self.generation.load(Ordering::SeqCst) != generation {
             return;
@@ -69,6 +79,7 @@ impl SessionCache {
             Entry {
                 user,
                 expires_at_ms,
+                scopes,
                 fetched: Instant::now(),
             },
         );
@@ -99,8 +110,8 @@ mod tests {
     fn serves_unexpired_sessions_only() {
         let cache = SessionCache::default();
         let g = cache.generation();
-        cache.insert(g, [1; 32], user(), 100);
-        assert_eq!(cache.get(&[1; 32], 99, None), Some((user(), 100)));
+        cache.insert(g, [1; 32], user(), 100, None);
+        assert_eq!(cache.get(&[1; 32], 99, None), Some((user(), 100, None)));
         assert_eq!(cache.get(&[1; 32], 100, None), None);
         assert_eq!(cache.get(&[2; 32], 0, None), None);
     }
@@ -110,9 +121,9 @@ mod tests {
         let cache = SessionCache::default();
         let g = cache.generation();
         cache.revoke(&[1; 32]);
-        cache.insert(g, [1; 32], user(), 100);
+        cache.insert(g, [1; 32], user(), 100, None);
         assert_eq!(cache.get(&[1; 32], 0, None), None);
-        cache.insert(cache.generation(), [1; 32], user(), 100);
+        cache.insert(cache.generation(), [1; 32], user(), 100, None);
         cache.revoke(&[1; 32]);
         assert_eq!(cache.get(&[1; 32], 0, None), None);
     }

@@ -850,6 +850,9 @@ enum Body {
         d: Option<String>,
         #[serde(default)]
         a: Option<String>,
+        /// A bot's owner.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        o: Option<i64>,
     },
 }
 
@@ -946,6 +949,7 @@ impl Packet {
                 n: user.username.clone(),
                 d: user.display_name.clone(),
                 a: user.about.clone(),
+                o: user.bot_owner,
             },
         }
     }
@@ -1008,7 +1012,7 @@ impl Packet {
                     user_id: u,
                 });
             }
-            Body::Profile { u, n, d, a } => {
+            Body::Profile { u, n, d, a, o } => {
                 return Some(Item::Profile {
                     channel_id: c,
                     user: crate::model::User {
@@ -1017,6 +1021,7 @@ impl Packet {
                         created_at: self.at,
                         display_name: d,
                         about: a,
+                        bot_owner: o,
                     },
                 });
             }
@@ -1145,6 +1150,7 @@ mod tests {
             created_at: 1_700_000_000_000,
             display_name: Some("Ada \"L\"".into()),
             about: None,
+            bot_owner: Some(3),
         };
         let packet = Packet::profile(5, &user);
         let back = serde_json::from_slice::<Packet>(&encode(&packet))

@@ -24,6 +24,7 @@ pub const CHECKS: &[&str] = &[
     "mentions",
     "profiles",
     "search",
+    "bots_and_api_keys",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -46,8 +47,124 @@ pub async fn run(name: &str, store: &dyn Store) {
         "mentions" => mentions(store).await,
         "profiles" => profiles(store).await,
         "search" => search(store).await,
+        "bots_and_api_keys" => bots_and_api_keys(store).await,
         other => panic!("no conformance check {other}"),
     }
+}
+
+fn new_key(seed: u8, user_id: i64, expires_at: Option<i64>) -> crate::store::NewApiKey {
+    crate::store::NewApiKey {
+        token: [seed; 32],
+        user_id,
+        name: format!("key {seed}"),
+        scopes: "messages:read messages:write".into(),
+        expires_at,
+    }
+}
+
+async fn bots_and_api_keys(store: &dyn Store) {
+    use crate::store::TooMany;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let bot = store.create_bot(alice, "Deploy-Bot").await.unwrap();
+    assert_eq!(bot.username, "deploy-bot");
+    assert_eq!(bot.bot_owner, Some(alice));
+    assert_eq!(
+        store.user(bot.id).await.unwrap().unwrap().bot_owner,
+        Some(alice)
+    );
+    assert_eq!(store.user(alice).await.unwrap().unwrap().bot_owner, None);
+    // Bots and people share one namespace; a bot cannot log in.
+    assert!(matches!(
+        store.create_user("deploy-bot", "h", None).await,
+        Err(StoreError::UsernameTaken)
+    ));
+    assert!(matches!(
+        store.create_bot(bob, "Alice").await,
+        Err(StoreError::UsernameTaken)
+    ));
+    assert!(store.credentials("deploy-bot").await.unwrap().is_none());
+    assert!(matches!(
+        store.create_bot(bot.id, "bot-of-a-bot").await,
+        Err(StoreError::Forbidden(_))
+    ));
+    assert_eq!(store.bots(alice).await.unwrap(), vec![bot.clone()]);
+    assert!(store.bots(bob).await.unwrap().is_empty());
+
+    // Keys act as their holder or the holder's bots, and nobody else.
+    let own = store
+        .create_api_key(alice, new_key(1, alice, None))
+        .await
+        .unwrap();
+    let for_bot = store
+        .create_api_key(alice, new_key(2, bot.id, Some(10_000)))
+        .await
+        .unwrap();
+    assert_eq!(for_bot.user_id, bot.id);
+    assert_eq!(for_bot.id, crate::store::session_id(&[2; 32]));
+    for (holder, acts_as) in [(bob, bot.id), (bob, alice), (alice, bob), (alice, i64::MAX)] {
+        assert!(
+            matches!(
+                store
+                    .create_api_key(holder, new_key(3, acts_as, None))
+                    .await,
+                Err(StoreError::NotFound)
+            ),
+            "{holder} as {acts_as}"
+        );
+    }
+    let listed = store.api_keys(alice).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&own) && listed.contains(&for_bot));
+    assert!(store.api_keys(bob).await.unwrap().is_empty());
+
+    // A key finds its account until it expires.
+    let found = store.key_user([2; 32], 9_999).await.unwrap().unwrap();
+    assert_eq!(found.user, bot);
+    assert_eq!(found.key, for_bot);
+    assert!(store.key_user([2; 32], 10_000).await.unwrap().is_none());
+    assert!(store.key_user([9; 32], 0).await.unwrap().is_none());
+    // A session's token is not a key, nor a key's a session.
+    assert!(store.session_user([1; 32], 0).await.unwrap().is_none());
+    store.touch_api_key([1; 32], 5_000).await.unwrap();
+    store.touch_api_key([1; 32], 4_000).await.unwrap();
+    let found = store.key_user([1; 32], 0).await.unwrap().unwrap();
+    assert_eq!(found.user.id, alice);
+    assert_eq!(found.key.last_used_at, Some(5_000), "never moves back");
+
+    // Only the holder deletes a key; it is gone at once.
+    assert_eq!(store.delete_api_key(bob, own.id).await.unwrap(), None);
+    assert_eq!(
+        store.delete_api_key(alice, own.id).await.unwrap(),
+        Some((alice, [1; 32]))
+    );
+    assert!(store.key_user([1; 32], 0).await.unwrap().is_none());
+    assert_eq!(store.delete_api_key(alice, own.id).await.unwrap(), None);
+
+    // The caps: bots per owner, keys per holder (expired ones count until deleted).
+    let max_bots = crate::store::Rules::default().max_bots_per_user;
+    for i in 1..max_bots {
+        store
+            .create_bot(bob, &format!("bob-bot-{i}"))
+            .await
+            .unwrap();
+    }
+    store.create_bot(bob, "bob-bot-last").await.unwrap();
+    assert!(matches!(
+        store.create_bot(bob, "bob-bot-over").await,
+        Err(StoreError::TooMany(TooMany::Bots(n))) if n == max_bots
+    ));
+    let max_keys = crate::store::Rules::default().max_api_keys_per_user;
+    for i in 0..max_keys {
+        store
+            .create_api_key(bob, new_key(100 + i as u8, bob, Some(1)))
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        store.create_api_key(bob, new_key(99, bob, None)).await,
+        Err(StoreError::TooMany(TooMany::ApiKeys(n))) if n == max_keys
+    ));
 }
 
 /// The ids of `user`'s channels, as the store lists them.

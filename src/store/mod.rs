@@ -43,6 +43,10 @@ pub struct Rules {
     pub max_reactions_per_message: u32,
     /// Time one search may spend in the index.
     pub search_budget: std::time::Duration,
+    /// Bot accounts one user may own.
+    pub max_bots_per_user: u32,
+    /// API keys one user may hold, for themself and their bots together.
+    pub max_api_keys_per_user: u32,
 }
 
 impl Default for Rules {
@@ -57,6 +61,8 @@ impl Default for Rules {
             max_sessions_per_user: 100,
             max_reactions_per_message: 20,
             search_budget: std::time::Duration::from_secs(2),
+            max_bots_per_user: 20,
+            max_api_keys_per_user: 50,
         }
     }
 }
@@ -83,6 +89,10 @@ pub enum TooMany {
     PendingDms(u32),
     #[error("a message may have at most {0} different reactions")]
     Reactions(u32),
+    #[error("a user may own at most {0} bots")]
+    Bots(u32),
+    #[error("a user may hold at most {0} API keys (their bots' included)")]
+    ApiKeys(u32),
 }
 
 /// Why a store call failed. Everything but [`StoreError::Internal`] is the caller's to act on.
@@ -216,6 +226,39 @@ pub fn session_id(token: &TokenHash) -> i64 {
     id.max(1)
 }
 
+/// An API key to store: the digest of its token, whose account it acts as (its owner's
+/// own, or one of the owner's bots), a name, its scopes (space-separated names; the API
+/// layer reads them) and when it expires (Unix ms; `None`: never).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewApiKey {
+    pub token: TokenHash,
+    pub user_id: i64,
+    pub name: String,
+    pub scopes: String,
+    pub expires_at: Option<i64>,
+}
+
+/// An API key as its owner sees it in their list. Its id is derived from the token's
+/// digest ([`session_id`]), as a session's is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    pub id: i64,
+    /// The account the key acts as.
+    pub user_id: i64,
+    pub name: String,
+    pub scopes: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+/// The account behind an unexpired API key, and the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyAuth {
+    pub user: User,
+    pub key: ApiKeyInfo,
+}
+
 /// A user's channels that could be read, and the ids (from the index, ascending) of those
 /// that could not be read now.
 #[derive(Debug, Clone, Default)]
@@ -295,6 +338,26 @@ pub trait Accounts: Send + Sync {
     async fn delete_other_sessions(&self, user_id: i64, keep: TokenHash) -> Result<Vec<TokenHash>>;
     /// Deletes sessions that expired at or before `now`; returns how many.
     async fn purge_sessions(&self, now: i64) -> Result<u64>;
+
+    /// Creates a bot account owned by `owner`: a user without a password (it cannot log
+    /// in), named as [`Accounts::create_user`] names users. Past
+    /// [`Rules::max_bots_per_user`], `TooMany`; an owner that is a bot itself, `Forbidden`.
+    async fn create_bot(&self, owner: i64, username: &str) -> Result<User>;
+    /// The bots `owner` made, oldest first.
+    async fn bots(&self, owner: i64) -> Result<Vec<User>>;
+    /// Stores an API key held by `owner` for `key.user_id`, which must be `owner` or one
+    /// of their bots (else `NotFound`). Past [`Rules::max_api_keys_per_user`] keys held
+    /// by `owner` (expired ones included), `TooMany`.
+    async fn create_api_key(&self, owner: i64, key: NewApiKey) -> Result<ApiKeyInfo>;
+    /// The API keys `owner` holds (for themself and their bots), newest first.
+    async fn api_keys(&self, owner: i64) -> Result<Vec<ApiKeyInfo>>;
+    /// Deletes `owner`'s key `id`: the account it acted as and its digest, or `None` if
+    /// the owner holds no such key.
+    async fn delete_api_key(&self, owner: i64, id: i64) -> Result<Option<(i64, TokenHash)>>;
+    /// The account behind an unexpired API key.
+    async fn key_user(&self, token: TokenHash, now: i64) -> Result<Option<KeyAuth>>;
+    /// Records that the key was used at `now` (kept coarse by the caller).
+    async fn touch_api_key(&self, token: TokenHash, now: i64) -> Result<()>;
 }
 
 /// Channels, their members and their event logs. Every change appends one event per

@@ -229,6 +229,27 @@ pub fn room(rules: &Rules, memberships: u64) -> Verdict {
     Ok(())
 }
 
+/// Room for one more bot of a user who owns `bots` now; a bot owns none.
+pub fn bot_room(rules: &Rules, owner_is_bot: bool, bots: u64) -> Verdict {
+    if owner_is_bot {
+        return Err(StoreError::Forbidden("a bot cannot make bots"));
+    }
+    if bots >= u64::from(rules.max_bots_per_user) {
+        return Err(StoreError::TooMany(TooMany::Bots(rules.max_bots_per_user)));
+    }
+    Ok(())
+}
+
+/// Room for one more API key of a user who holds `keys` now.
+pub fn key_room(rules: &Rules, keys: u64) -> Verdict {
+    if keys >= u64::from(rules.max_api_keys_per_user) {
+        return Err(StoreError::TooMany(TooMany::ApiKeys(
+            rules.max_api_keys_per_user,
+        )));
+    }
+    Ok(())
+}
+
 /// Whether the consent rule asks the backend to look for a shared channel before `actor`
 /// puts `user` into a channel.
 pub fn needs_consent(rules: &Rules, actor: i64, user: i64) -> bool {

@@ -24,6 +24,12 @@ pub struct User {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub about: Option<String>,
+    /// Whether this is a bot account (it acts through API keys; it cannot log in).
+    pub bot: bool,
+    /// A bot's owner, who manages its keys; absent for people.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::Id>, nullable = false)]
+    pub bot_owner_id: Option<String>,
 }
 
 impl From<&model::User> for User {
@@ -34,8 +40,108 @@ impl From<&model::User> for User {
             created_at: rfc3339(u.created_at),
             display_name: u.display_name.clone(),
             about: u.about.clone(),
+            bot: u.bot_owner.is_some(),
+            bot_owner_id: u.bot_owner.map(|o| o.to_string()),
         }
     }
+}
+
+/// A bot account to create.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewBot {
+    /// Under the rules of usernames; bots and people share one namespace.
+    #[schema(schema_with = openapi::username)]
+    pub username: String,
+    #[serde(default)]
+    #[schema(schema_with = openapi::display_name)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    #[schema(schema_with = openapi::about)]
+    pub about: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BotList {
+    /// Oldest first.
+    pub bots: Vec<User>,
+}
+
+/// An API key to create.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewApiKey {
+    /// Shown in the key list: what the key is for (a channel name's rules).
+    #[schema(schema_with = openapi::channel_name)]
+    pub name: String,
+    /// What the key may do: any of `users:read`, `users:write`, `channels:read`,
+    /// `channels:write`, `messages:read`, `messages:write`. At least one.
+    #[schema(schema_with = openapi::scopes)]
+    pub scopes: Vec<String>,
+    /// The bot the key acts as; absent or `null`: the caller.
+    #[serde(default)]
+    #[schema(value_type = Option<openapi::Id>)]
+    pub user_id: Option<String>,
+    /// Days until the key stops working; absent or `null`: it never expires.
+    #[serde(default, deserialize_with = "integral_or_null")]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 3650)]
+    pub expires_in_days: Option<i64>,
+}
+
+/// An API key as its holder sees it in their list (never its token).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKey {
+    /// Names the key for `DELETE /v1/keys/{id}`; not its token.
+    #[schema(value_type = openapi::Id)]
+    pub id: String,
+    pub name: String,
+    /// The account the key acts as: the holder or one of their bots.
+    #[schema(value_type = openapi::Id)]
+    pub user_id: String,
+    pub scopes: Vec<String>,
+    #[schema(schema_with = openapi::time)]
+    pub created_at: String,
+    /// Absent: the key never expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime, nullable = false)]
+    pub expires_at: Option<String>,
+    /// Coarse (updated at most once a minute); absent until first used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime, nullable = false)]
+    pub last_used_at: Option<String>,
+}
+
+impl From<&crate::store::ApiKeyInfo> for ApiKey {
+    fn from(k: &crate::store::ApiKeyInfo) -> Self {
+        Self {
+            id: k.id.to_string(),
+            name: k.name.clone(),
+            user_id: k.user_id.to_string(),
+            scopes: k
+                .scopes
+                .split_ascii_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            created_at: rfc3339(k.created_at),
+            expires_at: k.expires_at.map(rfc3339),
+            last_used_at: k.last_used_at.map(rfc3339),
+        }
+    }
+}
+
+/// A new API key and its token: the only time the token is shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedApiKey {
+    pub key: ApiKey,
+    /// `Authorization: Bearer <token>`, as a session's token is used. Starts with `ntk_`.
+    #[schema(value_type = String)]
+    pub token: crate::auth::Secret,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyList {
+    /// Newest first.
+    pub keys: Vec<ApiKey>,
 }
 
 /// A change of the caller's profile: a field left out keeps its value, `null` clears it.
@@ -270,6 +376,13 @@ fn integral<'de, D: serde::Deserializer<'de>>(de: D) -> Result<i64, D::Error> {
         }
         Number::Float(f) => Err(serde::de::Error::custom(format!("{f} is not an integer"))),
     }
+}
+
+/// [`integral`], or `null`.
+fn integral_or_null<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Integral(#[serde(deserialize_with = "integral")] i64);
+    Option::<Integral>::deserialize(de).map(|n| n.map(|Integral(n)| n))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -252,6 +252,8 @@ pub mod close {
     pub const BAD_TOKEN: u16 = 4001;
     pub const MALFORMED: u16 = 4002;
     pub const NO_HELLO: u16 = 4003;
+    /// An API key without the `messages:read` scope cannot open the real-time stream.
+    pub const FORBIDDEN: u16 = 4004;
     pub const SLOW_CONSUMER: u16 = 4008;
     /// The user has `--ws-connections-per-user` connections open already.
     pub const TOO_MANY_CONNECTIONS: u16 = 4009;

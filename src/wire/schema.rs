@@ -161,6 +161,25 @@ pub fn member_ids() -> ArrayBuilder {
         .max_items(Some(MAX_INITIAL_MEMBERS))
 }
 
+/// The scopes an API key may have (`api::scopes::Scope`'s names; a test there checks
+/// the two agree).
+pub const SCOPE_NAMES: [&str; 6] = [
+    "users:read",
+    "users:write",
+    "channels:read",
+    "channels:write",
+    "messages:read",
+    "messages:write",
+];
+
+/// An API key's scopes: at least one.
+pub fn scopes() -> ArrayBuilder {
+    ArrayBuilder::new()
+        .items(string_enum(&SCOPE_NAMES))
+        .min_items(Some(1))
+        .max_items(Some(64))
+}
+
 /// A time.
 pub fn time() -> ObjectBuilder {
     ObjectBuilder::new()

@@ -26,6 +26,7 @@ use super::AppState;
 use super::dto::ErrorBody;
 use super::error::ApiError;
 use super::extract::authenticate;
+use super::scopes::Scope;
 use crate::gateway::hub::{ConnId, Hub};
 use crate::gateway::outbox::Outbox;
 use crate::model::User;
@@ -265,6 +266,13 @@ where
             return None;
         }
     };
+    if let Some(scopes) = authed.scopes
+        && !scopes.contains(Scope::MessagesRead)
+    {
+        let e = ApiError::insufficient_scope(Scope::MessagesRead.name());
+        refuse(socket, close::FORBIDDEN, &e).await;
+        return None;
+    }
     let outbox = Arc::new(Outbox::new(
         cfg.queue_bytes,
         Arc::clone(state.gateway.hub.stats()),
@@ -288,13 +296,22 @@ where
         user_id: authed.user.id,
     };
     if state.sessions.generation() != generation {
-        let refused = match state
-            .store
-            .session_user(authed.token, crate::clock::now_ms())
-            .await
-        {
-            Ok(Some(_)) => None,
-            Ok(None) => Some((close::BAD_TOKEN, ApiError::unauthorized())),
+        let now = crate::clock::now_ms();
+        let found = match authed.scopes {
+            None => state
+                .store
+                .session_user(authed.token, now)
+                .await
+                .map(|s| s.is_some()),
+            Some(_) => state
+                .store
+                .key_user(authed.token, now)
+                .await
+                .map(|k| k.is_some()),
+        };
+        let refused = match found {
+            Ok(true) => None,
+            Ok(false) => Some((close::BAD_TOKEN, ApiError::unauthorized())),
             Err(e) => Some((close::RESTARTING, ApiError::from(e))),
         };
         if let Some((code, e)) = refused {
@@ -304,7 +321,14 @@ where
     }
     state.gateway.presence.connected(conn, authed.user.id);
     Some(Admitted {
-        session: Session::new(state, authed.user.id, authed.expires_at, conn, outbox),
+        session: Session::new(
+            state,
+            authed.user.id,
+            authed.expires_at,
+            authed.scopes,
+            conn,
+            outbox,
+        ),
         user: authed.user,
         resume: resume_at,
         online,

@@ -15,6 +15,7 @@ use super::{Incoming, malformed, next_frame};
 use crate::api::AppState;
 use crate::api::error::ApiError;
 use crate::api::messages::admit_send;
+use crate::api::scopes::{Scope, Scopes};
 use crate::config::Feature;
 use crate::gateway::hub::ConnId;
 use crate::gateway::outbox::{Delivery, Item, Outbox};
@@ -70,6 +71,8 @@ pub(super) struct Session {
     delivered: u64,
     /// When the session's token expires (Unix ms): the connection closes with 4001 then.
     expires_at: i64,
+    /// An API key's scopes (`None`: a session's connection, which may do everything).
+    scopes: Option<Scopes>,
 }
 
 /// The answer to one send or read op.
@@ -80,6 +83,7 @@ impl Session {
         state: AppState,
         user_id: i64,
         expires_at: i64,
+        scopes: Option<Scopes>,
         conn: ConnId,
         outbox: Arc<Outbox>,
     ) -> Self {
@@ -93,7 +97,15 @@ impl Session {
             presence_ops: (Instant::now(), 0),
             delivered: 0,
             expires_at,
+            scopes,
         }
+    }
+
+    /// The error for an op an API key without `scope` may not do.
+    fn lacks(&self, scope: Scope) -> Option<ApiError> {
+        self.scopes
+            .filter(|s| !s.contains(scope))
+            .map(|_| ApiError::insufficient_scope(scope.name()))
     }
 
     /// Follows the user's channels, sends `ready` and replays the resumed channels. True
@@ -366,6 +378,11 @@ impl Session {
                 let Ok(id) = super::parse_id("channel_id", &channel_id) else {
                     return Ok(());
                 };
+                if let Some(e) = self.lacks(Scope::MessagesWrite) {
+                    self.outbox
+                        .push(Item::Frame(protocol::error(None, e.detail()).into()));
+                    return Ok(());
+                }
                 let now = Instant::now();
                 self.typing.retain(|(_, t)| now - *t < TYPING_EVERY);
                 let recent = self.typing.iter().any(|(c, _)| *c == id);
@@ -381,7 +398,10 @@ impl Session {
                 }
             }
             ClientOp::PresenceSet { status } => {
-                if let Err(e) = self.admit_presence_op() {
+                let refused = self
+                    .lacks(Scope::UsersWrite)
+                    .map_or_else(|| self.admit_presence_op(), Err);
+                if let Err(e) = refused {
                     self.outbox
                         .push(Item::Frame(protocol::error(None, e.detail()).into()));
                     return Ok(());
@@ -404,6 +424,11 @@ impl Session {
                 channel_id,
                 user_ids,
             } => {
+                if let Some(e) = self.lacks(Scope::UsersRead) {
+                    self.outbox
+                        .push(Item::Frame(protocol::error(None, e.detail()).into()));
+                    return Ok(());
+                }
                 let frame = match self.presence_subscribe(channel_id, user_ids).await {
                     Ok(frame) => frame,
                     Err(e) => protocol::error(None, e.detail()),
@@ -451,6 +476,10 @@ impl Session {
                 thread_root_id,
             } => {
                 let in_flight = ops.get_or_insert_with(|| InFlight::new(max));
+                if let Some(e) = self.lacks(Scope::MessagesWrite) {
+                    in_flight.reply(protocol::error(Some(&client_id), e.detail()).into());
+                    return Ok(());
+                }
                 let checked = super::parse_id("channel_id", &channel_id).and_then(|id| {
                     let root = thread_root_id
                         .as_deref()

@@ -30,8 +30,9 @@ use tokio_postgres::error::SqlState;
 
 use self::writer::{Done, Op, Writer};
 use super::{
-    Accounts, Backend, Channels, Health, NewSession, OnCommit, Posted, ReadFence, Result, Rules,
-    SearchOrder, SearchQuery, SessionAuth, SessionInfo, StoreError, TokenHash, rules,
+    Accounts, ApiKeyInfo, Backend, Channels, Health, KeyAuth, NewApiKey, NewSession, OnCommit,
+    Posted, ReadFence, Result, Rules, SearchOrder, SearchQuery, SessionAuth, SessionInfo,
+    StoreError, TokenHash, rules,
 };
 use crate::clock::now_ms;
 use crate::id::Snowflake;
@@ -915,6 +916,17 @@ impl Inner {
     /// DM `user` opened or answered), looked up in the index and re-checked on each shard.
     async fn shares_channel(&self, actor: i64, user: i64) -> Result<bool> {
         let c = self.conn(0).await?;
+        // A bot's owner may put it anywhere they are.
+        let own_bot = c
+            .query_opt(
+                "SELECT 1 FROM users WHERE id = $1 AND bot_owner = $2",
+                &[&user, &actor],
+            )
+            .await
+            .map_err(|e| self.fail(0, "read bot owner", e.into()))?;
+        if own_bot.is_some() {
+            return Ok(true);
+        }
         let rows = c
             .query(
                 "SELECT a.channel_id FROM user_channels a
@@ -1334,45 +1346,15 @@ impl Accounts for PostgresStore {
         let mut c = inner.conn(0).await?;
         let result: std::result::Result<User, Fail> = async {
             let tx = c.transaction().await?;
-            // Names with one skeleton are created one at a time, cluster-wide.
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1)::bigint)",
-                &[&skeleton],
-            )
-            .await?;
-            let taken = tx
-                .query_opt(
-                    "SELECT 1 FROM users WHERE username_key = $1 OR username_skeleton = $2",
-                    &[&folded, &skeleton],
-                )
-                .await?;
-            if taken.is_some() {
-                return Err(StoreError::UsernameTaken.into());
-            }
-            tx.execute(
-                "INSERT INTO users (id, username, username_key, username_skeleton, password_hash, created_at)
-                 VALUES ($1, $2, $2, $3, $4, $5)",
-                &[&id, &folded, &skeleton, &password_hash, &now],
-            )
-            .await?;
+            let user = insert_user(&tx, id, &folded, &skeleton, password_hash, now, None).await?;
             if let Some(s) = &session {
                 insert_session(&tx, id, s, now).await?;
             }
             tx.commit().await?;
-            Ok(User {
-                id,
-                username: folded.clone(),
-                created_at: now,
-                ..User::default()
-            })
+            Ok(user)
         }
         .await;
-        result.map_err(|e| match e {
-            Fail::Pg(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                StoreError::UsernameTaken
-            }
-            e => inner.fail(0, "create user", e),
-        })
+        result.map_err(|e| name_taken_or(e, |e| inner.fail(0, "create user", e)))
     }
 
     async fn user(&self, id: i64) -> Result<Option<User>> {
@@ -1538,6 +1520,215 @@ impl Accounts for PostgresStore {
         c.execute("DELETE FROM sessions WHERE expires_at <= $1", &[&now])
             .await
             .map_err(|e| self.inner.fail(0, "purge sessions", e.into()))
+    }
+
+    async fn create_bot(&self, owner: i64, username: &str) -> Result<User> {
+        let inner = &self.inner;
+        let folded = crate::username::fold(username);
+        let skeleton = crate::username::skeleton(&folded);
+        let now = now_ms();
+        let id = inner.shared.checked_id(now)?;
+        let rules = inner.shared.rules;
+        let mut c = inner.conn(0).await?;
+        let result: std::result::Result<User, Fail> = async {
+            let tx = c.transaction().await?;
+            // One bot of an owner at a time: the cap holds under concurrent requests.
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT bot_owner FROM users WHERE id = $1 FOR UPDATE",
+                    &[&owner],
+                )
+                .await?
+            else {
+                return Err(StoreError::NotFound.into());
+            };
+            let owner_is_bot = row.get::<_, Option<i64>>(0).is_some();
+            let bots: i64 = tx
+                .query_one("SELECT count(*) FROM users WHERE bot_owner = $1", &[&owner])
+                .await?
+                .get(0);
+            rules::bot_room(&rules, owner_is_bot, bots as u64)?;
+            let user = insert_user(&tx, id, &folded, &skeleton, "", now, Some(owner)).await?;
+            tx.commit().await?;
+            Ok(user)
+        }
+        .await;
+        result.map_err(|e| name_taken_or(e, |e| inner.fail(0, "create bot", e)))
+    }
+
+    async fn bots(&self, owner: i64) -> Result<Vec<User>> {
+        let c = self.inner.conn(0).await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {} FROM users WHERE bot_owner = $1 ORDER BY created_at, id",
+                    read::USER_COLUMNS
+                ),
+                &[&owner],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "read bots", e.into()))?;
+        Ok(rows.iter().map(read::user_row).collect())
+    }
+
+    async fn create_api_key(&self, owner: i64, key: NewApiKey) -> Result<ApiKeyInfo> {
+        let inner = &self.inner;
+        let rules = inner.shared.rules;
+        let now = now_ms();
+        let id = crate::store::session_id(&key.token);
+        let mut c = inner.conn(0).await?;
+        let result: std::result::Result<ApiKeyInfo, Fail> = async {
+            let tx = c.transaction().await?;
+            // One key of an owner at a time: the cap holds under concurrent requests.
+            if tx
+                .query_opt("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&owner])
+                .await?
+                .is_none()
+            {
+                return Err(StoreError::NotFound.into());
+            }
+            if key.user_id != owner
+                && tx
+                    .query_opt(
+                        "SELECT 1 FROM users WHERE id = $1 AND bot_owner = $2",
+                        &[&key.user_id, &owner],
+                    )
+                    .await?
+                    .is_none()
+            {
+                return Err(StoreError::NotFound.into());
+            }
+            let held: i64 = tx
+                .query_one("SELECT count(*) FROM api_keys WHERE owner_id = $1", &[&owner])
+                .await?
+                .get(0);
+            rules::key_room(&rules, held as u64)?;
+            tx.execute(
+                "INSERT INTO api_keys (token_hash, id, owner_id, user_id, name, scopes, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &&key.token[..],
+                    &id,
+                    &owner,
+                    &key.user_id,
+                    &key.name,
+                    &key.scopes,
+                    &now,
+                    &key.expires_at,
+                ],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(ApiKeyInfo {
+                id,
+                user_id: key.user_id,
+                name: key.name.clone(),
+                scopes: key.scopes.clone(),
+                created_at: now,
+                expires_at: key.expires_at,
+                last_used_at: None,
+            })
+        }
+        .await;
+        result.map_err(|e| inner.fail(0, "create API key", e))
+    }
+
+    async fn api_keys(&self, owner: i64) -> Result<Vec<ApiKeyInfo>> {
+        let c = self.inner.conn(0).await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {} FROM api_keys k WHERE k.owner_id = $1
+                     ORDER BY k.created_at DESC, k.id",
+                    read::KEY_COLUMNS
+                ),
+                &[&owner],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "read API keys", e.into()))?;
+        Ok(rows.iter().map(read::key_row).collect())
+    }
+
+    async fn delete_api_key(&self, owner: i64, id: i64) -> Result<Option<(i64, TokenHash)>> {
+        let c = self.inner.conn(0).await?;
+        let row = c
+            .query_opt(
+                "DELETE FROM api_keys WHERE owner_id = $1 AND id = $2
+                 RETURNING user_id, token_hash",
+                &[&owner, &id],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "delete API key", e.into()))?;
+        Ok(row.and_then(|r| Some((r.get(0), digest(r.get(1))?))))
+    }
+
+    async fn key_user(&self, token: TokenHash, now: i64) -> Result<Option<KeyAuth>> {
+        let c = self.inner.conn(0).await?;
+        read::key_user(&**c, &token, now)
+            .await
+            .map_err(|e| self.inner.fail(0, "read API key", e))
+    }
+
+    async fn touch_api_key(&self, token: TokenHash, now: i64) -> Result<()> {
+        let c = self.inner.conn(0).await?;
+        c.execute(
+            "UPDATE api_keys SET last_used_at = GREATEST(coalesce(last_used_at, 0), $2)
+             WHERE token_hash = $1",
+            &[&&token[..], &now],
+        )
+        .await
+        .map_err(|e| self.inner.fail(0, "touch API key", e.into()))?;
+        Ok(())
+    }
+}
+
+/// Inserts a user (a bot when `bot_owner` is set) under a name nobody's folded form or
+/// skeleton has.
+async fn insert_user(
+    tx: &tokio_postgres::Transaction<'_>,
+    id: i64,
+    folded: &str,
+    skeleton: &str,
+    password_hash: &str,
+    now: i64,
+    bot_owner: Option<i64>,
+) -> std::result::Result<User, Fail> {
+    // Names with one skeleton are created one at a time, cluster-wide.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1)::bigint)",
+        &[&skeleton],
+    )
+    .await?;
+    let taken = tx
+        .query_opt(
+            "SELECT 1 FROM users WHERE username_key = $1 OR username_skeleton = $2",
+            &[&folded, &skeleton],
+        )
+        .await?;
+    if taken.is_some() {
+        return Err(StoreError::UsernameTaken.into());
+    }
+    tx.execute(
+        "INSERT INTO users (id, username, username_key, username_skeleton, password_hash, created_at, bot_owner)
+         VALUES ($1, $2, $2, $3, $4, $5, $6)",
+        &[&id, &folded, &skeleton, &password_hash, &now, &bot_owner],
+    )
+    .await?;
+    Ok(User {
+        id,
+        username: folded.to_owned(),
+        created_at: now,
+        bot_owner,
+        ..User::default()
+    })
+}
+
+/// A unique violation of a user's name is `UsernameTaken` (two nodes raced past the
+/// check); anything else goes to `fail`.
+fn name_taken_or(e: Fail, fail: impl FnOnce(Fail) -> StoreError) -> StoreError {
+    match e {
+        Fail::Pg(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => StoreError::UsernameTaken,
+        e => fail(e),
     }
 }
 

@@ -26,7 +26,7 @@ pub(super) fn parse_role(s: &str) -> Result<Role, Fail> {
     Role::parse(s).ok_or_else(|| corrupt("role", s))
 }
 
-pub(super) const USER_COLUMNS: &str = "id, username, created_at, display_name, about";
+pub(super) const USER_COLUMNS: &str = "id, username, created_at, display_name, about, bot_owner";
 
 /// A user from the first three columns, and the profile's by name (every query that
 /// reads a user selects `display_name` and `about` too).
@@ -37,6 +37,7 @@ pub(super) fn user_row(r: &Row) -> User {
         created_at: r.get(2),
         display_name: r.get("display_name"),
         about: r.get("about"),
+        bot_owner: r.get("bot_owner"),
     }
 }
 
@@ -122,11 +123,59 @@ pub(super) async fn credentials(
 ) -> Result<Option<(User, String)>, Fail> {
     let row = c
         .query_opt(
-            &format!("SELECT {USER_COLUMNS}, password_hash FROM users WHERE username_key = $1"),
+            &format!(
+                "SELECT {USER_COLUMNS}, password_hash FROM users
+                 WHERE username_key = $1 AND bot_owner IS NULL"
+            ),
             &[&key],
         )
         .await?;
     Ok(row.map(|r| (user_row(&r), r.get("password_hash"))))
+}
+
+pub(super) const KEY_COLUMNS: &str =
+    "k.id, k.user_id, k.name, k.scopes, k.created_at, k.expires_at, k.last_used_at";
+
+pub(super) fn key_row(r: &Row) -> crate::store::ApiKeyInfo {
+    crate::store::ApiKeyInfo {
+        id: r.get(0),
+        user_id: r.get(1),
+        name: r.get(2),
+        scopes: r.get(3),
+        created_at: r.get(4),
+        expires_at: r.get(5),
+        last_used_at: r.get(6),
+    }
+}
+
+/// The account behind an unexpired API key, and the key.
+pub(super) async fn key_user(
+    c: &impl GenericClient,
+    token: &[u8],
+    now: i64,
+) -> Result<Option<crate::store::KeyAuth>, Fail> {
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT {KEY_COLUMNS}, u.id AS uid, u.username, u.created_at AS ucreated,
+                        u.display_name, u.about, u.bot_owner
+                 FROM api_keys k JOIN users u ON u.id = k.user_id
+                 WHERE k.token_hash = $1 AND (k.expires_at IS NULL OR k.expires_at > $2)"
+            ),
+            &[&token, &now],
+        )
+        .await?;
+    Ok(row.map(|r| crate::store::KeyAuth {
+        key: key_row(&r),
+        user: User {
+            id: r.get("uid"),
+            username: r.get("username"),
+            created_at: r.get("ucreated"),
+            display_name: r.get("display_name"),
+            about: r.get("about"),
+            bot_owner: r.get("bot_owner"),
+        },
+    }))
 }
 
 pub(super) async fn session_user(
@@ -136,7 +185,8 @@ pub(super) async fn session_user(
 ) -> Result<Option<SessionAuth>, Fail> {
     let row = c
         .query_opt(
-            "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at, u.display_name, u.about
+            "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at, u.display_name, u.about,
+                    u.bot_owner
              FROM sessions s JOIN users u ON u.id = s.user_id
              WHERE s.token_hash = $1 AND s.expires_at > $2",
             &[&token, &now],

@@ -175,6 +175,25 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 7: presence (used on shard 0): when each user was last online.
     "ALTER TABLE users ADD COLUMN last_seen_at BIGINT;",
+    // 8: bots and API keys (used on shard 0). A bot is a user with an owner (and no
+    // password); an API key is stored as its token's digest, held by `owner_id`, acting
+    // as `user_id` (the owner or one of their bots).
+    r#"
+    ALTER TABLE users ADD COLUMN bot_owner BIGINT;
+    CREATE INDEX users_bot_owner ON users (bot_owner) WHERE bot_owner IS NOT NULL;
+    CREATE TABLE api_keys (
+        token_hash   BYTEA PRIMARY KEY,
+        id           BIGINT NOT NULL UNIQUE,
+        owner_id     BIGINT NOT NULL,
+        user_id      BIGINT NOT NULL,
+        name         TEXT NOT NULL,
+        scopes       TEXT NOT NULL,
+        created_at   BIGINT NOT NULL,
+        expires_at   BIGINT,
+        last_used_at BIGINT
+    );
+    CREATE INDEX api_keys_owner ON api_keys (owner_id, created_at);
+    "#,
 ];
 
 /// The schema version this build writes.

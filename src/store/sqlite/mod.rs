@@ -31,8 +31,8 @@ use self::write::{Done, Op};
 pub use self::writer::WriteStats;
 use self::writer::{Writer, WriterParts};
 use super::{
-    Accounts, Backend, Channels, Health, NewSession, Posted, ReadFence, Result, SearchQuery,
-    SessionAuth, SessionInfo, StoreError, TokenHash,
+    Accounts, ApiKeyInfo, Backend, Channels, Health, KeyAuth, NewApiKey, NewSession, Posted,
+    ReadFence, Result, SearchQuery, SessionAuth, SessionInfo, StoreError, TokenHash,
 };
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
@@ -293,6 +293,8 @@ fn unexpected(done: Done) -> StoreError {
         Done::Message(_) => "message",
         Done::Count(_) => "count",
         Done::Tokens(_) => "tokens",
+        Done::ApiKey(_) => "API key",
+        Done::DeletedKey(_) => "deleted key",
         Done::Changed(_) => "changed",
         Done::Unit => "unit",
     };
@@ -481,6 +483,49 @@ impl Accounts for SqliteStore {
 
     async fn delete_session(&self, token: TokenHash) -> Result<()> {
         unit(self.write(Op::DeleteSession { token }).await?)
+    }
+
+    async fn create_bot(&self, owner: i64, username: &str) -> Result<User> {
+        let op = Op::CreateBot {
+            owner,
+            username: username.to_owned(),
+        };
+        match self.write(op).await? {
+            Done::User(u) => Ok(u),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn bots(&self, owner: i64) -> Result<Vec<User>> {
+        self.reads.run(move |c| read::bots(c, owner)).await
+    }
+
+    async fn create_api_key(&self, owner: i64, key: NewApiKey) -> Result<ApiKeyInfo> {
+        match self.write(Op::CreateApiKey { owner, key }).await? {
+            Done::ApiKey(k) => Ok(k),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn api_keys(&self, owner: i64) -> Result<Vec<ApiKeyInfo>> {
+        self.reads.run(move |c| read::api_keys(c, owner)).await
+    }
+
+    async fn delete_api_key(&self, owner: i64, id: i64) -> Result<Option<(i64, TokenHash)>> {
+        match self.write(Op::DeleteApiKey { owner, id }).await? {
+            Done::DeletedKey(k) => Ok(k),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn key_user(&self, token: TokenHash, now: i64) -> Result<Option<KeyAuth>> {
+        self.reads
+            .run(move |c| read::key_user(c, &token, now))
+            .await
+    }
+
+    async fn touch_api_key(&self, token: TokenHash, now: i64) -> Result<()> {
+        unit(self.write(Op::TouchApiKey { token, now }).await?)
     }
 }
 

@@ -72,7 +72,7 @@ pub(super) fn parse_role(s: &str) -> rusqlite::Result<Role> {
     Role::parse(s).ok_or_else(|| corrupt("role", s))
 }
 
-pub(super) const USER_COLUMNS: &str = "id, username, created_at, display_name, about";
+pub(super) const USER_COLUMNS: &str = "id, username, created_at, display_name, about, bot_owner";
 
 /// A user from the first three columns, and the profile's by name (every query that
 /// reads a user selects `display_name` and `about` too).
@@ -83,6 +83,7 @@ pub(super) fn user_row(r: &Row) -> rusqlite::Result<User> {
         created_at: r.get(2)?,
         display_name: r.get("display_name")?,
         about: r.get("about")?,
+        bot_owner: r.get("bot_owner")?,
     })
 }
 
@@ -189,7 +190,8 @@ pub(super) fn credentials(
     username: &str,
 ) -> rusqlite::Result<Option<(User, String)>> {
     conn.prepare_cached(&format!(
-        "SELECT {USER_COLUMNS}, password_hash FROM users WHERE username_key = ?1"
+        "SELECT {USER_COLUMNS}, password_hash FROM users
+         WHERE username_key = ?1 AND bot_owner IS NULL"
     ))?
     .query_row([crate::username::fold(username)], |r| {
         Ok((user_row(r)?, r.get("password_hash")?))
@@ -203,7 +205,8 @@ pub(super) fn session_user(
     now: i64,
 ) -> rusqlite::Result<Option<crate::store::SessionAuth>> {
     conn.prepare_cached(
-        "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at, u.display_name, u.about
+        "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at, u.display_name, u.about,
+                u.bot_owner
          FROM sessions s JOIN users u ON u.id = s.user_id
          WHERE s.token_hash = ?1 AND s.expires_at > ?2",
     )?
@@ -237,6 +240,71 @@ pub(super) fn sessions(
         })
     })?
     .collect()
+}
+
+/// The bots `owner` made, oldest first.
+pub(super) fn bots(conn: &Connection, owner: i64) -> rusqlite::Result<Vec<User>> {
+    conn.prepare_cached(&format!(
+        "SELECT {USER_COLUMNS} FROM users WHERE bot_owner = ?1 ORDER BY created_at, id"
+    ))?
+    .query_map([owner], user_row)?
+    .collect()
+}
+
+const KEY_COLUMNS: &str =
+    "k.id, k.user_id, k.name, k.scopes, k.created_at, k.expires_at, k.last_used_at";
+
+fn key_row(r: &Row) -> rusqlite::Result<crate::store::ApiKeyInfo> {
+    Ok(crate::store::ApiKeyInfo {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        name: r.get(2)?,
+        scopes: r.get(3)?,
+        created_at: r.get(4)?,
+        expires_at: r.get(5)?,
+        last_used_at: r.get(6)?,
+    })
+}
+
+/// The API keys `owner` holds, newest first.
+pub(super) fn api_keys(
+    conn: &Connection,
+    owner: i64,
+) -> rusqlite::Result<Vec<crate::store::ApiKeyInfo>> {
+    conn.prepare_cached(&format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.owner_id = ?1
+         ORDER BY k.created_at DESC, k.id"
+    ))?
+    .query_map([owner], key_row)?
+    .collect()
+}
+
+/// The account behind an unexpired API key, and the key.
+pub(super) fn key_user(
+    conn: &Connection,
+    token: &[u8],
+    now: i64,
+) -> rusqlite::Result<Option<crate::store::KeyAuth>> {
+    conn.prepare_cached(&format!(
+        "SELECT {KEY_COLUMNS}, u.id AS uid, u.username, u.created_at AS ucreated,
+                u.display_name, u.about, u.bot_owner
+         FROM api_keys k JOIN users u ON u.id = k.user_id
+         WHERE k.token_hash = ?1 AND (k.expires_at IS NULL OR k.expires_at > ?2)"
+    ))?
+    .query_row(params![token, now], |r| {
+        Ok(crate::store::KeyAuth {
+            key: key_row(r)?,
+            user: User {
+                id: r.get("uid")?,
+                username: r.get("username")?,
+                created_at: r.get("ucreated")?,
+                display_name: r.get("display_name")?,
+                about: r.get("about")?,
+                bot_owner: r.get("bot_owner")?,
+            },
+        })
+    })
+    .optional()
 }
 
 pub(super) fn channel(conn: &Connection, id: i64) -> rusqlite::Result<Option<Channel>> {
@@ -295,7 +363,7 @@ pub(super) fn channels(conn: &Connection, user_id: i64) -> rusqlite::Result<Vec<
 
 pub(super) fn members(conn: &Connection, channel_id: i64) -> rusqlite::Result<Vec<Member>> {
     conn.prepare_cached(
-        "SELECT u.id, u.username, u.created_at, m.role, u.display_name, u.about
+        "SELECT u.id, u.username, u.created_at, m.role, u.display_name, u.about, u.bot_owner
          FROM members m JOIN users u ON u.id = m.user_id
          WHERE m.channel_id = ?1 ORDER BY u.id",
     )?
@@ -352,7 +420,8 @@ pub(super) fn reactors(
 ) -> rusqlite::Result<Page<Reactor>> {
     let mut items = conn
         .prepare_cached(
-            "SELECT u.id, u.username, u.created_at, r.at, r.seq, u.display_name, u.about
+            "SELECT u.id, u.username, u.created_at, r.at, r.seq, u.display_name, u.about,
+                    u.bot_owner
              FROM reactions r JOIN users u ON u.id = r.user_id
              WHERE r.message_id = ?1 AND r.emoji = ?2 AND r.channel_id = ?3 AND r.seq > ?4
              ORDER BY r.seq LIMIT ?5",

@@ -223,6 +223,27 @@ const MIGRATIONS: &[Migration] = &[
     END;
     "#,
     ),
+    // 13: bots and API keys. A bot is a user with an owner (and no password); an API
+    // key is stored as its token's digest, held by `owner_id`, acting as `user_id` (the
+    // owner or one of their bots).
+    Migration::Sql(
+        r#"
+    ALTER TABLE users ADD COLUMN bot_owner INTEGER;
+    CREATE INDEX users_bot_owner ON users(bot_owner) WHERE bot_owner IS NOT NULL;
+    CREATE TABLE api_keys (
+        token_hash   BLOB PRIMARY KEY,
+        id           INTEGER NOT NULL UNIQUE,
+        owner_id     INTEGER NOT NULL,
+        user_id      INTEGER NOT NULL,
+        name         TEXT NOT NULL,
+        scopes       TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        expires_at   INTEGER,
+        last_used_at INTEGER
+    ) WITHOUT ROWID;
+    CREATE INDEX api_keys_owner ON api_keys(owner_id, created_at);
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

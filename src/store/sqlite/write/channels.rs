@@ -59,12 +59,14 @@ fn check_consent(
     }
     // A DM counts only once the user has answered it (or opened it themselves): a DM a
     // stranger opened is not consent.
+    // A bot's owner may put it anywhere they are.
     let shared = tx
         .prepare_cached(
             "SELECT 1 FROM members a
              JOIN members b ON b.channel_id = a.channel_id AND b.user_id = ?2
              JOIN channels c ON c.id = a.channel_id
              WHERE a.user_id = ?1 AND (c.kind != 'dm' OR c.owner_id = ?2 OR c.dm_answered = 1)
+             UNION ALL SELECT 1 FROM users WHERE id = ?2 AND bot_owner = ?1
              LIMIT 1",
         )?
         .exists([actor, user_id])?;

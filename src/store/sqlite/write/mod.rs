@@ -4,6 +4,7 @@
 //! share; `channels` and `messages` hold the channel and message ops.
 
 mod channels;
+mod keys;
 mod messages;
 
 use rusqlite::{OptionalExtension, Transaction, params};
@@ -17,7 +18,7 @@ use super::read;
 use crate::clock::now_ms;
 use crate::id::Snowflake;
 use crate::model::{Channel, ChannelKind, Event, EventBody, Message, Role, User};
-use crate::store::{NewSession, Posted, Rules, StoreError, TokenHash};
+use crate::store::{ApiKeyInfo, NewApiKey, NewSession, Posted, Rules, StoreError, TokenHash};
 
 pub(super) enum Op {
     CreateUser {
@@ -52,6 +53,22 @@ pub(super) enum Op {
         keep: TokenHash,
     },
     PurgeSessions {
+        now: i64,
+    },
+    CreateBot {
+        owner: i64,
+        username: String,
+    },
+    CreateApiKey {
+        owner: i64,
+        key: NewApiKey,
+    },
+    DeleteApiKey {
+        owner: i64,
+        id: i64,
+    },
+    TouchApiKey {
+        token: TokenHash,
         now: i64,
     },
     CreateChannel {
@@ -146,6 +163,7 @@ impl Op {
                 | Op::DeleteSessionById { .. }
                 | Op::DeleteOtherSessions { .. }
                 | Op::PurgeSessions { .. }
+                | Op::DeleteApiKey { .. }
         )
     }
 
@@ -160,7 +178,11 @@ impl Op {
             | Op::TouchSession { .. }
             | Op::DeleteSessionById { .. }
             | Op::DeleteOtherSessions { .. }
-            | Op::PurgeSessions { .. } => HotUse::None,
+            | Op::PurgeSessions { .. }
+            | Op::CreateBot { .. }
+            | Op::CreateApiKey { .. }
+            | Op::DeleteApiKey { .. }
+            | Op::TouchApiKey { .. } => HotUse::None,
             Op::CreateChannel { .. }
             | Op::OpenDm { .. }
             | Op::MarkRead { .. }
@@ -185,6 +207,9 @@ pub(super) enum Done {
     Count(u64),
     /// Digests of deleted sessions.
     Tokens(Vec<TokenHash>),
+    ApiKey(ApiKeyInfo),
+    /// A deleted API key's account and digest, if there was one.
+    DeletedKey(Option<(i64, TokenHash)>),
     /// Whether the op changed anything (an idempotent op that found it done: `false`).
     Changed(bool),
     Unit,
@@ -322,6 +347,19 @@ pub(super) fn apply(
                 .execute([now])?;
             Ok(Done::Count(n as u64))
         }
+        Op::CreateBot { owner, username } => {
+            keys::create_bot(tx, rules, ids.next_id(now), now, *owner, username)
+        }
+        Op::CreateApiKey { owner, key } => keys::create_api_key(tx, rules, now, *owner, key),
+        Op::DeleteApiKey { owner, id } => keys::delete_api_key(tx, *owner, *id),
+        Op::TouchApiKey { token, now } => {
+            tx.prepare_cached(
+                "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?2)
+                 WHERE token_hash = ?1",
+            )?
+            .execute(params![&token[..], now])?;
+            Ok(Done::Unit)
+        }
         Op::CreateChannel {
             owner,
             kind,
@@ -424,6 +462,23 @@ fn create_user(
     hash: &str,
     session: Option<&NewSession>,
 ) -> Applied {
+    let user = insert_user(tx, id, now, username, hash, None)?;
+    if let Some(s) = session {
+        insert_session(tx, id, s, now)?;
+    }
+    Ok(Done::User(user))
+}
+
+/// Inserts a user (a bot when `bot_owner` is set) under a name nobody's folded form or
+/// skeleton has.
+fn insert_user(
+    tx: &Transaction,
+    id: i64,
+    now: i64,
+    username: &str,
+    hash: &str,
+    bot_owner: Option<i64>,
+) -> Result<User, Failure> {
     // Stored and shown folded; a name whose skeleton an existing one shares is taken.
     // Skeletons are not a unique index (accounts from before skeletons may share one),
     // so this check, in the writer's transaction, is what keeps new ones apart.
@@ -436,19 +491,17 @@ fn create_user(
         return Err(StoreError::UsernameTaken.into());
     }
     tx.prepare_cached(
-        "INSERT INTO users (id, username, username_key, username_skeleton, password_hash, created_at)
-         VALUES (?1, ?2, ?2, ?3, ?4, ?5)",
+        "INSERT INTO users (id, username, username_key, username_skeleton, password_hash, created_at, bot_owner)
+         VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![id, folded, skeleton, hash, now])?;
-    if let Some(s) = session {
-        insert_session(tx, id, s, now)?;
-    }
-    Ok(Done::User(User {
+    .execute(params![id, folded, skeleton, hash, now, bot_owner])?;
+    Ok(User {
         id,
         username: folded,
         created_at: now,
+        bot_owner,
         ..User::default()
-    }))
+    })
 }
 
 fn insert_session(

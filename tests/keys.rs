@@ -1,0 +1,421 @@
+//! Bots and API keys (issue 17) over real sockets: bots marked and unable to log in,
+//! scopes enforced on every route and on the WebSocket, revocation at once, and keys
+//! kept out of the server's log.
+
+mod common;
+
+use common::child::ServerProcess;
+use common::ws::*;
+use common::{Client, TestServer};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// Makes a key for `acts_as` (a bot of `holder`'s, or `holder`) with `scopes`; the
+/// client that uses it, and the key's id.
+async fn key(holder: &Client, acts_as: Option<&str>, scopes: &[&str]) -> (Client, String) {
+    let mut body = json!({"name": format!("test key: {}", scopes.join(" ")), "scopes": scopes});
+    if let Some(id) = acts_as {
+        body["user_id"] = json!(id);
+    }
+    let a = holder.post("/v1/keys", body).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{a:?}");
+    let token = a.body["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("ntk_"), "{token}");
+    let mut c = holder.clone();
+    c.token = Some(token);
+    c.user_id = a.body["key"]["user_id"].as_str().unwrap().to_owned();
+    (c, a.body["key"]["id"].as_str().unwrap().to_owned())
+}
+
+async fn create_bot(owner: &Client, name: &str) -> Value {
+    let a = owner
+        .post(
+            "/v1/bots",
+            json!({"username": name, "display_name": "Build status"}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{a:?}");
+    a.body
+}
+
+async fn bots_act_through_scoped_keys_and_revoking_a_key_ends_it_at_once() {
+    let server = TestServer::start().await;
+    let alice = server.client().register("alice").await;
+    let bob = server.client().register("bob").await;
+    let bot = create_bot(&alice, "CI-Bot").await;
+    let bot_id = bot["id"].as_str().unwrap().to_owned();
+    assert_eq!(bot["username"], "ci-bot");
+    assert_eq!(bot["bot"], true);
+    assert_eq!(bot["bot_owner_id"], alice.user_id.as_str());
+    assert_eq!(bot["display_name"], "Build status");
+    let listed = alice.get("/v1/bots").await;
+    assert_eq!(
+        listed.body["bots"].as_array().unwrap().len(),
+        1,
+        "{listed:?}"
+    );
+    assert_eq!(bob.get("/v1/bots").await.body["bots"], json!([]));
+    let me = alice.get("/v1/users/me").await;
+    assert_eq!(me.body["bot"], false);
+    assert!(me.body.get("bot_owner_id").is_none());
+    // A bot has no password: no login finds it.
+    let login = server
+        .client()
+        .post(
+            "/v1/sessions",
+            json!({"username": "ci-bot", "password": ""}),
+        )
+        .await;
+    assert_eq!(login.status, StatusCode::UNAUTHORIZED, "{login:?}");
+
+    // Its owner puts it in a channel; it posts through a key; members see it as a bot.
+    let channel = alice.create_channel("builds", "group", &[&bob]).await;
+    let added = alice
+        .call(
+            Method::PUT,
+            &format!("/v1/channels/{channel}/members/{bot_id}"),
+            None,
+        )
+        .await;
+    assert!(added.status.is_success(), "{added:?}");
+    let (writer, writer_key) = key(
+        &alice,
+        Some(&bot_id),
+        &["messages:read", "messages:write", "channels:read"],
+    )
+    .await;
+    assert_eq!(writer.user_id, bot_id);
+    let sent = writer.send(&channel, "build 41 passed", None).await;
+    assert_eq!(sent.status, StatusCode::CREATED, "{sent:?}");
+    assert_eq!(sent.body["author_id"], bot_id.as_str());
+    let members = bob.get(&format!("/v1/channels/{channel}/members")).await;
+    let as_member = members.body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["user"]["id"] == bot_id.as_str())
+        .expect("the bot is a member")
+        .clone();
+    assert_eq!(as_member["user"]["bot"], true);
+
+    // A key without `messages:write` cannot send, over REST or the WebSocket.
+    let (reader, _) = key(&alice, Some(&bot_id), &["messages:read"]).await;
+    let refused = reader.send(&channel, "not allowed", None).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
+    assert_eq!(refused.code(), "insufficient_scope");
+    let history = reader
+        .get(&format!("/v1/channels/{channel}/messages"))
+        .await;
+    assert_eq!(history.status, StatusCode::OK, "reading is in its scope");
+    let mut ws = raw(server.addr).await;
+    let hello = json!({"op": "hello", "token": reader.token.as_deref().unwrap()});
+    send_text(&mut ws, &hello.to_string()).await;
+    let send =
+        json!({"op": "send", "channel_id": channel, "text": "nor this", "client_id": "ws-1"});
+    send_text(&mut ws, &send.to_string()).await;
+    let answer = text_until(&mut ws, "ws-1").await;
+    assert!(answer.contains("insufficient_scope"), "{answer}");
+    drop(ws);
+    assert_eq!(
+        bob.all_messages(&channel).await.len(),
+        1,
+        "nothing was written"
+    );
+    // Without `messages:read` the real-time stream is refused (4004).
+    let (sender_only, _) = key(&alice, Some(&bot_id), &["messages:write"]).await;
+    let mut ws = raw(server.addr).await;
+    let hello = json!({"op": "hello", "token": sender_only.token.as_deref().unwrap()});
+    send_text(&mut ws, &hello.to_string()).await;
+    let (texts, code) = read_to_close(&mut ws).await;
+    assert_eq!(code, Some(4004), "{texts:?}");
+    assert!(
+        texts.iter().any(|t| t.contains("insufficient_scope")),
+        "{texts:?}"
+    );
+    // Accounts are managed from a login, never with a key.
+    for (method, path) in [
+        (Method::GET, "/v1/keys"),
+        (Method::POST, "/v1/bots"),
+        (Method::GET, "/v1/sessions"),
+        (Method::DELETE, "/v1/sessions/others"),
+    ] {
+        let a = writer.call(method.clone(), path, Some(json!({}))).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{method} {path}: {a:?}");
+        assert_eq!(a.code(), "session_required", "{method} {path}");
+    }
+    // Nobody else holds, deletes or mints keys for alice's bot.
+    let stolen = bob
+        .post(
+            "/v1/keys",
+            json!({"name": "x", "scopes": ["messages:write"], "user_id": bot_id}),
+        )
+        .await;
+    assert_eq!(stolen.status, StatusCode::NOT_FOUND, "{stolen:?}");
+    let gone = bob
+        .call(Method::DELETE, &format!("/v1/keys/{writer_key}"), None)
+        .await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    let keys = alice.get("/v1/keys").await;
+    let listed = keys.body["keys"].as_array().unwrap();
+    assert_eq!(listed.len(), 3, "{keys:?}");
+    assert!(
+        !keys.body.to_string().contains("ntk_"),
+        "no token is shown again"
+    );
+    let used = listed
+        .iter()
+        .find(|k| k["id"] == writer_key.as_str())
+        .unwrap();
+    assert!(used["last_used_at"].is_string(), "{used:?}");
+    assert_eq!(
+        used["scopes"],
+        json!(["channels:read", "messages:read", "messages:write"])
+    );
+
+    // Revoking the key closes its socket with 4001 and its next request is refused.
+    let mut ws = raw(server.addr).await;
+    let hello = json!({"op": "hello", "token": writer.token.as_deref().unwrap()});
+    send_text(&mut ws, &hello.to_string()).await;
+    let revoked = alice
+        .call(Method::DELETE, &format!("/v1/keys/{writer_key}"), None)
+        .await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    let (_, code) = read_to_close(&mut ws).await;
+    assert_eq!(code, Some(4001));
+    let after = writer.send(&channel, "after revocation", None).await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED, "{after:?}");
+    server.stop().await;
+}
+
+/// Under the consent rule only people who share a channel with a user may add them; a
+/// bot's owner may add it anywhere they are, and a stranger may not.
+async fn only_a_bots_owner_or_someone_who_shares_a_channel_adds_it() {
+    let server = TestServer::start_with(|c| {
+        c.limits.rules.consent = natter::store::Consent::SharedChannel;
+    })
+    .await;
+    let alice = server.client().register("alice").await;
+    let mallory = server.client().register("mallory").await;
+    let bot = create_bot(&alice, "helper").await;
+    let bot_id = bot["id"].as_str().unwrap();
+    let mine = alice.create_channel("mine", "group", &[]).await;
+    let added = alice
+        .call(
+            Method::PUT,
+            &format!("/v1/channels/{mine}/members/{bot_id}"),
+            None,
+        )
+        .await;
+    assert!(added.status.is_success(), "{added:?}");
+    let theirs = mallory.create_channel("theirs", "group", &[]).await;
+    let refused = mallory
+        .call(
+            Method::PUT,
+            &format!("/v1/channels/{theirs}/members/{bot_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
+    // A bot cannot make bots, even through a key with every scope.
+    let (as_bot, _) = key(
+        &alice,
+        Some(bot_id),
+        &[
+            "users:read",
+            "users:write",
+            "channels:read",
+            "channels:write",
+            "messages:read",
+            "messages:write",
+        ],
+    )
+    .await;
+    let a = as_bot
+        .post("/v1/bots", json!({"username": "bot-bot"}))
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    server.stop().await;
+}
+
+crate::on_both_backends!(
+    bots_act_through_scoped_keys_and_revoking_a_key_ends_it_at_once,
+    only_a_bots_owner_or_someone_who_shares_a_channel_adds_it,
+);
+
+/// Routes a `users:read` key may use (the test's own list, not the server's table).
+const USERS_READ: &[(&str, &str)] = &[
+    ("get", "/v1/users"),
+    ("get", "/v1/users/me"),
+    ("get", "/v1/users/{id}"),
+    ("get", "/v1/channels/{id}/presence"),
+];
+
+/// Every route of the OpenAPI document that takes a token checks a key's scopes: a
+/// `users:read` key is refused everything but the user routes, and a key with every
+/// scope is refused nothing but account management.
+#[tokio::test]
+async fn every_route_checks_an_api_keys_scopes() {
+    let server = TestServer::start().await;
+    let alice = server.client().register("alice").await;
+    let channel = alice.create_channel("c", "group", &[]).await;
+    let sent = alice.send(&channel, "hello", None).await;
+    let message = sent.body["id"].as_str().unwrap().to_owned();
+    let (narrow, _) = key(&alice, None, &["users:read"]).await;
+    let every = [
+        "users:read",
+        "users:write",
+        "channels:read",
+        "channels:write",
+        "messages:read",
+        "messages:write",
+    ];
+    let (wide, _) = key(&alice, None, &every).await;
+    let spec = server.client().get("/v1/openapi.json").await.body;
+    let mut routes = Vec::new();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if op.get("security").is_some() && path != "/v1/ws" {
+                routes.push((method.clone(), path.clone()));
+            }
+        }
+    }
+    assert!(routes.len() >= 30, "{routes:?}");
+    let concrete = |path: &str| {
+        path.replace("{id}", &channel)
+            .replace("{user_id}", &alice.user_id)
+            .replace("{message_id}", &message)
+            .replace("{root_id}", &message)
+            .replace("{emoji}", "%F0%9F%91%8D")
+    };
+    for (method, path) in &routes {
+        let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let a = narrow.call(m, &concrete(path), Some(json!({}))).await;
+        if USERS_READ.contains(&(method.as_str(), path.as_str())) {
+            assert_ne!(a.status, StatusCode::FORBIDDEN, "{method} {path}: {a:?}");
+        } else {
+            assert_eq!(a.status, StatusCode::FORBIDDEN, "{method} {path}: {a:?}");
+            assert!(
+                ["insufficient_scope", "session_required"].contains(&a.code()),
+                "{method} {path}: {a:?}"
+            );
+        }
+    }
+    // Reads first, then writes, so the writes' effects (alice leaving) do not hide a
+    // refusal behind a 404.
+    routes.sort_by_key(|(m, _)| m != "get");
+    for (method, path) in &routes {
+        let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let a = wide.call(m, &concrete(path), Some(json!({}))).await;
+        let account = ["/v1/sessions", "/v1/keys", "/v1/bots"]
+            .iter()
+            .any(|p| path.starts_with(p));
+        if account {
+            assert_eq!(a.code(), "session_required", "{method} {path}: {a:?}");
+        } else {
+            assert_ne!(a.code(), "insufficient_scope", "{method} {path}: {a:?}");
+            assert_ne!(a.code(), "session_required", "{method} {path}: {a:?}");
+        }
+    }
+    server.stop().await;
+}
+
+/// Keys are checked before they are stored: names, scopes and expiry.
+#[tokio::test]
+async fn bad_key_requests_get_clear_errors() {
+    let server = TestServer::start().await;
+    let alice = server.client().register("alice").await;
+    for (body, field) in [
+        (json!({"name": "", "scopes": ["messages:read"]}), "name"),
+        (json!({"name": "k", "scopes": []}), "scopes"),
+        (
+            json!({"name": "k", "scopes": ["messages:delete"]}),
+            "scopes",
+        ),
+        (
+            json!({"name": "k", "scopes": ["users:read"], "expires_in_days": 0}),
+            "expires_in_days",
+        ),
+        (
+            json!({"name": "k\u{202e}", "scopes": ["users:read"]}),
+            "name",
+        ),
+    ] {
+        let a = alice.post("/v1/keys", body.clone()).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}: {a:?}");
+        assert_eq!(a.body["error"]["field"], field, "{body}: {a:?}");
+    }
+    let expiring = alice
+        .post(
+            "/v1/keys",
+            json!({"name": "k", "scopes": ["users:read"], "expires_in_days": 30.0}),
+        )
+        .await;
+    assert_eq!(expiring.status, StatusCode::CREATED);
+    assert!(expiring.body["key"]["expires_at"].is_string());
+    let never = alice
+        .post("/v1/keys", json!({"name": "k2", "scopes": ["users:read"]}))
+        .await;
+    assert!(never.body["key"].get("expires_at").is_none(), "{never:?}");
+    // A token that looks like a key but is none.
+    let mut fake = alice.clone();
+    fake.token = Some(format!("ntk_{}", "0".repeat(64)));
+    assert_eq!(
+        fake.get("/v1/users/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    server.stop().await;
+}
+
+/// An API key's token never reaches the log, at the most verbose level: not when it is
+/// made, used over REST and the WebSocket, refused for its scope, or used once revoked.
+#[tokio::test]
+async fn api_keys_never_appear_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        ServerProcess::start_with(dir.path(), "127.0.0.1:0", &[], &[("NATTER_LOG", "trace")]).await;
+    let base = server.base();
+    let alice = Client::new(&base).register("alice").await;
+    let channel = alice.create_channel("c", "group", &[]).await;
+    let (k, key_id) = key(&alice, None, &["messages:read", "messages:write"]).await;
+    let token = k.token.clone().unwrap();
+    assert_eq!(
+        k.send(&channel, "hi", None).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(k.get("/v1/keys").await.status, StatusCode::FORBIDDEN);
+    let mut ws = raw(server.addr).await;
+    send_text(&mut ws, &json!({"op": "hello", "token": token}).to_string()).await;
+    let deleted = alice
+        .call(Method::DELETE, &format!("/v1/keys/{key_id}"), None)
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let (_, code) = read_to_close(&mut ws).await;
+    assert_eq!(code, Some(4001));
+    assert_eq!(k.get("/v1/users/me").await.status, StatusCode::UNAUTHORIZED);
+    let lines = std::sync::Arc::clone(&server.log);
+    server.terminate().await;
+    let log = lines.lock().unwrap().join("\n");
+    assert!(
+        log.contains("API key revoked") && log.lines().count() > 20,
+        "the log was written at trace level:\n{log}"
+    );
+    let secret = token.trim_start_matches("ntk_");
+    assert!(!log.contains(secret), "the key's token is in the log");
+}
+
+/// Reads text frames until one contains `needle`; that frame.
+async fn text_until(ws: &mut RawWs, needle: &str) -> String {
+    use futures_util::StreamExt;
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("the socket is open")
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = frame
+            && t.contains(needle)
+        {
+            return t.to_string();
+        }
+    }
+}
