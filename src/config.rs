@@ -164,6 +164,9 @@ pub struct ServeArgs {
     /// `too_many_api_keys`).
     #[arg(long, env = "NATTER_MAX_API_KEYS_PER_USER", default_value_t = 50)]
     pub max_api_keys_per_user: u32,
+    /// Incoming webhooks one channel may have (past it: 409 `too_many_webhooks`).
+    #[arg(long, env = "NATTER_MAX_WEBHOOKS_PER_CHANNEL", default_value_t = 20)]
+    pub max_webhooks_per_channel: u32,
     /// Milliseconds one search may spend reading the index (past it: 422
     /// `search_too_broad`).
     #[arg(long, env = "NATTER_SEARCH_BUDGET_MS", default_value_t = 2000)]
@@ -415,6 +418,7 @@ impl Limits {
             search_budget: self.rules.search_budget,
             max_bots_per_user: u32::MAX,
             max_api_keys_per_user: u32::MAX,
+            max_webhooks_per_channel: self.rules.max_webhooks_per_channel,
         };
         self.ws_connections_per_user = usize::MAX;
     }
@@ -670,6 +674,7 @@ impl Config {
                     search_budget: Duration::from_millis(a.search_budget_ms),
                     max_bots_per_user: a.max_bots_per_user,
                     max_api_keys_per_user: a.max_api_keys_per_user,
+                    max_webhooks_per_channel: a.max_webhooks_per_channel,
                 },
                 ws_connections_per_user: at_least(
                     "--ws-connections-per-user",

@@ -237,10 +237,151 @@ async fn only_a_bots_owner_or_someone_who_shares_a_channel_adds_it() {
     server.stop().await;
 }
 
+/// An incoming webhook: made by a channel admin, its secret path posts as its bot
+/// (idempotent by `client_id`), it is listed without its secret, and deleting it ends
+/// the path at once.
+async fn incoming_webhooks_post_as_their_bot_until_deleted() {
+    let server = TestServer::start().await;
+    let alice = server.client().register("alice").await;
+    let bob = server.client().register("bob").await;
+    let carol = server.client().register("carol").await;
+    let channel = alice.create_channel("deploys", "group", &[&bob]).await;
+    let hooks = format!("/v1/channels/{channel}/webhooks");
+    // Only the channel's owner and admins manage its webhooks.
+    let by_member = bob.post(&hooks, json!({"name": "x"})).await;
+    assert_eq!(by_member.status, StatusCode::FORBIDDEN, "{by_member:?}");
+    assert_eq!(bob.get(&hooks).await.status, StatusCode::FORBIDDEN);
+    let by_stranger = carol.post(&hooks, json!({"name": "x"})).await;
+    assert_eq!(by_stranger.status, StatusCode::NOT_FOUND);
+    let made = alice.post(&hooks, json!({"name": "Deploy notices"})).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{made:?}");
+    let path = made.body["path"].as_str().unwrap().to_owned();
+    assert!(path.starts_with(&format!("/v1/hooks/{channel}/")), "{path}");
+    let hook_id = made.body["webhook"]["id"].as_str().unwrap().to_owned();
+    let bot_id = made.body["webhook"]["bot_id"].as_str().unwrap().to_owned();
+    let bot = alice.get(&format!("/v1/users/{bot_id}")).await.body;
+    assert_eq!(bot["bot"], true);
+    assert_eq!(bot["display_name"], "Deploy notices");
+    assert_eq!(bot["bot_owner_id"], alice.user_id.as_str());
+
+    // Anyone holding the path posts, with no token; a retry is the same message.
+    let anonymous = server.client();
+    let posted = anonymous
+        .post(
+            &path,
+            json!({"text": "v1.2 is live", "client_id": "deploy-12"}),
+        )
+        .await;
+    assert_eq!(posted.status, StatusCode::CREATED, "{posted:?}");
+    assert_eq!(posted.body["author_id"], bot_id.as_str());
+    let again = anonymous
+        .post(
+            &path,
+            json!({"text": "v1.2 is live", "client_id": "deploy-12"}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.body["id"], posted.body["id"]);
+    let seen = bob.all_messages(&channel).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["text"], "v1.2 is live");
+    // A wrong secret, or the right one on another channel, names nothing.
+    let secret = path.rsplit('/').next().unwrap();
+    let other = alice.create_channel("other", "group", &[]).await;
+    for wrong in [
+        format!("/v1/hooks/{channel}/{}", "0".repeat(64)),
+        format!("/v1/hooks/{other}/{secret}"),
+    ] {
+        let a = anonymous.post(&wrong, json!({"text": "x"})).await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{wrong}: {a:?}");
+    }
+    // Bad input gets the send's errors.
+    let empty = anonymous.post(&path, json!({"text": ""})).await;
+    assert_eq!(empty.status, StatusCode::BAD_REQUEST);
+
+    // Listed without the secret; one of the caller's own bots may be named instead,
+    // another's may not.
+    let listed = alice.get(&hooks).await;
+    assert_eq!(listed.body["webhooks"].as_array().unwrap().len(), 1);
+    assert!(!listed.body.to_string().contains(secret));
+    let own_bot = create_bot(&alice, "alerts").await;
+    let with_bot = alice
+        .post(&hooks, json!({"name": "alerts", "bot_id": own_bot["id"]}))
+        .await;
+    assert_eq!(with_bot.status, StatusCode::CREATED, "{with_bot:?}");
+    assert_eq!(with_bot.body["webhook"]["bot_id"], own_bot["id"]);
+    let bobs_bot = create_bot(&bob, "bobs-bot").await;
+    let not_mine = alice
+        .post(&hooks, json!({"name": "x", "bot_id": bobs_bot["id"]}))
+        .await;
+    assert_eq!(not_mine.status, StatusCode::NOT_FOUND, "{not_mine:?}");
+
+    // Deleted: the path stops working at once; the bot and its message stay.
+    let deleted = alice
+        .call(Method::DELETE, &format!("{hooks}/{hook_id}"), None)
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let after = anonymous.post(&path, json!({"text": "too late"})).await;
+    assert_eq!(after.status, StatusCode::NOT_FOUND, "{after:?}");
+    let again = alice
+        .call(Method::DELETE, &format!("{hooks}/{hook_id}"), None)
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    assert_eq!(bob.all_messages(&channel).await.len(), 1);
+    // No webhooks in DMs.
+    let dm = alice.post("/v1/dms", json!({"user_id": bob.user_id})).await;
+    let dm_id = dm.body["id"].as_str().unwrap();
+    let in_dm = alice
+        .post(
+            &format!("/v1/channels/{dm_id}/webhooks"),
+            json!({"name": "x"}),
+        )
+        .await;
+    assert_eq!(in_dm.status, StatusCode::FORBIDDEN, "{in_dm:?}");
+    server.stop().await;
+}
+
 crate::on_both_backends!(
     bots_act_through_scoped_keys_and_revoking_a_key_ends_it_at_once,
     only_a_bots_owner_or_someone_who_shares_a_channel_adds_it,
+    incoming_webhooks_post_as_their_bot_until_deleted,
 );
+
+/// An incoming webhook has a send limit of its own: a flood through its path is refused
+/// with 429 and writes nothing more.
+#[tokio::test]
+async fn an_incoming_webhook_is_rate_limited() {
+    let server = TestServer::start_with(|c| {
+        c.limits.send = natter::ratelimit::Rate {
+            per_second: 0.0001,
+            burst: 3.0,
+        };
+    })
+    .await;
+    let alice = server.client().register("alice").await;
+    let channel = alice.create_channel("c", "group", &[]).await;
+    let made = alice
+        .post(
+            &format!("/v1/channels/{channel}/webhooks"),
+            json!({"name": "n"}),
+        )
+        .await;
+    let path = made.body["path"].as_str().unwrap().to_owned();
+    let anonymous = server.client();
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let a = anonymous
+            .post(&path, json!({"text": format!("m{i}")}))
+            .await;
+        statuses.push(a.status.as_u16());
+        if a.status == StatusCode::TOO_MANY_REQUESTS {
+            assert!(a.retry_after.is_some(), "{a:?}");
+        }
+    }
+    assert_eq!(statuses, [201, 201, 201, 429, 429]);
+    assert_eq!(alice.all_messages(&channel).await.len(), 3);
+    server.stop().await;
+}
 
 /// Routes a `users:read` key may use (the test's own list, not the server's table).
 const USERS_READ: &[(&str, &str)] = &[
@@ -308,7 +449,8 @@ async fn every_route_checks_an_api_keys_scopes() {
         let a = wide.call(m, &concrete(path), Some(json!({}))).await;
         let account = ["/v1/sessions", "/v1/keys", "/v1/bots"]
             .iter()
-            .any(|p| path.starts_with(p));
+            .any(|p| path.starts_with(p))
+            || path.contains("/webhooks");
         if account {
             assert_eq!(a.code(), "session_required", "{method} {path}: {a:?}");
         } else {
@@ -392,6 +534,19 @@ async fn api_keys_never_appear_in_the_log() {
     let (_, code) = read_to_close(&mut ws).await;
     assert_eq!(code, Some(4001));
     assert_eq!(k.get("/v1/users/me").await.status, StatusCode::UNAUTHORIZED);
+    // An incoming webhook's secret path neither.
+    let made = alice
+        .post(
+            &format!("/v1/channels/{channel}/webhooks"),
+            json!({"name": "n"}),
+        )
+        .await;
+    let path = made.body["path"].as_str().unwrap().to_owned();
+    let hook_secret = path.rsplit('/').next().unwrap().to_owned();
+    let posted = Client::new(&base)
+        .post(&path, json!({"text": "via hook"}))
+        .await;
+    assert_eq!(posted.status, StatusCode::CREATED);
     let lines = std::sync::Arc::clone(&server.log);
     server.terminate().await;
     let log = lines.lock().unwrap().join("\n");
@@ -401,6 +556,10 @@ async fn api_keys_never_appear_in_the_log() {
     );
     let secret = token.trim_start_matches("ntk_");
     assert!(!log.contains(secret), "the key's token is in the log");
+    assert!(
+        !log.contains(&hook_secret),
+        "a webhook's secret is in the log"
+    );
 }
 
 /// Reads text frames until one contains `needle`; that frame.

@@ -148,6 +148,7 @@ impl ApiError {
             crate::store::TooMany::Reactions(_) => "too_many_reactions",
             crate::store::TooMany::Bots(_) => "too_many_bots",
             crate::store::TooMany::ApiKeys(_) => "too_many_api_keys",
+            crate::store::TooMany::Webhooks(_) => "too_many_webhooks",
         };
         Self::new(StatusCode::CONFLICT, code, which.to_string())
     }

@@ -19,6 +19,7 @@ mod search;
 mod sessions;
 pub mod validate;
 mod web;
+mod webhooks;
 pub mod ws;
 
 use std::net::IpAddr;
@@ -55,6 +56,8 @@ pub struct Inner {
     /// Verified against when a login names no account, so that failure costs the same time.
     dummy_hash: String,
     sends: RateLimiter<i64>,
+    /// Posts through each incoming webhook (by its id), beside its bot's own limits.
+    hook_posts: RateLimiter<i64>,
     /// Writes other than sends, per user.
     write_ops: RateLimiter<i64>,
     /// Bytes of message text, per user.
@@ -97,6 +100,7 @@ impl AppState {
             dummy_hash: crate::auth::hash_password("natter dummy password", config.hash_cost)
                 .expect("hash a password at start-up"),
             sends: RateLimiter::new(limits.send),
+            hook_posts: RateLimiter::new(limits.send),
             write_ops: RateLimiter::new(limits.writes),
             write_bytes: RateLimiter::new(limits.write_bytes),
             channel_creates: RateLimiter::new(limits.channel_creates),
@@ -274,6 +278,7 @@ fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(accounts::routes())
         .merge(keys::routes())
+        .merge(webhooks::routes())
         .merge(channels::routes())
         .merge(messages::routes())
         .merge(reactions::routes())

@@ -145,7 +145,9 @@ pub fn required(method: &Method, route: &str) -> Option<Needs> {
             | "/v1/keys"
             | "/v1/keys/{id}"
             | "/v1/bots"
-            | "/v1/bots/{id}",
+            | "/v1/bots/{id}"
+            | "/v1/channels/{id}/webhooks"
+            | "/v1/channels/{id}/webhooks/{webhook_id}",
         ) => Session,
         _ => return None,
     })

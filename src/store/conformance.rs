@@ -25,6 +25,7 @@ pub const CHECKS: &[&str] = &[
     "profiles",
     "search",
     "bots_and_api_keys",
+    "incoming_webhooks",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -48,6 +49,7 @@ pub async fn run(name: &str, store: &dyn Store) {
         "profiles" => profiles(store).await,
         "search" => search(store).await,
         "bots_and_api_keys" => bots_and_api_keys(store).await,
+        "incoming_webhooks" => incoming_webhooks(store).await,
         other => panic!("no conformance check {other}"),
     }
 }
@@ -164,6 +166,106 @@ async fn bots_and_api_keys(store: &dyn Store) {
     assert!(matches!(
         store.create_api_key(bob, new_key(99, bob, None)).await,
         Err(StoreError::TooMany(TooMany::ApiKeys(n))) if n == max_keys
+    ));
+}
+
+async fn incoming_webhooks(store: &dyn Store) {
+    use crate::store::{NewIncomingWebhook, TooMany};
+    let owner = user(store, "owner").await;
+    let member = user(store, "member").await;
+    let stranger = user(store, "stranger").await;
+    let bot = store.create_bot(owner, "hook-bot").await.unwrap().id;
+    let ch = store
+        .create_channel(owner, ChannelKind::Group, "g", &[member])
+        .await
+        .unwrap()
+        .id;
+    let hook = |seed: u8| NewIncomingWebhook {
+        token: [seed; 32],
+        bot_id: bot,
+        name: format!("hook {seed}"),
+    };
+    // The bot must be a member first.
+    assert!(matches!(
+        store.create_incoming_webhook(owner, ch, hook(1)).await,
+        Err(StoreError::Invalid {
+            field: "bot_id",
+            ..
+        })
+    ));
+    store.put_member(owner, ch, bot, None).await.unwrap();
+    assert!(matches!(
+        store.create_incoming_webhook(member, ch, hook(1)).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    assert!(matches!(
+        store.create_incoming_webhook(stranger, ch, hook(1)).await,
+        Err(StoreError::NotFound)
+    ));
+    let made = store
+        .create_incoming_webhook(owner, ch, hook(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (made.channel_id, made.bot_id, made.creator_id),
+        (ch, bot, owner)
+    );
+    assert_eq!(
+        store.incoming_webhook(ch, [1; 32]).await.unwrap(),
+        Some(made.clone())
+    );
+    assert_eq!(store.incoming_webhook(ch + 1, [1; 32]).await.unwrap(), None);
+    assert_eq!(store.incoming_webhook(ch, [2; 32]).await.unwrap(), None);
+    assert_eq!(
+        store.incoming_webhooks(owner, ch).await.unwrap(),
+        vec![made.clone()]
+    );
+    assert!(matches!(
+        store.incoming_webhooks(member, ch).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    assert!(matches!(
+        store.incoming_webhooks(stranger, ch).await,
+        Err(StoreError::NotFound)
+    ));
+    // An admin manages them too; a member may not delete one.
+    store
+        .put_member(owner, ch, member, Some(Role::Admin))
+        .await
+        .unwrap();
+    assert_eq!(store.incoming_webhooks(member, ch).await.unwrap().len(), 1);
+    store
+        .put_member(owner, ch, member, Some(Role::Member))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.delete_incoming_webhook(member, ch, made.id).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    assert!(
+        store
+            .delete_incoming_webhook(owner, ch, made.id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .delete_incoming_webhook(owner, ch, made.id)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.incoming_webhook(ch, [1; 32]).await.unwrap(), None);
+    // The cap per channel.
+    let max = crate::store::Rules::default().max_webhooks_per_channel;
+    for i in 0..max {
+        store
+            .create_incoming_webhook(owner, ch, hook(10 + i as u8))
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        store.create_incoming_webhook(owner, ch, hook(9)).await,
+        Err(StoreError::TooMany(TooMany::Webhooks(n))) if n == max
     ));
 }
 

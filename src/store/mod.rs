@@ -47,6 +47,8 @@ pub struct Rules {
     pub max_bots_per_user: u32,
     /// API keys one user may hold, for themself and their bots together.
     pub max_api_keys_per_user: u32,
+    /// Incoming webhooks of one channel.
+    pub max_webhooks_per_channel: u32,
 }
 
 impl Default for Rules {
@@ -63,6 +65,7 @@ impl Default for Rules {
             search_budget: std::time::Duration::from_secs(2),
             max_bots_per_user: 20,
             max_api_keys_per_user: 50,
+            max_webhooks_per_channel: 20,
         }
     }
 }
@@ -93,6 +96,8 @@ pub enum TooMany {
     Bots(u32),
     #[error("a user may hold at most {0} API keys (their bots' included)")]
     ApiKeys(u32),
+    #[error("a channel may have at most {0} webhooks")]
+    Webhooks(u32),
 }
 
 /// Why a store call failed. Everything but [`StoreError::Internal`] is the caller's to act on.
@@ -250,6 +255,27 @@ pub struct ApiKeyInfo {
     pub created_at: i64,
     pub expires_at: Option<i64>,
     pub last_used_at: Option<i64>,
+}
+
+/// An incoming webhook to store: the digest of its secret, the bot it posts as (a member
+/// of the channel) and a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewIncomingWebhook {
+    pub token: TokenHash,
+    pub bot_id: i64,
+    pub name: String,
+}
+
+/// An incoming webhook: a secret URL that posts to its channel as its bot. Its id is
+/// derived from the secret's digest ([`session_id`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingWebhook {
+    pub id: i64,
+    pub channel_id: i64,
+    pub bot_id: i64,
+    pub creator_id: i64,
+    pub name: String,
+    pub created_at: i64,
 }
 
 /// The account behind an unexpired API key, and the key.
@@ -534,6 +560,27 @@ pub trait Channels: Send + Sync {
         query: HistoryQuery,
         fence: ReadFence,
     ) -> Result<Page<Message>>;
+    /// Stores an incoming webhook of the channel, made by `actor`, an owner or admin of it
+    /// (a member otherwise is `Forbidden`, a non-member `NotFound`; no webhooks in DMs).
+    /// Its bot must be a member (`Invalid` on `bot_id`). Past
+    /// [`Rules::max_webhooks_per_channel`], `TooMany`.
+    async fn create_incoming_webhook(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        hook: NewIncomingWebhook,
+    ) -> Result<IncomingWebhook>;
+    /// The channel's incoming webhooks, oldest first; for its owner and admins only (as
+    /// [`Channels::create_incoming_webhook`] checks).
+    async fn incoming_webhooks(&self, actor: i64, channel_id: i64) -> Result<Vec<IncomingWebhook>>;
+    /// Deletes the channel's webhook `id` (owner and admins); whether there was one.
+    async fn delete_incoming_webhook(&self, actor: i64, channel_id: i64, id: i64) -> Result<bool>;
+    /// The channel's webhook with this secret's digest.
+    async fn incoming_webhook(
+        &self,
+        channel_id: i64,
+        token: TokenHash,
+    ) -> Result<Option<IncomingWebhook>>;
     /// The newest seq of each existing channel among `ids` (the cluster bus's check for
     /// events it missed), as `(channel_id, last_seq)` in no particular order. A channel on
     /// a shard that is down is left out rather than failing the call.

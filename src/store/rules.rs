@@ -240,6 +240,42 @@ pub fn bot_room(rules: &Rules, owner_is_bot: bool, bots: u64) -> Verdict {
     Ok(())
 }
 
+/// Managing a channel's webhooks: its owner and admins, not in DMs (`role` is the
+/// actor's, `None` for a non-member).
+pub fn manage_webhooks(
+    kind: crate::model::ChannelKind,
+    role: Option<crate::model::Role>,
+) -> Verdict {
+    use crate::model::{ChannelKind, Role};
+    match role {
+        None => Err(StoreError::NotFound),
+        Some(_) if kind == ChannelKind::Dm => {
+            Err(StoreError::Forbidden("direct messages have no webhooks"))
+        }
+        Some(Role::Member) => Err(StoreError::Forbidden(
+            "only the channel's owner and admins manage its webhooks",
+        )),
+        Some(Role::Owner | Role::Admin) => Ok(()),
+    }
+}
+
+/// Room for one more webhook in a channel that has `hooks`, posting as a bot that is
+/// (`bot_is_member`) a member.
+pub fn webhook_room(rules: &Rules, hooks: u64, bot_is_member: bool) -> Verdict {
+    if !bot_is_member {
+        return Err(StoreError::Invalid {
+            field: "bot_id",
+            message: "the webhook's bot must be a member of the channel".into(),
+        });
+    }
+    if hooks >= u64::from(rules.max_webhooks_per_channel) {
+        return Err(StoreError::TooMany(TooMany::Webhooks(
+            rules.max_webhooks_per_channel,
+        )));
+    }
+    Ok(())
+}
+
 /// Room for one more API key of a user who holds `keys` now.
 pub fn key_room(rules: &Rules, keys: u64) -> Verdict {
     if keys >= u64::from(rules.max_api_keys_per_user) {

@@ -138,6 +138,79 @@ pub struct CreatedApiKey {
     pub token: crate::auth::Secret,
 }
 
+/// An incoming webhook to create.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewIncomingWebhook {
+    /// What the webhook is for (a channel name's rules); a bot made for it is shown by
+    /// this name (its first 64 characters).
+    #[schema(schema_with = openapi::channel_name)]
+    pub name: String,
+    /// One of the caller's bots to post as (added to the channel if it is not in it);
+    /// absent or `null`: a new bot is made for the webhook.
+    #[serde(default)]
+    #[schema(value_type = Option<openapi::Id>)]
+    pub bot_id: Option<String>,
+}
+
+/// An incoming webhook as the channel's admins see it (never its secret).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IncomingWebhook {
+    #[schema(value_type = openapi::Id)]
+    pub id: String,
+    #[schema(value_type = openapi::Id)]
+    pub channel_id: String,
+    /// The bot it posts as.
+    #[schema(value_type = openapi::Id)]
+    pub bot_id: String,
+    /// Who made it.
+    #[schema(value_type = openapi::Id)]
+    pub creator_id: String,
+    pub name: String,
+    #[schema(schema_with = openapi::time)]
+    pub created_at: String,
+}
+
+impl From<&crate::store::IncomingWebhook> for IncomingWebhook {
+    fn from(w: &crate::store::IncomingWebhook) -> Self {
+        Self {
+            id: w.id.to_string(),
+            channel_id: w.channel_id.to_string(),
+            bot_id: w.bot_id.to_string(),
+            creator_id: w.creator_id.to_string(),
+            name: w.name.clone(),
+            created_at: rfc3339(w.created_at),
+        }
+    }
+}
+
+/// A new incoming webhook and its secret URL: the only time the URL is shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedIncomingWebhook {
+    pub webhook: IncomingWebhook,
+    /// The path to `POST {"text", "client_id"?}` to, on this server:
+    /// `/v1/hooks/{channel_id}/{secret}`. Whoever holds it posts as the bot.
+    #[schema(value_type = String)]
+    pub path: crate::auth::Secret,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IncomingWebhookList {
+    /// Oldest first.
+    pub webhooks: Vec<IncomingWebhook>,
+}
+
+/// A message posted through an incoming webhook.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HookMessage {
+    #[schema(schema_with = openapi::text)]
+    pub text: String,
+    /// 1–64 characters; a retry with the same value returns the original message.
+    #[schema(min_length = 1, max_length = 64)]
+    pub client_id: Option<String>,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ApiKeyList {
     /// Newest first.

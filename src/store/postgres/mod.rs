@@ -30,9 +30,9 @@ use tokio_postgres::error::SqlState;
 
 use self::writer::{Done, Op, Writer};
 use super::{
-    Accounts, ApiKeyInfo, Backend, Channels, Health, KeyAuth, NewApiKey, NewSession, OnCommit,
-    Posted, ReadFence, Result, Rules, SearchOrder, SearchQuery, SessionAuth, SessionInfo,
-    StoreError, TokenHash, rules,
+    Accounts, ApiKeyInfo, Backend, Channels, Health, IncomingWebhook, KeyAuth, NewApiKey,
+    NewIncomingWebhook, NewSession, OnCommit, Posted, ReadFence, Result, Rules, SearchOrder,
+    SearchQuery, SessionAuth, SessionInfo, StoreError, TokenHash, rules,
 };
 use crate::clock::now_ms;
 use crate::id::Snowflake;
@@ -1682,6 +1682,30 @@ impl Accounts for PostgresStore {
     }
 }
 
+/// Checks that `actor` may manage the channel's webhooks (inside a transaction: the
+/// membership row is locked until it ends).
+async fn manager_check(
+    c: &impl tokio_postgres::GenericClient,
+    channel_id: i64,
+    actor: i64,
+) -> std::result::Result<(), Fail> {
+    let row = c
+        .query_opt(
+            "SELECT c.kind, m.role FROM members m JOIN channels c ON c.id = m.channel_id
+             WHERE m.channel_id = $1 AND m.user_id = $2 FOR SHARE OF m",
+            &[&channel_id, &actor],
+        )
+        .await?;
+    let (kind, role) = match row {
+        Some(r) => (
+            read::parse_kind(r.get(0))?,
+            Some(read::parse_role(r.get(1))?),
+        ),
+        None => (ChannelKind::Group, None),
+    };
+    Ok(rules::manage_webhooks(kind, role)?)
+}
+
 /// Inserts a user (a bot when `bot_owner` is set) under a name nobody's folded form or
 /// skeleton has.
 async fn insert_user(
@@ -1891,6 +1915,132 @@ impl Channels for PostgresStore {
             Done::Channel(c) => Ok(c),
             _ => Err(unexpected("rename")),
         }
+    }
+
+    async fn create_incoming_webhook(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        hook: NewIncomingWebhook,
+    ) -> Result<IncomingWebhook> {
+        let inner = &self.inner;
+        let rules = inner.shared.rules;
+        let shard = inner.shard_of_channel(channel_id);
+        let now = now_ms();
+        let id = crate::store::session_id(&hook.token);
+        let mut c = inner.conn(shard).await?;
+        let result: std::result::Result<IncomingWebhook, Fail> = async {
+            let tx = c.transaction().await?;
+            // One webhook of a channel at a time (the cap holds), and the memberships
+            // checked stay until this commits.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&channel_id])
+                .await?;
+            manager_check(&*tx, channel_id, actor).await?;
+            let bot_is_member = tx
+                .query_opt(
+                    "SELECT 1 FROM members WHERE channel_id = $1 AND user_id = $2 FOR SHARE",
+                    &[&channel_id, &hook.bot_id],
+                )
+                .await?
+                .is_some();
+            let hooks: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM incoming_webhooks WHERE channel_id = $1",
+                    &[&channel_id],
+                )
+                .await?
+                .get(0);
+            rules::webhook_room(&rules, hooks as u64, bot_is_member)?;
+            tx.execute(
+                "INSERT INTO incoming_webhooks (token_hash, id, channel_id, bot_id, creator_id, name, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &&hook.token[..],
+                    &id,
+                    &channel_id,
+                    &hook.bot_id,
+                    &actor,
+                    &hook.name,
+                    &now,
+                ],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(IncomingWebhook {
+                id,
+                channel_id,
+                bot_id: hook.bot_id,
+                creator_id: actor,
+                name: hook.name.clone(),
+                created_at: now,
+            })
+        }
+        .await;
+        result.map_err(|e| inner.fail(shard, "create webhook", e))
+    }
+
+    async fn incoming_webhooks(&self, actor: i64, channel_id: i64) -> Result<Vec<IncomingWebhook>> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let c = inner.conn(shard).await?;
+        let client: &tokio_postgres::Client = &c;
+        let result: std::result::Result<Vec<IncomingWebhook>, Fail> = async {
+            manager_check(client, channel_id, actor).await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {} FROM incoming_webhooks WHERE channel_id = $1
+                         ORDER BY created_at, id",
+                        read::WEBHOOK_COLUMNS
+                    ),
+                    &[&channel_id],
+                )
+                .await?;
+            Ok(rows.iter().map(read::webhook_row).collect())
+        }
+        .await;
+        result.map_err(|e| inner.fail(shard, "read webhooks", e))
+    }
+
+    async fn delete_incoming_webhook(&self, actor: i64, channel_id: i64, id: i64) -> Result<bool> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let mut c = inner.conn(shard).await?;
+        let result: std::result::Result<bool, Fail> = async {
+            let tx = c.transaction().await?;
+            manager_check(&*tx, channel_id, actor).await?;
+            let n = tx
+                .execute(
+                    "DELETE FROM incoming_webhooks WHERE channel_id = $1 AND id = $2",
+                    &[&channel_id, &id],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n > 0)
+        }
+        .await;
+        result.map_err(|e| inner.fail(shard, "delete webhook", e))
+    }
+
+    async fn incoming_webhook(
+        &self,
+        channel_id: i64,
+        token: TokenHash,
+    ) -> Result<Option<IncomingWebhook>> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let c = inner.conn(shard).await?;
+        let row = c
+            .query_opt(
+                &format!(
+                    "SELECT {} FROM incoming_webhooks WHERE token_hash = $1 AND channel_id = $2",
+                    read::WEBHOOK_COLUMNS
+                ),
+                &[&&token[..], &channel_id],
+            )
+            .await
+            .map_err(|e| inner.fail(shard, "read webhook", e.into()))?;
+        Ok(row.as_ref().map(read::webhook_row))
     }
 
     async fn channel(&self, channel_id: i64, user_id: i64) -> Result<Option<(Channel, Role)>> {

@@ -133,6 +133,19 @@ pub(super) async fn credentials(
     Ok(row.map(|r| (user_row(&r), r.get("password_hash"))))
 }
 
+pub(super) const WEBHOOK_COLUMNS: &str = "id, channel_id, bot_id, creator_id, name, created_at";
+
+pub(super) fn webhook_row(r: &Row) -> crate::store::IncomingWebhook {
+    crate::store::IncomingWebhook {
+        id: r.get(0),
+        channel_id: r.get(1),
+        bot_id: r.get(2),
+        creator_id: r.get(3),
+        name: r.get(4),
+        created_at: r.get(5),
+    }
+}
+
 pub(super) const KEY_COLUMNS: &str =
     "k.id, k.user_id, k.name, k.scopes, k.created_at, k.expires_at, k.last_used_at";
 

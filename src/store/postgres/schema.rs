@@ -194,6 +194,20 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX api_keys_owner ON api_keys (owner_id, created_at);
     "#,
+    // 9: incoming webhooks (on the channel's shard): a secret URL (stored as its digest)
+    // that posts to its channel as its bot.
+    r#"
+    CREATE TABLE incoming_webhooks (
+        token_hash BYTEA PRIMARY KEY,
+        id         BIGINT NOT NULL UNIQUE,
+        channel_id BIGINT NOT NULL,
+        bot_id     BIGINT NOT NULL,
+        creator_id BIGINT NOT NULL,
+        name       TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX incoming_webhooks_channel ON incoming_webhooks (channel_id, created_at);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -31,8 +31,9 @@ use self::write::{Done, Op};
 pub use self::writer::WriteStats;
 use self::writer::{Writer, WriterParts};
 use super::{
-    Accounts, ApiKeyInfo, Backend, Channels, Health, KeyAuth, NewApiKey, NewSession, Posted,
-    ReadFence, Result, SearchQuery, SessionAuth, SessionInfo, StoreError, TokenHash,
+    Accounts, ApiKeyInfo, Backend, Channels, Health, IncomingWebhook, KeyAuth, NewApiKey,
+    NewIncomingWebhook, NewSession, Posted, ReadFence, Result, SearchQuery, SessionAuth,
+    SessionInfo, StoreError, TokenHash,
 };
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
@@ -294,6 +295,7 @@ fn unexpected(done: Done) -> StoreError {
         Done::Count(_) => "count",
         Done::Tokens(_) => "tokens",
         Done::ApiKey(_) => "API key",
+        Done::Webhook(_) => "webhook",
         Done::DeletedKey(_) => "deleted key",
         Done::Changed(_) => "changed",
         Done::Unit => "unit",
@@ -589,6 +591,62 @@ impl Channels for SqliteStore {
             v.channel.last_seq = self.tail.visible_last_seq(v.channel.id, v.channel.last_seq);
         }
         Ok(views)
+    }
+
+    async fn create_incoming_webhook(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        hook: NewIncomingWebhook,
+    ) -> Result<IncomingWebhook> {
+        let op = Op::CreateIncomingWebhook {
+            actor,
+            channel_id,
+            hook,
+        };
+        match self.write(op).await? {
+            Done::Webhook(w) => Ok(w),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn incoming_webhooks(&self, actor: i64, channel_id: i64) -> Result<Vec<IncomingWebhook>> {
+        let (membership, hooks) = self
+            .reads
+            .run(move |c| {
+                Ok((
+                    read::member_channel(c, channel_id, actor)?,
+                    read::incoming_webhooks(c, channel_id)?,
+                ))
+            })
+            .await?;
+        let kind = membership
+            .as_ref()
+            .map_or(ChannelKind::Group, |(c, _)| c.kind);
+        super::rules::manage_webhooks(kind, membership.map(|(_, r)| r))?;
+        Ok(hooks)
+    }
+
+    async fn delete_incoming_webhook(&self, actor: i64, channel_id: i64, id: i64) -> Result<bool> {
+        let op = Op::DeleteIncomingWebhook {
+            actor,
+            channel_id,
+            id,
+        };
+        match self.write(op).await? {
+            Done::Changed(deleted) => Ok(deleted),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn incoming_webhook(
+        &self,
+        channel_id: i64,
+        token: TokenHash,
+    ) -> Result<Option<IncomingWebhook>> {
+        self.reads
+            .run(move |c| read::incoming_webhook(c, channel_id, &token))
+            .await
     }
 
     async fn members(&self, user_id: i64, channel_id: i64) -> Result<Vec<Member>> {

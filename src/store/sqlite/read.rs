@@ -307,6 +307,45 @@ pub(super) fn key_user(
     .optional()
 }
 
+const WEBHOOK_COLUMNS: &str = "id, channel_id, bot_id, creator_id, name, created_at";
+
+fn webhook_row(r: &Row) -> rusqlite::Result<crate::store::IncomingWebhook> {
+    Ok(crate::store::IncomingWebhook {
+        id: r.get(0)?,
+        channel_id: r.get(1)?,
+        bot_id: r.get(2)?,
+        creator_id: r.get(3)?,
+        name: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+/// The channel's incoming webhooks, oldest first.
+pub(super) fn incoming_webhooks(
+    conn: &Connection,
+    channel_id: i64,
+) -> rusqlite::Result<Vec<crate::store::IncomingWebhook>> {
+    conn.prepare_cached(&format!(
+        "SELECT {WEBHOOK_COLUMNS} FROM incoming_webhooks WHERE channel_id = ?1
+         ORDER BY created_at, id"
+    ))?
+    .query_map([channel_id], webhook_row)?
+    .collect()
+}
+
+/// The channel's webhook with this secret's digest.
+pub(super) fn incoming_webhook(
+    conn: &Connection,
+    channel_id: i64,
+    token: &[u8],
+) -> rusqlite::Result<Option<crate::store::IncomingWebhook>> {
+    conn.prepare_cached(&format!(
+        "SELECT {WEBHOOK_COLUMNS} FROM incoming_webhooks WHERE token_hash = ?1 AND channel_id = ?2"
+    ))?
+    .query_row(params![token, channel_id], webhook_row)
+    .optional()
+}
+
 pub(super) fn channel(conn: &Connection, id: i64) -> rusqlite::Result<Option<Channel>> {
     conn.prepare_cached(&format!(
         "SELECT {CHANNEL_COLUMNS} FROM channels c WHERE c.id = ?1"

@@ -244,6 +244,22 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX api_keys_owner ON api_keys(owner_id, created_at);
     "#,
     ),
+    // 14: incoming webhooks: a secret URL (stored as its digest) that posts to its
+    // channel as its bot.
+    Migration::Sql(
+        r#"
+    CREATE TABLE incoming_webhooks (
+        token_hash BLOB PRIMARY KEY,
+        id         INTEGER NOT NULL UNIQUE,
+        channel_id INTEGER NOT NULL,
+        bot_id     INTEGER NOT NULL,
+        creator_id INTEGER NOT NULL,
+        name       TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX incoming_webhooks_channel ON incoming_webhooks(channel_id, created_at);
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

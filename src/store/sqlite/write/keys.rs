@@ -3,8 +3,11 @@
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use super::{Applied, Done, digest, insert_user};
-use crate::store::{ApiKeyInfo, NewApiKey, Rules, StoreError, rules, session_id};
+use super::{Applied, Done, digest, insert_user, membership_row};
+use crate::store::{
+    ApiKeyInfo, IncomingWebhook, NewApiKey, NewIncomingWebhook, Rules, StoreError, rules,
+    session_id,
+};
 
 pub(super) fn create_bot(
     tx: &Transaction,
@@ -94,4 +97,62 @@ pub(super) fn delete_api_key(tx: &Transaction, owner: i64, id: i64) -> Applied {
     Ok(Done::DeletedKey(
         deleted.and_then(|(user, token)| Some((user, digest(token)?))),
     ))
+}
+
+/// Checks that `actor` may manage the channel's webhooks.
+fn check_manager(tx: &Transaction, channel_id: i64, actor: i64) -> Result<(), super::Failure> {
+    let row = membership_row(tx, channel_id, actor)?;
+    let kind = row.map_or(crate::model::ChannelKind::Group, |(k, _)| k);
+    Ok(rules::manage_webhooks(kind, row.map(|(_, r)| r))?)
+}
+
+pub(super) fn create_incoming_webhook(
+    tx: &Transaction,
+    rules: &Rules,
+    now: i64,
+    actor: i64,
+    channel_id: i64,
+    hook: &NewIncomingWebhook,
+) -> Applied {
+    check_manager(tx, channel_id, actor)?;
+    let bot_is_member = membership_row(tx, channel_id, hook.bot_id)?.is_some();
+    let hooks: i64 = tx
+        .prepare_cached("SELECT count(*) FROM incoming_webhooks WHERE channel_id = ?1")?
+        .query_row([channel_id], |r| r.get(0))?;
+    rules::webhook_room(rules, hooks as u64, bot_is_member)?;
+    let id = session_id(&hook.token);
+    tx.prepare_cached(
+        "INSERT INTO incoming_webhooks (token_hash, id, channel_id, bot_id, creator_id, name, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        &hook.token[..],
+        id,
+        channel_id,
+        hook.bot_id,
+        actor,
+        hook.name,
+        now
+    ])?;
+    Ok(Done::Webhook(IncomingWebhook {
+        id,
+        channel_id,
+        bot_id: hook.bot_id,
+        creator_id: actor,
+        name: hook.name.clone(),
+        created_at: now,
+    }))
+}
+
+pub(super) fn delete_incoming_webhook(
+    tx: &Transaction,
+    actor: i64,
+    channel_id: i64,
+    id: i64,
+) -> Applied {
+    check_manager(tx, channel_id, actor)?;
+    let n = tx
+        .prepare_cached("DELETE FROM incoming_webhooks WHERE channel_id = ?1 AND id = ?2")?
+        .execute([channel_id, id])?;
+    Ok(Done::Changed(n > 0))
 }

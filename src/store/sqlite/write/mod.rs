@@ -18,7 +18,10 @@ use super::read;
 use crate::clock::now_ms;
 use crate::id::Snowflake;
 use crate::model::{Channel, ChannelKind, Event, EventBody, Message, Role, User};
-use crate::store::{ApiKeyInfo, NewApiKey, NewSession, Posted, Rules, StoreError, TokenHash};
+use crate::store::{
+    ApiKeyInfo, IncomingWebhook, NewApiKey, NewIncomingWebhook, NewSession, Posted, Rules,
+    StoreError, TokenHash,
+};
 
 pub(super) enum Op {
     CreateUser {
@@ -70,6 +73,16 @@ pub(super) enum Op {
     TouchApiKey {
         token: TokenHash,
         now: i64,
+    },
+    CreateIncomingWebhook {
+        actor: i64,
+        channel_id: i64,
+        hook: NewIncomingWebhook,
+    },
+    DeleteIncomingWebhook {
+        actor: i64,
+        channel_id: i64,
+        id: i64,
     },
     CreateChannel {
         owner: i64,
@@ -186,6 +199,8 @@ impl Op {
             Op::CreateChannel { .. }
             | Op::OpenDm { .. }
             | Op::MarkRead { .. }
+            | Op::CreateIncomingWebhook { .. }
+            | Op::DeleteIncomingWebhook { .. }
             | Op::Fold { .. } => HotUse::FlushAndForget(None),
             Op::RenameChannel { channel_id, .. }
             | Op::PutMember { channel_id, .. }
@@ -208,6 +223,7 @@ pub(super) enum Done {
     /// Digests of deleted sessions.
     Tokens(Vec<TokenHash>),
     ApiKey(ApiKeyInfo),
+    Webhook(IncomingWebhook),
     /// A deleted API key's account and digest, if there was one.
     DeletedKey(Option<(i64, TokenHash)>),
     /// Whether the op changed anything (an idempotent op that found it done: `false`).
@@ -351,6 +367,16 @@ pub(super) fn apply(
             keys::create_bot(tx, rules, ids.next_id(now), now, *owner, username)
         }
         Op::CreateApiKey { owner, key } => keys::create_api_key(tx, rules, now, *owner, key),
+        Op::CreateIncomingWebhook {
+            actor,
+            channel_id,
+            hook,
+        } => keys::create_incoming_webhook(tx, rules, now, *actor, *channel_id, hook),
+        Op::DeleteIncomingWebhook {
+            actor,
+            channel_id,
+            id,
+        } => keys::delete_incoming_webhook(tx, *actor, *channel_id, *id),
         Op::DeleteApiKey { owner, id } => keys::delete_api_key(tx, *owner, *id),
         Op::TouchApiKey { token, now } => {
             tx.prepare_cached(
