@@ -164,6 +164,21 @@ pub struct ServeArgs {
     /// `too_many_api_keys`).
     #[arg(long, env = "NATTER_MAX_API_KEYS_PER_USER", default_value_t = 50)]
     pub max_api_keys_per_user: u32,
+    /// Seconds one outgoing webhook request may take, connecting included.
+    #[arg(long, env = "NATTER_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
+    pub webhook_timeout_secs: u64,
+    /// The longest wait, in seconds, between tries of a failing webhook endpoint.
+    #[arg(long, env = "NATTER_WEBHOOK_MAX_BACKOFF_SECS", default_value_t = 300)]
+    pub webhook_max_backoff_secs: u64,
+    /// Seconds an endpoint may keep failing before its subscription turns dead (tried no
+    /// more until an admin resumes it).
+    #[arg(long, env = "NATTER_WEBHOOK_DEAD_AFTER_SECS", default_value_t = 86400)]
+    pub webhook_dead_after_secs: u64,
+    /// Networks outgoing webhooks may reach although they are not public (comma-separated
+    /// addresses or CIDRs, e.g. `10.0.0.0/8,::1`). By default loopback, private,
+    /// link-local and other internal addresses are refused.
+    #[arg(long, env = "NATTER_WEBHOOK_ALLOW_NETWORKS", default_value = "")]
+    pub webhook_allow_networks: String,
     /// Incoming webhooks one channel may have (past it: 409 `too_many_webhooks`).
     #[arg(long, env = "NATTER_MAX_WEBHOOKS_PER_CHANNEL", default_value_t = 20)]
     pub max_webhooks_per_channel: u32,
@@ -341,6 +356,8 @@ pub struct Config {
     pub drain: Drain,
     pub features: Arc<Features>,
     pub http: HttpLimits,
+    /// Outgoing webhooks' timeouts, backoff and allowed networks.
+    pub webhooks: crate::delivery::DeliveryConfig,
 }
 
 /// Connection caps and timers of the HTTP server.
@@ -701,6 +718,31 @@ impl Config {
                 timeout: Duration::from_secs(a.drain_timeout_secs),
             },
             features: Arc::new(Features::parse(&a.features)?),
+            webhooks: crate::delivery::DeliveryConfig {
+                timeout: Duration::from_secs(at_least(
+                    "--webhook-timeout-secs",
+                    a.webhook_timeout_secs,
+                    1,
+                )?),
+                max_backoff: Duration::from_secs(at_least(
+                    "--webhook-max-backoff-secs",
+                    a.webhook_max_backoff_secs,
+                    1,
+                )?),
+                dead_after: Duration::from_secs(a.webhook_dead_after_secs),
+                allow: a
+                    .webhook_allow_networks
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        s.parse().map_err(|message| ConfigError {
+                            option: "--webhook-allow-networks",
+                            message,
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            },
             http: HttpLimits {
                 max_connections: at_least("--max-connections", a.max_connections as u64, 1)?
                     as usize,

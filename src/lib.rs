@@ -13,6 +13,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod conns;
+pub mod delivery;
 pub mod gateway;
 pub mod id;
 pub mod metrics;

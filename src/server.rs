@@ -98,7 +98,14 @@ pub async fn serve(
     let metrics_listen = config.metrics_listen;
     let http = config.http;
     let trusted = config.trusted_proxies.clone();
+    let webhooks = config.webhooks.clone();
+    let node_id = config.node_id;
     let state = AppState::new(store.clone(), config, gateway);
+    // Outgoing webhooks, delivered from this node (a lease per subscription keeps one
+    // node at a time on each).
+    let deliverer =
+        crate::delivery::Deliverer::new(store.clone(), webhooks, node_id, state.delivery_stats())?;
+    let delivery = tokio::spawn(Arc::clone(&deliverer).run());
     let addr = listener.local_addr()?;
     let purge = tokio::spawn(maintain(store.clone()));
     let metrics = match metrics_listen {
@@ -179,6 +186,9 @@ pub async fn serve(
     }
     purge.abort();
     let _ = purge.await;
+    deliverer.stop(Duration::from_secs(2)).await;
+    delivery.abort();
+    let _ = delivery.await;
     presence_ticker.abort();
     let _ = presence_ticker.await;
     // Users whose offline change was still waiting out its grace: record their time now.

@@ -68,6 +68,12 @@ async fn the_served_document_states_the_contract() {
                     (Some("string"), Some(64)),
                     "{method} {path}"
                 );
+            } else if param["in"] == "path" && param["name"] == "secret" {
+                // An incoming webhook's secret: 64 hex digits.
+                assert_eq!(
+                    param["schema"]["pattern"], "^[0-9a-f]{64}$",
+                    "{method} {path}"
+                );
             } else if param["in"] == "path" {
                 assert_eq!(
                     param["schema"]["$ref"], "#/components/schemas/Id",

@@ -231,6 +231,7 @@ async function openChannel(id) {
   $("channel-title").textContent = await channelTitle(c);
   $("composer").hidden = c.kind === "broadcast" && c.role === "member";
   $("add-member").hidden = c.kind === "dm" || c.role === "member";
+  showIntegrations(c);
   $("channel-error").textContent = "";
   renderTyping();
   let view = state.views.get(id);
@@ -1081,6 +1082,7 @@ function onEvent(e) {
     if (id === state.current) {
       $("composer").hidden = c.kind === "broadcast" && c.role === "member";
       $("add-member").hidden = c.kind === "dm" || c.role === "member";
+      showIntegrations(c);
     }
   } else if (
     e.type.startsWith("reaction.") &&
@@ -1153,6 +1155,7 @@ async function renderTyping() {
 // ---- Wiring ----------------------------------------------------------------------
 
 function wire() {
+  wireIntegrations();
   $("login-form").addEventListener("submit", (e) => {
     e.preventDefault();
     signIn(false);
@@ -1248,6 +1251,114 @@ function wire() {
       $("add-member-username").value = "";
     } catch (err) {
       $("channel-error").textContent = err.message;
+    }
+  });
+}
+
+// ---- Webhooks (a channel's owner and admins) ------------------------------------
+
+/// The webhooks panel: shown to a channel's owner and admins (not in DMs), closed and
+/// emptied when the channel changes.
+function showIntegrations(c) {
+  const panel = $("integrations");
+  panel.hidden = c.kind === "dm" || c.role === "member";
+  panel.open = false;
+  for (const id of ["hooks", "subs"]) $(id).replaceChildren();
+  for (const id of ["new-hook-path", "new-sub-secret"]) $(id).hidden = true;
+  $("integrations-error").textContent = "";
+}
+
+function button(label, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+/// Lists the channel's incoming webhooks and outgoing subscriptions with where each
+/// delivery stands (status, lag, last error, next try).
+async function loadIntegrations() {
+  const channel = state.current;
+  if (!channel || !$("integrations").open) return;
+  try {
+    const [hooks, subs] = await Promise.all([
+      api("GET", `/v1/channels/${channel}/webhooks`),
+      api("GET", `/v1/channels/${channel}/subscriptions`),
+    ]);
+    if (channel !== state.current) return;
+    $("hooks").replaceChildren(...hooks.webhooks.map((h) => {
+      const li = document.createElement("li");
+      li.textContent = `${h.name} `;
+      li.append(button("Delete", async () => {
+        await api("DELETE", `/v1/channels/${channel}/webhooks/${h.id}`).catch(showIntegrationError);
+        loadIntegrations();
+      }));
+      return li;
+    }));
+    $("subs").replaceChildren(...subs.subscriptions.map((s) => {
+      const li = document.createElement("li");
+      li.className = `subscription ${s.status}`;
+      const facts = [s.status, `${s.delivered} delivered`, `${s.lag} behind`];
+      if (s.failures > 0) facts.push(`${s.failures} failures`);
+      if (s.next_try_at) facts.push(`next try ${new Date(s.next_try_at).toLocaleTimeString()}`);
+      li.textContent = `${s.url} — ${facts.join(", ")}`;
+      if (s.last_error && s.failures > 0) li.title = s.last_error;
+      const next = s.status === "active" ? "paused" : "active";
+      li.append(" ", button(next === "paused" ? "Pause" : "Resume", async () => {
+        await api("PATCH", `/v1/channels/${channel}/subscriptions/${s.id}`, { status: next })
+          .catch(showIntegrationError);
+        loadIntegrations();
+      }));
+      li.append(" ", button("Delete", async () => {
+        await api("DELETE", `/v1/channels/${channel}/subscriptions/${s.id}`).catch(showIntegrationError);
+        loadIntegrations();
+      }));
+      return li;
+    }));
+  } catch (err) {
+    showIntegrationError(err);
+  }
+}
+
+function showIntegrationError(err) {
+  $("integrations-error").textContent = err.message;
+}
+
+function wireIntegrations() {
+  $("integrations").addEventListener("toggle", loadIntegrations);
+  // Delivery status moves on its own: read it again while the panel is open.
+  setInterval(loadIntegrations, 5000);
+  $("new-hook").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    $("integrations-error").textContent = "";
+    try {
+      const made = await api("POST", `/v1/channels/${state.current}/webhooks`, {
+        name: $("new-hook-name").value,
+      });
+      $("new-hook-name").value = "";
+      // Shown once: the server keeps only its digest.
+      const url = new URL(made.path, location.origin).href;
+      $("new-hook-path").textContent = `POST {"text": "…"} to ${url} (shown once; copy it now)`;
+      $("new-hook-path").hidden = false;
+      loadIntegrations();
+    } catch (err) {
+      showIntegrationError(err);
+    }
+  });
+  $("new-sub").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    $("integrations-error").textContent = "";
+    try {
+      const made = await api("POST", `/v1/channels/${state.current}/subscriptions`, {
+        url: $("new-sub-url").value,
+      });
+      $("new-sub-url").value = "";
+      $("new-sub-secret").textContent = `Signing secret (shown once): ${made.secret}`;
+      $("new-sub-secret").hidden = false;
+      loadIntegrations();
+    } catch (err) {
+      showIntegrationError(err);
     }
   });
 }

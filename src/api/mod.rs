@@ -80,6 +80,10 @@ pub struct Inner {
     http: HttpMetrics,
     edge: EdgeStats,
     conns: Arc<crate::conns::ConnStats>,
+    /// Outgoing webhook deliveries' counters (kept by [`crate::delivery::Deliverer`]).
+    delivery: Arc<crate::delivery::DeliveryStats>,
+    /// Which addresses subscriptions' URLs may resolve to.
+    webhook_policy: crate::delivery::AddressPolicy,
 }
 
 impl std::ops::Deref for AppState {
@@ -118,6 +122,8 @@ impl AppState {
             http: HttpMetrics::default(),
             conns: Arc::default(),
             edge: EdgeStats::default(),
+            delivery: Arc::default(),
+            webhook_policy: crate::delivery::AddressPolicy::new(config.webhooks.allow.clone()),
             config,
         }));
         // A session revoked on another node ends here too.
@@ -138,6 +144,11 @@ impl AppState {
 
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
+    }
+
+    /// The outgoing webhook counters, for the node's [`crate::delivery::Deliverer`].
+    pub fn delivery_stats(&self) -> Arc<crate::delivery::DeliveryStats> {
+        Arc::clone(&self.delivery)
     }
 
     /// The HTTP connection counters (kept by [`crate::conns::serve`]).
@@ -249,6 +260,7 @@ impl AppState {
         self.http.render(&mut out);
         self.edge.render(&mut out);
         self.conns.render(&mut out);
+        self.delivery.render(&mut out);
         self.store.render_metrics(&mut out);
         self.gateway.bus.render_metrics(&mut out);
         self.gateway.hub.stats().render(&mut out);

@@ -147,7 +147,9 @@ pub fn required(method: &Method, route: &str) -> Option<Needs> {
             | "/v1/bots"
             | "/v1/bots/{id}"
             | "/v1/channels/{id}/webhooks"
-            | "/v1/channels/{id}/webhooks/{webhook_id}",
+            | "/v1/channels/{id}/webhooks/{webhook_id}"
+            | "/v1/channels/{id}/subscriptions"
+            | "/v1/channels/{id}/subscriptions/{subscription_id}",
         ) => Session,
         _ => return None,
     })

@@ -13,8 +13,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::dto::{
-    CreatedIncomingWebhook, ErrorBody, HookMessage, IncomingWebhookList, Message,
-    NewIncomingWebhook,
+    CreatedIncomingWebhook, CreatedSubscription, ErrorBody, HookMessage, IncomingWebhookList,
+    Message, NewIncomingWebhook, NewSubscription, Subscription, SubscriptionList,
+    UpdateSubscription,
 };
 use super::error::{ApiError, ApiResult};
 use super::extract::{Authed, JsonBody, PathIds, parse_id};
@@ -23,12 +24,201 @@ use super::{AppState, no_content, validate};
 use crate::auth::{new_token, token_hash};
 use crate::metrics::Limit;
 use crate::model::{ProfileChange, Role};
+use crate::store::{SubscriptionChange, SubscriptionStatus};
+use crate::wire::schema::EVENT_TYPES;
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_webhook, list_webhooks))
         .routes(routes!(delete_webhook))
         .routes(routes!(post_to_hook))
+        .routes(routes!(create_subscription, list_subscriptions))
+        .routes(routes!(update_subscription, delete_subscription))
+}
+
+/// Subscribes a URL to the channel's events (owner and admins): each event is POSTed
+/// there as JSON, one per request, in seq order, at least once, signed with the secret
+/// the answer shows this once. See the API notes for the headers and retries.
+#[utoipa::path(post, path = "/v1/channels/{id}/subscriptions", tag = "webhooks", security(("bearer" = [])), request_body = NewSubscription,
+    params(("id" = super::openapi::Id, Path, description = "Channel id")),
+    responses((status = 201, body = CreatedSubscription),
+              (status = 400, body = ErrorBody, description = "`invalid_field`: the URL (not http(s), or not a public address), an event type, `from_seq`"),
+              (status = 403, body = ErrorBody, description = "Not an owner or admin, or a DM"),
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "`too_many_webhooks`"),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
+async fn create_subscription(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<1>,
+    JsonBody(body): JsonBody<NewSubscription>,
+) -> ApiResult<(StatusCode, Json<CreatedSubscription>)> {
+    let PathIds([channel_id]) = path;
+    let (channel, role) = state
+        .store
+        .channel(channel_id, auth.user.id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    crate::store::rules::manage_webhooks(channel.kind, Some(role))?;
+    if body.url.len() > 2048 {
+        return Err(ApiError::invalid_field(
+            "url",
+            "url must be at most 2048 bytes",
+        ));
+    }
+    let mut types: Vec<&str> = Vec::new();
+    for t in &body.event_types {
+        let known = EVENT_TYPES
+            .iter()
+            .find(|k| **k == t.as_str())
+            .ok_or_else(|| {
+                ApiError::invalid_field(
+                    "event_types",
+                    format!(
+                        "unknown event type {t:?}; the types are {}",
+                        EVENT_TYPES.join(", ")
+                    ),
+                )
+            })?;
+        if !types.contains(known) {
+            types.push(known);
+        }
+    }
+    if body.from_seq.is_some_and(|s| s < 0) {
+        return Err(ApiError::invalid_field(
+            "from_seq",
+            "from_seq must be 0 or more",
+        ));
+    }
+    state.admit_write(auth.user.id, body.url.len())?;
+    crate::delivery::check_url(&body.url, &state.webhook_policy)
+        .await
+        .map_err(|e| ApiError::invalid_field("url", e.to_string()))?;
+    let last_seq = last_seq(&state, channel_id).await?;
+    let secret = format!("whsec_{}", new_token());
+    let sub = crate::store::NewSubscription {
+        url: body.url.clone(),
+        secret: secret.clone(),
+        types: types.join(" "),
+        cursor: body.from_seq.unwrap_or(last_seq).min(last_seq),
+    };
+    let sub = state
+        .store
+        .create_subscription(auth.user.id, channel_id, sub)
+        .await?;
+    tracing::info!(
+        target: "natter::audit",
+        user = auth.user.id,
+        channel = channel_id,
+        subscription = sub.id,
+        "webhook subscription created"
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedSubscription {
+            subscription: Subscription::new(&sub, last_seq),
+            secret: secret.into(),
+        }),
+    ))
+}
+
+/// The channel's newest seq.
+async fn last_seq(state: &AppState, channel_id: i64) -> ApiResult<i64> {
+    Ok(state
+        .store
+        .last_seqs(&[channel_id])
+        .await?
+        .first()
+        .map_or(0, |(_, s)| *s))
+}
+
+/// The channel's subscriptions and where each stands (owner and admins).
+#[utoipa::path(get, path = "/v1/channels/{id}/subscriptions", tag = "webhooks", security(("bearer" = [])),
+    params(("id" = super::openapi::Id, Path, description = "Channel id")),
+    responses((status = 200, body = SubscriptionList),
+              (status = 403, body = ErrorBody, description = "Not an owner or admin"),
+              (status = 404, body = ErrorBody)))]
+async fn list_subscriptions(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<1>,
+) -> ApiResult<Json<SubscriptionList>> {
+    let PathIds([channel_id]) = path;
+    let subs = state.store.subscriptions(auth.user.id, channel_id).await?;
+    let last = last_seq(&state, channel_id).await?;
+    Ok(Json(SubscriptionList {
+        subscriptions: subs.iter().map(|s| Subscription::new(s, last)).collect(),
+    }))
+}
+
+/// Pauses or resumes a subscription, or moves its cursor (owner and admins). A resumed
+/// one (a dead one too) is tried at once, from its cursor.
+#[utoipa::path(patch, path = "/v1/channels/{id}/subscriptions/{subscription_id}", tag = "webhooks", security(("bearer" = [])), request_body = UpdateSubscription,
+    params(("id" = super::openapi::Id, Path, description = "Channel id"),
+           ("subscription_id" = super::openapi::Id, Path, description = "Subscription id")),
+    responses((status = 200, body = Subscription),
+              (status = 403, body = ErrorBody, description = "Not an owner or admin"),
+              (status = 404, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: past the caller's write limits")))]
+async fn update_subscription(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<2>,
+    JsonBody(body): JsonBody<UpdateSubscription>,
+) -> ApiResult<Json<Subscription>> {
+    let PathIds([channel_id, id]) = path;
+    let status = match body.status.as_deref() {
+        None => None,
+        Some("active") => Some(SubscriptionStatus::Active),
+        Some("paused") => Some(SubscriptionStatus::Paused),
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "status",
+                "status must be `active` or `paused`",
+            ));
+        }
+    };
+    if body.cursor.is_some_and(|c| c < 0) {
+        return Err(ApiError::invalid_field(
+            "cursor",
+            "cursor must be 0 or more",
+        ));
+    }
+    state.admit_write(auth.user.id, 0)?;
+    let change = SubscriptionChange {
+        status,
+        cursor: body.cursor,
+    };
+    let sub = state
+        .store
+        .update_subscription(auth.user.id, channel_id, id, change)
+        .await?;
+    let last = last_seq(&state, channel_id).await?;
+    Ok(Json(Subscription::new(&sub, last)))
+}
+
+/// Deletes a subscription (owner and admins). A run under way stops at its next record
+/// of the cursor (within 20 events).
+#[utoipa::path(delete, path = "/v1/channels/{id}/subscriptions/{subscription_id}", tag = "webhooks", security(("bearer" = [])),
+    params(("id" = super::openapi::Id, Path, description = "Channel id"),
+           ("subscription_id" = super::openapi::Id, Path, description = "Subscription id")),
+    responses((status = 204),
+              (status = 403, body = ErrorBody, description = "Not an owner or admin"),
+              (status = 404, body = ErrorBody)))]
+async fn delete_subscription(
+    State(state): State<AppState>,
+    auth: Authed,
+    path: PathIds<2>,
+) -> ApiResult<StatusCode> {
+    let PathIds([channel_id, id]) = path;
+    if !state
+        .store
+        .delete_subscription(auth.user.id, channel_id, id)
+        .await?
+    {
+        return Err(ApiError::not_found());
+    }
+    Ok(no_content())
 }
 
 /// Makes an incoming webhook of the channel (owner and admins). Without `bot_id` a bot
@@ -192,7 +382,7 @@ async fn delete_webhook(
 /// path is the credential. Idempotent by `client_id`, as every send.
 #[utoipa::path(post, path = "/v1/hooks/{id}/{secret}", tag = "webhooks", request_body = HookMessage,
     params(("id" = super::openapi::Id, Path, description = "Channel id"),
-           ("secret" = String, Path, description = "The webhook's secret, from its path")),
+           ("secret" = String, Path, min_length = 64, max_length = 64, pattern = "^[0-9a-f]{64}$", description = "The webhook's secret, from its path")),
     responses((status = 201, body = Message),
               (status = 200, body = Message, description = "A retry: the message this `client_id` already made"),
               (status = 403, body = ErrorBody, description = "`forbidden`: the bot may not post here (a broadcast channel where it is a plain member)"),

@@ -278,6 +278,105 @@ pub struct IncomingWebhook {
     pub created_at: i64,
 }
 
+/// An outgoing webhook subscription to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSubscription {
+    /// Where events are POSTed (checked by the caller).
+    pub url: String,
+    /// The HMAC-SHA256 key each request is signed with.
+    pub secret: String,
+    /// The event types delivered (space-separated); empty: every type.
+    pub types: String,
+    /// The seq after which delivery starts.
+    pub cursor: i64,
+}
+
+/// Where an outgoing webhook subscription stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionStatus {
+    /// Delivering (or backing off after a failure, until `next_try_at`).
+    Active,
+    /// Stopped by an admin; resumes from its cursor.
+    Paused,
+    /// Failed for longer than the server's dead-after time; tried no more until an admin
+    /// resumes it (from its cursor).
+    Dead,
+}
+
+impl SubscriptionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Paused => "paused",
+            Self::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "paused" => Some(Self::Paused),
+            "dead" => Some(Self::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// An outgoing webhook subscription: a channel's events POSTed to `url` in seq order,
+/// at least once, from a durable cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub id: i64,
+    pub channel_id: i64,
+    pub creator_id: i64,
+    pub url: String,
+    pub secret: String,
+    pub types: String,
+    /// The last seq delivered (or skipped by the type filter): delivery resumes after it.
+    pub cursor: i64,
+    pub status: SubscriptionStatus,
+    /// Events delivered so far.
+    pub delivered: i64,
+    pub last_error: Option<String>,
+    /// When the current run of failures began.
+    pub failing_since: Option<i64>,
+    /// Failures in a row.
+    pub failures: i64,
+    /// No delivery before this (Unix ms): the backoff after a failure.
+    pub next_try_at: i64,
+    pub created_at: i64,
+}
+
+/// An admin's change to a subscription: pause or resume it, and/or move its cursor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubscriptionChange {
+    /// `Active` resumes (clearing the failures), `Paused` pauses.
+    pub status: Option<SubscriptionStatus>,
+    pub cursor: Option<i64>,
+}
+
+/// What a delivery run did, recorded by the node that holds the subscription's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryReport {
+    /// The new cursor (never moved back by a report).
+    pub cursor: i64,
+    /// Events delivered since the last report.
+    pub delivered: i64,
+    /// `None`: the run succeeded (failures cleared). Else the error, the next try and
+    /// whether the subscription is now dead.
+    pub failure: Option<DeliveryFailure>,
+    /// The lease: held until this time (ms), or `0` to let it go.
+    pub lease_until: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryFailure {
+    pub error: String,
+    pub next_try_at: i64,
+    /// Failing since this long ago or more: the subscription turns dead.
+    pub dead_after_ms: i64,
+}
+
 /// The account behind an unexpired API key, and the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyAuth {
@@ -581,6 +680,59 @@ pub trait Channels: Send + Sync {
         channel_id: i64,
         token: TokenHash,
     ) -> Result<Option<IncomingWebhook>>;
+    /// Stores an outgoing webhook subscription of the channel, made by `actor` (an owner
+    /// or admin, as for incoming webhooks; they count toward the same cap).
+    async fn create_subscription(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        sub: NewSubscription,
+    ) -> Result<Subscription>;
+    /// The channel's subscriptions, oldest first (owner and admins).
+    async fn subscriptions(&self, actor: i64, channel_id: i64) -> Result<Vec<Subscription>>;
+    /// Pauses, resumes (clearing its failures) or moves the cursor of one (owner and
+    /// admins); the subscription as now stored, `NotFound` for none.
+    async fn update_subscription(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        id: i64,
+        change: SubscriptionChange,
+    ) -> Result<Subscription>;
+    /// Deletes one (owner and admins); whether there was one.
+    async fn delete_subscription(&self, actor: i64, channel_id: i64, id: i64) -> Result<bool>;
+    /// Active subscriptions due at `now` (no backoff pending, no other node's lease: a
+    /// lease of `node`'s own counts as none, so a restarted node goes on at once), of
+    /// every channel, at most `limit`. No membership check: for the delivery worker.
+    async fn due_subscriptions(
+        &self,
+        node: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<Subscription>>;
+    /// Takes the lease on an active subscription for `node` until `until`, if no other
+    /// node holds one at `now`; the subscription as stored, or `None`.
+    async fn claim_subscription(
+        &self,
+        channel_id: i64,
+        id: i64,
+        node: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<Option<Subscription>>;
+    /// Records a delivery run of the lease holder `node`; `false` (nothing written) if
+    /// it no longer holds the lease or the subscription is gone, and `false` (written)
+    /// if it is no longer active (an admin paused it meanwhile): the run stops either
+    /// way. A report never moves the cursor back, and leaves a paused subscription
+    /// paused.
+    async fn record_delivery(
+        &self,
+        channel_id: i64,
+        id: i64,
+        node: &str,
+        now: i64,
+        report: DeliveryReport,
+    ) -> Result<bool>;
     /// The newest seq of each existing channel among `ids` (the cluster bus's check for
     /// events it missed), as `(channel_id, last_seq)` in no particular order. A channel on
     /// a shard that is down is left out rather than failing the call.

@@ -276,6 +276,75 @@ pub fn webhook_room(rules: &Rules, hooks: u64, bot_is_member: bool) -> Verdict {
     Ok(())
 }
 
+/// A subscription after an admin's change: resuming clears its failures (it is tried at
+/// once, from its cursor); a cursor must not be negative.
+pub fn change_subscription(
+    sub: &crate::store::Subscription,
+    change: crate::store::SubscriptionChange,
+) -> Result<crate::store::Subscription, StoreError> {
+    use crate::store::SubscriptionStatus;
+    let mut next = sub.clone();
+    if let Some(cursor) = change.cursor {
+        if cursor < 0 {
+            return Err(StoreError::Invalid {
+                field: "cursor",
+                message: "cursor must be 0 or more".into(),
+            });
+        }
+        next.cursor = cursor;
+    }
+    match change.status {
+        Some(SubscriptionStatus::Active) => {
+            next.status = SubscriptionStatus::Active;
+            next.failures = 0;
+            next.failing_since = None;
+            next.next_try_at = 0;
+        }
+        Some(SubscriptionStatus::Paused) => next.status = SubscriptionStatus::Paused,
+        Some(SubscriptionStatus::Dead) => {
+            return Err(StoreError::Invalid {
+                field: "status",
+                message: "status must be `active` or `paused`".into(),
+            });
+        }
+        None => {}
+    }
+    Ok(next)
+}
+
+/// A subscription after its lease holder's delivery report at `now`: the cursor only
+/// moves forward; a failure counts, backs off and, once failing for the report's
+/// dead-after time, turns it dead; a success clears the failures. A paused subscription
+/// stays paused.
+pub fn report_delivery(
+    sub: &crate::store::Subscription,
+    report: &crate::store::DeliveryReport,
+    now: i64,
+) -> crate::store::Subscription {
+    use crate::store::SubscriptionStatus;
+    let mut next = sub.clone();
+    next.cursor = sub.cursor.max(report.cursor);
+    next.delivered = sub.delivered + report.delivered.max(0);
+    match &report.failure {
+        None => {
+            next.failures = 0;
+            next.failing_since = None;
+            next.next_try_at = 0;
+        }
+        Some(f) => {
+            let since = sub.failing_since.unwrap_or(now);
+            next.failures = sub.failures + 1;
+            next.failing_since = Some(since);
+            next.last_error = Some(f.error.chars().take(500).collect());
+            next.next_try_at = f.next_try_at;
+            if now - since >= f.dead_after_ms && next.status == SubscriptionStatus::Active {
+                next.status = SubscriptionStatus::Dead;
+            }
+        }
+    }
+    next
+}
+
 /// Room for one more API key of a user who holds `keys` now.
 pub fn key_room(rules: &Rules, keys: u64) -> Verdict {
     if keys >= u64::from(rules.max_api_keys_per_user) {

@@ -200,6 +200,124 @@ pub struct IncomingWebhookList {
     pub webhooks: Vec<IncomingWebhook>,
 }
 
+/// An outgoing webhook subscription to create.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSubscription {
+    /// Where each event is POSTed: an absolute `http` or `https` URL whose host is a
+    /// public address (unless the server's allow-list names it).
+    #[schema(min_length = 1, max_length = 2048, pattern = "^https?://")]
+    pub url: String,
+    /// The event types delivered; absent or empty: every type.
+    #[serde(default)]
+    #[schema(schema_with = openapi::event_types)]
+    pub event_types: Vec<String>,
+    /// Deliver the events after this seq; absent or `null`: from now on (the channel's
+    /// current last seq). `0` replays the whole log.
+    #[serde(default, deserialize_with = "integral_or_null")]
+    #[schema(value_type = Option<i64>, minimum = 0)]
+    pub from_seq: Option<i64>,
+}
+
+/// An admin's change to a subscription: pause it, resume it (from its cursor, its
+/// failures cleared), or move its cursor (to replay or skip).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSubscription {
+    #[serde(default)]
+    #[schema(schema_with = openapi::settable_subscription_status)]
+    pub status: Option<String>,
+    /// Deliver the events after this seq from now on.
+    #[serde(default, deserialize_with = "integral_or_null")]
+    #[schema(value_type = Option<i64>, minimum = 0)]
+    pub cursor: Option<i64>,
+}
+
+/// An outgoing webhook subscription and where its delivery stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Subscription {
+    #[schema(value_type = openapi::Id)]
+    pub id: String,
+    #[schema(value_type = openapi::Id)]
+    pub channel_id: String,
+    #[schema(value_type = openapi::Id)]
+    pub creator_id: String,
+    pub url: String,
+    /// Empty: every type.
+    pub event_types: Vec<String>,
+    /// The last seq delivered (or skipped by the type filter).
+    #[schema(minimum = 0)]
+    pub cursor: i64,
+    /// Events of the channel after the cursor.
+    #[schema(minimum = 0)]
+    pub lag: i64,
+    /// `active` (delivering, or waiting out a backoff until `next_try_at`), `paused` (by
+    /// an admin) or `dead` (failing past the server's dead-after time; resume it).
+    #[schema(schema_with = openapi::subscription_status)]
+    pub status: &'static str,
+    /// Events delivered so far.
+    #[schema(minimum = 0)]
+    pub delivered: i64,
+    /// Failures in a row.
+    #[schema(minimum = 0)]
+    pub failures: i64,
+    /// The last failure's error (kept after a success, for the record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub last_error: Option<String>,
+    /// When the current run of failures began; absent while the endpoint succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime, nullable = false)]
+    pub failing_since: Option<String>,
+    /// After a failure: no try before this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime, nullable = false)]
+    pub next_try_at: Option<String>,
+    #[schema(schema_with = openapi::time)]
+    pub created_at: String,
+}
+
+impl Subscription {
+    pub fn new(s: &crate::store::Subscription, last_seq: i64) -> Self {
+        Self {
+            id: s.id.to_string(),
+            channel_id: s.channel_id.to_string(),
+            creator_id: s.creator_id.to_string(),
+            url: s.url.clone(),
+            event_types: s
+                .types
+                .split_ascii_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            cursor: s.cursor,
+            lag: (last_seq - s.cursor).max(0),
+            status: s.status.as_str(),
+            delivered: s.delivered,
+            failures: s.failures,
+            last_error: s.last_error.clone(),
+            failing_since: s.failing_since.map(rfc3339),
+            next_try_at: (s.next_try_at > 0).then(|| rfc3339(s.next_try_at)),
+            created_at: rfc3339(s.created_at),
+        }
+    }
+}
+
+/// A new subscription and its signing secret: the only time the secret is shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedSubscription {
+    pub subscription: Subscription,
+    /// The HMAC-SHA256 key of each request's `Natter-Signature` (see the API notes for
+    /// how to verify it).
+    #[schema(value_type = String)]
+    pub secret: crate::auth::Secret,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubscriptionList {
+    /// Oldest first.
+    pub subscriptions: Vec<Subscription>,
+}
+
 /// A message posted through an incoming webhook.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

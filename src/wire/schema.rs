@@ -225,17 +225,37 @@ pub fn granted_role() -> ObjectBuilder {
 }
 
 pub fn event_type() -> ObjectBuilder {
-    string_enum(&[
-        "message.created",
-        "message.edited",
-        "message.deleted",
-        "member.added",
-        "member.updated",
-        "member.removed",
-        "channel.updated",
-        "reaction.added",
-        "reaction.removed",
-    ])
+    string_enum(&EVENT_TYPES)
+}
+
+/// Every type of a channel's log events.
+pub const EVENT_TYPES: [&str; 9] = [
+    "message.created",
+    "message.edited",
+    "message.deleted",
+    "member.added",
+    "member.updated",
+    "member.removed",
+    "channel.updated",
+    "reaction.added",
+    "reaction.removed",
+];
+
+/// A subscription's status.
+pub fn subscription_status() -> ObjectBuilder {
+    string_enum(&["active", "paused", "dead"])
+}
+
+/// A status an admin may set.
+pub fn settable_subscription_status() -> ObjectBuilder {
+    string_enum(&["active", "paused"])
+}
+
+/// A subscription's event types: absent or empty for every type.
+pub fn event_types() -> ArrayBuilder {
+    ArrayBuilder::new()
+        .items(string_enum(&EVENT_TYPES))
+        .max_items(Some(EVENT_TYPES.len() * 2))
 }
 
 /// `after` of `GET /v1/channels`: empty (the first page) or a channel id.

@@ -421,6 +421,32 @@ try {
   await a.waitForFunction(() => document.querySelectorAll("#sessions li").length === 1, null, { timeout: WAIT });
   await a.waitForSelector("#status:text('online')", { timeout: WAIT });
 
+  step("an incoming webhook made in the channel's settings posts as a bot, marked as one");
+  await a.fill("#new-channel-name", "deploys");
+  await a.press("#new-channel-name", "Enter");
+  await a.waitForFunction(() => document.getElementById("channel-title").textContent.includes("deploys"));
+  await a.fill("#add-member-username", "bob");
+  await a.press("#add-member-username", "Enter");
+  await a.click("#integrations summary");
+  await a.fill("#new-hook-name", "CI");
+  await a.click("#new-hook button[type=submit]");
+  const shownPath = await a.locator("#new-hook-path:not([hidden])").textContent({ timeout: WAIT });
+  const hookUrl = shownPath.match(/https?:\/\/\S+/)[0];
+  await a.locator("#hooks li", { hasText: "CI" }).waitFor({ timeout: WAIT });
+  const posted = await fetch(hookUrl, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ text: "build 7 passed" }),
+  });
+  assert.equal(posted.status, 201, await posted.text());
+  await openChannel(b, "deploys");
+  await waitText(b, "build 7 passed");
+  const hookAuthor = b.locator("#messages li.message", { hasText: "build 7 passed" }).locator(".author");
+  await hookAuthor.locator(".bot-badge").waitFor({ timeout: WAIT });
+  assert.match(await hookAuthor.textContent(), /CI/);
+  assert.ok(await b.locator("#integrations").isHidden(), "a plain member has no webhook settings");
+  await a.screenshot({ path: path.join(SHOTS, "webhooks.png") });
+
   step("presence: the other user shows online, then offline after they close the page");
   await openChannel(a, "general");
   const bobId = (await rest(base, bobToken, "GET", "/v1/users/me")).id;

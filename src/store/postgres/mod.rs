@@ -30,9 +30,10 @@ use tokio_postgres::error::SqlState;
 
 use self::writer::{Done, Op, Writer};
 use super::{
-    Accounts, ApiKeyInfo, Backend, Channels, Health, IncomingWebhook, KeyAuth, NewApiKey,
-    NewIncomingWebhook, NewSession, OnCommit, Posted, ReadFence, Result, Rules, SearchOrder,
-    SearchQuery, SessionAuth, SessionInfo, StoreError, TokenHash, rules,
+    Accounts, ApiKeyInfo, Backend, Channels, DeliveryReport, Health, IncomingWebhook, KeyAuth,
+    NewApiKey, NewIncomingWebhook, NewSession, NewSubscription, OnCommit, Posted, ReadFence,
+    Result, Rules, SearchOrder, SearchQuery, SessionAuth, SessionInfo, StoreError, Subscription,
+    SubscriptionChange, TokenHash, rules,
 };
 use crate::clock::now_ms;
 use crate::id::Snowflake;
@@ -1682,6 +1683,47 @@ impl Accounts for PostgresStore {
     }
 }
 
+async fn find_subscription(
+    tx: &tokio_postgres::Transaction<'_>,
+    channel_id: i64,
+    id: i64,
+) -> std::result::Result<Option<Subscription>, Fail> {
+    let row = tx
+        .query_opt(
+            &format!(
+                "SELECT {} FROM subscriptions WHERE id = $1 AND channel_id = $2",
+                read::SUBSCRIPTION_COLUMNS
+            ),
+            &[&id, &channel_id],
+        )
+        .await?;
+    row.as_ref().map(read::subscription_row).transpose()
+}
+
+/// Writes the fields an admin's change or a delivery report moves.
+async fn store_subscription(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &Subscription,
+) -> std::result::Result<(), Fail> {
+    tx.execute(
+        "UPDATE subscriptions SET cursor = $2, status = $3, delivered = $4, last_error = $5,
+             failing_since = $6, failures = $7, next_try_at = $8
+         WHERE id = $1",
+        &[
+            &s.id,
+            &s.cursor,
+            &s.status.as_str(),
+            &s.delivered,
+            &s.last_error,
+            &s.failing_since,
+            &s.failures,
+            &s.next_try_at,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Checks that `actor` may manage the channel's webhooks (inside a transaction: the
 /// membership row is locked until it ends).
 async fn manager_check(
@@ -2041,6 +2083,241 @@ impl Channels for PostgresStore {
             .await
             .map_err(|e| inner.fail(shard, "read webhook", e.into()))?;
         Ok(row.as_ref().map(read::webhook_row))
+    }
+
+    async fn create_subscription(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        sub: NewSubscription,
+    ) -> Result<Subscription> {
+        let inner = &self.inner;
+        let rules = inner.shared.rules;
+        let shard = inner.shard_of_channel(channel_id);
+        let now = now_ms();
+        let id = inner.shared.checked_id(now)?;
+        let mut c = inner.conn(shard).await?;
+        let result: std::result::Result<Subscription, Fail> = async {
+            let tx = c.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&channel_id])
+                .await?;
+            manager_check(&*tx, channel_id, actor).await?;
+            let hooks: i64 = tx
+                .query_one(
+                    "SELECT (SELECT count(*) FROM incoming_webhooks WHERE channel_id = $1)
+                          + (SELECT count(*) FROM subscriptions WHERE channel_id = $1)",
+                    &[&channel_id],
+                )
+                .await?
+                .get(0);
+            rules::webhook_room(&rules, hooks as u64, true)?;
+            let row = tx
+                .query_one(
+                    &format!(
+                        "INSERT INTO subscriptions (id, channel_id, creator_id, url, secret, types, cursor, status, created_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8)
+                         RETURNING {}",
+                        read::SUBSCRIPTION_COLUMNS
+                    ),
+                    &[
+                        &id,
+                        &channel_id,
+                        &actor,
+                        &sub.url,
+                        &sub.secret,
+                        &sub.types,
+                        &sub.cursor,
+                        &now,
+                    ],
+                )
+                .await?;
+            tx.commit().await?;
+            read::subscription_row(&row)
+        }
+        .await;
+        result.map_err(|e| inner.fail(shard, "create subscription", e))
+    }
+
+    async fn subscriptions(&self, actor: i64, channel_id: i64) -> Result<Vec<Subscription>> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let c = inner.conn(shard).await?;
+        let client: &tokio_postgres::Client = &c;
+        let result: std::result::Result<Vec<Subscription>, Fail> = async {
+            manager_check(client, channel_id, actor).await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {} FROM subscriptions WHERE channel_id = $1 ORDER BY id",
+                        read::SUBSCRIPTION_COLUMNS
+                    ),
+                    &[&channel_id],
+                )
+                .await?;
+            rows.iter().map(read::subscription_row).collect()
+        }
+        .await;
+        result.map_err(|e| inner.fail(shard, "read subscriptions", e))
+    }
+
+    async fn update_subscription(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        id: i64,
+        change: SubscriptionChange,
+    ) -> Result<Subscription> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let mut c = inner.conn(shard).await?;
+        let result: std::result::Result<Subscription, Fail> = async {
+            let tx = c.transaction().await?;
+            manager_check(&*tx, channel_id, actor).await?;
+            let Some(sub) = find_subscription(&tx, channel_id, id).await? else {
+                return Err(StoreError::NotFound.into());
+            };
+            let next = rules::change_subscription(&sub, change)?;
+            store_subscription(&tx, &next).await?;
+            tx.commit().await?;
+            Ok(next)
+        }
+        .await;
+        result.map_err(|e| inner.fail(shard, "update subscription", e))
+    }
+
+    async fn delete_subscription(&self, actor: i64, channel_id: i64, id: i64) -> Result<bool> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let mut c = inner.conn(shard).await?;
+        let result: std::result::Result<bool, Fail> = async {
+            let tx = c.transaction().await?;
+            manager_check(&*tx, channel_id, actor).await?;
+            let n = tx
+                .execute(
+                    "DELETE FROM subscriptions WHERE id = $1 AND channel_id = $2",
+                    &[&id, &channel_id],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n > 0)
+        }
+        .await;
+        result.map_err(|e| inner.fail(shard, "delete subscription", e))
+    }
+
+    async fn due_subscriptions(
+        &self,
+        node: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<Subscription>> {
+        let inner = &self.inner;
+        let mut due = Vec::new();
+        // Every shard; one that is down is skipped (its subscriptions wait for it).
+        for shard in 0..inner.shards.len() {
+            let Ok(c) = inner.conn(shard).await else {
+                continue;
+            };
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {} FROM subscriptions
+                         WHERE status = 'active' AND next_try_at <= $1
+                           AND (lease_until <= $1 OR lease_node = $3)
+                         ORDER BY next_try_at, id LIMIT $2",
+                        read::SUBSCRIPTION_COLUMNS
+                    ),
+                    &[&now, &i64::from(limit), &node],
+                )
+                .await;
+            match rows {
+                Ok(rows) => {
+                    for r in &rows {
+                        due.push(
+                            read::subscription_row(r)
+                                .map_err(|e| inner.fail(shard, "read subscriptions", e))?,
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(shard, error = %e, "read due subscriptions");
+                }
+            }
+        }
+        due.truncate(limit as usize);
+        Ok(due)
+    }
+
+    async fn claim_subscription(
+        &self,
+        channel_id: i64,
+        id: i64,
+        node: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<Option<Subscription>> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let c = inner.conn(shard).await?;
+        let row = c
+            .query_opt(
+                &format!(
+                    "UPDATE subscriptions SET lease_node = $3, lease_until = $5
+                     WHERE id = $1 AND channel_id = $2 AND status = 'active'
+                       AND (lease_until <= $4 OR lease_node = $3)
+                     RETURNING {}",
+                    read::SUBSCRIPTION_COLUMNS
+                ),
+                &[&id, &channel_id, &node, &now, &until],
+            )
+            .await
+            .map_err(|e| inner.fail(shard, "claim subscription", e.into()))?;
+        row.as_ref()
+            .map(read::subscription_row)
+            .transpose()
+            .map_err(|e| inner.fail(shard, "claim subscription", e))
+    }
+
+    async fn record_delivery(
+        &self,
+        channel_id: i64,
+        id: i64,
+        node: &str,
+        now: i64,
+        report: DeliveryReport,
+    ) -> Result<bool> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let mut c = inner.conn(shard).await?;
+        let result: std::result::Result<bool, Fail> = async {
+            let tx = c.transaction().await?;
+            let holder = tx
+                .query_opt(
+                    "SELECT lease_node FROM subscriptions WHERE id = $1 AND channel_id = $2 FOR UPDATE",
+                    &[&id, &channel_id],
+                )
+                .await?;
+            let holds = holder
+                .and_then(|r| r.get::<_, Option<String>>(0))
+                .is_some_and(|n| n == node);
+            if !holds {
+                return Ok(false);
+            }
+            let Some(sub) = find_subscription(&tx, channel_id, id).await? else {
+                return Ok(false);
+            };
+            let next = rules::report_delivery(&sub, &report, now);
+            store_subscription(&tx, &next).await?;
+            tx.execute(
+                "UPDATE subscriptions SET lease_until = $2 WHERE id = $1",
+                &[&id, &report.lease_until],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(next.status == crate::store::SubscriptionStatus::Active)
+        }
+        .await;
+        result.map_err(|e| inner.fail(shard, "record delivery", e))
     }
 
     async fn channel(&self, channel_id: i64, user_id: i64) -> Result<Option<(Channel, Role)>> {

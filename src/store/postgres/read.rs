@@ -133,6 +133,34 @@ pub(super) async fn credentials(
     Ok(row.map(|r| (user_row(&r), r.get("password_hash"))))
 }
 
+pub(super) const SUBSCRIPTION_COLUMNS: &str = "id, channel_id, creator_id, url, secret, types, \
+     cursor, status, delivered, last_error, failing_since, failures, next_try_at, created_at";
+
+pub(super) fn subscription_row(r: &Row) -> Result<crate::store::Subscription, Fail> {
+    let status: String = r.get(7);
+    Ok(crate::store::Subscription {
+        id: r.get(0),
+        channel_id: r.get(1),
+        creator_id: r.get(2),
+        url: r.get(3),
+        secret: r.get(4),
+        types: r.get(5),
+        cursor: r.get(6),
+        status: crate::store::SubscriptionStatus::parse(&status).ok_or_else(|| {
+            Fail::Store(StoreError::internal(
+                "read subscription",
+                format!("unknown status {status:?}"),
+            ))
+        })?,
+        delivered: r.get(8),
+        last_error: r.get(9),
+        failing_since: r.get(10),
+        failures: r.get(11),
+        next_try_at: r.get(12),
+        created_at: r.get(13),
+    })
+}
+
 pub(super) const WEBHOOK_COLUMNS: &str = "id, channel_id, bot_id, creator_id, name, created_at";
 
 pub(super) fn webhook_row(r: &Row) -> crate::store::IncomingWebhook {

@@ -208,6 +208,30 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX incoming_webhooks_channel ON incoming_webhooks (channel_id, created_at);
     "#,
+    // 10: outgoing webhook subscriptions (on the channel's shard): a channel's events
+    // POSTed in seq order from a durable cursor, by the node holding the lease.
+    r#"
+    CREATE TABLE subscriptions (
+        id            BIGINT PRIMARY KEY,
+        channel_id    BIGINT NOT NULL,
+        creator_id    BIGINT NOT NULL,
+        url           TEXT NOT NULL,
+        secret        TEXT NOT NULL,
+        types         TEXT NOT NULL,
+        cursor        BIGINT NOT NULL,
+        status        TEXT NOT NULL,
+        delivered     BIGINT NOT NULL DEFAULT 0,
+        last_error    TEXT,
+        failing_since BIGINT,
+        failures      BIGINT NOT NULL DEFAULT 0,
+        next_try_at   BIGINT NOT NULL DEFAULT 0,
+        created_at    BIGINT NOT NULL,
+        lease_node    TEXT,
+        lease_until   BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE INDEX subscriptions_channel ON subscriptions (channel_id);
+    CREATE INDEX subscriptions_due ON subscriptions (status, next_try_at);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -31,9 +31,9 @@ use self::write::{Done, Op};
 pub use self::writer::WriteStats;
 use self::writer::{Writer, WriterParts};
 use super::{
-    Accounts, ApiKeyInfo, Backend, Channels, Health, IncomingWebhook, KeyAuth, NewApiKey,
-    NewIncomingWebhook, NewSession, Posted, ReadFence, Result, SearchQuery, SessionAuth,
-    SessionInfo, StoreError, TokenHash,
+    Accounts, ApiKeyInfo, Backend, Channels, DeliveryReport, Health, IncomingWebhook, KeyAuth,
+    NewApiKey, NewIncomingWebhook, NewSession, NewSubscription, Posted, ReadFence, Result,
+    SearchQuery, SessionAuth, SessionInfo, StoreError, Subscription, SubscriptionChange, TokenHash,
 };
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
@@ -296,6 +296,7 @@ fn unexpected(done: Done) -> StoreError {
         Done::Tokens(_) => "tokens",
         Done::ApiKey(_) => "API key",
         Done::Webhook(_) => "webhook",
+        Done::Subscription(_) => "subscription",
         Done::DeletedKey(_) => "deleted key",
         Done::Changed(_) => "changed",
         Done::Unit => "unit",
@@ -647,6 +648,125 @@ impl Channels for SqliteStore {
         self.reads
             .run(move |c| read::incoming_webhook(c, channel_id, &token))
             .await
+    }
+
+    async fn create_subscription(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        sub: NewSubscription,
+    ) -> Result<Subscription> {
+        let op = Op::CreateSubscription {
+            actor,
+            channel_id,
+            sub,
+        };
+        match self.write(op).await? {
+            Done::Subscription(Some(s)) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn subscriptions(&self, actor: i64, channel_id: i64) -> Result<Vec<Subscription>> {
+        let (membership, subs) = self
+            .reads
+            .run(move |c| {
+                Ok((
+                    read::member_channel(c, channel_id, actor)?,
+                    read::subscriptions(c, channel_id)?,
+                ))
+            })
+            .await?;
+        let kind = membership
+            .as_ref()
+            .map_or(ChannelKind::Group, |(c, _)| c.kind);
+        super::rules::manage_webhooks(kind, membership.map(|(_, r)| r))?;
+        Ok(subs)
+    }
+
+    async fn update_subscription(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        id: i64,
+        change: SubscriptionChange,
+    ) -> Result<Subscription> {
+        let op = Op::UpdateSubscription {
+            actor,
+            channel_id,
+            id,
+            change,
+        };
+        match self.write(op).await? {
+            Done::Subscription(Some(s)) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete_subscription(&self, actor: i64, channel_id: i64, id: i64) -> Result<bool> {
+        let op = Op::DeleteSubscription {
+            actor,
+            channel_id,
+            id,
+        };
+        match self.write(op).await? {
+            Done::Changed(deleted) => Ok(deleted),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn due_subscriptions(
+        &self,
+        node: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<Subscription>> {
+        let node = node.to_owned();
+        self.reads
+            .run(move |c| read::due_subscriptions(c, &node, now, limit))
+            .await
+    }
+
+    async fn claim_subscription(
+        &self,
+        channel_id: i64,
+        id: i64,
+        node: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<Option<Subscription>> {
+        let op = Op::ClaimSubscription {
+            channel_id,
+            id,
+            node: node.to_owned(),
+            now,
+            until,
+        };
+        match self.write(op).await? {
+            Done::Subscription(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn record_delivery(
+        &self,
+        channel_id: i64,
+        id: i64,
+        node: &str,
+        now: i64,
+        report: DeliveryReport,
+    ) -> Result<bool> {
+        let op = Op::RecordDelivery {
+            channel_id,
+            id,
+            node: node.to_owned(),
+            now,
+            report,
+        };
+        match self.write(op).await? {
+            Done::Changed(done) => Ok(done),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn members(&self, user_id: i64, channel_id: i64) -> Result<Vec<Member>> {

@@ -307,6 +307,58 @@ pub(super) fn key_user(
     .optional()
 }
 
+pub(crate) const SUBSCRIPTION_COLUMNS: &str = "id, channel_id, creator_id, url, secret, types, \
+     cursor, status, delivered, last_error, failing_since, failures, next_try_at, created_at";
+
+pub(crate) fn subscription_row(r: &Row) -> rusqlite::Result<crate::store::Subscription> {
+    let status: String = r.get(7)?;
+    Ok(crate::store::Subscription {
+        id: r.get(0)?,
+        channel_id: r.get(1)?,
+        creator_id: r.get(2)?,
+        url: r.get(3)?,
+        secret: r.get(4)?,
+        types: r.get(5)?,
+        cursor: r.get(6)?,
+        status: crate::store::SubscriptionStatus::parse(&status)
+            .ok_or_else(|| corrupt("subscription status", &status))?,
+        delivered: r.get(8)?,
+        last_error: r.get(9)?,
+        failing_since: r.get(10)?,
+        failures: r.get(11)?,
+        next_try_at: r.get(12)?,
+        created_at: r.get(13)?,
+    })
+}
+
+/// The channel's subscriptions, oldest first.
+pub(super) fn subscriptions(
+    conn: &Connection,
+    channel_id: i64,
+) -> rusqlite::Result<Vec<crate::store::Subscription>> {
+    conn.prepare_cached(&format!(
+        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE channel_id = ?1 ORDER BY id"
+    ))?
+    .query_map([channel_id], subscription_row)?
+    .collect()
+}
+
+/// Active subscriptions with no backoff pending and no other node's lease at `now`.
+pub(super) fn due_subscriptions(
+    conn: &Connection,
+    node: &str,
+    now: i64,
+    limit: u32,
+) -> rusqlite::Result<Vec<crate::store::Subscription>> {
+    conn.prepare_cached(&format!(
+        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions
+         WHERE status = 'active' AND next_try_at <= ?1 AND (lease_until <= ?1 OR lease_node = ?3)
+         ORDER BY next_try_at, id LIMIT ?2"
+    ))?
+    .query_map(params![now, limit, node], subscription_row)?
+    .collect()
+}
+
 const WEBHOOK_COLUMNS: &str = "id, channel_id, bot_id, creator_id, name, created_at";
 
 fn webhook_row(r: &Row) -> rusqlite::Result<crate::store::IncomingWebhook> {

@@ -260,6 +260,32 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX incoming_webhooks_channel ON incoming_webhooks(channel_id, created_at);
     "#,
     ),
+    // 15: outgoing webhook subscriptions: a channel's events POSTed in seq order from a
+    // durable cursor, by the node holding the lease.
+    Migration::Sql(
+        r#"
+    CREATE TABLE subscriptions (
+        id            INTEGER PRIMARY KEY,
+        channel_id    INTEGER NOT NULL,
+        creator_id    INTEGER NOT NULL,
+        url           TEXT NOT NULL,
+        secret        TEXT NOT NULL,
+        types         TEXT NOT NULL,
+        cursor        INTEGER NOT NULL,
+        status        TEXT NOT NULL,
+        delivered     INTEGER NOT NULL DEFAULT 0,
+        last_error    TEXT,
+        failing_since INTEGER,
+        failures      INTEGER NOT NULL DEFAULT 0,
+        next_try_at   INTEGER NOT NULL DEFAULT 0,
+        created_at    INTEGER NOT NULL,
+        lease_node    TEXT,
+        lease_until   INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX subscriptions_channel ON subscriptions(channel_id);
+    CREATE INDEX subscriptions_due ON subscriptions(status, next_try_at);
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

@@ -100,7 +100,11 @@ pub(super) fn delete_api_key(tx: &Transaction, owner: i64, id: i64) -> Applied {
 }
 
 /// Checks that `actor` may manage the channel's webhooks.
-fn check_manager(tx: &Transaction, channel_id: i64, actor: i64) -> Result<(), super::Failure> {
+pub(super) fn check_manager(
+    tx: &Transaction,
+    channel_id: i64,
+    actor: i64,
+) -> Result<(), super::Failure> {
     let row = membership_row(tx, channel_id, actor)?;
     let kind = row.map_or(crate::model::ChannelKind::Group, |(k, _)| k);
     Ok(rules::manage_webhooks(kind, row.map(|(_, r)| r))?)

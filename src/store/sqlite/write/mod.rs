@@ -6,6 +6,7 @@
 mod channels;
 mod keys;
 mod messages;
+mod subscriptions;
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
@@ -19,8 +20,8 @@ use crate::clock::now_ms;
 use crate::id::Snowflake;
 use crate::model::{Channel, ChannelKind, Event, EventBody, Message, Role, User};
 use crate::store::{
-    ApiKeyInfo, IncomingWebhook, NewApiKey, NewIncomingWebhook, NewSession, Posted, Rules,
-    StoreError, TokenHash,
+    ApiKeyInfo, DeliveryReport, IncomingWebhook, NewApiKey, NewIncomingWebhook, NewSession,
+    NewSubscription, Posted, Rules, StoreError, Subscription, SubscriptionChange, TokenHash,
 };
 
 pub(super) enum Op {
@@ -83,6 +84,36 @@ pub(super) enum Op {
         actor: i64,
         channel_id: i64,
         id: i64,
+    },
+    CreateSubscription {
+        actor: i64,
+        channel_id: i64,
+        sub: NewSubscription,
+    },
+    UpdateSubscription {
+        actor: i64,
+        channel_id: i64,
+        id: i64,
+        change: SubscriptionChange,
+    },
+    DeleteSubscription {
+        actor: i64,
+        channel_id: i64,
+        id: i64,
+    },
+    ClaimSubscription {
+        channel_id: i64,
+        id: i64,
+        node: String,
+        now: i64,
+        until: i64,
+    },
+    RecordDelivery {
+        channel_id: i64,
+        id: i64,
+        node: String,
+        now: i64,
+        report: DeliveryReport,
     },
     CreateChannel {
         owner: i64,
@@ -201,7 +232,11 @@ impl Op {
             | Op::MarkRead { .. }
             | Op::CreateIncomingWebhook { .. }
             | Op::DeleteIncomingWebhook { .. }
+            | Op::CreateSubscription { .. }
+            | Op::UpdateSubscription { .. }
+            | Op::DeleteSubscription { .. }
             | Op::Fold { .. } => HotUse::FlushAndForget(None),
+            Op::ClaimSubscription { .. } | Op::RecordDelivery { .. } => HotUse::None,
             Op::RenameChannel { channel_id, .. }
             | Op::PutMember { channel_id, .. }
             | Op::RemoveMember { channel_id, .. }
@@ -224,6 +259,7 @@ pub(super) enum Done {
     Tokens(Vec<TokenHash>),
     ApiKey(ApiKeyInfo),
     Webhook(IncomingWebhook),
+    Subscription(Option<Subscription>),
     /// A deleted API key's account and digest, if there was one.
     DeletedKey(Option<(i64, TokenHash)>),
     /// Whether the op changed anything (an idempotent op that found it done: `false`).
@@ -377,6 +413,36 @@ pub(super) fn apply(
             channel_id,
             id,
         } => keys::delete_incoming_webhook(tx, *actor, *channel_id, *id),
+        Op::CreateSubscription {
+            actor,
+            channel_id,
+            sub,
+        } => subscriptions::create(tx, rules, ids.next_id(now), now, *actor, *channel_id, sub),
+        Op::UpdateSubscription {
+            actor,
+            channel_id,
+            id,
+            change,
+        } => subscriptions::update(tx, *actor, *channel_id, *id, *change),
+        Op::DeleteSubscription {
+            actor,
+            channel_id,
+            id,
+        } => subscriptions::delete(tx, *actor, *channel_id, *id),
+        Op::ClaimSubscription {
+            channel_id,
+            id,
+            node,
+            now,
+            until,
+        } => subscriptions::claim(tx, *channel_id, *id, node, *now, *until),
+        Op::RecordDelivery {
+            channel_id,
+            id,
+            node,
+            now,
+            report,
+        } => subscriptions::record(tx, *channel_id, *id, node, *now, report),
         Op::DeleteApiKey { owner, id } => keys::delete_api_key(tx, *owner, *id),
         Op::TouchApiKey { token, now } => {
             tx.prepare_cached(
