@@ -25,12 +25,14 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::clock::now_ms;
-use crate::model::Event;
+use crate::model::{Event, Role};
 use crate::store::{DeliveryFailure, DeliveryReport, ReadFence, Store, Subscription};
 
 /// Events delivered between two records of the cursor: the most a crash re-sends.
 pub const WINDOW: i64 = 20;
-/// How long a lease lasts without a record renewing it (another node then takes over).
+/// How long a lease lasts at least without a record renewing it (another node then
+/// takes over). It is at least three request timeouts, and a run renews it once a third
+/// of it has passed, so it never runs out under a run that is still going.
 const LEASE_MS: i64 = 30_000;
 /// How often the store is asked for due subscriptions.
 const POLL: Duration = Duration::from_millis(200);
@@ -99,7 +101,20 @@ impl std::str::FromStr for Network {
 
 impl Network {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
+        // An IPv4 network written in its IPv6-mapped form is the IPv4 network.
+        let (net, prefix) = match self.addr {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() && self.prefix >= 96 => (
+                IpAddr::V4(v6.to_ipv4_mapped().expect("mapped")),
+                self.prefix - 96,
+            ),
+            addr => (addr, self.prefix),
+        };
+        let this = Self { addr: net, prefix };
+        this.contains_canonical(ip.to_canonical())
+    }
+
+    fn contains_canonical(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let mask = u32::MAX
                     .checked_shl(32 - u32::from(self.prefix))
@@ -150,16 +165,22 @@ fn is_public(ip: IpAddr) -> bool {
                 || v4.is_documentation()
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && v4.octets()[2] == 0)
                 || (a == 198 && (b == 18 || b == 19))
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
             let first = v6.segments()[0];
+            // Beside the IPv6 special ranges: IPv4-compatible (::/96), site-local
+            // (fec0::/10) and 6to4 (2002::/16), which can name any IPv4 address.
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
+                || (first & 0xffc0) == 0xfec0
+                || first == 0x2002
+                || v6.segments()[..6].iter().all(|s| *s == 0)
                 || first == 0x2001 && v6.segments()[1] == 0x0db8
                 || first == 0x0064)
         }
@@ -343,6 +364,8 @@ pub struct Deliverer {
     node: String,
     running: Mutex<HashSet<i64>>,
     stats: Arc<DeliveryStats>,
+    /// The lease's length (ms).
+    lease_ms: i64,
     /// Set at shutdown: runs record where they are and end.
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -354,6 +377,7 @@ impl Deliverer {
         node_id: u16,
         stats: Arc<DeliveryStats>,
     ) -> anyhow::Result<Arc<Self>> {
+        let lease_ms = LEASE_MS.max(3 * config.timeout.as_millis() as i64);
         let resolver = Arc::new(GuardedResolver {
             policy: AddressPolicy::new(config.allow.clone()),
         });
@@ -372,6 +396,7 @@ impl Deliverer {
             node: format!("node-{node_id}"),
             running: Mutex::new(HashSet::new()),
             stats,
+            lease_ms,
             stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -400,11 +425,35 @@ impl Deliverer {
 
     async fn poll(self: &Arc<Self>) -> crate::store::Result<()> {
         let now = now_ms();
-        let due = self.store.due_subscriptions(&self.node, now, 1000).await?;
-        if due.is_empty() {
-            self.stats.lag.store(0, Ordering::Relaxed);
-            return Ok(());
+        let mut after = 0;
+        let mut lag = 0;
+        // Every due subscription, a page at a time (none starves behind the others).
+        loop {
+            let page = self
+                .store
+                .due_subscriptions(&self.node, now, after, 500)
+                .await?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = last.id;
+            let full = page.len() == 500;
+            lag = lag.max(self.start_due(page, now).await?);
+            if !full {
+                break;
+            }
         }
+        self.stats.lag.store(lag.max(0) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Starts a run for each of `due` that is behind its channel and not running here;
+    /// the most events one of them is behind.
+    async fn start_due(
+        self: &Arc<Self>,
+        due: Vec<Subscription>,
+        now: i64,
+    ) -> crate::store::Result<i64> {
         let mut channels: Vec<i64> = due.iter().map(|s| s.channel_id).collect();
         channels.sort_unstable();
         channels.dedup();
@@ -427,7 +476,7 @@ impl Deliverer {
             }
             let claimed = self
                 .store
-                .claim_subscription(sub.channel_id, sub.id, &self.node, now, now + LEASE_MS)
+                .claim_subscription(sub.channel_id, sub.id, &self.node, now, now + self.lease_ms)
                 .await;
             match claimed {
                 Ok(Some(sub)) => {
@@ -451,16 +500,43 @@ impl Deliverer {
                 }
             }
         }
-        self.stats.lag.store(lag.max(0) as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(lag)
     }
 
     /// One run: posts the subscription's events after its cursor until it is caught up
     /// or a request fails, recording the cursor every [`WINDOW`] events and at the end.
     async fn deliver(&self, sub: Subscription) {
         let types: Vec<&str> = sub.types.split_ascii_whitespace().collect();
+        // The cursor as stored: a report whose `from` differs finds an admin's move.
+        let mut recorded = sub.cursor;
         let mut cursor = sub.cursor;
         let mut unrecorded = 0i64;
+        let mut renewed = now_ms();
+        let mut delivered_in_run = 0i64;
+        // Delivered under its creator's role: one who is no longer an owner or admin of
+        // the channel (removed, demoted) pauses it until another admin resumes it.
+        let creator = self.store.channel(sub.channel_id, sub.creator_id).await;
+        if let Ok(found) = &creator
+            && !found
+                .as_ref()
+                .is_some_and(|(_, role)| matches!(role, Role::Owner | Role::Admin))
+        {
+            let report = DeliveryReport {
+                from: recorded,
+                cursor,
+                delivered: 0,
+                failure: Some(DeliveryFailure {
+                    error: "its creator is no longer an owner or admin of the channel; an admin may resume it"
+                        .into(),
+                    pause: true,
+                    next_try_at: 0,
+                    dead_after_ms: i64::MAX,
+                }),
+                lease_until: 0,
+            };
+            self.record(&sub, report).await;
+            return;
+        }
         let failure = 'run: loop {
             let page = match self
                 .store
@@ -472,6 +548,11 @@ impl Deliverer {
             };
             for event in &page.items {
                 if self.stopping.load(Ordering::SeqCst) {
+                    if delivered_in_run == 0 {
+                        // Nothing happened: keep the record (and its failures) as it is;
+                        // this node's lease is its own again when it restarts.
+                        return;
+                    }
                     break 'run None;
                 }
                 if !types.is_empty() && !types.contains(&event.body.kind()) {
@@ -485,16 +566,22 @@ impl Deliverer {
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 cursor = event.seq;
                 unrecorded += 1;
-                if unrecorded >= WINDOW {
+                delivered_in_run += 1;
+                // Recorded every WINDOW events, and often enough that the lease never
+                // runs out under a slow endpoint.
+                if unrecorded >= WINDOW || now_ms() - renewed >= self.lease_ms / 3 {
                     let report = DeliveryReport {
+                        from: recorded,
                         cursor,
                         delivered: unrecorded,
                         failure: None,
-                        lease_until: now_ms() + LEASE_MS,
+                        lease_until: now_ms() + self.lease_ms,
                     };
                     if !self.record(&sub, report).await {
                         return;
                     }
+                    recorded = cursor;
+                    renewed = now_ms();
                     unrecorded = 0;
                 }
             }
@@ -506,6 +593,7 @@ impl Deliverer {
             let backoff = backoff(sub.failures, self.config.max_backoff);
             DeliveryFailure {
                 error,
+                pause: false,
                 next_try_at: now_ms() + backoff.as_millis() as i64,
                 dead_after_ms: self.config.dead_after.as_millis() as i64,
             }
@@ -522,6 +610,7 @@ impl Deliverer {
             }
         }
         let report = DeliveryReport {
+            from: recorded,
             cursor,
             delivered: unrecorded,
             failure,
@@ -662,6 +751,10 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "::",
+            "::127.0.0.1",
+            "fec0::1",
+            "2002:7f00:1::1",
+            "192.0.0.8",
         ] {
             assert!(!policy.permits(private.parse().unwrap()), "{private}");
         }
@@ -672,6 +765,9 @@ mod tests {
         assert!(allowed.permits("127.0.0.9".parse().unwrap()));
         assert!(allowed.permits("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!allowed.permits("10.0.0.1".parse().unwrap()));
+        let mapped = AddressPolicy::new(vec!["::ffff:10.0.0.0/104".parse().unwrap()]);
+        assert!(mapped.permits("10.1.2.3".parse().unwrap()));
+        assert!(!mapped.permits("192.168.0.1".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Network>().is_err());
         assert!("nonsense".parse::<Network>().is_err());
         let one: Network = "::1".parse().unwrap();

@@ -462,6 +462,162 @@ async fn every_route_checks_an_api_keys_scopes() {
     server.stop().await;
 }
 
+/// The scope each route needs, as this test states it (independently of the server's
+/// table); `None`: a login session only.
+const ROUTE_SCOPES: &[(&str, &str, Option<&str>)] = &[
+    ("get", "/v1/users", Some("users:read")),
+    ("get", "/v1/users/me", Some("users:read")),
+    ("patch", "/v1/users/me", Some("users:write")),
+    ("get", "/v1/users/{id}", Some("users:read")),
+    ("get", "/v1/channels", Some("channels:read")),
+    ("post", "/v1/channels", Some("channels:write")),
+    ("get", "/v1/channels/{id}", Some("channels:read")),
+    ("patch", "/v1/channels/{id}", Some("channels:write")),
+    ("get", "/v1/channels/{id}/members", Some("channels:read")),
+    (
+        "put",
+        "/v1/channels/{id}/members/{user_id}",
+        Some("channels:write"),
+    ),
+    (
+        "delete",
+        "/v1/channels/{id}/members/{user_id}",
+        Some("channels:write"),
+    ),
+    ("post", "/v1/dms", Some("channels:write")),
+    ("get", "/v1/channels/{id}/presence", Some("users:read")),
+    ("get", "/v1/channels/{id}/events", Some("messages:read")),
+    ("get", "/v1/channels/{id}/messages", Some("messages:read")),
+    ("post", "/v1/channels/{id}/messages", Some("messages:write")),
+    (
+        "get",
+        "/v1/channels/{id}/messages/{message_id}",
+        Some("messages:read"),
+    ),
+    (
+        "patch",
+        "/v1/channels/{id}/messages/{message_id}",
+        Some("messages:write"),
+    ),
+    (
+        "delete",
+        "/v1/channels/{id}/messages/{message_id}",
+        Some("messages:write"),
+    ),
+    (
+        "get",
+        "/v1/channels/{id}/messages/{message_id}/reactions",
+        Some("messages:read"),
+    ),
+    (
+        "get",
+        "/v1/channels/{id}/messages/{message_id}/reactions/{emoji}",
+        Some("messages:read"),
+    ),
+    (
+        "put",
+        "/v1/channels/{id}/messages/{message_id}/reactions/{emoji}",
+        Some("messages:write"),
+    ),
+    (
+        "delete",
+        "/v1/channels/{id}/messages/{message_id}/reactions/{emoji}",
+        Some("messages:write"),
+    ),
+    (
+        "get",
+        "/v1/channels/{id}/threads/{root_id}/messages",
+        Some("messages:read"),
+    ),
+    ("put", "/v1/channels/{id}/read", Some("messages:read")),
+    ("get", "/v1/mentions", Some("messages:read")),
+    ("get", "/v1/search", Some("messages:read")),
+];
+
+/// Each scope guards exactly its routes: a key with every scope but one is refused
+/// those routes (`insufficient_scope`) and no others; routes not in the test's list are
+/// account management (`session_required`). Over the WebSocket, `typing` needs
+/// `messages:write` and `presence.set` needs `users:write`.
+#[tokio::test]
+async fn each_scope_guards_exactly_its_routes() {
+    let server = TestServer::start().await;
+    let alice = server.client().register("alice").await;
+    let channel = alice.create_channel("c", "group", &[]).await;
+    let sent = alice.send(&channel, "hello", None).await;
+    let message = sent.body["id"].as_str().unwrap().to_owned();
+    let every = [
+        "users:read",
+        "users:write",
+        "channels:read",
+        "channels:write",
+        "messages:read",
+        "messages:write",
+    ];
+    let spec = server.client().get("/v1/openapi.json").await.body;
+    let mut routes = Vec::new();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if op.get("security").is_some() && path != "/v1/ws" {
+                routes.push((method.clone(), path.clone()));
+            }
+        }
+    }
+    let concrete = |path: &str| {
+        path.replace("{id}", &channel)
+            .replace("{user_id}", &alice.user_id)
+            .replace("{message_id}", &message)
+            .replace("{root_id}", &message)
+            .replace("{emoji}", "%F0%9F%91%8D")
+    };
+    for missing in every {
+        let others: Vec<&str> = every.iter().copied().filter(|s| *s != missing).collect();
+        let (k, _) = key(&alice, None, &others).await;
+        for (method, path) in &routes {
+            let needs = ROUTE_SCOPES
+                .iter()
+                .find(|(m, p, _)| m == method && p == path)
+                .map(|(_, _, s)| *s);
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let a = k.call(m, &concrete(path), Some(json!({}))).await;
+            match needs {
+                Some(Some(s)) if s == missing => {
+                    assert_eq!(
+                        a.code(),
+                        "insufficient_scope",
+                        "{method} {path} without {s}: {a:?}"
+                    )
+                }
+                Some(Some(_)) => assert!(
+                    !["insufficient_scope", "session_required"].contains(&a.code()),
+                    "{method} {path} without {missing}: {a:?}"
+                ),
+                Some(None) | None => {
+                    assert_eq!(a.code(), "session_required", "{method} {path}: {a:?}")
+                }
+            }
+        }
+    }
+    // The WebSocket's ops, with a key that may read messages only.
+    let (reader, _) = key(&alice, None, &["messages:read"]).await;
+    let mut ws = raw(server.addr).await;
+    let hello = json!({"op": "hello", "token": reader.token.as_deref().unwrap()});
+    send_text(&mut ws, &hello.to_string()).await;
+    for op in [
+        json!({"op": "typing", "channel_id": channel}),
+        json!({"op": "presence.set", "status": "idle"}),
+    ] {
+        send_text(&mut ws, &op.to_string()).await;
+        let answer = text_until(&mut ws, "insufficient_scope").await;
+        let scope = if op["op"] == "typing" {
+            "messages:write"
+        } else {
+            "users:write"
+        };
+        assert!(answer.contains(scope), "{op}: {answer}");
+    }
+    server.stop().await;
+}
+
 /// Keys are checked before they are stored: names, scopes and expiry.
 #[tokio::test]
 async fn bad_key_requests_get_clear_errors() {

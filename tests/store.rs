@@ -77,21 +77,24 @@ mod sqlite {
     checks!(on_sqlite: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
-        reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks);
+        reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks,
+        subscription_leases);
 }
 
 mod sqlite_folding_every_commit {
     checks!(on_sqlite_folding: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
-        reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks);
+        reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks,
+        subscription_leases);
 }
 
 mod postgres {
     checks!(on_postgres: users, sessions, channel_log_is_gap_free, client_id_is_idempotent,
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
-        reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks);
+        reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks,
+        subscription_leases);
 
     mod two_nodes {
         checks!(on_two_nodes: two_writers_keep_seqs_gap_free,

@@ -466,6 +466,106 @@ async fn subscriptions_to_private_addresses_are_refused() {
     server.stop().await;
 }
 
+/// The guard holds on every connection too, not only when a subscription is made: a
+/// server restarted without the allow-list refuses to reach the loopback receiver, by
+/// a name (`localhost`, through the resolver) or a literal address.
+#[tokio::test]
+async fn deliveries_to_private_addresses_are_refused_when_they_happen() {
+    let receiver = Receiver::start().await;
+    let server = TestServer::start_with(allow_loopback).await;
+    let alice = server.client().register("alice").await;
+    let channel = alice.create_channel("c", "group", &[]).await;
+    let port = receiver.addr.port();
+    for url in [
+        format!("http://localhost:{port}/hook"),
+        format!("http://127.0.0.1:{port}/hook"),
+    ] {
+        subscribe(&alice, &channel, json!({"url": url})).await;
+    }
+    let first = send(&alice, &channel, 1, "allowed").await;
+    receiver.wait_for(&first).await;
+    let server = server.restart().await;
+    let alice = alice.with_base(&server.base());
+    let before = receiver.got().len();
+    send(&alice, &channel, 2, "refused").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let subs = alice
+            .get(&format!("/v1/channels/{channel}/subscriptions"))
+            .await
+            .body["subscriptions"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let refused = subs.iter().all(|s| {
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("request forgery"))
+        });
+        if refused {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{subs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(receiver.got().len(), before, "nothing reached the receiver");
+    server.stop().await;
+}
+
+/// A subscription is delivered under its creator's role: once they are no longer an
+/// owner or admin of the channel it pauses, saying why, and another admin resuming it
+/// takes it over.
+#[tokio::test]
+async fn a_removed_admins_subscription_pauses_until_another_admin_resumes_it() {
+    let receiver = Receiver::start().await;
+    let server = TestServer::start_with(allow_loopback).await;
+    let alice = server.client().register("alice").await;
+    let bob = server.client().register("bob").await;
+    let channel = alice.create_channel("c", "group", &[&bob]).await;
+    let member = format!("/v1/channels/{channel}/members/{}", bob.user_id);
+    let promoted = alice
+        .call(Method::PUT, &member, Some(json!({"role": "admin"})))
+        .await;
+    assert!(promoted.status.is_success(), "{promoted:?}");
+    let (sub_id, _) = subscribe(&bob, &channel, json!({"url": receiver.url()})).await;
+    let first = send(&alice, &channel, 2, "while bob is admin").await;
+    receiver.wait_for(&first).await;
+    let removed = alice.call(Method::DELETE, &member, None).await;
+    assert!(removed.status.is_success(), "{removed:?}");
+    let delivered = receiver.delivered().len();
+    send(&alice, &channel, 2, "after bob left").await;
+    let s = until_status(&alice, &channel, |s| s["status"] == "paused").await;
+    assert!(
+        s["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no longer an owner or admin"),
+        "{s}"
+    );
+    assert_eq!(
+        receiver.delivered().len(),
+        delivered,
+        "nothing more went out"
+    );
+    let resumed = alice
+        .call(
+            Method::PATCH,
+            &format!("/v1/channels/{channel}/subscriptions/{sub_id}"),
+            Some(json!({"status": "active"})),
+        )
+        .await;
+    assert_eq!(
+        resumed.body["creator_id"],
+        alice.user_id.as_str(),
+        "{resumed:?}"
+    );
+    until_status(&alice, &channel, |s| {
+        s["lag"] == 0 && s["status"] == "active"
+    })
+    .await;
+    server.stop().await;
+}
+
 /// SIGKILL mid-delivery: the restarted server resumes from the recorded cursor. Every
 /// acknowledged message arrives; repeats are bounded by the window of events delivered
 /// between two records of the cursor.

@@ -249,6 +249,15 @@ async fn create_webhook(
         .await?
         .ok_or_else(ApiError::not_found)?;
     crate::store::rules::manage_webhooks(channel.kind, Some(role))?;
+    // The cap, before a bot is made for a webhook the store would refuse (it checks
+    // again in the write).
+    let hooks = state
+        .store
+        .incoming_webhooks(actor, channel_id)
+        .await?
+        .len()
+        + state.store.subscriptions(actor, channel_id).await?.len();
+    crate::store::rules::webhook_room(&state.config.limits.rules, hooks as u64, true)?;
     state.admit_write(actor, body.name.len())?;
     let bot_id = match &body.bot_id {
         Some(id) => {

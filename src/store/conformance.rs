@@ -26,6 +26,7 @@ pub const CHECKS: &[&str] = &[
     "search",
     "bots_and_api_keys",
     "incoming_webhooks",
+    "subscription_leases",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -50,6 +51,7 @@ pub async fn run(name: &str, store: &dyn Store) {
         "search" => search(store).await,
         "bots_and_api_keys" => bots_and_api_keys(store).await,
         "incoming_webhooks" => incoming_webhooks(store).await,
+        "subscription_leases" => subscription_leases(store).await,
         other => panic!("no conformance check {other}"),
     }
 }
@@ -267,6 +269,219 @@ async fn incoming_webhooks(store: &dyn Store) {
         store.create_incoming_webhook(owner, ch, hook(9)).await,
         Err(StoreError::TooMany(TooMany::Webhooks(n))) if n == max
     ));
+}
+
+async fn subscription_leases(store: &dyn Store) {
+    use crate::store::{
+        DeliveryFailure, DeliveryReport, NewSubscription, SubscriptionChange, SubscriptionStatus,
+    };
+    let owner = user(store, "owner").await;
+    let admin = user(store, "admin").await;
+    let ch = store
+        .create_channel(owner, ChannelKind::Group, "g", &[admin])
+        .await
+        .unwrap()
+        .id;
+    store
+        .put_member(owner, ch, admin, Some(Role::Admin))
+        .await
+        .unwrap();
+    let new = NewSubscription {
+        url: "https://example.com/hook".into(),
+        secret: "whsec_x".into(),
+        types: String::new(),
+        cursor: 0,
+    };
+    let sub = store.create_subscription(admin, ch, new).await.unwrap();
+    assert_eq!((sub.cursor, sub.status), (0, SubscriptionStatus::Active));
+    let due = |node: &'static str, now: i64| async move {
+        store
+            .due_subscriptions(node, now, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(due("a", 1_000).await, vec![sub.id]);
+    // One node at a time holds it; its own lease is no obstacle to itself.
+    let claimed = store
+        .claim_subscription(ch, sub.id, "a", 1_000, 31_000)
+        .await
+        .unwrap();
+    assert_eq!(claimed.map(|s| s.id), Some(sub.id));
+    assert!(
+        store
+            .claim_subscription(ch, sub.id, "b", 2_000, 32_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(due("b", 2_000).await.is_empty());
+    assert_eq!(due("a", 2_000).await, vec![sub.id]);
+    let ok = |from, cursor, lease_until| DeliveryReport {
+        from,
+        cursor,
+        delivered: cursor - from,
+        failure: None,
+        lease_until,
+    };
+    assert!(
+        !store
+            .record_delivery(ch, sub.id, "b", 2_000, ok(0, 9, 0))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .record_delivery(ch, sub.id, "a", 2_000, ok(0, 5, 31_000))
+            .await
+            .unwrap()
+    );
+    // A failure counts, backs off and keeps the cursor where the run got to.
+    let failed = DeliveryReport {
+        failure: Some(DeliveryFailure {
+            error: "the endpoint answered 503".into(),
+            pause: false,
+            next_try_at: 9_000,
+            dead_after_ms: 60_000,
+        }),
+        ..ok(5, 7, 0)
+    };
+    assert!(
+        store
+            .record_delivery(ch, sub.id, "a", 3_000, failed)
+            .await
+            .unwrap()
+    );
+    let now = &store.subscriptions(owner, ch).await.unwrap()[0];
+    assert_eq!((now.cursor, now.delivered, now.failures), (7, 7, 1));
+    assert_eq!((now.failing_since, now.next_try_at), (Some(3_000), 9_000));
+    assert!(due("b", 8_999).await.is_empty(), "backing off");
+    assert_eq!(due("b", 9_000).await, vec![sub.id], "the lease was let go");
+    // An admin's seek during a run wins over the run's next report, which stops it.
+    store
+        .claim_subscription(ch, sub.id, "b", 9_000, 39_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let seek = SubscriptionChange {
+        status: None,
+        cursor: Some(2),
+    };
+    assert_eq!(
+        store
+            .update_subscription(owner, ch, sub.id, seek)
+            .await
+            .unwrap()
+            .cursor,
+        2
+    );
+    assert!(
+        !store
+            .record_delivery(ch, sub.id, "b", 9_500, ok(7, 12, 0))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.subscriptions(owner, ch).await.unwrap()[0].cursor, 2);
+    // Paused by an admin: not due, and a run's report stops the run and keeps it paused.
+    let pause = SubscriptionChange {
+        status: Some(SubscriptionStatus::Paused),
+        cursor: None,
+    };
+    store
+        .claim_subscription(ch, sub.id, "b", 10_000, 40_000)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .update_subscription(admin, ch, sub.id, pause)
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .record_delivery(ch, sub.id, "b", 10_500, ok(2, 4, 0))
+            .await
+            .unwrap()
+    );
+    let paused = &store.subscriptions(owner, ch).await.unwrap()[0];
+    assert_eq!(
+        (paused.status, paused.cursor),
+        (SubscriptionStatus::Paused, 4)
+    );
+    assert!(due("b", 50_000).await.is_empty());
+    assert!(
+        store
+            .claim_subscription(ch, sub.id, "b", 50_000, 80_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Resumed: failures cleared, due at once, delivered under the resuming admin.
+    let resume = SubscriptionChange {
+        status: Some(SubscriptionStatus::Active),
+        cursor: None,
+    };
+    let resumed = store
+        .update_subscription(owner, ch, sub.id, resume)
+        .await
+        .unwrap();
+    assert_eq!(
+        (resumed.failures, resumed.failing_since, resumed.creator_id),
+        (0, None, owner)
+    );
+    assert_eq!(due("c", 50_000).await, vec![sub.id]);
+    // Failing past the dead-after time turns it dead.
+    store
+        .claim_subscription(ch, sub.id, "c", 50_000, 80_000)
+        .await
+        .unwrap()
+        .unwrap();
+    for (at, from) in [(51_000, 4), (200_000, 4)] {
+        let fail = DeliveryReport {
+            failure: Some(DeliveryFailure {
+                error: "timed out".into(),
+                pause: false,
+                next_try_at: 0,
+                dead_after_ms: 100_000,
+            }),
+            lease_until: 300_000,
+            ..ok(from, from, 0)
+        };
+        store
+            .record_delivery(ch, sub.id, "c", at, fail)
+            .await
+            .unwrap();
+    }
+    let dead = &store.subscriptions(owner, ch).await.unwrap()[0];
+    assert_eq!(dead.status, SubscriptionStatus::Dead);
+    // Pages of due subscriptions by id: every one is reached.
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let new = NewSubscription {
+            url: format!("https://example.com/{i}"),
+            secret: "s".into(),
+            types: String::new(),
+            cursor: 0,
+        };
+        ids.push(store.create_subscription(owner, ch, new).await.unwrap().id);
+    }
+    let mut after = 0;
+    let mut paged = Vec::new();
+    loop {
+        let page = store.due_subscriptions("d", 1, after, 2).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        paged.extend(page.iter().map(|s| s.id));
+    }
+    assert_eq!(paged, ids);
+    assert!(store.delete_subscription(owner, ch, sub.id).await.unwrap());
+    assert!(
+        !store
+            .record_delivery(ch, sub.id, "c", 1, ok(4, 5, 0))
+            .await
+            .unwrap()
+    );
 }
 
 /// The ids of `user`'s channels, as the store lists them.

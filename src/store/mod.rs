@@ -358,7 +358,11 @@ pub struct SubscriptionChange {
 /// What a delivery run did, recorded by the node that holds the subscription's lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryReport {
-    /// The new cursor (never moved back by a report).
+    /// The cursor the run last knew stored (claimed, or its last report's). If the stored
+    /// one differs, an admin moved it meanwhile: the report's cursor is not applied, and
+    /// the run stops (the next one starts where the admin put it).
+    pub from: i64,
+    /// The new cursor.
     pub cursor: i64,
     /// Events delivered since the last report.
     pub delivered: i64,
@@ -372,6 +376,9 @@ pub struct DeliveryReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryFailure {
     pub error: String,
+    /// Pause the subscription (its creator is no longer allowed to hold it) rather than
+    /// back off.
+    pub pause: bool,
     pub next_try_at: i64,
     /// Failing since this long ago or more: the subscription turns dead.
     pub dead_after_ms: i64,
@@ -690,7 +697,8 @@ pub trait Channels: Send + Sync {
     ) -> Result<Subscription>;
     /// The channel's subscriptions, oldest first (owner and admins).
     async fn subscriptions(&self, actor: i64, channel_id: i64) -> Result<Vec<Subscription>>;
-    /// Pauses, resumes (clearing its failures) or moves the cursor of one (owner and
+    /// Pauses, resumes (clearing its failures; the resuming admin becomes its creator,
+    /// the one whose role it is delivered under) or moves the cursor of one (owner and
     /// admins); the subscription as now stored, `NotFound` for none.
     async fn update_subscription(
         &self,
@@ -703,11 +711,13 @@ pub trait Channels: Send + Sync {
     async fn delete_subscription(&self, actor: i64, channel_id: i64, id: i64) -> Result<bool>;
     /// Active subscriptions due at `now` (no backoff pending, no other node's lease: a
     /// lease of `node`'s own counts as none, so a restarted node goes on at once), of
-    /// every channel, at most `limit`. No membership check: for the delivery worker.
+    /// every channel, by id, after id `after`, at most `limit` (a page: the caller pages
+    /// through them all). No membership check: for the delivery worker.
     async fn due_subscriptions(
         &self,
         node: &str,
         now: i64,
+        after: i64,
         limit: u32,
     ) -> Result<Vec<Subscription>>;
     /// Takes the lease on an active subscription for `node` until `until`, if no other

@@ -281,6 +281,7 @@ pub fn webhook_room(rules: &Rules, hooks: u64, bot_is_member: bool) -> Verdict {
 pub fn change_subscription(
     sub: &crate::store::Subscription,
     change: crate::store::SubscriptionChange,
+    actor: i64,
 ) -> Result<crate::store::Subscription, StoreError> {
     use crate::store::SubscriptionStatus;
     let mut next = sub.clone();
@@ -296,6 +297,8 @@ pub fn change_subscription(
     match change.status {
         Some(SubscriptionStatus::Active) => {
             next.status = SubscriptionStatus::Active;
+            // Delivered under the resuming admin's role from now on.
+            next.creator_id = actor;
             next.failures = 0;
             next.failing_since = None;
             next.next_try_at = 0;
@@ -312,10 +315,11 @@ pub fn change_subscription(
     Ok(next)
 }
 
-/// A subscription after its lease holder's delivery report at `now`: the cursor only
-/// moves forward; a failure counts, backs off and, once failing for the report's
-/// dead-after time, turns it dead; a success clears the failures. A paused subscription
-/// stays paused.
+/// A subscription after its lease holder's delivery report at `now`: the cursor moves to
+/// the report's unless an admin moved it since the run last knew it; a failure counts,
+/// backs off and, once failing for the report's dead-after time, turns it dead (or
+/// pauses it, when the report says so); a success clears the failures. A paused
+/// subscription stays paused.
 pub fn report_delivery(
     sub: &crate::store::Subscription,
     report: &crate::store::DeliveryReport,
@@ -323,7 +327,9 @@ pub fn report_delivery(
 ) -> crate::store::Subscription {
     use crate::store::SubscriptionStatus;
     let mut next = sub.clone();
-    next.cursor = sub.cursor.max(report.cursor);
+    if sub.cursor == report.from {
+        next.cursor = report.cursor;
+    }
     next.delivered = sub.delivered + report.delivered.max(0);
     match &report.failure {
         None => {
@@ -337,8 +343,12 @@ pub fn report_delivery(
             next.failing_since = Some(since);
             next.last_error = Some(f.error.chars().take(500).collect());
             next.next_try_at = f.next_try_at;
-            if now - since >= f.dead_after_ms && next.status == SubscriptionStatus::Active {
-                next.status = SubscriptionStatus::Dead;
+            if next.status == SubscriptionStatus::Active {
+                if f.pause {
+                    next.status = SubscriptionStatus::Paused;
+                } else if now - since >= f.dead_after_ms {
+                    next.status = SubscriptionStatus::Dead;
+                }
             }
         }
     }

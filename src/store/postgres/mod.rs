@@ -1691,7 +1691,7 @@ async fn find_subscription(
     let row = tx
         .query_opt(
             &format!(
-                "SELECT {} FROM subscriptions WHERE id = $1 AND channel_id = $2",
+                "SELECT {} FROM subscriptions WHERE id = $1 AND channel_id = $2 FOR UPDATE",
                 read::SUBSCRIPTION_COLUMNS
             ),
             &[&id, &channel_id],
@@ -1707,7 +1707,7 @@ async fn store_subscription(
 ) -> std::result::Result<(), Fail> {
     tx.execute(
         "UPDATE subscriptions SET cursor = $2, status = $3, delivered = $4, last_error = $5,
-             failing_since = $6, failures = $7, next_try_at = $8
+             failing_since = $6, failures = $7, next_try_at = $8, creator_id = $9
          WHERE id = $1",
         &[
             &s.id,
@@ -1718,6 +1718,7 @@ async fn store_subscription(
             &s.failing_since,
             &s.failures,
             &s.next_try_at,
+            &s.creator_id,
         ],
     )
     .await?;
@@ -1987,7 +1988,8 @@ impl Channels for PostgresStore {
                 .is_some();
             let hooks: i64 = tx
                 .query_one(
-                    "SELECT count(*) FROM incoming_webhooks WHERE channel_id = $1",
+                    "SELECT (SELECT count(*) FROM incoming_webhooks WHERE channel_id = $1)
+                          + (SELECT count(*) FROM subscriptions WHERE channel_id = $1)",
                     &[&channel_id],
                 )
                 .await?
@@ -2176,7 +2178,7 @@ impl Channels for PostgresStore {
             let Some(sub) = find_subscription(&tx, channel_id, id).await? else {
                 return Err(StoreError::NotFound.into());
             };
-            let next = rules::change_subscription(&sub, change)?;
+            let next = rules::change_subscription(&sub, change, actor)?;
             store_subscription(&tx, &next).await?;
             tx.commit().await?;
             Ok(next)
@@ -2209,6 +2211,7 @@ impl Channels for PostgresStore {
         &self,
         node: &str,
         now: i64,
+        after: i64,
         limit: u32,
     ) -> Result<Vec<Subscription>> {
         let inner = &self.inner;
@@ -2222,12 +2225,12 @@ impl Channels for PostgresStore {
                 .query(
                     &format!(
                         "SELECT {} FROM subscriptions
-                         WHERE status = 'active' AND next_try_at <= $1
+                         WHERE id > $4 AND status = 'active' AND next_try_at <= $1
                            AND (lease_until <= $1 OR lease_node = $3)
-                         ORDER BY next_try_at, id LIMIT $2",
+                         ORDER BY id LIMIT $2",
                         read::SUBSCRIPTION_COLUMNS
                     ),
-                    &[&now, &i64::from(limit), &node],
+                    &[&now, &i64::from(limit), &node, &after],
                 )
                 .await;
             match rows {
@@ -2244,6 +2247,8 @@ impl Channels for PostgresStore {
                 }
             }
         }
+        // A page by id over every shard: each gave its first `limit` past `after`.
+        due.sort_by_key(|s| s.id);
         due.truncate(limit as usize);
         Ok(due)
     }
@@ -2314,7 +2319,8 @@ impl Channels for PostgresStore {
             )
             .await?;
             tx.commit().await?;
-            Ok(next.status == crate::store::SubscriptionStatus::Active)
+            let moved = sub.cursor != report.from;
+            Ok(next.status == crate::store::SubscriptionStatus::Active && !moved)
         }
         .await;
         result.map_err(|e| inner.fail(shard, "record delivery", e))

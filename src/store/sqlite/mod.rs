@@ -719,11 +719,12 @@ impl Channels for SqliteStore {
         &self,
         node: &str,
         now: i64,
+        after: i64,
         limit: u32,
     ) -> Result<Vec<Subscription>> {
         let node = node.to_owned();
         self.reads
-            .run(move |c| read::due_subscriptions(c, &node, now, limit))
+            .run(move |c| read::due_subscriptions(c, &node, now, after, limit))
             .await
     }
 

@@ -348,14 +348,16 @@ pub(super) fn due_subscriptions(
     conn: &Connection,
     node: &str,
     now: i64,
+    after: i64,
     limit: u32,
 ) -> rusqlite::Result<Vec<crate::store::Subscription>> {
     conn.prepare_cached(&format!(
         "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions
-         WHERE status = 'active' AND next_try_at <= ?1 AND (lease_until <= ?1 OR lease_node = ?3)
-         ORDER BY next_try_at, id LIMIT ?2"
+         WHERE id > ?4 AND status = 'active' AND next_try_at <= ?1
+           AND (lease_until <= ?1 OR lease_node = ?3)
+         ORDER BY id LIMIT ?2"
     ))?
-    .query_map(params![now, limit, node], subscription_row)?
+    .query_map(params![now, limit, node, after], subscription_row)?
     .collect()
 }
 

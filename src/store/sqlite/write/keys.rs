@@ -121,7 +121,10 @@ pub(super) fn create_incoming_webhook(
     check_manager(tx, channel_id, actor)?;
     let bot_is_member = membership_row(tx, channel_id, hook.bot_id)?.is_some();
     let hooks: i64 = tx
-        .prepare_cached("SELECT count(*) FROM incoming_webhooks WHERE channel_id = ?1")?
+        .prepare_cached(
+            "SELECT (SELECT count(*) FROM incoming_webhooks WHERE channel_id = ?1)
+                  + (SELECT count(*) FROM subscriptions WHERE channel_id = ?1)",
+        )?
         .query_row([channel_id], |r| r.get(0))?;
     rules::webhook_room(rules, hooks as u64, bot_is_member)?;
     let id = session_id(&hook.token);

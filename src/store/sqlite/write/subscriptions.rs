@@ -75,7 +75,7 @@ fn find(tx: &Transaction, channel_id: i64, id: i64) -> rusqlite::Result<Option<S
 fn store(tx: &Transaction, s: &Subscription) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "UPDATE subscriptions SET cursor = ?2, status = ?3, delivered = ?4, last_error = ?5,
-             failing_since = ?6, failures = ?7, next_try_at = ?8
+             failing_since = ?6, failures = ?7, next_try_at = ?8, creator_id = ?9
          WHERE id = ?1",
     )?
     .execute(params![
@@ -86,7 +86,8 @@ fn store(tx: &Transaction, s: &Subscription) -> rusqlite::Result<()> {
         s.last_error,
         s.failing_since,
         s.failures,
-        s.next_try_at
+        s.next_try_at,
+        s.creator_id
     ])?;
     Ok(())
 }
@@ -102,7 +103,7 @@ pub(super) fn update(
     let Some(sub) = find(tx, channel_id, id)? else {
         return Err(crate::store::StoreError::NotFound.into());
     };
-    let next = rules::change_subscription(&sub, change)?;
+    let next = rules::change_subscription(&sub, change, actor)?;
     store(tx, &next)?;
     Ok(Done::Subscription(Some(next)))
 }
@@ -158,5 +159,8 @@ pub(super) fn record(
     store(tx, &next)?;
     tx.prepare_cached("UPDATE subscriptions SET lease_until = ?2 WHERE id = ?1")?
         .execute([id, report.lease_until])?;
-    Ok(Done::Changed(next.status == SubscriptionStatus::Active))
+    let moved = sub.cursor != report.from;
+    Ok(Done::Changed(
+        next.status == SubscriptionStatus::Active && !moved,
+    ))
 }
