@@ -482,14 +482,10 @@ impl Deliverer {
                 Ok(Some(sub)) => {
                     let me = Arc::clone(self);
                     tokio::spawn(async move {
-                        me.stats.running.fetch_add(1, Ordering::Relaxed);
-                        let id = sub.id;
+                        // Released however the run ends, a panic included, so the
+                        // subscription is taken up again by a later poll.
+                        let _running = Running::start(&me, sub.id);
                         me.deliver(sub).await;
-                        me.stats.running.fetch_sub(1, Ordering::Relaxed);
-                        me.running
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&id);
                     });
                 }
                 Ok(None) | Err(_) => {
@@ -674,6 +670,31 @@ impl Deliverer {
         } else {
             Err(format!("the endpoint answered {status}"))
         }
+    }
+}
+
+/// A run in progress: counted, and its subscription marked as running on this node,
+/// until dropped.
+struct Running<'a> {
+    deliverer: &'a Deliverer,
+    id: i64,
+}
+
+impl<'a> Running<'a> {
+    fn start(deliverer: &'a Deliverer, id: i64) -> Self {
+        deliverer.stats.running.fetch_add(1, Ordering::Relaxed);
+        Self { deliverer, id }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.deliverer.stats.running.fetch_sub(1, Ordering::Relaxed);
+        self.deliverer
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
