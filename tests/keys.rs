@@ -217,19 +217,7 @@ async fn only_a_bots_owner_or_someone_who_shares_a_channel_adds_it() {
         .await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
     // A bot cannot make bots, even through a key with every scope.
-    let (as_bot, _) = key(
-        &alice,
-        Some(bot_id),
-        &[
-            "users:read",
-            "users:write",
-            "channels:read",
-            "channels:write",
-            "messages:read",
-            "messages:write",
-        ],
-    )
-    .await;
+    let (as_bot, _) = key(&alice, Some(bot_id), &EVERY_SCOPE).await;
     let a = as_bot
         .post("/v1/bots", json!({"username": "bot-bot"}))
         .await;
@@ -383,13 +371,71 @@ async fn an_incoming_webhook_is_rate_limited() {
     server.stop().await;
 }
 
-/// Routes a `users:read` key may use (the test's own list, not the server's table).
-const USERS_READ: &[(&str, &str)] = &[
-    ("get", "/v1/users"),
-    ("get", "/v1/users/me"),
-    ("get", "/v1/users/{id}"),
-    ("get", "/v1/channels/{id}/presence"),
+const EVERY_SCOPE: [&str; 6] = [
+    "users:read",
+    "users:write",
+    "channels:read",
+    "channels:write",
+    "messages:read",
+    "messages:write",
 ];
+
+/// A user with a channel and a message in it, and every route of the served OpenAPI
+/// document that takes a token (`(method, path template)`), for the scope tests.
+struct ScopeFixture {
+    alice: Client,
+    channel: String,
+    message: String,
+    routes: Vec<(String, String)>,
+}
+
+impl ScopeFixture {
+    async fn new(server: &TestServer) -> Self {
+        let alice = server.client().register("alice").await;
+        let channel = alice.create_channel("c", "group", &[]).await;
+        let sent = alice.send(&channel, "hello", None).await;
+        let message = sent.body["id"].as_str().unwrap().to_owned();
+        let spec = server.client().get("/v1/openapi.json").await.body;
+        let mut routes = Vec::new();
+        for (path, item) in spec["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                if op.get("security").is_some() && path != "/v1/ws" {
+                    routes.push((method.clone(), path.clone()));
+                }
+            }
+        }
+        assert!(routes.len() >= 30, "{routes:?}");
+        Self {
+            alice,
+            channel,
+            message,
+            routes,
+        }
+    }
+
+    /// The route's path with its parameters filled in.
+    fn concrete(&self, path: &str) -> String {
+        path.replace("{id}", &self.channel)
+            .replace("{user_id}", &self.alice.user_id)
+            .replace("{message_id}", &self.message)
+            .replace("{root_id}", &self.message)
+            .replace("{emoji}", "%F0%9F%91%8D")
+    }
+
+    async fn call(&self, c: &Client, method: &str, path: &str) -> common::Answer {
+        let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        c.call(m, &self.concrete(path), Some(json!({}))).await
+    }
+}
+
+/// The scope the test's own table says a route needs: `Some(None)` for a route that is
+/// not in it (a login session only).
+fn scope_of(method: &str, path: &str) -> Option<&'static str> {
+    ROUTE_SCOPES
+        .iter()
+        .find(|(m, p, _)| *m == method && *p == path)
+        .and_then(|(_, _, s)| *s)
+}
 
 /// Every route of the OpenAPI document that takes a token checks a key's scopes: a
 /// `users:read` key is refused everything but the user routes, and a key with every
@@ -397,41 +443,13 @@ const USERS_READ: &[(&str, &str)] = &[
 #[tokio::test]
 async fn every_route_checks_an_api_keys_scopes() {
     let server = TestServer::start().await;
-    let alice = server.client().register("alice").await;
-    let channel = alice.create_channel("c", "group", &[]).await;
-    let sent = alice.send(&channel, "hello", None).await;
-    let message = sent.body["id"].as_str().unwrap().to_owned();
-    let (narrow, _) = key(&alice, None, &["users:read"]).await;
-    let every = [
-        "users:read",
-        "users:write",
-        "channels:read",
-        "channels:write",
-        "messages:read",
-        "messages:write",
-    ];
-    let (wide, _) = key(&alice, None, &every).await;
-    let spec = server.client().get("/v1/openapi.json").await.body;
-    let mut routes = Vec::new();
-    for (path, item) in spec["paths"].as_object().unwrap() {
-        for (method, op) in item.as_object().unwrap() {
-            if op.get("security").is_some() && path != "/v1/ws" {
-                routes.push((method.clone(), path.clone()));
-            }
-        }
-    }
-    assert!(routes.len() >= 30, "{routes:?}");
-    let concrete = |path: &str| {
-        path.replace("{id}", &channel)
-            .replace("{user_id}", &alice.user_id)
-            .replace("{message_id}", &message)
-            .replace("{root_id}", &message)
-            .replace("{emoji}", "%F0%9F%91%8D")
-    };
+    let f = ScopeFixture::new(&server).await;
+    let (narrow, _) = key(&f.alice, None, &["users:read"]).await;
+    let (wide, _) = key(&f.alice, None, &EVERY_SCOPE).await;
+    let mut routes = f.routes.clone();
     for (method, path) in &routes {
-        let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-        let a = narrow.call(m, &concrete(path), Some(json!({}))).await;
-        if USERS_READ.contains(&(method.as_str(), path.as_str())) {
+        let a = f.call(&narrow, method, path).await;
+        if scope_of(method, path) == Some("users:read") {
             assert_ne!(a.status, StatusCode::FORBIDDEN, "{method} {path}: {a:?}");
         } else {
             assert_eq!(a.status, StatusCode::FORBIDDEN, "{method} {path}: {a:?}");
@@ -445,14 +463,8 @@ async fn every_route_checks_an_api_keys_scopes() {
     // refusal behind a 404.
     routes.sort_by_key(|(m, _)| m != "get");
     for (method, path) in &routes {
-        let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-        let a = wide.call(m, &concrete(path), Some(json!({}))).await;
-        let account = ["/v1/sessions", "/v1/keys", "/v1/bots"]
-            .iter()
-            .any(|p| path.starts_with(p))
-            || path.contains("/webhooks")
-            || path.contains("/subscriptions");
-        if account {
+        let a = f.call(&wide, method, path).await;
+        if scope_of(method, path).is_none() {
             assert_eq!(a.code(), "session_required", "{method} {path}: {a:?}");
         } else {
             assert_ne!(a.code(), "insufficient_scope", "{method} {path}: {a:?}");
@@ -541,69 +553,33 @@ const ROUTE_SCOPES: &[(&str, &str, Option<&str>)] = &[
 #[tokio::test]
 async fn each_scope_guards_exactly_its_routes() {
     let server = TestServer::start().await;
-    let alice = server.client().register("alice").await;
-    let channel = alice.create_channel("c", "group", &[]).await;
-    let sent = alice.send(&channel, "hello", None).await;
-    let message = sent.body["id"].as_str().unwrap().to_owned();
-    let every = [
-        "users:read",
-        "users:write",
-        "channels:read",
-        "channels:write",
-        "messages:read",
-        "messages:write",
-    ];
-    let spec = server.client().get("/v1/openapi.json").await.body;
-    let mut routes = Vec::new();
-    for (path, item) in spec["paths"].as_object().unwrap() {
-        for (method, op) in item.as_object().unwrap() {
-            if op.get("security").is_some() && path != "/v1/ws" {
-                routes.push((method.clone(), path.clone()));
-            }
-        }
-    }
-    let concrete = |path: &str| {
-        path.replace("{id}", &channel)
-            .replace("{user_id}", &alice.user_id)
-            .replace("{message_id}", &message)
-            .replace("{root_id}", &message)
-            .replace("{emoji}", "%F0%9F%91%8D")
-    };
-    for missing in every {
-        let others: Vec<&str> = every.iter().copied().filter(|s| *s != missing).collect();
-        let (k, _) = key(&alice, None, &others).await;
-        for (method, path) in &routes {
-            let needs = ROUTE_SCOPES
-                .iter()
-                .find(|(m, p, _)| m == method && p == path)
-                .map(|(_, _, s)| *s);
-            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-            let a = k.call(m, &concrete(path), Some(json!({}))).await;
-            match needs {
-                Some(Some(s)) if s == missing => {
-                    assert_eq!(
-                        a.code(),
-                        "insufficient_scope",
-                        "{method} {path} without {s}: {a:?}"
-                    )
-                }
-                Some(Some(_)) => assert!(
+    let f = ScopeFixture::new(&server).await;
+    for missing in EVERY_SCOPE {
+        let others: Vec<&str> = EVERY_SCOPE.into_iter().filter(|s| *s != missing).collect();
+        let (k, _) = key(&f.alice, None, &others).await;
+        for (method, path) in &f.routes {
+            let a = f.call(&k, method, path).await;
+            match scope_of(method, path) {
+                Some(s) if s == missing => assert_eq!(
+                    a.code(),
+                    "insufficient_scope",
+                    "{method} {path} without {s}: {a:?}"
+                ),
+                Some(_) => assert!(
                     !["insufficient_scope", "session_required"].contains(&a.code()),
                     "{method} {path} without {missing}: {a:?}"
                 ),
-                Some(None) | None => {
-                    assert_eq!(a.code(), "session_required", "{method} {path}: {a:?}")
-                }
+                None => assert_eq!(a.code(), "session_required", "{method} {path}: {a:?}"),
             }
         }
     }
     // The WebSocket's ops, with a key that may read messages only.
-    let (reader, _) = key(&alice, None, &["messages:read"]).await;
+    let (reader, _) = key(&f.alice, None, &["messages:read"]).await;
     let mut ws = raw(server.addr).await;
     let hello = json!({"op": "hello", "token": reader.token.as_deref().unwrap()});
     send_text(&mut ws, &hello.to_string()).await;
     for op in [
-        json!({"op": "typing", "channel_id": channel}),
+        json!({"op": "typing", "channel_id": f.channel}),
         json!({"op": "presence.set", "status": "idle"}),
     ] {
         send_text(&mut ws, &op.to_string()).await;

@@ -59,7 +59,7 @@ async fn create_subscription(
         .channel(channel_id, auth.user.id)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    crate::store::rules::manage_webhooks(channel.kind, Some(role))?;
+    crate::store::rules::manage_webhooks(Some((channel.kind, role)))?;
     if body.url.len() > 2048 {
         return Err(ApiError::invalid_field(
             "url",
@@ -248,7 +248,7 @@ async fn create_webhook(
         .channel(channel_id, actor)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    crate::store::rules::manage_webhooks(channel.kind, Some(role))?;
+    crate::store::rules::manage_webhooks(Some((channel.kind, role)))?;
     // The cap, before a bot is made for a webhook the store would refuse (it checks
     // again in the write).
     let hooks = state

@@ -240,22 +240,21 @@ pub fn bot_room(rules: &Rules, owner_is_bot: bool, bots: u64) -> Verdict {
     Ok(())
 }
 
-/// Managing a channel's webhooks: its owner and admins, not in DMs (`role` is the
-/// actor's, `None` for a non-member).
+/// Managing a channel's webhooks: its owner and admins, not in DMs (`membership` is the
+/// channel's kind and the actor's role, `None` for a non-member).
 pub fn manage_webhooks(
-    kind: crate::model::ChannelKind,
-    role: Option<crate::model::Role>,
+    membership: Option<(crate::model::ChannelKind, crate::model::Role)>,
 ) -> Verdict {
     use crate::model::{ChannelKind, Role};
-    match role {
+    match membership {
         None => Err(StoreError::NotFound),
-        Some(_) if kind == ChannelKind::Dm => {
+        Some((ChannelKind::Dm, _)) => {
             Err(StoreError::Forbidden("direct messages have no webhooks"))
         }
-        Some(Role::Member) => Err(StoreError::Forbidden(
+        Some((_, Role::Member)) => Err(StoreError::Forbidden(
             "only the channel's owner and admins manage its webhooks",
         )),
-        Some(Role::Owner | Role::Admin) => Ok(()),
+        Some((_, Role::Owner | Role::Admin)) => Ok(()),
     }
 }
 

@@ -913,6 +913,33 @@ impl Inner {
         }
     }
 
+    /// Deletes row `id` of the channel's `table` (its incoming webhooks or its
+    /// subscriptions) for `actor`, an owner or admin of it; whether there was one.
+    async fn delete_managed(
+        &self,
+        actor: i64,
+        channel_id: i64,
+        id: i64,
+        table: &'static str,
+    ) -> Result<bool> {
+        let shard = self.shard_of_channel(channel_id);
+        let mut c = self.conn(shard).await?;
+        let result: std::result::Result<bool, Fail> = async {
+            let tx = c.transaction().await?;
+            manager_check(&*tx, channel_id, actor).await?;
+            let n = tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE id = $1 AND channel_id = $2"),
+                    &[&id, &channel_id],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n > 0)
+        }
+        .await;
+        result.map_err(|e| self.fail(shard, "delete a webhook or subscription", e))
+    }
+
     /// Whether `actor` and `user` share a channel that counts as consent (not a DM, or a
     /// DM `user` opened or answered), looked up in the index and re-checked on each shard.
     async fn shares_channel(&self, actor: i64, user: i64) -> Result<bool> {
@@ -1739,14 +1766,11 @@ async fn manager_check(
             &[&channel_id, &actor],
         )
         .await?;
-    let (kind, role) = match row {
-        Some(r) => (
-            read::parse_kind(r.get(0))?,
-            Some(read::parse_role(r.get(1))?),
-        ),
-        None => (ChannelKind::Group, None),
+    let membership = match row {
+        Some(r) => Some((read::parse_kind(r.get(0))?, read::parse_role(r.get(1))?)),
+        None => None,
     };
-    Ok(rules::manage_webhooks(kind, role)?)
+    Ok(rules::manage_webhooks(membership)?)
 }
 
 /// Inserts a user (a bot when `bot_owner` is set) under a name nobody's folded form or
@@ -2047,23 +2071,9 @@ impl Channels for PostgresStore {
     }
 
     async fn delete_incoming_webhook(&self, actor: i64, channel_id: i64, id: i64) -> Result<bool> {
-        let inner = &self.inner;
-        let shard = inner.shard_of_channel(channel_id);
-        let mut c = inner.conn(shard).await?;
-        let result: std::result::Result<bool, Fail> = async {
-            let tx = c.transaction().await?;
-            manager_check(&*tx, channel_id, actor).await?;
-            let n = tx
-                .execute(
-                    "DELETE FROM incoming_webhooks WHERE channel_id = $1 AND id = $2",
-                    &[&channel_id, &id],
-                )
-                .await?;
-            tx.commit().await?;
-            Ok(n > 0)
-        }
-        .await;
-        result.map_err(|e| inner.fail(shard, "delete webhook", e))
+        self.inner
+            .delete_managed(actor, channel_id, id, "incoming_webhooks")
+            .await
     }
 
     async fn incoming_webhook(
@@ -2188,23 +2198,9 @@ impl Channels for PostgresStore {
     }
 
     async fn delete_subscription(&self, actor: i64, channel_id: i64, id: i64) -> Result<bool> {
-        let inner = &self.inner;
-        let shard = inner.shard_of_channel(channel_id);
-        let mut c = inner.conn(shard).await?;
-        let result: std::result::Result<bool, Fail> = async {
-            let tx = c.transaction().await?;
-            manager_check(&*tx, channel_id, actor).await?;
-            let n = tx
-                .execute(
-                    "DELETE FROM subscriptions WHERE id = $1 AND channel_id = $2",
-                    &[&id, &channel_id],
-                )
-                .await?;
-            tx.commit().await?;
-            Ok(n > 0)
-        }
-        .await;
-        result.map_err(|e| inner.fail(shard, "delete subscription", e))
+        self.inner
+            .delete_managed(actor, channel_id, id, "subscriptions")
+            .await
     }
 
     async fn due_subscriptions(

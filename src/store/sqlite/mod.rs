@@ -219,6 +219,21 @@ impl SqliteStore {
             .ok_or(StoreError::NotFound)
     }
 
+    /// [`SqliteStore::member_read`] for what only the channel's owner and admins read
+    /// (its webhooks), with the same read's membership.
+    async fn manager_read<T, F>(&self, actor: i64, channel_id: i64, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (membership, found) = self
+            .reads
+            .run(move |c| Ok((read::member_channel(c, channel_id, actor)?, f(c)?)))
+            .await?;
+        super::rules::manage_webhooks(membership.map(|(c, role)| (c.kind, role)))?;
+        Ok(found)
+    }
+
     async fn write(&self, op: Op) -> Result<Done> {
         self.writer.submit(op).await
     }
@@ -612,20 +627,10 @@ impl Channels for SqliteStore {
     }
 
     async fn incoming_webhooks(&self, actor: i64, channel_id: i64) -> Result<Vec<IncomingWebhook>> {
-        let (membership, hooks) = self
-            .reads
-            .run(move |c| {
-                Ok((
-                    read::member_channel(c, channel_id, actor)?,
-                    read::incoming_webhooks(c, channel_id)?,
-                ))
-            })
-            .await?;
-        let kind = membership
-            .as_ref()
-            .map_or(ChannelKind::Group, |(c, _)| c.kind);
-        super::rules::manage_webhooks(kind, membership.map(|(_, r)| r))?;
-        Ok(hooks)
+        self.manager_read(actor, channel_id, move |c| {
+            read::incoming_webhooks(c, channel_id)
+        })
+        .await
     }
 
     async fn delete_incoming_webhook(&self, actor: i64, channel_id: i64, id: i64) -> Result<bool> {
@@ -668,20 +673,10 @@ impl Channels for SqliteStore {
     }
 
     async fn subscriptions(&self, actor: i64, channel_id: i64) -> Result<Vec<Subscription>> {
-        let (membership, subs) = self
-            .reads
-            .run(move |c| {
-                Ok((
-                    read::member_channel(c, channel_id, actor)?,
-                    read::subscriptions(c, channel_id)?,
-                ))
-            })
-            .await?;
-        let kind = membership
-            .as_ref()
-            .map_or(ChannelKind::Group, |(c, _)| c.kind);
-        super::rules::manage_webhooks(kind, membership.map(|(_, r)| r))?;
-        Ok(subs)
+        self.manager_read(actor, channel_id, move |c| {
+            read::subscriptions(c, channel_id)
+        })
+        .await
     }
 
     async fn update_subscription(

@@ -105,9 +105,9 @@ pub(super) fn check_manager(
     channel_id: i64,
     actor: i64,
 ) -> Result<(), super::Failure> {
-    let row = membership_row(tx, channel_id, actor)?;
-    let kind = row.map_or(crate::model::ChannelKind::Group, |(k, _)| k);
-    Ok(rules::manage_webhooks(kind, row.map(|(_, r)| r))?)
+    Ok(rules::manage_webhooks(membership_row(
+        tx, channel_id, actor,
+    )?)?)
 }
 
 pub(super) fn create_incoming_webhook(
