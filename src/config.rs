@@ -179,6 +179,20 @@ pub struct ServeArgs {
     /// link-local and other internal addresses are refused.
     #[arg(long, env = "NATTER_WEBHOOK_ALLOW_NETWORKS", default_value = "")]
     pub webhook_allow_networks: String,
+    /// Where uploaded files are kept (content-addressed by SHA-256). Default: `files` in
+    /// the data directory. Nodes of a cluster share one (a network file system).
+    #[arg(long, env = "NATTER_FILES_DIR")]
+    pub files_dir: Option<PathBuf>,
+    /// The largest upload, in bytes (past it: 413 `payload_too_large`).
+    #[arg(long, env = "NATTER_MAX_UPLOAD_BYTES", default_value_t = 25 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+    /// The bytes one user's uploads may take together (past it: 413 `upload_quota`).
+    #[arg(long, env = "NATTER_UPLOAD_QUOTA_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub upload_quota_bytes: u64,
+    /// Seconds an upload no message carries is kept before it is deleted (an upload is
+    /// attached within half of it).
+    #[arg(long, env = "NATTER_UPLOAD_GRACE_SECS", default_value_t = 86400)]
+    pub upload_grace_secs: u64,
     /// Incoming webhooks one channel may have (past it: 409 `too_many_webhooks`).
     #[arg(long, env = "NATTER_MAX_WEBHOOKS_PER_CHANNEL", default_value_t = 20)]
     pub max_webhooks_per_channel: u32,
@@ -358,6 +372,21 @@ pub struct Config {
     pub http: HttpLimits,
     /// Outgoing webhooks' timeouts, backoff and allowed networks.
     pub webhooks: crate::delivery::DeliveryConfig,
+    pub files: FilesConfig,
+}
+
+/// Uploaded files: where they are kept and their bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesConfig {
+    /// `--files-dir`; `None`: `files` in the data directory.
+    pub dir: Option<PathBuf>,
+    pub max_upload_bytes: u64,
+    /// Per user, over all their uploads.
+    pub quota_bytes: u64,
+    /// How long an upload no message carries is kept.
+    pub grace: Duration,
+    /// How often unreferenced uploads are looked for.
+    pub collect_every: Duration,
 }
 
 /// Connection caps and timers of the HTTP server.
@@ -743,6 +772,17 @@ impl Config {
                     })
                     .collect::<Result<_, _>>()?,
             },
+            files: FilesConfig {
+                dir: a.files_dir.clone(),
+                max_upload_bytes: at_least("--max-upload-bytes", a.max_upload_bytes, 1)?,
+                quota_bytes: a.upload_quota_bytes,
+                grace: Duration::from_secs(at_least(
+                    "--upload-grace-secs",
+                    a.upload_grace_secs,
+                    60,
+                )?),
+                collect_every: Duration::from_secs(60),
+            },
             http: HttpLimits {
                 max_connections: at_least("--max-connections", a.max_connections as u64, 1)?
                     as usize,
@@ -782,6 +822,14 @@ impl Config {
         let mut c = Self::from_args(&d.serve).expect("defaults are valid");
         c.data_dir = data_dir.into();
         c
+    }
+
+    /// Where uploaded files are kept.
+    pub fn files_dir(&self) -> PathBuf {
+        self.files
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("files"))
     }
 
     /// The database file inside the data directory.

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod conns;
 pub mod delivery;
+pub mod files;
 pub mod gateway;
 pub mod id;
 pub mod metrics;

@@ -65,7 +65,10 @@ impl StoreArgs {
 struct BackupArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// A new directory to write the backup into (as `PATH/natter.db`, so
+    /// The uploaded files' directory (default: `files` in the data directory).
+    #[arg(long, env = "NATTER_FILES_DIR")]
+    files_dir: Option<PathBuf>,
+    /// A new directory to write the backup into (as `PATH/natter.db` and `PATH/files`, so
     /// `natter serve --data-dir PATH` serves it); it must not hold a database already.
     path: PathBuf,
 }
@@ -141,14 +144,32 @@ fn run() -> anyhow::Result<()> {
                 &source,
                 &natter::config::db_path(&args.path),
             )?;
+            let files_from = args
+                .files_dir
+                .clone()
+                .unwrap_or_else(|| args.store.data_dir.join("files"));
+            let files = natter::store::sqlite::backup::copy_files(
+                &report.path,
+                &files_from,
+                &args.path.join("files"),
+            )?;
             println!(
-                "backed up {} bytes ({} channels, {} events) to {} in {:.2} s; integrity check ok",
+                "backed up {} bytes ({} channels, {} events) to {} and {} uploaded files ({} bytes) in {:.2} s; integrity check ok",
                 report.bytes,
                 report.channels,
                 report.events,
                 report.path.display(),
+                files.files,
+                files.bytes,
                 report.took.as_secs_f64()
             );
+            if files.missing > 0 {
+                eprintln!(
+                    "natter: warning: {} file(s) of messages in the backup were gone from {} (see the log lines above)",
+                    files.missing,
+                    files_from.display()
+                );
+            }
             Ok(())
         }
         Command::Bench(args) => {

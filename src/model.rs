@@ -135,6 +135,55 @@ pub struct Message {
     /// The members its text mentions (`@name`), as resolved when it was sent or last
     /// edited.
     pub mentions: Vec<i64>,
+    /// The files it carries, as uploaded (emptied when the message is deleted).
+    pub attachments: Vec<Attachment>,
+}
+
+/// A file a message carries: what a reader needs to show it before fetching its bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attachment {
+    /// The upload's id (`GET /v1/files/{id}`).
+    pub id: i64,
+    pub name: String,
+    /// As checked against the bytes: an image type only for bytes that decode as one.
+    pub content_type: String,
+    pub size: i64,
+    /// An image's size in pixels.
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    /// An image has a thumbnail (`GET /v1/files/{id}/thumbnail`).
+    pub thumbnail: bool,
+}
+
+/// An uploaded file: its bytes are in the file store under `sha256` (one copy per
+/// digest, shared by uploads of the same bytes), its thumbnail's under `thumb_sha256`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upload {
+    pub id: i64,
+    pub owner_id: i64,
+    pub sha256: String,
+    pub size: i64,
+    pub content_type: String,
+    pub name: String,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub thumb_sha256: Option<String>,
+    pub created_at: i64,
+}
+
+impl Upload {
+    /// The upload as a message carries it.
+    pub fn attachment(&self) -> Attachment {
+        Attachment {
+            id: self.id,
+            name: self.name.clone(),
+            content_type: self.content_type.clone(),
+            size: self.size,
+            width: self.width,
+            height: self.height,
+            thumbnail: self.thumb_sha256.is_some(),
+        }
+    }
 }
 
 /// What one event of a channel's log records.

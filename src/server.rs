@@ -100,7 +100,21 @@ pub async fn serve(
     let trusted = config.trusted_proxies.clone();
     let webhooks = config.webhooks.clone();
     let node_id = config.node_id;
-    let state = AppState::new(store.clone(), config, gateway);
+    // Uploaded files: part files of interrupted uploads are dropped, and files a crash
+    // left half-removed settled, before anything is served.
+    let files_dir = config.files_dir();
+    let files = Arc::new(
+        crate::files::FileStore::open(&files_dir, node_id)
+            .with_context(|| format!("open the files directory {}", files_dir.display()))?,
+    );
+    files.settle_trash(&*store).await?;
+    let collector = tokio::spawn(crate::files::collect_forever(
+        store.clone(),
+        Arc::clone(&files),
+        config.files.grace,
+        config.files.collect_every,
+    ));
+    let state = AppState::new(store.clone(), config, gateway, files);
     // Outgoing webhooks, delivered from this node (a lease per subscription keeps one
     // node at a time on each).
     let deliverer =
@@ -186,6 +200,8 @@ pub async fn serve(
     }
     purge.abort();
     let _ = purge.await;
+    collector.abort();
+    let _ = collector.await;
     deliverer.stop(Duration::from_secs(2)).await;
     delivery.abort();
     let _ = delivery.await;

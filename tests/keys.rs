@@ -544,6 +544,9 @@ const ROUTE_SCOPES: &[(&str, &str, Option<&str>)] = &[
     ("put", "/v1/channels/{id}/read", Some("messages:read")),
     ("get", "/v1/mentions", Some("messages:read")),
     ("get", "/v1/search", Some("messages:read")),
+    ("get", "/v1/files/{id}", Some("messages:read")),
+    ("get", "/v1/files/{id}/thumbnail", Some("messages:read")),
+    ("post", "/v1/uploads", Some("messages:write")),
 ];
 
 /// Each scope guards exactly its routes: a key with every scope but one is refused

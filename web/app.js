@@ -35,6 +35,7 @@ const state = {
   watchTimer: null,
   watchedChannel: undefined, // the channel whose members are watched
   lastActive: Date.now(),
+  drafts: [], // files picked for the next message: { key, name, progress, upload?, error?, xhr }
 };
 
 // ---- REST ------------------------------------------------------------------------
@@ -234,6 +235,7 @@ async function openChannel(id) {
   showIntegrations(c);
   $("channel-error").textContent = "";
   renderTyping();
+  renderDrafts();
   let view = state.views.get(id);
   if (!view) {
     view = { messages: new Map(), oldest: null, hasOlder: false, loaded: false };
@@ -574,6 +576,7 @@ function messageItem(m, inThread) {
   else text.append(...withMentions(m)); // always text nodes, never HTML
   if ((m.mentions || []).includes(state.me.id) && m.author_id !== state.me.id) li.classList.add("mentions-me");
   li.append(who, text);
+  if (m.attachments?.length && !m.deleted) li.append(attachmentsBox(m));
   if (m.created_at) {
     const t = document.createElement("time");
     t.dateTime = m.created_at;
@@ -872,14 +875,209 @@ async function loadOlder() {
   }
 }
 
+/// Sends the composer's text (over the socket), or with the uploaded files a message
+/// that carries them (over REST). `false` when it must wait (uploads in progress).
 function send(text) {
   const channel_id = state.current;
-  if (!channel_id || !text.trim()) return;
+  if (!channel_id) return;
+  const drafts = state.drafts.filter((d) => d.channel_id === channel_id);
+  if (drafts.some((d) => !d.upload && !d.error)) {
+    $("channel-error").textContent = WAIT_UPLOADS;
+    return false;
+  }
+  const ready = drafts.filter((d) => d.upload);
+  if (ready.length > 10) {
+    $("channel-error").textContent = "A message carries at most 10 files: remove some.";
+    return false;
+  }
+  if (ready.length) {
+    sendWithFiles(channel_id, text, ready);
+    return false; // the text stays until the message is posted
+  }
+  if (!text.trim()) return;
   const client_id = newClientId();
   state.pending.set(client_id, { channel_id, text });
   state.lastTypingSent = 0; // the next keystroke starts a new typing signal
   renderMessages(true);
   sendFrame({ op: "send", channel_id, text, client_id });
+}
+
+// ---- Files -----------------------------------------------------------------------
+// A file is uploaded as soon as it is picked, pasted or dropped (with progress), and
+// sent with the next message over REST (the socket's sends carry text only). File bytes
+// need the session's token, so they are fetched and shown through blob: URLs.
+
+const WAIT_UPLOADS = "Wait for the uploads to finish.";
+
+function addFiles(list) {
+  const channel_id = state.current;
+  if (!channel_id) return;
+  for (const file of list) {
+    const d = { key: newClientId(), channel_id, name: file.name || "pasted file", progress: 0, upload: null, error: null };
+    const xhr = new XMLHttpRequest();
+    d.xhr = xhr;
+    xhr.open("POST", `/v1/uploads?name=${encodeURIComponent(d.name)}`);
+    xhr.setRequestHeader("authorization", `Bearer ${state.token}`);
+    xhr.upload.onprogress = (e) => {
+      if (e.lengthComputable) {
+        d.progress = e.loaded / e.total;
+        renderDrafts();
+      }
+    };
+    xhr.onload = () => {
+      let body = null;
+      try {
+        body = JSON.parse(xhr.responseText);
+      } catch {}
+      if (xhr.status === 201) d.upload = body;
+      else d.error = body?.error?.message || `upload failed (HTTP ${xhr.status})`;
+      renderDrafts();
+    };
+    xhr.onerror = () => {
+      d.error = "upload failed";
+      renderDrafts();
+    };
+    xhr.send(file);
+    state.drafts.push(d);
+  }
+  renderDrafts();
+}
+
+/// The open channel's files to send (each channel keeps its own).
+function renderDrafts() {
+  const drafts = state.drafts.filter((d) => d.channel_id === state.current);
+  if (!drafts.some((d) => !d.upload && !d.error) && $("channel-error").textContent === WAIT_UPLOADS) {
+    $("channel-error").textContent = "";
+  }
+  $("drafts").replaceChildren(
+    ...drafts.map((d) => {
+      const li = document.createElement("li");
+      li.dataset.key = d.key;
+      const name = document.createElement("span");
+      name.textContent = d.name;
+      li.append(name);
+      if (d.error) {
+        const e = document.createElement("span");
+        e.className = "failed";
+        e.textContent = d.error;
+        li.append(e);
+      } else if (!d.upload) {
+        const p = document.createElement("progress");
+        p.max = 1;
+        p.value = d.progress;
+        p.setAttribute("aria-label", `Uploading ${d.name}`);
+        li.append(p);
+      } else {
+        li.classList.add("ready");
+        const s = document.createElement("span");
+        s.textContent = sizeText(d.upload.size);
+        li.append(s);
+      }
+      const x = button("✕", () => {
+        d.xhr.abort();
+        state.drafts = state.drafts.filter((o) => o !== d);
+        renderDrafts();
+      });
+      x.className = "small";
+      x.setAttribute("aria-label", `Remove ${d.name}`);
+      li.append(x);
+      return li;
+    }),
+  );
+}
+
+/// Posts the text with the files. The composer keeps the text until the message is
+/// posted; a retry after a failure reuses the client_id, so it never posts twice.
+async function sendWithFiles(channel_id, text, ready) {
+  const client_id = ready[0].client_id || newClientId();
+  for (const d of ready) d.client_id = client_id;
+  const body = { client_id, attachments: ready.map((d) => d.upload.id) };
+  if (text.trim()) body.text = text;
+  try {
+    const m = await api("POST", `/v1/channels/${channel_id}/messages`, body);
+    state.drafts = state.drafts.filter((d) => !ready.includes(d));
+    if (state.current === channel_id && $("text").value === text) $("text").value = "";
+    renderDrafts();
+    const view = state.views.get(channel_id);
+    if (view) {
+      upsert(view, m);
+      if (state.current === channel_id) renderMessages(true);
+    }
+  } catch (err) {
+    $("channel-error").textContent = err.message;
+  }
+}
+
+function sizeText(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+}
+
+/// A file's bytes as a blob: URL (thumbnails are kept: they are small and shown again).
+const thumbs = new Map(); // path → Promise of a blob: URL
+function fileUrl(path, keep) {
+  if (keep && thumbs.has(path)) return thumbs.get(path);
+  const got = fetch(path, { headers: { authorization: `Bearer ${state.token}` } }).then(async (r) => {
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    return URL.createObjectURL(await r.blob());
+  });
+  if (keep) {
+    thumbs.set(path, got);
+    got.catch(() => thumbs.delete(path));
+  }
+  return got;
+}
+
+function attachmentsBox(m) {
+  const box = document.createElement("div");
+  box.className = "attachments";
+  for (const f of m.attachments) {
+    const item = document.createElement("div");
+    item.className = "attachment";
+    item.dataset.file = f.id;
+    if (f.thumbnail) {
+      const img = document.createElement("img");
+      img.className = "attachment-thumb";
+      img.alt = f.name;
+      if (f.width && f.height) {
+        const scale = Math.min(1, 320 / Math.max(f.width, f.height));
+        img.width = Math.max(1, Math.round(f.width * scale));
+        img.height = Math.max(1, Math.round(f.height * scale));
+      }
+      fileUrl(`/v1/files/${f.id}/thumbnail`, true)
+        .then((url) => {
+          img.src = url;
+        })
+        .catch(() => {
+          img.alt = `${f.name} (no preview)`;
+        });
+      item.append(img);
+    }
+    const a = document.createElement("a");
+    a.href = "#";
+    a.className = "download";
+    a.textContent = `⬇ ${f.name} (${sizeText(f.size)})`;
+    a.setAttribute("aria-label", `Download ${f.name}`);
+    a.addEventListener("click", async (e) => {
+      e.preventDefault();
+      try {
+        const url = await fileUrl(`/v1/files/${f.id}`, false);
+        const link = document.createElement("a");
+        link.href = url;
+        link.download = f.name;
+        document.body.append(link);
+        link.click();
+        link.remove();
+        setTimeout(() => URL.revokeObjectURL(url), 60_000);
+      } catch (err) {
+        $("channel-error").textContent = `Download failed: ${err.message}`;
+      }
+    });
+    item.append(a);
+    box.append(item);
+  }
+  return box;
 }
 
 // ---- Real time -------------------------------------------------------------------
@@ -1174,8 +1372,35 @@ function wire() {
   $("back").addEventListener("click", () => document.body.classList.remove("in-channel"));
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
-    send($("text").value);
-    $("text").value = "";
+    if (send($("text").value) !== false) $("text").value = "";
+  });
+  $("attach").addEventListener("click", () => $("file-input").click());
+  $("file-input").addEventListener("change", (e) => {
+    addFiles(e.target.files);
+    e.target.value = "";
+  });
+  $("text").addEventListener("paste", (e) => {
+    const files = e.clipboardData?.files;
+    if (files?.length) {
+      e.preventDefault();
+      addFiles(files);
+    }
+  });
+  const area = document.querySelector(".channel");
+  const dropping = (e) => e.dataTransfer?.types?.includes("Files") && state.current && !$("composer").hidden;
+  area.addEventListener("dragover", (e) => {
+    if (!dropping(e)) return;
+    e.preventDefault();
+    area.classList.add("dropping");
+  });
+  area.addEventListener("dragleave", (e) => {
+    if (!area.contains(e.relatedTarget)) area.classList.remove("dropping");
+  });
+  area.addEventListener("drop", (e) => {
+    area.classList.remove("dropping");
+    if (!dropping(e) || !e.dataTransfer.files.length) return;
+    e.preventDefault();
+    addFiles(e.dataTransfer.files);
   });
   $("thread-composer").addEventListener("submit", (e) => {
     e.preventDefault();

@@ -241,6 +241,39 @@ impl ApiError {
         }
     }
 
+    /// `413 upload_quota`: the caller's uploads would take more than their quota.
+    pub fn upload_quota(quota: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "upload_quota",
+            format!(
+                "your uploads may take {quota} bytes together; uploads no message carries are deleted after their grace period"
+            ),
+        )
+    }
+
+    /// `422 image_too_large`: an image whose size would take too much to decode (a
+    /// decompression bomb, or just too many pixels).
+    pub fn image_too_large(why: String) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "image_too_large",
+            format!("the image is too large to accept: {why}"),
+        )
+    }
+
+    /// `429 too_many_uploads`: the caller has as many uploads in progress as allowed.
+    pub fn too_many_uploads(max: u32) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_uploads",
+                format!("at most {max} uploads at once per user"),
+            )
+        }
+    }
+
     pub fn unavailable() -> Self {
         Self {
             retry_after: Some(1),

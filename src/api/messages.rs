@@ -53,9 +53,26 @@ async fn send_message(
         .as_deref()
         .map(|r| super::ws::parse_id("thread_root_id", r))
         .transpose()?;
-    admit_send(&state, auth.user.id, &body.text, body.client_id.as_deref())?;
-    let (text, client_id) = (&body.text, body.client_id.as_deref());
+    let files = attachment_ids(body.attachments.as_deref())?;
+    let text = body.text.as_deref().unwrap_or_default();
+    if files.is_empty() || !text.is_empty() {
+        admit_send(&state, auth.user.id, text, body.client_id.as_deref())?;
+    } else {
+        // A message of files alone: the same checks but the text's.
+        admit_post(&state, auth.user.id, 0, body.client_id.as_deref())?;
+    }
+    let client_id = body.client_id.as_deref();
     let posted = match root {
+        _ if !files.is_empty() => {
+            state
+                .store
+                .post_with_files(auth.user.id, id, root, text, client_id, &files, {
+                    // Within half the grace period, so the collector (which waits the whole
+                    // of it) never deletes an upload being attached.
+                    crate::clock::now_ms() - state.config.files.grace.as_millis() as i64 / 2
+                })
+                .await?
+        }
         Some(root) => {
             state
                 .store
@@ -77,6 +94,24 @@ async fn send_message(
     Ok((status, Json((&posted.message).into())))
 }
 
+/// The uploads a send names, as ids: at most [`crate::store::MAX_ATTACHMENTS`]. The store
+/// checks that each is the sender's, named once and young enough to attach.
+fn attachment_ids(ids: Option<&[String]>) -> ApiResult<Vec<i64>> {
+    let ids = ids.unwrap_or_default();
+    if ids.len() > crate::store::MAX_ATTACHMENTS {
+        return Err(ApiError::invalid_field(
+            "attachments",
+            format!(
+                "a message carries at most {} files",
+                crate::store::MAX_ATTACHMENTS
+            ),
+        ));
+    }
+    ids.iter()
+        .map(|raw| super::ws::parse_id("attachments", raw))
+        .collect()
+}
+
 /// The checks every send passes before it is queued, over REST and the WebSocket alike:
 /// the text and `client_id` rules, then the sender's rate limit.
 pub(super) fn admit_send(
@@ -86,6 +121,16 @@ pub(super) fn admit_send(
     client_id: Option<&str>,
 ) -> ApiResult<()> {
     validate::text(text)?;
+    admit_post(state, user_id, text.len(), client_id)
+}
+
+/// A send's checks but the text's: its `client_id`, then the sender's rate limits.
+fn admit_post(
+    state: &AppState,
+    user_id: i64,
+    text_bytes: usize,
+    client_id: Option<&str>,
+) -> ApiResult<()> {
     if let Some(cid) = client_id {
         validate::client_id(cid)?;
     }
@@ -93,7 +138,7 @@ pub(super) fn admit_send(
         .sends
         .take(&user_id, Instant::now())
         .map_err(|w| state.rate_limited(Limit::Send, w))?;
-    state.admit_bytes(user_id, text.len()).inspect_err(|_| {
+    state.admit_bytes(user_id, text_bytes).inspect_err(|_| {
         state.sends.refund(&user_id);
     })
 }

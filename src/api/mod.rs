@@ -7,6 +7,7 @@ mod channels;
 pub use crate::wire::dto;
 pub mod error;
 pub mod extract;
+mod files;
 mod health;
 mod keys;
 mod messages;
@@ -84,6 +85,12 @@ pub struct Inner {
     delivery: Arc<crate::delivery::DeliveryStats>,
     /// Which addresses subscriptions' URLs may resolve to.
     webhook_policy: crate::delivery::AddressPolicy,
+    /// Uploaded files' bytes.
+    files: Arc<crate::files::FileStore>,
+    /// Uploads being received, per user.
+    uploading: std::sync::Mutex<std::collections::HashMap<i64, u32>>,
+    /// Images decoded at once (each may take up to a few hundred MiB).
+    decoding: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::ops::Deref for AppState {
@@ -94,7 +101,12 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn Store>, config: Config, gateway: Gateway) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: Config,
+        gateway: Gateway,
+        files: Arc<crate::files::FileStore>,
+    ) -> Self {
         let limits = config.limits;
         let state = Self(Arc::new(Inner {
             store,
@@ -124,6 +136,9 @@ impl AppState {
             edge: EdgeStats::default(),
             delivery: Arc::default(),
             webhook_policy: crate::delivery::AddressPolicy::new(config.webhooks.allow.clone()),
+            files,
+            uploading: std::sync::Mutex::default(),
+            decoding: Arc::new(tokio::sync::Semaphore::new(1)),
             config,
         }));
         // A session revoked on another node ends here too.
@@ -261,6 +276,7 @@ impl AppState {
         self.edge.render(&mut out);
         self.conns.render(&mut out);
         self.delivery.render(&mut out);
+        self.files.render(&mut out);
         self.store.render_metrics(&mut out);
         self.gateway.bus.render_metrics(&mut out);
         self.gateway.hub.stats().render(&mut out);
@@ -293,6 +309,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(webhooks::routes())
         .merge(channels::routes())
         .merge(messages::routes())
+        .merge(files::routes())
         .merge(reactions::routes())
         .merge(search::routes())
         .merge(presence::routes())

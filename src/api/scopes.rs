@@ -128,8 +128,11 @@ pub fn required(method: &Method, route: &str) -> Option<Needs> {
             | "/v1/channels/{id}/messages/{message_id}/reactions/{emoji}"
             | "/v1/channels/{id}/threads/{root_id}/messages"
             | "/v1/mentions"
-            | "/v1/search",
+            | "/v1/search"
+            | "/v1/files/{id}"
+            | "/v1/files/{id}/thumbnail",
         ) => S(MessagesRead),
+        ("POST", "/v1/uploads") => S(MessagesWrite),
         ("PUT", "/v1/channels/{id}/read") => S(MessagesRead),
         ("POST", "/v1/channels/{id}/messages")
         | ("PATCH" | "DELETE", "/v1/channels/{id}/messages/{message_id}")

@@ -102,6 +102,8 @@ impl Log {
                 current.deleted = m.deleted;
                 // An edit re-resolves mentions; a deleted message mentions no one.
                 current.mentions.clone_from(&m.mentions);
+                // A deleted message carries no files.
+                current.attachments.clone_from(&m.attachments);
                 (before, message_cost(current))
             }
             _ => (0, 0),
@@ -110,7 +112,12 @@ impl Log {
 }
 
 fn message_cost(m: &Message) -> usize {
-    m.text.len() + m.client_id.as_ref().map_or(0, String::len) + EVENT_OVERHEAD
+    let files: usize = m
+        .attachments
+        .iter()
+        .map(|a| a.name.len() + a.content_type.len() + EVENT_OVERHEAD)
+        .sum();
+    m.text.len() + m.client_id.as_ref().map_or(0, String::len) + files + EVENT_OVERHEAD
 }
 
 fn cost(d: &Delivery) -> usize {

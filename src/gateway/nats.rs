@@ -882,6 +882,9 @@ struct WireMessage {
     /// The members the text mentions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     mn: Vec<i64>,
+    /// The files it carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    f: Vec<crate::store::StoredAttachment>,
 }
 
 fn is_zero(n: &i64) -> bool {
@@ -915,6 +918,7 @@ impl WireMessage {
             rc: m.reply_count,
             lr: m.last_reply_at,
             mn: m.mentions.clone(),
+            f: m.attachments.iter().map(Into::into).collect(),
         }
     }
 
@@ -933,6 +937,7 @@ impl WireMessage {
             reply_count: self.rc,
             last_reply_at: self.lr,
             mentions: self.mn,
+            attachments: self.f.into_iter().map(Into::into).collect(),
         }
     }
 }

@@ -27,6 +27,7 @@ pub const CHECKS: &[&str] = &[
     "bots_and_api_keys",
     "incoming_webhooks",
     "subscription_leases",
+    "uploads",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -52,8 +53,157 @@ pub async fn run(name: &str, store: &dyn Store) {
         "bots_and_api_keys" => bots_and_api_keys(store).await,
         "incoming_webhooks" => incoming_webhooks(store).await,
         "subscription_leases" => subscription_leases(store).await,
+        "uploads" => uploads(store).await,
         other => panic!("no conformance check {other}"),
     }
+}
+
+fn new_upload(owner_id: i64, seed: char) -> crate::store::NewUpload {
+    crate::store::NewUpload {
+        owner_id,
+        sha256: seed.to_string().repeat(64),
+        size: 100,
+        content_type: "image/png".into(),
+        name: format!("{seed}.png"),
+        width: Some(4),
+        height: Some(3),
+        thumb_sha256: Some("f".repeat(64)),
+    }
+}
+
+/// Uploads: recorded, attached by their uploader only (at most 10, each once), carried
+/// into the message and its event, readable in the channels of messages that carry
+/// them, dropped from a deleted message, and collected only when old and carried by no
+/// message.
+async fn uploads(store: &dyn Store) {
+    let owner = user(store, "owner").await;
+    let member = user(store, "member").await;
+    let ch = store
+        .create_channel(owner, ChannelKind::Group, "g", &[member])
+        .await
+        .unwrap()
+        .id;
+    let a = store.create_upload(new_upload(owner, 'a')).await.unwrap();
+    assert_eq!(store.upload(a.id).await.unwrap().as_ref(), Some(&a));
+    assert_eq!(a.thumb_sha256.as_deref(), Some("f".repeat(64).as_str()));
+    let b = store.create_upload(new_upload(owner, 'b')).await.unwrap();
+    let theirs = store.create_upload(new_upload(member, 'c')).await.unwrap();
+    assert_eq!(store.upload_bytes(owner).await.unwrap(), 200);
+    assert!(store.upload(i64::MAX).await.unwrap().is_none());
+    assert!(matches!(
+        store.create_upload(new_upload(i64::MAX, 'd')).await,
+        Err(StoreError::NotFound)
+    ));
+    for refused in [
+        vec![theirs.id],
+        vec![a.id, a.id],
+        vec![i64::MAX],
+        vec![a.id; 11],
+    ] {
+        assert!(
+            matches!(
+                store
+                    .post_with_files(owner, ch, None, "x", None, &refused, 0)
+                    .await,
+                Err(StoreError::Invalid {
+                    field: "attachments",
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+    }
+    // An upload older than the caller's cutoff is not attached.
+    assert!(matches!(
+        store
+            .post_with_files(owner, ch, None, "x", None, &[a.id], a.created_at + 1)
+            .await,
+        Err(StoreError::Invalid {
+            field: "attachments",
+            ..
+        })
+    ));
+    assert!(store.upload_channels(a.id).await.unwrap().is_empty());
+    let posted = store
+        .post_with_files(owner, ch, None, "", Some("files-1"), &[b.id, a.id], 0)
+        .await
+        .unwrap();
+    let names: Vec<&str> = posted
+        .message
+        .attachments
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(names, ["b.png", "a.png"]);
+    assert_eq!(posted.message.attachments[1], a.attachment());
+    // A retry answers the original whatever it names.
+    let again = store
+        .post_with_files(owner, ch, None, "", Some("files-1"), &[a.id], 0)
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.message.attachments.len(), 2);
+    // A reply carries files too.
+    let reply = store
+        .post_with_files(owner, ch, Some(posted.message.id), "re", None, &[a.id], 0)
+        .await
+        .unwrap();
+    assert_eq!(reply.message.thread_root_id, Some(posted.message.id));
+    let read = store.message(ch, posted.message.id).await.unwrap().unwrap();
+    assert_eq!(read.attachments, posted.message.attachments);
+    let page = store.log(ch, 0, 100, ReadFence::PRIMARY).await.unwrap();
+    let created = page
+        .items
+        .iter()
+        .find_map(|e| match &e.body {
+            EventBody::MessageCreated(m) if m.id == posted.message.id => Some(m.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(created.attachments, posted.message.attachments);
+    assert_eq!(store.upload_channels(a.id).await.unwrap(), [ch]);
+
+    // Nothing carried or young is collected.
+    let now = crate::clock::now_ms();
+    let young = store.collect_uploads(now - 60_000, 0, 100).await.unwrap();
+    assert_eq!(young.deleted, 0);
+    assert_eq!(young.next_after, None);
+    // Deleting the root leaves `a` carried by the reply only; `b` by nothing.
+    store
+        .delete_message(owner, ch, posted.message.id)
+        .await
+        .unwrap();
+    let read = store.message(ch, posted.message.id).await.unwrap().unwrap();
+    assert!(read.attachments.is_empty());
+    assert!(store.upload_channels(b.id).await.unwrap().is_empty());
+    assert_eq!(store.upload_channels(a.id).await.unwrap(), [ch]);
+    // Paged: one upload looked at per step.
+    let mut after = 0;
+    let mut deleted = 0;
+    let mut digests = Vec::new();
+    for _ in 0..10 {
+        let step = store.collect_uploads(now + 1, after, 1).await.unwrap();
+        deleted += step.deleted;
+        digests.extend(step.digests);
+        match step.next_after {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    // `b` and the member's `c` went; `a` stays.
+    assert_eq!(deleted, 2);
+    assert!(store.upload(b.id).await.unwrap().is_none());
+    assert!(store.upload(theirs.id).await.unwrap().is_none());
+    assert!(store.upload(a.id).await.unwrap().is_some());
+    digests.sort();
+    digests.dedup();
+    assert_eq!(digests, ["b".repeat(64), "c".repeat(64), "f".repeat(64)]);
+    assert!(!store.blob_in_use(&"b".repeat(64)).await.unwrap());
+    assert!(store.blob_in_use(&"a".repeat(64)).await.unwrap());
+    assert!(
+        store.blob_in_use(&"f".repeat(64)).await.unwrap(),
+        "a's thumbnail"
+    );
 }
 
 fn new_key(seed: u8, user_id: i64, expires_at: Option<i64>) -> crate::store::NewApiKey {

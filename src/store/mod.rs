@@ -18,8 +18,8 @@ pub use self::location::{StoreLocation, StoreOptions, migrate, open};
 use async_trait::async_trait;
 
 use crate::model::{
-    Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
-    ReactionCount, Reactor, Role, User,
+    Attachment, Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page,
+    ProfileChange, ReactionCount, Reactor, Role, Upload, User,
 };
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -422,6 +422,162 @@ pub(crate) fn journal_post(journal: &mut Vec<Event>, message: Message) -> Posted
     }
 }
 
+/// An upload to record: its bytes (and thumbnail) are received and checked, and are
+/// placed in the file store once the record is committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewUpload {
+    pub owner_id: i64,
+    pub sha256: String,
+    pub size: i64,
+    pub content_type: String,
+    pub name: String,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub thumb_sha256: Option<String>,
+}
+
+/// What one garbage-collection step of uploads did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CollectedUploads {
+    /// Uploads deleted: older than the cutoff and carried by no message.
+    pub deleted: u64,
+    /// The digests (of files and thumbnails) the deleted uploads used: candidates for
+    /// removal from the file store once no upload uses them ([`Files::blob_in_use`]).
+    pub digests: Vec<String>,
+    /// Where the next step starts (`None`: every upload was looked at; start over).
+    pub next_after: Option<i64>,
+}
+
+/// The most files one message carries.
+pub const MAX_ATTACHMENTS: usize = 10;
+
+/// Attachments as a message row keeps them (`messages.files`): a JSON array, `NULL` for
+/// none. Written and read by both backends, so a message reads the same from either.
+pub(crate) fn encode_attachments(files: &[Attachment]) -> Option<String> {
+    if files.is_empty() {
+        return None;
+    }
+    let rows: Vec<StoredAttachment> = files.iter().map(StoredAttachment::from).collect();
+    Some(serde_json::to_string(&rows).expect("attachments serialize"))
+}
+
+/// The attachments of a `messages.files` value; an unreadable one reads as none (and is
+/// logged), so one bad row never fails a page of history.
+pub(crate) fn decode_attachments(files: Option<&str>) -> Vec<Attachment> {
+    let Some(json) = files else {
+        return Vec::new();
+    };
+    match serde_json::from_str::<Vec<StoredAttachment>>(json) {
+        Ok(rows) => rows.into_iter().map(Attachment::from).collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "unreadable attachments in a message row");
+            Vec::new()
+        }
+    }
+}
+
+/// An attachment as a message row and the cluster bus carry it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct StoredAttachment {
+    id: i64,
+    name: String,
+    #[serde(rename = "type")]
+    content_type: String,
+    size: i64,
+    #[serde(rename = "w", default, skip_serializing_if = "Option::is_none")]
+    width: Option<i64>,
+    #[serde(rename = "h", default, skip_serializing_if = "Option::is_none")]
+    height: Option<i64>,
+    #[serde(default)]
+    thumbnail: bool,
+}
+
+impl From<&Attachment> for StoredAttachment {
+    fn from(a: &Attachment) -> Self {
+        Self {
+            id: a.id,
+            name: a.name.clone(),
+            content_type: a.content_type.clone(),
+            size: a.size,
+            width: a.width,
+            height: a.height,
+            thumbnail: a.thumbnail,
+        }
+    }
+}
+
+impl From<StoredAttachment> for Attachment {
+    fn from(a: StoredAttachment) -> Self {
+        Self {
+            id: a.id,
+            name: a.name,
+            content_type: a.content_type,
+            size: a.size,
+            width: a.width,
+            height: a.height,
+            thumbnail: a.thumbnail,
+        }
+    }
+}
+
+/// The uploads `files` names, in that order, checked for a post by `author`: each must be
+/// one of the author's, named once, and at most [`MAX_ATTACHMENTS`] of them (else
+/// `Invalid` on `attachments`). `found` holds the author's uploads among them.
+pub(crate) fn attachments_of(
+    author: i64,
+    files: &[i64],
+    found: &[Upload],
+) -> std::result::Result<Vec<Attachment>, StoreError> {
+    let invalid = |message: String| StoreError::Invalid {
+        field: "attachments",
+        message,
+    };
+    if files.len() > MAX_ATTACHMENTS {
+        return Err(invalid(format!(
+            "a message carries at most {MAX_ATTACHMENTS} files"
+        )));
+    }
+    let mut out = Vec::with_capacity(files.len());
+    for (i, id) in files.iter().enumerate() {
+        if files[..i].contains(id) {
+            return Err(invalid(format!("upload {id} is named twice")));
+        }
+        match found.iter().find(|u| u.id == *id && u.owner_id == author) {
+            Some(u) => out.push(u.attachment()),
+            None => {
+                return Err(invalid(format!(
+                    "no upload {id} of yours (an upload is attached by its uploader, within its grace period)"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Uploaded files' records. Their bytes are in [`crate::files::FileStore`]; a record is
+/// written before its bytes are placed, and deleted before they are removed, so no record
+/// a message carries is ever without its bytes.
+#[async_trait]
+pub trait Files: Send + Sync {
+    /// Records an upload (its bytes are placed after this commits).
+    async fn create_upload(&self, upload: NewUpload) -> Result<Upload>;
+    async fn upload(&self, id: i64) -> Result<Option<Upload>>;
+    /// The channels with a message that carries the upload (deleted messages carry none).
+    async fn upload_channels(&self, id: i64) -> Result<Vec<i64>>;
+    /// The bytes of `owner`'s uploads, attached or not (their quota's use).
+    async fn upload_bytes(&self, owner: i64) -> Result<i64>;
+    /// Looks at up to `limit` uploads with ids above `after`, and deletes those created
+    /// before `before` that no message carries.
+    async fn collect_uploads(
+        &self,
+        before: i64,
+        after: i64,
+        limit: u32,
+    ) -> Result<CollectedUploads>;
+    /// Some upload uses these bytes (as its file or its thumbnail).
+    async fn blob_in_use(&self, sha256: &str) -> Result<bool>;
+}
+
 /// Users and their sessions.
 #[async_trait]
 pub trait Accounts: Send + Sync {
@@ -577,6 +733,23 @@ pub trait Channels: Send + Sync {
         root_id: i64,
         text: &str,
         client_id: Option<&str>,
+    ) -> Result<Posted>;
+    /// A message (or with `root_id` a reply) that carries files: `files` are uploads of
+    /// the author created at `attach_since` or later ([`attachments_of`]'s rules: the
+    /// caller keeps this well inside the grace period [`Files::collect_uploads`] is called
+    /// with, so no upload being attached is collected); the text may be empty. The same
+    /// checks, idempotency and ordering promise as [`Channels::post_message`]; a retry
+    /// with the same `client_id` returns the original whatever files it names.
+    #[allow(clippy::too_many_arguments)]
+    async fn post_with_files(
+        &self,
+        author: i64,
+        channel_id: i64,
+        root_id: Option<i64>,
+        text: &str,
+        client_id: Option<&str>,
+        files: &[i64],
+        attach_since: i64,
     ) -> Result<Posted>;
     /// The messages that mention `user_id` in the channels they are a member of, newest
     /// first, with message ids below `before` (a page's position). Only others' live
@@ -824,5 +997,5 @@ pub trait Backend: Send + Sync {
 }
 
 /// The whole store, as one object the server holds.
-pub trait Store: Accounts + Channels + Backend {}
-impl<T: Accounts + Channels + Backend> Store for T {}
+pub trait Store: Accounts + Channels + Files + Backend {}
+impl<T: Accounts + Channels + Files + Backend> Store for T {}

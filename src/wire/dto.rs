@@ -622,6 +622,76 @@ pub struct Message {
     /// applies `reaction.*` events to what it holds).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reactions: Vec<Reaction>,
+    /// The files it carries, in the order attached; omitted when none (and once deleted).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+}
+
+/// A file a message carries. Its bytes are `GET /v1/files/{id}` (and an image's
+/// thumbnail `GET /v1/files/{id}/thumbnail`), for members of the message's channel.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Attachment {
+    #[schema(value_type = openapi::Id)]
+    pub id: String,
+    /// The file's name as uploaded.
+    pub name: String,
+    /// Checked against the bytes: an image type (`image/png`, `image/jpeg`, `image/gif`,
+    /// `image/webp`) only for bytes that decode as that image, else
+    /// `application/octet-stream`.
+    pub content_type: String,
+    /// Bytes.
+    #[schema(minimum = 0)]
+    pub size: i64,
+    /// An image's size in pixels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1)]
+    pub width: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1)]
+    pub height: Option<i64>,
+    /// An image: a thumbnail (at most 320×320) is at `GET /v1/files/{id}/thumbnail`.
+    pub thumbnail: bool,
+}
+
+impl From<&model::Attachment> for Attachment {
+    fn from(a: &model::Attachment) -> Self {
+        Self {
+            id: a.id.to_string(),
+            name: a.name.clone(),
+            content_type: a.content_type.clone(),
+            size: a.size,
+            width: a.width,
+            height: a.height,
+            thumbnail: a.thumbnail,
+        }
+    }
+}
+
+/// An upload: attach it to a message (by `id`) within its grace period, or it is deleted.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Upload {
+    #[schema(value_type = openapi::Id)]
+    pub id: String,
+    pub name: String,
+    /// As checked against the bytes (see `Attachment`).
+    pub content_type: String,
+    #[schema(minimum = 0)]
+    pub size: i64,
+    /// The bytes' SHA-256, hex (also the file's `ETag`).
+    #[schema(pattern = "^[0-9a-f]{64}$")]
+    pub sha256: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1)]
+    pub width: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1)]
+    pub height: Option<i64>,
+    pub thumbnail: bool,
+    #[schema(schema_with = openapi::time)]
+    pub created_at: String,
+    /// Attach it before this time, or it is deleted (unless a message carries it).
+    #[schema(schema_with = openapi::time)]
+    pub attach_by: String,
 }
 
 /// One emoji's reactions to a message.
@@ -685,6 +755,7 @@ impl From<&model::Message> for Message {
             last_reply_at: m.last_reply_at.map(rfc3339),
             mentions: m.mentions.iter().map(i64::to_string).collect(),
             reactions: Vec::new(),
+            attachments: m.attachments.iter().map(Into::into).collect(),
         }
     }
 }
@@ -692,8 +763,14 @@ impl From<&model::Message> for Message {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendMessage {
-    #[schema(schema_with = openapi::text)]
-    pub text: String,
+    /// Required unless the message carries `attachments`.
+    #[serde(default)]
+    #[schema(schema_with = openapi::text, required = false)]
+    pub text: Option<String>,
+    /// Up to 10 of the caller's uploads (`POST /v1/uploads`), in the order shown.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<openapi::Id>>, max_items = 10)]
+    pub attachments: Option<Vec<String>>,
     /// 1–64 characters; a retry with the same value returns the original message.
     #[schema(min_length = 1, max_length = 64)]
     pub client_id: Option<String>,
@@ -939,7 +1016,7 @@ fn serialize_message<S: serde::Serializer>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeStruct;
-    let mut out = s.serialize_struct("Message", 13)?;
+    let mut out = s.serialize_struct("Message", 14)?;
     out.serialize_field("id", &IdStr(m.id))?;
     out.serialize_field("channel_id", &IdStr(m.channel_id))?;
     out.serialize_field("seq", &m.seq)?;
@@ -973,6 +1050,12 @@ fn serialize_message<S: serde::Serializer>(
     } else {
         let ids: Vec<IdStr> = m.mentions.iter().map(|&id| IdStr(id)).collect();
         out.serialize_field("mentions", &ids)?;
+    }
+    if m.attachments.is_empty() {
+        out.skip_field("attachments")?;
+    } else {
+        let files: Vec<Attachment> = m.attachments.iter().map(Into::into).collect();
+        out.serialize_field("attachments", &files)?;
     }
     out.end()
 }

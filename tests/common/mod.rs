@@ -163,6 +163,18 @@ impl TestServer {
         Self::start_in(dir, |_| {}).await
     }
 
+    /// As [`TestServer::restart_with`], starting again with `tweak` on the test config.
+    pub async fn restart_tweaked(
+        mut self,
+        offline: impl FnOnce(&std::path::Path),
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        self.shutdown().await;
+        offline(self.dir.path());
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        Self::start_in(dir, tweak).await
+    }
+
     async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config(dir.path());
         if let Some(shards) = postgres_shards() {

@@ -8,6 +8,7 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import zlib from "node:zlib";
 import { chromium } from "playwright-core";
 
 const BIN = process.env.NATTER_BIN;
@@ -18,6 +19,34 @@ fs.mkdirSync(SHOTS, { recursive: true });
 
 function step(name) {
   console.log(`-- ${name}`);
+}
+
+/// A PNG of w×h pixels (a gradient), built with zlib alone.
+function png(w, h) {
+  const chunk = (kind, data) => {
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(data.length);
+    const body = Buffer.concat([Buffer.from(kind, "ascii"), data]);
+    const crc = Buffer.alloc(4);
+    crc.writeUInt32BE(zlib.crc32(body));
+    return Buffer.concat([len, body, crc]);
+  };
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(w, 0);
+  ihdr.writeUInt32BE(h, 4);
+  ihdr.set([8, 2, 0, 0, 0], 8); // 8-bit RGB
+  const rows = [];
+  for (let y = 0; y < h; y++) {
+    const row = Buffer.alloc(1 + 3 * w);
+    for (let x = 0; x < w; x++) row.set([x * 2, y * 3, 200], 1 + 3 * x);
+    rows.push(row);
+  }
+  return Buffer.concat([
+    Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
+    chunk("IHDR", ihdr),
+    chunk("IDAT", zlib.deflateSync(Buffer.concat(rows))),
+    chunk("IEND", Buffer.alloc(0)),
+  ]);
 }
 
 async function freePort() {
@@ -446,6 +475,36 @@ try {
   assert.match(await hookAuthor.textContent(), /CI/);
   assert.ok(await b.locator("#integrations").isHidden(), "a plain member has no webhook settings");
   await a.screenshot({ path: path.join(SHOTS, "webhooks.png") });
+
+  step("an image uploaded by the file picker is previewed on the other side and downloads whole");
+  await openChannel(a, "general");
+  await openChannel(b, "general");
+  const picture = png(96, 64);
+  const picked = path.join(dataDir, "sunset.png");
+  fs.writeFileSync(picked, picture);
+  await a.setInputFiles("#file-input", picked);
+  await a.locator("#drafts li.ready", { hasText: "sunset.png" }).waitFor({ timeout: WAIT });
+  await a.fill("#text", "look at this");
+  await a.press("#text", "Enter");
+  await waitText(b, "look at this");
+  const shown = b.locator("#messages li.message", { hasText: "look at this" });
+  const thumb = shown.locator("img.attachment-thumb");
+  await thumb.waitFor({ timeout: WAIT });
+  await b.waitForFunction(
+    () => [...document.querySelectorAll("#messages img.attachment-thumb")].some((i) => i.complete && i.naturalWidth > 0),
+    null,
+    { timeout: WAIT },
+  );
+  assert.equal(await thumb.getAttribute("alt"), "sunset.png");
+  const [download] = await Promise.all([
+    b.waitForEvent("download", { timeout: WAIT }),
+    shown.locator("a.download").click(),
+  ]);
+  assert.equal(download.suggestedFilename(), "sunset.png");
+  const saved = await download.path();
+  assert.deepEqual(fs.readFileSync(saved), picture);
+  assert.equal(await a.locator("#drafts li").count(), 0, "sent files leave the composer");
+  await b.screenshot({ path: path.join(SHOTS, "attachments.png") });
 
   step("presence: the other user shows online, then offline after they close the page");
   await openChannel(a, "general");

@@ -30,17 +30,17 @@ use tokio_postgres::error::SqlState;
 
 use self::writer::{Done, Op, Writer};
 use super::{
-    Accounts, ApiKeyInfo, Backend, Channels, DeliveryReport, Health, IncomingWebhook, KeyAuth,
-    NewApiKey, NewIncomingWebhook, NewSession, NewSubscription, OnCommit, Posted, ReadFence,
-    Result, Rules, SearchOrder, SearchQuery, SessionAuth, SessionInfo, StoreError, Subscription,
-    SubscriptionChange, TokenHash, rules,
+    Accounts, ApiKeyInfo, Backend, Channels, CollectedUploads, DeliveryReport, Files, Health,
+    IncomingWebhook, KeyAuth, NewApiKey, NewIncomingWebhook, NewSession, NewSubscription,
+    NewUpload, OnCommit, Posted, ReadFence, Result, Rules, SearchOrder, SearchQuery, SessionAuth,
+    SessionInfo, StoreError, Subscription, SubscriptionChange, TokenHash, rules,
 };
 use crate::clock::now_ms;
 use crate::id::Snowflake;
 use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_value};
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
-    ReactionCount, Reactor, Role, User,
+    ReactionCount, Reactor, Role, Upload, User,
 };
 
 /// How long a node's lease on its id lasts without renewal, and how often it is renewed.
@@ -1850,6 +1850,170 @@ fn digest(bytes: Vec<u8>) -> Option<TokenHash> {
     TokenHash::try_from(bytes.as_slice()).ok()
 }
 
+/// Uploads are recorded on shard 0; the messages that carry them, on their channels'
+/// shards.
+#[async_trait]
+impl Files for PostgresStore {
+    async fn create_upload(&self, upload: NewUpload) -> Result<Upload> {
+        let inner = &self.inner;
+        let now = now_ms();
+        let id = inner.shared.checked_id(now)?;
+        let c = inner.conn(0).await?;
+        let row = c
+            .query_opt(
+                &format!(
+                    "INSERT INTO uploads (id, owner_id, sha256, size, content_type, name, width, height, thumb_sha256, created_at)
+                     SELECT $1, id, $3, $4, $5, $6, $7, $8, $9, $10 FROM users WHERE id = $2
+                     RETURNING {}",
+                    read::UPLOAD_COLUMNS
+                ),
+                &[
+                    &id,
+                    &upload.owner_id,
+                    &upload.sha256,
+                    &upload.size,
+                    &upload.content_type,
+                    &upload.name,
+                    &upload.width,
+                    &upload.height,
+                    &upload.thumb_sha256,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(|e| inner.fail(0, "record an upload", e.into()))?;
+        row.as_ref()
+            .map(read::upload_row)
+            .ok_or(StoreError::NotFound)
+    }
+
+    async fn upload(&self, id: i64) -> Result<Option<Upload>> {
+        let c = self.inner.conn(0).await?;
+        let row = c
+            .query_opt(
+                &format!("SELECT {} FROM uploads WHERE id = $1", read::UPLOAD_COLUMNS),
+                &[&id],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "read an upload", e.into()))?;
+        Ok(row.as_ref().map(read::upload_row))
+    }
+
+    async fn upload_channels(&self, id: i64) -> Result<Vec<i64>> {
+        let inner = &self.inner;
+        // Every shard's: one that does not answer shows none of its own (its members
+        // are refused the file until it is back).
+        let reads = inner.shards.iter().map(|shard| async move {
+            let c = inner.conn(shard.index).await?;
+            c.query(
+                "SELECT DISTINCT channel_id FROM message_files WHERE upload_id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|e| inner.fail(shard.index, "read an upload's channels", e.into()))
+        });
+        let mut channels = Vec::new();
+        for part in futures_util::future::join_all(reads).await {
+            match part {
+                Ok(rows) => channels.extend(rows.iter().map(|r| r.get::<_, i64>(0))),
+                Err(StoreError::Unreachable) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(channels)
+    }
+
+    async fn upload_bytes(&self, owner: i64) -> Result<i64> {
+        let c = self.inner.conn(0).await?;
+        let row = c
+            .query_one(
+                "SELECT coalesce(sum(size), 0)::BIGINT FROM uploads WHERE owner_id = $1",
+                &[&owner],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "read upload bytes", e.into()))?;
+        Ok(row.get(0))
+    }
+
+    async fn collect_uploads(
+        &self,
+        before: i64,
+        after: i64,
+        limit: u32,
+    ) -> Result<CollectedUploads> {
+        let inner = &self.inner;
+        let c = inner.conn(0).await?;
+        let looked = c
+            .query(
+                "SELECT id, created_at FROM uploads WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &i64::from(limit)],
+            )
+            .await
+            .map_err(|e| inner.fail(0, "read uploads", e.into()))?;
+        let mut out = CollectedUploads {
+            next_after: match looked.last() {
+                Some(r) if looked.len() == limit as usize => Some(r.get(0)),
+                _ => None,
+            },
+            ..CollectedUploads::default()
+        };
+        let old: Vec<i64> = looked
+            .iter()
+            .filter(|r| r.get::<_, i64>(1) < before)
+            .map(|r| r.get(0))
+            .collect();
+        if old.is_empty() {
+            return Ok(out);
+        }
+        // Carried anywhere: every shard must answer, or nothing is collected this time.
+        let mut carried = std::collections::HashSet::new();
+        for shard in &inner.shards {
+            let s = inner.conn(shard.index).await?;
+            let rows = s
+                .query(
+                    "SELECT DISTINCT upload_id FROM message_files WHERE upload_id = ANY($1)",
+                    &[&old],
+                )
+                .await
+                .map_err(|e| inner.fail(shard.index, "read carried uploads", e.into()))?;
+            carried.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+        }
+        let unused: Vec<i64> = old.into_iter().filter(|id| !carried.contains(id)).collect();
+        let gone = c
+            .query(
+                "DELETE FROM uploads WHERE id = ANY($1) AND created_at < $2
+                 RETURNING sha256, thumb_sha256",
+                &[&unused, &before],
+            )
+            .await
+            .map_err(|e| inner.fail(0, "delete uploads", e.into()))?;
+        out.deleted = gone.len() as u64;
+        for r in &gone {
+            let sha: String = r.get(0);
+            let thumb: Option<String> = r.get(1);
+            for digest in std::iter::once(sha).chain(thumb) {
+                if !out.digests.contains(&digest) {
+                    out.digests.push(digest);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn blob_in_use(&self, sha256: &str) -> Result<bool> {
+        let c = self.inner.conn(0).await?;
+        let row = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM uploads WHERE sha256 = $1)
+                     OR EXISTS (SELECT 1 FROM uploads WHERE thumb_sha256 = $1)",
+                &[&sha256],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "read a digest's uploads", e.into()))?;
+        Ok(row.get(0))
+    }
+}
+
 #[async_trait]
 impl Channels for PostgresStore {
     async fn create_channel(
@@ -2517,6 +2681,8 @@ impl Channels for PostgresStore {
                 root_id: None,
                 text: text.to_owned(),
                 client_id: client_id.map(str::to_owned),
+                files: Vec::new(),
+                attach_since: 0,
             }
         };
         let answer = self.inner.shards[shard].writer.submit(op);
@@ -2569,10 +2735,38 @@ impl Channels for PostgresStore {
             root_id: Some(root_id),
             text: text.to_owned(),
             client_id: client_id.map(str::to_owned),
+            files: Vec::new(),
+            attach_since: 0,
         };
         match self.inner.submit(shard, op).await? {
             Done::Posted(p) => Ok(p),
             _ => Err(unexpected("reply")),
+        }
+    }
+
+    async fn post_with_files(
+        &self,
+        author: i64,
+        channel_id: i64,
+        root_id: Option<i64>,
+        text: &str,
+        client_id: Option<&str>,
+        files: &[i64],
+        attach_since: i64,
+    ) -> Result<Posted> {
+        let shard = self.inner.shard_of_channel(channel_id);
+        let op = Op::SlowPost {
+            author,
+            channel_id,
+            root_id,
+            text: text.to_owned(),
+            client_id: client_id.map(str::to_owned),
+            files: files.to_vec(),
+            attach_since,
+        };
+        match self.inner.submit(shard, op).await? {
+            Done::Posted(p) => Ok(p),
+            _ => Err(unexpected("post with files")),
         }
     }
 

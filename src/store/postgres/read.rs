@@ -59,7 +59,7 @@ pub(super) fn channel_row(r: &Row) -> Result<Channel, Fail> {
 macro_rules! message_select {
     () => {
         "SELECT m.id, m.channel_id, m.seq, m.author_id, m.text, m.client_id, m.created_at, \
-         m.edited_at, m.deleted, m.thread_root_id, m.reply_count, m.last_reply_at, m.mentions "
+         m.edited_at, m.deleted, m.thread_root_id, m.reply_count, m.last_reply_at, m.mentions, m.files "
     };
 }
 pub(super) use message_select;
@@ -84,6 +84,26 @@ pub(super) fn message_row(r: &Row) -> Message {
         reply_count: r.get(10),
         last_reply_at: r.get(11),
         mentions: r.get::<_, Option<Vec<i64>>>(12).unwrap_or_default(),
+        attachments: crate::store::decode_attachments(r.get(13)),
+    }
+}
+
+/// The columns [`upload_row`] reads, of `uploads`.
+pub(super) const UPLOAD_COLUMNS: &str =
+    "id, owner_id, sha256, size, content_type, name, width, height, thumb_sha256, created_at";
+
+pub(super) fn upload_row(r: &Row) -> crate::model::Upload {
+    crate::model::Upload {
+        id: r.get(0),
+        owner_id: r.get(1),
+        sha256: r.get(2),
+        size: r.get(3),
+        content_type: r.get(4),
+        name: r.get(5),
+        width: r.get(6),
+        height: r.get(7),
+        thumb_sha256: r.get(8),
+        created_at: r.get(9),
     }
 }
 
@@ -525,7 +545,7 @@ pub(super) async fn search(
     tx.commit().await?;
     Ok(rows
         .iter()
-        .map(|r| (message_row(r), r.get::<_, f32>(13)))
+        .map(|r| (message_row(r), r.get::<_, f32>(14)))
         .collect())
 }
 
@@ -597,7 +617,7 @@ pub(super) async fn events(
         .query(
             "SELECT e.seq, e.kind, e.at, e.user_id, e.body,
                     m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq, m.text,
-                    m.thread_root_id, m.reply_count, m.last_reply_at, e.message_id, e.mentions
+                    m.thread_root_id, m.reply_count, m.last_reply_at, e.message_id, e.mentions, m.files
              FROM events e LEFT JOIN messages m ON m.id = e.message_id
              WHERE e.channel_id = $1 AND e.seq > $2 ORDER BY e.seq ASC LIMIT $3",
             &[&channel_id, &after_seq, &fetch],
@@ -640,6 +660,7 @@ fn event_row(channel_id: i64, r: &Row) -> Result<Event, Fail> {
             reply_count: r.get(14),
             last_reply_at: r.get(15),
             mentions: r.get::<_, Option<Vec<i64>>>(17).unwrap_or_default(),
+            attachments: crate::store::decode_attachments(r.get(18)),
         }
     };
     let role = || parse_role(body.as_deref().unwrap_or_default());

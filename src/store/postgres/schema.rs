@@ -232,6 +232,35 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX subscriptions_channel ON subscriptions (channel_id);
     CREATE INDEX subscriptions_due ON subscriptions (status, next_try_at);
     "#,
+    // 11: uploaded files. Their records are on shard 0, their bytes in the file store
+    // under their SHA-256; `message_files` (on the channel's shard, written with the
+    // message) says which messages carry each; a message keeps its files' descriptions
+    // (`files`, JSON) for history and events.
+    r#"
+    CREATE TABLE uploads (
+        id           BIGINT PRIMARY KEY,
+        owner_id     BIGINT NOT NULL,
+        sha256       TEXT NOT NULL,
+        size         BIGINT NOT NULL,
+        content_type TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        width        BIGINT,
+        height       BIGINT,
+        thumb_sha256 TEXT,
+        created_at   BIGINT NOT NULL
+    );
+    CREATE INDEX uploads_owner ON uploads (owner_id);
+    CREATE INDEX uploads_sha256 ON uploads (sha256);
+    CREATE INDEX uploads_thumb ON uploads (thumb_sha256) WHERE thumb_sha256 IS NOT NULL;
+    CREATE TABLE message_files (
+        upload_id  BIGINT NOT NULL,
+        message_id BIGINT NOT NULL,
+        channel_id BIGINT NOT NULL,
+        PRIMARY KEY (upload_id, message_id)
+    );
+    CREATE INDEX message_files_message ON message_files (message_id);
+    ALTER TABLE messages ADD COLUMN files TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

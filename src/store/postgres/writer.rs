@@ -88,6 +88,10 @@ pub(super) enum Op {
         root_id: Option<i64>,
         text: String,
         client_id: Option<String>,
+        /// Uploads of the author it carries (looked up on shard 0), created at
+        /// `attach_since` or later.
+        files: Vec<i64>,
+        attach_since: i64,
     },
     Edit {
         actor: i64,
@@ -1094,7 +1098,14 @@ async fn apply_one(
             }
             let message = found.ok_or(StoreError::NotFound)?;
             tx.execute(
-                "UPDATE messages SET text = '', deleted = TRUE, mentions = NULL WHERE id = $1",
+                "UPDATE messages SET text = '', deleted = TRUE, mentions = NULL, files = NULL WHERE id = $1",
+                &[message_id],
+            )
+            .await?;
+            // Its files are no longer carried by it: with no other message carrying them,
+            // they are collected after their grace period.
+            tx.execute(
+                "DELETE FROM message_files WHERE message_id = $1",
                 &[message_id],
             )
             .await?;
@@ -1135,6 +1146,7 @@ async fn apply_one(
                 text: String::new(),
                 deleted: true,
                 mentions: Vec::new(),
+                attachments: Vec::new(),
                 ..message.clone()
             };
             append_event(
@@ -1171,6 +1183,8 @@ async fn apply_one(
             root_id,
             text,
             client_id,
+            files,
+            attach_since,
         } => {
             slow_post(
                 tx,
@@ -1178,8 +1192,8 @@ async fn apply_one(
                 j,
                 now,
                 (*author, *channel_id, *root_id),
-                text,
-                client_id.as_deref(),
+                (text, client_id.as_deref()),
+                (files, *attach_since),
             )
             .await
         }
@@ -1213,8 +1227,8 @@ async fn slow_post(
     j: &mut Vec<Event>,
     now: i64,
     (author, channel_id, root_id): (i64, i64, Option<i64>),
-    text: &str,
-    client_id: Option<&str>,
+    (text, client_id): (&str, Option<&str>),
+    (files, attach_since): (&[i64], i64),
 ) -> std::result::Result<Done, Fail> {
     let (kind, role) = membership(tx, channel_id, author).await?;
     let original = match client_id {
@@ -1238,6 +1252,7 @@ async fn slow_post(
         rules::reply_root(message(tx, channel_id, root_id).await?.as_ref())?;
     }
     let mentioned = resolve_mentions(tx, shared, channel_id, text).await?;
+    let attachments = resolve_files(shared, author, files, attach_since).await?;
     let id = shared.next_ids(1, now)[0];
     let seq: i64 = tx
         .query_one(
@@ -1249,11 +1264,29 @@ async fn slow_post(
         .await?
         .get(0);
     tx.execute(
-        "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at, thread_root_id, mentions)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        &[&id, &channel_id, &seq, &author, &text, &client_id, &now, &root_id, &mentioned],
+        "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at, thread_root_id, mentions, files)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &[
+            &id,
+            &channel_id,
+            &seq,
+            &author,
+            &text,
+            &client_id,
+            &now,
+            &root_id,
+            &mentioned,
+            &crate::store::encode_attachments(&attachments),
+        ],
     )
     .await?;
+    for file in files {
+        tx.execute(
+            "INSERT INTO message_files (upload_id, message_id, channel_id) VALUES ($1, $2, $3)",
+            &[file, &id, &channel_id],
+        )
+        .await?;
+    }
     tx.execute(
         "INSERT INTO events (channel_id, seq, kind, at, message_id, mentions) VALUES ($1, $2, 'message.created', $3, $4, $5)",
         &[&channel_id, &seq, &now, &id, &mentioned],
@@ -1282,9 +1315,47 @@ async fn slow_post(
         created_at: now,
         thread_root_id: root_id,
         mentions: mentioned,
+        attachments,
         ..Message::default()
     };
     Ok(Done::Posted(crate::store::journal_post(j, message)))
+}
+
+/// The author's uploads `files` names, as the message carries them, looked up on shard 0
+/// (where uploads are recorded) as mentions' names are: bounded in time, whatever goes
+/// wrong there answered to this op alone.
+async fn resolve_files(
+    shared: &Shared,
+    author: i64,
+    files: &[i64],
+    attach_since: i64,
+) -> std::result::Result<Vec<crate::model::Attachment>, Fail> {
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let accounts = shared
+        .accounts
+        .get()
+        .ok_or(Fail::Store(StoreError::Unreachable))?;
+    let lookup = async {
+        let c = accounts.get().await.ok()?;
+        c.query(
+            &format!(
+                "SELECT {} FROM uploads WHERE id = ANY($1) AND owner_id = $2 AND created_at >= $3",
+                read::UPLOAD_COLUMNS
+            ),
+            &[&files, &author, &attach_since],
+        )
+        .await
+        .ok()
+    };
+    let rows = tokio::time::timeout(MENTION_LOOKUP, lookup)
+        .await
+        .ok()
+        .flatten()
+        .ok_or(Fail::Store(StoreError::Unreachable))?;
+    let found: Vec<_> = rows.iter().map(read::upload_row).collect();
+    Ok(crate::store::attachments_of(author, files, &found)?)
 }
 
 /// The members of the channel the text's `@name`s name, in the order named. Names are

@@ -72,6 +72,85 @@ pub fn backup(source: &Path, dest: &Path) -> anyhow::Result<BackupReport> {
     })
 }
 
+/// What [`copy_files`] copied.
+#[derive(Debug, Clone, Default)]
+pub struct FilesReport {
+    pub files: u64,
+    pub bytes: u64,
+    /// Files of uploads no message carries that were gone (collected since the snapshot).
+    pub skipped: u64,
+    /// Files of uploads a message carried in the snapshot that were gone all the same:
+    /// the message was deleted and its upload collected while the backup ran (or the
+    /// files directory lost them). Logged by digest.
+    pub missing: u64,
+}
+
+/// Copies the uploaded files the backup at `db` records (each upload's bytes and
+/// thumbnail) from the files directory `from` into `to`, each through a part file,
+/// fsynced, then renamed. Run after the database copy, so every file it records was in
+/// place when it was taken; one that no message carries may have been collected since
+/// (skipped); one that a message carries is looked for twice, a second apart, and else
+/// counted as missing and logged (its message may have been deleted and its upload
+/// collected meanwhile).
+pub fn copy_files(db: &Path, from: &Path, to: &Path) -> anyhow::Result<FilesReport> {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("open {}", db.display()))?;
+    let mut report = FilesReport::default();
+    if !has_table(&conn, "uploads")? {
+        return Ok(report);
+    }
+    let digests: Vec<(String, bool)> = conn
+        .prepare(
+            "SELECT d, max(carried) FROM (
+                 SELECT sha256 AS d, EXISTS (SELECT 1 FROM message_files f WHERE f.upload_id = u.id) AS carried FROM uploads u
+                 UNION ALL
+                 SELECT thumb_sha256, EXISTS (SELECT 1 FROM message_files f WHERE f.upload_id = u.id) FROM uploads u
+                 WHERE thumb_sha256 IS NOT NULL)
+             GROUP BY d",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (digest, carried) in digests {
+        if digest.len() < 2 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("the backup records a malformed file digest {digest:?}");
+        }
+        let rel = Path::new(&digest[..2]).join(&digest);
+        let source = from.join(&rel);
+        let target = to.join(&rel);
+        let dir = target.parent().expect("a digest's directory");
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let partial = target.with_extension("partial");
+        let mut copied = std::fs::copy(&source, &partial);
+        if carried && matches!(&copied, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+            std::thread::sleep(Duration::from_secs(1));
+            copied = std::fs::copy(&source, &partial);
+        }
+        match copied {
+            Ok(bytes) => report.bytes += bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !carried => {
+                report.skipped += 1;
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(%digest, "a file a message carried is gone from the files directory; not in the backup");
+                report.missing += 1;
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("copy {}", source.display())),
+        }
+        std::fs::File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("sync {}", partial.display()))?;
+        std::fs::rename(&partial, &target)
+            .with_context(|| format!("rename to {}", target.display()))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("sync directory {}", dir.display()))?;
+        report.files += 1;
+    }
+    Ok(report)
+}
+
 /// Copies `src` into a new file at `path` and checks the copy; returns its channel and
 /// event counts.
 fn copy_and_check(src: &Connection, path: &Path) -> anyhow::Result<(i64, i64)> {

@@ -31,13 +31,14 @@ use self::write::{Done, Op};
 pub use self::writer::WriteStats;
 use self::writer::{Writer, WriterParts};
 use super::{
-    Accounts, ApiKeyInfo, Backend, Channels, DeliveryReport, Health, IncomingWebhook, KeyAuth,
-    NewApiKey, NewIncomingWebhook, NewSession, NewSubscription, Posted, ReadFence, Result,
-    SearchQuery, SessionAuth, SessionInfo, StoreError, Subscription, SubscriptionChange, TokenHash,
+    Accounts, ApiKeyInfo, Backend, Channels, CollectedUploads, DeliveryReport, Files, Health,
+    IncomingWebhook, KeyAuth, NewApiKey, NewIncomingWebhook, NewSession, NewSubscription,
+    NewUpload, Posted, ReadFence, Result, SearchQuery, SessionAuth, SessionInfo, StoreError,
+    Subscription, SubscriptionChange, TokenHash,
 };
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
-    ReactionCount, Reactor, Role, User,
+    ReactionCount, Reactor, Role, Upload, User,
 };
 
 /// How to open a [`SqliteStore`].
@@ -310,6 +311,8 @@ fn unexpected(done: Done) -> StoreError {
         Done::Count(_) => "count",
         Done::Tokens(_) => "tokens",
         Done::ApiKey(_) => "API key",
+        Done::Upload(_) => "upload",
+        Done::Collected(_) => "collected uploads",
         Done::Webhook(_) => "webhook",
         Done::Subscription(_) => "subscription",
         Done::DeletedKey(_) => "deleted key",
@@ -544,6 +547,50 @@ impl Accounts for SqliteStore {
 
     async fn touch_api_key(&self, token: TokenHash, now: i64) -> Result<()> {
         unit(self.write(Op::TouchApiKey { token, now }).await?)
+    }
+}
+
+#[async_trait]
+impl Files for SqliteStore {
+    async fn create_upload(&self, upload: NewUpload) -> Result<Upload> {
+        match self.write(Op::CreateUpload { upload }).await? {
+            Done::Upload(u) => Ok(u),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn upload(&self, id: i64) -> Result<Option<Upload>> {
+        self.reads.run(move |c| read::upload(c, id)).await
+    }
+
+    async fn upload_channels(&self, id: i64) -> Result<Vec<i64>> {
+        self.reads.run(move |c| read::upload_channels(c, id)).await
+    }
+
+    async fn upload_bytes(&self, owner: i64) -> Result<i64> {
+        self.reads.run(move |c| read::upload_bytes(c, owner)).await
+    }
+
+    async fn collect_uploads(
+        &self,
+        before: i64,
+        after: i64,
+        limit: u32,
+    ) -> Result<CollectedUploads> {
+        let op = Op::CollectUploads {
+            before,
+            after,
+            limit,
+        };
+        match self.write(op).await? {
+            Done::Collected(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn blob_in_use(&self, sha256: &str) -> Result<bool> {
+        let sha256 = sha256.to_owned();
+        self.reads.run(move |c| read::blob_in_use(c, &sha256)).await
     }
 }
 
@@ -832,6 +879,8 @@ impl Channels for SqliteStore {
                 root_id: None,
                 text: text.to_owned(),
                 client_id: client_id.map(str::to_owned),
+                files: Vec::new(),
+                attach_since: 0,
             }
         };
         match self.write(op).await? {
@@ -854,6 +903,33 @@ impl Channels for SqliteStore {
             root_id: Some(root_id),
             text: text.to_owned(),
             client_id: client_id.map(str::to_owned),
+            files: Vec::new(),
+            attach_since: 0,
+        };
+        match self.write(op).await? {
+            Done::Posted(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn post_with_files(
+        &self,
+        author: i64,
+        channel_id: i64,
+        root_id: Option<i64>,
+        text: &str,
+        client_id: Option<&str>,
+        files: &[i64],
+        attach_since: i64,
+    ) -> Result<Posted> {
+        let op = Op::PostSlow {
+            author,
+            channel_id,
+            root_id,
+            text: text.to_owned(),
+            client_id: client_id.map(str::to_owned),
+            files: files.to_vec(),
+            attach_since,
         };
         match self.write(op).await? {
             Done::Posted(p) => Ok(p),

@@ -106,7 +106,7 @@ fn channel_row(r: &Row) -> rusqlite::Result<Channel> {
 macro_rules! message_select {
     () => {
         "SELECT m.id, m.channel_id, m.seq, m.author_id, m.text, m.client_id, m.created_at, \
-         m.edited_at, m.deleted, m.thread_root_id, m.reply_count, m.last_reply_at, m.mentions "
+         m.edited_at, m.deleted, m.thread_root_id, m.reply_count, m.last_reply_at, m.mentions, m.files "
     };
 }
 
@@ -152,7 +152,53 @@ pub(super) fn message_row(r: &Row) -> rusqlite::Result<Message> {
         reply_count: r.get(10)?,
         last_reply_at: r.get(11)?,
         mentions: parse_ids(r.get(12)?),
+        attachments: crate::store::decode_attachments(r.get::<_, Option<String>>(13)?.as_deref()),
     })
+}
+
+/// An upload by id.
+pub(super) const UPLOAD_BY_ID: &str =
+    "SELECT id, owner_id, sha256, size, content_type, name, width, height, thumb_sha256, created_at
+     FROM uploads WHERE id = ?1";
+
+pub(super) fn upload_row(r: &Row) -> rusqlite::Result<crate::model::Upload> {
+    Ok(crate::model::Upload {
+        id: r.get(0)?,
+        owner_id: r.get(1)?,
+        sha256: r.get(2)?,
+        size: r.get(3)?,
+        content_type: r.get(4)?,
+        name: r.get(5)?,
+        width: r.get(6)?,
+        height: r.get(7)?,
+        thumb_sha256: r.get(8)?,
+        created_at: r.get(9)?,
+    })
+}
+
+pub(super) fn upload(c: &Connection, id: i64) -> rusqlite::Result<Option<crate::model::Upload>> {
+    c.prepare_cached(UPLOAD_BY_ID)?
+        .query_row([id], upload_row)
+        .optional()
+}
+
+pub(super) fn upload_channels(c: &Connection, id: i64) -> rusqlite::Result<Vec<i64>> {
+    c.prepare_cached("SELECT DISTINCT channel_id FROM message_files WHERE upload_id = ?1")?
+        .query_map([id], |r| r.get(0))?
+        .collect()
+}
+
+pub(super) fn upload_bytes(c: &Connection, owner: i64) -> rusqlite::Result<i64> {
+    c.prepare_cached("SELECT coalesce(sum(size), 0) FROM uploads WHERE owner_id = ?1")?
+        .query_row([owner], |r| r.get(0))
+}
+
+pub(super) fn blob_in_use(c: &Connection, sha256: &str) -> rusqlite::Result<bool> {
+    c.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM uploads WHERE sha256 = ?1)
+             OR EXISTS (SELECT 1 FROM uploads WHERE thumb_sha256 = ?1)",
+    )?
+    .query_row([sha256], |r| r.get(0))
 }
 
 /// Ids as a message's `mentions` column keeps them: comma-separated, `NULL` for none.
@@ -773,7 +819,7 @@ pub(super) fn events(
     let mut stmt = conn.prepare_cached(
         "SELECT e.seq, e.kind, e.at, e.user_id, e.body,
                 m.id, m.author_id, m.client_id, m.created_at, m.edited_at, m.deleted, m.seq, m.text,
-                m.thread_root_id, m.reply_count, m.last_reply_at, e.message_id, e.mentions
+                m.thread_root_id, m.reply_count, m.last_reply_at, e.message_id, e.mentions, m.files
          FROM events e LEFT JOIN messages m ON m.id = e.message_id
          WHERE e.channel_id = ?1 AND e.seq > ?2 ORDER BY e.seq ASC LIMIT ?3",
     )?;
@@ -818,6 +864,9 @@ fn event_row(channel_id: i64, r: &Row) -> rusqlite::Result<Event> {
             reply_count: r.get(14)?,
             last_reply_at: r.get(15)?,
             mentions: parse_ids(r.get(17)?),
+            attachments: crate::store::decode_attachments(
+                r.get::<_, Option<String>>(18)?.as_deref(),
+            ),
         })
     };
     let role = || parse_role(body.as_deref().unwrap_or_default());

@@ -286,6 +286,37 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX subscriptions_due ON subscriptions(status, next_try_at);
     "#,
     ),
+    // 16: uploaded files. Their bytes are in the file store under their SHA-256 (one copy
+    // per digest); `message_files` says which messages carry each (a member of such a
+    // message's channel may read it); a message keeps its files' descriptions (`files`,
+    // JSON) for history and events.
+    Migration::Sql(
+        r#"
+    CREATE TABLE uploads (
+        id           INTEGER PRIMARY KEY,
+        owner_id     INTEGER NOT NULL,
+        sha256       TEXT NOT NULL,
+        size         INTEGER NOT NULL,
+        content_type TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        width        INTEGER,
+        height       INTEGER,
+        thumb_sha256 TEXT,
+        created_at   INTEGER NOT NULL
+    );
+    CREATE INDEX uploads_owner ON uploads(owner_id);
+    CREATE INDEX uploads_sha256 ON uploads(sha256);
+    CREATE INDEX uploads_thumb ON uploads(thumb_sha256) WHERE thumb_sha256 IS NOT NULL;
+    CREATE TABLE message_files (
+        upload_id  INTEGER NOT NULL,
+        message_id INTEGER NOT NULL,
+        channel_id INTEGER NOT NULL,
+        PRIMARY KEY (upload_id, message_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX message_files_message ON message_files(message_id);
+    ALTER TABLE messages ADD COLUMN files TEXT;
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

@@ -98,7 +98,13 @@ pub(super) fn delete_message(
         return Ok(Done::Unit);
     }
     let message = found.ok_or(StoreError::NotFound)?;
-    tx.prepare_cached("UPDATE messages SET text = '', deleted = 1, mentions = NULL WHERE id = ?1")?
+    tx.prepare_cached(
+        "UPDATE messages SET text = '', deleted = 1, mentions = NULL, files = NULL WHERE id = ?1",
+    )?
+    .execute([message_id])?;
+    // Its files are no longer carried by it: with no other message carrying them, they
+    // are collected after their grace period.
+    tx.prepare_cached("DELETE FROM message_files WHERE message_id = ?1")?
         .execute([message_id])?;
     // Its mentions are no one's any more.
     let seq = message.seq;
@@ -124,6 +130,7 @@ pub(super) fn delete_message(
         text: String::new(),
         deleted: true,
         mentions: Vec::new(),
+        attachments: Vec::new(),
         ..message.clone()
     };
     append_event(
@@ -170,6 +177,7 @@ pub(super) fn post_slow(
     (author, channel_id, root_id): (i64, i64, Option<i64>),
     text: &str,
     client_id: Option<&str>,
+    (files, attach_since): (&[i64], i64),
 ) -> Applied {
     let (kind, role) = membership(tx, channel_id, author)?;
     let original = match client_id {
@@ -186,6 +194,7 @@ pub(super) fn post_slow(
         rules::reply_root(message(tx, channel_id, root_id)?.as_ref())?;
     }
     let mentioned = resolve_mentions(tx, channel_id, text)?;
+    let attachments = attachments(tx, author, files, attach_since)?;
     let id = ids.next_id(now);
     let seq: i64 = tx
         .prepare_cached(
@@ -194,8 +203,8 @@ pub(super) fn post_slow(
         )?
         .query_row([channel_id], |r| r.get(0))?;
     tx.prepare_cached(
-        "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at, thread_root_id, mentions)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at, thread_root_id, mentions, files)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         id,
@@ -206,8 +215,15 @@ pub(super) fn post_slow(
         client_id,
         now,
         root_id,
-        read::join_ids(&mentioned)
+        read::join_ids(&mentioned),
+        crate::store::encode_attachments(&attachments)
     ])?;
+    for file in files {
+        tx.prepare_cached(
+            "INSERT INTO message_files (upload_id, message_id, channel_id) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![file, id, channel_id])?;
+    }
     tx.prepare_cached("INSERT INTO search_queue (message_id) VALUES (?1)")?
         .execute([id])?;
     tx.prepare_cached(
@@ -243,9 +259,29 @@ pub(super) fn post_slow(
         created_at: now,
         thread_root_id: root_id,
         mentions: mentioned,
+        attachments,
         ..Message::default()
     };
     Ok(Done::Posted(crate::store::journal_post(j, message)))
+}
+
+/// The author's uploads `files` names, as the message carries them.
+fn attachments(
+    tx: &Transaction,
+    author: i64,
+    files: &[i64],
+    attach_since: i64,
+) -> Result<Vec<crate::model::Attachment>, Failure> {
+    let mut found = Vec::with_capacity(files.len());
+    for id in files.iter().take(crate::store::MAX_ATTACHMENTS + 1) {
+        found.extend(
+            tx.prepare_cached(read::UPLOAD_BY_ID)?
+                .query_row([id], read::upload_row)
+                .optional()?
+                .filter(|u| u.created_at >= attach_since),
+        );
+    }
+    Ok(crate::store::attachments_of(author, files, &found)?)
 }
 
 /// The members of the channel the text's `@name`s name, in the order named.

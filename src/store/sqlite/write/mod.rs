@@ -4,6 +4,7 @@
 //! share; `channels` and `messages` hold the channel and message ops.
 
 mod channels;
+mod files;
 mod keys;
 mod messages;
 mod subscriptions;
@@ -160,6 +161,17 @@ pub(super) enum Op {
         root_id: Option<i64>,
         text: String,
         client_id: Option<String>,
+        /// Uploads of the author it carries, created at `attach_since` or later.
+        files: Vec<i64>,
+        attach_since: i64,
+    },
+    CreateUpload {
+        upload: crate::store::NewUpload,
+    },
+    CollectUploads {
+        before: i64,
+        after: i64,
+        limit: u32,
     },
     EditMessage {
         actor: i64,
@@ -225,6 +237,8 @@ impl Op {
             | Op::PurgeSessions { .. }
             | Op::CreateBot { .. }
             | Op::CreateApiKey { .. }
+            | Op::CreateUpload { .. }
+            | Op::CollectUploads { .. }
             | Op::DeleteApiKey { .. }
             | Op::TouchApiKey { .. } => HotUse::None,
             Op::CreateChannel { .. }
@@ -259,6 +273,8 @@ pub(super) enum Done {
     Tokens(Vec<TokenHash>),
     ApiKey(ApiKeyInfo),
     Webhook(IncomingWebhook),
+    Upload(crate::model::Upload),
+    Collected(crate::store::CollectedUploads),
     Subscription(Option<Subscription>),
     /// A deleted API key's account and digest, if there was one.
     DeletedKey(Option<(i64, TokenHash)>),
@@ -502,6 +518,8 @@ pub(super) fn apply(
             root_id,
             text,
             client_id,
+            files,
+            attach_since,
         } => post_slow(
             tx,
             j,
@@ -511,7 +529,14 @@ pub(super) fn apply(
             (*author, *channel_id, *root_id),
             text,
             client_id.as_deref(),
+            (files, *attach_since),
         ),
+        Op::CreateUpload { upload } => files::create_upload(tx, ids.next_id(now), now, upload),
+        Op::CollectUploads {
+            before,
+            after,
+            limit,
+        } => files::collect_uploads(tx, *before, *after, *limit),
         Op::EditMessage {
             actor,
             channel_id,
