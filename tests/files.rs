@@ -505,6 +505,9 @@ async fn uploads_past_their_limits_are_refused_and_keep_nothing() {
     assert_eq!(kept_files(&files_dir).len(), 2);
     let named = upload(&alice, "a%2Fb", "application/octet-stream", vec![1]).await;
     assert_eq!(named.status, StatusCode::BAD_REQUEST, "{:?}", named.json());
+    let empty = upload(&alice, "empty.txt", "text/plain", Vec::new()).await;
+    assert_eq!(empty.status, StatusCode::BAD_REQUEST, "{:?}", empty.json());
+    assert_eq!(empty.json()["error"]["field"], "body");
     server.stop().await;
 }
 

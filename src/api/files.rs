@@ -45,7 +45,7 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's bytes (any `Content-Type`)"),
     params(("name" = Option<String>, Query, description = "The file's name as shown (default `file`); cut to 200 characters")),
     responses((status = 201, body = Upload),
-              (status = 400, body = ErrorBody, description = "`invalid_field`: a `name` with control characters or path separators"),
+              (status = 400, body = ErrorBody, description = "`invalid_field`: an empty body, or a `name` with control characters or path separators"),
               (status = 408, body = ErrorBody, description = "`request_timeout`: the body stalled"),
               (status = 413, body = ErrorBody, description = "`payload_too_large`: past `--max-upload-bytes` (nothing is kept); `upload_quota`: past the caller's quota"),
               (status = 422, body = ErrorBody, description = "`image_too_large`: an image too large to decode (a decompression bomb)"),
@@ -103,6 +103,10 @@ async fn upload(
                 }
             }
         })?;
+    if received.size == 0 {
+        state.files.refused();
+        return Err(ApiError::invalid_field("body", "the file is empty"));
+    }
     if used.saturating_add(received.size) > quota {
         state.files.refused();
         return Err(ApiError::upload_quota(quota));
