@@ -183,6 +183,12 @@ pub struct ServeArgs {
     /// the data directory. Nodes of a cluster share one (a network file system).
     #[arg(long, env = "NATTER_FILES_DIR")]
     pub files_dir: Option<PathBuf>,
+    /// The server's secret key (64 hex digits): it seals two-factor secrets and signs
+    /// login challenges. Keep it apart from the database and its backups. Default:
+    /// `secret.key` in the data directory, made at first start; a cluster's nodes must
+    /// all be given the same file (none is made for them).
+    #[arg(long, env = "NATTER_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
     /// The largest upload, in bytes (past it: 413 `payload_too_large`).
     #[arg(long, env = "NATTER_MAX_UPLOAD_BYTES", default_value_t = 25 * 1024 * 1024)]
     pub max_upload_bytes: u64,
@@ -373,6 +379,8 @@ pub struct Config {
     /// Outgoing webhooks' timeouts, backoff and allowed networks.
     pub webhooks: crate::delivery::DeliveryConfig,
     pub files: FilesConfig,
+    /// `--secret-key-file`.
+    pub secret_key_file: Option<PathBuf>,
 }
 
 /// Uploaded files: where they are kept and their bounds.
@@ -772,6 +780,7 @@ impl Config {
                     })
                     .collect::<Result<_, _>>()?,
             },
+            secret_key_file: a.secret_key_file.clone(),
             files: FilesConfig {
                 dir: a.files_dir.clone(),
                 max_upload_bytes: at_least("--max-upload-bytes", a.max_upload_bytes, 1)?,
@@ -838,6 +847,29 @@ impl Config {
     }
 
     /// Where the data lives: `--store`, or the SQLite file in the data directory.
+    /// The server's secret key ([`crate::sealing`]): `--secret-key-file`, or with the
+    /// embedded store `secret.key` in the data directory (made if missing). A cluster
+    /// node is never given a key of its own making (the nodes would disagree): without
+    /// the option, two-factor login is unavailable there, and a named file must exist.
+    pub fn sealer(&self) -> anyhow::Result<Option<crate::sealing::Sealer>> {
+        let embedded = matches!(
+            self.store_location(),
+            crate::store::StoreLocation::Sqlite(_)
+        );
+        match (&self.secret_key_file, embedded) {
+            (Some(path), _) => crate::sealing::Sealer::load(path, embedded).map(Some),
+            (None, true) => {
+                crate::sealing::Sealer::load(&self.data_dir.join("secret.key"), true).map(Some)
+            }
+            (None, false) => {
+                tracing::warn!(
+                    "no --secret-key-file: two-factor login is unavailable on this cluster node"
+                );
+                Ok(None)
+            }
+        }
+    }
+
     pub fn store_location(&self) -> crate::store::StoreLocation {
         self.store
             .clone()

@@ -17,13 +17,16 @@ pub mod delivery;
 pub mod files;
 pub mod gateway;
 pub mod id;
+pub mod mac;
 pub mod metrics;
 pub mod model;
 pub mod process;
 pub mod ratelimit;
+pub mod sealing;
 pub mod search;
 pub mod server;
 pub mod store;
+pub mod totp;
 pub mod username;
 pub mod wire;
 

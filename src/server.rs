@@ -114,7 +114,8 @@ pub async fn serve(
         config.files.grace,
         config.files.collect_every,
     ));
-    let state = AppState::new(store.clone(), config, gateway, files);
+    let sealer = config.sealer()?.map(Arc::new);
+    let state = AppState::new(store.clone(), config, gateway, files, sealer);
     // Outgoing webhooks, delivered from this node (a lease per subscription keeps one
     // node at a time on each).
     let deliverer =

@@ -11,7 +11,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::dto::{
-    Credentials, ErrorBody, Session, SessionList, SessionListItem, UpdateProfile, User,
+    Credentials, ErrorBody, LoginChallenge, Session, SessionList, SessionListItem, UpdateProfile,
+    User,
 };
 use super::error::{ApiError, ApiResult};
 use super::extract::{Authed, ClientIp, JsonBody, Params, PathIds, UserAgent};
@@ -83,9 +84,12 @@ async fn register(
 }
 
 /// Logs in. An unknown name and a wrong password get the same answer; failures are
-/// throttled per username and per client address.
+/// throttled per username and per client address. With two-factor login on, a right
+/// password gets `202` and a challenge to complete at `POST /v1/sessions/two-factor`
+/// with a code; no session exists before that.
 #[utoipa::path(post, path = "/v1/sessions", tag = "accounts", request_body = Credentials,
     responses((status = 200, body = Session),
+              (status = 202, body = LoginChallenge, description = "The password is right and the account has two-factor login on: complete the login with a code"),
               (status = 401, body = ErrorBody, description = "`invalid_credentials`"),
               (status = 429, body = ErrorBody, description = "`rate_limited`: too many failed logins for this name or from this address")))]
 async fn login(
@@ -93,7 +97,8 @@ async fn login(
     ClientIp(client_ip): ClientIp,
     agent: UserAgent,
     JsonBody(body): JsonBody<Credentials>,
-) -> ApiResult<Json<Session>> {
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
     if body.username.len() > 4 * 4 * username::MAX_CHARS || body.password.expose().len() > 4096 {
         return Err(ApiError::invalid_credentials());
     }
@@ -129,15 +134,20 @@ async fn login(
             return Err(e);
         }
     };
+    if let Some(challenge) = super::security::challenge_for(&state, &user, client_ip).await? {
+        return Ok((StatusCode::ACCEPTED, Json(challenge)).into_response());
+    }
     let (token, session) = new_session(&state, client_ip, agent);
     // Past the cap on sessions per user the oldest end, at once and everywhere.
     for evicted in state.store.create_session(user.id, session).await? {
         revoke(&state, user.id, &evicted);
     }
+    super::security::audit("login.password", &user, client_ip);
     Ok(Json(Session {
         user: (&user).into(),
         token: token.into(),
-    }))
+    })
+    .into_response())
 }
 
 /// One login attempt's charge to the login limits, taken before the password is verified
@@ -146,13 +156,13 @@ async fn login(
 /// out), the username from everywhere (a ceiling on distributed guessing, and on a loop of
 /// right passwords), and this address over every username. A right password gives back
 /// the first and the last; an attempt that never ran gives back all three.
-struct LoginCharge {
+pub(super) struct LoginCharge {
     name: String,
     ip: IpAddr,
 }
 
 impl LoginCharge {
-    fn take(state: &AppState, name: String, ip: IpAddr) -> ApiResult<Self> {
+    pub(super) fn take(state: &AppState, name: String, ip: IpAddr) -> ApiResult<Self> {
         let now = Instant::now();
         let by_user = (name.clone(), ip);
         let refused = |w| state.rate_limited(Limit::Login, w);
@@ -173,7 +183,7 @@ impl LoginCharge {
     }
 
     /// The attempt was not made (refused for load, or the store failed): costs nothing.
-    fn refund(self, state: &AppState) {
+    pub(super) fn refund(self, state: &AppState) {
         state.login_failures_by_account.refund(&self.name);
         self.succeeded(state);
     }
@@ -181,7 +191,7 @@ impl LoginCharge {
     /// The password was right: nothing is charged to this address, but the attempt stays
     /// charged to the username's ceiling, so even right passwords cannot make Argon2 run
     /// without bound (a loop of logins with the right password).
-    fn succeeded(self, state: &AppState) {
+    pub(super) fn succeeded(self, state: &AppState) {
         state.login_failures_by_ip.refund(&self.ip);
         state.login_failures_by_user.refund(&(self.name, self.ip));
     }
@@ -190,7 +200,7 @@ impl LoginCharge {
 /// Runs `f` (an Argon2 hash or verification: CPU-heavy, ~19 MiB) on the blocking pool,
 /// at most `--password-hash-concurrency` at once; past that, `503 overloaded` with
 /// Retry-After, so a burst of logins cannot exhaust memory.
-async fn hash_bounded<T: Send + 'static>(
+pub(super) async fn hash_bounded<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> ApiResult<T> {
@@ -213,7 +223,11 @@ async fn hash_bounded<T: Send + 'static>(
 }
 
 /// A fresh bearer token and the session row that stores its digest.
-fn new_session(state: &AppState, address: IpAddr, agent: UserAgent) -> (String, NewSession) {
+pub(super) fn new_session(
+    state: &AppState,
+    address: IpAddr,
+    agent: UserAgent,
+) -> (String, NewSession) {
     let token = new_token();
     let expires_at = now_ms() + state.config.token_ttl.as_millis() as i64;
     let session = NewSession {

@@ -274,6 +274,61 @@ impl ApiError {
         }
     }
 
+    /// `401 invalid_code` when completing a login, `403 invalid_code` from a session
+    /// (a 401 would read as the session's end): the two-factor code is wrong, was used
+    /// already, or the recovery code is not one unused.
+    pub fn invalid_code(status: StatusCode) -> Self {
+        Self {
+            field: Some("code".into()),
+            ..Self::new(
+                status,
+                "invalid_code",
+                "wrong or already used code: enter the current code of your authenticator app, or an unused recovery code",
+            )
+        }
+    }
+
+    /// `401 invalid_challenge`: a login challenge that expired, was altered, or was
+    /// issued by another server.
+    pub fn invalid_challenge() -> Self {
+        Self {
+            field: Some("challenge".into()),
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_challenge",
+                "the login challenge expired or is not valid; log in with your password again",
+            )
+        }
+    }
+
+    /// `403 wrong_password`: a session's re-authentication for a sensitive change failed.
+    pub fn wrong_password(field: &'static str) -> Self {
+        Self {
+            field: Some(field.into()),
+            ..Self::new(
+                StatusCode::FORBIDDEN,
+                "wrong_password",
+                "the password is wrong",
+            )
+        }
+    }
+
+    /// `409 <code>`: the account is not in the state the request needs.
+    pub fn conflict(code: &'static str, message: &'static str) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    /// `503 two_factor_unavailable`: this server has no secret key to seal two-factor
+    /// secrets and sign login challenges with (a cluster node started without
+    /// `--secret-key-file`).
+    pub fn two_factor_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "two_factor_unavailable",
+            "two-factor login is not available: the server has no secret key configured",
+        )
+    }
+
     pub fn unavailable() -> Self {
         Self {
             retry_after: Some(1),

@@ -17,6 +17,7 @@ pub(crate) mod presence;
 mod reactions;
 pub mod scopes;
 mod search;
+mod security;
 mod sessions;
 pub mod validate;
 mod web;
@@ -91,6 +92,9 @@ pub struct Inner {
     uploading: std::sync::Mutex<std::collections::HashMap<i64, u32>>,
     /// Images decoded at once (each may take up to a few hundred MiB).
     decoding: Arc<tokio::sync::Semaphore>,
+    /// Seals two-factor secrets and signs login challenges; `None` without a secret key
+    /// (a cluster node not given one): two-factor login is then unavailable.
+    sealer: Option<Arc<crate::sealing::Sealer>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -106,6 +110,7 @@ impl AppState {
         config: Config,
         gateway: Gateway,
         files: Arc<crate::files::FileStore>,
+        sealer: Option<Arc<crate::sealing::Sealer>>,
     ) -> Self {
         let limits = config.limits;
         let state = Self(Arc::new(Inner {
@@ -139,6 +144,7 @@ impl AppState {
             files,
             uploading: std::sync::Mutex::default(),
             decoding: Arc::new(tokio::sync::Semaphore::new(1)),
+            sealer,
             config,
         }));
         // A session revoked on another node ends here too.
@@ -305,6 +311,7 @@ impl AppState {
 fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(accounts::routes())
+        .merge(security::routes())
         .merge(keys::routes())
         .merge(webhooks::routes())
         .merge(channels::routes())

@@ -35,6 +35,19 @@ pub enum ClientError {
     GaveUp(u32),
     #[error("unexpected frame: {0}")]
     Protocol(String),
+    /// The password was right and the account has two-factor login on: complete the
+    /// login with [`Api::complete_login`] and a code.
+    #[error("this account needs a two-factor code to log in")]
+    TwoFactorRequired { challenge: String },
+}
+
+/// A new two-factor secret: add it to an authenticator app, then confirm with a code.
+#[derive(Debug, Clone)]
+pub struct Enrolment {
+    /// Base32, for typing into an app.
+    pub secret: String,
+    /// The `otpauth://` URI a QR code carries.
+    pub uri: String,
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -127,8 +140,108 @@ impl Api {
                 Some(json!({"username": username, "password": password})),
             )
             .await?;
+        if v["two_factor_required"] == true {
+            let challenge = v["challenge"].as_str().unwrap_or_default().to_owned();
+            return Err(ClientError::TwoFactorRequired { challenge });
+        }
         self.token = v["token"].as_str().map(str::to_owned);
         id(&v["user"]["id"])
+    }
+
+    /// Completes a login that answered [`ClientError::TwoFactorRequired`], with a code
+    /// of the authenticator app or a recovery code; returns the user id.
+    pub async fn complete_login(&mut self, challenge: &str, code: &str) -> Result<i64> {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/sessions/two-factor",
+                Some(json!({"challenge": challenge, "code": code})),
+            )
+            .await?;
+        self.token = v["token"].as_str().map(str::to_owned);
+        id(&v["user"]["id"])
+    }
+
+    /// Logs in with the password and, if the account asks for one, `code`.
+    pub async fn login_with_code(
+        &mut self,
+        username: &str,
+        password: &str,
+        code: &str,
+    ) -> Result<i64> {
+        match self.login(username, password).await {
+            Err(ClientError::TwoFactorRequired { challenge }) => {
+                self.complete_login(&challenge, code).await
+            }
+            other => other,
+        }
+    }
+
+    /// Begins enrolling in two-factor login (the password is asked again).
+    pub async fn begin_two_factor(&self, password: &str) -> Result<Enrolment> {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/users/me/two-factor",
+                Some(json!({"password": password})),
+            )
+            .await?;
+        let field = |name: &str| {
+            v[name]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| ClientError::Protocol(format!("an enrolment without `{name}`")))
+        };
+        Ok(Enrolment {
+            secret: field("secret")?,
+            uri: field("uri")?,
+        })
+    }
+
+    /// Confirms an enrolment with a code: two-factor login is on; returns the recovery
+    /// codes (shown this once).
+    pub async fn confirm_two_factor(&self, code: &str) -> Result<Vec<String>> {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/users/me/two-factor/confirm",
+                Some(json!({"code": code})),
+            )
+            .await?;
+        Ok(v["recovery_codes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Turns two-factor login off (the password and a code are asked).
+    pub async fn disable_two_factor(&self, password: &str, code: &str) -> Result<()> {
+        self.call(
+            reqwest::Method::POST,
+            "/v1/users/me/two-factor/disable",
+            Some(json!({"password": password, "code": code})),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Changes the password (with a code while two-factor login is on); every other
+    /// session ends.
+    pub async fn change_password(
+        &self,
+        current: &str,
+        new: &str,
+        code: Option<&str>,
+    ) -> Result<()> {
+        let mut body = json!({"current_password": current, "new_password": new});
+        if let Some(code) = code {
+            body["code"] = json!(code);
+        }
+        self.call(reqwest::Method::POST, "/v1/users/me/password", Some(body))
+            .await
+            .map(drop)
     }
 
     /// Creates an account and logs in as it; returns the user id.

@@ -28,6 +28,7 @@ pub const CHECKS: &[&str] = &[
     "incoming_webhooks",
     "subscription_leases",
     "uploads",
+    "two_factor_and_passwords",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -54,8 +55,139 @@ pub async fn run(name: &str, store: &dyn Store) {
         "incoming_webhooks" => incoming_webhooks(store).await,
         "subscription_leases" => subscription_leases(store).await,
         "uploads" => uploads(store).await,
+        "two_factor_and_passwords" => two_factor_and_passwords(store).await,
         other => panic!("no conformance check {other}"),
     }
+}
+
+/// Two-factor login: an enrolment waits for its confirmation (with the secret it showed),
+/// a code's step is used once and never an earlier one, a recovery code once; turning it
+/// off deletes it all. A password change ends every other session in the same write.
+async fn two_factor_and_passwords(store: &dyn Store) {
+    let id = user(store, "tess").await;
+    let other = user(store, "otto").await;
+    assert_eq!(store.two_factor(id).await.unwrap(), None);
+    // Nothing to use while it is off.
+    assert!(!store.use_code_step(id, 5).await.unwrap());
+    assert!(!store.use_recovery_code(id, [9; 32]).await.unwrap());
+    assert!(
+        !store
+            .replace_recovery_codes(id, vec![[9; 32]])
+            .await
+            .unwrap()
+    );
+    assert!(store.begin_two_factor(id, b"first".to_vec()).await.unwrap());
+    assert!(
+        store
+            .begin_two_factor(id, b"second".to_vec())
+            .await
+            .unwrap()
+    );
+    let waiting = store.two_factor(id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            waiting.secret.as_slice(),
+            waiting.enabled,
+            waiting.recovery_codes
+        ),
+        (&b"second"[..], false, 0)
+    );
+    // A confirmation of the replaced enrolment does nothing.
+    assert!(
+        !store
+            .enable_two_factor(id, b"first".to_vec(), 10, vec![[1; 32]])
+            .await
+            .unwrap()
+    );
+    assert!(!store.use_code_step(id, 11).await.unwrap(), "not on yet");
+    let codes: Vec<[u8; 32]> = (1..=10).map(|i| [i; 32]).collect();
+    assert!(
+        store
+            .enable_two_factor(id, b"second".to_vec(), 10, codes)
+            .await
+            .unwrap()
+    );
+    let on = store.two_factor(id).await.unwrap().unwrap();
+    assert_eq!(
+        (on.enabled, on.last_step, on.recovery_codes),
+        (true, 10, 10)
+    );
+    // On: a new enrolment cannot replace it, nor can the old one be confirmed again.
+    assert!(!store.begin_two_factor(id, b"third".to_vec()).await.unwrap());
+    assert!(
+        !store
+            .enable_two_factor(id, b"second".to_vec(), 20, vec![])
+            .await
+            .unwrap()
+    );
+    // Steps: the confirming one and earlier are used; a later one once.
+    assert!(!store.use_code_step(id, 10).await.unwrap());
+    assert!(!store.use_code_step(id, 9).await.unwrap());
+    assert!(store.use_code_step(id, 11).await.unwrap());
+    assert!(!store.use_code_step(id, 11).await.unwrap());
+    assert!(
+        !store.use_code_step(other, 12).await.unwrap(),
+        "another user's is off"
+    );
+    // Recovery codes: each once, and only the user's own.
+    assert!(!store.use_recovery_code(other, [3; 32]).await.unwrap());
+    assert!(store.use_recovery_code(id, [3; 32]).await.unwrap());
+    assert!(!store.use_recovery_code(id, [3; 32]).await.unwrap());
+    assert!(!store.use_recovery_code(id, [11; 32]).await.unwrap());
+    assert_eq!(
+        store.two_factor(id).await.unwrap().unwrap().recovery_codes,
+        9
+    );
+    assert!(
+        store
+            .replace_recovery_codes(id, vec![[20; 32], [21; 32]])
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store.use_recovery_code(id, [4; 32]).await.unwrap(),
+        "old codes are gone"
+    );
+    assert!(store.use_recovery_code(id, [20; 32]).await.unwrap());
+    store.disable_two_factor(id).await.unwrap();
+    assert_eq!(store.two_factor(id).await.unwrap(), None);
+    assert!(!store.use_recovery_code(id, [21; 32]).await.unwrap());
+    // Re-enrolment starts over.
+    assert!(
+        store
+            .begin_two_factor(id, b"fourth".to_vec())
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.two_factor(id).await.unwrap().unwrap().last_step, 0);
+
+    // A password change ends every other session of the user, and no one else's.
+    for (token, user) in [
+        ([1u8; 32], id),
+        ([2; 32], id),
+        ([3; 32], id),
+        ([4; 32], other),
+    ] {
+        store
+            .create_session(user, new_session(token, i64::MAX))
+            .await
+            .unwrap();
+    }
+    let mut ended = store
+        .change_password(id, "new hash", [2; 32])
+        .await
+        .unwrap();
+    ended.sort();
+    assert_eq!(ended, vec![[1; 32], [3; 32]]);
+    let (_, hash) = store.credentials("tess").await.unwrap().unwrap();
+    assert_eq!(hash, "new hash");
+    assert!(store.session_user([2; 32], 0).await.unwrap().is_some());
+    assert!(store.session_user([1; 32], 0).await.unwrap().is_none());
+    assert!(store.session_user([4; 32], 0).await.unwrap().is_some());
+    assert!(matches!(
+        store.change_password(i64::MAX, "h", [0; 32]).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 fn new_upload(owner_id: i64, seed: char) -> crate::store::NewUpload {

@@ -578,6 +578,61 @@ pub trait Files: Send + Sync {
     async fn blob_in_use(&self, sha256: &str) -> Result<bool>;
 }
 
+/// A user's two-factor login, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TwoFactor {
+    /// The TOTP secret, sealed by the API layer ([`crate::sealing`]): the store never
+    /// holds it readable.
+    pub secret: Vec<u8>,
+    /// Confirmed by a code: logins need one. Until then an enrolment waits for it.
+    pub enabled: bool,
+    /// The last 30-second step a code was accepted for: a code of it or an earlier one
+    /// is refused.
+    pub last_step: i64,
+    /// Recovery codes not yet used.
+    pub recovery_codes: u32,
+}
+
+/// What guards an account beyond its password: two-factor login and password changes.
+/// Every check that must not race (a code used once, a recovery code used once) is made
+/// in the write that records it.
+#[async_trait]
+pub trait Security: Send + Sync {
+    /// The user's two-factor state, if they ever began an enrolment.
+    async fn two_factor(&self, user_id: i64) -> Result<Option<TwoFactor>>;
+    /// Begins an enrolment with a sealed secret, replacing one not yet confirmed;
+    /// `false` (nothing changed) if two-factor login is on already.
+    async fn begin_two_factor(&self, user_id: i64, secret: Vec<u8>) -> Result<bool>;
+    /// Turns two-factor login on, if the waiting enrolment's secret is still `secret`
+    /// (else `false`: another enrolment replaced it, or it is on already): `step` counts
+    /// as used, and the recovery codes (their digests) replace any before.
+    async fn enable_two_factor(
+        &self,
+        user_id: i64,
+        secret: Vec<u8>,
+        step: i64,
+        recovery_codes: Vec<TokenHash>,
+    ) -> Result<bool>;
+    /// Records a code of `step` as used, if two-factor login is on and no code of that
+    /// step or a later one was: whether it was (`false`: a replay).
+    async fn use_code_step(&self, user_id: i64, step: i64) -> Result<bool>;
+    /// Uses up a recovery code (its digest), if two-factor login is on and the code is
+    /// one not used: whether it was.
+    async fn use_recovery_code(&self, user_id: i64, code: TokenHash) -> Result<bool>;
+    /// New recovery codes in place of the old (`false` if two-factor login is off).
+    async fn replace_recovery_codes(&self, user_id: i64, codes: Vec<TokenHash>) -> Result<bool>;
+    /// Turns two-factor login off (its secret and recovery codes are deleted).
+    async fn disable_two_factor(&self, user_id: i64) -> Result<()>;
+    /// Stores a new password hash and ends every session of the user but `keep`, in one
+    /// transaction: the ended sessions' digests (the caller revokes them).
+    async fn change_password(
+        &self,
+        user_id: i64,
+        password_hash: &str,
+        keep: TokenHash,
+    ) -> Result<Vec<TokenHash>>;
+}
+
 /// Users and their sessions.
 #[async_trait]
 pub trait Accounts: Send + Sync {
@@ -997,5 +1052,5 @@ pub trait Backend: Send + Sync {
 }
 
 /// The whole store, as one object the server holds.
-pub trait Store: Accounts + Channels + Files + Backend {}
-impl<T: Accounts + Channels + Files + Backend> Store for T {}
+pub trait Store: Accounts + Security + Channels + Files + Backend {}
+impl<T: Accounts + Security + Channels + Files + Backend> Store for T {}

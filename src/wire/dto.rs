@@ -1146,3 +1146,106 @@ pub struct ErrorDetail {
     /// The offending request field, when there is one.
     pub field: Option<String>,
 }
+
+/// The caller's password, asked again before a sensitive change.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordCheck {
+    #[schema(value_type = String)]
+    pub password: crate::auth::Secret,
+}
+
+/// A code of the caller's authenticator app (6 digits) or one of their recovery codes.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TwoFactorCode {
+    /// Six digits (spaces ignored), or a recovery code (`xxxxx-xxxxx`).
+    #[schema(value_type = String, max_length = 64)]
+    pub code: crate::auth::Secret,
+}
+
+/// The password and a second-factor code.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordAndCode {
+    #[schema(value_type = String)]
+    pub password: crate::auth::Secret,
+    /// Six digits, or a recovery code. Not needed (and ignored) while two-factor login
+    /// is off.
+    #[schema(value_type = Option<String>, max_length = 64)]
+    #[serde(default)]
+    pub code: Option<crate::auth::Secret>,
+}
+
+/// A new two-factor secret, shown once: add it to an authenticator app (scan the QR
+/// code, or type the secret), then confirm with a code.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TwoFactorEnrolment {
+    /// The secret in base32 (RFC 4648, no padding), for typing into an app.
+    #[schema(value_type = String)]
+    pub secret: crate::auth::Secret,
+    /// The `otpauth://totp/…` URI (SHA-1, 6 digits, 30 s) an app reads.
+    #[schema(value_type = String)]
+    pub uri: crate::auth::Secret,
+    /// The URI as a QR code: an SVG document, made by this server (nothing is fetched
+    /// from elsewhere).
+    #[schema(value_type = String)]
+    pub qr_svg: crate::auth::Secret,
+}
+
+/// Single-use recovery codes, shown once: each logs in (or confirms a change) in place
+/// of an app's code.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RecoveryCodes {
+    #[schema(value_type = Vec<String>)]
+    pub recovery_codes: Vec<crate::auth::Secret>,
+}
+
+/// Where the caller's two-factor login stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TwoFactorStatus {
+    /// Logins need a code.
+    pub enabled: bool,
+    /// An enrolment waits for its confirming code.
+    pub pending: bool,
+    /// Recovery codes not yet used.
+    pub recovery_codes_left: u32,
+}
+
+/// A login's password was right, and the account has two-factor login on: complete it
+/// at `POST /v1/sessions/two-factor` with this challenge and a code.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoginChallenge {
+    /// Always `true`.
+    pub two_factor_required: bool,
+    /// Opaque; good until `expires_at`.
+    #[schema(value_type = String)]
+    pub challenge: crate::auth::Secret,
+    pub expires_at: String,
+}
+
+/// The second step of a login with two-factor login on.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeAnswer {
+    #[schema(value_type = String, max_length = 512)]
+    pub challenge: crate::auth::Secret,
+    /// Six digits, or a recovery code.
+    #[schema(value_type = String, max_length = 64)]
+    pub code: crate::auth::Secret,
+}
+
+/// A new password for the caller. Every other session of theirs ends.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePassword {
+    #[schema(value_type = String)]
+    pub current_password: crate::auth::Secret,
+    /// 8–1024 characters (Unicode scalar values).
+    #[schema(value_type = String, min_length = 8, max_length = 1024)]
+    pub new_password: crate::auth::Secret,
+    /// Six digits, or a recovery code: required while two-factor login is on.
+    #[schema(value_type = Option<String>, max_length = 64)]
+    #[serde(default)]
+    pub code: Option<crate::auth::Secret>,
+}

@@ -14,6 +14,7 @@
 mod read;
 mod ring;
 mod schema;
+mod security;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap};

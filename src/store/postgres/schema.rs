@@ -261,6 +261,25 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX message_files_message ON message_files (message_id);
     ALTER TABLE messages ADD COLUMN files TEXT;
     "#,
+    // 12: two-factor login (used on shard 0). A user's TOTP secret is sealed with the
+    // server's secret key (never stored readable); codes of `last_step` or earlier are
+    // refused (no replay); recovery codes are kept as SHA-256 digests. Messages by author
+    // (on every shard), for a data export.
+    r#"
+    CREATE TABLE two_factor (
+        user_id    BIGINT PRIMARY KEY,
+        secret     BYTEA NOT NULL,
+        enabled    BOOLEAN NOT NULL,
+        last_step  BIGINT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE recovery_codes (
+        user_id   BIGINT NOT NULL,
+        code_hash BYTEA NOT NULL,
+        PRIMARY KEY (user_id, code_hash)
+    );
+    CREATE INDEX messages_author ON messages (author_id, id);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -27,14 +27,14 @@ pub use self::index::index_path;
 use self::read::ReadPool;
 pub use self::tail::FOLD_ROWS;
 use self::tail::{Tail, Unfolded};
-use self::write::{Done, Op};
+use self::write::{Done, Op, SecurityOp};
 pub use self::writer::WriteStats;
 use self::writer::{Writer, WriterParts};
 use super::{
     Accounts, ApiKeyInfo, Backend, Channels, CollectedUploads, DeliveryReport, Files, Health,
     IncomingWebhook, KeyAuth, NewApiKey, NewIncomingWebhook, NewSession, NewSubscription,
-    NewUpload, Posted, ReadFence, Result, SearchQuery, SessionAuth, SessionInfo, StoreError,
-    Subscription, SubscriptionChange, TokenHash,
+    NewUpload, Posted, ReadFence, Result, SearchQuery, Security, SessionAuth, SessionInfo,
+    StoreError, Subscription, SubscriptionChange, TokenHash, TwoFactor,
 };
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
@@ -547,6 +547,98 @@ impl Accounts for SqliteStore {
 
     async fn touch_api_key(&self, token: TokenHash, now: i64) -> Result<()> {
         unit(self.write(Op::TouchApiKey { token, now }).await?)
+    }
+}
+
+impl SqliteStore {
+    async fn security(&self, op: SecurityOp) -> Result<bool> {
+        match self.write(Op::Security(op)).await? {
+            Done::Changed(changed) => Ok(changed),
+            Done::Unit => Ok(true),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+#[async_trait]
+impl Security for SqliteStore {
+    async fn two_factor(&self, user_id: i64) -> Result<Option<TwoFactor>> {
+        self.reads
+            .run(move |c| {
+                rusqlite::OptionalExtension::optional(
+                    c.prepare_cached(
+                        "SELECT secret, enabled, last_step,
+                                (SELECT count(*) FROM recovery_codes WHERE user_id = ?1)
+                         FROM two_factor WHERE user_id = ?1",
+                    )?
+                    .query_row([user_id], |r| {
+                        Ok(TwoFactor {
+                            secret: r.get(0)?,
+                            enabled: r.get(1)?,
+                            last_step: r.get(2)?,
+                            recovery_codes: r.get(3)?,
+                        })
+                    }),
+                )
+            })
+            .await
+    }
+
+    async fn begin_two_factor(&self, user_id: i64, secret: Vec<u8>) -> Result<bool> {
+        self.security(SecurityOp::Begin { user_id, secret }).await
+    }
+
+    async fn enable_two_factor(
+        &self,
+        user_id: i64,
+        secret: Vec<u8>,
+        step: i64,
+        recovery_codes: Vec<TokenHash>,
+    ) -> Result<bool> {
+        self.security(SecurityOp::Enable {
+            user_id,
+            secret,
+            step,
+            codes: recovery_codes,
+        })
+        .await
+    }
+
+    async fn use_code_step(&self, user_id: i64, step: i64) -> Result<bool> {
+        self.security(SecurityOp::UseStep { user_id, step }).await
+    }
+
+    async fn use_recovery_code(&self, user_id: i64, code: TokenHash) -> Result<bool> {
+        self.security(SecurityOp::UseRecoveryCode { user_id, code })
+            .await
+    }
+
+    async fn replace_recovery_codes(&self, user_id: i64, codes: Vec<TokenHash>) -> Result<bool> {
+        self.security(SecurityOp::ReplaceRecoveryCodes { user_id, codes })
+            .await
+    }
+
+    async fn disable_two_factor(&self, user_id: i64) -> Result<()> {
+        self.security(SecurityOp::Disable { user_id })
+            .await
+            .map(drop)
+    }
+
+    async fn change_password(
+        &self,
+        user_id: i64,
+        password_hash: &str,
+        keep: TokenHash,
+    ) -> Result<Vec<TokenHash>> {
+        let op = SecurityOp::ChangePassword {
+            user_id,
+            password_hash: password_hash.to_owned(),
+            keep,
+        };
+        match self.write(Op::Security(op)).await? {
+            Done::Tokens(ended) => Ok(ended),
+            other => Err(unexpected(other)),
+        }
     }
 }
 

@@ -317,6 +317,26 @@ const MIGRATIONS: &[Migration] = &[
     ALTER TABLE messages ADD COLUMN files TEXT;
     "#,
     ),
+    // 17: two-factor login. A user's TOTP secret is sealed with the server's secret key
+    // (never stored readable); codes of `last_step` or earlier are refused (no replay);
+    // recovery codes are kept as SHA-256 digests. Messages by author, for a data export.
+    Migration::Sql(
+        r#"
+    CREATE TABLE two_factor (
+        user_id    INTEGER PRIMARY KEY,
+        secret     BLOB NOT NULL,
+        enabled    INTEGER NOT NULL,
+        last_step  INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE recovery_codes (
+        user_id   INTEGER NOT NULL,
+        code_hash BLOB NOT NULL,
+        PRIMARY KEY (user_id, code_hash)
+    ) WITHOUT ROWID;
+    CREATE INDEX messages_author ON messages(author_id, id);
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

@@ -7,7 +7,10 @@ mod channels;
 mod files;
 mod keys;
 mod messages;
+mod security;
 mod subscriptions;
+
+pub(super) use self::security::SecurityOp;
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
@@ -195,6 +198,7 @@ pub(super) enum Op {
     Fold {
         channels: Vec<i64>,
     },
+    Security(SecurityOp),
 }
 
 /// How an op relates to the writer's [`Hot`] channel state.
@@ -240,7 +244,8 @@ impl Op {
             | Op::CreateUpload { .. }
             | Op::CollectUploads { .. }
             | Op::DeleteApiKey { .. }
-            | Op::TouchApiKey { .. } => HotUse::None,
+            | Op::TouchApiKey { .. }
+            | Op::Security(_) => HotUse::None,
             Op::CreateChannel { .. }
             | Op::OpenDm { .. }
             | Op::MarkRead { .. }
@@ -415,6 +420,7 @@ pub(super) fn apply(
                 .execute([now])?;
             Ok(Done::Count(n as u64))
         }
+        Op::Security(op) => security::apply(tx, now, op),
         Op::CreateBot { owner, username } => {
             keys::create_bot(tx, rules, ids.next_id(now), now, *owner, username)
         }

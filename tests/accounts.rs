@@ -1,0 +1,563 @@
+//! Accounts people can trust (issue 18) over real sockets: two-factor login (TOTP with
+//! single-use codes and recovery codes, its secret sealed in the store), its throttle,
+//! and password changes that end every other session and its sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::ws::{raw, read_to_close, send_text};
+use common::{Client, TestServer};
+use natter::config::Config;
+use natter::ratelimit::Rate;
+use natter::totp;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+on_both_backends!(
+    two_factor_login_needs_a_fresh_code_or_an_unused_recovery_code,
+    a_password_change_ends_every_other_session_and_its_sockets,
+);
+
+/// Gives the server a secret key file of its own: on PostgreSQL none is made for it.
+fn with_key(c: &mut Config) {
+    let path = c.data_dir.join("given.key");
+    std::fs::create_dir_all(&c.data_dir).unwrap();
+    std::fs::write(&path, format!("{}\n", "ab".repeat(32))).unwrap();
+    c.secret_key_file = Some(path);
+}
+
+/// The codes a test has used, so the next is never a replay: it takes the step after the
+/// last one used, waiting (at most a step) until the server's clock accepts it.
+struct Authenticator {
+    secret: Vec<u8>,
+    last_step: i64,
+}
+
+impl Authenticator {
+    fn new(base32: &str) -> Self {
+        Self {
+            secret: totp::from_base32(base32).expect("the secret is base32"),
+            last_step: 0,
+        }
+    }
+
+    fn now_step() -> i64 {
+        totp::step_at(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64,
+        )
+    }
+
+    /// A code the server has not seen used: one step ahead of the clock at most.
+    async fn next_code(&mut self) -> String {
+        let step = (self.last_step + 1).max(Self::now_step());
+        while step > Self::now_step() + 1 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.last_step = step;
+        totp::code(&self.secret, step)
+    }
+
+    /// The code last handed out (a replay).
+    fn last_code(&self) -> String {
+        totp::code(&self.secret, self.last_step)
+    }
+}
+
+async fn login(base: &str, name: &str, password: &str) -> (StatusCode, Value) {
+    let a = Client::new(base)
+        .post(
+            "/v1/sessions",
+            json!({"username": name, "password": password}),
+        )
+        .await;
+    (a.status, a.body)
+}
+
+fn logged_in(base: &str, body: &Value) -> Client {
+    let mut c = Client::new(base);
+    c.token = Some(body["token"].as_str().expect("a token").to_owned());
+    c.user_id = body["user"]["id"].as_str().unwrap().to_owned();
+    c
+}
+
+/// Enrols `c` in two-factor login: its authenticator and recovery codes.
+async fn enrol(c: &Client, password: &str) -> (Authenticator, Vec<String>) {
+    let begun = c
+        .post("/v1/users/me/two-factor", json!({"password": password}))
+        .await;
+    assert_eq!(begun.status, StatusCode::CREATED, "{begun:?}");
+    let mut app = Authenticator::new(begun.body["secret"].as_str().unwrap());
+    let code = app.next_code().await;
+    let confirmed = c
+        .post("/v1/users/me/two-factor/confirm", json!({"code": code}))
+        .await;
+    assert_eq!(confirmed.status, StatusCode::OK, "{confirmed:?}");
+    let codes = confirmed.body["recovery_codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    (app, codes)
+}
+
+/// Enrolment shows the secret once (as base32, an otpauth URI and a QR code) and takes
+/// effect on a right code; then a login's right password gets a challenge, not a
+/// session; a code completes it once (a replay is refused), a recovery code once; and
+/// turning it off asks for the password and a code.
+async fn two_factor_login_needs_a_fresh_code_or_an_unused_recovery_code() {
+    let server = TestServer::start_with(with_key).await;
+    let base = server.base();
+    let alice = server.client().register("alice").await;
+    let password = "password-alice";
+    let status = alice.get("/v1/users/me/two-factor").await;
+    assert_eq!(
+        status.body,
+        json!({"enabled": false, "pending": false, "recovery_codes_left": 0})
+    );
+    // The password is asked again.
+    let wrong = alice
+        .post(
+            "/v1/users/me/two-factor",
+            json!({"password": "not-her-password"}),
+        )
+        .await;
+    assert_eq!(
+        (wrong.status, wrong.code()),
+        (StatusCode::FORBIDDEN, "wrong_password")
+    );
+    let begun = alice
+        .post("/v1/users/me/two-factor", json!({"password": password}))
+        .await;
+    assert_eq!(begun.status, StatusCode::CREATED, "{begun:?}");
+    let secret = begun.body["secret"].as_str().unwrap().to_owned();
+    let uri = begun.body["uri"].as_str().unwrap();
+    assert!(
+        uri.starts_with("otpauth://totp/Natter:alice?")
+            && uri.contains(&format!("secret={secret}"))
+            && uri.contains("digits=6")
+            && uri.contains("period=30")
+            && uri.contains("algorithm=SHA1"),
+        "{uri}"
+    );
+    assert!(begun.body["qr_svg"].as_str().unwrap().contains("<svg"));
+    // Not on until confirmed: a login needs no code yet.
+    let (s, _) = login(&base, "alice", password).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        alice.get("/v1/users/me/two-factor").await.body["pending"],
+        true
+    );
+    let mut app = Authenticator::new(&secret);
+    let bad = alice
+        .post("/v1/users/me/two-factor/confirm", json!({"code": "000000"}))
+        .await;
+    let bad = if totp::matching_step(&app.secret, "000000", Authenticator::now_step()).is_some() {
+        // One in a few hundred thousand: "000000" is a right code now.
+        alice
+            .post("/v1/users/me/two-factor/confirm", json!({"code": "12345"}))
+            .await
+    } else {
+        bad
+    };
+    assert_eq!(
+        (bad.status, bad.code()),
+        (StatusCode::FORBIDDEN, "invalid_code")
+    );
+    let code = app.next_code().await;
+    let confirmed = alice
+        .post("/v1/users/me/two-factor/confirm", json!({"code": code}))
+        .await;
+    assert_eq!(confirmed.status, StatusCode::OK, "{confirmed:?}");
+    let recovery: Vec<String> = confirmed.body["recovery_codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(recovery.len(), 10);
+    assert_eq!(
+        alice.get("/v1/users/me/two-factor").await.body,
+        json!({"enabled": true, "pending": false, "recovery_codes_left": 10})
+    );
+    let again = alice
+        .post("/v1/users/me/two-factor", json!({"password": password}))
+        .await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::CONFLICT, "two_factor_enabled")
+    );
+
+    // A right password now gets a challenge and no session.
+    let (s, body) = login(&base, "alice", password).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["two_factor_required"], true);
+    assert!(body.get("token").is_none());
+    let challenge = body["challenge"].as_str().unwrap().to_owned();
+    let complete = |challenge: String, code: String| {
+        let base = base.clone();
+        async move {
+            Client::new(&base)
+                .post(
+                    "/v1/sessions/two-factor",
+                    json!({"challenge": challenge, "code": code}),
+                )
+                .await
+        }
+    };
+    // The code that confirmed the enrolment is used.
+    let replay = complete(challenge.clone(), app.last_code()).await;
+    assert_eq!(
+        (replay.status, replay.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_code")
+    );
+    let mut forged = challenge.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    let forged = complete(forged, app.next_code().await).await;
+    assert_eq!(
+        (forged.status, forged.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_challenge")
+    );
+    let code = app.last_code();
+    let done = complete(challenge.clone(), code.clone()).await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}");
+    let phone = logged_in(&base, &done.body);
+    assert_eq!(phone.get("/v1/users/me").await.status, StatusCode::OK);
+    // The same code again, even with the challenge it worked with: refused.
+    let replay = complete(challenge.clone(), code).await;
+    assert_eq!(
+        (replay.status, replay.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_code")
+    );
+    // A recovery code works once, in any letter case.
+    let used = recovery[0].to_uppercase();
+    let done = complete(challenge.clone(), used.clone()).await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}");
+    let again = complete(challenge.clone(), used).await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_code")
+    );
+    assert_eq!(
+        alice.get("/v1/users/me/two-factor").await.body["recovery_codes_left"],
+        9
+    );
+    // A wrong password still gets the plain answer, and no challenge.
+    let (s, body) = login(&base, "alice", "wrong-password").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(body.get("challenge").is_none());
+
+    // Turning it off: the password and a code.
+    let no_code = alice
+        .post(
+            "/v1/users/me/two-factor/disable",
+            json!({"password": password}),
+        )
+        .await;
+    assert_eq!(
+        (no_code.status, no_code.code()),
+        (StatusCode::BAD_REQUEST, "invalid_field")
+    );
+    let wrong_code = alice
+        .post(
+            "/v1/users/me/two-factor/disable",
+            json!({"password": password, "code": recovery[0]}),
+        )
+        .await;
+    assert_eq!(
+        (wrong_code.status, wrong_code.code()),
+        (StatusCode::FORBIDDEN, "invalid_code")
+    );
+    let off = alice
+        .post(
+            "/v1/users/me/two-factor/disable",
+            json!({"password": password, "code": recovery[1]}),
+        )
+        .await;
+    assert_eq!(off.status, StatusCode::NO_CONTENT, "{off:?}");
+    let (s, body) = login(&base, "alice", password).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // The old challenge no longer completes a login: two-factor login is off.
+    let stale = complete(challenge, recovery[2].clone()).await;
+    assert_eq!(stale.status, StatusCode::UNAUTHORIZED);
+
+    // On SQLite the database file is at hand: the secret is not in it, in any form.
+    if common::postgres_shards().is_none() {
+        let (app, _) = enrol(&alice, password).await;
+        let stored = alice.get("/v1/users/me/two-factor").await;
+        assert_eq!(stored.body["enabled"], true);
+        let encoded = totp::base32(&app.secret);
+        let db = server.dir.path().join("natter.db");
+        let mut bytes = std::fs::read(&db).unwrap();
+        if let Ok(wal) = std::fs::read(db.with_extension("db-wal")) {
+            bytes.extend(wal);
+        }
+        assert!(!bytes.windows(20).any(|w| w == app.secret.as_slice()));
+        assert!(
+            !bytes
+                .windows(encoded.len())
+                .any(|w| w == encoded.as_bytes())
+        );
+    }
+    server.stop().await;
+}
+
+/// A password change asks for the current password (and a code with two-factor login
+/// on), and ends every other session of the user at once, their sockets closed with
+/// 4001; the session that made it stays.
+async fn a_password_change_ends_every_other_session_and_its_sockets() {
+    let server = TestServer::start_with(with_key).await;
+    let base = server.base();
+    let laptop = server.client().register("carol").await;
+    let (_, body) = login(&base, "carol", "password-carol").await;
+    let phone = logged_in(&base, &body);
+    let bob = server.client().register("bob").await;
+    let mut ws = raw(server.addr).await;
+    let hello = json!({"op": "hello", "token": phone.token.as_deref().unwrap()});
+    send_text(&mut ws, &hello.to_string()).await;
+    let change =
+        |current: &str, new: &str| json!({"current_password": current, "new_password": new});
+    let wrong = laptop
+        .post(
+            "/v1/users/me/password",
+            change("nope-nope", "brand-new-pass"),
+        )
+        .await;
+    assert_eq!(
+        (wrong.status, wrong.code()),
+        (StatusCode::FORBIDDEN, "wrong_password")
+    );
+    let short = laptop
+        .post("/v1/users/me/password", change("password-carol", "short"))
+        .await;
+    assert_eq!(
+        (short.status, short.body["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("new_password"))
+    );
+    assert_eq!(phone.get("/v1/users/me").await.status, StatusCode::OK);
+    let changed = laptop
+        .post(
+            "/v1/users/me/password",
+            change("password-carol", "brand-new-pass"),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::NO_CONTENT, "{changed:?}");
+    let (_, code) = read_to_close(&mut ws).await;
+    assert_eq!(code, Some(4001));
+    assert_eq!(
+        phone.get("/v1/users/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(laptop.get("/v1/users/me").await.status, StatusCode::OK);
+    assert_eq!(
+        bob.get("/v1/users/me").await.status,
+        StatusCode::OK,
+        "others keep theirs"
+    );
+    assert_eq!(
+        laptop.get("/v1/sessions").await.body["sessions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let (s, _) = login(&base, "carol", "password-carol").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = login(&base, "carol", "brand-new-pass").await;
+    assert_eq!(s, StatusCode::OK);
+
+    // With two-factor login on, a code is asked too.
+    let (mut app, recovery) = enrol(&laptop, "brand-new-pass").await;
+    let no_code = laptop
+        .post(
+            "/v1/users/me/password",
+            change("brand-new-pass", "third-password"),
+        )
+        .await;
+    assert_eq!(
+        (no_code.status, no_code.body["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("code"))
+    );
+    let mut body = change("brand-new-pass", "third-password");
+    body["code"] = json!(app.next_code().await);
+    let changed = laptop.post("/v1/users/me/password", body).await;
+    assert_eq!(changed.status, StatusCode::NO_CONTENT, "{changed:?}");
+    let (s, body) = login(&base, "carol", "third-password").await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    drop(recovery);
+    server.stop().await;
+}
+
+/// Wrong codes are charged to the same limits as wrong passwords (and counted in the
+/// same metric): a guesser holding the password is stopped after a few, and then even
+/// the right code waits.
+#[tokio::test]
+async fn wrong_codes_are_throttled_like_wrong_passwords() {
+    let server = TestServer::start_with(|c| {
+        c.limits.login_failures_per_user = Rate {
+            per_second: 0.0001,
+            burst: 3.0,
+        };
+    })
+    .await;
+    let base = server.base();
+    let dave = server.client().register("dave").await;
+    let (mut app, _) = enrol(&dave, "password-dave").await;
+    let (s, body) = login(&base, "dave", "password-dave").await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let challenge = body["challenge"].as_str().unwrap().to_owned();
+    let right = app.next_code().await;
+    let wrong: Vec<String> = (0..1000)
+        .map(|i| format!("{:06}", (i * 7919) % 1_000_000))
+        .filter(|c| {
+            totp::matching_step(&app.secret, c, Authenticator::now_step()).is_none() && *c != right
+        })
+        .take(4)
+        .collect();
+    let c = Client::new(&base);
+    for code in &wrong[..3] {
+        let a = c
+            .post(
+                "/v1/sessions/two-factor",
+                json!({"challenge": challenge, "code": code}),
+            )
+            .await;
+        assert_eq!(
+            (a.status, a.code()),
+            (StatusCode::UNAUTHORIZED, "invalid_code")
+        );
+    }
+    let throttled = c
+        .post(
+            "/v1/sessions/two-factor",
+            json!({"challenge": challenge, "code": wrong[3]}),
+        )
+        .await;
+    assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(throttled.retry_after.is_some());
+    let right_but_late = c
+        .post(
+            "/v1/sessions/two-factor",
+            json!({"challenge": challenge, "code": right}),
+        )
+        .await;
+    assert_eq!(right_but_late.status, StatusCode::TOO_MANY_REQUESTS);
+    let limited = common::scrape(&base).await;
+    assert!(limited[r#"natter_rate_limited_total{limit="login"}"#] >= 2.0);
+    // The same bucket as passwords: a password login from here waits too.
+    let (s, _) = login(&base, "dave", "password-dave").await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    // Sensitive changes from a session are charged alike.
+    let a = dave
+        .post(
+            "/v1/users/me/two-factor/disable",
+            json!({"password": "password-dave", "code": "123456"}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    server.stop().await;
+}
+
+/// The server's key is what opens the secrets: without it (a cluster node started with
+/// none) two-factor login is unavailable, clearly; with another key, the stored secrets
+/// do not open, and recovery codes (stored as digests) still log in.
+#[tokio::test]
+async fn the_secret_key_is_needed_to_use_a_stored_secret() {
+    let server = TestServer::start().await;
+    let base = server.base();
+    let erin = server.client().register("erin").await;
+    assert!(
+        server.dir.path().join("secret.key").exists(),
+        "made at first start"
+    );
+    let (_, recovery) = enrol(&erin, "password-erin").await;
+    // Another key: the challenge of the old one and the sealed secret are worthless.
+    let (s, body) = login(&base, "erin", "password-erin").await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let old_challenge = body["challenge"].as_str().unwrap().to_owned();
+    let server = server
+        .restart_tweaked(
+            |dir| {
+                std::fs::write(dir.join("secret.key"), "cd".repeat(32)).unwrap();
+            },
+            |_| {},
+        )
+        .await;
+    let base = server.base();
+    let c = Client::new(&base);
+    let stale = c
+        .post(
+            "/v1/sessions/two-factor",
+            json!({"challenge": old_challenge, "code": recovery[0]}),
+        )
+        .await;
+    assert_eq!(stale.code(), "invalid_challenge");
+    let (s, body) = login(&base, "erin", "password-erin").await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let challenge = body["challenge"].as_str().unwrap().to_owned();
+    let code = c
+        .post(
+            "/v1/sessions/two-factor",
+            json!({"challenge": challenge, "code": "123456"}),
+        )
+        .await;
+    assert_eq!(
+        (code.status, code.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "two_factor_unavailable")
+    );
+    let by_recovery = c
+        .post(
+            "/v1/sessions/two-factor",
+            json!({"challenge": challenge, "code": recovery[0]}),
+        )
+        .await;
+    assert_eq!(by_recovery.status, StatusCode::OK, "{by_recovery:?}");
+    server.stop().await;
+}
+
+/// The Rust client library speaks the same: it enrols, logs in with a code, changes the
+/// password and turns two-factor login off.
+#[tokio::test]
+async fn the_client_library_enrols_and_logs_in_with_a_code() {
+    use natter::client::{Api, ClientError};
+    let server = TestServer::start().await;
+    let base = server.base();
+    let mut me = Api::new(&base);
+    me.register("frank", "password-frank").await.unwrap();
+    let enrolment = me.begin_two_factor("password-frank").await.unwrap();
+    assert!(enrolment.uri.contains(&enrolment.secret));
+    let mut app = Authenticator::new(&enrolment.secret);
+    let recovery = me.confirm_two_factor(&app.next_code().await).await.unwrap();
+    assert_eq!(recovery.len(), 10);
+    let mut phone = Api::new(&base);
+    match phone.login("frank", "password-frank").await {
+        Err(ClientError::TwoFactorRequired { challenge }) => assert!(!challenge.is_empty()),
+        other => panic!("expected a challenge, got {other:?}"),
+    }
+    let code = app.next_code().await;
+    phone
+        .login_with_code("frank", "password-frank", &code)
+        .await
+        .unwrap();
+    me.change_password("password-frank", "password-frank-2", Some(&recovery[0]))
+        .await
+        .unwrap();
+    let ended = phone.call(reqwest::Method::GET, "/v1/users/me", None).await;
+    assert!(
+        matches!(ended, Err(ClientError::Api { status: 401, .. })),
+        "{ended:?}"
+    );
+    me.disable_two_factor("password-frank-2", &recovery[1])
+        .await
+        .unwrap();
+    Api::new(&base)
+        .login("frank", "password-frank-2")
+        .await
+        .unwrap();
+    server.stop().await;
+}
