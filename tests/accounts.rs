@@ -561,3 +561,146 @@ async fn the_client_library_enrols_and_logs_in_with_a_code() {
         .unwrap();
     server.stop().await;
 }
+
+/// The server's peak resident memory (`VmHWM`) and current (`VmRSS`), in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// An export of 100,000 messages streams them all, in order, each once, with the
+/// profile and memberships before and an `end` line after, while the server's peak
+/// memory grows by a small fraction of what holding the history would take.
+#[tokio::test]
+async fn an_export_of_100k_messages_streams_in_bounded_memory() {
+    use natter::store::{StoreLocation, StoreOptions};
+    const MESSAGES: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    // The history is written through the store itself (far faster than 100,000 requests);
+    // the export is read from a `natter serve` process.
+    let store = natter::store::open(StoreOptions::new(StoreLocation::Sqlite(
+        natter::config::db_path(dir.path()),
+    )))
+    .await
+    .unwrap();
+    let hash =
+        natter::auth::hash_password("password-gina", natter::auth::HashCost::insecure_fast())
+            .unwrap();
+    let gina = store.create_user("gina", &hash, None).await.unwrap().id;
+    let other = store.create_user("hal", &hash, None).await.unwrap().id;
+    let mut channels = Vec::new();
+    for name in ["one", "two", "three"] {
+        let ch = store
+            .create_channel(gina, natter::model::ChannelKind::Group, name, &[other])
+            .await
+            .unwrap();
+        channels.push(ch.id);
+    }
+    // Long messages (500 characters), so the export (some 65 MB) dwarfs the page cache
+    // of the server's one read connection (16 MiB), which reading it fills.
+    let text = "a long message, as people write when they explain something. ".repeat(9);
+    let text = &text[..500];
+    for batch in 0..MESSAGES / 1000 {
+        let sends = (0..1000).map(|i| {
+            let ch = channels[(batch + i) % channels.len()];
+            store.post_message(gina, ch, text, None)
+        });
+        for posted in futures_util::future::join_all(sends).await {
+            posted.unwrap();
+        }
+        // Others' messages are not exported.
+        store
+            .post_message(other, channels[0], "not gina's", None)
+            .await
+            .unwrap();
+    }
+    store.close().await;
+    drop(store);
+
+    let server = common::child::ServerProcess::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--read-connections", "1"],
+        &[],
+    )
+    .await;
+    let base = server.base();
+    let (s, body) = login(&base, "gina", "password-gina").await;
+    assert_eq!(s, StatusCode::OK);
+    let me = logged_in(&base, &body);
+    let pid = server.child.id().unwrap();
+    let (_, before) = memory_kib(pid);
+    let mut res = reqwest::Client::new()
+        .get(format!("{base}/v1/users/me/export"))
+        .bearer_auth(me.token.as_deref().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "application/x-ndjson");
+    // A second export waits for the first.
+    let second = me.get("/v1/users/me/export").await;
+    assert_eq!(
+        (second.status, second.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "export_in_progress")
+    );
+    // A slow reader: the server waits for it rather than reading ahead.
+    let first = res.chunk().await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, while_waiting) = memory_kib(pid);
+    let mut bytes = first.to_vec();
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        bytes.extend_from_slice(&chunk);
+    }
+    let (peak, _) = memory_kib(pid);
+    let text_out = String::from_utf8(bytes).unwrap();
+    let lines: Vec<Value> = text_out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["type"], "export");
+    assert_eq!(lines[1]["type"], "profile");
+    assert_eq!(lines[1]["user"]["username"], "gina");
+    let memberships = lines.iter().filter(|l| l["type"] == "membership").count();
+    assert_eq!(memberships, 3);
+    let ids: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["type"] == "message")
+        .map(|l| {
+            assert_eq!(
+                l["message"]["author_id"].as_str(),
+                Some(me.user_id.as_str())
+            );
+            l["message"]["id"].as_str().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(ids.len(), MESSAGES);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in order, each once");
+    let end = lines.last().unwrap();
+    assert_eq!(
+        (end["type"].as_str(), end["messages"].as_u64()),
+        (Some("end"), Some(MESSAGES as u64))
+    );
+    // The server held a few pages of it at a time (and its read connection's page
+    // cache): holding the export would have taken more than all of it.
+    let size_kib = text_out.len() as u64 / 1024;
+    let grew = peak.saturating_sub(before);
+    eprintln!(
+        "export: {size_kib} KiB sent; server RSS {before} KiB before, {while_waiting} KiB while the reader waited, peak {peak} KiB"
+    );
+    assert!(size_kib > 60_000, "{size_kib} KiB");
+    assert!(
+        grew < size_kib / 2,
+        "the server's peak grew by {grew} KiB for a {size_kib} KiB export"
+    );
+    server.terminate().await;
+}

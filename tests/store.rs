@@ -78,7 +78,7 @@ mod sqlite {
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
         reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks,
-        subscription_leases, uploads, two_factor_and_passwords);
+        subscription_leases, uploads, two_factor_and_passwords, authored);
 }
 
 mod sqlite_folding_every_commit {
@@ -86,7 +86,7 @@ mod sqlite_folding_every_commit {
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
         reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks,
-        subscription_leases, uploads, two_factor_and_passwords);
+        subscription_leases, uploads, two_factor_and_passwords, authored);
 }
 
 mod postgres {
@@ -94,7 +94,7 @@ mod postgres {
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
         reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks,
-        subscription_leases, uploads, two_factor_and_passwords);
+        subscription_leases, uploads, two_factor_and_passwords, authored);
 
     mod two_nodes {
         checks!(on_two_nodes: two_writers_keep_seqs_gap_free,

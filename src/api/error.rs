@@ -329,6 +329,18 @@ impl ApiError {
         )
     }
 
+    /// `429 export_in_progress`: the caller's previous export is still being sent.
+    pub fn export_in_progress() -> Self {
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "export_in_progress",
+                "your previous export is still running: one at a time",
+            )
+        }
+    }
+
     pub fn unavailable() -> Self {
         Self {
             retry_after: Some(1),

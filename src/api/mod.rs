@@ -6,6 +6,7 @@ mod accounts;
 mod channels;
 pub use crate::wire::dto;
 pub mod error;
+mod export;
 pub mod extract;
 mod files;
 mod health;
@@ -95,6 +96,8 @@ pub struct Inner {
     /// Seals two-factor secrets and signs login challenges; `None` without a secret key
     /// (a cluster node not given one): two-factor login is then unavailable.
     sealer: Option<Arc<crate::sealing::Sealer>>,
+    /// Users with an export running on this node.
+    exporting: export::Exporting,
 }
 
 impl std::ops::Deref for AppState {
@@ -145,6 +148,7 @@ impl AppState {
             uploading: std::sync::Mutex::default(),
             decoding: Arc::new(tokio::sync::Semaphore::new(1)),
             sealer,
+            exporting: export::Exporting::default(),
             config,
         }));
         // A session revoked on another node ends here too.
@@ -312,6 +316,7 @@ fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(accounts::routes())
         .merge(security::routes())
+        .merge(export::routes())
         .merge(keys::routes())
         .merge(webhooks::routes())
         .merge(channels::routes())

@@ -151,6 +151,7 @@ pub fn required(method: &Method, route: &str) -> Option<Needs> {
             | "/v1/users/me/two-factor/disable"
             | "/v1/users/me/two-factor/recovery-codes"
             | "/v1/users/me/password"
+            | "/v1/users/me/export"
             | "/v1/keys"
             | "/v1/keys/{id}"
             | "/v1/bots"

@@ -823,6 +823,11 @@ pub trait Channels: Send + Sync {
     /// A message of the channel by id, deleted or not; no membership check, as for
     /// [`Channels::log`].
     async fn message(&self, channel_id: i64, message_id: i64) -> Result<Option<Message>>;
+    /// A page of the live messages `author` wrote, in any channel (ones they left
+    /// included), by id, after `after`: every one acknowledged before the call. For the
+    /// author's own export: no membership check. A shard that cannot be read fails the
+    /// call (an export must not leave messages out silently).
+    async fn authored(&self, author: i64, after: i64, limit: u32) -> Result<Page<Message>>;
     /// A page of the replies to `root_id` (of the channel), by seq, paged as
     /// [`Channels::history`]; no membership check.
     async fn thread(

@@ -2800,6 +2800,25 @@ impl Channels for PostgresStore {
         Ok(Page { items, has_more })
     }
 
+    async fn authored(&self, author: i64, after: i64, limit: u32) -> Result<Page<Message>> {
+        let inner = &self.inner;
+        // Each shard's next, merged by id; every shard must answer.
+        let reads = inner.shards.iter().map(|shard| async move {
+            let c = inner.conn(shard.index).await?;
+            read::authored(&**c, author, after, limit + 1)
+                .await
+                .map_err(|e| inner.fail(shard.index, "read a user's messages", e))
+        });
+        let mut items = Vec::new();
+        for part in futures_util::future::join_all(reads).await {
+            items.extend(part?);
+        }
+        items.sort_unstable_by_key(|m: &Message| m.id);
+        let has_more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        Ok(Page { items, has_more })
+    }
+
     async fn sharing(&self, user_id: i64, others: &[i64]) -> Result<Vec<i64>> {
         // As consent counts it: a DM once the other answered it or opened it.
         let mut found = Vec::new();

@@ -461,6 +461,26 @@ pub(super) async fn mentions(
     Ok(rows.iter().map(message_row).collect())
 }
 
+/// The live messages `author` wrote on this shard, by id, after `after`: at most `limit`.
+pub(super) async fn authored(
+    c: &impl GenericClient,
+    author: i64,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<Message>, Fail> {
+    let rows = c
+        .query(
+            concat!(
+                message_select!(),
+                "FROM messages m WHERE m.author_id = $1 AND m.id > $2 AND NOT m.deleted
+                 ORDER BY m.id LIMIT $3"
+            ),
+            &[&author, &after, &i64::from(limit)],
+        )
+        .await?;
+    Ok(rows.iter().map(message_row).collect())
+}
+
 /// The live messages of the shard matching `tsquery` in channels `user_id` is a member of
 /// (or in `channel_id` alone), newest first from `before`, or best first: at most
 /// `fetch`, each with its rank. Within the statement timeout `budget` (set for this

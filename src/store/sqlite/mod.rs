@@ -1029,6 +1029,18 @@ impl Channels for SqliteStore {
         }
     }
 
+    async fn authored(&self, author: i64, after: i64, limit: u32) -> Result<Page<Message>> {
+        // Posts still in the commit log are folded into the tables first (a second or
+        // two of them at most), so the read below sees every acknowledged one.
+        let unfolded = self.tail.channels();
+        if !unfolded.is_empty() {
+            self.write(Op::Fold { channels: unfolded }).await?;
+        }
+        self.reads
+            .run(move |c| read::authored(c, author, after, limit))
+            .await
+    }
+
     async fn mentions(
         &self,
         user_id: i64,

@@ -661,6 +661,26 @@ pub(super) fn mentions(
     Ok(Page { items, has_more })
 }
 
+/// A page of the live messages `author` wrote, by id, after `after`.
+pub(super) fn authored(
+    conn: &Connection,
+    author: i64,
+    after: i64,
+    limit: u32,
+) -> rusqlite::Result<Page<Message>> {
+    let mut items = conn
+        .prepare_cached(concat!(
+            message_select!(),
+            "FROM messages m WHERE m.author_id = ?1 AND m.id > ?2 AND m.deleted = 0
+             ORDER BY m.id LIMIT ?3"
+        ))?
+        .query_map(params![author, after, i64::from(limit) + 1], message_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let has_more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    Ok(Page { items, has_more })
+}
+
 /// The channels `user_id` is a member of.
 pub(super) fn member_channel_ids(conn: &Connection, user_id: i64) -> rusqlite::Result<Vec<i64>> {
     conn.prepare_cached("SELECT channel_id FROM members WHERE user_id = ?1")?
