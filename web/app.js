@@ -107,18 +107,44 @@ async function userNamed(name) {
 async function signIn(register) {
   const username = $("username").value.trim();
   const password = $("password").value;
+  const code = $("login-code").value.trim();
   $("login-error").textContent = "";
   try {
-    const session = await api("POST", register ? "/v1/users" : "/v1/sessions", {
-      username,
-      password,
-    });
+    let session;
+    if (!register && state.challenge && code) {
+      // The second step of a login with two-factor login on.
+      try {
+        session = await api("POST", "/v1/sessions/two-factor", { challenge: state.challenge, code });
+      } catch (e) {
+        if (e.code === "invalid_challenge") askForCode(null);
+        throw e;
+      }
+    } else {
+      session = await api("POST", register ? "/v1/users" : "/v1/sessions", {
+        username,
+        password,
+      });
+      if (session.two_factor_required) {
+        askForCode(session.challenge);
+        $("login-error").textContent = "Enter the code from your authenticator app, or a recovery code.";
+        return;
+      }
+    }
+    askForCode(null);
     state.token = session.token;
     localStorage.setItem("natter.token", session.token);
     await start();
   } catch (e) {
     $("login-error").textContent = e.message;
   }
+}
+
+/// Shows the login form's code field for a challenge, or hides it (`null`).
+function askForCode(challenge) {
+  state.challenge = challenge;
+  $("login-code-row").hidden = !challenge;
+  $("login-code").value = "";
+  if (challenge) $("login-code").focus();
 }
 
 function logout() {
@@ -1683,9 +1709,116 @@ function wireSessions() {
   });
 }
 
+// ---- Security: two-factor login, password, export -------------------------------------
+
+async function loadSecurity() {
+  try {
+    const s = await api("GET", "/v1/users/me/two-factor");
+    $("twofa-status").textContent = s.enabled
+      ? `Two-factor login is on (${s.recovery_codes_left} recovery codes left).`
+      : "Two-factor login is off: your password alone logs you in.";
+    $("twofa-enrol-form").hidden = s.enabled || !$("twofa-setup").hidden;
+    $("twofa-disable-form").hidden = !s.enabled;
+    $("pw-code-row").hidden = !s.enabled;
+    $("pw-code").required = s.enabled;
+  } catch (err) {
+    $("security-status").textContent = err.message;
+  }
+}
+
+function showRecoveryCodes(codes) {
+  const list = $("twofa-recovery-codes");
+  list.replaceChildren(
+    ...codes.map((c) => {
+      const li = document.createElement("li");
+      li.textContent = c;
+      return li;
+    }),
+  );
+  $("twofa-recovery").hidden = false;
+}
+
+/// Runs a form's request, saying what happened in the panel's status line.
+function securityForm(id, run) {
+  $(id).addEventListener("submit", async (e) => {
+    e.preventDefault();
+    $("security-status").textContent = "";
+    try {
+      $("security-status").textContent = (await run()) || "";
+    } catch (err) {
+      $("security-status").textContent = err.message;
+    }
+    loadSecurity();
+  });
+}
+
+function wireSecurity() {
+  $("security-panel").addEventListener("toggle", () => {
+    if ($("security-panel").open) loadSecurity();
+  });
+  securityForm("twofa-enrol-form", async () => {
+    const r = await api("POST", "/v1/users/me/two-factor", { password: $("twofa-password").value });
+    $("twofa-password").value = "";
+    // The server drew the QR code; shown as an image, nothing is fetched from elsewhere.
+    $("twofa-qr").src = `data:image/svg+xml;charset=utf-8,${encodeURIComponent(r.qr_svg)}`;
+    $("twofa-secret").textContent = r.secret;
+    $("twofa-setup").hidden = false;
+    $("twofa-recovery").hidden = true;
+    $("twofa-code").focus();
+  });
+  securityForm("twofa-confirm-form", async () => {
+    const r = await api("POST", "/v1/users/me/two-factor/confirm", { code: $("twofa-code").value.trim() });
+    $("twofa-code").value = "";
+    $("twofa-setup").hidden = true;
+    $("twofa-secret").textContent = "";
+    $("twofa-qr").removeAttribute("src");
+    showRecoveryCodes(r.recovery_codes);
+    return "Two-factor login is on.";
+  });
+  securityForm("twofa-disable-form", async () => {
+    await api("POST", "/v1/users/me/two-factor/disable", {
+      password: $("twofa-off-password").value,
+      code: $("twofa-off-code").value.trim(),
+    });
+    $("twofa-off-password").value = "";
+    $("twofa-off-code").value = "";
+    $("twofa-recovery").hidden = true;
+    return "Two-factor login is off.";
+  });
+  securityForm("password-form", async () => {
+    const body = { current_password: $("pw-current").value, new_password: $("pw-new").value };
+    if (!$("pw-code-row").hidden) body.code = $("pw-code").value.trim();
+    await api("POST", "/v1/users/me/password", body);
+    for (const f of ["pw-current", "pw-new", "pw-code"]) $(f).value = "";
+    if ($("sessions-panel").open) loadSessions();
+    return "Password changed; your other sessions were logged out.";
+  });
+  $("export").addEventListener("click", async () => {
+    $("security-status").textContent = "Preparing your data…";
+    try {
+      const res = await fetch("/v1/users/me/export", {
+        headers: { authorization: `Bearer ${state.token}` },
+      });
+      if (!res.ok) throw new ApiError(res.status, await res.json().catch(() => null));
+      const url = URL.createObjectURL(await res.blob());
+      const a = document.createElement("a");
+      a.href = url;
+      a.download = `natter-export-${state.me.username}.ndjson`;
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+      $("security-status").textContent = "Your data was downloaded.";
+    } catch (err) {
+      $("security-status").textContent = err.message;
+    }
+  });
+}
+
 wire();
 wireSessions();
 wireProfile();
+wireSecurity();
 if (state.token) {
   start();
 } else {

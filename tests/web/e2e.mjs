@@ -4,6 +4,7 @@
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import crypto from "node:crypto";
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
@@ -47,6 +48,39 @@ function png(w, h) {
     chunk("IDAT", zlib.deflateSync(Buffer.concat(rows))),
     chunk("IEND", Buffer.alloc(0)),
   ]);
+}
+
+/// RFC 4648 base32 to bytes.
+function fromBase32(text) {
+  const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+  let bits = 0;
+  let value = 0;
+  const out = [];
+  for (const c of text.replace(/[=\s]/g, "").toUpperCase()) {
+    const i = alphabet.indexOf(c);
+    assert.ok(i >= 0, `base32: ${c}`);
+    value = ((value << 5) | i) & 0xfff;
+    bits += 5;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push((value >> bits) & 0xff);
+    }
+  }
+  return Buffer.from(out);
+}
+
+/// The TOTP code (RFC 6238: HMAC-SHA1, 6 digits, 30 s) of `step` under `secret`,
+/// computed here, apart from the server's code.
+function totp(secret, step) {
+  const counter = Buffer.alloc(8);
+  counter.writeBigUInt64BE(BigInt(step));
+  const mac = crypto.createHmac("sha1", secret).update(counter).digest();
+  const offset = mac[19] & 15;
+  return String((mac.readUInt32BE(offset) & 0x7fffffff) % 1_000_000).padStart(6, "0");
+}
+
+function nowStep() {
+  return Math.floor(Date.now() / 1000 / 30);
 }
 
 async function freePort() {
@@ -516,6 +550,44 @@ try {
   await a.locator(`#members li[data-user="${bobId}"][data-status="offline"]`).waitFor({ timeout: WAIT });
   assert.match(await bobRow.textContent(), /offline, last seen/);
   await a.screenshot({ path: path.join(SHOTS, "presence.png") });
+
+  step("two-factor login: enrolled from the settings panel, then needed to log back in");
+  {
+    await a.click("#security-panel summary");
+    await a.locator("#twofa-status", { hasText: "is off" }).waitFor({ timeout: WAIT });
+    await a.fill("#twofa-password", "password-alice");
+    await a.click("#twofa-enrol-form button[type=submit]");
+    await a.locator("#twofa-setup").waitFor({ state: "visible", timeout: WAIT });
+    // The QR code is drawn: an image the page shows, made by the server.
+    await a.waitForFunction(() => {
+      const img = document.getElementById("twofa-qr");
+      return img.complete && img.naturalWidth > 0;
+    }, null, { timeout: WAIT });
+    await a.locator("#twofa-qr").scrollIntoViewIfNeeded();
+    await a.screenshot({ path: path.join(SHOTS, "two-factor-setup.png") });
+    const secret = fromBase32((await a.textContent("#twofa-secret")).trim());
+    assert.equal(secret.length, 20);
+    const enrolStep = nowStep();
+    await a.fill("#twofa-code", totp(secret, enrolStep));
+    await a.click("#twofa-confirm-form button[type=submit]");
+    await a.locator("#twofa-recovery-codes li").first().waitFor({ timeout: WAIT });
+    assert.equal(await a.locator("#twofa-recovery-codes li").count(), 10);
+    await a.locator("#twofa-status", { hasText: "is on" }).waitFor({ timeout: WAIT });
+    await a.screenshot({ path: path.join(SHOTS, "two-factor.png") });
+
+    await a.click("#logout");
+    await a.locator("#login").waitFor({ state: "visible", timeout: WAIT });
+    await a.fill("#username", "alice");
+    await a.fill("#password", "password-alice");
+    await a.click("#login-button");
+    await a.locator("#login-code-row").waitFor({ state: "visible", timeout: WAIT });
+    assert.ok(await a.locator("#app").isHidden(), "no session before the code");
+    // The enrolment used its step's code: the next step's is accepted (clock skew).
+    await a.fill("#login-code", totp(secret, enrolStep + 1));
+    await a.press("#login-code", "Enter");
+    await a.waitForSelector("#status:text('online')", { timeout: WAIT });
+    assert.ok(await a.locator("#login").isHidden());
+  }
 
   console.log(`ok: screenshots in ${SHOTS}`);
 } finally {
