@@ -202,6 +202,10 @@ pub struct ServeArgs {
     /// Incoming webhooks one channel may have (past it: 409 `too_many_webhooks`).
     #[arg(long, env = "NATTER_MAX_WEBHOOKS_PER_CHANNEL", default_value_t = 20)]
     pub max_webhooks_per_channel: u32,
+    /// Seconds a deleted account's username stays taken (default 30 days), so no one
+    /// takes it over at once to pass as the person who left.
+    #[arg(long, env = "NATTER_USERNAME_HOLD_SECS", default_value_t = 30 * 24 * 3600)]
+    pub username_hold_secs: u64,
     /// Milliseconds one search may spend reading the index (past it: 422
     /// `search_too_broad`).
     #[arg(long, env = "NATTER_SEARCH_BUDGET_MS", default_value_t = 2000)]
@@ -473,6 +477,7 @@ impl Limits {
             max_bots_per_user: u32::MAX,
             max_api_keys_per_user: u32::MAX,
             max_webhooks_per_channel: self.rules.max_webhooks_per_channel,
+            username_hold: self.rules.username_hold,
         };
         self.ws_connections_per_user = usize::MAX;
     }
@@ -729,6 +734,7 @@ impl Config {
                     max_bots_per_user: a.max_bots_per_user,
                     max_api_keys_per_user: a.max_api_keys_per_user,
                     max_webhooks_per_channel: a.max_webhooks_per_channel,
+                    username_hold: Duration::from_secs(a.username_hold_secs),
                 },
                 ws_connections_per_user: at_least(
                     "--ws-connections-per-user",

@@ -14,6 +14,8 @@ pub struct User {
     /// For a bot account: the user who made it (and manages its keys). A bot has no
     /// password and cannot log in; it acts through API keys.
     pub bot_owner: Option<i64>,
+    /// The account was deleted: this is what stays of it (its messages keep its id).
+    pub deleted: bool,
 }
 
 /// A change of a user's profile: each field `None` to keep, `Some(None)` to clear.

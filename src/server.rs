@@ -263,6 +263,17 @@ async fn maintain(store: Arc<dyn Store>) {
             Ok(done) => tracing::debug!(%done, "store upkeep"),
             Err(e) => tracing::warn!(error = %e, "store upkeep failed; will retry in an hour"),
         }
+        // Deleted accounts whose leaving their channels was cut short (a shard down, a
+        // crash) leave them now.
+        match store.departing().await {
+            Ok(users) if !users.is_empty() => {
+                if let Err(e) = crate::store::finish_deletion(&*store, &users).await {
+                    tracing::warn!(error = %e, "finishing account deletions failed; will retry in an hour");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "read the accounts being deleted"),
+        }
     }
 }
 

@@ -11,12 +11,13 @@ use common::{Client, TestServer};
 use natter::config::Config;
 use natter::ratelimit::Rate;
 use natter::totp;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 on_both_backends!(
     two_factor_login_needs_a_fresh_code_or_an_unused_recovery_code,
     a_password_change_ends_every_other_session_and_its_sockets,
+    a_deleted_account_leaves_history_readable_and_its_name_free_later,
 );
 
 /// Gives the server a secret key file of its own: on PostgreSQL none is made for it.
@@ -703,4 +704,227 @@ async fn an_export_of_100k_messages_streams_in_bounded_memory() {
         "the server's peak grew by {grew} KiB for a {size_kib} KiB export"
     );
     server.terminate().await;
+}
+
+/// The unread count of `channel` in `c`'s channel list.
+async fn unread(c: &Client, channel: &str) -> i64 {
+    let list = c.get("/v1/channels").await;
+    list.body["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"].as_str() == Some(channel))
+        .unwrap_or_else(|| panic!("{channel} in {list:?}"))["unread"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Deleting an account (password and code asked) ends its sessions, keys and sockets at
+/// once; its messages stay in history under its id, now a deleted user; it leaves its
+/// channels with `member.removed` (the one it owned passes to an admin) but stays in
+/// its DM, which the other party still reads; unread counts do not move; its name is
+/// taken until the hold passes, then free for a new account.
+async fn a_deleted_account_leaves_history_readable_and_its_name_free_later() {
+    let server = TestServer::start_with(|c| {
+        with_key(c);
+        c.limits.rules.username_hold = Duration::from_secs(3);
+    })
+    .await;
+    let base = server.base();
+    let alice = server.client().register("alice").await;
+    let bob = server.client().register("bob").await;
+    let carol = server.client().register("carol").await;
+    let (_, body) = login(&base, "alice", "password-alice").await;
+    let alice_phone = logged_in(&base, &body);
+    // alice owns "g" (carol an admin there), bob owns "h"; alice and bob share a DM.
+    let g = alice.create_channel("g", "group", &[&bob, &carol]).await;
+    let made_admin = alice
+        .call(
+            Method::PUT,
+            &format!("/v1/channels/{g}/members/{}", carol.user_id),
+            Some(json!({"role": "admin"})),
+        )
+        .await;
+    assert!(made_admin.status.is_success(), "{made_admin:?}");
+    let h = bob.create_channel("h", "group", &[&alice]).await;
+    let dm = alice
+        .post("/v1/dms", json!({"user_id": bob.user_id}))
+        .await
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (ch, text) in [(&g, "in g"), (&h, "in h"), (&dm, "in the dm")] {
+        assert_eq!(alice.send(ch, text, None).await.status, StatusCode::CREATED);
+    }
+    bob.send(&dm, "bob in the dm", None).await;
+    let bot = alice
+        .post("/v1/bots", json!({"username": "alices_bot"}))
+        .await;
+    assert_eq!(bot.status, StatusCode::CREATED, "{bot:?}");
+    let bot_id = bot.body["id"].as_str().unwrap().to_owned();
+    let key = alice
+        .post(
+            "/v1/keys",
+            json!({"name": "k", "scopes": ["users:read"], "user_id": bot_id}),
+        )
+        .await;
+    assert_eq!(key.status, StatusCode::CREATED, "{key:?}");
+    let mut bot_client = Client::new(&base);
+    bot_client.token = Some(key.body["token"].as_str().unwrap().to_owned());
+    assert_eq!(bot_client.get("/v1/users/me").await.status, StatusCode::OK);
+    let unread_before = (unread(&bob, &g).await, unread(&bob, &dm).await);
+    assert_eq!(unread_before, (1, 1));
+    let mut ws = raw(server.addr).await;
+    let hello = json!({"op": "hello", "token": alice_phone.token.as_deref().unwrap()});
+    send_text(&mut ws, &hello.to_string()).await;
+    let mut bob_live = common::ws::connect(&bob).await;
+
+    let delete = |c: &Client, body: Value| {
+        let c = c.clone();
+        async move { c.call(Method::DELETE, "/v1/users/me", Some(body)).await }
+    };
+    let wrong = delete(&alice, json!({"password": "not-it-at-all"})).await;
+    assert_eq!(
+        (wrong.status, wrong.code()),
+        (StatusCode::FORBIDDEN, "wrong_password")
+    );
+    let gone = delete(&alice, json!({"password": "password-alice"})).await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT, "{gone:?}");
+
+    // Bob sees it live: the account turns into a deleted one, and leaves "g".
+    let alice_id: i64 = alice.user_id.parse().unwrap();
+    let g_id: i64 = g.parse().unwrap();
+    let seen = common::ws::until(&mut bob_live, |f| {
+        matches!(f, natter::client::Frame::Event(e)
+            if e.channel_id == g_id && e.kind == "member.removed" && e.user_id == Some(alice_id))
+    })
+    .await;
+    assert!(
+        seen.iter().any(|f| matches!(f,
+            natter::client::Frame::UserUpdated { user_id, deleted: true, .. } if *user_id == alice_id)),
+        "{seen:?}"
+    );
+    // Every token is dead at once: sessions, their sockets, the bot's key.
+    let (_, code) = read_to_close(&mut ws).await;
+    assert_eq!(code, Some(4001));
+    for c in [&alice, &alice_phone, &bot_client] {
+        assert_eq!(c.get("/v1/users/me").await.status, StatusCode::UNAUTHORIZED);
+    }
+    let (s, _) = login(&base, "alice", "password-alice").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // What stays is a deleted user, found by id, not by name.
+    let shown = bob.get(&format!("/v1/users/{}", alice.user_id)).await;
+    assert_eq!(shown.status, StatusCode::OK);
+    assert_eq!(
+        (&shown.body["username"], &shown.body["deleted"]),
+        (&json!("deleted"), &json!(true))
+    );
+    assert!(shown.body.get("display_name").is_none());
+    assert_eq!(
+        bob.get("/v1/users?username=alice").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let shown_bot = bob.get(&format!("/v1/users/{bot_id}")).await;
+    assert_eq!(shown_bot.body["deleted"], true, "its bots go with it");
+
+    // History keeps its messages, text and author id.
+    let in_g = bob.all_messages(&g).await;
+    assert_eq!(in_g.len(), 1);
+    assert_eq!(
+        (in_g[0]["text"].as_str(), in_g[0]["author_id"].as_str()),
+        (Some("in g"), Some(alice.user_id.as_str()))
+    );
+    // It left "g" (carol, the admin, owns it now) and "h", with events saying so.
+    let members = |c: &Client, ch: &str| {
+        let (c, ch) = (c.clone(), ch.to_owned());
+        async move {
+            let a = c.get(&format!("/v1/channels/{ch}/members")).await;
+            assert_eq!(a.status, StatusCode::OK, "{a:?}");
+            a.body["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["user"]["id"].as_str().unwrap().to_owned(),
+                        m["role"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let in_g_now = members(&bob, &g).await;
+    assert!(
+        !in_g_now.iter().any(|(id, _)| *id == alice.user_id),
+        "{in_g_now:?}"
+    );
+    assert!(
+        in_g_now.contains(&(carol.user_id.clone(), "owner".to_owned())),
+        "{in_g_now:?}"
+    );
+    assert!(
+        !members(&bob, &h)
+            .await
+            .iter()
+            .any(|(id, _)| *id == alice.user_id)
+    );
+    let events = bob.all_events(&g).await;
+    common::assert_gap_free(&events);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        &kinds[kinds.len() - 2..],
+        ["member.updated", "member.removed"],
+        "{kinds:?}"
+    );
+    // The DM stays, both members in it, readable by bob.
+    let in_dm = bob.all_messages(&dm).await;
+    assert_eq!(in_dm.len(), 2);
+    let dm_members = members(&bob, &dm).await;
+    assert!(dm_members.iter().any(|(id, _)| *id == alice.user_id));
+    // Unread counts did not move.
+    assert_eq!(
+        (unread(&bob, &g).await, unread(&bob, &dm).await),
+        unread_before
+    );
+    // Nobody can add the deleted account anywhere, nor open a DM with it.
+    let add = carol
+        .call(
+            Method::PUT,
+            &format!("/v1/channels/{g}/members/{}", alice.user_id),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(add.status, StatusCode::NOT_FOUND, "{add:?}");
+    let dm2 = carol
+        .post("/v1/dms", json!({"user_id": alice.user_id}))
+        .await;
+    assert_eq!(dm2.status, StatusCode::NOT_FOUND, "{dm2:?}");
+
+    // The name is held, then free.
+    let early = server
+        .client()
+        .post(
+            "/v1/users",
+            json!({"username": "alice", "password": "a-new-alice-pass"}),
+        )
+        .await;
+    assert_eq!(
+        (early.status, early.code()),
+        (StatusCode::CONFLICT, "username_taken")
+    );
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let later = server
+        .client()
+        .post(
+            "/v1/users",
+            json!({"username": "alice", "password": "a-new-alice-pass"}),
+        )
+        .await;
+    assert_eq!(later.status, StatusCode::CREATED, "{later:?}");
+    assert_ne!(later.body["user"]["id"], json!(alice.user_id));
+    // The old messages still name the old account.
+    let in_g = bob.all_messages(&g).await;
+    assert_eq!(in_g[0]["author_id"].as_str(), Some(alice.user_id.as_str()));
+    server.stop().await;
 }

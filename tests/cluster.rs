@@ -919,3 +919,74 @@ async fn reads_use_a_caught_up_replica_and_survive_its_loss() {
         node.stop().await;
     }
 }
+
+/// Deleting an account on one node kills its tokens on every node at once (a session
+/// cached on another node included, its socket there closed with 4001), and a member
+/// online on a third node sees it turn into a deleted user.
+#[tokio::test]
+async fn a_deleted_accounts_tokens_die_on_every_node() {
+    let Some((_nats, nodes)) = cluster(3).await else {
+        return;
+    };
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let leaver = a.client().register("leaver").await;
+    let friend = b.client().register("friend").await;
+    let channel = leaver.create_channel("soon", "group", &[&friend]).await;
+    // A second session of the leaver's, used (and cached) on node C, online there.
+    let login = c
+        .client()
+        .post(
+            "/v1/sessions",
+            json!({"username": "leaver", "password": "password-leaver"}),
+        )
+        .await;
+    assert_eq!(login.status, 200, "{login:?}");
+    let mut on_c = c.client();
+    on_c.token = Some(login.body["token"].as_str().unwrap().to_owned());
+    on_c.user_id = leaver.user_id.clone();
+    assert_eq!(on_c.get("/v1/users/me").await.status, 200);
+    let mut rt = ws::connect(&on_c).await;
+    let mut friend_rt = ws::connect(&friend).await;
+    let gone = leaver
+        .call(
+            reqwest::Method::DELETE,
+            "/v1/users/me",
+            Some(json!({"password": "password-leaver"})),
+        )
+        .await;
+    assert_eq!(gone.status, 204, "{gone:?}");
+    let closed = tokio::time::timeout(ws::WAIT, async {
+        loop {
+            match rt.next().await {
+                Ok(_) => continue,
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the socket on node C closes");
+    assert!(
+        matches!(closed, ClientError::Closed { code: 4001, .. }),
+        "{closed:?}"
+    );
+    assert_eq!(on_c.get("/v1/users/me").await.status, 401);
+    assert_eq!(
+        leaver.with_base(&b.base()).get("/v1/users/me").await.status,
+        401
+    );
+    let leaver_id = id(&leaver.user_id);
+    let ch = id(&channel);
+    let seen = ws::until(&mut friend_rt, |f| {
+        matches!(f, Frame::Event(e)
+            if e.channel_id == ch && e.kind == "member.removed" && e.user_id == Some(leaver_id))
+    })
+    .await;
+    assert!(
+        seen.iter().any(|f| matches!(f,
+            Frame::UserUpdated { user_id, deleted: true, .. } if *user_id == leaver_id)),
+        "{seen:?}"
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+}

@@ -191,7 +191,7 @@ async fn a_profile_change_reaches_those_who_share_a_channel_and_no_one_else() {
     assert_eq!(set.body["display_name"], "Alice L.");
     let frames = until(&mut rb, |f| matches!(f, Frame::UserUpdated { .. })).await;
     assert!(
-        matches!(frames.last(), Some(Frame::UserUpdated { user_id, display_name: Some(n) })
+        matches!(frames.last(), Some(Frame::UserUpdated { user_id, display_name: Some(n), deleted: false })
             if *user_id == id(&a.user_id) && n == "Alice L."),
         "{frames:?}"
     );

@@ -78,7 +78,8 @@ mod sqlite {
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
         reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks,
-        subscription_leases, uploads, two_factor_and_passwords, authored);
+        subscription_leases, uploads, two_factor_and_passwords, authored,
+        account_deletion);
 }
 
 mod sqlite_folding_every_commit {
@@ -86,7 +87,8 @@ mod sqlite_folding_every_commit {
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
         reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks,
-        subscription_leases, uploads, two_factor_and_passwords, authored);
+        subscription_leases, uploads, two_factor_and_passwords, authored,
+        account_deletion);
 }
 
 mod postgres {
@@ -94,7 +96,8 @@ mod postgres {
         broadcast_permissions, member_management, unread_counts, history_pages,
         dm_is_one_per_pair, delete_redacts, edits_keep_each_version_in_the_log, reactions,
         reaction_limits_and_deletes, threads, mentions, profiles, search, bots_and_api_keys, incoming_webhooks,
-        subscription_leases, uploads, two_factor_and_passwords, authored);
+        subscription_leases, uploads, two_factor_and_passwords, authored,
+        account_deletion);
 
     mod two_nodes {
         checks!(on_two_nodes: two_writers_keep_seqs_gap_free,
@@ -979,6 +982,11 @@ mod search_index {
         store.close().await;
         drop(store);
         std::fs::copy(&older, &path).unwrap();
+        // As an operator restoring a file would: the newer database's write-ahead log, if
+        // a connection closing late left one, is not the older file's.
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
         let store = open(&path).await;
         rebuilt(&*store).await;
         assert_eq!(found(&*store, a, "before").await, ["before"]);

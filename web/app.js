@@ -89,6 +89,7 @@ async function username(id) {
 
 /// The name to show for a user: their display name, else their username.
 function shownName(u) {
+  if (u.deleted) return "Deleted user";
   return u.display_name || u.username;
 }
 
@@ -195,7 +196,7 @@ async function channelTitle(c) {
     members: [],
   }));
   const other = members.find((m) => m.user.id !== state.me.id);
-  c.name = other ? other.user.username : "direct message";
+  c.name = other ? (other.user.deleted ? "Deleted user" : other.user.username) : "direct message";
   if (other && !state.dmPeer.has(c.id)) {
     state.dmPeer.set(c.id, other.user.id);
     watchUsers([other.user.id]);
@@ -1672,8 +1673,10 @@ function showMe() {
 function wireProfile() {
   $("profile-panel").addEventListener("toggle", () => {
     if (!$("profile-panel").open) return;
-    $("profile-name").value = state.me.display_name || "";
-    $("profile-about").value = state.me.about || "";
+    // The toggle event comes a moment after the panel opens: what was typed by then
+    // stays.
+    if (!$("profile-name").value) $("profile-name").value = state.me.display_name || "";
+    if (!$("profile-about").value) $("profile-about").value = state.me.about || "";
     $("profile-status").textContent = "";
   });
   $("profile-form").addEventListener("submit", async (e) => {
@@ -1721,6 +1724,8 @@ async function loadSecurity() {
     $("twofa-disable-form").hidden = !s.enabled;
     $("pw-code-row").hidden = !s.enabled;
     $("pw-code").required = s.enabled;
+    $("delete-code-row").hidden = !s.enabled;
+    $("delete-code").required = s.enabled;
   } catch (err) {
     $("security-status").textContent = err.message;
   }
@@ -1792,6 +1797,19 @@ function wireSecurity() {
     for (const f of ["pw-current", "pw-new", "pw-code"]) $(f).value = "";
     if ($("sessions-panel").open) loadSessions();
     return "Password changed; your other sessions were logged out.";
+  });
+  $("delete-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    if (!confirm("Delete your account? This cannot be undone.")) return;
+    const body = { password: $("delete-password").value };
+    if (!$("delete-code-row").hidden) body.code = $("delete-code").value.trim();
+    try {
+      await api("DELETE", "/v1/users/me", body);
+      localStorage.removeItem("natter.token");
+      location.reload();
+    } catch (err) {
+      $("security-status").textContent = err.message;
+    }
   });
   $("export").addEventListener("click", async () => {
     $("security-status").textContent = "Preparing your data…";

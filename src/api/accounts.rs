@@ -11,8 +11,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::dto::{
-    Credentials, ErrorBody, LoginChallenge, Session, SessionList, SessionListItem, UpdateProfile,
-    User,
+    Credentials, ErrorBody, LoginChallenge, PasswordAndCode, Session, SessionList, SessionListItem,
+    UpdateProfile, User,
 };
 use super::error::{ApiError, ApiResult};
 use super::extract::{Authed, ClientIp, JsonBody, Params, PathIds, UserAgent};
@@ -27,7 +27,7 @@ use crate::username;
 pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(register, find_user))
-        .routes(routes!(me, update_me))
+        .routes(routes!(me, update_me, delete_me))
         .routes(routes!(get_user))
         .routes(routes!(login, list_sessions))
         .routes(routes!(logout))
@@ -356,6 +356,49 @@ async fn update_me(
         state.gateway.bus.profile(channel.channel.id, &user);
     }
     Ok(Json((&user).into()))
+}
+
+/// Deletes the caller's account (the password is asked again, and a code while
+/// two-factor login is on), with the bots they own. Its sessions and API keys end at once,
+/// everywhere (sockets close with 4001); its messages stay in their channels' history,
+/// text and all, under its id, which now reads as a deleted user (`deleted: true`,
+/// username `deleted`, no profile); it leaves every channel but its DMs (`member.removed`;
+/// a channel it owned passes to its first admin, else its first member), and its DMs stay
+/// readable by the other party. Its two-factor secret, recovery codes, sessions and keys
+/// are deleted. Its username is free again after `--username-hold-secs`.
+#[utoipa::path(delete, path = "/v1/users/me", tag = "accounts", security(("bearer" = [])),
+    request_body = PasswordAndCode,
+    responses((status = 204),
+              (status = 400, body = ErrorBody, description = "`invalid_field`: `code` is missing"),
+              (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody, description = "`wrong_password` or `invalid_code`"),
+              (status = 429, body = ErrorBody, description = "`rate_limited`: too many wrong passwords or codes")))]
+async fn delete_me(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    JsonBody(body): JsonBody<PasswordAndCode>,
+) -> ApiResult<StatusCode> {
+    use super::security::{audit, check_password, second_factor};
+    check_password(&state, &auth.user, ip, body.password, "password").await?;
+    second_factor(&state, &auth.user, ip, body.code.as_ref()).await?;
+    // Where others should see the account turn into a deleted one.
+    let channels = state.store.channels(auth.user.id).await.unwrap_or_default();
+    let deleted = state.store.delete_account(auth.user.id).await?;
+    for (user, token) in &deleted.tokens {
+        revoke(&state, *user, token);
+    }
+    audit("account.deleted", &auth.user, ip);
+    if let Ok(Some(gone)) = state.store.user(auth.user.id).await {
+        for view in &channels {
+            state.gateway.bus.profile(view.channel.id, &gone);
+        }
+    }
+    // Leaving the channels: what cannot be done now (a shard down) the upkeep finishes.
+    if let Err(e) = crate::store::finish_deletion(&*state.store, &deleted.users).await {
+        tracing::warn!(user_id = auth.user.id, error = %e, "an account deleted has channels left to leave; the upkeep finishes it");
+    }
+    Ok(no_content())
 }
 
 /// A user by id.

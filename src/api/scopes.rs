@@ -112,6 +112,7 @@ pub fn required(method: &Method, route: &str) -> Option<Needs> {
     Some(match (m, route) {
         ("GET", "/v1/users/me" | "/v1/users/{id}" | "/v1/users") => S(UsersRead),
         ("PATCH", "/v1/users/me") => S(UsersWrite),
+        ("DELETE", "/v1/users/me") => Session,
         ("GET", "/v1/channels/{id}/presence") => S(UsersRead),
         ("GET", "/v1/channels" | "/v1/channels/{id}" | "/v1/channels/{id}/members") => {
             S(ChannelsRead)

@@ -388,7 +388,7 @@ fn open_secret(sealer: &Sealer, user_id: i64, sealed: &[u8]) -> ApiResult<Vec<u8
 
 /// Checks the caller's password again for a sensitive change, charged to the login
 /// limits as a login's guess is.
-async fn check_password(
+pub(super) async fn check_password(
     state: &AppState,
     user: &User,
     ip: IpAddr,
@@ -430,7 +430,7 @@ async fn check_password(
 
 /// With two-factor login on, checks and uses up the request's code (`false`: it is off,
 /// and no code is needed).
-async fn second_factor(
+pub(super) async fn second_factor(
     state: &AppState,
     user: &User,
     ip: IpAddr,

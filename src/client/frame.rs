@@ -124,6 +124,8 @@ pub enum Frame {
     UserUpdated {
         user_id: i64,
         display_name: Option<String>,
+        /// The account was deleted.
+        deleted: bool,
     },
     /// How the users a `presence.subscribe` named stand.
     Presence(Vec<PresenceOf>),
@@ -171,6 +173,8 @@ struct RawId {
     id: String,
     #[serde(default)]
     display_name: Option<String>,
+    #[serde(default)]
+    deleted: bool,
 }
 
 #[derive(Deserialize)]
@@ -254,6 +258,7 @@ pub fn parse_frame(text: &str) -> Result<Frame> {
             Frame::UserUpdated {
                 user_id: parse_id("user.id", Some(&user.id))?,
                 display_name: user.display_name,
+                deleted: user.deleted,
             }
         }
         k if ["message.", "member.", "channel.", "reaction."]

@@ -853,6 +853,9 @@ enum Body {
         /// A bot's owner.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         o: Option<i64>,
+        /// A deleted account.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        x: bool,
     },
 }
 
@@ -955,6 +958,7 @@ impl Packet {
                 d: user.display_name.clone(),
                 a: user.about.clone(),
                 o: user.bot_owner,
+                x: user.deleted,
             },
         }
     }
@@ -1017,7 +1021,7 @@ impl Packet {
                     user_id: u,
                 });
             }
-            Body::Profile { u, n, d, a, o } => {
+            Body::Profile { u, n, d, a, o, x } => {
                 return Some(Item::Profile {
                     channel_id: c,
                     user: crate::model::User {
@@ -1027,6 +1031,7 @@ impl Packet {
                         display_name: d,
                         about: a,
                         bot_owner: o,
+                        deleted: x,
                     },
                 });
             }
@@ -1156,6 +1161,7 @@ mod tests {
             display_name: Some("Ada \"L\"".into()),
             about: None,
             bot_owner: Some(3),
+            deleted: true,
         };
         let packet = Packet::profile(5, &user);
         let back = serde_json::from_slice::<Packet>(&encode(&packet))

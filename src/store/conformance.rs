@@ -30,6 +30,7 @@ pub const CHECKS: &[&str] = &[
     "uploads",
     "two_factor_and_passwords",
     "authored",
+    "account_deletion",
 ];
 
 /// Runs the check called `name` against `store`.
@@ -58,6 +59,7 @@ pub async fn run(name: &str, store: &dyn Store) {
         "uploads" => uploads(store).await,
         "two_factor_and_passwords" => two_factor_and_passwords(store).await,
         "authored" => authored(store).await,
+        "account_deletion" => account_deletion(store).await,
         other => panic!("no conformance check {other}"),
     }
 }
@@ -246,6 +248,134 @@ async fn authored(store: &dyn Store) {
             .items
             .is_empty()
     );
+}
+
+/// Deleting an account: its row stays as `deleted` (no name lookup, no login, no new
+/// session, no new channel), its sessions and keys (and its bots') end with their
+/// digests given back; leaving a channel passes an owner's role to the first admin,
+/// keeps DMs, and is idempotent; departures are recorded.
+async fn account_deletion(store: &dyn Store) {
+    let gone = user(store, "leaver").await;
+    let admin = user(store, "admin").await;
+    let member = user(store, "member").await;
+    let bot = store.create_bot(gone, "leavers_bot").await.unwrap().id;
+    store
+        .create_session(gone, new_session([1; 32], i64::MAX))
+        .await
+        .unwrap();
+    store
+        .create_session(member, new_session([2; 32], i64::MAX))
+        .await
+        .unwrap();
+    let key = crate::store::NewApiKey {
+        token: [3; 32],
+        user_id: bot,
+        name: "k".into(),
+        scopes: "users:read".into(),
+        expires_at: None,
+    };
+    store.create_api_key(gone, key).await.unwrap();
+    assert!(store.begin_two_factor(gone, b"s".to_vec()).await.unwrap());
+    // "owned" is the leaver's (member joined first, admin is its admin); "other" is
+    // someone else's; a DM with the member.
+    let owned = store
+        .create_channel(gone, ChannelKind::Group, "owned", &[member, admin])
+        .await
+        .unwrap()
+        .id;
+    store
+        .put_member(gone, owned, admin, Some(Role::Admin))
+        .await
+        .unwrap();
+    let other = store
+        .create_channel(member, ChannelKind::Group, "other", &[gone])
+        .await
+        .unwrap()
+        .id;
+    let (dm, _) = store.open_dm(gone, member).await.unwrap();
+    store
+        .post_message(gone, owned, "stays", None)
+        .await
+        .unwrap();
+
+    let mut deleted = store.delete_account(gone).await.unwrap();
+    deleted.tokens.sort();
+    assert_eq!(deleted.users, vec![gone, bot]);
+    assert_eq!(deleted.tokens, vec![(gone, [1; 32]), (bot, [3; 32])]);
+    assert!(matches!(
+        store.delete_account(gone).await,
+        Err(StoreError::NotFound)
+    ));
+    let row = store.user(gone).await.unwrap().unwrap();
+    assert!(row.deleted && row.username == "deleted" && row.display_name.is_none());
+    assert!(store.user(bot).await.unwrap().unwrap().deleted);
+    assert!(store.user_by_username("leaver").await.unwrap().is_none());
+    assert!(store.credentials("leaver").await.unwrap().is_none());
+    assert!(store.session_user([1; 32], 0).await.unwrap().is_none());
+    assert!(store.session_user([2; 32], 0).await.unwrap().is_some());
+    assert!(store.key_user([3; 32], 0).await.unwrap().is_none());
+    assert_eq!(store.two_factor(gone).await.unwrap(), None);
+    assert!(matches!(
+        store
+            .create_session(gone, new_session([4; 32], i64::MAX))
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(store.put_member(member, other, bot, None).await.is_err());
+    assert!(store.open_dm(admin, gone).await.is_err());
+    assert_eq!(store.departing().await.unwrap().len(), 2);
+
+    // Leaving: the owned channel passes to its admin; the DM stays; twice is once.
+    assert!(store.depart(gone, owned).await.unwrap());
+    assert!(!store.depart(gone, owned).await.unwrap());
+    assert!(store.depart(gone, other).await.unwrap());
+    assert!(!store.depart(gone, dm.id).await.unwrap());
+    let roles: Vec<(i64, Role)> = store
+        .members(admin, owned)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| (m.user.id, m.role))
+        .collect();
+    assert!(roles.contains(&(admin, Role::Owner)), "{roles:?}");
+    assert!(!roles.iter().any(|(id, _)| *id == gone));
+    let (channel, _) = store.channel(owned, admin).await.unwrap().unwrap();
+    assert_eq!(channel.owner_id, admin);
+    let log = store.log(owned, 0, 100, ReadFence::PRIMARY).await.unwrap();
+    let tail: Vec<&EventBody> = log.items.iter().rev().take(2).map(|e| &e.body).collect();
+    assert_eq!(
+        tail,
+        [
+            &EventBody::MemberRemoved { user_id: gone },
+            &EventBody::MemberUpdated {
+                user_id: admin,
+                role: Role::Owner
+            },
+        ]
+    );
+    let dm_members = store.members(member, dm.id).await.unwrap();
+    assert!(
+        dm_members
+            .iter()
+            .any(|m| m.user.id == gone && m.user.deleted)
+    );
+    // Its message stays, under its id.
+    let newest = HistoryQuery {
+        before_seq: None,
+        after_seq: None,
+        limit: 50,
+    };
+    let kept = store
+        .history(owned, newest, ReadFence::PRIMARY)
+        .await
+        .unwrap();
+    assert!(
+        kept.items
+            .iter()
+            .any(|m| m.author_id == gone && m.text == "stays")
+    );
+    store.departed(&[gone, bot]).await.unwrap();
+    assert!(store.departing().await.unwrap().is_empty());
 }
 
 fn new_upload(owner_id: i64, seed: char) -> crate::store::NewUpload {

@@ -49,6 +49,8 @@ pub struct Rules {
     pub max_api_keys_per_user: u32,
     /// Incoming webhooks of one channel.
     pub max_webhooks_per_channel: u32,
+    /// How long a deleted account's username stays taken.
+    pub username_hold: std::time::Duration,
 }
 
 impl Default for Rules {
@@ -66,6 +68,7 @@ impl Default for Rules {
             max_bots_per_user: 20,
             max_api_keys_per_user: 50,
             max_webhooks_per_channel: 20,
+            username_hold: std::time::Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -623,6 +626,22 @@ pub trait Security: Send + Sync {
     async fn replace_recovery_codes(&self, user_id: i64, codes: Vec<TokenHash>) -> Result<bool>;
     /// Turns two-factor login off (its secret and recovery codes are deleted).
     async fn disable_two_factor(&self, user_id: i64) -> Result<()>;
+    /// Deletes an account and the bots it owns: each keeps its row (its messages keep
+    /// its id) with the username `deleted`, no profile, no password; its sessions, API
+    /// keys (held by it, or acting as it) and two-factor state are deleted, in one
+    /// transaction. Its name stays taken for [`Rules::username_hold`]. `NotFound` for
+    /// no such (or an already deleted) user. The accounts then leave their channels:
+    /// [`finish_deletion`].
+    async fn delete_account(&self, user_id: i64) -> Result<DeletedAccount>;
+    /// A deleted account leaves a channel (not a DM): its webhooks and subscriptions
+    /// there are deleted, an owner's role passes to the first admin (else the first
+    /// member; by user id), and `member.removed` is appended. `false` if it was not a
+    /// member.
+    async fn depart(&self, user_id: i64, channel_id: i64) -> Result<bool>;
+    /// Records that deleted accounts left every channel they had to.
+    async fn departed(&self, users: &[i64]) -> Result<()>;
+    /// Deleted accounts that have not left every channel yet.
+    async fn departing(&self) -> Result<Vec<i64>>;
     /// Stores a new password hash and ends every session of the user but `keep`, in one
     /// transaction: the ended sessions' digests (the caller revokes them).
     async fn change_password(
@@ -631,6 +650,30 @@ pub trait Security: Send + Sync {
         password_hash: &str,
         keep: TokenHash,
     ) -> Result<Vec<TokenHash>>;
+}
+
+/// What a deleted account left to end: the tokens of its sessions and API keys (and its
+/// bots'), each with the account it acted as.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeletedAccount {
+    /// The user and the bots they owned, deleted with them.
+    pub users: Vec<i64>,
+    pub tokens: Vec<(i64, TokenHash)>,
+}
+
+/// Takes deleted accounts out of their channels (all but DMs, which keep both members so
+/// the other party still reads them), then records that they left. Idempotent: what a
+/// deletion cut short (a shard down, a crash) is finished by the next call, which the
+/// server's upkeep makes for every account [`Security::departing`] names.
+pub async fn finish_deletion(store: &dyn Store, users: &[i64]) -> Result<()> {
+    for &user in users {
+        for view in store.channels(user).await? {
+            if view.channel.kind != crate::model::ChannelKind::Dm {
+                store.depart(user, view.channel.id).await?;
+            }
+        }
+    }
+    store.departed(users).await
 }
 
 /// Users and their sessions.

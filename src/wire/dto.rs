@@ -30,6 +30,9 @@ pub struct User {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<openapi::Id>, nullable = false)]
     pub bot_owner_id: Option<String>,
+    /// The account was deleted: its username reads `deleted`, it has no profile, and its
+    /// messages stay under this id. Show it as "deleted user".
+    pub deleted: bool,
 }
 
 impl From<&model::User> for User {
@@ -42,6 +45,7 @@ impl From<&model::User> for User {
             about: u.about.clone(),
             bot: u.bot_owner.is_some(),
             bot_owner_id: u.bot_owner.map(|o| o.to_string()),
+            deleted: u.deleted,
         }
     }
 }

@@ -166,6 +166,11 @@ impl Shared {
             .fetch_max(until.as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// Deleted accounts deleted at or before this time (ms) hold their names no more.
+    fn held_since(&self, now: i64) -> i64 {
+        now.saturating_sub(self.rules.username_hold.as_millis() as i64)
+    }
+
     /// An id for a write the caller is about to queue; refused without a live lease.
     fn checked_id(&self, now: i64) -> Result<i64> {
         if !self.lease_held() {
@@ -1029,6 +1034,12 @@ impl Inner {
             .map_err(|e| self.fail(0, "read users", e))
     }
 
+    /// The live accounts among `ids`: a deleted one is joined to nothing new.
+    async fn live_users(&self, ids: &[i64]) -> Result<Vec<User>> {
+        let found = self.existing_users(ids).await?;
+        Ok(found.into_iter().filter(|u| !u.deleted).collect())
+    }
+
     /// DMs others opened with `user` that `user` has not answered, over every shard.
     async fn pending_dms(&self, user: i64) -> Result<u64> {
         let mut total = 0;
@@ -1059,7 +1070,7 @@ impl Inner {
 
     /// The consent and room verdict for putting `user` into a channel by `actor`.
     async fn admit(&self, actor: i64, user: i64) -> Result<rules::Verdict> {
-        if self.existing_users(&[user]).await?.is_empty() {
+        if self.live_users(&[user]).await?.is_empty() {
             return Ok(Err(StoreError::NotFound));
         }
         if rules::needs_consent(&self.shared.rules, actor, user)
@@ -1375,7 +1386,18 @@ impl Accounts for PostgresStore {
         let mut c = inner.conn(0).await?;
         let result: std::result::Result<User, Fail> = async {
             let tx = c.transaction().await?;
-            let user = insert_user(&tx, id, &folded, &skeleton, password_hash, now, None).await?;
+            let held_since = inner.shared.held_since(now);
+            let user = insert_user(
+                &tx,
+                id,
+                &folded,
+                &skeleton,
+                password_hash,
+                now,
+                None,
+                held_since,
+            )
+            .await?;
             if let Some(s) = &session {
                 insert_session(&tx, id, s, now).await?;
             }
@@ -1413,9 +1435,17 @@ impl Accounts for PostgresStore {
         let mut c = inner.conn(0).await?;
         let result: std::result::Result<Vec<TokenHash>, Fail> = async {
             let tx = c.transaction().await?;
-            // One login of a user at a time: the cap holds under concurrent logins.
-            tx.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&user_id])
+            // One login of a user at a time: the cap holds under concurrent logins. A
+            // login that checked its password before the account was deleted gets none.
+            let live = tx
+                .execute(
+                    "SELECT 1 FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+                    &[&user_id],
+                )
                 .await?;
+            if live == 0 {
+                return Err(Fail::Store(StoreError::NotFound));
+            }
             insert_session(&tx, user_id, &session, now_ms()).await?;
             let evicted = tx
                 .query(
@@ -1577,7 +1607,18 @@ impl Accounts for PostgresStore {
                 .await?
                 .get(0);
             rules::bot_room(&rules, owner_is_bot, bots as u64)?;
-            let user = insert_user(&tx, id, &folded, &skeleton, "", now, Some(owner)).await?;
+            let held_since = inner.shared.held_since(now);
+            let user = insert_user(
+                &tx,
+                id,
+                &folded,
+                &skeleton,
+                "",
+                now,
+                Some(owner),
+                held_since,
+            )
+            .await?;
             tx.commit().await?;
             Ok(user)
         }
@@ -1776,6 +1817,7 @@ async fn manager_check(
 
 /// Inserts a user (a bot when `bot_owner` is set) under a name nobody's folded form or
 /// skeleton has.
+#[allow(clippy::too_many_arguments)]
 async fn insert_user(
     tx: &tokio_postgres::Transaction<'_>,
     id: i64,
@@ -1784,11 +1826,20 @@ async fn insert_user(
     password_hash: &str,
     now: i64,
     bot_owner: Option<i64>,
+    held_since: i64,
 ) -> std::result::Result<User, Fail> {
     // Names with one skeleton are created one at a time, cluster-wide.
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext($1)::bigint)",
         &[&skeleton],
+    )
+    .await?;
+    // A deleted account past its hold gives its name up (a key no name can have).
+    tx.execute(
+        "UPDATE users SET username_key = '~deleted~' || id, username_skeleton = ''
+         WHERE deleted_at IS NOT NULL AND deleted_at <= $3
+           AND (username_key = $1 OR username_skeleton = $2)",
+        &[&folded, &skeleton, &held_since],
     )
     .await?;
     let taken = tx
@@ -2030,7 +2081,7 @@ impl Channels for PostgresStore {
         others.sort_unstable();
         others.dedup();
         let known: std::collections::HashSet<i64> = inner
-            .existing_users(&others)
+            .live_users(&others)
             .await?
             .into_iter()
             .map(|u| u.id)
@@ -2092,7 +2143,7 @@ impl Channels for PostgresStore {
                 ));
             }
         }
-        if inner.existing_users(&[peer]).await?.is_empty() {
+        if inner.live_users(&[peer]).await?.is_empty() {
             return Err(StoreError::NotFound);
         }
         let counts = inner.membership_counts(&[user, peer]).await?;

@@ -26,7 +26,8 @@ pub(super) fn parse_role(s: &str) -> Result<Role, Fail> {
     Role::parse(s).ok_or_else(|| corrupt("role", s))
 }
 
-pub(super) const USER_COLUMNS: &str = "id, username, created_at, display_name, about, bot_owner";
+pub(super) const USER_COLUMNS: &str =
+    "id, username, created_at, display_name, about, bot_owner, deleted_at IS NOT NULL AS deleted";
 
 /// A user from the first three columns, and the profile's by name (every query that
 /// reads a user selects `display_name` and `about` too).
@@ -38,6 +39,7 @@ pub(super) fn user_row(r: &Row) -> User {
         display_name: r.get("display_name"),
         about: r.get("about"),
         bot_owner: r.get("bot_owner"),
+        deleted: r.get("deleted"),
     }
 }
 
@@ -130,7 +132,9 @@ pub(super) async fn users(c: &impl GenericClient, ids: &[i64]) -> Result<Vec<Use
 pub(super) async fn user_by_key(c: &impl GenericClient, key: &str) -> Result<Option<User>, Fail> {
     let row = c
         .query_opt(
-            &format!("SELECT {USER_COLUMNS} FROM users WHERE username_key = $1"),
+            &format!(
+                "SELECT {USER_COLUMNS} FROM users WHERE username_key = $1 AND deleted_at IS NULL"
+            ),
             &[&key],
         )
         .await?;
@@ -145,7 +149,7 @@ pub(super) async fn credentials(
         .query_opt(
             &format!(
                 "SELECT {USER_COLUMNS}, password_hash FROM users
-                 WHERE username_key = $1 AND bot_owner IS NULL"
+                 WHERE username_key = $1 AND bot_owner IS NULL AND deleted_at IS NULL"
             ),
             &[&key],
         )
@@ -221,7 +225,8 @@ pub(super) async fn key_user(
                 "SELECT {KEY_COLUMNS}, u.id AS uid, u.username, u.created_at AS ucreated,
                         u.display_name, u.about, u.bot_owner
                  FROM api_keys k JOIN users u ON u.id = k.user_id
-                 WHERE k.token_hash = $1 AND (k.expires_at IS NULL OR k.expires_at > $2)"
+                 WHERE k.token_hash = $1 AND (k.expires_at IS NULL OR k.expires_at > $2)
+                   AND u.deleted_at IS NULL"
             ),
             &[&token, &now],
         )
@@ -235,6 +240,7 @@ pub(super) async fn key_user(
             display_name: r.get("display_name"),
             about: r.get("about"),
             bot_owner: r.get("bot_owner"),
+            deleted: false,
         },
     }))
 }
@@ -247,9 +253,9 @@ pub(super) async fn session_user(
     let row = c
         .query_opt(
             "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at, u.display_name, u.about,
-                    u.bot_owner
+                    u.bot_owner, u.deleted_at IS NOT NULL AS deleted
              FROM sessions s JOIN users u ON u.id = s.user_id
-             WHERE s.token_hash = $1 AND s.expires_at > $2",
+             WHERE s.token_hash = $1 AND s.expires_at > $2 AND u.deleted_at IS NULL",
             &[&token, &now],
         )
         .await?;

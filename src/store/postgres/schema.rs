@@ -280,6 +280,15 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX messages_author ON messages (author_id, id);
     "#,
+    // 13: deleted accounts (used on shard 0). A deleted user's row stays (its messages
+    // keep its id) with no profile, password or sessions; its name is held
+    // (`username_key` kept) until the hold passes and a registration of the name releases
+    // it. `departed_at` is set once it has left every channel but its DMs.
+    r#"
+    ALTER TABLE users ADD COLUMN deleted_at BIGINT;
+    ALTER TABLE users ADD COLUMN departed_at BIGINT;
+    CREATE INDEX users_departing ON users (id) WHERE deleted_at IS NOT NULL AND departed_at IS NULL;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -3,9 +3,10 @@
 
 use async_trait::async_trait;
 
+use super::writer::{Done, Op};
 use super::{Fail, PostgresStore, digest};
 use crate::clock::now_ms;
-use crate::store::{Result, Security, StoreError, TokenHash, TwoFactor};
+use crate::store::{DeletedAccount, Result, Security, StoreError, TokenHash, TwoFactor};
 
 #[async_trait]
 impl Security for PostgresStore {
@@ -130,6 +131,116 @@ impl Security for PostgresStore {
         }
         .await;
         result.map_err(|e| self.inner.fail(0, "disable two-factor login", e))
+    }
+
+    async fn delete_account(&self, user_id: i64) -> Result<DeletedAccount> {
+        let now = now_ms();
+        let mut c = self.inner.conn(0).await?;
+        let result: std::result::Result<DeletedAccount, Fail> = async {
+            let tx = c.transaction().await?;
+            let live = tx
+                .execute(
+                    "SELECT 1 FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+                    &[&user_id],
+                )
+                .await?;
+            if live == 0 {
+                return Err(Fail::Store(StoreError::NotFound));
+            }
+            let mut users = vec![user_id];
+            for row in tx
+                .query(
+                    "SELECT id FROM users WHERE bot_owner = $1 AND deleted_at IS NULL FOR UPDATE",
+                    &[&user_id],
+                )
+                .await?
+            {
+                users.push(row.get(0));
+            }
+            tx.execute(
+                "UPDATE users SET deleted_at = $2, username = 'deleted', display_name = NULL,
+                     about = NULL, last_seen_at = NULL, password_hash = ''
+                 WHERE id = ANY($1)",
+                &[&users, &now],
+            )
+            .await?;
+            let mut tokens = Vec::new();
+            for row in tx
+                .query(
+                    "DELETE FROM sessions WHERE user_id = ANY($1) RETURNING user_id, token_hash",
+                    &[&users],
+                )
+                .await?
+            {
+                tokens.extend(digest(row.get(1)).map(|t| (row.get::<_, i64>(0), t)));
+            }
+            for row in tx
+                .query(
+                    "DELETE FROM api_keys WHERE owner_id = ANY($1) OR user_id = ANY($1)
+                     RETURNING user_id, token_hash",
+                    &[&users],
+                )
+                .await?
+            {
+                tokens.extend(digest(row.get(1)).map(|t| (row.get::<_, i64>(0), t)));
+            }
+            tx.execute("DELETE FROM two_factor WHERE user_id = ANY($1)", &[&users])
+                .await?;
+            tx.execute(
+                "DELETE FROM recovery_codes WHERE user_id = ANY($1)",
+                &[&users],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(DeletedAccount { users, tokens })
+        }
+        .await;
+        result.map_err(|e| self.inner.fail(0, "delete an account", e))
+    }
+
+    async fn depart(&self, user_id: i64, channel_id: i64) -> Result<bool> {
+        let inner = &self.inner;
+        let shard = inner.shard_of_channel(channel_id);
+        let done = inner
+            .submit(
+                shard,
+                Op::Depart {
+                    user_id,
+                    channel_id,
+                },
+            )
+            .await?;
+        inner.relay_now(shard).await;
+        match done {
+            Done::Changed(changed) => Ok(changed),
+            _ => Err(StoreError::internal(
+                "depart",
+                "the writer answered with something else",
+            )),
+        }
+    }
+
+    async fn departed(&self, users: &[i64]) -> Result<()> {
+        let c = self.inner.conn(0).await?;
+        c.execute(
+            "UPDATE users SET departed_at = $2 WHERE id = ANY($1) AND deleted_at IS NOT NULL",
+            &[&users, &now_ms()],
+        )
+        .await
+        .map_err(|e| self.inner.fail(0, "record departures", e.into()))?;
+        Ok(())
+    }
+
+    async fn departing(&self) -> Result<Vec<i64>> {
+        let c = self.inner.conn(0).await?;
+        let rows = c
+            .query(
+                "SELECT id FROM users WHERE deleted_at IS NOT NULL AND departed_at IS NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| self.inner.fail(0, "read departing accounts", e.into()))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     async fn change_password(

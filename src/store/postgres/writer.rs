@@ -69,6 +69,8 @@ pub(super) enum Op {
         channel_id: i64,
         user_id: i64,
     },
+    /// A deleted account leaves the channel.
+    Depart { user_id: i64, channel_id: i64 },
     MarkRead {
         user_id: i64,
         channel_id: i64,
@@ -121,6 +123,7 @@ impl Op {
             Op::RenameChannel { channel_id, .. }
             | Op::PutMember { channel_id, .. }
             | Op::RemoveMember { channel_id, .. }
+            | Op::Depart { channel_id, .. }
             | Op::MarkRead { channel_id, .. }
             | Op::Post { channel_id, .. }
             | Op::Edit { channel_id, .. }
@@ -985,6 +988,10 @@ async fn apply_one(
             .await?;
             Ok(Done::Unit)
         }
+        Op::Depart {
+            user_id,
+            channel_id,
+        } => depart(tx, j, now, *user_id, *channel_id).await,
         Op::MarkRead {
             user_id,
             channel_id,
@@ -1566,6 +1573,96 @@ async fn message(
 }
 
 /// The channel's kind and the user's role; `NotFound` for non-members.
+/// A deleted account leaves the channel (not a DM): its webhooks and subscriptions here
+/// go, and an owner's role passes to the first admin, else the first member.
+async fn depart(
+    tx: &Client,
+    j: &mut Vec<Event>,
+    now: i64,
+    user_id: i64,
+    channel_id: i64,
+) -> std::result::Result<Done, Fail> {
+    let row = tx
+        .query_opt(
+            "SELECT c.kind, m.role FROM members m JOIN channels c ON c.id = m.channel_id
+             WHERE m.channel_id = $1 AND m.user_id = $2 FOR UPDATE OF m",
+            &[&channel_id, &user_id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(Done::Changed(false));
+    };
+    let kind = read::parse_kind(row.get(0))?;
+    let role = read::parse_role(row.get(1))?;
+    if kind == ChannelKind::Dm {
+        return Ok(Done::Changed(false));
+    }
+    tx.execute(
+        "DELETE FROM subscriptions WHERE channel_id = $1 AND creator_id = $2",
+        &[&channel_id, &user_id],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM incoming_webhooks WHERE channel_id = $1 AND (creator_id = $2 OR bot_id = $2)",
+        &[&channel_id, &user_id],
+    )
+    .await?;
+    if role == Role::Owner {
+        let heir = tx
+            .query_opt(
+                "SELECT user_id FROM members WHERE channel_id = $1 AND user_id != $2
+                 ORDER BY role = 'admin' DESC, user_id LIMIT 1",
+                &[&channel_id, &user_id],
+            )
+            .await?;
+        if let Some(heir) = heir {
+            let heir: i64 = heir.get(0);
+            tx.execute(
+                "UPDATE members SET role = 'owner' WHERE channel_id = $1 AND user_id = $2",
+                &[&channel_id, &heir],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE channels SET owner_id = $2 WHERE id = $1",
+                &[&channel_id, &heir],
+            )
+            .await?;
+            append_event(
+                tx,
+                j,
+                EventBody::MemberUpdated {
+                    user_id: heir,
+                    role: Role::Owner,
+                },
+                channel_id,
+                now,
+                None,
+                Some(heir),
+                Some(Role::Owner.as_str()),
+            )
+            .await?;
+        }
+    }
+    tx.execute(
+        "DELETE FROM members WHERE channel_id = $1 AND user_id = $2",
+        &[&channel_id, &user_id],
+    )
+    .await?;
+    outbox(tx, user_id, channel_id, false, now).await?;
+    append_event(
+        tx,
+        j,
+        EventBody::MemberRemoved { user_id },
+        channel_id,
+        now,
+        None,
+        Some(user_id),
+        None,
+    )
+    .await?;
+    Ok(Done::Changed(true))
+}
+
 async fn membership(
     tx: &Client,
     channel_id: i64,

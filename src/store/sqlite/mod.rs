@@ -31,10 +31,10 @@ use self::write::{Done, Op, SecurityOp};
 pub use self::writer::WriteStats;
 use self::writer::{Writer, WriterParts};
 use super::{
-    Accounts, ApiKeyInfo, Backend, Channels, CollectedUploads, DeliveryReport, Files, Health,
-    IncomingWebhook, KeyAuth, NewApiKey, NewIncomingWebhook, NewSession, NewSubscription,
-    NewUpload, Posted, ReadFence, Result, SearchQuery, Security, SessionAuth, SessionInfo,
-    StoreError, Subscription, SubscriptionChange, TokenHash, TwoFactor,
+    Accounts, ApiKeyInfo, Backend, Channels, CollectedUploads, DeletedAccount, DeliveryReport,
+    Files, Health, IncomingWebhook, KeyAuth, NewApiKey, NewIncomingWebhook, NewSession,
+    NewSubscription, NewUpload, Posted, ReadFence, Result, SearchQuery, Security, SessionAuth,
+    SessionInfo, StoreError, Subscription, SubscriptionChange, TokenHash, TwoFactor,
 };
 use crate::model::{
     Channel, ChannelKind, ChannelView, Event, HistoryQuery, Member, Message, Page, ProfileChange,
@@ -310,6 +310,7 @@ fn unexpected(done: Done) -> StoreError {
         Done::Message(_) => "message",
         Done::Count(_) => "count",
         Done::Tokens(_) => "tokens",
+        Done::Deleted(_) => "deleted",
         Done::ApiKey(_) => "API key",
         Done::Upload(_) => "upload",
         Done::Collected(_) => "collected uploads",
@@ -622,6 +623,48 @@ impl Security for SqliteStore {
         self.security(SecurityOp::Disable { user_id })
             .await
             .map(drop)
+    }
+
+    async fn delete_account(&self, user_id: i64) -> Result<DeletedAccount> {
+        match self
+            .write(Op::Security(SecurityOp::DeleteAccount { user_id }))
+            .await?
+        {
+            Done::Deleted(deleted) => Ok(deleted),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn depart(&self, user_id: i64, channel_id: i64) -> Result<bool> {
+        match self
+            .write(Op::Depart {
+                user_id,
+                channel_id,
+            })
+            .await?
+        {
+            Done::Changed(changed) => Ok(changed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn departed(&self, users: &[i64]) -> Result<()> {
+        let users = users.to_vec();
+        self.security(SecurityOp::Departed { users })
+            .await
+            .map(drop)
+    }
+
+    async fn departing(&self) -> Result<Vec<i64>> {
+        self.reads
+            .run(|c| {
+                c.prepare_cached(
+                    "SELECT id FROM users WHERE deleted_at IS NOT NULL AND departed_at IS NULL",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect()
+            })
+            .await
     }
 
     async fn change_password(

@@ -72,7 +72,8 @@ pub(super) fn parse_role(s: &str) -> rusqlite::Result<Role> {
     Role::parse(s).ok_or_else(|| corrupt("role", s))
 }
 
-pub(super) const USER_COLUMNS: &str = "id, username, created_at, display_name, about, bot_owner";
+pub(super) const USER_COLUMNS: &str =
+    "id, username, created_at, display_name, about, bot_owner, deleted_at IS NOT NULL AS deleted";
 
 /// A user from the first three columns, and the profile's by name (every query that
 /// reads a user selects `display_name` and `about` too).
@@ -84,6 +85,7 @@ pub(super) fn user_row(r: &Row) -> rusqlite::Result<User> {
         display_name: r.get("display_name")?,
         about: r.get("about")?,
         bot_owner: r.get("bot_owner")?,
+        deleted: r.get("deleted")?,
     })
 }
 
@@ -225,7 +227,7 @@ pub(super) fn user_by_username(
     username: &str,
 ) -> rusqlite::Result<Option<User>> {
     conn.prepare_cached(&format!(
-        "SELECT {USER_COLUMNS} FROM users WHERE username_key = ?1"
+        "SELECT {USER_COLUMNS} FROM users WHERE username_key = ?1 AND deleted_at IS NULL"
     ))?
     .query_row([crate::username::fold(username)], user_row)
     .optional()
@@ -237,7 +239,7 @@ pub(super) fn credentials(
 ) -> rusqlite::Result<Option<(User, String)>> {
     conn.prepare_cached(&format!(
         "SELECT {USER_COLUMNS}, password_hash FROM users
-         WHERE username_key = ?1 AND bot_owner IS NULL"
+         WHERE username_key = ?1 AND bot_owner IS NULL AND deleted_at IS NULL"
     ))?
     .query_row([crate::username::fold(username)], |r| {
         Ok((user_row(r)?, r.get("password_hash")?))
@@ -252,9 +254,9 @@ pub(super) fn session_user(
 ) -> rusqlite::Result<Option<crate::store::SessionAuth>> {
     conn.prepare_cached(
         "SELECT u.id, u.username, u.created_at, s.expires_at, s.last_used_at, u.display_name, u.about,
-                u.bot_owner
+                u.bot_owner, u.deleted_at IS NOT NULL AS deleted
          FROM sessions s JOIN users u ON u.id = s.user_id
-         WHERE s.token_hash = ?1 AND s.expires_at > ?2",
+         WHERE s.token_hash = ?1 AND s.expires_at > ?2 AND u.deleted_at IS NULL",
     )?
     .query_row(params![token, now], |r| {
         Ok(crate::store::SessionAuth {
@@ -335,7 +337,8 @@ pub(super) fn key_user(
         "SELECT {KEY_COLUMNS}, u.id AS uid, u.username, u.created_at AS ucreated,
                 u.display_name, u.about, u.bot_owner
          FROM api_keys k JOIN users u ON u.id = k.user_id
-         WHERE k.token_hash = ?1 AND (k.expires_at IS NULL OR k.expires_at > ?2)"
+         WHERE k.token_hash = ?1 AND (k.expires_at IS NULL OR k.expires_at > ?2)
+           AND u.deleted_at IS NULL"
     ))?
     .query_row(params![token, now], |r| {
         Ok(crate::store::KeyAuth {
@@ -347,6 +350,7 @@ pub(super) fn key_user(
                 display_name: r.get("display_name")?,
                 about: r.get("about")?,
                 bot_owner: r.get("bot_owner")?,
+                deleted: false,
             },
         })
     })
@@ -502,7 +506,8 @@ pub(super) fn channels(conn: &Connection, user_id: i64) -> rusqlite::Result<Vec<
 
 pub(super) fn members(conn: &Connection, channel_id: i64) -> rusqlite::Result<Vec<Member>> {
     conn.prepare_cached(
-        "SELECT u.id, u.username, u.created_at, m.role, u.display_name, u.about, u.bot_owner
+        "SELECT u.id, u.username, u.created_at, m.role, u.display_name, u.about, u.bot_owner,
+                u.deleted_at IS NOT NULL AS deleted
          FROM members m JOIN users u ON u.id = m.user_id
          WHERE m.channel_id = ?1 ORDER BY u.id",
     )?
@@ -560,7 +565,7 @@ pub(super) fn reactors(
     let mut items = conn
         .prepare_cached(
             "SELECT u.id, u.username, u.created_at, r.at, r.seq, u.display_name, u.about,
-                    u.bot_owner
+                    u.bot_owner, u.deleted_at IS NOT NULL AS deleted
              FROM reactions r JOIN users u ON u.id = r.user_id
              WHERE r.message_id = ?1 AND r.emoji = ?2 AND r.channel_id = ?3 AND r.seq > ?4
              ORDER BY r.seq LIMIT ?5",

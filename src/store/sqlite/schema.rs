@@ -337,6 +337,17 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX messages_author ON messages(author_id, id);
     "#,
     ),
+    // 18: deleted accounts. A deleted user's row stays (its messages keep its id) with
+    // no profile, password or sessions; its name is held (`username_key` kept) until the
+    // hold passes and a registration of the name releases it. `departed_at` is set once
+    // it has left every channel but its DMs.
+    Migration::Sql(
+        r#"
+    ALTER TABLE users ADD COLUMN deleted_at INTEGER;
+    ALTER TABLE users ADD COLUMN departed_at INTEGER;
+    CREATE INDEX users_departing ON users(id) WHERE deleted_at IS NOT NULL AND departed_at IS NULL;
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's

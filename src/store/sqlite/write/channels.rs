@@ -2,7 +2,7 @@
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use super::{Applied, Done, append_event, membership, role_of, user_exists};
+use super::{Applied, Done, append_event, membership, membership_row, role_of, user_exists};
 use crate::id::Snowflake;
 use crate::model::{ChannelKind, Event, EventBody, Role};
 use crate::store::rules::{self, PutMember};
@@ -257,6 +257,72 @@ pub(super) fn remove_member(
         None,
     )?;
     Ok(Done::Unit)
+}
+
+/// A deleted account leaves the channel (not a DM): its webhooks and subscriptions here
+/// go, and an owner's role passes to the first admin, else the first member.
+pub(super) fn depart(
+    tx: &Transaction,
+    j: &mut Vec<Event>,
+    now: i64,
+    user_id: i64,
+    channel_id: i64,
+) -> Applied {
+    let Some((kind, role)) = membership_row(tx, channel_id, user_id)? else {
+        return Ok(Done::Changed(false));
+    };
+    if kind == ChannelKind::Dm {
+        return Ok(Done::Changed(false));
+    }
+    tx.prepare_cached("DELETE FROM subscriptions WHERE channel_id = ?1 AND creator_id = ?2")?
+        .execute([channel_id, user_id])?;
+    tx.prepare_cached(
+        "DELETE FROM incoming_webhooks WHERE channel_id = ?1 AND (creator_id = ?2 OR bot_id = ?2)",
+    )?
+    .execute([channel_id, user_id])?;
+    if role == Role::Owner {
+        let heir: Option<i64> = tx
+            .prepare_cached(
+                "SELECT user_id FROM members WHERE channel_id = ?1 AND user_id != ?2
+                 ORDER BY role = 'admin' DESC, user_id LIMIT 1",
+            )?
+            .query_row([channel_id, user_id], |r| r.get(0))
+            .optional()?;
+        if let Some(heir) = heir {
+            tx.prepare_cached(
+                "UPDATE members SET role = 'owner' WHERE channel_id = ?1 AND user_id = ?2",
+            )?
+            .execute([channel_id, heir])?;
+            tx.prepare_cached("UPDATE channels SET owner_id = ?2 WHERE id = ?1")?
+                .execute([channel_id, heir])?;
+            append_event(
+                tx,
+                j,
+                EventBody::MemberUpdated {
+                    user_id: heir,
+                    role: Role::Owner,
+                },
+                channel_id,
+                now,
+                None,
+                Some(heir),
+                Some(Role::Owner.as_str()),
+            )?;
+        }
+    }
+    tx.prepare_cached("DELETE FROM members WHERE channel_id = ?1 AND user_id = ?2")?
+        .execute([channel_id, user_id])?;
+    append_event(
+        tx,
+        j,
+        EventBody::MemberRemoved { user_id },
+        channel_id,
+        now,
+        None,
+        Some(user_id),
+        None,
+    )?;
+    Ok(Done::Changed(true))
 }
 
 pub(super) fn mark_read(

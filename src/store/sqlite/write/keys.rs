@@ -32,6 +32,7 @@ pub(super) fn create_bot(
     // bots up as unknown names.
     Ok(Done::User(insert_user(
         tx,
+        rules,
         id,
         now,
         username,

@@ -199,6 +199,11 @@ pub(super) enum Op {
         channels: Vec<i64>,
     },
     Security(SecurityOp),
+    /// A deleted account leaves a channel.
+    Depart {
+        user_id: i64,
+        channel_id: i64,
+    },
 }
 
 /// How an op relates to the writer's [`Hot`] channel state.
@@ -262,7 +267,8 @@ impl Op {
             | Op::EditMessage { channel_id, .. }
             | Op::DeleteMessage { channel_id, .. }
             | Op::React { channel_id, .. }
-            | Op::PostSlow { channel_id, .. } => HotUse::FlushAndForget(Some(*channel_id)),
+            | Op::PostSlow { channel_id, .. }
+            | Op::Depart { channel_id, .. } => HotUse::FlushAndForget(Some(*channel_id)),
         }
     }
 }
@@ -283,6 +289,7 @@ pub(super) enum Done {
     Subscription(Option<Subscription>),
     /// A deleted API key's account and digest, if there was one.
     DeletedKey(Option<(i64, TokenHash)>),
+    Deleted(crate::store::DeletedAccount),
     /// Whether the op changed anything (an idempotent op that found it done: `false`).
     Changed(bool),
     Unit,
@@ -327,6 +334,7 @@ pub(super) fn apply(
             session,
         } => create_user(
             tx,
+            rules,
             ids.next_id(now),
             now,
             username,
@@ -334,6 +342,13 @@ pub(super) fn apply(
             session.as_ref(),
         ),
         Op::CreateSession { user_id, session } => {
+            // A login that checked its password before the account was deleted gets none.
+            let live = tx
+                .prepare_cached("SELECT 1 FROM users WHERE id = ?1 AND deleted_at IS NULL")?
+                .exists([user_id])?;
+            if !live {
+                return Err(StoreError::NotFound.into());
+            }
             insert_session(tx, *user_id, session, now)?;
             // The oldest sessions past the cap end (the caller revokes them).
             let evicted = tx
@@ -421,6 +436,10 @@ pub(super) fn apply(
             Ok(Done::Count(n as u64))
         }
         Op::Security(op) => security::apply(tx, now, op),
+        Op::Depart {
+            user_id,
+            channel_id,
+        } => channels::depart(tx, j, now, *user_id, *channel_id),
         Op::CreateBot { owner, username } => {
             keys::create_bot(tx, rules, ids.next_id(now), now, *owner, username)
         }
@@ -579,13 +598,14 @@ pub(super) fn apply(
 /// registration never leaves an account whose creator got an error.
 fn create_user(
     tx: &Transaction,
+    rules: &Rules,
     id: i64,
     now: i64,
     username: &str,
     hash: &str,
     session: Option<&NewSession>,
 ) -> Applied {
-    let user = insert_user(tx, id, now, username, hash, None)?;
+    let user = insert_user(tx, rules, id, now, username, hash, None)?;
     if let Some(s) = session {
         insert_session(tx, id, s, now)?;
     }
@@ -596,6 +616,7 @@ fn create_user(
 /// skeleton has.
 fn insert_user(
     tx: &Transaction,
+    rules: &Rules,
     id: i64,
     now: i64,
     username: &str,
@@ -607,6 +628,14 @@ fn insert_user(
     // so this check, in the writer's transaction, is what keeps new ones apart.
     let folded = crate::username::fold(username);
     let skeleton = crate::username::skeleton(&folded);
+    // A deleted account past its hold gives its name up (a key no name can have).
+    let held_since = now.saturating_sub(rules.username_hold.as_millis() as i64);
+    tx.prepare_cached(
+        "UPDATE users SET username_key = '~deleted~' || id, username_skeleton = ''
+         WHERE deleted_at IS NOT NULL AND deleted_at <= ?3
+           AND (username_key = ?1 OR username_skeleton = ?2)",
+    )?
+    .execute(params![&folded, &skeleton, held_since])?;
     let taken = tx
         .prepare_cached("SELECT 1 FROM users WHERE username_key = ?1 OR username_skeleton = ?2")?
         .exists([&folded, &skeleton])?;
@@ -685,8 +714,9 @@ fn append_event(
     Ok(seq)
 }
 
+/// A live account: a deleted one is joined to nothing new.
 fn user_exists(tx: &Transaction, user_id: i64) -> rusqlite::Result<bool> {
-    tx.prepare_cached("SELECT 1 FROM users WHERE id = ?1")?
+    tx.prepare_cached("SELECT 1 FROM users WHERE id = ?1 AND deleted_at IS NULL")?
         .exists([user_id])
 }
 

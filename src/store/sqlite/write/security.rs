@@ -5,7 +5,7 @@
 use rusqlite::{Transaction, params};
 
 use super::{Applied, Done, digest};
-use crate::store::TokenHash;
+use crate::store::{DeletedAccount, StoreError, TokenHash};
 
 pub(in crate::store::sqlite) enum SecurityOp {
     Begin {
@@ -38,10 +38,26 @@ pub(in crate::store::sqlite) enum SecurityOp {
         password_hash: String,
         keep: TokenHash,
     },
+    DeleteAccount {
+        user_id: i64,
+    },
+    Departed {
+        users: Vec<i64>,
+    },
 }
 
 pub(super) fn apply(tx: &Transaction, now: i64, op: &SecurityOp) -> Applied {
     match op {
+        SecurityOp::DeleteAccount { user_id } => delete_account(tx, now, *user_id),
+        SecurityOp::Departed { users } => {
+            let mut done = tx.prepare_cached(
+                "UPDATE users SET departed_at = ?2 WHERE id = ?1 AND deleted_at IS NOT NULL",
+            )?;
+            for user in users {
+                done.execute([*user, now])?;
+            }
+            Ok(Done::Unit)
+        }
         SecurityOp::Begin { user_id, secret } => {
             let n = tx
                 .prepare_cached(
@@ -124,6 +140,52 @@ pub(super) fn apply(tx: &Transaction, now: i64, op: &SecurityOp) -> Applied {
             Ok(Done::Tokens(ended.into_iter().filter_map(digest).collect()))
         }
     }
+}
+
+/// The user and their bots lose what is theirs alone; their rows stay, as `deleted`.
+fn delete_account(tx: &Transaction, now: i64, user_id: i64) -> Applied {
+    let live = tx
+        .prepare_cached("SELECT 1 FROM users WHERE id = ?1 AND deleted_at IS NULL")?
+        .exists([user_id])?;
+    if !live {
+        return Err(StoreError::NotFound.into());
+    }
+    let mut users = vec![user_id];
+    users.extend(
+        tx.prepare_cached("SELECT id FROM users WHERE bot_owner = ?1 AND deleted_at IS NULL")?
+            .query_map([user_id], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+    );
+    let mut tokens = Vec::new();
+    for &id in &users {
+        tx.prepare_cached(
+            "UPDATE users SET deleted_at = ?2, username = 'deleted', display_name = NULL,
+                 about = NULL, last_seen_at = NULL, password_hash = ''
+             WHERE id = ?1",
+        )?
+        .execute([id, now])?;
+        let sessions = tx
+            .prepare_cached("DELETE FROM sessions WHERE user_id = ?1 RETURNING token_hash")?
+            .query_map([id], |r| r.get::<_, Vec<u8>>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        tokens.extend(sessions.into_iter().filter_map(digest).map(|t| (id, t)));
+        let keys = tx
+            .prepare_cached(
+                "DELETE FROM api_keys WHERE owner_id = ?1 OR user_id = ?1
+                 RETURNING user_id, token_hash",
+            )?
+            .query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        tokens.extend(
+            keys.into_iter()
+                .filter_map(|(user, token)| Some((user, digest(token)?))),
+        );
+        tx.prepare_cached("DELETE FROM two_factor WHERE user_id = ?1")?
+            .execute([id])?;
+        tx.prepare_cached("DELETE FROM recovery_codes WHERE user_id = ?1")?
+            .execute([id])?;
+    }
+    Ok(Done::Deleted(DeletedAccount { users, tokens }))
 }
 
 fn put_recovery_codes(tx: &Transaction, user_id: i64, codes: &[TokenHash]) -> rusqlite::Result<()> {
