@@ -556,11 +556,127 @@ async fn the_client_library_enrols_and_logs_in_with_a_code() {
     me.disable_two_factor("password-frank-2", &recovery[1])
         .await
         .unwrap();
-    Api::new(&base)
-        .login("frank", "password-frank-2")
+    let mut again = Api::new(&base);
+    again.login("frank", "password-frank-2").await.unwrap();
+    again
+        .call(
+            reqwest::Method::POST,
+            "/v1/channels",
+            Some(json!({"name": "notes", "kind": "group", "members": []})),
+        )
         .await
         .unwrap();
+    let mut exported = Vec::new();
+    let bytes = again.export(&mut exported).await.unwrap();
+    assert_eq!(bytes as usize, exported.len());
+    let lines: Vec<Value> = String::from_utf8(exported)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.first().unwrap()["type"], "export");
+    assert_eq!(lines.last().unwrap()["type"], "end");
+    again
+        .delete_account("password-frank-2", None)
+        .await
+        .unwrap();
+    let after = Api::new(&base).login("frank", "password-frank-2").await;
+    assert!(
+        matches!(after, Err(ClientError::Api { status: 401, .. })),
+        "{after:?}"
+    );
     server.stop().await;
+}
+
+/// The audit log: each account action is one line with who, what and from where, and
+/// none carries a password, a code, a secret or a token.
+#[tokio::test]
+async fn account_actions_are_audited_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::child::ServerProcess::start(dir.path()).await;
+    let base = server.base();
+    let ivy = Client::new(&base).register("ivy").await;
+    let (mut app, recovery) = enrol(&ivy, "password-ivy").await;
+    let secret = totp::base32(&app.secret);
+    let (s, body) = login(&base, "ivy", "password-ivy").await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let challenge = body["challenge"].as_str().unwrap().to_owned();
+    let code = app.next_code().await;
+    let done = Client::new(&base)
+        .post(
+            "/v1/sessions/two-factor",
+            json!({"challenge": challenge, "code": code}),
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::OK);
+    let token = done.body["token"].as_str().unwrap().to_owned();
+    let wrong = ivy
+        .post(
+            "/v1/users/me/password",
+            json!({"current_password": "password-ivy", "new_password": "password-ivy-2", "code": "000000"}),
+        )
+        .await;
+    assert_eq!(wrong.code(), "invalid_code");
+    let changed = ivy
+        .post(
+            "/v1/users/me/password",
+            json!({"current_password": "password-ivy", "new_password": "password-ivy-2", "code": recovery[0]}),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::NO_CONTENT, "{changed:?}");
+    let gone = ivy
+        .call(
+            Method::DELETE,
+            "/v1/users/me",
+            Some(json!({"password": "password-ivy-2", "code": recovery[1]})),
+        )
+        .await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT, "{gone:?}");
+    let log = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = server.log_text();
+            if log.contains("account.deleted") || std::time::Instant::now() > deadline {
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let audit: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("natter::audit"))
+        .collect();
+    for action in [
+        "two_factor.enrolment_begun",
+        "two_factor.enabled",
+        "login.password_ok_code_needed",
+        "login.two_factor",
+        "two_factor.wrong_code",
+        "password.changed",
+        "account.deleted",
+    ] {
+        let line = audit
+            .iter()
+            .find(|l| l.contains(action))
+            .unwrap_or_else(|| panic!("no {action} in {audit:#?}"));
+        assert!(
+            line.contains("username=ivy") && line.contains("address=127.0.0.1"),
+            "{line}"
+        );
+    }
+    for secret_text in [
+        "password-ivy",
+        secret.as_str(),
+        code.as_str(),
+        recovery[0].as_str(),
+        recovery[1].as_str(),
+        token.as_str(),
+        challenge.as_str(),
+        ivy.token.as_deref().unwrap(),
+    ] {
+        assert!(!log.contains(secret_text), "the log shows {secret_text}");
+    }
+    server.terminate().await;
 }
 
 /// The server's peak resident memory (`VmHWM`) and current (`VmRSS`), in KiB.

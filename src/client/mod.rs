@@ -227,6 +227,66 @@ impl Api {
         .map(drop)
     }
 
+    /// Deletes this account (the password, and a code while two-factor login is on):
+    /// every session and key of it ends; its messages stay as a deleted user's.
+    pub async fn delete_account(&mut self, password: &str, code: Option<&str>) -> Result<()> {
+        let mut body = json!({"password": password});
+        if let Some(code) = code {
+            body["code"] = json!(code);
+        }
+        self.call(reqwest::Method::DELETE, "/v1/users/me", Some(body))
+            .await?;
+        self.token = None;
+        Ok(())
+    }
+
+    /// Writes this account's export (NDJSON: profile, memberships, every message it
+    /// wrote, then an `end` line) to `out` as it arrives; returns the bytes written.
+    /// An export without its `end` line was cut short: an error.
+    pub async fn export(&self, mut out: impl tokio::io::AsyncWrite + Unpin) -> Result<u64> {
+        use tokio::io::AsyncWriteExt;
+        let mut req = self.http.get(format!("{}/v1/users/me/export", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let mut resp = req.send().await?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let value: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(ClientError::Api {
+                status,
+                code: value["error"]["code"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_owned(),
+                message: value["error"]["message"].as_str().unwrap_or("").to_owned(),
+            });
+        }
+        let (mut written, mut last_line) = (0u64, Vec::new());
+        while let Some(chunk) = resp.chunk().await? {
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| ClientError::Protocol(format!("write the export: {e}")))?;
+            written += chunk.len() as u64;
+            // The last complete line so far (a line may span chunks).
+            last_line.extend_from_slice(&chunk);
+            if let Some(end) = last_line[..last_line.len().saturating_sub(1)]
+                .iter()
+                .rposition(|&b| b == b'\n')
+            {
+                last_line.drain(..=end);
+            }
+        }
+        out.flush()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("write the export: {e}")))?;
+        let last: Value = serde_json::from_slice(&last_line).unwrap_or(Value::Null);
+        if last["type"] != "end" {
+            return Err(ClientError::Protocol("the export was cut short".into()));
+        }
+        Ok(written)
+    }
+
     /// Changes the password (with a code while two-factor login is on); every other
     /// session ends.
     pub async fn change_password(
