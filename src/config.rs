@@ -109,6 +109,11 @@ pub struct ServeArgs {
     /// Failed logins allowed per client address in a burst (refilling at one every 6 s).
     #[arg(long, env = "NATTER_LOGIN_FAILURES_PER_IP", default_value_t = 50.0)]
     pub login_failures_per_ip: f64,
+    /// Wrong two-factor codes (app or recovery codes) allowed per account in a burst
+    /// (refilling at one every 10 minutes), wherever they come from: someone holding the
+    /// password gets about 150 guesses a day at 3 right codes in a million.
+    #[arg(long, env = "NATTER_CODE_FAILURES_PER_ACCOUNT", default_value_t = 10.0)]
+    pub code_failures_per_account: f64,
     /// Accounts one client address may create in a burst (refilling at one a second).
     #[arg(long, env = "NATTER_SIGNUPS_PER_IP", default_value_t = 100.0)]
     pub signups_per_ip: f64,
@@ -428,6 +433,8 @@ pub struct Limits {
     pub login_failures_per_user: Rate,
     /// Per username, from every address.
     pub login_failures_per_account: Rate,
+    /// Wrong two-factor codes per account.
+    pub code_failures_per_account: Rate,
     pub login_failures_per_ip: Rate,
     pub signups_per_ip: Rate,
     /// Writes other than sends, per user.
@@ -669,6 +676,10 @@ impl Config {
                 login_failures_per_account: Rate {
                     per_second: 1.0 / 36.0,
                     burst: positive("--login-failures-per-account", a.login_failures_per_account)?,
+                },
+                code_failures_per_account: Rate {
+                    per_second: 1.0 / 600.0,
+                    burst: positive("--code-failures-per-account", a.code_failures_per_account)?,
                 },
                 login_failures_per_ip: Rate {
                     per_second: 1.0 / 6.0,

@@ -943,6 +943,18 @@ async fn a_deleted_account_leaves_history_readable_and_its_name_free_later() {
     );
     let shown_bot = bob.get(&format!("/v1/users/{bot_id}")).await;
     assert_eq!(shown_bot.body["deleted"], true, "its bots go with it");
+    let reserved = server
+        .client()
+        .post(
+            "/v1/users",
+            json!({"username": "Deleted", "password": "pretending-to-be-gone"}),
+        )
+        .await;
+    assert_eq!(
+        (reserved.status, reserved.body["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("username")),
+        "no one may pass as a deleted user"
+    );
 
     // History keeps its messages, text and author id.
     let in_g = bob.all_messages(&g).await;
@@ -1042,5 +1054,78 @@ async fn a_deleted_account_leaves_history_readable_and_its_name_free_later() {
     // The old messages still name the old account.
     let in_g = bob.all_messages(&g).await;
     assert_eq!(in_g[0]["author_id"].as_str(), Some(alice.user_id.as_str()));
+    server.stop().await;
+}
+
+/// Codes are six digits: besides the login buckets, wrong codes have a tight budget of
+/// their own per account, from every address together, which passwords do not touch.
+#[tokio::test]
+async fn wrong_codes_have_a_tight_budget_per_account_from_every_address() {
+    let server = TestServer::start_with(|c| {
+        common::behind_proxy_one_signup_each(c);
+        c.limits.signups_per_ip = Rate {
+            per_second: 1e9,
+            burst: 1e9,
+        };
+        c.limits.code_failures_per_account = Rate {
+            per_second: 0.0001,
+            burst: 3.0,
+        };
+    })
+    .await;
+    let base = server.base();
+    let jo = server.client().register("jody").await;
+    let (mut app, _) = enrol(&jo, "password-jody").await;
+    let from = |addr: &str, path: &str, body: Value| {
+        let (base, addr, path) = (base.clone(), addr.to_owned(), path.to_owned());
+        async move {
+            let res = reqwest::Client::new()
+                .post(format!("{base}{path}"))
+                .header("x-forwarded-for", addr)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status();
+            (status, res.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let creds = json!({"username": "jody", "password": "password-jody"});
+    let (s, body) = from("192.0.2.1", "/v1/sessions", creds.clone()).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let challenge = body["challenge"].as_str().unwrap().to_owned();
+    let right = app.next_code().await;
+    let wrong: Vec<String> = (0..1000)
+        .map(|i| format!("{:06}", (i * 7919 + 13) % 1_000_000))
+        .filter(|c| {
+            totp::matching_step(&app.secret, c, Authenticator::now_step()).is_none() && *c != right
+        })
+        .take(4)
+        .collect();
+    for (n, code) in wrong[..3].iter().enumerate() {
+        let (s, _) = from(
+            &format!("198.51.100.{n}"),
+            "/v1/sessions/two-factor",
+            json!({"challenge": challenge, "code": code}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    for code in [&wrong[3], &right] {
+        let (s, _) = from(
+            "203.0.113.9",
+            "/v1/sessions/two-factor",
+            json!({"challenge": challenge, "code": code}),
+        )
+        .await;
+        assert_eq!(
+            s,
+            StatusCode::TOO_MANY_REQUESTS,
+            "a fourth address waits too"
+        );
+    }
+    // The password's own buckets are untouched: a right password still gets a challenge.
+    let (s, _) = from("203.0.113.10", "/v1/sessions", creds).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
     server.stop().await;
 }

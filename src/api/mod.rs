@@ -77,6 +77,8 @@ pub struct Inner {
     login_failures_by_user: RateLimiter<(String, IpAddr)>,
     login_failures_by_account: RateLimiter<String>,
     login_failures_by_ip: RateLimiter<IpAddr>,
+    /// Wrong two-factor codes per account (user id), from everywhere.
+    code_failures: RateLimiter<i64>,
     signups_by_ip: RateLimiter<IpAddr>,
     /// Bounds the Argon2 hashes computed at once (each takes ~19 MiB).
     hashing: Arc<tokio::sync::Semaphore>,
@@ -138,6 +140,7 @@ impl AppState {
                 limits.password_hash_concurrency,
             )),
             login_failures_by_ip: RateLimiter::new(limits.login_failures_per_ip),
+            code_failures: RateLimiter::new(limits.code_failures_per_account),
             signups_by_ip: RateLimiter::new(limits.signups_per_ip),
             http: HttpMetrics::default(),
             conns: Arc::default(),

@@ -471,8 +471,17 @@ async fn use_code_charged(
     code: &str,
 ) -> ApiResult<Option<Factor>> {
     let charge = LoginCharge::take(state, user.username.clone(), address_key(ip))?;
+    // And a tighter budget of its own: codes are six digits, passwords are not.
+    if let Err(wait) = state
+        .code_failures
+        .take(&user.id, std::time::Instant::now())
+    {
+        charge.refund(state);
+        return Err(state.rate_limited(crate::metrics::Limit::Login, wait));
+    }
     match use_code(state, user.id, code).await {
         Ok(Some(factor)) => {
+            state.code_failures.refund(&user.id);
             charge.succeeded(state);
             Ok(Some(factor))
         }
@@ -481,6 +490,7 @@ async fn use_code_charged(
             Ok(None)
         }
         Err(e) => {
+            state.code_failures.refund(&user.id);
             charge.refund(state);
             Err(e)
         }

@@ -19,6 +19,13 @@ pub fn username(raw: &str) -> Result<String, ApiError> {
     }
     let folded = username::fold(raw);
     username::check(&folded).map_err(|why| ApiError::invalid_field("username", why))?;
+    // What a deleted account's username reads: no one may pass as one.
+    if username::skeleton(&folded) == username::skeleton("deleted") {
+        return Err(ApiError::invalid_field(
+            "username",
+            "this name is reserved: it is what deleted accounts are shown as",
+        ));
+    }
     Ok(folded)
 }
 

@@ -416,6 +416,12 @@ async fn post_to_hook(
         .incoming_webhook(channel_id, token_hash(secret))
         .await?
         .ok_or_else(ApiError::not_found)?;
+    // A bot deleted with its owner's account posts nothing, even before it has left the
+    // channel (and its webhooks with it).
+    let bot = state.store.user(hook.bot_id).await?;
+    if bot.is_none_or(|b| b.deleted) {
+        return Err(ApiError::not_found());
+    }
     state
         .hook_posts
         .take(&hook.id, Instant::now())

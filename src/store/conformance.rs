@@ -276,15 +276,16 @@ async fn account_deletion(store: &dyn Store) {
     };
     store.create_api_key(gone, key).await.unwrap();
     assert!(store.begin_two_factor(gone, b"s".to_vec()).await.unwrap());
-    // "owned" is the leaver's (member joined first, admin is its admin); "other" is
-    // someone else's; a DM with the member.
+    // "owned" is the leaver's (its bot is the one admin, deleted with it: the role
+    // passes over it to the first member by id); "other" is someone else's; a DM with
+    // the member.
     let owned = store
         .create_channel(gone, ChannelKind::Group, "owned", &[member, admin])
         .await
         .unwrap()
         .id;
     store
-        .put_member(gone, owned, admin, Some(Role::Admin))
+        .put_member(gone, owned, bot, Some(Role::Admin))
         .await
         .unwrap();
     let other = store
@@ -326,10 +327,10 @@ async fn account_deletion(store: &dyn Store) {
     assert_eq!(store.departing().await.unwrap().len(), 2);
 
     // Leaving: the owned channel passes to its admin; the DM stays; twice is once.
-    assert!(store.depart(gone, owned).await.unwrap());
-    assert!(!store.depart(gone, owned).await.unwrap());
-    assert!(store.depart(gone, other).await.unwrap());
-    assert!(!store.depart(gone, dm.id).await.unwrap());
+    assert!(store.depart(gone, owned, &[gone, bot]).await.unwrap());
+    assert!(!store.depart(gone, owned, &[gone, bot]).await.unwrap());
+    assert!(store.depart(gone, other, &[gone, bot]).await.unwrap());
+    assert!(!store.depart(gone, dm.id, &[gone, bot]).await.unwrap());
     let roles: Vec<(i64, Role)> = store
         .members(admin, owned)
         .await

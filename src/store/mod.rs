@@ -635,9 +635,9 @@ pub trait Security: Send + Sync {
     async fn delete_account(&self, user_id: i64) -> Result<DeletedAccount>;
     /// A deleted account leaves a channel (not a DM): its webhooks and subscriptions
     /// there are deleted, an owner's role passes to the first admin (else the first
-    /// member; by user id), and `member.removed` is appended. `false` if it was not a
-    /// member.
-    async fn depart(&self, user_id: i64, channel_id: i64) -> Result<bool>;
+    /// member; by user id) not among `leaving` (the accounts deleted with it), and
+    /// `member.removed` is appended. `false` if it was not a member.
+    async fn depart(&self, user_id: i64, channel_id: i64, leaving: &[i64]) -> Result<bool>;
     /// Records that deleted accounts left every channel they had to.
     async fn departed(&self, users: &[i64]) -> Result<()>;
     /// Deleted accounts that have not left every channel yet.
@@ -665,15 +665,31 @@ pub struct DeletedAccount {
 /// the other party still reads them), then records that they left. Idempotent: what a
 /// deletion cut short (a shard down, a crash) is finished by the next call, which the
 /// server's upkeep makes for every account [`Security::departing`] names.
+/// Each account is done on its own: one that fails does not hold back the others (the
+/// first error is returned once all were tried). An account is recorded as done only
+/// when its channel list, read again, shows nothing left to leave.
 pub async fn finish_deletion(store: &dyn Store, users: &[i64]) -> Result<()> {
+    let mut failed = None;
     for &user in users {
-        for view in store.channels(user).await? {
-            if view.channel.kind != crate::model::ChannelKind::Dm {
-                store.depart(user, view.channel.id).await?;
+        match leave_all(store, user, users).await {
+            Ok(true) => store.departed(&[user]).await?,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(user_id = user, error = %e, "a deleted account could not leave all its channels yet");
+                failed.get_or_insert(e);
             }
         }
     }
-    store.departed(users).await
+    failed.map_or(Ok(()), Err)
+}
+
+/// Whether `user` has left every channel but its DMs (none was added meanwhile).
+async fn leave_all(store: &dyn Store, user: i64, leaving: &[i64]) -> Result<bool> {
+    let not_dm = |v: &crate::model::ChannelView| v.channel.kind != crate::model::ChannelKind::Dm;
+    for view in store.channels(user).await?.iter().filter(|v| not_dm(v)) {
+        store.depart(user, view.channel.id, leaving).await?;
+    }
+    Ok(!store.channels(user).await?.iter().any(not_dm))
 }
 
 /// Users and their sessions.

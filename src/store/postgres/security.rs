@@ -198,7 +198,7 @@ impl Security for PostgresStore {
         result.map_err(|e| self.inner.fail(0, "delete an account", e))
     }
 
-    async fn depart(&self, user_id: i64, channel_id: i64) -> Result<bool> {
+    async fn depart(&self, user_id: i64, channel_id: i64, leaving: &[i64]) -> Result<bool> {
         let inner = &self.inner;
         let shard = inner.shard_of_channel(channel_id);
         let done = inner
@@ -207,6 +207,7 @@ impl Security for PostgresStore {
                 Op::Depart {
                     user_id,
                     channel_id,
+                    leaving: leaving.to_vec(),
                 },
             )
             .await?;

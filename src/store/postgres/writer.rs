@@ -70,7 +70,11 @@ pub(super) enum Op {
         user_id: i64,
     },
     /// A deleted account leaves the channel.
-    Depart { user_id: i64, channel_id: i64 },
+    Depart {
+        user_id: i64,
+        channel_id: i64,
+        leaving: Vec<i64>,
+    },
     MarkRead {
         user_id: i64,
         channel_id: i64,
@@ -991,7 +995,8 @@ async fn apply_one(
         Op::Depart {
             user_id,
             channel_id,
-        } => depart(tx, j, now, *user_id, *channel_id).await,
+            leaving,
+        } => depart(tx, j, now, *user_id, *channel_id, leaving).await,
         Op::MarkRead {
             user_id,
             channel_id,
@@ -1581,6 +1586,7 @@ async fn depart(
     now: i64,
     user_id: i64,
     channel_id: i64,
+    leaving: &[i64],
 ) -> std::result::Result<Done, Fail> {
     let row = tx
         .query_opt(
@@ -1608,11 +1614,13 @@ async fn depart(
     )
     .await?;
     if role == Role::Owner {
+        // The first admin, else member, by id, not deleted with it.
         let heir = tx
             .query_opt(
                 "SELECT user_id FROM members WHERE channel_id = $1 AND user_id != $2
+                   AND user_id != ALL($3)
                  ORDER BY role = 'admin' DESC, user_id LIMIT 1",
-                &[&channel_id, &user_id],
+                &[&channel_id, &user_id, &leaving],
             )
             .await?;
         if let Some(heir) = heir {

@@ -635,14 +635,13 @@ impl Security for SqliteStore {
         }
     }
 
-    async fn depart(&self, user_id: i64, channel_id: i64) -> Result<bool> {
-        match self
-            .write(Op::Depart {
-                user_id,
-                channel_id,
-            })
-            .await?
-        {
+    async fn depart(&self, user_id: i64, channel_id: i64, leaving: &[i64]) -> Result<bool> {
+        let op = Op::Depart {
+            user_id,
+            channel_id,
+            leaving: leaving.to_vec(),
+        };
+        match self.write(op).await? {
             Done::Changed(changed) => Ok(changed),
             other => Err(unexpected(other)),
         }

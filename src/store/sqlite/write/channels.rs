@@ -267,6 +267,7 @@ pub(super) fn depart(
     now: i64,
     user_id: i64,
     channel_id: i64,
+    leaving: &[i64],
 ) -> Applied {
     let Some((kind, role)) = membership_row(tx, channel_id, user_id)? else {
         return Ok(Done::Changed(false));
@@ -281,13 +282,19 @@ pub(super) fn depart(
     )?
     .execute([channel_id, user_id])?;
     if role == Role::Owner {
+        // The first admin, else member, by id, not deleted with it.
         let heir: Option<i64> = tx
             .prepare_cached(
                 "SELECT user_id FROM members WHERE channel_id = ?1 AND user_id != ?2
-                 ORDER BY role = 'admin' DESC, user_id LIMIT 1",
+                 ORDER BY role = 'admin' DESC, user_id LIMIT ?3",
             )?
-            .query_row([channel_id, user_id], |r| r.get(0))
-            .optional()?;
+            .query_map(
+                params![channel_id, user_id, leaving.len() as i64 + 1],
+                |r| r.get::<_, i64>(0),
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .find(|id| !leaving.contains(id));
         if let Some(heir) = heir {
             tx.prepare_cached(
                 "UPDATE members SET role = 'owner' WHERE channel_id = ?1 AND user_id = ?2",

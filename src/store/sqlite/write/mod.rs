@@ -203,6 +203,7 @@ pub(super) enum Op {
     Depart {
         user_id: i64,
         channel_id: i64,
+        leaving: Vec<i64>,
     },
 }
 
@@ -439,7 +440,8 @@ pub(super) fn apply(
         Op::Depart {
             user_id,
             channel_id,
-        } => channels::depart(tx, j, now, *user_id, *channel_id),
+            leaving,
+        } => channels::depart(tx, j, now, *user_id, *channel_id, leaving),
         Op::CreateBot { owner, username } => {
             keys::create_bot(tx, rules, ids.next_id(now), now, *owner, username)
         }
