@@ -384,13 +384,26 @@ async fn a_password_change_ends_every_other_session_and_its_sockets() {
         (no_code.status, no_code.body["error"]["field"].as_str()),
         (StatusCode::BAD_REQUEST, Some("code"))
     );
+    // A challenge won with the old password...
+    let (s, won) = login(&base, "carol", "brand-new-pass").await;
+    assert_eq!(s, StatusCode::ACCEPTED);
     let mut body = change("brand-new-pass", "third-password");
     body["code"] = json!(app.next_code().await);
     let changed = laptop.post("/v1/users/me/password", body).await;
     assert_eq!(changed.status, StatusCode::NO_CONTENT, "{changed:?}");
+    // ...completes no login once the password changed.
+    let stale = Client::new(&base)
+        .post(
+            "/v1/sessions/two-factor",
+            json!({"challenge": won["challenge"], "code": recovery[0]}),
+        )
+        .await;
+    assert_eq!(
+        (stale.status, stale.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_challenge")
+    );
     let (s, body) = login(&base, "carol", "third-password").await;
     assert_eq!(s, StatusCode::ACCEPTED, "{body}");
-    drop(recovery);
     server.stop().await;
 }
 

@@ -116,17 +116,18 @@ async fn login(
     let dummy = state.dummy_hash.clone();
     // An unknown name is checked against a dummy hash, so both failures take as long.
     let verified = hash_bounded(&state, move || match found {
-        Some((user, hash)) => verify_password(password.expose(), &hash).then_some(user),
+        Some((user, hash)) => verify_password(password.expose(), &hash)
+            .then(|| (user, super::security::password_binding(&hash))),
         None => {
             verify_password(password.expose(), &dummy);
             None
         }
     })
     .await;
-    let user = match verified {
-        Ok(Some(user)) => {
+    let (user, binding) = match verified {
+        Ok(Some(found)) => {
             charge.succeeded(&state);
-            user
+            found
         }
         Ok(None) => return Err(ApiError::invalid_credentials()),
         Err(e) => {
@@ -134,7 +135,9 @@ async fn login(
             return Err(e);
         }
     };
-    if let Some(challenge) = super::security::challenge_for(&state, &user, client_ip).await? {
+    if let Some(challenge) =
+        super::security::challenge_for(&state, &user, &binding, client_ip).await?
+    {
         return Ok((StatusCode::ACCEPTED, Json(challenge)).into_response());
     }
     let (token, session) = new_session(&state, client_ip, agent);

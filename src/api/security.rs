@@ -247,12 +247,24 @@ async fn complete_login(
     JsonBody(body): JsonBody<ChallengeAnswer>,
 ) -> ApiResult<Json<Session>> {
     let sealer = sealer(&state)?;
-    let user_id = check_challenge(sealer, body.challenge.expose(), now_ms())
-        .ok_or_else(ApiError::invalid_challenge)?;
+    let challenge = body.challenge.expose();
+    // The challenge is bound to the password it was won with: read the user's hash to
+    // check it (a changed password, or a deleted account, voids it).
+    let user_id = challenge_user(challenge).ok_or_else(ApiError::invalid_challenge)?;
     let user = state
         .store
         .user(user_id)
         .await?
+        .filter(|u| !u.deleted)
+        .ok_or_else(ApiError::invalid_challenge)?;
+    let binding = state
+        .store
+        .credentials(&user.username)
+        .await?
+        .filter(|(u, _)| u.id == user.id)
+        .map(|(_, hash)| password_binding(&hash))
+        .ok_or_else(ApiError::invalid_challenge)?;
+    check_challenge(sealer, challenge, now_ms(), &binding)
         .ok_or_else(ApiError::invalid_challenge)?;
     match use_code_charged(&state, &user, ip, body.code.expose()).await? {
         Some(Factor::App) => audit("login.two_factor", &user, ip),
@@ -330,6 +342,7 @@ async fn change_password(
 pub(super) async fn challenge_for(
     state: &AppState,
     user: &User,
+    binding: &[u8],
     ip: IpAddr,
 ) -> ApiResult<Option<LoginChallenge>> {
     let on = state
@@ -345,7 +358,7 @@ pub(super) async fn challenge_for(
     audit("login.password_ok_code_needed", user, ip);
     Ok(Some(LoginChallenge {
         two_factor_required: true,
-        challenge: issue_challenge(sealer, user.id, expires_at).into(),
+        challenge: issue_challenge(sealer, user.id, expires_at, binding).into(),
         expires_at: rfc3339(expires_at),
     }))
 }
@@ -553,22 +566,38 @@ fn recovery_digest(code: &str) -> TokenHash {
     h.finalize().into()
 }
 
+/// What a login challenge is bound to besides its user: a digest of the password hash
+/// the login was checked against, so a password change voids the challenges won with
+/// the old one.
+pub(super) fn password_binding(hash: &str) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(b"natter challenge binding\0");
+    h.update(hash.as_bytes());
+    h.finalize().to_vec()
+}
+
 /// A login challenge for `user_id`, good until `expires_at`:
-/// `<user>.<expires>.<nonce>.<signature>`, signed with the server's key (so any node of
-/// a cluster takes it, and no one can make one).
-fn issue_challenge(sealer: &Sealer, user_id: i64, expires_at: i64) -> String {
+/// `<user>.<expires>.<nonce>.<signature>`, signed with the server's key over that and
+/// `binding` (so any node of a cluster takes it, and no one can make one).
+fn issue_challenge(sealer: &Sealer, user_id: i64, expires_at: i64, binding: &[u8]) -> String {
     let mut nonce = [0u8; 16];
     getrandom::fill(&mut nonce).expect("the OS random source works");
     let payload = format!("{user_id}.{expires_at}.{}", hex(&nonce));
-    let signature = sealer.sign(&challenge_message(&payload));
+    let signature = sealer.sign(&challenge_message(&payload, binding));
     format!("{payload}.{}", hex(&signature))
 }
 
-/// The user a challenge was issued for, if it is this server's and unexpired at `now`.
-fn check_challenge(sealer: &Sealer, challenge: &str, now: i64) -> Option<i64> {
+/// The user a challenge names, unchecked (to look up what it must be bound to).
+fn challenge_user(challenge: &str) -> Option<i64> {
+    challenge.split('.').next()?.parse().ok()
+}
+
+/// The user a challenge was issued for, if it is this server's, bound to `binding`, and
+/// unexpired at `now`.
+fn check_challenge(sealer: &Sealer, challenge: &str, now: i64, binding: &[u8]) -> Option<i64> {
     let (payload, signature) = challenge.rsplit_once('.')?;
     let signature = unhex(signature)?;
-    if !sealer.verify(&challenge_message(payload), &signature) {
+    if !sealer.verify(&challenge_message(payload, binding), &signature) {
         return None;
     }
     let mut parts = payload.split('.');
@@ -577,8 +606,10 @@ fn check_challenge(sealer: &Sealer, challenge: &str, now: i64) -> Option<i64> {
     (expires_at > now).then_some(user_id)
 }
 
-fn challenge_message(payload: &str) -> Vec<u8> {
-    format!("natter login challenge\0{payload}").into_bytes()
+fn challenge_message(payload: &str, binding: &[u8]) -> Vec<u8> {
+    let mut message = format!("natter login challenge\0{payload}\0").into_bytes();
+    message.extend_from_slice(binding);
+    message
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
@@ -611,16 +642,25 @@ mod tests {
     #[test]
     fn challenges_hold_their_user_until_they_expire() {
         let sealer = Sealer::from_key([7; 32]);
-        let c = issue_challenge(&sealer, 42, 1_000);
-        assert_eq!(check_challenge(&sealer, &c, 999), Some(42));
-        assert_eq!(check_challenge(&sealer, &c, 1_000), None, "expired");
-        assert_eq!(check_challenge(&Sealer::from_key([8; 32]), &c, 0), None);
+        let c = issue_challenge(&sealer, 42, 1_000, b"pw");
+        assert_eq!(challenge_user(&c), Some(42));
+        assert_eq!(check_challenge(&sealer, &c, 999, b"pw"), Some(42));
+        assert_eq!(
+            check_challenge(&sealer, &c, 999, b"new pw"),
+            None,
+            "another password"
+        );
+        assert_eq!(check_challenge(&sealer, &c, 1_000, b"pw"), None, "expired");
+        assert_eq!(
+            check_challenge(&Sealer::from_key([8; 32]), &c, 0, b"pw"),
+            None
+        );
         let forged = c.replacen("42.", "43.", 1);
-        assert_eq!(check_challenge(&sealer, &forged, 0), None);
+        assert_eq!(check_challenge(&sealer, &forged, 0, b"pw"), None);
         let later = c.replacen(".1000.", ".9000.", 1);
-        assert_eq!(check_challenge(&sealer, &later, 0), None);
-        assert_eq!(check_challenge(&sealer, "", 0), None);
-        assert_eq!(check_challenge(&sealer, "1.2.3.zz", 0), None);
+        assert_eq!(check_challenge(&sealer, &later, 0, b"pw"), None);
+        assert_eq!(check_challenge(&sealer, "", 0, b"pw"), None);
+        assert_eq!(check_challenge(&sealer, "1.2.3.zz", 0, b"pw"), None);
     }
 
     #[test]
