@@ -51,6 +51,11 @@ async fn the_served_document_states_the_contract() {
             assert!(statuses.contains(&"401"), "{method} {path}: {statuses:?}");
             assert!(statuses.contains(&"503"), "{method} {path}: {statuses:?}");
         }
+        // A write may meet a disk below its reserve (CI's contract run found POST /v1/users
+        // answering an undocumented 507 on a nearly full machine).
+        if method != "get" && path.starts_with("/v1/") {
+            assert!(statuses.contains(&"507"), "{method} {path}: {statuses:?}");
+        }
         if op.get("requestBody").is_some() {
             for status in ["400", "408", "413"] {
                 assert!(statuses.contains(&status), "{method} {path}: {statuses:?}");

@@ -35,7 +35,8 @@ impl utoipa::Modify for BearerAuth {
 /// Adds to each operation the answers its extractors and the store give, so no handler's
 /// annotation can forget them: `401` wherever a bearer token is required (`Authed`);
 /// `400`, `408` and `413` wherever a JSON body is read (`JsonBody`); `503` wherever the
-/// store is reached (a full write queue, or a server shutting down). Applied once the
+/// store is reached (a full write queue, or a server shutting down), and `507` where it is
+/// written to (a disk below its reserve). Applied once the
 /// routes are merged into the document (a modifier of [`ApiDoc`] would see no paths).
 pub(super) struct SharedAnswers;
 
@@ -43,20 +44,22 @@ impl utoipa::Modify for SharedAnswers {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         for (path, item) in openapi.paths.paths.iter_mut() {
             let operations = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
+                (&mut item.get, false),
+                (&mut item.put, true),
+                (&mut item.post, true),
+                (&mut item.delete, true),
+                (&mut item.patch, true),
             ];
-            for op in operations.into_iter().flatten() {
-                add_shared_answers(path, op);
+            for (op, writes) in operations {
+                if let Some(op) = op {
+                    add_shared_answers(path, op, writes);
+                }
             }
         }
     }
 }
 
-fn add_shared_answers(path: &str, op: &mut Operation) {
+fn add_shared_answers(path: &str, op: &mut Operation, op_writes: bool) {
     let authed = op
         .security
         .iter()
@@ -106,6 +109,14 @@ fn add_shared_answers(path: &str, op: &mut Operation) {
              down), with `Retry-After`"
                 .into(),
         );
+        if op_writes {
+            add(
+                "507",
+                "`insufficient_storage`: the data directory's disk is below its reserve \
+                 (`--disk-reserve-mib`); writes are refused until space is freed, reads go on"
+                    .into(),
+            );
+        }
     }
 }
 

@@ -592,5 +592,10 @@ try {
   console.log(`ok: screenshots in ${SHOTS}`);
 } finally {
   await browser.close();
-  server.kill("SIGTERM");
+  if (server.exitCode === null && server.signalCode === null) {
+    const exited = new Promise((resolve) => server.on("exit", resolve));
+    server.kill("SIGTERM");
+    await exited;
+  }
+  fs.rmSync(dataDir, { recursive: true, force: true });
 }
