@@ -1113,6 +1113,14 @@ pub trait Backend: Send + Sync {
         let _ = within;
         true
     }
+    /// Whether a post or a read marker, once its future is first polled, is carried out
+    /// whatever then happens to that future (queued to a writer thread), so the future
+    /// only waits for the answer: a caller may keep many of them in its own task and poll
+    /// them when it gets to it. `false` (the default): the future does the work, e.g. holds
+    /// a transaction across its awaits, and must be driven promptly on a task of its own.
+    fn queues_writes(&self) -> bool {
+        false
+    }
 }
 
 /// The whole store, as one object the server holds.

@@ -1,15 +1,16 @@
 //! One WebSocket session after its hello: going online, `ready`, the replay of resumed
 //! channels, then the loop that reads ops, writes queued frames and pings.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes};
-use futures_util::{Sink, SinkExt, Stream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 
 use super::{Incoming, malformed, next_frame};
 use crate::api::AppState;
@@ -224,7 +225,7 @@ impl Session {
             let n = ping_every.as_nanos() / period.as_nanos().max(1);
             (ticker, u32::try_from(n).unwrap_or(u32::MAX).max(1))
         };
-        let mut ops: Option<InFlight> = None;
+        let mut ops: Option<Box<InFlight>> = None;
         let (mut ticks, mut last_seen) = (0u32, Instant::now());
         let mut items = Vec::new();
         loop {
@@ -245,14 +246,11 @@ impl Session {
                         Incoming::Gone => return Err(End::Gone),
                     }
                 }
-                Some(frame) = async {
-                    match &mut ops {
-                        Some(o) => o.replies.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    feed(socket, frame).await?;
-                    while let Some(frame) = ops.as_mut().and_then(|o| o.replies.try_recv().ok()) {
+                () = std::future::poll_fn(|cx| match &mut ops {
+                    Some(o) => o.poll_answers(cx),
+                    None => Poll::Pending,
+                }) => {
+                    while let Some(frame) = ops.as_mut().and_then(|o| o.ready.pop_front()) {
                         feed(socket, frame).await?;
                     }
                     flush(socket, idle).await?;
@@ -315,8 +313,8 @@ impl Session {
     /// Gives back, at each ping, what a burst grew and nothing needs now: the store calls'
     /// channel if none is in flight, the list items are taken into, the outbox's queue if
     /// empty, and stale typing times. A connection that is busy grows them again.
-    fn shrink(&mut self, ops: &mut Option<InFlight>, items: &mut Vec<Item>) {
-        if ops.as_ref().is_some_and(InFlight::is_idle) {
+    fn shrink(&mut self, ops: &mut Option<Box<InFlight>>, items: &mut Vec<Item>) {
+        if ops.as_ref().is_some_and(|o| o.is_idle()) {
             *ops = None;
         }
         *items = Vec::new();
@@ -352,10 +350,11 @@ impl Session {
         End::Close(close::MALFORMED, reason)
     }
 
-    /// Handles one client op. Sends and reads run as their own tasks and answer through
+    /// Handles one client op. Sends and read markers are started here and answer through
     /// `ops` (made at the first); at most `max_in_flight` of them wait for commit at once.
-    async fn on_op(&mut self, text: &str, ops: &mut Option<InFlight>) -> Result<(), End> {
+    async fn on_op(&mut self, text: &str, ops: &mut Option<Box<InFlight>>) -> Result<(), End> {
         let max = self.state.config.gateway.max_in_flight;
+        let queued = self.state.store.queues_writes();
         let op = match protocol::parse(text) {
             Ok(op) => op,
             Err(Malformed(reason)) => {
@@ -475,7 +474,7 @@ impl Session {
                 client_id,
                 thread_root_id,
             } => {
-                let in_flight = ops.get_or_insert_with(|| InFlight::new(max));
+                let in_flight = ops.get_or_insert_with(|| Box::new(InFlight::new(max, queued)));
                 if let Some(e) = self.lacks(Scope::MessagesWrite) {
                     in_flight.reply(protocol::error(Some(&client_id), e.detail()).into());
                     return Ok(());
@@ -495,9 +494,8 @@ impl Session {
                         return Ok(());
                     }
                 };
-                let (permit, replies) = in_flight.place().await?;
                 let (store, author) = (Arc::clone(&self.state.store), self.user_id);
-                let mut post = Box::pin(async move {
+                let post: Call = Box::pin(async move {
                     let posted = match root {
                         Some(root) => {
                             store
@@ -514,21 +512,12 @@ impl Session {
                         Ok(posted) => protocol::ack(&client_id, &posted.message),
                         Err(e) => protocol::error(Some(&client_id), ApiError::from(e).detail()),
                     };
-                    // Reply first: a returned permit means a queued answer.
-                    let _ = replies.send(frame.into());
-                    drop(permit);
+                    Some(frame.into())
                 });
-                // One poll here, in frame order, puts the send in the writer's FIFO queue
-                // (the store queues a write on its first poll): a connection's messages
-                // commit in the order it sent them, though their commits are awaited
-                // concurrently.
-                let first = std::future::poll_fn(|cx| Poll::Ready(post.as_mut().poll(cx))).await;
-                if first.is_pending() {
-                    tokio::spawn(post);
-                }
+                in_flight.start(post).await;
             }
             ClientOp::Read { channel_id, seq } => {
-                let in_flight = ops.get_or_insert_with(|| InFlight::new(max));
+                let in_flight = ops.get_or_insert_with(|| Box::new(InFlight::new(max, queued)));
                 let id = match super::parse_id("channel_id", &channel_id) {
                     Ok(id) => id,
                     Err(e) => {
@@ -540,15 +529,14 @@ impl Session {
                     in_flight.reply(protocol::error(None, e.detail()).into());
                     return Ok(());
                 }
-                let (permit, replies) = in_flight.place().await?;
                 let (store, user) = (Arc::clone(&self.state.store), self.user_id);
-                tokio::spawn(async move {
-                    if let Err(e) = store.mark_read(user, id, seq).await {
-                        let _ =
-                            replies.send(protocol::error(None, ApiError::from(e).detail()).into());
-                    }
-                    drop(permit);
-                });
+                in_flight
+                    .start(Box::pin(async move {
+                        let marked = store.mark_read(user, id, seq).await;
+                        let e = marked.err()?;
+                        Some(protocol::error(None, ApiError::from(e).detail()).into())
+                    }))
+                    .await;
             }
         }
         Ok(())
@@ -794,52 +782,86 @@ impl Session {
     }
 }
 
-/// What a connection's store calls in flight (sends and read markers) share: places
-/// among them, and the channel their answers come back on. Made at the first op and
-/// dropped when idle, so an idle connection holds neither.
+/// A store call in flight: its answer to the client, if it has one.
+type Call = Pin<Box<dyn Future<Output = Option<Reply>> + Send>>;
+
+/// A connection's store calls in flight (sends and read markers) and their answers not yet
+/// written. The calls are polled by the connection's own task, so a commit wakes that task
+/// once and nothing else (a task per call would be woken first, then wake this one). Made
+/// at the first op and dropped when idle, so an idle connection holds none of it.
+///
+/// That needs a store whose calls go on unpolled ([`crate::store::Backend::queues_writes`]);
+/// on any other, each call runs on a task of its own and this task awaits its end. Either
+/// way a call goes on when the connection ends: what the store took, it carries out.
 struct InFlight {
-    places: Arc<Semaphore>,
+    calls: FuturesUnordered<Call>,
     max: usize,
-    tx: mpsc::UnboundedSender<Reply>,
-    replies: mpsc::UnboundedReceiver<Reply>,
+    /// Whether a call, once first polled, goes on without being polled again.
+    queued: bool,
+    /// Answers to write, in the order they were made.
+    ready: VecDeque<Reply>,
 }
 
 impl InFlight {
-    fn new(max: usize) -> Self {
-        let (tx, replies) = mpsc::unbounded_channel();
+    fn new(max: usize, queued: bool) -> Self {
         Self {
-            places: Arc::new(Semaphore::new(max)),
-            max,
-            tx,
-            replies,
+            calls: FuturesUnordered::new(),
+            max: max.max(1),
+            queued,
+            ready: VecDeque::new(),
         }
     }
 
     /// Queues an answer made at once (a refused op).
-    fn reply(&self, frame: Reply) {
-        let _ = self.tx.send(frame);
+    fn reply(&mut self, frame: Reply) {
+        self.ready.push_back(frame);
     }
 
-    /// A place among the calls waiting, and where to answer. The place is released once
-    /// the store has answered and the reply is queued, so waiting for one never waits on
-    /// the session loop.
-    async fn place(&self) -> Result<(OwnedSemaphorePermit, mpsc::UnboundedSender<Reply>), End> {
-        let permit = Arc::clone(&self.places)
-            .acquire_owned()
-            .await
-            .map_err(|_| End::Gone)?;
-        Ok((permit, self.tx.clone()))
+    /// Takes a call. Its first poll is here, in frame order: the store queues a write at
+    /// its first poll, so a connection's writes commit in the order it sent them, though
+    /// they are awaited together. At most `max` wait at once: with all places taken, this
+    /// waits for the first answer (queued to be written), and the connection reads no
+    /// further op meanwhile.
+    async fn start(&mut self, mut call: Call) {
+        let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+        match first {
+            Poll::Ready(reply) => self.ready.extend(reply),
+            Poll::Pending if self.queued => self.calls.push(call),
+            Poll::Pending => {
+                let task = tokio::spawn(call);
+                self.calls
+                    .push(Box::pin(async move { task.await.ok().flatten() }));
+            }
+        }
+        while self.calls.len() >= self.max {
+            if let Some(reply) = self.calls.next().await {
+                self.ready.extend(reply);
+            }
+        }
+    }
+
+    /// Ready once an answer waits to be written; moves every finished call's answer to
+    /// `ready` on the way.
+    fn poll_answers(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while let Poll::Ready(Some(reply)) = self.calls.poll_next_unpin(cx) {
+            self.ready.extend(reply);
+        }
+        if self.ready.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
     }
 
     /// Nothing in flight and every answer written.
     fn is_idle(&self) -> bool {
-        self.places.available_permits() == self.max && self.replies.is_empty()
+        self.calls.is_empty() && self.ready.is_empty()
     }
 
     /// Waits (bounded) for the calls already taken to be answered, and writes their
     /// answers, so a restarting server answers every op it accepted. Boxed: it runs once,
     /// and its timers would otherwise sit in every connection's task.
-    async fn finish<S>(ops: Option<Self>, socket: &mut S)
+    async fn finish<S>(ops: Option<Box<Self>>, socket: &mut S)
     where
         S: Sink<Message> + Unpin,
     {
@@ -847,11 +869,13 @@ impl InFlight {
             return;
         };
         Box::pin(async move {
-            // Every place back means every store call answered and its reply queued.
-            let all = u32::try_from(ops.max).unwrap_or(u32::MAX);
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), ops.places.acquire_many(all)).await;
-            while let Ok(frame) = ops.replies.try_recv() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Some(reply) = ops.calls.next().await {
+                    ops.ready.extend(reply);
+                }
+            })
+            .await;
+            for frame in ops.ready.drain(..) {
                 if socket.feed(Message::Text(frame)).await.is_err() {
                     return;
                 }
