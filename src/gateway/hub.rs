@@ -10,9 +10,10 @@
 //! position, for ordering what several sources bring), and it tells the bus, as they
 //! happen, which channels and users this node starts and stops following ([`Interest`]).
 
-use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::outbox::{Delivery, Item, Outbox};
 use super::stats::Stats;
@@ -26,7 +27,7 @@ struct Conn {
     user_id: i64,
     token: TokenHash,
     outbox: Arc<Outbox>,
-    channels: HashSet<i64>,
+    channels: FxHashSet<i64>,
 }
 
 /// A change of what this node follows, told to the bus as it happens (under the hub's
@@ -90,13 +91,15 @@ struct Followers {
 /// Who follows what. A connection's channels are a set, so one user with many channels
 /// costs (un)subscribing what changed, not the square of it; a channel's followers stay a
 /// list, which dispatch walks fastest (dropping one is a scan of that channel's online
-/// followers and a swap).
+/// followers and a swap). Keyed by ids the server gives out (connections, users, channels),
+/// so hashed with Fx rather than SipHash: no one can choose keys that collide, and a
+/// delivery's lookups were ~5 % of the server's CPU at 1,000 members per channel.
 #[derive(Default)]
 struct Subs {
-    conns: HashMap<ConnId, Conn>,
+    conns: FxHashMap<ConnId, Conn>,
     /// A user's connections: a short list (bounded by the per-user connection cap).
-    by_user: HashMap<i64, Vec<ConnId>>,
-    by_channel: HashMap<i64, Followers>,
+    by_user: FxHashMap<i64, Vec<ConnId>>,
+    by_channel: FxHashMap<i64, Followers>,
     interest: Option<Arc<InterestSink>>,
 }
 
@@ -215,7 +218,7 @@ impl Hub {
                 user_id,
                 token,
                 outbox,
-                channels: HashSet::new(),
+                channels: FxHashSet::default(),
             },
         );
         let conns = subs.by_user.entry(user_id).or_default();

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, Utf8Bytes};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use rustc_hash::FxHashMap;
 
 use super::{Incoming, malformed, next_frame};
 use crate::api::AppState;
@@ -62,7 +63,7 @@ pub(super) struct Session {
     conn: ConnId,
     outbox: Arc<Outbox>,
     /// Channel → the seq delivered last: the connection's channels and its place in each.
-    positions: HashMap<i64, i64>,
+    positions: FxHashMap<i64, i64>,
     /// The channels this connection signalled typing in lately, and when: a few at most
     /// (entries older than `TYPING_EVERY` are dropped).
     typing: Vec<(i64, Instant)>,
@@ -93,7 +94,7 @@ impl Session {
             user_id,
             conn,
             outbox,
-            positions: HashMap::new(),
+            positions: FxHashMap::default(),
             typing: Vec::new(),
             presence_ops: (Instant::now(), 0),
             delivered: 0,
