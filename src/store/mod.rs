@@ -1116,8 +1116,9 @@ pub trait Backend: Send + Sync {
     /// Whether a post or a read marker, once its future is first polled, is carried out
     /// whatever then happens to that future (queued to a writer thread), so the future
     /// only waits for the answer: a caller may keep many of them in its own task and poll
-    /// them when it gets to it. `false` (the default): the future does the work, e.g. holds
-    /// a transaction across its awaits, and must be driven promptly on a task of its own.
+    /// them when it gets to it. Both backends queue to writer threads. `false` (the
+    /// default, for a backend added later): the future may do the work itself, e.g. hold a
+    /// transaction across its awaits, and is driven promptly on a task of its own.
     fn queues_writes(&self) -> bool {
         false
     }
