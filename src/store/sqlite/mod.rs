@@ -173,6 +173,7 @@ impl SqliteStore {
                 seen::Seen::start(&opts.path),
             ),
             index: index.signal(),
+            wal: (wal_path(&opts.path), opts.wal_limit),
         };
         let (writer, handle) = Writer::start(parts, opts.write_queue);
         Ok(Self {
@@ -283,6 +284,13 @@ pub fn fold_commit_log(path: &Path) -> anyhow::Result<usize> {
         .map_err(|e| anyhow::anyhow!("open database {}: {e}", path.display()))?;
     schema::configure(&conn, READER_CACHE_KIB)?;
     Ok(tail::fold_all(&mut conn)?)
+}
+
+/// The WAL file of the database at `path`.
+fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    name.into()
 }
 
 fn open_reader(path: &Path) -> anyhow::Result<Connection> {
