@@ -1,6 +1,8 @@
-//! WAL checkpoints off the writer's thread: the writer never stops to copy the log back
-//! into the database; this thread does it in the background with PASSIVE checkpoints,
-//! which run beside the writer and readers without blocking them.
+//! WAL checkpoints off the writer's thread: this thread copies the log back into the
+//! database in the background with PASSIVE checkpoints, which run beside the writer and
+//! readers without blocking them. (Past the WAL's size limit the writer also takes the
+//! last few frames itself between two batches, so SQLite can restart the log under
+//! sustained writes; a backlog stays this thread's: `WalWatch` in `writer.rs`.)
 
 use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -61,8 +63,15 @@ impl Checkpointer {
             // Wakes every INTERVAL until told to stop (or the store is dropped).
             while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(INTERVAL) {
                 check_disk(&dir, &disk, reserve);
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "checkpoint WAL; will retry");
+                let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+                match done {
+                    Ok((0, log, copied)) => disk
+                        .wal_backlog_frames
+                        .store((log - copied).max(0), std::sync::atomic::Ordering::Relaxed),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "checkpoint WAL; will retry"),
                 }
             }
             // Stopping: fold the whole log back and empty it.

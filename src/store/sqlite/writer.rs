@@ -92,6 +92,9 @@ pub struct WriteStats {
     folded_rows: AtomicU64,
     /// The data directory's disk, as the checkpoint thread last read it.
     pub disk: DiskState,
+    /// WAL frames the background checkpoint last left uncopied (its log minus what it
+    /// copied back): how much a checkpoint by the writer would have to copy.
+    pub wal_backlog_frames: std::sync::atomic::AtomicI64,
 }
 
 /// Whether writes are refused for lack of disk space, kept by the checkpoint thread (and
@@ -145,6 +148,7 @@ impl Default for WriteStats {
             fold_seconds: Histogram::new(LATENCY_BUCKETS),
             folded_rows: AtomicU64::new(0),
             disk: DiskState::default(),
+            wal_backlog_frames: std::sync::atomic::AtomicI64::new(0),
         }
     }
 }
@@ -364,13 +368,23 @@ struct WalWatch {
 const WAL_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl WalWatch {
-    fn check(&mut self, conn: &Connection) {
+    /// A frame: a 4 KiB page and its 24-byte header.
+    const FRAME_BYTES: i64 = 4096 + 24;
+
+    fn check(&mut self, conn: &Connection, stats: &WriteStats) {
         if self.checked.elapsed() < WAL_CHECK {
             return;
         }
         self.checked = Instant::now();
         let size = std::fs::metadata(&self.path).map_or(0, |m| m.len());
         if size <= self.limit {
+            return;
+        }
+        // A backlog (a long reader, e.g. a backup, held the checkpoints back) is the
+        // background thread's to copy, beside the writer: the writer takes only the last
+        // few frames, or it would stop committing for as long as the copy takes.
+        let backlog = stats.wal_backlog_frames.load(Ordering::Relaxed) * Self::FRAME_BYTES;
+        if backlog > i64::try_from(self.limit / 8).unwrap_or(i64::MAX) {
             return;
         }
         let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -381,16 +395,18 @@ impl WalWatch {
             ))
         });
         match done {
-            Ok((busy, log, copied)) => {
+            // Another checkpoint is running (the background one): the next check retries.
+            Ok((busy, ..)) if busy != 0 => {
+                tracing::debug!(size, "WAL over its limit: a checkpoint is already running");
+            }
+            Ok((_, log, copied)) => {
                 tracing::debug!(
                     size,
-                    busy,
                     log,
                     copied,
                     "WAL over its limit: checkpointed by the writer"
                 );
             }
-            // Another checkpoint is running (the background one): the next check retries.
             Err(e) => tracing::debug!(error = %e, "WAL over its limit: checkpoint deferred"),
         }
     }
@@ -437,7 +453,7 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
         if !batch.is_empty() {
             commit_batch(&mut state, &mut batch);
             state.index.poke();
-            state.wal.check(&state.conn);
+            state.wal.check(&state.conn, &state.stats);
         }
         // Folded when due, and all at a stop, so a clean restart starts with an empty log.
         if state.hot.log.due() || (stop.is_some() && !state.hot.log.is_empty()) {
