@@ -167,21 +167,21 @@ async fn a_disk_below_its_reserve_refuses_writes_with_507_and_keeps_reads() {
     server.terminate().await;
 }
 
+/// A server whose WAL limit is 1 MiB, a user, their channel, and the WAL file's path.
+async fn with_a_1_mib_wal(dir: &Path) -> (ServerProcess, common::Client, String, PathBuf) {
+    let server =
+        ServerProcess::start_with(dir, "127.0.0.1:0", &["--wal-size-limit-mib", "1"], &[]).await;
+    let a = common::Client::new(&server.base()).register("alice").await;
+    let ch = a.create_channel("room", "group", &[]).await;
+    (server, a, ch, dir.join("natter.db-wal"))
+}
+
 /// The WAL stayed at ~300 MB after a sustained burst: it is truncated to
 /// `--wal-size-limit-mib` once a checkpoint has emptied it.
 #[tokio::test]
 async fn the_wal_file_is_bounded_after_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_with(
-        dir.path(),
-        "127.0.0.1:0",
-        &["--wal-size-limit-mib", "1"],
-        &[],
-    )
-    .await;
-    let a = common::Client::new(&server.base()).register("alice").await;
-    let ch = a.create_channel("room", "group", &[]).await;
-    let wal = dir.path().join("natter.db-wal");
+    let (server, a, ch, wal) = with_a_1_mib_wal(dir.path()).await;
     let text = "w".repeat(4000);
     let mut peak = 0;
     for round in 0..8 {
@@ -223,16 +223,7 @@ async fn the_wal_file_is_bounded_after_checkpoints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_stays_bounded_while_writes_never_pause() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_with(
-        dir.path(),
-        "127.0.0.1:0",
-        &["--wal-size-limit-mib", "1"],
-        &[],
-    )
-    .await;
-    let a = common::Client::new(&server.base()).register("alice").await;
-    let ch = a.create_channel("room", "group", &[]).await;
-    let wal = dir.path().join("natter.db-wal");
+    let (server, a, ch, wal) = with_a_1_mib_wal(dir.path()).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Eight senders keep the writer's queue from ever running dry.
     let senders: Vec<_> = (0..8)

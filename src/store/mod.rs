@@ -822,12 +822,16 @@ pub trait Channels: Send + Sync {
     /// A member leaves (actor == user) or is removed by an owner/admin.
     async fn remove_member(&self, actor: i64, channel_id: i64, user_id: i64) -> Result<()>;
     /// Moves the read marker forward to `seq` (clamped to the channel's last seq); never back.
+    /// Queued and carried out as [`Channels::post_message`] is.
     async fn mark_read(&self, user_id: i64, channel_id: i64, seq: i64) -> Result<()>;
 
     /// The ordering promise every backend keeps: the write is queued no later than the
     /// returned future's first poll (SQLite: on that poll; PostgreSQL: in this call), and
     /// posts to one channel queued in some order commit in that order (the gateway relies
-    /// on this to commit one connection's sends in the order sent).
+    /// on this to commit one connection's sends in the order sent). Once queued, the write
+    /// is carried out and answered whether or not the future is polled again: the future
+    /// only awaits the answer, so a WebSocket session keeps its sends in flight in its own
+    /// task and polls them when it gets to them (no task per send).
     async fn post_message(
         &self,
         author: i64,
@@ -1112,15 +1116,6 @@ pub trait Backend: Send + Sync {
     async fn search_caught_up(&self, within: std::time::Duration) -> bool {
         let _ = within;
         true
-    }
-    /// Whether a post or a read marker, once its future is first polled, is carried out
-    /// whatever then happens to that future (queued to a writer thread), so the future
-    /// only waits for the answer: a caller may keep many of them in its own task and poll
-    /// them when it gets to it. Both backends queue to writer threads. `false` (the
-    /// default, for a backend added later): the future may do the work itself, e.g. hold a
-    /// transaction across its awaits, and is driven promptly on a task of its own.
-    fn queues_writes(&self) -> bool {
-        false
     }
 }
 

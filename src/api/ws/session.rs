@@ -355,7 +355,6 @@ impl Session {
     /// `ops` (made at the first); at most `max_in_flight` of them wait for commit at once.
     async fn on_op(&mut self, text: &str, ops: &mut Option<Box<InFlight>>) -> Result<(), End> {
         let max = self.state.config.gateway.max_in_flight;
-        let queued = self.state.store.queues_writes();
         let op = match protocol::parse(text) {
             Ok(op) => op,
             Err(Malformed(reason)) => {
@@ -475,7 +474,7 @@ impl Session {
                 client_id,
                 thread_root_id,
             } => {
-                let in_flight = ops.get_or_insert_with(|| Box::new(InFlight::new(max, queued)));
+                let in_flight = ops.get_or_insert_with(|| Box::new(InFlight::new(max)));
                 if let Some(e) = self.lacks(Scope::MessagesWrite) {
                     in_flight.reply(protocol::error(Some(&client_id), e.detail()).into());
                     return Ok(());
@@ -518,7 +517,7 @@ impl Session {
                 in_flight.start(post).await;
             }
             ClientOp::Read { channel_id, seq } => {
-                let in_flight = ops.get_or_insert_with(|| Box::new(InFlight::new(max, queued)));
+                let in_flight = ops.get_or_insert_with(|| Box::new(InFlight::new(max)));
                 let id = match super::parse_id("channel_id", &channel_id) {
                     Ok(id) => id,
                     Err(e) => {
@@ -791,24 +790,21 @@ type Call = Pin<Box<dyn Future<Output = Option<Reply>> + Send>>;
 /// once and nothing else (a task per call would be woken first, then wake this one). Made
 /// at the first op and dropped when idle, so an idle connection holds none of it.
 ///
-/// That needs a store whose calls go on unpolled ([`crate::store::Backend::queues_writes`]);
-/// on any other, each call runs on a task of its own and this task awaits its end. Either
-/// way a call goes on when the connection ends: what the store took, it carries out.
+/// That rests on the store's promise ([`crate::store::Channels::post_message`]): a write
+/// queued at the call's first poll is carried out unpolled, also when the connection
+/// ends and drops its calls.
 struct InFlight {
     calls: FuturesUnordered<Call>,
     max: usize,
-    /// Whether a call, once first polled, goes on without being polled again.
-    queued: bool,
     /// Answers to write, in the order they were made.
     ready: VecDeque<Reply>,
 }
 
 impl InFlight {
-    fn new(max: usize, queued: bool) -> Self {
+    fn new(max: usize) -> Self {
         Self {
             calls: FuturesUnordered::new(),
             max: max.max(1),
-            queued,
             ready: VecDeque::new(),
         }
     }
@@ -827,12 +823,7 @@ impl InFlight {
         let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
         match first {
             Poll::Ready(reply) => self.ready.extend(reply),
-            Poll::Pending if self.queued => self.calls.push(call),
-            Poll::Pending => {
-                let task = tokio::spawn(call);
-                self.calls
-                    .push(Box::pin(async move { task.await.ok().flatten() }));
-            }
+            Poll::Pending => self.calls.push(call),
         }
         while self.calls.len() >= self.max {
             if let Some(reply) = self.calls.next().await {

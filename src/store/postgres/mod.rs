@@ -1099,11 +1099,6 @@ fn unexpected(what: &str) -> StoreError {
 
 #[async_trait]
 impl Backend for PostgresStore {
-    /// Every write is queued to its shard's writer thread by the call or its first poll.
-    fn queues_writes(&self) -> bool {
-        true
-    }
-
     async fn close(&self) {
         for shard in &self.inner.shards {
             shard.writer.stop().await;

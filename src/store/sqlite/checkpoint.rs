@@ -37,6 +37,14 @@ pub(super) fn check_disk(dir: &Path, stats: &WriteStats, reserve: u64) {
     }
 }
 
+/// A PASSIVE checkpoint (it waits for no one): whether another checkpoint was running
+/// (then nothing was done), the WAL's frames, and those copied back.
+pub(super) fn passive(conn: &Connection) -> rusqlite::Result<(bool, i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get::<_, i64>(0)? != 0, r.get(1)?, r.get(2)?))
+    })
+}
+
 const INTERVAL: Duration = Duration::from_millis(250);
 
 pub(super) struct Checkpointer {
@@ -63,11 +71,8 @@ impl Checkpointer {
             // Wakes every INTERVAL until told to stop (or the store is dropped).
             while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(INTERVAL) {
                 check_disk(&dir, &disk, reserve);
-                let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                });
-                match done {
-                    Ok((0, log, copied)) => disk
+                match passive(&conn) {
+                    Ok((false, log, copied)) => disk
                         .wal_backlog_frames
                         .store((log - copied).max(0), std::sync::atomic::Ordering::Relaxed),
                     Ok(_) => {}

@@ -340,11 +340,6 @@ fn unit(done: Done) -> Result<()> {
 
 #[async_trait]
 impl Backend for SqliteStore {
-    /// Every write is queued to the writer thread at the first poll of its future.
-    fn queues_writes(&self) -> bool {
-        true
-    }
-
     async fn close(&self) {
         self.writer.stop().await;
         let (writer, checkpointer) = self.take_threads();

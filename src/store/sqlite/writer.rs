@@ -387,16 +387,9 @@ impl WalWatch {
         if backlog > i64::try_from(self.limit / 8).unwrap_or(i64::MAX) {
             return;
         }
-        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        });
-        match done {
+        match super::checkpoint::passive(conn) {
             // Another checkpoint is running (the background one): the next check retries.
-            Ok((busy, ..)) if busy != 0 => {
+            Ok((true, ..)) => {
                 tracing::debug!(size, "WAL over its limit: a checkpoint is already running");
             }
             Ok((_, log, copied)) => {
