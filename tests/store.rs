@@ -428,6 +428,69 @@ mod commit_log {
         }
     }
 
+    /// The channel and member counters count a post when the log is folded, and readers
+    /// add the posts still in the log: a read that races a fold must neither miss the
+    /// folded posts nor count them twice. While ann posts and the log folds every few
+    /// commits, bob's view of the channel always has as many unread as posts since he
+    /// joined, and never steps back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unread_counts_and_last_seq_agree_while_the_log_folds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = StoreOptions::new(StoreLocation::Sqlite(dir.path().join("natter.db")));
+        opts.fold_rows = 5;
+        let store = natter::store::open(opts).await.unwrap();
+        let a = store.create_user("ann", "h", None).await.unwrap().id;
+        let b = store.create_user("bob", "h", None).await.unwrap().id;
+        let ch = store
+            .create_channel(a, ChannelKind::Group, "c", &[b])
+            .await
+            .unwrap()
+            .id;
+        let base = store.channels(b).await.unwrap()[0].channel.last_seq;
+        const POSTS: i64 = 1500;
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let sends = (0..POSTS).map(|i| {
+                    let store = store.clone();
+                    async move {
+                        store
+                            .post_message(a, ch, &format!("m{i}"), Some(&format!("c{i}")))
+                            .await
+                            .unwrap();
+                    }
+                });
+                // 16 in flight: batches of a few posts, a fold every few commits.
+                use futures_util::StreamExt;
+                futures_util::stream::iter(sends)
+                    .buffer_unordered(16)
+                    .collect::<Vec<()>>()
+                    .await;
+            })
+        };
+        let (mut last, mut reads) = (base, 0);
+        while last < base + POSTS && reads < 200_000 {
+            reads += 1;
+            let view = store.channels(b).await.unwrap().remove(0);
+            assert_eq!(
+                view.unread,
+                view.channel.last_seq - base,
+                "one view: every post since bob joined is unread, once"
+            );
+            assert!(view.channel.last_seq >= last, "never steps back");
+            last = view.channel.last_seq;
+            let (one, _) = store.channel(ch, b).await.unwrap().unwrap();
+            let seqs = store.last_seqs(&[ch]).await.unwrap();
+            assert!(
+                one.last_seq >= last && seqs[0].1 >= last,
+                "never behind the list"
+            );
+        }
+        writer.await.unwrap();
+        assert_eq!(store.channels(b).await.unwrap()[0].unread, POSTS);
+        store.close().await;
+    }
+
     fn in_log(path: &std::path::Path) -> i64 {
         let db =
             rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)

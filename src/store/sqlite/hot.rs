@@ -1,13 +1,14 @@
-//! The writer's in-memory state of hot channels: each channel's kind, last seq and live
-//! message count, its members' roles, per-batch unread deltas, and the commit log
-//! ([`super::tail`]). A message post runs one append to the log and (with a `client_id`
-//! the filter of stored ones, [`super::seen`], may hold) one index probe, instead of seven
-//! statements; the channel and member rows are written
-//! once per batch, in [`Hot::flush`], before the commit.
+//! The writer's in-memory state of hot channels: each channel's kind and last seq, its
+//! members' roles, and the commit log ([`super::tail`]). A message post runs one append
+//! to the log and (with a `client_id` the filter of stored ones, [`super::seen`], may
+//! hold) one index probe, instead of seven statements. The channel and member rows do
+//! not change at a post: the fold that moves it out of the log counts it in them
+//! (`last_seq`, `live_messages`, `own_unread`), and until then readers add the log's
+//! posts to what the rows say. So a commit writes no page of `channels` or `members`.
 //!
 //! Invariant: only the writer thread writes channels and members, so this state stays
-//! true as long as (a) every op other than a post flushes first and forgets the channel it
-//! touched afterwards, and (b) a rolled-back batch clears it all. The writer does both.
+//! true as long as (a) every op other than a post forgets the channel it touched
+//! afterwards, and (b) a rolled-back batch clears it all. The writer does both.
 
 use std::collections::HashMap;
 
@@ -28,14 +29,10 @@ const MAX_ROLES: usize = 1_000_000;
 
 struct HotChannel {
     kind: ChannelKind,
+    /// The row's, or its newest post's in the log.
     last_seq: i64,
-    live_messages: i64,
-    /// `last_seq`/`live_messages` differ from the row.
-    dirty: bool,
     /// Members seen posting; non-members are not cached.
     roles: HashMap<i64, Role>,
-    /// Own messages posted this batch, per author, not yet added to `members.own_unread`.
-    own_unread: HashMap<i64, i64>,
     /// For a DM its other member has not posted in yet: the member who opened it. The
     /// first post by anyone else marks the DM answered (`channels.dm_answered`).
     unanswered_dm_of: Option<i64>,
@@ -70,30 +67,31 @@ impl Hot {
             Entry::Vacant(slot) => {
                 let row = tx
                     .prepare_cached(
-                        "SELECT kind, last_seq, live_messages, owner_id, dm_answered FROM channels WHERE id = ?1",
+                        "SELECT kind, last_seq, owner_id, dm_answered FROM channels WHERE id = ?1",
                     )?
                     .query_row([id], |r| {
                         Ok((
                             r.get::<_, String>(0)?,
-                            r.get(1)?,
-                            r.get(2)?,
-                            r.get::<_, i64>(3)?,
-                            r.get::<_, bool>(4)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, bool>(3)?,
                         ))
                     })
                     .optional()?;
-                let Some((kind, last_seq, live_messages, owner, answered)) = row else {
+                let Some((kind, row_last_seq, owner, answered)) = row else {
                     return Ok(None);
                 };
                 let kind = read::parse_kind(&kind)?;
+                // The row counts posts only once they are folded.
+                let last_seq = self
+                    .log
+                    .last_seq(id)
+                    .map_or(row_last_seq, |s| s.max(row_last_seq));
                 Ok(Some(slot.insert(HotChannel {
                     unanswered_dm_of: (kind == ChannelKind::Dm && !answered).then_some(owner),
                     kind,
                     last_seq,
-                    live_messages,
-                    dirty: false,
                     roles: HashMap::new(),
-                    own_unread: HashMap::new(),
                 })))
             }
         }
@@ -120,26 +118,6 @@ impl Hot {
         Ok(Some(role))
     }
 
-    /// Writes every pending change to the channel and member rows.
-    pub fn flush(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
-        for (id, ch) in &mut self.channels {
-            if ch.dirty {
-                tx.prepare_cached(
-                    "UPDATE channels SET last_seq = ?2, live_messages = ?3 WHERE id = ?1",
-                )?
-                .execute([*id, ch.last_seq, ch.live_messages])?;
-                ch.dirty = false;
-            }
-            for (user, delta) in ch.own_unread.drain() {
-                tx.prepare_cached(
-                    "UPDATE members SET own_unread = own_unread + ?3 WHERE channel_id = ?1 AND user_id = ?2",
-                )?
-                .execute([*id, user, delta])?;
-            }
-        }
-        Ok(())
-    }
-
     /// Records that `messages` holds a message of `author` with this `client_id` (an op
     /// other than the hot post stored it): later posts must probe for it.
     pub fn stored_client_id(&mut self, channel_id: i64, author: i64, client_id: &str) {
@@ -147,7 +125,7 @@ impl Hot {
         self.seen.insert(key);
     }
 
-    /// Drops a (flushed) channel's state after another op changed its rows.
+    /// Drops a channel's state after another op changed its rows.
     pub fn forget(&mut self, channel_id: i64) {
         if let Some(ch) = self.channels.remove(&channel_id) {
             self.roles -= ch.roles.len();
@@ -206,9 +184,6 @@ pub(super) fn post_message(
         ch.unanswered_dm_of = None;
     }
     ch.last_seq = seq;
-    ch.live_messages += 1;
-    ch.dirty = true;
-    *ch.own_unread.entry(author).or_default() += 1;
     let message = Message {
         id,
         channel_id,

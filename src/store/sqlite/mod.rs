@@ -162,6 +162,7 @@ impl SqliteStore {
         let mut ids = crate::id::Snowflake::new(opts.node_id);
         ids.resume_after(last_id);
         let tail = Arc::new(Tail::default());
+        let folded = tail::folded_through(&conn)?;
         let parts = WriterParts {
             conn,
             ids,
@@ -169,7 +170,7 @@ impl SqliteStore {
             stats: Arc::clone(&opts.stats),
             rules: opts.rules,
             hot: Hot::new(
-                Unfolded::new(Arc::clone(&tail), opts.fold_rows),
+                Unfolded::new(Arc::clone(&tail), opts.fold_rows, folded),
                 seen::Seen::start(&opts.path),
             ),
             index: index.signal(),
@@ -779,23 +780,17 @@ impl Channels for SqliteStore {
     }
 
     async fn channel(&self, channel_id: i64, user_id: i64) -> Result<Option<(Channel, Role)>> {
+        let tail = Arc::clone(&self.tail);
         self.reads
-            .run(move |c| read::member_channel(c, channel_id, user_id))
+            .run(move |c| read::member_channel_now(c, &tail, channel_id, user_id))
             .await
-            .map(|found| {
-                found.map(|(mut ch, role)| {
-                    ch.last_seq = self.tail.visible_last_seq(ch.id, ch.last_seq);
-                    (ch, role)
-                })
-            })
     }
 
     async fn channels(&self, user_id: i64) -> Result<Vec<ChannelView>> {
-        let mut views = self.reads.run(move |c| read::channels(c, user_id)).await?;
-        for v in &mut views {
-            v.channel.last_seq = self.tail.visible_last_seq(v.channel.id, v.channel.last_seq);
-        }
-        Ok(views)
+        let tail = Arc::clone(&self.tail);
+        self.reads
+            .run(move |c| read::channels(c, &tail, user_id))
+            .await
     }
 
     async fn create_incoming_webhook(
@@ -1281,10 +1276,9 @@ impl Channels for SqliteStore {
 
     async fn last_seqs(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
         let ids = ids.to_vec();
-        let mut lasts = self.reads.run(move |c| read::last_seqs(c, &ids)).await?;
-        for (id, last) in &mut lasts {
-            *last = self.tail.visible_last_seq(*id, *last);
-        }
-        Ok(lasts)
+        let tail = Arc::clone(&self.tail);
+        self.reads
+            .run(move |c| read::last_seqs(c, &tail, &ids))
+            .await
     }
 }

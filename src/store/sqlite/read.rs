@@ -458,16 +458,63 @@ pub(super) fn channel(conn: &Connection, id: i64) -> rusqlite::Result<Option<Cha
     .optional()
 }
 
+/// Runs `read` in one read transaction, with how far the commit log was folded in the
+/// snapshot it read: the channel and member counters it read count the posts up to
+/// there ([`tail::TailView`]).
+fn with_folded<T>(
+    conn: &Connection,
+    read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<(T, i64)> {
+    let tx = conn.unchecked_transaction()?;
+    let folded = tail::folded_through(&tx)?;
+    let out = read(&tx)?;
+    tx.commit()?;
+    Ok((out, folded))
+}
+
 /// `(id, last_seq)` of the existing channels among `ids`.
-pub(super) fn last_seqs(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<(i64, i64)>> {
-    let mut stmt = conn.prepare_cached("SELECT last_seq FROM channels WHERE id = ?1")?;
-    let mut out = Vec::with_capacity(ids.len());
-    for &id in ids {
-        if let Some(last) = stmt.query_row([id], |r| r.get(0)).optional()? {
-            out.push((id, last));
+pub(super) fn last_seqs(
+    conn: &Connection,
+    tail: &Tail,
+    ids: &[i64],
+) -> rusqlite::Result<Vec<(i64, i64)>> {
+    let rows = |c: &Connection| {
+        let mut stmt = c.prepare_cached("SELECT last_seq FROM channels WHERE id = ?1")?;
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if let Some(last) = stmt.query_row([id], |r| r.get(0)).optional()? {
+                out.push((id, last));
+            }
         }
-    }
-    Ok(out)
+        Ok(out)
+    };
+    tail.read_with(
+        || with_folded(conn, rows),
+        |mut lasts: Vec<(i64, i64)>, view| {
+            for (id, last) in &mut lasts {
+                *last = view.last_seq(*id, *last);
+            }
+            lasts
+        },
+    )
+}
+
+/// The channel and the user's role in it, if they are a member, with its `last_seq`.
+pub(super) fn member_channel_now(
+    conn: &Connection,
+    tail: &Tail,
+    channel_id: i64,
+    user_id: i64,
+) -> rusqlite::Result<Option<(Channel, Role)>> {
+    tail.read_with(
+        || with_folded(conn, |c| member_channel(c, channel_id, user_id)),
+        |found, view| {
+            found.map(|(mut ch, role)| {
+                ch.last_seq = view.last_seq(ch.id, ch.last_seq);
+                (ch, role)
+            })
+        },
+    )
 }
 
 pub(super) fn member_channel(
@@ -485,7 +532,28 @@ pub(super) fn member_channel(
     .optional()
 }
 
-pub(super) fn channels(conn: &Connection, user_id: i64) -> rusqlite::Result<Vec<ChannelView>> {
+/// The user's channels with their read markers and unread counts.
+pub(super) fn channels(
+    conn: &Connection,
+    tail: &Tail,
+    user_id: i64,
+) -> rusqlite::Result<Vec<ChannelView>> {
+    tail.read_with(
+        || with_folded(conn, |c| channel_rows(c, user_id)),
+        |mut views: Vec<ChannelView>, tail| {
+            for v in &mut views {
+                let id = v.channel.id;
+                v.channel.last_seq = tail.last_seq(id, v.channel.last_seq);
+                // The rows count posts once they are folded; the newer ones are here.
+                let (posts, own) = tail.uncounted(id, user_id);
+                v.unread += posts - own;
+            }
+            views
+        },
+    )
+}
+
+fn channel_rows(conn: &Connection, user_id: i64) -> rusqlite::Result<Vec<ChannelView>> {
     conn.prepare_cached(&format!(
         "SELECT {CHANNEL_COLUMNS}, m.role, m.read_seq, c.live_messages - m.live_read - m.own_unread,
                 m.mention_unread

@@ -348,6 +348,26 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX users_departing ON users(id) WHERE deleted_at IS NOT NULL AND departed_at IS NULL;
     "#,
     ),
+    // 19: the channel and member counters (`last_seq`, `live_messages`, `own_unread`)
+    // count a post when the commit log is folded, no longer when it commits, and
+    // `log_state` says how far the log is folded (readers add the posts past it: see
+    // `tail.rs`). What an earlier build left in the log was counted at its commit, so it
+    // is folded here the old way, without counting it again.
+    Migration::Sql(
+        r#"
+    INSERT INTO events (channel_id, seq, kind, at, message_id)
+        SELECT channel_id, seq, 'message.created', at, message_id FROM commit_log ORDER BY channel_id, seq;
+    INSERT INTO messages (id, channel_id, seq, author_id, text, client_id, created_at)
+        SELECT message_id, channel_id, seq, author_id, text, client_id, at FROM commit_log;
+    INSERT INTO search_queue (message_id) SELECT message_id FROM commit_log;
+    CREATE TABLE log_state (
+        id             INTEGER PRIMARY KEY CHECK (id = 0),
+        folded_through INTEGER NOT NULL  -- the highest `pos` folded out of commit_log
+    );
+    INSERT INTO log_state (id, folded_through) SELECT 0, coalesce(max(pos), 0) FROM commit_log;
+    DELETE FROM commit_log;
+    "#,
+    ),
 ];
 
 /// Adds the columns of a session list and fills in the id (derived from the token's
@@ -487,13 +507,11 @@ mod tests {
         );
     }
 
-    /// Migration 12 takes the index out of the database (the index thread rebuilds it in
-    /// its own file from the messages) and leaves the messages as they were.
-    #[test]
-    fn the_search_index_leaves_the_database_and_the_messages_stay() {
+    /// The schema as `take` migrations left it.
+    fn migrated_to(take: usize) -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("db")).unwrap();
-        for (i, step) in MIGRATIONS.iter().enumerate().take(11) {
+        for (i, step) in MIGRATIONS.iter().enumerate().take(take) {
             let tx = conn.transaction().unwrap();
             match step {
                 Migration::Sql(sql) => tx.execute_batch(sql).unwrap(),
@@ -503,6 +521,52 @@ mod tests {
                 .unwrap();
             tx.commit().unwrap();
         }
+        (dir, conn)
+    }
+
+    /// Posts an earlier build left in the commit log (a crash, or a stop cut short) were
+    /// counted in their channel's and author's rows when they committed; migration 19
+    /// folds them without counting them again, and the fold counts from then on.
+    #[test]
+    fn posts_an_earlier_build_left_in_the_log_are_not_counted_twice() {
+        let (_dir, mut conn) = migrated_to(18);
+        conn.execute_batch(
+            "INSERT INTO channels (id, kind, name, owner_id, created_at, last_seq, live_messages)
+                 VALUES (5, 'group', 'a', 9, 0, 3, 2);
+             INSERT INTO members (channel_id, user_id, role, read_seq, live_read, own_unread)
+                 VALUES (5, 9, 'owner', 1, 0, 2);
+             INSERT INTO commit_log (pos, channel_id, seq, message_id, author_id, text, at)
+                 VALUES (7, 5, 2, 20, 9, 'one', 0), (8, 5, 3, 21, 9, 'two', 0);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let row = |sql: &str| -> (i64, i64) {
+            conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+        };
+        assert_eq!(
+            row("SELECT last_seq, live_messages FROM channels WHERE id = 5"),
+            (3, 2)
+        );
+        assert_eq!(
+            row("SELECT own_unread, (SELECT folded_through FROM log_state) FROM members"),
+            (2, 8)
+        );
+        assert_eq!(
+            row("SELECT (SELECT count(*) FROM commit_log), (SELECT count(*) FROM events)"),
+            (0, 2)
+        );
+        assert_eq!(
+            row("SELECT count(*), sum(seq) FROM messages WHERE channel_id = 5"),
+            (2, 5)
+        );
+    }
+
+    /// Migration 12 takes the index out of the database (the index thread rebuilds it in
+    /// its own file from the messages) and leaves the messages as they were.
+    #[test]
+    fn the_search_index_leaves_the_database_and_the_messages_stay() {
+        let (_dir, mut conn) = migrated_to(11);
         conn.execute_batch(
             "INSERT INTO messages (id, channel_id, seq, author_id, text, created_at)
              VALUES (1, 5, 1, 9, 'hello there', 0), (2, 5, 2, 9, 'general kenobi', 0);",

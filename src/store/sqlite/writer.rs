@@ -655,17 +655,14 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let hot_use = job.op.hot_use();
-        if let HotUse::FlushAndForget(_) = hot_use {
-            hot.flush(&tx)?;
-        }
-        if let HotUse::FlushAndForget(Some(channel_id)) = hot_use {
+        if let HotUse::Forget(Some(channel_id)) = hot_use {
             let n = hot.log.fold_channel(&tx, channel_id)?;
             stats.folded_rows.fetch_add(n as u64, Ordering::Relaxed);
         }
         let changes_before = tx.total_changes();
         let journal_before = journal.len();
         let applied = write::apply(&tx, ids, hot, rules, &job.op, &mut journal);
-        if let HotUse::FlushAndForget(Some(channel_id)) = hot_use {
+        if let HotUse::Forget(Some(channel_id)) = hot_use {
             hot.forget(channel_id);
         }
         // A search's fold counts with the others.
@@ -685,7 +682,6 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
             Err(write::Failure::Sqlite(e)) => return Err(e.into()),
         }
     }
-    hot.flush(&tx)?;
     // The search queue's rows the index has passed, now and then. A trim that fails is
     // undone alone and tried again later: the batch goes on.
     let mut trim = index.trim_due();
@@ -699,9 +695,6 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
             trim = None;
         }
     }
-    // Readers clamp the channels' last_seq to what the tail shows until it shows this
-    // batch: a commit is visible in SQL a moment before its posts are in the tail.
-    hot.log.publishing();
     tx.commit()?;
     hot.log.committed();
     hot.trim();

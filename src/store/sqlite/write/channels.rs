@@ -346,7 +346,11 @@ pub(super) fn mark_read(
         )?
         .query_row([channel_id, user_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let (from, last) = row.ok_or(StoreError::NotFound)?;
+    let (from, row_last) = row.ok_or(StoreError::NotFound)?;
+    // The row counts posts only once they are folded.
+    let last = log
+        .last_seq(channel_id)
+        .map_or(row_last, |s| s.max(row_last));
     let to = seq.min(last);
     if to <= from {
         return Ok(Done::Unit);

@@ -213,11 +213,11 @@ pub(super) enum HotUse {
     Owns,
     /// Touches no channel or member row.
     None,
-    /// Reads or writes channel/member rows: pending state is flushed first, and the
-    /// channel (if any) is forgotten afterwards. With a channel, the op appends an event
-    /// to it or reads or changes its messages, so the commit log is folded through its
-    /// posts first ([`super::tail`]).
-    FlushAndForget(Option<i64>),
+    /// Reads or writes channel/member rows: the channel (if any) is forgotten
+    /// afterwards. With a channel, the op appends an event to it or reads or changes its
+    /// messages, so the commit log is folded through its posts first ([`super::tail`]):
+    /// its rows then count every post.
+    Forget(Option<i64>),
 }
 
 impl Op {
@@ -260,7 +260,7 @@ impl Op {
             | Op::CreateSubscription { .. }
             | Op::UpdateSubscription { .. }
             | Op::DeleteSubscription { .. }
-            | Op::Fold { .. } => HotUse::FlushAndForget(None),
+            | Op::Fold { .. } => HotUse::Forget(None),
             Op::ClaimSubscription { .. } | Op::RecordDelivery { .. } => HotUse::None,
             Op::RenameChannel { channel_id, .. }
             | Op::PutMember { channel_id, .. }
@@ -269,7 +269,7 @@ impl Op {
             | Op::DeleteMessage { channel_id, .. }
             | Op::React { channel_id, .. }
             | Op::PostSlow { channel_id, .. }
-            | Op::Depart { channel_id, .. } => HotUse::FlushAndForget(Some(*channel_id)),
+            | Op::Depart { channel_id, .. } => HotUse::Forget(Some(*channel_id)),
         }
     }
 }
@@ -501,7 +501,17 @@ pub(super) fn apply(
             name,
             members,
         } => create_channel(tx, j, ids, rules, now, *owner, *kind, name, members),
-        Op::OpenDm { user, peer } => open_dm(tx, j, ids, rules, now, *user, *peer),
+        Op::OpenDm { user, peer } => match open_dm(tx, j, ids, rules, now, *user, *peer)? {
+            // An open DM's row counts its posts only once they are folded.
+            Done::Dm(mut ch, false) => {
+                ch.last_seq = hot
+                    .log
+                    .last_seq(ch.id)
+                    .map_or(ch.last_seq, |s| s.max(ch.last_seq));
+                Ok(Done::Dm(ch, false))
+            }
+            done => Ok(done),
+        },
         Op::RenameChannel {
             actor,
             channel_id,
