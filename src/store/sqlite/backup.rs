@@ -225,4 +225,38 @@ mod tests {
         let report = backup(&src, &dir.path().join("copy.db")).unwrap();
         assert_eq!((report.channels, report.events), (1, 2));
     }
+
+    /// Regression: the new binary backing up a running server of an earlier build
+    /// (schema 18, posts in its commit log, counted at their commit) refused (no
+    /// `log_state` in the copy); folding the copy must not count the posts again.
+    #[test]
+    fn backs_up_a_database_whose_log_an_earlier_build_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("old.db");
+        let mut conn = Connection::open(&src).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        crate::store::sqlite::schema::migrate_to(&mut conn, 18);
+        conn.execute_batch(
+            "INSERT INTO channels (id, kind, name, owner_id, created_at, last_seq, live_messages)
+                 VALUES (5, 'group', 'a', 9, 0, 3, 2);
+             INSERT INTO members (channel_id, user_id, role, read_seq, live_read, own_unread)
+                 VALUES (5, 9, 'owner', 1, 0, 2);
+             INSERT INTO events (channel_id, seq, kind, at) VALUES (5, 1, 'member.added', 0);
+             INSERT INTO commit_log (pos, channel_id, seq, message_id, author_id, text, at)
+                 VALUES (7, 5, 2, 20, 9, 'one', 0), (8, 5, 3, 21, 9, 'two', 0);",
+        )
+        .unwrap();
+        let copy = dir.path().join("copy.db");
+        let report = backup(&src, &copy).unwrap();
+        assert_eq!((report.channels, report.events), (1, 3));
+        let copy = Connection::open(&copy).unwrap();
+        let counters: (i64, i64, i64) = copy
+            .query_row(
+                "SELECT c.last_seq, c.live_messages, m.own_unread FROM channels c JOIN members m",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(counters, (3, 2, 2), "as the earlier build counted them");
+    }
 }

@@ -490,6 +490,7 @@ pub(super) fn last_seqs(
     };
     tail.read_with(
         || with_folded(conn, rows),
+        |lasts| lasts.iter().map(|(id, _)| *id).collect(),
         |mut lasts: Vec<(i64, i64)>, view| {
             for (id, last) in &mut lasts {
                 *last = view.last_seq(*id, *last);
@@ -508,6 +509,7 @@ pub(super) fn member_channel_now(
 ) -> rusqlite::Result<Option<(Channel, Role)>> {
     tail.read_with(
         || with_folded(conn, |c| member_channel(c, channel_id, user_id)),
+        |_| vec![channel_id],
         |found, view| {
             found.map(|(mut ch, role)| {
                 ch.last_seq = view.last_seq(ch.id, ch.last_seq);
@@ -540,6 +542,7 @@ pub(super) fn channels(
 ) -> rusqlite::Result<Vec<ChannelView>> {
     tail.read_with(
         || with_folded(conn, |c| channel_rows(c, user_id)),
+        |views| views.iter().map(|v| v.channel.id).collect(),
         |mut views: Vec<ChannelView>, tail| {
             for v in &mut views {
                 let id = v.channel.id;

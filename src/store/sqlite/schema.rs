@@ -418,6 +418,21 @@ fn username_skeletons(tx: &Transaction) -> rusqlite::Result<()> {
 /// The schema version this build writes.
 pub const VERSION: usize = MIGRATIONS.len();
 
+/// Applies the first `take` migrations only: a database as an earlier build left it.
+#[cfg(test)]
+pub(super) fn migrate_to(conn: &mut Connection, take: usize) {
+    for (i, step) in MIGRATIONS.iter().enumerate().take(take) {
+        let tx = conn.transaction().unwrap();
+        match step {
+            Migration::Sql(sql) => tx.execute_batch(sql).unwrap(),
+            Migration::Rust(apply) => apply(&tx).unwrap(),
+        }
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .unwrap();
+        tx.commit().unwrap();
+    }
+}
+
 /// Sets the connection pragmas every connection needs, with a page cache of `cache_kib`.
 pub fn configure(conn: &Connection, cache_kib: i64) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -511,16 +526,7 @@ mod tests {
     fn migrated_to(take: usize) -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("db")).unwrap();
-        for (i, step) in MIGRATIONS.iter().enumerate().take(take) {
-            let tx = conn.transaction().unwrap();
-            match step {
-                Migration::Sql(sql) => tx.execute_batch(sql).unwrap(),
-                Migration::Rust(apply) => apply(&tx).unwrap(),
-            }
-            tx.pragma_update(None, "user_version", (i + 1) as i64)
-                .unwrap();
-            tx.commit().unwrap();
-        }
+        migrate_to(&mut conn, take);
         (dir, conn)
     }
 

@@ -85,11 +85,35 @@ pub(super) struct Tail {
     inner: Mutex<Inner>,
 }
 
+/// Folds remembered for the readers that raced them ([`Tail::view`]).
+const RECENT_FOLDS: usize = 64;
+
 #[derive(Default)]
 struct Inner {
     channels: HashMap<i64, Vec<Entry>>,
     /// The highest `pos` a committed fold took out of here (0: none this run).
     removed_through: i64,
+    /// The latest folds that took posts out, oldest first: how far each went, and the
+    /// channels whose posts it took (sorted).
+    recent_folds: VecDeque<(i64, Vec<i64>)>,
+    /// How far the newest fold no longer in `recent_folds` went (0: none).
+    forgotten_through: i64,
+}
+
+impl Inner {
+    /// Whether no fold past `folded` took posts of `channels` out: a read of their rows
+    /// folded through `folded` and this tail count each post once.
+    fn unchanged_since(&self, folded: i64, channels: &[i64]) -> bool {
+        if self.removed_through <= folded {
+            return true;
+        }
+        self.forgotten_through <= folded
+            && self
+                .recent_folds
+                .iter()
+                .filter(|(through, _)| *through > folded)
+                .all(|(_, took)| channels.iter().all(|c| took.binary_search(c).is_err()))
+    }
 }
 
 /// The tail as a reader sees it beside what it read from the tables, which were folded
@@ -138,14 +162,19 @@ impl Tail {
         }
     }
 
-    /// Runs `f` on the tail beside a read of the tables folded through `folded`, read
-    /// *before* this call: `None` when a fold has taken posts out of the tail since that
-    /// read (they would be counted in neither), so the caller reads again. Under the lock
-    /// no fold leaves the tail, so a read made while holding it never needs a retry
-    /// ([`Tail::hold`]).
-    pub fn view<T>(&self, folded: i64, f: impl FnOnce(&TailView<'_>) -> T) -> Option<T> {
+    /// Runs `f` on the tail beside a read of `channels`' rows, folded through `folded`,
+    /// read *before* this call: `None` when a fold has taken posts of those channels out
+    /// of the tail since that read (they would be counted in neither), so the caller
+    /// reads again. Under the lock no fold leaves the tail, so a read made while holding
+    /// it needs no retry.
+    pub fn view<T>(
+        &self,
+        folded: i64,
+        channels: &[i64],
+        f: impl FnOnce(&TailView<'_>) -> T,
+    ) -> Option<T> {
         let inner = self.lock();
-        (inner.removed_through <= folded).then(|| {
+        inner.unchanged_since(folded, channels).then(|| {
             f(&TailView {
                 inner: &inner,
                 folded,
@@ -154,18 +183,22 @@ impl Tail {
     }
 
     /// Reads the tables with `read` (which returns them and how far they were folded),
-    /// then finishes with the tail's view of them: again if a fold came between, at
-    /// most a few times, then with the tail held across the read (the writer then waits
-    /// for it before it shows its next batch).
+    /// then finishes with the tail's view of them (`channels` names the channels the
+    /// rows are of): again if a fold of those channels came between, at most a few
+    /// times, then with the tail held across the read (the writer then waits for it
+    /// before it shows its next batch).
     pub fn read_with<R, T>(
         &self,
         mut read: impl FnMut() -> rusqlite::Result<(R, i64)>,
+        channels: impl Fn(&R) -> Vec<i64>,
         finish: impl Fn(R, &TailView<'_>) -> T,
     ) -> rusqlite::Result<T> {
         for _ in 0..3 {
             let (rows, folded) = read()?;
+            let ids = channels(&rows);
             let mut rows = Some(rows);
-            if let Some(done) = self.view(folded, |v| finish(rows.take().expect("once"), v)) {
+            let done = self.view(folded, &ids, |v| finish(rows.take().expect("once"), v));
+            if let Some(done) = done {
                 return Ok(done);
             }
         }
@@ -184,13 +217,26 @@ impl Tail {
     fn remove_through(&self, through: i64, mut gone: impl FnMut(&Message)) {
         let mut inner = self.lock();
         inner.removed_through = inner.removed_through.max(through);
-        inner.channels.retain(|_, posts| {
+        let mut took = Vec::new();
+        inner.channels.retain(|channel, posts| {
             let n = posts.partition_point(|e| e.pos <= through);
+            if n > 0 {
+                took.push(*channel);
+            }
             for e in posts.drain(..n) {
                 gone(&e.message);
             }
             !posts.is_empty()
         });
+        if !took.is_empty() {
+            took.sort_unstable();
+            inner.recent_folds.push_back((through, took));
+            if inner.recent_folds.len() > RECENT_FOLDS
+                && let Some((forgotten, _)) = inner.recent_folds.pop_front()
+            {
+                inner.forgotten_through = forgotten;
+            }
+        }
     }
 
     /// The channel's unfolded posts with `after < seq < before`, up to `max` of them:
@@ -453,6 +499,12 @@ impl Unfolded {
         in_batch.or_else(|| self.tail.last_seq(channel_id))
     }
 
+    /// The seq of the channel's newest committed unfolded post: what a reader can see
+    /// now (the open batch's posts reach the tail only after its commit).
+    pub fn committed_last_seq(&self, channel_id: i64) -> Option<i64> {
+        self.tail.last_seq(channel_id)
+    }
+
     /// The unfolded posts (committed or in the open batch) in `span`, and how many of
     /// them are its author's.
     pub fn count(&self, span: &Span) -> (i64, i64) {
@@ -612,7 +664,7 @@ impl Unfolded {
         for e in self.batch.iter().filter(|e| e.pos <= through) {
             tally.add(&e.message);
         }
-        let n = fold(tx, through, Some(&tally))?;
+        let n = fold(tx, through, Count::Tally(&tally))?;
         self.folded_through = through;
         // The batch's own posts folded with it leave the index now; the tail's, at commit.
         let by_client = &mut self.by_client;
@@ -743,16 +795,23 @@ impl Tally {
     }
 }
 
+/// How a fold counts the posts it moves in the channel and member rows.
+pub(super) enum Count<'a> {
+    /// The writer's count of them; every `pos` up to `through` is folded or was never
+    /// committed (a rolled-back batch's), so the log is folded through `through`.
+    Tally(&'a Tally),
+    /// By aggregating the rows (at open, in a backup's copy).
+    Rows,
+    /// Not at all: a log an earlier build (schema before 19, no `log_state`) left, whose
+    /// posts were counted when they committed.
+    Counted,
+}
+
 /// Moves the log's rows up to `through` into `events` and `messages`, in channel order
 /// (so each channel's rows land together), counts them in their channel's `last_seq` and
-/// `live_messages` and their author's `own_unread` (by `tally`, the writer's count of
-/// them, or without one by aggregating the rows), records how far the log is folded,
-/// and deletes them from the log.
-pub(super) fn fold(
-    tx: &Connection,
-    through: i64,
-    tally: Option<&Tally>,
-) -> rusqlite::Result<usize> {
+/// `live_messages` and their author's `own_unread` (see [`Count`]), records how far the
+/// log is folded, and deletes them from the log.
+pub(super) fn fold(tx: &Connection, through: i64, count: Count) -> rusqlite::Result<usize> {
     let n = tx
         .prepare_cached(
             "INSERT INTO events (channel_id, seq, kind, at, message_id)
@@ -770,10 +829,10 @@ pub(super) fn fold(
         "INSERT INTO search_queue (message_id) SELECT message_id FROM commit_log WHERE pos <= ?1",
     )?
     .execute([through])?;
-    match tally {
+    match count {
         // A statement per channel and author: a few pages, against two scans and sorts
         // of the rows (~0.8 µs a post in a fold of 16k).
-        Some(tally) => {
+        Count::Tally(tally) => {
             let mut channel = tx.prepare_cached(
                 "UPDATE channels SET last_seq = max(last_seq, ?2), live_messages = live_messages + ?3
                  WHERE id = ?1",
@@ -787,8 +846,10 @@ pub(super) fn fold(
             for ((channel_id, author), n) in &tally.authors {
                 member.execute([*channel_id, *author, *n])?;
             }
+            tx.prepare_cached("UPDATE log_state SET folded_through = max(folded_through, ?1)")?
+                .execute([through])?;
         }
-        None => {
+        Count::Rows => {
             tx.prepare_cached(
                 "UPDATE channels SET last_seq = max(channels.last_seq, l.last),
                                      live_messages = channels.live_messages + l.n
@@ -804,13 +865,14 @@ pub(super) fn fold(
                  WHERE members.channel_id = l.channel_id AND members.user_id = l.author_id",
             )?
             .execute([through])?;
+            tx.prepare_cached(
+                "UPDATE log_state SET folded_through = max(folded_through,
+                     coalesce((SELECT max(pos) FROM commit_log WHERE pos <= ?1), 0))",
+            )?
+            .execute([through])?;
         }
+        Count::Counted => {}
     }
-    tx.prepare_cached(
-        "UPDATE log_state SET folded_through = max(folded_through,
-             coalesce((SELECT max(pos) FROM commit_log WHERE pos <= ?1), 0))",
-    )?
-    .execute([through])?;
     tx.prepare_cached("DELETE FROM commit_log WHERE pos <= ?1")?
         .execute([through])?;
     Ok(n)
@@ -822,10 +884,21 @@ pub(super) fn folded_through(conn: &Connection) -> rusqlite::Result<i64> {
 }
 
 /// Folds the whole log in a transaction of its own: at open, before the writer starts,
-/// what a previous run left; in a backup's copy.
+/// what a previous run left; in a backup's copy, which may be of an earlier schema (a
+/// running server of an earlier build), whose log was counted at commit.
 pub(super) fn fold_all(conn: &mut Connection) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let n = fold(&tx, i64::MAX, None)?;
+    let counts_at_fold: bool = tx.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'log_state'",
+        [],
+        |r| r.get(0),
+    )?;
+    let count = if counts_at_fold {
+        Count::Rows
+    } else {
+        Count::Counted
+    };
+    let n = fold(&tx, i64::MAX, count)?;
     tx.commit()?;
     Ok(n)
 }
@@ -895,22 +968,25 @@ mod tests {
         tail.extend([
             entry(1, post(1, 5, 7)),
             entry(2, post(1, 6, 8)),
-            entry(3, post(1, 7, 7)),
+            entry(3, post(2, 1, 7)),
+            entry(4, post(1, 7, 7)),
         ]);
-        let seen = |folded| tail.view(folded, |v| (v.last_seq(1, 4), v.uncounted(1, 7)));
+        let seen = |folded| tail.view(folded, &[1], |v| (v.last_seq(1, 4), v.uncounted(1, 7)));
         assert_eq!(seen(0), Some((7, (3, 2))));
         // The tables were read folded through pos 2: they count the first two.
         assert_eq!(seen(2), Some((7, (1, 1))));
         assert_eq!(
-            tail.view(0, |v| (v.last_seq(2, 9), v.uncounted(2, 7))),
+            tail.view(0, &[3], |v| (v.last_seq(3, 9), v.uncounted(3, 7))),
             Some((9, (0, 0))),
             "a channel with nothing in the tail is as its row says"
         );
-        // A fold through pos 2 commits and leaves the tail: a read of the tables from
-        // before it counts those posts nowhere, so it must read again.
+        // A fold through pos 2 commits and leaves the tail: a read of channel 1's rows
+        // from before it counts those posts nowhere, so it must read again; a read of
+        // channel 2's need not (the fold took none of its posts).
         tail.remove_through(2, |_| {});
         assert_eq!(seen(0), None);
         assert_eq!(seen(2), Some((7, (1, 1))));
+        assert_eq!(tail.view(0, &[2], |v| v.uncounted(2, 7)), Some((1, 1)));
         let mut reads = 0;
         let got = tail
             .read_with(
@@ -919,6 +995,7 @@ mod tests {
                     // The first read was before the fold; the second after.
                     Ok((6, if reads == 1 { 0 } else { 2 }))
                 },
+                |_| vec![1],
                 |row, v| (v.last_seq(1, row), v.uncounted(1, 8)),
             )
             .unwrap();
@@ -930,6 +1007,7 @@ mod tests {
                     reads += 1;
                     Ok((6, 0))
                 },
+                |_| vec![1],
                 |row, v| v.last_seq(1, row),
             )
             .unwrap();
@@ -938,6 +1016,24 @@ mod tests {
             (7, 4),
             "three reads race a fold, then one holds the tail"
         );
+        // Past the folds it remembers, a reader from before them cannot tell: it reads
+        // again.
+        for pos in 5..5 + RECENT_FOLDS as i64 {
+            tail.extend([entry(pos, post(4, pos, 7))]);
+            tail.remove_through(pos, |_| {});
+        }
+        assert_eq!(
+            tail.view(1, &[9], |_| ()),
+            None,
+            "the fold through 2 is forgotten"
+        );
+        assert_eq!(tail.view(3, &[9], |_| ()), Some(()));
+        assert_eq!(
+            tail.view(3, &[2], |_| ()),
+            None,
+            "the fold through 5 took pos 3"
+        );
+        assert_eq!(tail.view(5, &[2], |v| v.uncounted(2, 7)), Some((0, 0)));
     }
 
     #[test]
@@ -1103,7 +1199,8 @@ mod tests {
         }
         assert_eq!(counters(&conn, 1), ((3, 3), vec![(7, 2), (8, 1)], 3));
         assert_eq!(
-            log.tail.view(3, |v| (v.last_seq(1, 3), v.uncounted(1, 8))),
+            log.tail
+                .view(3, &[1], |v| (v.last_seq(1, 3), v.uncounted(1, 8))),
             Some((4, (1, 1)))
         );
         // Two folds in one batch: the second counts only what the first left.
@@ -1128,12 +1225,39 @@ mod tests {
         );
         commit(&mut conn, &mut next, &[post(1, 7, 8)]);
         assert_eq!(
-            next.tail.view(6, |v| v.uncounted(1, 8)),
+            next.tail.view(6, &[1], |v| v.uncounted(1, 8)),
             Some((1, 1)),
             "a new post is past the fold"
         );
         assert_eq!(fold_all(&mut conn).unwrap(), 1);
         assert_eq!(counters(&conn, 1), ((7, 7), vec![(7, 4), (8, 3)], 7));
+    }
+
+    /// Regression: a full fold after a rolled-back batch went through that batch's
+    /// positions, but the log recorded only the last one it held: the tail was past
+    /// what every reader read, so each counter read went to its slow path until the next
+    /// fold.
+    #[test]
+    fn a_fold_past_a_rolled_back_batch_records_how_far_it_went() {
+        let (_dir, mut conn) = database();
+        let tail = Arc::new(Tail::default());
+        let mut log = Unfolded::new(Arc::clone(&tail), 1000, 0);
+        commit(&mut conn, &mut log, &[post(1, 1, 7)]);
+        {
+            let tx = conn.transaction().unwrap();
+            log.append(&tx, &post(1, 2, 7)).unwrap();
+            drop(tx);
+            log.rolled_back();
+        }
+        {
+            let tx = conn.transaction().unwrap();
+            assert_eq!(log.fold_in(&tx).unwrap(), 1);
+            tx.commit().unwrap();
+            log.committed();
+        }
+        let folded = folded_through(&conn).unwrap();
+        assert_eq!(folded, 2);
+        assert_eq!(tail.view(folded, &[1], |v| v.last_seq(1, 1)), Some(1));
     }
 
     /// Regression: at one post per commit, each commit folded the one row that had just

@@ -347,9 +347,11 @@ pub(super) fn mark_read(
         .query_row([channel_id, user_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let (from, row_last) = row.ok_or(StoreError::NotFound)?;
-    // The row counts posts only once they are folded.
+    // The row counts posts only once they are folded. Not past the committed ones: a
+    // reader between this batch's commit and its posts reaching the tail would see the
+    // marker count a post it does not show (and the user cannot have seen it either).
     let last = log
-        .last_seq(channel_id)
+        .committed_last_seq(channel_id)
         .map_or(row_last, |s| s.max(row_last));
     let to = seq.min(last);
     if to <= from {
@@ -381,4 +383,67 @@ pub(super) fn mark_read(
     )?
     .execute([channel_id, user_id, to, live, own])?;
     Ok(Done::Unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rusqlite::Connection;
+
+    use super::*;
+    use crate::model::Message;
+    use crate::store::sqlite::tail::Tail;
+
+    fn post(seq: i64) -> Message {
+        Message {
+            id: 100 + seq,
+            channel_id: 1,
+            seq,
+            author_id: 7,
+            text: format!("m{seq}"),
+            created_at: seq,
+            ..Message::default()
+        }
+    }
+
+    /// Bob's `(unread, read_seq, last_seq)` as a reader sees the channel.
+    fn bobs_view(conn: &Connection, tail: &Tail) -> (i64, i64, i64) {
+        let v = read::channels(conn, tail, 8).unwrap().remove(0);
+        (v.unread, v.read_seq, v.channel.last_seq)
+    }
+
+    /// Regression: a read marker moved in the batch that posts ann's next message
+    /// counted that post as read; a reader between the batch's commit and the post
+    /// reaching the tail saw one unread too few (-1) and a read marker past `last_seq`.
+    #[test]
+    fn a_read_marker_stops_at_the_posts_readers_can_see() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        crate::store::sqlite::schema::migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO channels (id, kind, name, owner_id, created_at) VALUES (1, 'group', 'a', 7, 0);
+             INSERT INTO members (channel_id, user_id, role, read_seq, live_read, own_unread)
+                 VALUES (1, 7, 'owner', 0, 0, 0), (1, 8, 'member', 0, 0, 0);",
+        )
+        .unwrap();
+        let tail = Arc::new(Tail::default());
+        let mut log = Unfolded::new(Arc::clone(&tail), 1000, 0);
+        let tx = conn.transaction().unwrap();
+        log.append(&tx, &post(1)).unwrap();
+        tx.commit().unwrap();
+        log.committed();
+        // One batch: ann's second post, then bob marks everything read.
+        let tx = conn.transaction().unwrap();
+        log.append(&tx, &post(2)).unwrap();
+        assert!(mark_read(&tx, &log, 8, 1, i64::MAX).is_ok());
+        tx.commit().unwrap();
+        assert_eq!(
+            bobs_view(&conn, &tail),
+            (0, 1, 1),
+            "committed, the post not in the tail yet"
+        );
+        log.committed();
+        assert_eq!(bobs_view(&conn, &tail), (1, 1, 2));
+    }
 }
