@@ -632,7 +632,7 @@ mod tests {
         let mut got = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while got.len() < want && tokio::time::Instant::now() < deadline {
-            let mut items = Vec::new();
+            let mut items = std::collections::VecDeque::new();
             if tokio::time::timeout(Duration::from_millis(100), outbox.take(&mut items))
                 .await
                 .is_ok()

@@ -171,13 +171,14 @@ impl Outbox {
     }
 
     /// Moves everything queued into `out`, waiting until there is something.
-    pub async fn take(&self, out: &mut Vec<Item>) {
+    pub async fn take(&self, out: &mut VecDeque<Item>) {
         std::future::poll_fn(|cx| self.poll_take(cx, out)).await;
     }
 
     /// Moves everything queued into `out`; if nothing is, the task is woken by the next
-    /// push. One task takes from an outbox: its waker is the one kept.
-    pub fn poll_take(&self, cx: &mut Context<'_>, out: &mut Vec<Item>) -> Poll<()> {
+    /// push. One task takes from an outbox: its waker is the one kept. An empty `out`
+    /// (as the caller's always is) trades places with the queue: no item is moved.
+    pub fn poll_take(&self, cx: &mut Context<'_>, out: &mut VecDeque<Item>) -> Poll<()> {
         let mut q = self.lock();
         if q.items.is_empty() {
             match &mut q.waiting {
@@ -190,7 +191,11 @@ impl Outbox {
             .buffered_bytes
             .fetch_sub(q.bytes, Ordering::Relaxed);
         q.bytes = 0;
-        out.extend(q.items.drain(..));
+        if out.is_empty() {
+            std::mem::swap(&mut q.items, out);
+        } else {
+            out.extend(q.items.drain(..));
+        }
         Poll::Ready(())
     }
 }
@@ -222,9 +227,9 @@ mod tests {
         assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
         assert_eq!(stats.slow_consumers.load(Ordering::Relaxed), 1);
         assert!(!outbox.push(frame(1)), "a slow queue takes nothing more");
-        let mut out = Vec::new();
+        let mut out = VecDeque::new();
         outbox.take(&mut out).await;
-        assert!(matches!(out.as_slice(), [Item::Close(4008, _)]));
+        assert!(matches!(out.make_contiguous(), [Item::Close(4008, _)]));
         assert!(stats.outbox_peak_bytes.load(Ordering::Relaxed) <= 100);
     }
 
@@ -235,7 +240,7 @@ mod tests {
         for n in 1..=3 {
             outbox.push(frame(n));
         }
-        let mut out = Vec::new();
+        let mut out = VecDeque::new();
         outbox.take(&mut out).await;
         let sizes: Vec<usize> = out.iter().map(Item::bytes).collect();
         assert_eq!(sizes, [1, 2, 3]);
@@ -250,9 +255,19 @@ mod tests {
         for _ in 0..1000 {
             outbox.push(frame(10));
         }
-        let mut out = Vec::new();
+        // Taken into an empty list, the queue's room goes with its items (the session
+        // gives its list's back at each ping); the outbox keeps the list's (none).
+        let mut out = VecDeque::new();
         outbox.take(&mut out).await;
         assert_eq!(out.len(), 1000);
+        assert!(out.capacity() >= 1000);
+        assert_eq!(outbox.capacity_bytes(), 0);
+        // Taken into a list that holds something, the items move and the room stays.
+        for _ in 0..1000 {
+            outbox.push(frame(10));
+        }
+        outbox.take(&mut out).await;
+        assert_eq!(out.len(), 2000);
         assert!(outbox.capacity_bytes() >= 1000 * std::mem::size_of::<Item>());
         outbox.shrink();
         assert_eq!(outbox.capacity_bytes(), 0);
@@ -260,7 +275,7 @@ mod tests {
         outbox.push(frame(10));
         outbox.shrink();
         outbox.take(&mut out).await;
-        assert_eq!(out.len(), 1001);
+        assert_eq!(out.len(), 2001);
     }
 
     #[tokio::test]
@@ -269,7 +284,7 @@ mod tests {
         let taker = tokio::spawn({
             let outbox = Arc::clone(&outbox);
             async move {
-                let mut out = Vec::new();
+                let mut out = VecDeque::new();
                 outbox.take(&mut out).await;
                 out.len()
             }

@@ -228,7 +228,7 @@ impl Session {
         };
         let mut ops: Option<Box<InFlight>> = None;
         let (mut ticks, mut last_seen) = (0u32, Instant::now());
-        let mut items = Vec::new();
+        let mut items = VecDeque::new();
         loop {
             tokio::select! {
                 incoming = next_frame(socket, max_frame) => {
@@ -314,11 +314,11 @@ impl Session {
     /// Gives back, at each ping, what a burst grew and nothing needs now: the store calls'
     /// channel if none is in flight, the list items are taken into, the outbox's queue if
     /// empty, and stale typing times. A connection that is busy grows them again.
-    fn shrink(&mut self, ops: &mut Option<Box<InFlight>>, items: &mut Vec<Item>) {
+    fn shrink(&mut self, ops: &mut Option<Box<InFlight>>, items: &mut VecDeque<Item>) {
         if ops.as_ref().is_some_and(|o| o.is_idle()) {
             *ops = None;
         }
-        *items = Vec::new();
+        *items = VecDeque::new();
         self.outbox.shrink();
         let now = Instant::now();
         self.typing.retain(|(_, t)| now - *t < TYPING_EVERY);
