@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::TestServer;
 use common::child::ServerProcess;
 use common::ws::*;
-use natter::client::Frame;
+use natter::client::{Frame, Incoming};
 use serde_json::json;
 
 /// Runs the binary with `args` and `env` (and no inherited `NATTER_*`).
@@ -211,7 +211,20 @@ async fn typing_seen(a: &common::Client, b: &common::Client, ch: &str, n: u32) -
         |f| matches!(f, Frame::Event(e) if e.message.as_ref().is_some_and(|m| m.text == text)),
     )
     .await;
-    frames.iter().any(|f| matches!(f, Frame::Typing { .. }))
+    if frames.iter().any(|f| matches!(f, Frame::Typing { .. })) {
+        return true;
+    }
+    // A typing signal is not ordered with the channel's events (it comes over alice's
+    // socket, the message over HTTP and the writer): on a loaded machine the message can
+    // overtake it. Regression: this returned false then (a flaky failure).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match tokio::time::timeout_at(deadline, rb.next()).await {
+            Ok(Ok(Incoming::Frame(Frame::Typing { .. }))) => return true,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return false,
+        }
+    }
 }
 
 #[tokio::test]
