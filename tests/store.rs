@@ -270,6 +270,18 @@ mod commit_log {
             .unwrap()
     }
 
+    /// Users ann and bob, and a group channel of ann's with bob in it.
+    async fn ann_and_bob_in_a_channel(store: &dyn Store) -> (i64, i64, i64) {
+        let a = store.create_user("ann", "h", None).await.unwrap().id;
+        let b = store.create_user("bob", "h", None).await.unwrap().id;
+        let ch = store
+            .create_channel(a, ChannelKind::Group, "c", &[b])
+            .await
+            .unwrap()
+            .id;
+        (a, b, ch)
+    }
+
     /// Every event of the channel, read in pages of `limit`.
     async fn log_in_pages(store: &dyn Store, ch: i64, limit: u32) -> Vec<(i64, String)> {
         let mut out = Vec::new();
@@ -340,13 +352,7 @@ mod commit_log {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("natter.db");
         let store = open(&path).await;
-        let a = store.create_user("ann", "h", None).await.unwrap().id;
-        let b = store.create_user("bob", "h", None).await.unwrap().id;
-        let ch = store
-            .create_channel(a, ChannelKind::Group, "c", &[b])
-            .await
-            .unwrap()
-            .id;
+        let (a, b, ch) = ann_and_bob_in_a_channel(&*store).await;
         // Posts 1–8 in the log; the rename folds them; 9–16 stay in the log.
         let mut texts = Vec::new();
         for i in 0..16 {
@@ -439,13 +445,7 @@ mod commit_log {
         let mut opts = StoreOptions::new(StoreLocation::Sqlite(dir.path().join("natter.db")));
         opts.fold_rows = 5;
         let store = natter::store::open(opts).await.unwrap();
-        let a = store.create_user("ann", "h", None).await.unwrap().id;
-        let b = store.create_user("bob", "h", None).await.unwrap().id;
-        let ch = store
-            .create_channel(a, ChannelKind::Group, "c", &[b])
-            .await
-            .unwrap()
-            .id;
+        let (a, b, ch) = ann_and_bob_in_a_channel(&*store).await;
         let base = store.channels(b).await.unwrap()[0].channel.last_seq;
         const POSTS: i64 = 1500;
         let writer = {

@@ -13,6 +13,8 @@ use anyhow::{Context, bail};
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 
+use super::schema::has_table;
+
 /// What a backup copied.
 #[derive(Debug, Clone)]
 pub struct BackupReport {
@@ -191,15 +193,6 @@ fn copy_and_check(src: &Connection, path: &Path) -> anyhow::Result<(i64, i64)> {
     let channels = dst.query_row("SELECT count(*) FROM channels", [], |r| r.get(0))?;
     let events = dst.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
     Ok((channels, events))
-}
-
-/// Whether the database has the table (a copy of an older schema may not).
-fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-        [name],
-        |r| r.get(0),
-    )
 }
 
 #[cfg(test)]

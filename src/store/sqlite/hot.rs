@@ -82,15 +82,10 @@ impl Hot {
                     return Ok(None);
                 };
                 let kind = read::parse_kind(&kind)?;
-                // The row counts posts only once they are folded.
-                let last_seq = self
-                    .log
-                    .last_seq(id)
-                    .map_or(row_last_seq, |s| s.max(row_last_seq));
                 Ok(Some(slot.insert(HotChannel {
                     unanswered_dm_of: (kind == ChannelKind::Dm && !answered).then_some(owner),
                     kind,
-                    last_seq,
+                    last_seq: self.log.last_seq(id, row_last_seq),
                     roles: HashMap::new(),
                 })))
             }

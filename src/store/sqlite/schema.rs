@@ -418,6 +418,16 @@ fn username_skeletons(tx: &Transaction) -> rusqlite::Result<()> {
 /// The schema version this build writes.
 pub const VERSION: usize = MIGRATIONS.len();
 
+/// Whether the database has the table (one of an older schema, e.g. a backup's copy of a
+/// running earlier build, may not).
+pub(super) fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |r| r.get(0),
+    )
+}
+
 /// Applies the first `take` migrations only: a database as an earlier build left it.
 #[cfg(test)]
 pub(super) fn migrate_to(conn: &mut Connection, take: usize) {

@@ -487,22 +487,22 @@ impl Unfolded {
         }
     }
 
-    /// The seq of the channel's newest unfolded post (committed or in the open batch):
-    /// the channel's row counts a post only once it is folded.
-    pub fn last_seq(&self, channel_id: i64) -> Option<i64> {
+    /// The channel's `last_seq`, given its row's (which counts a post only once it is
+    /// folded): its newest post, committed or in the open batch.
+    pub fn last_seq(&self, channel_id: i64, row: i64) -> i64 {
         let in_batch = self
             .batch
             .iter()
             .rev()
             .find(|e| e.message.channel_id == channel_id)
             .map(|e| e.message.seq);
-        in_batch.or_else(|| self.tail.last_seq(channel_id))
+        in_batch.map_or_else(|| self.committed_last_seq(channel_id, row), |s| s.max(row))
     }
 
-    /// The seq of the channel's newest committed unfolded post: what a reader can see
-    /// now (the open batch's posts reach the tail only after its commit).
-    pub fn committed_last_seq(&self, channel_id: i64) -> Option<i64> {
-        self.tail.last_seq(channel_id)
+    /// The channel's `last_seq` as a reader can see it now, given its row's: the open
+    /// batch's posts reach the tail only after its commit.
+    pub fn committed_last_seq(&self, channel_id: i64, row: i64) -> i64 {
+        self.tail.last_seq(channel_id).map_or(row, |s| s.max(row))
     }
 
     /// The unfolded posts (committed or in the open batch) in `span`, and how many of
@@ -888,12 +888,7 @@ pub(super) fn folded_through(conn: &Connection) -> rusqlite::Result<i64> {
 /// running server of an earlier build), whose log was counted at commit.
 pub(super) fn fold_all(conn: &mut Connection) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let counts_at_fold: bool = tx.query_row(
-        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'log_state'",
-        [],
-        |r| r.get(0),
-    )?;
-    let count = if counts_at_fold {
+    let count = if super::schema::has_table(&tx, "log_state")? {
         Count::Rows
     } else {
         Count::Counted
@@ -1188,12 +1183,13 @@ mod tests {
         commit(&mut conn, &mut log, &[post(1, 1, 7), post(1, 2, 8)]);
         commit(&mut conn, &mut log, &[post(1, 3, 7)]);
         assert_eq!(counters(&conn, 1), ((0, 0), vec![(7, 0), (8, 0)], 0));
-        assert_eq!(log.last_seq(1), Some(3));
+        assert_eq!(log.last_seq(1, 0), 3);
         {
             let tx = conn.transaction().unwrap();
             assert_eq!(log.fold_channel(&tx, 1).unwrap(), 3);
             log.append(&tx, &post(1, 4, 8)).unwrap();
-            assert_eq!(log.last_seq(1), Some(4), "the open batch's post");
+            assert_eq!(log.last_seq(1, 0), 4, "the open batch's post");
+            assert_eq!(log.committed_last_seq(1, 0), 3, "what readers see");
             tx.commit().unwrap();
             log.committed();
         }

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::hot::Hot;
 use super::index::{self, IndexSignal};
 use super::tail::QuietFoldError;
-use super::write::{self, Done, HotUse, Op};
+use super::write::{self, Done, Op};
 use crate::id::Snowflake;
 use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_one};
 use crate::model::{Event, EventBody};
@@ -263,6 +263,11 @@ impl Writer {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let stats = parts.stats;
         let _ = stats.queue.set(tx.downgrade());
+        // A WAL frame: a page and its 24-byte header.
+        let page: i64 = parts
+            .conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .unwrap_or(4096);
         let state = State {
             conn: parts.conn,
             ids: parts.ids,
@@ -275,6 +280,7 @@ impl Writer {
             wal: WalWatch {
                 path: parts.wal.0,
                 limit: parts.wal.1,
+                frame_bytes: page + 24,
                 checked: Instant::now(),
             },
         };
@@ -361,6 +367,8 @@ struct State {
 struct WalWatch {
     path: std::path::PathBuf,
     limit: u64,
+    /// A WAL frame's bytes (the database's page and a header).
+    frame_bytes: i64,
     checked: Instant,
 }
 
@@ -368,9 +376,6 @@ struct WalWatch {
 const WAL_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl WalWatch {
-    /// A frame: a 4 KiB page and its 24-byte header.
-    const FRAME_BYTES: i64 = 4096 + 24;
-
     fn check(&mut self, conn: &Connection, stats: &WriteStats) {
         if self.checked.elapsed() < WAL_CHECK {
             return;
@@ -383,7 +388,7 @@ impl WalWatch {
         // A backlog (a long reader, e.g. a backup, held the checkpoints back) is the
         // background thread's to copy, beside the writer: the writer takes only the last
         // few frames, or it would stop committing for as long as the copy takes.
-        let backlog = stats.wal_backlog_frames.load(Ordering::Relaxed) * Self::FRAME_BYTES;
+        let backlog = stats.wal_backlog_frames.load(Ordering::Relaxed) * self.frame_bytes;
         if backlog > i64::try_from(self.limit / 8).unwrap_or(i64::MAX) {
             return;
         }
@@ -654,15 +659,15 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
     }
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        let hot_use = job.op.hot_use();
-        if let HotUse::Forget(Some(channel_id)) = hot_use {
+        let folds = job.op.folds_channel();
+        if let Some(channel_id) = folds {
             let n = hot.log.fold_channel(&tx, channel_id)?;
             stats.folded_rows.fetch_add(n as u64, Ordering::Relaxed);
         }
         let changes_before = tx.total_changes();
         let journal_before = journal.len();
         let applied = write::apply(&tx, ids, hot, rules, &job.op, &mut journal);
-        if let HotUse::Forget(Some(channel_id)) = hot_use {
+        if let Some(channel_id) = folds {
             hot.forget(channel_id);
         }
         // A search's fold counts with the others.

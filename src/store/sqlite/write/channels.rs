@@ -347,12 +347,10 @@ pub(super) fn mark_read(
         .query_row([channel_id, user_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let (from, row_last) = row.ok_or(StoreError::NotFound)?;
-    // The row counts posts only once they are folded. Not past the committed ones: a
-    // reader between this batch's commit and its posts reaching the tail would see the
-    // marker count a post it does not show (and the user cannot have seen it either).
-    let last = log
-        .committed_last_seq(channel_id)
-        .map_or(row_last, |s| s.max(row_last));
+    // Not past the committed posts: a reader between this batch's commit and its posts
+    // reaching the tail would see the marker count a post it does not show (and the
+    // user cannot have seen it either).
+    let last = log.committed_last_seq(channel_id, row_last);
     let to = seq.min(last);
     if to <= from {
         return Ok(Done::Unit);

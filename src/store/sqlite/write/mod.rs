@@ -207,19 +207,6 @@ pub(super) enum Op {
     },
 }
 
-/// How an op relates to the writer's [`Hot`] channel state.
-pub(super) enum HotUse {
-    /// Message posts keep the hot state themselves.
-    Owns,
-    /// Touches no channel or member row.
-    None,
-    /// Reads or writes channel/member rows: the channel (if any) is forgotten
-    /// afterwards. With a channel, the op appends an event to it or reads or changes its
-    /// messages, so the commit log is folded through its posts first ([`super::tail`]):
-    /// its rows then count every post.
-    Forget(Option<i64>),
-}
-
 impl Op {
     /// Ops taken even while writes are refused for disk space: they free space.
     pub(super) fn frees_space(&self) -> bool {
@@ -233,10 +220,24 @@ impl Op {
         )
     }
 
-    pub(super) fn hot_use(&self) -> HotUse {
+    /// The channel the op appends an event to, or whose messages or members it reads or
+    /// changes: the commit log is folded through its posts first (its rows then count
+    /// every post, [`super::tail`]), and the writer's [`Hot`] state of it is dropped
+    /// after. Posts keep that state themselves; no other op changes what it holds (a
+    /// channel's kind, roles and newest seq).
+    pub(super) fn folds_channel(&self) -> Option<i64> {
         match self {
-            Op::PostMessage { .. } => HotUse::Owns,
-            Op::CreateUser { .. }
+            Op::RenameChannel { channel_id, .. }
+            | Op::PutMember { channel_id, .. }
+            | Op::RemoveMember { channel_id, .. }
+            | Op::EditMessage { channel_id, .. }
+            | Op::DeleteMessage { channel_id, .. }
+            | Op::React { channel_id, .. }
+            | Op::PostSlow { channel_id, .. }
+            | Op::Depart { channel_id, .. } => Some(*channel_id),
+            // Listed, so that a new op is placed here on purpose.
+            Op::PostMessage { .. }
+            | Op::CreateUser { .. }
             | Op::CreateSession { .. }
             | Op::UpdateProfile { .. }
             | Op::LastSeen { .. }
@@ -251,8 +252,8 @@ impl Op {
             | Op::CollectUploads { .. }
             | Op::DeleteApiKey { .. }
             | Op::TouchApiKey { .. }
-            | Op::Security(_) => HotUse::None,
-            Op::CreateChannel { .. }
+            | Op::Security(_)
+            | Op::CreateChannel { .. }
             | Op::OpenDm { .. }
             | Op::MarkRead { .. }
             | Op::CreateIncomingWebhook { .. }
@@ -260,16 +261,9 @@ impl Op {
             | Op::CreateSubscription { .. }
             | Op::UpdateSubscription { .. }
             | Op::DeleteSubscription { .. }
-            | Op::Fold { .. } => HotUse::Forget(None),
-            Op::ClaimSubscription { .. } | Op::RecordDelivery { .. } => HotUse::None,
-            Op::RenameChannel { channel_id, .. }
-            | Op::PutMember { channel_id, .. }
-            | Op::RemoveMember { channel_id, .. }
-            | Op::EditMessage { channel_id, .. }
-            | Op::DeleteMessage { channel_id, .. }
-            | Op::React { channel_id, .. }
-            | Op::PostSlow { channel_id, .. }
-            | Op::Depart { channel_id, .. } => HotUse::Forget(Some(*channel_id)),
+            | Op::Fold { .. }
+            | Op::ClaimSubscription { .. }
+            | Op::RecordDelivery { .. } => None,
         }
     }
 }
@@ -504,10 +498,7 @@ pub(super) fn apply(
         Op::OpenDm { user, peer } => match open_dm(tx, j, ids, rules, now, *user, *peer)? {
             // An open DM's row counts its posts only once they are folded.
             Done::Dm(mut ch, false) => {
-                ch.last_seq = hot
-                    .log
-                    .last_seq(ch.id)
-                    .map_or(ch.last_seq, |s| s.max(ch.last_seq));
+                ch.last_seq = hot.log.last_seq(ch.id, ch.last_seq);
                 Ok(Done::Dm(ch, false))
             }
             done => Ok(done),
