@@ -86,6 +86,7 @@ pub async fn serve(
     let presence =
         crate::gateway::presence::Presence::new(store.clone(), config.gateway.presence_grace);
     let presence_ticker = crate::gateway::presence::start_ticker(&presence);
+    let pinger = crate::gateway::hub::start_pinger(&hub, config.gateway.ping_interval);
     bus.attach_presence(&presence);
     let drain_presence = Arc::clone(&presence);
     let gateway = Gateway {
@@ -208,6 +209,8 @@ pub async fn serve(
     let _ = delivery.await;
     presence_ticker.abort();
     let _ = presence_ticker.await;
+    pinger.abort();
+    let _ = pinger.await;
     // Users whose offline change was still waiting out its grace: record their time now.
     let seen = drain_presence.pending_offline();
     if !seen.is_empty()

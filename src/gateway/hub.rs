@@ -409,12 +409,48 @@ impl Hub {
         }
     }
 
+    /// Asks the connections of one of `slots` slots (their ids modulo `slots`) to ping
+    /// their clients.
+    pub fn ping_slot(&self, slot: u64, slots: u64) {
+        for (id, conn) in &self.read().conns {
+            if id % slots == slot {
+                conn.outbox.push(Item::Ping);
+            }
+        }
+    }
+
     /// Closes every connection (e.g. 1012 when the server stops).
     pub fn close_all(&self, code: u16, reason: &'static str) {
         for conn in self.read().conns.values() {
             conn.outbox.close(code, reason);
         }
     }
+}
+
+/// Slots of [`start_pinger`]: each connection is pinged once per interval, a sixteenth of
+/// them at a time.
+const PING_SLOTS: u64 = 16;
+
+/// Pings every connection once per `every`, from one timer for all of them: a timer per
+/// connection would sit in each idle connection's memory. The connections are pinged a
+/// slot at a time (by id), so their pings spread over the interval instead of waking
+/// every connection at once. Ends when the hub is dropped.
+pub fn start_pinger(hub: &Arc<Hub>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(hub);
+    let period = (every / PING_SLOTS as u32).max(std::time::Duration::from_millis(1));
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut slot = 0;
+        loop {
+            ticker.tick().await;
+            match weak.upgrade() {
+                Some(hub) => hub.ping_slot(slot, PING_SLOTS),
+                None => return,
+            }
+            slot = (slot + 1) % PING_SLOTS;
+        }
+    })
 }
 
 /// Pushes `d` to the channel's followers, and to the connections of the user whose
@@ -535,5 +571,54 @@ mod tests {
         a.take(&mut items).await;
         assert!(matches!(items.make_contiguous(), [Item::Close(4001, _)]));
         assert!(b.push(Item::Frame("still open".into())));
+    }
+
+    /// Counts the pings queued in `outbox`, taking everything queued (without waiting).
+    fn pings(outbox: &Outbox) -> usize {
+        use futures_util::FutureExt;
+        let mut items = std::collections::VecDeque::new();
+        let _ = outbox.take(&mut items).now_or_never();
+        items.iter().filter(|i| matches!(i, Item::Ping)).count()
+    }
+
+    #[tokio::test]
+    async fn one_interval_of_the_pinger_pings_every_connection_once() {
+        let stats = Arc::new(Stats::default());
+        let hub = Arc::new(Hub::new(Arc::clone(&stats)));
+        let outboxes: Vec<Arc<Outbox>> = (0..40)
+            .map(|_| Arc::new(Outbox::new(1 << 20, Arc::clone(&stats))))
+            .collect();
+        for (user, outbox) in outboxes.iter().enumerate() {
+            hub.register(user as i64, [0; 32], Arc::clone(outbox));
+        }
+        // Slot by slot: each connection is in exactly one.
+        let mut pinged = 0;
+        for slot in 0..PING_SLOTS {
+            hub.ping_slot(slot, PING_SLOTS);
+            let mut this_slot = 0;
+            for outbox in &outboxes {
+                this_slot += pings(outbox);
+            }
+            assert!(this_slot < outboxes.len(), "a slot pings some of them");
+            pinged += this_slot;
+        }
+        assert_eq!(pinged, outboxes.len());
+        // The pinger's timer goes round the slots: every connection is pinged, and none
+        // twice before the last one's first (at most twice by the time it is seen: a
+        // slot's next round may come before this loop looks again).
+        let pinger = start_pinger(&hub, std::time::Duration::from_millis(1600));
+        let mut counts = vec![0; outboxes.len()];
+        for _ in 0..500 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            for (n, outbox) in counts.iter_mut().zip(&outboxes) {
+                *n += pings(outbox);
+            }
+            if counts.iter().all(|&n| n > 0) {
+                break;
+            }
+        }
+        assert!(counts.iter().all(|&n| n == 1 || n == 2), "{counts:?}");
+        pinger.abort();
+        let _ = pinger.await;
     }
 }

@@ -53,6 +53,9 @@ pub enum Item {
     /// Read the user's channels again and join any this connection does not follow (the
     /// cluster bus may have lost a `member.added` for a channel nobody followed here).
     Resync,
+    /// Time to ping the client, and to check that it still answers and that its session
+    /// has not expired ([`super::hub::start_pinger`]).
+    Ping,
 }
 
 impl Item {
@@ -60,7 +63,7 @@ impl Item {
         match self {
             Item::Event(d) => d.frame.len(),
             Item::Frame(f) => f.len(),
-            Item::Close(..) | Item::Resync => 0,
+            Item::Close(..) | Item::Resync | Item::Ping => 0,
         }
     }
 }

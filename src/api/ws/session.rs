@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use futures_util::stream::FuturesUnordered;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use rustc_hash::FxHashMap;
 
 use super::{Incoming, malformed, next_frame};
@@ -198,40 +198,29 @@ impl Session {
     }
 
     /// The connection's life after `ready`: reads ops, writes what is queued for it, and
-    /// pings. Everything this future holds, every idle connection holds: what is rare
-    /// (gap fills, joins, resyncs, errors, the last answers before a close) and the ops
-    /// run boxed, and what ops in flight share is made at the first op and dropped again
-    /// when idle.
+    /// pings when the hub's pinger asks ([`crate::gateway::hub::start_pinger`]).
+    /// Everything this future holds, every idle connection holds: what is rare (gap
+    /// fills, joins, resyncs, errors, the last answers before a close) and the ops run
+    /// boxed, what ops in flight share is made at the first op and dropped again when
+    /// idle, and the timeouts are read from the config where they are needed.
     pub(super) async fn serve<S, E>(&mut self, socket: &mut S, unavailable: bool) -> Result<(), End>
     where
         S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
     {
-        let (idle, max_frame) = {
-            let cfg = &self.state.config.gateway;
-            (cfg.idle_timeout, cfg.max_frame_bytes)
-        };
-        // One timer: every ping interval, or, for a session with unavailable channels,
-        // every second (checking whether they are back) and a ping every so many ticks.
-        let (mut ticker, ticks_per_ping) = {
-            let ping_every = self.state.config.gateway.ping_interval;
-            let period = if unavailable {
-                ping_every.min(Duration::from_secs(1))
-            } else {
-                ping_every
-            };
-            let mut ticker = tokio::time::interval(period);
-            if !unavailable {
-                ticker.reset();
-            }
-            let n = ping_every.as_nanos() / period.as_nanos().max(1);
-            (ticker, u32::try_from(n).unwrap_or(u32::MAX).max(1))
-        };
+        // A session with unavailable channels checks each second whether they are back.
+        let mut recheck = unavailable.then(|| {
+            let second = Duration::from_secs(1);
+            Box::new(tokio::time::interval_at(
+                tokio::time::Instant::now() + second,
+                second,
+            ))
+        });
         let mut ops: Option<Box<InFlight>> = None;
-        let (mut ticks, mut last_seen) = (0u32, Instant::now());
+        let mut last_seen = Instant::now();
         let mut items = VecDeque::new();
         loop {
             tokio::select! {
-                incoming = next_frame(socket, max_frame) => {
+                incoming = next_frame(socket, self.state.config.gateway.max_frame_bytes) => {
                     last_seen = Instant::now();
                     match incoming {
                         Incoming::Text(text) => {
@@ -254,12 +243,22 @@ impl Session {
                     while let Some(frame) = ops.as_mut().and_then(|o| o.ready.pop_front()) {
                         feed(socket, frame).await?;
                     }
-                    flush(socket, idle).await?;
+                    flush(socket, self.idle()).await?;
                 }
                 () = std::future::poll_fn(|cx| self.outbox.poll_take(cx, &mut items)) => {
-                    for item in items.drain(..) {
+                    let mut pinged = false;
+                    // (`pop_front`, not a `drain` iterator: the iterator would be kept in
+                    // every connection's task beside the loop's other state.)
+                    while let Some(item) = items.pop_front() {
                         match item {
-                            Item::Event(d) if self.is_next(&d) => self.send_event(socket, &d).await?,
+                            Item::Event(d) if self.is_next(&d) => {
+                                // Inline, not `send_event`: its future would sit here.
+                                feed(socket, d.frame.clone()).await?;
+                                if let Some(left) = self.sent(&d) {
+                                    let leave = Box::pin(self.leave(socket, left));
+                                    leave.await?;
+                                }
+                            }
                             Item::Event(d) => {
                                 let deliver = Box::pin(self.deliver(socket, d));
                                 deliver.await?;
@@ -269,8 +268,24 @@ impl Session {
                                 let resync = Box::pin(self.resync(socket));
                                 resync.await?;
                             }
+                            Item::Ping => {
+                                // Checked at each ping rather than by timers of their own
+                                // (a timer per connection costs memory): the session ends
+                                // within a ping interval of either.
+                                if crate::clock::now_ms() >= self.expires_at {
+                                    flush(socket, self.idle()).await?;
+                                    return Err(End::Close(close::BAD_TOKEN, "the session expired; log in again".into()));
+                                }
+                                if last_seen.elapsed() > self.idle() {
+                                    return Err(End::Close(close::GOING_AWAY, "no answer to pings".into()));
+                                }
+                                // Bounded like every write: a peer that takes nothing is
+                                // dropped (at the flush below).
+                                socket.feed(Message::Ping(Default::default())).await.map_err(|_| End::Gone)?;
+                                pinged = true;
+                            }
                             Item::Close(code, reason) => {
-                                flush(socket, idle).await?;
+                                flush(socket, self.idle()).await?;
                                 if code == close::RESTARTING {
                                     InFlight::finish(ops.take(), socket).await;
                                 }
@@ -278,37 +293,32 @@ impl Session {
                             }
                         }
                     }
-                    flush(socket, idle).await?;
+                    flush(socket, self.idle()).await?;
                     self.count_delivered();
+                    if pinged {
+                        self.shrink(&mut ops, &mut items);
+                    }
                 }
-                _ = ticker.tick() => {
-                    if unavailable && self.state.store.health().parts.iter().all(|(_, up)| *up) {
-                        flush(socket, idle).await?;
+                () = std::future::poll_fn(|cx| match &mut recheck {
+                    Some(every) => every.poll_tick(cx).map(drop),
+                    None => Poll::Pending,
+                }) => {
+                    if self.state.store.health().parts.iter().all(|(_, up)| *up) {
+                        flush(socket, self.idle()).await?;
                         InFlight::finish(ops.take(), socket).await;
                         return Err(End::Close(
                             close::RESTARTING,
                             "every channel can be read again: reconnect and resume".into(),
                         ));
                     }
-                    ticks = ticks.wrapping_add(1);
-                    if ticks % ticks_per_ping != 0 {
-                        continue;
-                    }
-                    // Checked at each ping rather than by a timer of its own (a timer per
-                    // connection costs memory): the session ends within a ping interval.
-                    if crate::clock::now_ms() >= self.expires_at {
-                        return Err(End::Close(close::BAD_TOKEN, "the session expired; log in again".into()));
-                    }
-                    if last_seen.elapsed() > idle {
-                        return Err(End::Close(close::GOING_AWAY, "no answer to pings".into()));
-                    }
-                    // Bounded like every write: a peer that takes nothing is dropped.
-                    socket.feed(Message::Ping(Default::default())).await.map_err(|_| End::Gone)?;
-                    flush(socket, idle).await?;
-                    self.shrink(&mut ops, &mut items);
                 }
             }
         }
+    }
+
+    /// How long a client may stay silent, and a write may wait for the socket.
+    fn idle(&self) -> Duration {
+        self.state.config.gateway.idle_timeout
     }
 
     /// Gives back, at each ping, what a burst grew and nothing needs now: the store calls'
@@ -662,13 +672,19 @@ impl Session {
         S: Sink<Message> + Unpin,
     {
         feed(socket, d.frame.clone()).await?;
-        self.delivered += 1;
-        self.positions.insert(d.channel_id, d.seq);
-        if d.membership == Some((self.user_id, false)) {
-            let leave = Box::pin(self.leave(socket, d.channel_id));
+        if let Some(left) = self.sent(d) {
+            let leave = Box::pin(self.leave(socket, left));
             leave.await?;
         }
         Ok(())
+    }
+
+    /// Counts an event written: its channel's position moves to it. The channel this
+    /// user left, if the event is their removal (the connection then leaves it too).
+    fn sent(&mut self, d: &Delivery) -> Option<i64> {
+        self.delivered += 1;
+        self.positions.insert(d.channel_id, d.seq);
+        (d.membership == Some((self.user_id, false))).then_some(d.channel_id)
     }
 
     async fn leave<S>(&mut self, socket: &mut S, channel_id: i64) -> Result<(), End>
@@ -878,14 +894,16 @@ impl InFlight {
     }
 }
 
-async fn feed<S>(socket: &mut S, frame: Utf8Bytes) -> Result<(), End>
+/// Queues a frame in the socket's write buffer. A plain function returning `SinkExt`'s
+/// future, not an `async fn` (whose future keeps the frame twice): it is awaited inside
+/// the session loop, whose largest wait sets the size of every connection's task.
+fn feed<'a, S>(socket: &'a mut S, frame: Utf8Bytes) -> impl Future<Output = Result<(), End>> + 'a
 where
-    S: Sink<Message> + Unpin,
+    S: Sink<Message> + Unpin + 'a,
 {
     socket
         .feed(Message::Text(frame))
-        .await
-        .map_err(|_| End::Gone)
+        .map(|fed| fed.map_err(|_| End::Gone))
 }
 
 /// Writes what was fed; a peer that takes longer than `limit` to accept it is dropped.
@@ -900,7 +918,8 @@ where
         Poll::Ready(Err(_)) => return Err(End::Gone),
         Poll::Pending => {}
     }
-    match tokio::time::timeout(limit, socket.flush()).await {
+    // Boxed: a timer inside the loop's future would sit in every connection's task.
+    match Box::pin(tokio::time::timeout(limit, socket.flush())).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(End::Gone),
     }
