@@ -410,12 +410,19 @@ impl Hub {
     }
 
     /// Asks the connections of one of `slots` slots (their ids modulo `slots`) to ping
-    /// their clients.
+    /// their clients. The pushes (and the wake-ups they make) come after the lock is let
+    /// go: with many connections they would hold up the hub's writers, and behind a
+    /// waiting writer the dispatcher.
     pub fn ping_slot(&self, slot: u64, slots: u64) {
-        for (id, conn) in &self.read().conns {
-            if id % slots == slot {
-                conn.outbox.push(Item::Ping);
-            }
+        let due: Vec<Arc<Outbox>> = self
+            .read()
+            .conns
+            .iter()
+            .filter(|(id, _)| *id % slots == slot)
+            .map(|(_, conn)| Arc::clone(&conn.outbox))
+            .collect();
+        for outbox in due {
+            outbox.push(Item::Ping);
         }
     }
 
