@@ -803,6 +803,71 @@ async fn resuming_from_an_old_position_replays_everything_after_it_and_leaves_ch
     server.stop().await;
 }
 
+/// A peer that stops reading mid-burst (its socket full, the server's write buffer too)
+/// is dropped: it answers no ping, and a write to it waits at most the idle timeout.
+async fn a_peer_that_stops_reading_mid_burst_is_dropped_within_the_idle_timeout() {
+    let server = TestServer::start_with(|c| {
+        // Room for the whole burst: the connection is not cut as a slow consumer
+        // before its socket is full.
+        c.gateway.queue_bytes = 32 << 20;
+        c.gateway.ping_interval = Duration::from_millis(250);
+        c.gateway.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let a = server.client().register("alice").await;
+    let s = server.client().register("stuck").await;
+    let ch = a.create_channel("firehose", "group", &[&s]).await;
+    let chan = id(&ch);
+    // Never read from again: its socket fills, then the server's write buffer. A small
+    // receive buffer set by hand (the kernel then does not grow it, as it would up to
+    // 32 MiB here).
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(16 * 1024).unwrap();
+    let tcp = tcp.connect(server.addr).await.unwrap();
+    let (mut stuck, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/v1/ws", server.addr),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    let hello = json!({"op": "hello", "token": s.token});
+    send_text(&mut stuck, &hello.to_string()).await;
+    let mut sender = connect(&a).await;
+    assert_eq!(metric(&a, "natter_ws_connections").await, 2.0);
+    // Frames of ~16 KB (3,900 four-byte characters): a batch of five passes the write
+    // buffer's 64 KiB, so once the socket is full the session waits for room in the
+    // middle of a batch, not only at its flush. ~6 MB in all, more than the kernel
+    // holds for this socket (a send buffer of at most 4 MiB, the small receive buffer).
+    const MESSAGES: usize = 400;
+    let text = "\u{1F600}".repeat(3900);
+    let mut acked = 0;
+    for i in 0..MESSAGES {
+        sender
+            .send(chan, &format!("{text}#{i}"), &format!("m{i}"))
+            .await
+            .unwrap();
+        while i + 1 - acked > 200 || (i + 1 == MESSAGES && acked < MESSAGES) {
+            if let Incoming::Frame(Frame::Ack { .. }) = next(&mut sender).await {
+                acked += 1;
+            }
+        }
+    }
+    let mut connections = 2.0;
+    for _ in 0..100 {
+        connections = metric(&a, "natter_ws_connections").await;
+        if connections == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        connections, 1.0,
+        "the connection that stopped reading was dropped; the sender's kept"
+    );
+    drop(stuck);
+    server.stop().await;
+}
+
 async fn a_connection_that_stops_answering_pings_is_dropped() {
     let server = TestServer::start_with(|c| {
         c.gateway.ping_interval = Duration::from_millis(100);
@@ -965,5 +1030,6 @@ crate::on_both_backends!(
     a_slow_consumer_is_cut_with_4008_while_the_others_keep_receiving,
     resuming_from_an_old_position_replays_everything_after_it_and_leaves_channels_no_longer_joined,
     a_connection_that_stops_answering_pings_is_dropped,
+    a_peer_that_stops_reading_mid_burst_is_dropped_within_the_idle_timeout,
     random_frames_never_break_the_server,
 );

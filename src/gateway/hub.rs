@@ -613,7 +613,9 @@ mod tests {
         // The pinger's timer goes round the slots: every connection is pinged, and none
         // twice before the last one's first (at most twice by the time it is seen: a
         // slot's next round may come before this loop looks again).
-        let pinger = start_pinger(&hub, std::time::Duration::from_millis(1600));
+        let every = std::time::Duration::from_millis(1600);
+        let started = std::time::Instant::now();
+        let pinger = start_pinger(&hub, every);
         let mut counts = vec![0; outboxes.len()];
         for _ in 0..500 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -625,6 +627,10 @@ mod tests {
             }
         }
         assert!(counts.iter().all(|&n| n == 1 || n == 2), "{counts:?}");
+        // The last slot's turn comes a whole interval after the start (a slot per
+        // sixteenth), not sooner.
+        let round = started.elapsed();
+        assert!(round >= every * 15 / 16, "all pinged after {round:?}");
         pinger.abort();
         let _ = pinger.await;
     }

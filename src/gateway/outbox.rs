@@ -74,6 +74,8 @@ struct Queue {
     bytes: usize,
     /// Set once the queue overflowed or was told to close; nothing more is queued.
     closed: bool,
+    /// A ping is queued: another is not (a connection whose task is held up gets one).
+    ping: bool,
     /// The connection's task, waiting for the queue to fill. Kept here, under the lock,
     /// rather than as a `Notify`: the waiting future is then a pointer or two, and every
     /// idle connection holds one.
@@ -135,8 +137,11 @@ impl Outbox {
             return false;
         }
         let was_empty = q.items.is_empty();
-        if let Item::Close(..) = item {
-            q.closed = true;
+        match item {
+            Item::Close(..) => q.closed = true,
+            Item::Ping if q.ping => return true,
+            Item::Ping => q.ping = true,
+            _ => {}
         }
         q.items.push_back(item);
         q.bytes += size;
@@ -194,6 +199,7 @@ impl Outbox {
             .buffered_bytes
             .fetch_sub(q.bytes, Ordering::Relaxed);
         q.bytes = 0;
+        q.ping = false;
         if out.is_empty() {
             std::mem::swap(&mut q.items, out);
         } else {
@@ -279,6 +285,22 @@ mod tests {
         outbox.shrink();
         outbox.take(&mut out).await;
         assert_eq!(out.len(), 2001);
+    }
+
+    #[tokio::test]
+    async fn a_ping_is_queued_once_until_taken() {
+        let outbox = Outbox::new(1000, Arc::new(Stats::default()));
+        let pings = |out: &VecDeque<Item>| out.iter().filter(|i| matches!(i, Item::Ping)).count();
+        assert!(outbox.push(Item::Ping));
+        assert!(outbox.push(frame(1)));
+        assert!(outbox.push(Item::Ping), "taken as done: one is queued");
+        let mut out = VecDeque::new();
+        outbox.take(&mut out).await;
+        assert_eq!((out.len(), pings(&out)), (2, 1));
+        assert!(outbox.push(Item::Ping));
+        out.clear();
+        outbox.take(&mut out).await;
+        assert_eq!(pings(&out), 1, "queued again once the last was taken");
     }
 
     #[tokio::test]

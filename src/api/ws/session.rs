@@ -208,13 +208,9 @@ impl Session {
         S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
     {
         // A session with unavailable channels checks each second whether they are back.
-        let mut recheck = unavailable.then(|| {
-            let second = Duration::from_secs(1);
-            Box::new(tokio::time::interval_at(
-                tokio::time::Instant::now() + second,
-                second,
-            ))
-        });
+        // (The first check at once.)
+        let mut recheck =
+            unavailable.then(|| Box::new(tokio::time::interval(Duration::from_secs(1))));
         let mut ops: Option<Box<InFlight>> = None;
         let mut last_seen = Instant::now();
         let mut items = VecDeque::new();
@@ -246,6 +242,9 @@ impl Session {
                     flush(socket, self.idle()).await?;
                 }
                 () = std::future::poll_fn(|cx| self.outbox.poll_take(cx, &mut items)) => {
+                    // A ping's idle check counts from here: frames the client sent while
+                    // this batch was being written are not read yet.
+                    let taken = Instant::now();
                     let mut pinged = false;
                     // (`pop_front`, not a `drain` iterator: the iterator would be kept in
                     // every connection's task beside the loop's other state.)
@@ -276,7 +275,7 @@ impl Session {
                                     flush(socket, self.idle()).await?;
                                     return Err(End::Close(close::BAD_TOKEN, "the session expired; log in again".into()));
                                 }
-                                if last_seen.elapsed() > self.idle() {
+                                if taken.saturating_duration_since(last_seen) > self.idle() {
                                     return Err(End::Close(close::GOING_AWAY, "no answer to pings".into()));
                                 }
                                 // Bounded like every write: a peer that takes nothing is
