@@ -803,8 +803,12 @@ async fn resuming_from_an_old_position_replays_everything_after_it_and_leaves_ch
     server.stop().await;
 }
 
-/// A peer that stops reading mid-burst (its socket full, the server's write buffer too)
-/// is dropped: it answers no ping, and a write to it waits at most the idle timeout.
+/// A peer that stops reading mid-burst is dropped. Its socket full, the server's write
+/// buffer too, the session waited for room to write the next frame of a batch with no
+/// limit (only the flush after the batch had one), so it never came to the ping that
+/// would have found the peer silent, nor to the 4008 of its overflowing queue: the
+/// connection stayed open as long as the peer did. Every write now waits at most the
+/// idle timeout.
 async fn a_peer_that_stops_reading_mid_burst_is_dropped_within_the_idle_timeout() {
     let server = TestServer::start_with(|c| {
         // Room for the whole burst: the connection is not cut as a slow consumer
@@ -852,6 +856,14 @@ async fn a_peer_that_stops_reading_mid_burst_is_dropped_within_the_idle_timeout(
             }
         }
     }
+    // The sender goes on reading (so it answers pings and stays).
+    let reader = tokio::spawn(async move {
+        loop {
+            if let Ok(Incoming::Dropped { .. }) | Err(_) = sender.next().await {
+                return;
+            }
+        }
+    });
     let mut connections = 2.0;
     for _ in 0..100 {
         connections = metric(&a, "natter_ws_connections").await;
@@ -860,10 +872,15 @@ async fn a_peer_that_stops_reading_mid_burst_is_dropped_within_the_idle_timeout(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        !reader.is_finished(),
+        "the sender's connection is still open"
+    );
     assert_eq!(
         connections, 1.0,
-        "the connection that stopped reading was dropped; the sender's kept"
+        "the connection that stopped reading was dropped"
     );
+    reader.abort();
     drop(stuck);
     server.stop().await;
 }

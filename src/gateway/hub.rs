@@ -421,8 +421,9 @@ impl Hub {
             .filter(|(id, _)| *id % slots == slot)
             .map(|(_, conn)| Arc::clone(&conn.outbox))
             .collect();
+        let now = std::time::Instant::now();
         for outbox in due {
-            outbox.push(Item::Ping);
+            outbox.push(Item::Ping(now));
         }
     }
 
@@ -585,7 +586,7 @@ mod tests {
         use futures_util::FutureExt;
         let mut items = std::collections::VecDeque::new();
         let _ = outbox.take(&mut items).now_or_never();
-        items.iter().filter(|i| matches!(i, Item::Ping)).count()
+        items.iter().filter(|i| matches!(i, Item::Ping(_))).count()
     }
 
     #[tokio::test]

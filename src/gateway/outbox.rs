@@ -54,8 +54,8 @@ pub enum Item {
     /// cluster bus may have lost a `member.added` for a channel nobody followed here).
     Resync,
     /// Time to ping the client, and to check that it still answers and that its session
-    /// has not expired ([`super::hub::start_pinger`]).
-    Ping,
+    /// has not expired ([`super::hub::start_pinger`]); when the ping was queued.
+    Ping(std::time::Instant),
 }
 
 impl Item {
@@ -63,7 +63,7 @@ impl Item {
         match self {
             Item::Event(d) => d.frame.len(),
             Item::Frame(f) => f.len(),
-            Item::Close(..) | Item::Resync | Item::Ping => 0,
+            Item::Close(..) | Item::Resync | Item::Ping(_) => 0,
         }
     }
 }
@@ -139,8 +139,8 @@ impl Outbox {
         let was_empty = q.items.is_empty();
         match item {
             Item::Close(..) => q.closed = true,
-            Item::Ping if q.ping => return true,
-            Item::Ping => q.ping = true,
+            Item::Ping(_) if q.ping => return true,
+            Item::Ping(_) => q.ping = true,
             _ => {}
         }
         q.items.push_back(item);
@@ -290,14 +290,16 @@ mod tests {
     #[tokio::test]
     async fn a_ping_is_queued_once_until_taken() {
         let outbox = Outbox::new(1000, Arc::new(Stats::default()));
-        let pings = |out: &VecDeque<Item>| out.iter().filter(|i| matches!(i, Item::Ping)).count();
-        assert!(outbox.push(Item::Ping));
+        let pings =
+            |out: &VecDeque<Item>| out.iter().filter(|i| matches!(i, Item::Ping(_))).count();
+        let ping = || Item::Ping(std::time::Instant::now());
+        assert!(outbox.push(ping()));
         assert!(outbox.push(frame(1)));
-        assert!(outbox.push(Item::Ping), "taken as done: one is queued");
+        assert!(outbox.push(ping()), "taken as done: one is queued");
         let mut out = VecDeque::new();
         outbox.take(&mut out).await;
         assert_eq!((out.len(), pings(&out)), (2, 1));
-        assert!(outbox.push(Item::Ping));
+        assert!(outbox.push(ping()));
         out.clear();
         outbox.take(&mut out).await;
         assert_eq!(pings(&out), 1, "queued again once the last was taken");

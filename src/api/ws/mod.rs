@@ -410,8 +410,9 @@ mod tests {
     /// was held twice and the loop held a `Notify`'s waiter and a second timer; 1,176
     /// bytes (a 560-byte loop) while the loop had a ping timer of its own, awaited
     /// `async fn` wrappers around the socket's writes and kept the start's outcome.
-    /// Tokio's task cell around it (with axum's upgrade wrapper, ~170 bytes) is rounded up
-    /// to 128 bytes: at most 1,000 bytes here keeps it at 1,280.
+    /// Tokio's task cell around it (axum's upgrade wrapper, 168 bytes, and the cell's
+    /// header, scheduler and trailer, 104) is rounded up to 128 bytes: at most 1,008 bytes
+    /// here keeps it at 1,280.
     #[test]
     fn an_idle_connection_holds_a_small_future() {
         type Ws = WebSocket;
@@ -427,8 +428,8 @@ mod tests {
             run <= socket + session + serve + 96,
             "run: {run} bytes (socket {socket}, session {session}, loop {serve})"
         );
-        assert!(run <= 1000, "run: {run} bytes");
-        assert!(serve <= 400, "the session loop's future: {serve} bytes");
+        assert!(run <= 1008, "run: {run} bytes");
+        assert!(serve <= 440, "the session loop's future: {serve} bytes");
         assert!(session <= 160, "Session: {session} bytes");
     }
 

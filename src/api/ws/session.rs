@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use rustc_hash::FxHashMap;
 
 use super::{Incoming, malformed, next_frame};
@@ -163,7 +163,7 @@ impl Session {
         let unavailable_ids: Vec<String> = unavailable.iter().map(i64::to_string).collect();
         let ready: Utf8Bytes = protocol::ready(&user, &listed, &unavailable_ids).into();
         let size = ready.len();
-        if feed(socket, ready).await.is_err() {
+        if feed(socket, ready, cfg.idle_timeout).await.is_err() {
             // The write buffer is sized for the ready frame of the channel cap; a failure
             // here is the server's to look at, and the client is told.
             tracing::warn!(
@@ -181,7 +181,7 @@ impl Session {
             .keys()
             .filter(|id| !current.contains(id) && !unavailable.contains(id))
         {
-            feed(socket, protocol::left(id).into()).await?;
+            feed(socket, protocol::left(id).into(), cfg.idle_timeout).await?;
         }
         flush(socket, cfg.idle_timeout).await?;
         // Replay up to where each channel stood when listed; what came since is
@@ -237,14 +237,11 @@ impl Session {
                     None => Poll::Pending,
                 }) => {
                     while let Some(frame) = ops.as_mut().and_then(|o| o.ready.pop_front()) {
-                        feed(socket, frame).await?;
+                        feed(socket, frame, self.idle()).await?;
                     }
                     flush(socket, self.idle()).await?;
                 }
                 () = std::future::poll_fn(|cx| self.outbox.poll_take(cx, &mut items)) => {
-                    // A ping's idle check counts from here: frames the client sent while
-                    // this batch was being written are not read yet.
-                    let taken = Instant::now();
                     let mut pinged = false;
                     // (`pop_front`, not a `drain` iterator: the iterator would be kept in
                     // every connection's task beside the loop's other state.)
@@ -252,7 +249,7 @@ impl Session {
                         match item {
                             Item::Event(d) if self.is_next(&d) => {
                                 // Inline, not `send_event`: its future would sit here.
-                                feed(socket, d.frame.clone()).await?;
+                                feed(socket, d.frame.clone(), self.idle()).await?;
                                 if let Some(left) = self.sent(&d) {
                                     let leave = Box::pin(self.leave(socket, left));
                                     leave.await?;
@@ -262,12 +259,12 @@ impl Session {
                                 let deliver = Box::pin(self.deliver(socket, d));
                                 deliver.await?;
                             }
-                            Item::Frame(f) => feed(socket, f).await?,
+                            Item::Frame(f) => feed(socket, f, self.idle()).await?,
                             Item::Resync => {
                                 let resync = Box::pin(self.resync(socket));
                                 resync.await?;
                             }
-                            Item::Ping => {
+                            Item::Ping(at) => {
                                 // Checked at each ping rather than by timers of their own
                                 // (a timer per connection costs memory): the session ends
                                 // within a ping interval of either.
@@ -275,12 +272,19 @@ impl Session {
                                     flush(socket, self.idle()).await?;
                                     return Err(End::Close(close::BAD_TOKEN, "the session expired; log in again".into()));
                                 }
-                                if taken.saturating_duration_since(last_seen) > self.idle() {
+                                // Silent until the ping was queued (frames the client sent
+                                // while earlier items were written are not read yet).
+                                if at.saturating_duration_since(last_seen) > self.idle() {
                                     return Err(End::Close(close::GOING_AWAY, "no answer to pings".into()));
                                 }
                                 // Bounded like every write: a peer that takes nothing is
-                                // dropped (at the flush below).
-                                socket.feed(Message::Ping(Default::default())).await.map_err(|_| End::Gone)?;
+                                // dropped.
+                                let ping = Feed {
+                                    socket: &mut *socket,
+                                    message: Some(Message::Ping(Default::default())),
+                                    wait: Wait::Limit(self.idle()),
+                                };
+                                ping.await?;
                                 pinged = true;
                             }
                             Item::Close(code, reason) => {
@@ -355,6 +359,7 @@ impl Session {
         let _ = feed(
             socket,
             protocol::error(None, malformed(reason.clone()).detail()).into(),
+            self.idle(),
         )
         .await;
         End::Close(close::MALFORMED, reason)
@@ -670,7 +675,7 @@ impl Session {
     where
         S: Sink<Message> + Unpin,
     {
-        feed(socket, d.frame.clone()).await?;
+        feed(socket, d.frame.clone(), self.idle()).await?;
         if let Some(left) = self.sent(d) {
             let leave = Box::pin(self.leave(socket, left));
             leave.await?;
@@ -695,7 +700,7 @@ impl Session {
         // Whom the connection may watch may have changed: it watches no one until it
         // subscribes again (documented; the web client does so on `channel.left`).
         self.state.gateway.presence.unwatch(self.conn, None);
-        feed(socket, protocol::left(channel_id).into()).await
+        feed(socket, protocol::left(channel_id).into(), self.idle()).await
     }
 
     /// The user's channels now (those on a shard that is down named as unavailable).
@@ -742,7 +747,7 @@ impl Session {
                 self.state.gateway.hub.subscribe(self.conn, channel_id);
                 self.state.gateway.hub.seed(channel_id, channel.last_seq);
                 self.positions.insert(channel_id, channel.last_seq);
-                feed(socket, protocol::joined(&channel).into()).await
+                feed(socket, protocol::joined(&channel).into(), self.idle()).await
             }
             // Removed again before we looked: its member.removed follows and is dropped.
             None => {
@@ -893,16 +898,57 @@ impl InFlight {
     }
 }
 
-/// Queues a frame in the socket's write buffer. A plain function returning `SinkExt`'s
-/// future, not an `async fn` (whose future keeps the frame twice): it is awaited inside
-/// the session loop, whose largest wait sets the size of every connection's task.
-fn feed<'a, S>(socket: &'a mut S, frame: Utf8Bytes) -> impl Future<Output = Result<(), End>> + 'a
-where
-    S: Sink<Message> + Unpin + 'a,
-{
-    socket
-        .feed(Message::Text(frame))
-        .map(|fed| fed.map_err(|_| End::Gone))
+/// Queues a frame in the socket's write buffer; see [`Feed`].
+fn feed<S>(socket: &mut S, frame: Utf8Bytes, limit: Duration) -> Feed<'_, S> {
+    Feed {
+        socket,
+        message: Some(Message::Text(frame)),
+        wait: Wait::Limit(limit),
+    }
+}
+
+/// Queues a message in the socket's write buffer. The socket takes it at once unless its
+/// buffer is full and the peer is not reading: then this waits for room, at most `limit`
+/// (a peer that takes nothing is dropped; without the limit, a session whose peer stopped
+/// reading in the middle of a batch waited for ever). A future of its own, not an `async
+/// fn` (whose future keeps the frame twice), and its timer made only when it has to wait:
+/// it is awaited inside the session loop, whose largest wait sets the size of every
+/// connection's task.
+struct Feed<'a, S> {
+    socket: &'a mut S,
+    message: Option<Message>,
+    wait: Wait,
+}
+
+/// How long a write may wait for room: its limit until it first has to wait, then the
+/// timer.
+enum Wait {
+    Limit(Duration),
+    Timer(Pin<Box<tokio::time::Sleep>>),
+}
+
+impl<S: Sink<Message> + Unpin> Future for Feed<'_, S> {
+    type Output = Result<(), End>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        match this.socket.poll_ready_unpin(cx) {
+            Poll::Ready(Ok(())) => {
+                let message = this.message.take().ok_or(End::Gone)?;
+                Poll::Ready(this.socket.start_send_unpin(message).map_err(|_| End::Gone))
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(Err(End::Gone)),
+            Poll::Pending => {
+                if let Wait::Limit(limit) = this.wait {
+                    this.wait = Wait::Timer(Box::pin(tokio::time::sleep(limit)));
+                }
+                match &mut this.wait {
+                    Wait::Timer(timer) => timer.as_mut().poll(cx).map(|()| Err(End::Gone)),
+                    Wait::Limit(_) => Poll::Pending,
+                }
+            }
+        }
+    }
 }
 
 /// Writes what was fed; a peer that takes longer than `limit` to accept it is dropped.
