@@ -610,6 +610,35 @@ async fn protocol_violations_close_with_their_codes() {
     server.stop().await;
 }
 
+/// Sends `count` messages `{text}#{i}` (client ids `m{i}`), at most 200 unanswered at
+/// once, and waits for every ack.
+async fn send_acked(sender: &mut natter::client::Realtime, chan: i64, text: &str, count: usize) {
+    let mut acked = 0;
+    for i in 0..count {
+        sender
+            .send(chan, &format!("{text}#{i}"), &format!("m{i}"))
+            .await
+            .unwrap();
+        while i + 1 - acked > 200 || (i + 1 == count && acked < count) {
+            if let Incoming::Frame(Frame::Ack { .. }) = next(sender).await {
+                acked += 1;
+            }
+        }
+    }
+}
+
+/// Reads `rt` until its connection drops (so it answers pings and stays open); the task
+/// is finished once it has.
+fn keep_reading(mut rt: natter::client::Realtime) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Ok(Incoming::Dropped { .. }) | Err(_) = rt.next().await {
+                return;
+            }
+        }
+    })
+}
+
 async fn a_slow_consumer_is_cut_with_4008_while_the_others_keep_receiving() {
     const QUEUE: usize = 64 * 1024;
     const MESSAGES: usize = 4000;
@@ -628,19 +657,7 @@ async fn a_slow_consumer_is_cut_with_4008_while_the_others_keep_receiving() {
         let frames = until(&mut fast, |f| matches!(f, Frame::Event(e) if e.kind == "message.created" && e.message.as_ref().unwrap().text.ends_with(&format!("#{}", MESSAGES - 1)))).await;
         (created(&frames, chan).len(), seqs(&frames, chan))
     });
-    let mut acked = 0;
-    for i in 0..MESSAGES {
-        sender
-            .send(chan, &format!("{text}#{i}"), &format!("m{i}"))
-            .await
-            .unwrap();
-        // Keep at most a few hundred in flight; collect acks as they come.
-        while i + 1 - acked > 200 || (i + 1 == MESSAGES && acked < MESSAGES) {
-            if let Incoming::Frame(Frame::Ack { .. }) = next(&mut sender).await {
-                acked += 1;
-            }
-        }
-    }
+    send_acked(&mut sender, chan, &text, MESSAGES).await;
     let (count, got) = tokio::time::timeout(Duration::from_secs(60), reader)
         .await
         .unwrap()
@@ -844,26 +861,9 @@ async fn a_peer_that_stops_reading_mid_burst_is_dropped_within_the_idle_timeout(
     // holds for this socket (a send buffer of at most 4 MiB, the small receive buffer).
     const MESSAGES: usize = 400;
     let text = "\u{1F600}".repeat(3900);
-    let mut acked = 0;
-    for i in 0..MESSAGES {
-        sender
-            .send(chan, &format!("{text}#{i}"), &format!("m{i}"))
-            .await
-            .unwrap();
-        while i + 1 - acked > 200 || (i + 1 == MESSAGES && acked < MESSAGES) {
-            if let Incoming::Frame(Frame::Ack { .. }) = next(&mut sender).await {
-                acked += 1;
-            }
-        }
-    }
+    send_acked(&mut sender, chan, &text, MESSAGES).await;
     // The sender goes on reading (so it answers pings and stays).
-    let reader = tokio::spawn(async move {
-        loop {
-            if let Ok(Incoming::Dropped { .. }) | Err(_) = sender.next().await {
-                return;
-            }
-        }
-    });
+    let reader = keep_reading(sender);
     let mut connections = 2.0;
     for _ in 0..100 {
         connections = metric(&a, "natter_ws_connections").await;
@@ -892,7 +892,7 @@ async fn a_connection_that_stops_answering_pings_is_dropped() {
     })
     .await;
     let a = server.client().register("alice").await;
-    let mut live = connect(&a).await;
+    let live = connect(&a).await;
     let mut dead = raw(server.addr).await;
     send_text(
         &mut dead,
@@ -902,13 +902,7 @@ async fn a_connection_that_stops_answering_pings_is_dropped() {
     assert_eq!(metric(&a, "natter_ws_connections").await, 2.0);
     // `dead` is never read again, so it never answers a ping; `live` answers them (the
     // client library does, while it reads).
-    let reader = tokio::spawn(async move {
-        loop {
-            if let Ok(Incoming::Dropped { .. }) | Err(_) = live.next().await {
-                return false;
-            }
-        }
-    });
+    let reader = keep_reading(live);
     let mut connections = 2.0;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;

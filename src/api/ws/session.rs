@@ -279,12 +279,8 @@ impl Session {
                                 }
                                 // Bounded like every write: a peer that takes nothing is
                                 // dropped.
-                                let ping = Feed {
-                                    socket: &mut *socket,
-                                    message: Some(Message::Ping(Default::default())),
-                                    wait: Wait::Limit(self.idle()),
-                                };
-                                ping.await?;
+                                let ping = Message::Ping(Default::default());
+                                write(socket, ping, self.idle()).await?;
                                 pinged = true;
                             }
                             Item::Close(code, reason) => {
@@ -898,11 +894,16 @@ impl InFlight {
     }
 }
 
-/// Queues a frame in the socket's write buffer; see [`Feed`].
+/// Queues a text frame in the socket's write buffer; see [`Feed`].
 fn feed<S>(socket: &mut S, frame: Utf8Bytes, limit: Duration) -> Feed<'_, S> {
+    write(socket, Message::Text(frame), limit)
+}
+
+/// Queues any message in the socket's write buffer; see [`Feed`].
+fn write<S>(socket: &mut S, message: Message, limit: Duration) -> Feed<'_, S> {
     Feed {
         socket,
-        message: Some(Message::Text(frame)),
+        message: Some(message),
         wait: Wait::Limit(limit),
     }
 }
