@@ -61,6 +61,9 @@ pub(super) const TRICKLE_MIN_ROWS: usize = 256;
 pub(super) const TRICKLE_BACKLOG: usize = 2 * TRICKLE_ROWS;
 /// Age past which old rows are folded however few.
 pub(super) const TRICKLE_WAIT: Duration = Duration::from_secs(2);
+/// Rows per channel with posts in the log that a fold takes, on average, when it folds
+/// rows younger than [`FOLD_AFTER`] ([`Unfolded::early_chunk`]).
+pub(super) const EARLY_ROWS_PER_CHANNEL: usize = 128;
 /// Bytes of posts in the log (their text, and a row's overhead) past which it is folded
 /// all at once, whatever its rows: bounds the tail's memory.
 pub(super) const FOLD_BYTES: usize = 64 << 20;
@@ -271,6 +274,11 @@ impl Tail {
             .iter()
             .find(|e| e.message.id == id)
             .map(|e| e.message.clone())
+    }
+
+    /// How many channels have posts in the tail.
+    fn channel_count(&self) -> usize {
+        self.lock().channels.len()
     }
 
     /// The channels with posts in the tail.
@@ -563,17 +571,20 @@ impl Unfolded {
     /// always the oldest batch whole; and none while fewer than [`TRICKLE_MIN_ROWS`] are
     /// due and the oldest has waited less than [`TRICKLE_WAIT`].
     pub fn trickle(&mut self, tx: &Connection, at_least: usize) -> rusqlite::Result<usize> {
-        match self.old_rows(TRICKLE_ROWS.max(at_least)) {
+        match self.old_rows(TRICKLE_ROWS.max(at_least), false) {
             Some(through) => self.fold_through(tx, through),
             None => Ok(0),
         }
     }
 
     /// The `pos` a trickle of at most `bound` rows (but always the oldest batch whole)
-    /// would fold through, if one is due ([`Self::trickle`]'s rule).
-    fn old_rows(&self, bound: usize) -> Option<i64> {
+    /// would fold through, if one is due ([`Self::trickle`]'s rule). `early`: young rows
+    /// too, up to a chunk, while the log is dense ([`Self::early_chunk`]).
+    fn old_rows(&self, bound: usize, early: bool) -> Option<i64> {
+        let early = early.then(|| self.early_chunk()).flatten();
+        let bound = bound.max(early.unwrap_or(0));
         let (mut through, mut rows, mut oldest) = (self.folded_through, 0, None);
-        for b in self.old_batches() {
+        for b in self.old_batches(early.is_some()) {
             if rows > 0 && rows + b.rows > bound {
                 break;
             }
@@ -592,23 +603,39 @@ impl Unfolded {
     /// between batches are not keeping up, so the batches fold too.
     pub fn old_rows_pile_up(&self) -> bool {
         let mut rows = 0;
-        self.old_batches().any(|b| {
+        self.old_batches(false).any(|b| {
             rows += b.rows;
             rows >= TRICKLE_BACKLOG
         })
     }
 
-    /// The committed batches not yet folded and over [`FOLD_AFTER`] old, oldest first.
-    fn old_batches(&self) -> impl Iterator<Item = &Committed> {
+    /// The committed batches not yet folded and over [`FOLD_AFTER`] old (all of them
+    /// when `early`), oldest first.
+    fn old_batches(&self, early: bool) -> impl Iterator<Item = &Committed> {
         self.committed
             .iter()
             .skip_while(|b| b.last_pos <= self.folded_through)
-            .take_while(|b| b.at.elapsed() >= FOLD_AFTER)
+            .take_while(move |b| early || b.at.elapsed() >= FOLD_AFTER)
+    }
+
+    /// While the log is dense, the rows a fold between batches takes
+    /// ([`Self::fold_old`]): its batches count as old there before [`FOLD_AFTER`], so a
+    /// writer that finds its queue empty now and then folds them a chunk at a time
+    /// rather than all at once at `fold_rows`, a stall of ~60 ms at 16k rows that every
+    /// write waited out. (A batch's own trickle still waits for old rows: folding young
+    /// ones in every batch made each slower, and a writer never idle ~15 % slower in
+    /// all, `bench store --channels 16`.) Dense: the log holds at least two
+    /// chunks of [`EARLY_ROWS_PER_CHANNEL`] rows per channel with posts in it (so each
+    /// fold still writes many rows per page), and a chunk is at most a quarter of
+    /// `fold_rows` (past that many channels, the log is left to fold all at once).
+    fn early_chunk(&self) -> Option<usize> {
+        let chunk = TRICKLE_ROWS.max(EARLY_ROWS_PER_CHANNEL * self.tail.channel_count());
+        (chunk <= self.fold_rows / 4 && self.committed_rows >= 2 * chunk).then_some(chunk)
     }
 
     /// Whether old rows are due a trickle ([`Self::fold_old`] would fold some).
     pub fn old_rows_due(&self) -> bool {
-        self.batch.is_empty() && self.old_rows(TRICKLE_ROWS).is_some()
+        self.batch.is_empty() && self.old_rows(TRICKLE_ROWS, true).is_some()
     }
 
     /// Between batches, while no write waits: folds the rows a trickle would, in a
@@ -625,7 +652,7 @@ impl Unfolded {
             self.batch.is_empty() && self.folded_through == 0,
             "a fold of its own while a batch is open"
         );
-        let Some(through) = self.old_rows(TRICKLE_ROWS) else {
+        let Some(through) = self.old_rows(TRICKLE_ROWS, true) else {
             return Ok(0);
         };
         let folded = conn
@@ -1348,13 +1375,63 @@ mod tests {
         assert!(!log.old_rows_due());
     }
 
+    /// A dense log (many rows per channel) folds its young rows a chunk at a time, down
+    /// to under two chunks; one spread over many channels leaves them to age.
+    #[test]
+    fn a_dense_log_folds_young_rows_a_chunk_at_a_time() {
+        let (_dir, mut conn) = database();
+        let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000, 0);
+        let batch = |log: &Unfolded, n: i64, channels: i64| -> Vec<Message> {
+            let from = log.next_pos;
+            (from..from + n)
+                .map(|seq| post(1 + seq % channels, seq, 7))
+                .collect()
+        };
+        for _ in 0..10 {
+            let posts = batch(&log, 100, 1);
+            commit_as(&mut conn, &mut log, &posts, false);
+        }
+        assert!(!log.old_rows_due(), "1,000 rows: under two chunks");
+        let posts = batch(&log, 100, 1);
+        commit_as(&mut conn, &mut log, &posts, false);
+        assert!(log.old_rows_due(), "two chunks of one channel's rows");
+        assert!(
+            !log.old_rows_pile_up(),
+            "the batches leave them to the folds between batches"
+        );
+        assert_eq!(
+            log.fold_old(&mut conn).unwrap(),
+            500,
+            "a chunk: whole batches"
+        );
+        assert_eq!(log.rows(), 600);
+        assert!(!log.old_rows_due(), "under two chunks again");
+        assert_eq!(counts(&conn).1, 500);
+
+        // 2,000 young rows over 40 channels: a chunk would be 5,120 rows.
+        let (_dir, mut conn) = database();
+        let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000, 0);
+        for _ in 0..20 {
+            let posts = batch(&log, 100, 40);
+            commit_as(&mut conn, &mut log, &posts, false);
+        }
+        assert!(
+            !log.old_rows_due(),
+            "40 channels, 50 rows each: young rows wait"
+        );
+        assert_eq!(log.fold_old(&mut conn).unwrap(), 0);
+    }
+
     /// The batches fold old rows too once [`TRICKLE_BACKLOG`] of them wait.
     #[test]
     fn old_rows_that_pile_up_are_told() {
         let (_dir, mut conn) = database();
         let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000, 0);
+        // Over 40 channels: far from dense, so young rows wait ([`Unfolded::early_chunk`]).
         let posts = |from: i64, n: usize| -> Vec<Message> {
-            (from..from + n as i64).map(|seq| post(1, seq, 7)).collect()
+            (from..from + n as i64)
+                .map(|seq| post(1 + seq % 40, seq, 7))
+                .collect()
         };
         commit_as(&mut conn, &mut log, &posts(1, TRICKLE_BACKLOG - 1), false);
         assert!(!log.old_rows_pile_up(), "young rows");
