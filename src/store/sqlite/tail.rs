@@ -8,8 +8,12 @@
 //! - a little at a time: the rows of batches committed over [`FOLD_AFTER`] ago, at most
 //!   [`TRICKLE_ROWS`] of them, and at least [`TRICKLE_MIN_ROWS`] unless they have waited
 //!   [`TRICKLE_WAIT`] (at a low rate rows are folded in chunks, not a page write or more
-//!   per row). The writer folds them between batches while no write waits, in
-//!   transactions that do not sync ([`Unfolded::fold_old`]), so no commit carries them;
+//!   per row); between batches also younger ones while the log is dense, a chunk of
+//!   [`EARLY_ROWS_PER_CHANNEL`] rows per channel at a time ([`Unfolded::early_chunk`]:
+//!   a writer saturated by a few channels would otherwise fold them all at once at
+//!   `fold_rows`, a stall every write waits out). The writer folds them between
+//!   batches while no write waits, in transactions that do not sync
+//!   ([`Unfolded::fold_old`]), so no commit carries them;
 //!   a writer that has not found its queue empty after a small batch for a while (it is
 //!   busy), or whose old rows pile up to [`TRICKLE_BACKLOG`], folds them at the start of
 //!   each batch instead ([`Unfolded::trickle`], as many as the batch appends). At a
