@@ -9,7 +9,8 @@
 //!   [`TRICKLE_ROWS`] of them, and at least [`TRICKLE_MIN_ROWS`] unless they have waited
 //!   [`TRICKLE_WAIT`] (at a low rate rows are folded in chunks, not a page write or more
 //!   per row); between batches also younger ones while the log is dense, a chunk of
-//!   [`EARLY_ROWS_PER_CHANNEL`] rows per channel at a time ([`Unfolded::early_chunk`]:
+//!   [`EARLY_ROWS_PER_CHANNEL`] rows per channel (at least [`TRICKLE_ROWS`]) at a time,
+//!   while it holds two chunks ([`Unfolded::early_chunk`]:
 //!   a writer saturated by a few channels would otherwise fold them all at once at
 //!   `fold_rows`, a stall every write waits out). The writer folds them between
 //!   batches while no write waits, in transactions that do not sync
@@ -66,7 +67,8 @@ pub(super) const TRICKLE_BACKLOG: usize = 2 * TRICKLE_ROWS;
 /// Age past which old rows are folded however few.
 pub(super) const TRICKLE_WAIT: Duration = Duration::from_secs(2);
 /// Rows per channel with posts in the log that a fold takes, on average, when it folds
-/// rows younger than [`FOLD_AFTER`] ([`Unfolded::early_chunk`]).
+/// rows younger than [`FOLD_AFTER`] ([`Unfolded::early_chunk`]: a chunk is this many
+/// per channel, and never under [`TRICKLE_ROWS`]).
 pub(super) const EARLY_ROWS_PER_CHANNEL: usize = 128;
 /// Bytes of posts in the log (their text, and a row's overhead) past which it is folded
 /// all at once, whatever its rows: bounds the tail's memory.
@@ -627,10 +629,11 @@ impl Unfolded {
     /// writer that finds its queue empty now and then folds them a chunk at a time
     /// rather than all at once at `fold_rows`, a stall of ~60 ms at 16k rows that every
     /// write waited out. (A batch's own trickle still waits for old rows: folding young
-    /// ones in every batch made each slower, and a writer never idle ~15 % slower in
-    /// all, `bench store --channels 16`.) Dense: the log holds at least two
-    /// chunks of [`EARLY_ROWS_PER_CHANNEL`] rows per channel with posts in it (so each
-    /// fold still writes many rows per page), and a chunk is at most a quarter of
+    /// ones in every batch made each slower, and a writer never idle 13 % slower in
+    /// all, `bench store --channels 16`.) Dense: the log holds at least two chunks, a
+    /// chunk being [`EARLY_ROWS_PER_CHANNEL`] rows per channel with posts in it (so each
+    /// fold still writes many rows per page) and at least [`TRICKLE_ROWS`] (1,024 rows
+    /// for up to four channels), and a chunk is at most a quarter of
     /// `fold_rows` (past that many channels, the log is left to fold all at once).
     fn early_chunk(&self) -> Option<usize> {
         let chunk = TRICKLE_ROWS.max(EARLY_ROWS_PER_CHANNEL * self.tail.channel_count());
@@ -1320,6 +1323,14 @@ mod tests {
         assert_eq!(counts(&conn).1, folded as i64);
     }
 
+    /// Makes every committed batch committed now: what a test says of young rows holds
+    /// however slowly it ran.
+    fn rejuvenate(log: &mut Unfolded) {
+        for b in &mut log.committed {
+            b.at = Instant::now();
+        }
+    }
+
     /// Makes every committed batch `by` older (instead of sleeping).
     fn age(log: &mut Unfolded, by: Duration) {
         for b in &mut log.committed {
@@ -1395,10 +1406,18 @@ mod tests {
             let posts = batch(&log, 100, 1);
             commit_as(&mut conn, &mut log, &posts, false);
         }
-        assert!(!log.old_rows_due(), "1,000 rows: under two chunks");
+        rejuvenate(&mut log);
+        assert_eq!(log.early_chunk(), None, "1,000 rows: under two chunks");
+        assert!(!log.old_rows_due());
         let posts = batch(&log, 100, 1);
         commit_as(&mut conn, &mut log, &posts, false);
-        assert!(log.old_rows_due(), "two chunks of one channel's rows");
+        rejuvenate(&mut log);
+        assert_eq!(
+            log.early_chunk(),
+            Some(TRICKLE_ROWS),
+            "two chunks of one channel's rows (a chunk is never under 512)"
+        );
+        assert!(log.old_rows_due());
         assert!(
             !log.old_rows_pile_up(),
             "the batches leave them to the folds between batches"
@@ -1409,7 +1428,9 @@ mod tests {
             "a chunk: whole batches"
         );
         assert_eq!(log.rows(), 600);
-        assert!(!log.old_rows_due(), "under two chunks again");
+        rejuvenate(&mut log);
+        assert_eq!(log.early_chunk(), None, "under two chunks again");
+        assert!(!log.old_rows_due());
         assert_eq!(counts(&conn).1, 500);
 
         // 2,000 young rows over 40 channels: a chunk would be 5,120 rows.
@@ -1419,10 +1440,9 @@ mod tests {
             let posts = batch(&log, 100, 40);
             commit_as(&mut conn, &mut log, &posts, false);
         }
-        assert!(
-            !log.old_rows_due(),
-            "40 channels, 50 rows each: young rows wait"
-        );
+        rejuvenate(&mut log);
+        assert_eq!(log.early_chunk(), None, "40 channels, 50 rows each");
+        assert!(!log.old_rows_due(), "young rows wait");
         assert_eq!(log.fold_old(&mut conn).unwrap(), 0);
     }
 
