@@ -224,6 +224,14 @@ pub enum EventBody {
 }
 
 impl EventBody {
+    /// The message a message event carries (created, edited, deleted).
+    pub fn message(&self) -> Option<&Message> {
+        match self {
+            Self::MessageCreated(m) | Self::MessageEdited(m) | Self::MessageDeleted(m) => Some(m),
+            _ => None,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Self::MessageCreated(_) => "message.created",

@@ -121,12 +121,7 @@ fn message_cost(m: &Message) -> usize {
 }
 
 fn cost(d: &Delivery) -> usize {
-    let text = match &d.event.body {
-        EventBody::MessageCreated(m)
-        | EventBody::MessageEdited(m)
-        | EventBody::MessageDeleted(m) => m.text.len(),
-        _ => 0,
-    };
+    let text = d.event.body.message().map_or(0, |m| m.text.len());
     d.frame.len() + text + EVENT_OVERHEAD
 }
 

@@ -189,13 +189,9 @@ pub fn ready(user: &model::User, channels: &[ChannelPosition], unavailable: &[St
 }
 
 pub fn event(event: &model::Event) -> String {
-    match &event.body {
-        model::EventBody::MessageCreated(m)
-        | model::EventBody::MessageEdited(m)
-        | model::EventBody::MessageDeleted(m) => {
-            encode_into(&dto::EventRef(event), message_frame_bytes(m))
-        }
-        _ => encode(&dto::EventRef(event)),
+    match event.body.message() {
+        Some(m) => encode_into(&dto::EventRef(event), message_frame_bytes(m)),
+        None => encode(&dto::EventRef(event)),
     }
 }
 
