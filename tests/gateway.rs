@@ -949,6 +949,73 @@ async fn a_connections_pipelined_sends_commit_in_the_order_sent() {
     server.stop().await;
 }
 
+/// The client library's batched sends: `queue` writes nothing until `flush`, the flush
+/// sends them all in order, `try_next` hands over what has arrived without waiting (and
+/// nothing once it is all read), and sends queued on a connection that drops go again
+/// after the reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_sends_go_out_at_the_flush_and_answers_are_taken_without_waiting() {
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let ch = a.create_channel("room", "group", &[]).await;
+    let mut rt = connect(&a).await;
+    const N: usize = 50;
+    for i in 0..N {
+        rt.queue(id(&ch), &format!("q{i}"), &format!("q{i}"))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        a.all_messages(&ch).await.is_empty(),
+        "nothing sent before the flush"
+    );
+    assert_eq!(rt.pending(), N);
+    rt.flush().await.unwrap();
+    // Each frame the server sends this connection: an ack and an event per send.
+    let (mut acks, mut events, mut taken) = (0, 0, 0);
+    while acks + events < 2 * N {
+        let mut frames = vec![next(&mut rt).await];
+        while let Some(f) = rt.try_next() {
+            frames.push(f.unwrap());
+            taken += 1;
+        }
+        for f in frames {
+            match f {
+                Incoming::Frame(Frame::Ack { .. }) => acks += 1,
+                Incoming::Frame(Frame::Event(e)) if e.kind == "message.created" => events += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!((acks, events), (N, N));
+    assert!(taken > 0, "frames read together are taken without waiting");
+    assert!(rt.try_next().is_none(), "nothing more has come");
+    assert_eq!(rt.pending(), 0);
+    let texts: Vec<String> = a
+        .all_messages(&ch)
+        .await
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, (0..N).map(|i| format!("q{i}")).collect::<Vec<_>>());
+    // Queued, then the connection is lost before the flush: sent again on reconnect.
+    rt.queue(id(&ch), "after the drop", "late").await.unwrap();
+    rt.drop_connection();
+    assert!(
+        rt.try_next().is_none(),
+        "disconnected: nothing, and no reconnect"
+    );
+    rt.flush().await.unwrap();
+    until(
+        &mut rt,
+        |f| matches!(f, Frame::Ack { client_id, .. } if client_id == "late"),
+    )
+    .await;
+    assert_eq!(a.all_messages(&ch).await.len(), N + 1);
+    server.stop().await;
+}
+
 async fn random_frames_never_break_the_server() {
     use proptest::strategy::{Strategy, ValueTree};
     let server = TestServer::start().await;

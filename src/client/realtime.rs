@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -138,6 +138,14 @@ impl Realtime {
     /// Sends a message; its `ack` (or `error`) arrives through [`Realtime::next`]. Kept and
     /// sent again after a reconnect until answered.
     pub async fn send(&mut self, channel_id: i64, text: &str, client_id: &str) -> Result<()> {
+        self.queue(channel_id, text, client_id).await?;
+        self.flush().await
+    }
+
+    /// [`Realtime::send`] without the flush: the frame waits in the socket's write buffer
+    /// (which writes itself out past 128 KiB) until [`Realtime::flush`] or the next `send`,
+    /// so a client with several sends ready writes them in one system call.
+    pub async fn queue(&mut self, channel_id: i64, text: &str, client_id: &str) -> Result<()> {
         let p = PendingSend {
             client_id: client_id.to_owned(),
             channel_id,
@@ -148,7 +156,23 @@ impl Realtime {
         self.next_send += 1;
         self.pending_at.insert(client_id.to_owned(), self.next_send);
         self.pending.insert(self.next_send, p);
-        self.send_raw(&op).await
+        if let Some(ws) = &mut self.ws
+            && ws.feed(WsMessage::text(op)).await.is_err()
+        {
+            self.ws = None;
+        }
+        Ok(())
+    }
+
+    /// Writes out what [`Realtime::queue`] left in the write buffer. A connection that
+    /// fails here is dropped; its pending sends go again after the reconnect.
+    pub async fn flush(&mut self) -> Result<()> {
+        if let Some(ws) = &mut self.ws
+            && ws.flush().await.is_err()
+        {
+            self.ws = None;
+        }
+        Ok(())
     }
 
     /// Watches the presence of a channel's members: a [`Frame::Presence`] answers with how
@@ -214,6 +238,15 @@ impl Realtime {
                 }
             }
         }
+    }
+
+    /// What [`Realtime::next`] would return without waiting: a frame already read off the
+    /// socket (or there to read), or `None`, also while disconnected (only `next`
+    /// reconnects).
+    pub fn try_next(&mut self) -> Option<Result<Incoming>> {
+        self.ws.as_ref()?;
+        // Connected, `next` only awaits the stream, so dropping it pending loses nothing.
+        self.next().now_or_never()
     }
 
     fn track(&mut self, frame: &Frame) {
