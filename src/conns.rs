@@ -179,6 +179,7 @@ struct Watched {
     io: TcpStream,
     activity: Arc<Activity>,
     _slot: Slot,
+    spill: Spill,
 }
 
 impl AsyncRead for Watched {
@@ -188,11 +189,66 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let this = &mut *self;
+        let polled = this.spill.poll_read(Pin::new(&mut this.io), cx, buf);
         if buf.filled().len() > before {
             self.activity.read();
         }
         polled
+    }
+}
+
+/// Bytes one read from a socket takes when its reader asks for less
+/// ([`Spill::poll_read`]).
+const READ_CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// Where a small read lands first: one buffer per thread, not per connection.
+    static CHUNK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; READ_CHUNK]);
+}
+
+/// Reads larger than the reader asks for, the rest kept until it asks again. A WebSocket
+/// reads 256 bytes at a time (its buffer is held for the connection's whole life: see
+/// `api::ws`), so a client's burst of pipelined frames took a system call per 256 bytes;
+/// read through this, the burst takes one. The rest is held only until it is read: an idle
+/// connection holds nothing (an empty `Vec`), a busy one at most [`READ_CHUNK`] bytes.
+#[derive(Default)]
+struct Spill {
+    rest: Vec<u8>,
+    at: usize,
+}
+
+impl Spill {
+    fn poll_read<S: AsyncRead>(
+        &mut self,
+        io: Pin<&mut S>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.rest.len() {
+            let n = buf.remaining().min(self.rest.len() - self.at);
+            buf.put_slice(&self.rest[self.at..self.at + n]);
+            self.at += n;
+            if self.at == self.rest.len() {
+                *self = Self::default();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if buf.remaining() >= READ_CHUNK / 2 {
+            return io.poll_read(cx, buf);
+        }
+        CHUNK.with_borrow_mut(|chunk| {
+            let mut read = ReadBuf::new(chunk);
+            let polled = io.poll_read(cx, &mut read);
+            let got = read.filled();
+            let n = buf.remaining().min(got.len());
+            buf.put_slice(&got[..n]);
+            if n < got.len() {
+                self.rest = got[n..].to_vec();
+                self.at = 0;
+            }
+            polled
+        })
     }
 }
 
@@ -295,6 +351,7 @@ pub async fn serve(
             io: stream,
             activity: Arc::clone(&activity),
             _slot: slot,
+            spill: Spill::default(),
         };
         tasks.spawn(connection(
             io,
@@ -401,4 +458,75 @@ async fn connection(
     }
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(limits.header, conn).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use tokio::io::AsyncWriteExt;
+
+    /// Reads through `spill` into buffers of `size` bytes until `want` bytes came.
+    async fn read_all(spill: &mut Spill, io: &mut TcpStream, size: usize, want: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < want {
+            let mut space = vec![0; size];
+            let mut buf = ReadBuf::new(&mut space);
+            poll_fn(|cx| spill.poll_read(Pin::new(&mut *io), cx, &mut buf))
+                .await
+                .unwrap();
+            assert!(
+                !buf.filled().is_empty(),
+                "end of stream after {} bytes",
+                got.len()
+            );
+            got.extend_from_slice(buf.filled());
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn small_reads_take_a_burst_in_one_read_and_hand_it_over_in_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut writer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut reader, _) = listener.accept().await.unwrap();
+        let burst: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        writer.write_all(&burst).await.unwrap();
+        writer.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut spill = Spill::default();
+        // The first small read takes what has arrived (more than it asked for)...
+        let first = read_all(&mut spill, &mut reader, 256, 1).await;
+        assert_eq!(first, burst[..256]);
+        assert!(
+            spill.rest.len() > 256,
+            "the rest is kept: {}",
+            spill.rest.len()
+        );
+        // ...and the reads after it get the rest, in order, with nothing lost.
+        let rest = read_all(&mut spill, &mut reader, 256, burst.len() - 256).await;
+        assert_eq!([first, rest].concat(), burst);
+        // Drained, it holds nothing.
+        assert_eq!((spill.rest.capacity(), spill.at), (0, 0));
+        // A reader that asks for much reads straight from the socket.
+        writer.write_all(&burst).await.unwrap();
+        let big = read_all(&mut spill, &mut reader, READ_CHUNK, burst.len()).await;
+        assert_eq!(big, burst);
+        assert_eq!(spill.rest.capacity(), 0);
+        // A read that would wait leaves nothing behind.
+        let mut space = [0u8; 256];
+        let mut buf = ReadBuf::new(&mut space);
+        let pending = poll_fn(|cx| {
+            Poll::Ready(
+                spill
+                    .poll_read(Pin::new(&mut reader), cx, &mut buf)
+                    .is_pending(),
+            )
+        })
+        .await;
+        assert!(pending);
+        assert_eq!(spill.rest.capacity(), 0);
+    }
 }
