@@ -528,5 +528,12 @@ mod tests {
         .await;
         assert!(pending);
         assert_eq!(spill.rest.capacity(), 0);
+        // The peer's end of stream comes through as a read of nothing.
+        drop(writer);
+        let mut buf = ReadBuf::new(&mut space);
+        poll_fn(|cx| spill.poll_read(Pin::new(&mut reader), cx, &mut buf))
+            .await
+            .unwrap();
+        assert!(buf.filled().is_empty());
     }
 }

@@ -972,6 +972,8 @@ async fn queued_sends_go_out_at_the_flush_and_answers_are_taken_without_waiting(
     );
     assert_eq!(rt.pending(), N);
     rt.flush().await.unwrap();
+    // Let the answers arrive: the first read then takes many frames at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Each frame the server sends this connection: an ack and an event per send.
     let (mut acks, mut events, mut taken) = (0, 0, 0);
     while acks + events < 2 * N {

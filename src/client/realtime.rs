@@ -79,6 +79,11 @@ impl Realtime {
         &self.positions
     }
 
+    /// Whether the socket is up (after a drop, the next [`Realtime::next`] reconnects).
+    pub fn is_connected(&self) -> bool {
+        self.ws.is_some()
+    }
+
     /// Sends not yet acknowledged.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -143,8 +148,10 @@ impl Realtime {
     }
 
     /// [`Realtime::send`] without the flush: the frame waits in the socket's write buffer
-    /// (which writes itself out past 128 KiB) until [`Realtime::flush`] or the next `send`,
-    /// so a client with several sends ready writes them in one system call.
+    /// until [`Realtime::flush`] or the next `send` (or until the buffer passes 128 KiB, or
+    /// a pong for the server's ping goes out), so a client with several sends ready writes
+    /// them in one system call. Flush before waiting on [`Realtime::next`] for their
+    /// answers: a send left in the buffer may never reach the server.
     pub async fn queue(&mut self, channel_id: i64, text: &str, client_id: &str) -> Result<()> {
         let p = PendingSend {
             client_id: client_id.to_owned(),

@@ -356,8 +356,16 @@ impl Hub {
             }
         } else {
             let subs = self.read();
-            for d in deliveries {
-                deliver(&subs, d);
+            // A channel's consecutive events go to each follower at once: one lock and
+            // at most one wake-up per connection for a committed batch, not per event.
+            for run in deliveries.chunk_by(|a, b| a.channel_id == b.channel_id) {
+                let followers = subs.by_channel.get(&run[0].channel_id).map(|f| &f.conns);
+                for id in followers.into_iter().flatten() {
+                    if let Some(conn) = subs.conns.get(id) {
+                        conn.outbox
+                            .push_all(run.iter().map(|d| Item::Event(Arc::clone(d))));
+                    }
+                }
             }
         }
     }

@@ -111,51 +111,67 @@ impl Outbox {
     /// Queues `item`; false if the connection is closing. A push that would pass the byte
     /// bound drops everything queued and closes the connection as a slow consumer.
     pub fn push(&self, item: Item) -> bool {
-        let size = item.bytes();
+        self.push_all(std::iter::once(item))
+    }
+
+    /// Queues `items` in order, as [`Outbox::push`] would one by one, under one lock and
+    /// with at most one wake-up (fan-out hands a connection a channel's run of events at
+    /// once). False if any was refused: the connection is closing, or closed on the way
+    /// as a slow consumer.
+    pub fn push_all(&self, items: impl IntoIterator<Item = Item>) -> bool {
         let mut q = self.lock();
-        if q.closed {
-            return false;
+        let was_empty = q.items.is_empty();
+        // Bytes queued here and not yet counted in the stats.
+        let mut added = 0;
+        let mut all = true;
+        for item in items {
+            if q.closed {
+                all = false;
+                break;
+            }
+            let size = item.bytes();
+            if q.bytes + size > self.limit {
+                self.stats
+                    .buffered_bytes
+                    .fetch_sub(q.bytes - added, Ordering::Relaxed);
+                added = 0;
+                q.items.clear();
+                q.bytes = 0;
+                q.items.push_back(Item::Close(
+                    crate::wire::protocol::close::SLOW_CONSUMER,
+                    "slow consumer: reconnect and resume",
+                ));
+                q.closed = true;
+                self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                all = false;
+                break;
+            }
+            match item {
+                Item::Close(..) => q.closed = true,
+                Item::Ping(_) if q.ping => continue,
+                Item::Ping(_) => q.ping = true,
+                _ => {}
+            }
+            q.items.push_back(item);
+            q.bytes += size;
+            added += size;
         }
-        if q.bytes + size > self.limit {
+        let queued = q.bytes;
+        let now_empty = q.items.is_empty();
+        let waiter = q.waiter(was_empty && !now_empty);
+        drop(q);
+        if added > 0 {
             self.stats
                 .buffered_bytes
-                .fetch_sub(q.bytes, Ordering::Relaxed);
-            let was_empty = q.items.is_empty();
-            let waiter = q.waiter(was_empty);
-            q.items.clear();
-            q.bytes = 0;
-            q.items.push_back(Item::Close(
-                crate::wire::protocol::close::SLOW_CONSUMER,
-                "slow consumer: reconnect and resume",
-            ));
-            q.closed = true;
-            self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-            drop(q);
-            if let Some(w) = waiter {
-                w.wake();
-            }
-            return false;
+                .fetch_add(added, Ordering::Relaxed);
+            self.stats
+                .outbox_peak_bytes
+                .fetch_max(queued, Ordering::Relaxed);
         }
-        let was_empty = q.items.is_empty();
-        match item {
-            Item::Close(..) => q.closed = true,
-            Item::Ping(_) if q.ping => return true,
-            Item::Ping(_) => q.ping = true,
-            _ => {}
-        }
-        q.items.push_back(item);
-        q.bytes += size;
-        let queued = q.bytes;
-        let waiter = q.waiter(was_empty);
-        drop(q);
-        self.stats.buffered_bytes.fetch_add(size, Ordering::Relaxed);
-        self.stats
-            .outbox_peak_bytes
-            .fetch_max(queued, Ordering::Relaxed);
         if let Some(w) = waiter {
             w.wake();
         }
-        true
+        all
     }
 
     /// Closes the connection after what is queued: `code` unless it is already closing.
@@ -240,6 +256,51 @@ mod tests {
         outbox.take(&mut out).await;
         assert!(matches!(out.make_contiguous(), [Item::Close(4008, _)]));
         assert!(stats.outbox_peak_bytes.load(Ordering::Relaxed) <= 100);
+    }
+
+    /// Counts its wake-ups.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_run_is_queued_in_order_with_one_wake_up_and_overflows_as_pushes_would() {
+        let stats = Arc::new(Stats::default());
+        let outbox = Outbox::new(100, Arc::clone(&stats));
+        let wakes = Arc::new(Wakes(Default::default()));
+        let waker = Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        let mut out = VecDeque::new();
+        assert!(outbox.poll_take(&mut cx, &mut out).is_pending());
+        assert!(outbox.push_all((1..=4).map(frame)));
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "one wake-up for the run"
+        );
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 10);
+        assert_eq!(stats.outbox_peak_bytes.load(Ordering::Relaxed), 10);
+        assert!(outbox.poll_take(&mut cx, &mut out).is_ready());
+        let sizes: Vec<usize> = out.drain(..).map(|i| i.bytes()).collect();
+        assert_eq!(sizes, [1, 2, 3, 4]);
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
+        // A run that passes the bound part way: what it queued goes too, and the queue
+        // holds only the close, counted as nothing.
+        assert!(outbox.push(frame(30)));
+        assert!(!outbox.push_all([frame(30), frame(30), frame(30), frame(1)]));
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.slow_consumers.load(Ordering::Relaxed), 1);
+        assert!(
+            !outbox.push_all([frame(1)]),
+            "a slow queue takes nothing more"
+        );
+        assert!(outbox.poll_take(&mut cx, &mut out).is_ready());
+        assert!(matches!(out.make_contiguous(), [Item::Close(4008, _)]));
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

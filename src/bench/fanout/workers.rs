@@ -140,12 +140,14 @@ pub(super) async fn send(
         }
         let wake = plan.times.get(next).map(|&t| phase_start + t);
         // Behind schedule, or room in the window: read what has arrived, then go straight
-        // back to sending.
-        let overdue = if open_loop {
-            wake.is_some_and(|w| w <= Instant::now())
-        } else {
-            next < total && next - answered(&sent) < plan.window
-        };
+        // back to sending. Not while disconnected: the read reconnects, and is let finish.
+        let connected = rt.is_connected();
+        let overdue = connected
+            && if open_loop {
+                wake.is_some_and(|w| w <= Instant::now())
+            } else {
+                next < total && next - answered(&sent) < plan.window
+            };
         tokio::select! {
             biased;
             incoming = tokio::time::timeout(SETTLE, rt.next()) => {
@@ -158,7 +160,7 @@ pub(super) async fn send(
                 }
             }
             () = std::future::ready(()), if overdue => {}
-            () = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() && !overdue => {}
+            () = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() && !overdue && connected => {}
         }
     }
     Ok((rt, sent))
