@@ -102,8 +102,8 @@ struct Shared {
     /// publisher.
     worker: Mutex<Worker>,
     handoff: Handoff,
-    /// Local batches in the thread's queue, not handed on yet: while any is, a publisher
-    /// queues its own behind them (commit order).
+    /// Local batches (and profile changes) in the thread's queue, not handed on yet: while
+    /// any is, a publisher queues its own behind them (commit order).
     queued_local: AtomicUsize,
 }
 
@@ -245,12 +245,19 @@ impl Dispatcher {
     }
 
     /// A profile change, to the channel's online members; dropped rather than queued when
-    /// the dispatcher is behind (clients read profiles again on reconnecting).
+    /// the dispatcher is behind (clients read profiles again on reconnecting). Counted as
+    /// this node's, like a local batch: a later commit's batch is not handed on inline
+    /// before it (followers would see a deleted account leave before they saw it deleted).
     pub fn profile(&self, channel_id: i64, user: crate::model::User) {
-        let _ = self
+        self.shared.queued_local.fetch_add(1, Ordering::AcqRel);
+        if self
             .shared
             .data
-            .try_send(Input::Profile { channel_id, user });
+            .try_send(Input::Profile { channel_id, user })
+            .is_err()
+        {
+            self.shared.queued_local.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Stops the thread once it has handed on everything queued before this call.
@@ -317,6 +324,7 @@ fn run(shared: &std::sync::Weak<Shared>, data: &Receiver<Input>, control: &Recei
                 Input::Profile { channel_id, user } => {
                     worker.flush();
                     worker.hub.profile(channel_id, &user);
+                    local += 1;
                 }
                 Input::Wake => {}
                 Input::Stop => {
@@ -731,6 +739,59 @@ mod tests {
         dispatcher.remote(vec![added, event(1, 6)]).await;
         dispatcher.remote(vec![event(1, 7)]).await;
         assert_eq!(seqs(&alice, 2).await, [6, 7]);
+        dispatcher.stop();
+        thread.join().unwrap();
+    }
+
+    /// Regression: a profile change (an account deleted, say) queued to the dispatcher
+    /// thread was overtaken by the next commit's small batch, which the writer handed on
+    /// itself before the thread had woken: followers saw the account leave its channels
+    /// before they saw it deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queued_profile_change_is_not_overtaken_by_an_inline_hand_off() {
+        let (_, hub, outbox) = one_follower(1 << 30);
+        let (dispatcher, thread) = Dispatcher::start(
+            Arc::clone(&hub),
+            Arc::new(EventCache::new(1 << 30)),
+            None,
+            tokio::runtime::Handle::current(),
+            Handoff::Inline,
+        );
+        const ROUNDS: i64 = 200;
+        for seq in 1..=ROUNDS {
+            let user = crate::model::User {
+                id: 7,
+                username: format!("u{seq}"),
+                ..Default::default()
+            };
+            dispatcher.profile(1, user);
+            dispatcher.local(vec![event(1, seq)]);
+        }
+        // What the follower got, in order: a profile frame then its round's event.
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < 2 * ROUNDS as usize && tokio::time::Instant::now() < deadline {
+            let mut items = std::collections::VecDeque::new();
+            if tokio::time::timeout(Duration::from_millis(100), outbox.take(&mut items))
+                .await
+                .is_ok()
+            {
+                got.extend(items.into_iter().map(|i| match i {
+                    Item::Event(d) => format!("event {}", d.seq),
+                    Item::Frame(f) => {
+                        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+                        format!("profile {}", v["user"]["username"].as_str().unwrap())
+                    }
+                    other => format!("{other:?}"),
+                }));
+            }
+        }
+        let want: Vec<String> = (1..=ROUNDS)
+            .flat_map(|seq| [format!("profile u{seq}"), format!("event {seq}")])
+            .collect();
+        let first_wrong = got.iter().zip(&want).position(|(g, w)| g != w);
+        assert_eq!(first_wrong, None, "got {:?}", &got[..got.len().min(8)]);
+        assert_eq!(got.len(), want.len());
         dispatcher.stop();
         thread.join().unwrap();
     }

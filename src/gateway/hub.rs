@@ -356,8 +356,9 @@ impl Hub {
             }
         } else {
             let subs = self.read();
-            // A channel's consecutive events go to each follower at once: one lock and
-            // at most one wake-up per connection for a committed batch, not per event.
+            // A channel's consecutive events (a busy channel's committed batch) go to each
+            // follower at once: one lock and at most one wake-up per connection for the
+            // run, not per event.
             for run in deliveries.chunk_by(|a, b| a.channel_id == b.channel_id) {
                 let followers = subs.by_channel.get(&run[0].channel_id).map(|f| &f.conns);
                 for id in followers.into_iter().flatten() {

@@ -115,8 +115,8 @@ impl Outbox {
     }
 
     /// Queues `items` in order, as [`Outbox::push`] would one by one, under one lock and
-    /// with at most one wake-up (fan-out hands a connection a channel's run of events at
-    /// once). False if any was refused: the connection is closing, or closed on the way
+    /// with at most one wake-up (fan-out hands a connection a channel's run of consecutive
+    /// events at once). False if any was refused: the connection is closing, or closed on the way
     /// as a slow consumer.
     pub fn push_all(&self, items: impl IntoIterator<Item = Item>) -> bool {
         let mut q = self.lock();
@@ -131,6 +131,12 @@ impl Outbox {
             }
             let size = item.bytes();
             if q.bytes + size > self.limit {
+                // The level this run reached before it overflowed, as pushes would record.
+                if added > 0 {
+                    self.stats
+                        .outbox_peak_bytes
+                        .fetch_max(q.bytes, Ordering::Relaxed);
+                }
                 self.stats
                     .buffered_bytes
                     .fetch_sub(q.bytes - added, Ordering::Relaxed);
@@ -280,7 +286,7 @@ mod tests {
         assert_eq!(
             wakes.0.load(Ordering::Relaxed),
             1,
-            "one wake-up for the run"
+            "the waiting task is woken"
         );
         assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 10);
         assert_eq!(stats.outbox_peak_bytes.load(Ordering::Relaxed), 10);
@@ -292,6 +298,7 @@ mod tests {
         // holds only the close, counted as nothing.
         assert!(outbox.push(frame(30)));
         assert!(!outbox.push_all([frame(30), frame(30), frame(30), frame(1)]));
+        assert_eq!(stats.outbox_peak_bytes.load(Ordering::Relaxed), 90);
         assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
         assert_eq!(stats.slow_consumers.load(Ordering::Relaxed), 1);
         assert!(

@@ -151,7 +151,7 @@ pub(super) async fn send(
         tokio::select! {
             biased;
             incoming = tokio::time::timeout(SETTLE, rt.next()) => {
-                let incoming = incoming.context("no answer from the server within 30 s")??;
+                let incoming = incoming.context("no answer from the server (or no reconnect) within 30 s")??;
                 take_answer(&mut sent, &mut due, incoming, start, &plan.answered);
                 // And the answers already read with it (a commit acks many sends at once).
                 for _ in 0..plan.window.max(64) {
