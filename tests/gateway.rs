@@ -939,12 +939,7 @@ async fn a_connections_pipelined_sends_commit_in_the_order_sent() {
             acks += 1;
         }
     }
-    let texts: Vec<String> = a
-        .all_messages(&ch)
-        .await
-        .iter()
-        .map(|m| m["text"].as_str().unwrap().to_owned())
-        .collect();
+    let texts = a.all_texts(&ch).await;
     assert_eq!(texts, (0..N).map(|i| format!("m{i}")).collect::<Vec<_>>());
     server.stop().await;
 }
@@ -994,12 +989,7 @@ async fn queued_sends_go_out_at_the_flush_and_answers_are_taken_without_waiting(
     assert!(taken > 0, "frames read together are taken without waiting");
     assert!(rt.try_next().is_none(), "nothing more has come");
     assert_eq!(rt.pending(), 0);
-    let texts: Vec<String> = a
-        .all_messages(&ch)
-        .await
-        .iter()
-        .map(|m| m["text"].as_str().unwrap().to_owned())
-        .collect();
+    let texts = a.all_texts(&ch).await;
     assert_eq!(texts, (0..N).map(|i| format!("q{i}")).collect::<Vec<_>>());
     // Queued, then the connection is lost before the flush: sent again on reconnect.
     rt.queue(id(&ch), "after the drop", "late").await.unwrap();

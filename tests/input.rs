@@ -114,12 +114,7 @@ async fn control_characters_ansi_escapes_and_bidi_overrides_are_refused_in_messa
         );
     }
     // Nothing refused was stored.
-    let texts: Vec<String> = a
-        .all_messages(&ch)
-        .await
-        .iter()
-        .map(|m| m["text"].as_str().unwrap().to_owned())
-        .collect();
+    let texts = a.all_texts(&ch).await;
     assert_eq!(texts, ["ok", "line one\n\tline two \u{200F}"]);
     rt.close().await;
     server.stop().await;

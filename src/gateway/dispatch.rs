@@ -636,22 +636,45 @@ mod tests {
         }
     }
 
-    async fn seqs(outbox: &Outbox, want: usize) -> Vec<i64> {
+    /// What `outbox` is given, taken until `done` says it is all there (or 5 s passed).
+    async fn taken_until(outbox: &Outbox, done: impl Fn(&[Item]) -> bool) -> Vec<Item> {
         let mut got = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while got.len() < want && tokio::time::Instant::now() < deadline {
+        while !done(&got) && tokio::time::Instant::now() < deadline {
             let mut items = std::collections::VecDeque::new();
             if tokio::time::timeout(Duration::from_millis(100), outbox.take(&mut items))
                 .await
                 .is_ok()
             {
-                got.extend(items.iter().filter_map(|i| match i {
-                    Item::Event(d) => Some(d.seq),
-                    _ => None,
-                }));
+                got.extend(items);
             }
         }
         got
+    }
+
+    /// The seq of an event item.
+    fn seq(item: &Item) -> Option<i64> {
+        match item {
+            Item::Event(d) => Some(d.seq),
+            _ => None,
+        }
+    }
+
+    /// The seqs of the events `outbox` is given, until `want` of them came.
+    async fn seqs(outbox: &Outbox, want: usize) -> Vec<i64> {
+        let got = taken_until(outbox, |items| items.iter().filter_map(seq).count() >= want).await;
+        got.iter().filter_map(seq).collect()
+    }
+
+    /// A dispatcher with the inline hand-off over `hub`.
+    fn inline(hub: &Arc<Hub>) -> (Dispatcher, JoinHandle<()>) {
+        Dispatcher::start(
+            Arc::clone(hub),
+            Arc::new(EventCache::new(1 << 30)),
+            None,
+            tokio::runtime::Handle::current(),
+            Handoff::Inline,
+        )
     }
 
     /// A hub with one connection (user 7) following channel 1 from its start, and its
@@ -750,13 +773,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_queued_profile_change_is_not_overtaken_by_an_inline_hand_off() {
         let (_, hub, outbox) = one_follower(1 << 30);
-        let (dispatcher, thread) = Dispatcher::start(
-            Arc::clone(&hub),
-            Arc::new(EventCache::new(1 << 30)),
-            None,
-            tokio::runtime::Handle::current(),
-            Handoff::Inline,
-        );
+        let (dispatcher, thread) = inline(&hub);
         const ROUNDS: i64 = 200;
         for seq in 1..=ROUNDS {
             let user = crate::model::User {
@@ -768,24 +785,18 @@ mod tests {
             dispatcher.local(vec![event(1, seq)]);
         }
         // What the follower got, in order: a profile frame then its round's event.
-        let mut got = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while got.len() < 2 * ROUNDS as usize && tokio::time::Instant::now() < deadline {
-            let mut items = std::collections::VecDeque::new();
-            if tokio::time::timeout(Duration::from_millis(100), outbox.take(&mut items))
-                .await
-                .is_ok()
-            {
-                got.extend(items.into_iter().map(|i| match i {
-                    Item::Event(d) => format!("event {}", d.seq),
-                    Item::Frame(f) => {
-                        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
-                        format!("profile {}", v["user"]["username"].as_str().unwrap())
-                    }
-                    other => format!("{other:?}"),
-                }));
-            }
-        }
+        let items = taken_until(&outbox, |items| items.len() >= 2 * ROUNDS as usize).await;
+        let got: Vec<String> = items
+            .into_iter()
+            .map(|i| match i {
+                Item::Event(d) => format!("event {}", d.seq),
+                Item::Frame(f) => {
+                    let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+                    format!("profile {}", v["user"]["username"].as_str().unwrap())
+                }
+                other => format!("{other:?}"),
+            })
+            .collect();
         let want: Vec<String> = (1..=ROUNDS)
             .flat_map(|seq| [format!("profile u{seq}"), format!("event {seq}")])
             .collect();
@@ -802,13 +813,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_inline_hand_off_keeps_commit_order() {
         let (stats, hub, outbox) = one_follower(1 << 30);
-        let (dispatcher, thread) = Dispatcher::start(
-            Arc::clone(&hub),
-            Arc::new(EventCache::new(1 << 30)),
-            None,
-            tokio::runtime::Handle::current(),
-            Handoff::Inline,
-        );
+        let (dispatcher, thread) = inline(&hub);
         dispatcher.local(vec![event(1, 1)]);
         assert_eq!(
             hub.position(1),

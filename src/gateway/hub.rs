@@ -343,7 +343,7 @@ impl Hub {
         if deliveries.iter().any(|d| d.membership.is_some()) {
             let mut subs = self.write();
             for d in deliveries {
-                deliver(&subs, d);
+                deliver(&subs, std::slice::from_ref(d));
                 if let Some((user_id, added)) = d.membership {
                     for id in subs.user_conns(user_id) {
                         if added {
@@ -356,17 +356,8 @@ impl Hub {
             }
         } else {
             let subs = self.read();
-            // A channel's consecutive events (a busy channel's committed batch) go to each
-            // follower at once: one lock and at most one wake-up per connection for the
-            // run, not per event.
             for run in deliveries.chunk_by(|a, b| a.channel_id == b.channel_id) {
-                let followers = subs.by_channel.get(&run[0].channel_id).map(|f| &f.conns);
-                for id in followers.into_iter().flatten() {
-                    if let Some(conn) = subs.conns.get(id) {
-                        conn.outbox
-                            .push_all(run.iter().map(|d| Item::Event(Arc::clone(d))));
-                    }
-                }
+                deliver(&subs, run);
             }
         }
     }
@@ -472,14 +463,25 @@ pub fn start_pinger(hub: &Arc<Hub>, every: std::time::Duration) -> tokio::task::
 
 /// Pushes `d` to the channel's followers, and to the connections of the user whose
 /// membership it changes when they do not follow the channel yet.
-fn deliver(subs: &Subs, d: &Arc<Delivery>) {
-    let followers = subs.by_channel.get(&d.channel_id).map(|f| &f.conns);
+/// Pushes `run`, consecutive events of one channel, to the channel's followers: each gets
+/// the whole run at once (one lock and at most one wake-up per connection, not per
+/// event). A membership event also goes to the user's connections that do not follow
+/// the channel.
+fn deliver(subs: &Subs, run: &[Arc<Delivery>]) {
+    let Some(first) = run.first() else {
+        return;
+    };
+    let followers = subs.by_channel.get(&first.channel_id).map(|f| &f.conns);
     for id in followers.into_iter().flatten() {
         if let Some(conn) = subs.conns.get(id) {
-            conn.outbox.push(Item::Event(Arc::clone(d)));
+            conn.outbox
+                .push_all(run.iter().map(|d| Item::Event(Arc::clone(d))));
         }
     }
-    if let Some((user_id, _)) = d.membership {
+    for d in run {
+        let Some((user_id, _)) = d.membership else {
+            continue;
+        };
         for id in subs.by_user.get(&user_id).into_iter().flatten() {
             if let Some(conn) = subs.conns.get(id)
                 && !conn.channels.contains(&d.channel_id)

@@ -408,6 +408,13 @@ impl Client {
             .await
     }
 
+    /// The text of every message of the channel, oldest first.
+    pub async fn all_texts(&self, channel: &str) -> Vec<String> {
+        let messages = self.all_messages(channel).await;
+        let text = |m: &Value| m["text"].as_str().unwrap().to_owned();
+        messages.iter().map(text).collect()
+    }
+
     /// Every event of the channel, paging forward from the start.
     pub async fn all_events(&self, channel: &str) -> Vec<Value> {
         self.page_all(&format!("/v1/channels/{channel}/events"), "events")
