@@ -8,7 +8,7 @@
 //! - a little at a time: the rows of batches committed over [`FOLD_AFTER`] ago, at most
 //!   [`TRICKLE_ROWS`] of them, and at least [`TRICKLE_MIN_ROWS`] unless they have waited
 //!   [`TRICKLE_WAIT`] (at a low rate rows are folded in chunks, not a page write or more
-//!   per row); between batches also younger ones while the log is dense, a chunk of
+//!   per row; idle folds keep that rule too); between batches also younger ones while the log is dense, a chunk of
 //!   [`EARLY_ROWS_PER_CHANNEL`] rows per channel (at least [`TRICKLE_ROWS`]) at a time,
 //!   while it holds two chunks and grows fast enough to reach `fold_rows` before its
 //!   rows are old ([`Unfolded::early_chunk`]:
@@ -21,10 +21,13 @@
 //!   each batch instead ([`Unfolded::trickle`], as many as the batch appends). At a
 //!   steady rate the log holds a second or two of posts and no commit waits behind a
 //!   large fold;
+//! - all of it, young rows too, a chunk at a time, once no write has come for
+//!   [`IDLE_FOLD_AFTER`] ([`Unfolded::fold_idle`], in transactions that do not sync,
+//!   stopping at the first write that comes): a burst leaves an empty log behind, and
+//!   the next burst's writes do not wait behind folds of the last one's rows;
 //! - all at once, in a transaction of its own, when the log holds `fold_rows` rows (the
 //!   writer is saturated: large folds write the fewest pages per post), at a stop, and
-//!   at open (what a previous run or a crash left); while no write comes, the log and
-//!   its tail stay as they are;
+//!   at open (what a previous run or a crash left);
 //! - all at once inside the batch, before an op that appends another event to a
 //!   channel, or reads or changes its messages (edit, delete, rename, membership).
 //!
@@ -67,6 +70,9 @@ pub(super) const TRICKLE_MIN_ROWS: usize = 256;
 pub(super) const TRICKLE_BACKLOG: usize = 2 * TRICKLE_ROWS;
 /// Age past which old rows are folded however few.
 pub(super) const TRICKLE_WAIT: Duration = Duration::from_secs(2);
+/// A writer that has had no write for this long folds the whole log, young rows too, a
+/// chunk at a time while no write comes ([`Unfolded::fold_idle`]).
+pub(super) const IDLE_FOLD_AFTER: Duration = Duration::from_millis(250);
 /// Rows per channel with posts in the log that a fold takes, on average, when it folds
 /// rows younger than [`FOLD_AFTER`] ([`Unfolded::early_chunk`]: a chunk is this many
 /// per channel, and never under [`TRICKLE_ROWS`]).
@@ -590,8 +596,24 @@ impl Unfolded {
     fn old_rows(&self, bound: usize, early: bool) -> Option<i64> {
         let early = early.then(|| self.early_chunk()).flatten();
         let bound = bound.max(early.unwrap_or(0));
+        let (through, rows, oldest) = self.prefix(self.old_batches(early.is_some()), bound);
+        let waited = oldest.is_some_and(|at| at.elapsed() >= TRICKLE_WAIT);
+        if through == self.folded_through || (rows < TRICKLE_MIN_ROWS && !waited) {
+            return None;
+        }
+        Some(through)
+    }
+
+    /// The first of `batches` that add up to at most `bound` rows (but always the first
+    /// whole): the `pos` they end at (`folded_through` for none), their rows, and when
+    /// the first was committed.
+    fn prefix<'a>(
+        &self,
+        batches: impl Iterator<Item = &'a Committed>,
+        bound: usize,
+    ) -> (i64, usize, Option<Instant>) {
         let (mut through, mut rows, mut oldest) = (self.folded_through, 0, None);
-        for b in self.old_batches(early.is_some()) {
+        for b in batches {
             if rows > 0 && rows + b.rows > bound {
                 break;
             }
@@ -599,11 +621,7 @@ impl Unfolded {
             through = b.last_pos;
             rows += b.rows;
         }
-        let waited = oldest.is_some_and(|at| at.elapsed() >= TRICKLE_WAIT);
-        if through == self.folded_through || (rows < TRICKLE_MIN_ROWS && !waited) {
-            return None;
-        }
-        Some(through)
+        (through, rows, oldest)
     }
 
     /// Whether at least [`TRICKLE_BACKLOG`] rows are over [`FOLD_AFTER`] old: the folds
@@ -668,11 +686,51 @@ impl Unfolded {
     /// open); if that fails, the error says so and the caller must not commit another
     /// batch on `conn`. Returns the rows folded.
     pub fn fold_old(&mut self, conn: &mut Connection) -> Result<usize, QuietFoldError> {
+        let through = self.old_rows(TRICKLE_ROWS, true);
+        self.fold_quietly(conn, through)
+    }
+
+    /// While the writer is idle (no write came for [`IDLE_FOLD_AFTER`]): folds the oldest
+    /// committed rows, young ones too, [`TRICKLE_ROWS`] at a time (always the oldest
+    /// batch whole), as [`Self::fold_old`] does: in a transaction of its own that does
+    /// not sync. So a burst of posts leaves an empty log behind once it ends, and the
+    /// next burst does not fold the last one's rows while its own writes wait. A chunk
+    /// is small, whatever the channels it touches, because a write that comes waits it
+    /// out. As with old rows, fewer than [`TRICKLE_MIN_ROWS`] wait until the oldest has
+    /// waited [`TRICKLE_WAIT`] ([`Self::idle_rows_due`]), so a trickle of posts at a low
+    /// rate is not folded a row at a time. Returns the rows folded (0: none due).
+    pub fn fold_idle(&mut self, conn: &mut Connection) -> Result<usize, QuietFoldError> {
+        let through = self.idle_rows();
+        self.fold_quietly(conn, through)
+    }
+
+    /// Whether an idle fold ([`Self::fold_idle`]) would fold some rows.
+    pub fn idle_rows_due(&self) -> bool {
+        self.batch.is_empty() && self.idle_rows().is_some()
+    }
+
+    /// The `pos` an idle fold would fold through, if one is due: the log holds at least
+    /// [`TRICKLE_MIN_ROWS`] (the chunk itself may be fewer: batches are taken whole), or
+    /// its oldest row has waited [`TRICKLE_WAIT`].
+    fn idle_rows(&self) -> Option<i64> {
+        let (through, _, oldest) = self.prefix(self.old_batches(true), TRICKLE_ROWS);
+        let waited = oldest.is_some_and(|at| at.elapsed() >= TRICKLE_WAIT);
+        (through > self.folded_through && (self.committed_rows >= TRICKLE_MIN_ROWS || waited))
+            .then_some(through)
+    }
+
+    /// [`Self::fold_old`] and [`Self::fold_idle`]: folds the log through `through` (none:
+    /// nothing to fold) in a transaction of its own that does not sync.
+    fn fold_quietly(
+        &mut self,
+        conn: &mut Connection,
+        through: Option<i64>,
+    ) -> Result<usize, QuietFoldError> {
         debug_assert!(
             self.batch.is_empty() && self.folded_through == 0,
             "a fold of its own while a batch is open"
         );
-        let Some(through) = self.old_rows(TRICKLE_ROWS, true) else {
+        let Some(through) = through else {
             return Ok(0);
         };
         let folded = conn
@@ -735,8 +793,8 @@ impl Unfolded {
     }
 
     /// Whether the log is due a fold of its own, all of it, after a commit: it is large.
-    /// (Old rows trickle out between batches or with them; while no write comes, they
-    /// stay.)
+    /// (Old rows trickle out between batches or with them; while no write comes, all
+    /// rows fold a chunk at a time.)
     pub fn due(&self) -> bool {
         let batch_bytes: usize = self.batch.iter().map(|e| bytes_of(&e.message)).sum();
         self.rows() >= self.fold_rows || self.committed_bytes + batch_bytes >= FOLD_BYTES
@@ -1401,6 +1459,56 @@ mod tests {
             "folded: the table answers"
         );
         assert!(!log.old_rows_due());
+    }
+
+    /// Idle, the writer folds every row, young ones too, a chunk of [`TRICKLE_ROWS`] at a
+    /// time (the oldest batch always whole), in transactions that do not sync; the
+    /// connection is back to `synchronous=FULL` after each. Fewer than
+    /// [`TRICKLE_MIN_ROWS`] young rows wait until they have waited [`TRICKLE_WAIT`].
+    #[test]
+    fn an_idle_fold_takes_young_rows_a_chunk_at_a_time_until_the_log_is_empty() {
+        let (_dir, mut conn) = database();
+        conn.pragma_update(None, "synchronous", "FULL").unwrap();
+        let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000, 0);
+        assert_eq!(log.fold_idle(&mut conn).unwrap(), 0, "an empty log");
+        // A batch larger than a chunk, then three of 200 rows over channels 2-4.
+        let large: Vec<Message> = (1..=TRICKLE_ROWS as i64 + 100)
+            .map(|seq| post(1, seq, 7))
+            .collect();
+        commit_as(&mut conn, &mut log, &large, false);
+        for ch in 2..=4 {
+            let posts: Vec<Message> = (1..=200).map(|seq| post(ch, seq, 8)).collect();
+            commit_as(&mut conn, &mut log, &posts, false);
+        }
+        rejuvenate(&mut log);
+        assert!(log.idle_rows_due());
+
+        assert_eq!(
+            log.fold_idle(&mut conn).unwrap(),
+            large.len(),
+            "the oldest batch whole, though over a chunk"
+        );
+        assert_eq!(synchronous(&conn), 2, "FULL again after a fold");
+        assert_eq!(
+            log.fold_idle(&mut conn).unwrap(),
+            400,
+            "whole batches, up to a chunk"
+        );
+        assert_eq!(synchronous(&conn), 2);
+        assert!(!log.idle_rows_due(), "200 young rows wait");
+        assert_eq!(log.fold_idle(&mut conn).unwrap(), 0);
+        age(&mut log, TRICKLE_WAIT);
+        assert!(log.idle_rows_due(), "until they have waited");
+        assert_eq!(log.fold_idle(&mut conn).unwrap(), 200);
+        assert!(log.is_empty());
+        let rows = large.len() as i64 + 600;
+        assert_eq!(counts(&conn), (0, rows, rows));
+        assert_eq!(folded_through(&conn).unwrap(), rows, "positions 1..=rows");
+        for ch in 1..=4 {
+            assert!(log.tail.range(ch, 0, i64::MAX, 10, false).is_empty());
+        }
+        assert!(!log.idle_rows_due(), "nothing left");
+        assert_eq!(log.fold_idle(&mut conn).unwrap(), 0);
     }
 
     /// A dense log (many rows per channel) folds its young rows a chunk at a time, down

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::hot::Hot;
 use super::index::{self, IndexSignal};
-use super::tail::QuietFoldError;
+use super::tail::{IDLE_FOLD_AFTER, QuietFoldError};
 use super::write::{self, Done, Op};
 use crate::id::Snowflake;
 use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_one};
@@ -435,7 +435,16 @@ impl State {
 fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut stop = None;
-    while let Some(first) = rx.blocking_recv() {
+    let mut idle = Idle::new();
+    loop {
+        let first = match idle.next(&mut state, &mut rx) {
+            Ok(Some(first)) => first,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "the writer stops: its connection's synchronous setting could not be restored");
+                return;
+            }
+        };
         match first {
             Msg::Job(job) => batch.push(job),
             Msg::Stop(done) => stop = Some(done),
@@ -461,7 +470,7 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
         // then the batches fold (large chunks, fewer pages per row).
         if stop.is_none() && rx.is_empty() && ops <= QUIET_BATCH {
             state.busy_since = None;
-            if let Err(e) = fold_old(&mut state, &rx) {
+            if let Err(e) = fold_quietly(&mut state, &rx, Quiet::Old) {
                 // Nothing more is committed on a connection that would not sync: writes
                 // are refused as unavailable from here on, never acknowledged unsynced.
                 tracing::error!(error = %e, "the writer stops: its connection's synchronous setting could not be restored");
@@ -532,18 +541,32 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
     }
 }
 
-/// While no write waits, folds the log's old rows a chunk at a time in transactions that
-/// do not sync ([`super::tail::Unfolded::fold_old`]), so the batches' commits do not carry
-/// them. Stops at the first write that comes after a chunk (a chunk takes the oldest
-/// batch whole, so it may be a few thousand rows). `Err` only when the connection could
-/// not be set back to `synchronous=FULL`; a fold that fails otherwise is left for later.
-fn fold_old(state: &mut State, rx: &mpsc::Receiver<Msg>) -> Result<(), QuietFoldError> {
+/// While no write waits, folds the log's old rows (or, idle, all of them: [`Quiet`]) a
+/// chunk at a time in transactions that do not sync ([`super::tail::Unfolded::fold_old`]),
+/// so the batches' commits do not carry them. Stops at the first write that comes after a
+/// chunk (a chunk takes the oldest batch whole, so it may be a few thousand rows). `Err`
+/// only when the connection could not be set back to `synchronous=FULL`; a fold that
+/// fails otherwise, or none while the disk is short, is left for later (`Ok(false)`).
+fn fold_quietly(
+    state: &mut State,
+    rx: &mpsc::Receiver<Msg>,
+    which: Quiet,
+) -> Result<bool, QuietFoldError> {
     if state.stats.disk.refused() {
-        return Ok(());
+        return Ok(false);
     }
-    while rx.is_empty() && state.hot.log.old_rows_due() {
+    let due = |log: &super::tail::Unfolded| match which {
+        Quiet::Old => log.old_rows_due(),
+        Quiet::All => log.idle_rows_due(),
+    };
+    while rx.is_empty() && due(&state.hot.log) {
         let started = Instant::now();
-        match state.hot.log.fold_old(&mut state.conn) {
+        let folded = match which {
+            Quiet::Old => state.hot.log.fold_old(&mut state.conn),
+            Quiet::All => state.hot.log.fold_idle(&mut state.conn),
+        };
+        match folded {
+            Ok(0) => break,
             Ok(rows) => {
                 state.index.poke();
                 state.stats.fold_seconds.observe_duration(started.elapsed());
@@ -557,12 +580,105 @@ fn fold_old(state: &mut State, rx: &mpsc::Receiver<Msg>) -> Result<(), QuietFold
                     state.stats.disk.set_full();
                 }
                 tracing::warn!(error = %e, "folding the commit log's old rows failed; they stay in the log");
-                return Ok(());
+                return Ok(false);
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// What a fold between batches takes ([`fold_quietly`]).
+#[derive(Clone, Copy)]
+enum Quiet {
+    /// The old rows, after a small batch ([`super::tail::Unfolded::fold_old`]).
+    Old,
+    /// Every row (young ones too, a few only once they have waited), once no write has
+    /// come for [`IDLE_FOLD_AFTER`]
+    /// ([`super::tail::Unfolded::fold_idle`]).
+    All,
+}
+
+/// How the writer waits for its next write. While the commit log holds rows it waits at
+/// most [`IDLE_FOLD_AFTER`], then folds them all (a chunk at a time, stopping at the
+/// first write that comes), so a burst of posts leaves an empty log behind it and the
+/// next burst's writes do not wait behind the last one's folds. It polls the queue with
+/// a waker that unparks the thread and parks it with a timeout (`blocking_recv` has no
+/// timeout): no runtime, no timer wheel. While fewer rows than a fold takes at a time
+/// wait to be old enough ([`super::tail::Unfolded::fold_idle`]), it wakes every
+/// [`IDLE_FOLD_AFTER`] to look again.
+struct Idle {
+    /// Unparks the writer thread when the queue has something.
+    waker: std::task::Waker,
+    /// The last idle fold failed: none is tried again before the next write.
+    failed: bool,
+}
+
+/// Wakes a parked thread.
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+impl Idle {
+    /// For the calling thread: the writer's own.
+    fn new() -> Self {
+        Self {
+            waker: Arc::new(Unpark(std::thread::current())).into(),
+            failed: false,
+        }
+    }
+
+    /// The next message (`None`: the queue is closed and drained), folding the log while
+    /// none comes. `Err`: the connection could not be set back to `synchronous=FULL`
+    /// after a fold, so the writer must stop.
+    fn next(
+        &mut self,
+        state: &mut State,
+        rx: &mut mpsc::Receiver<Msg>,
+    ) -> Result<Option<Msg>, QuietFoldError> {
+        loop {
+            let fold_after = (!self.failed && !state.hot.log.is_empty()).then_some(IDLE_FOLD_AFTER);
+            if let Some(next) = self.recv(rx, fold_after) {
+                self.failed = false;
+                return Ok(next);
+            }
+            self.failed = !fold_quietly(state, rx, Quiet::All)?;
+        }
+    }
+
+    /// The next message, waiting at most `timeout` (`None`: it came not in time).
+    fn recv(
+        &self,
+        rx: &mut mpsc::Receiver<Msg>,
+        timeout: Option<std::time::Duration>,
+    ) -> Option<Option<Msg>> {
+        let mut cx = std::task::Context::from_waker(&self.waker);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let std::task::Poll::Ready(next) = rx.poll_recv(&mut cx) {
+                return Some(next);
+            }
+            // Parking may end early (a stale unpark): the queue is polled again.
+            match deadline {
+                None => std::thread::park(),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    std::thread::park_timeout(left);
+                }
+            }
+        }
+    }
 }
 
 /// Folds the whole commit log in a transaction of its own. A fold that fails leaves the
@@ -634,7 +750,7 @@ fn try_apply_all(state: &mut State, batch: &[Job]) -> Result<Committed, BatchFai
     } = state;
     let mut journal = Vec::new();
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // The commit log's old rows go a few at a time between batches ([`fold_old`]); a
+    // The commit log's old rows go a few at a time between batches ([`fold_quietly`]); a
     // writer that has been busy for [`BUSY_AFTER`] (no empty queue after a small batch),
     // or whose old rows pile up, folds them with the batches that add more. Not while
     // the disk is short (what is taken then frees space, and a fold takes some). A
