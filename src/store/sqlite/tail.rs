@@ -8,10 +8,10 @@
 //! - a little at a time: the rows of batches committed over [`FOLD_AFTER`] ago, at most
 //!   [`TRICKLE_ROWS`] of them, and at least [`TRICKLE_MIN_ROWS`] unless they have waited
 //!   [`TRICKLE_WAIT`] (at a low rate rows are folded in chunks, not a page write or more
-//!   per row; idle folds keep that rule too); between batches also younger ones while the log is dense, a chunk of
-//!   [`EARLY_ROWS_PER_CHANNEL`] rows per channel (at least [`TRICKLE_ROWS`]) at a time,
-//!   while it holds two chunks and grows fast enough to reach `fold_rows` before its
-//!   rows are old ([`Unfolded::early_chunk`]:
+//!   per row; idle folds keep that rule too); between batches also younger ones while
+//!   the log is dense, a chunk of [`EARLY_ROWS_PER_CHANNEL`] rows per channel (at least
+//!   [`TRICKLE_ROWS`]) at a time, while it holds two chunks and grows fast enough to
+//!   reach `fold_rows` before its rows are old ([`Unfolded::early_chunk`]:
 //!   a writer saturated by a few channels would otherwise fold them all at once at
 //!   `fold_rows`, a stall every write waits out). The writer folds them between
 //!   batches while no write waits, in transactions that do not sync
