@@ -461,8 +461,6 @@ pub fn start_pinger(hub: &Arc<Hub>, every: std::time::Duration) -> tokio::task::
     })
 }
 
-/// Pushes `d` to the channel's followers, and to the connections of the user whose
-/// membership it changes when they do not follow the channel yet.
 /// Pushes `run`, consecutive events of one channel, to the channel's followers: each gets
 /// the whole run at once (one lock and at most one wake-up per connection, not per
 /// event). A membership event also goes to the user's connections that do not follow

@@ -15,14 +15,14 @@
 //!   a writer saturated by a few channels would otherwise fold them all at once at
 //!   `fold_rows`, a stall every write waits out). The writer folds them between
 //!   batches while no write waits, in transactions that do not sync
-//!   ([`Unfolded::fold_old`]), so no commit carries them;
+//!   ([`Unfolded::fold_quiet`]), so no commit carries them;
 //!   a writer that has not found its queue empty after a small batch for a while (it is
 //!   busy), or whose old rows pile up to [`TRICKLE_BACKLOG`], folds them at the start of
 //!   each batch instead ([`Unfolded::trickle`], as many as the batch appends). At a
 //!   steady rate the log holds a second or two of posts and no commit waits behind a
 //!   large fold;
 //! - all of it, young rows too, a chunk at a time, once no write has come for
-//!   [`IDLE_FOLD_AFTER`] ([`Unfolded::fold_idle`], in transactions that do not sync,
+//!   [`IDLE_FOLD_AFTER`] ([`Quiet::Idle`], in transactions that do not sync,
 //!   stopping at the first write that comes): a burst leaves an empty log behind, and
 //!   the next burst's writes do not wait behind folds of the last one's rows;
 //! - all at once, in a transaction of its own, when the log holds `fold_rows` rows (the
@@ -71,7 +71,7 @@ pub(super) const TRICKLE_BACKLOG: usize = 2 * TRICKLE_ROWS;
 /// Age past which old rows are folded however few.
 pub(super) const TRICKLE_WAIT: Duration = Duration::from_secs(2);
 /// A writer that has had no write for this long folds the whole log, young rows too, a
-/// chunk at a time while no write comes ([`Unfolded::fold_idle`]).
+/// chunk at a time while no write comes ([`Quiet::Idle`]).
 pub(super) const IDLE_FOLD_AFTER: Duration = Duration::from_millis(250);
 /// Rows per channel with posts in the log that a fold takes, on average, when it folds
 /// rows younger than [`FOLD_AFTER`] ([`Unfolded::early_chunk`]: a chunk is this many
@@ -644,7 +644,7 @@ impl Unfolded {
     }
 
     /// While the log is dense, the rows a fold between batches takes
-    /// ([`Self::fold_old`]): its batches count as old there before [`FOLD_AFTER`], so a
+    /// ([`Self::fold_quiet`]): its batches count as old there before [`FOLD_AFTER`], so a
     /// writer that finds its queue empty now and then folds them a chunk at a time
     /// rather than all at once at `fold_rows`, a stall of ~60 ms at 16k rows that every
     /// write waited out. (A batch's own trickle still waits for old rows: folding young
@@ -671,66 +671,47 @@ impl Unfolded {
         (dense && fast()).then_some(chunk)
     }
 
-    /// Whether old rows are due a trickle ([`Self::fold_old`] would fold some).
-    pub fn old_rows_due(&self) -> bool {
-        self.batch.is_empty() && self.old_rows(TRICKLE_ROWS, true).is_some()
+    /// Whether a fold of its own between batches ([`Self::fold_quiet`]) would fold some
+    /// rows.
+    pub fn quiet_due(&self, which: Quiet) -> bool {
+        self.batch.is_empty() && self.quiet_rows(which).is_some()
     }
 
-    /// Between batches, while no write waits: folds the rows a trickle would, in a
-    /// transaction of its own that does not sync (`synchronous=NORMAL`), so no batch's
-    /// commit waits behind the fold and the fold adds no `fsync`. Durability is not at
-    /// stake: a fold only moves committed rows, atomically; the next batch's commit syncs
+    /// The `pos` a fold of its own would fold through, if one is due. Idle: the log holds
+    /// at least [`TRICKLE_MIN_ROWS`] (the chunk itself may be fewer: batches are taken
+    /// whole), or its oldest row has waited [`TRICKLE_WAIT`].
+    fn quiet_rows(&self, which: Quiet) -> Option<i64> {
+        match which {
+            Quiet::Old => self.old_rows(TRICKLE_ROWS, true),
+            Quiet::Idle => {
+                let (through, _, oldest) = self.prefix(self.old_batches(true), TRICKLE_ROWS);
+                let waited = oldest.is_some_and(|at| at.elapsed() >= TRICKLE_WAIT);
+                let enough = self.committed_rows >= TRICKLE_MIN_ROWS || waited;
+                (through > self.folded_through && enough).then_some(through)
+            }
+        }
+    }
+
+    /// Between batches, while no write waits: folds the rows `which` says (old ones as a
+    /// trickle would, or while the writer is idle young ones too), in a transaction of
+    /// its own that does not sync (`synchronous=NORMAL`), so no batch's commit waits
+    /// behind the fold and the fold adds no `fsync`. Durability is not at stake: a fold
+    /// only moves committed rows, atomically; a later commit (or the checkpointer) syncs
     /// the WAL with the fold's frames in it, and a fold lost to a crash leaves the rows
     /// in the log, folded at the next open. `synchronous` is set back to `FULL` before
     /// this returns, whatever happened (after a rollback, if a transaction was left
     /// open); if that fails, the error says so and the caller must not commit another
-    /// batch on `conn`. Returns the rows folded.
-    pub fn fold_old(&mut self, conn: &mut Connection) -> Result<usize, QuietFoldError> {
-        let through = self.old_rows(TRICKLE_ROWS, true);
-        self.fold_quietly(conn, through)
-    }
-
-    /// While the writer is idle (no write came for [`IDLE_FOLD_AFTER`]): folds the oldest
-    /// committed rows, young ones too, [`TRICKLE_ROWS`] at a time (always the oldest
-    /// batch whole), as [`Self::fold_old`] does: in a transaction of its own that does
-    /// not sync. So a burst of posts leaves an empty log behind once it ends, and the
-    /// next burst does not fold the last one's rows while its own writes wait. A chunk
-    /// is small, whatever the channels it touches, because a write that comes waits it
-    /// out. As with old rows, fewer than [`TRICKLE_MIN_ROWS`] wait until the oldest has
-    /// waited [`TRICKLE_WAIT`] ([`Self::idle_rows_due`]), so a trickle of posts at a low
-    /// rate is not folded a row at a time. Returns the rows folded (0: none due).
-    pub fn fold_idle(&mut self, conn: &mut Connection) -> Result<usize, QuietFoldError> {
-        let through = self.idle_rows();
-        self.fold_quietly(conn, through)
-    }
-
-    /// Whether an idle fold ([`Self::fold_idle`]) would fold some rows.
-    pub fn idle_rows_due(&self) -> bool {
-        self.batch.is_empty() && self.idle_rows().is_some()
-    }
-
-    /// The `pos` an idle fold would fold through, if one is due: the log holds at least
-    /// [`TRICKLE_MIN_ROWS`] (the chunk itself may be fewer: batches are taken whole), or
-    /// its oldest row has waited [`TRICKLE_WAIT`].
-    fn idle_rows(&self) -> Option<i64> {
-        let (through, _, oldest) = self.prefix(self.old_batches(true), TRICKLE_ROWS);
-        let waited = oldest.is_some_and(|at| at.elapsed() >= TRICKLE_WAIT);
-        (through > self.folded_through && (self.committed_rows >= TRICKLE_MIN_ROWS || waited))
-            .then_some(through)
-    }
-
-    /// [`Self::fold_old`] and [`Self::fold_idle`]: folds the log through `through` (none:
-    /// nothing to fold) in a transaction of its own that does not sync.
-    fn fold_quietly(
+    /// batch on `conn`. Returns the rows folded (0: none due).
+    pub fn fold_quiet(
         &mut self,
         conn: &mut Connection,
-        through: Option<i64>,
+        which: Quiet,
     ) -> Result<usize, QuietFoldError> {
         debug_assert!(
             self.batch.is_empty() && self.folded_through == 0,
             "a fold of its own while a batch is open"
         );
-        let Some(through) = through else {
+        let Some(through) = self.quiet_rows(which) else {
             return Ok(0);
         };
         let folded = conn
@@ -845,7 +826,23 @@ impl Unfolded {
     }
 }
 
-/// Why a quiet fold ([`Unfolded::fold_old`]) failed.
+/// What a fold of its own between batches takes ([`Unfolded::fold_quiet`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Quiet {
+    /// The rows a trickle would: old ones, or a chunk of young ones while the log is
+    /// dense ([`Unfolded::early_chunk`]); after a small batch, while no write waits.
+    Old,
+    /// The oldest rows, young ones too, [`TRICKLE_ROWS`] at a time (always the oldest
+    /// batch whole), once no write has come for [`IDLE_FOLD_AFTER`]: a burst of posts
+    /// leaves an empty log behind, and the next burst does not fold the last one's rows
+    /// while its own writes wait. A chunk is small, whatever the channels it touches,
+    /// because a write that comes waits it out. As with old rows, a log of fewer than
+    /// [`TRICKLE_MIN_ROWS`] waits until its oldest row has waited [`TRICKLE_WAIT`], so a
+    /// trickle of posts at a low rate is not folded a row at a time.
+    Idle,
+}
+
+/// Why a quiet fold ([`Unfolded::fold_quiet`]) failed.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum QuietFoldError {
     /// The fold did not commit: its rows stay in the log.
@@ -1425,8 +1422,8 @@ mod tests {
             .map(|seq| post(1 + seq % 3, seq, 7))
             .collect();
         commit_as(&mut conn, &mut log, &many, false);
-        assert!(!log.old_rows_due(), "young rows wait");
-        assert_eq!(log.fold_old(&mut conn).unwrap(), 0);
+        assert!(!log.quiet_due(Quiet::Old), "young rows wait");
+        assert_eq!(log.fold_quiet(&mut conn, Quiet::Old).unwrap(), 0);
         age(&mut log, FOLD_AFTER + Duration::from_millis(100));
         commit_as(&mut conn, &mut log, &[post(9, 1, 7)], false);
         assert_eq!(
@@ -1434,13 +1431,13 @@ mod tests {
             many.len() as i64 + 1,
             "all rows in the log"
         );
-        assert!(log.old_rows_due());
+        assert!(log.quiet_due(Quiet::Old));
 
         // A fold that fails (its table is gone) leaves the rows where they were.
         conn.execute_batch("ALTER TABLE events RENAME TO events_away")
             .unwrap();
         assert!(matches!(
-            log.fold_old(&mut conn),
+            log.fold_quiet(&mut conn, Quiet::Old),
             Err(QuietFoldError::Fold(_))
         ));
         assert_eq!(synchronous(&conn), 2, "FULL again after a failed fold");
@@ -1448,7 +1445,7 @@ mod tests {
         conn.execute_batch("ALTER TABLE events_away RENAME TO events")
             .unwrap();
 
-        assert_eq!(log.fold_old(&mut conn).unwrap(), many.len());
+        assert_eq!(log.fold_quiet(&mut conn, Quiet::Old).unwrap(), many.len());
         assert_eq!(synchronous(&conn), 2, "FULL again after a fold");
         assert_eq!(counts(&conn), (1, many.len() as i64, many.len() as i64));
         assert_eq!(log.rows(), 1, "the young row stays");
@@ -1458,7 +1455,7 @@ mod tests {
             log.by_client_id(1, 7, "c1-3").is_none(),
             "folded: the table answers"
         );
-        assert!(!log.old_rows_due());
+        assert!(!log.quiet_due(Quiet::Old));
     }
 
     /// Idle, the writer folds every row, young ones too, a chunk of [`TRICKLE_ROWS`] at a
@@ -1470,7 +1467,11 @@ mod tests {
         let (_dir, mut conn) = database();
         conn.pragma_update(None, "synchronous", "FULL").unwrap();
         let mut log = Unfolded::new(Arc::new(Tail::default()), 100_000, 0);
-        assert_eq!(log.fold_idle(&mut conn).unwrap(), 0, "an empty log");
+        assert_eq!(
+            log.fold_quiet(&mut conn, Quiet::Idle).unwrap(),
+            0,
+            "an empty log"
+        );
         // A batch larger than a chunk, then three of 200 rows over channels 2-4.
         let large: Vec<Message> = (1..=TRICKLE_ROWS as i64 + 100)
             .map(|seq| post(1, seq, 7))
@@ -1481,25 +1482,25 @@ mod tests {
             commit_as(&mut conn, &mut log, &posts, false);
         }
         rejuvenate(&mut log);
-        assert!(log.idle_rows_due());
+        assert!(log.quiet_due(Quiet::Idle));
 
         assert_eq!(
-            log.fold_idle(&mut conn).unwrap(),
+            log.fold_quiet(&mut conn, Quiet::Idle).unwrap(),
             large.len(),
             "the oldest batch whole, though over a chunk"
         );
         assert_eq!(synchronous(&conn), 2, "FULL again after a fold");
         assert_eq!(
-            log.fold_idle(&mut conn).unwrap(),
+            log.fold_quiet(&mut conn, Quiet::Idle).unwrap(),
             400,
             "whole batches, up to a chunk"
         );
         assert_eq!(synchronous(&conn), 2);
-        assert!(!log.idle_rows_due(), "200 young rows wait");
-        assert_eq!(log.fold_idle(&mut conn).unwrap(), 0);
+        assert!(!log.quiet_due(Quiet::Idle), "200 young rows wait");
+        assert_eq!(log.fold_quiet(&mut conn, Quiet::Idle).unwrap(), 0);
         age(&mut log, TRICKLE_WAIT);
-        assert!(log.idle_rows_due(), "until they have waited");
-        assert_eq!(log.fold_idle(&mut conn).unwrap(), 200);
+        assert!(log.quiet_due(Quiet::Idle), "until they have waited");
+        assert_eq!(log.fold_quiet(&mut conn, Quiet::Idle).unwrap(), 200);
         assert!(log.is_empty());
         let rows = large.len() as i64 + 600;
         assert_eq!(counts(&conn), (0, rows, rows));
@@ -1507,8 +1508,8 @@ mod tests {
         for ch in 1..=4 {
             assert!(log.tail.range(ch, 0, i64::MAX, 10, false).is_empty());
         }
-        assert!(!log.idle_rows_due(), "nothing left");
-        assert_eq!(log.fold_idle(&mut conn).unwrap(), 0);
+        assert!(!log.quiet_due(Quiet::Idle), "nothing left");
+        assert_eq!(log.fold_quiet(&mut conn, Quiet::Idle).unwrap(), 0);
     }
 
     /// A dense log (many rows per channel) folds its young rows a chunk at a time, down
@@ -1529,7 +1530,7 @@ mod tests {
         }
         rejuvenate(&mut log);
         assert_eq!(log.early_chunk(), None, "1,000 rows: under two chunks");
-        assert!(!log.old_rows_due());
+        assert!(!log.quiet_due(Quiet::Old));
         let posts = batch(&log, 100, 1);
         commit_as(&mut conn, &mut log, &posts, false);
         rejuvenate(&mut log);
@@ -1538,20 +1539,20 @@ mod tests {
             Some(TRICKLE_ROWS),
             "two chunks of one channel's rows (a chunk is never under 512)"
         );
-        assert!(log.old_rows_due());
+        assert!(log.quiet_due(Quiet::Old));
         assert!(
             !log.old_rows_pile_up(),
             "the batches leave them to the folds between batches"
         );
         assert_eq!(
-            log.fold_old(&mut conn).unwrap(),
+            log.fold_quiet(&mut conn, Quiet::Old).unwrap(),
             500,
             "a chunk: whole batches"
         );
         assert_eq!(log.rows(), 600);
         rejuvenate(&mut log);
         assert_eq!(log.early_chunk(), None, "under two chunks again");
-        assert!(!log.old_rows_due());
+        assert!(!log.quiet_due(Quiet::Old));
         assert_eq!(counts(&conn).1, 500);
 
         // Dense again, but its oldest row came half a second ago: ~2,200 rows a second
@@ -1564,7 +1565,7 @@ mod tests {
         assert!(log.early_chunk().is_some(), "1,100 rows at once");
         age(&mut log, FOLD_AFTER / 2);
         assert_eq!(log.early_chunk(), None, "1,100 rows in half a second");
-        assert!(!log.old_rows_due());
+        assert!(!log.quiet_due(Quiet::Old));
 
         // 2,000 young rows over 40 channels: a chunk would be 5,120 rows.
         let (_dir, mut conn) = database();
@@ -1575,8 +1576,8 @@ mod tests {
         }
         rejuvenate(&mut log);
         assert_eq!(log.early_chunk(), None, "40 channels, 50 rows each");
-        assert!(!log.old_rows_due(), "young rows wait");
-        assert_eq!(log.fold_old(&mut conn).unwrap(), 0);
+        assert!(!log.quiet_due(Quiet::Old), "young rows wait");
+        assert_eq!(log.fold_quiet(&mut conn, Quiet::Old).unwrap(), 0);
     }
 
     /// The batches fold old rows too once [`TRICKLE_BACKLOG`] of them wait.
@@ -1593,7 +1594,7 @@ mod tests {
         commit_as(&mut conn, &mut log, &posts(1, TRICKLE_BACKLOG - 1), false);
         assert!(!log.old_rows_pile_up(), "young rows");
         age(&mut log, FOLD_AFTER + Duration::from_millis(100));
-        assert!(log.old_rows_due());
+        assert!(log.quiet_due(Quiet::Old));
         assert!(!log.old_rows_pile_up(), "one row short");
         commit_as(
             &mut conn,

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::hot::Hot;
 use super::index::{self, IndexSignal};
-use super::tail::{IDLE_FOLD_AFTER, QuietFoldError};
+use super::tail::{IDLE_FOLD_AFTER, Quiet, QuietFoldError};
 use super::write::{self, Done, Op};
 use crate::id::Snowflake;
 use crate::metrics::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, render_header, render_one};
@@ -542,8 +542,8 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
 }
 
 /// While no write waits, folds the log's old rows (or, idle, all of them: [`Quiet`]) a
-/// chunk at a time in transactions that do not sync ([`super::tail::Unfolded::fold_old`]),
-/// so the batches' commits do not carry them. Stops at the first write that comes after a
+/// chunk at a time in transactions that do not sync
+/// ([`super::tail::Unfolded::fold_quiet`]), so the batches' commits do not carry them. Stops at the first write that comes after a
 /// chunk (a chunk takes the oldest batch whole, so it may be a few thousand rows). `Err`
 /// only when the connection could not be set back to `synchronous=FULL`; a fold that
 /// fails otherwise, or none while the disk is short, is left for later (`Ok(false)`).
@@ -555,17 +555,9 @@ fn fold_quietly(
     if state.stats.disk.refused() {
         return Ok(false);
     }
-    let due = |log: &super::tail::Unfolded| match which {
-        Quiet::Old => log.old_rows_due(),
-        Quiet::All => log.idle_rows_due(),
-    };
-    while rx.is_empty() && due(&state.hot.log) {
+    while rx.is_empty() && state.hot.log.quiet_due(which) {
         let started = Instant::now();
-        let folded = match which {
-            Quiet::Old => state.hot.log.fold_old(&mut state.conn),
-            Quiet::All => state.hot.log.fold_idle(&mut state.conn),
-        };
-        match folded {
+        match state.hot.log.fold_quiet(&mut state.conn, which) {
             Ok(0) => break,
             Ok(rows) => {
                 state.index.poke();
@@ -588,25 +580,13 @@ fn fold_quietly(
     Ok(true)
 }
 
-/// What a fold between batches takes ([`fold_quietly`]).
-#[derive(Clone, Copy)]
-enum Quiet {
-    /// The old rows, after a small batch ([`super::tail::Unfolded::fold_old`]).
-    Old,
-    /// Every row (young ones too, a few only once they have waited), once no write has
-    /// come for [`IDLE_FOLD_AFTER`]
-    /// ([`super::tail::Unfolded::fold_idle`]).
-    All,
-}
-
 /// How the writer waits for its next write. While the commit log holds rows it waits at
 /// most [`IDLE_FOLD_AFTER`], then folds them all (a chunk at a time, stopping at the
 /// first write that comes), so a burst of posts leaves an empty log behind it and the
 /// next burst's writes do not wait behind the last one's folds. It polls the queue with
 /// a waker that unparks the thread and parks it with a timeout (`blocking_recv` has no
-/// timeout): no runtime, no timer wheel. While fewer rows than a fold takes at a time
-/// wait to be old enough ([`super::tail::Unfolded::fold_idle`]), it wakes every
-/// [`IDLE_FOLD_AFTER`] to look again.
+/// timeout): no runtime, no timer wheel. While a short log waits to be old enough
+/// ([`Quiet::Idle`]), it wakes every [`IDLE_FOLD_AFTER`] to look again.
 struct Idle {
     /// Unparks the writer thread when the queue has something.
     waker: std::task::Waker,
@@ -650,7 +630,7 @@ impl Idle {
                 self.failed = false;
                 return Ok(next);
             }
-            self.failed = !fold_quietly(state, rx, Quiet::All)?;
+            self.failed = !fold_quietly(state, rx, Quiet::Idle)?;
         }
     }
 
