@@ -9,12 +9,14 @@
 //! - [`capacity`] and [`spike`]: phases of the fan-out rig at stepped or bursting rates.
 //! - [`history`]: readers paging through a channel's history.
 //! - [`connections`]: many idle WebSockets, and the server's memory per connection.
+//! - [`floor`]: a bare durable fan-out server on plain TCP, the host's floor under `fanout`.
 
 pub mod capacity;
 mod chart;
 pub mod check;
 pub mod connections;
 pub mod fanout;
+pub mod floor;
 pub mod history;
 pub mod report;
 pub mod search;
@@ -63,6 +65,9 @@ pub enum Scenario {
     Capacity(capacity::CapacityArgs),
     /// A steady rate with a sudden burst: errors, latency and queues, and recovery time.
     Spike(spike::SpikeArgs),
+    /// The least any durable fan-out server can do on this host (a bare epoll loop over
+    /// plain TCP and a preallocated log), to set `fanout`'s figures against.
+    Floor(floor::FloorArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -114,6 +119,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Connections(c) => connections::run(c).await,
         Scenario::Capacity(c) => capacity::run(c).await,
         Scenario::Spike(s) => spike::run(s).await,
+        Scenario::Floor(f) => floor::run(f).await,
     }
 }
 
