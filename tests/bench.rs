@@ -273,7 +273,7 @@ async fn connections_open_idle_sockets_from_several_sources_and_report_memory() 
 
 /// The floor's bare server (a child process): every record acked, and delivered to every
 /// member of its channel once and in order, two senders sharing a channel and each
-/// round's 71 sockets written by two threads; both sides' CPU read.
+/// round's 71 sockets written by two threads; the server's CPU read.
 #[test]
 fn floor_acks_and_delivers_every_record_once_in_order() {
     use natter::bench::floor::{FloorArgs, measure};
@@ -286,6 +286,7 @@ fn floor_acks_and_delivers_every_record_once_in_order() {
         record_bytes: 64,
         send_threads: 2,
         no_sync: false,
+        data_dir: None,
         json: false,
         report: None,
         server_bin: Some(env!("CARGO_BIN_EXE_natter").into()),
@@ -296,7 +297,6 @@ fn floor_acks_and_delivers_every_record_once_in_order() {
     assert_eq!(figure(&report, "messages acked"), Some(300.0));
     assert_eq!(figure(&report, "deliveries"), Some(300.0 * 70.0));
     assert!(figure(&report, "server CPU per message").is_some_and(|us| us > 0.0));
-    assert!(figure(&report, "load CPU per million deliveries").is_some_and(|s| s > 0.0));
     check_outputs(&report, "floor", 3);
 }
 

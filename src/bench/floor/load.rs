@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use super::{ACK_BYTES, FloorArgs, Role, channel_of, seq_of};
+use super::{ACK_BYTES, CHANNEL, FloorArgs, Role, channel_of, seq_of};
 use crate::bench::check::{Checker, Violations};
 use crate::bench::histogram;
 
@@ -22,6 +22,8 @@ pub(super) struct Outcome {
     pub sent: u64,
     pub acked: u64,
     pub deliveries: u64,
+    /// Deliveries every member getting every record of its channel makes.
+    pub expected: u64,
     pub ack_us: Histogram<u64>,
     pub deliver_us: Histogram<u64>,
     /// How late each send was written after its scheduled time.
@@ -43,149 +45,212 @@ struct Peer {
     /// Registered for writable: a write left bytes behind.
     waiting: bool,
     /// A member's stream, checked.
-    checker: Option<Checker>,
+    checker: Checker,
+}
+
+struct Load<'a> {
+    args: &'a FloorArgs,
+    poll: Poll,
+    peers: Vec<Peer>,
+    first_sender: usize,
+    start: Instant,
+    total: u64,
+    /// Records sent to each channel: the last seq each of its members should see.
+    sent_to: HashMap<i64, i64>,
+    o: Outcome,
 }
 
 pub(super) fn run(addr: SocketAddr, args: &FloorArgs, server_pid: u32) -> anyhow::Result<Outcome> {
-    let record_bytes = args.record_bytes;
     let mut peers = Vec::new();
     for c in 0..args.channels {
         for m in 0..args.members {
             let who = format!("member {m} of channel {c}");
-            peers.push(connect(addr, Role::Member(c as u32), Some(who))?);
+            peers.push(connect(addr, Role::Member(c as u32), who)?);
         }
     }
     let first_sender = peers.len();
-    for _ in 0..args.senders {
-        peers.push(connect(addr, Role::Sender, None)?);
+    for s in 0..args.senders {
+        peers.push(connect(addr, Role::Sender, format!("sender {s}"))?);
     }
-    let mut poll = Poll::new()?;
+    let poll = Poll::new().context("create the poll")?;
     for (i, p) in peers.iter_mut().enumerate() {
         poll.registry()
-            .register(&mut p.socket, Token(i), Interest::READABLE)?;
+            .register(&mut p.socket, Token(i), Interest::READABLE)
+            .context("register a connection")?;
+    }
+    let total = (args.rate * args.duration).round() as u64;
+    let mut load = Load {
+        args,
+        poll,
+        peers,
+        first_sender,
+        start: Instant::now(),
+        total,
+        sent_to: HashMap::new(),
+        o: Outcome {
+            sent: 0,
+            acked: 0,
+            deliveries: 0,
+            expected: total * args.members as u64,
+            ack_us: histogram(),
+            deliver_us: histogram(),
+            late_us: histogram(),
+            elapsed: Duration::ZERO,
+            server_cpu: None,
+            load_cpu: None,
+            violations: Violations::default(),
+        },
+    };
+    let server_before = crate::process::cpu_seconds(Some(server_pid));
+    let load_before = crate::process::cpu_seconds(None);
+    load.start = Instant::now();
+    load.drive()?;
+    let spent = |before: Option<f64>, pid| before.zip(crate::process::cpu_seconds(pid));
+    load.o.server_cpu = spent(server_before, Some(server_pid)).map(|(a, b)| b - a);
+    load.o.load_cpu = spent(load_before, None).map(|(a, b)| b - a);
+    Ok(load.finish())
+}
+
+impl Load<'_> {
+    /// When message `k` is due.
+    fn due(&self, k: u64) -> Instant {
+        self.start + Duration::from_secs_f64(k as f64 / self.args.rate)
     }
 
-    let total = (args.rate * args.duration).round().max(1.0) as u64;
-    let expected = total * args.members as u64;
-    let mut o = Outcome {
-        sent: 0,
-        acked: 0,
-        deliveries: 0,
-        ack_us: histogram(),
-        deliver_us: histogram(),
-        late_us: histogram(),
-        elapsed: Duration::ZERO,
-        server_cpu: None,
-        load_cpu: None,
-        violations: Violations::default(),
-    };
-    let mut sent_to: HashMap<i64, i64> = HashMap::new();
-    let mut events = Events::with_capacity(4096);
-    let cpu_before = crate::process::cpu_seconds(Some(server_pid));
-    let load_cpu_before = crate::process::cpu_seconds(None);
-    let start = Instant::now();
-    let due = |k: u64| start + Duration::from_secs_f64(k as f64 / args.rate);
-    let deadline = due(total) + SETTLE;
-    while (o.acked < total || o.deliveries < expected) && Instant::now() < deadline {
-        let now = Instant::now();
-        while o.sent < total && due(o.sent) <= now {
-            let k = o.sent;
-            let sender = (k % args.senders as u64) as usize;
-            let channel = (sender % args.channels) as u32;
-            let at = due(k);
-            let mut record = vec![0u8; record_bytes];
-            record[..ACK_BYTES].copy_from_slice(&(nanos(start, at)).to_le_bytes());
-            record[super::CHANNEL].copy_from_slice(&channel.to_le_bytes());
-            let peer = &mut peers[first_sender + sender];
-            peer.write.extend_from_slice(&record);
-            let _ = o.late_us.record(micros(Instant::now() - at));
-            write_some(peer, &poll, Token(first_sender + sender))?;
-            *sent_to.entry(i64::from(channel)).or_default() += 1;
-            o.sent += 1;
-        }
-        let wake = if o.sent < total {
-            due(o.sent)
-        } else {
-            deadline
-        };
-        poll.poll(
-            &mut events,
-            Some(wake.saturating_duration_since(Instant::now())),
-        )
-        .context("poll")?;
-        for event in events.iter() {
-            let i = event.token().0;
-            let peer = &mut peers[i];
-            if event.is_writable() {
-                write_some(peer, &poll, Token(i))?;
-            }
-            if !event.is_readable() {
-                continue;
-            }
-            read_all(peer)?;
-            let now = nanos(start, Instant::now());
-            let whole = match peer.role {
-                Role::Sender => peer.read.len() / ACK_BYTES * ACK_BYTES,
-                Role::Member(_) => peer.read.len() / record_bytes * record_bytes,
+    /// Sends on schedule and takes answers until every ack and delivery came, or
+    /// [`SETTLE`] after the last send.
+    fn drive(&mut self) -> anyhow::Result<()> {
+        let deadline = self.due(self.total) + SETTLE;
+        let mut events = Events::with_capacity(4096);
+        while (self.o.acked < self.total || self.o.deliveries < self.o.expected)
+            && Instant::now() < deadline
+        {
+            self.send_due()?;
+            let wake = if self.o.sent < self.total {
+                self.due(self.o.sent)
+            } else {
+                deadline
             };
+            self.poll
+                .poll(
+                    &mut events,
+                    Some(wake.saturating_duration_since(Instant::now())),
+                )
+                .context("poll")?;
+            for event in events.iter() {
+                let i = event.token().0;
+                if event.is_writable() {
+                    write_some(&mut self.peers[i], &self.poll, Token(i))?;
+                }
+                if event.is_readable() {
+                    self.take(i)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every send now due, each from sender `k mod senders` to its channel.
+    fn send_due(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        while self.o.sent < self.total && self.due(self.o.sent) <= now {
+            let k = self.o.sent;
+            let at = self.due(k);
+            let sender = (k % self.args.senders as u64) as usize;
+            let channel = (sender % self.args.channels) as u32;
+            let token = Token(self.first_sender + sender);
+            let peer = &mut self.peers[token.0];
+            let from = peer.write.len();
+            peer.write.resize(from + self.args.record_bytes, 0);
+            let record = &mut peer.write[from..];
+            record[..ACK_BYTES].copy_from_slice(&nanos(self.start, at).to_le_bytes());
+            record[CHANNEL].copy_from_slice(&channel.to_le_bytes());
+            write_some(peer, &self.poll, token)?;
+            self.o
+                .late_us
+                .saturating_record(micros(Instant::now() - at));
+            *self.sent_to.entry(i64::from(channel)).or_default() += 1;
+            self.o.sent += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes what connection `i` has: a sender's acks, a member's records.
+    fn take(&mut self, i: usize) -> anyhow::Result<()> {
+        let peer = &mut self.peers[i];
+        read_all(peer)?;
+        let now = nanos(self.start, Instant::now());
+        let since = |at: &[u8]| {
+            let at = u64::from_le_bytes(at[..ACK_BYTES].try_into().expect("8 bytes"));
+            (now.saturating_sub(at) / 1000).max(1)
+        };
+        let size = match peer.role {
+            Role::Sender => ACK_BYTES,
+            Role::Member(_) => self.args.record_bytes,
+        };
+        let whole = peer.read.len() / size * size;
+        for unit in peer.read[..whole].chunks_exact(size) {
             match peer.role {
                 Role::Sender => {
-                    for ack in peer.read[..whole].chunks_exact(ACK_BYTES) {
-                        let at = u64::from_le_bytes(ack.try_into().expect("8 bytes"));
-                        let _ = o.ack_us.record((now.saturating_sub(at) / 1000).max(1));
-                        o.acked += 1;
-                    }
+                    self.o.ack_us.saturating_record(since(unit));
+                    self.o.acked += 1;
                 }
-                Role::Member(_) => {
-                    let checker = peer.checker.as_mut().expect("a member has a checker");
-                    for record in peer.read[..whole].chunks_exact(record_bytes) {
-                        let at = u64::from_le_bytes(record[..ACK_BYTES].try_into().expect("8"));
-                        let _ = o.deliver_us.record((now.saturating_sub(at) / 1000).max(1));
-                        checker.observe(i64::from(channel_of(record)), seq_of(record) as i64);
-                        o.deliveries += 1;
+                Role::Member(own) => {
+                    self.o.deliver_us.saturating_record(since(unit));
+                    if channel_of(unit) != own {
+                        bail!(
+                            "a member of channel {own} got a record of {}",
+                            channel_of(unit)
+                        );
                     }
+                    peer.checker.observe(i64::from(own), seq_of(unit) as i64);
+                    self.o.deliveries += 1;
                 }
             }
-            peer.read.drain(..whole);
-            o.elapsed = Instant::now() - start;
         }
+        peer.read.drain(..whole);
+        self.o.elapsed = Instant::now() - self.start;
+        Ok(())
     }
-    o.server_cpu = cpu_before
-        .zip(crate::process::cpu_seconds(Some(server_pid)))
-        .map(|(a, b)| b - a);
-    o.load_cpu = load_cpu_before
-        .zip(crate::process::cpu_seconds(None))
-        .map(|(a, b)| b - a);
-    for peer in peers {
-        if let Some(checker) = peer.checker {
-            o.violations.merge(&checker.finish(&sent_to));
+
+    /// Every member's check against what was sent to its channel.
+    fn finish(mut self) -> Outcome {
+        for peer in self.peers {
+            if let Role::Member(_) = peer.role {
+                self.o.violations.merge(&peer.checker.finish(&self.sent_to));
+            }
         }
+        self.o
     }
-    Ok(o)
 }
 
 /// Connects, says who it is, and waits for the server's one-byte answer: a member is
 /// registered before any send.
-fn connect(addr: SocketAddr, role: Role, member: Option<String>) -> anyhow::Result<Peer> {
+fn connect(addr: SocketAddr, role: Role, who: String) -> anyhow::Result<Peer> {
     let mut socket = std::net::TcpStream::connect(addr).context("connect to the floor")?;
     socket.set_nodelay(true)?;
     socket.set_read_timeout(Some(Duration::from_secs(10)))?;
-    socket.write_all(&role.hello())?;
+    socket.write_all(&role.hello()).context("say hello")?;
     let mut answer = [0u8; 1];
     socket
         .read_exact(&mut answer)
-        .context("the floor's server did not answer a hello")?;
+        .context("wait for the answer to a hello")?;
     if answer != *b"k" {
         bail!("the floor's server answered a hello with {answer:?}");
     }
     socket.set_nonblocking(true)?;
+    let mut checker = Checker::new(who);
+    if let Role::Member(channel) = role {
+        // Nothing arriving at all is then a gap too.
+        checker.start(i64::from(channel), 0);
+    }
     Ok(Peer {
         socket: TcpStream::from_std(socket),
         role,
         read: Vec::new(),
         write: Vec::new(),
         waiting: false,
-        checker: member.map(Checker::new),
+        checker,
     })
 }
 
@@ -205,16 +270,16 @@ fn read_all(peer: &mut Peer) -> anyhow::Result<()> {
 
 /// Writes what the socket takes; waits for writable while bytes are left.
 fn write_some(peer: &mut Peer, poll: &Poll, token: Token) -> anyhow::Result<()> {
-    while !peer.write.is_empty() {
-        match peer.socket.write(&peer.write) {
-            Ok(n) => {
-                peer.write.drain(..n);
-            }
+    let mut done = 0;
+    while done < peer.write.len() {
+        match peer.socket.write(&peer.write[done..]) {
+            Ok(n) => done += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) => return Err(e).context("write to the floor's server"),
         }
     }
+    peer.write.drain(..done);
     if peer.waiting == peer.write.is_empty() {
         peer.waiting = !peer.write.is_empty();
         let interest = if peer.waiting {
@@ -223,7 +288,8 @@ fn write_some(peer: &mut Peer, poll: &Poll, token: Token) -> anyhow::Result<()> 
             Interest::READABLE
         };
         poll.registry()
-            .reregister(&mut peer.socket, token, interest)?;
+            .reregister(&mut peer.socket, token, interest)
+            .context("change what a connection waits for")?;
     }
     Ok(())
 }

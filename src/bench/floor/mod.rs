@@ -4,17 +4,21 @@
 //! record in its channel, appends the round to a preallocated log with one write and one
 //! `fdatasync`, then acks each record to its sender and writes it to every member of its
 //! channel, one write per socket (over two threads for a round of more than 64 sockets).
-//! No framing, parsing, table, index or second thread on a message's way: a floor under any
-//! server that keeps Natter's promise (an ack only once the record is on disk; every member
-//! gets every record of its channel, in order). The load ([`load`]) is one thread in this
+//! No framing, parsing, checksum, table or index, no hop between threads before the
+//! fan-out, no bound on a connection's buffer: a floor under any server that keeps
+//! Natter's promise (an ack only once the record is on disk; every member gets every record
+//! of its channel, in order). Not a bound on latency: a server that syncs one round while
+//! it fans out the last could answer sooner. The load ([`load`]) is one thread in this
 //! process, open loop, latency counted from each send's scheduled time as `fanout` counts
-//! it, every member's stream checked.
+//! it (the "send lateness" row says how late the sends went out), every member's stream
+//! checked; on a shared machine its own cost is part of what the tails show.
 
 mod load;
 mod server;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -49,6 +53,10 @@ pub struct FloorArgs {
     /// No `fdatasync`: what durability costs (the figures are then not a durable floor).
     #[arg(long)]
     pub no_sync: bool,
+    /// Where the log goes (default: a fresh temporary directory, removed afterwards). Put
+    /// it on the disk the server under comparison writes to.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// Print the report as JSON: one JSON value on stdout, the table on stderr.
     #[arg(long)]
     pub json: bool,
@@ -63,6 +71,8 @@ pub struct FloorArgs {
     pub serve_log: Option<PathBuf>,
 }
 
+/// The log's size (a reused WAL's: written through once, then overwritten).
+const LOG_BYTES: u64 = 64 << 20;
 /// A connection's first bytes: `S` (a sender) or `M` and a channel (a member).
 const HELLO_BYTES: usize = 5;
 /// A record: its scheduled send time (ns from the load's start; also the whole ack),
@@ -109,12 +119,7 @@ fn seq_of(record: &[u8]) -> u64 {
 
 pub async fn run(args: FloorArgs) -> anyhow::Result<()> {
     if let Some(log) = args.serve_log.clone() {
-        let setup = server::Setup {
-            record_bytes: args.record_bytes,
-            send_threads: args.send_threads,
-            sync: !args.no_sync,
-        };
-        return tokio::task::spawn_blocking(move || server::serve(&log, &setup)).await?;
+        return tokio::task::spawn_blocking(move || serve_child(&log, &args)).await?;
     }
     let run = RunArgs {
         json: args.json,
@@ -125,6 +130,21 @@ pub async fn run(args: FloorArgs) -> anyhow::Result<()> {
     emit(&report, &run)
 }
 
+/// The child's side: listens, says where on stdout, serves until stdin closes.
+fn serve_child(log: &std::path::Path, args: &FloorArgs) -> anyhow::Result<()> {
+    crate::process::raise_open_files(u64::MAX);
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("bind the floor's listener")?;
+    println!("listening {}", listener.local_addr()?);
+    let setup = server::Setup {
+        record_bytes: args.record_bytes,
+        log_bytes: LOG_BYTES,
+        send_threads: args.send_threads,
+        sync: !args.no_sync,
+    };
+    server::serve(listener, log, &setup, std::io::stdin().as_fd())
+}
+
 /// Starts the floor's server as a child process, runs the load against it, stops it.
 pub fn measure(args: &FloorArgs) -> anyhow::Result<Report> {
     if !(MIN_RECORD..=65_536).contains(&args.record_bytes) {
@@ -133,14 +153,26 @@ pub fn measure(args: &FloorArgs) -> anyhow::Result<Report> {
     if args.channels == 0 || args.members == 0 || args.senders == 0 {
         bail!("--channels, --members and --senders must be at least 1");
     }
-    if !(args.rate > 0.0 && args.duration > 0.0) {
-        bail!("--rate and --duration must be positive");
+    let messages = args.rate * args.duration;
+    let valid = args.rate > 0.0
+        && args.duration <= 86_400.0
+        && (1.0..=1e9).contains(&messages)
+        && (messages as u64).checked_mul(args.members as u64).is_some();
+    if !valid {
+        bail!("--rate and --duration must be positive, and make 1 to 10^9 messages");
     }
-    let scratch = Scratch::new(None)?;
+    let connections = args
+        .channels
+        .saturating_mul(args.members)
+        .saturating_add(args.senders);
+    crate::process::raise_open_files(connections as u64 + 64);
+    let scratch = Scratch::new(args.data_dir.clone())?;
     let child = Server::start(args, scratch.path.join("floor.log"))?;
     let outcome = load::run(child.addr, args, child.pid());
-    child.stop()?;
-    Ok(report(args, &outcome?))
+    let stopped = child.stop();
+    let report = report(args, &outcome?);
+    stopped?;
+    Ok(report)
 }
 
 /// The child process; killed if dropped before [`Server::stop`].
@@ -174,7 +206,11 @@ impl Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        let stdout = server.child.stdout.take().context("the child's stdout")?;
+        let stdout = server
+            .child
+            .stdout
+            .take()
+            .context("take the child's stdout")?;
         let mut line = String::new();
         BufReader::new(stdout)
             .read_line(&mut line)
@@ -264,6 +300,12 @@ fn report(args: &FloorArgs, o: &load::Outcome) -> Report {
         report
             .errors
             .insert("unacknowledged".into(), o.sent - o.acked);
+    }
+    if o.deliveries != o.expected {
+        report.errors.insert(
+            "deliveries short or over".into(),
+            o.expected.abs_diff(o.deliveries),
+        );
     }
     report.passed = report.checks.total() == 0 && report.errors.is_empty();
     report

@@ -1,27 +1,36 @@
 //! The floor's server: one epoll loop over plain TCP. Each round it reads what came,
-//! appends the round's records to a preallocated log in one write and `fdatasync`s it
-//! once, then writes each record's ack to its sender and the record to every member of
-//! its channel, one write per socket.
+//! numbers each record in its channel, appends the round to a preallocated log in one
+//! write and `fdatasync`s it once, then writes each record's ack to its sender and the
+//! record to every member of its channel, one write per socket.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::Context;
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::{Events, Interest, Poll, Token};
 
-use super::{ACK_BYTES, HELLO_BYTES, Role, SEQ};
+use super::{ACK_BYTES, HELLO_BYTES, Role, SEQ, channel_of};
 
-/// The log's size: written through once, then overwritten from the start (a reused WAL).
-const LOG_BYTES: u64 = 64 << 20;
 const LISTENER: Token = Token(usize::MAX);
-const STDIN: Token = Token(usize::MAX - 1);
+const STOP: Token = Token(usize::MAX - 1);
 /// A round writing to more sockets than this splits them over two threads (if asked to).
 const SPLIT_AT: usize = 64;
+
+/// How the server runs.
+pub struct Setup {
+    pub record_bytes: usize,
+    /// The log's size: written through once, then overwritten from the start (a reused
+    /// WAL), so no round's `fdatasync` has a file size to record.
+    pub log_bytes: u64,
+    pub send_threads: usize,
+    pub sync: bool,
+}
 
 struct Conn {
     socket: TcpStream,
@@ -32,112 +41,78 @@ struct Conn {
     waiting: bool,
 }
 
-/// How the server runs.
-pub struct Setup {
-    pub record_bytes: usize,
-    pub send_threads: usize,
-    pub sync: bool,
+struct Floor<'a> {
+    setup: &'a Setup,
+    poll: Poll,
+    log: File,
+    /// Where the next round goes in the log.
+    offset: u64,
+    conns: Vec<Conn>,
+    members: HashMap<u32, Vec<usize>>,
+    last_seq: HashMap<u32, u64>,
+    /// The round's records, back to back as they go to the log, and whose each is.
+    round: Vec<u8>,
+    senders: Vec<usize>,
+    touched: Vec<usize>,
 }
 
-/// Serves until its stdin closes (the parent holds the other end), printing
-/// `listening ADDR` on stdout once it accepts.
-pub fn serve(log: &Path, setup: &Setup) -> anyhow::Result<()> {
-    let file = preallocate(log)?;
-    let mut poll = Poll::new()?;
-    let mut listener = TcpListener::bind("127.0.0.1:0".parse()?)?;
+/// Serves on `listener` until `stop` is readable or closed (the child's stdin, whose
+/// other end its parent holds).
+pub fn serve(
+    listener: std::net::TcpListener,
+    log: &Path,
+    setup: &Setup,
+    stop: BorrowedFd<'_>,
+) -> anyhow::Result<()> {
+    listener.set_nonblocking(true)?;
+    let mut listener = TcpListener::from_std(listener);
+    let poll = Poll::new().context("create the poll")?;
     poll.registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)?;
+        .register(&mut listener, LISTENER, Interest::READABLE)
+        .context("register the listener")?;
     poll.registry()
-        .register(&mut SourceFd(&0), STDIN, Interest::READABLE)?;
-    println!("listening {}", listener.local_addr()?);
-    std::io::stdout().flush()?;
-
-    let mut conns: Vec<Conn> = Vec::new();
-    let mut members: HashMap<u32, Vec<usize>> = HashMap::new();
-    let mut last_seq: HashMap<u32, u64> = HashMap::new();
+        .register(&mut SourceFd(&stop.as_raw_fd()), STOP, Interest::READABLE)
+        .context("register the stop handle")?;
+    let mut floor = Floor {
+        setup,
+        poll,
+        log: preallocate(log, setup.log_bytes)?,
+        offset: 0,
+        conns: Vec::new(),
+        members: HashMap::new(),
+        last_seq: HashMap::new(),
+        round: Vec::new(),
+        senders: Vec::new(),
+        touched: Vec::new(),
+    };
     let mut events = Events::with_capacity(4096);
-    let mut offset = 0u64;
-    // The round's records, back to back as they go to the log, and whose each is.
-    let mut round: Vec<u8> = Vec::new();
-    let mut senders: Vec<usize> = Vec::new();
-    let mut touched: Vec<usize> = Vec::new();
     loop {
-        poll.poll(&mut events, None).context("poll")?;
+        floor.poll.poll(&mut events, None).context("poll")?;
         for event in events.iter() {
             match event.token() {
-                LISTENER => accept(&listener, poll.registry(), &mut conns)?,
-                STDIN => return Ok(()),
+                LISTENER => floor.accept(&listener)?,
+                STOP => return Ok(()),
                 Token(i) => {
-                    let conn = &mut conns[i];
                     if event.is_writable() {
-                        flush(conn);
-                        if conn.write.is_empty() {
-                            conn.waiting = false;
-                            poll.registry().reregister(
-                                &mut conn.socket,
-                                Token(i),
-                                Interest::READABLE,
-                            )?;
-                        }
+                        floor.write_waiting(i)?;
                     }
                     if event.is_readable() {
-                        read_all(conn);
-                        take(i, conn, &mut members, setup.record_bytes, &mut round)?;
-                        senders.resize(round.len() / setup.record_bytes, i);
+                        floor.read(i)?;
                     }
                 }
             }
         }
-        if round.is_empty() {
-            continue;
+        if !floor.round.is_empty() {
+            floor.commit()?;
         }
-        for record in round.chunks_exact_mut(setup.record_bytes) {
-            let seq = last_seq.entry(super::channel_of(record)).or_default();
-            *seq += 1;
-            record[SEQ].copy_from_slice(&seq.to_le_bytes());
+        if !floor.round.is_empty() || !floor.touched.is_empty() {
+            floor.fan_out()?;
         }
-        if offset + round.len() as u64 > LOG_BYTES {
-            offset = 0;
-        }
-        file.write_all_at(&round, offset).context("write the log")?;
-        offset += round.len() as u64;
-        if setup.sync {
-            file.sync_data().context("fdatasync the log")?;
-        }
-        for (&from, record) in senders.iter().zip(round.chunks_exact(setup.record_bytes)) {
-            conns[from].write.extend_from_slice(&record[..ACK_BYTES]);
-            touched.push(from);
-            for &m in members
-                .get(&super::channel_of(record))
-                .map_or(&[][..], Vec::as_slice)
-            {
-                conns[m].write.extend_from_slice(record);
-                touched.push(m);
-            }
-        }
-        round.clear();
-        senders.clear();
-        touched.sort_unstable();
-        touched.dedup();
-        write_out(&mut conns, &touched, setup.send_threads);
-        for &i in &touched {
-            let conn = &mut conns[i];
-            if !conn.write.is_empty() && !conn.waiting {
-                conn.waiting = true;
-                poll.registry().reregister(
-                    &mut conn.socket,
-                    Token(i),
-                    Interest::READABLE | Interest::WRITABLE,
-                )?;
-            }
-        }
-        touched.clear();
     }
 }
 
-/// A log of [`LOG_BYTES`] written through and synced, so a round's write overwrites
-/// allocated blocks and its `fdatasync` has no size to record.
-fn preallocate(path: &Path) -> anyhow::Result<File> {
+/// A log of `bytes` written through and synced.
+fn preallocate(path: &Path, bytes: u64) -> anyhow::Result<File> {
     let file = File::options()
         .read(true)
         .write(true)
@@ -146,105 +121,292 @@ fn preallocate(path: &Path) -> anyhow::Result<File> {
         .open(path)
         .with_context(|| format!("create {}", path.display()))?;
     let chunk = vec![0u8; 1 << 20];
-    for i in 0..LOG_BYTES / chunk.len() as u64 {
-        file.write_all_at(&chunk, i * chunk.len() as u64)?;
+    let mut at = 0;
+    while at < bytes {
+        let n = chunk.len().min((bytes - at) as usize);
+        file.write_all_at(&chunk[..n], at)
+            .context("preallocate the log")?;
+        at += n as u64;
     }
     file.sync_all().context("sync the new log")?;
     Ok(file)
 }
 
-fn accept(
-    listener: &TcpListener,
-    registry: &Registry,
-    conns: &mut Vec<Conn>,
-) -> anyhow::Result<()> {
-    loop {
-        match listener.accept() {
-            Ok((mut socket, _)) => {
-                socket.set_nodelay(true)?;
-                registry.register(&mut socket, Token(conns.len()), Interest::READABLE)?;
-                conns.push(Conn {
-                    socket,
-                    read: Vec::new(),
-                    write: Vec::new(),
-                    role: None,
-                    waiting: false,
-                });
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e).context("accept"),
+impl Floor<'_> {
+    fn accept(&mut self, listener: &TcpListener) -> anyhow::Result<()> {
+        loop {
+            let (mut socket, _) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e).context("accept a connection"),
+            };
+            socket.set_nodelay(true)?;
+            let token = Token(self.conns.len());
+            self.poll
+                .registry()
+                .register(&mut socket, token, Interest::READABLE)
+                .context("register a connection")?;
+            self.conns.push(Conn {
+                socket,
+                read: Vec::new(),
+                write: Vec::new(),
+                role: None,
+                waiting: false,
+            });
         }
+    }
+
+    /// Takes what connection `i` sent: its hello (its role, answered with one byte once
+    /// registered), then its whole records into the round.
+    fn read(&mut self, i: usize) -> anyhow::Result<()> {
+        let conn = &mut self.conns[i];
+        read_all(&mut conn.socket, &mut conn.read);
+        if conn.role.is_none() {
+            if conn.read.len() < HELLO_BYTES {
+                return Ok(());
+            }
+            let role =
+                Role::parse(&conn.read[..HELLO_BYTES]).context("read a connection's hello")?;
+            conn.read.drain(..HELLO_BYTES);
+            if let Role::Member(channel) = role {
+                self.members.entry(channel).or_default().push(i);
+            }
+            conn.role = Some(role);
+            conn.write.push(b'k');
+            self.touched.push(i);
+        }
+        let whole = conn.read.len() / self.setup.record_bytes * self.setup.record_bytes;
+        self.round.extend_from_slice(&conn.read[..whole]);
+        conn.read.drain(..whole);
+        self.senders
+            .resize(self.round.len() / self.setup.record_bytes, i);
+        Ok(())
+    }
+
+    /// Numbers the round's records in their channels and puts them on disk: one write
+    /// (two where the log wraps) and one `fdatasync`.
+    fn commit(&mut self) -> anyhow::Result<()> {
+        for record in self.round.chunks_exact_mut(self.setup.record_bytes) {
+            let seq = self.last_seq.entry(channel_of(record)).or_default();
+            *seq += 1;
+            record[SEQ].copy_from_slice(&seq.to_le_bytes());
+        }
+        let mut rest = &self.round[..];
+        while !rest.is_empty() {
+            let room = (self.setup.log_bytes - self.offset) as usize;
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            self.log
+                .write_all_at(now, self.offset)
+                .context("write the log")?;
+            self.offset = (self.offset + now.len() as u64) % self.setup.log_bytes;
+            rest = later;
+        }
+        if self.setup.sync {
+            self.log.sync_data().context("fdatasync the log")?;
+        }
+        Ok(())
+    }
+
+    /// Acks each of the round's records to its sender and writes it to every member of
+    /// its channel (and the round's answers to hellos).
+    fn fan_out(&mut self) -> anyhow::Result<()> {
+        let record_bytes = self.setup.record_bytes;
+        for (&from, record) in self
+            .senders
+            .iter()
+            .zip(self.round.chunks_exact(record_bytes))
+        {
+            self.conns[from]
+                .write
+                .extend_from_slice(&record[..ACK_BYTES]);
+            self.touched.push(from);
+            let members = self.members.get(&channel_of(record));
+            for &m in members.map_or(&[][..], Vec::as_slice) {
+                self.conns[m].write.extend_from_slice(record);
+                self.touched.push(m);
+            }
+        }
+        self.round.clear();
+        self.senders.clear();
+        self.touched.sort_unstable();
+        self.touched.dedup();
+        write_out(&mut self.conns, &self.touched, self.setup.send_threads);
+        for &i in &self.touched {
+            let conn = &mut self.conns[i];
+            if !conn.write.is_empty() && !conn.waiting {
+                conn.waiting = true;
+                self.poll
+                    .registry()
+                    .reregister(
+                        &mut conn.socket,
+                        Token(i),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )
+                    .context("wait for a connection to take more")?;
+            }
+        }
+        self.touched.clear();
+        Ok(())
+    }
+
+    /// Connection `i` can take more of what a write left behind.
+    fn write_waiting(&mut self, i: usize) -> anyhow::Result<()> {
+        let conn = &mut self.conns[i];
+        flush(&mut conn.socket, &mut conn.write);
+        if conn.write.is_empty() && conn.waiting {
+            conn.waiting = false;
+            self.poll
+                .registry()
+                .reregister(&mut conn.socket, Token(i), Interest::READABLE)
+                .context("stop waiting on a connection")?;
+        }
+        Ok(())
     }
 }
 
 /// Everything the socket has now (a closed or failed socket just stops giving).
-fn read_all(conn: &mut Conn) {
+fn read_all(socket: &mut TcpStream, into: &mut Vec<u8>) {
     let mut buf = [0u8; 16 * 1024];
     loop {
-        match conn.socket.read(&mut buf) {
+        match socket.read(&mut buf) {
             Ok(0) => return,
-            Ok(n) => conn.read.extend_from_slice(&buf[..n]),
+            Ok(n) => into.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return,
         }
     }
 }
 
-/// A connection's hello (its role, answered with one byte once registered), then its
-/// whole records into the round.
-fn take(
-    i: usize,
-    conn: &mut Conn,
-    members: &mut HashMap<u32, Vec<usize>>,
-    record_bytes: usize,
-    round: &mut Vec<u8>,
-) -> anyhow::Result<()> {
-    if conn.role.is_none() {
-        if conn.read.len() < HELLO_BYTES {
-            return Ok(());
-        }
-        let role = Role::parse(&conn.read[..HELLO_BYTES]).context("a bad hello")?;
-        conn.read.drain(..HELLO_BYTES);
-        if let Role::Member(channel) = role {
-            members.entry(channel).or_default().push(i);
-        }
-        conn.role = Some(role);
-        conn.socket.write_all(b"k").context("answer a hello")?;
-    }
-    let whole = conn.read.len() / record_bytes * record_bytes;
-    round.extend_from_slice(&conn.read[..whole]);
-    conn.read.drain(..whole);
-    Ok(())
-}
-
-/// Writes every touched connection's bytes, on two threads when asked and worth it.
+/// Writes every touched connection's bytes, on two threads when asked and worth it: the
+/// second a scoped thread of that round (its start and join cost tens of microseconds, in
+/// a round of more than [`SPLIT_AT`] writes of several each).
 fn write_out(conns: &mut [Conn], touched: &[usize], threads: usize) {
+    let out = |c: &mut Conn| flush(&mut c.socket, &mut c.write);
     if threads < 2 || touched.len() <= SPLIT_AT {
-        touched.iter().for_each(|&i| flush(&mut conns[i]));
+        touched.iter().for_each(|&i| out(&mut conns[i]));
         return;
     }
     let mid = touched[touched.len() / 2];
     let (low, high) = conns.split_at_mut(mid);
     let (first, second) = touched.split_at(touched.partition_point(|&i| i < mid));
     std::thread::scope(|s| {
-        s.spawn(|| first.iter().for_each(|&i| flush(&mut low[i])));
-        second.iter().for_each(|&i| flush(&mut high[i - mid]));
+        s.spawn(|| first.iter().for_each(|&i| out(&mut low[i])));
+        second.iter().for_each(|&i| out(&mut high[i - mid]));
     });
 }
 
 /// Writes what the socket takes now; the rest waits for it to be writable.
-fn flush(conn: &mut Conn) {
-    while !conn.write.is_empty() {
-        match conn.socket.write(&conn.write) {
-            Ok(n) => {
-                conn.write.drain(..n);
-            }
+fn flush(socket: &mut TcpStream, bytes: &mut Vec<u8>) {
+    let mut done = 0;
+    while done < bytes.len() {
+        match socket.write(&bytes[done..]) {
+            Ok(n) => done += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(_) => {
-                conn.write.clear();
-                return;
+                done = bytes.len();
+                break;
             }
         }
+    }
+    bytes.drain(..done);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    use super::super::{CHANNEL, Role, seq_of};
+    use super::*;
+
+    const RECORD: usize = 64 * 1024;
+    const RECORDS: usize = 200;
+
+    fn connect(addr: std::net::SocketAddr) -> TcpStream {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    }
+
+    /// A member with a small receive buffer that reads nothing while 12.5 MiB come for it
+    /// (more than the kernel's buffers hold, so the server's writes to it block and wait
+    /// for writable), a sender whose hello and records come in one write, a log that
+    /// wraps forty times: every record acked, then delivered once, in order, numbered
+    /// 1.., and the log never grows past its size.
+    #[test]
+    fn a_stalled_member_gets_every_record_in_order_and_the_log_stays_its_size() {
+        let dir = std::env::temp_dir().join(format!("natter-floor-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("log");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_read, stop_write) = std::io::pipe().unwrap();
+        let setup = Setup {
+            record_bytes: RECORD,
+            log_bytes: 320 * 1024,
+            send_threads: 2,
+            sync: true,
+        };
+        let server = {
+            let log = log.clone();
+            std::thread::spawn(move || serve(listener, &log, &setup, stop_read.as_fd()))
+        };
+
+        let mut member = connect(addr);
+        let small: libc::c_int = 256 * 1024;
+        // SAFETY: sets an int option on a socket this test owns, from a valid pointer.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&member),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const small).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0);
+        member.write_all(&Role::Member(7).hello()).unwrap();
+        let mut k = [0u8; 1];
+        member.read_exact(&mut k).unwrap();
+        assert_eq!(&k, b"k");
+
+        let mut sender = connect(addr);
+        let mut bytes = Role::Sender.hello().to_vec();
+        for i in 0..RECORDS {
+            let mut record = vec![0u8; RECORD];
+            record[..ACK_BYTES].copy_from_slice(&(i as u64).to_le_bytes());
+            record[CHANNEL].copy_from_slice(&7u32.to_le_bytes());
+            bytes.extend_from_slice(&record);
+        }
+        let writer = std::thread::spawn(move || {
+            sender.write_all(&bytes).unwrap();
+            let mut answers = vec![0u8; 1 + RECORDS * ACK_BYTES];
+            sender.read_exact(&mut answers).unwrap();
+            answers
+        });
+        let answers = writer.join().unwrap();
+        assert_eq!(answers[0], b'k');
+        for (i, ack) in answers[1..].chunks_exact(ACK_BYTES).enumerate() {
+            assert_eq!(u64::from_le_bytes(ack.try_into().unwrap()), i as u64);
+        }
+
+        // Only now the member reads: everything it missed is still on its way.
+        let mut got = vec![0u8; RECORDS * RECORD];
+        member.read_exact(&mut got).unwrap();
+        for (i, record) in got.chunks_exact(RECORD).enumerate() {
+            assert_eq!(
+                u64::from_le_bytes(record[..8].try_into().unwrap()),
+                i as u64
+            );
+            assert_eq!(seq_of(record), i as u64 + 1);
+        }
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 320 * 1024);
+
+        drop(stop_write);
+        server.join().unwrap().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
