@@ -272,8 +272,9 @@ async fn connections_open_idle_sockets_from_several_sources_and_report_memory() 
 }
 
 /// The floor's bare server (a child process): every record acked, and delivered to every
-/// member of its channel once and in order, two senders sharing a channel and each
-/// round's 71 sockets written by two threads; the server's CPU read.
+/// member of its channel once and in order, two senders sharing a channel, each round's
+/// 71 sockets written by two threads, the commits on a writer thread; the server's CPU
+/// read.
 #[test]
 fn floor_acks_and_delivers_every_record_once_in_order() {
     use natter::bench::floor::{FloorArgs, measure};
@@ -286,6 +287,7 @@ fn floor_acks_and_delivers_every_record_once_in_order() {
         record_bytes: 64,
         send_threads: 2,
         no_sync: false,
+        writer_thread: true,
         data_dir: None,
         json: false,
         report: None,

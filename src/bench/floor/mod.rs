@@ -53,6 +53,11 @@ pub struct FloorArgs {
     /// No `fdatasync`: what durability costs (the figures are then not a durable floor).
     #[arg(long)]
     pub no_sync: bool,
+    /// Commit on a thread of its own, as Natter's writer does: the loop hands it a round
+    /// and is woken with it committed, reading the next round meanwhile (a group commit).
+    /// What a writer thread costs at low load.
+    #[arg(long)]
+    pub writer_thread: bool,
     /// Where the log goes (default: a fresh temporary directory, removed afterwards). Put
     /// it on the disk the server under comparison writes to.
     #[arg(long)]
@@ -141,6 +146,7 @@ fn serve_child(log: &std::path::Path, args: &FloorArgs) -> anyhow::Result<()> {
         log_bytes: LOG_BYTES,
         send_threads: args.send_threads,
         sync: !args.no_sync,
+        writer_thread: args.writer_thread,
     };
     server::serve(listener, log, &setup, std::io::stdin().as_fd())
 }
@@ -195,6 +201,9 @@ impl Server {
             .args(["--send-threads", &args.send_threads.to_string()]);
         if args.no_sync {
             command.arg("--no-sync");
+        }
+        if args.writer_thread {
+            command.arg("--writer-thread");
         }
         let child = command
             .stdin(Stdio::piped())
@@ -261,6 +270,12 @@ fn report(args: &FloorArgs, o: &load::Outcome) -> Report {
     report.param("record bytes", args.record_bytes);
     report.param("send threads", args.send_threads);
     report.param("fdatasync", if args.no_sync { "no" } else { "yes" });
+    let commit = if args.writer_thread {
+        "on a writer thread"
+    } else {
+        "on the loop's thread"
+    };
+    report.param("commit", commit);
     report.figure("messages acked", o.acked as f64, "");
     report.figure("deliveries", o.deliveries as f64, "");
     let secs = o.elapsed.as_secs_f64().max(f64::EPSILON);

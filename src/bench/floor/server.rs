@@ -9,16 +9,18 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::mpsc;
 
 use anyhow::Context;
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::{ACK_BYTES, HELLO_BYTES, Role, SEQ, channel_of};
 
 const LISTENER: Token = Token(usize::MAX);
 const STOP: Token = Token(usize::MAX - 1);
+const WAKE: Token = Token(usize::MAX - 2);
 /// A round writing to more sockets than this splits them over two threads (if asked to).
 const SPLIT_AT: usize = 64;
 
@@ -30,6 +32,9 @@ pub struct Setup {
     pub log_bytes: u64,
     pub send_threads: usize,
     pub sync: bool,
+    /// Commit on a thread of its own, as Natter's writer does: the loop hands it a round
+    /// and is woken with it committed, taking the next round meanwhile (a group commit).
+    pub writer_thread: bool,
 }
 
 struct Conn {
@@ -41,12 +46,32 @@ struct Conn {
     waiting: bool,
 }
 
+/// The preallocated log, written round after round and wrapping at its end.
+struct Log {
+    file: File,
+    bytes: u64,
+    /// Where the next round goes.
+    offset: u64,
+    sync: bool,
+}
+
+/// Where rounds are committed.
+enum Committer {
+    /// On the loop's thread.
+    Inline(Log),
+    /// On a thread of its own, one round at a time.
+    Thread {
+        rounds: mpsc::Sender<Vec<u8>>,
+        committed: mpsc::Receiver<anyhow::Result<Vec<u8>>>,
+        /// The senders of the round being committed.
+        in_flight: Option<Vec<usize>>,
+    },
+}
+
 struct Floor<'a> {
     setup: &'a Setup,
     poll: Poll,
-    log: File,
-    /// Where the next round goes in the log.
-    offset: u64,
+    committer: Committer,
     conns: Vec<Conn>,
     members: HashMap<u32, Vec<usize>>,
     last_seq: HashMap<u32, u64>,
@@ -73,11 +98,22 @@ pub fn serve(
     poll.registry()
         .register(&mut SourceFd(&stop.as_raw_fd()), STOP, Interest::READABLE)
         .context("register the stop handle")?;
+    let log = Log {
+        file: preallocate(log, setup.log_bytes)?,
+        bytes: setup.log_bytes,
+        offset: 0,
+        sync: setup.sync,
+    };
+    let committer = if setup.writer_thread {
+        let waker = Waker::new(poll.registry(), WAKE).context("create the waker")?;
+        Committer::spawn(log, waker)
+    } else {
+        Committer::Inline(log)
+    };
     let mut floor = Floor {
         setup,
         poll,
-        log: preallocate(log, setup.log_bytes)?,
-        offset: 0,
+        committer,
         conns: Vec::new(),
         members: HashMap::new(),
         last_seq: HashMap::new(),
@@ -88,10 +124,12 @@ pub fn serve(
     let mut events = Events::with_capacity(4096);
     loop {
         floor.poll.poll(&mut events, None).context("poll")?;
+        let mut woken = false;
         for event in events.iter() {
             match event.token() {
                 LISTENER => floor.accept(&listener)?,
                 STOP => return Ok(()),
+                WAKE => woken = true,
                 Token(i) => {
                     if event.is_writable() {
                         floor.write_waiting(i)?;
@@ -102,11 +140,57 @@ pub fn serve(
                 }
             }
         }
-        if !floor.round.is_empty() {
-            floor.commit()?;
+        floor.round_done(woken)?;
+    }
+}
+
+/// Gives each record of a round the next seq of its channel.
+fn number(last_seq: &mut HashMap<u32, u64>, round: &mut [u8], record_bytes: usize) {
+    for record in round.chunks_exact_mut(record_bytes) {
+        let seq = last_seq.entry(channel_of(record)).or_default();
+        *seq += 1;
+        record[SEQ].copy_from_slice(&seq.to_le_bytes());
+    }
+}
+
+impl Log {
+    /// Puts a round on disk: one write (two where the log wraps) and one `fdatasync`.
+    fn append(&mut self, round: &[u8]) -> anyhow::Result<()> {
+        let mut rest = round;
+        while !rest.is_empty() {
+            let room = (self.bytes - self.offset) as usize;
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            self.file
+                .write_all_at(now, self.offset)
+                .context("write the log")?;
+            self.offset = (self.offset + now.len() as u64) % self.bytes;
+            rest = later;
         }
-        if !floor.round.is_empty() || !floor.touched.is_empty() {
-            floor.fan_out()?;
+        if self.sync {
+            self.file.sync_data().context("fdatasync the log")?;
+        }
+        Ok(())
+    }
+}
+
+impl Committer {
+    /// A writer thread that commits each round it is handed, hands it back and wakes the
+    /// loop; it ends when the loop drops its side.
+    fn spawn(mut log: Log, waker: Waker) -> Self {
+        let (rounds, to_commit) = mpsc::channel::<Vec<u8>>();
+        let (done, committed) = mpsc::channel();
+        std::thread::spawn(move || {
+            for round in to_commit {
+                let outcome = log.append(&round).map(|()| round);
+                if done.send(outcome).is_err() || waker.wake().is_err() {
+                    return;
+                }
+            }
+        });
+        Committer::Thread {
+            rounds,
+            committed,
+            in_flight: None,
         }
     }
 }
@@ -183,39 +267,56 @@ impl Floor<'_> {
         Ok(())
     }
 
-    /// Numbers the round's records in their channels and puts them on disk: one write
-    /// (two where the log wraps) and one `fdatasync`.
-    fn commit(&mut self) -> anyhow::Result<()> {
-        for record in self.round.chunks_exact_mut(self.setup.record_bytes) {
-            let seq = self.last_seq.entry(channel_of(record)).or_default();
-            *seq += 1;
-            record[SEQ].copy_from_slice(&seq.to_le_bytes());
-        }
-        let mut rest = &self.round[..];
-        while !rest.is_empty() {
-            let room = (self.setup.log_bytes - self.offset) as usize;
-            let (now, later) = rest.split_at(room.min(rest.len()));
-            self.log
-                .write_all_at(now, self.offset)
-                .context("write the log")?;
-            self.offset = (self.offset + now.len() as u64) % self.setup.log_bytes;
-            rest = later;
-        }
-        if self.setup.sync {
-            self.log.sync_data().context("fdatasync the log")?;
+    /// After a poll's events: commits the round read and fans it out (inline), or fans
+    /// out the round the writer thread has committed (`woken`) and hands it the next.
+    fn round_done(&mut self, woken: bool) -> anyhow::Result<()> {
+        let mut round = std::mem::take(&mut self.round);
+        let mut senders = std::mem::take(&mut self.senders);
+        match &mut self.committer {
+            Committer::Inline(log) => {
+                if !round.is_empty() {
+                    number(&mut self.last_seq, &mut round, self.setup.record_bytes);
+                    log.append(&round)?;
+                }
+                self.fan_out(&round, &senders)?;
+                round.clear();
+                senders.clear();
+                (self.round, self.senders) = (round, senders);
+            }
+            Committer::Thread {
+                rounds,
+                committed,
+                in_flight,
+            } => {
+                let mut done = None;
+                if woken {
+                    let round = committed.recv().context("hear from the writer thread")??;
+                    done = Some((round, in_flight.take().unwrap_or_default()));
+                }
+                if in_flight.is_none() && !round.is_empty() {
+                    number(&mut self.last_seq, &mut round, self.setup.record_bytes);
+                    *in_flight = Some(senders);
+                    rounds
+                        .send(round)
+                        .context("hand a round to the writer thread")?;
+                } else {
+                    (self.round, self.senders) = (round, senders);
+                }
+                let (round, senders) = done.unwrap_or_default();
+                self.fan_out(&round, &senders)?;
+            }
         }
         Ok(())
     }
 
-    /// Acks each of the round's records to its sender and writes it to every member of
-    /// its channel (and the round's answers to hellos).
-    fn fan_out(&mut self) -> anyhow::Result<()> {
+    /// Acks each of a committed round's records to its sender and writes it to every
+    /// member of its channel (and any answers to hellos).
+    fn fan_out(&mut self, round: &[u8], senders: &[usize]) -> anyhow::Result<()> {
+        if round.is_empty() && self.touched.is_empty() {
+            return Ok(());
+        }
         let record_bytes = self.setup.record_bytes;
-        for (&from, record) in self
-            .senders
-            .iter()
-            .zip(self.round.chunks_exact(record_bytes))
-        {
+        for (&from, record) in senders.iter().zip(round.chunks_exact(record_bytes)) {
             self.conns[from]
                 .write
                 .extend_from_slice(&record[..ACK_BYTES]);
@@ -226,8 +327,6 @@ impl Floor<'_> {
                 self.touched.push(m);
             }
         }
-        self.round.clear();
-        self.senders.clear();
         self.touched.sort_unstable();
         self.touched.dedup();
         write_out(&mut self.conns, &self.touched, self.setup.send_threads);
@@ -335,10 +434,20 @@ mod tests {
     /// (more than the kernel's buffers hold, so the server's writes to it block and wait
     /// for writable), a sender whose hello and records come in one write, a log that
     /// wraps forty times: every record acked, then delivered once, in order, numbered
-    /// 1.., and the log never grows past its size.
+    /// 1.., and the log never grows past its size; committed inline and on a writer
+    /// thread.
     #[test]
     fn a_stalled_member_gets_every_record_in_order_and_the_log_stays_its_size() {
-        let dir = std::env::temp_dir().join(format!("natter-floor-{}", std::process::id()));
+        for writer_thread in [false, true] {
+            stalled_member(writer_thread);
+        }
+    }
+
+    fn stalled_member(writer_thread: bool) {
+        let dir = std::env::temp_dir().join(format!(
+            "natter-floor-{}-{writer_thread}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("log");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -349,6 +458,7 @@ mod tests {
             log_bytes: 320 * 1024,
             send_threads: 2,
             sync: true,
+            writer_thread,
         };
         let server = {
             let log = log.clone();
