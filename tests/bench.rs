@@ -278,7 +278,7 @@ async fn connections_open_idle_sockets_from_several_sources_and_report_memory() 
 #[test]
 fn floor_acks_and_delivers_every_record_once_in_order() {
     use natter::bench::floor::{FloorArgs, measure};
-    let report = measure(&FloorArgs {
+    let args = FloorArgs {
         channels: 2,
         members: 70,
         senders: 3,
@@ -293,13 +293,30 @@ fn floor_acks_and_delivers_every_record_once_in_order() {
         report: None,
         server_bin: Some(env!("CARGO_BIN_EXE_natter").into()),
         serve_log: None,
-    })
-    .unwrap();
+    };
+    let report = measure(&args).unwrap();
     assert!(report.passed, "{}", report.to_text());
     assert_eq!(figure(&report, "messages acked"), Some(300.0));
     assert_eq!(figure(&report, "deliveries"), Some(300.0 * 70.0));
     assert!(figure(&report, "server CPU per message").is_some_and(|us| us > 0.0));
     check_outputs(&report, "floor", 3);
+    // Flags out of range are refused before anything starts.
+    for bad in [
+        FloorArgs {
+            send_threads: 3,
+            ..args.clone()
+        },
+        FloorArgs {
+            record_bytes: 8,
+            ..args.clone()
+        },
+        FloorArgs {
+            rate: f64::INFINITY,
+            ..args.clone()
+        },
+    ] {
+        assert!(measure(&bad).is_err());
+    }
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 //! `fdatasync`, then acks each record to its sender and writes it to every member of its
 //! channel, one write per socket (over two threads for a round of more than 64 sockets).
 //! No framing, parsing, checksum, table or index, no hop between threads before the
-//! fan-out, no bound on a connection's buffer: a floor under any server that keeps
+//! fan-out (unless `--writer-thread` asks for one), no bound on a connection's buffer: a floor under any server that keeps
 //! Natter's promise (an ack only once the record is on disk; every member gets every record
 //! of its channel, in order). Not a bound on latency: a server that syncs one round while
 //! it fans out the last could answer sooner. The load ([`load`]) is one thread in this
@@ -44,7 +44,7 @@ pub struct FloorArgs {
     /// Seconds of sending.
     #[arg(long, default_value_t = 20.0)]
     pub duration: f64,
-    /// Bytes per record (16–65536).
+    /// Bytes per record (20–65536).
     #[arg(long, default_value_t = 128)]
     pub record_bytes: usize,
     /// Threads writing a round's records out (1 or 2).
@@ -137,6 +137,7 @@ pub async fn run(args: FloorArgs) -> anyhow::Result<()> {
 
 /// The child's side: listens, says where on stdout, serves until stdin closes.
 fn serve_child(log: &std::path::Path, args: &FloorArgs) -> anyhow::Result<()> {
+    check_server_flags(args)?;
     crate::process::raise_open_files(u64::MAX);
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").context("bind the floor's listener")?;
@@ -151,11 +152,21 @@ fn serve_child(log: &std::path::Path, args: &FloorArgs) -> anyhow::Result<()> {
     server::serve(listener, log, &setup, std::io::stdin().as_fd())
 }
 
-/// Starts the floor's server as a child process, runs the load against it, stops it.
-pub fn measure(args: &FloorArgs) -> anyhow::Result<Report> {
+/// The flags the server takes too (the child checks them itself: it can be started by
+/// hand).
+fn check_server_flags(args: &FloorArgs) -> anyhow::Result<()> {
     if !(MIN_RECORD..=65_536).contains(&args.record_bytes) {
         bail!("--record-bytes must be {MIN_RECORD}–65536");
     }
+    if !(1..=2).contains(&args.send_threads) {
+        bail!("--send-threads must be 1 or 2");
+    }
+    Ok(())
+}
+
+/// Starts the floor's server as a child process, runs the load against it, stops it.
+pub fn measure(args: &FloorArgs) -> anyhow::Result<Report> {
+    check_server_flags(args)?;
     if args.channels == 0 || args.members == 0 || args.senders == 0 {
         bail!("--channels, --members and --senders must be at least 1");
     }

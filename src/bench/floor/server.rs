@@ -378,7 +378,7 @@ fn read_all(socket: &mut TcpStream, into: &mut Vec<u8>) {
 
 /// Writes every touched connection's bytes, on two threads when asked and worth it: the
 /// second a scoped thread of that round (its start and join cost tens of microseconds, in
-/// a round of more than [`SPLIT_AT`] writes of several each).
+/// a round of more than [`SPLIT_AT`] writes of several microseconds each).
 fn write_out(conns: &mut [Conn], touched: &[usize], threads: usize) {
     let out = |c: &mut Conn| flush(&mut c.socket, &mut c.write);
     if threads < 2 || touched.len() <= SPLIT_AT {

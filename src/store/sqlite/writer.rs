@@ -543,8 +543,9 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
 
 /// While no write waits, folds the log's old rows (or, idle, all of them: [`Quiet`]) a
 /// chunk at a time in transactions that do not sync
-/// ([`super::tail::Unfolded::fold_quiet`]), so the batches' commits do not carry them. Stops at the first write that comes after a
-/// chunk (a chunk takes the oldest batch whole, so it may be a few thousand rows). `Err`
+/// ([`super::tail::Unfolded::fold_quiet`]), so the batches' commits do not carry them.
+/// Stops at the first write that comes after a chunk (a chunk takes the oldest batch
+/// whole, so it may be a few thousand rows). `Err`
 /// only when the connection could not be set back to `synchronous=FULL`; a fold that
 /// fails otherwise, or none while the disk is short, is left for later (`Ok(false)`).
 fn fold_quietly(
