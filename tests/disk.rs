@@ -216,6 +216,45 @@ async fn the_wal_file_is_bounded_after_checkpoints() {
     server.terminate().await;
 }
 
+/// After a burst the writer, idle, folds the whole commit log a chunk at a time; it
+/// checked the WAL's size only after a batch of writes, so the fold of 12 MB of posts
+/// grew the WAL by all of it (to 13.5–15 MB), past its limit (seen as a 17 MB WAL in
+/// `the_wal_stays_bounded_while_writes_never_pause` on a run where the writes paused).
+/// It checks after each chunk of a quiet fold too.
+#[tokio::test]
+async fn the_wal_stays_bounded_while_the_idle_writer_folds_a_burst() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, a, ch, wal) = with_a_1_mib_wal(dir.path()).await;
+    let text = "w".repeat(4000);
+    for round in 0..15 {
+        let sends = (0..200).map(|i| {
+            let (a, ch, text) = (a.clone(), ch.clone(), text.clone());
+            async move {
+                a.send(&ch, &text, Some(&format!("{round}-{i}")))
+                    .await
+                    .status
+            }
+        });
+        for s in futures_util::future::join_all(sends).await {
+            assert_eq!(s, StatusCode::CREATED);
+        }
+    }
+    // No write now: the writer folds the 3,000 posts' rows (about 12 MB) by itself.
+    let mut sizes = Vec::new();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sizes.push(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+    }
+    // The limit plus a chunk's pages (512 posts' rows), from half a second on (the fold
+    // starts 250 ms after the last write; what the burst left is restarted by then).
+    let late = sizes[5..].iter().copied().max().unwrap();
+    assert!(
+        late <= 4 << 20,
+        "WAL at {late} bytes while the idle writer folded the burst: {sizes:?}"
+    );
+    server.terminate().await;
+}
+
 /// Under writes that never pause, the background checkpoints (PASSIVE, beside the writer)
 /// never found every frame copied back, so SQLite never restarted the WAL: it grew by all
 /// that was written (~20 MB/s at 2,000 msgs/s) for as long as the load lasted. Past its

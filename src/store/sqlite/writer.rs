@@ -376,10 +376,17 @@ struct WalWatch {
 const WAL_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl WalWatch {
+    /// After a batch: at most every [`WAL_CHECK`].
     fn check(&mut self, conn: &Connection, stats: &WriteStats) {
-        if self.checked.elapsed() < WAL_CHECK {
-            return;
+        if self.checked.elapsed() >= WAL_CHECK {
+            self.check_now(conn, stats);
         }
+    }
+
+    /// After each chunk of a quiet fold, which may fold a whole burst's rows (megabytes
+    /// of pages) in less than [`WAL_CHECK`]: a `stat` per chunk of up to a few thousand
+    /// rows.
+    fn check_now(&mut self, conn: &Connection, stats: &WriteStats) {
         self.checked = Instant::now();
         let size = std::fs::metadata(&self.path).map_or(0, |m| m.len());
         if size <= self.limit {
@@ -545,9 +552,10 @@ fn commit_batch(state: &mut State, batch: &mut Vec<Job>) {
 /// chunk at a time in transactions that do not sync
 /// ([`super::tail::Unfolded::fold_quiet`]), so the batches' commits do not carry them.
 /// Stops at the first write that comes after a chunk (a chunk takes the oldest batch
-/// whole, so it may be a few thousand rows). `Err`
-/// only when the connection could not be set back to `synchronous=FULL`; a fold that
-/// fails otherwise, or none while the disk is short, is left for later (`Ok(false)`).
+/// whole, so it may be a few thousand rows); looks at the WAL's size after each.
+/// `Err` only when the connection could not be set back to `synchronous=FULL`; a fold
+/// that fails otherwise, or none while the disk is short, is left for later
+/// (`Ok(false)`).
 fn fold_quietly(
     state: &mut State,
     rx: &mpsc::Receiver<Msg>,
@@ -567,6 +575,7 @@ fn fold_quietly(
                     .stats
                     .folded_rows
                     .fetch_add(rows as u64, Ordering::Relaxed);
+                state.wal.check_now(&state.conn, &state.stats);
             }
             Err(QuietFoldError::Fold(e)) => {
                 if disk_full(&e) {
