@@ -100,6 +100,13 @@ async fn fanout_delivers_every_message_once_in_order_and_reports_it() {
         );
         let json = check_outputs(&report, "fanout", 4);
         assert_eq!(json["latencies"][1]["count"], 120);
+        // On a schedule, how late each send went out (the load tool's own share of
+        // every latency counted from the schedule); without one there is no lateness.
+        let lateness = report.latencies.iter().find(|l| l.name == "send lateness");
+        match rate {
+            Rate::Max => assert!(lateness.is_none()),
+            _ => assert_eq!(lateness.map(|l| l.count), Some(40)),
+        }
     }
     // A schedule that rounds to no message is refused, not reported as a clean run.
     let empty = FanoutArgs {
@@ -300,6 +307,8 @@ fn floor_acks_and_delivers_every_record_once_in_order() {
     assert_eq!(figure(&report, "deliveries"), Some(300.0 * 70.0));
     assert!(figure(&report, "server CPU per message").is_some_and(|us| us > 0.0));
     check_outputs(&report, "floor", 3);
+    let lateness = report.latencies.iter().find(|l| l.name == "send lateness");
+    assert_eq!(lateness.map(|l| l.count), Some(300));
     // Flags out of range are refused before anything starts.
     for bad in [
         FloorArgs {

@@ -11,6 +11,7 @@
 //! - [`connections`]: many idle WebSockets, and the server's memory per connection.
 //! - [`floor`]: a bare durable fan-out server on plain TCP, the host's floor under `fanout`.
 
+mod alarm;
 pub mod capacity;
 mod chart;
 pub mod check;

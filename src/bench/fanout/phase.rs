@@ -63,6 +63,9 @@ pub(crate) struct PhaseResult {
     pub acked: u64,
     pub errors: BTreeMap<String, u64>,
     pub ack_latency: Histogram<u64>,
+    /// Open loop: how long after its scheduled time each send was written (the load
+    /// tool's own lateness, which every latency counted from the schedule includes).
+    pub send_lateness: Histogram<u64>,
     pub deliveries: u64,
     pub deliver_latency: Histogram<u64>,
     /// From the phase's start to its last ack.
@@ -166,6 +169,11 @@ impl PhaseResult {
         report
             .latencies
             .push(Latency::from_micros("send→deliver", &self.deliver_latency));
+        if !self.send_lateness.is_empty() {
+            report
+                .latencies
+                .push(Latency::from_micros("send lateness", &self.send_lateness));
+        }
         for (code, n) in &self.errors {
             *report.errors.entry(code.clone()).or_default() += n;
         }

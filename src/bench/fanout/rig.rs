@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use super::phase::{End, Pace, PhaseResult};
 use super::workers::{Control, Seen, SendPlan, Share, receive, send};
 use super::{MAX_PHASE_MESSAGES, SAMPLE_EVERY, SETTLE, Shape, merge, progress};
+use crate::bench::alarm::Alarm;
 use crate::bench::check::{Checker, Violations};
 use crate::bench::timeline::Timeline;
 use crate::bench::{RunArgs, Sample, Target, bench_username, histogram};
@@ -31,6 +32,8 @@ pub(crate) struct Rig {
     phases: u32,
     pad: String,
     quiet: bool,
+    /// Wakes the senders of an open-loop phase on time.
+    alarm: Alarm,
     // Accumulated over phases, for the final report.
     acks_per_bucket: Vec<u64>,
     ack_by_second: Timeline,
@@ -132,6 +135,7 @@ impl Rig {
             phases: 0,
             pad: "x".repeat(shape.text_bytes.saturating_sub(24)),
             quiet: run.quiet,
+            alarm: Alarm::start()?,
             acks_per_bucket: Vec::new(),
             ack_by_second: Timeline::default(),
             samples: Vec::new(),
@@ -185,6 +189,7 @@ impl Rig {
                 },
                 pad: self.pad.clone(),
                 answered: answered.clone(),
+                clock: self.alarm.clock(),
             };
             tasks.push(tokio::spawn(send(rt, plan, self.start, phase_start)));
         }
@@ -207,6 +212,7 @@ impl Rig {
             acked: 0,
             errors: BTreeMap::new(),
             ack_latency: histogram(),
+            send_lateness: histogram(),
             deliveries: 0,
             deliver_latency: histogram(),
             send_time: Duration::ZERO,
@@ -222,6 +228,7 @@ impl Rig {
             self.senders[s] = Some(rt);
             result.acked += sent.acked;
             result.ack_latency.add(&sent.latency_us)?;
+            result.send_lateness.add(&sent.late_us)?;
             for (code, n) in sent.errors {
                 *result.errors.entry(code).or_default() += n;
             }

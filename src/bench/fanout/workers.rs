@@ -12,6 +12,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, watch};
 
 use super::{SETTLE, bucket_of, count_in};
+use crate::bench::alarm::Clock;
 use crate::bench::check::{Checker, Violations};
 use crate::bench::histogram;
 use crate::bench::timeline::Timeline;
@@ -74,6 +75,8 @@ pub(super) struct SendPlan {
     pub(super) window: usize,
     pub(super) pad: String,
     pub(super) answered: Arc<AtomicU64>,
+    /// Wakes the sender at its scheduled times (Tokio's timer is a millisecond late).
+    pub(super) clock: Clock,
 }
 
 /// What one sender saw in a phase.
@@ -81,6 +84,8 @@ pub(super) struct Sent {
     pub(super) acked: u64,
     pub(super) errors: HashMap<String, u64>,
     pub(super) latency_us: Histogram<u64>,
+    /// Open loop: how long after its scheduled time each send was written.
+    pub(super) late_us: Histogram<u64>,
     pub(super) per_bucket: Vec<u64>,
     pub(super) by_second: Timeline,
     pub(super) last_at: Option<Instant>,
@@ -98,6 +103,7 @@ pub(super) async fn send(
         acked: 0,
         errors: HashMap::new(),
         latency_us: histogram(),
+        late_us: histogram(),
         per_bucket: Vec::new(),
         by_second: Timeline::default(),
         last_at: None,
@@ -118,6 +124,7 @@ pub(super) async fn send(
         // ready would (a `sendto` per message was a third of the load tool's CPU).
         let now = Instant::now();
         let mut queued = false;
+        let first = next;
         for _ in 0..64 {
             let due_at = match plan.times.get(next) {
                 Some(&t) => phase_start + t,
@@ -137,6 +144,13 @@ pub(super) async fn send(
         }
         if queued {
             rt.flush().await?;
+            if open_loop {
+                let written = Instant::now();
+                for &t in &plan.times[first..next] {
+                    let late = written.saturating_duration_since(phase_start + t);
+                    let _ = sent.late_us.record(late.as_micros().max(1) as u64);
+                }
+            }
         }
         let wake = plan.times.get(next).map(|&t| phase_start + t);
         // Behind schedule, or room in the window: read what has arrived, then go straight
@@ -160,7 +174,7 @@ pub(super) async fn send(
                 }
             }
             () = std::future::ready(()), if overdue => {}
-            () = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() && !overdue && connected => {}
+            () = plan.clock.until(wake.unwrap_or(now)), if wake.is_some() && !overdue && connected => {}
         }
     }
     Ok((rt, sent))

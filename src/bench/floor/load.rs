@@ -4,11 +4,13 @@
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::{ACK_BYTES, CHANNEL, FloorArgs, Role, channel_of, seq_of};
@@ -17,6 +19,9 @@ use crate::bench::histogram;
 
 /// How long after the last scheduled send the answers may take.
 const SETTLE: Duration = Duration::from_secs(10);
+
+/// The poll's token for the [`Alarm`].
+const ALARM: Token = Token(usize::MAX);
 
 pub(super) struct Outcome {
     pub sent: u64,
@@ -51,6 +56,7 @@ struct Peer {
 struct Load<'a> {
     args: &'a FloorArgs,
     poll: Poll,
+    alarm: Alarm,
     peers: Vec<Peer>,
     first_sender: usize,
     start: Instant,
@@ -78,10 +84,19 @@ pub(super) fn run(addr: SocketAddr, args: &FloorArgs, server_pid: u32) -> anyhow
             .register(&mut p.socket, Token(i), Interest::READABLE)
             .context("register a connection")?;
     }
+    let alarm = Alarm::new()?;
+    poll.registry()
+        .register(
+            &mut SourceFd(&alarm.fd.as_raw_fd()),
+            ALARM,
+            Interest::READABLE,
+        )
+        .context("register the alarm")?;
     let total = (args.rate * args.duration).round() as u64;
     let mut load = Load {
         args,
         poll,
+        alarm,
         peers,
         first_sender,
         start: Instant::now(),
@@ -131,13 +146,21 @@ impl Load<'_> {
             } else {
                 deadline
             };
-            self.poll
-                .poll(
-                    &mut events,
-                    Some(wake.saturating_duration_since(Instant::now())),
-                )
-                .context("poll")?;
+            // The poll's own timeout is in whole milliseconds, rounded up: the alarm
+            // wakes it on time, the timeout is only a backstop.
+            let wait = wake.saturating_duration_since(Instant::now());
+            let timeout = if wait.is_zero() {
+                wait
+            } else {
+                self.alarm.set(wait)?;
+                wait + Duration::from_millis(1)
+            };
+            self.poll.poll(&mut events, Some(timeout)).context("poll")?;
             for event in events.iter() {
+                if event.token() == ALARM {
+                    self.alarm.clear();
+                    continue;
+                }
                 let i = event.token().0;
                 if event.is_writable() {
                     write_some(&mut self.peers[i], &self.poll, Token(i))?;
@@ -292,6 +315,59 @@ fn write_some(peer: &mut Peer, poll: &Poll, token: Token) -> anyhow::Result<()> 
             .context("change what a connection waits for")?;
     }
     Ok(())
+}
+
+/// A `timerfd`: the load's sends go out within tens of microseconds of their schedule,
+/// where the poll's millisecond timeout sent them ~0.6 ms late at p50.
+struct Alarm {
+    fd: OwnedFd,
+}
+
+impl Alarm {
+    fn new() -> anyhow::Result<Self> {
+        // SAFETY: no pointer is passed; the result is checked before it is owned.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("create a timerfd");
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Fires `after` from now (not zero: that disarms it).
+    fn set(&self, after: Duration) -> anyhow::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: `spec` lives over the call; the old value is not asked for.
+        let rc =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("set the timerfd");
+        }
+        Ok(())
+    }
+
+    /// Takes the expiry count, so the next expiry is a new edge.
+    fn clear(&self) {
+        let mut count = [0u8; 8];
+        // SAFETY: `count` is 8 writable bytes, as a timerfd's read asks.
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+    }
 }
 
 fn nanos(start: Instant, at: Instant) -> u64 {
