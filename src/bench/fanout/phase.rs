@@ -74,6 +74,9 @@ pub(crate) struct PhaseResult {
     pub deliver_time: Duration,
     /// Server CPU seconds over the phase (from its `/metrics`; every node's together).
     pub server_cpu: Option<f64>,
+    /// The bench's own CPU seconds over the phase (its senders and receivers share the
+    /// machine with a spawned server: what they take is the measurement's weight).
+    pub load_cpu: Option<f64>,
     /// Per `--url` given (when more than one): its CPU seconds and the events it wrote
     /// to WebSockets over the phase, where its `/metrics` told.
     pub nodes: Vec<(String, Option<f64>, Option<f64>)>,
@@ -128,6 +131,13 @@ impl PhaseResult {
                     "s",
                 );
             }
+        }
+        if let Some(cpu) = self.load_cpu.filter(|_| self.deliveries > 0) {
+            report.figure(
+                "load CPU per million deliveries",
+                cpu * 1e6 / self.deliveries as f64,
+                "s",
+            );
         }
         if self.lagging > 0 {
             report.figure("receivers that never caught up", self.lagging as f64, "");

@@ -167,6 +167,7 @@ impl Rig {
         let nodes_before = self.target.sample_nodes().await;
         let before = Sample::sum(&nodes_before);
         self.samples.push((self.now(), before));
+        let load_before = crate::process::cpu_seconds(None);
         // Phases start on a whole second of the rig's clock, so the per-second latency
         // timelines split exactly where a phase (or a spike's part) begins.
         let started_at = self.now().floor() + 1.0;
@@ -218,6 +219,7 @@ impl Rig {
             send_time: Duration::ZERO,
             deliver_time: Duration::ZERO,
             server_cpu: None,
+            load_cpu: None,
             nodes: Vec::new(),
             lagging: 0,
             drops: BTreeMap::new(),
@@ -270,9 +272,11 @@ impl Rig {
             waiting.inc(1);
         }
         waiting.finish_and_clear();
+        let load_after = crate::process::cpu_seconds(None);
         let nodes_after = self.target.sample_nodes().await;
         let after = Sample::sum(&nodes_after);
         self.samples.push((self.now(), after));
+        result.load_cpu = load_before.zip(load_after).map(|(a, b)| b - a);
         result.server_cpu = match (before.cpu_seconds, after.cpu_seconds) {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
