@@ -151,25 +151,36 @@ impl Clock {
         Until {
             shared: self.shared.clone(),
             at,
+            set_for: None,
         }
     }
 }
 
-/// The future of [`Clock::until`]. Each poll before the instant sets an alarm; one left
-/// behind by a dropped or re-polled future wakes its task once, spuriously, at the
-/// instant.
+/// The future of [`Clock::until`]. Its first poll before the instant sets an alarm (and
+/// a poll from another task sets one for it); an alarm left behind by a dropped future
+/// wakes its task once, spuriously, at the instant.
 pub(crate) struct Until {
     shared: Arc<Shared>,
     at: Instant,
+    /// The waker the alarm set so far will wake.
+    set_for: Option<Waker>,
 }
 
 impl Future for Until {
     type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if Instant::now() >= self.at {
             return Poll::Ready(());
         }
+        if self
+            .set_for
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        self.set_for = Some(cx.waker().clone());
         let mut state = self.shared.lock();
         let earliest = state.pending.peek().is_none_or(|e| self.at < e.at);
         state.pending.push(Entry {
@@ -190,38 +201,53 @@ mod tests {
     use std::time::Duration;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn tasks_wake_at_their_instants_in_any_order_of_setting() {
+    async fn each_alarm_wakes_at_its_instant_though_a_later_one_was_set_first() {
         let alarm = Alarm::start().unwrap();
+        let clock = alarm.clock();
         let start = Instant::now();
-        // Set latest first, so each later setting is a new earliest.
-        let offsets_ms = [40u64, 30, 20, 10, 25, 5];
-        let tasks: Vec<_> = offsets_ms
-            .iter()
-            .map(|&ms| {
-                let clock = alarm.clock();
-                let at = start + Duration::from_millis(ms);
-                tokio::spawn(async move {
-                    clock.until(at).await;
-                    Instant::now()
-                })
-            })
-            .collect();
-        for (task, ms) in tasks.into_iter().zip(offsets_ms) {
-            let woke = tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .expect("the alarm woke the task")
-                .unwrap();
-            let at = start + Duration::from_millis(ms);
-            assert!(woke >= at, "woke {:?} before its instant", at - woke);
+        // Set in this order (the first poll below goes through them in turn): the thread
+        // first sleeps towards 2 s, and each later setting is a new earliest.
+        let offsets = [2000u64, 1500, 300, 100, 50].map(Duration::from_millis);
+        let mut waits: Vec<Until> = offsets.iter().map(|&d| clock.until(start + d)).collect();
+        let mut woke: Vec<Option<Instant>> = vec![None; waits.len()];
+        let all = std::future::poll_fn(|cx| {
+            for (wait, woke) in waits.iter_mut().zip(woke.iter_mut()) {
+                if woke.is_none() && Pin::new(wait).poll(cx).is_ready() {
+                    *woke = Some(Instant::now());
+                }
+            }
+            if woke.iter().all(Option::is_some) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .expect("the alarms woke the task");
+        let woke: Vec<Duration> = woke.iter().map(|w| w.unwrap() - start).collect();
+        // A thread that slept towards its first alarm would wake the 50 ms one at 2 s.
+        assert!(woke[4] < Duration::from_millis(1500), "{woke:?}");
+        for (woke, offset) in woke.iter().zip(offsets) {
             // Generous: a loaded machine may run the task late, but not by a second.
             assert!(
-                woke - at < Duration::from_secs(1),
-                "woke {:?} late",
-                woke - at
+                *woke - offset < Duration::from_secs(1),
+                "{woke:?} for {offset:?}"
             );
         }
+
+        // A future polled again by the same task sets no second alarm.
+        let mut far = clock.until(start + Duration::from_secs(3600));
+        std::future::poll_fn(|cx| {
+            for _ in 0..3 {
+                assert!(Pin::new(&mut far).poll(cx).is_pending());
+            }
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(alarm.shared.lock().pending.len(), 1);
         // A passed instant is ready at once.
-        alarm.clock().until(start).await;
+        clock.until(start).await;
         drop(alarm);
     }
 }

@@ -74,8 +74,9 @@ pub(crate) struct PhaseResult {
     pub deliver_time: Duration,
     /// Server CPU seconds over the phase (from its `/metrics`; every node's together).
     pub server_cpu: Option<f64>,
-    /// The bench's own CPU seconds over the phase (its senders and receivers share the
-    /// machine with a spawned server: what they take is the measurement's weight).
+    /// The bench process's own CPU seconds over the phase: mostly its senders and
+    /// receivers, with its scrapes of `/metrics` and its wait for the phase's start. They
+    /// share the machine with a spawned server: what they take is the measurement's weight.
     pub load_cpu: Option<f64>,
     /// Per `--url` given (when more than one): its CPU seconds and the events it wrote
     /// to WebSockets over the phase, where its `/metrics` told.

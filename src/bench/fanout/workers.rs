@@ -116,6 +116,10 @@ pub(super) async fn send(
     };
     let mut due: HashMap<String, Instant> = HashMap::new();
     let mut next = 0usize;
+    // One alarm per scheduled wake, kept across the loop's turns (each turn's reads would
+    // otherwise set another).
+    let mut alarm = plan.clock.until(phase_start);
+    let mut alarm_at = None;
     let answered = |s: &Sent| s.acked as usize + s.errors.values().sum::<u64>() as usize;
     while answered(&sent) < total {
         // Send everything due now (a sleep, even to a time already past, costs a timer
@@ -144,7 +148,9 @@ pub(super) async fn send(
         }
         if queued {
             rt.flush().await?;
-            if open_loop {
+            // Disconnected, nothing went out: the client library resends after it
+            // reconnects, unmeasured.
+            if open_loop && rt.is_connected() {
                 let written = Instant::now();
                 for &t in &plan.times[first..next] {
                     let late = written.saturating_duration_since(phase_start + t);
@@ -156,6 +162,12 @@ pub(super) async fn send(
         // Behind schedule, or room in the window: read what has arrived, then go straight
         // back to sending. Not while disconnected: the read reconnects, and is let finish.
         let connected = rt.is_connected();
+        if let Some(at) = wake
+            && alarm_at != Some(at)
+        {
+            alarm = plan.clock.until(at);
+            alarm_at = Some(at);
+        }
         let overdue = connected
             && if open_loop {
                 wake.is_some_and(|w| w <= Instant::now())
@@ -174,7 +186,7 @@ pub(super) async fn send(
                 }
             }
             () = std::future::ready(()), if overdue => {}
-            () = plan.clock.until(wake.unwrap_or(now)), if wake.is_some() && !overdue && connected => {}
+            () = &mut alarm, if wake.is_some() && !overdue && connected => {}
         }
     }
     Ok((rt, sent))

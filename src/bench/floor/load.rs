@@ -137,6 +137,7 @@ impl Load<'_> {
     fn drive(&mut self) -> anyhow::Result<()> {
         let deadline = self.due(self.total) + SETTLE;
         let mut events = Events::with_capacity(4096);
+        let mut armed = None;
         while (self.o.acked < self.total || self.o.deliveries < self.o.expected)
             && Instant::now() < deadline
         {
@@ -152,7 +153,11 @@ impl Load<'_> {
             let timeout = if wait.is_zero() {
                 wait
             } else {
-                self.alarm.set(wait)?;
+                // Set once per instant, not on each turn that reads a socket.
+                if armed != Some(wake) {
+                    self.alarm.set(wait)?;
+                    armed = Some(wake);
+                }
                 wait + Duration::from_millis(1)
             };
             self.poll.poll(&mut events, Some(timeout)).context("poll")?;
@@ -350,7 +355,7 @@ impl Alarm {
             },
             it_value: libc::timespec {
                 tv_sec: after.as_secs() as libc::time_t,
-                tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+                tv_nsec: after.subsec_nanos() as _,
             },
         };
         // SAFETY: `spec` lives over the call; the old value is not asked for.
