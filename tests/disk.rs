@@ -176,27 +176,36 @@ async fn with_a_1_mib_wal(dir: &Path) -> (ServerProcess, common::Client, String,
     (server, a, ch, dir.join("natter.db-wal"))
 }
 
+/// 200 posts of 4,000 bytes at once, each acknowledged (`round` keeps their ids apart).
+async fn post_200(a: &common::Client, ch: &str, round: usize) {
+    let text = "w".repeat(4000);
+    let sends = (0..200).map(|i| {
+        let (a, text) = (a.clone(), text.clone());
+        async move {
+            a.send(ch, &text, Some(&format!("{round}-{i}")))
+                .await
+                .status
+        }
+    });
+    for s in futures_util::future::join_all(sends).await {
+        assert_eq!(s, StatusCode::CREATED);
+    }
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
 /// The WAL stayed at ~300 MB after a sustained burst: it is truncated to
 /// `--wal-size-limit-mib` once a checkpoint has emptied it.
 #[tokio::test]
 async fn the_wal_file_is_bounded_after_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let (server, a, ch, wal) = with_a_1_mib_wal(dir.path()).await;
-    let text = "w".repeat(4000);
     let mut peak = 0;
     for round in 0..8 {
-        let sends = (0..200).map(|i| {
-            let (a, ch, text) = (a.clone(), ch.clone(), text.clone());
-            async move {
-                a.send(&ch, &text, Some(&format!("{round}-{i}")))
-                    .await
-                    .status
-            }
-        });
-        for s in futures_util::future::join_all(sends).await {
-            assert_eq!(s, StatusCode::CREATED);
-        }
-        peak = peak.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        post_200(&a, &ch, round).await;
+        peak = peak.max(file_size(&wal));
     }
     assert!(
         peak > 1 << 20,
@@ -205,14 +214,10 @@ async fn the_wal_file_is_bounded_after_checkpoints() {
     // Once the burst is over, the next writes after a checkpoint start the log afresh.
     let bounded = eventually(100, async || {
         a.send(&ch, "small", None).await;
-        std::fs::metadata(&wal).map_or(0, |m| m.len()) <= 1 << 20
+        file_size(&wal) <= 1 << 20
     })
     .await;
-    assert!(
-        bounded,
-        "WAL still {} bytes",
-        std::fs::metadata(&wal).map_or(0, |m| m.len())
-    );
+    assert!(bounded, "WAL still {} bytes", file_size(&wal));
     server.terminate().await;
 }
 
@@ -225,31 +230,22 @@ async fn the_wal_file_is_bounded_after_checkpoints() {
 async fn the_wal_stays_bounded_while_the_idle_writer_folds_a_burst() {
     let dir = tempfile::tempdir().unwrap();
     let (server, a, ch, wal) = with_a_1_mib_wal(dir.path()).await;
-    let text = "w".repeat(4000);
     for round in 0..15 {
-        let sends = (0..200).map(|i| {
-            let (a, ch, text) = (a.clone(), ch.clone(), text.clone());
-            async move {
-                a.send(&ch, &text, Some(&format!("{round}-{i}")))
-                    .await
-                    .status
-            }
-        });
-        for s in futures_util::future::join_all(sends).await {
-            assert_eq!(s, StatusCode::CREATED);
-        }
+        post_200(&a, &ch, round).await;
     }
     // No write now: the writer folds the 3,000 posts' rows (about 12 MB) by itself.
     let mut sizes = Vec::new();
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        sizes.push(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        sizes.push(file_size(&wal));
     }
-    // The limit plus a chunk's pages (512 posts' rows), from half a second on (the fold
-    // starts 250 ms after the last write; what the burst left is restarted by then).
+    // The limit plus a chunk's pages (512 posts' rows, ~1.8 MB), two where a reader held
+    // the WAL at the check after the first (4.6 MB seen in a full-suite run), from half a
+    // second on (the fold starts 250 ms after the last write; what the burst left is
+    // restarted by then). Checked only after batches, the fold grew it to 13.5–15 MB.
     let late = sizes[5..].iter().copied().max().unwrap();
     assert!(
-        late <= 4 << 20,
+        late <= 6 << 20,
         "WAL at {late} bytes while the idle writer folded the burst: {sizes:?}"
     );
     server.terminate().await;
@@ -287,7 +283,7 @@ async fn the_wal_stays_bounded_while_writes_never_pause() {
     let mut sizes = Vec::new();
     for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        sizes.push(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        sizes.push(file_size(&wal));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut sent = 0;

@@ -166,6 +166,12 @@ pub(crate) struct Until {
     set_for: Option<Waker>,
 }
 
+impl Until {
+    pub(crate) fn at(&self) -> Instant {
+        self.at
+    }
+}
+
 impl Future for Until {
     type Output = ();
 

@@ -116,6 +116,15 @@ impl Report {
         });
     }
 
+    /// "`who` CPU per million deliveries", in seconds, when the CPU was read and anything
+    /// was delivered.
+    pub fn cpu_per_million_deliveries(&mut self, who: &str, cpu: Option<f64>, deliveries: u64) {
+        if let Some(cpu) = cpu.filter(|_| deliveries > 0) {
+            let name = format!("{who} CPU per million deliveries");
+            self.figure(&name, cpu * 1e6 / deliveries as f64, "s");
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a report serializes")
     }

@@ -125,21 +125,9 @@ impl PhaseResult {
         report.figure("deliveries/s", self.delivery_rate(), "1/s");
         if let Some(cpu) = self.server_cpu {
             report.figure("server CPU", cpu, "s");
-            if self.deliveries > 0 {
-                report.figure(
-                    "server CPU per million deliveries",
-                    cpu * 1e6 / self.deliveries as f64,
-                    "s",
-                );
-            }
         }
-        if let Some(cpu) = self.load_cpu.filter(|_| self.deliveries > 0) {
-            report.figure(
-                "load CPU per million deliveries",
-                cpu * 1e6 / self.deliveries as f64,
-                "s",
-            );
-        }
+        report.cpu_per_million_deliveries("server", self.server_cpu, self.deliveries);
+        report.cpu_per_million_deliveries("load", self.load_cpu, self.deliveries);
         if self.lagging > 0 {
             report.figure("receivers that never caught up", self.lagging as f64, "");
         }

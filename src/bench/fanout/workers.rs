@@ -117,9 +117,8 @@ pub(super) async fn send(
     let mut due: HashMap<String, Instant> = HashMap::new();
     let mut next = 0usize;
     // One alarm per scheduled wake, kept across the loop's turns (each turn's reads would
-    // otherwise set another).
+    // otherwise set another); until the first is due, one already passed.
     let mut alarm = plan.clock.until(phase_start);
-    let mut alarm_at = None;
     let answered = |s: &Sent| s.acked as usize + s.errors.values().sum::<u64>() as usize;
     while answered(&sent) < total {
         // Send everything due now (a sleep, even to a time already past, costs a timer
@@ -162,11 +161,8 @@ pub(super) async fn send(
         // Behind schedule, or room in the window: read what has arrived, then go straight
         // back to sending. Not while disconnected: the read reconnects, and is let finish.
         let connected = rt.is_connected();
-        if let Some(at) = wake
-            && alarm_at != Some(at)
-        {
+        if let Some(at) = wake.filter(|&at| at != alarm.at()) {
             alarm = plan.clock.until(at);
-            alarm_at = Some(at);
         }
         let overdue = connected
             && if open_loop {

@@ -297,21 +297,9 @@ fn report(args: &FloorArgs, o: &load::Outcome) -> Report {
         if o.acked > 0 {
             report.figure("server CPU per message", cpu * 1e6 / o.acked as f64, "µs");
         }
-        if o.deliveries > 0 {
-            report.figure(
-                "server CPU per million deliveries",
-                cpu * 1e6 / o.deliveries as f64,
-                "s",
-            );
-        }
     }
-    if let Some(cpu) = o.load_cpu.filter(|_| o.deliveries > 0) {
-        report.figure(
-            "load CPU per million deliveries",
-            cpu * 1e6 / o.deliveries as f64,
-            "s",
-        );
-    }
+    report.cpu_per_million_deliveries("server", o.server_cpu, o.deliveries);
+    report.cpu_per_million_deliveries("load", o.load_cpu, o.deliveries);
     report
         .latencies
         .push(Latency::from_micros("ack", &o.ack_us));

@@ -444,12 +444,9 @@ mod tests {
     }
 
     fn stalled_member(writer_thread: bool) {
-        let dir = std::env::temp_dir().join(format!(
-            "natter-floor-{}-{writer_thread}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("log");
+        // Removed when dropped, a failed assertion's unwinding included.
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_read, stop_write) = std::io::pipe().unwrap();
@@ -517,6 +514,5 @@ mod tests {
 
         drop(stop_write);
         server.join().unwrap().unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
