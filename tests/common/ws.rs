@@ -75,7 +75,13 @@ pub async fn raw(addr: SocketAddr) -> RawWs {
 }
 
 /// Reads frames until the server closes; returns the text frames and the close code.
-pub async fn read_to_close(ws: &mut RawWs) -> (Vec<String>, Option<u16>) {
+/// (Over any socket: the client library's has a read buffer of its own.)
+pub async fn read_to_close<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+) -> (Vec<String>, Option<u16>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut texts = Vec::new();
     loop {
         match tokio::time::timeout(WAIT, ws.next())

@@ -11,7 +11,7 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
 use super::phase::{End, Pace, PhaseResult};
-use super::workers::{Control, Seen, SendPlan, Share, receive, send};
+use super::workers::{Control, Seen, SendPlan, Share, Tallies, receive, send};
 use super::{MAX_PHASE_MESSAGES, SAMPLE_EVERY, SETTLE, Shape, merge, progress};
 use crate::bench::alarm::Alarm;
 use crate::bench::check::{Checker, Violations};
@@ -27,6 +27,7 @@ pub(crate) struct Rig {
     senders: Vec<Option<Realtime>>,
     control: watch::Sender<Control>,
     shares: mpsc::UnboundedReceiver<Share>,
+    tallies: Arc<Tallies>,
     receivers: Vec<tokio::task::JoinHandle<anyhow::Result<Seen>>>,
     start: Instant,
     phases: u32,
@@ -88,6 +89,7 @@ impl Rig {
         let start = Instant::now();
         let (control, control_rx) = watch::channel(Control::Running);
         let (share_tx, shares) = mpsc::unbounded_channel();
+        let tallies = Tallies::new();
         let mut receiving = Vec::with_capacity(receivers.len());
         // Clients are spread over the given nodes in turn (registered on the first: the
         // nodes of a cluster share their accounts).
@@ -111,6 +113,7 @@ impl Rig {
                 start,
                 control_rx.clone(),
                 share_tx.clone(),
+                tallies.clone(),
             )));
             bar.inc(1);
         }
@@ -130,6 +133,7 @@ impl Rig {
             senders: sender_sockets,
             control,
             shares,
+            tallies,
             receivers: receiving,
             start,
             phases: 0,
@@ -261,7 +265,6 @@ impl Rig {
         for _ in 0..self.receivers.len() {
             let share = self.next_share().await?;
             result.deliveries += share.deliveries;
-            result.deliver_latency.add(&share.latency_us)?;
             if let Some(last) = share.last_at {
                 result.deliver_time = result.deliver_time.max(last.duration_since(phase_start));
             }
@@ -272,6 +275,7 @@ impl Rig {
             waiting.inc(1);
         }
         waiting.finish_and_clear();
+        result.deliver_latency = self.tallies.phase_latency(phase)?;
         let load_after = crate::process::cpu_seconds(None);
         let nodes_after = self.target.sample_nodes().await;
         let after = Sample::sum(&nodes_after);
@@ -337,9 +341,8 @@ impl Rig {
         for r in self.receivers.drain(..) {
             let seen = r.await??;
             end.checks.merge(&seen.violations);
-            merge(&mut end.deliveries_per_bucket, &seen.per_bucket);
-            end.deliver_by_second.add(&seen.by_second);
         }
+        (end.deliveries_per_bucket, end.deliver_by_second) = self.tallies.series();
         for rt in self.senders.drain(..).flatten() {
             rt.close().await;
         }

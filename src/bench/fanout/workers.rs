@@ -2,9 +2,10 @@
 //! loop) and [`receive`] (one member's stream for the whole run, through its checker),
 //! and what they tell the rig: [`Control`] in, [`Share`]s, [`Sent`] and [`Seen`] out.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -31,10 +32,9 @@ pub(super) enum Control {
     Finish,
 }
 
-/// One receiver's share of a phase.
+/// One receiver's share of a phase (its latencies are counted in the [`Tallies`]).
 pub(super) struct Share {
     pub(super) deliveries: u64,
-    pub(super) latency_us: Histogram<u64>,
     pub(super) last_at: Option<Instant>,
     pub(super) caught_up: bool,
     /// Drops of the connection by close code (the client library resumes).
@@ -45,7 +45,6 @@ impl Share {
     fn new() -> Self {
         Self {
             deliveries: 0,
-            latency_us: receiver_histogram(),
             last_at: None,
             caught_up: true,
             drops: BTreeMap::new(),
@@ -53,16 +52,90 @@ impl Share {
     }
 }
 
-/// What one receiver saw over the whole run.
+/// What one receiver's checker found over the whole run.
 pub(super) struct Seen {
     pub(super) violations: Violations,
-    pub(super) per_bucket: Vec<u64>,
-    pub(super) by_second: Timeline,
 }
 
-/// Two significant digits: a thousand receivers at 3 digits would cost ~128 MiB.
-fn receiver_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds")
+/// What the receivers running on one load thread count together: send→deliver latency
+/// by phase, deliveries by time bucket, latency by second.
+#[derive(Default)]
+pub(super) struct Tally {
+    latency_us: Vec<Histogram<u64>>,
+    per_bucket: Vec<u64>,
+    by_second: Timeline,
+}
+
+/// The receivers' counts, a [`Tally`] for each load thread that ran a receiver. Each
+/// receiver counted in its own histogram and series before: at a thousand receivers
+/// every delivery's counts landed in memory out of cache (a tenth of the load tool's
+/// time, which shares the server's two cores). A thread's tally stays in cache.
+pub(super) struct Tallies {
+    id: u64,
+    all: Mutex<Vec<Arc<Mutex<Tally>>>>,
+}
+
+thread_local! {
+    /// This thread's tally in each live set of tallies (a process may run several rigs).
+    static MINE: RefCell<Vec<(u64, Weak<Mutex<Tally>>)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Tallies {
+    pub(super) fn new() -> Arc<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Arc::new(Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            all: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Counts into the calling thread's tally.
+    fn count(&self, f: impl FnOnce(&mut Tally)) {
+        let tally = MINE.with_borrow_mut(|mine| {
+            mine.retain(|(_, t)| t.strong_count() > 0);
+            if let Some(t) = mine
+                .iter()
+                .find(|(id, _)| *id == self.id)
+                .and_then(|(_, t)| t.upgrade())
+            {
+                return t;
+            }
+            let t = Arc::new(Mutex::new(Tally::default()));
+            lock(&self.all).push(t.clone());
+            mine.push((self.id, Arc::downgrade(&t)));
+            t
+        });
+        f(&mut lock(&tally));
+    }
+
+    /// Phase `phase`'s send→deliver latencies, from every thread (each receiver counts
+    /// its deliveries before it hands in its share, so once all shares are in, all are).
+    pub(super) fn phase_latency(&self, phase: u32) -> anyhow::Result<Histogram<u64>> {
+        let mut all = histogram();
+        for t in lock(&self.all).iter() {
+            if let Some(h) = lock(t).latency_us.get(phase as usize) {
+                all.add(h)?;
+            }
+        }
+        Ok(all)
+    }
+
+    /// Deliveries by time bucket and latency by second, over the run.
+    pub(super) fn series(&self) -> (Vec<u64>, Timeline) {
+        let mut per_bucket = Vec::new();
+        let mut by_second = Timeline::default();
+        for t in lock(&self.all).iter() {
+            let t = lock(t);
+            super::merge(&mut per_bucket, &t.per_bucket);
+            by_second.add(&t.by_second);
+        }
+        (per_bucket, by_second)
+    }
+}
+
+/// A tally's lock: a receiver that panicked while counting left numbers, not a hazard.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 pub(super) struct SendPlan {
@@ -231,12 +304,11 @@ pub(super) async fn receive(
     mut rt: Realtime,
     mut checker: Checker,
     start: Instant,
-    mut control: watch::Receiver<Control>,
+    control: watch::Receiver<Control>,
     shares: mpsc::UnboundedSender<Share>,
+    tallies: Arc<Tallies>,
 ) -> anyhow::Result<Seen> {
     let mut share = Share::new();
-    let mut per_bucket = Vec::new();
-    let mut by_second = Timeline::default();
     let mut phase = 0u32;
     let mut last_expected: Arc<HashMap<i64, i64>> = Arc::default();
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -246,6 +318,14 @@ pub(super) async fn receive(
     let timer = tokio::time::sleep_until(far());
     tokio::pin!(timer);
     let mut armed: Option<tokio::time::Instant> = None;
+    // One wait for the controller's word, kept across the loop's turns: a wait made and
+    // dropped at each delivery joined and left the list of waiters all receivers share,
+    // under its lock.
+    let wait = |mut rx: watch::Receiver<Control>| async move {
+        let changed = rx.changed().await;
+        (changed, rx)
+    };
+    let mut changed = Box::pin(wait(control.clone()));
     loop {
         let now_control = control.borrow().clone();
         match now_control {
@@ -278,10 +358,11 @@ pub(super) async fn receive(
             armed = deadline;
         }
         tokio::select! {
-            changed = control.changed() => {
-                if changed.is_err() {
+            (result, rx) = &mut changed => {
+                if result.is_err() {
                     break;
                 }
+                changed.set(wait(rx));
             }
             () = &mut timer => {
                 // Past the hour with no deadline: set it again (a deadline that passed
@@ -297,14 +378,19 @@ pub(super) async fn receive(
                         let now = Instant::now();
                         share.deliveries += 1;
                         share.last_at = Some(now);
-                        count_in(&mut per_bucket, bucket_of(start, now));
                         let sent = m.text.split(' ').next().and_then(|t| t.strip_prefix('t')).and_then(|t| t.parse::<u64>().ok());
-                        if let Some(sent) = sent {
-                            let at = now.duration_since(start).as_micros() as u64;
-                            let us = at.saturating_sub(sent).max(1);
-                            let _ = share.latency_us.record(us);
-                            by_second.record((sent / 1_000_000) as usize, us);
-                        }
+                        tallies.count(|t| {
+                            count_in(&mut t.per_bucket, bucket_of(start, now));
+                            if let Some(sent) = sent {
+                                let at = now.duration_since(start).as_micros() as u64;
+                                let us = at.saturating_sub(sent).max(1);
+                                if t.latency_us.len() <= phase as usize {
+                                    t.latency_us.resize_with(phase as usize + 1, histogram);
+                                }
+                                let _ = t.latency_us[phase as usize].record(us);
+                                t.by_second.record((sent / 1_000_000) as usize, us);
+                            }
+                        });
                     }
                 }
                 Incoming::Dropped { code } => {
@@ -318,7 +404,59 @@ pub(super) async fn receive(
     rt.close().await;
     Ok(Seen {
         violations: checker.finish(&last_expected),
-        per_bucket,
-        by_second,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts one delivery of `us` in phase `phase`, at `ms` into the run.
+    fn count(tallies: &Tallies, phase: usize, us: u64, ms: usize) {
+        tallies.count(|t| {
+            if t.latency_us.len() <= phase {
+                t.latency_us.resize_with(phase + 1, histogram);
+            }
+            t.latency_us[phase].record(us).unwrap();
+            count_in(
+                &mut t.per_bucket,
+                ms / super::super::BUCKET.as_millis() as usize,
+            );
+            t.by_second.record(ms / 1000, us);
+        });
+    }
+
+    #[test]
+    fn tallies_sum_every_thread_by_phase_and_keep_each_rig_apart() {
+        let a = Tallies::new();
+        let b = Tallies::new();
+        count(&a, 0, 100, 0);
+        count(&b, 0, 7, 0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                count(&a, 0, 300, 1500);
+                count(&a, 1, 900, 2500);
+            });
+        });
+        count(&a, 1, 500, 2500);
+        assert_eq!(lock(&a.all).len(), 2, "one tally per thread");
+        let zero = a.phase_latency(0).unwrap();
+        assert_eq!((zero.len(), zero.min(), zero.max()), (2, 100, 300));
+        let one = a.phase_latency(1).unwrap();
+        assert_eq!((one.len(), one.min()), (2, 500));
+        assert_eq!(a.phase_latency(2).unwrap().len(), 0);
+        let (per_bucket, by_second) = a.series();
+        assert_eq!(per_bucket.iter().sum::<u64>(), 4);
+        assert_eq!(by_second.quantile_ms(1.0).len(), 3, "seconds 0, 1 and 2");
+        let other = b.phase_latency(0).unwrap();
+        assert_eq!(
+            (other.len(), other.max()),
+            (1, 7),
+            "the other rig's count only"
+        );
+        // A rig's tallies go with it; the thread's entry for it is dropped at its next count.
+        drop(a);
+        count(&b, 0, 8, 0);
+        assert_eq!(MINE.with_borrow(Vec::len), 1);
+    }
 }
