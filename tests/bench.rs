@@ -145,6 +145,11 @@ async fn capacity_steps_up_until_a_bound_and_reports_the_headroom() {
     let report = measure(&args).await.unwrap();
     assert!(report.passed, "{}", report.to_text());
     assert_eq!(report.tables[0].rows.len(), 2, "{}", report.to_text());
+    // Each step (a phase of the rig) has its own deliveries' latencies.
+    for row in &report.tables[0].rows {
+        let p99: f64 = row[4].parse().unwrap();
+        assert!(p99 > 0.0, "{}", report.to_text());
+    }
     assert_eq!(figure(&report, "highest sustainable rate"), Some(80.0));
     let peak = figure(&report, "peak to plan for (1.5x headroom)").unwrap();
     assert!((peak - 80.0 / 1.5).abs() < 1e-9);

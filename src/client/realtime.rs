@@ -11,6 +11,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, error::UrlError};
 
 use super::{Api, ClientError, Frame, Result, parse_frame};
 
@@ -105,10 +106,13 @@ impl Realtime {
             .read_buffer_size(FRAME_READ);
         let request = self.url.as_str().into_client_request()?;
         let uri = request.uri();
-        if uri.scheme_str() != Some("ws") {
-            return Err(ClientError::Protocol(format!(
-                "only ws:// URLs are supported, not {uri}"
-            )));
+        // As the WebSocket library's own connect answers them (built without TLS).
+        match uri.scheme_str() {
+            Some("ws") => {}
+            Some("wss") => {
+                return Err(tungstenite::Error::Url(UrlError::TlsFeatureNotEnabled).into());
+            }
+            _ => return Err(tungstenite::Error::Url(UrlError::UnsupportedUrlScheme).into()),
         }
         let host = uri
             .host()
@@ -116,8 +120,7 @@ impl Realtime {
             .trim_matches(['[', ']'])
             .to_owned();
         let port = uri.port_u16().unwrap_or(80);
-        // Failures as the WebSocket library's own connect reports them.
-        let io = tokio_tungstenite::tungstenite::Error::Io;
+        let io = tungstenite::Error::Io;
         let tcp = TcpStream::connect((host.as_str(), port))
             .await
             .map_err(io)?;
@@ -362,4 +365,27 @@ fn close_parts(frame: Option<CloseFrame>) -> (u16, String) {
     frame.map_or((1005, String::new()), |f| {
         (f.code.into(), f.reason.to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::error::UrlError;
+
+    /// The client connects its socket itself (under a read buffer of its own): a URL it
+    /// cannot serve is refused as the WebSocket library's connect refused it.
+    #[tokio::test]
+    async fn a_tls_url_is_refused_as_the_websocket_library_refuses_it() {
+        let api = Api::new("https://127.0.0.1:9").with_token("t");
+        let refused = Realtime::connect(&api, HashMap::new()).await.err();
+        assert!(
+            matches!(
+                refused,
+                Some(ClientError::Ws(tungstenite::Error::Url(
+                    UrlError::TlsFeatureNotEnabled
+                )))
+            ),
+            "{refused:?}"
+        );
+    }
 }

@@ -154,8 +154,6 @@ impl Rig {
     /// Sends as `pace` says, waits for every answer and for every receiver to see the
     /// phase's last events, and reports what it measured.
     pub async fn phase(&mut self, pace: Pace, label: &str) -> anyhow::Result<PhaseResult> {
-        let phase = self.phases;
-        self.phases += 1;
         let planned = pace.planned();
         if planned == 0 {
             anyhow::bail!("nothing to send: the rate times the duration is under one message");
@@ -165,6 +163,9 @@ impl Rig {
                 "a phase of {planned} messages is past the bench's limit of {MAX_PHASE_MESSAGES}: lower the rate, the duration or --messages"
             );
         }
+        // Numbered once it runs: the receivers count phases by their ends.
+        let phase = self.phases;
+        self.phases += 1;
         let senders = self.senders.len();
         let answered = Arc::new(AtomicU64::new(0));
         let bar = progress(self.quiet, planned as u64, label);

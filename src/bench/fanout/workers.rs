@@ -61,7 +61,7 @@ pub(super) struct Seen {
 /// by phase, deliveries by time bucket, latency by second.
 #[derive(Default)]
 pub(super) struct Tally {
-    latency_us: Vec<Histogram<u64>>,
+    latency_us: BTreeMap<u32, Histogram<u64>>,
     per_bucket: Vec<u64>,
     by_second: Timeline,
 }
@@ -108,13 +108,14 @@ impl Tallies {
         f(&mut lock(&tally));
     }
 
-    /// Phase `phase`'s send→deliver latencies, from every thread (each receiver counts
-    /// its deliveries before it hands in its share, so once all shares are in, all are).
+    /// Takes phase `phase`'s send→deliver latencies, from every thread (each receiver
+    /// counts its deliveries before it hands in its share, so once all shares are in,
+    /// all are).
     pub(super) fn phase_latency(&self, phase: u32) -> anyhow::Result<Histogram<u64>> {
         let mut all = histogram();
         for t in lock(&self.all).iter() {
-            if let Some(h) = lock(t).latency_us.get(phase as usize) {
-                all.add(h)?;
+            if let Some(h) = lock(t).latency_us.remove(&phase) {
+                all.add(&h)?;
             }
         }
         Ok(all)
@@ -384,10 +385,7 @@ pub(super) async fn receive(
                             if let Some(sent) = sent {
                                 let at = now.duration_since(start).as_micros() as u64;
                                 let us = at.saturating_sub(sent).max(1);
-                                if t.latency_us.len() <= phase as usize {
-                                    t.latency_us.resize_with(phase as usize + 1, histogram);
-                                }
-                                let _ = t.latency_us[phase as usize].record(us);
+                                let _ = t.latency_us.entry(phase).or_insert_with(histogram).record(us);
                                 t.by_second.record((sent / 1_000_000) as usize, us);
                             }
                         });
@@ -412,12 +410,13 @@ mod tests {
     use super::*;
 
     /// Counts one delivery of `us` in phase `phase`, at `ms` into the run.
-    fn count(tallies: &Tallies, phase: usize, us: u64, ms: usize) {
+    fn count(tallies: &Tallies, phase: u32, us: u64, ms: usize) {
         tallies.count(|t| {
-            if t.latency_us.len() <= phase {
-                t.latency_us.resize_with(phase + 1, histogram);
-            }
-            t.latency_us[phase].record(us).unwrap();
+            t.latency_us
+                .entry(phase)
+                .or_insert_with(histogram)
+                .record(us)
+                .unwrap();
             count_in(
                 &mut t.per_bucket,
                 ms / super::super::BUCKET.as_millis() as usize,
@@ -445,6 +444,11 @@ mod tests {
         let one = a.phase_latency(1).unwrap();
         assert_eq!((one.len(), one.min()), (2, 500));
         assert_eq!(a.phase_latency(2).unwrap().len(), 0);
+        assert_eq!(
+            a.phase_latency(0).unwrap().len(),
+            0,
+            "a phase's counts are taken once"
+        );
         let (per_bucket, by_second) = a.series();
         assert_eq!(per_bucket.iter().sum::<u64>(), 4);
         assert_eq!(by_second.quantile_ms(1.0).len(), 3, "seconds 0, 1 and 2");
