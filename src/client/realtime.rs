@@ -370,7 +370,6 @@ fn close_parts(frame: Option<CloseFrame>) -> (u16, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_tungstenite::tungstenite::error::UrlError;
 
     /// The client connects its socket itself (under a read buffer of its own): a URL it
     /// cannot serve is refused as the WebSocket library's connect refused it.

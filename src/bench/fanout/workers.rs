@@ -92,7 +92,6 @@ impl Tallies {
     /// Counts into the calling thread's tally.
     fn count(&self, f: impl FnOnce(&mut Tally)) {
         let tally = MINE.with_borrow_mut(|mine| {
-            mine.retain(|(_, t)| t.strong_count() > 0);
             if let Some(t) = mine
                 .iter()
                 .find(|(id, _)| *id == self.id)
@@ -100,6 +99,8 @@ impl Tallies {
             {
                 return t;
             }
+            // A miss (this rig's first count here): drop the entries of rigs that ended.
+            mine.retain(|(_, t)| t.strong_count() > 0);
             let t = Arc::new(Mutex::new(Tally::default()));
             lock(&self.all).push(t.clone());
             mine.push((self.id, Arc::downgrade(&t)));
@@ -458,9 +459,11 @@ mod tests {
             (1, 7),
             "the other rig's count only"
         );
-        // A rig's tallies go with it; the thread's entry for it is dropped at its next count.
+        // A rig's tallies go with it; the thread's entry for it is dropped when another
+        // rig first counts here.
         drop(a);
-        count(&b, 0, 8, 0);
-        assert_eq!(MINE.with_borrow(Vec::len), 1);
+        let c = Tallies::new();
+        count(&c, 0, 8, 0);
+        assert_eq!(MINE.with_borrow(Vec::len), 2, "b's and c's");
     }
 }

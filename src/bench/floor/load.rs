@@ -20,8 +20,8 @@ use crate::bench::histogram;
 /// How long after the last scheduled send the answers may take.
 const SETTLE: Duration = Duration::from_secs(10);
 
-/// The poll's token for the [`Alarm`].
-const ALARM: Token = Token(usize::MAX);
+/// The poll's token for the [`TimerFd`].
+const TIMER: Token = Token(usize::MAX);
 
 pub(super) struct Outcome {
     pub sent: u64,
@@ -56,7 +56,7 @@ struct Peer {
 struct Load<'a> {
     args: &'a FloorArgs,
     poll: Poll,
-    alarm: Alarm,
+    timer: TimerFd,
     peers: Vec<Peer>,
     first_sender: usize,
     start: Instant,
@@ -84,19 +84,19 @@ pub(super) fn run(addr: SocketAddr, args: &FloorArgs, server_pid: u32) -> anyhow
             .register(&mut p.socket, Token(i), Interest::READABLE)
             .context("register a connection")?;
     }
-    let alarm = Alarm::new()?;
+    let timer = TimerFd::new()?;
     poll.registry()
         .register(
-            &mut SourceFd(&alarm.fd.as_raw_fd()),
-            ALARM,
+            &mut SourceFd(&timer.fd.as_raw_fd()),
+            TIMER,
             Interest::READABLE,
         )
-        .context("register the alarm")?;
+        .context("register the timer")?;
     let total = (args.rate * args.duration).round() as u64;
     let mut load = Load {
         args,
         poll,
-        alarm,
+        timer,
         peers,
         first_sender,
         start: Instant::now(),
@@ -147,7 +147,7 @@ impl Load<'_> {
             } else {
                 deadline
             };
-            // The poll's own timeout is in whole milliseconds, rounded up: the alarm
+            // The poll's own timeout is in whole milliseconds, rounded up: the timer
             // wakes it on time, the timeout is only a backstop.
             let wait = wake.saturating_duration_since(Instant::now());
             let timeout = if wait.is_zero() {
@@ -155,15 +155,15 @@ impl Load<'_> {
             } else {
                 // Set once per instant, not on each turn that reads a socket.
                 if armed != Some(wake) {
-                    self.alarm.set(wait)?;
+                    self.timer.set(wait)?;
                     armed = Some(wake);
                 }
                 wait + Duration::from_millis(1)
             };
             self.poll.poll(&mut events, Some(timeout)).context("poll")?;
             for event in events.iter() {
-                if event.token() == ALARM {
-                    self.alarm.clear();
+                if event.token() == TIMER {
+                    self.timer.clear();
                     continue;
                 }
                 let i = event.token().0;
@@ -324,11 +324,11 @@ fn write_some(peer: &mut Peer, poll: &Poll, token: Token) -> anyhow::Result<()> 
 
 /// A `timerfd`: the load's sends go out within tens of microseconds of their schedule,
 /// where the poll's millisecond timeout sent them ~0.6 ms late at p50.
-struct Alarm {
+struct TimerFd {
     fd: OwnedFd,
 }
 
-impl Alarm {
+impl TimerFd {
     fn new() -> anyhow::Result<Self> {
         // SAFETY: no pointer is passed; the result is checked before it is owned.
         let fd = unsafe {
