@@ -25,6 +25,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
+use crate::gateway::outbox::Socket;
+
 /// Bounds on connections and their timers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnLimits {
@@ -174,9 +176,11 @@ impl Activity {
     }
 }
 
-/// The socket, with its slot and its activity.
+/// The socket, with its slot and its activity. The socket is shared: a WebSocket
+/// session lends it to the fan-out, which writes a channel's next events to it while the
+/// session's task waits ([`crate::gateway::outbox::Outbox::deliver`]).
 struct Watched {
-    io: TcpStream,
+    io: Socket,
     activity: Arc<Activity>,
     _slot: Slot,
     spill: Spill,
@@ -190,7 +194,9 @@ impl AsyncRead for Watched {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
-        let polled = this.spill.poll_read(Pin::new(&mut this.io), cx, buf);
+        let polled = this
+            .spill
+            .poll_read(Pin::new(&mut Shared(&this.io)), cx, buf);
         if buf.filled().len() > before {
             self.activity.read();
         }
@@ -252,45 +258,76 @@ impl Spill {
     }
 }
 
+/// A shared socket's reads, as `TcpStream`'s own: wait for readable, read what is there.
+struct Shared<'a>(&'a TcpStream);
+
+impl AsyncRead for Shared<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                read => return Poll::Ready(read.map(drop)),
+            }
+        }
+    }
+}
+
+impl Watched {
+    /// Writes as `TcpStream`'s own writes do: wait for writable, write what fits.
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        write: impl Fn(&TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.io.poll_write_ready(cx))?;
+            match write(&self.io) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(n) => {
+                    if n > 0 {
+                        self.activity.wrote();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.activity.wrote();
-        }
-        polled
+        self.poll_send(cx, |io| io.try_write(buf))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // As `TcpStream::poll_shutdown`: the write side, at once.
+        Poll::Ready(socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write))
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.activity.wrote();
-        }
-        polled
+        self.poll_send(cx, |io| io.try_write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        true
     }
 }
 
@@ -348,7 +385,7 @@ pub async fn serve(
         }
         let activity = Arc::new(Activity::new());
         let io = Watched {
-            io: stream,
+            io: Arc::new(stream),
             activity: Arc::clone(&activity),
             _slot: slot,
             spill: Spill::default(),
@@ -391,8 +428,10 @@ async fn connection(
     mut stopped: watch::Receiver<bool>,
 ) {
     let seen = Arc::clone(&activity);
+    let socket = Arc::clone(&io.io);
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(Arc::clone(&socket));
         seen.awaiting_head.store(false, Ordering::Relaxed);
         seen.busy.fetch_add(1, Ordering::Relaxed);
         let app = app.clone();

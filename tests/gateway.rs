@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use common::TestServer;
 use common::ws::*;
+use futures_util::{SinkExt, StreamExt};
 use natter::client::{Frame, Incoming};
 use reqwest::Method;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 fn created(frames: &[Frame], channel: i64) -> Vec<String> {
     frames
@@ -1103,3 +1105,86 @@ crate::on_both_backends!(
     a_peer_that_stops_reading_mid_burst_is_dropped_within_the_idle_timeout,
     random_frames_never_break_the_server,
 );
+
+/// An idle connection's next events are written by the fan-out itself, not by the
+/// connection's task; its own frames (answers to pings at both levels) come from its task.
+/// The two writers take turns on one socket: every frame arrives whole, in order, once.
+#[tokio::test]
+async fn the_fan_out_writes_idle_connections_events_itself_and_frames_stay_whole_and_in_order() {
+    const MESSAGES: usize = 60;
+    let server = TestServer::start().await;
+    let a = server.client().register("alice").await;
+    let b = server.client().register("bob").await;
+    let ch = a.create_channel("room", "group", &[&b]).await;
+    let mut ws = raw(server.addr).await;
+    send_text(
+        &mut ws,
+        &json!({"op": "hello", "token": b.token}).to_string(),
+    )
+    .await;
+    let Some(Ok(Message::Text(ready))) = ws.next().await else {
+        panic!("no ready")
+    };
+    assert!(ready.contains(r#""type":"ready""#), "{ready}");
+    let before = metric(&a, "natter_events_delivered_by_fanout_total").await;
+    let (mut seqs, mut pongs, mut pings) = (Vec::new(), 0, 0);
+    for i in 0..MESSAGES {
+        // Now and then a WebSocket ping and a protocol ping, whose answers the
+        // connection's task writes between the fan-out's frames.
+        if i % 3 == 0 {
+            ws.send(Message::Ping(vec![i as u8].into())).await.unwrap();
+            send_text(&mut ws, r#"{"op":"ping"}"#).await;
+            pings += 1;
+        }
+        assert_eq!(a.send(&ch, &format!("m{i}"), None).await.status, 201);
+        // Read until this message's event is in (the connection is idle again).
+        loop {
+            let frame = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("open")
+                .expect("a well-formed frame");
+            match frame {
+                Message::Pong(_) => {}
+                Message::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).expect("whole JSON");
+                    match v["type"].as_str() {
+                        Some("pong") => pongs += 1,
+                        Some("message.created") => {
+                            assert_eq!(v["channel_id"].as_str(), Some(ch.as_str()));
+                            seqs.push(v["seq"].as_i64().unwrap());
+                            if v["message"]["text"] == format!("m{i}") {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(seqs.len(), MESSAGES, "each message once: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order: {seqs:?}"
+    );
+    // The protocol pongs still to come arrive after the last event.
+    while pongs < pings {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = frame {
+            assert!(t.contains(r#""type":"pong""#), "{t}");
+            pongs += 1;
+        }
+    }
+    let direct = metric(&a, "natter_events_delivered_by_fanout_total").await - before;
+    assert!(
+        direct >= 1.0,
+        "the fan-out wrote none of the {MESSAGES} events itself"
+    );
+    server.stop().await;
+}

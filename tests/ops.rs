@@ -104,6 +104,7 @@ async fn a_scripted_workload_moves_the_counters_by_exactly_its_amounts() {
     assert_eq!(d("natter_messages_accepted_total"), 5.0);
     assert_eq!(d("natter_events_committed_total"), 5.0);
     assert_eq!(d("natter_events_delivered_total"), 5.0);
+    assert!((0.0..=5.0).contains(&d("natter_events_delivered_by_fanout_total")));
     assert_eq!(d(r#"natter_rate_limited_total{limit="send"}"#), 1.0);
     assert_eq!(d(r#"natter_rate_limited_total{limit="login"}"#), 0.0);
     assert_eq!(d(r#"natter_rate_limited_total{limit="signup"}"#), 0.0);

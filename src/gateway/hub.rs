@@ -11,7 +11,8 @@
 //! happen, which channels and users this node starts and stops following ([`Interest`]).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::mpsc::{Sender, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -160,6 +161,61 @@ pub struct Hub {
     subs: RwLock<Subs>,
     next_id: AtomicU64,
     stats: Arc<Stats>,
+    /// Started at the first run with many followers; `None` on one core.
+    crew: OnceLock<Option<Crew>>,
+}
+
+/// Followers of one run past which the fan-out shares its writes with the [`Crew`].
+const SHARE_PAST: usize = 128;
+
+/// Threads that deliver a share of a run with many followers while the dispatching
+/// thread delivers its own, so a channel's fan-out to a thousand sockets uses every core
+/// (as the connections' own tasks spread it, before the fan-out wrote to sockets itself).
+/// They end when the hub is dropped.
+struct Crew {
+    jobs: Sender<Job>,
+    helpers: usize,
+}
+
+/// A share of a run: the outboxes to hand it to, and where to tell how many events
+/// went straight to their sockets.
+struct Job {
+    outboxes: Vec<Arc<Outbox>>,
+    run: Vec<Arc<Delivery>>,
+    done: std::sync::mpsc::SyncSender<usize>,
+}
+
+impl Crew {
+    /// One helper per core beside the dispatching thread (at most three).
+    fn start() -> Option<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        let mut helpers = 0;
+        for i in 0..cores.min(4) - 1 {
+            let queue = Arc::clone(&queue);
+            let spawned = std::thread::Builder::new()
+                .name(format!("natter-fanout-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(job) = job else {
+                            return;
+                        };
+                        let direct = job.outboxes.iter().map(|o| o.deliver(&job.run)).sum();
+                        let _ = job.done.send(direct);
+                    }
+                });
+            match spawned {
+                Ok(_) => helpers += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "start a fan-out thread; the fan-out uses fewer");
+                    break;
+                }
+            }
+        }
+        (helpers > 0).then_some(Self { jobs, helpers })
+    }
 }
 
 impl Hub {
@@ -168,6 +224,7 @@ impl Hub {
             subs: RwLock::default(),
             next_id: AtomicU64::new(1),
             stats,
+            crew: OnceLock::new(),
         }
     }
 
@@ -340,10 +397,11 @@ impl Hub {
 
     /// Delivers committed events, in order. Called by one thread at a time (the bus).
     pub fn dispatch(&self, deliveries: &[Arc<Delivery>]) {
+        let mut direct = 0;
         if deliveries.iter().any(|d| d.membership.is_some()) {
             let mut subs = self.write();
             for d in deliveries {
-                deliver(&subs, std::slice::from_ref(d));
+                direct += self.deliver(&subs, std::slice::from_ref(d));
                 if let Some((user_id, added)) = d.membership {
                     for id in subs.user_conns(user_id) {
                         if added {
@@ -357,9 +415,102 @@ impl Hub {
         } else {
             let subs = self.read();
             for run in deliveries.chunk_by(|a, b| a.channel_id == b.channel_id) {
-                deliver(&subs, run);
+                direct += self.deliver(&subs, run);
             }
         }
+        if direct > 0 {
+            let direct = direct as u64;
+            self.stats
+                .events_delivered
+                .fetch_add(direct, Ordering::Relaxed);
+            self.stats
+                .events_written_by_fanout
+                .fetch_add(direct, Ordering::Relaxed);
+        }
+    }
+
+    /// Hands `run`, consecutive events of one channel, to the channel's followers: each
+    /// gets the whole run at once (written to its socket, or queued with one lock and at
+    /// most one wake-up: [`Outbox::deliver`]). A run with many followers is shared with
+    /// the [`Crew`]; this returns once every follower has it. A membership event also goes
+    /// to the user's connections that do not follow the channel. The events written to
+    /// sockets here.
+    fn deliver(&self, subs: &Subs, run: &[Arc<Delivery>]) -> usize {
+        let Some(first) = run.first() else {
+            return 0;
+        };
+        let followers: &[ConnId] = subs
+            .by_channel
+            .get(&first.channel_id)
+            .map_or(&[], |f| f.conns.as_slice());
+        let each = |ids: &[ConnId]| -> usize {
+            ids.iter()
+                .filter_map(|id| subs.conns.get(id))
+                .map(|conn| conn.outbox.deliver(run))
+                .sum()
+        };
+        let crew = if followers.len() > SHARE_PAST {
+            self.crew.get_or_init(Crew::start).as_ref()
+        } else {
+            None
+        };
+        let mut direct = 0;
+        match crew {
+            None => direct += each(followers),
+            Some(crew) => {
+                let per = followers.len().div_ceil(crew.helpers + 1);
+                let (mine, theirs) = followers.split_at(per);
+                let (done, answers) = sync_channel(crew.helpers);
+                let mut shared = 0;
+                for share in theirs.chunks(per) {
+                    let outboxes = share
+                        .iter()
+                        .filter_map(|id| subs.conns.get(id))
+                        .map(|c| Arc::clone(&c.outbox))
+                        .collect();
+                    let job = Job {
+                        outboxes,
+                        run: run.to_vec(),
+                        done: done.clone(),
+                    };
+                    match crew.jobs.send(job) {
+                        Ok(()) => shared += 1,
+                        // The helpers are gone: deliver their share here.
+                        Err(back) => {
+                            direct += back
+                                .0
+                                .outboxes
+                                .iter()
+                                .map(|o| o.deliver(run))
+                                .sum::<usize>();
+                        }
+                    }
+                }
+                drop(done);
+                direct += each(mine);
+                // Every share is delivered before the next run (of this channel, or a
+                // membership change) is.
+                for _ in 0..shared {
+                    match answers.recv() {
+                        Ok(n) => direct += n,
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        for d in run {
+            let Some((user_id, _)) = d.membership else {
+                continue;
+            };
+            for id in subs.by_user.get(&user_id).into_iter().flatten() {
+                if let Some(conn) = subs.conns.get(id)
+                    && !conn.channels.contains(&d.channel_id)
+                {
+                    conn.outbox.push(Item::Event(Arc::clone(d)));
+                }
+            }
+        }
+        direct
     }
 
     /// Shows `user_id` typing to the channel's other online members.
@@ -461,35 +612,6 @@ pub fn start_pinger(hub: &Arc<Hub>, every: std::time::Duration) -> tokio::task::
     })
 }
 
-/// Pushes `run`, consecutive events of one channel, to the channel's followers: each gets
-/// the whole run at once (one lock and at most one wake-up per connection, not per
-/// event). A membership event also goes to the user's connections that do not follow
-/// the channel.
-fn deliver(subs: &Subs, run: &[Arc<Delivery>]) {
-    let Some(first) = run.first() else {
-        return;
-    };
-    let followers = subs.by_channel.get(&first.channel_id).map(|f| &f.conns);
-    for id in followers.into_iter().flatten() {
-        if let Some(conn) = subs.conns.get(id) {
-            conn.outbox
-                .push_all(run.iter().map(|d| Item::Event(Arc::clone(d))));
-        }
-    }
-    for d in run {
-        let Some((user_id, _)) = d.membership else {
-            continue;
-        };
-        for id in subs.by_user.get(&user_id).into_iter().flatten() {
-            if let Some(conn) = subs.conns.get(id)
-                && !conn.channels.contains(&d.channel_id)
-            {
-                conn.outbox.push(Item::Event(Arc::clone(d)));
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,6 +643,32 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_run_with_many_followers_reaches_each_once_in_order() {
+        let stats = Arc::new(Stats::default());
+        let hub = Hub::new(Arc::clone(&stats));
+        let outboxes: Vec<Arc<Outbox>> = (0..SHARE_PAST * 3 + 1)
+            .map(|_| Arc::new(Outbox::new(1 << 20, Arc::clone(&stats))))
+            .collect();
+        for (user, outbox) in outboxes.iter().enumerate() {
+            let conn = hub.register(user as i64, [0; 32], Arc::clone(outbox));
+            hub.subscribe(conn, 1);
+        }
+        let message = |seq| event(1, seq, EventBody::ChannelUpdated { name: None });
+        // Runs one after another: each is with every follower before the next starts.
+        for seqs in [[1, 2], [3, 4], [5, 6]] {
+            hub.dispatch(&seqs.map(message));
+        }
+        for outbox in &outboxes {
+            assert_eq!(seqs(outbox).await, [1, 2, 3, 4, 5, 6]);
+        }
+        assert_eq!(
+            stats.events_written_by_fanout.load(Ordering::Relaxed),
+            0,
+            "no socket attached: all queued"
+        );
     }
 
     #[tokio::test]

@@ -14,6 +14,8 @@ pub struct Stats {
     pub slow_consumers: AtomicU64,
     /// Event frames written to sockets.
     pub events_delivered: AtomicU64,
+    /// Of those, the frames the fan-out wrote itself (the rest the connections' tasks).
+    pub events_written_by_fanout: AtomicU64,
     /// Event reads (replay and gap fill) served from the hot-channel cache.
     pub cache_hits: AtomicU64,
     /// Event reads that went to the store.
@@ -69,6 +71,12 @@ impl Stats {
                 "counter",
                 "Event frames written to WebSocket clients.",
                 count(&self.events_delivered),
+            ),
+            (
+                "natter_events_delivered_by_fanout_total",
+                "counter",
+                "Of the event frames written, those the fan-out wrote to the socket itself.",
+                count(&self.events_written_by_fanout),
             ),
             (
                 "natter_event_cache_hits_total",

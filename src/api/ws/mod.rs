@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -28,7 +29,7 @@ use super::error::ApiError;
 use super::extract::authenticate;
 use super::scopes::Scope;
 use crate::gateway::hub::{ConnId, Hub};
-use crate::gateway::outbox::Outbox;
+use crate::gateway::outbox::{Outbox, Socket};
 use crate::model::User;
 use crate::wire::protocol::{self, ClientOp, Malformed, close};
 
@@ -47,8 +48,12 @@ const WRITE_BUFFER: usize = 64 * 1024;
               (status = 400, body = ErrorBody, description = "`invalid_handshake`: not a WebSocket opening handshake (a plain GET, or a header missing or wrong)")))]
 pub async fn upgrade(
     State(state): State<AppState>,
+    direct: Option<Extension<Socket>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // The socket itself, when the connection loop lends it ([`crate::conns`]): the fan-out
+    // then writes events to it (see `Session::serve`).
+    let direct = direct.map(|Extension(s)| s);
     let ws = match ws {
         Ok(ws) => ws,
         Err(refused) => {
@@ -78,7 +83,7 @@ pub async fn upgrade(
         .max_write_buffer_size(2 * WRITE_BUFFER + max.max(ready))
         // The session logs under the upgrade request's span (its request id).
         .on_upgrade(move |socket: WebSocket| {
-            run(socket, state).instrument(tracing::Span::current())
+            run(socket, state, direct).instrument(tracing::Span::current())
         })
 }
 
@@ -161,7 +166,11 @@ pub(super) fn malformed(message: impl Into<String>) -> ApiError {
 /// loop holds. (An `async` block rather
 /// than an `async fn`: an `async fn` keeps a second copy of the socket it is passed.)
 #[allow(clippy::manual_async_fn)] // On purpose: see above.
-pub fn run<S, E>(mut socket: S, state: AppState) -> impl Future<Output = ()> + Send
+pub fn run<S, E>(
+    mut socket: S,
+    state: AppState,
+    direct: Option<Socket>,
+) -> impl Future<Output = ()> + Send
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
 {
@@ -183,7 +192,13 @@ where
         let Some(unavailable) = starting.await else {
             return;
         };
-        if let Err(end) = session.serve(&mut socket, unavailable).await {
+        if let Some(direct) = direct {
+            session.attach(direct);
+        }
+        let served = session.serve(&mut socket, unavailable).await;
+        // Nothing more from the fan-out: the close (if any) is the last frame.
+        session.detach();
+        if let Err(end) = served {
             end_with(&mut socket, end).await;
         }
     }
@@ -396,10 +411,6 @@ mod tests {
     use super::*;
 
     /// The size of the future a function returns, from the function's type alone.
-    fn future_size<A, B, F>(_: fn(A, B) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
     fn future_size3<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
         std::mem::size_of::<F>()
     }
@@ -416,7 +427,7 @@ mod tests {
     #[test]
     fn an_idle_connection_holds_a_small_future() {
         type Ws = WebSocket;
-        let run = future_size(run::<Ws, axum::Error>);
+        let run = future_size3(run::<Ws, axum::Error>);
         let serve = future_size3(
             Session::serve::<Ws, axum::Error>
                 as fn(&'static mut Session, &'static mut Ws, bool) -> _,
@@ -428,7 +439,7 @@ mod tests {
             run <= socket + session + serve + 96,
             "run: {run} bytes (socket {socket}, session {session}, loop {serve})"
         );
-        assert!(run <= 1008, "run: {run} bytes");
+        assert!(run <= 1008, "run: {run} bytes (loop {serve})");
         assert!(serve <= 440, "the session loop's future: {serve} bytes");
         assert!(session <= 160, "Session: {session} bytes");
     }

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,7 +21,7 @@ use crate::api::messages::admit_send;
 use crate::api::scopes::{Scope, Scopes};
 use crate::config::Feature;
 use crate::gateway::hub::ConnId;
-use crate::gateway::outbox::{Delivery, Item, Outbox};
+use crate::gateway::outbox::{Delivery, Item, Outbox, Positions, Socket};
 use crate::model::{PresenceStatus, User};
 use crate::store::{ReadFence, StoreError};
 use crate::wire::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
@@ -63,7 +64,8 @@ pub(super) struct Session {
     conn: ConnId,
     outbox: Arc<Outbox>,
     /// Channel → the seq delivered last: the connection's channels and its place in each.
-    positions: FxHashMap<i64, i64>,
+    /// Lent to the outbox while the task waits (see [`Session::serve`]).
+    positions: Positions,
     /// The channels this connection signalled typing in lately, and when: a few at most
     /// (entries older than `TYPING_EVERY` are dropped).
     typing: Vec<(i64, Instant)>,
@@ -199,6 +201,12 @@ impl Session {
 
     /// The connection's life after `ready`: reads ops, writes what is queued for it, and
     /// pings when the hub's pinger asks ([`crate::gateway::hub::start_pinger`]).
+    ///
+    /// With the socket attached to the outbox ([`Session::attach`]), the session lets the
+    /// fan-out write to it while the task waits with everything it wrote flushed: at the
+    /// top of the loop it parks its positions in the outbox ([`Outbox::park`]), and every
+    /// branch takes them back before it writes or reads them. The caller detaches the
+    /// socket ([`Session::detach`]) before it writes the close.
     /// Everything this future holds, every idle connection holds: what is rare (gap
     /// fills, joins, resyncs, errors, the last answers before a close) and the ops run
     /// boxed, what ops in flight share is made at the first op and dropped again when
@@ -215,8 +223,10 @@ impl Session {
         let mut last_seen = Instant::now();
         let mut items = VecDeque::new();
         loop {
+            self.outbox.park(&mut self.positions);
             tokio::select! {
                 incoming = next_frame(socket, self.state.config.gateway.max_frame_bytes) => {
+                    self.outbox.unpark(&mut self.positions);
                     last_seen = Instant::now();
                     match incoming {
                         Incoming::Text(text) => {
@@ -228,7 +238,9 @@ impl Session {
                             let end = Box::pin(self.malformed(socket, reason));
                             return Err(end.await);
                         }
-                        Incoming::Alive => {}
+                        // The answer to a ping waits in the socket's buffer for its next
+                        // read or flush: written now, while the fan-out does not write.
+                        Incoming::Alive => flush(socket, self.idle()).await?,
                         Incoming::Gone => return Err(End::Gone),
                     }
                 }
@@ -236,12 +248,14 @@ impl Session {
                     Some(o) => o.poll_answers(cx),
                     None => Poll::Pending,
                 }) => {
+                    self.outbox.unpark(&mut self.positions);
                     while let Some(frame) = ops.as_mut().and_then(|o| o.ready.pop_front()) {
                         feed(socket, frame, self.idle()).await?;
                     }
                     flush(socket, self.idle()).await?;
                 }
-                () = std::future::poll_fn(|cx| self.outbox.poll_take(cx, &mut items)) => {
+                // (The positions come back with the items.)
+                () = std::future::poll_fn(|cx| self.outbox.poll_take(cx, &mut items, &mut self.positions)) => {
                     let mut pinged = false;
                     // (`pop_front`, not a `drain` iterator: the iterator would be kept in
                     // every connection's task beside the loop's other state.)
@@ -260,6 +274,10 @@ impl Session {
                                 deliver.await?;
                             }
                             Item::Frame(f) => feed(socket, f, self.idle()).await?,
+                            Item::Rest(d, from) => {
+                                let rest = Box::pin(self.write_rest(socket, d, from));
+                                rest.await?;
+                            }
                             Item::Resync => {
                                 let resync = Box::pin(self.resync(socket));
                                 resync.await?;
@@ -302,6 +320,7 @@ impl Session {
                     Some(every) => every.poll_tick(cx).map(drop),
                     None => Poll::Pending,
                 }) => {
+                    self.outbox.unpark(&mut self.positions);
                     if self.state.store.health().parts.iter().all(|(_, up)| *up) {
                         flush(socket, self.idle()).await?;
                         InFlight::finish(ops.take(), socket).await;
@@ -312,6 +331,43 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// Writes the rest of an event's frame that the fan-out began on the socket, before
+    /// anything else reaches it; a peer that takes longer than the idle timeout is
+    /// dropped (its position already counts the event: the connection must end).
+    async fn write_rest<S>(&self, socket: &mut S, d: Arc<Delivery>, from: usize) -> Result<(), End>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        // Nothing is buffered here (the task flushes before it parks): this only makes sure.
+        flush(socket, self.idle()).await?;
+        let raw = self.outbox.socket().ok_or(End::Gone)?;
+        let written = tokio::time::timeout(self.idle(), async {
+            let mut at = from;
+            loop {
+                let [head, text] = d.wire();
+                let parts = if at < head.len() {
+                    [IoSlice::new(&head[at..]), IoSlice::new(text)]
+                } else if at - head.len() < text.len() {
+                    [IoSlice::new(&[]), IoSlice::new(&text[at - head.len()..])]
+                } else {
+                    return Ok(());
+                };
+                raw.writable().await?;
+                match raw.try_write_vectored(&parts) {
+                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(End::Gone),
         }
     }
 
@@ -332,6 +388,16 @@ impl Session {
         let now = Instant::now();
         self.typing.retain(|(_, t)| now - *t < TYPING_EVERY);
         self.typing.shrink_to_fit();
+    }
+
+    /// Lends the socket itself to the outbox, for [`Session::serve`].
+    pub(super) fn attach(&self, socket: Socket) {
+        self.outbox.attach(socket);
+    }
+
+    /// The session's loop ended: the fan-out writes nothing more to its socket.
+    pub(super) fn detach(&self) {
+        self.outbox.detach();
     }
 
     /// Adds the events written since the last call to the shared counter: one atomic add
