@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::cache::EventCache;
-use super::hub::{Hub, UNKNOWN};
+use super::hub::{Handing, Hub, UNKNOWN};
 use super::outbox::Delivery;
 use super::reader::EventReader;
 use crate::model::Event;
@@ -152,6 +152,7 @@ impl Dispatcher {
                 held: HashMap::new(),
                 out: Vec::new(),
                 batches: 0,
+                offers: 0,
             }),
             cache,
             handoff,
@@ -294,6 +295,11 @@ struct Worker {
     out: Vec<Arc<Delivery>>,
     /// Local batches taken since the last flush.
     batches: u64,
+    /// Batches (local or remote) offered since the last flush: more than one means the
+    /// thread gathers what came while it was busy; with them, or with a batch of more
+    /// than [`INLINE_EVENTS`] (the writer gathers what came while it synced), the
+    /// thread hands on queued ([`Handing`]).
+    offers: u32,
 }
 
 /// The dispatcher thread: takes what is queued, hands it on under the state's lock.
@@ -361,6 +367,7 @@ impl Worker {
 
     /// Sorts events into dispatched now, held, or dropped.
     fn offer(&mut self, ds: Vec<Arc<Delivery>>) {
+        self.offers += 1;
         let stats = Arc::clone(self.hub.stats());
         let cursors = self.hub.cursors();
         let mut gaps = Vec::new();
@@ -430,6 +437,11 @@ impl Worker {
     /// Caches, then dispatches: a connection that sees an event can read everything before
     /// it from the cache.
     fn flush(&mut self) {
+        let handing = if std::mem::take(&mut self.offers) > 1 || self.out.len() > INLINE_EVENTS {
+            Handing::Queued
+        } else {
+            Handing::Direct
+        };
         if !self.out.is_empty() {
             self.cache.append(&self.out);
         }
@@ -438,7 +450,7 @@ impl Worker {
             self.batches = 0;
         }
         if !self.out.is_empty() {
-            self.hub.dispatch(&self.out);
+            self.hub.dispatch(&self.out, handing);
             self.out.clear();
         }
     }

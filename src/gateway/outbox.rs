@@ -106,20 +106,19 @@ pub enum Item {
     /// Time to ping the client, and to check that it still answers and that its session
     /// has not expired ([`super::hub::start_pinger`]); when the ping was queued.
     Ping(std::time::Instant),
-    /// The rest of an event's frame that the fan-out wrote to the socket in part: the
-    /// bytes from this offset of [`Delivery::wire`]. Always first in the queue; nothing
-    /// else may reach the socket before it.
-    Rest(Arc<Delivery>, usize),
 }
+
+/// The rest of an event's frame that the fan-out wrote to the socket in part: the bytes
+/// from `.1` on of [`Delivery::wire`]. The task writes it before anything else.
+#[derive(Debug)]
+pub struct Rest(pub Arc<Delivery>, pub usize);
 
 impl Item {
     fn bytes(&self) -> usize {
         match self {
             Item::Event(d) => d.frame.len(),
             Item::Frame(f) => f.len(),
-            // Not held against the bound: at most one frame, and it must be written
-            // before the close a slow consumer gets.
-            Item::Close(..) | Item::Resync | Item::Ping(_) | Item::Rest(..) => 0,
+            Item::Close(..) | Item::Resync | Item::Ping(_) => 0,
         }
     }
 }
@@ -144,6 +143,11 @@ struct Queue {
     /// The positions of a task that waits with nothing to write ([`Outbox::park`]): the
     /// fan-out may then write a channel's next events to the socket, and moves them.
     parked: Option<Positions>,
+    /// What the socket did not take of the frame the fan-out wrote last. While it is
+    /// here the fan-out only queues, and the task is woken to write it first. (Not held
+    /// against the byte bound: one frame at most, which must precede even a slow
+    /// consumer's close.)
+    rest: Option<Rest>,
 }
 
 /// Events of a run the fan-out writes to a socket in one call, at most.
@@ -159,8 +163,8 @@ impl Queue {
     /// queued, and they are their channel's next (consecutive, no membership change among
     /// them). The events begun, and the bytes of the last one written if it went out in
     /// part (else 0). Its channel's position moves past every event begun: the rest of a
-    /// partial one is queued first ([`Item::Rest`]), and the connection ends if it cannot
-    /// be written.
+    /// partial one is kept for the task to write first ([`Rest`]), and the connection
+    /// ends if it cannot be written.
     fn write_direct(&mut self, run: &[Arc<Delivery>]) -> (usize, usize) {
         let (Some(_), Some(parked)) = (&self.socket, &mut self.parked) else {
             return (0, 0);
@@ -168,7 +172,7 @@ impl Queue {
         let Some(first) = run.first() else {
             return (0, 0);
         };
-        if !self.items.is_empty() || self.closed {
+        if !self.items.is_empty() || self.closed || self.rest.is_some() {
             return (0, 0);
         }
         let Some(at) = parked.get_mut(&first.channel_id) else {
@@ -262,9 +266,20 @@ impl Outbox {
         if begun == run.len() && partial == 0 {
             return begun;
         }
-        let rest = (partial > 0).then(|| Item::Rest(Arc::clone(&run[begun - 1]), partial));
-        let queued = run[begun..].iter().map(|d| Item::Event(Arc::clone(d)));
-        self.queue(q, rest.into_iter().chain(queued));
+        if partial > 0 {
+            q.rest = Some(Rest(Arc::clone(&run[begun - 1]), partial));
+            if begun == run.len() {
+                // Nothing to queue: wake the task for the rest alone.
+                let empty = q.items.is_empty();
+                let waiter = q.waiter(empty);
+                drop(q);
+                if let Some(w) = waiter {
+                    w.wake();
+                }
+                return begun;
+            }
+        }
+        self.queue(q, run[begun..].iter().map(|d| Item::Event(Arc::clone(d))));
         begun
     }
 
@@ -296,14 +311,7 @@ impl Outbox {
                     .buffered_bytes
                     .fetch_sub(q.bytes - added, Ordering::Relaxed);
                 added = 0;
-                // The rest of a frame begun on the socket stays: the close must follow a
-                // whole frame.
-                let rest = match q.items.front() {
-                    Some(Item::Rest(..)) => q.items.pop_front(),
-                    _ => None,
-                };
                 q.items.clear();
-                q.items.extend(rest);
                 q.bytes = 0;
                 q.items.push_back(Item::Close(
                     crate::wire::protocol::close::SLOW_CONSUMER,
@@ -380,22 +388,30 @@ impl Outbox {
     /// The connection's task waits with nothing of its own to write (what it wrote is
     /// flushed to the socket): it leaves its channels' positions here, for the fan-out to
     /// write the channels' next events itself and move them. Nothing is parked while
-    /// something is queued (the task takes that first), or without a socket. The task
-    /// takes the positions back with [`Outbox::unpark`] before it writes anything, or
-    /// with the items of [`Outbox::poll_take`].
+    /// something is queued (the task takes that first), or without a socket. Before it
+    /// writes anything, the task takes the positions back, and the rest of a frame begun,
+    /// with [`Outbox::unpark`] or with the items of [`Outbox::poll_take`].
     pub fn park(&self, positions: &mut Positions) {
         let mut q = self.lock();
-        if q.socket.is_some() && q.items.is_empty() && !q.closed && q.parked.is_none() {
+        if q.socket.is_some()
+            && q.items.is_empty()
+            && q.rest.is_none()
+            && !q.closed
+            && q.parked.is_none()
+        {
             q.parked = Some(std::mem::take(positions));
         }
     }
 
-    /// Takes back the positions parked (moved by what the fan-out wrote meanwhile);
-    /// after this the fan-out only queues.
-    pub fn unpark(&self, positions: &mut Positions) {
-        if let Some(parked) = self.lock().parked.take() {
+    /// Takes back the positions parked (moved by what the fan-out wrote meanwhile), and
+    /// the rest of a frame the fan-out began, to be written before anything else; after
+    /// this the fan-out only queues.
+    pub fn unpark(&self, positions: &mut Positions) -> Option<Rest> {
+        let mut q = self.lock();
+        if let Some(parked) = q.parked.take() {
             *positions = parked;
         }
+        q.rest.take()
     }
 
     /// Bytes the queue holds room for (tests).
@@ -416,6 +432,8 @@ impl Outbox {
     /// (as the caller's always is) trades places with the queue: no item is moved.
     /// Parked positions come back into `positions` with the items, under the same lock:
     /// the fan-out must not write past items the task has taken and not yet written.
+    /// Ready too for the rest of a frame begun alone; the task takes that with
+    /// [`Outbox::unpark`] and writes it first.
     pub fn poll_take(
         &self,
         cx: &mut Context<'_>,
@@ -423,7 +441,7 @@ impl Outbox {
         positions: &mut Positions,
     ) -> Poll<()> {
         let mut q = self.lock();
-        if q.items.is_empty() {
+        if q.items.is_empty() && q.rest.is_none() {
             match &mut q.waiting {
                 Some(w) => w.clone_from(cx.waker()),
                 none => *none = Some(cx.waker().clone()),
@@ -606,33 +624,42 @@ mod tests {
         // The client reads nothing: frames of 20,000 bytes fill the socket until one goes
         // out in part.
         let mut seq = 0;
-        let rest = loop {
+        let written = loop {
             assert!(seq < 10_000, "the socket never filled");
             seq += 1;
             outbox.park(&mut positions);
             let written = outbox.deliver(&[message(seq, 20_000)]);
-            if outbox
-                .poll_take(&mut cx, &mut items, &mut positions)
-                .is_ready()
-            {
-                assert_eq!(written, usize::from(matches!(items[0], Item::Rest(..))));
-                break items.pop_front().unwrap();
+            if written == 0 || outbox.lock().rest.is_some() {
+                break written;
             }
         };
-        // What the task does: the rest of the frame first, then what was queued.
         // (Linux takes what fits of a write: the last frame goes out in part.)
-        let Item::Rest(d, from) = rest else {
-            panic!("no frame went out in part: {rest:?}");
+        assert_eq!(written, 1, "the last frame went out in part");
+        // Whatever comes next is queued behind the rest, and the task is told of both.
+        assert_eq!(outbox.deliver(&[message(seq + 1, 10)]), 0);
+        assert!(
+            outbox
+                .poll_take(&mut cx, &mut items, &mut positions)
+                .is_ready()
+        );
+        outbox.park(&mut positions);
+        assert!(!positions.is_empty(), "nothing parks while a rest waits");
+        let Some(Rest(d, from)) = outbox.unpark(&mut positions) else {
+            panic!("the rest is handed out");
         };
+        assert!(matches!(items.make_contiguous(), [Item::Event(e)] if e.seq == seq + 1));
         assert!(from > 0 && from < d.wire_len());
         assert_eq!(
             positions.get(&1),
             Some(&seq),
             "the begun frame counts as delivered"
         );
-        let reader = tokio::spawn(async move { read_seqs(&mut client, seq as usize).await });
-        let [head, text] = d.wire();
-        let whole = [head, text].concat();
+        // What the task does: the rest of the frame first, then what was queued.
+        let reader = tokio::spawn(async move { read_seqs(&mut client, seq as usize + 1).await });
+        let Some(Item::Event(next)) = items.pop_front() else {
+            unreachable!()
+        };
+        let whole = [d.wire().concat(), next.wire().concat()].concat();
         let mut at = from;
         while at < whole.len() {
             socket.writable().await.unwrap();
@@ -646,7 +673,7 @@ mod tests {
             .await
             .expect("every frame read")
             .unwrap();
-        assert_eq!(got, (1..=seq).collect::<Vec<_>>());
+        assert_eq!(got, (1..=seq + 1).collect::<Vec<_>>());
     }
 
     #[tokio::test]
@@ -669,21 +696,25 @@ mod tests {
     fn a_slow_consumer_s_close_follows_the_rest_of_a_frame_begun() {
         let stats = Arc::new(Stats::default());
         let outbox = Outbox::new(100, Arc::clone(&stats));
-        assert!(outbox.push(Item::Rest(message(1, 10), 3)));
+        outbox.lock().rest = Some(Rest(message(1, 10), 3));
         assert!(outbox.push(frame(60)));
         assert!(!outbox.push(frame(60)));
         let mut cx = Context::from_waker(Waker::noop());
         let (mut items, mut positions) = (VecDeque::new(), Positions::default());
+        let taken = outbox.poll_take(&mut cx, &mut items, &mut positions);
+        assert!(taken.is_ready());
+        assert!(matches!(outbox.unpark(&mut positions), Some(Rest(_, 3))));
+        assert!(matches!(items.make_contiguous(), [Item::Close(4008, _)]));
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
+        // A rest alone wakes the task too, and is handed out once.
+        outbox.lock().rest = Some(Rest(message(1, 10), 3));
         assert!(
             outbox
-                .poll_take(&mut cx, &mut items, &mut positions)
+                .poll_take(&mut cx, &mut VecDeque::new(), &mut positions)
                 .is_ready()
         );
-        assert!(matches!(
-            items.make_contiguous(),
-            [Item::Rest(_, 3), Item::Close(4008, _)]
-        ));
-        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
+        assert!(outbox.unpark(&mut positions).is_some());
+        assert!(outbox.unpark(&mut positions).is_none(), "once");
     }
 
     /// Counts its wake-ups.

@@ -21,7 +21,7 @@ use crate::api::messages::admit_send;
 use crate::api::scopes::{Scope, Scopes};
 use crate::config::Feature;
 use crate::gateway::hub::ConnId;
-use crate::gateway::outbox::{Delivery, Item, Outbox, Positions, Socket};
+use crate::gateway::outbox::{Delivery, Item, Outbox, Positions, Rest, Socket};
 use crate::model::{PresenceStatus, User};
 use crate::store::{ReadFence, StoreError};
 use crate::wire::protocol::{self, ChannelPosition, ClientOp, Malformed, close};
@@ -226,7 +226,10 @@ impl Session {
             self.outbox.park(&mut self.positions);
             tokio::select! {
                 incoming = next_frame(socket, self.state.config.gateway.max_frame_bytes) => {
-                    self.outbox.unpark(&mut self.positions);
+                    // The fan-out only queues from now on; what it began goes first.
+                    if let Some(rest) = self.outbox.unpark(&mut self.positions) {
+                        Box::pin(self.write_rest(socket, rest)).await?;
+                    }
                     last_seen = Instant::now();
                     match incoming {
                         Incoming::Text(text) => {
@@ -248,14 +251,21 @@ impl Session {
                     Some(o) => o.poll_answers(cx),
                     None => Poll::Pending,
                 }) => {
-                    self.outbox.unpark(&mut self.positions);
+                    // The fan-out only queues from now on; what it began goes first.
+                    if let Some(rest) = self.outbox.unpark(&mut self.positions) {
+                        Box::pin(self.write_rest(socket, rest)).await?;
+                    }
                     while let Some(frame) = ops.as_mut().and_then(|o| o.ready.pop_front()) {
                         feed(socket, frame, self.idle()).await?;
                     }
                     flush(socket, self.idle()).await?;
                 }
-                // (The positions come back with the items.)
+                // (The positions come back with the items; the rest of a frame the fan-out
+                // began goes first.)
                 () = std::future::poll_fn(|cx| self.outbox.poll_take(cx, &mut items, &mut self.positions)) => {
+                    if let Some(rest) = self.outbox.unpark(&mut self.positions) {
+                        Box::pin(self.write_rest(socket, rest)).await?;
+                    }
                     let mut pinged = false;
                     // (`pop_front`, not a `drain` iterator: the iterator would be kept in
                     // every connection's task beside the loop's other state.)
@@ -274,10 +284,6 @@ impl Session {
                                 deliver.await?;
                             }
                             Item::Frame(f) => feed(socket, f, self.idle()).await?,
-                            Item::Rest(d, from) => {
-                                let rest = Box::pin(self.write_rest(socket, d, from));
-                                rest.await?;
-                            }
                             Item::Resync => {
                                 let resync = Box::pin(self.resync(socket));
                                 resync.await?;
@@ -320,7 +326,10 @@ impl Session {
                     Some(every) => every.poll_tick(cx).map(drop),
                     None => Poll::Pending,
                 }) => {
-                    self.outbox.unpark(&mut self.positions);
+                    // The fan-out only queues from now on; what it began goes first.
+                    if let Some(rest) = self.outbox.unpark(&mut self.positions) {
+                        Box::pin(self.write_rest(socket, rest)).await?;
+                    }
                     if self.state.store.health().parts.iter().all(|(_, up)| *up) {
                         flush(socket, self.idle()).await?;
                         InFlight::finish(ops.take(), socket).await;
@@ -337,7 +346,7 @@ impl Session {
     /// Writes the rest of an event's frame that the fan-out began on the socket, before
     /// anything else reaches it; a peer that takes longer than the idle timeout is
     /// dropped (its position already counts the event: the connection must end).
-    async fn write_rest<S>(&self, socket: &mut S, d: Arc<Delivery>, from: usize) -> Result<(), End>
+    async fn write_rest<S>(&self, socket: &mut S, Rest(d, from): Rest) -> Result<(), End>
     where
         S: Sink<Message> + Unpin,
     {
