@@ -217,11 +217,12 @@ thread_local! {
 /// reads 256 bytes at a time (its buffer is held for the connection's whole life: see
 /// `api::ws`), so a client's burst of pipelined frames took a system call per 256 bytes;
 /// read through this, the burst takes one. The rest is held only until it is read: an idle
-/// connection holds nothing (an empty `Vec`), a busy one at most [`READ_CHUNK`] bytes.
+/// connection holds nothing (an empty box), a busy one at most [`READ_CHUNK`] bytes.
+/// (A box and a `u32` rather than a `Vec` and a `usize`: every connection holds one.)
 #[derive(Default)]
 struct Spill {
-    rest: Vec<u8>,
-    at: usize,
+    rest: Box<[u8]>,
+    at: u32,
 }
 
 impl Spill {
@@ -231,11 +232,13 @@ impl Spill {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.at < self.rest.len() {
-            let n = buf.remaining().min(self.rest.len() - self.at);
-            buf.put_slice(&self.rest[self.at..self.at + n]);
-            self.at += n;
-            if self.at == self.rest.len() {
+        let at = self.at as usize;
+        if at < self.rest.len() {
+            let n = buf.remaining().min(self.rest.len() - at);
+            buf.put_slice(&self.rest[at..at + n]);
+            // At most READ_CHUNK: fits.
+            self.at = (at + n) as u32;
+            if at + n == self.rest.len() {
                 *self = Self::default();
             }
             return Poll::Ready(Ok(()));
@@ -250,7 +253,7 @@ impl Spill {
             let n = buf.remaining().min(got.len());
             buf.put_slice(&got[..n]);
             if n < got.len() {
-                self.rest = got[n..].to_vec();
+                self.rest = got[n..].into();
                 self.at = 0;
             }
             polled
@@ -431,7 +434,10 @@ async fn connection(
     let socket = Arc::clone(&io.io);
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
-        req.extensions_mut().insert(Arc::clone(&socket));
+        // The socket itself, for a WebSocket session (see `Watched`).
+        if req.headers().contains_key(hyper::header::UPGRADE) {
+            req.extensions_mut().insert(Arc::clone(&socket));
+        }
         seen.awaiting_head.store(false, Ordering::Relaxed);
         seen.busy.fetch_add(1, Ordering::Relaxed);
         let app = app.clone();
@@ -548,12 +554,12 @@ mod tests {
         let rest = read_all(&mut spill, &mut reader, 256, burst.len() - 256).await;
         assert_eq!([first, rest].concat(), burst);
         // Drained, it holds nothing.
-        assert_eq!((spill.rest.capacity(), spill.at), (0, 0));
+        assert_eq!((spill.rest.len(), spill.at), (0, 0));
         // A reader that asks for much reads straight from the socket.
         writer.write_all(&burst).await.unwrap();
         let big = read_all(&mut spill, &mut reader, READ_CHUNK, burst.len()).await;
         assert_eq!(big, burst);
-        assert_eq!(spill.rest.capacity(), 0);
+        assert_eq!(spill.rest.len(), 0);
         // A read that would wait leaves nothing behind.
         let mut space = [0u8; 256];
         let mut buf = ReadBuf::new(&mut space);
@@ -566,7 +572,7 @@ mod tests {
         })
         .await;
         assert!(pending);
-        assert_eq!(spill.rest.capacity(), 0);
+        assert_eq!(spill.rest.len(), 0);
         // The peer's end of stream comes through as a read of nothing.
         drop(writer);
         let mut buf = ReadBuf::new(&mut space);

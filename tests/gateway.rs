@@ -1188,3 +1188,91 @@ async fn the_fan_out_writes_idle_connections_events_itself_and_frames_stay_whole
     );
     server.stop().await;
 }
+
+/// Regression: when the fan-out's write of a frame went out in part (the peer's socket
+/// full), the connection's task finished it with the WebSocket's own flush first, which
+/// also wrote the answer to a ping it had just read: that answer landed inside the frame,
+/// and the peer's stream was garbage from there on. A peer that pings while it reads
+/// nothing, then reads, gets every frame whole and every event once, in order.
+#[tokio::test]
+async fn a_peer_that_pings_while_its_socket_is_full_gets_every_frame_whole() {
+    let server = TestServer::start_with(|c| {
+        c.gateway.queue_bytes = 32 << 20;
+        c.gateway.idle_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let a = server.client().register("alice").await;
+    let s = server.client().register("slow").await;
+    let ch = a.create_channel("burst", "group", &[&s]).await;
+    // A small receive buffer set by hand, so the server's writes fill it soon and go out
+    // in part.
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(8 * 1024).unwrap();
+    let tcp = tcp.connect(server.addr).await.unwrap();
+    let (slow, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/v1/ws", server.addr),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    let (mut out, mut input) = slow.split();
+    let hello = json!({"op": "hello", "token": s.token});
+    out.send(Message::text(hello.to_string())).await.unwrap();
+    let Some(Ok(Message::Text(ready))) = input.next().await else {
+        panic!("no ready")
+    };
+    assert!(ready.contains(r#""type":"ready""#), "{ready}");
+    // Pings every millisecond while nothing is read.
+    let pinger = tokio::spawn(async move {
+        let mut pings = 0u32;
+        for _ in 0..1500 {
+            if out
+                .send(Message::Ping(pings.to_be_bytes().to_vec().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            pings += 1;
+            if pings.is_multiple_of(8) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        (out, pings)
+    });
+    // ~2 MB of frames of ~16 KB, one commit each (a batch of one is written by the
+    // fan-out itself).
+    const MESSAGES: usize = 120;
+    let text = "\u{1F600}".repeat(3900);
+    for i in 0..MESSAGES {
+        assert_eq!(a.send(&ch, &format!("{text}#{i}"), None).await.status, 201);
+    }
+    let (_out, pings) = pinger.await.unwrap();
+    // Now read: every frame must parse, every event come once and in order.
+    let (mut seqs, mut pongs) = (Vec::new(), 0);
+    while seqs.len() < MESSAGES || pongs < pings {
+        let frame = tokio::time::timeout(WAIT, input.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} events and {pongs} of {pings} pongs", seqs.len()))
+            .expect("open")
+            .expect("a well-formed stream");
+        match frame {
+            Message::Pong(_) => pongs += 1,
+            // The server's own pings.
+            Message::Ping(_) => {}
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(&t).expect("whole JSON");
+                if v["type"] == "message.created" {
+                    seqs.push(v["seq"].as_i64().unwrap());
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seqs.len(), MESSAGES);
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order: {seqs:?}"
+    );
+    server.stop().await;
+}

@@ -512,11 +512,19 @@ impl Hub {
                 direct += each(mine);
                 // Every share is delivered before the next run (of this channel, or a
                 // membership change) is.
-                for _ in 0..shared {
+                let mut answered = 0;
+                while answered < shared {
                     match answers.recv() {
-                        Ok(n) => direct += n,
+                        Ok(n) => (direct, answered) = (direct + n, answered + 1),
                         Err(_) => break,
                     }
+                }
+                if answered < shared {
+                    // A helper failed on the way: deliver the others' shares again here.
+                    // A connection drops what it has (and what it is given twice is never
+                    // written directly: only the next seq is).
+                    tracing::error!("a fan-out thread failed; delivering its share inline");
+                    direct += each(theirs);
                 }
             }
         }

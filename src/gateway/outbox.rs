@@ -147,7 +147,7 @@ struct Queue {
     /// here the fan-out only queues, and the task is woken to write it first. (Not held
     /// against the byte bound: one frame at most, which must precede even a slow
     /// consumer's close.)
-    rest: Option<Rest>,
+    rest: Option<Box<Rest>>,
 }
 
 /// Events of a run the fan-out writes to a socket in one call, at most.
@@ -267,7 +267,7 @@ impl Outbox {
             return begun;
         }
         if partial > 0 {
-            q.rest = Some(Rest(Arc::clone(&run[begun - 1]), partial));
+            q.rest = Some(Box::new(Rest(Arc::clone(&run[begun - 1]), partial)));
             if begun == run.len() {
                 // Nothing to queue: wake the task for the rest alone.
                 let empty = q.items.is_empty();
@@ -411,7 +411,7 @@ impl Outbox {
         if let Some(parked) = q.parked.take() {
             *positions = parked;
         }
-        q.rest.take()
+        q.rest.take().map(|r| *r)
     }
 
     /// Bytes the queue holds room for (tests).
@@ -696,7 +696,7 @@ mod tests {
     fn a_slow_consumer_s_close_follows_the_rest_of_a_frame_begun() {
         let stats = Arc::new(Stats::default());
         let outbox = Outbox::new(100, Arc::clone(&stats));
-        outbox.lock().rest = Some(Rest(message(1, 10), 3));
+        outbox.lock().rest = Some(Box::new(Rest(message(1, 10), 3)));
         assert!(outbox.push(frame(60)));
         assert!(!outbox.push(frame(60)));
         let mut cx = Context::from_waker(Waker::noop());
@@ -707,7 +707,7 @@ mod tests {
         assert!(matches!(items.make_contiguous(), [Item::Close(4008, _)]));
         assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0);
         // A rest alone wakes the task too, and is handed out once.
-        outbox.lock().rest = Some(Rest(message(1, 10), 3));
+        outbox.lock().rest = Some(Box::new(Rest(message(1, 10), 3)));
         assert!(
             outbox
                 .poll_take(&mut cx, &mut VecDeque::new(), &mut positions)

@@ -228,7 +228,7 @@ impl Session {
                 incoming = next_frame(socket, self.state.config.gateway.max_frame_bytes) => {
                     // The fan-out only queues from now on; what it began goes first.
                     if let Some(rest) = self.outbox.unpark(&mut self.positions) {
-                        Box::pin(self.write_rest(socket, rest)).await?;
+                        Box::pin(self.write_rest(rest)).await?;
                     }
                     last_seen = Instant::now();
                     match incoming {
@@ -253,7 +253,7 @@ impl Session {
                 }) => {
                     // The fan-out only queues from now on; what it began goes first.
                     if let Some(rest) = self.outbox.unpark(&mut self.positions) {
-                        Box::pin(self.write_rest(socket, rest)).await?;
+                        Box::pin(self.write_rest(rest)).await?;
                     }
                     while let Some(frame) = ops.as_mut().and_then(|o| o.ready.pop_front()) {
                         feed(socket, frame, self.idle()).await?;
@@ -264,7 +264,7 @@ impl Session {
                 // began goes first.)
                 () = std::future::poll_fn(|cx| self.outbox.poll_take(cx, &mut items, &mut self.positions)) => {
                     if let Some(rest) = self.outbox.unpark(&mut self.positions) {
-                        Box::pin(self.write_rest(socket, rest)).await?;
+                        Box::pin(self.write_rest(rest)).await?;
                     }
                     let mut pinged = false;
                     // (`pop_front`, not a `drain` iterator: the iterator would be kept in
@@ -328,7 +328,7 @@ impl Session {
                 }) => {
                     // The fan-out only queues from now on; what it began goes first.
                     if let Some(rest) = self.outbox.unpark(&mut self.positions) {
-                        Box::pin(self.write_rest(socket, rest)).await?;
+                        Box::pin(self.write_rest(rest)).await?;
                     }
                     if self.state.store.health().parts.iter().all(|(_, up)| *up) {
                         flush(socket, self.idle()).await?;
@@ -346,12 +346,10 @@ impl Session {
     /// Writes the rest of an event's frame that the fan-out began on the socket, before
     /// anything else reaches it; a peer that takes longer than the idle timeout is
     /// dropped (its position already counts the event: the connection must end).
-    async fn write_rest<S>(&self, socket: &mut S, Rest(d, from): Rest) -> Result<(), End>
-    where
-        S: Sink<Message> + Unpin,
-    {
-        // Nothing is buffered here (the task flushes before it parks): this only makes sure.
-        flush(socket, self.idle()).await?;
+    /// (Straight to the socket, with no flush of the WebSocket first: its buffer is empty,
+    /// as the task flushes before it parks, and what it may hold beside it, the answer to
+    /// a ping or a close just read, must follow the frame, not land inside it.)
+    async fn write_rest(&self, Rest(d, from): Rest) -> Result<(), End> {
         let raw = self.outbox.socket().ok_or(End::Gone)?;
         let written = tokio::time::timeout(self.idle(), async {
             let mut at = from;
