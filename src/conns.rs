@@ -511,6 +511,47 @@ mod tests {
     use std::future::poll_fn;
     use tokio::io::AsyncWriteExt;
 
+    /// A shared socket's reads (through its readiness, not `TcpStream`'s own reads) get
+    /// every byte in order across short reads and pauses, each pause's data waking the
+    /// reader, and the end of the stream as a read of nothing.
+    #[tokio::test]
+    async fn a_shared_socket_reads_everything_across_short_reads_and_pauses() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut writer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let reader = listener.accept().await.unwrap().0;
+        let sent: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let sending = sent.clone();
+        let write = tokio::spawn(async move {
+            // Pieces of uneven size with pauses: reads of 4 KiB come up short often.
+            for (i, piece) in sending.chunks(3_001).enumerate() {
+                writer.write_all(piece).await.unwrap();
+                if i % 7 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut space = vec![0u8; 4096];
+        loop {
+            let mut buf = ReadBuf::new(&mut space);
+            let read = tokio::time::timeout(
+                Duration::from_secs(10),
+                poll_fn(|cx| Pin::new(&mut Shared(&reader)).poll_read(cx, &mut buf)),
+            )
+            .await
+            .expect("every piece wakes the reader");
+            read.unwrap();
+            if buf.filled().is_empty() {
+                break;
+            }
+            got.extend_from_slice(buf.filled());
+        }
+        write.await.unwrap();
+        assert_eq!(got, sent);
+    }
+
     /// Reads through `spill` into buffers of `size` bytes until `want` bytes came.
     async fn read_all(spill: &mut Spill, io: &mut TcpStream, size: usize, want: usize) -> Vec<u8> {
         let mut got = Vec::new();
