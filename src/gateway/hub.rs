@@ -498,14 +498,7 @@ impl Hub {
                     match crew.jobs.send(job) {
                         Ok(()) => shared += 1,
                         // The helpers are gone: deliver their share here.
-                        Err(back) => {
-                            direct += back
-                                .0
-                                .outboxes
-                                .iter()
-                                .map(|o| o.deliver(run))
-                                .sum::<usize>();
-                        }
+                        Err(_) => direct += each(share),
                     }
                 }
                 drop(done);

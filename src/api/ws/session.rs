@@ -241,7 +241,7 @@ impl Session {
                             let end = Box::pin(self.malformed(socket, reason));
                             return Err(end.await);
                         }
-                        // The answer to a ping waits in the socket's buffer for its next
+                        // The answer to a ping waits in the WebSocket's buffer for its next
                         // read or flush: written now, while the fan-out does not write.
                         Incoming::Alive => flush(socket, self.idle()).await?,
                         Incoming::Gone => return Err(End::Gone),
