@@ -1189,11 +1189,13 @@ async fn the_fan_out_writes_idle_connections_events_itself_and_frames_stay_whole
     server.stop().await;
 }
 
-/// Regression: when the fan-out's write of a frame went out in part (the peer's socket
-/// full), the connection's task finished it with the WebSocket's own flush first, which
-/// also wrote the answer to a ping it had just read: that answer landed inside the frame,
-/// and the peer's stream was garbage from there on. A peer that pings while it reads
-/// nothing, then reads, gets every frame whole and every event once, in order.
+/// When the fan-out's write of a frame went out in part (the peer's socket full), the
+/// connection's task once finished it with the WebSocket's own flush first, which also
+/// wrote the answer to a ping it had just read: that answer landed inside the frame, and
+/// the peer's stream was garbage from there on. A peer that pings while it reads nothing,
+/// then reads, gets every frame whole and every event once, in order. (This shape did not
+/// catch that defect: the ping must be read in the same wake-up as the partial write.
+/// The next test makes that happen.)
 #[tokio::test]
 async fn a_peer_that_pings_while_its_socket_is_full_gets_every_frame_whole() {
     let server = TestServer::start_with(|c| {
@@ -1270,6 +1272,133 @@ async fn a_peer_that_pings_while_its_socket_is_full_gets_every_frame_whole() {
         }
     }
     assert_eq!(seqs.len(), MESSAGES);
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order: {seqs:?}"
+    );
+    server.stop().await;
+}
+
+/// Regression for the defect above, made to happen: the ping is read in the same wake-up
+/// of the connection's task as the fan-out's frame that went out in part. The test's
+/// runtime has one thread, which the server's tasks share, so while the test holds it
+/// without awaiting, the connection's task cannot run. The test writes the ping then, lets
+/// the runtime's I/O driver see it, lets the server's writer and fan-out threads commit and
+/// write a run of frames larger than the socket takes, and only then lets the task run,
+/// with the ping to read and the rest of a frame to write. (The task's `select!` picks
+/// among ready branches at random: each trial reads the ping first with even odds, so
+/// twelve trials miss the race with odds of 1 in 4,096.) The code before the fix (31c55f3)
+/// failed in trial 0 or 1 in each of seven runs; the fixed code reached the race in 6 to 9
+/// of the 12 trials of each of five runs.
+#[tokio::test]
+async fn a_ping_read_beside_the_rest_of_a_begun_frame_is_answered_after_it() {
+    use std::io::Write as _;
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const TRIALS: usize = 12;
+    // Frames of ~16 KB: eight of them are twice what the socket takes (below).
+    const RUN: usize = 8;
+    let server = TestServer::start_with(|c| {
+        c.gateway.idle_timeout = Duration::from_secs(30);
+        // No ping of the server's own in the socket while the test looks at it.
+        c.gateway.ping_interval = Duration::from_secs(60);
+    })
+    .await;
+    let a = server.client().register("alice").await;
+    let s = server.client().register("slow").await;
+    let ch = a.create_channel("burst", "group", &[&s]).await;
+    let text = "\u{1F600}".repeat(3900);
+    let mut seqs = Vec::new();
+    for trial in 0..TRIALS {
+        // A new connection each trial: a socket's send buffer grows with its use.
+        let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+        tcp.set_recv_buffer_size(8 * 1024).unwrap();
+        // A small segment size: the server's send buffer is sized from it (~64 KB with the
+        // receive buffer, where loopback's 64 KB segments give it megabytes).
+        let mss: libc::c_int = 1000;
+        // SAFETY: a valid socket and a c_int option value that lives over the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                tcp.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_MAXSEG,
+                (&raw const mss).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        let tcp = tcp.connect(server.addr).await.unwrap();
+        // The same socket, for the test's writes and peeks while it holds the runtime.
+        let mut beside = std::net::TcpStream::from(tcp.as_fd().try_clone_to_owned().unwrap());
+        let (mut ws, _) = tokio_tungstenite::client_async(
+            format!("ws://{}/v1/ws", server.addr),
+            tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+        )
+        .await
+        .unwrap();
+        let hello = json!({"op": "hello", "token": s.token});
+        ws.send(Message::text(hello.to_string())).await.unwrap();
+        let Some(Ok(Message::Text(ready))) = ws.next().await else {
+            panic!("no ready")
+        };
+        assert!(ready.contains(r#""type":"ready""#), "{ready}");
+        // The sends wait on a write lock held from outside, so that they commit when the
+        // test lets go of it, with the runtime held.
+        let db = rusqlite::Connection::open(server.dir.path().join("natter.db")).unwrap();
+        db.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let sends: Vec<_> = (0..RUN)
+            .map(|i| {
+                let (a, ch, text) = (a.clone(), ch.clone(), format!("{text}#{trial}.{i}"));
+                tokio::spawn(async move { a.send(&ch, &text, None).await.status })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // From here to the next await, no task of the server runs.
+        let mut peek = [0u8; 1];
+        assert!(
+            beside.peek(&mut peek).is_err(),
+            "trial {trial}: the socket is read empty before it"
+        );
+        // A masked ping with no payload.
+        beside.write_all(&[0x89, 0x80, 1, 2, 3, 4]).unwrap();
+        // One turn of the runtime's I/O driver, which marks the connection's task ready
+        // to read; the test's task comes back before that task is run.
+        tokio::task::yield_now().await;
+        db.execute_batch("COMMIT").unwrap();
+        let held = std::time::Instant::now();
+        while beside.peek(&mut peek).is_err() {
+            assert!(held.elapsed() < WAIT, "trial {trial}: nothing written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Time for the rest of the run's commits and their writes.
+        std::thread::sleep(Duration::from_millis(300));
+        // Now the task runs; read everything, frame by frame.
+        let mut events = 0;
+        let mut ponged = false;
+        while events < RUN || !ponged {
+            let frame = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("trial {trial}: {events} events, pong {ponged}"))
+                .expect("open")
+                .unwrap_or_else(|e| panic!("trial {trial}: a broken stream: {e}"));
+            match frame {
+                Message::Pong(_) => ponged = true,
+                Message::Ping(_) => {}
+                Message::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(&t)
+                        .unwrap_or_else(|e| panic!("trial {trial}: not JSON ({e})"));
+                    if v["type"] == "message.created" {
+                        seqs.push(v["seq"].as_i64().unwrap());
+                        events += 1;
+                    }
+                }
+                other => panic!("trial {trial}: {other:?}"),
+            }
+        }
+        for send in sends {
+            assert_eq!(send.await.unwrap(), 201);
+        }
+    }
+    assert_eq!(seqs.len(), TRIALS * RUN);
     assert!(
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "in order: {seqs:?}"
