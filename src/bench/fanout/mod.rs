@@ -15,6 +15,7 @@
 //!
 //! [`Checker`]: super::check::Checker
 
+mod members;
 mod phase;
 mod rig;
 mod workers;

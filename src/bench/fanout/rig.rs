@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
+use super::members;
 use super::phase::{End, Pace, PhaseResult};
-use super::workers::{Control, Seen, SendPlan, Share, Tallies, receive, send};
+use super::workers::{Control, Seen, SendPlan, Share, Tallies, send};
 use super::{MAX_PHASE_MESSAGES, SAMPLE_EVERY, SETTLE, Shape, merge, progress};
 use crate::bench::alarm::Alarm;
-use crate::bench::check::{Checker, Violations};
+use crate::bench::check::Violations;
 use crate::bench::timeline::Timeline;
 use crate::bench::{RunArgs, Sample, Target, bench_username, histogram};
-use crate::client::{Api, Frame, Realtime};
+use crate::client::{Api, Realtime};
 
 /// Users, channels and open connections, driven through phases.
 pub(crate) struct Rig {
@@ -97,25 +98,44 @@ impl Rig {
             let node = &target.bases[n % target.bases.len()];
             Api::new(node).with_token(api.token().unwrap_or_default())
         };
+        let mut specs = Vec::with_capacity(receivers.len());
         for (n, (api, _)) in receivers.iter().enumerate() {
-            let (rt, ready) = Realtime::connect(&on_node(api, n), HashMap::new())
-                .await
-                .with_context(|| format!("connect receiver {n}"))?;
-            let mut checker = Checker::new(format!("receiver {n}"));
-            if let Frame::Ready { channels, .. } = &ready {
-                for &(c, last) in channels {
-                    checker.start(c, last);
-                }
+            let node = on_node(api, n);
+            let url = url::Url::parse(node.base()).context("a node's address")?;
+            let host = url.host_str().context("a node's address without a host")?;
+            let port = url.port_or_known_default().unwrap_or(80);
+            let addr = tokio::net::lookup_host((host, port))
+                .await?
+                .next()
+                .with_context(|| format!("resolve {host}"))?;
+            specs.push(members::Spec {
+                addr,
+                host: format!("{host}:{port}"),
+                token: node.token().unwrap_or_default().to_owned(),
+                who: format!("receiver {n}"),
+            });
+        }
+        let (connected_tx, mut connected) = mpsc::unbounded_channel();
+        let shared = members::Shared {
+            start,
+            control: control_rx.clone(),
+            shares: share_tx.clone(),
+            tallies: tallies.clone(),
+        };
+        let outcomes = members::start(specs, &shared, connected_tx)?;
+        for _ in 0..outcomes.len() {
+            match connected.recv().await {
+                Some(Ok(())) => bar.inc(1),
+                Some(Err(e)) => return Err(e.context("connect the receivers")),
+                None => anyhow::bail!("the receiving threads ended while connecting"),
             }
-            receiving.push(tokio::spawn(receive(
-                rt,
-                checker,
-                start,
-                control_rx.clone(),
-                share_tx.clone(),
-                tallies.clone(),
-            )));
-            bar.inc(1);
+        }
+        for outcome in outcomes {
+            receiving.push(tokio::spawn(async move {
+                outcome
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a receiving thread ended")))
+            }));
         }
         let mut sender_sockets = Vec::with_capacity(senders);
         for (s, (api, _)) in sending.iter().enumerate() {

@@ -1,6 +1,6 @@
-//! The fan-out rig's tasks: [`send`] (one sender's messages in a phase, open or closed
-//! loop) and [`receive`] (one member's stream for the whole run, through its checker),
-//! and what they tell the rig: [`Control`] in, [`Share`]s, [`Sent`] and [`Seen`] out.
+//! The fan-out rig's senders, [`send`] (one sender's messages in a phase, open or closed
+//! loop), and what the rig and its receivers ([`super::members`]) tell each other:
+//! [`Control`] in, [`Share`]s, [`Sent`] and [`Seen`] out, latencies into [`Tallies`].
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use tokio::sync::{mpsc, watch};
 
 use super::{SETTLE, bucket_of, count_in};
 use crate::bench::alarm::Clock;
-use crate::bench::check::{Checker, Violations};
+use crate::bench::check::Violations;
 use crate::bench::histogram;
 use crate::bench::timeline::Timeline;
 use crate::client::{Frame, Incoming, Realtime};
@@ -42,7 +41,7 @@ pub(super) struct Share {
 }
 
 impl Share {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             deliveries: 0,
             last_at: None,
@@ -300,110 +299,28 @@ fn take_answer(
     }
 }
 
-/// Reads one member's stream through the checker for the whole run, handing the
-/// controller its share of each phase once it has seen that phase's last events.
-pub(super) async fn receive(
-    mut rt: Realtime,
-    mut checker: Checker,
+/// Counts one delivery of a `message.created` at `now` in phase `phase`, with its send
+/// time (µs since `start`) if its text carries one.
+pub(super) fn count_delivery(
+    tallies: &Tallies,
     start: Instant,
-    control: watch::Receiver<Control>,
-    shares: mpsc::UnboundedSender<Share>,
-    tallies: Arc<Tallies>,
-) -> anyhow::Result<Seen> {
-    let mut share = Share::new();
-    let mut phase = 0u32;
-    let mut last_expected: Arc<HashMap<i64, i64>> = Arc::default();
-    let mut deadline: Option<tokio::time::Instant> = None;
-    // One timer for the whole run, moved only when the deadline changes: a timer set per
-    // frame was a good part of a receiver's cost at ~200k frames/s.
-    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
-    let timer = tokio::time::sleep_until(far());
-    tokio::pin!(timer);
-    let mut armed: Option<tokio::time::Instant> = None;
-    // One wait for the controller's word, kept across the loop's turns: a wait made and
-    // dropped at each delivery joined and left the list of waiters all receivers share,
-    // under its lock.
-    let wait = |mut rx: watch::Receiver<Control>| async move {
-        let changed = rx.changed().await;
-        (changed, rx)
-    };
-    let mut changed = Box::pin(wait(control.clone()));
-    loop {
-        let now_control = control.borrow().clone();
-        match now_control {
-            Control::Finish => break,
-            Control::PhaseEnd {
-                phase: p,
-                ref expected,
-            } if p == phase => {
-                last_expected = expected.clone();
-                let reached = expected
-                    .iter()
-                    .all(|(c, last)| checker.position(*c).is_none_or(|p| p >= *last));
-                let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-                if reached || timed_out {
-                    share.caught_up = reached;
-                    let done = std::mem::replace(&mut share, Share::new());
-                    if shares.send(done).is_err() {
-                        break;
-                    }
-                    phase += 1;
-                    deadline = None;
-                    continue;
-                }
-                deadline.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
-            }
-            _ => {}
+    phase: u32,
+    now: Instant,
+    sent: Option<u64>,
+) {
+    tallies.count(|t| {
+        count_in(&mut t.per_bucket, bucket_of(start, now));
+        if let Some(sent) = sent {
+            let at = now.duration_since(start).as_micros() as u64;
+            let us = at.saturating_sub(sent).max(1);
+            let _ = t
+                .latency_us
+                .entry(phase)
+                .or_insert_with(histogram)
+                .record(us);
+            t.by_second.record((sent / 1_000_000) as usize, us);
         }
-        if deadline != armed {
-            timer.as_mut().reset(deadline.unwrap_or_else(far));
-            armed = deadline;
-        }
-        tokio::select! {
-            (result, rx) = &mut changed => {
-                if result.is_err() {
-                    break;
-                }
-                changed.set(wait(rx));
-            }
-            () = &mut timer => {
-                // Past the hour with no deadline: set it again (a deadline that passed
-                // is handled at the loop's top).
-                if armed.is_none() {
-                    timer.as_mut().reset(far());
-                }
-            }
-            incoming = rt.next() => match incoming? {
-                Incoming::Frame(Frame::Event(e)) => {
-                    checker.observe(e.channel_id, e.seq);
-                    if let Some(m) = e.message.filter(|_| e.kind == "message.created") {
-                        let now = Instant::now();
-                        share.deliveries += 1;
-                        share.last_at = Some(now);
-                        let sent = m.text.split(' ').next().and_then(|t| t.strip_prefix('t')).and_then(|t| t.parse::<u64>().ok());
-                        tallies.count(|t| {
-                            count_in(&mut t.per_bucket, bucket_of(start, now));
-                            if let Some(sent) = sent {
-                                let at = now.duration_since(start).as_micros() as u64;
-                                let us = at.saturating_sub(sent).max(1);
-                                let _ = t.latency_us.entry(phase).or_insert_with(histogram).record(us);
-                                t.by_second.record((sent / 1_000_000) as usize, us);
-                            }
-                        });
-                    }
-                }
-                Incoming::Dropped { code } => {
-                    let code = code.map_or_else(|| "no close frame".to_owned(), |c| c.to_string());
-                    *share.drops.entry(code).or_default() += 1;
-                }
-                _ => {}
-            },
-        }
-    }
-    rt.close().await;
-    Ok(Seen {
-        violations: checker.finish(&last_expected),
-    })
+    });
 }
 
 #[cfg(test)]
