@@ -81,6 +81,8 @@ fn fanout_args(rate: Rate) -> FanoutArgs {
         rate,
         duration: None,
         window: 8,
+        // Below the window: a closed loop also waits for the fan-out to deliver.
+        lag: 1,
         run: run_args(),
     }
 }

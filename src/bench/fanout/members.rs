@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream as StdStream};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -25,7 +26,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::SETTLE;
-use super::workers::{Control, Seen, Share, Tallies, count_delivery};
+use super::workers::{Control, Progress, Seen, Share, Tallies, count_delivery};
 use crate::bench::check::Checker;
 
 /// How long a handshake may take, and a blocking write of a handshake.
@@ -51,6 +52,8 @@ pub(super) struct Shared {
     pub control: watch::Receiver<Control>,
     pub shares: mpsc::UnboundedSender<Share>,
     pub tallies: Arc<Tallies>,
+    /// Told the deliveries seen, for the senders' closed loop.
+    pub progress: Arc<Progress>,
 }
 
 /// Starts the receiving threads (one per core, at most four) over `specs`. Each member
@@ -76,10 +79,11 @@ pub(super) fn start(
         if mine.is_empty() {
             continue;
         }
-        let (control, shares, tallies) = (
+        let (control, shares, tallies, progress) = (
             shared.control.clone(),
             shared.shares.clone(),
             Arc::clone(&shared.tallies),
+            Arc::clone(&shared.progress),
         );
         let (start, connected) = (shared.start, connected.clone());
         std::thread::Builder::new()
@@ -98,6 +102,7 @@ pub(super) fn start(
                     control,
                     shares,
                     tallies,
+                    progress,
                 };
                 for (spec, outcome) in mine {
                     let token = Token(load.members.len());
@@ -127,6 +132,7 @@ struct Load {
     control: watch::Receiver<Control>,
     shares: mpsc::UnboundedSender<Share>,
     tallies: Arc<Tallies>,
+    progress: Arc<Progress>,
 }
 
 impl Load {
@@ -142,17 +148,25 @@ impl Load {
                 self.fail_all(&anyhow::Error::new(e).context("poll"));
                 return;
             }
+            let mut delivered = 0;
             for event in events.iter() {
                 let i = event.token().0;
                 let (member, outcome) = &mut self.members[i];
                 if outcome.is_none() {
                     continue;
                 }
+                let before = member.share.deliveries;
                 if let Err(e) = member.take(&self.poll, Token(i), self.start, &self.tallies)
                     && let Some(o) = outcome.take()
                 {
                     let _ = o.send(Err(e));
                 }
+                delivered += member.share.deliveries - before;
+            }
+            if delivered > 0 {
+                self.progress
+                    .delivered
+                    .fetch_add(delivered, Ordering::Relaxed);
             }
             // (The rig gone: finish.)
             let Ok(changed) = self.control.has_changed() else {

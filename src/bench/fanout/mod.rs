@@ -1,8 +1,9 @@
 //! `natter bench fanout`: C channels with M members each online over WebSockets, and S
 //! senders (each a member of one channel) sending at a fixed total rate (open loop:
 //! latency counts from each message's scheduled send time, so a stalled server cannot
-//! hide its delay) or as fast as the server acknowledges (`--rate max`, a window of sends
-//! in flight per sender). Every receiving connection runs the delivery [`Checker`]; any
+//! hide its delay) or as fast as the server acknowledges and delivers (`--rate max`, a
+//! window of sends in flight per sender, and at most `--lag` sent and not yet delivered
+//! per sender). Every receiving connection runs the delivery [`Checker`]; any
 //! missing, duplicate or reordered event fails the run.
 //!
 //! The machinery is a [`Rig`]: users, channels and connections set up once, then driven
@@ -46,6 +47,11 @@ pub struct FanoutArgs {
     /// With `--rate max`: sends in flight per sender.
     #[arg(long, default_value_t = 64)]
     pub window: usize,
+    /// With `--rate max`: messages per sender sent and not yet delivered to the members,
+    /// at most (the senders wait for the fan-out past it, so a run measures what the
+    /// server sustains, not a backlog that grows).
+    #[arg(long, default_value_t = 256)]
+    pub lag: usize,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -151,6 +157,7 @@ pub async fn measure(args: &FanoutArgs) -> anyhow::Result<Report> {
         (Rate::Max, _) => Pace::Max {
             count: args.messages.max(1),
             window: args.window.max(1),
+            lag: args.lag.max(1),
         },
         (Rate::Fixed(r), Some(d)) => Pace::Schedule(vec![Pace::lasting(r, d)]),
         (Rate::Fixed(r), None) => Pace::Schedule(vec![(r, args.messages.max(1))]),

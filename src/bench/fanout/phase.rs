@@ -16,8 +16,13 @@ use crate::bench::timeline::Timeline;
 /// How a phase sends.
 #[derive(Debug, Clone)]
 pub(crate) enum Pace {
-    /// `count` messages in total, each sender keeping `window` in flight.
-    Max { count: usize, window: usize },
+    /// `count` messages in total, each sender keeping `window` in flight and at most
+    /// `lag` sent and not yet delivered.
+    Max {
+        count: usize,
+        window: usize,
+        lag: usize,
+    },
     /// Open loop: segments of (total msgs/s, messages), one after the other.
     Schedule(Vec<(f64, usize)>),
 }
@@ -286,7 +291,8 @@ mod tests {
         assert!(
             Pace::Max {
                 count: 7,
-                window: 2
+                window: 2,
+                lag: 8
             }
             .times(0, 1)
             .is_empty()

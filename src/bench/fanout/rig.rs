@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::members;
 use super::phase::{End, Pace, PhaseResult};
-use super::workers::{Control, Seen, SendPlan, Share, Tallies, send};
+use super::workers::{Control, Progress, Seen, SendPlan, Share, Tallies, send};
 use super::{MAX_PHASE_MESSAGES, SAMPLE_EVERY, SETTLE, Shape, merge, progress};
 use crate::bench::alarm::Alarm;
 use crate::bench::check::Violations;
@@ -29,6 +29,11 @@ pub(crate) struct Rig {
     control: watch::Sender<Control>,
     shares: mpsc::UnboundedReceiver<Share>,
     tallies: Arc<Tallies>,
+    /// Messages sent and delivered over the run: a closed loop sends no faster than the
+    /// members are delivered to.
+    progress: Arc<Progress>,
+    /// Members of each channel.
+    members: usize,
     receivers: Vec<tokio::task::JoinHandle<anyhow::Result<Seen>>>,
     start: Instant,
     phases: u32,
@@ -116,11 +121,13 @@ impl Rig {
             });
         }
         let (connected_tx, mut connected) = mpsc::unbounded_channel();
+        let progress = Arc::new(Progress::default());
         let shared = members::Shared {
             start,
             control: control_rx.clone(),
             shares: share_tx.clone(),
             tallies: tallies.clone(),
+            progress: Arc::clone(&progress),
         };
         let outcomes = members::start(specs, &shared, connected_tx)?;
         for _ in 0..outcomes.len() {
@@ -154,6 +161,8 @@ impl Rig {
             control,
             shares,
             tallies,
+            progress,
+            members,
             receivers: receiving,
             start,
             phases: 0,
@@ -213,6 +222,12 @@ impl Rig {
                     Pace::Max { window, .. } => *window,
                     Pace::Schedule(_) => usize::MAX,
                 },
+                behind: match &pace {
+                    Pace::Max { lag, .. } => (lag * senders) as u64,
+                    Pace::Schedule(_) => u64::MAX,
+                },
+                progress: Arc::clone(&self.progress),
+                members: self.members as u64,
                 pad: self.pad.clone(),
                 answered: answered.clone(),
                 clock: self.alarm.clock(),

@@ -139,14 +139,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// How far the receivers are behind the senders, over the run: messages sent, and the
+/// deliveries of them the members saw (a message is one delivery per member of its
+/// channel; one refused counts as delivered to all).
+#[derive(Default)]
+pub(super) struct Progress {
+    pub(super) sent: AtomicU64,
+    pub(super) delivered: AtomicU64,
+}
+
+impl Progress {
+    /// Messages sent and not yet seen by the members (on average, each message going to
+    /// `members`).
+    fn undelivered(&self, members: u64) -> u64 {
+        let delivered = self.delivered.load(Ordering::Relaxed) / members.max(1);
+        self.sent.load(Ordering::Relaxed).saturating_sub(delivered)
+    }
+}
+
 pub(super) struct SendPlan {
     pub(super) client_prefix: String,
     pub(super) channel: i64,
     /// Open loop: when to send each message, from the phase's start.
     pub(super) times: Vec<Duration>,
-    /// Closed loop: how many to send, `window` in flight.
+    /// Closed loop: how many to send, `window` in flight, and at most `behind` sent by
+    /// all the senders together and not yet delivered ([`Progress`]): as fast as the
+    /// server acknowledges *and* delivers, not faster than the fan-out can go.
     pub(super) count: usize,
     pub(super) window: usize,
+    pub(super) behind: u64,
+    pub(super) progress: Arc<Progress>,
+    /// Members of each channel: the deliveries a message makes.
+    pub(super) members: u64,
     pub(super) pad: String,
     pub(super) answered: Arc<AtomicU64>,
     /// Wakes the sender at its scheduled times (Tokio's timer is a millisecond late).
@@ -164,6 +188,9 @@ pub(super) struct Sent {
     pub(super) by_second: Timeline,
     pub(super) last_at: Option<Instant>,
 }
+
+/// How soon a closed-loop sender held back by the fan-out looks again.
+const HELD_LOOK: Duration = Duration::from_micros(250);
 
 /// Sends one phase's messages: on a schedule (open loop) or with a window in flight.
 /// Returns the socket for the next phase.
@@ -194,6 +221,12 @@ pub(super) async fn send(
     // otherwise set another); until the first is due, one already passed.
     let mut alarm = plan.clock.until(phase_start);
     let answered = |s: &Sent| s.acked as usize + s.errors.values().sum::<u64>() as usize;
+    let held = |next: usize, s: &Sent| {
+        !open_loop
+            && next < total
+            && next - answered(s) < plan.window
+            && plan.progress.undelivered(plan.members) >= plan.behind
+    };
     while answered(&sent) < total {
         // Send everything due now (a sleep, even to a time already past, costs a timer
         // tick of ~1 ms), in bursts of at most 64 so answers are read in between, written
@@ -208,7 +241,11 @@ pub(super) async fn send(
                 None if !open_loop && next < total => now,
                 None => break,
             };
-            if due_at > now || (!open_loop && next - answered(&sent) >= plan.window) {
+            if due_at > now
+                || (!open_loop
+                    && (next - answered(&sent) >= plan.window
+                        || plan.progress.undelivered(plan.members) >= plan.behind))
+            {
                 break;
             }
             let client_id = format!("{}{next}", plan.client_prefix);
@@ -217,6 +254,7 @@ pub(super) async fn send(
             rt.queue(plan.channel, &text, &client_id).await?;
             queued = true;
             due.insert(client_id, due_at);
+            plan.progress.sent.fetch_add(1, Ordering::Relaxed);
             next += 1;
         }
         if queued {
@@ -231,7 +269,12 @@ pub(super) async fn send(
                 }
             }
         }
-        let wake = plan.times.get(next).map(|&t| phase_start + t);
+        // Held back by the fan-out alone: look again in a moment (no answer may be due).
+        let wake = match plan.times.get(next) {
+            Some(&t) => Some(phase_start + t),
+            None if held(next, &sent) => Some(Instant::now() + HELD_LOOK),
+            None => None,
+        };
         // Behind schedule, or room in the window: read what has arrived, then go straight
         // back to sending. Not while disconnected: the read reconnects, and is let finish.
         let connected = rt.is_connected();
@@ -242,17 +285,17 @@ pub(super) async fn send(
             && if open_loop {
                 wake.is_some_and(|w| w <= Instant::now())
             } else {
-                next < total && next - answered(&sent) < plan.window
+                next < total && next - answered(&sent) < plan.window && !held(next, &sent)
             };
         tokio::select! {
             biased;
             incoming = tokio::time::timeout(SETTLE, rt.next()) => {
                 let incoming = incoming.context("no answer from the server (or no reconnect) within 30 s")??;
-                take_answer(&mut sent, &mut due, incoming, start, &plan.answered);
+                take_answer(&mut sent, &mut due, incoming, start, &plan);
                 // And the answers already read with it (a commit acks many sends at once).
                 for _ in 0..plan.window.max(64) {
                     let Some(incoming) = rt.try_next() else { break };
-                    take_answer(&mut sent, &mut due, incoming?, start, &plan.answered);
+                    take_answer(&mut sent, &mut due, incoming?, start, &plan);
                 }
             }
             () = std::future::ready(()), if overdue => {}
@@ -269,8 +312,9 @@ fn take_answer(
     due: &mut HashMap<String, Instant>,
     incoming: Incoming,
     start: Instant,
-    answered: &AtomicU64,
+    plan: &SendPlan,
 ) {
+    let answered = &plan.answered;
     let now = Instant::now();
     match incoming {
         Incoming::Frame(Frame::Ack { client_id, .. }) => {
@@ -293,6 +337,10 @@ fn take_answer(
             *sent.errors.entry(code).or_default() += 1;
             sent.last_at = Some(now);
             answered.fetch_add(1, Ordering::Relaxed);
+            // Never delivered: not behind either.
+            plan.progress
+                .delivered
+                .fetch_add(plan.members, Ordering::Relaxed);
         }
         // The client library reconnects, resumes and resends what is unanswered.
         _ => {}
@@ -341,6 +389,21 @@ mod tests {
             );
             t.by_second.record(ms / 1000, us);
         });
+    }
+
+    #[test]
+    fn progress_counts_messages_not_yet_seen_by_every_member() {
+        let p = Progress::default();
+        p.sent.fetch_add(5, Ordering::Relaxed);
+        assert_eq!(p.undelivered(3), 5);
+        // Two messages to all three members, and a third to one of them.
+        p.delivered.fetch_add(7, Ordering::Relaxed);
+        assert_eq!(p.undelivered(3), 3);
+        p.delivered.fetch_add(8, Ordering::Relaxed);
+        assert_eq!(p.undelivered(3), 0);
+        // More seen than sent (a duplicate, or a refusal counted as delivered): none.
+        p.delivered.fetch_add(9, Ordering::Relaxed);
+        assert_eq!(p.undelivered(3), 0);
     }
 
     #[test]
