@@ -106,16 +106,20 @@ impl Rig {
         let mut specs = Vec::with_capacity(receivers.len());
         for (n, (api, _)) in receivers.iter().enumerate() {
             let node = on_node(api, n);
-            let url = url::Url::parse(node.base()).context("a node's address")?;
+            let url = url::Url::parse(&node.ws_url()).context("a node's address")?;
+            if url.scheme() != "ws" {
+                anyhow::bail!("the receivers speak ws:// only (no TLS): {url}");
+            }
             let host = url.host_str().context("a node's address without a host")?;
             let port = url.port_or_known_default().unwrap_or(80);
-            let addr = tokio::net::lookup_host((host, port))
+            let addr = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
                 .await?
                 .next()
                 .with_context(|| format!("resolve {host}"))?;
             specs.push(members::Spec {
                 addr,
                 host: format!("{host}:{port}"),
+                path: url.path().to_owned(),
                 token: node.token().unwrap_or_default().to_owned(),
                 who: format!("receiver {n}"),
             });
@@ -234,6 +238,7 @@ impl Rig {
             };
             tasks.push(tokio::spawn(send(rt, plan, self.start, phase_start)));
         }
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
         let all_sent = futures_util::future::join_all(tasks);
         tokio::pin!(all_sent);
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
@@ -244,6 +249,12 @@ impl Rig {
                     bar.set_position(answered.load(Ordering::Relaxed));
                     let sample = self.target.sample().await;
                     self.samples.push((self.now(), sample));
+                    // A receiver that failed fails the phase now: a closed loop would
+                    // wait for its deliveries.
+                    if self.receivers.iter().any(|h| h.is_finished()) {
+                        aborts.iter().for_each(|a| a.abort());
+                        return Err(self.failed_receiver().await);
+                    }
                 }
             }
         };
@@ -349,17 +360,24 @@ impl Rig {
             if let Ok(share) = wait {
                 return share.context("every receiver ended");
             }
-            if let Some(i) = self.receivers.iter().position(|h| h.is_finished()) {
-                let failed = self.receivers.swap_remove(i).await;
-                return Err(match failed {
-                    Ok(Err(e)) => e.context("a receiver failed"),
-                    Ok(Ok(_)) => anyhow::anyhow!("a receiver ended before the phase did"),
-                    Err(e) => anyhow::Error::new(e).context("a receiver task panicked"),
-                });
+            if self.receivers.iter().any(|h| h.is_finished()) {
+                return Err(self.failed_receiver().await);
             }
             if tokio::time::Instant::now() >= deadline {
                 anyhow::bail!("receivers did not report within the settle time");
             }
+        }
+    }
+
+    /// The error of a receiver that ended (one must have).
+    async fn failed_receiver(&mut self) -> anyhow::Error {
+        let Some(i) = self.receivers.iter().position(|h| h.is_finished()) else {
+            return anyhow::anyhow!("no receiver ended");
+        };
+        match self.receivers.swap_remove(i).await {
+            Ok(Err(e)) => e.context("a receiver failed"),
+            Ok(Ok(_)) => anyhow::anyhow!("a receiver ended before the phase did"),
+            Err(e) => anyhow::Error::new(e).context("a receiver task panicked"),
         }
     }
 

@@ -227,6 +227,8 @@ pub(super) async fn send(
             && next - answered(s) < plan.window
             && plan.progress.undelivered(plan.members) >= plan.behind
     };
+    // Since when the fan-out alone has held this sender back.
+    let mut held_since: Option<Instant> = None;
     while answered(&sent) < total {
         // Send everything due now (a sleep, even to a time already past, costs a timer
         // tick of ~1 ms), in bursts of at most 64 so answers are read in between, written
@@ -270,9 +272,16 @@ pub(super) async fn send(
             }
         }
         // Held back by the fan-out alone: look again in a moment (no answer may be due).
+        // (Read once per turn: the counters move under it.)
+        let held = held(next, &sent);
+        if !held {
+            held_since = None;
+        } else if held_since.get_or_insert_with(Instant::now).elapsed() > SETTLE {
+            anyhow::bail!("the members stayed `--lag` messages behind for 30 s");
+        }
         let wake = match plan.times.get(next) {
             Some(&t) => Some(phase_start + t),
-            None if held(next, &sent) => Some(Instant::now() + HELD_LOOK),
+            None if held => Some(Instant::now() + HELD_LOOK),
             None => None,
         };
         // Behind schedule, or room in the window: read what has arrived, then go straight
@@ -285,7 +294,7 @@ pub(super) async fn send(
             && if open_loop {
                 wake.is_some_and(|w| w <= Instant::now())
             } else {
-                next < total && next - answered(&sent) < plan.window && !held(next, &sent)
+                next < total && next - answered(&sent) < plan.window && !held
             };
         tokio::select! {
             biased;
