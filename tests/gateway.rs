@@ -841,18 +841,8 @@ async fn a_peer_that_stops_reading_mid_burst_is_dropped_within_the_idle_timeout(
     let s = server.client().register("stuck").await;
     let ch = a.create_channel("firehose", "group", &[&s]).await;
     let chan = id(&ch);
-    // Never read from again: its socket fills, then the server's write buffer. A small
-    // receive buffer set by hand (the kernel then does not grow it, as it would up to
-    // 32 MiB here).
-    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
-    tcp.set_recv_buffer_size(16 * 1024).unwrap();
-    let tcp = tcp.connect(server.addr).await.unwrap();
-    let (mut stuck, _) = tokio_tungstenite::client_async(
-        format!("ws://{}/v1/ws", server.addr),
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
-    )
-    .await
-    .unwrap();
+    // Never read from again: its socket fills, then the server's write buffer.
+    let mut stuck = raw_small(server.addr, 16 * 1024).await;
     let hello = json!({"op": "hello", "token": s.token});
     send_text(&mut stuck, &hello.to_string()).await;
     let mut sender = connect(&a).await;
@@ -1206,17 +1196,8 @@ async fn a_peer_that_pings_while_its_socket_is_full_gets_every_frame_whole() {
     let a = server.client().register("alice").await;
     let s = server.client().register("slow").await;
     let ch = a.create_channel("burst", "group", &[&s]).await;
-    // A small receive buffer set by hand, so the server's writes fill it soon and go out
-    // in part.
-    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
-    tcp.set_recv_buffer_size(8 * 1024).unwrap();
-    let tcp = tcp.connect(server.addr).await.unwrap();
-    let (slow, _) = tokio_tungstenite::client_async(
-        format!("ws://{}/v1/ws", server.addr),
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
-    )
-    .await
-    .unwrap();
+    // A small receive buffer, so the server's writes fill it soon and go out in part.
+    let slow = raw_small(server.addr, 8 * 1024).await;
     let (mut out, mut input) = slow.split();
     let hello = json!({"op": "hello", "token": s.token});
     out.send(Message::text(hello.to_string())).await.unwrap();
@@ -1310,8 +1291,7 @@ async fn a_ping_read_beside_the_rest_of_a_begun_frame_is_answered_after_it() {
     let mut seqs = Vec::new();
     for trial in 0..TRIALS {
         // A new connection each trial: a socket's send buffer grows with its use.
-        let tcp = tokio::net::TcpSocket::new_v4().unwrap();
-        tcp.set_recv_buffer_size(8 * 1024).unwrap();
+        let tcp = small_socket(8 * 1024);
         // A small segment size: the server's send buffer is sized from it (~64 KB with the
         // receive buffer, where loopback's 64 KB segments give it megabytes).
         let mss: libc::c_int = 1000;
@@ -1329,12 +1309,7 @@ async fn a_ping_read_beside_the_rest_of_a_begun_frame_is_answered_after_it() {
         let tcp = tcp.connect(server.addr).await.unwrap();
         // The same socket, for the test's writes and peeks while it holds the runtime.
         let mut beside = std::net::TcpStream::from(tcp.as_fd().try_clone_to_owned().unwrap());
-        let (mut ws, _) = tokio_tungstenite::client_async(
-            format!("ws://{}/v1/ws", server.addr),
-            tokio_tungstenite::MaybeTlsStream::Plain(tcp),
-        )
-        .await
-        .unwrap();
+        let mut ws = raw_over(server.addr, tcp).await;
         let hello = json!({"op": "hello", "token": s.token});
         ws.send(Message::text(hello.to_string())).await.unwrap();
         let Some(Ok(Message::Text(ready))) = ws.next().await else {

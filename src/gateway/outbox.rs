@@ -68,17 +68,24 @@ impl Delivery {
 
 /// The header of a final, unmasked text frame of `len` bytes (RFC 6455, 5.2).
 fn frame_head(len: usize) -> ([u8; 10], u8) {
+    head_of(0x81, 0, len)
+}
+
+/// A frame header (RFC 6455, 5.2): `first` (FIN and opcode), then the length of `len`
+/// with `mask` (0x80 for a client's masked frame, whose key follows) in its first byte;
+/// the header and how many of its bytes are used.
+pub(crate) fn head_of(first: u8, mask: u8, len: usize) -> ([u8; 10], u8) {
     let mut head = [0u8; 10];
-    head[0] = 0x81;
+    head[0] = first;
     let used = if len < 126 {
-        head[1] = len as u8;
+        head[1] = mask | len as u8;
         2
     } else if let Ok(short) = u16::try_from(len) {
-        head[1] = 126;
+        head[1] = mask | 126;
         head[2..4].copy_from_slice(&short.to_be_bytes());
         4
     } else {
-        head[1] = 127;
+        head[1] = mask | 127;
         head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
         10
     };

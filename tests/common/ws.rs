@@ -67,6 +67,30 @@ pub fn id(s: &str) -> i64 {
 pub type RawWs =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// A socket with its receive buffer set by hand to `bytes` (the kernel then does not grow
+/// it, as it would up to 32 MiB here), so that the server's writes fill it soon.
+pub fn small_socket(bytes: u32) -> tokio::net::TcpSocket {
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(bytes).unwrap();
+    tcp
+}
+
+/// `/v1/ws` over a socket the test connected.
+pub async fn raw_over(addr: SocketAddr, tcp: tokio::net::TcpStream) -> RawWs {
+    tokio_tungstenite::client_async(
+        format!("ws://{addr}/v1/ws"),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap()
+    .0
+}
+
+/// `/v1/ws` over a [`small_socket`].
+pub async fn raw_small(addr: SocketAddr, bytes: u32) -> RawWs {
+    raw_over(addr, small_socket(bytes).connect(addr).await.unwrap()).await
+}
+
 pub async fn raw(addr: SocketAddr) -> RawWs {
     tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
         .await

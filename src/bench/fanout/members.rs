@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::SETTLE;
 use super::workers::{Control, Progress, Seen, Share, Tallies, count_delivery};
 use crate::bench::check::Checker;
+use crate::gateway::outbox::head_of;
 
 /// How long a handshake may take, and a blocking write of a handshake.
 const HANDSHAKE: Duration = Duration::from_secs(10);
@@ -35,6 +36,9 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 const ATTEMPTS: u32 = 60;
 /// Between two attempts.
 const RETRY: Duration = Duration::from_millis(250);
+/// The most bytes of a frame not yet whole a member keeps (the server's frames are far
+/// smaller: a `ready` of thousands of channels is a few hundred KB).
+const MAX_UNREAD: usize = 16 << 20;
 /// The loop looks at the controller's word at least this often.
 const TURN: Duration = Duration::from_millis(5);
 
@@ -306,7 +310,7 @@ impl Member {
         tallies: &Tallies,
         control: &watch::Receiver<Control>,
     ) -> anyhow::Result<()> {
-        self.flush()?;
+        self.flush();
         let mut closed = false;
         let mut buf = [0u8; 16 * 1024];
         loop {
@@ -398,7 +402,10 @@ impl Member {
             }
         }
         self.read.drain(..at);
-        self.flush()?;
+        if self.read.len() > MAX_UNREAD {
+            bail!("{}: a frame past {MAX_UNREAD} bytes", self.spec.who);
+        }
+        self.flush();
         if let Some(code) = closed
             && (4001..=4003).contains(&code)
         {
@@ -460,7 +467,7 @@ impl Member {
 
     /// Writes what is waiting (a pong); what the socket does not take waits for the next
     /// read of this member (the server pings every few seconds, and waits longer).
-    fn flush(&mut self) -> anyhow::Result<()> {
+    fn flush(&mut self) {
         while !self.write.is_empty() {
             match self.socket.write(&self.write) {
                 Ok(n) => {
@@ -475,7 +482,6 @@ impl Member {
                 }
             }
         }
-        Ok(())
     }
 
     /// Says goodbye with a close frame (not waited for).
@@ -503,26 +509,16 @@ fn frame_at(buf: &[u8]) -> Option<(u8, std::ops::Range<usize>, usize)> {
         127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
         n => (u64::from(n), 2),
     };
-    let end = head + usize::try_from(len).ok()?;
+    let end = usize::try_from(len).ok()?.checked_add(head)?;
     (buf.len() >= end).then_some((b0 & 0x0f, head..end, end))
 }
 
 /// A client's frame: final, masked (the key need not be secret here).
 fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
     const KEY: [u8; 4] = [0x5a, 0x13, 0xc7, 0x81];
+    let (head, used) = head_of(0x80 | opcode, 0x80, payload.len());
     let mut out = Vec::with_capacity(payload.len() + 14);
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n @ 0..=125 => out.push(0x80 | n as u8),
-        n @ 126..=0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    out.extend_from_slice(&head[..usize::from(used)]);
     out.extend_from_slice(&KEY);
     out.extend(payload.iter().zip(KEY.iter().cycle()).map(|(b, k)| b ^ k));
     out
@@ -625,7 +621,7 @@ fn glance(text: &str) -> anyhow::Result<Option<Glimpse>> {
 }
 
 /// The send time the bench wrote at the start of its texts (`t<µs> …`).
-pub(super) fn sent_at(text: &str) -> Option<u64> {
+fn sent_at(text: &str) -> Option<u64> {
     text.split(' ').next()?.strip_prefix('t')?.parse().ok()
 }
 
@@ -652,6 +648,9 @@ fn handshake(
     let head_end = loop {
         if let Some(at) = read.windows(4).position(|w| w == b"\r\n\r\n") {
             break at + 4;
+        }
+        if read.len() > MAX_UNREAD {
+            bail!("an upgrade's answer past {MAX_UNREAD} bytes");
         }
         let n = s.read(&mut buf).context("read the upgrade's answer")?;
         if n == 0 {
@@ -702,6 +701,9 @@ fn handshake(
             read.drain(..next);
             continue;
         }
+        if read.len() > MAX_UNREAD {
+            bail!("a frame before ready past {MAX_UNREAD} bytes");
+        }
         let n = s.read(&mut buf).context("read up to ready")?;
         if n == 0 {
             bail!("the server closed before ready");
@@ -716,20 +718,8 @@ mod tests {
 
     /// A server's frame (unmasked) of `payload`.
     fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![0x80 | opcode];
-        match payload.len() {
-            n @ 0..=125 => out.push(n as u8),
-            n @ 126..=0xffff => {
-                out.push(126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(payload);
-        out
+        let (head, used) = head_of(0x80 | opcode, 0, payload.len());
+        [&head[..usize::from(used)], payload].concat()
     }
 
     /// A member against a real server (in this process, on a runtime of its own): it
@@ -841,6 +831,10 @@ mod tests {
             assert_eq!((op, at.len(), next), (OP_TEXT, len, whole), "{len}");
             assert_eq!(&buf[at], &payload[..]);
             assert_eq!(frame_at(&buf[next..]).unwrap().0, OP_PING);
+            // A length no buffer holds is never whole (and does not overflow).
+            let mut huge = vec![0x81, 127];
+            huge.extend_from_slice(&u64::MAX.to_be_bytes());
+            assert!(frame_at(&huge).is_none());
             for cut in [1, 2, whole - 1] {
                 if cut < whole {
                     assert!(frame_at(&buf[..cut]).is_none(), "{len} cut at {cut}");
