@@ -30,7 +30,7 @@ use super::workers::{Control, Progress, Seen, Share, Tallies, count_delivery};
 use crate::bench::check::Checker;
 use crate::gateway::outbox::head_of;
 
-/// How long a handshake may take, and a blocking write of a handshake.
+/// How long an opening (connect, upgrade, hello, up to `ready`) may take.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 /// Attempts to connect again after a drop (as the client library's `max_attempts`).
 const ATTEMPTS: u32 = 60;
@@ -104,6 +104,7 @@ pub(super) fn start(
                         }
                     },
                     members: Vec::with_capacity(mine.len()),
+                    resuming: Vec::new(),
                     start,
                     control,
                     shares,
@@ -134,6 +135,8 @@ pub(super) fn start(
 struct Load {
     poll: Poll,
     members: Vec<(Member, Option<oneshot::Sender<anyhow::Result<Seen>>>)>,
+    /// The members connecting again (indices in `members`).
+    resuming: Vec<usize>,
     start: Instant,
     control: watch::Receiver<Control>,
     shares: mpsc::UnboundedSender<Share>,
@@ -162,7 +165,7 @@ impl Load {
                     continue;
                 }
                 let before = member.share.deliveries;
-                let taken = member.take(
+                let turned = member.ready(
                     &self.poll,
                     Token(i),
                     self.start,
@@ -170,13 +173,27 @@ impl Load {
                     &self.control,
                 );
                 delivered += member.share.deliveries - before;
-                if let Err(e) = taken
-                    && let Some(o) = outcome.take()
+                if member.resuming.is_some() && !self.resuming.contains(&i) {
+                    self.resuming.push(i);
+                }
+                if let Err(e) = turned {
+                    Self::fail(member, outcome, &self.poll, e);
+                }
+            }
+            // Members connecting again: an attempt that timed out, or one due.
+            let now = Instant::now();
+            let mut k = 0;
+            while let Some(&i) = self.resuming.get(k) {
+                let (member, outcome) = &mut self.members[i];
+                if outcome.is_some()
+                    && let Err(e) = member.tick(&self.poll, Token(i), now, &self.control)
                 {
-                    // Read no more: the rig fails the phase with the error.
-                    let _ = self.poll.registry().deregister(&mut member.socket);
-                    let _ = member.socket.shutdown(std::net::Shutdown::Both);
-                    let _ = o.send(Err(e));
+                    Self::fail(member, outcome, &self.poll, e);
+                }
+                if outcome.is_some() && member.resuming.is_some() {
+                    k += 1;
+                } else {
+                    self.resuming.swap_remove(k);
                 }
             }
             if delivered > 0 {
@@ -214,12 +231,44 @@ impl Load {
             }
         }
         for (m, outcome) in &mut self.members {
-            if let Some(o) = outcome.take() {
-                m.close();
-                let violations = std::mem::take(&mut m.checker).finish(&last_expected);
-                let _ = o.send(Ok(Seen { violations }));
+            let Some(o) = outcome.take() else {
+                continue;
+            };
+            if let Some(r) = &m.resuming {
+                let _ = o.send(Err(anyhow::anyhow!(
+                    "{}: still connecting again at the end ({} attempts failed{})",
+                    m.spec.who,
+                    r.failed,
+                    r.error
+                        .as_ref()
+                        .map_or_else(String::new, |e| format!(", the last: {e:#}"))
+                )));
+                continue;
             }
+            m.close();
+            let violations = std::mem::take(&mut m.checker).finish(&last_expected);
+            let _ = o.send(Ok(Seen { violations }));
         }
+    }
+
+    /// Reads no more of `member` and hands its error to the rig, which fails the phase.
+    fn fail(
+        member: &mut Member,
+        outcome: &mut Option<oneshot::Sender<anyhow::Result<Seen>>>,
+        poll: &Poll,
+        e: anyhow::Error,
+    ) {
+        let Some(o) = outcome.take() else {
+            return;
+        };
+        if let Some(r) = &mut member.resuming
+            && let Some((socket, _)) = &mut r.attempt
+        {
+            let _ = poll.registry().deregister(socket);
+        }
+        let _ = poll.registry().deregister(&mut member.socket);
+        let _ = member.socket.shutdown(std::net::Shutdown::Both);
+        let _ = o.send(Err(e));
     }
 
     fn fail_all(&mut self, e: &anyhow::Error) {
@@ -246,6 +295,85 @@ struct Member {
     phase: u32,
     /// When the phase's end gives up on this member's catching up.
     deadline: Option<Instant>,
+    /// Connecting again after a drop (`socket` is then the lost one).
+    resuming: Option<Box<Resume>>,
+}
+
+/// A member connecting again after a drop, in its thread's turns.
+struct Resume {
+    /// Where to resume each channel: the last seq the checker saw.
+    from: HashMap<i64, i64>,
+    /// Attempts that failed, and the last one's error.
+    failed: u32,
+    error: Option<anyhow::Error>,
+    /// The attempt under way: its socket (registered under the member's token) and
+    /// opening. `None` between two attempts.
+    attempt: Option<(TcpStream, Opening)>,
+    /// When the attempt under way gives up, or the next one begins.
+    at: Instant,
+}
+
+impl Resume {
+    /// Begins an attempt: connects without waiting and registers the socket; the
+    /// opening goes on as it becomes ready. One that fails at once counts as failed
+    /// ([`Resume::failed`]).
+    fn begin(
+        &mut self,
+        spec: &Spec,
+        poll: &Poll,
+        token: Token,
+        control: &watch::Receiver<Control>,
+    ) -> anyhow::Result<()> {
+        let connected = TcpStream::connect(spec.addr).and_then(|mut socket| {
+            socket.set_nodelay(true)?;
+            poll.registry().register(
+                &mut socket,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            Ok(socket)
+        });
+        match connected {
+            Ok(socket) => {
+                self.attempt = Some((socket, Opening::new(spec, &self.from)));
+                self.at = Instant::now() + HANDSHAKE;
+                Ok(())
+            }
+            Err(e) => self.failed(
+                anyhow::Error::new(e).context("connect"),
+                spec,
+                poll,
+                control,
+            ),
+        }
+    }
+
+    /// The attempt under way failed with `e`: the next begins after [`RETRY`], unless
+    /// [`ATTEMPTS`] have failed or the rig is gone or finishing (then `e` is the member's).
+    fn failed(
+        &mut self,
+        e: anyhow::Error,
+        spec: &Spec,
+        poll: &Poll,
+        control: &watch::Receiver<Control>,
+    ) -> anyhow::Result<()> {
+        if let Some((mut socket, _)) = self.attempt.take() {
+            let _ = poll.registry().deregister(&mut socket);
+        }
+        self.failed += 1;
+        if self.failed >= ATTEMPTS
+            || control.has_changed().is_err()
+            || matches!(*control.borrow(), Control::Finish)
+        {
+            return Err(e.context(format!(
+                "{}: resume ({} attempts failed)",
+                spec.who, self.failed
+            )));
+        }
+        self.error = Some(e);
+        self.at = Instant::now() + RETRY;
+        Ok(())
+    }
 }
 
 impl Member {
@@ -256,11 +384,11 @@ impl Member {
         start: Instant,
         tallies: &Tallies,
     ) -> anyhow::Result<Self> {
-        let (stream, read, ready) =
+        let (stream, opened) =
             handshake(&spec, &HashMap::new()).with_context(|| format!("connect {}", spec.who))?;
         let mut checker = Checker::new(spec.who.clone());
-        let mut channels = Vec::with_capacity(ready.len());
-        for &(c, last) in &ready {
+        let mut channels = Vec::with_capacity(opened.channels.len());
+        for &(c, last) in &opened.channels {
             checker.start(c, last);
             channels.push(c);
         }
@@ -271,13 +399,14 @@ impl Member {
         let mut m = Self {
             spec,
             socket,
-            read,
+            read: opened.rest,
             write: Vec::new(),
             channels,
             checker,
             share: Share::new(),
             phase: 0,
             deadline: None,
+            resuming: None,
         };
         // Frames that came with `ready`.
         m.parse(start, tallies, 0)?;
@@ -300,8 +429,23 @@ impl Member {
         false
     }
 
+    /// The socket is ready: reads what it has, or goes on connecting again.
+    fn ready(
+        &mut self,
+        poll: &Poll,
+        token: Token,
+        start: Instant,
+        tallies: &Tallies,
+        control: &watch::Receiver<Control>,
+    ) -> anyhow::Result<()> {
+        if self.resuming.is_some() {
+            return self.go_on_resuming(poll, token, start, tallies, control);
+        }
+        self.take(poll, token, start, tallies, control)
+    }
+
     /// Reads what the socket has and handles every whole frame in it. A drop is counted
-    /// and followed by a resume; an error only if the member cannot go on.
+    /// and a resume begun; an error only if the member cannot go on.
     fn take(
         &mut self,
         poll: &Poll,
@@ -328,18 +472,9 @@ impl Member {
                 }
             }
         }
-        let mut ended = match self.parse(start, tallies, self.phase)? {
-            None if !closed => return Ok(()),
-            code => code,
-        };
-        loop {
-            self.resume(poll, token, ended, control)?;
-            // What came with the new `ready` (the events replayed after it, often) is
-            // in the buffer already: no readiness will report it.
-            ended = match self.parse(start, tallies, self.phase)? {
-                None => return Ok(()),
-                code => code,
-            };
+        match self.parse(start, tallies, self.phase)? {
+            None if !closed => Ok(()),
+            code => self.lost(poll, token, code, control),
         }
     }
 
@@ -414,11 +549,10 @@ impl Member {
         Ok(closed)
     }
 
-    /// Counts the drop and connects again, resuming from what the checker saw.
-    /// Blocking: the thread's other members wait (a handshake takes a millisecond or two
-    /// while the server is up; up to [`ATTEMPTS`] × [`RETRY`] while it is not), and it
-    /// gives up at once when the rig is gone or finishing.
-    fn resume(
+    /// Counts the drop and begins connecting again, to resume from what the checker saw.
+    /// The thread's other members read on meanwhile: the attempts go on in its turns
+    /// ([`Member::go_on_resuming`], [`Member::tick`]).
+    fn lost(
         &mut self,
         poll: &Poll,
         token: Token,
@@ -428,41 +562,94 @@ impl Member {
         let code = code.map_or_else(|| "no close frame".to_owned(), |c| c.to_string());
         *self.share.drops.entry(code).or_default() += 1;
         let _ = poll.registry().deregister(&mut self.socket);
-        let resume: HashMap<i64, i64> = self
+        let from = self
             .channels
             .iter()
             .filter_map(|&c| Some((c, self.checker.position(c)?)))
             .collect();
-        let mut attempt = 0;
-        let (stream, read, ready) = loop {
-            match handshake(&self.spec, &resume) {
-                Ok(done) => break done,
-                Err(e)
-                    if attempt + 1 >= ATTEMPTS
-                        || control.has_changed().is_err()
-                        || matches!(*control.borrow(), Control::Finish) =>
-                {
-                    return Err(e.context(format!("{}: resume", self.spec.who)));
-                }
-                Err(_) => {
-                    attempt += 1;
-                    std::thread::sleep(RETRY);
-                }
-            }
+        self.read.clear();
+        self.write.clear();
+        let mut r = Box::new(Resume {
+            from,
+            failed: 0,
+            error: None,
+            attempt: None,
+            at: Instant::now(),
+        });
+        let begun = r.begin(&self.spec, poll, token, control);
+        self.resuming = Some(r);
+        begun
+    }
+
+    /// A turn of the loop while connecting again: an attempt that took too long fails, and
+    /// the next one begins when due. An error once the attempts are used up, or the rig is
+    /// gone or finishing.
+    fn tick(
+        &mut self,
+        poll: &Poll,
+        token: Token,
+        now: Instant,
+        control: &watch::Receiver<Control>,
+    ) -> anyhow::Result<()> {
+        let Some(r) = &mut self.resuming else {
+            return Ok(());
         };
-        for &(c, last) in &ready {
+        if now < r.at {
+            return Ok(());
+        }
+        if r.attempt.is_some() {
+            return r.failed(
+                anyhow::anyhow!("no ready within {HANDSHAKE:?}"),
+                &self.spec,
+                poll,
+                control,
+            );
+        }
+        r.begin(&self.spec, poll, token, control)
+    }
+
+    /// The socket of an attempt to connect again is ready: goes on with the opening; once
+    /// `ready` came, reads from the new connection (and what came with `ready`).
+    fn go_on_resuming(
+        &mut self,
+        poll: &Poll,
+        token: Token,
+        start: Instant,
+        tallies: &Tallies,
+        control: &watch::Receiver<Control>,
+    ) -> anyhow::Result<()> {
+        let Some(r) = &mut self.resuming else {
+            return Ok(());
+        };
+        let Some((socket, opening)) = &mut r.attempt else {
+            return Ok(());
+        };
+        let opened = match opening.drive(socket) {
+            Ok(None) => return Ok(()),
+            Ok(Some(opened)) => opened,
+            Err(e) => return r.failed(e, &self.spec, poll, control),
+        };
+        let Some((mut socket, _)) = r.attempt.take() else {
+            return Ok(());
+        };
+        self.resuming = None;
+        poll.registry()
+            .reregister(&mut socket, token, Interest::READABLE)
+            .context("register a member again")?;
+        self.socket = socket;
+        self.read = opened.rest;
+        for &(c, last) in &opened.channels {
             if self.checker.position(c).is_none() {
                 self.checker.start(c, last);
                 self.channels.push(c);
             }
         }
-        self.socket = TcpStream::from_std(stream);
-        self.read = read;
-        self.write.clear();
-        poll.registry()
-            .register(&mut self.socket, token, Interest::READABLE)
-            .context("register a member again")?;
-        Ok(())
+        // What came with `ready` (the events replayed after it, often) is in the buffer
+        // already: no readiness will report it.
+        match self.parse(start, tallies, self.phase)? {
+            None => Ok(()),
+            code => self.lost(poll, token, code, control),
+        }
     }
 
     /// Writes what is waiting (a pong); what the socket does not take waits for the next
@@ -625,55 +812,69 @@ fn sent_at(text: &str) -> Option<u64> {
     text.split(' ').next()?.strip_prefix('t')?.parse().ok()
 }
 
-/// Opens `/v1/ws` on a blocking socket, says hello (resuming `resume`) and reads up to
-/// `ready`: the socket (now non-blocking), what was read past `ready`, and `ready`'s
-/// channels with their last seqs.
-#[allow(clippy::type_complexity)]
-fn handshake(
-    spec: &Spec,
-    resume: &HashMap<i64, i64>,
-) -> anyhow::Result<(StdStream, Vec<u8>, Vec<(i64, i64)>)> {
-    let mut s = StdStream::connect_timeout(&spec.addr, HANDSHAKE).context("connect")?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(HANDSHAKE))?;
-    s.set_write_timeout(Some(HANDSHAKE))?;
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        spec.path, spec.host
-    );
-    s.write_all(request.as_bytes()).context("ask to upgrade")?;
-    let mut read = Vec::with_capacity(4096);
-    let mut buf = [0u8; 4096];
-    let head_end = loop {
-        if let Some(at) = read.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        if read.len() > MAX_UNREAD {
-            bail!("an upgrade's answer past {MAX_UNREAD} bytes");
-        }
-        let n = s.read(&mut buf).context("read the upgrade's answer")?;
-        if n == 0 {
-            bail!("the server closed before answering the upgrade");
-        }
-        read.extend_from_slice(&buf[..n]);
-    };
-    let status = String::from_utf8_lossy(&read[..head_end.min(read.len())]);
-    if !status.starts_with("HTTP/1.1 101") {
-        bail!(
-            "the upgrade was answered {}",
-            status.lines().next().unwrap_or("")
+/// The opening of `/v1/ws` (the upgrade, the hello, up to `ready`) as bytes to write and
+/// bytes read, with no I/O of its own: a blocking socket drives it at the start
+/// ([`handshake`]), a member's turns when it connects again ([`Opening::drive`]).
+struct Opening {
+    /// To write: the upgrade's request, then the hello.
+    out: Vec<u8>,
+    /// Read and not yet understood.
+    read: Vec<u8>,
+    /// The hello, until the upgrade is answered.
+    hello: Option<Vec<u8>>,
+}
+
+/// What an opening ends with.
+struct Opened {
+    /// What was read past `ready`.
+    rest: Vec<u8>,
+    /// `ready`'s channels, with their last seqs.
+    channels: Vec<(i64, i64)>,
+}
+
+impl Opening {
+    /// Says hello as `spec`'s member, resuming `resume`.
+    fn new(spec: &Spec, resume: &HashMap<i64, i64>) -> Self {
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            spec.path, spec.host
         );
+        let resume: BTreeMap<String, i64> =
+            resume.iter().map(|(c, s)| (c.to_string(), *s)).collect();
+        let hello = serde_json::json!({"op": "hello", "token": spec.token, "resume": resume});
+        Self {
+            out: request.into_bytes(),
+            read: Vec::with_capacity(4096),
+            hello: Some(masked(OP_TEXT, hello.to_string().as_bytes())),
+        }
     }
-    read.drain(..head_end);
-    let resume: BTreeMap<String, i64> = resume.iter().map(|(c, s)| (c.to_string(), *s)).collect();
-    let hello = serde_json::json!({"op": "hello", "token": spec.token, "resume": resume});
-    s.write_all(&masked(OP_TEXT, hello.to_string().as_bytes()))
-        .context("say hello")?;
-    loop {
-        if let Some((opcode, payload, next)) = frame_at(&read) {
+
+    /// Understands what was read: the hello is queued once the upgrade is answered, and
+    /// `Some` once `ready` came.
+    fn advance(&mut self) -> anyhow::Result<Option<Opened>> {
+        if let Some(hello) = &mut self.hello {
+            let Some(at) = self.read.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if self.read.len() > MAX_UNREAD {
+                    bail!("an upgrade's answer past {MAX_UNREAD} bytes");
+                }
+                return Ok(None);
+            };
+            let head_end = at + 4;
+            let status = String::from_utf8_lossy(&self.read[..head_end]);
+            if !status.starts_with("HTTP/1.1 101") {
+                bail!(
+                    "the upgrade was answered {}",
+                    status.lines().next().unwrap_or("")
+                );
+            }
+            self.read.drain(..head_end);
+            self.out.append(hello);
+            self.hello = None;
+        }
+        while let Some((opcode, payload, next)) = frame_at(&self.read) {
             if opcode == OP_TEXT {
-                let text = std::str::from_utf8(&read[payload]).context("ready: not UTF-8")?;
+                let text = std::str::from_utf8(&self.read[payload]).context("ready: not UTF-8")?;
                 let g: Glance =
                     serde_json::from_str(text).with_context(|| format!("before ready: {text}"))?;
                 match g.kind.as_ref() {
@@ -684,9 +885,11 @@ fn handshake(
                             .iter()
                             .map(|c| Ok((id("channels.id", Some(&c.id))?, c.last_seq)))
                             .collect::<anyhow::Result<_>>()?;
-                        read.drain(..next);
-                        s.set_nonblocking(true)?;
-                        return Ok((s, read, channels));
+                        self.read.drain(..next);
+                        return Ok(Some(Opened {
+                            rest: std::mem::take(&mut self.read),
+                            channels,
+                        }));
                     }
                     "error" => {
                         let e = g.error.context("an error without its error")?;
@@ -698,17 +901,91 @@ fn handshake(
             if opcode == OP_CLOSE {
                 bail!("closed before ready");
             }
-            read.drain(..next);
-            continue;
+            self.read.drain(..next);
         }
-        if read.len() > MAX_UNREAD {
+        if self.read.len() > MAX_UNREAD {
             bail!("a frame before ready past {MAX_UNREAD} bytes");
         }
-        let n = s.read(&mut buf).context("read up to ready")?;
-        if n == 0 {
-            bail!("the server closed before ready");
+        Ok(None)
+    }
+
+    /// What is being waited for, for an error's context.
+    fn doing(&self) -> &'static str {
+        if self.hello.is_some() {
+            "the upgrade"
+        } else {
+            "ready"
         }
-        read.extend_from_slice(&buf[..n]);
+    }
+
+    /// Goes on over a non-blocking socket that is ready (registered edge-triggered for
+    /// both directions): writes what it takes, reads all it has. `Some` once `ready`
+    /// came; an error if the connection failed or ended first.
+    fn drive(&mut self, socket: &mut TcpStream) -> anyhow::Result<Option<Opened>> {
+        if let Some(e) = socket.take_error().context("connect")? {
+            return Err(anyhow::Error::new(e).context("connect"));
+        }
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            while !self.out.is_empty() {
+                match socket.write(&self.out) {
+                    Ok(n) => {
+                        self.out.drain(..n);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(anyhow::Error::new(e).context(self.doing())),
+                }
+            }
+            loop {
+                match socket.read(&mut buf) {
+                    Ok(0) => bail!("the server closed before {}", self.doing()),
+                    Ok(n) => self.read.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(anyhow::Error::new(e).context(self.doing())),
+                }
+            }
+            let queued = self.out.len();
+            if let Some(opened) = self.advance()? {
+                return Ok(Some(opened));
+            }
+            // The hello came due: write it now (the socket's writable edge has passed).
+            if self.out.len() == queued {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Opens `/v1/ws` on a blocking socket, says hello (resuming `resume`) and reads up to
+/// `ready`: the socket (now non-blocking) and what the opening ended with.
+fn handshake(spec: &Spec, resume: &HashMap<i64, i64>) -> anyhow::Result<(StdStream, Opened)> {
+    let mut s = StdStream::connect_timeout(&spec.addr, HANDSHAKE).context("connect")?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(HANDSHAKE))?;
+    s.set_write_timeout(Some(HANDSHAKE))?;
+    let mut opening = Opening::new(spec, resume);
+    let mut buf = [0u8; 4096];
+    loop {
+        if !opening.out.is_empty() {
+            s.write_all(&opening.out).context(opening.doing())?;
+            opening.out.clear();
+        }
+        if let Some(opened) = opening.advance()? {
+            s.set_nonblocking(true)?;
+            return Ok((s, opened));
+        }
+        if !opening.out.is_empty() {
+            continue;
+        }
+        let n = s
+            .read(&mut buf)
+            .with_context(|| format!("read up to {}", opening.doing()))?;
+        if n == 0 {
+            bail!("the server closed before {}", opening.doing());
+        }
+        opening.read.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -722,89 +999,194 @@ mod tests {
         [&head[..usize::from(used)], payload].concat()
     }
 
-    /// A member against a real server (in this process, on a runtime of its own): it
-    /// answers the server's pings (with pings every 50 ms and an idle timeout of 400 ms,
-    /// a member that did not would be dropped), and a member whose connection is lost
-    /// without a close frame counts the drop, connects again resuming from what it saw,
-    /// and gets what was sent meanwhile: every event once, in order.
-    #[test]
-    fn a_member_answers_pings_and_resumes_after_a_lost_connection() {
-        use crate::client::Api;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = crate::Config::with_data_dir(dir.path());
-        config.hash_cost = crate::auth::HashCost::insecure_fast();
-        config.limits.lift_per_user();
-        config.gateway.ping_interval = Duration::from_millis(50);
-        config.gateway.idle_timeout = Duration::from_millis(400);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (addr, a, b_token, channel, server) = rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let server = tokio::spawn(crate::serve(listener, config, async move {
-                let _ = stopped.await;
-            }));
-            let base = format!("http://{addr}");
-            let mut a = Api::new(&base);
-            a.register("alice", "a-password-1").await.unwrap();
-            let mut b = Api::new(&base);
-            let b_id = b.register("bob", "b-password-1").await.unwrap();
-            let channel = a.create_channel("room", "group", &[b_id]).await.unwrap();
-            (addr, a, b.token().unwrap().to_owned(), channel, server)
-        });
-        let send = |from: u32, to: u32| {
-            rt.block_on(async {
+    /// A server in this process, on a runtime of its own (pings every 50 ms, an idle
+    /// timeout of 400 ms): alice, who sends, and members in one channel with her.
+    struct Server {
+        rt: tokio::runtime::Runtime,
+        addr: SocketAddr,
+        alice: crate::client::Api,
+        channel: i64,
+        tokens: Vec<String>,
+        stop: Option<oneshot::Sender<()>>,
+        server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Server {
+        fn start(members: &[&str]) -> Self {
+            use crate::client::Api;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = crate::Config::with_data_dir(dir.path());
+            config.hash_cost = crate::auth::HashCost::insecure_fast();
+            config.limits.lift_per_user();
+            config.gateway.ping_interval = Duration::from_millis(50);
+            config.gateway.idle_timeout = Duration::from_millis(400);
+            let (stop, stopped) = oneshot::channel::<()>();
+            let (addr, alice, tokens, channel, server) = rt.block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let server = tokio::spawn(crate::serve(listener, config, async move {
+                    let _ = stopped.await;
+                }));
+                let base = format!("http://{addr}");
+                let mut alice = Api::new(&base);
+                alice.register("alice", "a-password-1").await.unwrap();
+                let (mut ids, mut tokens) = (Vec::new(), Vec::new());
+                for name in members {
+                    let mut m = Api::new(&base);
+                    ids.push(m.register(name, "m-password-1").await.unwrap());
+                    tokens.push(m.token().unwrap().to_owned());
+                }
+                let channel = alice.create_channel("room", "group", &ids).await.unwrap();
+                (addr, alice, tokens, channel, server)
+            });
+            Self {
+                rt,
+                addr,
+                alice,
+                channel,
+                tokens,
+                stop: Some(stop),
+                server: Some(server),
+                _dir: dir,
+            }
+        }
+
+        /// Member `i`'s spec.
+        fn spec(&self, i: usize, who: &str) -> Spec {
+            Spec {
+                addr: self.addr,
+                host: self.addr.to_string(),
+                path: "/v1/ws".into(),
+                token: self.tokens[i].clone(),
+                who: who.into(),
+            }
+        }
+
+        /// Alice sends `t<i> m` for each `i` in `from..to`.
+        fn send(&self, from: u32, to: u32) {
+            self.rt.block_on(async {
                 for i in from..to {
-                    a.send(channel, &format!("t{i} m"), None).await.unwrap();
+                    self.alice
+                        .send(self.channel, &format!("t{i} m"), None)
+                        .await
+                        .unwrap();
                 }
             });
-        };
-        let spec = Spec {
-            addr,
-            host: addr.to_string(),
-            path: "/v1/ws".into(),
-            token: b_token,
-            who: "bob".into(),
-        };
-        let mut poll = Poll::new().unwrap();
-        let tallies = Tallies::new();
-        let (_controller, control) = watch::channel(Control::Running);
-        let start = Instant::now();
-        let mut m = Member::connect(spec, &poll, Token(0), start, &tallies).unwrap();
-        let mut events = Events::with_capacity(16);
-        // Reads until `until` holds, or a bounded time passes.
-        let mut drive = |m: &mut Member, until: &dyn Fn(&Member) -> bool, at_least: Duration| {
+        }
+
+        fn stop(mut self) {
+            let _ = self.stop.take().unwrap().send(());
+            let server = self.server.take().unwrap();
+            self.rt.block_on(server).unwrap().unwrap();
+        }
+    }
+
+    /// A thread's loop in small: members on one poll, driven (their readiness and their
+    /// turns) until `until` holds and `at_least` has passed, or a bounded time.
+    struct Driver {
+        poll: Poll,
+        events: Events,
+        tallies: Arc<Tallies>,
+        control: watch::Receiver<Control>,
+        _controller: watch::Sender<Control>,
+        start: Instant,
+    }
+
+    impl Driver {
+        fn new() -> Self {
+            let (controller, control) = watch::channel(Control::Running);
+            Self {
+                poll: Poll::new().unwrap(),
+                events: Events::with_capacity(16),
+                tallies: Tallies::new(),
+                control,
+                _controller: controller,
+                start: Instant::now(),
+            }
+        }
+
+        fn connect(&self, spec: Spec, i: usize) -> Member {
+            Member::connect(spec, &self.poll, Token(i), self.start, &self.tallies).unwrap()
+        }
+
+        fn drive(
+            &mut self,
+            ms: &mut [Member],
+            until: &dyn Fn(&[Member]) -> bool,
+            at_least: Duration,
+        ) {
             let begun = Instant::now();
-            while !(until(m) && begun.elapsed() >= at_least) {
+            while !(until(ms) && begun.elapsed() >= at_least) {
                 assert!(begun.elapsed() < Duration::from_secs(20), "timed out");
-                poll.poll(&mut events, Some(TURN)).unwrap();
-                if !events.is_empty() {
-                    m.take(&poll, Token(0), start, &tallies, &control).unwrap();
+                self.poll.poll(&mut self.events, Some(TURN)).unwrap();
+                for event in self.events.iter() {
+                    let i = event.token().0;
+                    ms[i]
+                        .ready(
+                            &self.poll,
+                            Token(i),
+                            self.start,
+                            &self.tallies,
+                            &self.control,
+                        )
+                        .unwrap();
                     // Nothing whole is left for a readiness that may never come (the
                     // events a resume's `ready` brought with it, say).
-                    assert!(frame_at(&m.read).is_none(), "a whole frame left unread");
+                    assert!(frame_at(&ms[i].read).is_none(), "a whole frame left unread");
+                }
+                for (i, m) in ms.iter_mut().enumerate() {
+                    m.tick(&self.poll, Token(i), Instant::now(), &self.control)
+                        .unwrap();
                 }
             }
-        };
-        let at = |seq: i64| move |m: &Member| m.checker.position(channel) >= Some(seq);
-        send(0, 3);
+        }
+    }
+
+    /// Member `i` has seen `channel` through `seq`.
+    fn at(i: usize, channel: i64, seq: i64) -> impl Fn(&[Member]) -> bool {
+        move |ms: &[Member]| ms[i].checker.position(channel) >= Some(seq)
+    }
+
+    /// A member against a real server answers the server's pings (with pings every
+    /// 50 ms and an idle timeout of 400 ms, a member that did not would be dropped), and
+    /// a member whose connection is lost without a close frame counts the drop, connects
+    /// again resuming from what it saw, and gets what was sent meanwhile: every event
+    /// once, in order.
+    #[test]
+    fn a_member_answers_pings_and_resumes_after_a_lost_connection() {
+        let server = Server::start(&["bob"]);
+        let channel = server.channel;
+        let mut d = Driver::new();
+        let mut ms = vec![d.connect(server.spec(0, "bob"), 0)];
+        server.send(0, 3);
         // Three messages, then a second of pings.
-        drive(&mut m, &at(3), Duration::from_secs(1));
-        assert!(m.share.drops.is_empty(), "dropped: {:?}", m.share.drops);
-        assert_eq!(m.share.deliveries, 3);
+        d.drive(&mut ms, &at(0, channel, 3), Duration::from_secs(1));
+        assert!(
+            ms[0].share.drops.is_empty(),
+            "dropped: {:?}",
+            ms[0].share.drops
+        );
+        assert_eq!(ms[0].share.deliveries, 3);
         // The network goes: no close frame, the socket ends under the member. (Eight
         // times: the events replayed after a resume's `ready` come in the same read as
         // `ready` in about two resumes of five, and must be read then.)
         const DROPS: u32 = 8;
         for k in 0..DROPS {
-            m.socket.shutdown(std::net::Shutdown::Both).unwrap();
-            send(3 + 3 * k, 6 + 3 * k);
-            drive(&mut m, &at(i64::from(6 + 3 * k)), Duration::ZERO);
+            ms[0].socket.shutdown(std::net::Shutdown::Both).unwrap();
+            server.send(3 + 3 * k, 6 + 3 * k);
+            d.drive(
+                &mut ms,
+                &at(0, channel, i64::from(6 + 3 * k)),
+                Duration::ZERO,
+            );
         }
+        let m = &mut ms[0];
         assert_eq!(
             m.share.drops,
             BTreeMap::from([("no close frame".to_owned(), u64::from(DROPS))])
@@ -816,8 +1198,64 @@ mod tests {
         );
         let violations = std::mem::take(&mut m.checker).finish(&HashMap::from([(channel, last)]));
         assert_eq!(violations, crate::bench::check::Violations::default());
-        let _ = stop.send(());
-        rt.block_on(server).unwrap().unwrap();
+        server.stop();
+    }
+
+    /// A member connecting again holds up no other member of its thread: while its
+    /// attempts are refused, and then while one hangs unanswered, the other reads every
+    /// event as it comes. Once the server answers, the first resumes and gets what was
+    /// sent meanwhile, once each, in order.
+    #[test]
+    fn a_member_connecting_again_holds_up_no_other_member() {
+        let server = Server::start(&["bob", "carol"]);
+        let channel = server.channel;
+        let mut d = Driver::new();
+        let mut ms = vec![
+            d.connect(server.spec(0, "bob"), 0),
+            d.connect(server.spec(1, "carol"), 1),
+        ];
+        // Bob's next attempts go where nothing listens.
+        let refused = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        ms[0].spec.addr = refused;
+        ms[0].socket.shutdown(std::net::Shutdown::Both).unwrap();
+        server.send(0, 3);
+        let failed =
+            |n: u32| move |ms: &[Member]| ms[0].resuming.as_ref().is_some_and(|r| r.failed >= n);
+        d.drive(
+            &mut ms,
+            &|ms: &[Member]| at(1, channel, 3)(ms) && failed(2)(ms),
+            Duration::ZERO,
+        );
+        assert_eq!(ms[1].share.deliveries, 3, "carol read on");
+        assert!(ms[0].resuming.is_some(), "bob is still connecting");
+        // Then where a listener takes the connection and never answers.
+        let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        ms[0].spec.addr = hung.local_addr().unwrap();
+        let hanging = |ms: &[Member]| ms[0].resuming.as_ref().is_some_and(|r| r.attempt.is_some());
+        d.drive(&mut ms, &hanging, Duration::ZERO);
+        server.send(3, 6);
+        d.drive(&mut ms, &at(1, channel, 6), Duration::from_millis(300));
+        assert!(hanging(&ms), "bob's attempt still waits for its answer");
+        assert_eq!(ms[1].share.deliveries, 6, "carol read on");
+        // The attempt times out (brought forward); the next reaches the server.
+        ms[0].spec.addr = server.addr;
+        ms[0].resuming.as_mut().unwrap().at = Instant::now();
+        d.drive(&mut ms, &at(0, channel, 6), Duration::ZERO);
+        assert!(ms[0].resuming.is_none());
+        assert_eq!(
+            ms[0].share.drops,
+            BTreeMap::from([("no close frame".to_owned(), 1)])
+        );
+        for m in &mut ms {
+            assert_eq!(m.share.deliveries, 6, "{}: each once", m.spec.who);
+            let violations = std::mem::take(&mut m.checker).finish(&HashMap::from([(channel, 6)]));
+            assert_eq!(violations, crate::bench::check::Violations::default());
+        }
+        drop(hung);
+        server.stop();
     }
 
     #[test]
