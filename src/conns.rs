@@ -270,11 +270,41 @@ impl AsyncRead for Shared<'_> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        use std::os::fd::AsRawFd;
         loop {
             std::task::ready!(self.0.poll_read_ready(cx))?;
-            match self.0.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                read => return Poll::Ready(read.map(drop)),
+            let asked = buf.remaining();
+            let mut got = 0;
+            // A read that fills less than it asked for drained the socket, and new bytes
+            // bring a new edge (`epoll`), so the readiness is cleared then, as
+            // `TcpStream::poll_read` clears it: the next read waits for that edge instead
+            // of costing a `read` that finds nothing (one per frame a client sends, before).
+            // `try_io` clears it only if no event came meanwhile.
+            let read = self.0.try_io(tokio::io::Interest::READABLE, || {
+                // SAFETY: nothing here de-initializes any of these bytes; `read` only
+                // writes them.
+                let space = unsafe { buf.unfilled_mut() };
+                // SAFETY: `space` is writable memory of `space.len()` bytes, which `read`
+                // writes at most; the bytes it wrote are marked filled below.
+                let n = unsafe {
+                    libc::read(self.0.as_raw_fd(), space.as_mut_ptr().cast(), space.len())
+                };
+                let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+                got = n;
+                if cfg!(target_os = "linux") && 0 < n && n < asked {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got == 0 => continue,
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
+                _ => {
+                    // SAFETY: `read` initialized these `got` bytes.
+                    unsafe { buf.assume_init(got) };
+                    buf.advance(got);
+                    return Poll::Ready(Ok(()));
+                }
             }
         }
     }
@@ -550,6 +580,90 @@ mod tests {
         }
         write.await.unwrap();
         assert_eq!(got, sent);
+    }
+
+    /// The read system calls this thread has made, from its `/proc/thread-self/io`
+    /// (opened on it), read with one `pread` a time.
+    fn reads_so_far(io: &std::fs::File) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let mut text = [0u8; 1024];
+        let n = io.read_at(&mut text, 0).unwrap();
+        std::str::from_utf8(&text[..n])
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("syscr: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A read that drains the socket costs one system call: the next read waits for the
+    /// next bytes' readiness rather than reading again to find nothing (which it did
+    /// once per frame a client sent). The next bytes still wake it.
+    #[test]
+    fn a_read_that_drains_the_socket_reads_once_and_the_next_bytes_wake_it() {
+        // One thread: the reads counted are the test's and the runtime's, all here.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut writer = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let reader = listener.accept().await.unwrap().0;
+            let io = std::fs::File::open("/proc/thread-self/io").unwrap();
+            // What looking costs (its own `pread`, counted or not).
+            let looked = reads_so_far(&io);
+            let looking = reads_so_far(&io) - looked;
+            let mut space = vec![0u8; 4096];
+            for round in 0..3u8 {
+                writer.write_all(&[round; 100]).await.unwrap();
+                reader.readable().await.unwrap();
+                let before = reads_so_far(&io);
+                let mut buf = ReadBuf::new(&mut space);
+                let first = poll_fn(|cx| {
+                    Poll::Ready(Pin::new(&mut Shared(&reader)).poll_read(cx, &mut buf))
+                })
+                .await;
+                assert!(matches!(first, Poll::Ready(Ok(()))), "{first:?}");
+                assert_eq!(buf.filled(), &[round; 100][..]);
+                // Drained, the socket is no longer taken for readable: an attempt to read
+                // is refused without trying.
+                let mut tried = false;
+                let probe = reader.try_io(tokio::io::Interest::READABLE, || {
+                    tried = true;
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+                assert!(
+                    probe.is_err() && !tried,
+                    "round {round}: still taken for readable"
+                );
+                // The next read waits, with no system call to find that out.
+                let mut buf = ReadBuf::new(&mut space);
+                let next = poll_fn(|cx| {
+                    Poll::Ready(Pin::new(&mut Shared(&reader)).poll_read(cx, &mut buf))
+                })
+                .await;
+                assert!(next.is_pending(), "{next:?}");
+                assert_eq!(
+                    reads_so_far(&io) - before - looking,
+                    1,
+                    "round {round}: one read"
+                );
+            }
+            // The next bytes wake the waiting read.
+            let mut buf = ReadBuf::new(&mut space);
+            let read = poll_fn(|cx| Pin::new(&mut Shared(&reader)).poll_read(cx, &mut buf));
+            let (read, wrote) = tokio::join!(
+                tokio::time::timeout(Duration::from_secs(10), read),
+                writer.write_all(b"more"),
+            );
+            wrote.unwrap();
+            read.expect("the bytes woke the reader").unwrap();
+            assert_eq!(buf.filled(), b"more");
+        });
     }
 
     /// Reads through `spill` into buffers of `size` bytes until `want` bytes came.

@@ -165,6 +165,7 @@ impl Load {
                     continue;
                 }
                 let before = member.share.deliveries;
+                let was_resuming = member.resuming.is_some();
                 let turned = member.ready(
                     &self.poll,
                     Token(i),
@@ -173,7 +174,8 @@ impl Load {
                     &self.control,
                 );
                 delivered += member.share.deliveries - before;
-                if member.resuming.is_some() && !self.resuming.contains(&i) {
+                // (A member stays listed until a turn finds it connected.)
+                if !was_resuming && member.resuming.is_some() {
                     self.resuming.push(i);
                 }
                 if let Err(e) = turned {
@@ -234,18 +236,15 @@ impl Load {
             let Some(o) = outcome.take() else {
                 continue;
             };
-            if let Some(r) = &m.resuming {
-                let _ = o.send(Err(anyhow::anyhow!(
-                    "{}: still connecting again at the end ({} attempts failed{})",
-                    m.spec.who,
-                    r.failed,
-                    r.error
-                        .as_ref()
-                        .map_or_else(String::new, |e| format!(", the last: {e:#}"))
-                )));
-                continue;
+            // One still connecting again is judged by what it saw, as one that lags: it
+            // may have seen all it was to see before it was dropped.
+            if let Some(mut r) = m.resuming.take() {
+                if let Some((mut socket, _)) = r.attempt.take() {
+                    let _ = self.poll.registry().deregister(&mut socket);
+                }
+            } else {
+                m.close();
             }
-            m.close();
             let violations = std::mem::take(&mut m.checker).finish(&last_expected);
             let _ = o.send(Ok(Seen { violations }));
         }
@@ -913,6 +912,8 @@ impl Opening {
     fn doing(&self) -> &'static str {
         if self.hello.is_some() {
             "the upgrade"
+        } else if !self.out.is_empty() {
+            "the hello"
         } else {
             "ready"
         }
@@ -937,18 +938,33 @@ impl Opening {
                     Err(e) => return Err(anyhow::Error::new(e).context(self.doing())),
                 }
             }
+            // The connection's end, or its failure, is looked at after what came before
+            // it: `ready` and a close right behind it (the server's `RESTARTING`, a slow
+            // consumer's replay), or an error frame, read in one turn.
+            let mut ended = None;
             loop {
                 match socket.read(&mut buf) {
-                    Ok(0) => bail!("the server closed before {}", self.doing()),
+                    Ok(0) => {
+                        ended = Some(anyhow::anyhow!("the server closed before {}", self.doing()));
+                        break;
+                    }
                     Ok(n) => self.read.extend_from_slice(&buf[..n]),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => return Err(anyhow::Error::new(e).context(self.doing())),
+                    Err(e) => {
+                        ended = Some(anyhow::Error::new(e).context(self.doing()));
+                        break;
+                    }
                 }
             }
             let queued = self.out.len();
             if let Some(opened) = self.advance()? {
+                // The end, if it came, shows again to the member's reads once the socket
+                // is registered as the member's.
                 return Ok(Some(opened));
+            }
+            if let Some(e) = ended {
+                return Err(e);
             }
             // The hello came due: write it now (the socket's writable edge has passed).
             if self.out.len() == queued {
@@ -1233,12 +1249,25 @@ mod tests {
         assert!(ms[0].resuming.is_some(), "bob is still connecting");
         // Then where a listener takes the connection and never answers.
         let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        ms[0].spec.addr = hung.local_addr().unwrap();
-        let hanging = |ms: &[Member]| ms[0].resuming.as_ref().is_some_and(|r| r.attempt.is_some());
+        let hung_at = hung.local_addr().unwrap();
+        ms[0].spec.addr = hung_at;
+        let hanging = move |ms: &[Member]| {
+            ms[0].resuming.as_ref().is_some_and(|r| {
+                r.attempt
+                    .as_ref()
+                    .is_some_and(|(s, _)| s.peer_addr().ok() == Some(hung_at))
+            })
+        };
         d.drive(&mut ms, &hanging, Duration::ZERO);
+        let failed_before = ms[0].resuming.as_ref().unwrap().failed;
         server.send(3, 6);
         d.drive(&mut ms, &at(1, channel, 6), Duration::from_millis(300));
         assert!(hanging(&ms), "bob's attempt still waits for its answer");
+        assert_eq!(
+            ms[0].resuming.as_ref().unwrap().failed,
+            failed_before,
+            "the same attempt all along"
+        );
         assert_eq!(ms[1].share.deliveries, 6, "carol read on");
         // The attempt times out (brought forward); the next reaches the server.
         ms[0].spec.addr = server.addr;
@@ -1256,6 +1285,83 @@ mod tests {
         }
         drop(hung);
         server.stop();
+    }
+
+    /// Drives an opening over a real socket whose server side writes `answer` (after
+    /// the request came) and closes: what the opening ended with.
+    fn open_against(answer: &[u8]) -> anyhow::Result<Option<Opened>> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spec = Spec {
+            addr,
+            host: addr.to_string(),
+            path: "/v1/ws".into(),
+            token: "a-token".into(),
+            who: "m".into(),
+        };
+        let mut socket = TcpStream::connect(addr).unwrap();
+        let mut poll = Poll::new().unwrap();
+        poll.registry()
+            .register(
+                &mut socket,
+                Token(0),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .unwrap();
+        let mut opening = Opening::new(&spec, &HashMap::new());
+        let (mut server, _) = listener.accept().unwrap();
+        let mut events = Events::with_capacity(4);
+        // The request goes out.
+        let begun = Instant::now();
+        while !opening.out.is_empty() {
+            assert!(begun.elapsed() < Duration::from_secs(10), "timed out");
+            poll.poll(&mut events, Some(TURN)).unwrap();
+            assert!(opening.drive(&mut socket).unwrap().is_none());
+        }
+        let mut request = [0u8; 1024];
+        assert!(server.read(&mut request).unwrap() > 0);
+        // The whole answer and the end arrive before the opening's next turn.
+        server.write_all(answer).unwrap();
+        drop(server);
+        std::thread::sleep(Duration::from_millis(50));
+        opening.drive(&mut socket)
+    }
+
+    /// An opening that read `ready` and the connection's end in one turn opens (the end
+    /// is then the member's to read: a drop, resumed), and one that read an error frame
+    /// and the end fails with the error, not as a close before `ready`.
+    #[test]
+    fn an_opening_looks_at_what_it_read_before_the_end_that_came_with_it() {
+        let upgrade = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n";
+        let ready = server_frame(
+            OP_TEXT,
+            br#"{"type":"ready","channels":[{"id":"7","last_seq":4}]}"#,
+        );
+        let event = server_frame(
+            OP_TEXT,
+            br#"{"type":"message.created","channel_id":"7","seq":5}"#,
+        );
+        let close = server_frame(OP_CLOSE, &1012u16.to_be_bytes());
+        let opened = open_against(&[&upgrade[..], &ready, &event, &close].concat())
+            .unwrap()
+            .expect("ready came");
+        assert_eq!(opened.channels, vec![(7, 4)]);
+        assert_eq!(
+            opened.rest,
+            [event, close].concat(),
+            "the rest is the member's"
+        );
+        let refused = server_frame(
+            OP_TEXT,
+            br#"{"type":"error","error":{"code":"unauthorized","message":"bad token"}}"#,
+        );
+        let e = open_against(&[&upgrade[..], &refused].concat())
+            .err()
+            .expect("refused");
+        assert!(
+            format!("{e:#}").contains("refused: unauthorized: bad token"),
+            "{e:#}"
+        );
     }
 
     #[test]
