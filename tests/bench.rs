@@ -469,3 +469,88 @@ fn bench_json_leaves_stdout_to_the_report_alone() {
         );
     }
 }
+
+/// A member that fails mid-phase fails the run at once, while its sender still sends:
+/// here the member's sessions are ended from another login, so the server closes its
+/// WebSocket with 4001, a close the receivers do not resume from. (A phase that failed
+/// only at its end would run on through the ten million messages of its closed loop.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_fails_mid_phase_fails_the_run_at_once() {
+    use std::time::{Duration, Instant};
+    // SQLite whatever the suite runs on: the test reads the server's file.
+    let server = common::TestServer::start_with(|c| c.store = None).await;
+    let args = FanoutArgs {
+        shape: ShapeArgs {
+            channels: Some(1),
+            members: Some(3),
+            senders: Some(1),
+            text_bytes: None,
+        },
+        messages: 10_000_000,
+        rate: Rate::Max,
+        duration: None,
+        window: 8,
+        lag: 64,
+        run: RunArgs {
+            url: vec![server.base()],
+            quiet: true,
+            ..RunArgs::default()
+        },
+    };
+    let run = tokio::spawn(async move { measure(&args).await });
+    // Once the first member is registered and a few hundred messages went out...
+    let path = server.dir.path().join("natter.db");
+    let begun = Instant::now();
+    let member = loop {
+        assert!(
+            begun.elapsed() < Duration::from_secs(60),
+            "the run never got going"
+        );
+        assert!(!run.is_finished(), "the run ended first");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // (The server creates its file as it starts.)
+        let Ok(db) = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+        ) else {
+            continue;
+        };
+        let Ok(member) = db.query_row(
+            "SELECT username FROM users WHERE username LIKE 'bench-%-r0'",
+            [],
+            |r| r.get::<_, String>(0),
+        ) else {
+            continue;
+        };
+        let posts: i64 = db
+            .query_row(
+                "SELECT (SELECT count(*) FROM commit_log) + (SELECT count(*) FROM messages)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if posts > 300 {
+            break member;
+        }
+    };
+    // ...its other sessions end: its WebSocket is closed with 4001.
+    let mut other = natter::client::Api::new(&server.base());
+    other.login(&member, "bench-password").await.unwrap();
+    let ended = reqwest::Client::new()
+        .delete(format!("{}/v1/sessions/others", server.base()))
+        .bearer_auth(other.token().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(ended.status().is_success(), "{}", ended.status());
+    let failed = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run failed at once, not at the end of its messages")
+        .unwrap()
+        .unwrap_err();
+    let failed = format!("{failed:#}");
+    assert!(
+        failed.contains("a receiver failed") && failed.contains("closed with 4001"),
+        "{failed}"
+    );
+}
