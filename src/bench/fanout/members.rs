@@ -95,25 +95,28 @@ pub(super) fn start(
         std::thread::Builder::new()
             .name(format!("bench-members-{t}"))
             .spawn(move || {
+                let poll = match Poll::new() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = connected.send(Err(e.into()));
+                        return;
+                    }
+                };
                 let mut load = Load {
-                    poll: match Poll::new() {
-                        Ok(p) => p,
-                        Err(e) => {
-                            let _ = connected.send(Err(e.into()));
-                            return;
-                        }
+                    turns: Turns {
+                        poll,
+                        start,
+                        control,
+                        tallies,
                     },
                     members: Vec::with_capacity(mine.len()),
                     resuming: Vec::new(),
-                    start,
-                    control,
                     shares,
-                    tallies,
                     progress,
                 };
                 for (spec, outcome) in mine {
                     let token = Token(load.members.len());
-                    match Member::connect(spec, &load.poll, token, start, &load.tallies) {
+                    match Member::connect(spec, &load.turns, token) {
                         Ok(m) => {
                             let _ = connected.send(Ok(()));
                             load.members.push((m, Some(outcome)));
@@ -131,27 +134,39 @@ pub(super) fn start(
     Ok(outcomes)
 }
 
+/// What a receiving thread's members share in its turns.
+struct Turns {
+    poll: Poll,
+    start: Instant,
+    control: watch::Receiver<Control>,
+    tallies: Arc<Tallies>,
+}
+
+impl Turns {
+    /// The rig is gone or finishing (a member connecting again gives up).
+    fn ending(&self) -> bool {
+        self.control.has_changed().is_err() || matches!(*self.control.borrow(), Control::Finish)
+    }
+}
+
 /// One thread's members, driven until the controller says finish.
 struct Load {
-    poll: Poll,
+    turns: Turns,
     members: Vec<(Member, Option<oneshot::Sender<anyhow::Result<Seen>>>)>,
     /// The members connecting again (indices in `members`).
     resuming: Vec<usize>,
-    start: Instant,
-    control: watch::Receiver<Control>,
     shares: mpsc::UnboundedSender<Share>,
-    tallies: Arc<Tallies>,
     progress: Arc<Progress>,
 }
 
 impl Load {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
-        let mut now_control = self.control.borrow_and_update().clone();
+        let mut now_control = self.turns.control.borrow_and_update().clone();
         let mut last_expected: Arc<HashMap<i64, i64>> = Arc::default();
         let mut looked = Instant::now();
         loop {
-            if let Err(e) = self.poll.poll(&mut events, Some(TURN))
+            if let Err(e) = self.turns.poll.poll(&mut events, Some(TURN))
                 && e.kind() != ErrorKind::Interrupted
             {
                 self.fail_all(&anyhow::Error::new(e).context("poll"));
@@ -166,20 +181,14 @@ impl Load {
                 }
                 let before = member.share.deliveries;
                 let was_resuming = member.resuming.is_some();
-                let turned = member.ready(
-                    &self.poll,
-                    Token(i),
-                    self.start,
-                    &self.tallies,
-                    &self.control,
-                );
+                let turned = member.ready(&self.turns, Token(i));
                 delivered += member.share.deliveries - before;
                 // (A member stays listed until a turn finds it connected.)
                 if !was_resuming && member.resuming.is_some() {
                     self.resuming.push(i);
                 }
                 if let Err(e) = turned {
-                    Self::fail(member, outcome, &self.poll, e);
+                    Self::fail(member, outcome, &self.turns.poll, e);
                 }
             }
             // Members connecting again: an attempt that timed out, or one due.
@@ -188,9 +197,9 @@ impl Load {
             while let Some(&i) = self.resuming.get(k) {
                 let (member, outcome) = &mut self.members[i];
                 if outcome.is_some()
-                    && let Err(e) = member.tick(&self.poll, Token(i), now, &self.control)
+                    && let Err(e) = member.tick(&self.turns, Token(i), now)
                 {
-                    Self::fail(member, outcome, &self.poll, e);
+                    Self::fail(member, outcome, &self.turns.poll, e);
                 }
                 if outcome.is_some() && member.resuming.is_some() {
                     k += 1;
@@ -204,11 +213,11 @@ impl Load {
                     .fetch_add(delivered, Ordering::Relaxed);
             }
             // (The rig gone: finish.)
-            let Ok(changed) = self.control.has_changed() else {
+            let Ok(changed) = self.turns.control.has_changed() else {
                 break;
             };
             if changed {
-                now_control = self.control.borrow_and_update().clone();
+                now_control = self.turns.control.borrow_and_update().clone();
             }
             let tick = looked.elapsed() >= TURN;
             if !(changed || tick || !events.is_empty()) {
@@ -240,7 +249,7 @@ impl Load {
             // may have seen all it was to see before it was dropped.
             if let Some(mut r) = m.resuming.take() {
                 if let Some((mut socket, _)) = r.attempt.take() {
-                    let _ = self.poll.registry().deregister(&mut socket);
+                    let _ = self.turns.poll.registry().deregister(&mut socket);
                 }
             } else {
                 m.close();
@@ -302,9 +311,8 @@ struct Member {
 struct Resume {
     /// Where to resume each channel: the last seq the checker saw.
     from: HashMap<i64, i64>,
-    /// Attempts that failed, and the last one's error.
+    /// Attempts that failed.
     failed: u32,
-    error: Option<anyhow::Error>,
     /// The attempt under way: its socket (registered under the member's token) and
     /// opening. `None` between two attempts.
     attempt: Option<(TcpStream, Opening)>,
@@ -316,16 +324,10 @@ impl Resume {
     /// Begins an attempt: connects without waiting and registers the socket; the
     /// opening goes on as it becomes ready. One that fails at once counts as failed
     /// ([`Resume::failed`]).
-    fn begin(
-        &mut self,
-        spec: &Spec,
-        poll: &Poll,
-        token: Token,
-        control: &watch::Receiver<Control>,
-    ) -> anyhow::Result<()> {
+    fn begin(&mut self, spec: &Spec, turns: &Turns, token: Token) -> anyhow::Result<()> {
         let connected = TcpStream::connect(spec.addr).and_then(|mut socket| {
             socket.set_nodelay(true)?;
-            poll.registry().register(
+            turns.poll.registry().register(
                 &mut socket,
                 token,
                 Interest::READABLE | Interest::WRITABLE,
@@ -338,51 +340,30 @@ impl Resume {
                 self.at = Instant::now() + HANDSHAKE;
                 Ok(())
             }
-            Err(e) => self.failed(
-                anyhow::Error::new(e).context("connect"),
-                spec,
-                poll,
-                control,
-            ),
+            Err(e) => self.failed(anyhow::Error::new(e).context("connect"), spec, turns),
         }
     }
 
     /// The attempt under way failed with `e`: the next begins after [`RETRY`], unless
     /// [`ATTEMPTS`] have failed or the rig is gone or finishing (then `e` is the member's).
-    fn failed(
-        &mut self,
-        e: anyhow::Error,
-        spec: &Spec,
-        poll: &Poll,
-        control: &watch::Receiver<Control>,
-    ) -> anyhow::Result<()> {
+    fn failed(&mut self, e: anyhow::Error, spec: &Spec, turns: &Turns) -> anyhow::Result<()> {
         if let Some((mut socket, _)) = self.attempt.take() {
-            let _ = poll.registry().deregister(&mut socket);
+            let _ = turns.poll.registry().deregister(&mut socket);
         }
         self.failed += 1;
-        if self.failed >= ATTEMPTS
-            || control.has_changed().is_err()
-            || matches!(*control.borrow(), Control::Finish)
-        {
+        if self.failed >= ATTEMPTS || turns.ending() {
             return Err(e.context(format!(
                 "{}: resume ({} attempts failed)",
                 spec.who, self.failed
             )));
         }
-        self.error = Some(e);
         self.at = Instant::now() + RETRY;
         Ok(())
     }
 }
 
 impl Member {
-    fn connect(
-        spec: Spec,
-        poll: &Poll,
-        token: Token,
-        start: Instant,
-        tallies: &Tallies,
-    ) -> anyhow::Result<Self> {
+    fn connect(spec: Spec, turns: &Turns, token: Token) -> anyhow::Result<Self> {
         let (stream, opened) =
             handshake(&spec, &HashMap::new()).with_context(|| format!("connect {}", spec.who))?;
         let mut checker = Checker::new(spec.who.clone());
@@ -392,7 +373,9 @@ impl Member {
             channels.push(c);
         }
         let mut socket = TcpStream::from_std(stream);
-        poll.registry()
+        turns
+            .poll
+            .registry()
             .register(&mut socket, token, Interest::READABLE)
             .context("register a member")?;
         let mut m = Self {
@@ -408,7 +391,7 @@ impl Member {
             resuming: None,
         };
         // Frames that came with `ready`.
-        m.parse(start, tallies, 0)?;
+        m.parse(turns)?;
         Ok(m)
     }
 
@@ -429,61 +412,28 @@ impl Member {
     }
 
     /// The socket is ready: reads what it has, or goes on connecting again.
-    fn ready(
-        &mut self,
-        poll: &Poll,
-        token: Token,
-        start: Instant,
-        tallies: &Tallies,
-        control: &watch::Receiver<Control>,
-    ) -> anyhow::Result<()> {
+    fn ready(&mut self, turns: &Turns, token: Token) -> anyhow::Result<()> {
         if self.resuming.is_some() {
-            return self.go_on_resuming(poll, token, start, tallies, control);
+            return self.go_on_resuming(turns, token);
         }
-        self.take(poll, token, start, tallies, control)
+        self.take(turns, token)
     }
 
     /// Reads what the socket has and handles every whole frame in it. A drop is counted
     /// and a resume begun; an error only if the member cannot go on.
-    fn take(
-        &mut self,
-        poll: &Poll,
-        token: Token,
-        start: Instant,
-        tallies: &Tallies,
-        control: &watch::Receiver<Control>,
-    ) -> anyhow::Result<()> {
+    fn take(&mut self, turns: &Turns, token: Token) -> anyhow::Result<()> {
         self.flush();
-        let mut closed = false;
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match self.socket.read(&mut buf) {
-                Ok(0) => {
-                    closed = true;
-                    break;
-                }
-                Ok(n) => self.read.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
-        match self.parse(start, tallies, self.phase)? {
-            None if !closed => Ok(()),
-            code => self.lost(poll, token, code, control),
+        // An error reads as the connection's end: the drop is counted and resumed.
+        let ended = !matches!(read_available(&mut self.socket, &mut self.read), Ok(false));
+        match self.parse(turns)? {
+            None if !ended => Ok(()),
+            code => self.lost(turns, token, code),
         }
     }
 
-    /// Handles the whole frames read; a close frame's code if one came.
-    fn parse(
-        &mut self,
-        start: Instant,
-        tallies: &Tallies,
-        phase: u32,
-    ) -> anyhow::Result<Option<u16>> {
+    /// Handles the whole frames read (counting deliveries in the member's phase); a close
+    /// frame's code if one came.
+    fn parse(&mut self, turns: &Turns) -> anyhow::Result<Option<u16>> {
         let mut at = 0;
         let mut closed = None;
         while let Some((opcode, payload, next)) = frame_at(&self.read[at..]) {
@@ -508,7 +458,7 @@ impl Member {
                                 let now = Instant::now();
                                 self.share.deliveries += 1;
                                 self.share.last_at = Some(now);
-                                count_delivery(tallies, start, phase, now, sent);
+                                count_delivery(&turns.tallies, turns.start, self.phase, now, sent);
                             }
                         }
                         Glimpse::Joined { channel, last } => {
@@ -551,16 +501,10 @@ impl Member {
     /// Counts the drop and begins connecting again, to resume from what the checker saw.
     /// The thread's other members read on meanwhile: the attempts go on in its turns
     /// ([`Member::go_on_resuming`], [`Member::tick`]).
-    fn lost(
-        &mut self,
-        poll: &Poll,
-        token: Token,
-        code: Option<u16>,
-        control: &watch::Receiver<Control>,
-    ) -> anyhow::Result<()> {
+    fn lost(&mut self, turns: &Turns, token: Token, code: Option<u16>) -> anyhow::Result<()> {
         let code = code.map_or_else(|| "no close frame".to_owned(), |c| c.to_string());
         *self.share.drops.entry(code).or_default() += 1;
-        let _ = poll.registry().deregister(&mut self.socket);
+        let _ = turns.poll.registry().deregister(&mut self.socket);
         let from = self
             .channels
             .iter()
@@ -571,11 +515,10 @@ impl Member {
         let mut r = Box::new(Resume {
             from,
             failed: 0,
-            error: None,
             attempt: None,
             at: Instant::now(),
         });
-        let begun = r.begin(&self.spec, poll, token, control);
+        let begun = r.begin(&self.spec, turns, token);
         self.resuming = Some(r);
         begun
     }
@@ -583,13 +526,7 @@ impl Member {
     /// A turn of the loop while connecting again: an attempt that took too long fails, and
     /// the next one begins when due. An error once the attempts are used up, or the rig is
     /// gone or finishing.
-    fn tick(
-        &mut self,
-        poll: &Poll,
-        token: Token,
-        now: Instant,
-        control: &watch::Receiver<Control>,
-    ) -> anyhow::Result<()> {
+    fn tick(&mut self, turns: &Turns, token: Token, now: Instant) -> anyhow::Result<()> {
         let Some(r) = &mut self.resuming else {
             return Ok(());
         };
@@ -597,26 +534,15 @@ impl Member {
             return Ok(());
         }
         if r.attempt.is_some() {
-            return r.failed(
-                anyhow::anyhow!("no ready within {HANDSHAKE:?}"),
-                &self.spec,
-                poll,
-                control,
-            );
+            let late = anyhow::anyhow!("no ready within {HANDSHAKE:?}");
+            return r.failed(late, &self.spec, turns);
         }
-        r.begin(&self.spec, poll, token, control)
+        r.begin(&self.spec, turns, token)
     }
 
     /// The socket of an attempt to connect again is ready: goes on with the opening; once
     /// `ready` came, reads from the new connection (and what came with `ready`).
-    fn go_on_resuming(
-        &mut self,
-        poll: &Poll,
-        token: Token,
-        start: Instant,
-        tallies: &Tallies,
-        control: &watch::Receiver<Control>,
-    ) -> anyhow::Result<()> {
+    fn go_on_resuming(&mut self, turns: &Turns, token: Token) -> anyhow::Result<()> {
         let Some(r) = &mut self.resuming else {
             return Ok(());
         };
@@ -626,13 +552,15 @@ impl Member {
         let opened = match opening.drive(socket) {
             Ok(None) => return Ok(()),
             Ok(Some(opened)) => opened,
-            Err(e) => return r.failed(e, &self.spec, poll, control),
+            Err(e) => return r.failed(e, &self.spec, turns),
         };
         let Some((mut socket, _)) = r.attempt.take() else {
             return Ok(());
         };
         self.resuming = None;
-        poll.registry()
+        turns
+            .poll
+            .registry()
             .reregister(&mut socket, token, Interest::READABLE)
             .context("register a member again")?;
         self.socket = socket;
@@ -645,34 +573,54 @@ impl Member {
         }
         // What came with `ready` (the events replayed after it, often) is in the buffer
         // already: no readiness will report it.
-        match self.parse(start, tallies, self.phase)? {
+        match self.parse(turns)? {
             None => Ok(()),
-            code => self.lost(poll, token, code, control),
+            code => self.lost(turns, token, code),
         }
     }
 
     /// Writes what is waiting (a pong); what the socket does not take waits for the next
     /// read of this member (the server pings every few seconds, and waits longer).
     fn flush(&mut self) {
-        while !self.write.is_empty() {
-            match self.socket.write(&self.write) {
-                Ok(n) => {
-                    self.write.drain(..n);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                // The read side sees the end.
-                Err(_) => {
-                    self.write.clear();
-                    break;
-                }
-            }
+        // A failed write: the read side sees the end.
+        if write_available(&mut self.socket, &mut self.write).is_err() {
+            self.write.clear();
         }
     }
 
     /// Says goodbye with a close frame (not waited for).
     fn close(&mut self) {
         let _ = self.socket.write(&masked(OP_CLOSE, &1000u16.to_be_bytes()));
+    }
+}
+
+/// Writes what the non-blocking socket takes of `out`, and drains that from it.
+fn write_available(socket: &mut TcpStream, out: &mut Vec<u8>) -> std::io::Result<()> {
+    while !out.is_empty() {
+        match socket.write(out) {
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads all a non-blocking socket has into `into`: whether the connection ended (the
+/// peer closed), or its error.
+fn read_available(socket: &mut TcpStream, into: &mut Vec<u8>) -> std::io::Result<bool> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match socket.read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => into.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -926,37 +874,17 @@ impl Opening {
         if let Some(e) = socket.take_error().context("connect")? {
             return Err(anyhow::Error::new(e).context("connect"));
         }
-        let mut buf = [0u8; 16 * 1024];
         loop {
-            while !self.out.is_empty() {
-                match socket.write(&self.out) {
-                    Ok(n) => {
-                        self.out.drain(..n);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => return Err(anyhow::Error::new(e).context(self.doing())),
-                }
-            }
+            write_available(socket, &mut self.out)
+                .map_err(|e| anyhow::Error::new(e).context(self.doing()))?;
             // The connection's end, or its failure, is looked at after what came before
             // it: `ready` and a close right behind it (the server's `RESTARTING`, a slow
             // consumer's replay), or an error frame, read in one turn.
-            let mut ended = None;
-            loop {
-                match socket.read(&mut buf) {
-                    Ok(0) => {
-                        ended = Some(anyhow::anyhow!("the server closed before {}", self.doing()));
-                        break;
-                    }
-                    Ok(n) => self.read.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        ended = Some(anyhow::Error::new(e).context(self.doing()));
-                        break;
-                    }
-                }
-            }
+            let ended = match read_available(socket, &mut self.read) {
+                Ok(false) => None,
+                Ok(true) => Some(anyhow::anyhow!("the server closed before {}", self.doing())),
+                Err(e) => Some(anyhow::Error::new(e).context(self.doing())),
+            };
             let queued = self.out.len();
             if let Some(opened) = self.advance()? {
                 // The end, if it came, shows again to the member's reads once the socket
@@ -1106,29 +1034,28 @@ mod tests {
     /// A thread's loop in small: members on one poll, driven (their readiness and their
     /// turns) until `until` holds and `at_least` has passed, or a bounded time.
     struct Driver {
-        poll: Poll,
+        turns: Turns,
         events: Events,
-        tallies: Arc<Tallies>,
-        control: watch::Receiver<Control>,
         _controller: watch::Sender<Control>,
-        start: Instant,
     }
 
     impl Driver {
         fn new() -> Self {
             let (controller, control) = watch::channel(Control::Running);
             Self {
-                poll: Poll::new().unwrap(),
+                turns: Turns {
+                    poll: Poll::new().unwrap(),
+                    start: Instant::now(),
+                    control,
+                    tallies: Tallies::new(),
+                },
                 events: Events::with_capacity(16),
-                tallies: Tallies::new(),
-                control,
                 _controller: controller,
-                start: Instant::now(),
             }
         }
 
         fn connect(&self, spec: Spec, i: usize) -> Member {
-            Member::connect(spec, &self.poll, Token(i), self.start, &self.tallies).unwrap()
+            Member::connect(spec, &self.turns, Token(i)).unwrap()
         }
 
         fn drive(
@@ -1140,25 +1067,16 @@ mod tests {
             let begun = Instant::now();
             while !(until(ms) && begun.elapsed() >= at_least) {
                 assert!(begun.elapsed() < Duration::from_secs(20), "timed out");
-                self.poll.poll(&mut self.events, Some(TURN)).unwrap();
+                self.turns.poll.poll(&mut self.events, Some(TURN)).unwrap();
                 for event in self.events.iter() {
                     let i = event.token().0;
-                    ms[i]
-                        .ready(
-                            &self.poll,
-                            Token(i),
-                            self.start,
-                            &self.tallies,
-                            &self.control,
-                        )
-                        .unwrap();
+                    ms[i].ready(&self.turns, Token(i)).unwrap();
                     // Nothing whole is left for a readiness that may never come (the
                     // events a resume's `ready` brought with it, say).
                     assert!(frame_at(&ms[i].read).is_none(), "a whole frame left unread");
                 }
                 for (i, m) in ms.iter_mut().enumerate() {
-                    m.tick(&self.poll, Token(i), Instant::now(), &self.control)
-                        .unwrap();
+                    m.tick(&self.turns, Token(i), Instant::now()).unwrap();
                 }
             }
         }
